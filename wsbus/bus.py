@@ -1,0 +1,67 @@
+"""The bus side: what the gateway needs from a message bus.
+
+A bus carries envelopes between the gateway and services. The gateway publishes client
+messages with :meth:`Bus.publish`; the bus hands the gateway every envelope meant for it
+(messages to clients, control requests) by calling :meth:`BusSink.deliver` on the gateway's
+event loop thread, in the order the bus received them from each sender.
+
+Routing rules every bus follows:
+
+1. an envelope with ``to`` set goes to that one endpoint (a service by name, a gateway by
+   node);
+2. an envelope with ``recipients`` goes to the gateway (each gateway, on a bus with several);
+3. a ``wsbus.*`` control request from a service goes to the gateway;
+4. anything else goes to every service that declared its type; :class:`~wsbus.errors.NoRoute`
+   when none did.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .envelope import Envelope, NodeId
+
+__all__ = ["Bus", "BusSink", "is_for_gateway"]
+
+
+@runtime_checkable
+class BusSink(Protocol):
+    """The gateway, as a bus sees it."""
+
+    @property
+    def node(self) -> NodeId:
+        """The gateway's node id: connection ids start with it."""
+        ...
+
+    def deliver(self, envelope: Envelope) -> None:
+        """Take one envelope meant for the gateway. Called on the gateway's loop thread."""
+        ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """A message bus, as the gateway uses it."""
+
+    async def start(self, sink: BusSink) -> None:
+        """Connect and begin delivering envelopes for the gateway to ``sink``."""
+        ...
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Put an envelope on the bus; return once the bus has accepted it.
+
+        Raises:
+            NoRoute: nothing on the bus handles ``envelope.type``.
+            BusUnavailable: the bus, or the service behind it, cannot take it now.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop delivering and release every resource. Idempotent."""
+        ...
+
+
+def is_for_gateway(envelope: Envelope) -> bool:
+    """Return True when routing rules 2 and 3 send this envelope to the gateway."""
+    return envelope.recipients is not None or (
+        envelope.to is None and envelope.type.startswith("wsbus.")
+    )

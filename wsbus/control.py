@@ -1,0 +1,129 @@
+"""Gateway control: the ``wsbus.*`` messages services exchange with the gateway.
+
+A service asks the gateway for something by sending one of the request types below; the
+gateway answers with ``wsbus.result`` (``reply_to`` = the request's id) addressed to the
+service. When a service message misses recipients the gateway sends ``wsbus.undeliverable``
+(``reply_to`` = the message's id). These travel over any bus, so services never need a
+transport-specific API. :class:`~wsbus.service.Context` wraps them in plain methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from .envelope import ConnId, Recipients
+
+__all__ = [
+    "ALIAS_CLEAR",
+    "ALIAS_SET",
+    "CLIENTS",
+    "DISCONNECT",
+    "JOIN",
+    "LEAVE",
+    "REQUEST_TYPES",
+    "RESULT",
+    "UNDELIVERABLE",
+    "AliasRequest",
+    "ClientsRequest",
+    "ConnRequest",
+    "DisconnectRequest",
+    "GroupRequest",
+    "Result",
+    "Undeliverable",
+]
+
+JOIN: Final = "wsbus.join"
+LEAVE: Final = "wsbus.leave"
+ALIAS_SET: Final = "wsbus.alias.set"
+ALIAS_CLEAR: Final = "wsbus.alias.clear"
+CLIENTS: Final = "wsbus.clients"
+DISCONNECT: Final = "wsbus.disconnect"
+RESULT: Final = "wsbus.result"
+UNDELIVERABLE: Final = "wsbus.undeliverable"
+
+
+class GroupRequest(msgspec.Struct, frozen=True):
+    """Content of ``wsbus.join`` and ``wsbus.leave``."""
+
+    conn_id: ConnId
+    group: str
+
+
+class AliasRequest(msgspec.Struct, frozen=True):
+    """Content of ``wsbus.alias.set``. The result's value is the alias given."""
+
+    conn_id: ConnId
+    alias: str
+
+
+class ConnRequest(msgspec.Struct, frozen=True):
+    """Content of ``wsbus.alias.clear``."""
+
+    conn_id: ConnId
+
+
+class ClientsRequest(msgspec.Struct, frozen=True):
+    """Content of ``wsbus.clients``: every client, or one group's members.
+
+    The result's value is a list of :class:`~wsbus.registry.ClientInfo`.
+    """
+
+    group: str | None = None
+
+
+class DisconnectRequest(msgspec.Struct, frozen=True):
+    """Content of ``wsbus.disconnect``.
+
+    Attributes:
+        conn_id: the connection to close.
+        code: 1000, 1001, 1008 or an application code in 4000-4999.
+        reason: the close reason the client sees (at most 120 characters).
+    """
+
+    conn_id: ConnId
+    code: int = 4000
+    reason: str = ""
+
+
+REQUEST_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
+    JOIN: GroupRequest,
+    LEAVE: GroupRequest,
+    ALIAS_SET: AliasRequest,
+    ALIAS_CLEAR: ConnRequest,
+    CLIENTS: ClientsRequest,
+    DISCONNECT: DisconnectRequest,
+}
+"""Each control request type and the shape of its content."""
+
+
+class Result(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Content of ``wsbus.result``.
+
+    Attributes:
+        ok: whether the request was done.
+        value: what it returned, when ``ok``.
+        code: why not (``invalid_request``, ``unknown_connection``, ``alias_taken``,
+            ``invalid_name``, ``unknown_request``), when not ``ok``.
+        message: an explanation, when not ``ok``.
+    """
+
+    ok: bool
+    value: Any = None
+    code: str | None = None
+    message: str | None = None
+
+
+class Undeliverable(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Content of ``wsbus.undeliverable``: some recipients of a message were missed.
+
+    Attributes:
+        reason: see :class:`~wsbus.hooks.DeliveryFailure`.
+        recipients: the recipients missed.
+        detail: an explanation.
+    """
+
+    reason: str
+    recipients: Recipients
+    detail: str = ""

@@ -1,0 +1,235 @@
+"""The edge side: what the gateway needs from a client connection, and an in-memory one.
+
+An edge adapter (``wsbus_websockets``, or your own) does the handshake, negotiates the
+codec, then hands each connection to :meth:`wsbus.Gateway.serve` as a
+:class:`ClientConnection`. :class:`MemoryConnection` is the fake shipped beside the
+interface: the gateway cannot tell it from a socket, and tests drive it from the client end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from .errors import WsbusError
+from .hooks import HandshakeRequest
+from .wire import Codec
+
+__all__ = ["ClientConnection", "ConnectionClosed", "MemoryClient", "MemoryConnection", "memory_pair"]
+
+
+class ConnectionClosed(WsbusError):
+    """The connection is closed: raised by receive and send once it is.
+
+    Attributes:
+        code: the WebSocket close code (1006 when the connection was lost without one).
+        reason: the close reason text.
+    """
+
+    def __init__(self, code: int = 1006, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"connection closed with code {self.code}" + (f": {self.reason}" if self.reason else "")
+
+
+@runtime_checkable
+class ClientConnection(Protocol):
+    """One client connection, after the handshake, as the gateway sees it.
+
+    ``receive`` and ``send`` raise :class:`ConnectionClosed` once the connection is closed,
+    from either end. ``close`` is idempotent.
+    """
+
+    @property
+    def codec(self) -> Codec:
+        """The codec negotiated at the handshake."""
+        ...
+
+    @property
+    def request(self) -> HandshakeRequest:
+        """What the handshake said: path, headers, token, peer address."""
+        ...
+
+    async def receive(self) -> str | bytes:
+        """Return the next frame: ``str`` for a text frame, ``bytes`` for a binary one."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send one frame: a text frame for the JSON codec, binary for MessagePack.
+
+        May wait while the peer is slow to read (back-pressure).
+        """
+        ...
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close the connection with a WebSocket close code."""
+        ...
+
+
+_DECODERS = {Codec.JSON: msgspec.json.Decoder(), Codec.MSGPACK: msgspec.msgpack.Decoder()}
+
+
+class MemoryConnection:
+    """A client connection held in memory: the gateway's end of a :func:`memory_pair`.
+
+    Args:
+        codec: the negotiated codec.
+        request: the handshake to present to the gateway.
+        buffer: how many frames the client end holds unread before :meth:`send` waits, as
+            a socket's buffers would.
+    """
+
+    def __init__(
+        self,
+        codec: Codec = Codec.JSON,
+        request: HandshakeRequest | None = None,
+        *,
+        buffer: int = 1024,
+    ) -> None:
+        self._codec = codec
+        self._request = request if request is not None else HandshakeRequest(remote="memory")
+        self._buffer = buffer
+        self._inbound: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self._outbound: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed: ConnectionClosed | None = None
+        self.client = MemoryClient(self)
+
+    @property
+    def codec(self) -> Codec:
+        """The negotiated codec."""
+        return self._codec
+
+    @property
+    def request(self) -> HandshakeRequest:
+        """The handshake presented to the gateway."""
+        return self._request
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, once closed."""
+        return None if self._closed is None else self._closed.code
+
+    async def receive(self) -> str | bytes:
+        """Return the next frame the client sent."""
+        if self._closed is not None:
+            raise self._closed
+        item = await self._inbound.get()
+        if item is None:
+            assert self._closed is not None
+            raise self._closed
+        return item
+
+    async def send(self, data: bytes) -> None:
+        """Hand one frame to the client end, waiting while its buffer is full."""
+        while True:
+            if self._closed is not None:
+                raise self._closed
+            if len(self._outbound) < self._buffer:
+                break
+            self._writable.clear()
+            await self._writable.wait()
+        self._outbound.append(data)
+        self._readable.set()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close from the gateway's end."""
+        self._shut(code, reason)
+
+    def _shut(self, code: int, reason: str) -> None:
+        if self._closed is not None:
+            return
+        self._closed = ConnectionClosed(code, reason)
+        self._inbound.put_nowait(None)
+        self._readable.set()
+        self._writable.set()
+
+
+class MemoryClient:
+    """The client end of a :class:`MemoryConnection`: send raw frames, read decoded ones."""
+
+    def __init__(self, connection: MemoryConnection) -> None:
+        self._conn = connection
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once the connection is closed, else None."""
+        return self._conn.close_code
+
+    def send_raw(self, data: str | bytes) -> None:
+        """Send one frame as it is: ``str`` as a text frame, ``bytes`` as a binary one."""
+        if self._conn._closed is not None:
+            raise self._conn._closed
+        self._conn._inbound.put_nowait(data)
+
+    def send(self, type: str, content: Any = None, **fields: Any) -> None:
+        """Encode and send a frame with the connection's codec."""
+        frame = {"type": type, "content": content, **fields}
+        if self._conn.codec is Codec.JSON:
+            self.send_raw(msgspec.json.encode(frame).decode())
+        else:
+            self.send_raw(msgspec.msgpack.encode(frame))
+
+    async def receive_raw(self, timeout: float = 5.0) -> bytes:
+        """Return the next frame the gateway sent, undecoded.
+
+        Raises:
+            ConnectionClosed: the connection closed and every frame was read.
+            TimeoutError: nothing came within ``timeout`` seconds.
+        """
+        conn = self._conn
+        async with asyncio.timeout(timeout):
+            while not conn._outbound:
+                if conn._closed is not None:
+                    raise conn._closed
+                conn._readable.clear()
+                await conn._readable.wait()
+        data = conn._outbound.popleft()
+        conn._writable.set()
+        return data
+
+    async def receive(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Return the next frame the gateway sent, decoded."""
+        frame: dict[str, Any] = _DECODERS[self._conn.codec].decode(await self.receive_raw(timeout))
+        return frame
+
+    async def receive_until(self, type: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Skip frames until one of ``type`` arrives, and return it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.receive(timeout)
+                if frame["type"] == type:
+                    return frame
+
+    def pending(self) -> int:
+        """How many frames the gateway sent that the client has not read."""
+        return len(self._conn._outbound)
+
+    async def wait_closed(self, timeout: float = 5.0) -> int:
+        """Wait until the connection is closed, reading nothing, and return the close code."""
+        conn = self._conn
+        async with asyncio.timeout(timeout):
+            while conn._closed is None:
+                conn._readable.clear()
+                await conn._readable.wait()
+        return conn._closed.code
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close from the client's end."""
+        self._conn._shut(code, reason)
+
+
+def memory_pair(
+    codec: Codec = Codec.JSON, request: HandshakeRequest | None = None, *, buffer: int = 1024
+) -> tuple[MemoryConnection, MemoryClient]:
+    """Return a connected (gateway end, client end) pair."""
+    conn = MemoryConnection(codec, request, buffer=buffer)
+    return conn, conn.client

@@ -1,0 +1,201 @@
+"""Every exception wsbus raises, in one tree.
+
+::
+
+    WsbusError
+     +-- ConfigError (ValueError)            a setting or argument is out of range
+     +-- ProtocolError                       a client frame broke the wire protocol
+     +-- RegistryError (LookupError)
+     |    +-- UnknownConnection              no open connection has that id
+     |    +-- AliasTaken                     the alias belongs to another connection
+     |    +-- InvalidName (ValueError)       an alias, user or group name is not acceptable
+     +-- BusError
+     |    +-- NoRoute (LookupError)          nothing on the bus handles that type
+     |    +-- BusUnavailable                 the bus is down or overloaded; retry later
+     +-- ControlError                        the gateway refused a service's control request
+     +-- RequestTimeout (TimeoutError)       a reply did not come in time
+     +-- MissingExtra (ImportError)          an optional transport is not installed
+
+Every exception keeps its data in attributes and pickles, because the Pyro bus ships them
+between processes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AliasTaken",
+    "BusError",
+    "BusUnavailable",
+    "ConfigError",
+    "ControlError",
+    "InvalidName",
+    "MissingExtra",
+    "NoRoute",
+    "ProtocolError",
+    "RegistryError",
+    "RequestTimeout",
+    "UnknownConnection",
+    "WsbusError",
+]
+
+
+class WsbusError(Exception):
+    """The root of every exception wsbus raises."""
+
+
+class ConfigError(WsbusError, ValueError):
+    """A setting or argument is out of its allowed range."""
+
+
+class ProtocolError(WsbusError):
+    """A client frame broke the wire protocol.
+
+    Attributes:
+        code: the ``wsbus.error`` code the client is told (``malformed``, ``bad_value``, ...).
+        message: a short text for the client: no traceback, path or internal detail.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class RegistryError(WsbusError, LookupError):
+    """A ClientRegistry operation could not be done."""
+
+
+class UnknownConnection(RegistryError):
+    """No open connection has this id (it may have left already).
+
+    Attributes:
+        conn_id: the connection id that was asked for.
+    """
+
+    def __init__(self, conn_id: str) -> None:
+        super().__init__(conn_id)
+        self.conn_id = conn_id
+
+    def __str__(self) -> str:
+        return f"no open connection has id {self.conn_id!r}; it may have disconnected"
+
+
+class AliasTaken(RegistryError):
+    """The alias belongs to another open connection and the policy is to refuse.
+
+    Attributes:
+        alias: the alias asked for.
+    """
+
+    def __init__(self, alias: str) -> None:
+        super().__init__(alias)
+        self.alias = alias
+
+    def __str__(self) -> str:
+        return (
+            f"alias {self.alias!r} is taken by another connection; choose another, or set the "
+            "registry's alias policy to 'suffix'"
+        )
+
+
+class InvalidName(RegistryError, ValueError):
+    """An alias, user or group name does not match the accepted pattern.
+
+    Attributes:
+        kind: ``"alias"``, ``"user"`` or ``"group"``.
+        name: the rejected name.
+    """
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.kind = kind
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"{self.kind} name {self.name[:80]!r} is not acceptable: see the naming rules"
+
+
+class BusError(WsbusError):
+    """The bus could not take an envelope."""
+
+
+class NoRoute(BusError, LookupError):
+    """Nothing on the bus handles this message type.
+
+    Attributes:
+        type: the message type that found no handler.
+    """
+
+    def __init__(self, type: str) -> None:
+        super().__init__(type)
+        self.type = type
+
+    def __str__(self) -> str:
+        return f"no service on the bus handles message type {self.type!r}"
+
+
+class BusUnavailable(BusError):
+    """The bus, or the service behind it, is down or overloaded; the caller may retry.
+
+    Attributes:
+        reason: what is unavailable, for logs.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"the bus is unavailable: {self.reason}"
+
+
+class ControlError(WsbusError):
+    """The gateway refused a service's control request (join, alias, disconnect, ...).
+
+    Attributes:
+        code: a short machine-readable reason (``unknown_connection``, ``alias_taken``, ...).
+        message: the gateway's explanation.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class RequestTimeout(WsbusError, TimeoutError):
+    """A reply did not arrive within the timeout.
+
+    Attributes:
+        what: the request that timed out.
+        timeout: the seconds waited.
+    """
+
+    def __init__(self, what: str, timeout: float) -> None:
+        super().__init__(what, timeout)
+        self.what = what
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"no reply to {self.what} within {self.timeout:g} s"
+
+
+class MissingExtra(WsbusError, ImportError):
+    """An optional transport was used without its extra installed.
+
+    Attributes:
+        extra: the extra to install (``websockets``, ``pyro``).
+    """
+
+    def __init__(self, extra: str) -> None:
+        super().__init__(extra)
+        self.extra = extra
+
+    def __str__(self) -> str:
+        return f"this needs the {self.extra!r} extra: pip install 'wsbus[{self.extra}]'"

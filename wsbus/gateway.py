@@ -1,0 +1,946 @@
+"""The Gateway: validates, wraps and publishes client messages; routes service messages.
+
+The one place in the core that awaits. Per connection it runs a reader (frames in order:
+validate, stamp the sender, hooks, publish, ack) and a writer (a bounded FIFO of encoded
+frames). Envelopes from the bus arrive through :meth:`Gateway.deliver`, on the loop
+thread, and are resolved, encoded once per codec and queued on each target connection in
+arrival order: that is what keeps per-sender, per-client order.
+
+Every inbound frame and every outbound delivery ends in exactly one counted outcome; see
+:class:`Stats` for the identities that hold between the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Final, Literal
+
+import msgspec
+
+from . import control
+from .bus import Bus
+from .edge import ClientConnection, ConnectionClosed
+from .envelope import (
+    ConnId,
+    Envelope,
+    EnvelopeId,
+    GatewayAddress,
+    IdFactory,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+)
+from .errors import (
+    AliasTaken,
+    BusUnavailable,
+    ConfigError,
+    InvalidName,
+    NoRoute,
+    UnknownConnection,
+)
+from .hooks import DeliveryFailure, Drop, HandshakeRequest, Hooks, Identity, Refusal, Verdict
+from .limits import ErrorBudget, TokenBucket
+from .plugins import AllowAnonymous
+from .registry import DEFAULT_NAME_PATTERN, AliasPolicy, ClientInfo, ClientRegistry
+from .router import Router
+from .wire import (
+    CLIENT_CONTROL_TYPES,
+    Codec,
+    ErrorCode,
+    Rejection,
+    ServerFrame,
+    WireLimits,
+    decode_client_frame,
+    encode_server_frame,
+)
+
+__all__ = ["CloseCode", "Gateway", "GatewayConfig", "Stats"]
+
+log = logging.getLogger("wsbus.gateway")
+
+
+class CloseCode:
+    """The WebSocket close codes the gateway uses (SPEC section 3)."""
+
+    NORMAL: Final = 1000
+    GOING_AWAY: Final = 1001
+    UNSUPPORTED_DATA: Final = 1003
+    INVALID_DATA: Final = 1007
+    POLICY: Final = 1008
+    TOO_BIG: Final = 1009
+    INTERNAL_ERROR: Final = 1011
+    TRY_AGAIN_LATER: Final = 1013
+    BAD_GATEWAY: Final = 1014
+    ERROR_BUDGET: Final = 4400
+    AUTH_FAILED: Final = 4401
+    FORBIDDEN: Final = 4403
+    AUTH_TIMEOUT: Final = 4408
+    RATE_LIMITED: Final = 4429
+    SLOW_CONSUMER: Final = 4507
+
+
+AUTH_FAILED_REASON: Final = "authentication failed"
+"""The one close reason for every authentication failure: it tells an attacker nothing."""
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Every gateway setting, with production defaults.
+
+    Attributes:
+        node: this gateway's node id (connection ids start with it); random by default.
+        wire: structure caps on client frames.
+        outbound_queue: frames a connection may have waiting to be written.
+        slow_consumer: what to do when that queue is full: ``close`` the connection with
+            4507 (the client missed messages and must resync), or ``drop`` the new message
+            and report it undeliverable to its sender.
+        rate: messages a second each connection may send, on average.
+        burst: messages a connection may send at once.
+        rate_limit_close_after: seconds a client may stay rate limited before it is closed
+            with 4429.
+        error_budget: rejected frames a connection may send per ``error_window`` before it
+            is closed with 4400.
+        error_window: the error budget's window, in seconds.
+        allow_anonymous: accept clients no authentication plugin accepted.
+        auth_frame: when no plugin decided at the handshake, accept a first ``wsbus.auth``
+            frame carrying ``{"token": ...}``.
+        auth_timeout: seconds to wait for that frame before closing with 4408.
+        max_connections: connections beyond this are closed with 1013.
+        drain_timeout: seconds a graceful shutdown waits for queues to drain.
+        bus_down_close_after: after the bus has been unavailable this long, new clients
+            are closed with 1014.
+        alias_policy: what happens when a service sets an alias another connection has.
+        name_pattern: the pattern aliases, users and group names must match.
+        report_queue: control answers and delivery reports waiting to go on the bus.
+    """
+
+    node: str | None = None
+    wire: WireLimits = WireLimits()
+    outbound_queue: int = 1024
+    slow_consumer: Literal["close", "drop"] = "close"
+    rate: float = 100.0
+    burst: int = 200
+    rate_limit_close_after: float = 10.0
+    error_budget: int = 20
+    error_window: float = 60.0
+    allow_anonymous: bool = True
+    auth_frame: bool = True
+    auth_timeout: float = 10.0
+    max_connections: int = 10_000
+    drain_timeout: float = 5.0
+    bus_down_close_after: float = 30.0
+    alias_policy: AliasPolicy = AliasPolicy.REFUSE
+    name_pattern: str = DEFAULT_NAME_PATTERN
+    report_queue: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.outbound_queue < 1 or self.max_connections < 1 or self.report_queue < 1:
+            raise ConfigError("outbound_queue, max_connections and report_queue must be >= 1")
+        if self.slow_consumer not in ("close", "drop"):
+            raise ConfigError("slow_consumer must be 'close' or 'drop'")
+        if self.wire.max_frame_bytes < 64 or self.wire.max_depth < 2:
+            raise ConfigError("wire.max_frame_bytes must be >= 64 and wire.max_depth >= 2")
+        for name in ("drain_timeout", "auth_timeout", "bus_down_close_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """A snapshot of the gateway's counters.
+
+    These identities hold at every snapshot (the tests check them exactly):
+
+    - ``frames_received == frames_published + frames_rejected + frames_lost + frames_in_flight``
+    - ``deliveries_queued == deliveries_written + deliveries_dropped + deliveries_pending``
+    - ``bus_envelopes == control_requests + messages_routed + messages_unrouted``
+
+    ``messages_unrouted`` (no connection reached at all) and ``messages_partial`` (some
+    recipients missed) each sent one ``wsbus.undeliverable`` report, as did every refused
+    delivery: ``reports == messages_unrouted + messages_partial + deliveries_refused``.
+
+    Attributes:
+        connections: open connections now.
+        connections_total: connections accepted since start.
+        connections_refused: connections closed before the welcome (auth, capacity, ...).
+        frames_received: client frames read, after authentication.
+        frames_published: frames put on the bus.
+        frames_acked: of those, acked (they carried an id).
+        frames_rejected: frames answered with ``wsbus.error``.
+        frames_lost: frames that ended with their connection's close (wrong frame type).
+        frames_in_flight: frames being published right now.
+        rejected_by_code: ``frames_rejected`` by error code.
+        bus_envelopes: envelopes the bus delivered to the gateway.
+        control_requests: of those, ``wsbus.*`` control requests.
+        messages_routed: messages queued to at least one connection.
+        messages_unrouted: messages that reached no connection (reported to the sender).
+        messages_partial: routed messages that missed some recipients (reported).
+        deliveries_queued: (message, connection) pairs queued for writing.
+        deliveries_written: of those, written to the connection.
+        deliveries_dropped: of those, dropped because the connection closed first.
+        deliveries_pending: of those, waiting in a queue now.
+        deliveries_refused: deliveries never queued because the queue was full and the
+            slow-consumer policy is ``drop`` (reported to the sender).
+        dropped_by_close_code: ``deliveries_dropped`` by the close code that ended them.
+        reports: ``wsbus.undeliverable`` reports sent.
+        reports_lost: reports and control answers that could not be put on the bus.
+        closes_by_code: connections closed, by close code.
+    """
+
+    connections: int
+    connections_total: int
+    connections_refused: int
+    frames_received: int
+    frames_published: int
+    frames_acked: int
+    frames_rejected: int
+    frames_lost: int
+    frames_in_flight: int
+    rejected_by_code: dict[str, int]
+    bus_envelopes: int
+    control_requests: int
+    messages_routed: int
+    messages_unrouted: int
+    messages_partial: int
+    deliveries_queued: int
+    deliveries_written: int
+    deliveries_dropped: int
+    deliveries_pending: int
+    deliveries_refused: int
+    dropped_by_close_code: dict[int, int]
+    reports: int
+    reports_lost: int
+    closes_by_code: dict[int, int]
+
+
+class _Counters:
+    """The mutable counters behind :class:`Stats`."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.connections_refused = 0
+        self.frames_received = 0
+        self.frames_published = 0
+        self.frames_acked = 0
+        self.frames_rejected = 0
+        self.frames_lost = 0
+        self.frames_in_flight = 0
+        self.rejected_by_code: dict[str, int] = {}
+        self.bus_envelopes = 0
+        self.control_requests = 0
+        self.messages_routed = 0
+        self.messages_unrouted = 0
+        self.messages_partial = 0
+        self.deliveries_queued = 0
+        self.deliveries_written = 0
+        self.deliveries_dropped = 0
+        self.deliveries_refused = 0
+        self.dropped_by_close_code: dict[int, int] = {}
+        self.reports = 0
+        self.reports_lost = 0
+        self.closes_by_code: dict[int, int] = {}
+
+
+def _bump(counter: dict[Any, int], key: Any, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
+
+
+class _Client:
+    """One open connection's state."""
+
+    __slots__ = (
+        "budget",
+        "bucket",
+        "busy",
+        "close_code",
+        "close_reason",
+        "codec",
+        "conn",
+        "conn_id",
+        "draining",
+        "outbox",
+        "pending_deliveries",
+        "rate_limited_since",
+        "wake",
+    )
+
+    def __init__(self, conn: ClientConnection, conn_id: ConnId, config: GatewayConfig) -> None:
+        self.conn = conn
+        self.conn_id = conn_id
+        self.codec = conn.codec
+        # (encoded frame, is a delivery); the head stays queued until it is written.
+        self.outbox: deque[tuple[bytes, bool]] = deque()
+        self.pending_deliveries = 0
+        self.wake = asyncio.Event()
+        self.bucket = TokenBucket(config.rate, config.burst)
+        self.budget = ErrorBudget(config.error_budget, config.error_window)
+        self.rate_limited_since: float | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.draining = False
+        self.busy = False
+
+
+class Gateway:
+    """Connects client connections to a bus, safely.
+
+    Args:
+        bus: the bus to publish client messages on and take service messages from.
+        config: settings; :class:`GatewayConfig` defaults when omitted.
+        plugins: plugin objects to register, in order, after those from entry points.
+        entry_points: load plugins from the ``wsbus`` entry-point group.
+
+    Use it as an async context manager, or call :meth:`start` and :meth:`close`. Edge
+    adapters call :meth:`serve` with each connection.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        config: GatewayConfig | None = None,
+        plugins: Iterable[object] = (),
+        entry_points: bool = True,
+    ) -> None:
+        self.bus = bus
+        self.config = config if config is not None else GatewayConfig()
+        self._node = NodeId(self.config.node or os.urandom(3).hex())
+        if "." in self._node:
+            raise ConfigError(f"node id {self._node!r} must not contain '.'")
+        self.address = GatewayAddress(self._node)
+        self.registry = ClientRegistry(
+            alias_policy=self.config.alias_policy, name_pattern=self.config.name_pattern
+        )
+        self.router = Router(self.registry)
+        self.hooks = Hooks(plugins, entry_points=entry_points)
+        if self.config.allow_anonymous:
+            self.hooks.register(AllowAnonymous(), name="wsbus.allow_anonymous")
+        self._counters = _Counters()
+        self._clients: dict[ConnId, _Client] = {}
+        self._serial = itertools.count(1)
+        self._ids = IdFactory(f"{self._node}")
+        self._state: Literal["new", "running", "closing", "closed"] = "new"
+        self._reports: asyncio.Queue[Envelope] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._bus_down_since: float | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def node(self) -> NodeId:
+        """This gateway's node id."""
+        return self._node
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the bus and begin accepting connections."""
+        if self._state != "new":
+            raise ConfigError("a gateway can be started once")
+        self._reports = asyncio.Queue(self.config.report_queue)
+        self._reporter = asyncio.create_task(self._report_loop(), name="wsbus-reports")
+        await self.bus.start(self)
+        self._state = "running"
+        log.info("gateway %s started", self._node)
+
+    async def close(self) -> None:
+        """Shut down gracefully; returns when every connection is closed.
+
+        New connections are refused with 1001; frames read from now on are answered
+        ``shutting_down``; queues drain for up to ``drain_timeout`` seconds; then every
+        connection is closed with 1001 and the bus is closed.
+        """
+        if self._state in ("closing", "closed"):
+            return
+        was_running = self._state == "running"
+        self._state = "closing"
+        for client in self._clients.values():
+            client.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        # Polling is fine here: it runs once, at shutdown, and is bounded by the deadline.
+        while loop.time() < deadline and any(
+            c.outbox or c.busy for c in self._clients.values() if c.close_code is None
+        ):
+            await asyncio.sleep(0.01)
+        for client in list(self._clients.values()):
+            self._close(client, CloseCode.GOING_AWAY, "server shutting down")
+        try:
+            async with asyncio.timeout(self.config.drain_timeout + 5.0):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("%d connections did not close in time", len(self._clients))
+        if self._reporter is not None:
+            assert self._reports is not None
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._reports.join()
+            except TimeoutError:
+                log.warning("shutdown: %d reports were not sent", self._reports.qsize())
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
+        if was_running:
+            await self.bus.close()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._state = "closed"
+        log.info("gateway %s closed", self._node)
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` has begun."""
+        return self._state in ("closing", "closed")
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def serve(self, conn: ClientConnection) -> None:
+        """Run one client connection until it closes. Edge adapters call this.
+
+        Authenticates (from the handshake, else from a first ``wsbus.auth`` frame),
+        registers the connection, sends ``wsbus.welcome``, then reads and writes until
+        the connection ends. Never raises for anything the client does.
+        """
+        refusal = self._admission()
+        if refusal is not None:
+            code, reason = refusal
+            await self._refuse(conn, code, reason)
+            return
+        self._idle.clear()
+        conn_id = ConnId(f"{self._node}.{next(self._serial):x}")
+        # Reserve the slot before the first await, so concurrent handshakes see it.
+        client = _Client(conn, conn_id, self.config)
+        self._clients[conn_id] = client
+        try:
+            identity = await self._authenticate(conn)
+            if isinstance(identity, tuple):
+                await self._refuse(conn, *identity)
+                return
+            await self._run(client, identity)
+        finally:
+            self._clients.pop(conn_id, None)
+            if not self._clients:
+                self._idle.set()
+
+    def _admission(self) -> tuple[int, str] | None:
+        if self._state != "running":
+            return CloseCode.GOING_AWAY, "server shutting down"
+        if len(self._clients) >= self.config.max_connections:
+            return CloseCode.TRY_AGAIN_LATER, "server is at its connection limit; retry later"
+        since = self._bus_down_since
+        if since is not None and time.monotonic() - since > self.config.bus_down_close_after:
+            return CloseCode.BAD_GATEWAY, "message bus unreachable; retry later"
+        return None
+
+    async def _refuse(self, conn: ClientConnection, code: int, reason: str) -> None:
+        self._counters.connections_refused += 1
+        _bump(self._counters.closes_by_code, code)
+        try:
+            await conn.close(code, reason)
+        except Exception:
+            log.debug("closing a refused connection failed", exc_info=True)
+
+    async def _authenticate(self, conn: ClientConnection) -> Identity | tuple[int, str]:
+        request = conn.request
+        result = self._run_authenticate(request)
+        if result is None and self.config.auth_frame:
+            result = await self._authenticate_by_frame(conn)
+            if isinstance(result, tuple):
+                return result
+        if isinstance(result, Identity):
+            return result
+        if isinstance(result, Refusal):
+            log.info("client %s refused: %s", request.remote, result.reason)
+        return CloseCode.AUTH_FAILED, AUTH_FAILED_REASON
+
+    def _run_authenticate(self, request: HandshakeRequest) -> Identity | Refusal | None:
+        try:
+            return self.hooks.authenticate(request)
+        except Exception:
+            log.exception("an authentication plugin raised; the client is refused")
+            return Refusal("plugin error")
+
+    async def _authenticate_by_frame(
+        self, conn: ClientConnection
+    ) -> Identity | Refusal | None | tuple[int, str]:
+        try:
+            async with asyncio.timeout(self.config.auth_timeout):
+                data = await conn.receive()
+        except TimeoutError:
+            return CloseCode.AUTH_TIMEOUT, "no authentication in time"
+        except ConnectionClosed:
+            return CloseCode.AUTH_FAILED, AUTH_FAILED_REASON
+        frame = decode_client_frame(
+            data, conn.codec, self.config.wire, allowed_control=CLIENT_CONTROL_TYPES
+        )
+        if isinstance(frame, Rejection) or frame.type != "wsbus.auth":
+            return Refusal("first frame was not a valid wsbus.auth frame")
+        token = frame.content.get("token") if isinstance(frame.content, dict) else None
+        if not isinstance(token, str):
+            return Refusal("wsbus.auth frame has no token")
+        request = msgspec.structs.replace(conn.request, token=token, via="frame")
+        return self._run_authenticate(request)
+
+    async def _run(self, client: _Client, identity: Identity) -> None:
+        counters = self._counters
+        conn_id = client.conn_id
+        try:
+            address = self.registry.connect(conn_id, user=identity.user)
+            if identity.alias is not None:
+                self.registry.set_alias(conn_id, identity.alias)
+                address = self.registry.address(conn_id)
+        except (InvalidName, AliasTaken) as exc:
+            log.warning("identity for %s not usable: %s", client.conn.request.remote, exc)
+            if conn_id in self.registry:
+                self.registry.disconnect(conn_id)
+            await self._refuse(client.conn, CloseCode.AUTH_FAILED, AUTH_FAILED_REASON)
+            return
+        counters.connections_total += 1
+        self._send_control(client, "wsbus.welcome", self._welcome(client, address.user))
+        writer = asyncio.create_task(self._write(client), name=f"wsbus-writer-{conn_id}")
+        self.hooks.client_connected(address, client.conn.request)
+        code, reason = CloseCode.NORMAL, ""
+        try:
+            code, reason = await self._read(client)
+        finally:
+            if client.close_code is None:
+                client.close_code, client.close_reason = code, reason
+            client.wake.set()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            dropped = client.pending_deliveries
+            if dropped:
+                counters.deliveries_dropped += dropped
+                _bump(counters.dropped_by_close_code, client.close_code, dropped)
+                client.pending_deliveries = 0
+            client.outbox.clear()
+            _bump(counters.closes_by_code, client.close_code)
+            address = self.registry.address(conn_id)
+            self.registry.disconnect(conn_id)
+            self.hooks.client_disconnected(address, client.close_code, client.close_reason)
+
+    def _welcome(self, client: _Client, user: str | None) -> dict[str, Any]:
+        config = self.config
+        return {
+            "protocol": "wsbus.v1",
+            "conn_id": client.conn_id,
+            "codec": client.codec.value,
+            "user": user,
+            "limits": {
+                "max_frame_bytes": config.wire.max_frame_bytes,
+                "max_depth": config.wire.max_depth,
+                "rate": config.rate,
+                "burst": config.burst,
+                "error_budget": config.error_budget,
+            },
+        }
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _read(self, client: _Client) -> tuple[int, str]:
+        conn = client.conn
+        codec = client.codec
+        is_text = codec.is_text
+        limits = self.config.wire
+        counters = self._counters
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = await conn.receive()
+            except ConnectionClosed as exc:
+                return exc.code, exc.reason
+            counters.frames_received += 1
+            if client.close_code is not None:
+                # Read after we decided to close: it goes down with the connection.
+                counters.frames_lost += 1
+                continue
+            if client.draining:
+                self._reject(client, ErrorCode.SHUTTING_DOWN, "the server is shutting down", None)
+                continue
+            if isinstance(data, str) is not is_text:
+                counters.frames_lost += 1
+                kind = "binary" if is_text else "text"
+                self._close(
+                    client,
+                    CloseCode.UNSUPPORTED_DATA,
+                    f"{kind} frame on a {codec.value} connection",
+                )
+                continue
+            now = loop.time()
+            if not client.bucket.take(now):
+                self._rate_limited(client, now)
+                continue
+            client.rate_limited_since = None
+            frame = decode_client_frame(data, codec, limits)
+            if isinstance(frame, Rejection):
+                self._reject(client, frame.code, frame.message, frame.ref)
+                continue
+            await self._publish(client, frame.type, frame.content, frame.id, frame.reply_to)
+
+    def _rate_limited(self, client: _Client, now: float) -> None:
+        if client.rate_limited_since is None:
+            client.rate_limited_since = now
+        elif now - client.rate_limited_since > self.config.rate_limit_close_after:
+            self._counters.frames_lost += 1
+            self._close(client, CloseCode.RATE_LIMITED, "rate limited for too long")
+            return
+        self._reject(client, ErrorCode.RATE_LIMITED, "too many messages; slow down", None)
+
+    async def _publish(
+        self,
+        client: _Client,
+        type: str,
+        content: Any,
+        frame_id: str | None,
+        reply_to: str | None,
+    ) -> None:
+        address = self.registry.address(client.conn_id)
+        envelope = Envelope(
+            # The client's own id, when it gave one, so that replies can point at it.
+            id=EnvelopeId(frame_id) if frame_id is not None else self._ids(),
+            type=type,
+            sender=address,
+            content=content,
+            reply_to=reply_to,
+            created=time.time(),
+        )
+        try:
+            verdict = self.hooks.authorize(address, envelope)
+        except Exception:
+            log.exception("an authorization plugin raised on %r; the message is refused", type)
+            verdict = Verdict.deny("refused")
+        if not verdict.allowed:
+            self._reject(client, ErrorCode.FORBIDDEN, verdict.reason or "not allowed", frame_id)
+            if verdict.close:
+                self._close(client, CloseCode.FORBIDDEN, "forbidden")
+            return
+        try:
+            result = self.hooks.transform_inbound(address, envelope)
+        except Exception:
+            log.exception("an inbound transform plugin raised on %r; the message is refused", type)
+            result = Drop("refused")
+        if isinstance(result, Drop):
+            self._reject(client, ErrorCode.FORBIDDEN, result.reason, frame_id)
+            return
+        if result.sender != address:
+            # Plugins may rewrite a message but never its sender.
+            result = msgspec.structs.replace(result, sender=address)
+        counters = self._counters
+        client.busy = True
+        counters.frames_in_flight += 1
+        try:
+            await self.bus.publish(result)
+        except NoRoute:
+            counters.frames_in_flight -= 1
+            self._reject(client, ErrorCode.NO_ROUTE, f"nothing handles type {type!r}", frame_id)
+        except BusUnavailable as exc:
+            counters.frames_in_flight -= 1
+            self._bus_failed(exc)
+            self._reject(client, ErrorCode.UNAVAILABLE, "service unavailable; retry", frame_id)
+        except Exception as exc:
+            counters.frames_in_flight -= 1
+            log.exception("publishing %r failed", type)
+            self._bus_failed(exc)
+            self._reject(client, ErrorCode.UNAVAILABLE, "service unavailable; retry", frame_id)
+        else:
+            counters.frames_in_flight -= 1
+            counters.frames_published += 1
+            self._bus_down_since = None
+            if frame_id is not None:
+                counters.frames_acked += 1
+                self._send_control(client, "wsbus.ack", {"ref": frame_id})
+        finally:
+            client.busy = False
+
+    def _bus_failed(self, exc: Exception) -> None:
+        if self._bus_down_since is None:
+            self._bus_down_since = time.monotonic()
+            log.warning("the bus refused a message (%s); clients are told to retry", exc)
+
+    def _reject(self, client: _Client, code: ErrorCode, message: str, ref: str | None) -> None:
+        counters = self._counters
+        counters.frames_rejected += 1
+        _bump(counters.rejected_by_code, code.value)
+        content: dict[str, Any] = {"code": code.value, "message": message, "retry": code.retry}
+        if ref is not None:
+            content["ref"] = ref
+        self._send_control(client, "wsbus.error", content)
+        if code.client_fault and not client.budget.spend(asyncio.get_running_loop().time()):
+            self._close(client, CloseCode.ERROR_BUDGET, "too many bad frames")
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _send_control(self, client: _Client, type: str, content: Any) -> None:
+        data = encode_server_frame(ServerFrame(type, content, self._ids()), client.codec)
+        self._enqueue(client, data, delivery=False)
+
+    def _enqueue(self, client: _Client, data: bytes, *, delivery: bool) -> bool:
+        """Queue one frame; False when it was not queued (closing, or refused as full)."""
+        counters = self._counters
+        if client.close_code is None and len(client.outbox) >= self.config.outbound_queue:
+            if delivery and self.config.slow_consumer == "drop":
+                counters.deliveries_refused += 1
+                return False
+            self._close(client, CloseCode.SLOW_CONSUMER, "slow consumer: messages were missed")
+        if client.close_code is not None:
+            if delivery:
+                # Counted as queued and dropped at once: it goes down with the connection.
+                counters.deliveries_queued += 1
+                counters.deliveries_dropped += 1
+                _bump(counters.dropped_by_close_code, client.close_code)
+            return False
+        client.outbox.append((data, delivery))
+        if delivery:
+            client.pending_deliveries += 1
+            counters.deliveries_queued += 1
+        client.wake.set()
+        return True
+
+    async def _write(self, client: _Client) -> None:
+        outbox = client.outbox
+        send = client.conn.send
+        counters = self._counters
+        try:
+            while True:
+                if not outbox:
+                    client.wake.clear()
+                    await client.wake.wait()
+                    continue
+                if client.close_code is not None and not client.draining:
+                    return
+                data, delivery = outbox[0]
+                await send(data)
+                outbox.popleft()
+                if delivery:
+                    client.pending_deliveries -= 1
+                    counters.deliveries_written += 1
+        except ConnectionClosed:
+            return
+
+    def _close(self, client: _Client, code: int, reason: str) -> None:
+        """Begin closing one connection; its reader ends and its queue is dropped."""
+        if client.close_code is not None:
+            return
+        client.close_code = code
+        client.close_reason = reason
+        client.draining = False
+        client.wake.set()
+        if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            log.info("closing %s with %d: %s", client.conn_id, code, reason)
+        self._spawn(client.conn.close(code, reason))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- from the bus --------------------------------------------------------------------
+
+    def deliver(self, envelope: Envelope) -> None:
+        """Take one envelope from the bus: a message to clients or a control request.
+
+        Called by the bus on the loop thread, in the order it received them. Never raises:
+        every failure becomes a report to the sending service.
+        """
+        counters = self._counters
+        counters.bus_envelopes += 1
+        if envelope.type.startswith("wsbus."):
+            counters.control_requests += 1
+            self._control(envelope)
+            return
+        if envelope.recipients is None:
+            counters.messages_unrouted += 1
+            self._report(envelope, "no_match", Recipients(), "the message names no recipients")
+            return
+        try:
+            result = self.hooks.transform_outbound(envelope)
+        except Exception:
+            log.exception("an outbound transform plugin raised on %r", envelope.type)
+            result = Drop("an outbound plugin failed")
+        if isinstance(result, Drop):
+            counters.messages_unrouted += 1
+            self._report(envelope, "filtered", envelope.recipients, result.reason)
+            return
+        recipients = result.recipients
+        if recipients is None:
+            recipients = envelope.recipients
+        targets, unmatched = self.router.resolve(recipients)
+        if not targets:
+            counters.messages_unrouted += 1
+            self._report(result, "no_match", unmatched or recipients, "no open connection matched")
+            return
+        frame = ServerFrame(
+            result.type, result.content, result.id, result.reply_to, result.sender.public_name
+        )
+        encoded: dict[Codec, bytes] = {}
+        try:
+            for codec in {self._clients[conn_id].codec for conn_id in targets}:
+                encoded[codec] = encode_server_frame(frame, codec)
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+            counters.messages_unrouted += 1
+            self._report(result, "encode_failed", recipients, f"content cannot be encoded: {exc}")
+            return
+        counters.messages_routed += 1
+        clients = self._clients
+        refused: list[ConnId] = []
+        for conn_id in targets:
+            client = clients[conn_id]
+            if not self._enqueue(client, encoded[client.codec], delivery=True) and (
+                client.close_code is None
+            ):
+                refused.append(conn_id)
+        if unmatched is not None:
+            counters.messages_partial += 1
+            self._report(result, "no_match", unmatched, "some recipients matched no connection")
+        for conn_id in refused:
+            self._report(
+                result, "slow_consumer", Recipients(conn_ids=(conn_id,)), "the client's queue is full"
+            )
+
+    def _report(self, envelope: Envelope, reason: str, recipients: Recipients, detail: str) -> None:
+        self._counters.reports += 1
+        self.hooks.delivery_failed(envelope, DeliveryFailure(reason, recipients, detail))
+        if isinstance(envelope.sender, ServiceAddress):
+            content = control.Undeliverable(reason, recipients, detail)
+            self._to_bus(control.UNDELIVERABLE, envelope, content)
+
+    def _to_bus(self, type: str, about: Envelope, content: msgspec.Struct) -> None:
+        sender = about.sender
+        if not isinstance(sender, ServiceAddress):
+            return
+        envelope = Envelope(
+            id=self._ids(),
+            type=type,
+            sender=self.address,
+            content=msgspec.to_builtins(content),
+            reply_to=about.id,
+            created=time.time(),
+            to=sender,
+        )
+        assert self._reports is not None
+        try:
+            self._reports.put_nowait(envelope)
+        except asyncio.QueueFull:
+            self._counters.reports_lost += 1
+            log.warning("report queue full: %s for %s to %s lost", type, about.id, sender.name)
+
+    async def _report_loop(self) -> None:
+        assert self._reports is not None
+        queue = self._reports
+        while True:
+            envelope = await queue.get()
+            try:
+                await self.bus.publish(envelope)
+            except Exception as exc:
+                self._counters.reports_lost += 1
+                log.warning(
+                    "could not send %s to service %r: %s",
+                    envelope.type,
+                    getattr(envelope.to, "name", "?"),
+                    exc,
+                )
+            finally:
+                queue.task_done()
+
+    # -- control -------------------------------------------------------------------------
+
+    def _control(self, envelope: Envelope) -> None:
+        request_type = control.REQUEST_TYPES.get(envelope.type)
+        if request_type is None:
+            if envelope.type not in (control.RESULT, control.UNDELIVERABLE):
+                self._answer(envelope, control.Result(False, None, "unknown_request",
+                                                      f"{envelope.type!r} is not a request"))
+            return
+        try:
+            request = msgspec.convert(envelope.content, request_type)
+            value = self._do_control(envelope.type, request)
+            result = control.Result(True, value)
+        except msgspec.ValidationError as exc:
+            result = control.Result(False, None, "invalid_request", str(exc))
+        except UnknownConnection as exc:
+            result = control.Result(False, None, "unknown_connection", str(exc))
+        except AliasTaken as exc:
+            result = control.Result(False, None, "alias_taken", str(exc))
+        except InvalidName as exc:
+            result = control.Result(False, None, "invalid_name", str(exc))
+        self._answer(envelope, result)
+
+    def _answer(self, envelope: Envelope, result: control.Result) -> None:
+        self._to_bus(control.RESULT, envelope, result)
+
+    def _do_control(self, type: str, request: Any) -> Any:
+        registry = self.registry
+        if type == control.JOIN:
+            return registry.join(request.conn_id, request.group)
+        if type == control.LEAVE:
+            return registry.leave(request.conn_id, request.group)
+        if type == control.ALIAS_SET:
+            return registry.set_alias(request.conn_id, request.alias)
+        if type == control.ALIAS_CLEAR:
+            registry.clear_alias(request.conn_id)
+            return None
+        if type == control.CLIENTS:
+            infos: list[ClientInfo]
+            if request.group is None:
+                infos = registry.clients()
+            else:
+                infos = [registry.info(c) for c in registry.members(request.group)]
+            return msgspec.to_builtins(infos)
+        assert type == control.DISCONNECT
+        code = request.code
+        if not (code in (1000, 1001, 1008) or 4000 <= code <= 4999):
+            raise msgspec.ValidationError("code must be 1000, 1001, 1008 or 4000-4999")
+        client = self._clients.get(request.conn_id)
+        if client is None or request.conn_id not in registry:
+            raise UnknownConnection(request.conn_id)
+        reason = request.reason.encode()[:120].decode("utf-8", "ignore")
+        self._close(client, code, reason)
+        return None
+
+    # -- observing -----------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Return a snapshot of every counter."""
+        c = self._counters
+        return Stats(
+            connections=len(self.registry),
+            connections_total=c.connections_total,
+            connections_refused=c.connections_refused,
+            frames_received=c.frames_received,
+            frames_published=c.frames_published,
+            frames_acked=c.frames_acked,
+            frames_rejected=c.frames_rejected,
+            frames_lost=c.frames_lost,
+            frames_in_flight=c.frames_in_flight,
+            rejected_by_code=dict(c.rejected_by_code),
+            bus_envelopes=c.bus_envelopes,
+            control_requests=c.control_requests,
+            messages_routed=c.messages_routed,
+            messages_unrouted=c.messages_unrouted,
+            messages_partial=c.messages_partial,
+            deliveries_queued=c.deliveries_queued,
+            deliveries_written=c.deliveries_written,
+            deliveries_dropped=c.deliveries_dropped,
+            deliveries_pending=sum(cl.pending_deliveries for cl in self._clients.values()),
+            deliveries_refused=c.deliveries_refused,
+            dropped_by_close_code=dict(c.dropped_by_close_code),
+            reports=c.reports,
+            reports_lost=c.reports_lost,
+            closes_by_code=dict(c.closes_by_code),
+        )
+
+    def clients(self) -> list[ClientInfo]:
+        """Return a snapshot of every open connection."""
+        return self.registry.clients()

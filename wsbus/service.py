@@ -1,0 +1,429 @@
+"""Writing services: the ``Service`` base class, ``@handles``, and the context handlers get.
+
+A service is written once and runs unchanged on any bus: in the gateway's process on the
+in-memory bus, or as its own process on the Pyro bus::
+
+    from wsbus import Service, handles
+
+    class Echo(Service):
+        name = "echo"
+
+        @handles("echo")
+        async def echo(self, message, ctx):
+            ctx.reply({"content": message.content, "sender": message.sender})
+
+Handlers may be ``async def`` (run on the service's event loop: never block in them) or
+plain ``def`` (run in a worker thread, so they may block). One service handles one message
+at a time, in the order the bus delivered them, so its replies keep that order too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Final, TypeVar
+
+import msgspec
+
+from . import control
+from .envelope import (
+    ConnId,
+    Envelope,
+    EnvelopeId,
+    GatewayAddress,
+    IdFactory,
+    Recipients,
+    ServiceAddress,
+    node_of,
+)
+from .errors import BusUnavailable, ConfigError, ControlError, RequestTimeout
+from .registry import ClientInfo
+
+__all__ = ["Context", "Service", "ServiceLink", "ServiceRunner", "handles"]
+
+log = logging.getLogger("wsbus.service")
+
+_HANDLES_ATTR: Final = "__wsbus_handles__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles(*types: str) -> Callable[[F], F]:
+    """Mark a :class:`Service` method as the handler of one or more message types.
+
+    The method is called as ``method(message, ctx)`` with the :class:`~wsbus.Envelope` and a
+    :class:`Context`.
+    """
+    if not types:
+        raise ConfigError("@handles needs at least one message type")
+
+    def mark(function: F) -> F:
+        setattr(function, _HANDLES_ATTR, (*getattr(function, _HANDLES_ATTR, ()), *types))
+        return function
+
+    return mark
+
+
+class Service:
+    """Base class of a wsbus service.
+
+    Attributes:
+        name: the service's name on the bus (defaults to the class name, lower-cased). Its
+            messages carry ``ServiceAddress(name)`` as sender, and clients see it in ``from``.
+        link: the service's connection to the bus, set once it is running; use it to send
+            outside a handler.
+    """
+
+    name: ClassVar[str] = ""
+    _handlers: ClassVar[dict[str, str]] = {}
+    link: ServiceLink
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = cls.__name__.lower()
+        handlers: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                for type_ in getattr(value, _HANDLES_ATTR, ()):
+                    handlers[type_] = attr
+        cls._handlers = handlers
+
+    @classmethod
+    def handled_types(cls) -> frozenset[str]:
+        """Return the message types this service declares (``wsbus.*`` ones excluded)."""
+        return frozenset(t for t in cls._handlers if not t.startswith("wsbus."))
+
+    async def on_start(self) -> None:
+        """Called once the service is on the bus, before its first message. Override it."""
+
+    async def on_stop(self) -> None:
+        """Called when the service leaves the bus. Override it."""
+
+
+class ServiceLink:
+    """A service's handle on the bus: send messages and ask the gateway for things.
+
+    Created by the bus runtime, which supplies ``emit``: a function that puts a finished
+    envelope on the bus, in call order. Every method stamps the service as the sender; a
+    service cannot send as anyone else.
+
+    Args:
+        name: the service's name.
+        emit: puts an envelope on the bus; may raise NoRoute or BusUnavailable.
+        loop: the event loop the runtime runs on.
+        timeout: the default seconds to wait for the gateway's answer to a request.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        emit: Callable[[Envelope], None],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        timeout: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.address = ServiceAddress(name)
+        self.timeout = timeout
+        self._emit = emit
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._ids = IdFactory(f"{name}-{IdFactory().prefix}")
+        self._pending: dict[str, asyncio.Future[Envelope]] = {}
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(
+        self,
+        recipients: Recipients,
+        type: str,
+        content: Any = None,
+        *,
+        reply_to: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> EnvelopeId:
+        """Send a message to clients; return its id.
+
+        Recipients that match no connection are reported back as ``wsbus.undeliverable``.
+        Safe to call from a worker thread (a sync handler).
+        """
+        return self._put(type, content, recipients=recipients, reply_to=reply_to, headers=headers)
+
+    def publish(
+        self, type: str, content: Any = None, *, headers: dict[str, str] | None = None
+    ) -> EnvelopeId:
+        """Send a message to the services that handle ``type``; return its id."""
+        return self._put(type, content, headers=headers)
+
+    def _put(
+        self,
+        type: str,
+        content: Any,
+        *,
+        recipients: Recipients | None = None,
+        reply_to: str | None = None,
+        headers: dict[str, str] | None = None,
+        to: ServiceAddress | GatewayAddress | None = None,
+        id: EnvelopeId | None = None,
+    ) -> EnvelopeId:
+        envelope = Envelope(
+            id=id if id is not None else self._ids(),
+            type=type,
+            sender=self.address,
+            content=content,
+            recipients=recipients,
+            reply_to=reply_to,
+            headers=headers if headers is not None else {},
+            created=time.time(),
+            to=to,
+        )
+        if threading.get_ident() == self._loop_thread:
+            self._emit(envelope)
+        else:
+            self._loop.call_soon_threadsafe(self._emit_logged, envelope)
+        return envelope.id
+
+    def _emit_logged(self, envelope: Envelope) -> None:
+        try:
+            self._emit(envelope)
+        except Exception as exc:
+            log.warning(
+                "service %r could not send %r from a worker thread: %s", self.name, envelope.type, exc
+            )
+
+    # -- gateway control -----------------------------------------------------------------
+
+    async def join(self, conn_id: ConnId, group: str) -> bool:
+        """Add a connection to a group; return False when it was in it already."""
+        return bool(await self._request(control.JOIN, control.GroupRequest(conn_id, group), conn_id))
+
+    async def leave(self, conn_id: ConnId, group: str) -> bool:
+        """Take a connection out of a group; return False when it was not in it."""
+        return bool(
+            await self._request(control.LEAVE, control.GroupRequest(conn_id, group), conn_id)
+        )
+
+    async def set_alias(self, conn_id: ConnId, alias: str) -> str:
+        """Set a connection's alias; return the alias it got (the gateway may add a suffix)."""
+        return str(
+            await self._request(control.ALIAS_SET, control.AliasRequest(conn_id, alias), conn_id)
+        )
+
+    async def clear_alias(self, conn_id: ConnId) -> None:
+        """Remove a connection's alias."""
+        await self._request(control.ALIAS_CLEAR, control.ConnRequest(conn_id), conn_id)
+
+    async def clients(self, group: str | None = None) -> list[ClientInfo]:
+        """List the connected clients (or one group's members) with aliases and groups."""
+        value = await self._request(control.CLIENTS, control.ClientsRequest(group), None)
+        return msgspec.convert(value, list[ClientInfo])
+
+    async def disconnect(self, conn_id: ConnId, code: int = 4000, reason: str = "") -> None:
+        """Close a client's connection with a close code (1000, 1001, 1008 or 4000-4999)."""
+        await self._request(
+            control.DISCONNECT, control.DisconnectRequest(conn_id, code, reason), conn_id
+        )
+
+    async def _request(self, type: str, content: msgspec.Struct, conn_id: ConnId | None) -> Any:
+        to = GatewayAddress(node_of(conn_id)) if conn_id is not None else None
+        future: asyncio.Future[Envelope] = self._loop.create_future()
+        request_id = self._ids()
+        # Registered before sending: a bus may answer before _put returns.
+        self._pending[request_id] = future
+        try:
+            self._put(type, msgspec.to_builtins(content), to=to, id=request_id)
+            async with asyncio.timeout(self.timeout):
+                answer = await future
+        except TimeoutError:
+            raise RequestTimeout(f"{type} from service {self.name!r}", self.timeout) from None
+        finally:
+            self._pending.pop(request_id, None)
+        try:
+            result = msgspec.convert(answer.content, control.Result)
+        except msgspec.ValidationError as exc:
+            raise ControlError("bad_result", f"the gateway's answer is malformed: {exc}") from None
+        if not result.ok:
+            raise ControlError(result.code or "failed", result.message or "refused")
+        return result.value
+
+    def accept_result(self, envelope: Envelope) -> bool:
+        """Resolve a pending request with its answer; return False if none was waiting."""
+        if envelope.type != control.RESULT or envelope.reply_to is None:
+            return False
+        future = self._pending.get(envelope.reply_to)
+        if future is None:
+            return False
+        if not future.done():
+            future.set_result(envelope)
+        return True
+
+
+class Context:
+    """What a handler gets beside the message: ways to answer it and to act on clients.
+
+    Attributes:
+        message: the message being handled.
+        link: the service's :class:`ServiceLink`.
+    """
+
+    __slots__ = ("link", "message")
+
+    def __init__(self, link: ServiceLink, message: Envelope) -> None:
+        self.link = link
+        self.message = message
+
+    def reply(self, content: Any = None, *, type: str | None = None) -> EnvelopeId:
+        """Answer the sender of the message, with ``reply_to`` set to its id.
+
+        A client sender gets it on its connection; a service sender gets it by its name.
+        The type defaults to the message's type plus ``.reply``.
+        """
+        message = self.message
+        reply_type = type if type is not None else f"{message.type}.reply"
+        sender = message.sender
+        if isinstance(sender, ServiceAddress):
+            return self.link._put(reply_type, content, reply_to=message.id, to=sender)
+        if isinstance(sender, GatewayAddress):
+            raise ControlError("bad_reply", "messages from the gateway cannot be replied to")
+        return self.link.send(
+            Recipients(conn_ids=(sender.conn_id,)), reply_type, content, reply_to=message.id
+        )
+
+    def send(self, recipients: Recipients, type: str, content: Any = None) -> EnvelopeId:
+        """Send a message to clients (see :meth:`ServiceLink.send`)."""
+        return self.link.send(recipients, type, content)
+
+    async def join(self, conn_id: ConnId, group: str) -> bool:
+        """Add a connection to a group (see :meth:`ServiceLink.join`)."""
+        return await self.link.join(conn_id, group)
+
+    async def leave(self, conn_id: ConnId, group: str) -> bool:
+        """Take a connection out of a group (see :meth:`ServiceLink.leave`)."""
+        return await self.link.leave(conn_id, group)
+
+    async def set_alias(self, conn_id: ConnId, alias: str) -> str:
+        """Set a connection's alias (see :meth:`ServiceLink.set_alias`)."""
+        return await self.link.set_alias(conn_id, alias)
+
+    async def clear_alias(self, conn_id: ConnId) -> None:
+        """Remove a connection's alias (see :meth:`ServiceLink.clear_alias`)."""
+        await self.link.clear_alias(conn_id)
+
+    async def clients(self, group: str | None = None) -> list[ClientInfo]:
+        """List clients (see :meth:`ServiceLink.clients`)."""
+        return await self.link.clients(group)
+
+    async def disconnect(self, conn_id: ConnId, code: int = 4000, reason: str = "") -> None:
+        """Close a client's connection (see :meth:`ServiceLink.disconnect`)."""
+        await self.link.disconnect(conn_id, code, reason)
+
+
+class ServiceRunner:
+    """Runs one service on an event loop: takes envelopes from a bus, calls handlers.
+
+    Bus runtimes (the in-memory bus, a Pyro service process) create one per service and
+    call :meth:`accept` with each envelope addressed to it.
+
+    Args:
+        service: the service instance.
+        emit: the runtime's function that puts an envelope on the bus.
+        inbox_size: how many envelopes may wait; past that :meth:`accept` refuses with
+            BusUnavailable, so a stuck service cannot eat the gateway's memory.
+        timeout: seconds to wait for the gateway's answer to control requests.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        emit: Callable[[Envelope], None],
+        *,
+        inbox_size: int = 1000,
+        timeout: float = 5.0,
+    ) -> None:
+        self.service = service
+        self.name = service.name
+        self.types = type(service).handled_types()
+        self.link = ServiceLink(service.name, emit, asyncio.get_running_loop(), timeout=timeout)
+        service.link = self.link
+        self._inbox: asyncio.Queue[Envelope] = asyncio.Queue(inbox_size)
+        self._task: asyncio.Task[None] | None = None
+
+    def accept(self, envelope: Envelope) -> None:
+        """Take one envelope for this service. Call on the runner's loop thread.
+
+        Raises:
+            BusUnavailable: the service's inbox is full.
+        """
+        if self.link.accept_result(envelope):
+            return
+        try:
+            self._inbox.put_nowait(envelope)
+        except asyncio.QueueFull:
+            raise BusUnavailable(f"service {self.name!r} is busy (inbox full)") from None
+
+    def has_room(self) -> bool:
+        """Return True when :meth:`accept` would not refuse for a full inbox."""
+        return not self._inbox.full()
+
+    async def start(self) -> None:
+        """Run the service's ``on_start`` and begin handling messages."""
+        await self.service.on_start()
+        self._task = asyncio.create_task(self._run(), name=f"wsbus-service-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop handling messages and run ``on_stop``. Messages still waiting are dropped."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.service.on_stop()
+
+    async def _run(self) -> None:
+        while True:
+            envelope = await self._inbox.get()
+            await self.handle(envelope)
+
+    async def handle(self, envelope: Envelope) -> None:
+        """Call the handler for one envelope; a failing handler is logged, never raised."""
+        method_name = self.service._handlers.get(envelope.type)
+        if method_name is None:
+            if envelope.type == control.UNDELIVERABLE:
+                log.info(
+                    "service %r: message %s was not delivered: %s",
+                    self.name,
+                    envelope.reply_to,
+                    envelope.content,
+                )
+            else:
+                log.warning("service %r has no handler for %r; dropped", self.name, envelope.type)
+            return
+        method = getattr(self.service, method_name)
+        ctx = Context(self.link, envelope)
+        try:
+            if inspect.iscoroutinefunction(method):
+                await method(envelope, ctx)
+            else:
+                await asyncio.to_thread(method, envelope, ctx)
+        except Exception:
+            log.exception(
+                "service %r failed handling %r (id %s); it carries on with the next message",
+                self.name,
+                envelope.type,
+                envelope.id,
+            )
+
+
+def collect_types(runners: Iterable[ServiceRunner]) -> dict[str, list[ServiceRunner]]:
+    """Index runners by the types they handle."""
+    index: dict[str, list[ServiceRunner]] = {}
+    for runner in runners:
+        for type_ in runner.types:
+            index.setdefault(type_, []).append(runner)
+    return index

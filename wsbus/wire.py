@@ -1,0 +1,445 @@
+"""The client wire protocol, v1: frames, codecs and strict validation.
+
+Everything here is pure: bytes in, a :class:`ClientFrame` or a :class:`Rejection` out.
+:func:`decode_client_frame` never raises, whatever the bytes; that is what lets the gateway
+answer every bad frame with an error code and keep the connection open.
+
+Two codecs share one data model (JSON's): ``wsbus.v1.json`` in text frames and
+``wsbus.v1.msgpack`` in binary frames. A client frame is one object with exactly the keys
+``type``, ``content``, ``id`` and ``reply_to``; see ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from typing import Any, Final
+
+import msgspec
+
+__all__ = [
+    "CLIENT_CONTROL_TYPES",
+    "Codec",
+    "ClientFrame",
+    "ErrorCode",
+    "Rejection",
+    "ServerFrame",
+    "WireLimits",
+    "decode_client_frame",
+    "encode_server_frame",
+    "negotiate",
+]
+
+
+class Codec(enum.StrEnum):
+    """A wire codec, named by its WebSocket subprotocol."""
+
+    JSON = "wsbus.v1.json"
+    MSGPACK = "wsbus.v1.msgpack"
+
+    @property
+    def is_text(self) -> bool:
+        """True when frames of this codec travel as WebSocket text frames."""
+        return self is Codec.JSON
+
+
+def negotiate(offered: list[str] | tuple[str, ...]) -> Codec | None:
+    """Pick the codec for a handshake from the subprotocols a client offered.
+
+    A client that offers none gets JSON; the first known one offered wins; a client that
+    offers only unknown ones gets ``None`` and must be refused at the handshake.
+    """
+    if not offered:
+        return Codec.JSON
+    for name in offered:
+        try:
+            return Codec(name)
+        except ValueError:
+            continue
+    return None
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of a ``wsbus.error`` frame. The connection stays open after each."""
+
+    MALFORMED = "malformed"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_FIELD = "unknown_field"
+    RESERVED_TYPE = "reserved_type"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    BAD_VALUE = "bad_value"
+    NO_ROUTE = "no_route"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+    SHUTTING_DOWN = "shutting_down"
+
+    @property
+    def retry(self) -> bool:
+        """True when sending the same frame again later may succeed."""
+        return self in _RETRYABLE
+
+    @property
+    def client_fault(self) -> bool:
+        """True when the frame itself was at fault: these count against the error budget."""
+        return self in _CLIENT_FAULTS
+
+
+_RETRYABLE: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.SHUTTING_DOWN})
+_CLIENT_FAULTS: Final = frozenset(
+    {
+        ErrorCode.MALFORMED,
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.UNKNOWN_FIELD,
+        ErrorCode.RESERVED_TYPE,
+        ErrorCode.LIMIT_EXCEEDED,
+        ErrorCode.BAD_VALUE,
+        ErrorCode.FORBIDDEN,
+    }
+)
+
+CLIENT_CONTROL_TYPES: Final = frozenset({"wsbus.auth"})
+"""``wsbus.*`` types a client may send, and only when the gateway asks for them."""
+
+RESERVED_PREFIX: Final = "wsbus."
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+_TYPE_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_FRAME_KEYS: Final = frozenset({"type", "content", "id", "reply_to"})
+_MAX_ID_LEN: Final = 64
+
+
+class WireLimits(msgspec.Struct, frozen=True):
+    """Structure caps on what a client sends. All are configurable.
+
+    Attributes:
+        max_frame_bytes: the largest frame, in bytes (default 64 KiB).
+        max_depth: the deepest nesting of objects and arrays, counting the frame object
+            itself as level 1 (default 32).
+        max_integer: the largest magnitude of an integer (default 2**53 - 1, what a
+            JavaScript number holds exactly).
+    """
+
+    max_frame_bytes: int = 64 * 1024
+    max_depth: int = 32
+    max_integer: int = MAX_SAFE_INTEGER
+
+
+class ClientFrame(msgspec.Struct, frozen=True):
+    """A client frame that passed validation.
+
+    Attributes:
+        type: the message type.
+        content: the payload, within the structure caps.
+        id: the client's id for the frame; the gateway acks it once the bus took it.
+        reply_to: the id of a gateway-sent message this frame answers.
+    """
+
+    type: str
+    content: Any = None
+    id: str | None = None
+    reply_to: str | None = None
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """Why a client frame was refused.
+
+    Attributes:
+        code: the error code sent to the client.
+        message: a short explanation for the client; no internals.
+        ref: the frame's ``id`` when it had a valid one, so the client can match the error.
+    """
+
+    code: ErrorCode
+    message: str
+    ref: str | None = None
+
+
+class ServerFrame(msgspec.Struct, omit_defaults=True):
+    """A frame the gateway sends to a client.
+
+    ``type``, ``content`` and ``id`` are always present; ``reply_to`` and ``from`` only
+    where set.
+    """
+
+    type: str
+    content: Any
+    id: str
+    reply_to: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+
+
+_JSON_ENCODER: Final = msgspec.json.Encoder()
+_MSGPACK_ENCODER: Final = msgspec.msgpack.Encoder()
+_JSON_DECODER: Final = msgspec.json.Decoder()
+_MSGPACK_DECODER: Final = msgspec.msgpack.Decoder()
+
+
+def encode_server_frame(frame: ServerFrame, codec: Codec) -> bytes:
+    """Encode a gateway-to-client frame. JSON output is UTF-8 for a text frame.
+
+    Raises:
+        msgspec.EncodeError: the content holds something the codec cannot encode.
+        TypeError: likewise, for an unsupported Python type.
+    """
+    if codec is Codec.JSON:
+        return _JSON_ENCODER.encode(frame)
+    return _MSGPACK_ENCODER.encode(frame)
+
+
+# A JSON string token: used to find the colons that separate keys from values.
+_JSON_STRING_RE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_SURROGATE_ESCAPE_RE: Final = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def decode_client_frame(
+    data: bytes | str,
+    codec: Codec,
+    limits: WireLimits = WireLimits(),
+    *,
+    allowed_control: frozenset[str] = frozenset(),
+) -> ClientFrame | Rejection:
+    """Validate one client frame.
+
+    Args:
+        data: the frame's payload: ``str`` for a text frame, ``bytes`` for a binary one.
+            The frame kind is the caller's to check against the codec.
+        codec: the connection's codec.
+        limits: the structure caps.
+        allowed_control: ``wsbus.*`` types accepted for this frame (``wsbus.auth`` while the
+            gateway waits for authentication); every other ``wsbus.*`` type is reserved.
+
+    Returns:
+        The valid frame, or the rejection to send back. Never raises.
+    """
+    try:
+        return _decode(data, codec, limits, allowed_control)
+    except _Reject as exc:
+        return exc.rejection
+    except Exception:  # pragma: no cover - a bug; the client still gets a clean answer
+        return Rejection(ErrorCode.MALFORMED, "the frame could not be read")
+
+
+class _Reject(Exception):
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        self.rejection = Rejection(code, message, ref)
+
+
+def _decode(
+    data: bytes | str, codec: Codec, limits: WireLimits, allowed_control: frozenset[str]
+) -> ClientFrame:
+    if isinstance(data, str):
+        try:
+            raw = data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Reject(ErrorCode.BAD_VALUE, "text contains a lone UTF-16 surrogate") from None
+    else:
+        raw = bytes(data)
+    if len(raw) > limits.max_frame_bytes:
+        raise _Reject(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"frame is {len(raw)} bytes; the limit is {limits.max_frame_bytes}",
+        )
+    obj = _decode_json(raw) if codec is Codec.JSON else _decode_msgpack(raw)
+    if type(obj) is not dict:
+        raise _Reject(ErrorCode.MALFORMED, "a frame must be one object")
+    ref = _ref_of(obj)
+    if codec is Codec.JSON:
+        keys = _check_value(obj, limits, ref)
+        declared = _json_pair_count(raw, keys)
+    else:
+        declared = _msgpack_pair_count(raw, ref)
+        keys = _check_value(obj, limits, ref)
+    if declared != keys:
+        raise _Reject(ErrorCode.MALFORMED, "an object has a duplicate key", ref)
+    extra = obj.keys() - _FRAME_KEYS
+    if extra:
+        name = min(extra, key=repr)
+        raise _Reject(ErrorCode.UNKNOWN_FIELD, f"unknown field {_show(name)}", ref)
+    type_ = obj.get("type")
+    if type_ is None:
+        raise _Reject(ErrorCode.INVALID_MESSAGE, "field `type` is missing", ref)
+    if type(type_) is not str or _TYPE_RE.fullmatch(type_) is None:
+        raise _Reject(
+            ErrorCode.INVALID_MESSAGE,
+            "field `type` must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+            ref,
+        )
+    if type_.startswith(RESERVED_PREFIX) and type_ not in allowed_control:
+        raise _Reject(ErrorCode.RESERVED_TYPE, f"type {type_!r} is reserved", ref)
+    id_ = _optional_id(obj, "id", ref)
+    reply_to = _optional_id(obj, "reply_to", ref)
+    return ClientFrame(type_, obj.get("content"), id_, reply_to)
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return _JSON_DECODER.decode(raw)
+    except RecursionError:
+        raise _Reject(ErrorCode.LIMIT_EXCEEDED, "nesting is too deep") from None
+    except UnicodeDecodeError:
+        raise _Reject(ErrorCode.MALFORMED, "text is not valid UTF-8") from None
+    except msgspec.ValidationError:
+        # msgspec's only validation failure for untyped JSON: a number beyond float range.
+        raise _Reject(ErrorCode.BAD_VALUE, "a number is out of range") from None
+    except msgspec.DecodeError:
+        if _SURROGATE_ESCAPE_RE.search(raw):
+            raise _Reject(ErrorCode.BAD_VALUE, "a string has a lone UTF-16 surrogate") from None
+        raise _Reject(ErrorCode.MALFORMED, "frame is not valid JSON") from None
+
+
+def _decode_msgpack(raw: bytes) -> Any:
+    try:
+        return _MSGPACK_DECODER.decode(raw)
+    except RecursionError:
+        raise _Reject(ErrorCode.LIMIT_EXCEEDED, "nesting is too deep") from None
+    except UnicodeDecodeError:
+        raise _Reject(ErrorCode.BAD_VALUE, "a string is not valid UTF-8") from None
+    except (msgspec.DecodeError, TypeError, ValueError):
+        # TypeError: an unhashable map key such as a map; ValueError: msgspec's own checks.
+        raise _Reject(ErrorCode.MALFORMED, "frame is not valid MessagePack") from None
+
+
+def _ref_of(obj: dict[Any, Any]) -> str | None:
+    """Return the frame's id if it is a valid one, to echo in errors; never echo junk."""
+    ref = obj.get("id")
+    if type(ref) is str and 0 < len(ref) <= _MAX_ID_LEN:
+        return ref
+    return None
+
+
+def _optional_id(obj: dict[str, Any], key: str, ref: str | None) -> str | None:
+    if key not in obj:
+        return None
+    value = obj[key]
+    if type(value) is not str or not 0 < len(value) <= _MAX_ID_LEN:
+        raise _Reject(
+            ErrorCode.INVALID_MESSAGE, f"field `{key}` must be a string of 1-64 characters", ref
+        )
+    return value
+
+
+def _show(name: object) -> str:
+    """Render a client-chosen key for an error message: short and ASCII-only."""
+    text = ascii(name)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_value(root: dict[Any, Any], limits: WireLimits, ref: str | None) -> int:
+    """Check depth, numbers, keys and value types; return how many object keys there are."""
+    max_depth = limits.max_depth
+    max_int = limits.max_integer
+    keys = 0
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            if depth > max_depth:
+                raise _Reject(ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}", ref)
+            keys += len(value)
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise _Reject(ErrorCode.INVALID_MESSAGE, "object keys must be strings", ref)
+                if type(item) not in _PLAIN:
+                    stack.append((item, depth + 1))
+        elif kind is list:
+            if depth > max_depth:
+                raise _Reject(ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}", ref)
+            for item in value:
+                if type(item) not in _PLAIN:
+                    stack.append((item, depth + 1))
+        elif kind is int:
+            if not -max_int <= value <= max_int:
+                raise _Reject(
+                    ErrorCode.BAD_VALUE, f"an integer is beyond +-{max_int} (2**53 - 1)", ref
+                )
+        elif kind is float:
+            if not math.isfinite(value):
+                raise _Reject(ErrorCode.BAD_VALUE, "a number is not finite", ref)
+        else:
+            raise _Reject(ErrorCode.BAD_VALUE, "a value has an unsupported type", ref)
+    return keys
+
+
+# Values that need no check at all; everything else is pushed on the stack and looked at.
+_PLAIN: Final = frozenset({str, bool, type(None), bytes})
+
+
+def _json_pair_count(raw: bytes, keys: int) -> int:
+    """Count the key/value pairs written in a JSON text that is known to be valid.
+
+    msgspec keeps the last of duplicate keys silently, so the decoded objects cannot tell.
+    Outside strings a colon only ever separates a key from its value, so counting colons
+    outside strings counts the pairs as written.
+    """
+    colons = raw.count(b":")
+    if colons == keys:
+        # Colons inside strings only add to this count, so it is exact already.
+        return keys
+    return _JSON_STRING_RE.sub(b"", raw).count(b":")
+
+
+def _msgpack_pair_count(raw: bytes, ref: str | None) -> int:
+    """Count the map entries declared in MessagePack that msgspec has already decoded.
+
+    A linear walk over the item headers; it also refuses extension types, which carry
+    opaque data a JSON client could never receive.
+    """
+    pairs = 0
+    pos = 0
+    end = len(raw)
+    while pos < end:
+        b = raw[pos]
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            pos += 1
+        elif 0x80 <= b <= 0x8F:
+            pairs += b & 0x0F
+            pos += 1
+        elif 0x90 <= b <= 0x9F:
+            pos += 1
+        elif 0xA0 <= b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        elif b in _MSGPACK_FIXED:
+            pos += _MSGPACK_FIXED[b]
+        elif b in _MSGPACK_SIZED:
+            width = _MSGPACK_SIZED[b]
+            length = int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
+            pos += 1 + width + length
+        elif b == 0xDC:
+            pos += 3
+        elif b == 0xDD:
+            pos += 5
+        elif b == 0xDE:
+            pairs += int.from_bytes(raw[pos + 1 : pos + 3], "big")
+            pos += 3
+        elif b == 0xDF:
+            pairs += int.from_bytes(raw[pos + 1 : pos + 5], "big")
+            pos += 5
+        else:  # 0xC7-0xC9 and 0xD4-0xD8: extension types
+            raise _Reject(ErrorCode.BAD_VALUE, "MessagePack extension types are not accepted", ref)
+    return pairs
+
+
+# Item headers followed by a fixed-size payload: header byte -> total item size.
+_MSGPACK_FIXED: Final = {
+    0xCA: 5,  # float32
+    0xCB: 9,  # float64
+    0xCC: 2,  # uint8
+    0xCD: 3,  # uint16
+    0xCE: 5,  # uint32
+    0xCF: 9,  # uint64
+    0xD0: 2,  # int8
+    0xD1: 3,  # int16
+    0xD2: 5,  # int32
+    0xD3: 9,  # int64
+}
+# Item headers followed by a length of this many bytes, then that many bytes of payload.
+_MSGPACK_SIZED: Final = {
+    0xC4: 1,  # bin8
+    0xC5: 2,  # bin16
+    0xC6: 4,  # bin32
+    0xD9: 1,  # str8
+    0xDA: 2,  # str16
+    0xDB: 4,  # str32
+}
