@@ -40,8 +40,10 @@ _NICK_ERRORS = {
 
 
 class Chat(Service):
-    """Chat rooms: ``chat.nick`` sets a nickname, ``chat.join``/``chat.leave`` a room,
-    ``chat.say`` sends ``chat.message`` ``{"room", "from", "text"}`` to the room.
+    """Chat rooms with nicknames.
+
+    ``chat.nick`` sets a nickname, ``chat.join``/``chat.leave`` a room, and ``chat.say``
+    sends ``chat.message`` ``{"room", "from", "text"}`` to the room.
 
     Every request is answered with ``<type>.reply``: ``{"ok": true, ...}`` or
     ``{"ok": false, "error": ...}``.
@@ -56,7 +58,7 @@ class Chat(Service):
         sender = message.sender
         nick = message.content.get("nick") if isinstance(message.content, dict) else None
         if not isinstance(sender, ClientAddress) or not isinstance(nick, str):
-            ctx.reply({"ok": False, "error": "send {\"nick\": \"name\"}"})
+            ctx.reply({"ok": False, "error": 'send {"nick": "name"}'})
             return
         try:
             given = await ctx.set_alias(sender.conn_id, nick)
@@ -72,7 +74,7 @@ class Chat(Service):
         sender = message.sender
         room = _room(message.content)
         if not isinstance(sender, ClientAddress) or room is None:
-            ctx.reply({"ok": False, "error": "send {\"room\": \"name\"} (1-48 characters)"})
+            ctx.reply({"ok": False, "error": 'send {"room": "name"} (1-48 characters)'})
             return
         try:
             if message.type == "chat.join":
@@ -91,7 +93,7 @@ class Chat(Service):
         room = _room(message.content)
         text = message.content.get("text") if isinstance(message.content, dict) else None
         if not isinstance(sender, ClientAddress) or room is None or not isinstance(text, str):
-            ctx.reply({"ok": False, "error": "send {\"room\": ..., \"text\": ...}"})
+            ctx.reply({"ok": False, "error": 'send {"room": ..., "text": ...}'})
             return
         author = sender.alias if sender.alias is not None else sender.conn_id
         ctx.send(

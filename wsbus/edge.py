@@ -18,7 +18,13 @@ from .errors import WsbusError
 from .hooks import HandshakeRequest
 from .wire import Codec
 
-__all__ = ["ClientConnection", "ConnectionClosed", "MemoryClient", "MemoryConnection", "memory_pair"]
+__all__ = [
+    "ClientConnection",
+    "ConnectionClosed",
+    "MemoryClient",
+    "MemoryConnection",
+    "memory_pair",
+]
 
 
 class ConnectionClosed(WsbusError):
@@ -35,7 +41,9 @@ class ConnectionClosed(WsbusError):
         self.reason = reason
 
     def __str__(self) -> str:
-        return f"connection closed with code {self.code}" + (f": {self.reason}" if self.reason else "")
+        return f"connection closed with code {self.code}" + (
+            f": {self.reason}" if self.reason else ""
+        )
 
 
 @runtime_checkable
@@ -72,7 +80,8 @@ class ClientConnection(Protocol):
         ...
 
 
-_DECODERS = {Codec.JSON: msgspec.json.Decoder(), Codec.MSGPACK: msgspec.msgpack.Decoder()}
+_JSON_DECODER = msgspec.json.Decoder()
+_MSGPACK_DECODER = msgspec.msgpack.Decoder()
 
 
 class MemoryConnection:
@@ -154,10 +163,17 @@ class MemoryConnection:
 
 
 class MemoryClient:
-    """The client end of a :class:`MemoryConnection`: send raw frames, read decoded ones."""
+    """The client end of a :class:`MemoryConnection`: send raw frames, read decoded ones.
+
+    Every wait takes a ``timeout`` (5 s by default) so that a test can never hang.
+    """
 
     def __init__(self, connection: MemoryConnection) -> None:
         self._conn = connection
+        self.welcome: dict[str, Any] | None = None
+        """The ``wsbus.welcome`` content, once a test kit fixture has read it."""
+        self.conn_id: str | None = None
+        """The connection id from the welcome, once read."""
 
     @property
     def close_code(self) -> int | None:
@@ -178,7 +194,7 @@ class MemoryClient:
         else:
             self.send_raw(msgspec.msgpack.encode(frame))
 
-    async def receive_raw(self, timeout: float = 5.0) -> bytes:
+    async def receive_raw(self, timeout: float = 5.0) -> bytes:  # noqa: ASYNC109
         """Return the next frame the gateway sent, undecoded.
 
         Raises:
@@ -196,12 +212,16 @@ class MemoryClient:
         conn._writable.set()
         return data
 
-    async def receive(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def receive(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
         """Return the next frame the gateway sent, decoded."""
-        frame: dict[str, Any] = _DECODERS[self._conn.codec].decode(await self.receive_raw(timeout))
+        data = await self.receive_raw(timeout)
+        if self._conn.codec is Codec.JSON:
+            frame: dict[str, Any] = _JSON_DECODER.decode(data)
+        else:
+            frame = _MSGPACK_DECODER.decode(data)
         return frame
 
-    async def receive_until(self, type: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def receive_until(self, type: str, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
         """Skip frames until one of ``type`` arrives, and return it."""
         async with asyncio.timeout(timeout):
             while True:
@@ -213,7 +233,7 @@ class MemoryClient:
         """How many frames the gateway sent that the client has not read."""
         return len(self._conn._outbound)
 
-    async def wait_closed(self, timeout: float = 5.0) -> int:
+    async def wait_closed(self, timeout: float = 5.0) -> int:  # noqa: ASYNC109
         """Wait until the connection is closed, reading nothing, and return the close code."""
         conn = self._conn
         async with asyncio.timeout(timeout):

@@ -253,8 +253,8 @@ class _Client:
     """One open connection's state."""
 
     __slots__ = (
-        "budget",
         "bucket",
+        "budget",
         "busy",
         "close_code",
         "close_reason",
@@ -364,7 +364,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
         # Polling is fine here: it runs once, at shutdown, and is bounded by the deadline.
-        while loop.time() < deadline and any(
+        while loop.time() < deadline and any(  # noqa: ASYNC110
             c.outbox or c.busy for c in self._clients.values() if c.close_code is None
         ):
             await asyncio.sleep(0.01)
@@ -454,7 +454,7 @@ class Gateway:
 
     async def _authenticate(self, conn: ClientConnection) -> Identity | tuple[int, str]:
         request = conn.request
-        result = self._run_authenticate(request)
+        result: Identity | Refusal | tuple[int, str] | None = self._run_authenticate(request)
         if result is None and self.config.auth_frame:
             result = await self._authenticate_by_frame(conn)
             if isinstance(result, tuple):
@@ -474,7 +474,7 @@ class Gateway:
 
     async def _authenticate_by_frame(
         self, conn: ClientConnection
-    ) -> Identity | Refusal | None | tuple[int, str]:
+    ) -> Identity | Refusal | tuple[int, str] | None:
         try:
             async with asyncio.timeout(self.config.auth_timeout):
                 data = await conn.receive()
@@ -806,7 +806,10 @@ class Gateway:
             self._report(result, "no_match", unmatched, "some recipients matched no connection")
         for conn_id in refused:
             self._report(
-                result, "slow_consumer", Recipients(conn_ids=(conn_id,)), "the client's queue is full"
+                result,
+                "slow_consumer",
+                Recipients(conn_ids=(conn_id,)),
+                "the client's queue is full",
             )
 
     def _report(self, envelope: Envelope, reason: str, recipients: Recipients, detail: str) -> None:
@@ -860,8 +863,12 @@ class Gateway:
         request_type = control.REQUEST_TYPES.get(envelope.type)
         if request_type is None:
             if envelope.type not in (control.RESULT, control.UNDELIVERABLE):
-                self._answer(envelope, control.Result(False, None, "unknown_request",
-                                                      f"{envelope.type!r} is not a request"))
+                self._answer(
+                    envelope,
+                    control.Result(
+                        False, None, "unknown_request", f"{envelope.type!r} is not a request"
+                    ),
+                )
             return
         try:
             request = msgspec.convert(envelope.content, request_type)

@@ -116,7 +116,7 @@ class Verdict(msgspec.Struct, frozen=True):
 
     @classmethod
     def deny(cls, reason: str = "not allowed", *, close: bool = False) -> Verdict:
-        """Refuse the message (the client gets ``forbidden``); ``close`` also ends the connection."""
+        """Refuse the message with ``forbidden``; ``close`` also closes the connection 4403."""
         return cls(False, reason, close)
 
 

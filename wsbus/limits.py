@@ -53,7 +53,9 @@ class ErrorBudget:
 
     def __init__(self, limit: int, window: float = 60.0) -> None:
         if limit < 0 or window <= 0:
-            raise ConfigError(f"an error budget needs limit >= 0 and window > 0, got {limit}, {window}")
+            raise ConfigError(
+                f"an error budget needs limit >= 0 and window > 0, got {limit}, {window}"
+            )
         self.limit = limit
         self.window = window
         self._stamps: deque[float] = deque()

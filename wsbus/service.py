@@ -20,6 +20,7 @@ at a time, in the order the bus delivered them, so its replies keep that order t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -192,14 +193,19 @@ class ServiceLink:
             self._emit(envelope)
         except Exception as exc:
             log.warning(
-                "service %r could not send %r from a worker thread: %s", self.name, envelope.type, exc
+                "service %r could not send %r from a worker thread: %s",
+                self.name,
+                envelope.type,
+                exc,
             )
 
     # -- gateway control -----------------------------------------------------------------
 
     async def join(self, conn_id: ConnId, group: str) -> bool:
         """Add a connection to a group; return False when it was in it already."""
-        return bool(await self._request(control.JOIN, control.GroupRequest(conn_id, group), conn_id))
+        return bool(
+            await self._request(control.JOIN, control.GroupRequest(conn_id, group), conn_id)
+        )
 
     async def leave(self, conn_id: ConnId, group: str) -> bool:
         """Take a connection out of a group; return False when it was not in it."""
@@ -378,10 +384,8 @@ class ServiceRunner:
         """Stop handling messages and run ``on_stop``. Messages still waiting are dropped."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         await self.service.on_stop()
 

@@ -20,8 +20,8 @@ import msgspec
 
 __all__ = [
     "CLIENT_CONTROL_TYPES",
-    "Codec",
     "ClientFrame",
+    "Codec",
     "ErrorCode",
     "Rejection",
     "ServerFrame",
@@ -86,7 +86,9 @@ class ErrorCode(enum.StrEnum):
         return self in _CLIENT_FAULTS
 
 
-_RETRYABLE: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.SHUTTING_DOWN})
+_RETRYABLE: Final = frozenset(
+    {ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.SHUTTING_DOWN}
+)
 _CLIENT_FAULTS: Final = frozenset(
     {
         ErrorCode.MALFORMED,
@@ -123,6 +125,10 @@ class WireLimits(msgspec.Struct, frozen=True):
     max_frame_bytes: int = 64 * 1024
     max_depth: int = 32
     max_integer: int = MAX_SAFE_INTEGER
+
+
+DEFAULT_LIMITS: Final = WireLimits()
+"""The default structure caps."""
 
 
 class ClientFrame(msgspec.Struct, frozen=True):
@@ -195,7 +201,7 @@ _SURROGATE_ESCAPE_RE: Final = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 def decode_client_frame(
     data: bytes | str,
     codec: Codec,
-    limits: WireLimits = WireLimits(),
+    limits: WireLimits = DEFAULT_LIMITS,
     *,
     allowed_control: frozenset[str] = frozenset(),
 ) -> ClientFrame | Rejection:

@@ -1,0 +1,8 @@
+"""The wsbus test kit: a pytest plugin, Hypothesis strategies and conformance suites.
+
+- :mod:`wsbus_testing.plugin`: fixtures (``wsbus_gateway``, ``wsbus_connect``, ...), loaded
+  automatically through the ``pytest11`` entry point once wsbus is installed.
+- :mod:`wsbus_testing.strategies`: Hypothesis strategies for frames, envelopes, recipients
+  and registry operations.
+- :mod:`wsbus_testing.conformance`: test suites any bus implementation must pass.
+"""

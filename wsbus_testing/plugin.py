@@ -1,0 +1,120 @@
+"""The wsbus pytest plugin: fixtures for a gateway on the in-memory bus, and clients.
+
+Loaded automatically (entry point ``pytest11``) when wsbus is installed. It imports nothing
+heavy at collection time. Override ``wsbus_services``, ``wsbus_config`` or
+``wsbus_plugins`` in a ``conftest.py`` to shape the gateway::
+
+    @pytest.fixture
+    def wsbus_services():
+        return [MyService()]
+
+    async def test_my_service(wsbus_client, wsbus_gateway):
+        wsbus_client.send("my.type", {"x": 1}, id="1")
+        assert (await wsbus_client.receive())["type"] == "wsbus.ack"
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import pytest_asyncio
+
+if TYPE_CHECKING:
+    from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
+    from wsbus.wire import Codec
+
+    ConnectFactory = Callable[..., Awaitable[MemoryClient]]
+
+
+@pytest.fixture
+def wsbus_services() -> list[Service]:
+    """The services to put on the in-memory bus: none by default. Override to add yours."""
+    return []
+
+
+@pytest.fixture
+def wsbus_config() -> GatewayConfig:
+    """The gateway's configuration: the defaults. Override to change limits."""
+    from wsbus import GatewayConfig
+
+    return GatewayConfig(node="test")
+
+
+@pytest.fixture
+def wsbus_plugins() -> list[object]:
+    """Plugins for the gateway: none by default. Entry-point plugins are not loaded."""
+    return []
+
+
+@pytest.fixture
+def wsbus_bus(wsbus_services: list[Service]) -> MemoryBus:
+    """An in-memory bus that records every envelope the gateway publishes."""
+    from wsbus import MemoryBus
+
+    return MemoryBus(wsbus_services, record=True)
+
+
+@pytest_asyncio.fixture
+async def wsbus_gateway(
+    wsbus_bus: MemoryBus, wsbus_config: GatewayConfig, wsbus_plugins: list[object]
+) -> AsyncIterator[Gateway]:
+    """A started gateway on ``wsbus_bus``; closed gracefully after the test."""
+    from wsbus import Gateway
+
+    gateway = Gateway(wsbus_bus, config=wsbus_config, plugins=wsbus_plugins, entry_points=False)
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+@pytest_asyncio.fixture
+async def wsbus_connect(wsbus_gateway: Gateway) -> AsyncIterator[ConnectFactory]:
+    """A factory that connects in-memory clients to ``wsbus_gateway``.
+
+    ``await wsbus_connect(codec=Codec.JSON, request=None, buffer=1024, welcome=True)``
+    returns a :class:`~wsbus.MemoryClient`; with ``welcome`` it has read the
+    ``wsbus.welcome`` frame and set ``client.welcome`` and ``client.conn_id``.
+    """
+    from wsbus import memory_pair
+    from wsbus.wire import Codec
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect(
+        codec: Codec = Codec.JSON,
+        request: HandshakeRequest | None = None,
+        *,
+        buffer: int = 1024,
+        welcome: bool = True,
+    ) -> MemoryClient:
+        conn, client = memory_pair(codec, request, buffer=buffer)
+        tasks.append(asyncio.create_task(wsbus_gateway.serve(conn)))
+        if welcome:
+            frame = await client.receive()
+            assert frame["type"] == "wsbus.welcome", frame
+            client.welcome = frame["content"]
+            client.conn_id = frame["content"]["conn_id"]
+        return client
+
+    try:
+        yield connect
+    finally:
+        await wsbus_gateway.close()
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        results: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+
+
+@pytest_asyncio.fixture
+async def wsbus_client(wsbus_connect: ConnectFactory) -> MemoryClient:
+    """One in-memory JSON client, connected and welcomed."""
+    return await wsbus_connect()
