@@ -85,6 +85,9 @@ class CloseCode:
     SLOW_CONSUMER: Final = 4507
 
 
+FLUSH_TIMEOUT: Final = 1.0
+"""Seconds a closing connection gets to write the frames that explain why it is closed."""
+
 AUTH_FAILED_REASON: Final = "authentication failed"
 """The one close reason for every authentication failure: it tells an attacker nothing."""
 
@@ -262,6 +265,7 @@ class _Client:
         "conn",
         "conn_id",
         "draining",
+        "flushed",
         "outbox",
         "pending_deliveries",
         "rate_limited_since",
@@ -276,6 +280,7 @@ class _Client:
         self.outbox: deque[tuple[bytes, bool]] = deque()
         self.pending_deliveries = 0
         self.wake = asyncio.Event()
+        self.flushed = asyncio.Event()
         self.bucket = TokenBucket(config.rate, config.burst)
         self.budget = ErrorBudget(config.error_budget, config.error_window)
         self.rate_limited_since: float | None = None
@@ -567,7 +572,10 @@ class Gateway:
                 counters.frames_lost += 1
                 continue
             if client.draining:
-                self._reject(client, ErrorCode.SHUTTING_DOWN, "the server is shutting down", None)
+                # Decoded only to find the id, so the client can tell which frame was refused.
+                parsed = decode_client_frame(data, codec, limits)
+                ref = parsed.ref if isinstance(parsed, Rejection) else parsed.id
+                self._reject(client, ErrorCode.SHUTTING_DOWN, "the server is shutting down", ref)
                 continue
             if isinstance(data, str) is not is_text:
                 counters.frames_lost += 1
@@ -594,7 +602,7 @@ class Gateway:
             client.rate_limited_since = now
         elif now - client.rate_limited_since > self.config.rate_limit_close_after:
             self._counters.frames_lost += 1
-            self._close(client, CloseCode.RATE_LIMITED, "rate limited for too long")
+            self._close(client, CloseCode.RATE_LIMITED, "rate limited for too long", flush=True)
             return
         self._reject(client, ErrorCode.RATE_LIMITED, "too many messages; slow down", None)
 
@@ -624,7 +632,7 @@ class Gateway:
         if not verdict.allowed:
             self._reject(client, ErrorCode.FORBIDDEN, verdict.reason or "not allowed", frame_id)
             if verdict.close:
-                self._close(client, CloseCode.FORBIDDEN, "forbidden")
+                self._close(client, CloseCode.FORBIDDEN, "forbidden", flush=True)
             return
         try:
             result = self.hooks.transform_inbound(address, envelope)
@@ -678,7 +686,7 @@ class Gateway:
             content["ref"] = ref
         self._send_control(client, "wsbus.error", content)
         if code.client_fault and not client.budget.spend(asyncio.get_running_loop().time()):
-            self._close(client, CloseCode.ERROR_BUDGET, "too many bad frames")
+            self._close(client, CloseCode.ERROR_BUDGET, "too many bad frames", flush=True)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -715,6 +723,7 @@ class Gateway:
         try:
             while True:
                 if not outbox:
+                    client.flushed.set()
                     client.wake.clear()
                     await client.wake.wait()
                     continue
@@ -729,17 +738,34 @@ class Gateway:
         except ConnectionClosed:
             return
 
-    def _close(self, client: _Client, code: int, reason: str) -> None:
-        """Begin closing one connection; its reader ends and its queue is dropped."""
+    def _close(self, client: _Client, code: int, reason: str, *, flush: bool = False) -> None:
+        """Begin closing one connection: nothing more is read or queued.
+
+        With ``flush`` what is queued (say, the error frame that explains the close) is
+        written first, for at most ``FLUSH_TIMEOUT`` seconds; otherwise it is dropped.
+        """
         if client.close_code is not None:
             return
         client.close_code = code
         client.close_reason = reason
-        client.draining = False
+        client.draining = flush
         client.wake.set()
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             log.info("closing %s with %d: %s", client.conn_id, code, reason)
-        self._spawn(client.conn.close(code, reason))
+        self._spawn(self._close_connection(client, code, reason, flush))
+
+    async def _close_connection(self, client: _Client, code: int, reason: str, flush: bool) -> None:
+        if flush:
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    while client.outbox:
+                        client.flushed.clear()
+                        await client.flushed.wait()
+            except TimeoutError:
+                pass
+            client.draining = False
+            client.wake.set()
+        await client.conn.close(code, reason)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -913,7 +939,7 @@ class Gateway:
         if client is None or request.conn_id not in registry:
             raise UnknownConnection(request.conn_id)
         reason = request.reason.encode()[:120].decode("utf-8", "ignore")
-        self._close(client, code, reason)
+        self._close(client, code, reason, flush=True)
         return None
 
     # -- observing -----------------------------------------------------------------------

@@ -11,7 +11,13 @@ import logging
 from collections.abc import Iterable
 
 from .bus import BusSink, is_for_gateway
-from .envelope import Envelope, GatewayAddress, ServiceAddress
+from .envelope import (
+    Envelope,
+    GatewayAddress,
+    ServiceAddress,
+    decode_envelope,
+    encode_envelope,
+)
 from .errors import BusUnavailable, ConfigError, NoRoute
 from .service import Service, ServiceRunner
 
@@ -30,6 +36,10 @@ class MemoryBus:
         inbox_size: how many envelopes each service may have waiting before the bus
             refuses more with ``unavailable``.
         timeout: seconds a service waits for the gateway's answer to a control request.
+        serialize: encode and decode every envelope on its way, as a bus between processes
+            does, so that services see exactly what they would see over Pyro (lists, not
+            tuples; no object shared with the sender) and content that cannot cross a
+            process boundary fails here too. Costs a microsecond or two per envelope.
     """
 
     def __init__(
@@ -39,8 +49,10 @@ class MemoryBus:
         record: bool = False,
         inbox_size: int = 1000,
         timeout: float = 5.0,
+        serialize: bool = True,
     ) -> None:
         self.record = record
+        self.serialize = serialize
         self.published: list[Envelope] = []
         """With ``record``, every envelope the gateway published, in order."""
         self.inbox_size = inbox_size
@@ -67,7 +79,7 @@ class MemoryBus:
         """Route an envelope from the gateway (rules 1 and 4 of :mod:`wsbus.bus`)."""
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
-        self._route_to_services(envelope)
+        self._route_to_services(self._carry(envelope))
         if self.record:
             self.published.append(envelope)
 
@@ -116,9 +128,15 @@ class MemoryBus:
         """The services on the bus, by name."""
         return {name: runner.service for name, runner in self._runners.items()}
 
+    def _carry(self, envelope: Envelope) -> Envelope:
+        if not self.serialize:
+            return envelope
+        return decode_envelope(encode_envelope(envelope))
+
     def _from_service(self, envelope: Envelope) -> None:
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
+        envelope = self._carry(envelope)
         to = envelope.to
         if is_for_gateway(envelope) or isinstance(to, GatewayAddress):
             if self._sink is None:

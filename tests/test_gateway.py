@@ -1,0 +1,528 @@
+"""The Gateway over the in-memory bus and in-memory connections: every error code, every
+close code the core decides, the guarantees of SPEC section 4, and the counters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from tests.conftest import Control, assert_balanced, codes
+from wsbus import (
+    ClientAddress,
+    Codec,
+    Drop,
+    Envelope,
+    Gateway,
+    GatewayConfig,
+    HandshakeRequest,
+    MemoryBus,
+    MemoryClient,
+    TokenAuth,
+    Verdict,
+    hookimpl,
+)
+from wsbus.wire import WireLimits
+
+Connect = Callable[..., Awaitable[MemoryClient]]
+
+
+async def test_welcome_is_the_first_frame(wsbus_client: MemoryClient) -> None:
+    welcome = wsbus_client.welcome
+    assert welcome is not None
+    assert welcome["protocol"] == "wsbus.v1"
+    assert welcome["codec"] == "wsbus.v1.json"
+    assert welcome["conn_id"].startswith("test.")
+    assert welcome["limits"]["max_frame_bytes"] == 65536
+
+
+async def test_message_is_stamped_published_then_acked(
+    wsbus_client: MemoryClient, wsbus_bus: MemoryBus
+) -> None:
+    wsbus_client.send("echo", {"x": 1}, id="r1")
+    ack = await wsbus_client.receive()
+    assert ack["type"] == "wsbus.ack"
+    assert ack["content"] == {"ref": "r1"}
+    [published] = wsbus_bus.published
+    assert published.sender == ClientAddress(wsbus_client.conn_id or "")
+    assert published.id == "r1"
+    reply = await wsbus_client.receive()
+    assert reply["type"] == "echo.reply"
+    assert reply["reply_to"] == "r1"
+    assert reply["from"] == "echo"
+    assert reply["content"]["sender"] == {
+        "type": "client",
+        "conn_id": wsbus_client.conn_id,
+        "alias": None,
+        "user": None,
+    }
+
+
+async def test_no_id_means_no_ack(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) -> None:
+    wsbus_client.send("echo", "hi")
+    reply = await wsbus_client.receive()
+    assert reply["type"] == "echo.reply"
+    assert len(wsbus_bus.published) == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("not json", "malformed"),
+        ("[1, 2]", "malformed"),
+        ('{"content": 1}', "invalid_message"),
+        ('{"type": 5}', "invalid_message"),
+        ('{"type": "echo", "sender": "service:auth"}', "unknown_field"),
+        ('{"type": "echo", "Sender": "x"}', "unknown_field"),
+        ('{"type": "echo", "sender ": "x"}', "unknown_field"),
+        ('{"type": "echo", "\u0455ender": "x"}', "unknown_field"),
+        ('{"type": "echo", "type": "wsbus.x"}', "malformed"),
+        ('{"type": "wsbus.welcome"}', "reserved_type"),
+        ('{"type": "wsbus.auth", "content": {"token": "t"}}', "reserved_type"),
+        ('{"type": "echo", "content": ' + "[" * 40 + "]" * 40 + "}", "limit_exceeded"),
+        ('{"type": "echo", "content": 1e999}', "bad_value"),
+        ('{"type": "echo", "content": 18446744073709551616}', "bad_value"),
+        ('{"type": "echo", "content": "\\ud800"}', "bad_value"),
+        ('{"type": "nobody.handles.this"}', "no_route"),
+    ],
+)
+async def test_error_codes_keep_the_connection_open(
+    wsbus_client: MemoryClient, wsbus_bus: MemoryBus, raw: str, code: str
+) -> None:
+    wsbus_client.send_raw(raw)
+    error = await wsbus_client.receive()
+    assert error["type"] == "wsbus.error"
+    assert error["content"]["code"] == code
+    assert error["content"]["retry"] is False
+    assert len(error["content"]["message"]) < 120
+    assert wsbus_bus.published == []
+    # Still open: a good frame gets through.
+    wsbus_client.send("echo", 1, id="after")
+    assert (await wsbus_client.receive())["type"] == "wsbus.ack"
+
+
+async def test_error_carries_the_ref_of_a_valid_id(wsbus_client: MemoryClient) -> None:
+    wsbus_client.send_raw('{"type": "echo", "id": "q7", "from": "x"}')
+    error = await wsbus_client.receive()
+    assert error["content"]["code"] == "unknown_field"
+    assert error["content"]["ref"] == "q7"
+
+
+@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", wire=WireLimits(max_frame_bytes=100))])
+async def test_frame_over_the_size_cap(wsbus_client: MemoryClient) -> None:
+    wsbus_client.send("echo", "x" * 200)
+    error = await wsbus_client.receive()
+    assert error["content"]["code"] == "limit_exceeded"
+
+
+async def test_msgpack_client_gets_msgpack(wsbus_connect: Connect) -> None:
+    client = await wsbus_connect(Codec.MSGPACK)
+    assert client.welcome is not None and client.welcome["codec"] == "wsbus.v1.msgpack"
+    client.send("echo", {"b": [1, 2]}, id="m")
+    raw = await client.receive_raw()
+    assert msgspec.msgpack.decode(raw)["type"] == "wsbus.ack"
+    client.send_raw(b"\x82\xa4type\xa4echo\xa7content\xd6\xff\x00\x00\x00\x01")
+    error = await client.receive_until("wsbus.error")
+    assert error["content"]["code"] == "bad_value"
+
+
+async def test_binary_frame_on_json_closes_1003(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway
+) -> None:
+    wsbus_client.send_raw(b'{"type": "echo"}')
+    assert await wsbus_client.wait_closed() == 1003
+    await _settle(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.frames_lost == 1
+    assert_balanced(stats)
+
+
+async def test_text_frame_on_msgpack_closes_1003(wsbus_connect: Connect) -> None:
+    client = await wsbus_connect(Codec.MSGPACK)
+    client.send_raw('{"type": "echo"}')
+    assert await client.wait_closed() == 1003
+
+
+async def test_error_budget_closes_4400(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway, wsbus_bus: MemoryBus
+) -> None:
+    for _ in range(25):
+        wsbus_client.send_raw("junk")
+    assert await wsbus_client.wait_closed() == 4400
+    await _settle(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.rejected_by_code["malformed"] == 21
+    assert stats.frames_lost == 4
+    assert wsbus_bus.published == []
+    assert_balanced(stats)
+
+
+async def test_no_route_and_rate_limit_do_not_spend_the_error_budget(
+    wsbus_client: MemoryClient,
+) -> None:
+    for _ in range(30):
+        wsbus_client.send_raw('{"type": "nobody.handles.this"}')
+    frames = [await wsbus_client.receive() for _ in range(30)]
+    assert codes(frames) == ["no_route"] * 30
+    assert wsbus_client.close_code is None
+
+
+@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", rate=1, burst=3)])
+async def test_rate_limited(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) -> None:
+    for i in range(10):
+        wsbus_client.send("echo", i)
+    frames = [await wsbus_client.receive() for _ in range(10)]
+    assert codes(frames).count("rate_limited") == 7
+    error = next(f for f in frames if f["type"] == "wsbus.error")
+    assert error["content"]["retry"] is True
+    assert len(wsbus_bus.published) == 3
+    assert wsbus_client.close_code is None
+
+
+@pytest.mark.parametrize(
+    "wsbus_config",
+    [GatewayConfig(node="t", rate=1, burst=1, rate_limit_close_after=0.2)],
+)
+async def test_rate_limited_for_too_long_closes_4429(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway
+) -> None:
+    async with asyncio.timeout(5):
+        while wsbus_client.close_code is None:
+            wsbus_client.send("echo", 0)
+            await asyncio.sleep(0.05)
+    assert wsbus_client.close_code == 4429
+    await _settle(wsbus_gateway)
+    assert_balanced(wsbus_gateway.stats())
+
+
+async def test_bus_unavailable_says_retry(
+    wsbus_client: MemoryClient, wsbus_bus: MemoryBus
+) -> None:
+    wsbus_bus.down = True
+    wsbus_client.send("echo", 1, id="a")
+    error = await wsbus_client.receive()
+    assert error["content"] == {
+        "code": "unavailable",
+        "message": "service unavailable; retry",
+        "retry": True,
+        "ref": "a",
+    }
+    wsbus_bus.down = False
+    wsbus_client.send("echo", 1, id="b")
+    assert (await wsbus_client.receive())["type"] == "wsbus.ack"
+
+
+@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", bus_down_close_after=0)])
+async def test_bus_down_too_long_closes_new_clients_1014(
+    wsbus_connect: Connect, wsbus_bus: MemoryBus
+) -> None:
+    first = await wsbus_connect()
+    wsbus_bus.down = True
+    first.send("echo", 1)
+    assert (await first.receive())["content"]["code"] == "unavailable"
+    late = await wsbus_connect(welcome=False)
+    assert await late.wait_closed() == 1014
+    assert first.close_code is None
+
+
+@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", max_connections=1)])
+async def test_connection_cap_closes_1013(wsbus_connect: Connect) -> None:
+    await wsbus_connect()
+    second = await wsbus_connect(welcome=False)
+    assert await second.wait_closed() == 1013
+
+
+class _Refuser:
+    @hookimpl
+    def wsbus_authorize(self, client: ClientAddress, message: Envelope) -> Verdict | None:
+        if message.type == "chat.say":
+            return Verdict.deny("no chatting here")
+        if message.type == "chat.leave":
+            return Verdict.deny("out", close=True)
+        return None
+
+    @hookimpl
+    def wsbus_transform_inbound(self, message: Envelope) -> Envelope | Drop | None:
+        if message.content == "drop me":
+            return Drop("dropped by policy")
+        if message.content == "rewrite":
+            # A plugin may rewrite content, but a sender it sets is overwritten.
+            from wsbus import ServiceAddress
+
+            return msgspec.structs.replace(
+                message, content="rewritten", sender=ServiceAddress("auth")
+            )
+        return None
+
+
+@pytest.mark.parametrize("wsbus_plugins", [[_Refuser()]])
+async def test_authorize_and_transform_hooks(
+    wsbus_client: MemoryClient, wsbus_bus: MemoryBus
+) -> None:
+    wsbus_client.send("chat.say", {"room": "r", "text": "x"}, id="s")
+    error = await wsbus_client.receive()
+    assert error["content"] == {
+        "code": "forbidden",
+        "message": "no chatting here",
+        "retry": False,
+        "ref": "s",
+    }
+    wsbus_client.send("echo", "drop me")
+    assert (await wsbus_client.receive())["content"]["code"] == "forbidden"
+    wsbus_client.send("echo", "rewrite")
+    reply = await wsbus_client.receive()
+    assert reply["content"]["content"] == "rewritten"
+    assert reply["content"]["sender"]["type"] == "client"
+    [published] = wsbus_bus.published
+    assert published.sender == ClientAddress(wsbus_client.conn_id or "")
+    wsbus_client.send("chat.leave", {"room": "r"})
+    assert (await wsbus_client.receive())["content"]["code"] == "forbidden"
+    assert await wsbus_client.wait_closed() == 4403
+
+
+@pytest.mark.parametrize(
+    ("wsbus_config", "wsbus_plugins"),
+    [(GatewayConfig(node="t", allow_anonymous=False, auth_timeout=5), [TokenAuth({"s3": "ann"})])],
+)
+async def test_authentication(wsbus_connect: Connect) -> None:
+    good = await wsbus_connect(request=HandshakeRequest(token="s3"))
+    assert good.welcome is not None and good.welcome["user"] == "ann"
+
+    bad = await wsbus_connect(request=HandshakeRequest(token="nope"), welcome=False)
+    assert await bad.wait_closed() == 4401
+
+    by_frame = await wsbus_connect(welcome=False)
+    by_frame.send("wsbus.auth", {"token": "s3"})
+    welcome = await by_frame.receive()
+    assert welcome["type"] == "wsbus.welcome" and welcome["content"]["user"] == "ann"
+
+    wrong_frame = await wsbus_connect(welcome=False)
+    wrong_frame.send("echo", "hi")
+    assert await wrong_frame.wait_closed() == 4401
+
+    bad_token_frame = await wsbus_connect(welcome=False)
+    bad_token_frame.send("wsbus.auth", {"token": "guess"})
+    assert await bad_token_frame.wait_closed() == 4401
+
+
+@pytest.mark.parametrize(
+    ("wsbus_config", "wsbus_plugins"),
+    [(GatewayConfig(node="t", allow_anonymous=False, auth_timeout=0.1), [TokenAuth({"s": "u"})])],
+)
+async def test_no_authentication_in_time_closes_4408(wsbus_connect: Connect) -> None:
+    silent = await wsbus_connect(welcome=False)
+    assert await silent.wait_closed() == 4408
+
+
+async def test_slow_consumer_is_closed_4507_and_others_are_unaffected(
+    wsbus_connect: Connect, wsbus_gateway: Gateway
+) -> None:
+    slow = await wsbus_connect(buffer=8)
+    fast = await wsbus_connect()
+    for client in (slow, fast):
+        client.send("ctl.join", {"group": "all"})
+        assert (await client.receive())["content"] == {"joined": True}
+    # The slow client stops reading; the service floods the group.
+    fast.send("flood", {"n": 3000, "group": "all"})
+    received = []
+    async with asyncio.timeout(10):
+        while len(received) < 3000:
+            frame = await fast.receive()
+            if frame["type"] == "flood.item":
+                received.append(frame["content"]["i"])
+    assert received == list(range(3000))
+    assert await slow.wait_closed() == 4507
+    await _settle(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.closes_by_code.get(4507) == 1
+    assert stats.dropped_by_close_code[4507] > 0
+    assert_balanced(stats)
+
+
+@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", slow_consumer="drop")])
+async def test_slow_consumer_drop_policy_reports_to_the_sender(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, wsbus_bus: MemoryBus
+) -> None:
+    slow = await wsbus_connect(buffer=4)
+    slow.send("flood", {"n": 2000})
+    await asyncio.sleep(0.2)
+    assert slow.close_code is None
+    stats = wsbus_gateway.stats()
+    assert stats.deliveries_refused > 0
+    assert_balanced(stats)
+
+
+async def test_order_from_one_connection_to_the_bus(
+    wsbus_client: MemoryClient, wsbus_bus: MemoryBus
+) -> None:
+    for i in range(150):
+        wsbus_client.send("echo", i, id=f"m{i}")
+    for _ in range(300):
+        await wsbus_client.receive()
+    assert [e.content for e in wsbus_bus.published] == list(range(150))
+
+
+async def test_per_sender_order_through_group_fan_out(wsbus_connect: Connect) -> None:
+    clients = [await wsbus_connect(codec) for codec in (Codec.JSON, Codec.MSGPACK, Codec.JSON)]
+    for client in clients:
+        client.send("ctl.join", {"group": "g"})
+        await client.receive()
+    clients[0].send("flood", {"n": 500, "group": "g"})
+    for client in clients:
+        items = []
+        while len(items) < 500:
+            frame = await client.receive()
+            if frame["type"] == "flood.item":
+                items.append(frame["content"]["i"])
+        assert items == list(range(500))
+
+
+async def test_service_sends_to_alias_user_group_everyone(
+    wsbus_connect: Connect, wsbus_services: list[Any]
+) -> None:
+    a = await wsbus_connect()
+    b = await wsbus_connect()
+    a.send("ctl.alias", {"alias": "ann"})
+    assert (await a.receive())["content"] == {"alias": "ann"}
+    b.send("ctl.join", {"group": "g"})
+    await b.receive()
+
+    async def expect(client: MemoryClient, body: str) -> None:
+        frame = await client.receive()
+        assert frame["type"] == "ctl.item" and frame["content"] == body
+        assert frame["from"] == "control"
+
+    b.send("ctl.send", {"recipients": {"aliases": ["ann"]}, "body": "to ann"})
+    await expect(a, "to ann")
+    a.send("ctl.send", {"recipients": {"groups": ["g"]}, "body": "to g"})
+    await expect(b, "to g")
+    a.send("ctl.send", {"recipients": {"conn_ids": [b.conn_id]}, "body": "to b"})
+    await expect(b, "to b")
+    a.send("ctl.send", {"recipients": {"everyone": True, "exclude": [a.conn_id]}, "body": "all"})
+    await expect(b, "all")
+    a.send("ctl.send", {"recipients": {"everyone": True}, "body": "everyone"})
+    await expect(a, "everyone")
+    await expect(b, "everyone")
+    assert a.pending() == 0 and b.pending() == 0
+
+
+async def test_unmatched_recipients_are_reported_to_the_service(
+    wsbus_client: MemoryClient, wsbus_services: list[Any], wsbus_gateway: Gateway
+) -> None:
+    control = next(s for s in wsbus_services if isinstance(s, Control))
+    wsbus_client.send("ctl.send", {"recipients": {"aliases": ["ghost"]}, "body": "x"})
+    async with asyncio.timeout(5):
+        while not control.undeliverable:
+            await asyncio.sleep(0.01)
+    [report] = control.undeliverable
+    assert report.content["reason"] == "no_match"
+    assert report.content["recipients"] == {"aliases": ["ghost"]}
+    stats = wsbus_gateway.stats()
+    assert stats.messages_unrouted == 1
+    assert_balanced(stats)
+
+
+async def test_chat_rooms_and_nicknames(wsbus_connect: Connect) -> None:
+    ann = await wsbus_connect()
+    bob = await wsbus_connect(Codec.MSGPACK)
+    ann.send("chat.nick", {"nick": "ann"}, id="1")
+    assert (await ann.receive_until("chat.nick.reply"))["content"] == {"ok": True, "nick": "ann"}
+    bob.send("chat.nick", {"nick": "ann"}, id="1")
+    taken = await bob.receive_until("chat.nick.reply")
+    assert taken["content"] == {"ok": False, "error": "that nickname is taken"}
+    for client in (ann, bob):
+        client.send("chat.join", {"room": "lobby"})
+        await client.receive_until("chat.join.reply")
+    ann.send("chat.say", {"room": "lobby", "text": "hello"})
+    for client in (ann, bob):
+        message = await client.receive_until("chat.message")
+        assert message["content"] == {"room": "lobby", "from": "ann", "text": "hello"}
+
+
+async def test_graceful_shutdown_acks_or_refuses_every_frame(
+    wsbus_connect: Connect, wsbus_gateway: Gateway
+) -> None:
+    client = await wsbus_connect()
+    for i in range(50):
+        client.send("echo", i, id=f"f{i}")
+    closing = asyncio.create_task(wsbus_gateway.close())
+    for i in range(50, 60):
+        client.send("echo", i, id=f"f{i}")
+    frames = []
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                frames.append(await client.receive())
+            except Exception:
+                break
+    await closing
+    assert client.close_code == 1001
+    answered = {
+        f["content"]["ref"]
+        for f in frames
+        if f["type"] == "wsbus.ack"
+        or (f["type"] == "wsbus.error" and f["content"]["code"] == "shutting_down")
+    }
+    assert answered == {f"f{i}" for i in range(60)}
+    stats = wsbus_gateway.stats()
+    assert stats.frames_published + stats.rejected_by_code.get("shutting_down", 0) == 60
+    assert_balanced(stats)
+
+
+async def test_closed_gateway_refuses_new_connections_1001(
+    wsbus_connect: Connect, wsbus_gateway: Gateway
+) -> None:
+    await wsbus_gateway.close()
+    late = await wsbus_connect(welcome=False)
+    assert await late.wait_closed() == 1001
+
+
+async def test_service_disconnects_a_client(
+    wsbus_connect: Connect, wsbus_services: list[Any]
+) -> None:
+    client = await wsbus_connect()
+    control = next(s for s in wsbus_services if isinstance(s, Control))
+    await control.link.disconnect(client.conn_id, 4001, "bye")
+    assert await client.wait_closed() == 4001
+
+
+async def test_counters_balance_after_a_mixed_run(
+    wsbus_connect: Connect, wsbus_gateway: Gateway
+) -> None:
+    a = await wsbus_connect()
+    b = await wsbus_connect(Codec.MSGPACK, buffer=4)
+    for client in (a, b):
+        client.send("ctl.join", {"group": "mix"})
+        await client.receive()
+    a.send("echo", 1, id="1")
+    a.send_raw("junk")
+    a.send_raw('{"type": "nobody"}')
+    a.send("ctl.send", {"recipients": {"aliases": ["ghost"], "groups": ["mix"]}, "body": "p"})
+    a.send("ctl.send", {"recipients": {"users": ["nobody"]}, "body": "u"})
+    a.send("flood", {"n": 1500, "group": "mix"})  # b stops reading: closed 4507
+    async with asyncio.timeout(10):
+        while b.close_code is None:
+            await asyncio.sleep(0.01)
+    a.send_raw(b"binary on json")  # closes a with 1003
+    await a.wait_closed()
+    await _settle(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.frames_received >= 7
+    assert stats.messages_partial >= 1 and stats.messages_unrouted >= 1
+    assert stats.deliveries_dropped > 0
+    assert_balanced(stats)
+    await wsbus_gateway.close()
+    final = wsbus_gateway.stats()
+    assert final.connections == 0 and final.deliveries_pending == 0
+    assert_balanced(final)
+
+
+async def _settle(gateway: Gateway) -> None:
+    """Let closing connections finish: bounded."""
+    async with asyncio.timeout(5):
+        while any(c.close_code is not None for c in gateway._clients.values()):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
