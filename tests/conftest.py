@@ -30,9 +30,7 @@ class Flood(Service):
         n = int(message.content["n"])
         group = message.content.get("group")
         recipients = (
-            Recipients(groups=(group,))
-            if group
-            else Recipients(conn_ids=(message.sender.conn_id,))
+            Recipients(groups=(group,)) if group else Recipients(conn_ids=(message.sender.conn_id,))
         )
         for i in range(n):
             ctx.send(recipients, "flood.item", {"i": i})

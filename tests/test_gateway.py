@@ -14,6 +14,7 @@ from tests.conftest import Control, assert_balanced, codes
 from wsbus import (
     ClientAddress,
     Codec,
+    ConnId,
     Drop,
     Envelope,
     Gateway,
@@ -47,7 +48,7 @@ async def test_message_is_stamped_published_then_acked(
     assert ack["type"] == "wsbus.ack"
     assert ack["content"] == {"ref": "r1"}
     [published] = wsbus_bus.published
-    assert published.sender == ClientAddress(wsbus_client.conn_id or "")
+    assert published.sender == ClientAddress(ConnId(wsbus_client.conn_id or ""))
     assert published.id == "r1"
     reply = await wsbus_client.receive()
     assert reply["type"] == "echo.reply"
@@ -111,7 +112,9 @@ async def test_error_carries_the_ref_of_a_valid_id(wsbus_client: MemoryClient) -
     assert error["content"]["ref"] == "q7"
 
 
-@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", wire=WireLimits(max_frame_bytes=100))])
+@pytest.mark.parametrize(
+    "wsbus_config", [GatewayConfig(node="t", wire=WireLimits(max_frame_bytes=100))]
+)
 async def test_frame_over_the_size_cap(wsbus_client: MemoryClient) -> None:
     wsbus_client.send("echo", "x" * 200)
     error = await wsbus_client.receive()
@@ -198,9 +201,7 @@ async def test_rate_limited_for_too_long_closes_4429(
     assert_balanced(wsbus_gateway.stats())
 
 
-async def test_bus_unavailable_says_retry(
-    wsbus_client: MemoryClient, wsbus_bus: MemoryBus
-) -> None:
+async def test_bus_unavailable_says_retry(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) -> None:
     wsbus_bus.down = True
     wsbus_client.send("echo", 1, id="a")
     error = await wsbus_client.receive()
@@ -277,7 +278,7 @@ async def test_authorize_and_transform_hooks(
     assert reply["content"]["content"] == "rewritten"
     assert reply["content"]["sender"]["type"] == "client"
     [published] = wsbus_bus.published
-    assert published.sender == ClientAddress(wsbus_client.conn_id or "")
+    assert published.sender == ClientAddress(ConnId(wsbus_client.conn_id or ""))
     wsbus_client.send("chat.leave", {"room": "r"})
     assert (await wsbus_client.receive())["content"]["code"] == "forbidden"
     assert await wsbus_client.wait_closed() == 4403
@@ -327,7 +328,7 @@ async def test_slow_consumer_is_closed_4507_and_others_are_unaffected(
         assert (await client.receive())["content"] == {"joined": True}
     # The slow client stops reading; the service floods the group.
     fast.send("flood", {"n": 3000, "group": "all"})
-    received = []
+    received: list[int] = []
     async with asyncio.timeout(10):
         while len(received) < 3000:
             frame = await fast.receive()
@@ -342,7 +343,9 @@ async def test_slow_consumer_is_closed_4507_and_others_are_unaffected(
     assert_balanced(stats)
 
 
-@pytest.mark.parametrize("wsbus_config", [GatewayConfig(node="t", slow_consumer="drop")])
+@pytest.mark.parametrize(
+    "wsbus_config", [GatewayConfig(node="t", slow_consumer="drop", drain_timeout=0.2)]
+)
 async def test_slow_consumer_drop_policy_reports_to_the_sender(
     wsbus_connect: Connect, wsbus_gateway: Gateway, wsbus_bus: MemoryBus
 ) -> None:
@@ -372,7 +375,7 @@ async def test_per_sender_order_through_group_fan_out(wsbus_connect: Connect) ->
         await client.receive()
     clients[0].send("flood", {"n": 500, "group": "g"})
     for client in clients:
-        items = []
+        items: list[int] = []
         while len(items) < 500:
             frame = await client.receive()
             if frame["type"] == "flood.item":
@@ -485,7 +488,7 @@ async def test_service_disconnects_a_client(
 ) -> None:
     client = await wsbus_connect()
     control = next(s for s in wsbus_services if isinstance(s, Control))
-    await control.link.disconnect(client.conn_id, 4001, "bye")
+    await control.link.disconnect(ConnId(client.conn_id or ""), 4001, "bye")
     assert await client.wait_closed() == 4001
 
 

@@ -193,10 +193,12 @@ class ClientRegistry:
         n = 2
         while True:
             suffix = str(n)
-            candidate = alias + suffix
-            if self._name_re.fullmatch(candidate) is None:
-                # Too long for the pattern: shorten the base to make room for the suffix.
-                candidate = alias[: max(1, len(alias) - len(suffix))] + suffix
+            base = alias
+            candidate = base + suffix
+            while self._name_re.fullmatch(candidate) is None and len(base) > 1:
+                # Too long for the pattern: shorten the base just enough for the suffix.
+                base = base[:-1]
+                candidate = base + suffix
             owner = self._aliases.get(candidate)
             if owner is None or owner == conn_id:
                 self._check_name("alias", candidate)

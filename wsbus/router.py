@@ -20,8 +20,8 @@ class Resolution(NamedTuple):
 
     Attributes:
         targets: the connections to deliver to, each once, in a stable order: named
-            connections, then aliases, users and groups in the order given (or every
-            connection in connect order for ``everyone``).
+            connections, then aliases, users and groups in the order given; with
+            ``everyone``, every connection in connect order.
         unmatched: the recipients that matched no open connection, or None when all did.
             Excluded connections are never reported: excluding is not failing.
     """
@@ -71,10 +71,9 @@ class Router:
                 missing_groups.append(group)
         nobody = False
         if recipients.everyone:
-            if len(registry):
-                targets.update(dict.fromkeys(registry))
-            else:
-                nobody = True
+            # Everyone includes every named connection, so connect order is the order.
+            targets = dict.fromkeys(registry)
+            nobody = not targets
 
         for conn_id in recipients.exclude:
             targets.pop(conn_id, None)

@@ -1,0 +1,56 @@
+"""Pin the public API: a name leaving ``wsbus`` is a breaking change."""
+
+from __future__ import annotations
+
+import wsbus
+
+EXPECTED = {
+    "Address", "AliasPolicy", "AliasTaken", "AllowAnonymous", "Bus", "BusError", "BusSink",
+    "BusUnavailable", "ClientAddress", "ClientConnection", "ClientFrame", "ClientInfo",
+    "ClientRegistry", "CloseCode", "Codec", "ConfigError", "ConnId", "ConnectionClosed",
+    "Context", "ControlError", "DeliveryFailure", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
+    "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRequest", "Hooks", "Identity",
+    "InvalidName", "MemoryBus", "MemoryClient", "MemoryConnection", "MissingExtra", "NoRoute",
+    "NodeId", "ProtocolError", "Recipients", "Refusal", "RegistryError", "Rejection",
+    "RequestTimeout", "Resolution", "Result", "Router", "Service", "ServiceAddress",
+    "ServiceLink", "Stats", "TokenAuth", "Undeliverable", "UnknownConnection", "Verdict",
+    "WireLimits", "WsbusError", "__version__", "decode_client_frame", "handles", "hookimpl",
+    "hookspec", "memory_pair",
+}  # fmt: skip
+
+
+def test_public_api() -> None:
+    assert set(wsbus.__all__) == EXPECTED
+    for name in wsbus.__all__:
+        assert hasattr(wsbus, name), name
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    for name in wsbus.__all__:
+        obj = getattr(wsbus, name)
+        if callable(obj) and not isinstance(obj, type(wsbus.ConnId)):
+            assert obj.__doc__, name
+
+
+def test_exceptions_pickle() -> None:
+    import pickle
+
+    for exc in (
+        wsbus.NoRoute("t"),
+        wsbus.BusUnavailable("down"),
+        wsbus.AliasTaken("bob"),
+        wsbus.UnknownConnection("n.1"),
+        wsbus.InvalidName("alias", "x y"),
+        wsbus.ControlError("c", "m"),
+        wsbus.RequestTimeout("join", 5.0),
+        wsbus.ProtocolError("malformed", "bad"),
+        wsbus.MissingExtra("pyro"),
+        wsbus.ConnectionClosed(4507, "slow"),
+    ):
+        copy = pickle.loads(pickle.dumps(exc))
+        assert type(copy) is type(exc) and str(copy) == str(exc) and vars(copy) == vars(exc)
+
+
+def test_error_messages_say_what_to_do() -> None:
+    assert "pip install 'wsbus[pyro]'" in str(wsbus.MissingExtra("pyro"))
+    assert "suffix" in str(wsbus.AliasTaken("bob"))
