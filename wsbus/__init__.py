@@ -7,7 +7,7 @@ clients and a bus (the in-memory :class:`MemoryBus`, or ``wsbus_pyro``) for the 
 from ._version import __version__
 from .bus import Bus, BusSink
 from .control import Result, Undeliverable
-from .edge import ClientConnection, ConnectionClosed, MemoryClient, MemoryConnection, memory_pair
+from .edge import ClientConnection, MemoryClient, MemoryConnection, memory_pair
 from .envelope import (
     Address,
     ClientAddress,
@@ -24,13 +24,16 @@ from .errors import (
     BusError,
     BusUnavailable,
     ConfigError,
+    ConnectionClosed,
     ControlError,
+    HandshakeRefused,
     InvalidName,
     MissingExtra,
     NoRoute,
     ProtocolError,
     RegistryError,
     RequestTimeout,
+    ServerError,
     UnknownConnection,
     WsbusError,
 )
@@ -82,6 +85,7 @@ __all__ = [
     "Gateway",
     "GatewayAddress",
     "GatewayConfig",
+    "HandshakeRefused",
     "HandshakeRequest",
     "Hooks",
     "Identity",
@@ -101,6 +105,7 @@ __all__ = [
     "Resolution",
     "Result",
     "Router",
+    "ServerError",
     "Service",
     "ServiceAddress",
     "ServiceLink",

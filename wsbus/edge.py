@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from .errors import WsbusError
+from .errors import ConnectionClosed
 from .hooks import HandshakeRequest
 from .wire import Codec
 
@@ -25,25 +25,6 @@ __all__ = [
     "MemoryConnection",
     "memory_pair",
 ]
-
-
-class ConnectionClosed(WsbusError):
-    """The connection is closed: raised by receive and send once it is.
-
-    Attributes:
-        code: the WebSocket close code (1006 when the connection was lost without one).
-        reason: the close reason text.
-    """
-
-    def __init__(self, code: int = 1006, reason: str = "") -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"connection closed with code {self.code}" + (
-            f": {self.reason}" if self.reason else ""
-        )
 
 
 @runtime_checkable

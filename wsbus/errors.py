@@ -14,6 +14,9 @@
      |    +-- BusUnavailable                 the bus is down or overloaded; retry later
      +-- ControlError                        the gateway refused a service's control request
      +-- RequestTimeout (TimeoutError)       a reply did not come in time
+     +-- ConnectionClosed (ConnectionError)  a client connection closed, with its close code
+     +-- HandshakeRefused (ConnectionError)  the server refused the WebSocket upgrade
+     +-- ServerError                         the gateway answered a request with wsbus.error
      +-- MissingExtra (ImportError)          an optional transport is not installed
 
 Every exception keeps its data in attributes and pickles, because the Pyro bus ships them
@@ -27,13 +30,16 @@ __all__ = [
     "BusError",
     "BusUnavailable",
     "ConfigError",
+    "ConnectionClosed",
     "ControlError",
+    "HandshakeRefused",
     "InvalidName",
     "MissingExtra",
     "NoRoute",
     "ProtocolError",
     "RegistryError",
     "RequestTimeout",
+    "ServerError",
     "UnknownConnection",
     "WsbusError",
 ]
@@ -184,6 +190,61 @@ class RequestTimeout(WsbusError, TimeoutError):
 
     def __str__(self) -> str:
         return f"no reply to {self.what} within {self.timeout:g} s"
+
+
+class ConnectionClosed(WsbusError, ConnectionError):
+    """A client connection is closed: raised by receive and send once it is.
+
+    Attributes:
+        code: the WebSocket close code (1006 when the connection was lost without one).
+        reason: the close reason text.
+    """
+
+    def __init__(self, code: int = 1006, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        text = f"connection closed with code {self.code}"
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+class HandshakeRefused(WsbusError, ConnectionError):
+    """The server refused the WebSocket upgrade with an HTTP status.
+
+    Attributes:
+        status: the HTTP status (403 origin refused, 503 full or shutting down, 400 no
+            supported subprotocol).
+        body: the start of the response body, which says why.
+    """
+
+    def __init__(self, status: int, body: str = "") -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+
+    def __str__(self) -> str:
+        return f"the server refused the WebSocket upgrade with HTTP {self.status}: {self.body}"
+
+
+class ServerError(WsbusError):
+    """The gateway answered a request with a ``wsbus.error`` frame.
+
+    Attributes:
+        code: the error code (``no_route``, ``forbidden``, ...).
+        message: the gateway's explanation.
+        retry: whether sending the same request later may succeed.
+    """
+
+    def __init__(self, code: str, message: str, retry: bool = False) -> None:
+        super().__init__(code, message, retry)
+        self.code = code
+        self.message = message
+        self.retry = retry
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" + (" (retry later)" if self.retry else "")
 
 
 class MissingExtra(WsbusError, ImportError):

@@ -405,6 +405,11 @@ class Gateway:
         await self.close()
 
     @property
+    def open_connections(self) -> int:
+        """Connections open now, counting those still authenticating."""
+        return len(self._clients)
+
+    @property
     def closing(self) -> bool:
         """True once :meth:`close` has begun."""
         return self._state in ("closing", "closed")

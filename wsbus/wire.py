@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -44,7 +45,7 @@ class Codec(enum.StrEnum):
         return self is Codec.JSON
 
 
-def negotiate(offered: list[str] | tuple[str, ...]) -> Codec | None:
+def negotiate(offered: Sequence[str]) -> Codec | None:
     """Pick the codec for a handshake from the subprotocols a client offered.
 
     A client that offers none gets JSON; the first known one offered wins; a client that

@@ -1,10 +1,52 @@
-"""The WebSocket edge adapter for wsbus, on the ``websockets`` library.
+"""The WebSocket edge adapter for wsbus, on the ``websockets`` library, and a Python client.
 
-Not in this release yet: the core's :class:`wsbus.ClientConnection` interface is what it
-will implement. Importing this package costs nothing; using it will need
-``pip install 'wsbus[websockets]'``.
+Importing this package costs nothing: ``websockets`` is imported when a name is first used,
+and a missing extra fails with an error that says ``pip install 'wsbus[websockets]'``.
+
+- :func:`serve` puts a started :class:`wsbus.Gateway` on a WebSocket port.
+- :func:`connect` opens a Python client connection to a wsbus gateway.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from wsbus.errors import MissingExtra
+
+if TYPE_CHECKING:
+    from .client import Client, ClientClosed, ServerError, connect
+    from .server import TOKEN_SUBPROTOCOL_PREFIX, EdgeConfig, EdgeServer, serve
+
+__all__ = [
+    "TOKEN_SUBPROTOCOL_PREFIX",
+    "Client",
+    "ClientClosed",
+    "EdgeConfig",
+    "EdgeServer",
+    "ServerError",
+    "connect",
+    "serve",
+]
+
+_WHERE = {
+    "TOKEN_SUBPROTOCOL_PREFIX": "server",
+    "EdgeConfig": "server",
+    "EdgeServer": "server",
+    "serve": "server",
+    "Client": "client",
+    "ClientClosed": "client",
+    "ServerError": "client",
+    "connect": "client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsbus_websockets' has no attribute {name!r}")
+    try:
+        importlib.import_module("websockets")
+    except ImportError as exc:
+        raise MissingExtra("websockets") from exc
+    return getattr(importlib.import_module(f".{module}", __name__), name)

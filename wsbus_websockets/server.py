@@ -1,0 +1,396 @@
+"""The WebSocket edge: a gateway on a real port, on the ``websockets`` asyncio API.
+
+Before the upgrade it answers plain HTTP (a health endpoint, an optional static directory),
+refuses shutting-down or full servers with 503 and foreign origins with 403, and negotiates
+the codec subprotocol (an offer of only unknown subprotocols gets 400). After the upgrade
+each connection is handed to :meth:`wsbus.Gateway.serve`, which authenticates it, and reads
+and writes it until it closes.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import mimetypes
+from collections.abc import Sequence
+from http.cookies import CookieError, SimpleCookie
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.exceptions import NegotiationError
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from wsbus.edge import ConnectionClosed
+from wsbus.errors import ConfigError
+from wsbus.gateway import Gateway
+from wsbus.hooks import HandshakeRequest
+from wsbus.wire import Codec, negotiate
+
+__all__ = ["TOKEN_SUBPROTOCOL_PREFIX", "EdgeConfig", "EdgeServer", "serve"]
+
+log = logging.getLogger("wsbus.websockets")
+
+TOKEN_SUBPROTOCOL_PREFIX: Final = "wsbus.token."
+"""A subprotocol ``wsbus.token.<token>`` carries a bearer token from a browser, which
+cannot set headers on a WebSocket. Offer it beside a codec subprotocol; it is never
+selected."""
+
+
+class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings of the WebSocket edge, with defaults fit for the open internet.
+
+    Attributes:
+        allowed_origins: origins (``https://app.example.com``) allowed besides the server's
+            own; ``"null"`` and ``"file://"`` are refused unless listed here.
+        allow_same_origin: allow pages served by this server (Origin equal to the request's
+            Host).
+        allow_missing_origin: allow clients that send no Origin header: programs, not
+            browsers (browsers always send one).
+        max_connections: refuse upgrades with HTTP 503 beyond this many connections;
+            defaults to the gateway's ``max_connections``.
+        inbound_queue: frames websockets buffers per connection before it stops reading.
+        write_limit: bytes in a connection's write buffer before a send waits.
+        compression: permessage-deflate; off by default (it costs memory per connection
+            and opens compression-oracle attacks).
+        open_timeout: seconds for the opening handshake.
+        ping_interval: seconds between keepalive pings; None disables them.
+        ping_timeout: seconds to wait for a pong before closing with 1011.
+        close_timeout: seconds to wait for the closing handshake.
+        health_path: the path of the health endpoint (plain HTTP GET).
+        static_dir: a directory to serve over plain HTTP GET, or None.
+        token_query: the query parameter that may carry a bearer token.
+        token_cookie: the cookie that may carry a bearer token.
+    """
+
+    allowed_origins: tuple[str, ...] = ()
+    allow_same_origin: bool = True
+    allow_missing_origin: bool = True
+    max_connections: int | None = None
+    inbound_queue: int = 16
+    write_limit: int = 32 * 1024
+    compression: bool = False
+    open_timeout: float = 10.0
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    close_timeout: float = 5.0
+    health_path: str = "/healthz"
+    static_dir: str | None = None
+    token_query: str = "token"
+    token_cookie: str = "wsbus_token"
+
+    def __post_init__(self) -> None:
+        if self.inbound_queue < 1 or self.write_limit < 1:
+            raise ConfigError("inbound_queue and write_limit must be >= 1")
+        if self.static_dir is not None and not Path(self.static_dir).is_dir():
+            raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
+
+
+class _Connection:
+    """A websockets connection as a :class:`wsbus.ClientConnection`."""
+
+    __slots__ = ("_codec", "_request", "_text", "_ws")
+
+    def __init__(self, ws: ServerConnection, codec: Codec, request: HandshakeRequest) -> None:
+        self._ws = ws
+        self._codec = codec
+        self._text = codec.is_text
+        self._request = request
+
+    @property
+    def codec(self) -> Codec:
+        return self._codec
+
+    @property
+    def request(self) -> HandshakeRequest:
+        return self._request
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._ws.recv()
+        except WsConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._ws.send(data, text=self._text)
+        except WsConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self._ws.close(code, reason)
+
+
+def _closed(exc: WsConnectionClosed) -> ConnectionClosed:
+    """Translate websockets' exception, keeping the code that ended the connection."""
+    frame = exc.rcvd if exc.rcvd_then_sent or exc.sent is None else exc.sent
+    if frame is None:
+        return ConnectionClosed(1006, "connection lost")
+    return ConnectionClosed(frame.code, frame.reason)
+
+
+class EdgeServer:
+    """A running WebSocket edge. Close it with :meth:`close` (or use ``async with``).
+
+    Attributes:
+        gateway: the gateway it serves.
+        config: its settings.
+        server: the underlying ``websockets`` server.
+    """
+
+    def __init__(self, gateway: Gateway, config: EdgeConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.server: Server | None = None
+        self._closing = False
+        self._static = Path(config.static_dir).resolve() if config.static_dir else None
+        self._cap = (
+            config.max_connections
+            if config.max_connections is not None
+            else gateway.config.max_connections
+        )
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (useful with port 0)."""
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        """The ``ws://host:port/`` URL of the server."""
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}/"
+
+    async def start(self, host: str, port: int, **kwargs: Any) -> None:
+        """Start listening (the gateway must be started already)."""
+        config = self.config
+        self.server = await ws_serve(
+            self._handler,
+            host,
+            port,
+            process_request=self._process_request,
+            select_subprotocol=self._select_subprotocol,
+            compression="deflate" if config.compression else None,
+            open_timeout=config.open_timeout,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            close_timeout=config.close_timeout,
+            max_size=self.gateway.config.wire.max_frame_bytes,
+            max_queue=config.inbound_queue,
+            write_limit=config.write_limit,
+            server_header=None,
+            **kwargs,
+        )
+        log.info("wsbus edge listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Shut down gracefully.
+
+        New upgrades get 503 at once; the gateway stops reading new work, drains queues
+        for its ``drain_timeout`` and closes every connection with 1001; then the listening
+        socket is closed.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        await self.gateway.close()
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            await self.server.wait_closed()
+
+    async def __aenter__(self) -> EdgeServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the handshake -------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        headers = request.headers
+        if "websocket" not in headers.get("Upgrade", "").lower():
+            return self._http(connection, request)
+        if self._closing or self.gateway.closing:
+            return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
+        if self.gateway.open_connections >= self._cap:
+            return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is full; retry later\n")
+        if not self._origin_allowed(headers):
+            log.info(
+                "refused a WebSocket from %s: origin %r is not allowed",
+                _peer(connection),
+                headers.get("Origin"),
+            )
+            return _plain(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        return None
+
+    def _origin_allowed(self, headers: Headers) -> bool:
+        origins = headers.get_all("Origin")
+        if not origins:
+            return self.config.allow_missing_origin
+        if len(origins) > 1:
+            return False
+        origin = origins[0]
+        if origin in self.config.allowed_origins:
+            return True
+        if origin == "null" or origin.startswith("file:"):
+            # Sandboxed frames, file:// pages and some privacy modes send these: anyone can.
+            return False
+        if self.config.allow_same_origin:
+            host = headers.get("Host")
+            parts = urlsplit(origin)
+            return host is not None and parts.scheme in ("http", "https") and parts.netloc == host
+        return False
+
+    def _select_subprotocol(
+        self, connection: ServerConnection, subprotocols: Sequence[Subprotocol]
+    ) -> Subprotocol | None:
+        offered = [p for p in subprotocols if not p.startswith(TOKEN_SUBPROTOCOL_PREFIX)]
+        if not offered:
+            return None
+        codec = negotiate(offered)
+        if codec is None:
+            raise NegotiationError(
+                "no supported subprotocol: offer wsbus.v1.json or wsbus.v1.msgpack"
+            )
+        return Subprotocol(codec.value)
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response:
+        path = urlsplit(request.path).path
+        if path == self.config.health_path:
+            status = "closing" if self._closing else "ok"
+            body = msgspec.json.encode(
+                {"status": status, "connections": self.gateway.open_connections}
+            )
+            code = http.HTTPStatus.SERVICE_UNAVAILABLE if self._closing else http.HTTPStatus.OK
+            return _response(code, body, "application/json")
+        if self._static is not None:
+            return self._static_file(path)
+        return _plain(http.HTTPStatus.UPGRADE_REQUIRED, "this is a WebSocket endpoint\n")
+
+    def _static_file(self, path: str) -> Response:
+        assert self._static is not None
+        relative = path.lstrip("/") or "index.html"
+        try:
+            target = (self._static / relative).resolve()
+        except (OSError, ValueError):
+            return _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
+        if target.is_dir():
+            target = target / "index.html"
+        # Never serve anything outside the directory, whatever the path says.
+        if not target.is_relative_to(self._static) or not target.is_file():
+            return _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
+        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        return _response(http.HTTPStatus.OK, target.read_bytes(), content_type)
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
+        request = self._handshake_request(ws)
+        try:
+            await self.gateway.serve(_Connection(ws, codec, request))
+        except Exception:
+            # A bug, never input: the client gets 1011 and the log says why.
+            log.exception("serving %s failed", request.remote)
+            await ws.close(1011, "internal error")
+
+    def _handshake_request(self, ws: ServerConnection) -> HandshakeRequest:
+        assert ws.request is not None
+        request = ws.request
+        url = urlsplit(request.path)
+        headers = {name.lower(): value for name, value in request.headers.raw_items()}
+        offered: list[str] = []
+        for value in request.headers.get_all("Sec-WebSocket-Protocol"):
+            offered.extend(p.strip() for p in value.split(",") if p.strip())
+        query = dict(parse_qsl(url.query))
+        return HandshakeRequest(
+            path=url.path,
+            query=query,
+            headers=headers,
+            remote=_peer(ws),
+            subprotocols=tuple(offered),
+            token=self._token(request.headers, offered, query),
+        )
+
+    def _token(self, headers: Headers, offered: list[str], query: dict[str, str]) -> str | None:
+        authorization = headers.get("Authorization", "")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+        for protocol in offered:
+            if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+                return protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+        if self.config.token_query in query:
+            return query[self.config.token_query]
+        cookie_header = headers.get("Cookie")
+        if cookie_header:
+            cookies: SimpleCookie = SimpleCookie()
+            try:
+                cookies.load(cookie_header)
+            except CookieError:
+                return None
+            morsel = cookies.get(self.config.token_cookie)
+            if morsel is not None:
+                return morsel.value
+        return None
+
+
+def _peer(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _plain(status: http.HTTPStatus, text: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+async def serve(
+    gateway: Gateway,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    config: EdgeConfig | None = None,
+    **kwargs: Any,
+) -> EdgeServer:
+    """Put a started gateway on a WebSocket port and return the running server.
+
+    Args:
+        gateway: a started :class:`wsbus.Gateway`.
+        host: the address to listen on; loopback unless you mean otherwise.
+        port: the port; 0 picks a free one (read it back from ``server.port``).
+        config: edge settings; :class:`EdgeConfig` defaults when omitted.
+        **kwargs: passed on to ``loop.create_server`` (``ssl=`` for TLS, ...).
+
+    Raises:
+        OSError: the port is taken or the address is not local to this machine.
+    """
+    server = EdgeServer(gateway, config if config is not None else EdgeConfig())
+    await server.start(host, port, **kwargs)
+    return server
