@@ -29,11 +29,12 @@ class Flood(Service):
         assert isinstance(message.sender, ClientAddress)
         n = int(message.content["n"])
         group = message.content.get("group")
+        pad = "x" * 8192 if message.content.get("pad") else None
         recipients = (
             Recipients(groups=(group,)) if group else Recipients(conn_ids=(message.sender.conn_id,))
         )
         for i in range(n):
-            ctx.send(recipients, "flood.item", {"i": i})
+            ctx.send(recipients, "flood.item", {"i": i} if pad is None else {"i": i, "pad": pad})
             if i % 64 == 63:
                 # Let the event loop run the writers, as a real service's pace would.
                 await asyncio.sleep(0)

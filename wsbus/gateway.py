@@ -85,6 +85,13 @@ class CloseCode:
     SLOW_CONSUMER: Final = 4507
 
 
+DRAIN_QUIET: Final = 0.05
+"""Seconds without a frame read that tell a graceful shutdown the clients' in-flight
+frames have all arrived."""
+
+RATE_QUIET: Final = 1.0
+"""Seconds without a rate-limit refusal that end a rate-limited episode."""
+
 FLUSH_TIMEOUT: Final = 1.0
 """Seconds a closing connection gets to write the frames that explain why it is closed."""
 
@@ -104,8 +111,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
             and report it undeliverable to its sender.
         rate: messages a second each connection may send, on average.
         burst: messages a connection may send at once.
-        rate_limit_close_after: seconds a client may stay rate limited before it is closed
-            with 4429.
+        rate_limit_close_after: seconds a client may keep being rate limited (with no quiet
+            second between refusals) before it is closed with 4429.
         error_budget: rejected frames a connection may send per ``error_window`` before it
             is closed with 4400.
         error_window: the error budget's window, in seconds.
@@ -268,6 +275,7 @@ class _Client:
         "flushed",
         "outbox",
         "pending_deliveries",
+        "rate_limited_last",
         "rate_limited_since",
         "wake",
     )
@@ -284,6 +292,7 @@ class _Client:
         self.bucket = TokenBucket(config.rate, config.burst)
         self.budget = ErrorBudget(config.error_budget, config.error_window)
         self.rate_limited_since: float | None = None
+        self.rate_limited_last = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
         self.draining = False
@@ -332,6 +341,7 @@ class Gateway:
         self._reports: asyncio.Queue[Envelope] | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._bus_down_since: float | None = None
+        self._last_read = 0.0
         self._background: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -367,10 +377,15 @@ class Gateway:
         for client in self._clients.values():
             client.draining = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout
+        started = loop.time()
+        self._last_read = started
+        deadline = started + self.config.drain_timeout
         # Polling is fine here: it runs once, at shutdown, and is bounded by the deadline.
-        while loop.time() < deadline and any(  # noqa: ASYNC110
-            c.outbox or c.busy for c in self._clients.values() if c.close_code is None
+        # Wait for the queues to empty and for the frames clients had in flight (read within
+        # the last DRAIN_QUIET seconds) to be answered, so they end refused, not lost.
+        while loop.time() < deadline and (  # noqa: ASYNC110
+            loop.time() - self._last_read < DRAIN_QUIET
+            or any(c.outbox or c.busy for c in self._clients.values() if c.close_code is None)
         ):
             await asyncio.sleep(0.01)
         for client in list(self._clients.values()):
@@ -577,6 +592,7 @@ class Gateway:
                 counters.frames_lost += 1
                 continue
             if client.draining:
+                self._last_read = loop.time()
                 # Decoded only to find the id, so the client can tell which frame was refused.
                 parsed = decode_client_frame(data, codec, limits)
                 ref = parsed.ref if isinstance(parsed, Rejection) else parsed.id
@@ -595,7 +611,6 @@ class Gateway:
             if not client.bucket.take(now):
                 self._rate_limited(client, now)
                 continue
-            client.rate_limited_since = None
             frame = decode_client_frame(data, codec, limits)
             if isinstance(frame, Rejection):
                 self._reject(client, frame.code, frame.message, frame.ref)
@@ -603,9 +618,12 @@ class Gateway:
             await self._publish(client, frame.type, frame.content, frame.id, frame.reply_to)
 
     def _rate_limited(self, client: _Client, now: float) -> None:
-        if client.rate_limited_since is None:
+        # A flood that is only partly refused is still a flood: frames that get through do
+        # not end the episode; a quiet second without a refusal does.
+        if client.rate_limited_since is None or now - client.rate_limited_last > RATE_QUIET:
             client.rate_limited_since = now
-        elif now - client.rate_limited_since > self.config.rate_limit_close_after:
+        client.rate_limited_last = now
+        if now - client.rate_limited_since > self.config.rate_limit_close_after:
             self._counters.frames_lost += 1
             self._close(client, CloseCode.RATE_LIMITED, "rate limited for too long", flush=True)
             return

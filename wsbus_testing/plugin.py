@@ -25,8 +25,10 @@ import pytest_asyncio
 if TYPE_CHECKING:
     from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
     from wsbus.wire import Codec
+    from wsbus_websockets import Client, EdgeConfig, EdgeServer
 
     ConnectFactory = Callable[..., Awaitable[MemoryClient]]
+    WsConnectFactory = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
@@ -118,3 +120,53 @@ async def wsbus_connect(wsbus_gateway: Gateway) -> AsyncIterator[ConnectFactory]
 async def wsbus_client(wsbus_connect: ConnectFactory) -> MemoryClient:
     """One in-memory JSON client, connected and welcomed."""
     return await wsbus_connect()
+
+
+@pytest.fixture
+def wsbus_edge_config() -> EdgeConfig:
+    """The WebSocket edge's configuration: the defaults. Override to change it."""
+    from wsbus_websockets import EdgeConfig
+
+    return EdgeConfig()
+
+
+@pytest_asyncio.fixture
+async def wsbus_server(
+    wsbus_gateway: Gateway, wsbus_edge_config: EdgeConfig
+) -> AsyncIterator[EdgeServer]:
+    """``wsbus_gateway`` on a real WebSocket port on 127.0.0.1 (an ephemeral port).
+
+    Read ``wsbus_server.url`` and ``wsbus_server.port``. Closed gracefully after the test.
+    Needs the ``websockets`` extra.
+    """
+    from wsbus_websockets import serve
+
+    server = await serve(wsbus_gateway, "127.0.0.1", 0, config=wsbus_edge_config)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@pytest_asyncio.fixture
+async def wsbus_ws_connect(wsbus_server: EdgeServer) -> AsyncIterator[WsConnectFactory]:
+    """A factory that connects real Python clients to ``wsbus_server``; all closed after.
+
+    ``await wsbus_ws_connect(codec=Codec.JSON, token=None, reconnect=False, **kwargs)``
+    returns an open :class:`wsbus_websockets.Client`.
+    """
+    from wsbus_websockets import connect
+
+    clients: list[Client] = []
+
+    async def open_client(**kwargs: Any) -> Client:
+        kwargs.setdefault("reconnect", False)
+        client = await connect(wsbus_server.url, **kwargs)
+        clients.append(client)
+        return client
+
+    try:
+        yield open_client
+    finally:
+        for client in clients:
+            await client.close()

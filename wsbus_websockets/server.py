@@ -149,6 +149,7 @@ class EdgeServer:
         self.config = config
         self.server: Server | None = None
         self._closing = False
+        self._address: tuple[str, int] = ("", 0)
         self._static = Path(config.static_dir).resolve() if config.static_dir else None
         self._cap = (
             config.max_connections
@@ -159,15 +160,12 @@ class EdgeServer:
     @property
     def port(self) -> int:
         """The port the server listens on (useful with port 0)."""
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
+        return self._address[1]
 
     @property
     def url(self) -> str:
         """The ``ws://host:port/`` URL of the server."""
-        assert self.server is not None
-        host, port = self.server.sockets[0].getsockname()[:2]
+        host, port = self._address
         host = f"[{host}]" if ":" in host else host
         return f"ws://{host}:{port}/"
 
@@ -191,6 +189,8 @@ class EdgeServer:
             server_header=None,
             **kwargs,
         )
+        host, port = self.server.sockets[0].getsockname()[:2]
+        self._address = (host, port)
         log.info("wsbus edge listening on %s", self.url)
 
     async def close(self) -> None:
