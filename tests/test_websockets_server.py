@@ -320,3 +320,27 @@ async def test_client_reports_a_refused_upgrade(wsbus_server: EdgeServer) -> Non
     with pytest.raises(HandshakeRefused) as info:
         await connect(wsbus_server.url, origin="https://evil.example")
     assert info.value.status == 403 and "origin" in info.value.body
+
+
+@pytest.mark.parametrize(
+    "wsbus_edge_config", [EdgeConfig(ping_interval=0.1, ping_timeout=0.2, close_timeout=0.2)]
+)
+async def test_keepalive_timeout_is_the_only_1011(
+    wsbus_server: EdgeServer, wsbus_gateway: Gateway
+) -> None:
+    # A raw client that completes the handshake, then never answers a ping.
+    reader, writer = await asyncio.open_connection("127.0.0.1", wsbus_server.port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        while True:
+            if not await reader.read(65536):
+                break
+    writer.close()
+    async with asyncio.timeout(5):
+        while wsbus_gateway.stats().closes_by_code.get(1011) != 1:
+            await asyncio.sleep(0.02)
