@@ -84,7 +84,10 @@ def assert_balanced(stats: Stats) -> None:
         stats.deliveries_written + stats.deliveries_dropped + stats.deliveries_pending
     ), stats
     assert stats.bus_envelopes == (
-        stats.control_requests + stats.messages_routed + stats.messages_unrouted
+        stats.control_requests
+        + stats.messages_routed
+        + stats.messages_unrouted
+        + stats.messages_elsewhere
     ), stats
     assert stats.reports == (
         stats.messages_unrouted + stats.messages_partial + stats.deliveries_refused

@@ -21,7 +21,12 @@ from typing import Protocol, runtime_checkable
 
 from .envelope import Envelope, NodeId
 
-__all__ = ["Bus", "BusSink", "is_for_gateway"]
+__all__ = ["SHARED_HEADER", "Bus", "BusSink", "is_for_gateway"]
+
+SHARED_HEADER = "wsbus-shared"
+"""A bus sets this header to ``"1"`` on a message it sent to several gateways: each gateway
+then reports as unmatched only the connection ids of its own node, since aliases, users
+and groups may well live on another gateway."""
 
 
 @runtime_checkable

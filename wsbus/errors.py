@@ -148,11 +148,14 @@ class BusUnavailable(BusError):
 
     Attributes:
         reason: what is unavailable, for logs.
+        whole_bus: True when the bus itself is down, False when only one service is busy
+            or gone (the gateway then keeps admitting clients).
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, whole_bus: bool = True) -> None:
+        super().__init__(reason, whole_bus)
         self.reason = reason
+        self.whole_bus = whole_bus
 
     def __str__(self) -> str:
         return f"the bus is unavailable: {self.reason}"

@@ -24,7 +24,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from . import control
-from .bus import Bus
+from .bus import SHARED_HEADER, Bus
 from .edge import ClientConnection, ConnectionClosed
 from .envelope import (
     ConnId,
@@ -35,6 +35,7 @@ from .envelope import (
     NodeId,
     Recipients,
     ServiceAddress,
+    node_of,
 )
 from .errors import (
     AliasTaken,
@@ -158,6 +159,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("drain_timeout", "auth_timeout", "bus_down_close_after"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
+        # Fail here, at configuration, rather than on every connection.
+        TokenBucket(self.rate, self.burst)
+        ErrorBudget(self.error_budget, self.error_window)
 
 
 class Stats(msgspec.Struct, frozen=True):
@@ -167,7 +171,8 @@ class Stats(msgspec.Struct, frozen=True):
 
     - ``frames_received == frames_published + frames_rejected + frames_lost + frames_in_flight``
     - ``deliveries_queued == deliveries_written + deliveries_dropped + deliveries_pending``
-    - ``bus_envelopes == control_requests + messages_routed + messages_unrouted``
+    - ``bus_envelopes == control_requests + messages_routed + messages_unrouted +
+      messages_elsewhere``
 
     ``messages_unrouted`` (no connection reached at all) and ``messages_partial`` (some
     recipients missed) each sent one ``wsbus.undeliverable`` report, as did every refused
@@ -189,6 +194,9 @@ class Stats(msgspec.Struct, frozen=True):
         messages_routed: messages queued to at least one connection.
         messages_unrouted: messages that reached no connection (reported to the sender).
         messages_partial: routed messages that missed some recipients (reported).
+        messages_elsewhere: messages with nothing to deliver and nothing to report: every
+            match was excluded, or a shared bus sent them to every gateway and none of the
+            recipients was this one's.
         deliveries_queued: (message, connection) pairs queued for writing.
         deliveries_written: of those, written to the connection.
         deliveries_dropped: of those, dropped because the connection closed first.
@@ -216,6 +224,7 @@ class Stats(msgspec.Struct, frozen=True):
     messages_routed: int
     messages_unrouted: int
     messages_partial: int
+    messages_elsewhere: int
     deliveries_queued: int
     deliveries_written: int
     deliveries_dropped: int
@@ -245,6 +254,7 @@ class _Counters:
         self.messages_routed = 0
         self.messages_unrouted = 0
         self.messages_partial = 0
+        self.messages_elsewhere = 0
         self.deliveries_queued = 0
         self.deliveries_written = 0
         self.deliveries_dropped = 0
@@ -465,6 +475,9 @@ class Gateway:
         if len(self._clients) >= self.config.max_connections:
             return CloseCode.TRY_AGAIN_LATER, "server is at its connection limit; retry later"
         since = self._bus_down_since
+        if since is not None and getattr(self.bus, "available", False):
+            # The bus says it is back, though no publish has succeeded since.
+            self._bus_down_since = since = None
         if since is not None and time.monotonic() - since > self.config.bus_down_close_after:
             return CloseCode.BAD_GATEWAY, "message bus unreachable; retry later"
         return None
@@ -505,8 +518,10 @@ class Gateway:
                 data = await conn.receive()
         except TimeoutError:
             return CloseCode.AUTH_TIMEOUT, "no authentication in time"
-        except ConnectionClosed:
-            return CloseCode.AUTH_FAILED, AUTH_FAILED_REASON
+        except ConnectionClosed as exc:
+            return exc.code, exc.reason
+        if isinstance(data, str) is not conn.codec.is_text:
+            return CloseCode.UNSUPPORTED_DATA, "frame type does not match the codec"
         frame = decode_client_frame(
             data, conn.codec, self.config.wire, allowed_control=CLIENT_CONTROL_TYPES
         )
@@ -609,7 +624,7 @@ class Gateway:
                 continue
             now = loop.time()
             if not client.bucket.take(now):
-                self._rate_limited(client, now)
+                self._rate_limited(client, now, data, codec)
                 continue
             frame = decode_client_frame(data, codec, limits)
             if isinstance(frame, Rejection):
@@ -617,7 +632,7 @@ class Gateway:
                 continue
             await self._publish(client, frame.type, frame.content, frame.id, frame.reply_to)
 
-    def _rate_limited(self, client: _Client, now: float) -> None:
+    def _rate_limited(self, client: _Client, now: float, data: str | bytes, codec: Codec) -> None:
         # A flood that is only partly refused is still a flood: frames that get through do
         # not end the episode; a quiet second without a refusal does.
         if client.rate_limited_since is None or now - client.rate_limited_last > RATE_QUIET:
@@ -627,7 +642,9 @@ class Gateway:
             self._counters.frames_lost += 1
             self._close(client, CloseCode.RATE_LIMITED, "rate limited for too long", flush=True)
             return
-        self._reject(client, ErrorCode.RATE_LIMITED, "too many messages; slow down", None)
+        parsed = decode_client_frame(data, codec, self.config.wire)
+        ref = parsed.ref if isinstance(parsed, Rejection) else parsed.id
+        self._reject(client, ErrorCode.RATE_LIMITED, "too many messages; slow down", ref)
 
     async def _publish(
         self,
@@ -678,7 +695,8 @@ class Gateway:
             self._reject(client, ErrorCode.NO_ROUTE, f"nothing handles type {type!r}", frame_id)
         except BusUnavailable as exc:
             counters.frames_in_flight -= 1
-            self._bus_failed(exc)
+            if exc.whole_bus:
+                self._bus_failed(exc)
             self._reject(client, ErrorCode.UNAVAILABLE, "service unavailable; retry", frame_id)
         except Exception as exc:
             counters.frames_in_flight -= 1
@@ -826,6 +844,13 @@ class Gateway:
         if recipients is None:
             recipients = envelope.recipients
         targets, unmatched = self.router.resolve(recipients)
+        if unmatched is not None and result.headers.get(SHARED_HEADER) == "1":
+            unmatched = self._own_misses(unmatched)
+        if not targets and unmatched is None:
+            # Nothing to deliver and nothing missed: every match was excluded, or the
+            # message was shared with other gateways and none of it was this one's.
+            counters.messages_elsewhere += 1
+            return
         if not targets:
             counters.messages_unrouted += 1
             self._report(result, "no_match", unmatched or recipients, "no open connection matched")
@@ -860,6 +885,10 @@ class Gateway:
                 Recipients(conn_ids=(conn_id,)),
                 "the client's queue is full",
             )
+
+    def _own_misses(self, unmatched: Recipients) -> Recipients | None:
+        own = tuple(c for c in unmatched.conn_ids if node_of(c) == self._node)
+        return Recipients(conn_ids=own) if own else None
 
     def _report(self, envelope: Envelope, reason: str, recipients: Recipients, detail: str) -> None:
         self._counters.reports += 1
@@ -986,6 +1015,7 @@ class Gateway:
             messages_routed=c.messages_routed,
             messages_unrouted=c.messages_unrouted,
             messages_partial=c.messages_partial,
+            messages_elsewhere=c.messages_elsewhere,
             deliveries_queued=c.deliveries_queued,
             deliveries_written=c.deliveries_written,
             deliveries_dropped=c.deliveries_dropped,

@@ -141,8 +141,8 @@ class DeliveryFailure(msgspec.Struct, frozen=True):
 
     Attributes:
         reason: ``no_match`` (recipients matched no connection), ``filtered`` (a hook
-            dropped it), ``slow_consumer`` (a connection's queue was full), ``encode_failed``
-            (the content cannot be encoded), ``closed`` (the connection closed first).
+            dropped it), ``slow_consumer`` (a connection's queue was full and the policy is
+            ``drop``), ``encode_failed`` (the content cannot be encoded).
         recipients: the recipients that were missed.
         detail: a human-readable explanation.
     """

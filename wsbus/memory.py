@@ -124,6 +124,11 @@ class MemoryBus:
         await runner.stop()
 
     @property
+    def available(self) -> bool:
+        """True unless the bus is marked down."""
+        return not self.down
+
+    @property
     def services(self) -> dict[str, Service]:
         """The services on the bus, by name."""
         return {name: runner.service for name, runner in self._runners.items()}
@@ -163,6 +168,6 @@ class MemoryBus:
         # All or nothing: a message either reaches every subscriber or none of them.
         for runner in runners:
             if not runner.has_room():
-                raise BusUnavailable(f"service {runner.name!r} is busy (inbox full)")
+                raise BusUnavailable(f"service {runner.name!r} is busy (inbox full)", False)
         for runner in runners:
             runner.accept(envelope)

@@ -369,7 +369,9 @@ class ServiceRunner:
         try:
             self._inbox.put_nowait(envelope)
         except asyncio.QueueFull:
-            raise BusUnavailable(f"service {self.name!r} is busy (inbox full)") from None
+            raise BusUnavailable(
+                f"service {self.name!r} is busy (inbox full)", whole_bus=False
+            ) from None
 
     def has_room(self) -> bool:
         """Return True when :meth:`accept` would not refuse for a full inbox."""
@@ -398,7 +400,9 @@ class ServiceRunner:
         """Call the handler for one envelope; a failing handler is logged, never raised."""
         method_name = self.service._handlers.get(envelope.type)
         if method_name is None:
-            if envelope.type == control.UNDELIVERABLE:
+            if envelope.type == control.RESULT:
+                log.debug("service %r: a late answer to %s; dropped", self.name, envelope.reply_to)
+            elif envelope.type == control.UNDELIVERABLE:
                 log.info(
                     "service %r: message %s was not delivered: %s",
                     self.name,

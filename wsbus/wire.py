@@ -196,7 +196,32 @@ def encode_server_frame(frame: ServerFrame, codec: Codec) -> bytes:
 
 # A JSON string token: used to find the colons that separate keys from values.
 _JSON_STRING_RE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_SURROGATE_ESCAPE_RE: Final = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A \u escape of a UTF-16 surrogate, with the backslashes before it (an even number of
+# them would mean an escaped backslash followed by a plain "u").
+_SURROGATE_ESCAPE_RE: Final = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _has_lone_surrogate(raw: bytes) -> bool:
+    """Tell whether JSON text has a surrogate escape that is not half of a pair.
+
+    Only called once msgspec has refused the text, to tell ``bad_value`` from ``malformed``.
+    """
+    pending_high: int | None = None  # where the escape after an unpaired high one must start
+    for match in _SURROGATE_ESCAPE_RE.finditer(raw):
+        if len(match.group(1)) % 2 == 0:
+            continue
+        start = match.start(1) + len(match.group(1)) - 1
+        is_high = int(match.group(2), 16) < 0xDC00
+        if pending_high is not None:
+            if not is_high and start == pending_high:
+                pending_high = None
+                continue
+            return True
+        if is_high:
+            pending_high = match.end()
+        else:
+            return True
+    return pending_high is not None
 
 
 def decode_client_frame(
@@ -273,7 +298,7 @@ def _decode(
             ref,
         )
     if type_.startswith(RESERVED_PREFIX) and type_ not in allowed_control:
-        raise _Reject(ErrorCode.RESERVED_TYPE, f"type {type_!r} is reserved", ref)
+        raise _Reject(ErrorCode.RESERVED_TYPE, "types starting with 'wsbus.' are reserved", ref)
     id_ = _optional_id(obj, "id", ref)
     reply_to = _optional_id(obj, "reply_to", ref)
     return ClientFrame(type_, obj.get("content"), id_, reply_to)
@@ -290,7 +315,7 @@ def _decode_json(raw: bytes) -> Any:
         # msgspec's only validation failure for untyped JSON: a number beyond float range.
         raise _Reject(ErrorCode.BAD_VALUE, "a number is out of range") from None
     except msgspec.DecodeError:
-        if _SURROGATE_ESCAPE_RE.search(raw):
+        if _has_lone_surrogate(raw):
             raise _Reject(ErrorCode.BAD_VALUE, "a string has a lone UTF-16 surrogate") from None
         raise _Reject(ErrorCode.MALFORMED, "frame is not valid JSON") from None
 
@@ -358,9 +383,7 @@ def _check_value(root: dict[Any, Any], limits: WireLimits, ref: str | None) -> i
                     stack.append((item, depth + 1))
         elif kind is int:
             if not -max_int <= value <= max_int:
-                raise _Reject(
-                    ErrorCode.BAD_VALUE, f"an integer is beyond +-{max_int} (2**53 - 1)", ref
-                )
+                raise _Reject(ErrorCode.BAD_VALUE, f"an integer is beyond +-{max_int}", ref)
         elif kind is float:
             if not math.isfinite(value):
                 raise _Reject(ErrorCode.BAD_VALUE, "a number is not finite", ref)

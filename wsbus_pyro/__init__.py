@@ -1,9 +1,57 @@
-"""The Pyro5 bus adapter for wsbus.
+"""The Pyro5 bus for wsbus: name server, message bus, gateway adapter, service processes.
 
-Not in this release yet: the core's :class:`wsbus.Bus` interface is what it will implement.
-Importing this package costs nothing; using it will need ``pip install 'wsbus[pyro]'``.
+Importing this package costs nothing: Pyro5 is imported when a name is first used, and a
+missing extra fails with an error that says ``pip install 'wsbus[pyro]'``.
+
+- :class:`PyroBus`: the gateway's :class:`wsbus.Bus` on Pyro.
+- :class:`PyroConfig`: the settings every wsbus Pyro process shares.
+- :func:`run_bus`, :func:`run_name_server`: the message bus and name server processes.
+- :class:`ServiceHost`, :func:`run_service`: a :class:`wsbus.Service` as a Pyro process.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from wsbus.errors import MissingExtra
+
+if TYPE_CHECKING:
+    from .config import PyroConfig
+    from .gateway import PyroBus
+    from .messagebus import MessageBus
+    from .processes import run_bus, run_name_server
+    from .service import ServiceHost, load_service, run_service
+
+__all__ = [
+    "MessageBus",
+    "PyroBus",
+    "PyroConfig",
+    "ServiceHost",
+    "load_service",
+    "run_bus",
+    "run_name_server",
+    "run_service",
+]
+
+_WHERE = {
+    "MessageBus": "messagebus",
+    "PyroBus": "gateway",
+    "PyroConfig": "config",
+    "ServiceHost": "service",
+    "load_service": "service",
+    "run_bus": "processes",
+    "run_name_server": "processes",
+    "run_service": "service",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsbus_pyro' has no attribute {name!r}")
+    try:
+        importlib.import_module("Pyro5")
+    except ImportError as exc:
+        raise MissingExtra("pyro") from exc
+    return getattr(importlib.import_module(f".{module}", __name__), name)

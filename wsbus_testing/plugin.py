@@ -20,7 +20,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import pytest_asyncio
+
+if TYPE_CHECKING:
+    from pytest_asyncio import fixture as _async_fixture
+else:
+    try:
+        from pytest_asyncio import fixture as _async_fixture
+    except ImportError:  # pragma: no cover - the testing extra is not installed
+        # Async fixtures then fail only when a test asks for one, not at pytest start-up.
+        _async_fixture = pytest.fixture
 
 if TYPE_CHECKING:
     from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
@@ -39,7 +47,7 @@ def wsbus_services() -> list[Service]:
 
 @pytest.fixture
 def wsbus_config() -> GatewayConfig:
-    """The gateway's configuration: the defaults. Override to change limits."""
+    """The gateway's configuration: the defaults, with node id ``test``. Override it."""
     from wsbus import GatewayConfig
 
     return GatewayConfig(node="test")
@@ -59,7 +67,7 @@ def wsbus_bus(wsbus_services: list[Service]) -> MemoryBus:
     return MemoryBus(wsbus_services, record=True)
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def wsbus_gateway(
     wsbus_bus: MemoryBus, wsbus_config: GatewayConfig, wsbus_plugins: list[object]
 ) -> AsyncIterator[Gateway]:
@@ -74,7 +82,7 @@ async def wsbus_gateway(
         await gateway.close()
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def wsbus_connect(wsbus_gateway: Gateway) -> AsyncIterator[ConnectFactory]:
     """A factory that connects in-memory clients to ``wsbus_gateway``.
 
@@ -116,7 +124,7 @@ async def wsbus_connect(wsbus_gateway: Gateway) -> AsyncIterator[ConnectFactory]
             raise errors[0]
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def wsbus_client(wsbus_connect: ConnectFactory) -> MemoryClient:
     """One in-memory JSON client, connected and welcomed."""
     return await wsbus_connect()
@@ -130,7 +138,7 @@ def wsbus_edge_config() -> EdgeConfig:
     return EdgeConfig()
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def wsbus_server(
     wsbus_gateway: Gateway, wsbus_edge_config: EdgeConfig
 ) -> AsyncIterator[EdgeServer]:
@@ -148,7 +156,7 @@ async def wsbus_server(
         await server.close()
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def wsbus_ws_connect(wsbus_server: EdgeServer) -> AsyncIterator[WsConnectFactory]:
     """A factory that connects real Python clients to ``wsbus_server``; all closed after.
 

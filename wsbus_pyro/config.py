@@ -1,0 +1,146 @@
+"""Pyro settings for wsbus, and the safety measures applied to every wsbus Pyro process.
+
+Pyro5 keeps its settings process-wide (``Pyro5.config``); every wsbus process (gateway,
+message bus, service) applies :class:`PyroConfig` once at start with :func:`apply`:
+
+- the daemon binds 127.0.0.1 unless configured otherwise;
+- ``MAX_MESSAGE_SIZE`` is bounded (4 MiB) and ``COMMTIMEOUT`` is set (5 s), so a peer can
+  neither make a process allocate without bound nor hold a worker thread forever;
+- compressed Pyro messages are refused as soon as their header is read, before a byte of
+  their payload is inflated (a zlib bomb never expands);
+- ``SOCK_NODELAY`` is on: small calls are not delayed by Nagle's algorithm;
+- with ``secret`` set, a peer must present a token derived from it in Pyro's connection
+  handshake, so only trusted processes may deliver to clients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+from typing import Any, Final
+
+import msgspec
+from Pyro5 import config as pyro_config
+from Pyro5 import errors as pyro_errors
+from Pyro5 import protocol
+from Pyro5.server import Daemon
+
+from wsbus.errors import ConfigError
+
+__all__ = ["PyroConfig", "SecureDaemon", "apply", "handshake_token"]
+
+
+class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings of the Pyro bus, shared by the gateway, the message bus and services.
+
+    Attributes:
+        ns_host: the name server's host.
+        ns_port: the name server's port.
+        host: the address this process's Pyro daemon binds: loopback unless you mean
+            to accept peers from other machines (then also set ``secret``).
+        port: the daemon's port; 0 picks a free one.
+        bus_name: the message bus's name in the name server.
+        gateway_prefix: gateways register as ``<prefix><node>``.
+        service_prefix: services register as ``<prefix><name>``.
+        max_message_size: the largest Pyro message accepted, in bytes.
+        comm_timeout: seconds a socket operation may take before the peer is dropped.
+        call_timeout: seconds a gateway waits for the bus to accept a message.
+        threadpool_size: worker threads for Pyro connections (one per connected peer).
+        secret: a shared secret every peer must prove it knows; None disables the check.
+        batch_size: the most envelopes sent in one Pyro call.
+        batch_delay: seconds to wait for more envelopes before sending a short batch.
+        reregister_interval: seconds between checks that this process is still
+            registered with the name server and the bus (re-registering if not).
+        single_thread: run the gateway's Pyro daemon fully inside its event loop
+            (multiplex server). For trusted loopback set-ups only: a peer that stalls
+            mid-message stalls the loop for up to ``comm_timeout``.
+    """
+
+    ns_host: str = "127.0.0.1"
+    ns_port: int = 9090
+    host: str = "127.0.0.1"
+    port: int = 0
+    bus_name: str = "wsbus.bus"
+    gateway_prefix: str = "wsbus.gateway."
+    service_prefix: str = "wsbus.service."
+    max_message_size: int = 4 * 1024 * 1024
+    comm_timeout: float = 5.0
+    call_timeout: float = 5.0
+    threadpool_size: int = 128
+    secret: str | None = None
+    batch_size: int = 256
+    batch_delay: float = 0.0005
+    reregister_interval: float = 1.0
+    single_thread: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_message_size < 64 * 1024:
+            raise ConfigError("max_message_size must be at least 64 KiB")
+        if self.comm_timeout <= 0 or self.call_timeout <= 0:
+            raise ConfigError("comm_timeout and call_timeout must be > 0")
+        if self.threadpool_size < 4:
+            raise ConfigError("threadpool_size must be at least 4")
+        if self.batch_size < 1 or self.batch_delay < 0:
+            raise ConfigError("batch_size must be >= 1 and batch_delay >= 0")
+
+
+_PATCH_LOCK: Final = threading.Lock()
+_patched = False
+
+
+def apply(config: PyroConfig) -> None:
+    """Apply the settings to this process's Pyro5 configuration, and the safety patch."""
+    pyro_config.MAX_MESSAGE_SIZE = config.max_message_size
+    pyro_config.COMMTIMEOUT = config.comm_timeout
+    pyro_config.COMPRESSION = False
+    pyro_config.SOCK_NODELAY = True
+    pyro_config.SERIALIZER = "serpent"
+    pyro_config.THREADPOOL_SIZE = config.threadpool_size
+    pyro_config.THREADPOOL_SIZE_MIN = min(8, config.threadpool_size)
+    pyro_config.SERVERTYPE = "multiplex" if config.single_thread else "thread"
+    pyro_config.POLLTIMEOUT = 0.5
+    pyro_config.DETAILED_TRACEBACK = False
+    _refuse_compressed_messages()
+
+
+def _refuse_compressed_messages() -> None:
+    """Make Pyro refuse a compressed message from its header, before reading its payload."""
+    global _patched
+    with _PATCH_LOCK:
+        if _patched:
+            return
+        original = protocol.ReceivingMessage.__init__
+
+        def checked_init(self: Any, header: bytes, payload: bytes | None = None) -> None:
+            original(self, header, None)
+            if self.flags & protocol.FLAGS_COMPRESSED:
+                raise pyro_errors.ProtocolError(
+                    "compressed Pyro messages are refused: turn COMPRESSION off on the peer"
+                )
+            if payload is not None:
+                self.add_payload(payload)
+
+        protocol.ReceivingMessage.__init__ = checked_init
+        _patched = True
+
+
+def handshake_token(secret: str) -> str:
+    """Return the token a peer presents in Pyro's handshake to prove it knows ``secret``."""
+    return hmac.new(secret.encode(), b"wsbus-pyro-handshake-v1", hashlib.sha256).hexdigest()
+
+
+class SecureDaemon(Daemon):  # type: ignore[misc]
+    """A Pyro daemon that checks the shared-secret token in every connection handshake."""
+
+    def __init__(self, config: PyroConfig, **kwargs: Any) -> None:
+        super().__init__(host=config.host, port=config.port, **kwargs)
+        self._token = handshake_token(config.secret) if config.secret else None
+
+    def validateHandshake(self, conn: Any, data: Any) -> Any:
+        """Refuse a peer whose token does not match (when a secret is set)."""
+        if self._token is not None and not (
+            isinstance(data, str) and hmac.compare_digest(data, self._token)
+        ):
+            raise pyro_errors.SecurityError("this wsbus peer does not know the shared secret")
+        return "wsbus"

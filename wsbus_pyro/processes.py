@@ -1,0 +1,110 @@
+"""The processes of a Pyro deployment: the name server and the message bus.
+
+``wsbus nameserver`` and ``wsbus bus`` call these; each runs until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from Pyro5 import errors as pyro_errors
+from Pyro5 import nameserver
+
+from wsbus.errors import BusUnavailable
+
+from .config import PyroConfig, SecureDaemon, apply
+from .messagebus import MessageBus
+from .transport import make_proxy
+
+__all__ = ["run_bus", "run_name_server"]
+
+log = logging.getLogger("wsbus.pyro")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return stop
+
+
+def run_name_server(config: PyroConfig | None = None) -> None:
+    """Run a Pyro name server at ``ns_host:ns_port`` until a signal (blocks).
+
+    Raises:
+        OSError: the port is taken.
+    """
+    config = config if config is not None else PyroConfig()
+    apply(config)
+    stop = _stop_on_signals()
+    uri, daemon, _ = nameserver.start_ns(config.ns_host, config.ns_port, enableBroadcast=False)
+    print(f"name server ready at {uri}", flush=True)
+    try:
+        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+    finally:
+        daemon.close()
+
+
+def run_bus(config: PyroConfig | None = None) -> None:
+    """Run the message bus until a signal (blocks); it registers as ``bus_name``.
+
+    Raises:
+        BusUnavailable: the name server cannot be reached.
+        OSError: the configured port is taken.
+    """
+    config = config if config is not None else PyroConfig()
+    apply(config)
+    stop = _stop_on_signals()
+    bus = MessageBus(config)
+    daemon = SecureDaemon(config)
+    uri = str(daemon.register(bus, objectId=config.bus_name))
+    ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
+    try:
+        with make_proxy(ns_uri, config) as ns:
+            ns.register(config.bus_name, uri)
+    except (pyro_errors.CommunicationError, OSError) as exc:
+        daemon.close()
+        raise BusUnavailable(
+            f"no Pyro name server at {config.ns_host}:{config.ns_port} ({exc}); "
+            "start one with `wsbus nameserver`"
+        ) from None
+    watchdog = threading.Thread(
+        target=_keep_registered, args=(config, uri, stop), name="wsbus-bus-watchdog", daemon=True
+    )
+    watchdog.start()
+    print(f"message bus ready at {uri}", flush=True)
+    try:
+        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+    finally:
+        stop.set()
+        bus.close()
+        try:
+            with make_proxy(ns_uri, config) as ns:
+                ns.remove(config.bus_name)
+        except Exception as exc:
+            log.info("leaving the name server: %s", exc)
+        daemon.close()
+
+
+def _keep_registered(config: PyroConfig, uri: str, stop: threading.Event) -> None:
+    """Re-register the bus when the name server restarted."""
+    ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
+    while not stop.wait(config.reregister_interval):
+        try:
+            with make_proxy(ns_uri, config) as ns:
+                try:
+                    current = ns.lookup(config.bus_name).asString()
+                except pyro_errors.NamingError:
+                    current = None
+                if current != uri:
+                    ns.register(config.bus_name, uri)
+                    log.info("message bus re-registered with the name server")
+        except (pyro_errors.CommunicationError, OSError):
+            continue

@@ -1,0 +1,226 @@
+"""Running a wsbus :class:`~wsbus.Service` as its own process on the Pyro bus.
+
+The same ``Service`` subclass that runs on the in-memory bus runs here unchanged: a
+:class:`ServiceHost` gives it an event loop, a Pyro daemon (in a thread) through which the
+message bus delivers to it, and a forwarder thread through which everything it sends goes to
+the bus, in order and in batches. ``wsbus service MODULE:CLASS`` does this from the command
+line; :func:`run_service` does it from Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import logging
+import signal
+import threading
+from typing import Any
+
+from Pyro5 import errors as pyro_errors
+from Pyro5.client import Proxy
+from Pyro5.server import expose
+
+from wsbus.envelope import Envelope
+from wsbus.errors import BusUnavailable, ConfigError
+from wsbus.service import Service, ServiceRunner
+
+from .config import PyroConfig, SecureDaemon, apply
+from .transport import OK, UNAVAILABLE, Forwarder, decode_batch, make_proxy
+
+__all__ = ["ServiceHost", "load_service", "run_service"]
+
+log = logging.getLogger("wsbus.pyro.service")
+
+
+@expose
+class ServiceEndpoint:
+    """The Pyro object the message bus delivers to: hands envelopes to the service's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: ServiceRunner, timeout: float):
+        self._loop = loop
+        self._runner = runner
+        self._timeout = timeout
+
+    def deliver(self, blob: Any) -> list[str]:
+        """Take a batch; return ``ok`` for each envelope the service now holds."""
+        envelopes = decode_batch(blob)
+        future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(self._accept, envelopes, future)
+        try:
+            return future.result(self._timeout)
+        except concurrent.futures.TimeoutError:
+            return [UNAVAILABLE] * len(envelopes)
+
+    def _accept(
+        self, envelopes: list[Envelope], future: concurrent.futures.Future[list[str]]
+    ) -> None:
+        statuses = []
+        for envelope in envelopes:
+            try:
+                self._runner.accept(envelope)
+                statuses.append(OK)
+            except BusUnavailable:
+                statuses.append(UNAVAILABLE)
+        future.set_result(statuses)
+
+
+class ServiceHost:
+    """One service on the Pyro bus, in this process.
+
+    Args:
+        service: the service instance.
+        config: Pyro settings.
+        inbox_size: envelopes that may wait for the service before the bus is told
+            ``unavailable``.
+    """
+
+    def __init__(
+        self, service: Service, config: PyroConfig | None = None, *, inbox_size: int = 1000
+    ) -> None:
+        self.service = service
+        self.config = config if config is not None else PyroConfig()
+        self.inbox_size = inbox_size
+        self.name = f"{self.config.service_prefix}{service.name}"
+        self.uri = ""
+        self._daemon: SecureDaemon | None = None
+        self._daemon_thread: threading.Thread | None = None
+        self._sender: Forwarder | None = None
+        self._runner: ServiceRunner | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    async def start(self) -> None:
+        """Join the bus: start the daemon, register, and begin handling messages.
+
+        Raises:
+            BusUnavailable: no name server or message bus could be reached.
+        """
+        config = self.config
+        apply(config)
+        loop = asyncio.get_running_loop()
+        self._sender = Forwarder("message bus", self._bus_proxy, "route", config, retry_after=0.2)
+        self._sender.start()
+        self._runner = ServiceRunner(
+            self.service, self._sender.put, inbox_size=self.inbox_size, timeout=config.call_timeout
+        )
+        self._daemon = SecureDaemon(config)
+        endpoint = ServiceEndpoint(loop, self._runner, config.call_timeout)
+        self.uri = str(self._daemon.register(endpoint, objectId=self.name))
+        self._daemon_thread = threading.Thread(
+            target=self._daemon.requestLoop, name="wsbus-service-daemon", daemon=True
+        )
+        self._daemon_thread.start()
+        await self._runner.start()
+        try:
+            await asyncio.to_thread(self._register)
+        except Exception:
+            await self.close()
+            raise
+        self._watchdog = threading.Thread(target=self._watch, name="wsbus-watchdog", daemon=True)
+        self._watchdog.start()
+        log.info(
+            "service %r on the Pyro bus at %s, handling %s",
+            self.service.name,
+            self.uri,
+            sorted(self._runner.types),
+        )
+
+    async def close(self) -> None:
+        """Leave the bus and stop. Idempotent."""
+        self._stop.set()
+        if self._watchdog is not None:
+            await asyncio.to_thread(self._watchdog.join, self.config.reregister_interval + 1)
+            self._watchdog = None
+            await asyncio.to_thread(self._unregister)
+        if self._runner is not None:
+            await self._runner.stop()
+            self._runner = None
+        if self._sender is not None:
+            await asyncio.to_thread(self._sender.stop, 2.0)
+            self._sender = None
+        if self._daemon is not None:
+            daemon, self._daemon = self._daemon, None
+            await asyncio.to_thread(daemon.shutdown)
+            if self._daemon_thread is not None:
+                await asyncio.to_thread(self._daemon_thread.join, 2.0)
+
+    def _bus_proxy(self) -> Proxy:
+        config = self.config
+        return make_proxy(f"PYRONAME:{config.bus_name}@{config.ns_host}:{config.ns_port}", config)
+
+    def _register(self) -> None:
+        assert self._runner is not None
+        config = self.config
+        try:
+            with self._bus_proxy() as bus:
+                bus.register_service(self.service.name, sorted(self._runner.types), self.uri)
+        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
+            raise BusUnavailable(
+                f"no message bus {config.bus_name!r} via the name server at "
+                f"{config.ns_host}:{config.ns_port} ({exc}); start it with `wsbus bus`"
+            ) from None
+
+    def _unregister(self) -> None:
+        try:
+            with self._bus_proxy() as bus:
+                bus.unregister_service(self.service.name)
+        except Exception as exc:
+            log.info("leaving the bus: %s", exc)
+
+    def _watch(self) -> None:
+        assert self._runner is not None
+        types = sorted(self._runner.types)
+        bus: Proxy | None = None
+        while not self._stop.wait(self.config.reregister_interval):
+            try:
+                if bus is None:
+                    bus = self._bus_proxy()
+                if not bus.registered("service", self.service.name, self.uri):
+                    bus.register_service(self.service.name, types, self.uri)
+                    log.info("service %r re-registered with the message bus", self.service.name)
+            except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError):
+                if bus is not None:
+                    bus._pyroRelease()
+                bus = None
+        if bus is not None:
+            bus._pyroRelease()
+
+
+def load_service(spec: str) -> Service:
+    """Import ``MODULE:CLASS`` and return an instance of the service class.
+
+    Raises:
+        ConfigError: the spec is malformed, or does not name a Service subclass.
+    """
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError(f"expected MODULE:CLASS, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {module_name!r}: {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise ConfigError(f"{spec!r} is not a wsbus.Service subclass")
+    return cls()
+
+
+def run_service(service: Service | str, config: PyroConfig | None = None) -> None:
+    """Run a service on the Pyro bus until SIGINT or SIGTERM (blocks)."""
+    instance = load_service(service) if isinstance(service, str) else service
+    asyncio.run(_serve(instance, config))
+
+
+async def _serve(service: Service, config: PyroConfig | None) -> None:
+    host = ServiceHost(service, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await host.start()
+    print(f"service {service.name!r} ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await host.close()
