@@ -288,11 +288,13 @@ class PyroBus:
             try:
                 if ns is None:
                     ns = make_proxy(self._ns_uri(), config)
-                if ns.lookup(self.name).asString() != self.uri:
+                if str(ns.lookup(self.name)) != self.uri:
                     raise pyro_errors.NamingError("registration changed")
             except pyro_errors.NamingError:
                 self._try_register(ns, "name server")
-            except (pyro_errors.CommunicationError, OSError):
+            except Exception as exc:  # never let the watchdog die: it is how we recover
+                if not isinstance(exc, pyro_errors.CommunicationError | OSError):
+                    log.warning("checking the name server registration failed: %s", exc)
                 if ns is not None:
                     ns._pyroRelease()
                 ns = None
@@ -303,7 +305,9 @@ class PyroBus:
                 if not bus.registered("gateway", self._node, self.uri):
                     bus.register_gateway(self._node, self.uri)
                     log.info("gateway %s re-registered with the message bus", self._node)
-            except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError):
+            except Exception as exc:
+                if not isinstance(exc, pyro_errors.PyroError | OSError):
+                    log.warning("checking the message bus registration failed: %s", exc)
                 if bus is not None:
                     bus._pyroRelease()
                 bus = None

@@ -100,7 +100,7 @@ def _keep_registered(config: PyroConfig, uri: str, stop: threading.Event) -> Non
         try:
             with make_proxy(ns_uri, config) as ns:
                 try:
-                    current = ns.lookup(config.bus_name).asString()
+                    current = str(ns.lookup(config.bus_name))
                 except pyro_errors.NamingError:
                     current = None
                 if current != uri:

@@ -16,7 +16,7 @@ heavy at collection time. Override ``wsbus_services``, ``wsbus_config`` or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -33,7 +33,10 @@ else:
 if TYPE_CHECKING:
     from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
     from wsbus.wire import Codec
+    from wsbus_pyro import PyroConfig
     from wsbus_websockets import Client, EdgeConfig, EdgeServer
+
+    from .processes import Child
 
     ConnectFactory = Callable[..., Awaitable[MemoryClient]]
     WsConnectFactory = Callable[..., Awaitable[Client]]
@@ -178,3 +181,68 @@ async def wsbus_ws_connect(wsbus_server: EdgeServer) -> AsyncIterator[WsConnectF
     finally:
         for client in clients:
             await client.close()
+
+
+@pytest.fixture
+def wsbus_pyro_config() -> PyroConfig:
+    """Pyro settings for a test: a free name-server port, short intervals and timeouts."""
+    from wsbus_pyro import PyroConfig
+
+    from .processes import free_port
+
+    return PyroConfig(ns_port=free_port(), reregister_interval=0.2, comm_timeout=3.0)
+
+
+def _pyro_args(config: PyroConfig) -> list[str]:
+    args = ["--ns-host", config.ns_host, "--ns-port", str(config.ns_port)]
+    if config.secret:
+        args += ["--secret", config.secret]
+    return args
+
+
+@pytest.fixture
+def wsbus_nameserver(wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
+    """A real Pyro name server process at ``wsbus_pyro_config``'s address."""
+    from .processes import Child
+
+    child = Child(["nameserver", *_pyro_args(wsbus_pyro_config)])
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+@pytest.fixture
+def wsbus_message_bus(wsbus_nameserver: Child, wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
+    """A real message bus process (``wsbus bus``), registered with ``wsbus_nameserver``."""
+    from .processes import Child
+
+    child = Child(["bus", *_pyro_args(wsbus_pyro_config)])
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+@pytest.fixture
+def wsbus_spawn_service(
+    wsbus_message_bus: Child, wsbus_pyro_config: PyroConfig
+) -> Iterator[Callable[[str], Child]]:
+    """A factory: ``wsbus_spawn_service("module:Class")`` starts a real service process.
+
+    Every process it started is ended (by its own pid) after the test.
+    """
+    from .processes import Child
+
+    children: list[Child] = []
+
+    def spawn(spec: str) -> Child:
+        child = Child(["service", spec, *_pyro_args(wsbus_pyro_config)])
+        children.append(child)
+        return child
+
+    try:
+        yield spawn
+    finally:
+        for child in reversed(children):
+            child.stop()

@@ -9,7 +9,7 @@ import msgspec
 from wsbus.envelope import ClientAddress, Envelope, Recipients
 from wsbus.service import Context, Service, handles
 
-__all__ = ["Probe", "Sequencer"]
+__all__ = ["Director", "Probe", "Sequencer"]
 
 
 class Probe(Service):
@@ -44,3 +44,51 @@ class Sequencer(Service):
             ctx.send(recipients, "sequence.item", i)
             if i % 64 == 63:
                 await asyncio.sleep(0)
+
+
+class Director(Service):
+    """Lets a test client drive gateway control and sends, through a real service.
+
+    ``director.join`` ``{"group"}``, ``director.alias`` ``{"alias"}``: act on the sender and
+    reply. ``director.send`` ``{"recipients": {...}, "body": ...}``: send ``director.item``
+    with the body to those recipients. ``director.clients``: reply with the client list.
+    Undeliverable reports are counted and answered on ``director.missed`` requests.
+    """
+
+    name = "director"
+
+    def __init__(self) -> None:
+        self.missed: list[dict[str, object]] = []
+
+    @handles("director.join")
+    async def join(self, message: Envelope, ctx: Context) -> None:
+        """Add the sender to a group."""
+        assert isinstance(message.sender, ClientAddress)
+        ctx.reply({"joined": await ctx.join(message.sender.conn_id, message.content["group"])})
+
+    @handles("director.alias")
+    async def alias(self, message: Envelope, ctx: Context) -> None:
+        """Set the sender's alias."""
+        assert isinstance(message.sender, ClientAddress)
+        ctx.reply({"alias": await ctx.set_alias(message.sender.conn_id, message.content["alias"])})
+
+    @handles("director.send")
+    async def send(self, message: Envelope, ctx: Context) -> None:
+        """Send the body to the recipients named in the content."""
+        recipients = msgspec.convert(message.content["recipients"], Recipients)
+        ctx.send(recipients, "director.item", message.content["body"])
+
+    @handles("director.clients")
+    async def clients(self, message: Envelope, ctx: Context) -> None:
+        """Reply with the connection ids the gateway lists."""
+        ctx.reply({"clients": [c.conn_id for c in await ctx.clients()]})
+
+    @handles("director.missed")
+    async def report(self, message: Envelope, ctx: Context) -> None:
+        """Reply with the undeliverable reports received so far."""
+        ctx.reply({"missed": self.missed})
+
+    @handles("wsbus.undeliverable")
+    async def undeliverable(self, message: Envelope, ctx: Context) -> None:
+        """Keep an undeliverable report."""
+        self.missed.append(message.content)

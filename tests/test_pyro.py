@@ -1,0 +1,175 @@
+"""The Pyro bus with a real name server, a real message bus and real service processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tests.conftest import assert_balanced
+from wsbus import Codec, Gateway, GatewayConfig, MemoryClient, Service, memory_pair
+from wsbus.bus import Bus
+from wsbus_pyro import PyroBus, PyroConfig
+from wsbus_testing.conformance import BusConformance, MakeBus
+from wsbus_testing.processes import Child
+
+Spawn = Callable[[str], Child]
+
+
+class TestPyroBusConformance(BusConformance):
+    """The same conformance suite the in-memory bus passes, with services as processes."""
+
+    @pytest_asyncio.fixture
+    async def wsbus_make_bus(
+        self, wsbus_spawn_service: Spawn, wsbus_pyro_config: PyroConfig
+    ) -> AsyncIterator[MakeBus]:
+        buses: list[PyroBus] = []
+
+        async def make(services: list[type[Service]]) -> Bus:
+            for cls in services:
+                await asyncio.to_thread(wsbus_spawn_service, f"{cls.__module__}:{cls.__name__}")
+            bus = PyroBus(wsbus_pyro_config)
+            buses.append(bus)
+            return bus
+
+        yield make
+        for bus in buses:
+            await bus.close()
+
+
+class Gateways:
+    """Gateways on the Pyro bus in this process, with in-memory clients; all closed after."""
+
+    def __init__(self, config: PyroConfig) -> None:
+        self.config = config
+        self.gateways: list[Gateway] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def gateway(self, node: str) -> Gateway:
+        gateway = Gateway(PyroBus(self.config), config=GatewayConfig(node=node), entry_points=False)
+        await gateway.start()
+        self.gateways.append(gateway)
+        return gateway
+
+    async def client(self, gateway: Gateway, codec: Codec = Codec.JSON) -> MemoryClient:
+        conn, client = memory_pair(codec)
+        self.tasks.append(asyncio.create_task(gateway.serve(conn)))
+        welcome = await client.receive()
+        client.conn_id = welcome["content"]["conn_id"]
+        return client
+
+    async def close(self) -> None:
+        for gateway in self.gateways:
+            await gateway.close()
+        await asyncio.gather(*self.tasks)
+
+
+@pytest_asyncio.fixture
+async def gateways(
+    wsbus_pyro_config: PyroConfig, wsbus_spawn_service: Spawn
+) -> AsyncIterator[Gateways]:
+    for spec in (
+        "wsbus.demo_services:Echo",
+        "wsbus.demo_services:Chat",
+        "wsbus_testing.services:Director",
+    ):
+        await asyncio.to_thread(wsbus_spawn_service, spec)
+    kit = Gateways(wsbus_pyro_config)
+    try:
+        yield kit
+    finally:
+        await kit.close()
+
+
+async def _until(client: MemoryClient, type: str) -> dict[str, Any]:
+    return await client.receive_until(type, timeout=10)
+
+
+async def test_client_message_reaches_a_service_process_and_back(gateways: Gateways) -> None:
+    gateway = await gateways.gateway("g1")
+    client = await gateways.client(gateway)
+    client.send("echo", {"x": [1, 2]}, id="e1")
+    ack = await client.receive(10)
+    assert ack["type"] == "wsbus.ack" and ack["content"] == {"ref": "e1"}
+    reply = await _until(client, "echo.reply")
+    assert reply["reply_to"] == "e1"
+    assert reply["content"] == {
+        "content": {"x": [1, 2]},
+        "sender": {"type": "client", "conn_id": client.conn_id, "alias": None, "user": None},
+    }
+    client.send("nobody.handles.this", id="n")
+    error = await _until(client, "wsbus.error")
+    assert error["content"]["code"] == "no_route"
+    assert_balanced(gateway.stats())
+
+
+async def test_service_sends_to_conn_alias_group_everyone(gateways: Gateways) -> None:
+    gateway = await gateways.gateway("g1")
+    ann = await gateways.client(gateway)
+    bob = await gateways.client(gateway, Codec.MSGPACK)
+    ann.send("director.alias", {"alias": "ann"})
+    assert (await _until(ann, "director.alias.reply"))["content"] == {"alias": "ann"}
+    bob.send("director.join", {"group": "g"})
+    assert (await _until(bob, "director.join.reply"))["content"] == {"joined": True}
+
+    async def check(recipients: dict[str, Any], body: str, *expect: MemoryClient) -> None:
+        ann.send("director.send", {"recipients": recipients, "body": body})
+        for client in expect:
+            item = await _until(client, "director.item")
+            assert item["content"] == body and item["from"] == "director"
+
+    await check({"conn_ids": [bob.conn_id]}, "to bob", bob)
+    await check({"aliases": ["ann"]}, "to ann", ann)
+    await check({"groups": ["g"]}, "to g", bob)
+    await check({"everyone": True}, "to all", ann, bob)
+    # Order per sender and client: a burst arrives in order.
+    for i in range(50):
+        ann.send("director.send", {"recipients": {"conn_ids": [bob.conn_id]}, "body": str(i)})
+    got = [(await _until(bob, "director.item"))["content"] for _ in range(50)]
+    assert got == [str(i) for i in range(50)]
+
+
+async def test_chat_over_pyro(gateways: Gateways) -> None:
+    gateway = await gateways.gateway("g1")
+    ann = await gateways.client(gateway)
+    bob = await gateways.client(gateway)
+    ann.send("chat.nick", {"nick": "ann"})
+    assert (await _until(ann, "chat.nick.reply"))["content"] == {"ok": True, "nick": "ann"}
+    for client in (ann, bob):
+        client.send("chat.join", {"room": "lobby"})
+        await _until(client, "chat.join.reply")
+    ann.send("chat.say", {"room": "lobby", "text": "hello"})
+    for client in (ann, bob):
+        message = await _until(client, "chat.message")
+        assert message["content"] == {"room": "lobby", "from": "ann", "text": "hello"}
+
+
+async def test_two_gateways_share_one_bus(gateways: Gateways) -> None:
+    g1 = await gateways.gateway("g1")
+    g2 = await gateways.gateway("g2")
+    a = await gateways.client(g1)
+    b = await gateways.client(g2)
+    b.send("director.alias", {"alias": "bee"})
+    await _until(b, "director.alias.reply")
+    for client in (a, b):
+        client.send("director.join", {"group": "both"})
+        assert (await _until(client, "director.join.reply"))["content"] == {"joined": True}
+
+    a.send("director.send", {"recipients": {"aliases": ["bee"]}, "body": "cross"})
+    assert (await _until(b, "director.item"))["content"] == "cross"
+    a.send("director.send", {"recipients": {"conn_ids": [b.conn_id]}, "body": "by id"})
+    assert (await _until(b, "director.item"))["content"] == "by id"
+    b.send("director.send", {"recipients": {"groups": ["both"]}, "body": "group"})
+    for client in (a, b):
+        assert (await _until(client, "director.item"))["content"] == "group"
+    # Each gateway owns its connections: a reaches only g1's, b only g2's.
+    assert [c.conn_id for c in g1.clients()] == [a.conn_id]
+    assert [c.conn_id for c in g2.clients()] == [b.conn_id]
+    # A shared message reaches the right gateway and nobody is reported missing.
+    a.send("director.missed", None)
+    assert (await _until(a, "director.missed.reply"))["content"] == {"missed": []}
+    for gateway in (g1, g2):
+        assert_balanced(gateway.stats())
