@@ -1,0 +1,759 @@
+"""The client wire protocol v1 (SPEC section 3): codecs, strict validation, error codes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsbus.wire import (
+    ClientFrame,
+    Codec,
+    ErrorCode,
+    Rejection,
+    ServerFrame,
+    WireLimits,
+    decode_client_frame,
+    encode_server_frame,
+    negotiate,
+)
+from wsbus_testing import strategies as wst
+
+J = Codec.JSON
+M = Codec.MSGPACK
+BOTH = pytest.mark.parametrize("codec", [J, M], ids=["json", "msgpack"])
+
+# The codes decode_client_frame may produce; the others belong to the gateway and the bus.
+WIRE_CODES = frozenset(
+    {
+        ErrorCode.MALFORMED,
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.UNKNOWN_FIELD,
+        ErrorCode.RESERVED_TYPE,
+        ErrorCode.LIMIT_EXCEEDED,
+        ErrorCode.BAD_VALUE,
+    }
+)
+TYPE_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# What decode_client_frame answers when its own code raised: it must never be seen.
+INTERNAL_BUG_MESSAGE = "the frame could not be read"
+
+
+def enc(obj: Any, codec: Codec) -> str | bytes:
+    """Encode like a client would: text for JSON, bytes for msgpack."""
+    if codec is J:
+        return msgspec.json.encode(obj).decode()
+    return msgspec.msgpack.encode(obj)
+
+
+def plain_decode(data: str | bytes, codec: Codec) -> Any:
+    """Decode without any of wsbus's checks: the oracle for what a client wrote."""
+    raw = data.encode() if isinstance(data, str) else data
+    return msgspec.json.decode(raw) if codec is J else msgspec.msgpack.decode(raw)
+
+
+def nest(depth: int) -> Any:
+    """``depth`` nested arrays around a 0."""
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def nest_objects(depth: int) -> Any:
+    """``depth`` nested objects around a 0."""
+    value: Any = 0
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def assert_clean_message(rejection: Rejection) -> None:
+    """Error messages are short, printable ASCII and carry no internals."""
+    message = rejection.message
+    assert message
+    assert len(message) < 120, message
+    assert message.isascii() and message.isprintable(), message
+    assert "Traceback" not in message
+    assert 'File "' not in message
+    assert ".py" not in message
+    assert "/" not in message
+    assert message != INTERNAL_BUG_MESSAGE
+
+
+def check_outcome(data: str | bytes, codec: Codec, result: object) -> None:
+    """The invariants of every answer of decode_client_frame, whatever it was given."""
+    assert isinstance(result, ClientFrame | Rejection)
+    if isinstance(result, Rejection):
+        assert result.code in WIRE_CODES
+        assert result.message
+        assert len(result.message) < 120, result.message
+        assert result.message.isascii() and result.message.isprintable(), result.message
+        assert result.message != INTERNAL_BUG_MESSAGE
+        if result.ref is not None:
+            # Never echo junk: a ref is always the frame's own, valid id.
+            assert 0 < len(result.ref) <= 64
+            written = plain_decode(data, codec)
+            assert type(written) is dict
+            assert written["id"] == result.ref
+    else:
+        assert TYPE_RE.fullmatch(result.type)
+        assert not result.type.startswith("wsbus.")
+        for value in (result.id, result.reply_to):
+            assert value is None or (type(value) is str and 0 < len(value) <= 64)
+
+
+# --- Never raises, always a documented code -------------------------------------------------
+
+surrogate_text = st.text(
+    st.characters(categories=["Cs"]) | st.characters(codec="utf-8"), max_size=50
+)
+
+
+@BOTH
+@settings(max_examples=300)
+@given(data=st.binary(max_size=300) | wst.raw_bytes())
+def test_arbitrary_bytes_get_a_frame_or_a_documented_rejection(codec: Codec, data: bytes) -> None:
+    check_outcome(data, codec, decode_client_frame(data, codec))
+
+
+@BOTH
+@settings(max_examples=300)
+@given(data=st.text(max_size=300) | surrogate_text)
+def test_arbitrary_text_get_a_frame_or_a_documented_rejection(codec: Codec, data: str) -> None:
+    result = decode_client_frame(data, codec)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in data):
+        assert isinstance(result, Rejection)
+        assert result.code is ErrorCode.BAD_VALUE
+    else:
+        check_outcome(data, codec, result)
+
+
+@settings(max_examples=150)
+@given(
+    before=st.text('ab:"', max_size=3),
+    surrogate=st.characters(categories=["Cs"]),
+    after=st.text("ab", max_size=3),
+    where=st.sampled_from(["type", "content", "id", "key"]),
+)
+def test_lone_surrogates_anywhere_are_bad_values(
+    before: str, surrogate: str, after: str, where: str
+) -> None:
+    def frame(text: str) -> str:
+        if where == "key":
+            return '{"type":"a","content":{"' + text + '":1}}'
+        return '{"type":"a","' + where + '":"' + text + '"}'
+
+    # As a JSON escape: the escaped text is otherwise plain, so this is valid JSON but for it.
+    escaped = before.replace('"', '\\"') + f"\\u{ord(surrogate):04x}" + after
+    result = decode_client_frame(frame(escaped), J)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.BAD_VALUE
+    # As the character itself in a Python str, as a text frame may deliver it, on both codecs.
+    literal = frame(before.replace('"', '\\"') + surrogate + after)
+    for codec in (J, M):
+        assert decode_client_frame(literal, codec) == Rejection(
+            ErrorCode.BAD_VALUE, "text contains a lone UTF-16 surrogate"
+        )
+
+
+@BOTH
+@settings(max_examples=400)
+@given(data=st.data())
+def test_adversarial_frames_get_a_frame_or_a_documented_rejection(
+    codec: Codec, data: st.DataObject
+) -> None:
+    frame = data.draw(wst.adversarial_frames(codec=codec))
+    # The strategy promises frames of the codec's own kind.
+    assert isinstance(frame, str if codec is J else bytes)
+    check_outcome(frame, codec, decode_client_frame(frame, codec))
+
+
+# --- Valid frames round-trip ------------------------------------------------------------------
+
+
+@BOTH
+@settings(max_examples=200)
+@given(data=st.data())
+def test_client_frames_decode_to_what_was_encoded(codec: Codec, data: st.DataObject) -> None:
+    frame = data.draw(wst.client_frames(codec=codec))
+    written = plain_decode(frame, codec)
+    result = decode_client_frame(frame, codec)
+    assert result == ClientFrame(
+        type=written["type"],
+        content=written.get("content"),
+        id=written.get("id"),
+        reply_to=written.get("reply_to"),
+    )
+
+
+ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=64)
+
+
+@BOTH
+@settings(max_examples=200)
+@given(
+    type_=wst.message_types(),
+    content=wst.json_values(),
+    id_=st.none() | ids,
+    reply_to=st.none() | ids,
+)
+def test_frames_built_here_decode_to_their_fields(
+    codec: Codec, type_: str, content: Any, id_: str | None, reply_to: str | None
+) -> None:
+    frame: dict[str, Any] = {"type": type_, "content": content}
+    if id_ is not None:
+        frame["id"] = id_
+    if reply_to is not None:
+        frame["reply_to"] = reply_to
+    result = decode_client_frame(enc(frame, codec), codec)
+    assert isinstance(result, ClientFrame)
+    assert (result.type, result.content, result.id, result.reply_to) == (
+        type_,
+        content,
+        id_,
+        reply_to,
+    )
+
+
+# --- One or more explicit cases per error code -----------------------------------------------
+
+# Objects that are rejected the same way whichever codec carries them.
+OBJECT_CASES = [
+    pytest.param([], ErrorCode.MALFORMED, id="array"),
+    pytest.param([{"type": "a"}], ErrorCode.MALFORMED, id="array-of-frame"),
+    pytest.param("type", ErrorCode.MALFORMED, id="string"),
+    pytest.param(1, ErrorCode.MALFORMED, id="number"),
+    pytest.param(None, ErrorCode.MALFORMED, id="null"),
+    pytest.param({}, ErrorCode.INVALID_MESSAGE, id="empty-object"),
+    pytest.param({"content": 1}, ErrorCode.INVALID_MESSAGE, id="missing-type"),
+    pytest.param({"type": None}, ErrorCode.INVALID_MESSAGE, id="type-null"),
+    pytest.param({"type": 1}, ErrorCode.INVALID_MESSAGE, id="type-int"),
+    pytest.param({"type": ["a"]}, ErrorCode.INVALID_MESSAGE, id="type-array"),
+    pytest.param({"type": ""}, ErrorCode.INVALID_MESSAGE, id="type-empty"),
+    pytest.param({"type": "a\n"}, ErrorCode.INVALID_MESSAGE, id="type-trailing-newline"),
+    pytest.param({"type": "bad type!"}, ErrorCode.INVALID_MESSAGE, id="type-bad-chars"),
+    pytest.param({"type": "x" * 129}, ErrorCode.INVALID_MESSAGE, id="type-129"),
+    pytest.param({"type": "a", "id": "x" * 65}, ErrorCode.INVALID_MESSAGE, id="id-65"),
+    pytest.param({"type": "a", "id": ""}, ErrorCode.INVALID_MESSAGE, id="id-empty"),
+    pytest.param({"type": "a", "id": None}, ErrorCode.INVALID_MESSAGE, id="id-null"),
+    pytest.param({"type": "a", "id": 7}, ErrorCode.INVALID_MESSAGE, id="id-int"),
+    pytest.param({"type": "a", "reply_to": 1}, ErrorCode.INVALID_MESSAGE, id="reply_to-int"),
+    pytest.param({"type": "a", "reply_to": "x" * 65}, ErrorCode.INVALID_MESSAGE, id="reply_to-65"),
+    pytest.param({"type": "a", "sender": "auth"}, ErrorCode.UNKNOWN_FIELD, id="sender"),
+    pytest.param({"type": "a", "Sender": "auth"}, ErrorCode.UNKNOWN_FIELD, id="Sender"),
+    pytest.param({"type": "a", "sender ": "auth"}, ErrorCode.UNKNOWN_FIELD, id="sender-space"),
+    pytest.param(
+        {"type": "a", "\u0455ender": "auth"}, ErrorCode.UNKNOWN_FIELD, id="cyrillic-sender"
+    ),
+    pytest.param({"type": "a", "from": "auth"}, ErrorCode.UNKNOWN_FIELD, id="from"),
+    pytest.param(
+        {"type": "a", "sender": {"type": "service", "name": "auth"}},
+        ErrorCode.UNKNOWN_FIELD,
+        id="sender-address",
+    ),
+    pytest.param({"type": "a", "": 1}, ErrorCode.UNKNOWN_FIELD, id="empty-key"),
+    pytest.param({"type": "a", "type\x00": 1}, ErrorCode.UNKNOWN_FIELD, id="type-nul"),
+    pytest.param({"sender": "auth"}, ErrorCode.UNKNOWN_FIELD, id="sender-without-type"),
+    pytest.param({"type": "wsbus.anything"}, ErrorCode.RESERVED_TYPE, id="wsbus-anything"),
+    pytest.param({"type": "wsbus.auth"}, ErrorCode.RESERVED_TYPE, id="wsbus-auth-not-allowed"),
+    pytest.param({"type": "wsbus."}, ErrorCode.RESERVED_TYPE, id="wsbus-dot"),
+    pytest.param({"type": "wsbus.ack"}, ErrorCode.RESERVED_TYPE, id="wsbus-ack"),
+    pytest.param(
+        {"type": "a", "content": nest(32)}, ErrorCode.LIMIT_EXCEEDED, id="depth-33-arrays"
+    ),
+    pytest.param(
+        {"type": "a", "content": nest_objects(32)},
+        ErrorCode.LIMIT_EXCEEDED,
+        id="depth-33-objects",
+    ),
+    pytest.param(
+        {"type": "a", "content": {"a": [{"b": nest(29)}]}},
+        ErrorCode.LIMIT_EXCEEDED,
+        id="depth-33-mixed",
+    ),
+    pytest.param({"type": "a", "content": 2**53}, ErrorCode.BAD_VALUE, id="2**53"),
+    pytest.param({"type": "a", "content": -(2**53)}, ErrorCode.BAD_VALUE, id="-2**53"),
+    pytest.param({"type": "a", "content": 2**63 - 1}, ErrorCode.BAD_VALUE, id="int64-max"),
+    pytest.param({"type": "a", "content": 2**64 - 1}, ErrorCode.BAD_VALUE, id="uint64-max"),
+    pytest.param({"type": "a", "content": -(2**63)}, ErrorCode.BAD_VALUE, id="int64-min"),
+    pytest.param(
+        {"type": "a", "content": {"k": [1, 2**53]}}, ErrorCode.BAD_VALUE, id="2**53-nested"
+    ),
+]
+
+
+@BOTH
+@pytest.mark.parametrize(("obj", "code"), OBJECT_CASES)
+def test_rejected_objects(codec: Codec, obj: Any, code: ErrorCode) -> None:
+    result = decode_client_frame(enc(obj, codec), codec)
+    assert isinstance(result, Rejection), result
+    assert result.code is code, result
+    assert result.ref is None
+    assert_clean_message(result)
+
+
+JSON_CASES = [
+    pytest.param("not json", ErrorCode.MALFORMED, id="not-json"),
+    pytest.param("", ErrorCode.MALFORMED, id="empty"),
+    pytest.param(" ", ErrorCode.MALFORMED, id="space"),
+    pytest.param('{"type":"a"', ErrorCode.MALFORMED, id="truncated"),
+    pytest.param('{"type":"a",}', ErrorCode.MALFORMED, id="trailing-comma"),
+    pytest.param("{'type':'a'}", ErrorCode.MALFORMED, id="single-quotes"),
+    pytest.param('{"type":"a"}{"type":"b"}', ErrorCode.MALFORMED, id="two-objects"),
+    pytest.param('{"type":"a","type":"b"}', ErrorCode.MALFORMED, id="dup-top"),
+    pytest.param('{"type":"a","type":"wsbus.admin"}', ErrorCode.MALFORMED, id="dup-top-reserved"),
+    pytest.param('{"type":"a","\\u0074ype":"b"}', ErrorCode.MALFORMED, id="dup-escaped-key"),
+    pytest.param('{"type":"a","content":{"k":1,"k":2}}', ErrorCode.MALFORMED, id="dup-nested"),
+    pytest.param(
+        '{"type":"a","content":[{"k":{"j":1}},{"k":1,"k":2}]}',
+        ErrorCode.MALFORMED,
+        id="dup-in-array",
+    ),
+    pytest.param(
+        '{"type":"a","content":{"x:y":1,"k":1,"k":2}}',
+        ErrorCode.MALFORMED,
+        id="dup-with-colon-in-string",
+    ),
+    pytest.param(
+        '{"type":"a","content":{"p":{"q":1}},"content":{"r":1}}',
+        ErrorCode.MALFORMED,
+        id="dup-hides-an-object",
+    ),
+    pytest.param('{"type":"a","content":NaN}', ErrorCode.MALFORMED, id="NaN-literal"),
+    pytest.param('{"type":"a","content":Infinity}', ErrorCode.MALFORMED, id="Infinity-literal"),
+    pytest.param('{"type":"a","content":-Infinity}', ErrorCode.MALFORMED, id="-Infinity-literal"),
+    pytest.param('{"type":"a","content":1e999}', ErrorCode.BAD_VALUE, id="1e999"),
+    pytest.param('{"type":"a","content":-1e999}', ErrorCode.BAD_VALUE, id="-1e999"),
+    pytest.param('{"type":"a","content":[0.5,1E400]}', ErrorCode.BAD_VALUE, id="1E400-nested"),
+    pytest.param(
+        '{"type":"a","content":' + "9" * 5000 + "}", ErrorCode.BAD_VALUE, id="5000-digits"
+    ),
+    pytest.param(
+        '{"type":"a","content":-' + "9" * 5000 + "}", ErrorCode.BAD_VALUE, id="-5000-digits"
+    ),
+    pytest.param('{"type":"a","content":18446744073709551616}', ErrorCode.BAD_VALUE, id="2**64"),
+    pytest.param('{"type":"a","content":"\\ud800"}', ErrorCode.BAD_VALUE, id="escape-ud800"),
+    pytest.param('{"type":"a","content":"\\udc00x"}', ErrorCode.BAD_VALUE, id="escape-udc00"),
+    pytest.param('{"type":"a","content":{"\\ud800":1}}', ErrorCode.BAD_VALUE, id="key-ud800"),
+    pytest.param('{"type":"a","content":"\ud800"}', ErrorCode.BAD_VALUE, id="text-ud800"),
+    pytest.param(b'{"type":"a","content":"\xff"}', ErrorCode.MALFORMED, id="bytes-invalid-utf8"),
+    pytest.param("[" * 20000 + "]" * 20000, ErrorCode.LIMIT_EXCEEDED, id="depth-20000-bare"),
+    pytest.param(
+        '{"type":"a","content":' + "[" * 20000 + "]" * 20000 + "}",
+        ErrorCode.LIMIT_EXCEEDED,
+        id="depth-20000",
+    ),
+    pytest.param(
+        '{"type":"a","content":' + '{"a":' * 20000 + "1" + "}" * 20000 + "}",
+        ErrorCode.LIMIT_EXCEEDED,
+        id="depth-20000-objects",
+    ),
+]
+
+MSGPACK_HEAD = b"\x82\xa4type\xa1a\xa7content"  # {"type": "a", "content": <next item>}
+
+MSGPACK_CASES = [
+    pytest.param(b"", ErrorCode.MALFORMED, id="empty"),
+    pytest.param(b"\xc1", ErrorCode.MALFORMED, id="never-used-byte"),
+    pytest.param(b"\x82\xa4type\xa1a\xa7cont", ErrorCode.MALFORMED, id="truncated"),
+    pytest.param(MSGPACK_HEAD, ErrorCode.MALFORMED, id="truncated-value"),
+    pytest.param(b"\x81\xa4type\xa1a\x81\xa4type\xa1b", ErrorCode.MALFORMED, id="two-maps"),
+    pytest.param(b'{"type":"a"}', ErrorCode.MALFORMED, id="json-bytes"),
+    pytest.param(b"\x82\xa4type\xa1a\xa4type\xa1b", ErrorCode.MALFORMED, id="dup-top"),
+    pytest.param(
+        b"\xde\x00\x02\xa4type\xa1a\xa4type\xa1b", ErrorCode.MALFORMED, id="dup-top-map16"
+    ),
+    pytest.param(
+        b"\xdf\x00\x00\x00\x02\xa4type\xa1a\xa4type\xa1b",
+        ErrorCode.MALFORMED,
+        id="dup-top-map32",
+    ),
+    pytest.param(MSGPACK_HEAD + b"\x82\xa1k\x01\xa1k\x02", ErrorCode.MALFORMED, id="dup-nested"),
+    pytest.param(
+        MSGPACK_HEAD + b"\xde\x00\x02\xa1k\x01\xa1k\x02", ErrorCode.MALFORMED, id="dup-map16"
+    ),
+    pytest.param(
+        MSGPACK_HEAD + b"\x91\x82\xd9\x01k\x01\xa1k\x02", ErrorCode.MALFORMED, id="dup-str8-key"
+    ),
+    pytest.param(MSGPACK_HEAD + b"\x81\x80\x01", ErrorCode.MALFORMED, id="map-as-key"),
+    pytest.param(b"\x81\x01\x02", ErrorCode.INVALID_MESSAGE, id="int-key"),
+    pytest.param(b"\x82\xa4type\xa1a\x01\x02", ErrorCode.INVALID_MESSAGE, id="int-key-with-type"),
+    pytest.param(
+        MSGPACK_HEAD + b"\x81\xc4\x01k\x01", ErrorCode.INVALID_MESSAGE, id="bin-key-nested"
+    ),
+    pytest.param(b"\x81\xc4\x04type\xa1a", ErrorCode.INVALID_MESSAGE, id="bin-type-key"),
+    pytest.param(b"\x81\xa4type\xc4\x01a", ErrorCode.INVALID_MESSAGE, id="bin-type-value"),
+    pytest.param(MSGPACK_HEAD + b"\xcb\x7f\xf8" + b"\x00" * 6, ErrorCode.BAD_VALUE, id="f64-nan"),
+    pytest.param(MSGPACK_HEAD + b"\xcb\x7f\xf0" + b"\x00" * 6, ErrorCode.BAD_VALUE, id="f64-inf"),
+    pytest.param(
+        MSGPACK_HEAD + b"\xcb\xff\xf0" + b"\x00" * 6, ErrorCode.BAD_VALUE, id="f64-minus-inf"
+    ),
+    pytest.param(MSGPACK_HEAD + b"\xca\x7f\xc0\x00\x00", ErrorCode.BAD_VALUE, id="f32-nan"),
+    pytest.param(MSGPACK_HEAD + b"\xcf" + b"\xff" * 8, ErrorCode.BAD_VALUE, id="uint64-max"),
+    pytest.param(MSGPACK_HEAD + b"\xc7\x01\x05\x00", ErrorCode.BAD_VALUE, id="ext8"),
+    pytest.param(MSGPACK_HEAD + b"\xc8\x00\x01\x05\x00", ErrorCode.BAD_VALUE, id="ext16"),
+    pytest.param(MSGPACK_HEAD + b"\xd4\x05\x00", ErrorCode.BAD_VALUE, id="fixext1"),
+    pytest.param(MSGPACK_HEAD + b"\xd6\xff\x00\x00\x00\x01", ErrorCode.BAD_VALUE, id="timestamp32"),
+    pytest.param(MSGPACK_HEAD + b"\xd7\xff" + b"\x00" * 8, ErrorCode.BAD_VALUE, id="timestamp64"),
+    pytest.param(
+        MSGPACK_HEAD + b"\x91\x81\xa1k\xd6\xff\x00\x00\x00\x01",
+        ErrorCode.BAD_VALUE,
+        id="timestamp-nested",
+    ),
+    pytest.param(MSGPACK_HEAD + b"\xa3\xed\xa0\x80", ErrorCode.BAD_VALUE, id="utf8-surrogate"),
+    pytest.param(MSGPACK_HEAD + b"\xa2\xff\xfe", ErrorCode.BAD_VALUE, id="invalid-utf8"),
+    pytest.param(b"\x91" * 20000 + b"\xc0", ErrorCode.LIMIT_EXCEEDED, id="depth-20000-bare"),
+    pytest.param(
+        MSGPACK_HEAD + b"\x91" * 20000 + b"\xc0", ErrorCode.LIMIT_EXCEEDED, id="depth-20000"
+    ),
+    pytest.param(
+        MSGPACK_HEAD + b"\x81\xa1a" * 20000 + b"\xc0",
+        ErrorCode.LIMIT_EXCEEDED,
+        id="depth-20000-maps",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "code"), JSON_CASES)
+def test_rejected_json(data: str | bytes, code: ErrorCode) -> None:
+    result = decode_client_frame(data, J)
+    assert isinstance(result, Rejection), result
+    assert result.code is code, result
+    assert result.ref is None
+    assert_clean_message(result)
+
+
+@pytest.mark.parametrize(("data", "code"), MSGPACK_CASES)
+def test_rejected_msgpack(data: bytes, code: ErrorCode) -> None:
+    result = decode_client_frame(data, M)
+    assert isinstance(result, Rejection), result
+    assert result.code is code, result
+    assert result.ref is None
+    assert_clean_message(result)
+
+
+def test_each_wire_code_is_covered_by_an_explicit_case() -> None:
+    covered = {param.values[-1] for param in [*OBJECT_CASES, *JSON_CASES, *MSGPACK_CASES]}
+    assert covered == WIRE_CODES
+
+
+@pytest.mark.parametrize(
+    ("data", "content"),
+    [
+        pytest.param('{"type":"a","content":{"x:y":1,"x":2}}', {"x:y": 1, "x": 2}, id="colon"),
+        pytest.param('{"type":"a:b:c","content":{"x:y":"::"}}', {"x:y": "::"}, id="colons"),
+        pytest.param(
+            '{"type":"a","content":{"x\\":":1,"x":2}}', {'x":': 1, "x": 2}, id="escaped-quote"
+        ),
+        pytest.param('{"type":"a","content":{"x\\\\":1,"x":2}}', {"x\\": 1, "x": 2}, id="bslash"),
+        pytest.param('{"type":"a","content":[{"k":1},{"k":2}]}', [{"k": 1}, {"k": 2}], id="same"),
+        pytest.param('{"type":"a","content":"\\ud83d\\ude00"}', "\U0001f600", id="pair"),
+        pytest.param('{"type":"a","content":9007199254740991}', 2**53 - 1, id="2**53-1"),
+        pytest.param('{"type":"a","content":-9007199254740991}', -(2**53 - 1), id="-(2**53-1)"),
+        pytest.param('{"type":"a","content":1e308}', 1e308, id="1e308"),
+        pytest.param('{"type":"a","content":1e-999}', 0.0, id="underflow"),
+        pytest.param(' {"type":"a"} ', None, id="whitespace"),
+    ],
+)
+def test_accepted_json(data: str, content: Any) -> None:
+    result = decode_client_frame(data, J)
+    assert isinstance(result, ClientFrame), result
+    assert result.content == content
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(2**53 - 1, id="2**53-1"),
+        pytest.param(-(2**53 - 1), id="-(2**53-1)"),
+        pytest.param(nest(31), id="depth-32-arrays"),
+        pytest.param(nest_objects(31), id="depth-32-objects"),
+        pytest.param({"a": [{"b": nest(28)}]}, id="depth-32-mixed"),
+        pytest.param({"k": "v", "K": "v", "k ": "v"}, id="near-duplicates"),
+    ],
+)
+def test_accepted_content(codec: Codec, content: Any) -> None:
+    result = decode_client_frame(enc({"type": "a", "content": content}, codec), codec)
+    assert result == ClientFrame("a", content)
+
+
+def test_msgpack_bin_and_float32_are_accepted() -> None:
+    assert decode_client_frame(MSGPACK_HEAD + b"\xc4\x02ab", M) == ClientFrame("a", b"ab")
+    assert decode_client_frame(MSGPACK_HEAD + b"\xca\x3f\xc0\x00\x00", M) == ClientFrame("a", 1.5)
+
+
+@BOTH
+def test_depth_counts_the_frame_object_as_level_one(codec: Codec) -> None:
+    # The frame is level 1, so ``content`` may hold 31 more levels: 32 in all.
+    for depth in range(1, 32):
+        frame = enc({"type": "a", "content": nest(depth)}, codec)
+        assert isinstance(decode_client_frame(frame, codec), ClientFrame), depth
+    too_deep = decode_client_frame(enc({"type": "a", "content": nest(32)}, codec), codec)
+    assert isinstance(too_deep, Rejection)
+    assert too_deep.code is ErrorCode.LIMIT_EXCEEDED
+
+
+@BOTH
+def test_depth_limit_is_configurable(codec: Codec) -> None:
+    limits = WireLimits(max_depth=2)
+    assert decode_client_frame(enc({"type": "a", "content": [1]}, codec), codec, limits) == (
+        ClientFrame("a", [1])
+    )
+    result = decode_client_frame(enc({"type": "a", "content": [[1]]}, codec), codec, limits)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.LIMIT_EXCEEDED
+    flat = decode_client_frame(enc({"type": "a"}, codec), codec, WireLimits(max_depth=1))
+    assert flat == ClientFrame("a")
+
+
+@BOTH
+def test_integer_limit_is_configurable(codec: Codec) -> None:
+    limits = WireLimits(max_integer=100)
+    for ok in (100, -100, 0):
+        frame = enc({"type": "a", "content": ok}, codec)
+        assert decode_client_frame(frame, codec, limits) == ClientFrame("a", ok)
+    for bad in (101, -101):
+        result = decode_client_frame(enc({"type": "a", "content": bad}, codec), codec, limits)
+        assert isinstance(result, Rejection)
+        assert result.code is ErrorCode.BAD_VALUE
+
+
+def test_integer_limit_message_names_the_configured_limit() -> None:
+    result = decode_client_frame('{"type":"a","content":101}', J, WireLimits(max_integer=100))
+    assert isinstance(result, Rejection)
+    assert "100" in result.message
+    assert "2**53" not in result.message
+
+
+def frame_of_size(size: int, codec: Codec) -> str | bytes:
+    """A valid frame of exactly ``size`` bytes, padded in its content string."""
+    for pad in range(size - 40, size + 1):
+        frame = enc({"type": "a", "content": "x" * pad}, codec)
+        if len(frame) == size:
+            return frame
+    raise AssertionError(f"no padding gives {size} bytes")  # pragma: no cover
+
+
+@BOTH
+def test_frame_size_limit_is_inclusive(codec: Codec) -> None:
+    at_limit = frame_of_size(65_536, codec)
+    assert isinstance(decode_client_frame(at_limit, codec), ClientFrame)
+    over = frame_of_size(65_537, codec)
+    result = decode_client_frame(over, codec)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.LIMIT_EXCEEDED
+    assert_clean_message(result)
+    # Configurable, and checked before anything else is looked at.
+    small = decode_client_frame(frame_of_size(101, codec), codec, WireLimits(max_frame_bytes=100))
+    assert isinstance(small, Rejection)
+    assert small.code is ErrorCode.LIMIT_EXCEEDED
+    junk = b"\xc1" * 65_537 if codec is M else "}" * 65_537
+    assert decode_client_frame(junk, codec) == Rejection(
+        ErrorCode.LIMIT_EXCEEDED, "frame is 65537 bytes; the limit is 65536"
+    )
+
+
+def test_text_frame_size_counts_utf8_bytes_not_characters() -> None:
+    frame = '{"type":"a","content":"' + "\u00e9" * 32_800 + '"}'
+    assert len(frame) < 65_536 < len(frame.encode())
+    result = decode_client_frame(frame, J)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.LIMIT_EXCEEDED
+
+
+# --- Reserved types and control types --------------------------------------------------------
+
+
+@BOTH
+def test_wsbus_auth_is_accepted_only_when_allowed(codec: Codec) -> None:
+    frame = enc({"type": "wsbus.auth", "content": {"token": "t"}}, codec)
+    refused = decode_client_frame(frame, codec)
+    assert isinstance(refused, Rejection)
+    assert refused.code is ErrorCode.RESERVED_TYPE
+    allowed = frozenset({"wsbus.auth"})
+    assert decode_client_frame(frame, codec, allowed_control=allowed) == ClientFrame(
+        "wsbus.auth", {"token": "t"}
+    )
+    # Allowing one control type allows no other.
+    other = decode_client_frame(enc({"type": "wsbus.admin"}, codec), codec, allowed_control=allowed)
+    assert isinstance(other, Rejection)
+    assert other.code is ErrorCode.RESERVED_TYPE
+
+
+@BOTH
+@settings(max_examples=50)
+@given(type_=wst.message_types(reserved=True))
+def test_every_reserved_type_is_refused(codec: Codec, type_: str) -> None:
+    result = decode_client_frame(enc({"type": type_}, codec), codec)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.RESERVED_TYPE
+    assert_clean_message(result)
+
+
+def test_reserved_type_message_is_short_for_the_longest_type() -> None:
+    result = decode_client_frame('{"type":"wsbus.' + "a" * 122 + '"}', J)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.RESERVED_TYPE
+    assert len(result.message) < 120
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param('{"type":"a","content":"\\ud83d\\ude00",}', id="pair-trailing-comma"),
+        pytest.param('{"type":"a","content":"\\\\ud800",}', id="escaped-backslash"),
+    ],
+)
+def test_invalid_json_without_a_lone_surrogate_is_malformed(data: str) -> None:
+    result = decode_client_frame(data, J)
+    assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.MALFORMED
+
+
+# --- The ref of a rejection ------------------------------------------------------------------
+
+REF_CASES = [
+    pytest.param({"type": "a", "id": "abc", "sender": "x"}, id="unknown-field"),
+    pytest.param({"type": "wsbus.x", "id": "abc"}, id="reserved-type"),
+    pytest.param({"type": "bad type", "id": "abc"}, id="bad-type"),
+    pytest.param({"id": "abc"}, id="missing-type"),
+    pytest.param({"type": "a", "id": "abc", "reply_to": 5}, id="bad-reply_to"),
+    pytest.param({"type": "a", "id": "abc", "content": 2**53}, id="huge-int"),
+    pytest.param({"type": "a", "id": "abc", "content": nest(40)}, id="too-deep"),
+]
+
+
+@BOTH
+@pytest.mark.parametrize("obj", REF_CASES)
+@pytest.mark.parametrize("id_", ["abc", "x" * 64, "\u00e9\U0001f600 \n"])
+def test_rejection_ref_is_the_valid_id(codec: Codec, obj: dict[str, Any], id_: str) -> None:
+    result = decode_client_frame(enc({**obj, "id": id_}, codec), codec)
+    assert isinstance(result, Rejection)
+    assert result.ref == id_
+
+
+@BOTH
+@pytest.mark.parametrize("obj", REF_CASES)
+@pytest.mark.parametrize("bad_id", ["", "x" * 65, 5, None, ["abc"], {"id": "abc"}])
+def test_rejection_ref_is_none_for_an_invalid_id(
+    codec: Codec, obj: dict[str, Any], bad_id: Any
+) -> None:
+    result = decode_client_frame(enc({**obj, "id": bad_id}, codec), codec)
+    assert isinstance(result, Rejection)
+    assert result.ref is None
+
+
+def test_rejection_ref_of_duplicates_and_extensions() -> None:
+    dup = decode_client_frame('{"type":"a","id":"abc","content":{"k":1,"k":2}}', J)
+    assert dup == Rejection(ErrorCode.MALFORMED, "an object has a duplicate key", "abc")
+    ext = decode_client_frame(b"\x83\xa4type\xa1a\xa2id\xa3abc\xa7content\xd4\x05\x00", M)
+    assert isinstance(ext, Rejection)
+    assert (ext.code, ext.ref) == (ErrorCode.BAD_VALUE, "abc")
+
+
+@pytest.mark.parametrize(
+    ("data", "codec"),
+    [
+        pytest.param('{"id":"abc","type":"a"', J, id="json-truncated"),
+        pytest.param('{"id":"abc","type":"a","content":1e999}', J, id="json-1e999"),
+        pytest.param('{"id":"abc","type":"a","content":"\\ud800"}', J, id="json-surrogate"),
+        pytest.param(b"\x82\xa2id\xa3abc\xa4type\xa1", M, id="msgpack-truncated"),
+    ],
+)
+def test_no_ref_when_the_frame_could_not_be_parsed(data: str | bytes, codec: Codec) -> None:
+    result = decode_client_frame(data, codec)
+    assert isinstance(result, Rejection)
+    assert result.ref is None
+
+
+# --- Codec negotiation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offered", "codec"),
+    [
+        ([], J),
+        (["wsbus.v1.msgpack"], M),
+        (["wsbus.v1.json"], J),
+        (["x", "wsbus.v1.json"], J),
+        (["wsbus.v1.msgpack", "wsbus.v1.json"], M),
+        (["wsbus.v1.json", "wsbus.v1.msgpack"], J),
+        (["x"], None),
+        (["x", "wsbus.v2.json", "WSBUS.V1.JSON"], None),
+    ],
+)
+def test_negotiate(offered: list[str], codec: Codec | None) -> None:
+    assert negotiate(offered) is codec
+
+
+def test_codec_kinds() -> None:
+    assert J.is_text
+    assert not M.is_text
+    assert J == "wsbus.v1.json"
+    assert M == "wsbus.v1.msgpack"
+
+
+# --- Server frames ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        pytest.param(
+            ServerFrame("t", None, "i"), {"type": "t", "content": None, "id": "i"}, id="minimal"
+        ),
+        pytest.param(
+            ServerFrame("t", [1], "i", reply_to="r"),
+            {"type": "t", "content": [1], "id": "i", "reply_to": "r"},
+            id="reply_to",
+        ),
+        pytest.param(
+            ServerFrame("t", {"a": 1}, "i", from_="chat"),
+            {"type": "t", "content": {"a": 1}, "id": "i", "from": "chat"},
+            id="from",
+        ),
+        pytest.param(
+            ServerFrame("t", "c", "i", reply_to="r", from_="chat"),
+            {"type": "t", "content": "c", "id": "i", "reply_to": "r", "from": "chat"},
+            id="both",
+        ),
+    ],
+)
+def test_server_frame_keys(frame: ServerFrame, expected: dict[str, Any]) -> None:
+    data = encode_server_frame(frame, J)
+    data.decode("utf-8")  # a text frame
+    decoded = msgspec.json.decode(data)
+    assert decoded == expected
+    assert list(decoded) == list(expected)
+    assert "from_" not in decoded
+    assert msgspec.msgpack.decode(encode_server_frame(frame, M)) == expected
+
+
+@BOTH
+@settings(max_examples=100)
+@given(
+    type_=wst.message_types() | wst.message_types(reserved=True),
+    content=wst.json_values(),
+    id_=ids,
+    reply_to=st.none() | ids,
+    from_=st.none() | wst.names(),
+)
+def test_server_frames_round_trip(
+    codec: Codec, type_: str, content: Any, id_: str, reply_to: str | None, from_: str | None
+) -> None:
+    frame = ServerFrame(type_, content, id_, reply_to, from_)
+    data = encode_server_frame(frame, codec)
+    if codec is J:
+        assert msgspec.json.decode(data, type=ServerFrame) == frame
+    else:
+        assert msgspec.msgpack.decode(data, type=ServerFrame) == frame
+    keys = set(plain_decode(data, codec))
+    assert keys == {"type", "content", "id"} | {
+        name for name, value in (("reply_to", reply_to), ("from", from_)) if value is not None
+    }
