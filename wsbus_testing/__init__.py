@@ -4,5 +4,8 @@
   automatically through the ``pytest11`` entry point once wsbus is installed.
 - :mod:`wsbus_testing.strategies`: Hypothesis strategies for frames, envelopes, recipients
   and registry operations.
-- :mod:`wsbus_testing.conformance`: test suites any bus implementation must pass.
+- :mod:`wsbus_testing.conformance`: the suite any bus implementation must pass.
+- :mod:`wsbus_testing.connection_conformance`: the suite any edge adapter's client
+  connection must pass.
+- :mod:`wsbus_testing.processes`: real ``python -m wsbus`` child processes for tests.
 """

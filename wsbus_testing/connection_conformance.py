@@ -1,0 +1,329 @@
+"""A conformance suite any edge adapter's :class:`wsbus.ClientConnection` must pass.
+
+Subclass :class:`ConnectionConformance` in a test module and provide the
+``wsbus_connection_pair`` fixture: an async factory that takes a codec and, optionally, the
+headers of the handshake, returns a connected pair (the gateway's end, the client's end) and
+cleans everything up after the test::
+
+    class TestMyEdge(ConnectionConformance):
+        @pytest_asyncio.fixture
+        async def wsbus_connection_pair(self):
+            pairs = []
+
+            async def make(codec, request_headers=None):
+                connection, peer = await my_edge_pair(codec, request_headers or {})
+                pairs.append((connection, peer))
+                return connection, peer
+
+            yield make
+            for connection, _ in pairs:
+                await connection.close(1000)
+
+The gateway's end is the :class:`~wsbus.ClientConnection` under test; the client's end is a
+:class:`Peer` the tests drive. The suite checks frame types, contents and order both ways,
+a large frame, close codes seen from either end, idempotent close and back-pressure. Every
+wait is bounded. It imports only wsbus and pytest, so it loads without any adapter's extra
+installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from collections.abc import Awaitable, Sequence
+from typing import Final, Protocol
+
+import msgspec
+import pytest
+
+from wsbus import ClientConnection, Codec, ConnectionClosed, HandshakeRequest
+
+__all__ = ["ConnectionConformance", "MakeConnectionPair", "Peer"]
+
+TIMEOUT: Final = 10.0
+"""Seconds any one test may take before it fails rather than hangs."""
+
+LARGE_FRAME: Final = 60 * 1024
+"""The size of the large frame, in bytes: under any sensible frame limit, over most buffers."""
+
+BACKPRESSURE_FRAME: Final = 16 * 1024
+"""The size of each frame the back-pressure test sends, in bytes."""
+
+BACKPRESSURE_CAP: Final = 4096
+"""Frames (64 MiB) the back-pressure test sends into an unread connection before it decides
+that ``send`` never waits."""
+
+STALL: Final = 0.25
+"""Seconds without a completed send after which ``send`` counts as waiting."""
+
+REQUEST_HEADERS: Final = {"x-wsbus-conformance": "yes"}
+"""Headers the suite asks the factory to put in the handshake."""
+
+
+class Peer(Protocol):
+    """The client's end of a connection, as a test drives it."""
+
+    async def send_text(self, data: str) -> None:
+        """Send ``data`` as one text frame."""
+        ...
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send ``data`` as one binary frame."""
+        ...
+
+    async def receive(self) -> str | bytes:
+        """Return the next frame: ``str`` for a text frame, ``bytes`` for a binary one."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection from the client's end with a WebSocket close code."""
+        ...
+
+    async def wait_closed(self) -> int:
+        """Wait until the connection is closed, reading nothing; return the close code seen."""
+        ...
+
+
+class MakeConnectionPair(Protocol):
+    """The ``wsbus_connection_pair`` fixture: makes connected pairs, cleans up after the test."""
+
+    async def __call__(
+        self, codec: Codec, request_headers: dict[str, str] | None = None
+    ) -> tuple[ClientConnection, Peer]:
+        """Return a connected (gateway's end, client's end) pair.
+
+        Args:
+            codec: the codec the handshake negotiates.
+            request_headers: headers the client sends in the handshake (names lower-case),
+                to be found in the connection's ``request.headers``.
+        """
+        ...
+
+
+_CODECS = [pytest.param(codec, id=codec.name.lower()) for codec in Codec]
+
+
+def _client_frame(i: int) -> str | bytes:
+    """Return the ``i``-th frame a client sends: text and binary by turns, empty ones first."""
+    if i < 2:
+        return "" if i == 0 else b""
+    if i % 2 == 0:
+        return f"text {i}: ü ✓ 𝄞"
+    # Not UTF-8: an adapter that decoded binary frames would fail here.
+    return bytes([i % 256, 0x00, 0xFF, 0xFE]) + b"binary"
+
+
+def _payload(codec: Codec, i: int) -> bytes:
+    """Return the ``i``-th payload the gateway sends, encoded with ``codec``."""
+    message = {"n": i, "s": "ü ✓"}
+    if codec is Codec.JSON:
+        return msgspec.json.encode(message)
+    return msgspec.msgpack.encode(message)
+
+
+def _as_seen(codec: Codec, data: bytes) -> str | bytes:
+    """Return ``data`` as the peer must receive it: a text frame for a text codec."""
+    return data.decode() if codec.is_text else data
+
+
+async def _send_all(peer: Peer, frames: Sequence[str | bytes]) -> None:
+    for frame in frames:
+        if isinstance(frame, str):
+            await peer.send_text(frame)
+        else:
+            await peer.send_binary(frame)
+
+
+async def _send_each(connection: ClientConnection, payloads: Sequence[bytes]) -> None:
+    for payload in payloads:
+        await connection.send(payload)
+
+
+async def _closed_by(operation: Awaitable[object]) -> ConnectionClosed:
+    """Await ``operation`` and return the ConnectionClosed it raises."""
+    try:
+        result = await operation
+    except ConnectionClosed as exc:
+        return exc
+    raise AssertionError(f"expected ConnectionClosed, got {result!r}")
+
+
+async def _until_still(progress: asyncio.Event, quiet: float) -> None:
+    """Return once ``progress`` has not been set for ``quiet`` seconds."""
+    while True:
+        progress.clear()
+        try:
+            async with asyncio.timeout(quiet):
+                await progress.wait()
+        except TimeoutError:
+            return
+
+
+class ConnectionConformance:
+    """The tests every edge adapter's client connection must pass.
+
+    A subclass provides the ``wsbus_connection_pair`` fixture: an async factory
+    ``make(codec, request_headers=None) -> (ClientConnection, Peer)`` (see
+    :class:`MakeConnectionPair`) that cleans up after the test.
+    """
+
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_receive_keeps_frame_types_contents_and_order(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """A text frame is received as str, a binary one as bytes, intact and in order."""
+        frames = [_client_frame(i) for i in range(100)]
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_send_all(peer, frames))
+                received = [await connection.receive() for _ in frames]
+        assert [type(frame) for frame in received] == [type(frame) for frame in frames]
+        assert received == frames
+
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_send_frame_type_follows_the_codec(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """What is sent arrives as text frames for JSON, binary ones for MessagePack, in order."""
+        payloads = [_payload(codec, i) for i in range(100)]
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_send_each(connection, payloads))
+                received = [await peer.receive() for _ in payloads]
+        expected_type = str if codec.is_text else bytes
+        assert [type(frame) for frame in received] == [expected_type] * len(payloads)
+        assert received == [_as_seen(codec, payload) for payload in payloads]
+
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_codec_and_request_are_present(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """The connection reports the negotiated codec and the handshake request."""
+        async with asyncio.timeout(TIMEOUT):
+            connection, _ = await wsbus_connection_pair(codec, dict(REQUEST_HEADERS))
+        assert isinstance(connection, ClientConnection)
+        assert connection.codec is codec
+        assert isinstance(connection.request, HandshakeRequest)
+        assert connection.request.headers.items() >= REQUEST_HEADERS.items()
+
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_a_large_frame_round_trips(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """A 60 KiB frame arrives whole, either way."""
+        text = "ü" * (LARGE_FRAME // 2)  # two bytes each in UTF-8
+        binary = bytes(range(256)) * (LARGE_FRAME // 256)
+        outbound = text.encode() if codec.is_text else binary
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_send_all(peer, [text, binary]))
+                inbound = [await connection.receive(), await connection.receive()]
+                tasks.create_task(connection.send(outbound))
+                seen = await peer.receive()
+        assert inbound == [text, binary]
+        assert seen == _as_seen(codec, outbound)
+
+    @pytest.mark.parametrize("code", [4507, 1001])
+    async def test_close_from_the_gateway_end(
+        self, wsbus_connection_pair: MakeConnectionPair, code: int
+    ) -> None:
+        """The peer sees the gateway's close code; then receive and send raise ConnectionClosed."""
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(Codec.JSON)
+            await connection.close(code, "closing")
+            seen = await peer.wait_closed()
+            after_receive = await _closed_by(connection.receive())
+            after_send = await _closed_by(connection.send(b"{}"))
+        assert seen == code
+        assert after_receive.code == code
+        assert after_send.code == code
+
+    async def test_close_from_the_peer_ends_a_pending_receive(
+        self, wsbus_connection_pair: MakeConnectionPair
+    ) -> None:
+        """A close from the peer makes a waiting receive raise ConnectionClosed with its code."""
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(Codec.JSON)
+            async with asyncio.TaskGroup() as tasks:
+                pending = tasks.create_task(_closed_by(connection.receive()))
+                await asyncio.sleep(0.05)
+                was_pending = not pending.done()
+                await peer.close(4000, "peer leaving")
+            after_send = await _closed_by(connection.send(b"{}"))
+        assert was_pending, "receive returned before the peer sent anything"
+        assert pending.result().code == 4000
+        assert after_send.code == 4000
+
+    async def test_close_is_idempotent(self, wsbus_connection_pair: MakeConnectionPair) -> None:
+        """Closing again is harmless and does not change the close code."""
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(Codec.JSON)
+            await connection.close(1000, "done")
+            await connection.close(1000, "done")
+            await connection.close(4001, "again")
+            seen = await peer.wait_closed()
+            after = await _closed_by(connection.receive())
+        assert seen == 1000
+        assert after.code == 1000
+
+    async def test_close_after_the_peer_closed_is_harmless(
+        self, wsbus_connection_pair: MakeConnectionPair
+    ) -> None:
+        """Closing a connection the peer already closed neither raises nor changes the code."""
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(Codec.JSON)
+            await peer.close(4000, "peer leaving")
+            first = await _closed_by(connection.receive())
+            await connection.close(1000, "late")
+            again = await _closed_by(connection.receive())
+        assert first.code == 4000
+        assert again.code == 4000
+
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_send_waits_for_a_slow_peer_then_completes(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """A send waits, neither failing nor dropping, while the peer reads nothing.
+
+        Once the peer reads, the waiting send completes and every frame arrives in order.
+        Buffers may be large (a socket's are megabytes) but not unbounded: ``send`` must
+        wait within :data:`BACKPRESSURE_CAP` frames.
+        """
+        # Incompressible, so that permessage-deflate cannot shrink the test away: each frame
+        # is a different slice of a pool far larger than deflate's 32 KiB window. Base64 keeps
+        # it ASCII, a valid text frame too.
+        pool = base64.b64encode(random.Random(0).randbytes(768 * 1024))
+        slices = len(pool) // BACKPRESSURE_FRAME
+
+        def frame(i: int) -> bytes:
+            start = (i % slices) * BACKPRESSURE_FRAME
+            return b"%08d" % i + pool[start : start + BACKPRESSURE_FRAME]
+
+        sent = 0
+        limit = BACKPRESSURE_CAP
+        progress = asyncio.Event()
+
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+
+            async def send_until_limit() -> None:
+                nonlocal sent
+                while sent < limit:
+                    await connection.send(frame(sent))
+                    sent += 1
+                    progress.set()
+
+            async with asyncio.TaskGroup() as tasks:
+                sender = tasks.create_task(send_until_limit())
+                await _until_still(progress, STALL)
+                waited = not sender.done()
+                # The send under way is the last: read up to it and it completes.
+                limit = sent + 1
+                received = [await peer.receive() for _ in range(limit)] if waited else []
+        assert waited, f"send never waited: the peer read nothing, yet it took {sent} frames"
+        assert sent == limit
+        assert received == [_as_seen(codec, frame(i)) for i in range(limit)]
