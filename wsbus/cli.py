@@ -2,6 +2,7 @@
 
 ::
 
+    wsbus demo                       everything, with a web page, on one machine
     wsbus nameserver                 a Pyro name server (127.0.0.1:9090)
     wsbus bus                        the Pyro message bus
     wsbus service MODULE:CLASS       a wsbus Service as a Pyro service process
@@ -67,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    demo = commands.add_parser(
+        "demo",
+        help="run everything on this machine, with a web page (chat rooms, nicknames, echo)",
+        description=(
+            "Start a Pyro name server, the message bus and the demo services as processes, "
+            "and a gateway serving the demo page; print its URL. Ctrl-C stops them all."
+        ),
+    )
+    demo.add_argument(
+        "--bus",
+        choices=("pyro", "memory"),
+        default="pyro",
+        help="pyro: services as their own processes (default); memory: in this process",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address of the page (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8765, help="port of the page (8765)")
+    demo.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+
     ns = commands.add_parser("nameserver", help="run a Pyro name server")
     _pyro_options(ns)
 
@@ -122,7 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        if args.command == "nameserver":
+        if args.command == "demo":
+            from .demo import run_demo
+
+            asyncio.run(
+                run_demo(
+                    bus=args.bus, host=args.host, port=args.port, open_browser=not args.no_browser
+                )
+            )
+        elif args.command == "nameserver":
             from wsbus_pyro import run_name_server
 
             run_name_server(_pyro_config(args))

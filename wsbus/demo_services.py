@@ -54,7 +54,7 @@ class Chat(Service):
 
     @handles("chat.nick")
     async def nick(self, message: Envelope, ctx: Context) -> None:
-        """Set the sender's nickname (an alias); the gateway's alias policy decides on a taken one."""
+        """Set the sender's nickname (an alias); the gateway's alias policy rules a taken one."""
         sender = message.sender
         nick = message.content.get("nick") if isinstance(message.content, dict) else None
         if not isinstance(sender, ClientAddress) or not isinstance(nick, str):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from wsbus_pyro import PyroConfig
     from wsbus_websockets import Client, EdgeConfig, EdgeServer
 
-    from .processes import Child
+    from wsbus.processes import Child
 
     ConnectFactory = Callable[..., Awaitable[MemoryClient]]
     WsConnectFactory = Callable[..., Awaitable[Client]]
@@ -188,7 +188,7 @@ def wsbus_pyro_config() -> PyroConfig:
     """Pyro settings for a test: a free name-server port, short intervals and timeouts."""
     from wsbus_pyro import PyroConfig
 
-    from .processes import free_port
+    from wsbus.processes import free_port
 
     return PyroConfig(ns_port=free_port(), reregister_interval=0.2, comm_timeout=3.0)
 
@@ -203,7 +203,7 @@ def _pyro_args(config: PyroConfig) -> list[str]:
 @pytest.fixture
 def wsbus_nameserver(wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
     """A real Pyro name server process at ``wsbus_pyro_config``'s address."""
-    from .processes import Child
+    from wsbus.processes import Child
 
     child = Child(["nameserver", *_pyro_args(wsbus_pyro_config)])
     try:
@@ -215,7 +215,7 @@ def wsbus_nameserver(wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
 @pytest.fixture
 def wsbus_message_bus(wsbus_nameserver: Child, wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
     """A real message bus process (``wsbus bus``), registered with ``wsbus_nameserver``."""
-    from .processes import Child
+    from wsbus.processes import Child
 
     child = Child(["bus", *_pyro_args(wsbus_pyro_config)])
     try:
@@ -232,7 +232,7 @@ def wsbus_spawn_service(
 
     Every process it started is ended (by its own pid) after the test.
     """
-    from .processes import Child
+    from wsbus.processes import Child
 
     children: list[Child] = []
 

@@ -1,0 +1,116 @@
+"""The demo in a real headless Chromium: two pages chat through the gateway over the Pyro
+bus, echo shows the stamped sender, and a bad frame shows its error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import pytest_asyncio
+
+from wsbus.processes import Child, free_port
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Page
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HOW_TO = (
+    "the browser test needs Debian's Chromium and Playwright's Python package: "
+    "`sudo apt-get install chromium` and `pip install -e '.[dev]'`"
+)
+# Chromium as root in a container, with nothing reaching outside this machine.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if not os.path.exists(CHROMIUM):  # pragma: no cover - depends on the machine
+    pytest.skip(HOW_TO, allow_module_level=True)
+playwright_api = pytest.importorskip("playwright.async_api", reason=HOW_TO)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[str]:
+    port = free_port()
+    child = Child(["demo", "--no-browser", "--port", str(port)], ready="running at", timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        assert child.stop() == 0, child.text
+        assert "stopping" in child.text
+        # Everything it started is gone: the page's port is closed.
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def _open(browser: Browser, url: str, nick: str) -> Page:
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(url)
+    await page.wait_for_selector('#status[data-state="open"]', timeout=15_000)
+    await page.fill("#nick", nick)
+    await page.click("#nick-form button[type=submit]")
+    await page.wait_for_selector(f'#nick-result:has-text("you are {nick}")', timeout=10_000)
+    await page.click("#join")
+    await page.wait_for_selector('#room-result:has-text("joined #lobby")', timeout=10_000)
+    return page
+
+
+async def test_two_pages_chat_over_the_pyro_bus(
+    demo: str, browser: Browser, tmp_path: Path
+) -> None:
+    ann = await _open(browser, demo, "ann")
+    bob = await _open(browser, demo, "bob")
+    await ann.fill("#text", "hello bob")
+    await ann.click("#say-form button")
+    for page in (ann, bob):
+        line = page.locator("#messages li", has_text="hello bob")
+        await line.wait_for(timeout=10_000)
+        assert await line.locator(".from").inner_text() == "ann"
+        assert await line.locator(".room").inner_text() == "#lobby"
+    await bob.fill("#text", "hi ann")
+    await bob.click("#say-form button")
+    await ann.locator("#messages li", has_text="hi ann").wait_for(timeout=10_000)
+    # The ack of each message shows in the events panel.
+    await ann.locator("#events li.ack").first.wait_for(timeout=10_000)
+    await ann.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/chat.png")
+
+
+async def test_echo_shows_the_stamped_sender_and_a_bad_frame_its_error(
+    demo: str, browser: Browser, tmp_path: Path
+) -> None:
+    page = await _open(browser, demo, "eve")
+    await page.fill("#echo", "ping")
+    await page.click("#echo-form button")
+    sender = page.locator("#events li.sender").first
+    await sender.wait_for(timeout=10_000)
+    text = await sender.inner_text()
+    assert '"type":"client"' in text and '"alias":"eve"' in text
+    await page.click("#bad-frame")
+    error = page.locator("#events li.error", has_text="unknown_field")
+    await error.wait_for(timeout=10_000)
+    assert "unknown field 'sender'" in await error.inner_text()
+    # The page is still connected afterwards.
+    assert await page.get_attribute("#status", "data-state") == "open"
+    await page.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/echo.png")

@@ -1,0 +1,113 @@
+"""Child processes of the ``wsbus`` command: name server, message bus, services.
+
+``wsbus demo`` starts them, and so do the tests. Each is ``python -m wsbus ...``, started
+and ended by its own process id (SIGTERM, then SIGKILL after a bound). Every wait is
+bounded. Output is kept, so a failure can show what the child said.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+__all__ = ["Child", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Child:
+    """A ``python -m wsbus`` child process.
+
+    Args:
+        args: the arguments after ``python -m wsbus``.
+        ready: a word the child prints once it is serving.
+        timeout: seconds to wait for ``ready``.
+
+    Raises:
+        RuntimeError: the child exited, or did not get ready in time (its output is in the
+            message).
+    """
+
+    def __init__(self, args: Sequence[str], *, ready: str = "ready", timeout: float = 20.0):
+        self.args = list(args)
+        self.output: list[str] = []
+        self._ready = threading.Event()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "wsbus", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"wsbus {' '.join(self.args)} did not start:\n{self.text}")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"wsbus {' '.join(self.args)} exited:\n{self.text}")
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.process.pid
+
+    @property
+    def text(self) -> str:
+        """What the child printed so far."""
+        return "".join(self.output)
+
+    def _read(self, ready: str) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if ready in line:
+                self._ready.set()
+        self._ready.set()  # exited: wake the waiter, which checks poll()
+
+    def kill(self) -> None:
+        """End the child at once (SIGKILL), as a crash would."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """End the child gracefully (SIGTERM; SIGKILL after ``timeout``); return its status."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._reader.join(2)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def wait_output(self, text: str, timeout: float = 10.0) -> None:
+        """Wait until the child has printed ``text``.
+
+        Raises:
+            TimeoutError: it did not within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.text:
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"{text!r} not printed by wsbus {' '.join(self.args)}:\n{self.text}")
