@@ -10,12 +10,12 @@ EXPECTED = {
     "ClientRegistry", "CloseCode", "Codec", "ConfigError", "ConnId", "ConnectionClosed",
     "Context", "ControlError", "DeliveryFailure", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
     "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRequest", "Hooks", "Identity",
-    "HandshakeRefused", "InvalidName", "MemoryBus", "MemoryClient", "MemoryConnection", "MissingExtra", "NoRoute",
-    "NodeId", "ProtocolError", "Recipients", "Refusal", "RegistryError", "Rejection",
-    "RequestTimeout", "Resolution", "Result", "Router", "Service", "ServiceAddress",
-    "ServerError", "ServiceLink", "Stats", "TokenAuth", "Undeliverable", "UnknownConnection", "Verdict",
-    "WireLimits", "WsbusError", "__version__", "decode_client_frame", "handles", "hookimpl",
-    "hookspec", "memory_pair",
+    "HandshakeRefused", "InvalidName", "MemoryBus", "MemoryClient", "MemoryConnection",
+    "MissingExtra", "NoRoute", "NodeId", "ProtocolError", "Recipients", "Refusal",
+    "RegistryError", "Rejection", "RequestTimeout", "Resolution", "Result", "Router", "Service",
+    "ServiceAddress", "ServerError", "ServiceLink", "Stats", "TokenAuth", "Undeliverable",
+    "UnknownConnection", "Verdict", "WireLimits", "WsbusError", "__version__",
+    "decode_client_frame", "handles", "hookimpl", "hookspec", "memory_pair",
 }  # fmt: skip
 
 

@@ -32,11 +32,10 @@ else:
 
 if TYPE_CHECKING:
     from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
+    from wsbus.processes import Child
     from wsbus.wire import Codec
     from wsbus_pyro import PyroConfig
     from wsbus_websockets import Client, EdgeConfig, EdgeServer
-
-    from wsbus.processes import Child
 
     ConnectFactory = Callable[..., Awaitable[MemoryClient]]
     WsConnectFactory = Callable[..., Awaitable[Client]]
@@ -186,9 +185,8 @@ async def wsbus_ws_connect(wsbus_server: EdgeServer) -> AsyncIterator[WsConnectF
 @pytest.fixture
 def wsbus_pyro_config() -> PyroConfig:
     """Pyro settings for a test: a free name-server port, short intervals and timeouts."""
-    from wsbus_pyro import PyroConfig
-
     from wsbus.processes import free_port
+    from wsbus_pyro import PyroConfig
 
     return PyroConfig(ns_port=free_port(), reregister_interval=0.2, comm_timeout=3.0)
 
