@@ -61,6 +61,12 @@ class ClientConnection(Protocol):
         ...
 
 
+# An adapter may also offer ``send_nowait(data: bytes) -> bool``: write the frame at once if
+# that needs no waiting (open, and the write buffer under its limit), else return False.
+# The gateway then writes without a task switch per frame, which is what makes fan-out to
+# many clients cheap; frames it cannot write at once go through the bounded queue as usual.
+
+
 _JSON_DECODER = msgspec.json.Decoder()
 _MSGPACK_DECODER = msgspec.msgpack.Decoder()
 
@@ -129,6 +135,14 @@ class MemoryConnection:
             await self._writable.wait()
         self._outbound.append(data)
         self._readable.set()
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Hand one frame to the client end if its buffer has room; else return False."""
+        if self._closed is not None or len(self._outbound) >= self._buffer:
+            return False
+        self._outbound.append(data)
+        self._readable.set()
+        return True
 
     async def close(self, code: int, reason: str = "") -> None:
         """Close from the gateway's end."""

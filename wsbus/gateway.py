@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal
 
 import msgspec
@@ -287,6 +287,7 @@ class _Client:
         "pending_deliveries",
         "rate_limited_last",
         "rate_limited_since",
+        "send_nowait",
         "wake",
     )
 
@@ -294,6 +295,7 @@ class _Client:
         self.conn = conn
         self.conn_id = conn_id
         self.codec = conn.codec
+        self.send_nowait: Callable[[bytes], bool] | None = getattr(conn, "send_nowait", None)
         # (encoded frame, is a delivery); the head stays queued until it is written.
         self.outbox: deque[tuple[bytes, bool]] = deque()
         self.pending_deliveries = 0
@@ -750,6 +752,12 @@ class Gateway:
                 counters.deliveries_dropped += 1
                 _bump(counters.dropped_by_close_code, client.close_code)
             return False
+        if not client.outbox and client.send_nowait is not None and client.send_nowait(data):
+            # Written at once: nothing queued, so the order is kept.
+            if delivery:
+                counters.deliveries_queued += 1
+                counters.deliveries_written += 1
+            return True
         client.outbox.append((data, delivery))
         if delivery:
             client.pending_deliveries += 1

@@ -25,6 +25,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.exceptions import NegotiationError
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from wsbus.edge import ConnectionClosed
@@ -95,13 +96,20 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
 class _Connection:
     """A websockets connection as a :class:`wsbus.ClientConnection`."""
 
-    __slots__ = ("_codec", "_request", "_text", "_ws")
+    __slots__ = ("_codec", "_limit", "_request", "_text", "_ws")
 
-    def __init__(self, ws: ServerConnection, codec: Codec, request: HandshakeRequest) -> None:
+    def __init__(
+        self,
+        ws: ServerConnection,
+        codec: Codec,
+        request: HandshakeRequest,
+        write_limit: int = 32 * 1024,
+    ) -> None:
         self._ws = ws
         self._codec = codec
         self._text = codec.is_text
         self._request = request
+        self._limit = write_limit
 
     @property
     def codec(self) -> Codec:
@@ -122,6 +130,23 @@ class _Connection:
             await self._ws.send(data, text=self._text)
         except WsConnectionClosed as exc:
             raise _closed(exc) from None
+
+    def send_nowait(self, data: bytes) -> bool:
+        # What websockets.broadcast() does, but only while the write buffer is under its
+        # limit: past it the frame waits in the gateway's bounded queue instead.
+        ws = self._ws
+        if (
+            ws.protocol.state is not State.OPEN
+            or ws.send_in_progress is not None
+            or ws.transport.get_write_buffer_size() > self._limit
+        ):
+            return False
+        if self._text:
+            ws.protocol.send_text(data)
+        else:
+            ws.protocol.send_binary(data)
+        ws.send_data()
+        return True
 
     async def close(self, code: int, reason: str = "") -> None:
         await self._ws.close(code, reason)
@@ -300,7 +325,7 @@ class EdgeServer:
         codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
         request = self._handshake_request(ws)
         try:
-            await self.gateway.serve(_Connection(ws, codec, request))
+            await self.gateway.serve(_Connection(ws, codec, request, self.config.write_limit))
         except Exception:
             # A bug, never input: the client gets 1011 and the log says why.
             log.exception("serving %s failed", request.remote)
