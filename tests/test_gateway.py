@@ -538,7 +538,7 @@ async def test_order_is_kept_when_writes_switch_between_direct_and_queued(
     # queueing; the reader keeps up, so nothing is dropped and the order holds.
     client = await wsbus_connect(buffer=8)
     client.send("flood", {"n": 1000})
-    items = []
+    items: list[int] = []
     async with asyncio.timeout(10):
         while len(items) < 1000:
             frame = await client.receive()
