@@ -344,3 +344,30 @@ async def test_keepalive_timeout_is_the_only_1011(
     async with asyncio.timeout(5):
         while wsbus_gateway.stats().closes_by_code.get(1011) != 1:
             await asyncio.sleep(0.02)
+
+
+async def _upgrade_status(port: int, host: str, origin: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_same_origin_means_this_scheme_and_a_loopback_name(
+    wsbus_server: EdgeServer,
+) -> None:
+    port = wsbus_server.port
+    own = f"127.0.0.1:{port}"
+    assert await _upgrade_status(port, own, f"http://{own}") == 101
+    assert await _upgrade_status(port, f"localhost:{port}", f"http://localhost:{port}") == 101
+    # An https page is not this plain-ws server's origin.
+    assert await _upgrade_status(port, own, f"https://{own}") == 403
+    # DNS rebinding: a foreign name pointed at 127.0.0.1 is not same-origin on loopback.
+    rebound = f"evil.example:{port}"
+    assert await _upgrade_status(port, rebound, f"http://{rebound}") == 403

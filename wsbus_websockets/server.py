@@ -10,6 +10,7 @@ and writes it until it closes.
 from __future__ import annotations
 
 import http
+import ipaddress
 import logging
 import mimetypes
 from collections.abc import Sequence
@@ -44,14 +45,19 @@ cannot set headers on a WebSocket. Offer it beside a codec subprotocol; it is ne
 selected."""
 
 
+_SINGLE_HEADERS: Final = ("Host", "Origin", "Upgrade", "Authorization", "Cookie")
+"""Headers that must not be repeated in an upgrade request."""
+
+
 class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Settings of the WebSocket edge, with defaults fit for the open internet.
 
     Attributes:
         allowed_origins: origins (``https://app.example.com``) allowed besides the server's
             own; ``"null"`` and ``"file://"`` are refused unless listed here.
-        allow_same_origin: allow pages served by this server (Origin equal to the request's
-            Host).
+        allow_same_origin: allow pages served by this server: an Origin whose scheme is
+            this server's (http, or https with TLS) and whose host and port equal the
+            request's Host; on a loopback address only 127.0.0.1, localhost and [::1] count.
         allow_missing_origin: allow clients that send no Origin header: programs, not
             browsers (browsers always send one).
         max_connections: refuse upgrades with HTTP 503 beyond this many connections;
@@ -175,6 +181,9 @@ class EdgeServer:
         self.server: Server | None = None
         self._closing = False
         self._address: tuple[str, int] = ("", 0)
+        self._page_scheme = "http"
+        self._loopback = True
+        self._loopback_hosts: set[str] = set()
         self._static = Path(config.static_dir).resolve() if config.static_dir else None
         self._cap = (
             config.max_connections
@@ -216,6 +225,11 @@ class EdgeServer:
         )
         host, port = self.server.sockets[0].getsockname()[:2]
         self._address = (host, port)
+        self._page_scheme = "https" if kwargs.get("ssl") is not None else "http"
+        self._loopback = all(
+            ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in self.server.sockets
+        )
+        self._loopback_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
         log.info("wsbus edge listening on %s", self.url)
 
     async def close(self) -> None:
@@ -243,6 +257,10 @@ class EdgeServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         headers = request.headers
+        for name in _SINGLE_HEADERS:
+            if len(headers.get_all(name)) > 1:
+                # Two parsers could read a repeated header two ways: refuse the ambiguity.
+                return _plain(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
         if "websocket" not in headers.get("Upgrade", "").lower():
             return self._http(connection, request)
         if self._closing or self.gateway.closing:
@@ -273,7 +291,11 @@ class EdgeServer:
         if self.config.allow_same_origin:
             host = headers.get("Host")
             parts = urlsplit(origin)
-            return host is not None and parts.scheme in ("http", "https") and parts.netloc == host
+            if host is None or parts.scheme != self._page_scheme or parts.netloc != host:
+                return False
+            # On a loopback address only loopback names count as "this server": a page on
+            # another site that re-points its DNS name at 127.0.0.1 is not same-origin.
+            return not self._loopback or host in self._loopback_hosts
         return False
 
     def _select_subprotocol(
@@ -323,12 +345,12 @@ class EdgeServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
-        request = self._handshake_request(ws)
         try:
+            request = self._handshake_request(ws)
             await self.gateway.serve(_Connection(ws, codec, request, self.config.write_limit))
         except Exception:
             # A bug, never input: the client gets 1011 and the log says why.
-            log.exception("serving %s failed", request.remote)
+            log.exception("serving %s failed", _peer(ws))
             await ws.close(1011, "internal error")
 
     def _handshake_request(self, ws: ServerConnection) -> HandshakeRequest:
