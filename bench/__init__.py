@@ -1,0 +1,1 @@
+"""Benchmarks: wsbus side by side with raw websockets, python-socketio and plain Pyro5."""

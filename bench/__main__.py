@@ -1,0 +1,286 @@
+"""Benchmarks: wsbus side by side with the anchors, in one run, with ratios.
+
+    python -m bench fanout [--clients 1000] [--messages 100]
+    python -m bench ingest [--clients 50] [--frames 2000]
+    python -m bench memory [--clients 1000]
+    python -m bench pyro [--messages 20000]
+    python -m bench all
+
+Each server runs in its own process (``bench/servers.py``); this process is the load
+generator. Its clients are minimal WebSocket clients (hand-written handshake, pre-built
+masked frames, byte counting with a sentinel) so that the client side costs little and the
+numbers measure the servers. Traffic stays on 127.0.0.1. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from wsbus.processes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("raw", "wsbus", "socketio")
+
+
+# -- a minimal WebSocket client -----------------------------------------------------------
+
+
+def frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """Build one masked client frame (the mask is fixed: this is a load generator)."""
+    mask = b"\x01\x02\x03\x04"
+    head = bytes([0x80 | opcode])
+    size = len(payload)
+    if size < 126:
+        head += bytes([0x80 | size])
+    elif size < 65536:
+        head += bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + size.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+class RawClient:
+    """A WebSocket connection that reads bytes without parsing frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, path: str = "/", protocol: str | None = None) -> RawClient:
+        """Connect and complete the opening handshake."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if protocol:
+            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(f"handshake refused: {head[:80]!r}")
+        return cls(reader, writer)
+
+    async def until(self, sentinel: bytes) -> float:
+        """Read until ``sentinel`` has arrived; return the time it did."""
+        tail = b""
+        while True:
+            chunk = await self.reader.read(1 << 16)
+            if not chunk:
+                raise RuntimeError("connection closed before the sentinel")
+            if sentinel in tail + chunk:
+                return time.perf_counter()
+            tail = chunk[-len(sentinel) :]
+
+    def close(self) -> None:
+        """Drop the connection."""
+        self.writer.close()
+
+
+# What each kind needs: the path, the subprotocol, messages encoded for its protocol.
+def _path(kind: str) -> str:
+    return "/socket.io/?EIO=4&transport=websocket" if kind == "socketio" else "/"
+
+
+def _message(kind: str, type: str, content: Any) -> bytes:
+    if kind == "socketio":
+        return b"42" + json.dumps([type, content]).encode()
+    return json.dumps({"type": type, "content": content}).encode()
+
+
+async def _connect(kind: str, port: int) -> RawClient:
+    client = await RawClient.open(port, _path(kind), "wsbus.v1.json" if kind == "wsbus" else None)
+    if kind == "socketio":
+        await client.until(b"0{")  # engine.io open packet
+        client.writer.write(frame(b"40"))
+        await client.until(b"40{")  # joined the default namespace
+    elif kind == "wsbus":
+        await client.until(b"wsbus.welcome")
+    return client
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+class Server:
+    """A bench server in its own process."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.servers", kind, str(self.port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if "ready" in line:
+                return
+            if not line and self.process.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"bench server {kind} did not start")
+
+    def rss(self) -> int:
+        """The server process's resident memory, in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        """End the server by its pid."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+# -- the benchmarks -----------------------------------------------------------------------
+
+
+async def fanout(kind: str, clients: int, messages: int) -> float:
+    """Deliveries per second from one broadcast loop to ``clients`` connections."""
+    server = Server(kind)
+    try:
+        conns = [await _connect(kind, server.port) for _ in range(clients)]
+        # The last item carries the sentinel: every client has everything once it is seen.
+        marker = (b'"i": %d,' if kind == "raw" else b'"i":%d,') % (messages - 1)
+        waiting = [asyncio.create_task(c.until(marker)) for c in conns]
+        await asyncio.sleep(0.2)
+        started = time.perf_counter()
+        conns[0].writer.write(frame(_message(kind, "bench.fanout", {"n": messages})))
+        finished = await asyncio.wait_for(asyncio.gather(*waiting), 300)
+        elapsed = max(finished) - started
+        for c in conns:
+            c.close()
+        return clients * messages / elapsed
+    finally:
+        server.stop()
+
+
+async def ingest(kind: str, clients: int, frames: int) -> float:
+    """Client frames per second the server decodes (and, for wsbus, publishes to a service)."""
+    server = Server(kind)
+    try:
+        conns = [await _connect(kind, server.port) for _ in range(clients)]
+        target = clients * frames
+        conns[0].writer.write(frame(_message(kind, "bench.target", {"n": target})))
+        await asyncio.sleep(0.3)
+        payload = frame(_message(kind, "bench.ingest", {"i": 1, "text": "the quick brown fox"}))
+        done = [asyncio.create_task(c.until(b"bench.done")) for c in conns]
+        started = time.perf_counter()
+
+        async def send(c: RawClient) -> None:
+            for _ in range(frames // 100):
+                c.writer.write(payload * 100)
+                await c.writer.drain()
+
+        await asyncio.gather(*(send(c) for c in conns))
+        finished = await asyncio.wait_for(asyncio.gather(*done), 300)
+        elapsed = min(finished) - started
+        for c in conns:
+            c.close()
+        return target / elapsed
+    finally:
+        server.stop()
+
+
+async def memory(kind: str, clients: int) -> float:
+    """Resident memory per idle connection, in KiB."""
+    server = Server(kind)
+    try:
+        await asyncio.sleep(0.3)
+        before = server.rss()
+        conns = [await _connect(kind, server.port) for _ in range(clients)]
+        await asyncio.sleep(1.0)
+        after = server.rss()
+        for c in conns:
+            c.close()
+        return (after - before) / clients / 1024
+    finally:
+        server.stop()
+
+
+def _table(title: str, unit: str, results: dict[str, float], higher_is_better: bool) -> None:
+    base = results.get("wsbus")
+    print(f"\n{title} ({unit})")
+    for kind, value in results.items():
+        ratio = ""
+        if base and kind != "wsbus" and value:
+            ratio = f"   wsbus / {kind} = {base / value:.2f}x"
+        print(f"  {kind:<9} {value:>14,.1f}{ratio}")
+    if not higher_is_better:
+        print("  (lower is better)")
+
+
+Runner = Callable[[str], Coroutine[Any, Any, float]]
+
+
+async def _best_of(runner: Runner, kind: str, repeat: int) -> float:
+    values = [await runner(kind) for _ in range(repeat)]
+    return statistics.median(values)
+
+
+async def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks named on the command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("which", choices=("fanout", "ingest", "memory", "pyro", "all"))
+    parser.add_argument("--clients", type=int, default=None)
+    parser.add_argument("--messages", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per server; the median")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="servers to compare")
+    args = parser.parse_args(argv)
+    kinds = args.kinds.split(",")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; median of {args.repeat}")
+    if args.which in ("fanout", "all"):
+        n, m = args.clients or 1000, args.messages or 100
+        results = {k: await _best_of(lambda k: fanout(k, n, m), k, args.repeat) for k in kinds}
+        _table(f"fan-out: {m} messages to {n} clients", "deliveries/s", results, True)
+    if args.which in ("ingest", "all"):
+        n = args.clients or 50
+        results = {
+            k: await _best_of(lambda k: ingest(k, n, args.frames), k, args.repeat) for k in kinds
+        }
+        _table(f"ingest: {n} clients x {args.frames} frames", "frames/s", results, True)
+    if args.which in ("memory", "all"):
+        n = args.clients or 1000
+        results = {k: await _best_of(lambda k: memory(k, n), k, args.repeat) for k in kinds}
+        _table(f"memory: {n} idle connections", "KiB per connection", results, False)
+    if args.which in ("pyro", "all"):
+        from bench import pyro
+
+        await pyro.run(args.messages or 20000, args.repeat)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
