@@ -15,6 +15,7 @@ Kinds: ``raw`` (plain ``websockets``, ``websockets.broadcast`` and ``json.loads`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -60,8 +61,16 @@ async def raw(port: int) -> None:
 
 async def wsbus(port: int) -> None:
     """A wsbus gateway on the in-memory bus; a service does the fan-out and the counting."""
-    from wsbus import Context, Envelope, Gateway, GatewayConfig, MemoryBus, Recipients, Service
-    from wsbus import handles
+    from wsbus import (
+        Context,
+        Envelope,
+        Gateway,
+        GatewayConfig,
+        MemoryBus,
+        Recipients,
+        Service,
+        handles,
+    )
     from wsbus_websockets import EdgeConfig, serve
 
     class Bench(Service):
@@ -111,23 +120,23 @@ async def socketio(port: int) -> None:
     sio.attach(app)
     state = {"count": 0, "target": 0}
 
-    @sio.event  # type: ignore[misc]
+    @sio.event  # type: ignore[untyped-decorator]
     async def connect(sid: str, environ: Any) -> None:
         await sio.enter_room(sid, "all")
 
-    @sio.on("bench.fanout")  # type: ignore[misc]
+    @sio.on("bench.fanout")  # type: ignore[untyped-decorator]
     async def fanout(sid: str, data: Any) -> None:
         for i in range(data["n"]):
             await sio.emit("bench.item", {"i": i, "text": "the quick brown fox"}, room="all")
             if i % 64 == 63:
                 await asyncio.sleep(0)
 
-    @sio.on("bench.target")  # type: ignore[misc]
+    @sio.on("bench.target")  # type: ignore[untyped-decorator]
     async def set_target(sid: str, data: Any) -> None:
         state["target"] = data["n"]
         state["count"] = 0
 
-    @sio.on("bench.ingest")  # type: ignore[misc]
+    @sio.on("bench.ingest")  # type: ignore[untyped-decorator]
     async def ingest(sid: str, data: Any) -> None:
         state["count"] += 1
         if state["count"] == state["target"]:
@@ -144,10 +153,8 @@ def main() -> None:
     """Run the server named on the command line."""
     kind, port = sys.argv[1], int(sys.argv[2])
     print(f"pid {os.getpid()}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run({"raw": raw, "wsbus": wsbus, "socketio": socketio}[kind](port))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
     threadpool_size: int = 128
     secret: str | None = None
     batch_size: int = 256
-    batch_delay: float = 0.0005
+    batch_delay: float = 0.0
     reregister_interval: float = 1.0
     single_thread: bool = False
 

@@ -1,0 +1,167 @@
+"""The Pyro path: service-to-client messages through the bus, beside plain Pyro5 calls.
+
+- plain Pyro5: synchronous calls of a one-argument method on a Pyro object in another
+  process (what a service would do without batching), calls per second and the median
+  round trip;
+- a bare WebSocket echo round trip on the same machine;
+- wsbus: a service process sends ``n`` messages to one client through the message bus and
+  the gateway (another process); messages per second, order checked; and the median round
+  trip of an echo request from a client to a service process and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from wsbus.processes import Child, free_port
+
+from .__main__ import ROOT, RawClient, frame
+
+
+def _plain_server(port: int) -> subprocess.Popen[str]:
+    code = (
+        "import Pyro5.api as p\n"
+        "from wsbus_pyro.config import PyroConfig, apply\n"
+        "apply(PyroConfig())\n"
+        "@p.expose\n"
+        "class Sink:\n"
+        "    def deliver(self, blob):\n"
+        "        return None\n"
+        f"d = p.Daemon(host='127.0.0.1', port={port})\n"
+        "d.register(Sink, 'sink')\n"
+        "print('ready', flush=True)\n"
+        "d.requestLoop()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    return process
+
+
+def plain_pyro(calls: int) -> tuple[float, float]:
+    """Return (calls per second, median round trip in ms) of plain synchronous Pyro5 calls."""
+    import Pyro5.api
+
+    port = free_port()
+    server = _plain_server(port)
+    try:
+        payload = b"x" * 100
+        with Pyro5.api.Proxy(f"PYRO:sink@127.0.0.1:{port}") as proxy:
+            proxy.deliver(payload)
+            times = []
+            started = time.perf_counter()
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                proxy.deliver(payload)
+                times.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - started
+        return calls / elapsed, statistics.median(times) * 1000
+    finally:
+        server.terminate()
+        server.wait(10)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+async def bare_websocket_rtt(rounds: int) -> float:
+    """Median round trip, in ms, of a message to a websockets echo server."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/", compression=None) as ws:
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                await ws.send('{"type":"echo","content":1}')
+                await ws.recv()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+class _Deployment:
+    """A name server, the bus, the bench service and a gateway, each its own process."""
+
+    def __init__(self) -> None:
+        self.ns_port = free_port()
+        self.ws_port = free_port()
+        args = ["--ns-port", str(self.ns_port)]
+        self.children = [Child(["nameserver", *args]), Child(["bus", *args])]
+        self.children.append(Child(["service", "bench.pyro_service:Bench", *args]))
+        self.children.append(
+            Child(
+                [
+                    "serve",
+                    "--bus",
+                    "pyro",
+                    "--port",
+                    str(self.ws_port),
+                    "--rate",
+                    "1000000",
+                    *args,
+                ],
+                ready="listening",
+            )
+        )
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float]:
+    """Return (service-to-client messages per second, median echo round trip in ms)."""
+    deployment = await asyncio.to_thread(_Deployment)
+    try:
+        client = await RawClient.open(deployment.ws_port, "/", "wsbus.v1.json")
+        await client.until(b"wsbus.welcome")
+        marker = b'"i":%d}' % (messages - 1)
+        waiting = asyncio.create_task(client.until(marker))
+        started = time.perf_counter()
+        client.writer.write(frame(b'{"type":"bench.send","content":{"n":%d}}' % messages))
+        finished = await asyncio.wait_for(waiting, 300)
+        rate = messages / (finished - started)
+        times = []
+        for i in range(rounds):
+            request = b'{"type":"bench.echo","content":%d,"id":"r%d"}' % (i, i)
+            t0 = time.perf_counter()
+            client.writer.write(frame(request))
+            await client.until(b'"reply_to":"r%d"' % i)
+            times.append(time.perf_counter() - t0)
+        client.close()
+        return rate, statistics.median(times) * 1000
+    finally:
+        await asyncio.to_thread(deployment.stop)
+
+
+async def run(messages: int, repeat: int) -> None:
+    """Run the Pyro comparison and print it."""
+    plain = [await asyncio.to_thread(plain_pyro, min(messages, 5000)) for _ in range(repeat)]
+    calls_per_s = statistics.median(p[0] for p in plain)
+    pyro_rtt = statistics.median(p[1] for p in plain)
+    ws_rtt = await bare_websocket_rtt(500)
+    runs: list[Any] = [await wsbus_pyro(messages, 200) for _ in range(repeat)]
+    rate = statistics.median(r[0] for r in runs)
+    rtt = statistics.median(r[1] for r in runs)
+    print(f"\nPyro path: a service process sends {messages} messages to one client")
+    print(f"  plain Pyro5 calls      {calls_per_s:>12,.0f} calls/s  (round trip {pyro_rtt:.3f} ms)")
+    print(
+        f"  wsbus over Pyro        {rate:>12,.0f} msgs/s   = {rate / calls_per_s:.1f}x plain calls"
+    )
+    print(f"  bare WebSocket echo    round trip {ws_rtt:.3f} ms")
+    print(
+        f"  wsbus echo round trip  {rtt:.3f} ms (client -> gateway -> bus -> service and back)"
+        f" = {rtt / (pyro_rtt + ws_rtt):.2f}x (bare Pyro call + bare WebSocket round trip)"
+    )

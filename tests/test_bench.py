@@ -1,0 +1,36 @@
+"""The benchmark scripts still run (tiny sizes; no timing is asserted: that is bench's job)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _bench(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_fanout_ingest_and_memory_run_against_every_anchor() -> None:
+    out = _bench("fanout", "--clients", "4", "--messages", "5")
+    assert "wsbus / raw" in out and "wsbus / socketio" in out
+    out = _bench("ingest", "--clients", "2", "--frames", "200")
+    assert "frames/s" in out and "wsbus / raw" in out
+    out = _bench("memory", "--clients", "5")
+    assert "KiB per connection" in out
+
+
+def test_pyro_path_runs() -> None:
+    out = _bench("pyro", "--messages", "300")
+    assert "plain Pyro5 calls" in out and "wsbus over Pyro" in out
