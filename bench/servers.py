@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-ITEM = {"type": "bench.item", "content": {"i": 0, "text": "the quick brown fox"}}
+ITEM: dict[str, Any] = {"type": "bench.item", "content": {"i": 0, "text": "the quick brown fox"}}
 
 
 async def raw(port: int) -> None:
