@@ -65,6 +65,11 @@ class Bus(Protocol):
         ...
 
 
+# A bus may also offer ``publish_nowait(envelope) -> None``, raising as ``publish`` does,
+# when it can take an envelope without waiting (the in-memory bus can). The gateway then
+# publishes without creating a coroutine per client frame.
+
+
 def is_for_gateway(envelope: Envelope) -> bool:
     """Return True when routing rules 2 and 3 send this envelope to the gateway."""
     return envelope.recipients is not None or (

@@ -598,6 +598,9 @@ class Gateway:
         limits = self.config.wire
         counters = self._counters
         loop = asyncio.get_running_loop()
+        publish_nowait: Callable[[Envelope], None] | None = getattr(
+            self.bus, "publish_nowait", None
+        )
         while True:
             try:
                 data = await conn.receive()
@@ -632,7 +635,19 @@ class Gateway:
             if isinstance(frame, Rejection):
                 self._reject(client, frame.code, frame.message, frame.ref)
                 continue
-            await self._publish(client, frame.type, frame.content, frame.id, frame.reply_to)
+            envelope = self._prepare(client, frame.type, frame.content, frame.id, frame.reply_to)
+            if envelope is None:
+                continue
+            if publish_nowait is None:
+                await self._publish(client, envelope, frame.id)
+                continue
+            # An in-process bus takes the envelope on the spot: no coroutine per frame.
+            try:
+                publish_nowait(envelope)
+            except Exception as exc:
+                self._publish_failed(client, envelope, frame.id, exc)
+            else:
+                self._published(client, frame.id)
 
     def _rate_limited(self, client: _Client, now: float, data: str | bytes, codec: Codec) -> None:
         # A flood that is only partly refused is still a flood: frames that get through do
@@ -648,14 +663,15 @@ class Gateway:
         ref = parsed.ref if isinstance(parsed, Rejection) else parsed.id
         self._reject(client, ErrorCode.RATE_LIMITED, "too many messages; slow down", ref)
 
-    async def _publish(
+    def _prepare(
         self,
         client: _Client,
         type: str,
         content: Any,
         frame_id: str | None,
         reply_to: str | None,
-    ) -> None:
+    ) -> Envelope | None:
+        """Wrap a valid frame and run the inbound hooks; None when it was refused."""
         address = self.registry.address(client.conn_id)
         envelope = Envelope(
             # The client's own id, when it gave one, so that replies can point at it.
@@ -666,8 +682,11 @@ class Gateway:
             reply_to=reply_to,
             created=time.time(),
         )
+        hooks = self.hooks
+        if not hooks.inbound_hooks:
+            return envelope
         try:
-            verdict = self.hooks.authorize(address, envelope)
+            verdict = hooks.authorize(address, envelope)
         except Exception:
             log.exception("an authorization plugin raised on %r; the message is refused", type)
             verdict = Verdict.deny("refused")
@@ -675,45 +694,57 @@ class Gateway:
             self._reject(client, ErrorCode.FORBIDDEN, verdict.reason or "not allowed", frame_id)
             if verdict.close:
                 self._close(client, CloseCode.FORBIDDEN, "forbidden", flush=True)
-            return
+            return None
         try:
-            result = self.hooks.transform_inbound(address, envelope)
+            result = hooks.transform_inbound(address, envelope)
         except Exception:
             log.exception("an inbound transform plugin raised on %r; the message is refused", type)
             result = Drop("refused")
         if isinstance(result, Drop):
             self._reject(client, ErrorCode.FORBIDDEN, result.reason, frame_id)
-            return
+            return None
         if result.sender != address:
             # Plugins may rewrite a message but never its sender.
             result = msgspec.structs.replace(result, sender=address)
+        return result
+
+    async def _publish(self, client: _Client, envelope: Envelope, frame_id: str | None) -> None:
         counters = self._counters
         client.busy = True
         counters.frames_in_flight += 1
         try:
-            await self.bus.publish(result)
-        except NoRoute:
-            counters.frames_in_flight -= 1
-            self._reject(client, ErrorCode.NO_ROUTE, f"nothing handles type {type!r}", frame_id)
-        except BusUnavailable as exc:
-            counters.frames_in_flight -= 1
-            if exc.whole_bus:
-                self._bus_failed(exc)
-            self._reject(client, ErrorCode.UNAVAILABLE, "service unavailable; retry", frame_id)
+            await self.bus.publish(envelope)
         except Exception as exc:
             counters.frames_in_flight -= 1
-            log.exception("publishing %r failed", type)
-            self._bus_failed(exc)
-            self._reject(client, ErrorCode.UNAVAILABLE, "service unavailable; retry", frame_id)
+            self._publish_failed(client, envelope, frame_id, exc)
         else:
             counters.frames_in_flight -= 1
-            counters.frames_published += 1
-            self._bus_down_since = None
-            if frame_id is not None:
-                counters.frames_acked += 1
-                self._send_control(client, "wsbus.ack", {"ref": frame_id})
+            self._published(client, frame_id)
         finally:
             client.busy = False
+
+    def _published(self, client: _Client, frame_id: str | None) -> None:
+        counters = self._counters
+        counters.frames_published += 1
+        self._bus_down_since = None
+        if frame_id is not None:
+            counters.frames_acked += 1
+            self._send_control(client, "wsbus.ack", {"ref": frame_id})
+
+    def _publish_failed(
+        self, client: _Client, envelope: Envelope, frame_id: str | None, exc: Exception
+    ) -> None:
+        if isinstance(exc, NoRoute):
+            message = f"nothing handles type {envelope.type!r}"
+            self._reject(client, ErrorCode.NO_ROUTE, message, frame_id)
+            return
+        if isinstance(exc, BusUnavailable):
+            if exc.whole_bus:
+                self._bus_failed(exc)
+        else:
+            log.error("publishing %r failed: %r", envelope.type, exc, exc_info=exc)
+            self._bus_failed(exc)
+        self._reject(client, ErrorCode.UNAVAILABLE, "service unavailable; retry", frame_id)
 
     def _bus_failed(self, exc: Exception) -> None:
         if self._bus_down_since is None:

@@ -240,6 +240,8 @@ class Hooks:
         self._authorize = bool(hook.wsbus_authorize.get_hookimpls())
         self._inbound = _chain(hook.wsbus_transform_inbound)
         self._outbound = _chain(hook.wsbus_transform_outbound)
+        self.inbound_hooks = self._authorize or bool(self._inbound)
+        """True when any plugin authorizes or transforms inbound messages."""
 
     def authenticate(self, request: HandshakeRequest) -> Identity | Refusal | None:
         """Run ``wsbus_authenticate``; None means no plugin decided."""

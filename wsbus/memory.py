@@ -77,6 +77,15 @@ class MemoryBus:
 
     async def publish(self, envelope: Envelope) -> None:
         """Route an envelope from the gateway (rules 1 and 4 of :mod:`wsbus.bus`)."""
+        self.publish_nowait(envelope)
+
+    def publish_nowait(self, envelope: Envelope) -> None:
+        """Route an envelope at once; the gateway uses this to skip a coroutine per frame.
+
+        Raises:
+            NoRoute: nothing handles the type.
+            BusUnavailable: the bus is marked down or the service's inbox is full.
+        """
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
         self._route_to_services(self._carry(envelope))
@@ -165,6 +174,9 @@ class MemoryBus:
         runners = self._by_type.get(envelope.type)
         if not runners:
             raise NoRoute(envelope.type)
+        if len(runners) == 1:
+            runners[0].accept(envelope)
+            return
         # All or nothing: a message either reaches every subscriber or none of them.
         for runner in runners:
             if not runner.has_room():

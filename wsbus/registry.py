@@ -208,7 +208,10 @@ class ClientRegistry:
     # -- users ---------------------------------------------------------------------------
 
     def connections_of(self, user: str) -> Collection[ConnId]:
-        """Return the open connections of an authenticated user (empty when none)."""
+        """Return the open connections of an authenticated user (empty when none).
+
+        A live view, not a copy: copy it before changing the registry while iterating.
+        """
         return self._users.get(user, {}).keys()
 
     # -- groups --------------------------------------------------------------------------
@@ -242,11 +245,14 @@ class ClientRegistry:
         return True
 
     def members(self, group: str) -> Collection[ConnId]:
-        """Return the connections in a group, in the order they joined (empty when none)."""
+        """Return the connections in a group, in the order they joined (empty when none).
+
+        A live view, not a copy: copy it before changing the registry while iterating.
+        """
         return self._groups.get(group, {}).keys()
 
     def groups(self) -> Collection[str]:
-        """Return the names of the groups that have at least one member."""
+        """Return the names of the groups that have at least one member (a live view)."""
         return self._groups.keys()
 
     # -- listing -------------------------------------------------------------------------

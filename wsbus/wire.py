@@ -284,9 +284,8 @@ def _decode(
         keys = _check_value(obj, limits, ref)
     if declared != keys:
         raise _Reject(ErrorCode.MALFORMED, "an object has a duplicate key", ref)
-    extra = obj.keys() - _FRAME_KEYS
-    if extra:
-        name = min(extra, key=repr)
+    if not _FRAME_KEYS.issuperset(obj):
+        name = min(obj.keys() - _FRAME_KEYS, key=repr)
         raise _Reject(ErrorCode.UNKNOWN_FIELD, f"unknown field {_show(name)}", ref)
     type_ = obj.get("type")
     if type_ is None:
