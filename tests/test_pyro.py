@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest_asyncio
 
 from tests.conftest import assert_balanced
@@ -172,3 +173,27 @@ async def test_two_gateways_share_one_bus(gateways: Gateways) -> None:
     assert (await _until(a, "director.missed.reply"))["content"] == {"missed": []}
     for gateway in (g1, g2):
         assert_balanced(gateway.stats())
+
+
+async def test_traffic_resumes_after_the_connections_sat_idle(
+    wsbus_spawn_service: Spawn, wsbus_pyro_config: PyroConfig
+) -> None:
+    # The child processes drop Pyro connections idle for 5 s (their comm_timeout). This
+    # gateway waits longer than that before it would reconnect on its own, so its first
+    # call after the pause meets a dropped connection: nothing may be lost or refused.
+    await asyncio.to_thread(wsbus_spawn_service, "wsbus.demo_services:Echo")
+    config = msgspec.structs.replace(wsbus_pyro_config, comm_timeout=20.0)
+    kit = Gateways(config)
+    try:
+        gateway = await kit.gateway("idle")
+        client = await kit.client(gateway)
+        client.send("echo", "before", id="b")
+        assert (await _until(client, "echo.reply"))["content"]["content"] == "before"
+        await asyncio.sleep(6.5)
+        client.send("echo", "after", id="a")
+        ack = await client.receive(10)
+        assert ack["type"] == "wsbus.ack", ack
+        assert (await _until(client, "echo.reply"))["content"]["content"] == "after"
+        assert_balanced(gateway.stats())
+    finally:
+        await kit.close()

@@ -156,9 +156,8 @@ class MessageBus:
             if targets is None:
                 statuses[index] = NO_ROUTE
                 continue
-            if any(t.forwarder.down for t in targets):
-                statuses[index] = UNAVAILABLE
-                continue
+            # A forwarder whose endpoint is down answers at once, and tries it again
+            # after a short while: a service that comes back is used again by itself.
             for target in targets:
                 future: concurrent.futures.Future[str] = concurrent.futures.Future()
                 target.forwarder.put(envelope, _resolver(future))

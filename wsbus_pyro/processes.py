@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from Pyro5 import errors as pyro_errors
@@ -24,11 +25,30 @@ __all__ = ["run_bus", "run_name_server"]
 log = logging.getLogger("wsbus.pyro")
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
+class _Stop:
+    """A stop flag a signal handler can set: no lock, so a second signal cannot deadlock."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, timeout))
+        return self.requested
+
+
+def _stop_on_signals() -> _Stop:
+    stop = _Stop()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        stop.requested = True
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
@@ -93,7 +113,7 @@ def run_bus(config: PyroConfig | None = None) -> None:
         daemon.close()
 
 
-def _keep_registered(config: PyroConfig, uri: str, stop: threading.Event) -> None:
+def _keep_registered(config: PyroConfig, uri: str, stop: _Stop) -> None:
     """Re-register the bus when the name server restarted."""
     ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
     while not stop.wait(config.reregister_interval):

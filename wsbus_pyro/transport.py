@@ -30,6 +30,7 @@ from .config import PyroConfig, handshake_token
 __all__ = [
     "NO_ROUTE",
     "OK",
+    "TOO_LARGE",
     "UNAVAILABLE",
     "Forwarder",
     "decode_batch",
@@ -43,11 +44,21 @@ log = logging.getLogger("wsbus.pyro")
 OK: Final = "ok"
 NO_ROUTE: Final = "no_route"
 UNAVAILABLE: Final = "unavailable"
+TOO_LARGE: Final = "too_large"
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(list[Envelope])
 
 Callback = Callable[[str], None]
+
+
+def _array_header(count: int) -> bytes:
+    """Return the MessagePack header of an array of ``count`` items."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 65536:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def encode_batch(envelopes: list[Envelope]) -> bytes:
@@ -122,6 +133,10 @@ class Forwarder(threading.Thread):
         self._stopping = False
         self._proxy: Proxy | None = None
         self._failed_at: float | None = None
+        self._last_call = 0.0
+        # The peer's daemon drops a connection idle for comm_timeout; reconnect well before.
+        self._idle_limit = config.comm_timeout / 2
+        self._max_bytes = config.max_message_size // 2
         self.calls = 0
 
     def put(self, envelope: Envelope, callback: Callback | None = None) -> None:
@@ -174,14 +189,33 @@ class Forwarder(threading.Thread):
             return [self._items.popleft() for _ in range(count)]
 
     def _send(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
-        if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_after:
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < self._retry_after:
             self._finish(batch, [UNAVAILABLE] * len(batch))
             return
+        blob, batch = self._encode(batch)
+        if not batch:
+            return
+        if self._proxy is not None and now - self._last_call > self._idle_limit:
+            # A fresh connection, rather than a call on one the peer may have dropped.
+            self._proxy._pyroRelease()
+            self._proxy = None
         try:
-            if self._proxy is None:
+            try:
+                reused = self._proxy is not None
+                if self._proxy is None:
+                    self._proxy = self._connect()
+                result = getattr(self._proxy, self._method)(blob)
+            except pyro_errors.ConnectionClosedError:
+                if not reused:
+                    raise
+                # The peer closed a connection we held (its own idle timeout may be
+                # shorter than ours): it never read this call, so one retry is safe.
+                self._proxy._pyroRelease()  # type: ignore[union-attr]
                 self._proxy = self._connect()
-            result = getattr(self._proxy, self._method)(encode_batch([e for e, _ in batch]))
+                result = getattr(self._proxy, self._method)(blob)
             self.calls += 1
+            self._last_call = time.monotonic()
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             self._failed(exc)
             self._finish(batch, [UNAVAILABLE] * len(batch))
@@ -200,6 +234,34 @@ class Forwarder(threading.Thread):
         if len(statuses) != len(batch):
             statuses = [UNAVAILABLE] * len(batch)
         self._finish(batch, [str(s) for s in statuses])
+
+    def _encode(
+        self, batch: list[tuple[Envelope, Callback | None]]
+    ) -> tuple[bytes, list[tuple[Envelope, Callback | None]]]:
+        """Encode what fits in one Pyro message; put the rest back at the queue's head."""
+        parts: list[bytes] = []
+        kept: list[tuple[Envelope, Callback | None]] = []
+        size = 0
+        for index, (envelope, callback) in enumerate(batch):
+            part = _ENCODER.encode(envelope)
+            if len(part) > self._max_bytes:
+                log.error(
+                    "%s (%s) is %d bytes, more than a Pyro message may carry; not sent",
+                    envelope.type,
+                    envelope.id,
+                    len(part),
+                )
+                if callback is not None:
+                    callback(TOO_LARGE)
+                continue
+            if parts and size + len(part) > self._max_bytes:
+                with self._cond:
+                    self._items.extendleft(reversed(batch[index:]))
+                break
+            parts.append(part)
+            kept.append((envelope, callback))
+            size += len(part)
+        return _array_header(len(parts)) + b"".join(parts), kept
 
     def _failed(self, exc: BaseException) -> None:
         if self._failed_at is None:
