@@ -181,7 +181,7 @@ async def _serve(args: argparse.Namespace) -> None:
     config = GatewayConfig(node=args.node, max_connections=args.max_connections, rate=args.rate)
     bus: Any
     if args.bus == "memory":
-        from wsbus_pyro.service import load_service
+        from .service import load_service
 
         bus = MemoryBus([load_service(spec) for spec in args.service])
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import logging
 import threading
@@ -45,7 +46,7 @@ from .envelope import (
 from .errors import BusUnavailable, ConfigError, ControlError, RequestTimeout
 from .registry import ClientInfo
 
-__all__ = ["Context", "Service", "ServiceLink", "ServiceRunner", "handles"]
+__all__ = ["Context", "Service", "ServiceLink", "ServiceRunner", "handles", "load_service"]
 
 log = logging.getLogger("wsbus.service")
 
@@ -437,6 +438,25 @@ class ServiceRunner:
                 envelope.type,
                 envelope.id,
             )
+
+
+def load_service(spec: str) -> Service:
+    """Import ``MODULE:CLASS`` and return an instance of the service class.
+
+    Raises:
+        ConfigError: the spec is malformed, or does not name a Service subclass.
+    """
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError(f"expected MODULE:CLASS, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {module_name!r}: {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise ConfigError(f"{spec!r} is not a wsbus.Service subclass")
+    return cls()
 
 
 def collect_types(runners: Iterable[ServiceRunner]) -> dict[str, list[ServiceRunner]]:

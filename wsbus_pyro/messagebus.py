@@ -257,8 +257,8 @@ class MessageBus:
         )
         endpoint.forwarder.put(report)
 
-    def close(self) -> None:
-        """Stop every forwarder (local use, not exposed semantics)."""
+    def _shutdown(self) -> None:
+        """Stop every forwarder. Underscored so that Pyro peers cannot call it."""
         with self._lock:
             endpoints = [*self._services.values(), *self._gateways.values()]
             self._services.clear()

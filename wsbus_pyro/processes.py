@@ -104,7 +104,7 @@ def run_bus(config: PyroConfig | None = None) -> None:
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())
     finally:
         stop.set()
-        bus.close()
+        bus._shutdown()
         try:
             with make_proxy(ns_uri, config) as ns:
                 ns.remove(config.bus_name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
 import logging
 import signal
 import threading
@@ -22,8 +21,8 @@ from Pyro5.client import Proxy
 from Pyro5.server import expose
 
 from wsbus.envelope import Envelope
-from wsbus.errors import BusUnavailable, ConfigError
-from wsbus.service import Service, ServiceRunner
+from wsbus.errors import BusUnavailable
+from wsbus.service import Service, ServiceRunner, load_service
 
 from .config import PyroConfig, SecureDaemon, apply
 from .transport import OK, UNAVAILABLE, Forwarder, decode_batch, make_proxy
@@ -185,25 +184,6 @@ class ServiceHost:
                 bus = None
         if bus is not None:
             bus._pyroRelease()
-
-
-def load_service(spec: str) -> Service:
-    """Import ``MODULE:CLASS`` and return an instance of the service class.
-
-    Raises:
-        ConfigError: the spec is malformed, or does not name a Service subclass.
-    """
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        raise ConfigError(f"expected MODULE:CLASS, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module {module_name!r}: {exc}") from exc
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Service)):
-        raise ConfigError(f"{spec!r} is not a wsbus.Service subclass")
-    return cls()
 
 
 def run_service(service: Service | str, config: PyroConfig | None = None) -> None:

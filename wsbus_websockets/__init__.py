@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 from wsbus.errors import MissingExtra
 
 if TYPE_CHECKING:
-    from .client import Client, ClientClosed, ServerError, connect
+    from .client import RECONNECT_CODES, Client, ClientClosed, ServerError, connect
     from .server import TOKEN_SUBPROTOCOL_PREFIX, EdgeConfig, EdgeServer, serve
 
 __all__ = [
+    "RECONNECT_CODES",
     "TOKEN_SUBPROTOCOL_PREFIX",
     "Client",
     "ClientClosed",
@@ -35,6 +36,7 @@ _WHERE = {
     "EdgeServer": "server",
     "serve": "server",
     "Client": "client",
+    "RECONNECT_CODES": "client",
     "ClientClosed": "client",
     "ServerError": "client",
     "connect": "client",

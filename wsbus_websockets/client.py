@@ -319,8 +319,10 @@ class Client:
         if self._closed is None:
             self._closed = closed
             self._fail_pending(closed)
-            with contextlib.suppress(asyncio.QueueFull):
-                self._incoming.put_nowait(closed)
+            if self._incoming.full():
+                # The close must reach the reader: it replaces the oldest unread message.
+                self._incoming.get_nowait()
+            self._incoming.put_nowait(closed)
 
     async def _reconnect(self) -> None:
         low, high = self.backoff
@@ -332,7 +334,20 @@ class Client:
                 return
             try:
                 await self._open_once()
-            except (OSError, HandshakeRefused, ConnectionClosed, TimeoutError) as exc:
+            except HandshakeRefused as exc:
+                if exc.status in (400, 401, 403):
+                    # Refused for who or what we are, not for now: retrying cannot help.
+                    self._finish(ConnectionClosed(1008, f"reconnect refused: {exc}"))
+                    return
+                log.info("reconnect attempt %d failed: %s", attempt + 1, exc)
+                continue
+            except ConnectionClosed as exc:
+                if exc.code not in RECONNECT_CODES:
+                    self._finish(exc)
+                    return
+                log.info("reconnect attempt %d failed: %s", attempt + 1, exc)
+                continue
+            except (OSError, TimeoutError) as exc:
                 log.info("reconnect attempt %d failed: %s", attempt + 1, exc)
                 continue
             self.reconnects += 1
