@@ -548,3 +548,27 @@ async def test_order_is_kept_when_writes_switch_between_direct_and_queued(
     stats = wsbus_gateway.stats()
     assert stats.deliveries_written == 1000
     assert_balanced(stats)
+
+
+@pytest.mark.parametrize(
+    "wsbus_config", [GatewayConfig(node="t", outbound_bytes=256 * 1024, drain_timeout=0.2)]
+)
+async def test_the_outbound_queue_is_bounded_in_bytes_too(
+    wsbus_connect: Connect, wsbus_gateway: Gateway
+) -> None:
+    # Large echo replies to a client that stopped reading: far fewer than outbound_queue
+    # frames, but more bytes than outbound_bytes: closed 4507 instead of holding memory.
+    client = await wsbus_connect(buffer=1)
+    for _ in range(30):
+        client.send("echo", "x" * 30_000)
+    assert await client.wait_closed() == 4507
+    await _settle(wsbus_gateway)
+    assert_balanced(wsbus_gateway.stats())
+
+
+async def test_a_nickname_cannot_pose_as_a_connection_id(wsbus_connect: Connect) -> None:
+    ann = await wsbus_connect()
+    bob = await wsbus_connect()
+    ann.send("chat.nick", {"nick": bob.conn_id})
+    reply = await ann.receive_until("chat.nick.reply")
+    assert reply["content"] == {"ok": False, "error": "a nickname is 1-32 of A-Z a-z 0-9 _ -"}

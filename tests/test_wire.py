@@ -757,3 +757,11 @@ def test_server_frames_round_trip(
     assert keys == {"type", "content", "id"} | {
         name for name, value in (("reply_to", reply_to), ("from", from_)) if value is not None
     }
+
+
+def test_a_long_run_of_backslashes_is_refused_quickly() -> None:
+    # It used to take seconds (a backtracking regular expression); it must stay linear.
+    for text in ("\\" * 65_000, '{"type":"x","content":"' + "\\" * 65_000):
+        rejection = decode_client_frame(text, Codec.JSON)
+        assert isinstance(rejection, Rejection)
+        assert rejection.code == "malformed"

@@ -6,6 +6,7 @@ and as Pyro service processes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -33,9 +34,10 @@ def _room(content: Any) -> str | None:
     return room if isinstance(room, str) and 0 < len(room) <= 48 else None
 
 
+_NICK = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _NICK_ERRORS = {
     "alias_taken": "that nickname is taken",
-    "invalid_name": "a nickname is 1-64 of A-Z a-z 0-9 _ . @ -",
+    "invalid_name": "a nickname is 1-32 of A-Z a-z 0-9 _ -",
 }
 
 
@@ -59,6 +61,10 @@ class Chat(Service):
         nick = message.content.get("nick") if isinstance(message.content, dict) else None
         if not isinstance(sender, ClientAddress) or not isinstance(nick, str):
             ctx.reply({"ok": False, "error": 'send {"nick": "name"}'})
+            return
+        if _NICK.fullmatch(nick) is None:
+            # No dots: connection ids always have one, so no nickname can pose as one.
+            ctx.reply({"ok": False, "error": _NICK_ERRORS["invalid_name"]})
             return
         try:
             given = await ctx.set_alias(sender.conn_id, nick)

@@ -107,6 +107,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         node: this gateway's node id (connection ids start with it); random by default.
         wire: structure caps on client frames.
         outbound_queue: frames a connection may have waiting to be written.
+        outbound_bytes: bytes a connection may have waiting to be written: with large
+            frames this bound comes first. Past either, the slow-consumer policy applies.
         slow_consumer: what to do when that queue is full: ``close`` the connection with
             4507 (the client missed messages and must resync), or ``drop`` the new message
             and report it undeliverable to its sender.
@@ -133,6 +135,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     node: str | None = None
     wire: WireLimits = WireLimits()
     outbound_queue: int = 1024
+    outbound_bytes: int = 1024 * 1024
     slow_consumer: Literal["close", "drop"] = "close"
     rate: float = 100.0
     burst: int = 200
@@ -150,8 +153,16 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     report_queue: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.outbound_queue < 1 or self.max_connections < 1 or self.report_queue < 1:
-            raise ConfigError("outbound_queue, max_connections and report_queue must be >= 1")
+        if (
+            self.outbound_queue < 1
+            or self.max_connections < 1
+            or self.report_queue < 1
+            or self.outbound_bytes < self.wire.max_frame_bytes
+        ):
+            raise ConfigError(
+                "outbound_queue, max_connections and report_queue must be >= 1, and "
+                "outbound_bytes at least wire.max_frame_bytes"
+            )
         if self.slow_consumer not in ("close", "drop"):
             raise ConfigError("slow_consumer must be 'close' or 'drop'")
         if self.wire.max_frame_bytes < 64 or self.wire.max_depth < 2:
@@ -284,6 +295,7 @@ class _Client:
         "draining",
         "flushed",
         "outbox",
+        "outbox_bytes",
         "pending_deliveries",
         "rate_limited_last",
         "rate_limited_since",
@@ -298,6 +310,7 @@ class _Client:
         self.send_nowait: Callable[[bytes], bool] | None = getattr(conn, "send_nowait", None)
         # (encoded frame, is a delivery); the head stays queued until it is written.
         self.outbox: deque[tuple[bytes, bool]] = deque()
+        self.outbox_bytes = 0
         self.pending_deliveries = 0
         self.wake = asyncio.Event()
         self.flushed = asyncio.Event()
@@ -771,8 +784,12 @@ class Gateway:
     def _enqueue(self, client: _Client, data: bytes, *, delivery: bool) -> bool:
         """Queue one frame; False when it was not queued (closing, or refused as full)."""
         counters = self._counters
-        if client.close_code is None and len(client.outbox) >= self.config.outbound_queue:
-            if delivery and self.config.slow_consumer == "drop":
+        config = self.config
+        if client.close_code is None and (
+            len(client.outbox) >= config.outbound_queue
+            or client.outbox_bytes + len(data) > config.outbound_bytes
+        ):
+            if delivery and config.slow_consumer == "drop":
                 counters.deliveries_refused += 1
                 return False
             self._close(client, CloseCode.SLOW_CONSUMER, "slow consumer: messages were missed")
@@ -790,6 +807,7 @@ class Gateway:
                 counters.deliveries_written += 1
             return True
         client.outbox.append((data, delivery))
+        client.outbox_bytes += len(data)
         if delivery:
             client.pending_deliveries += 1
             counters.deliveries_queued += 1
@@ -812,6 +830,7 @@ class Gateway:
                 data, delivery = outbox[0]
                 await send(data)
                 outbox.popleft()
+                client.outbox_bytes -= len(data)
                 if delivery:
                     client.pending_deliveries -= 1
                     counters.deliveries_written += 1

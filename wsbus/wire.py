@@ -196,32 +196,49 @@ def encode_server_frame(frame: ServerFrame, codec: Codec) -> bytes:
 
 # A JSON string token: used to find the colons that separate keys from values.
 _JSON_STRING_RE: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-# A \u escape of a UTF-16 surrogate, with the backslashes before it (an even number of
-# them would mean an escaped backslash followed by a plain "u").
-_SURROGATE_ESCAPE_RE: Final = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
 def _has_lone_surrogate(raw: bytes) -> bool:
     """Tell whether JSON text has a surrogate escape that is not half of a pair.
 
     Only called once msgspec has refused the text, to tell ``bad_value`` from ``malformed``.
+    One linear pass: a backslash always escapes the next byte, so runs of backslashes cost
+    nothing extra (a regular expression here would backtrack quadratically on them).
     """
-    pending_high: int | None = None  # where the escape after an unpaired high one must start
-    for match in _SURROGATE_ESCAPE_RE.finditer(raw):
-        if len(match.group(1)) % 2 == 0:
+    pending_high = False  # the escape just before was an unpaired high surrogate
+    i = raw.find(b"\\")
+    end = len(raw)
+    while i != -1:
+        unit = _surrogate_at(raw, i, end)
+        if unit is None:
+            if pending_high:
+                return True
+            i = raw.find(b"\\", i + 2)
             continue
-        start = match.start(1) + len(match.group(1)) - 1
-        is_high = int(match.group(2), 16) < 0xDC00
-        if pending_high is not None:
-            if not is_high and start == pending_high:
-                pending_high = None
-                continue
-            return True
-        if is_high:
-            pending_high = match.end()
+        if pending_high:
+            if unit < 0xDC00:
+                return True  # a second high surrogate
+            pending_high = False
+        elif unit >= 0xDC00:
+            return True  # a low surrogate with no high one before it
         else:
+            pending_high = True
+        i = i + 6
+        if pending_high and raw[i : i + 1] != b"\\":
             return True
-    return pending_high is not None
+        i = raw.find(b"\\", i)
+    return pending_high
+
+
+def _surrogate_at(raw: bytes, i: int, end: int) -> int | None:
+    """Return the UTF-16 unit of a surrogate escape at ``raw[i]``, or None."""
+    if i + 6 > end or raw[i + 1] != 0x75:  # "u"
+        return None
+    try:
+        unit = int(raw[i + 2 : i + 6], 16)
+    except ValueError:
+        return None
+    return unit if 0xD800 <= unit <= 0xDFFF else None
 
 
 def decode_client_frame(

@@ -255,9 +255,12 @@ class Client:
         return item
 
     def _decode(self, data: str | bytes) -> dict[str, Any]:
-        frame = self._decoder.decode(data.encode() if isinstance(data, str) else data)
+        try:
+            frame = self._decoder.decode(data.encode() if isinstance(data, str) else data)
+        except (msgspec.DecodeError, UnicodeEncodeError):
+            frame = None
         if not isinstance(frame, dict):
-            raise ConnectionClosed(1002, "the server sent a frame that is not an object")
+            raise ConnectionClosed(1002, "the server sent a frame that is not a wsbus frame")
         return frame
 
     async def _read(self, ws: ClientConnection) -> None:

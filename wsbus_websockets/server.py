@@ -327,19 +327,24 @@ class EdgeServer:
     def _static_file(self, path: str) -> Response:
         assert self._static is not None
         relative = path.lstrip("/") or "index.html"
+        not_found = _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
+        if len(relative) > 255:
+            return not_found
         try:
             target = (self._static / relative).resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            # Never serve anything outside the directory, whatever the path says.
+            if not target.is_relative_to(self._static) or not target.is_file():
+                return not_found
+            body = target.read_bytes()
         except (OSError, ValueError):
-            return _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
-        if target.is_dir():
-            target = target / "index.html"
-        # Never serve anything outside the directory, whatever the path says.
-        if not target.is_relative_to(self._static) or not target.is_file():
-            return _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
+            # A name too long, a NUL byte, a file that vanished: all simply not found.
+            return not_found
         content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         if content_type.startswith("text/") or content_type.endswith("javascript"):
             content_type += "; charset=utf-8"
-        return _response(http.HTTPStatus.OK, target.read_bytes(), content_type)
+        return _response(http.HTTPStatus.OK, body, content_type)
 
     # -- connections ---------------------------------------------------------------------
 
