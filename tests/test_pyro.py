@@ -197,3 +197,66 @@ async def test_traffic_resumes_after_the_connections_sat_idle(
         assert_balanced(gateway.stats())
     finally:
         await kit.close()
+
+
+async def test_a_shared_secret_is_proven_both_ways(wsbus_pyro_config: PyroConfig) -> None:
+    import Pyro5.errors
+
+    from wsbus_pyro.transport import lookup, make_proxy
+
+    config = msgspec.structs.replace(wsbus_pyro_config, secret="s3cret")
+    args = ["--ns-port", str(config.ns_port), "--secret", "s3cret"]
+    children = [Child(["nameserver", *args]), Child(["bus", *args])]
+    children.append(Child(["service", "wsbus.demo_services:Echo", *args]))
+    kit = Gateways(config)
+    try:
+        gateway = await kit.gateway("sec")
+        client = await kit.client(gateway)
+        client.send("echo", "secret ok", id="s")
+        assert (await _until(client, "echo.reply"))["content"]["content"] == "secret ok"
+
+        def refused(cfg: PyroConfig) -> Exception:
+            try:
+                with lookup(cfg.bus_name, cfg) as bus:
+                    bus.info()
+            except Exception as exc:
+                return exc
+            raise AssertionError("the bus took a call without the right proof")
+
+        # No secret, or a wrong one: the bus refuses the connection.
+        for wrong in (None, "guess"):
+            exc = await asyncio.to_thread(refused, msgspec.structs.replace(config, secret=wrong))
+            assert isinstance(exc, Pyro5.errors.CommunicationError), exc
+
+        # A daemon that does not know the secret cannot pass itself off as the bus.
+        def impostor() -> Exception:
+            import Pyro5.api
+
+            from wsbus_pyro.config import SecureDaemon
+
+            @Pyro5.api.expose
+            class Fake:
+                def info(self) -> dict[str, Any]:
+                    return {}
+
+            import threading
+
+            fake = SecureDaemon(msgspec.structs.replace(config, secret=None))
+            uri = fake.register(Fake, "fake")
+            serving = threading.Thread(target=fake.requestLoop, daemon=True)
+            serving.start()
+            try:
+                with make_proxy(uri, config) as proxy:
+                    proxy._pyroBind()
+            except Exception as exc:
+                return exc
+            finally:
+                fake.shutdown()
+                serving.join(5)
+            raise AssertionError("connected to a daemon without the secret")
+
+        assert isinstance(await asyncio.to_thread(impostor), Pyro5.errors.SecurityError)
+    finally:
+        await kit.close()
+        for child in reversed(children):
+            await asyncio.to_thread(child.stop)

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import threading
+import time
 from typing import Any, Final
 
 import msgspec
 from Pyro5 import config as pyro_config
 from Pyro5 import errors as pyro_errors
-from Pyro5 import protocol
+from Pyro5 import protocol, serializers
 from Pyro5.server import Daemon
 
 from wsbus.errors import ConfigError
 
-__all__ = ["PyroConfig", "SecureDaemon", "apply", "handshake_token"]
+__all__ = ["PyroConfig", "SecureDaemon", "apply", "client_proof", "handshake", "server_proof"]
 
 
 class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +88,11 @@ class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _PATCH_LOCK: Final = threading.Lock()
+_SERPENT_ID: Final = serializers.serializers["serpent"].serializer_id
+MAX_HANDSHAKE_BYTES: Final = 4096
+"""The largest Pyro connection handshake accepted, in bytes."""
+HANDSHAKE_WINDOW: Final = 120.0
+"""Seconds a handshake proof stays valid (clocks of the processes must agree that well)."""
 _patched = False
 
 
@@ -118,6 +125,16 @@ def _refuse_compressed_messages() -> None:
                 raise pyro_errors.ProtocolError(
                     "compressed Pyro messages are refused: turn COMPRESSION off on the peer"
                 )
+            # Refused before a byte of payload is read or deserialized: the peer may not
+            # pick a serializer (marshal trusts its input), nor send a large handshake
+            # that is parsed before its secret is checked.
+            if self.serializer_id != _SERPENT_ID:
+                raise pyro_errors.ProtocolError("wsbus peers speak serpent only")
+            if (
+                self.type == protocol.MSG_CONNECT
+                and self.data_size + self.annotations_size > MAX_HANDSHAKE_BYTES
+            ):
+                raise pyro_errors.ProtocolError("connection handshake too large")
             if payload is not None:
                 self.add_payload(payload)
 
@@ -125,22 +142,64 @@ def _refuse_compressed_messages() -> None:
         _patched = True
 
 
-def handshake_token(secret: str) -> str:
-    """Return the token a peer presents in Pyro's handshake to prove it knows ``secret``."""
-    return hmac.new(secret.encode(), b"wsbus-pyro-handshake-v1", hashlib.sha256).hexdigest()
+def client_proof(secret: str, nonce: str, stamp: int, location: str) -> str:
+    """Return the proof a connecting peer sends.
+
+    It is bound to a fresh nonce, a time, and the address the peer connects to, so that a
+    daemon at another address (one a hijacked name server pointed at) cannot replay it.
+    """
+    message = f"wsbus-pyro-client|{nonce}|{stamp}|{location}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def server_proof(secret: str, nonce: str, location: str) -> str:
+    """The proof a daemon answers with: a peer talks only to a daemon that knows the secret."""
+    message = f"wsbus-pyro-server|{nonce}|{location}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def handshake(secret: str, location: str) -> tuple[dict[str, Any], str]:
+    """Return (the handshake data to send, the answer to expect) for one connection."""
+    nonce = os.urandom(16).hex()
+    stamp = int(time.time())
+    data = {"nonce": nonce, "ts": stamp, "mac": client_proof(secret, nonce, stamp, location)}
+    return data, server_proof(secret, nonce, location)
 
 
 class SecureDaemon(Daemon):  # type: ignore[misc]
-    """A Pyro daemon that checks the shared-secret token in every connection handshake."""
+    """A Pyro daemon that checks each peer's proof of the shared secret, and proves its own.
+
+    Each proof is bound to a nonce used once, a time within :data:`HANDSHAKE_WINDOW`, and
+    this daemon's address.
+    """
 
     def __init__(self, config: PyroConfig, **kwargs: Any) -> None:
         super().__init__(host=config.host, port=config.port, **kwargs)
-        self._token = handshake_token(config.secret) if config.secret else None
+        self._secret = config.secret
+        self._seen: dict[str, float] = {}
+        self._seen_lock = threading.Lock()
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:
-        """Refuse a peer whose token does not match (when a secret is set)."""
-        if self._token is not None and not (
-            isinstance(data, str) and hmac.compare_digest(data, self._token)
-        ):
-            raise pyro_errors.SecurityError("this wsbus peer does not know the shared secret")
-        return "wsbus"
+        """Refuse a peer that cannot prove it knows the secret (when one is set)."""
+        secret = self._secret
+        if secret is None:
+            return "wsbus"
+        refused = pyro_errors.SecurityError("this wsbus peer does not know the shared secret")
+        if not isinstance(data, dict):
+            raise refused
+        nonce, stamp, mac = data.get("nonce"), data.get("ts"), data.get("mac")
+        if not (isinstance(nonce, str) and isinstance(stamp, int) and isinstance(mac, str)):
+            raise refused
+        now = time.time()
+        if abs(now - stamp) > HANDSHAKE_WINDOW or len(nonce) > 64:
+            raise refused
+        expected = client_proof(secret, nonce, stamp, self.locationStr)
+        if not hmac.compare_digest(mac, expected):
+            raise refused
+        with self._seen_lock:
+            if nonce in self._seen:
+                raise refused  # a replay
+            if len(self._seen) > 100_000:
+                self._seen = {n: t for n, t in self._seen.items() if t > now}
+            self._seen[nonce] = now + 2 * HANDSHAKE_WINDOW
+        return server_proof(secret, nonce, self.locationStr)

@@ -33,7 +33,7 @@ from wsbus.envelope import Envelope
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
 from .config import PyroConfig, SecureDaemon, apply
-from .transport import NO_ROUTE, OK, Forwarder, decode_batch, make_proxy
+from .transport import NO_ROUTE, OK, Forwarder, decode_batch, lookup, make_proxy
 
 __all__ = ["PyroBus"]
 
@@ -80,6 +80,7 @@ class PyroBus:
         self._stop = threading.Event()
         self._watched: dict[int, socket.socket] = {}
         self._node = ""
+        self._bus_reachable = True
         self.uri = ""
         self.name = ""
 
@@ -156,8 +157,12 @@ class PyroBus:
 
     @property
     def available(self) -> bool:
-        """True while the message bus answered the gateway's last call."""
-        return self._publisher is not None and not self._publisher.down
+        """True while the message bus is reachable: the last check of the watchdog (every
+        ``reregister_interval``) or the last publish reached it.
+        """
+        if self._publisher is None:
+            return False
+        return self._bus_reachable or not self._publisher.down
 
     async def close(self) -> None:
         """Leave the bus, stop the daemon and the threads. Idempotent."""
@@ -247,13 +252,14 @@ class PyroBus:
 
     def _bus_proxy(self) -> Proxy:
         config = self.config
-        return make_proxy(f"PYRONAME:{config.bus_name}@{config.ns_host}:{config.ns_port}", config)
+        # Resolved here, not with PYRONAME: the proof in the handshake names the address.
+        return lookup(config.bus_name, config)
 
     def _register(self) -> None:
         """Register with the name server and the bus (blocking: a thread's work)."""
         config = self.config
         try:
-            with make_proxy(self._ns_uri(), config) as ns:
+            with make_proxy(self._ns_uri(), config, authenticate=False) as ns:
                 ns.register(self.name, self.uri)
         except (pyro_errors.CommunicationError, OSError) as exc:
             raise BusUnavailable(
@@ -272,7 +278,7 @@ class PyroBus:
     def _unregister(self) -> None:
         config = self.config
         try:
-            with make_proxy(self._ns_uri(), config) as ns:
+            with make_proxy(self._ns_uri(), config, authenticate=False) as ns:
                 ns.remove(self.name)
             with self._bus_proxy() as bus:
                 bus.unregister_gateway(self._node)
@@ -287,7 +293,7 @@ class PyroBus:
         while not self._stop.wait(config.reregister_interval):
             try:
                 if ns is None:
-                    ns = make_proxy(self._ns_uri(), config)
+                    ns = make_proxy(self._ns_uri(), config, authenticate=False)
                 if str(ns.lookup(self.name)) != self.uri:
                     raise pyro_errors.NamingError("registration changed")
             except pyro_errors.NamingError:
@@ -305,7 +311,9 @@ class PyroBus:
                 if not bus.registered("gateway", self._node, self.uri):
                     bus.register_gateway(self._node, self.uri)
                     log.info("gateway %s re-registered with the message bus", self._node)
+                self._bus_reachable = True
             except Exception as exc:
+                self._bus_reachable = False
                 if not isinstance(exc, pyro_errors.PyroError | OSError):
                     log.warning("checking the message bus registration failed: %s", exc)
                 if bus is not None:

@@ -87,7 +87,7 @@ def run_bus(config: PyroConfig | None = None) -> None:
     uri = str(daemon.register(bus, objectId=config.bus_name))
     ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
     try:
-        with make_proxy(ns_uri, config) as ns:
+        with make_proxy(ns_uri, config, authenticate=False) as ns:
             ns.register(config.bus_name, uri)
     except (pyro_errors.CommunicationError, OSError) as exc:
         daemon.close()
@@ -106,7 +106,7 @@ def run_bus(config: PyroConfig | None = None) -> None:
         stop.set()
         bus._shutdown()
         try:
-            with make_proxy(ns_uri, config) as ns:
+            with make_proxy(ns_uri, config, authenticate=False) as ns:
                 ns.remove(config.bus_name)
         except Exception as exc:
             log.info("leaving the name server: %s", exc)
@@ -118,7 +118,7 @@ def _keep_registered(config: PyroConfig, uri: str, stop: _Stop) -> None:
     ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
     while not stop.wait(config.reregister_interval):
         try:
-            with make_proxy(ns_uri, config) as ns:
+            with make_proxy(ns_uri, config, authenticate=False) as ns:
                 try:
                     current = str(ns.lookup(config.bus_name))
                 except pyro_errors.NamingError:

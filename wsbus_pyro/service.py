@@ -25,7 +25,7 @@ from wsbus.errors import BusUnavailable
 from wsbus.service import Service, ServiceRunner, load_service
 
 from .config import PyroConfig, SecureDaemon, apply
-from .transport import OK, UNAVAILABLE, Forwarder, decode_batch, make_proxy
+from .transport import OK, UNAVAILABLE, Forwarder, decode_batch, lookup
 
 __all__ = ["ServiceHost", "load_service", "run_service"]
 
@@ -146,7 +146,8 @@ class ServiceHost:
 
     def _bus_proxy(self) -> Proxy:
         config = self.config
-        return make_proxy(f"PYRONAME:{config.bus_name}@{config.ns_host}:{config.ns_port}", config)
+        # Resolved here, not with PYRONAME: the proof in the handshake names the address.
+        return lookup(config.bus_name, config)
 
     def _register(self) -> None:
         assert self._runner is not None

@@ -11,6 +11,7 @@ callbacks.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from Pyro5.client import Proxy
 
 from wsbus.envelope import Envelope
 
-from .config import PyroConfig, handshake_token
+from .config import PyroConfig, handshake
 
 __all__ = [
     "NO_ROUTE",
@@ -35,6 +36,7 @@ __all__ = [
     "Forwarder",
     "decode_batch",
     "encode_batch",
+    "lookup",
     "make_proxy",
     "to_bytes",
 ]
@@ -83,13 +85,49 @@ def to_bytes(blob: Any) -> bytes:
     return data
 
 
-def make_proxy(uri: Any, config: PyroConfig) -> Proxy:
-    """Return a proxy for ``uri`` with wsbus's timeout and handshake token set."""
-    proxy = Proxy(uri)
+class WsbusProxy(Proxy):  # type: ignore[misc]
+    """A proxy that checks the daemon's proof of the shared secret before any call."""
+
+    def _pyroValidateHandshake(self, response: Any) -> None:
+        expected = self.__dict__.get("_wsbus_expected")
+        if expected is not None and not (
+            isinstance(response, str) and hmac.compare_digest(response, expected)
+        ):
+            raise pyro_errors.SecurityError(
+                f"{self._pyroUri} could not prove it knows the shared secret: it is not a "
+                "process of this deployment (is the name server trustworthy?)"
+            )
+
+
+def make_proxy(uri: Any, config: PyroConfig, *, authenticate: bool = True) -> Proxy:
+    """Return a proxy for a ``PYRO:`` uri with wsbus's timeout and handshake.
+
+    With a secret, the handshake carries a proof bound to this uri's address and the
+    daemon must prove the secret back. The name server is plain Pyro: reach it with
+    ``authenticate=False``.
+    """
+    proxy = WsbusProxy(uri)
     proxy._pyroTimeout = config.comm_timeout
-    if config.secret:
-        proxy._pyroHandshake = handshake_token(config.secret)
+    if config.secret and authenticate:
+        location = proxy._pyroUri.location
+        data, expected = handshake(config.secret, location)
+        proxy._pyroHandshake = data
+        # Set past Proxy.__setattr__, which would send it to the remote object.
+        object.__setattr__(proxy, "_wsbus_expected", expected)
     return proxy
+
+
+def lookup(name: str, config: PyroConfig) -> Proxy:
+    """Resolve ``name`` in the name server and return an authenticating proxy for it.
+
+    Raises:
+        NamingError: the name is not registered.
+        CommunicationError: the name server cannot be reached.
+    """
+    ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
+    with make_proxy(ns_uri, config, authenticate=False) as ns:
+        uri = ns.lookup(name)
+    return make_proxy(uri, config)
 
 
 class Forwarder(threading.Thread):
