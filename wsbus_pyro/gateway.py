@@ -157,8 +157,10 @@ class PyroBus:
 
     @property
     def available(self) -> bool:
-        """True while the message bus is reachable: the last check of the watchdog (every
-        ``reregister_interval``) or the last publish reached it.
+        """True while the message bus is reachable.
+
+        That is, the watchdog's last check (every ``reregister_interval``) or the last
+        publish reached it.
         """
         if self._publisher is None:
             return False
