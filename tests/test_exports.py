@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 import wsbus
 
 EXPECTED = {
@@ -54,3 +58,15 @@ def test_exceptions_pickle() -> None:
 def test_error_messages_say_what_to_do() -> None:
     assert "pip install 'wsbus[pyro]'" in str(wsbus.MissingExtra("pyro"))
     assert "suffix" in str(wsbus.AliasTaken("bob"))
+
+
+def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsbus_pyro
+    import wsbus_websockets
+
+    monkeypatch.setitem(sys.modules, "Pyro5", None)
+    monkeypatch.setitem(sys.modules, "websockets", None)
+    with pytest.raises(wsbus.MissingExtra, match=r"pip install 'wsbus\[pyro\]'"):
+        wsbus_pyro.__getattr__("PyroBus")
+    with pytest.raises(wsbus.MissingExtra, match=r"pip install 'wsbus\[websockets\]'"):
+        wsbus_websockets.__getattr__("serve")

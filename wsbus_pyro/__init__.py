@@ -11,10 +11,9 @@ missing extra fails with an error that says ``pip install 'wsbus[pyro]'``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from wsbus.errors import MissingExtra
+from wsbus._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .config import PyroConfig
@@ -46,12 +45,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wsbus_pyro' has no attribute {name!r}")
-    try:
-        importlib.import_module("Pyro5")
-    except ImportError as exc:
-        raise MissingExtra("pyro") from exc
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _WHERE, "Pyro5", "pyro")

@@ -9,10 +9,9 @@ and a missing extra fails with an error that says ``pip install 'wsbus[websocket
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from wsbus.errors import MissingExtra
+from wsbus._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .client import RECONNECT_CODES, Client, ClientClosed, ServerError, connect
@@ -43,12 +42,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wsbus_websockets' has no attribute {name!r}")
-    try:
-        importlib.import_module("websockets")
-    except ImportError as exc:
-        raise MissingExtra("websockets") from exc
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _WHERE, "websockets", "websockets")
