@@ -276,6 +276,19 @@ class _Counters:
         self.closes_by_code: dict[int, int] = {}
 
 
+REF_DECODE_LIMIT: Final = 4096
+"""Refused frames up to this size are decoded to find their id for the error's ``ref``;
+larger ones are not, so that refusing a flood stays cheap."""
+
+
+def _ref(data: str | bytes, codec: Codec) -> str | None:
+    """Return the id of a frame being refused without processing, if it is cheap to find."""
+    if len(data) > REF_DECODE_LIMIT:
+        return None
+    parsed = decode_client_frame(data, codec)
+    return parsed.ref if isinstance(parsed, Rejection) else parsed.id
+
+
 def _bump(counter: dict[Any, int], key: Any, n: int = 1) -> None:
     counter[key] = counter.get(key, 0) + n
 
@@ -626,10 +639,8 @@ class Gateway:
                 continue
             if client.draining:
                 self._last_read = loop.time()
-                # Decoded only to find the id, so the client can tell which frame was refused.
-                parsed = decode_client_frame(data, codec, limits)
-                ref = parsed.ref if isinstance(parsed, Rejection) else parsed.id
-                self._reject(client, ErrorCode.SHUTTING_DOWN, "the server is shutting down", ref)
+                message = "the server is shutting down"
+                self._reject(client, ErrorCode.SHUTTING_DOWN, message, _ref(data, codec))
                 continue
             if isinstance(data, str) is not is_text:
                 counters.frames_lost += 1
@@ -672,9 +683,9 @@ class Gateway:
             self._counters.frames_lost += 1
             self._close(client, CloseCode.RATE_LIMITED, "rate limited for too long", flush=True)
             return
-        parsed = decode_client_frame(data, codec, self.config.wire)
-        ref = parsed.ref if isinstance(parsed, Rejection) else parsed.id
-        self._reject(client, ErrorCode.RATE_LIMITED, "too many messages; slow down", ref)
+        self._reject(
+            client, ErrorCode.RATE_LIMITED, "too many messages; slow down", _ref(data, codec)
+        )
 
     def _prepare(
         self,

@@ -387,7 +387,8 @@ class EdgeServer:
         if self.config.token_query in query:
             return query[self.config.token_query]
         cookie_header = headers.get("Cookie")
-        if cookie_header:
+        # SimpleCookie is slow on hostile input (CVE-2024-7592): parse only when it may help.
+        if cookie_header and self.config.token_cookie in cookie_header:
             cookies: SimpleCookie = SimpleCookie()
             try:
                 cookies.load(cookie_header)
