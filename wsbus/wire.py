@@ -375,40 +375,40 @@ def _show(name: object) -> str:
 
 def _check_value(root: dict[Any, Any], limits: WireLimits, ref: str | None) -> int:
     """Check depth, numbers, keys and value types; return how many object keys there are."""
-    max_depth = limits.max_depth
-    max_int = limits.max_integer
+    return _walk(root, 1, limits.max_depth, limits.max_integer, ref)
+
+
+def _walk(value: Any, depth: int, max_depth: int, max_int: int, ref: str | None) -> int:
+    """Check one object or array and what it holds. Recursion is bounded by ``max_depth``."""
+    if depth > max_depth:
+        raise _Reject(ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}", ref)
     keys = 0
-    stack: list[tuple[Any, int]] = [(root, 1)]
-    while stack:
-        value, depth = stack.pop()
-        kind = type(value)
-        if kind is dict:
-            if depth > max_depth:
-                raise _Reject(ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}", ref)
-            keys += len(value)
-            for key, item in value.items():
-                if type(key) is not str:
-                    raise _Reject(ErrorCode.INVALID_MESSAGE, "object keys must be strings", ref)
-                if type(item) not in _PLAIN:
-                    stack.append((item, depth + 1))
-        elif kind is list:
-            if depth > max_depth:
-                raise _Reject(ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}", ref)
-            for item in value:
-                if type(item) not in _PLAIN:
-                    stack.append((item, depth + 1))
-        elif kind is int:
-            if not -max_int <= value <= max_int:
+    if type(value) is dict:
+        keys = len(value)
+        for key in value:
+            if type(key) is not str:
+                raise _Reject(ErrorCode.INVALID_MESSAGE, "object keys must be strings", ref)
+        items: Any = value.values()
+    else:
+        items = value
+    for item in items:
+        kind = type(item)
+        if kind in _PLAIN:
+            continue
+        if kind is int:
+            if not -max_int <= item <= max_int:
                 raise _Reject(ErrorCode.BAD_VALUE, f"an integer is beyond +-{max_int}", ref)
         elif kind is float:
-            if not math.isfinite(value):
+            if not math.isfinite(item):
                 raise _Reject(ErrorCode.BAD_VALUE, "a number is not finite", ref)
+        elif kind is dict or kind is list:
+            keys += _walk(item, depth + 1, max_depth, max_int, ref)
         else:
             raise _Reject(ErrorCode.BAD_VALUE, "a value has an unsupported type", ref)
     return keys
 
 
-# Values that need no check at all; everything else is pushed on the stack and looked at.
+# Values that need no check at all.
 _PLAIN: Final = frozenset({str, bool, type(None), bytes})
 
 
