@@ -765,3 +765,16 @@ def test_a_long_run_of_backslashes_is_refused_quickly() -> None:
         rejection = decode_client_frame(text, Codec.JSON)
         assert isinstance(rejection, Rejection)
         assert rejection.code == "malformed"
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(wst.client_frames(codec=Codec.JSON), wst.adversarial_frames(codec=Codec.JSON)))
+def test_the_fast_path_accepts_only_what_the_full_path_accepts(frame: str | bytes) -> None:
+    from wsbus.wire import _decode, _Reject
+
+    fast = decode_client_frame(frame, Codec.JSON)
+    try:
+        full: ClientFrame | Rejection = _decode(frame, Codec.JSON, WireLimits(), frozenset())
+    except _Reject as exc:
+        full = exc.rejection
+    assert fast == full
