@@ -27,6 +27,7 @@ from . import control
 from .bus import SHARED_HEADER, Bus
 from .edge import ClientConnection, ConnectionClosed
 from .envelope import (
+    ClientAddress,
     ConnId,
     Envelope,
     EnvelopeId,
@@ -297,6 +298,7 @@ class _Client:
     """One open connection's state."""
 
     __slots__ = (
+        "address",
         "bucket",
         "budget",
         "busy",
@@ -319,6 +321,8 @@ class _Client:
     def __init__(self, conn: ClientConnection, conn_id: ConnId, config: GatewayConfig) -> None:
         self.conn = conn
         self.conn_id = conn_id
+        # The address stamped on this connection's messages; refreshed when its alias changes.
+        self.address = ClientAddress(conn_id)
         self.codec = conn.codec
         self.send_nowait: Callable[[bytes], bool] | None = getattr(conn, "send_nowait", None)
         # (encoded frame, is a delivery); the head stays queued until it is written.
@@ -569,6 +573,7 @@ class Gateway:
             if identity.alias is not None:
                 self.registry.set_alias(conn_id, identity.alias)
                 address = self.registry.address(conn_id)
+            client.address = address
         except (InvalidName, AliasTaken) as exc:
             log.warning("identity for %s not usable: %s", client.conn.request.remote, exc)
             if conn_id in self.registry:
@@ -696,7 +701,7 @@ class Gateway:
         reply_to: str | None,
     ) -> Envelope | None:
         """Wrap a valid frame and run the inbound hooks; None when it was refused."""
-        address = self.registry.address(client.conn_id)
+        address = client.address
         envelope = Envelope(
             # The client's own id, when it gave one, so that replies can point at it.
             id=EnvelopeId(frame_id) if frame_id is not None else self._ids(),
@@ -1041,9 +1046,12 @@ class Gateway:
         if type == control.LEAVE:
             return registry.leave(request.conn_id, request.group)
         if type == control.ALIAS_SET:
-            return registry.set_alias(request.conn_id, request.alias)
+            given = registry.set_alias(request.conn_id, request.alias)
+            self._clients[request.conn_id].address = registry.address(request.conn_id)
+            return given
         if type == control.ALIAS_CLEAR:
             registry.clear_alias(request.conn_id)
+            self._clients[request.conn_id].address = registry.address(request.conn_id)
             return None
         if type == control.CLIENTS:
             infos: list[ClientInfo]

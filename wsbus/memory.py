@@ -163,13 +163,15 @@ class MemoryBus:
 
     def _route_to_services(self, envelope: Envelope) -> None:
         to = envelope.to
-        if isinstance(to, ServiceAddress):
+        if to is None:
+            pass  # by type, below: the common case, tested first
+        elif isinstance(to, ServiceAddress):
             runner = self._runners.get(to.name)
             if runner is None:
                 raise NoRoute(envelope.type)
             runner.accept(envelope)
             return
-        if isinstance(to, GatewayAddress):
+        else:
             raise NoRoute(envelope.type)
         runners = self._by_type.get(envelope.type)
         if not runners:
