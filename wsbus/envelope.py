@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from typing import Any, NewType
 
 import msgspec
@@ -176,8 +175,3 @@ class IdFactory:
     def __call__(self) -> EnvelopeId:
         """Return the next id."""
         return EnvelopeId(f"{self.prefix}-{next(self._counter):x}")
-
-
-def now() -> float:
-    """Return the current time for ``Envelope.created``."""
-    return time.time()

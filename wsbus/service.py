@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar
 
 import msgspec
@@ -457,12 +457,3 @@ def load_service(spec: str) -> Service:
     if not (isinstance(cls, type) and issubclass(cls, Service)):
         raise ConfigError(f"{spec!r} is not a wsbus.Service subclass")
     return cls()
-
-
-def collect_types(runners: Iterable[ServiceRunner]) -> dict[str, list[ServiceRunner]]:
-    """Index runners by the types they handle."""
-    index: dict[str, list[ServiceRunner]] = {}
-    for runner in runners:
-        for type_ in runner.types:
-            index.setdefault(type_, []).append(runner)
-    return index

@@ -43,13 +43,16 @@ export class WsbusClient extends EventTarget {
    * @param {string} [options.token]  a bearer token, sent as a wsbus.token.<t> subprotocol
    * @param {boolean} [options.reconnect=true]
    * @param {number[]} [options.backoff=[100, 10000]]  first and largest delay, in ms
+   * @param {number} [options.maxAttempts=30]  reconnect attempts in a row before giving up
+   *   (a refused handshake looks like a lost connection to a browser: this ends the retries)
    */
-  constructor(url, { token = null, reconnect = true, backoff = [100, 10000] } = {}) {
+  constructor(url, { token = null, reconnect = true, backoff = [100, 10000], maxAttempts = 30 } = {}) {
     super();
     this.url = url;
     this.token = token;
     this.reconnect = reconnect;
     this.backoff = backoff;
+    this.maxAttempts = maxAttempts;
     this.welcome = null;
     this._ws = null;
     this._nextId = 1;
@@ -108,6 +111,10 @@ export class WsbusClient extends EventTarget {
   }
 
   _scheduleReconnect() {
+    if (this._attempt >= this.maxAttempts) {
+      this._emit("close", { code: 1006, reason: "gave up reconnecting", final: true });
+      return;
+    }
     const [low, high] = this.backoff;
     const ceiling = Math.min(high, low * 2 ** this._attempt);
     // Full jitter: a crowd of clients spreads over the whole window.
