@@ -114,3 +114,21 @@ async def test_echo_shows_the_stamped_sender_and_a_bad_frame_its_error(
     # The page is still connected afterwards.
     assert await page.get_attribute("#status", "data-state") == "open"
     await page.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/echo.png")
+
+
+async def test_the_javascript_client_reconnects_after_a_resync_close(
+    demo: str, browser: Browser
+) -> None:
+    page = await _open(browser, demo, "rex")
+    first = await page.evaluate("window.wsbusClient.connId")
+    # 4507 says "you missed messages": the client reconnects, with jittered backoff.
+    await page.evaluate("window.wsbusClient._ws.close(4507, 'test')")
+    await page.wait_for_function(
+        f"window.wsbusClient.connected && window.wsbusClient.connId !== {first!r}",
+        timeout=15_000,
+    )
+    assert await page.get_attribute("#status", "data-state") == "open"
+    # The new connection works: an echo round trip.
+    await page.fill("#echo", "again")
+    await page.click("#echo-form button")
+    await page.locator("#echo-result", has_text='echoed "again"').wait_for(timeout=10_000)
