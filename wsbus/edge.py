@@ -61,6 +61,12 @@ class ClientConnection(Protocol):
         ...
 
 
+# An adapter may also offer ``raw_receive()``, its transport's own receive (an awaitable
+# of ``str | bytes`` that may raise the transport's exceptions), together with
+# ``closed_error(exc) -> ConnectionClosed | None``, which translates those exceptions. The
+# gateway's reader then skips the translating wrapper on every frame. ``receive`` must
+# still behave as documented: the conformance suite tests it.
+#
 # An adapter may also offer ``send_nowait(data: bytes) -> bool``: write the frame at once if
 # that needs no waiting (open, and the write buffer under its limit), else return False.
 # The gateway then writes without a task switch per frame, which is what makes fan-out to

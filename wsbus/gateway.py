@@ -632,11 +632,24 @@ class Gateway:
         publish_nowait: Callable[[Envelope], None] | None = getattr(
             self.bus, "publish_nowait", None
         )
+        # An adapter may offer its transport's own receive, untranslated, with a function
+        # that translates its errors: one coroutine less per frame (see wsbus.edge).
+        receive = getattr(conn, "raw_receive", None)
+        translate: Callable[[BaseException], ConnectionClosed | None] | None = getattr(
+            conn, "closed_error", None
+        )
+        if receive is None or translate is None:
+            receive, translate = conn.receive, None
         while True:
             try:
-                data = await conn.receive()
+                data = await receive()
             except ConnectionClosed as exc:
                 return exc.code, exc.reason
+            except Exception as exc:
+                closed = translate(exc) if translate is not None else None
+                if closed is None:
+                    raise
+                return closed.code, closed.reason
             counters.frames_received += 1
             if client.close_code is not None:
                 # Read after we decided to close: it goes down with the connection.

@@ -258,6 +258,31 @@ class ConnectionConformance:
         assert pending.result().code == 4000
         assert after_send.code == 4000
 
+    async def test_raw_receive_and_closed_error_agree_with_receive(
+        self, wsbus_connection_pair: MakeConnectionPair
+    ) -> None:
+        """The optional raw_receive and closed_error pair behaves as receive does.
+
+        raw_receive gives the same frames, and closed_error turns the transport's close
+        into ConnectionClosed with the peer's code.
+        """
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(Codec.JSON)
+            raw_receive = getattr(connection, "raw_receive", None)
+            closed_error = getattr(connection, "closed_error", None)
+            if raw_receive is None or closed_error is None:
+                return  # the adapter does not offer the fast path: nothing to check
+            await peer.send_text('{"type":"a"}')
+            assert await raw_receive() == '{"type":"a"}'
+            await peer.close(4002, "bye")
+            try:
+                await raw_receive()
+            except Exception as exc:
+                closed = closed_error(exc)
+            else:
+                raise AssertionError("raw_receive returned after the peer closed")
+        assert isinstance(closed, ConnectionClosed) and closed.code == 4002
+
     async def test_close_is_idempotent(self, wsbus_connection_pair: MakeConnectionPair) -> None:
         """Closing again is harmless and does not change the close code."""
         async with asyncio.timeout(TIMEOUT):

@@ -102,7 +102,7 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
 class _Connection:
     """A websockets connection as a :class:`wsbus.ClientConnection`."""
 
-    __slots__ = ("_codec", "_limit", "_request", "_text", "_ws")
+    __slots__ = ("_codec", "_limit", "_request", "_text", "_ws", "raw_receive")
 
     def __init__(
         self,
@@ -116,6 +116,8 @@ class _Connection:
         self._text = codec.is_text
         self._request = request
         self._limit = write_limit
+        # websockets' own recv, for the gateway's reader; see closed_error.
+        self.raw_receive = ws.recv
 
     @property
     def codec(self) -> Codec:
@@ -130,6 +132,11 @@ class _Connection:
             return await self._ws.recv()
         except WsConnectionClosed as exc:
             raise _closed(exc) from None
+
+    @staticmethod
+    def closed_error(exc: BaseException) -> ConnectionClosed | None:
+        """Translate an exception from ``raw_receive``; None when it is not a close."""
+        return _closed(exc) if isinstance(exc, WsConnectionClosed) else None
 
     async def send(self, data: bytes) -> None:
         try:
