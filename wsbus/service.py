@@ -401,12 +401,23 @@ class ServiceRunner:
 
     async def _run(self) -> None:
         inbox = self._inbox
+        dispatch = self._dispatch
+        link = self.link
         while True:
             if not inbox:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            await self.handle(inbox.popleft())
+            envelope = inbox.popleft()
+            entry = dispatch.get(envelope.type)
+            if entry is None or not entry[1]:
+                await self.handle(envelope)
+                continue
+            # The common case, an async handler, inline: no extra coroutine per message.
+            try:
+                await entry[0](envelope, Context(link, envelope))
+            except Exception:
+                self._failed(envelope)
 
     async def handle(self, envelope: Envelope) -> None:
         """Call the handler for one envelope; a failing handler is logged, never raised."""
@@ -432,12 +443,15 @@ class ServiceRunner:
             else:
                 await asyncio.to_thread(method, envelope, ctx)
         except Exception:
-            log.exception(
-                "service %r failed handling %r (id %s); it carries on with the next message",
-                self.name,
-                envelope.type,
-                envelope.id,
-            )
+            self._failed(envelope)
+
+    def _failed(self, envelope: Envelope) -> None:
+        log.exception(
+            "service %r failed handling %r (id %s); it carries on with the next message",
+            self.name,
+            envelope.type,
+            envelope.id,
+        )
 
 
 def load_service(spec: str) -> Service:
