@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import os
 import statistics
@@ -31,6 +32,8 @@ from wsbus.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("raw", "wsbus", "socketio")
+LAGS: dict[str, list[float]] = {}
+"""Worst event-loop lag (ms) each server saw, per run."""
 
 
 # -- a minimal WebSocket client -----------------------------------------------------------
@@ -151,17 +154,24 @@ class Server:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
-    def stop(self) -> None:
-        """End the server by its pid."""
+    def stop(self) -> float | None:
+        """End the server by its pid; return its worst event-loop lag in ms, if it said."""
+        lag = None
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(10)
+                # A graceful close would wait for these minimal clients to answer: no need.
+                self.process.wait(2)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
         if self.process.stdout is not None:
+            for line in self.process.stdout.read().splitlines():
+                if line.startswith("maxlag "):
+                    lag = float(line.split()[1])
             self.process.stdout.close()
+        LAGS.setdefault(self.kind, []).append(lag if lag is not None else float("nan"))
+        return lag
 
 
 # -- the benchmarks -----------------------------------------------------------------------
@@ -200,9 +210,12 @@ async def ingest(kind: str, clients: int, frames: int) -> float:
         started = time.perf_counter()
 
         async def send(c: RawClient) -> None:
-            for _ in range(frames // 100):
-                c.writer.write(payload * 100)
+            left = frames
+            while left:
+                chunk = min(100, left)
+                c.writer.write(payload * chunk)
                 await c.writer.drain()
+                left -= chunk
 
         await asyncio.gather(*(send(c) for c in conns))
         finished = await asyncio.wait_for(asyncio.gather(*done), 300)
@@ -210,6 +223,26 @@ async def ingest(kind: str, clients: int, frames: int) -> float:
         for c in conns:
             c.close()
         return target / elapsed
+    finally:
+        server.stop()
+
+
+async def echo_latency(kind: str, rounds: int) -> tuple[float, float]:
+    """Median and 99th-percentile round trip (ms) of one client's echo, one at a time."""
+    server = Server(kind)
+    try:
+        client = await _connect(kind, server.port)
+        times = []
+        for i in range(rounds):
+            request = frame(_message(kind, "bench.echo", {"n": i}))
+            marker = (b'"n": %d}' if kind == "raw" else b'"n":%d}') % i
+            started = time.perf_counter()
+            client.writer.write(request)
+            await client.until(marker)
+            times.append(time.perf_counter() - started)
+        client.close()
+        times.sort()
+        return statistics.median(times) * 1000, times[int(len(times) * 0.99)] * 1000
     finally:
         server.stop()
 
@@ -230,7 +263,11 @@ async def memory(kind: str, clients: int) -> float:
         server.stop()
 
 
+RESULTS: dict[str, Any] = {}
+
+
 def _table(title: str, unit: str, results: dict[str, float], higher_is_better: bool) -> None:
+    RESULTS[title] = {"unit": unit, "values": results}
     base = results.get("wsbus")
     print(f"\n{title} ({unit})")
     for kind, value in results.items():
@@ -250,36 +287,65 @@ async def _best_of(runner: Runner, kind: str, repeat: int) -> float:
     return statistics.median(values)
 
 
+def _sizes(text: str | None, default: str) -> list[int]:
+    return [int(n) for n in (text or default).split(",")]
+
+
 async def main(argv: list[str] | None = None) -> None:
     """Run the benchmarks named on the command line."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=("fanout", "ingest", "memory", "pyro", "all"))
-    parser.add_argument("--clients", type=int, default=None)
+    parser.add_argument("which", choices=("fanout", "ingest", "echo", "memory", "pyro", "all"))
+    parser.add_argument("--clients", default=None, help="client counts, comma-separated")
     parser.add_argument("--messages", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--frames", type=int, default=100_000, help="ingest: frames in all")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server; the median")
     parser.add_argument("--kinds", default=",".join(KINDS), help="servers to compare")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; median of {args.repeat}")
     if args.which in ("fanout", "all"):
-        n, m = args.clients or 1000, args.messages or 100
-        results = {k: await _best_of(lambda k: fanout(k, n, m), k, args.repeat) for k in kinds}
-        _table(f"fan-out: {m} messages to {n} clients", "deliveries/s", results, True)
+        m = args.messages or 100
+        for n in _sizes(args.clients, "1000"):
+            results = {
+                k: await _best_of(functools.partial(fanout, clients=n, messages=m), k, args.repeat)
+                for k in kinds
+            }
+            _table(f"fan-out: {m} messages to {n} clients", "deliveries/s", results, True)
     if args.which in ("ingest", "all"):
-        n = args.clients or 50
-        results = {
-            k: await _best_of(lambda k: ingest(k, n, args.frames), k, args.repeat) for k in kinds
-        }
-        _table(f"ingest: {n} clients x {args.frames} frames", "frames/s", results, True)
+        for n in _sizes(args.clients, "10,100,1000"):
+            each = max(1, args.frames // n)
+            results = {
+                k: await _best_of(functools.partial(ingest, clients=n, frames=each), k, args.repeat)
+                for k in kinds
+            }
+            _table(f"ingest: {n} clients x {each} frames", "frames/s", results, True)
+    if args.which in ("echo", "all"):
+        latencies = {k: await echo_latency(k, 1000) for k in kinds}
+        _table(
+            "echo round trip, one client, p50", "ms", {k: v[0] for k, v in latencies.items()}, False
+        )
+        _table(
+            "echo round trip, one client, p99", "ms", {k: v[1] for k, v in latencies.items()}, False
+        )
     if args.which in ("memory", "all"):
-        n = args.clients or 1000
-        results = {k: await _best_of(lambda k: memory(k, n), k, args.repeat) for k in kinds}
-        _table(f"memory: {n} idle connections", "KiB per connection", results, False)
+        for n in _sizes(args.clients, "1000,5000"):
+            results = {
+                k: await _best_of(functools.partial(memory, clients=n), k, args.repeat)
+                for k in kinds
+            }
+            _table(f"memory: {n} idle connections", "KiB per connection", results, False)
     if args.which in ("pyro", "all"):
         from bench import pyro
 
-        await pyro.run(args.messages or 20000, args.repeat)
+        RESULTS["pyro"] = await pyro.run(args.messages or 20000, args.repeat)
+    if LAGS:
+        worst = {k: max(v) for k, v in LAGS.items()}
+        _table("worst event-loop lag of each server during these runs", "ms", worst, False)
+    if args.json:
+        text = json.dumps(RESULTS, indent=2, default=str)
+        await asyncio.to_thread(Path(args.json).write_text, text)
+        print(f"\nresults written to {args.json}")
 
 
 if __name__ == "__main__":

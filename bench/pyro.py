@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
 
 from wsbus.processes import Child, free_port
 
@@ -121,8 +120,8 @@ class _Deployment:
             child.stop()
 
 
-async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float]:
-    """Return (service-to-client messages per second, median echo round trip in ms)."""
+async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float]:
+    """Return (service-to-client messages/s, echo round trip p50 and p99 in ms)."""
     deployment = await asyncio.to_thread(_Deployment)
     try:
         client = await RawClient.open(deployment.ws_port, "/", "wsbus.v1.json")
@@ -141,27 +140,38 @@ async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float]:
             await client.until(b'"reply_to":"r%d"' % i)
             times.append(time.perf_counter() - t0)
         client.close()
-        return rate, statistics.median(times) * 1000
+        times.sort()
+        return rate, statistics.median(times) * 1000, times[int(len(times) * 0.99)] * 1000
     finally:
         await asyncio.to_thread(deployment.stop)
 
 
-async def run(messages: int, repeat: int) -> None:
-    """Run the Pyro comparison and print it."""
+async def run(messages: int, repeat: int) -> dict[str, float]:
+    """Run the Pyro comparison, print it, and return the figures."""
     plain = [await asyncio.to_thread(plain_pyro, min(messages, 5000)) for _ in range(repeat)]
     calls_per_s = statistics.median(p[0] for p in plain)
     pyro_rtt = statistics.median(p[1] for p in plain)
     ws_rtt = await bare_websocket_rtt(500)
-    runs: list[Any] = [await wsbus_pyro(messages, 200) for _ in range(repeat)]
+    runs = [await wsbus_pyro(messages, 300) for _ in range(repeat)]
     rate = statistics.median(r[0] for r in runs)
-    rtt = statistics.median(r[1] for r in runs)
-    print(f"\nPyro path: a service process sends {messages} messages to one client")
+    p50 = statistics.median(r[1] for r in runs)
+    p99 = statistics.median(r[2] for r in runs)
+    print(f"\nPyro path: a service process sends {messages} messages to one client, in order")
     print(f"  plain Pyro5 calls      {calls_per_s:>12,.0f} calls/s  (round trip {pyro_rtt:.3f} ms)")
     print(
         f"  wsbus over Pyro        {rate:>12,.0f} msgs/s   = {rate / calls_per_s:.1f}x plain calls"
     )
     print(f"  bare WebSocket echo    round trip {ws_rtt:.3f} ms")
     print(
-        f"  wsbus echo round trip  {rtt:.3f} ms (client -> gateway -> bus -> service and back)"
-        f" = {rtt / (pyro_rtt + ws_rtt):.2f}x (bare Pyro call + bare WebSocket round trip)"
+        f"  wsbus echo round trip  p50 {p50:.3f} ms, p99 {p99:.3f} ms "
+        f"(client -> gateway -> bus -> service and back) = "
+        f"{p50 / (pyro_rtt + ws_rtt):.2f}x (bare Pyro call + bare WebSocket round trip)"
     )
+    return {
+        "plain_calls_per_s": calls_per_s,
+        "plain_rtt_ms": pyro_rtt,
+        "websocket_rtt_ms": ws_rtt,
+        "wsbus_msgs_per_s": rate,
+        "wsbus_rtt_p50_ms": p50,
+        "wsbus_rtt_p99_ms": p99,
+    }

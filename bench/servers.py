@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -44,6 +45,8 @@ async def raw(port: int) -> None:
                         broadcast(clients, json.dumps(ITEM))
                         if i % 64 == 63:
                             await asyncio.sleep(0)
+                elif kind == "bench.echo":
+                    await ws.send(message)
                 elif kind == "bench.target":
                     state["target"] = frame["content"]["n"]
                     state["count"] = 0
@@ -56,6 +59,7 @@ async def raw(port: int) -> None:
 
     async with serve(handler, "127.0.0.1", port, compression=None, max_queue=64):
         print("ready", flush=True)
+        LAG["max"] = 0.0  # start-up is not under load
         await asyncio.Future()
 
 
@@ -86,6 +90,10 @@ async def wsbus(port: int) -> None:
                 if i % 64 == 63:
                     await asyncio.sleep(0)
 
+        @handles("bench.echo")
+        async def echo(self, message: Envelope, ctx: Context) -> None:
+            ctx.reply(message.content)
+
         @handles("bench.target")
         async def set_target(self, message: Envelope, ctx: Context) -> None:
             self.target = message.content["n"]
@@ -107,6 +115,7 @@ async def wsbus(port: int) -> None:
     await gateway.start()
     await serve(gateway, "127.0.0.1", port, config=EdgeConfig(inbound_queue=64))
     print("ready", flush=True)
+    LAG["max"] = 0.0  # start-up is not under load
     await asyncio.Future()
 
 
@@ -131,6 +140,10 @@ async def socketio(port: int) -> None:
             if i % 64 == 63:
                 await asyncio.sleep(0)
 
+    @sio.on("bench.echo")  # type: ignore[untyped-decorator]
+    async def echo(sid: str, data: Any) -> None:
+        await sio.emit("bench.echo", data, to=sid)
+
     @sio.on("bench.target")  # type: ignore[untyped-decorator]
     async def set_target(sid: str, data: Any) -> None:
         state["target"] = data["n"]
@@ -146,15 +159,46 @@ async def socketio(port: int) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print("ready", flush=True)
+    LAG["max"] = 0.0  # start-up is not under load
     await asyncio.Future()
 
 
+LAG = {"max": 0.0}
+
+
+async def _watch_lag() -> None:
+    """Record the event loop's worst lateness (a 10 ms sleep that wakes late)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        LAG["max"] = max(LAG["max"], loop.time() - before - 0.01)
+
+
+async def _serve(kind: str, port: int) -> None:
+    watcher = asyncio.create_task(_watch_lag())
+    server = asyncio.create_task({"raw": raw, "wsbus": wsbus, "socketio": socketio}[kind](port))
+
+    def stop() -> None:
+        # Said first: the load generator may not wait for a graceful close.
+        print(f"maxlag {LAG['max'] * 1000:.1f}", flush=True)
+        server.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+    try:
+        await server
+    except asyncio.CancelledError:
+        pass
+    finally:
+        watcher.cancel()
+
+
 def main() -> None:
-    """Run the server named on the command line."""
+    """Run the server named on the command line; print the worst loop lag when it ends."""
     kind, port = sys.argv[1], int(sys.argv[2])
     print(f"pid {os.getpid()}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run({"raw": raw, "wsbus": wsbus, "socketio": socketio}[kind](port))
+        asyncio.run(_serve(kind, port))
 
 
 if __name__ == "__main__":
