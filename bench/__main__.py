@@ -20,6 +20,7 @@ import base64
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -93,9 +94,30 @@ class RawClient:
                 return time.perf_counter()
             tail = chunk[-len(sentinel) :]
 
+    async def stamped(self, sentinel: bytes) -> float:
+        """Read until ``sentinel``; return how long ago (s) the sender stamped ``"t":``.
+
+        The sender stamps with ``time.monotonic()``, one clock for every process on the
+        machine, so this is the one-way latency from the sender's call to this read.
+        """
+        data = b""
+        while sentinel not in data:
+            chunk = await self.reader.read(1 << 16)
+            if not chunk:
+                raise RuntimeError("connection closed before the sentinel")
+            data += chunk
+        arrived = time.monotonic()
+        found = _STAMP.search(data, data.index(sentinel))
+        if found is None:
+            raise RuntimeError(f"no stamp after {sentinel!r}")
+        return arrived - float(found.group(1))
+
     def close(self) -> None:
         """Drop the connection."""
         self.writer.close()
+
+
+_STAMP = re.compile(rb'"t": ?([0-9.e+-]+)')
 
 
 # What each kind needs: the path, the subprotocol, messages encoded for its protocol.

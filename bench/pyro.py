@@ -19,7 +19,7 @@ import time
 
 from wsbus.processes import Child, free_port
 
-from .__main__ import ROOT, RawClient, frame
+from .__main__ import ROOT, RawClient, Server, frame
 
 
 def _plain_server(port: int) -> subprocess.Popen[str]:
@@ -90,6 +90,25 @@ async def bare_websocket_rtt(rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
+async def bare_websocket_send(rounds: int) -> float:
+    """Median one-way latency, in ms, of a message a raw websockets server sends.
+
+    The server (``bench/servers.py raw``, its own process) stamps each message with
+    ``time.monotonic()`` just before ``send``; this process reads it and subtracts.
+    """
+    server = Server("raw")
+    try:
+        client = await RawClient.open(server.port)
+        times = []
+        for i in range(rounds):
+            client.writer.write(frame(b'{"type":"bench.stamp","content":%d}' % i))
+            times.append(await client.stamped(b'"n": %d,' % i))
+        client.close()
+        return statistics.median(times) * 1000
+    finally:
+        server.stop()
+
+
 class _Deployment:
     """A name server, the bus, the bench service and a gateway, each its own process."""
 
@@ -120,8 +139,13 @@ class _Deployment:
             child.stop()
 
 
-async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float]:
-    """Return (service-to-client messages/s, echo round trip p50 and p99 in ms)."""
+async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float, float, float]:
+    """Return service-to-client messages/s, one-way and echo round trip p50 and p99 (ms).
+
+    One-way: the client asks, the service process stamps a message with
+    ``time.monotonic()`` just before ``ctx.send``, and the client subtracts on arrival;
+    one at a time, so no message waits behind another.
+    """
     deployment = await asyncio.to_thread(_Deployment)
     try:
         client = await RawClient.open(deployment.ws_port, "/", "wsbus.v1.json")
@@ -139,11 +163,19 @@ async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float]:
             client.writer.write(frame(request))
             await client.until(b'"reply_to":"r%d"' % i)
             times.append(time.perf_counter() - t0)
+        one_way = []
+        for i in range(rounds):
+            client.writer.write(frame(b'{"type":"bench.stamp","content":%d}' % i))
+            one_way.append(await client.stamped(b'"n":%d,' % i))
         client.close()
-        times.sort()
-        return rate, statistics.median(times) * 1000, times[int(len(times) * 0.99)] * 1000
+        return rate, *_p50_p99(one_way), *_p50_p99(times)
     finally:
         await asyncio.to_thread(deployment.stop)
+
+
+def _p50_p99(times: list[float]) -> tuple[float, float]:
+    times = sorted(times)
+    return statistics.median(times) * 1000, times[int(len(times) * 0.99)] * 1000
 
 
 async def run(messages: int, repeat: int) -> dict[str, float]:
@@ -152,16 +184,23 @@ async def run(messages: int, repeat: int) -> dict[str, float]:
     calls_per_s = statistics.median(p[0] for p in plain)
     pyro_rtt = statistics.median(p[1] for p in plain)
     ws_rtt = await bare_websocket_rtt(500)
+    ws_send = await bare_websocket_send(500)
     runs = [await wsbus_pyro(messages, 300) for _ in range(repeat)]
-    rate = statistics.median(r[0] for r in runs)
-    p50 = statistics.median(r[1] for r in runs)
-    p99 = statistics.median(r[2] for r in runs)
+    rate, way50, way99, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(5))
+    bare = pyro_rtt + ws_send
     print(f"\nPyro path: a service process sends {messages} messages to one client, in order")
     print(f"  plain Pyro5 calls      {calls_per_s:>12,.0f} calls/s  (round trip {pyro_rtt:.3f} ms)")
     print(
         f"  wsbus over Pyro        {rate:>12,.0f} msgs/s   = {rate / calls_per_s:.1f}x plain calls"
     )
-    print(f"  bare WebSocket echo    round trip {ws_rtt:.3f} ms")
+    print(
+        f"  bare WebSocket         send one-way {ws_send:.3f} ms, echo round trip {ws_rtt:.3f} ms"
+    )
+    print(
+        f"  wsbus one-way          p50 {way50:.3f} ms, p99 {way99:.3f} ms "
+        f"(service -> bus -> gateway -> client) = {way50 / bare:.2f}x "
+        f"(bare Pyro call + bare WebSocket send, {bare:.3f} ms)"
+    )
     print(
         f"  wsbus echo round trip  p50 {p50:.3f} ms, p99 {p99:.3f} ms "
         f"(client -> gateway -> bus -> service and back) = "
@@ -171,6 +210,9 @@ async def run(messages: int, repeat: int) -> dict[str, float]:
         "plain_calls_per_s": calls_per_s,
         "plain_rtt_ms": pyro_rtt,
         "websocket_rtt_ms": ws_rtt,
+        "websocket_send_ms": ws_send,
+        "wsbus_one_way_p50_ms": way50,
+        "wsbus_one_way_p99_ms": way99,
         "wsbus_msgs_per_s": rate,
         "wsbus_rtt_p50_ms": p50,
         "wsbus_rtt_p99_ms": p99,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from wsbus import ClientAddress, Context, Envelope, Recipients, Service, handles
 
 
 class Bench(Service):
-    """``bench.send`` ``{"n"}``: send n numbered messages to the sender; ``bench.echo``."""
+    """``bench.send`` ``{"n"}``: n numbered messages to the sender; ``bench.stamp``, ``echo``."""
 
     name = "bench"
 
@@ -21,6 +22,13 @@ class Bench(Service):
             ctx.send(to, "bench.item", {"i": i})
             if i % 256 == 255:
                 await asyncio.sleep(0)
+
+    @handles("bench.stamp")
+    async def stamp(self, message: Envelope, ctx: Context) -> None:
+        """Send the sender one message stamped with this process's monotonic clock."""
+        assert isinstance(message.sender, ClientAddress)
+        to = Recipients(conn_ids=(message.sender.conn_id,))
+        ctx.send(to, "bench.stamp", {"n": message.content, "t": time.monotonic()})
 
     @handles("bench.echo")
     async def echo(self, message: Envelope, ctx: Context) -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 ITEM: dict[str, Any] = {"type": "bench.item", "content": {"i": 0, "text": "the quick brown fox"}}
@@ -47,6 +48,9 @@ async def raw(port: int) -> None:
                             await asyncio.sleep(0)
                 elif kind == "bench.echo":
                     await ws.send(message)
+                elif kind == "bench.stamp":
+                    stamp = {"n": frame["content"], "t": time.monotonic()}
+                    await ws.send(json.dumps({"type": "bench.stamp", "content": stamp}))
                 elif kind == "bench.target":
                     state["target"] = frame["content"]["n"]
                     state["count"] = 0
