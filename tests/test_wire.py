@@ -778,3 +778,36 @@ def test_the_fast_path_accepts_only_what_the_full_path_accepts(frame: str | byte
     except _Reject as exc:
         full = exc.rejection
     assert fast == full
+
+
+_SMALL = WireLimits(max_frame_bytes=64, max_integer=1000)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"a","content":{"n":1000,"s":"x"}}',
+        '{"type":"a","content":{"n":1001,"s":"x"}}',
+        '{"type":"a","content":{"n":-1001}}',
+        '{"type":"a","content":{"n":1,"deep":{"m":1001}}}',
+        '{"type":"a","content":{"n":1,"deep":[1,{"m":2}]}}',
+        '{"type":"a","content":{"f":1.5,"b":true,"z":null}}',
+        '{"type":"a","content":{"n":1,"n":2}}',
+        '{"type":"a","content":{"s":"a:b","n":1,"n":2}}',
+        '{"type":"a","content":"\ud800"}',
+        '{"type":"a","content":"' + "é" * 20 + '"}',  # 40 bytes of text: fits
+        '{"type":"a","content":"' + "é" * 30 + '"}',  # 30 characters, 60 bytes: too big
+        '{"type":"wsbus.x"}',
+        '{"type":"a b"}',
+    ],
+)
+def test_the_fast_path_agrees_with_the_full_path_on_edge_cases(frame: str) -> None:
+    from wsbus.wire import _decode, _Reject
+
+    for data in (frame, frame.encode("utf-8", "surrogatepass")):
+        fast = decode_client_frame(data, Codec.JSON, _SMALL)
+        try:
+            full: ClientFrame | Rejection = _decode(data, Codec.JSON, _SMALL, frozenset())
+        except _Reject as exc:
+            full = exc.rejection
+        assert fast == full

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, NewType
+from collections.abc import Callable
+from typing import Any, NewType, cast
 
 import msgspec
 
@@ -170,8 +171,13 @@ class IdFactory:
 
     def __init__(self, prefix: str | None = None) -> None:
         self.prefix = prefix if prefix is not None else os.urandom(4).hex()
-        self._counter = itertools.count(1)
+        template = self.prefix.replace("{", "{{").replace("}", "}}") + "-{:x}"
+        # Counting and formatting both run in C: one call per id and no Python frame.
+        self.next: Callable[[], EnvelopeId] = cast(
+            "Callable[[], EnvelopeId]", map(template.format, itertools.count(1)).__next__
+        )
+        """Return the next id; the same as calling the factory, a little cheaper."""
 
     def __call__(self) -> EnvelopeId:
         """Return the next id."""
-        return EnvelopeId(f"{self.prefix}-{next(self._counter):x}")
+        return self.next()

@@ -379,6 +379,7 @@ class Gateway:
         self._clients: dict[ConnId, _Client] = {}
         self._serial = itertools.count(1)
         self._ids = IdFactory(f"{self._node}")
+        self._next_id = self._ids.next
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._reports: asyncio.Queue[Envelope] | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -634,6 +635,9 @@ class Gateway:
         )
         # An adapter may offer its transport's own receive, untranslated, with a function
         # that translates its errors: one coroutine less per frame (see wsbus.edge).
+        hooks = self.hooks
+        next_id = self._next_id
+        wall_clock = time.time
         receive = getattr(conn, "raw_receive", None)
         translate: Callable[[BaseException], ConnectionClosed | None] | None = getattr(
             conn, "closed_error", None
@@ -677,19 +681,34 @@ class Gateway:
             if isinstance(frame, Rejection):
                 self._reject(client, frame.code, frame.message, frame.ref)
                 continue
-            envelope = self._prepare(client, frame.type, frame.content, frame.id, frame.reply_to)
-            if envelope is None:
-                continue
+            frame_id = frame.id
+            envelope = Envelope(
+                # The client's own id, when it gave one, so that replies can point at it.
+                id=EnvelopeId(frame_id) if frame_id is not None else next_id(),
+                type=frame.type,
+                sender=client.address,
+                content=frame.content,
+                reply_to=frame.reply_to,
+                created=wall_clock(),
+            )
+            if hooks.inbound_hooks:
+                hooked = self._inbound(client, envelope, frame_id)
+                if hooked is None:
+                    continue
+                envelope = hooked
             if publish_nowait is None:
-                await self._publish(client, envelope, frame.id)
+                await self._publish(client, envelope, frame_id)
                 continue
             # An in-process bus takes the envelope on the spot: no coroutine per frame.
             try:
                 publish_nowait(envelope)
             except Exception as exc:
-                self._publish_failed(client, envelope, frame.id, exc)
+                self._publish_failed(client, envelope, frame_id, exc)
             else:
-                self._published(client, frame.id)
+                if frame_id is None and self._bus_down_since is None:
+                    counters.frames_published += 1  # _published, when it has nothing else to do
+                else:
+                    self._published(client, frame_id)
 
     def _rate_limited(self, client: _Client, now: float, data: str | bytes, codec: Codec) -> None:
         # A flood that is only partly refused is still a flood: frames that get through do
@@ -705,28 +724,13 @@ class Gateway:
             client, ErrorCode.RATE_LIMITED, "too many messages; slow down", _ref(data, codec)
         )
 
-    def _prepare(
-        self,
-        client: _Client,
-        type: str,
-        content: Any,
-        frame_id: str | None,
-        reply_to: str | None,
+    def _inbound(
+        self, client: _Client, envelope: Envelope, frame_id: str | None
     ) -> Envelope | None:
-        """Wrap a valid frame and run the inbound hooks; None when it was refused."""
+        """Run the inbound hooks on a wrapped frame; None when they refused it."""
         address = client.address
-        envelope = Envelope(
-            # The client's own id, when it gave one, so that replies can point at it.
-            id=EnvelopeId(frame_id) if frame_id is not None else self._ids(),
-            type=type,
-            sender=address,
-            content=content,
-            reply_to=reply_to,
-            created=time.time(),
-        )
+        type = envelope.type
         hooks = self.hooks
-        if not hooks.inbound_hooks:
-            return envelope
         try:
             verdict = hooks.authorize(address, envelope)
         except Exception:

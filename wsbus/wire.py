@@ -292,16 +292,26 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
     It accepts only what :func:`_decode` accepts (a property test holds them to that);
     anything unusual, good or bad, goes to the full path, which words every rejection.
     """
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if len(raw) > limits.max_frame_bytes:
+    if isinstance(data, str):
+        # Each character is at most 4 bytes of UTF-8: only a long text needs encoding to
+        # know its size. msgspec reads a str's UTF-8 directly, without a copy for ASCII.
+        if len(data) * 4 > limits.max_frame_bytes and (
+            len(data.encode("utf-8", "surrogatepass")) > limits.max_frame_bytes
+        ):
+            return None
+    elif len(data) > limits.max_frame_bytes:
         return None
     try:
-        typed = _TYPED_DECODER.decode(raw)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        typed = _TYPED_DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
+        # UnicodeEncodeError: a lone surrogate in a str; the full path words it.
         return None
     type_ = typed.type
-    if _TYPE_RE.fullmatch(type_) is None or type_.startswith(RESERVED_PREFIX):
-        return None
+    if type_ not in _GOOD_TYPES:
+        if _TYPE_RE.fullmatch(type_) is None or type_.startswith(RESERVED_PREFIX):
+            return None
+        if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+            _GOOD_TYPES.add(type_)
     keys = 1
     content = typed.content
     if content is _UNSET:
@@ -309,7 +319,27 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
     else:
         keys += 1
         kind = type(content)
-        if kind is dict or kind is list:
+        if kind is dict:
+            # A flat object, the usual content, is checked inline; anything nested gets
+            # the full walk. JSON object keys are always str, and msgspec refuses numbers
+            # that overflow a float, so floats need no check either.
+            max_int = limits.max_integer
+            for value in content.values():
+                kind = type(value)
+                if kind is str or kind is bool or value is None or kind is float:
+                    continue
+                if kind is int:
+                    if not -max_int <= value <= max_int:
+                        return None
+                    continue
+                try:
+                    keys += _walk(content, 2, limits.max_depth, max_int, None)
+                except _Reject:
+                    return None
+                break
+            else:
+                keys += len(content)
+        elif kind is list:
             try:
                 keys += _walk(content, 2, limits.max_depth, limits.max_integer, None)
             except _Reject:
@@ -331,9 +361,20 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
             return None
         reply_to = typed.reply_to
         keys += 1
-    if _json_pair_count(raw, keys) != keys:
-        return None  # a duplicate key
+    # Duplicate keys: msgspec keeps the last silently, so count the pairs as written.
+    # Colons inside strings only add to the count, so an equal count is exact already.
+    colons = data.count(":") if isinstance(data, str) else data.count(b":")
+    if colons != keys:
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+        if _json_pair_count(raw, keys) != keys:
+            return None
     return ClientFrame(type_, content, id_, reply_to)
+
+
+# Types the fast path has seen pass the type check: a set lookup instead of a regex per
+# frame. Bounded, so a client sending endless new types only stops it from growing.
+_GOOD_TYPES: Final[set[str]] = set()
+_GOOD_TYPES_MAX: Final = 4096
 
 
 class _Reject(Exception):
