@@ -39,7 +39,7 @@ EnvelopeId = NewType("EnvelopeId", str)
 """An envelope id: unique per sender."""
 
 
-class ClientAddress(msgspec.Struct, frozen=True, tag="client"):
+class ClientAddress(msgspec.Struct, frozen=True, gc=False, tag="client"):
     """A WebSocket client, as the gateway identified it. Clients never write this.
 
     Attributes:
@@ -58,7 +58,7 @@ class ClientAddress(msgspec.Struct, frozen=True, tag="client"):
         return self.alias
 
 
-class ServiceAddress(msgspec.Struct, frozen=True, tag="service"):
+class ServiceAddress(msgspec.Struct, frozen=True, gc=False, tag="service"):
     """An internal service, by the name it registered under."""
 
     name: str
@@ -69,7 +69,7 @@ class ServiceAddress(msgspec.Struct, frozen=True, tag="service"):
         return self.name
 
 
-class GatewayAddress(msgspec.Struct, frozen=True, tag="gateway"):
+class GatewayAddress(msgspec.Struct, frozen=True, gc=False, tag="gateway"):
     """A gateway node: the sender of control replies and delivery reports."""
 
     node: NodeId
@@ -84,7 +84,7 @@ Address = ClientAddress | ServiceAddress | GatewayAddress
 """Who sent an envelope, or which endpoint it is addressed to (a tagged union)."""
 
 
-class Recipients(msgspec.Struct, frozen=True, omit_defaults=True):
+class Recipients(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """The clients a service addresses.
 
     A message reaches the union of every named connection, alias, user and group (or every
@@ -111,7 +111,7 @@ class Recipients(msgspec.Struct, frozen=True, omit_defaults=True):
         return not (self.everyone or self.conn_ids or self.aliases or self.users or self.groups)
 
 
-class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
+class Envelope(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """One message on the bus.
 
     Attributes:
@@ -126,6 +126,11 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
         created: creation time, seconds since the epoch.
         to: a single endpoint (a service or a gateway node) this is addressed to directly,
             used for replies to services and control requests; ``None`` routes by type.
+
+    Envelopes are immutable and carry plain data, so they never take part in a reference
+    cycle; the cycle collector does not track them (msgspec ``gc=False``), which keeps
+    garbage collection off the per-message path. Do not put an envelope inside its own
+    ``content``: such a cycle would never be freed.
     """
 
     id: EnvelopeId

@@ -132,7 +132,7 @@ DEFAULT_LIMITS: Final = WireLimits()
 """The default structure caps."""
 
 
-class ClientFrame(msgspec.Struct, frozen=True):
+class ClientFrame(msgspec.Struct, frozen=True, gc=False):
     """A client frame that passed validation.
 
     Attributes:
@@ -162,7 +162,7 @@ class Rejection(msgspec.Struct, frozen=True):
     ref: str | None = None
 
 
-class ServerFrame(msgspec.Struct, omit_defaults=True):
+class ServerFrame(msgspec.Struct, omit_defaults=True, gc=False):
     """A frame the gateway sends to a client.
 
     ``type``, ``content`` and ``id`` are always present; ``reply_to`` and ``from`` only
@@ -273,7 +273,9 @@ def decode_client_frame(
         return Rejection(ErrorCode.MALFORMED, "the frame could not be read")
 
 
-class _TypedFrame(msgspec.Struct, forbid_unknown_fields=True):
+# Frames hold plain JSON data and never take part in a reference cycle: untracked by the
+# cycle collector (gc=False), so that a frame per message does not bring collections on.
+class _TypedFrame(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A frame's shape, checked in C by msgspec: the fast path for typical good frames."""
 
     type: str
