@@ -572,3 +572,36 @@ async def test_a_nickname_cannot_pose_as_a_connection_id(wsbus_connect: Connect)
     ann.send("chat.nick", {"nick": bob.conn_id})
     reply = await ann.receive_until("chat.nick.reply")
     assert reply["content"] == {"ok": False, "error": "a nickname is 1-32 of A-Z a-z 0-9 _ -"}
+
+
+async def test_a_client_that_falls_behind_and_catches_up_gets_everything_in_order(
+    wsbus_connect: Connect, wsbus_gateway: Gateway
+) -> None:
+    def writers() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith("wsbus-writer-")]
+
+    lagging = await wsbus_connect(buffer=8)
+    lagging.send("ctl.join", {"group": "lag"})
+    assert (await lagging.receive())["content"] == {"joined": True}
+    # An idle connection has no writer task: frames go straight to the connection.
+    assert writers() == []
+    lagging.send("flood", {"n": 500, "group": "lag"})
+    received: list[int] = []
+    saw_writer = False
+    async with asyncio.timeout(10):
+        while len(received) < 500:
+            if len(received) % 50 == 0:
+                await asyncio.sleep(0.01)  # behind: the gateway queues, then writes
+                saw_writer = saw_writer or bool(writers())
+            frame = await lagging.receive()
+            if frame["type"] == "flood.item":
+                received.append(frame["content"]["i"])
+    assert received == list(range(500))
+    assert saw_writer
+    await _settle(wsbus_gateway)
+    assert writers() == []  # caught up: the writer ended with its queue
+    # And the next burst is written in order too, queued or not.
+    lagging.send("flood", {"n": 100, "group": "lag"})
+    again = [(await lagging.receive())["content"]["i"] for _ in range(100)]
+    assert again == list(range(100))
+    assert_balanced(wsbus_gateway.stats())

@@ -315,7 +315,7 @@ class _Client:
         "rate_limited_last",
         "rate_limited_since",
         "send_nowait",
-        "wake",
+        "writer",
     )
 
     def __init__(self, conn: ClientConnection, conn_id: ConnId, config: GatewayConfig) -> None:
@@ -325,12 +325,15 @@ class _Client:
         self.address = ClientAddress(conn_id)
         self.codec = conn.codec
         self.send_nowait: Callable[[bytes], bool] | None = getattr(conn, "send_nowait", None)
-        # (encoded frame, is a delivery); the head stays queued until it is written.
-        self.outbox: deque[tuple[bytes, bool]] = deque()
+        # (encoded frame, is a delivery); the head stays queued until it is written. Made,
+        # with the task that writes it and the event a flushing close waits on, only once a
+        # frame has to wait: an idle connection carries none of them (memory per
+        # connection is a number users plan capacity with).
+        self.outbox: deque[tuple[bytes, bool]] | None = None
         self.outbox_bytes = 0
         self.pending_deliveries = 0
-        self.wake = asyncio.Event()
-        self.flushed = asyncio.Event()
+        self.writer: asyncio.Task[None] | None = None
+        self.flushed: asyncio.Event | None = None
         self.bucket = TokenBucket(config.rate, config.burst)
         self.budget = ErrorBudget(config.error_budget, config.error_window)
         self.rate_limited_since: float | None = None
@@ -583,7 +586,6 @@ class Gateway:
             return
         counters.connections_total += 1
         self._send_control(client, "wsbus.welcome", self._welcome(client, address.user))
-        writer = asyncio.create_task(self._write(client), name=f"wsbus-writer-{conn_id}")
         self.hooks.client_connected(address, client.conn.request)
         code, reason = CloseCode.NORMAL, ""
         try:
@@ -591,15 +593,16 @@ class Gateway:
         finally:
             if client.close_code is None:
                 client.close_code, client.close_reason = code, reason
-            client.wake.set()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            writer = client.writer
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
             dropped = client.pending_deliveries
             if dropped:
                 counters.deliveries_dropped += dropped
                 _bump(counters.dropped_by_close_code, client.close_code, dropped)
                 client.pending_deliveries = 0
-            client.outbox.clear()
+            client.outbox = None
             _bump(counters.closes_by_code, client.close_code)
             address = self.registry.address(conn_id)
             self.registry.disconnect(conn_id)
@@ -818,8 +821,9 @@ class Gateway:
         """Queue one frame; False when it was not queued (closing, or refused as full)."""
         counters = self._counters
         config = self.config
+        outbox = client.outbox
         if client.close_code is None and (
-            len(client.outbox) >= config.outbound_queue
+            (outbox is not None and len(outbox) >= config.outbound_queue)
             or client.outbox_bytes + len(data) > config.outbound_bytes
         ):
             if delivery and config.slow_consumer == "drop":
@@ -833,31 +837,31 @@ class Gateway:
                 counters.deliveries_dropped += 1
                 _bump(counters.dropped_by_close_code, client.close_code)
             return False
-        if not client.outbox and client.send_nowait is not None and client.send_nowait(data):
+        if not outbox and client.send_nowait is not None and client.send_nowait(data):
             # Written at once: nothing queued, so the order is kept.
             if delivery:
                 counters.deliveries_queued += 1
                 counters.deliveries_written += 1
             return True
-        client.outbox.append((data, delivery))
+        if outbox is None:
+            outbox = client.outbox = deque()
+        outbox.append((data, delivery))
         client.outbox_bytes += len(data)
         if delivery:
             client.pending_deliveries += 1
             counters.deliveries_queued += 1
-        client.wake.set()
+        if client.writer is None:
+            client.writer = asyncio.create_task(
+                self._write(client, outbox), name=f"wsbus-writer-{client.conn_id}"
+            )
         return True
 
-    async def _write(self, client: _Client) -> None:
-        outbox = client.outbox
+    async def _write(self, client: _Client, outbox: deque[tuple[bytes, bool]]) -> None:
+        """Write the queue out in order, then end: the next queued frame starts another."""
         send = client.conn.send
         counters = self._counters
         try:
-            while True:
-                if not outbox:
-                    client.flushed.set()
-                    client.wake.clear()
-                    await client.wake.wait()
-                    continue
+            while outbox:
                 if client.close_code is not None and not client.draining:
                     return
                 data, delivery = outbox[0]
@@ -869,6 +873,10 @@ class Gateway:
                     counters.deliveries_written += 1
         except ConnectionClosed:
             return
+        finally:
+            client.writer = None
+            if client.flushed is not None:
+                client.flushed.set()
 
     def _close(self, client: _Client, code: int, reason: str, *, flush: bool = False) -> None:
         """Begin closing one connection: nothing more is read or queued.
@@ -881,7 +889,6 @@ class Gateway:
         client.close_code = code
         client.close_reason = reason
         client.draining = flush
-        client.wake.set()
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             log.info("closing %s with %d: %s", client.conn_id, code, reason)
         self._spawn(self._close_connection(client, code, reason, flush))
@@ -890,13 +897,15 @@ class Gateway:
         if flush:
             try:
                 async with asyncio.timeout(FLUSH_TIMEOUT):
-                    while client.outbox:
+                    while client.outbox and client.writer is not None:
+                        if client.flushed is None:
+                            client.flushed = asyncio.Event()
                         client.flushed.clear()
                         await client.flushed.wait()
             except TimeoutError:
                 pass
+            # A writer still blocked on a slow client stops after its current frame.
             client.draining = False
-            client.wake.set()
         await client.conn.close(code, reason)
 
     def _spawn(self, coro: Any) -> None:

@@ -58,11 +58,15 @@ class ErrorBudget:
             )
         self.limit = limit
         self.window = window
-        self._stamps: deque[float] = deque()
+        # Made on the first rejection: most connections never spend, and an empty deque
+        # is most of a kilobyte per connection.
+        self._stamps: deque[float] | None = None
 
     def spend(self, now: float) -> bool:
         """Record one rejection at ``now``; return False once the budget is exhausted."""
         stamps = self._stamps
+        if stamps is None:
+            stamps = self._stamps = deque()
         while stamps and stamps[0] <= now - self.window:
             stamps.popleft()
         stamps.append(now)
