@@ -34,7 +34,7 @@ from wsbus.processes import free_port
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("raw", "wsbus", "socketio")
 LAGS: dict[str, list[float]] = {}
-"""Worst event-loop lag (ms) each server saw, per run."""
+"""Worst event-loop lag (ms) each server saw in each run of the benchmark under way."""
 
 
 # -- a minimal WebSocket client -----------------------------------------------------------
@@ -289,16 +289,22 @@ RESULTS: dict[str, Any] = {}
 
 
 def _table(title: str, unit: str, results: dict[str, float], higher_is_better: bool) -> None:
-    RESULTS[title] = {"unit": unit, "values": results}
+    """Print one benchmark's figures with their ratios, and each server's worst loop lag."""
+    lags = {kind: max(values) for kind, values in LAGS.items()}
+    LAGS.clear()
+    RESULTS[title] = {"unit": unit, "values": results, "worst_loop_lag_ms": lags}
     base = results.get("wsbus")
     print(f"\n{title} ({unit})")
     for kind, value in results.items():
         ratio = ""
         if base and kind != "wsbus" and value:
             ratio = f"   wsbus / {kind} = {base / value:.2f}x"
-        print(f"  {kind:<9} {value:>14,.1f}{ratio}")
+        print(f"  {kind:<9} {value:>14,.{3 if unit == 'ms' else 1}f}{ratio}")
     if not higher_is_better:
         print("  (lower is better)")
+    if lags:
+        worst = ", ".join(f"{kind} {lag:.0f} ms" for kind, lag in lags.items())
+        print(f"  worst event-loop lag of each server: {worst}")
 
 
 Runner = Callable[[str], Coroutine[Any, Any, float]]
@@ -361,9 +367,6 @@ async def main(argv: list[str] | None = None) -> None:
         from bench import pyro
 
         RESULTS["pyro"] = await pyro.run(args.messages or 20000, args.repeat)
-    if LAGS:
-        worst = {k: max(v) for k, v in LAGS.items()}
-        _table("worst event-loop lag of each server during these runs", "ms", worst, False)
     if args.json:
         text = json.dumps(RESULTS, indent=2, default=str)
         await asyncio.to_thread(Path(args.json).write_text, text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,15 @@ def _bench(*args: str) -> str:
     return result.stdout
 
 
-def test_fanout_ingest_and_memory_run_against_every_anchor() -> None:
-    out = _bench("fanout", "--clients", "4", "--messages", "5")
+def test_fanout_ingest_and_memory_run_against_every_anchor(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    out = _bench("fanout", "--clients", "4", "--messages", "5", "--json", str(results))
     assert "wsbus / raw" in out and "wsbus / socketio" in out
+    assert "worst event-loop lag of each server" in out
+    saved = json.loads(results.read_text())
+    table = saved["fan-out: 5 messages to 4 clients"]
+    assert set(table["values"]) == {"raw", "wsbus", "socketio"}
+    assert set(table["worst_loop_lag_ms"]) == {"raw", "wsbus", "socketio"}
     out = _bench("ingest", "--clients", "2", "--frames", "200")
     assert "frames/s" in out and "wsbus / raw" in out
     out = _bench("memory", "--clients", "5")
@@ -34,3 +41,4 @@ def test_fanout_ingest_and_memory_run_against_every_anchor() -> None:
 def test_pyro_path_runs() -> None:
     out = _bench("pyro", "--messages", "300")
     assert "plain Pyro5 calls" in out and "wsbus over Pyro" in out
+    assert "wsbus one-way" in out and "bare WebSocket" in out
