@@ -605,3 +605,32 @@ async def test_a_client_that_falls_behind_and_catches_up_gets_everything_in_orde
     again = [(await lagging.receive())["content"]["i"] for _ in range(100)]
     assert again == list(range(100))
     assert_balanced(wsbus_gateway.stats())
+
+
+async def test_a_connection_adapter_whose_send_fails_is_closed_1011_once(
+    wsbus_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wsbus.edge import MemoryConnection
+
+    class Broken(MemoryConnection):
+        attempts = 0
+
+        async def send(self, data: bytes) -> None:
+            Broken.attempts += 1
+            raise RuntimeError("adapter bug")
+
+        def send_nowait(self, data: bytes) -> bool:
+            return False
+
+    conn = Broken()
+    served = asyncio.create_task(wsbus_gateway.serve(conn))
+    async with asyncio.timeout(5):
+        while conn.close_code is None:
+            await asyncio.sleep(0.01)
+        await served
+    assert conn.close_code == 1011
+    # The welcome's one failed write closes the connection: no second try of that frame.
+    assert Broken.attempts == 1
+    failures = [r for r in caplog.records if "writing to" in r.getMessage()]
+    assert len(failures) == 1 and "adapter" in failures[0].getMessage()
+    assert wsbus_gateway.stats().closes_by_code.get(1011) == 1

@@ -801,13 +801,16 @@ _SMALL = WireLimits(max_frame_bytes=64, max_integer=1000)
         '{"type":"a b"}',
     ],
 )
-def test_the_fast_path_agrees_with_the_full_path_on_edge_cases(frame: str) -> None:
+@pytest.mark.parametrize("limits", [_SMALL, WireLimits(max_depth=1), WireLimits(max_depth=2)])
+def test_the_fast_path_agrees_with_the_full_path_on_edge_cases(
+    frame: str, limits: WireLimits
+) -> None:
     from wsbus.wire import _decode, _Reject
 
     for data in (frame, frame.encode("utf-8", "surrogatepass")):
-        fast = decode_client_frame(data, Codec.JSON, _SMALL)
+        fast = decode_client_frame(data, Codec.JSON, limits)
         try:
-            full: ClientFrame | Rejection = _decode(data, Codec.JSON, _SMALL, frozenset())
+            full: ClientFrame | Rejection = _decode(data, Codec.JSON, limits, frozenset())
         except _Reject as exc:
             full = exc.rejection
         assert fast == full

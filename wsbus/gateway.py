@@ -597,6 +597,10 @@ class Gateway:
             if writer is not None:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
+                # A writer cancelled before it ran never reached its own clean-up.
+                client.writer = None
+                if client.flushed is not None:
+                    client.flushed.set()
             dropped = client.pending_deliveries
             if dropped:
                 counters.deliveries_dropped += dropped
@@ -873,6 +877,16 @@ class Gateway:
                     counters.deliveries_written += 1
         except ConnectionClosed:
             return
+        except Exception as exc:
+            # A bug in the connection adapter: writing again would repeat the same frame.
+            log.error(
+                "writing to %s failed (%r); closing it: this is a bug in the connection adapter %s",
+                client.conn_id,
+                exc,
+                type(client.conn).__name__,
+                exc_info=exc,
+            )
+            self._close(client, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             client.writer = None
             if client.flushed is not None:

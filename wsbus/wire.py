@@ -325,6 +325,8 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
             # A flat object, the usual content, is checked inline; anything nested gets
             # the full walk. JSON object keys are always str, and msgspec refuses numbers
             # that overflow a float, so floats need no check either.
+            if limits.max_depth < 2:
+                return None  # the object itself is too deep: the full path words it
             max_int = limits.max_integer
             for value in content.values():
                 kind = type(value)
