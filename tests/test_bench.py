@@ -42,3 +42,25 @@ def test_pyro_path_runs() -> None:
     out = _bench("pyro", "--messages", "300")
     assert "plain Pyro5 calls" in out and "wsbus over Pyro" in out
     assert "wsbus one-way" in out and "bare WebSocket" in out
+
+
+def test_the_pyro_tracer_sees_every_point() -> None:
+    # It patches wsbus internals to take its measurements: this keeps it in step with them.
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.trace_pyro", "--rounds", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for point in (
+        "to message bus: queued for the forwarder thread",
+        "bus: Pyro message received",
+        "gateway: method called",
+        "gateway: on the event loop",
+        "gateway: written to the client's socket",
+    ):
+        assert point in out, out
