@@ -371,3 +371,56 @@ async def test_same_origin_means_this_scheme_and_a_loopback_name(
     # DNS rebinding: a foreign name pointed at 127.0.0.1 is not same-origin on loopback.
     rebound = f"evil.example:{port}"
     assert await _upgrade_status(port, rebound, f"http://{rebound}") == 403
+
+
+async def test_a_burst_is_written_in_one_go_in_order_and_before_the_close(
+    wsbus_server: EdgeServer, wsbus_gateway: Gateway
+) -> None:
+    from wsbus import Envelope, EnvelopeId, Recipients, ServiceAddress
+
+    async with ws_connect(wsbus_server.url) as ws:
+        conn_id = ConnId(msgspec.json.decode(await ws.recv())["content"]["conn_id"])
+        conn = wsbus_gateway._clients[conn_id].conn
+        transport = conn._ws.transport  # type: ignore[attr-defined]
+        calls: list[str] = []
+        write, writelines = transport.write, transport.writelines
+
+        def counted_write(data: bytes) -> None:
+            calls.append("write")
+            write(data)
+
+        def counted_writelines(chunks: list[bytes]) -> None:
+            calls.append(f"writelines {len(chunks)}")
+            writelines(chunks)
+
+        transport.write, transport.writelines = counted_write, counted_writelines
+        to = Recipients(conn_ids=(conn_id,))
+
+        def burst(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                wsbus_gateway.deliver(
+                    Envelope(EnvelopeId(f"b{i}"), "burst", ServiceAddress("t"), {"i": i}, to)
+                )
+
+        received: list[int] = []
+
+        async def read() -> WsClosed:
+            try:
+                while True:
+                    received.append(msgspec.json.decode(await ws.recv())["content"]["i"])
+            except WsClosed as exc:
+                return exc
+
+        reader = asyncio.create_task(read())
+        burst(0, 300)  # in one event-loop pass: written together at its end
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # One writelines (which, on Python 3.11, joins and makes one write).
+        assert calls[0] == "writelines 300" and calls[1:] in ([], ["write"]), calls
+        burst(300, 100)
+        # A close in the same pass as a burst: the burst still goes first.
+        async with asyncio.timeout(5):
+            await conn.close(4000, "bye")
+            closed = await reader
+        assert received == list(range(400))
+        assert closed.rcvd is not None and closed.rcvd.code == 4000
