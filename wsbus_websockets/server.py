@@ -105,12 +105,12 @@ class _Connection:
 
     __slots__ = (
         "_codec",
-        "_flush_pending",
+        "_gathered",
         "_limit",
         "_loop",
+        "_pass_open",
         "_request",
         "_text",
-        "_unflushed",
         "_ws",
         "raw_receive",
     )
@@ -128,9 +128,9 @@ class _Connection:
         self._request = request
         self._limit = write_limit
         self._loop = asyncio.get_running_loop()
-        # Frames send_nowait has put in the protocol's buffer but not yet in the transport.
-        self._unflushed = 0
-        self._flush_pending = False
+        # Bytes of frames send_nowait gathered in this event-loop pass, not yet written.
+        self._gathered = 0
+        self._pass_open = False
         # websockets' own recv, for the gateway's reader; see closed_error.
         self.raw_receive = ws.recv
 
@@ -161,34 +161,43 @@ class _Connection:
 
     def send_nowait(self, data: bytes) -> bool:
         # What websockets.broadcast() does, but only while the write buffer is under its
-        # limit (past it the frame waits in the gateway's bounded queue instead), and with
-        # the frames of one event-loop pass written together: one system call for a burst
-        # instead of one per frame. Anything websockets sends itself (a queued frame, a
-        # ping, the close) flushes the protocol's buffer first, so the order is kept.
+        # limit (past it the frame waits in the gateway's bounded queue instead). The first
+        # frame of an event-loop pass is written at once, for latency; the ones after it in
+        # the same pass are gathered and written together when the pass ends, or as soon as
+        # they reach the limit: one system call for a burst instead of one per frame.
+        # Anything websockets sends itself (a queued frame, a ping, the close) writes the
+        # gathered frames first, so the order is kept.
         ws = self._ws
         if (
             ws.protocol.state is not State.OPEN
             or ws.send_in_progress is not None
-            or ws.transport.get_write_buffer_size() + self._unflushed > self._limit
+            or ws.transport.get_write_buffer_size() > self._limit
         ):
             return False
         if self._text:
             ws.protocol.send_text(data)
         else:
             ws.protocol.send_binary(data)
-        self._unflushed += len(data)
-        if not self._flush_pending:
-            self._flush_pending = True
-            self._loop.call_soon(self._flush)
+        if self._pass_open:
+            self._gathered += len(data)
+            if self._gathered >= self._limit:
+                self._write_gathered()
+        else:
+            self._pass_open = True
+            self._loop.call_soon(self._end_pass)
+            self._write_gathered()
         return True
 
-    def _flush(self) -> None:
-        self._flush_pending = False
-        self._unflushed = 0
+    def _end_pass(self) -> None:
+        self._pass_open = False
+        self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        self._gathered = 0
         ws = self._ws
         chunks = ws.protocol.data_to_send()
         if not chunks:
-            return  # websockets flushed them already, with something of its own
+            return  # websockets wrote them already, before something of its own
         if all(chunks):
             ws.transport.writelines(chunks)
             return
