@@ -10,6 +10,7 @@ and writes it until it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import ipaddress
 import logging
@@ -100,6 +101,11 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
 
 
+# A server frame's header is at most 10 bytes (no mask): counted with gathered frames so
+# that what waits in the protocol's and the transport's buffers stays within write_limit.
+_MAX_HEADER: Final = 10
+
+
 class _Connection:
     """A websockets connection as a :class:`wsbus.ClientConnection`."""
 
@@ -171,7 +177,7 @@ class _Connection:
         if (
             ws.protocol.state is not State.OPEN
             or ws.send_in_progress is not None
-            or ws.transport.get_write_buffer_size() > self._limit
+            or ws.transport.get_write_buffer_size() + self._gathered > self._limit
         ):
             return False
         if self._text:
@@ -179,7 +185,7 @@ class _Connection:
         else:
             ws.protocol.send_binary(data)
         if self._pass_open:
-            self._gathered += len(data)
+            self._gathered += len(data) + _MAX_HEADER
             if self._gathered >= self._limit:
                 self._write_gathered()
         else:
@@ -206,7 +212,10 @@ class _Connection:
             if chunk:
                 ws.transport.write(chunk)
             elif ws.transport.can_write_eof():
-                ws.transport.write_eof()
+                # As websockets does: write_eof() documents no exceptions, and some loops
+                # raise when the transport is closing.
+                with contextlib.suppress(Exception):
+                    ws.transport.write_eof()
             else:
                 ws.transport.close()
 
