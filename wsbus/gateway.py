@@ -343,6 +343,12 @@ class _Client:
         self.draining = False
         self.busy = False
 
+    def writer_ended(self) -> None:
+        """Forget the writer task and wake a close that waits for the queue to flush."""
+        self.writer = None
+        if self.flushed is not None:
+            self.flushed.set()
+
 
 class Gateway:
     """Connects client connections to a bus, safely.
@@ -598,9 +604,7 @@ class Gateway:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
                 # A writer cancelled before it ran never reached its own clean-up.
-                client.writer = None
-                if client.flushed is not None:
-                    client.flushed.set()
+                client.writer_ended()
             dropped = client.pending_deliveries
             if dropped:
                 counters.deliveries_dropped += dropped
@@ -888,9 +892,7 @@ class Gateway:
             )
             self._close(client, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            client.writer = None
-            if client.flushed is not None:
-                client.flushed.set()
+            client.writer_ended()
 
     def _close(self, client: _Client, code: int, reason: str, *, flush: bool = False) -> None:
         """Begin closing one connection: nothing more is read or queued.

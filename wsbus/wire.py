@@ -321,33 +321,33 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
     else:
         keys += 1
         kind = type(content)
-        if kind is dict:
+        if kind is dict or kind is list:
             # A flat object, the usual content, is checked inline; anything nested gets
             # the full walk. JSON object keys are always str, and msgspec refuses numbers
             # that overflow a float, so floats need no check either.
-            if limits.max_depth < 2:
-                return None  # the object itself is too deep: the full path words it
-            max_int = limits.max_integer
-            for value in content.values():
-                kind = type(value)
-                if kind is str or kind is bool or value is None or kind is float:
-                    continue
-                if kind is int:
-                    if not -max_int <= value <= max_int:
-                        return None
-                    continue
+            # (With max_depth < 2 the object itself is too deep: the walk says so.)
+            nested = kind is list or limits.max_depth < 2
+            if not nested:
+                max_int = limits.max_integer
+                for value in content.values():
+                    value_kind = type(value)
+                    if value_kind is str or value_kind is float or value_kind is bool:
+                        continue
+                    if value is None:
+                        continue
+                    if value_kind is int:
+                        if not -max_int <= value <= max_int:
+                            return None
+                        continue
+                    nested = True
+                    break
+            if nested:
                 try:
-                    keys += _walk(content, 2, limits.max_depth, max_int, None)
+                    keys += _walk(content, 2, limits.max_depth, limits.max_integer, None)
                 except _Reject:
                     return None
-                break
             else:
                 keys += len(content)
-        elif kind is list:
-            try:
-                keys += _walk(content, 2, limits.max_depth, limits.max_integer, None)
-            except _Reject:
-                return None
         elif kind is int:
             if not -limits.max_integer <= content <= limits.max_integer:
                 return None
