@@ -351,10 +351,11 @@ async def test_slow_consumer_drop_policy_reports_to_the_sender(
 ) -> None:
     slow = await wsbus_connect(buffer=4)
     slow.send("flood", {"n": 2000})
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(30):
+        while wsbus_gateway.stats().deliveries_refused == 0:
+            await asyncio.sleep(0.02)
     assert slow.close_code is None
     stats = wsbus_gateway.stats()
-    assert stats.deliveries_refused > 0
     assert_balanced(stats)
 
 

@@ -170,16 +170,16 @@ async def test_slow_consumer_is_closed_4507_and_others_are_unaffected(
         await slow.send(
             msgspec.json.encode({"type": "flood", "content": {"n": 4000, "pad": 1}}).decode()
         )
-        started = time.monotonic()
-        async with asyncio.timeout(2):
+        # Bounded generously: a busy machine may be slow, but a gateway that never decides
+        # to close the slow client, or that stops serving the fast one, fails either way.
+        async with asyncio.timeout(30):
             while (
                 slow_id in wsbus_gateway._clients
                 and wsbus_gateway._clients[slow_id].close_code is None
             ):
-                reply = await fast.request("echo", "still here", timeout=2)
+                reply = await fast.request("echo", "still here", timeout=10)
                 assert reply["content"]["content"] == "still here"
                 await asyncio.sleep(0.02)
-        assert time.monotonic() - started < 2
         # The client reads again: what was queued, then the close that says it missed some.
         with pytest.raises(WsClosed) as info:
             async with asyncio.timeout(10):
@@ -200,8 +200,9 @@ async def test_flood_over_the_rate_limit(wsbus_server: EdgeServer, wsbus_bus: Me
     async with ws_connect(wsbus_server.url) as ws:
         await ws.recv()
         errors: list[str] = []
+        started = time.monotonic()
         with pytest.raises(WsClosed) as info:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(30):
                 while True:
                     for _ in range(20):
                         await ws.send('{"type": "echo"}')
@@ -213,8 +214,11 @@ async def test_flood_over_the_rate_limit(wsbus_server: EdgeServer, wsbus_bus: Me
                         if frame["type"] == "wsbus.error":
                             errors.append(frame["content"]["code"])
         assert info.value.rcvd is not None and info.value.rcvd.code == 4429
+    flooded_for = time.monotonic() - started
     assert "rate_limited" in errors
-    assert len(wsbus_bus.published) < 20 + 20 * 2
+    # What got through is what the bucket allows over the time the flood really took (a
+    # busy machine stretches that time; the bound stretches with it): burst + rate x time.
+    assert len(wsbus_bus.published) <= 5 + 20 * flooded_for + 1
 
 
 async def test_25_bad_frames_in_a_minute_close_4400(
