@@ -74,6 +74,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
+    SERVICE_ERROR = "service_error"
     SHUTTING_DOWN = "shutting_down"
 
     @property
