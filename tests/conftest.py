@@ -85,6 +85,7 @@ def assert_balanced(stats: Stats) -> None:
     ), stats
     assert stats.bus_envelopes == (
         stats.control_requests
+        + stats.service_errors
         + stats.messages_routed
         + stats.messages_unrouted
         + stats.messages_elsewhere

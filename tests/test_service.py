@@ -6,9 +6,13 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import msgspec
 import pytest
+import pytest_asyncio
 
+from tests.conftest import assert_balanced
 from wsbus import (
     BusUnavailable,
     ClientAddress,
@@ -17,17 +21,25 @@ from wsbus import (
     Context,
     ControlError,
     Envelope,
+    Gateway,
+    GatewayAddress,
+    GatewayConfig,
     MemoryBus,
     MemoryClient,
     Recipients,
     RequestTimeout,
+    ServerError,
     Service,
     ServiceAddress,
     handles,
+    memory_pair,
 )
 from wsbus.service import ServiceLink
+from wsbus_testing.processes import Child
+from wsbus_testing.services import Failing
 
 Connect = Callable[..., Awaitable[MemoryClient]]
+Spawn = Callable[[str], Child]
 
 
 class Blocking(Service):
@@ -98,9 +110,21 @@ class Caller(Service):
         self.replies.append(message)
 
 
+class Reporter(Service):
+    """Sends the gateway ``wsbus.failed`` reports it makes up, as a buggy runtime might."""
+
+    name = "reporter"
+
+    @handles("reporter.send")
+    async def send(self, message: Envelope, ctx: Context) -> None:
+        for content in message.content:
+            ctx.link._put("wsbus.failed", content, to=GatewayAddress("test"))  # type: ignore[arg-type]
+        ctx.reply("sent")
+
+
 @pytest.fixture
 def wsbus_services() -> list[Service]:
-    return [Blocking(), Faulty(), Admin(), Caller()]
+    return [Blocking(), Faulty(), Admin(), Caller(), Failing(), Reporter()]
 
 
 def test_handles_collects_types_and_names_default_to_the_class() -> None:
@@ -138,9 +162,12 @@ async def test_a_failing_handler_is_logged_and_the_service_goes_on(
     with caplog.at_level(logging.ERROR, logger="wsbus.service"):
         wsbus_client.send("boom", None, id="1")
         assert (await wsbus_client.receive())["type"] == "wsbus.ack"
+        assert (await wsbus_client.receive())["content"]["code"] == "service_error"
         wsbus_client.send("fine", None)
         assert (await wsbus_client.receive())["content"] == "still here"
-    assert "service 'faulty' failed handling 'boom'" in caplog.text
+    assert "service 'faulty' failed handling 'boom' (id 1)" in caplog.text
+    # The traceback, with the exception's type and text, stays in the service's log.
+    assert "RuntimeError: bug in a handler" in caplog.text
 
 
 async def test_control_requests(wsbus_client: MemoryClient) -> None:
@@ -203,3 +230,214 @@ async def test_bus_refusal_surfaces_in_the_handler(
     wsbus_bus.down = True
     with pytest.raises(BusUnavailable):
         service.link.publish("anything")
+
+
+# -- a handler that raises ------------------------------------------------------------------
+
+LEAKS = (Failing.SECRET, "hunter2", "RuntimeError", "Traceback", "secret.py", "line ")
+
+
+def assert_service_error(frame: dict[str, object], ref: str) -> None:
+    """The frame is ``service_error`` for ``ref`` and says nothing of the service's insides."""
+    assert frame["type"] == "wsbus.error", frame
+    content = frame["content"]
+    assert isinstance(content, dict)
+    assert content["code"] == "service_error" and content["ref"] == ref, frame
+    assert content["retry"] is False
+    text = msgspec.json.encode(frame).decode()
+    for leak in LEAKS:
+        assert leak not in text, (leak, frame)
+
+
+async def test_a_client_is_told_service_error_with_its_ref_and_no_internals(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="wsbus.service"):
+        for type, ref in (("failing.raise", "a1"), ("failing.raise_sync", "s1")):
+            wsbus_client.send(type, {"x": 1}, id=ref)
+            ack = await wsbus_client.receive()
+            assert ack["type"] == "wsbus.ack" and ack["content"] == {"ref": ref}
+            assert_service_error(await wsbus_client.receive(), ref)
+        # The service carries on.
+        wsbus_client.send("failing.ok", None, id="ok")
+        assert (await wsbus_client.receive_until("failing.ok.reply"))["content"] == "ok"
+    # The service's log has the traceback, with the message type and id.
+    for type, ref in (("failing.raise", "a1"), ("failing.raise_sync", "s1")):
+        assert f"service 'failing' failed handling {type!r} (id {ref})" in caplog.text
+    assert caplog.text.count(f"RuntimeError: {Failing.SECRET}") == 2
+    stats = wsbus_gateway.stats()
+    # Published and acked, not rejected: the failure came after.
+    assert stats.service_errors == 2 and stats.frames_rejected == 0
+    assert stats.frames_acked == 3
+    assert_balanced(stats)
+
+
+async def test_what_a_handler_sent_before_it_raised_comes_first(
+    wsbus_client: MemoryClient,
+) -> None:
+    wsbus_client.send("failing.half", None, id="h")
+    frames = [await wsbus_client.receive() for _ in range(3)]
+    assert [f["type"] for f in frames] == ["wsbus.ack", "failing.half.reply", "wsbus.error"]
+    assert frames[1]["content"] == "half" and frames[1]["reply_to"] == "h"
+    assert_service_error(frames[2], "h")
+
+
+async def test_service_errors_are_not_charged_to_the_error_budget(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway
+) -> None:
+    n = 3 * wsbus_gateway.config.error_budget
+    for i in range(n):
+        wsbus_client.send("failing.raise", None, id=f"r{i}")
+    errors: list[dict[str, Any]] = []
+    while len(errors) < n:
+        frame = await wsbus_client.receive()
+        if frame["type"] == "wsbus.error":
+            errors.append(frame)
+    for i, frame in enumerate(errors):
+        assert_service_error(frame, f"r{i}")
+    assert wsbus_client.close_code is None
+    wsbus_client.send("failing.ok", None)
+    assert (await wsbus_client.receive())["content"] == "ok"
+    assert_balanced(wsbus_gateway.stats())
+
+
+async def test_no_error_without_an_id_and_none_for_a_service_sent_message(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="wsbus.service"):
+        # No id: the gateway hears of it (it counts the report) but has nothing to refer
+        # the client to, so it says nothing.
+        wsbus_client.send("failing.raise", None)
+        # A message the service sent itself fails: only the service's log hears of it.
+        wsbus_client.send("failing.relay", None, id="relay")
+        wsbus_client.send("failing.ok", None, id="k")
+        frames: list[dict[str, Any]] = []
+        # The service handles in order: its reply to "k" comes after both failures.
+        while not frames or frames[-1].get("reply_to") != "k":
+            frames.append(await wsbus_client.receive())
+    assert "wsbus.error" not in [f["type"] for f in frames], frames
+    assert [f["content"] for f in frames if f["type"] != "wsbus.ack"] == ["relayed", "ok"]
+    assert "from ServiceAddress(name='failing')" in caplog.text
+    assert caplog.text.count(f"RuntimeError: {Failing.SECRET}") == 2
+    stats = wsbus_gateway.stats()
+    assert stats.service_errors == 1
+    assert_balanced(stats)
+
+
+async def test_the_gateway_ignores_reports_it_cannot_use(
+    wsbus_client: MemoryClient, wsbus_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    reports = [
+        {"conn_id": "test.999", "ref": "gone"},  # no such connection
+        {"conn_id": wsbus_client.conn_id},  # malformed
+        {"conn_id": wsbus_client.conn_id, "ref": "test-1f"},  # an id the gateway made
+    ]
+    with caplog.at_level(logging.WARNING, logger="wsbus.gateway"):
+        wsbus_client.send("reporter.send", reports, id="rep")
+        frames = [await wsbus_client.receive(), await wsbus_client.receive()]
+    assert [f["type"] for f in frames] == ["wsbus.ack", "reporter.send.reply"]
+    assert "malformed wsbus.failed report" in caplog.text
+    stats = wsbus_gateway.stats()
+    assert stats.service_errors == 3
+    assert_balanced(stats)
+
+
+async def test_the_python_client_request_raises_service_error_at_once(
+    wsbus_ws_connect: Callable[..., Awaitable[object]],
+) -> None:
+    from wsbus_websockets import Client
+
+    client = await wsbus_ws_connect()
+    assert isinstance(client, Client)
+    # Bounded far below the request's own timeout: the error must come, not the timeout.
+    async with asyncio.timeout(30):
+        with pytest.raises(ServerError) as info:
+            await client.request("failing.raise", {"x": 1}, timeout=600)
+    assert info.value.code == "service_error" and info.value.retry is False
+    for leak in LEAKS:
+        assert leak not in str(info.value)
+    async with asyncio.timeout(30):
+        assert (await client.request("failing.ok", timeout=600))["content"] == "ok"
+
+
+# -- the same over the Pyro bus, with the service as its own process ----------------------
+
+
+@pytest_asyncio.fixture
+async def failing_process(wsbus_spawn_service: Spawn) -> Child:
+    return await asyncio.to_thread(wsbus_spawn_service, "wsbus_testing.services:Failing")
+
+
+async def test_service_error_from_a_service_process_over_pyro(
+    failing_process: Child, wsbus_pyro_config: object
+) -> None:
+    from wsbus_pyro import PyroBus, PyroConfig
+    from wsbus_websockets import connect, serve
+
+    assert isinstance(wsbus_pyro_config, PyroConfig)
+    gateway = Gateway(
+        PyroBus(wsbus_pyro_config), config=GatewayConfig(node="py"), entry_points=False
+    )
+    await gateway.start()
+    server = await serve(gateway, "127.0.0.1", 0)
+    try:
+        client = await connect(server.url, reconnect=False)
+        try:
+            for type in ("failing.raise", "failing.raise_sync"):
+                # Bounded far below the request's own timeout: the error must come, not
+                # the timeout.
+                async with asyncio.timeout(30):
+                    with pytest.raises(ServerError) as info:
+                        await client.request(type, {"x": 1}, timeout=600)
+                assert info.value.code == "service_error" and info.value.retry is False
+                for leak in LEAKS:
+                    assert leak not in str(info.value)
+            async with asyncio.timeout(30):
+                assert (await client.request("failing.ok", timeout=600))["content"] == "ok"
+        finally:
+            await client.close()
+        # The traceback is in the service process's own output, with the type and id.
+        await asyncio.to_thread(failing_process.wait_output, f"RuntimeError: {Failing.SECRET}")
+        assert "service 'failing' failed handling 'failing.raise_sync' (id c2)" in (
+            failing_process.text
+        )
+        stats = gateway.stats()
+        assert stats.service_errors == 2
+        assert_balanced(stats)
+    finally:
+        await server.close()
+        await gateway.close()
+
+
+async def test_over_pyro_the_report_reaches_the_gateway_that_owns_the_client(
+    failing_process: Child, wsbus_pyro_config: object
+) -> None:
+    from wsbus_pyro import PyroBus, PyroConfig
+
+    assert isinstance(wsbus_pyro_config, PyroConfig)
+    gateways = [
+        Gateway(PyroBus(wsbus_pyro_config), config=GatewayConfig(node=n), entry_points=False)
+        for n in ("g1", "g2")
+    ]
+    tasks = []
+    try:
+        clients = []
+        for gateway in gateways:
+            await gateway.start()
+            conn, client = memory_pair()
+            tasks.append(asyncio.create_task(gateway.serve(conn)))
+            assert (await client.receive(10))["type"] == "wsbus.welcome"
+            clients.append(client)
+        for i, client in enumerate(clients):
+            client.send("failing.raise", None, id=f"x{i}")
+        for i, client in enumerate(clients):
+            assert (await client.receive(30))["type"] == "wsbus.ack"
+            assert_service_error(await client.receive(30), f"x{i}")
+        for gateway in gateways:
+            stats = gateway.stats()
+            assert stats.service_errors == 1
+            assert_balanced(stats)
+    finally:
+        for gateway in gateways:
+            await gateway.close()
+        await asyncio.gather(*tasks)

@@ -3,8 +3,11 @@
 A service asks the gateway for something by sending one of the request types below; the
 gateway answers with ``wsbus.result`` (``reply_to`` = the request's id) addressed to the
 service. When a service message misses recipients the gateway sends ``wsbus.undeliverable``
-(``reply_to`` = the message's id). These travel over any bus, so services never need a
-transport-specific API. :class:`~wsbus.service.Context` wraps them in plain methods.
+(``reply_to`` = the message's id). When a handler raises on a client's message, the service
+runtime sends ``wsbus.failed`` to the gateway that owns the client's connection, which tells
+the client ``service_error``; nothing answers it. These travel over any bus, so services
+never need a transport-specific API. :class:`~wsbus.service.Context` wraps them in plain
+methods.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "ALIAS_SET",
     "CLIENTS",
     "DISCONNECT",
+    "FAILED",
     "JOIN",
     "LEAVE",
     "REQUEST_TYPES",
@@ -29,6 +33,7 @@ __all__ = [
     "ClientsRequest",
     "ConnRequest",
     "DisconnectRequest",
+    "Failed",
     "GroupRequest",
     "Result",
     "Undeliverable",
@@ -42,6 +47,7 @@ CLIENTS: Final = "wsbus.clients"
 DISCONNECT: Final = "wsbus.disconnect"
 RESULT: Final = "wsbus.result"
 UNDELIVERABLE: Final = "wsbus.undeliverable"
+FAILED: Final = "wsbus.failed"
 
 
 class GroupRequest(msgspec.Struct, frozen=True):
@@ -127,3 +133,19 @@ class Undeliverable(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: str
     recipients: Recipients
     detail: str = ""
+
+
+class Failed(msgspec.Struct, frozen=True):
+    """Content of ``wsbus.failed``: a service's handler raised on a client's message.
+
+    The service runtime sends it to the gateway node that owns ``conn_id``; that gateway
+    answers the client ``service_error`` with ``ref``. It carries nothing of the exception:
+    the traceback stays in the service's log.
+
+    Attributes:
+        conn_id: the connection that sent the message.
+        ref: the message's envelope id (the frame's own id, when the client gave one).
+    """
+
+    conn_id: ConnId
+    ref: str

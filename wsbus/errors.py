@@ -13,6 +13,7 @@
      |    +-- NoRoute (LookupError)          nothing on the bus handles that type
      |    +-- BusUnavailable                 the bus is down or overloaded; retry later
      +-- ControlError                        the gateway refused a service's control request
+     +-- PluginError                         a plugin's hook raised (a server fault)
      +-- RequestTimeout (TimeoutError)       a reply did not come in time
      +-- ConnectionClosed (ConnectionError)  a client connection closed, with its close code
      +-- HandshakeRefused (ConnectionError)  the server refused the WebSocket upgrade
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidName",
     "MissingExtra",
     "NoRoute",
+    "PluginError",
     "ProtocolError",
     "RegistryError",
     "RequestTimeout",
@@ -176,6 +178,26 @@ class ControlError(WsbusError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class PluginError(WsbusError):
+    """A plugin's hook raised. The gateway treats it as its own fault, never the client's.
+
+    :class:`~wsbus.Hooks` raises it from the plugin's exception (``__cause__``) after
+    logging it; a client whose message it was checking is answered ``unavailable``.
+
+    Attributes:
+        hook: the hook that raised (``wsbus_authorize``, ...).
+        plugin: the name of the plugin whose implementation raised.
+    """
+
+    def __init__(self, hook: str, plugin: str) -> None:
+        super().__init__(hook, plugin)
+        self.hook = hook
+        self.plugin = plugin
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} raised in its {self.hook} hook; fix or remove the plugin"
 
 
 class RequestTimeout(WsbusError, TimeoutError):

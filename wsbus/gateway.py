@@ -44,9 +44,10 @@ from .errors import (
     ConfigError,
     InvalidName,
     NoRoute,
+    PluginError,
     UnknownConnection,
 )
-from .hooks import DeliveryFailure, Drop, HandshakeRequest, Hooks, Identity, Refusal, Verdict
+from .hooks import DeliveryFailure, Drop, HandshakeRequest, Hooks, Identity, Refusal
 from .limits import ErrorBudget, TokenBucket
 from .plugins import AllowAnonymous
 from .registry import DEFAULT_NAME_PATTERN, AliasPolicy, ClientInfo, ClientRegistry
@@ -183,8 +184,8 @@ class Stats(msgspec.Struct, frozen=True):
 
     - ``frames_received == frames_published + frames_rejected + frames_lost + frames_in_flight``
     - ``deliveries_queued == deliveries_written + deliveries_dropped + deliveries_pending``
-    - ``bus_envelopes == control_requests + messages_routed + messages_unrouted +
-      messages_elsewhere``
+    - ``bus_envelopes == control_requests + service_errors + messages_routed +
+      messages_unrouted + messages_elsewhere``
 
     ``messages_unrouted`` (no connection reached at all) and ``messages_partial`` (some
     recipients missed) each sent one ``wsbus.undeliverable`` report, as did every refused
@@ -203,6 +204,9 @@ class Stats(msgspec.Struct, frozen=True):
         rejected_by_code: ``frames_rejected`` by error code.
         bus_envelopes: envelopes the bus delivered to the gateway.
         control_requests: of those, ``wsbus.*`` control requests.
+        service_errors: of those, ``wsbus.failed`` reports: a service's handler raised on a
+            client's message. Each told that client ``service_error`` (with the message's
+            id as ``ref``), unless it had disconnected or the message carried no id.
         messages_routed: messages queued to at least one connection.
         messages_unrouted: messages that reached no connection (reported to the sender).
         messages_partial: routed messages that missed some recipients (reported).
@@ -233,6 +237,7 @@ class Stats(msgspec.Struct, frozen=True):
     rejected_by_code: dict[str, int]
     bus_envelopes: int
     control_requests: int
+    service_errors: int
     messages_routed: int
     messages_unrouted: int
     messages_partial: int
@@ -263,6 +268,7 @@ class _Counters:
         self.rejected_by_code: dict[str, int] = {}
         self.bus_envelopes = 0
         self.control_requests = 0
+        self.service_errors = 0
         self.messages_routed = 0
         self.messages_unrouted = 0
         self.messages_partial = 0
@@ -288,6 +294,9 @@ def _ref(data: str | bytes, codec: Codec) -> str | None:
         return None
     parsed = decode_client_frame(data, codec)
     return parsed.ref if isinstance(parsed, Rejection) else parsed.id
+
+
+_HEX: Final = frozenset("0123456789abcdef")
 
 
 def _bump(counter: dict[Any, int], key: Any, n: int = 1) -> None:
@@ -744,9 +753,9 @@ class Gateway:
         hooks = self.hooks
         try:
             verdict = hooks.authorize(address, envelope)
-        except Exception:
-            log.exception("an authorization plugin raised on %r; the message is refused", type)
-            verdict = Verdict.deny("refused")
+        except Exception as exc:
+            self._plugin_failed(client, exc, type, frame_id)
+            return None
         if not verdict.allowed:
             self._reject(client, ErrorCode.FORBIDDEN, verdict.reason or "not allowed", frame_id)
             if verdict.close:
@@ -754,9 +763,9 @@ class Gateway:
             return None
         try:
             result = hooks.transform_inbound(address, envelope)
-        except Exception:
-            log.exception("an inbound transform plugin raised on %r; the message is refused", type)
-            result = Drop("refused")
+        except Exception as exc:
+            self._plugin_failed(client, exc, type, frame_id)
+            return None
         if isinstance(result, Drop):
             self._reject(client, ErrorCode.FORBIDDEN, result.reason, frame_id)
             return None
@@ -764,6 +773,18 @@ class Gateway:
             # Plugins may rewrite a message but never its sender.
             result = msgspec.structs.replace(result, sender=address)
         return result
+
+    def _plugin_failed(
+        self, client: _Client, exc: Exception, type: str, frame_id: str | None
+    ) -> None:
+        """Answer a frame whose inbound hook raised: the server's fault, so ``unavailable``."""
+        if not isinstance(exc, PluginError):
+            # Hooks wraps what plugins raise (and logs it, rate-limited); anything else is
+            # a bug of wsbus's own.
+            log.exception("the inbound hooks failed on %r", type)
+        # Not the client's fault: unavailable is retryable and never charged to the budget.
+        message = "the server could not process this message; retry"
+        self._reject(client, ErrorCode.UNAVAILABLE, message, frame_id)
 
     async def _publish(self, client: _Client, envelope: Envelope, frame_id: str | None) -> None:
         counters = self._counters
@@ -940,6 +961,10 @@ class Gateway:
         counters = self._counters
         counters.bus_envelopes += 1
         if envelope.type.startswith("wsbus."):
+            if envelope.type == control.FAILED:
+                counters.service_errors += 1
+                self._service_failed(envelope)
+                return
             counters.control_requests += 1
             self._control(envelope)
             return
@@ -949,8 +974,9 @@ class Gateway:
             return
         try:
             result = self.hooks.transform_outbound(envelope)
-        except Exception:
-            log.exception("an outbound transform plugin raised on %r", envelope.type)
+        except Exception as exc:
+            if not isinstance(exc, PluginError):  # a PluginError was logged by the hooks
+                log.exception("an outbound transform plugin raised on %r", envelope.type)
             result = Drop("an outbound plugin failed")
         if isinstance(result, Drop):
             counters.messages_unrouted += 1
@@ -1081,6 +1107,40 @@ class Gateway:
     def _answer(self, envelope: Envelope, result: control.Result) -> None:
         self._to_bus(control.RESULT, envelope, result)
 
+    def _service_failed(self, envelope: Envelope) -> None:
+        """Tell a client that the service handling its message failed (``wsbus.failed``)."""
+        try:
+            report = msgspec.convert(envelope.content, control.Failed)
+        except msgspec.ValidationError as exc:
+            log.warning("a malformed %s report from %s: %s", envelope.type, envelope.sender, exc)
+            return
+        client = self._clients.get(report.conn_id)
+        if client is None or report.conn_id not in self.registry or self._made_here(report.ref):
+            # Gone, or the frame had no id of its own: there is nothing to point the error at.
+            return
+        # Not counted as a rejection: the frame was published (and acked) already. No text
+        # of the service's: what went wrong is in its log, under this id.
+        content = {
+            "code": ErrorCode.SERVICE_ERROR.value,
+            "message": "the service failed handling this message; its log says why",
+            "ref": report.ref,
+            "retry": ErrorCode.SERVICE_ERROR.retry,
+        }
+        self._send_control(client, "wsbus.error", content)
+
+    def _made_here(self, ref: str) -> bool:
+        """Return True when ``ref`` has the form of an id this gateway made for a frame.
+
+        Frames sent without an id get one of the gateway's ids (``<node>-<hex>``) on the bus.
+        """
+        prefix = self._ids.prefix
+        return (
+            len(ref) > len(prefix) + 1
+            and ref.startswith(prefix)
+            and ref[len(prefix)] == "-"
+            and all(c in _HEX for c in ref[len(prefix) + 1 :])
+        )
+
     def _do_control(self, type: str, request: Any) -> Any:
         registry = self.registry
         if type == control.JOIN:
@@ -1131,6 +1191,7 @@ class Gateway:
             rejected_by_code=dict(c.rejected_by_code),
             bus_envelopes=c.bus_envelopes,
             control_requests=c.control_requests,
+            service_errors=c.service_errors,
             messages_routed=c.messages_routed,
             messages_unrouted=c.messages_unrouted,
             messages_partial=c.messages_partial,

@@ -18,7 +18,11 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
+import time
+import types
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -26,8 +30,10 @@ import msgspec
 import pluggy
 
 from .envelope import ClientAddress, Envelope, Recipients
+from .errors import ConfigError, PluginError
 
 __all__ = [
+    "PLUGIN_LOG_INTERVAL",
     "PROJECT",
     "DeliveryFailure",
     "Drop",
@@ -47,6 +53,18 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 """Marks a plugin's hook implementation."""
 
 log = logging.getLogger("wsbus.hooks")
+
+PLUGIN_LOG_INTERVAL: Final = 60.0
+"""Seconds between log lines about one plugin's hook that keeps raising: the first failure
+is logged at once, with its traceback; later ones are counted and logged at most once per
+interval, so a broken plugin on a busy gateway cannot flood the log."""
+
+# What each hook's failure means for the message or client at hand, for the log line.
+_CONSEQUENCE: Final = {
+    "wsbus_authorize": "the client was answered `unavailable` (retry true)",
+    "wsbus_transform_inbound": "the client was answered `unavailable` (retry true)",
+    "wsbus_transform_outbound": "the message was reported undeliverable to its sender",
+}
 
 
 class HandshakeRequest(msgspec.Struct, frozen=True):
@@ -218,16 +236,34 @@ class Hooks:
     def __init__(self, plugins: Iterable[object] = (), *, entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(_Specs)
+        self._failures = _FailureLog(PLUGIN_LOG_INTERVAL)
         if entry_points:
             self.pm.load_setuptools_entrypoints(PROJECT)
         for plugin in plugins:
+            check_plugin(self.pm, plugin)
             self.pm.register(plugin)
+        self._check_pending()
         self._refresh()
 
     def register(self, plugin: object, name: str | None = None) -> None:
-        """Register one more plugin."""
+        """Register one more plugin.
+
+        Raises:
+            ConfigError: the plugin implements a hook wsbus does not have (a misspelled
+                name), or takes an argument the hook does not pass.
+        """
+        check_plugin(self.pm, plugin)
         self.pm.register(plugin, name)
+        self._check_pending()
         self._refresh()
+
+    def _check_pending(self) -> None:
+        # check_plugin already refused what it can name; this also covers plugins loaded
+        # from entry points, which pluggy registers itself.
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise ConfigError(f"plugin {_label(exc.plugin)}: {exc}") from None
 
     def unregister(self, plugin: object) -> None:
         """Remove a plugin."""
@@ -249,17 +285,32 @@ class Hooks:
         return result
 
     def authorize(self, client: ClientAddress, message: Envelope) -> Verdict:
-        """Run ``wsbus_authorize``; allowed when no plugin decides."""
+        """Run ``wsbus_authorize``; allowed when no plugin decides.
+
+        Raises:
+            PluginError: a plugin raised (logged here, rate-limited).
+        """
         if not self._authorize:
             return _ALLOW
-        verdict: Verdict | None = self.pm.hook.wsbus_authorize(client=client, message=message)
+        caller = self.pm.hook.wsbus_authorize
+        try:
+            verdict: Verdict | None = caller(client=client, message=message)
+        except Exception as exc:
+            raise self._failed("wsbus_authorize", _culprit(caller, exc)) from exc
         return _ALLOW if verdict is None else verdict
 
     def transform_inbound(self, client: ClientAddress, message: Envelope) -> Envelope | Drop:
-        """Run the ``wsbus_transform_inbound`` chain."""
-        for function, argnames in self._inbound:
+        """Run the ``wsbus_transform_inbound`` chain.
+
+        Raises:
+            PluginError: a plugin raised (logged here, rate-limited).
+        """
+        for function, argnames, plugin in self._inbound:
             args = {"client": client, "message": message}
-            result = function(**{name: args[name] for name in argnames})
+            try:
+                result = function(**{name: args[name] for name in argnames})
+            except Exception as exc:
+                raise self._failed("wsbus_transform_inbound", plugin) from exc
             if isinstance(result, Drop):
                 return result
             if result is not None:
@@ -267,9 +318,16 @@ class Hooks:
         return message
 
     def transform_outbound(self, message: Envelope) -> Envelope | Drop:
-        """Run the ``wsbus_transform_outbound`` chain."""
-        for function, argnames in self._outbound:
-            result = function(**{name: message for name in argnames})
+        """Run the ``wsbus_transform_outbound`` chain.
+
+        Raises:
+            PluginError: a plugin raised (logged here, rate-limited).
+        """
+        for function, argnames, plugin in self._outbound:
+            try:
+                result = function(**{name: message for name in argnames})
+            except Exception as exc:
+                raise self._failed("wsbus_transform_outbound", plugin) from exc
             if isinstance(result, Drop):
                 return result
             if result is not None:
@@ -294,14 +352,171 @@ class Hooks:
             return
         try:
             caller(**kwargs)
-        except Exception:
-            log.exception("a plugin's %s hook raised; the gateway carries on", name)
+        except Exception as exc:
+            self._failed(name, _culprit(caller, exc))
+
+    def _failed(self, hook: str, plugin: str) -> PluginError:
+        """Log a plugin's exception (rate-limited); return the error to raise from it.
+
+        Called in the ``except`` block, so the first line of each interval has the traceback.
+        """
+        missed = self._failures.admit((hook, plugin), time.monotonic())
+        if missed is not None:
+            consequence = _CONSEQUENCE.get(hook, "the gateway carries on")
+            if missed == 0:
+                log.exception(
+                    "plugin %r: its %s hook raised; %s. Fix or remove the plugin; further "
+                    "failures of it are logged at most once every %g s",
+                    plugin,
+                    hook,
+                    consequence,
+                    self._failures.interval,
+                )
+            else:
+                log.error(
+                    "plugin %r: its %s hook raised again, %d more times since the last "
+                    "report; %s. Fix or remove the plugin",
+                    plugin,
+                    hook,
+                    missed + 1,
+                    consequence,
+                    exc_info=True,
+                )
+        return PluginError(hook, plugin)
 
 
-def _chain(caller: pluggy.HookCaller) -> list[tuple[Any, tuple[str, ...]]]:
-    """Return a hook's implementations as (function, argnames), in pluggy's call order."""
+class _FailureLog:
+    """Decides when a failure that keeps happening is logged.
+
+    The first time at once, then at most once per interval with the count of those not
+    logged. Pure bookkeeping: ``now`` comes in as an argument.
+
+    Args:
+        interval: the least seconds between two log lines for one key.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        # key -> [when last logged, failures since then that were not logged]. One entry
+        # per (hook, plugin): bounded by the plugins registered.
+        self._state: dict[Any, list[float]] = {}
+
+    def admit(self, key: Any, now: float) -> int | None:
+        """Record one failure; return None to stay quiet, else log now.
+
+        Returns:
+            None when this failure should not be logged; otherwise how many failures
+            were not logged since the last line (0 the first time).
+        """
+        state = self._state.get(key)
+        if state is None:
+            self._state[key] = [now, 0]
+            return 0
+        if now - state[0] >= self.interval:
+            missed = int(state[1])
+            state[0], state[1] = now, 0
+            return missed
+        state[1] += 1
+        return None
+
+
+_HOOK_ARGS: Final = {
+    name: tuple(p for p in inspect.signature(function).parameters if p != "self")
+    for name, function in vars(_Specs).items()
+    if name.startswith("wsbus_")
+}
+
+
+def _label(plugin: object) -> str:
+    if inspect.ismodule(plugin):
+        return plugin.__name__
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _required_args(function: Any) -> list[str]:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    # pluggy passes only arguments without a default; ``self`` of an unbound method is the
+    # plugin object itself.
     return [
-        (impl.function, impl.argnames)
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name != "self"
+    ]
+
+
+def check_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Refuse a plugin whose hooks wsbus would silently never call, before registering it.
+
+    Raises:
+        ConfigError: a hook name is not a wsbus hook (the message suggests the closest),
+            or an implementation takes an argument its hook does not pass.
+    """
+    label = _label(plugin)
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is None:
+            continue
+        hook = opts.get("specname") or attr
+        args = _HOOK_ARGS.get(hook)
+        if args is None:
+            if opts.get("optionalhook"):
+                continue
+            close = difflib.get_close_matches(hook, list(_HOOK_ARGS), n=1)
+            hint = f"did you mean {close[0]}?" if close else "the hooks are " + ", ".join(
+                _HOOK_ARGS
+            )
+            raise ConfigError(f"plugin {label}: {hook} is not a wsbus hook; {hint}")
+        unknown = [name for name in _required_args(getattr(plugin, attr)) if name not in args]
+        if unknown:
+            raise ConfigError(
+                f"plugin {label}: {hook} takes {unknown[0]!r}, which the hook does not pass; "
+                f"its arguments are {', '.join(args)} (take any of them, by these names)"
+            )
+
+
+def _chain(caller: pluggy.HookCaller) -> list[tuple[Any, tuple[str, ...], str]]:
+    """Return a hook's implementations as (function, argnames, plugin name), in call order."""
+    return [
+        (impl.function, impl.argnames, _plugin_name(impl))
         for impl in reversed(caller.get_hookimpls())
         if not (impl.hookwrapper or impl.wrapper)
     ]
+
+
+def _plugin_name(impl: Any) -> str:
+    """Return the name a user knows a plugin by.
+
+    Its registered or entry-point name, else its module's, else its class's: pluggy names
+    an object registered without a name by its ``id``, which tells a reader nothing.
+    """
+    name = str(impl.plugin_name)
+    if not name.isdigit():
+        return name
+    plugin = impl.plugin
+    if isinstance(plugin, types.ModuleType):
+        return plugin.__name__
+    cls = type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _culprit(caller: pluggy.HookCaller, exc: BaseException) -> str:
+    """Return the name of the plugin whose implementation ``exc`` was raised through.
+
+    pluggy re-raises a plugin's own exception, whose traceback still holds the frame of
+    the implementation it passed through.
+    """
+    codes = set()
+    tb = exc.__traceback__
+    while tb is not None:
+        codes.add(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    for impl in caller.get_hookimpls():
+        if getattr(impl.function, "__code__", None) in codes:
+            return _plugin_name(impl)
+    return "unknown"

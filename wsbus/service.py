@@ -15,6 +15,10 @@ in-memory bus, or as its own process on the Pyro bus::
 Handlers may be ``async def`` (run on the service's event loop: never block in them) or
 plain ``def`` (run in a worker thread, so they may block). One service handles one message
 at a time, in the order the bus delivered them, so its replies keep that order too.
+
+A handler that raises is logged here, with its traceback, the message type and id, and the
+service goes on with the next message. When the message came from a client, the client is
+told ``service_error`` with the message's id as ``ref`` (and nothing of the exception).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import msgspec
 
 from . import control
 from .envelope import (
+    ClientAddress,
     ConnId,
     Envelope,
     EnvelopeId,
@@ -446,12 +451,48 @@ class ServiceRunner:
             self._failed(envelope)
 
     def _failed(self, envelope: Envelope) -> None:
+        """Log a handler's exception; tell a client sender ``service_error``.
+
+        Called from the ``except`` block, so the log carries the traceback. Never raises.
+        """
+        sender = envelope.sender
+        if not isinstance(sender, ClientAddress):
+            # A service's (or the gateway's) message: its sender has no client to tell, and
+            # this log is where the failure belongs.
+            log.exception(
+                "service %r failed handling %r (id %s) from %s; it carries on with the next "
+                "message",
+                self.name,
+                envelope.type,
+                envelope.id,
+                sender,
+            )
+            return
         log.exception(
-            "service %r failed handling %r (id %s); it carries on with the next message",
+            "service %r failed handling %r (id %s) from client %s; the client is told "
+            "service_error, and the service carries on with the next message",
             self.name,
             envelope.type,
             envelope.id,
+            sender.conn_id,
         )
+        try:
+            # Addressed to the node that owns the connection: on a bus with several
+            # gateways, only that one can reach the client. In order after whatever the
+            # handler sent before it raised.
+            self.link._put(
+                control.FAILED,
+                msgspec.to_builtins(control.Failed(sender.conn_id, envelope.id)),
+                to=GatewayAddress(node_of(sender.conn_id)),
+            )
+        except Exception as exc:
+            log.warning(
+                "service %r could not tell client %s that handling %s failed: %s",
+                self.name,
+                sender.conn_id,
+                envelope.id,
+                exc,
+            )
 
 
 def load_service(spec: str) -> Service:

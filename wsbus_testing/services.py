@@ -9,7 +9,7 @@ import msgspec
 from wsbus.envelope import ClientAddress, Envelope, Recipients
 from wsbus.service import Context, Service, handles
 
-__all__ = ["Director", "Probe", "Sequencer"]
+__all__ = ["Director", "Failing", "Probe", "Sequencer"]
 
 
 class Probe(Service):
@@ -92,3 +92,44 @@ class Director(Service):
     async def undeliverable(self, message: Envelope, ctx: Context) -> None:
         """Keep an undeliverable report."""
         self.missed.append(message.content)
+
+
+class Failing(Service):
+    """Handlers that raise, to show what a client is told when a service fails.
+
+    ``failing.raise`` (async) and ``failing.raise_sync`` (a plain ``def``, run in a worker
+    thread) raise ``RuntimeError(SECRET)``; ``failing.half`` replies ``"half"`` and then
+    raises; ``failing.relay`` publishes ``failing.raise`` itself (a service's message that
+    fails: nobody but this service's log hears of it); ``failing.ok`` replies ``"ok"``.
+    """
+
+    name = "failing"
+    SECRET = "db password hunter2 at /srv/app/secret.py"
+    """The text of every exception raised here: none of it may reach a client."""
+
+    @handles("failing.raise")
+    async def fail(self, message: Envelope, ctx: Context) -> None:
+        """Raise."""
+        raise RuntimeError(self.SECRET)
+
+    @handles("failing.raise_sync")
+    def fail_sync(self, message: Envelope, ctx: Context) -> None:
+        """Raise, from a worker thread."""
+        raise RuntimeError(self.SECRET)
+
+    @handles("failing.half")
+    async def half(self, message: Envelope, ctx: Context) -> None:
+        """Reply, then raise."""
+        ctx.reply("half")
+        raise RuntimeError(self.SECRET)
+
+    @handles("failing.relay")
+    async def relay(self, message: Envelope, ctx: Context) -> None:
+        """Send ``failing.raise`` as this service, then reply ``"relayed"``."""
+        ctx.link.publish("failing.raise", None)
+        ctx.reply("relayed")
+
+    @handles("failing.ok")
+    async def ok(self, message: Envelope, ctx: Context) -> None:
+        """Reply ``"ok"``."""
+        ctx.reply("ok")
