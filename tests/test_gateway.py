@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.conftest import Control, assert_balanced, codes
+from tests.conftest import Control, Flood, assert_balanced, codes
 from wsbus import (
     ClientAddress,
     Codec,
@@ -26,7 +26,9 @@ from wsbus import (
     Verdict,
     hookimpl,
 )
+from wsbus.demo_services import Echo
 from wsbus.wire import WireLimits
+from wsbus_testing.services import Failing
 
 Connect = Callable[..., Awaitable[MemoryClient]]
 
@@ -493,6 +495,17 @@ async def test_service_disconnects_a_client(
     assert await client.wait_closed() == 4001
 
 
+class _FlakyAuthorizer:
+    @hookimpl
+    def wsbus_authorize(self, message: Envelope) -> None:
+        if message.content == "boom":
+            raise RuntimeError("authorization backend down")
+
+
+@pytest.mark.parametrize(
+    ("wsbus_services", "wsbus_plugins"),
+    [([Echo(), Flood(), Control(), Failing()], [_FlakyAuthorizer()])],
+)
 async def test_counters_balance_after_a_mixed_run(
     wsbus_connect: Connect, wsbus_gateway: Gateway
 ) -> None:
@@ -501,6 +514,8 @@ async def test_counters_balance_after_a_mixed_run(
     for client in (a, b):
         client.send("ctl.join", {"group": "mix"})
         await client.receive()
+    a.send("failing.raise", None, id="f")  # acked, then service_error
+    a.send("echo", "boom", id="p")  # the authorize plugin raises: unavailable
     a.send("echo", 1, id="1")
     a.send_raw("junk")
     a.send_raw('{"type": "nobody"}')
@@ -514,7 +529,8 @@ async def test_counters_balance_after_a_mixed_run(
     await a.wait_closed()
     await _settle(wsbus_gateway)
     stats = wsbus_gateway.stats()
-    assert stats.frames_received >= 7
+    assert stats.frames_received >= 9
+    assert stats.service_errors == 1 and stats.rejected_by_code["unavailable"] == 1
     assert stats.messages_partial >= 1 and stats.messages_unrouted >= 1
     assert stats.deliveries_dropped > 0
     assert_balanced(stats)

@@ -26,6 +26,8 @@ from wsbus import (
     Verdict,
     hookimpl,
 )
+from wsbus.errors import PluginError
+from wsbus.hooks import PLUGIN_LOG_INTERVAL, _FailureLog
 
 Connect = Callable[..., Awaitable[MemoryClient]]
 
@@ -181,3 +183,124 @@ async def test_two_connections_of_one_user_with_a_taken_alias(wsbus_connect: Con
     # The alias is taken and the policy refuses: the second is refused at the door.
     second = await wsbus_connect(request=HandshakeRequest(headers={"x-user": "kim"}), welcome=False)
     assert await second.wait_closed() == 4401
+
+
+# -- a plugin that raises is a server fault --------------------------------------------------
+
+
+class FlakyAuthorizer:
+    """Raises in wsbus_authorize on messages whose content is "boom"."""
+
+    @hookimpl
+    def wsbus_authorize(self, client: ClientAddress, message: Envelope) -> Verdict | None:
+        if message.content == "boom":
+            raise RuntimeError("authz backend at 10.0.0.7 is down")
+        return None
+
+
+class FlakyTransform:
+    """Raises in wsbus_transform_inbound on messages whose content is "boom"."""
+
+    @hookimpl
+    def wsbus_transform_inbound(self, message: Envelope) -> Envelope | None:
+        if message.content == "boom":
+            raise RuntimeError("transform bug at /srv/plugin.py")
+        return None
+
+
+class RaisingOutbound:
+    @hookimpl
+    def wsbus_transform_outbound(self, message: Envelope) -> Envelope | None:
+        raise RuntimeError("outbound bug")
+
+
+@pytest.mark.parametrize(
+    ("wsbus_plugins", "hook", "plugin"),
+    [
+        ([FlakyAuthorizer()], "wsbus_authorize", "tests.test_hooks.FlakyAuthorizer"),
+        ([FlakyTransform()], "wsbus_transform_inbound", "tests.test_hooks.FlakyTransform"),
+    ],
+)
+async def test_fifty_raising_hook_calls_answer_unavailable_and_do_not_close_the_client(
+    wsbus_client: MemoryClient,
+    wsbus_gateway: Gateway,
+    caplog: pytest.LogCaptureFixture,
+    hook: str,
+    plugin: str,
+) -> None:
+    n = 50
+    assert n > wsbus_gateway.config.error_budget
+    with caplog.at_level(logging.ERROR, logger="wsbus.hooks"):
+        for i in range(n):
+            wsbus_client.send("echo", "boom", id=f"b{i}")
+        for i in range(n):
+            error = await wsbus_client.receive()
+            assert error["type"] == "wsbus.error", error
+            assert error["content"] == {
+                "code": "unavailable",
+                "message": "the server could not process this message; retry",
+                "retry": True,
+                "ref": f"b{i}",
+            }
+        # Still open, and a message the plugin does not trip on goes through.
+        wsbus_client.send("echo", "fine", id="f")
+        assert (await wsbus_client.receive())["type"] == "wsbus.ack"
+        assert (await wsbus_client.receive())["content"]["content"] == "fine"
+    assert wsbus_client.close_code is None
+    stats = wsbus_gateway.stats()
+    assert stats.rejected_by_code == {"unavailable": n}
+    assert_balanced(stats)
+    # Logged once, with the plugin, the hook and the traceback; the other 49 are counted
+    # and wait for the next interval.
+    [record] = [r for r in caplog.records if r.name == "wsbus.hooks"]
+    assert plugin in record.getMessage() and f"its {hook} hook raised" in record.getMessage()
+    assert record.exc_info is not None
+
+
+def test_a_raising_hook_names_the_plugin_that_raised() -> None:
+    client = ClientAddress("n.1")  # type: ignore[arg-type]
+    hooks = Hooks([Named()], entry_points=False)
+    hooks.register(FlakyAuthorizer(), name="acme-authz")
+    message = msgspec.structs.replace(_message("boom"), sender=client)
+    with pytest.raises(PluginError) as info:
+        hooks.authorize(client, message)
+    assert (info.value.hook, info.value.plugin) == ("wsbus_authorize", "acme-authz")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # Unnamed: by class; the one that did not raise is not blamed.
+    hooks = Hooks([FlakyTransform(), Upper()], entry_points=False)
+    with pytest.raises(PluginError) as info:
+        hooks.transform_inbound(client, message)
+    assert info.value.plugin == "tests.test_hooks.FlakyTransform"
+    with pytest.raises(PluginError) as info:
+        Hooks([RaisingOutbound()], entry_points=False).transform_outbound(message)
+    assert info.value.hook == "wsbus_transform_outbound"
+
+
+def test_a_plugin_that_keeps_raising_is_logged_once_per_interval() -> None:
+    log = _FailureLog(60.0)
+    key = ("wsbus_authorize", "p")
+    assert log.admit(key, 1000.0) == 0  # the first: at once
+    assert [log.admit(key, 1000.0 + t) for t in range(1, 30)] == [None] * 29
+    assert log.admit(("wsbus_authorize", "other"), 1010.0) == 0  # another plugin: its own
+    # The interval is over: log now, with the 29 that were not logged.
+    assert log.admit(key, 1060.0) == 29
+    assert log.admit(key, 1061.0) is None
+    assert log.admit(key, 1200.0) == 1
+    assert PLUGIN_LOG_INTERVAL > 0
+
+
+@pytest.mark.parametrize("wsbus_plugins", [[RaisingOutbound()]])
+async def test_a_raising_outbound_transform_is_reported_and_logged_once(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await wsbus_connect()
+    with caplog.at_level(logging.ERROR, logger="wsbus.hooks"):
+        for i in range(5):
+            client.send("echo", i, id=f"e{i}")
+            assert (await client.receive())["type"] == "wsbus.ack"
+        async with asyncio.timeout(5):
+            while wsbus_gateway.stats().messages_unrouted < 5:
+                await asyncio.sleep(0.01)
+    assert len([r for r in caplog.records if r.name == "wsbus.hooks"]) == 1
+    assert client.pending() == 0
+    assert_balanced(wsbus_gateway.stats())
