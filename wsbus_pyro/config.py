@@ -6,8 +6,11 @@ message bus, service) applies :class:`PyroConfig` once at start with :func:`appl
 - the daemon binds 127.0.0.1 unless configured otherwise;
 - ``MAX_MESSAGE_SIZE`` is bounded (4 MiB) and ``COMMTIMEOUT`` is set (5 s), so a peer can
   neither make a process allocate without bound nor hold a worker thread forever;
-- compressed Pyro messages are refused as soon as their header is read, before a byte of
-  their payload is inflated (a zlib bomb never expands);
+- compressed Pyro messages, serializers other than serpent and keep-serialized calls are
+  refused as soon as their header is read, before a byte of their payload is read (a zlib
+  bomb never expands, ``marshal`` never sees a peer's bytes);
+- a connection's handshake is read off the worker pool, within ``handshake_timeout``
+  (:mod:`wsbus_pyro.doorman`), so idle or half-open peers cannot hold the workers;
 - ``SOCK_NODELAY`` is on: small calls are not delayed by Nagle's algorithm;
 - with ``secret`` set, a peer must present a token derived from it in Pyro's connection
   handshake, so only trusted processes may deliver to clients.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import socket
 import threading
 import time
 from typing import Any, Final
@@ -25,12 +29,22 @@ from typing import Any, Final
 import msgspec
 from Pyro5 import config as pyro_config
 from Pyro5 import errors as pyro_errors
-from Pyro5 import protocol, serializers
 from Pyro5.server import Daemon
 
 from wsbus.errors import ConfigError
 
-__all__ = ["PyroConfig", "SecureDaemon", "apply", "client_proof", "handshake", "server_proof"]
+from . import _internals
+from .doorman import Doorman
+
+__all__ = [
+    "PyroConfig",
+    "SecureDaemon",
+    "apply",
+    "client_proof",
+    "guard",
+    "handshake",
+    "server_proof",
+]
 
 
 class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +68,11 @@ class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
         batch_delay: seconds to wait for more envelopes before sending a short batch.
         reregister_interval: seconds between checks that this process is still
             registered with the name server and the bus (re-registering if not).
+        handshake_timeout: seconds a new Pyro connection may take to send its whole
+            handshake; it holds no worker thread meanwhile.
+        retry_for: seconds a service keeps sending again what the bus could not confirm
+            (the bus crashed, or a gateway is re-registering) before it reports the
+            message undeliverable to itself.
         single_thread: run the gateway's Pyro daemon fully inside its event loop
             (multiplex server). For trusted loopback set-ups only: a peer that stalls
             mid-message stalls the loop for up to ``comm_timeout``.
@@ -74,6 +93,8 @@ class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 256
     batch_delay: float = 0.0
     reregister_interval: float = 1.0
+    handshake_timeout: float = 2.0
+    retry_for: float = 10.0
     single_thread: bool = False
 
     def __post_init__(self) -> None:
@@ -85,15 +106,14 @@ class PyroConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("threadpool_size must be at least 4")
         if self.batch_size < 1 or self.batch_delay < 0:
             raise ConfigError("batch_size must be >= 1 and batch_delay >= 0")
+        if self.handshake_timeout <= 0 or self.retry_for < 0:
+            raise ConfigError("handshake_timeout must be > 0 and retry_for >= 0")
 
 
-_PATCH_LOCK: Final = threading.Lock()
-_SERPENT_ID: Final = serializers.serializers["serpent"].serializer_id
-MAX_HANDSHAKE_BYTES: Final = 4096
+MAX_HANDSHAKE_BYTES: Final = _internals.MAX_HANDSHAKE_BYTES
 """The largest Pyro connection handshake accepted, in bytes."""
 HANDSHAKE_WINDOW: Final = 120.0
 """Seconds a handshake proof stays valid (clocks of the processes must agree that well)."""
-_patched = False
 
 
 def apply(config: PyroConfig) -> None:
@@ -108,38 +128,24 @@ def apply(config: PyroConfig) -> None:
     pyro_config.SERVERTYPE = "multiplex" if config.single_thread else "thread"
     pyro_config.POLLTIMEOUT = 0.5
     pyro_config.DETAILED_TRACEBACK = False
-    _refuse_compressed_messages()
+    _internals.patch_receiving_message()
 
 
-def _refuse_compressed_messages() -> None:
-    """Make Pyro refuse a compressed message from its header, before reading its payload."""
-    global _patched
-    with _PATCH_LOCK:
-        if _patched:
-            return
-        original = protocol.ReceivingMessage.__init__
+def guard(daemon: Daemon, config: PyroConfig) -> Doorman | None:
+    """Give a thread-pool daemon a :class:`Doorman`: handshakes are read off its pool.
 
-        def checked_init(self: Any, header: bytes, payload: bytes | None = None) -> None:
-            original(self, header, None)
-            if self.flags & protocol.FLAGS_COMPRESSED:
-                raise pyro_errors.ProtocolError(
-                    "compressed Pyro messages are refused: turn COMPRESSION off on the peer"
-                )
-            # Refused before a byte of payload is read or deserialized: the peer may not
-            # pick a serializer (marshal trusts its input), nor send a large handshake
-            # that is parsed before its secret is checked.
-            if self.serializer_id != _SERPENT_ID:
-                raise pyro_errors.ProtocolError("wsbus peers speak serpent only")
-            if (
-                self.type == protocol.MSG_CONNECT
-                and self.data_size + self.annotations_size > MAX_HANDSHAKE_BYTES
-            ):
-                raise pyro_errors.ProtocolError("connection handshake too large")
-            if payload is not None:
-                self.add_payload(payload)
-
-        protocol.ReceivingMessage.__init__ = checked_init
-        _patched = True
+    Returns the doorman (stop it when the daemon closes), or None for a multiplexing
+    daemon, which reads everything on its own thread anyway.
+    """
+    doorman = Doorman(
+        daemon,
+        comm_timeout=config.comm_timeout,
+        handshake_timeout=config.handshake_timeout,
+    )
+    if not _internals.install_accept(daemon, doorman.admit):
+        return None
+    doorman.start()
+    return doorman
 
 
 def client_proof(secret: str, nonce: str, stamp: int, location: str) -> str:
@@ -178,6 +184,21 @@ class SecureDaemon(Daemon):  # type: ignore[misc]
         self._secret = config.secret
         self._seen: dict[str, float] = {}
         self._seen_lock = threading.Lock()
+        self.doorman = guard(self, config)
+
+    def admit(self, sock: socket.socket, address: Any) -> None:
+        """Take a connection accepted outside the daemon's own loop (the gateway's loop)."""
+        if self.doorman is None:
+            sock.close()
+            return
+        self.doorman.admit(sock, address)
+
+    def close(self) -> None:
+        """Close the daemon and its doorman."""
+        super().close()
+        doorman = getattr(self, "doorman", None)
+        if doorman is not None:
+            doorman.stop()
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:
         """Refuse a peer that cannot prove it knows the secret (when one is set)."""

@@ -2,7 +2,8 @@
 
 The gateway is a Pyro object (``wsbus.gateway.<node>`` in the name server) whose daemon's
 listening socket sits in the gateway's asyncio loop (``loop.add_reader``), as in the
-original design. Each accepted Pyro connection is served by a thread of Pyro's pool, and
+original design. Each accepted Pyro connection's handshake is read by the daemon's doorman
+thread (:mod:`wsbus_pyro.doorman`) and the connection then served by a thread of Pyro's pool;
 every envelope it delivers is handed to the loop with ``call_soon_threadsafe``: a stalled
 or hostile peer holds one pool thread for at most ``comm_timeout``, never the loop.
 
@@ -26,7 +27,6 @@ from typing import Any
 from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 from Pyro5.server import expose
-from Pyro5.svr_threads import ClientConnectionJob, NoFreeWorkersError
 
 from wsbus.bus import BusSink
 from wsbus.envelope import Envelope
@@ -196,25 +196,13 @@ class PyroBus:
         except OSError as exc:
             log.warning("accepting a Pyro connection failed: %s", exc)
             return
-        conn.setblocking(True)
-        conn.settimeout(self.config.comm_timeout)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         daemon = self._daemon
         if daemon is None:
             conn.close()
             return
-        job = ClientConnectionJob(conn, address, daemon)
-        try:
-            daemon.transportServer.pool.process(job)
-        except NoFreeWorkersError:
-            # Refused on the spot: a handshake here would block the loop.
-            log.warning(
-                "refused a Pyro connection from %s: all %d worker threads are busy; raise "
-                "threadpool_size if this is not an attack",
-                address,
-                self.config.threadpool_size,
-            )
-            conn.close()
+        # The doorman reads the handshake off the pool (never on this loop, never on a
+        # worker), so idle or half-open peers cannot hold the workers.
+        daemon.admit(conn, address)
 
     def _on_event(self, sock: socket.socket) -> None:
         """Serve one event of the multiplexing daemon (single-thread mode)."""

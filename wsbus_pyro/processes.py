@@ -16,7 +16,7 @@ from Pyro5 import nameserver
 
 from wsbus.errors import BusUnavailable
 
-from .config import PyroConfig, SecureDaemon, apply
+from .config import PyroConfig, SecureDaemon, apply, guard
 from .messagebus import MessageBus
 from .transport import make_proxy
 
@@ -65,11 +65,14 @@ def run_name_server(config: PyroConfig | None = None) -> None:
     apply(config)
     stop = _stop_on_signals()
     uri, daemon, _ = nameserver.start_ns(config.ns_host, config.ns_port, enableBroadcast=False)
+    doorman = guard(daemon, config)
     print(f"name server ready at {uri}", flush=True)
     try:
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())
     finally:
         daemon.close()
+        if doorman is not None:
+            doorman.stop()
 
 
 def run_bus(config: PyroConfig | None = None) -> None:
