@@ -10,15 +10,15 @@ and writes it until it closes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
+import functools
 import http
 import ipaddress
 import logging
 import mimetypes
 from collections.abc import Sequence
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -37,6 +37,8 @@ from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
 from wsbus.wire import Codec, negotiate
 
+from ._wsconn import EdgeConnection, HandshakeGuard, RateLimitedLog
+
 __all__ = ["TOKEN_SUBPROTOCOL_PREFIX", "EdgeConfig", "EdgeServer", "serve"]
 
 log = logging.getLogger("wsbus.websockets")
@@ -46,6 +48,9 @@ TOKEN_SUBPROTOCOL_PREFIX: Final = "wsbus.token."
 cannot set headers on a WebSocket. Offer it beside a codec subprotocol; it is never
 selected."""
 
+
+ACCEPT_LOG_INTERVAL: Final = 10.0
+"""Seconds between two log lines about failed accepts, evicted handshakes or socket errors."""
 
 _SINGLE_HEADERS: Final = ("Host", "Origin", "Upgrade", "Authorization", "Cookie")
 """Headers that must not be repeated in an upgrade request."""
@@ -68,7 +73,13 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         write_limit: bytes in a connection's write buffer before a send waits.
         compression: permessage-deflate; off by default (it costs memory per connection
             and opens compression-oracle attacks).
-        open_timeout: seconds for the opening handshake.
+        open_timeout: seconds for the opening handshake (TCP accept to the response).
+        max_handshakes: connections in the opening handshake at most; a new one over the
+            cap pushes out the oldest (the likeliest stalled). None (the default): a
+            quarter of the process's open-file limit, at most 1024.
+        max_subprotocols: subprotocol names a handshake may offer; more get HTTP 400.
+        max_subprotocol_bytes: bytes of ``Sec-WebSocket-Protocol`` headers a handshake
+            may send; more get HTTP 400.
         ping_interval: seconds between keepalive pings; None disables them.
         ping_timeout: seconds to wait for a pong before closing with 1011.
         close_timeout: seconds to wait for the closing handshake.
@@ -86,6 +97,9 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
     write_limit: int = 32 * 1024
     compression: bool = False
     open_timeout: float = 10.0
+    max_handshakes: int | None = None
+    max_subprotocols: int = 16
+    max_subprotocol_bytes: int = 4096
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
@@ -97,33 +111,24 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.inbound_queue < 1 or self.write_limit < 1:
             raise ConfigError("inbound_queue and write_limit must be >= 1")
+        if self.max_handshakes is not None and self.max_handshakes < 1:
+            raise ConfigError("max_handshakes must be >= 1, or None for the default")
+        if self.max_subprotocols < 1 or self.max_subprotocol_bytes < 64:
+            raise ConfigError("max_subprotocols must be >= 1 and max_subprotocol_bytes >= 64")
+        if self.open_timeout <= 0:
+            raise ConfigError("open_timeout must be > 0")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():
             raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
-
-
-# A server frame's header is at most 10 bytes (no mask): counted with gathered frames so
-# that what waits in the protocol's and the transport's buffers stays within write_limit.
-_MAX_HEADER: Final = 10
 
 
 class _Connection:
     """A websockets connection as a :class:`wsbus.ClientConnection`."""
 
-    __slots__ = (
-        "_codec",
-        "_gathered",
-        "_limit",
-        "_loop",
-        "_pass_open",
-        "_request",
-        "_text",
-        "_ws",
-        "raw_receive",
-    )
+    __slots__ = ("_codec", "_limit", "_request", "_text", "_ws", "raw_receive")
 
     def __init__(
         self,
-        ws: ServerConnection,
+        ws: EdgeConnection,
         codec: Codec,
         request: HandshakeRequest,
         write_limit: int = 32 * 1024,
@@ -133,10 +138,6 @@ class _Connection:
         self._text = codec.is_text
         self._request = request
         self._limit = write_limit
-        self._loop = asyncio.get_running_loop()
-        # Bytes of frames send_nowait gathered in this event-loop pass, not yet written.
-        self._gathered = 0
-        self._pass_open = False
         # websockets' own recv, for the gateway's reader; see closed_error.
         self.raw_receive = ws.recv
 
@@ -160,64 +161,24 @@ class _Connection:
         return _closed(exc) if isinstance(exc, WsConnectionClosed) else None
 
     async def send(self, data: bytes) -> None:
-        try:
-            await self._ws.send(data, text=self._text)
-        except WsConnectionClosed as exc:
-            raise _closed(exc) from None
+        # Written only under the write limit, as send_nowait does: what waits beyond it
+        # stays in the gateway's queue, so a close frame is never far behind.
+        ws = self._ws
+        while not ws.send_nowait(data, self._text, self._limit):
+            if ws.protocol.state is not State.OPEN:
+                try:
+                    await ws.send(data, text=self._text)  # raises websockets' close
+                except WsConnectionClosed as exc:
+                    raise _closed(exc) from None
+                raise ConnectionClosed(1006, "connection lost")  # pragma: no cover
+            await ws.wait_writable(self._limit)
 
     def send_nowait(self, data: bytes) -> bool:
-        # What websockets.broadcast() does, but only while the write buffer is under its
-        # limit (past it the frame waits in the gateway's bounded queue instead). The first
-        # frame of an event-loop pass is written at once, for latency; the ones after it in
-        # the same pass are gathered and written together when the pass ends, or as soon as
-        # they reach the limit: one system call for a burst instead of one per frame.
-        # Anything websockets sends itself (a queued frame, a ping, the close) writes the
-        # gathered frames first, so the order is kept.
-        ws = self._ws
-        if (
-            ws.protocol.state is not State.OPEN
-            or ws.send_in_progress is not None
-            or ws.transport.get_write_buffer_size() + self._gathered > self._limit
-        ):
-            return False
-        if self._text:
-            ws.protocol.send_text(data)
-        else:
-            ws.protocol.send_binary(data)
-        if self._pass_open:
-            self._gathered += len(data) + _MAX_HEADER
-            if self._gathered >= self._limit:
-                self._write_gathered()
-        else:
-            self._pass_open = True
-            self._loop.call_soon(self._end_pass)
-            self._write_gathered()
-        return True
+        return self._ws.send_nowait(data, self._text, self._limit)
 
-    def _end_pass(self) -> None:
-        self._pass_open = False
-        self._write_gathered()
-
-    def _write_gathered(self) -> None:
-        self._gathered = 0
-        ws = self._ws
-        chunks = ws.protocol.data_to_send()
-        if not chunks:
-            return  # websockets wrote them already, before something of its own
-        if all(chunks):
-            ws.transport.writelines(chunks)
-            return
-        # An end of stream among them (the close handshake finished): websockets' own way.
-        for chunk in chunks:
-            if chunk:
-                ws.transport.write(chunk)
-            elif ws.transport.can_write_eof():
-                # As websockets does: write_eof() documents no exceptions, and some loops
-                # raise when the transport is closing.
-                with contextlib.suppress(Exception):
-                    ws.transport.write_eof()
-            else:
-                ws.transport.close()
+    def unsent(self) -> int:
+        """Frames given to send or send_nowait that have not reached the socket."""
+        return self._ws.unsent()
 
     async def close(self, code: int, reason: str = "") -> None:
         await self._ws.close(code, reason)
@@ -255,6 +216,11 @@ class EdgeServer:
             if config.max_connections is not None
             else gateway.config.max_connections
         )
+        self._report = RateLimitedLog(log, ACCEPT_LOG_INTERVAL)
+        self.handshakes: HandshakeGuard | None = None
+        """Counts connections in the opening handshake (once started)."""
+        self._previous_handler: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def port(self) -> int:
@@ -271,10 +237,22 @@ class EdgeServer:
     async def start(self, host: str, port: int, **kwargs: Any) -> None:
         """Start listening (the gateway must be started already)."""
         config = self.config
+        limit = raise_file_limit()
+        cap = config.max_handshakes
+        if cap is None:
+            cap = max(16, min(1024, limit // 4)) if limit > 0 else 1024
+        self.handshakes = HandshakeGuard(cap, self._report)
+        # What any write of the gateway's can leave in the write buffer (a frame is written
+        # while it holds at most write_limit, and no frame is over outbound_bytes), with
+        # room for a ping and a close frame: more is replies the peer never reads.
+        write_bound = config.write_limit + self.gateway.config.outbound_bytes + 1024
+        factory = functools.partial(EdgeConnection, guard=self.handshakes, write_bound=write_bound)
+        self._watch_accept_errors()
         self.server = await ws_serve(
             self._handler,
             host,
             port,
+            create_connection=cast(Any, factory),
             process_request=self._process_request,
             select_subprotocol=self._select_subprotocol,
             compression="deflate" if config.compression else None,
@@ -295,7 +273,11 @@ class EdgeServer:
             ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in self.server.sockets
         )
         self._loopback_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
-        log.info("wsbus edge listening on %s", self.url)
+        log.info(
+            "wsbus edge listening on %s (at most %d connections in the opening handshake)",
+            self.url,
+            cap,
+        )
 
     async def close(self) -> None:
         """Shut down gracefully.
@@ -311,6 +293,43 @@ class EdgeServer:
         if self.server is not None:
             self.server.close(close_connections=True)
             await self.server.wait_closed()
+        self._unwatch_accept_errors()
+
+    def _watch_accept_errors(self) -> None:
+        # asyncio reports a failed accept (EMFILE, ENFILE, ENOBUFS, ENOMEM) and errors on
+        # a connection's socket through the loop's exception handler, with a traceback,
+        # every time. Under a connection flood that is thousands of lines: say it once per
+        # interval instead, and pass everything else on unchanged.
+        loop = self._loop = asyncio.get_running_loop()
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+
+    def _unwatch_accept_errors(self) -> None:
+        loop = self._loop
+        if loop is not None and loop.get_exception_handler() == self._loop_exception:
+            loop.set_exception_handler(self._previous_handler)
+        self._loop = None
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept() out of system resource"):
+            self._report.warning(
+                "accept",
+                "cannot accept new connections: %s. Raise the open-file limit (ulimit -n) "
+                "or lower max_connections; asyncio retries every second",
+                exc if exc is not None else message,
+            )
+            return
+        if isinstance(exc, OSError) and "transport" in context:
+            # A socket error on one connection (reset, broken pipe, EMFILE on a
+            # socket call): the client's network, not a bug.
+            self._report.warning("socket", "%s: %s", message or "socket error", exc)
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def __aenter__(self) -> EdgeServer:
         return self
@@ -326,8 +345,16 @@ class EdgeServer:
             if len(headers.get_all(name)) > 1:
                 # Two parsers could read a repeated header two ways: refuse the ambiguity.
                 return _plain(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
-        if "websocket" not in headers.get("Upgrade", "").lower():
-            return self._http(connection, request)
+        head = getattr(connection, "head_request", False)
+        if head or "websocket" not in headers.get("Upgrade", "").lower():
+            response = self._http(connection, request)
+            if head:
+                # The same status and headers as GET, Content-Length included, no body.
+                response = dataclasses.replace(response, body=b"")
+            return response
+        refusal = self._subprotocol_refusal(headers)
+        if refusal is not None:
+            return _plain(http.HTTPStatus.BAD_REQUEST, refusal)
         if self._closing or self.gateway.closing:
             return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
         if self.gateway.open_connections >= self._cap:
@@ -339,6 +366,29 @@ class EdgeServer:
                 headers.get("Origin"),
             )
             return _plain(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        return None
+
+    def _subprotocol_refusal(self, headers: Headers) -> str | None:
+        # websockets parses Sec-WebSocket-Protocol after this hook, at a cost that grows
+        # faster than the header (a list concatenated per header line, a regex per name):
+        # count the names and bytes here, in one pass over the bytes, and refuse an
+        # absurd offer before any per-name work.
+        values = headers.get_all("Sec-WebSocket-Protocol")
+        if not values:
+            return None
+        config = self.config
+        size = sum(len(value) for value in values)
+        if size > config.max_subprotocol_bytes:
+            return (
+                f"Sec-WebSocket-Protocol headers too long: {size} bytes, at most "
+                f"{config.max_subprotocol_bytes}\n"
+            )
+        names = sum(value.count(",") + 1 for value in values)
+        if names > config.max_subprotocols:
+            return (
+                f"too many subprotocols offered: {names}, at most {config.max_subprotocols}; "
+                "offer wsbus.v1.json or wsbus.v1.msgpack\n"
+            )
         return None
 
     def _origin_allowed(self, headers: Headers) -> bool:
@@ -414,6 +464,7 @@ class EdgeServer:
     # -- connections ---------------------------------------------------------------------
 
     async def _handler(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, EdgeConnection)
         codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
         try:
             request = self._handshake_request(ws)
@@ -452,17 +503,62 @@ class EdgeServer:
         if self.config.token_query in query:
             return query[self.config.token_query]
         cookie_header = headers.get("Cookie")
-        # SimpleCookie is slow on hostile input (CVE-2024-7592): parse only when it may help.
-        if cookie_header and self.config.token_cookie in cookie_header:
-            cookies: SimpleCookie = SimpleCookie()
-            try:
-                cookies.load(cookie_header)
-            except CookieError:
-                return None
-            morsel = cookies.get(self.config.token_cookie)
-            if morsel is not None:
-                return morsel.value
+        if cookie_header:
+            return cookie_value(cookie_header, self.config.token_cookie)
         return None
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """Return the value of the first cookie called ``name`` in a ``Cookie`` header.
+
+    RFC 6265 section 5.4: ``name=value`` pairs separated by ``;``. One pass over the
+    header, whatever it holds (``http.cookies`` is quadratic on some inputs,
+    CVE-2024-7592). A value in double quotes loses them; nothing else is unescaped.
+    Pairs without ``=`` are skipped, as browsers do.
+    """
+    for pair in header.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
+
+
+_FILE_LIMIT_RAISED = False
+
+
+def raise_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (once per process); return it.
+
+    Every connection is a file descriptor; the common soft limit of 1024 is reached long
+    before ``max_connections``. Returns 0 where the limit cannot be read (not POSIX).
+    """
+    global _FILE_LIMIT_RAISED
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target and not _FILE_LIMIT_RAISED:
+        _FILE_LIMIT_RAISED = True
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "could not raise the open-file limit from %d to %d (%s); at most about "
+                "%d connections can be open",
+                soft,
+                target,
+                exc,
+                soft,
+            )
+        else:
+            log.info("raised the open-file limit (RLIMIT_NOFILE) from %d to %d", soft, target)
+            soft = target
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _peer(connection: ServerConnection) -> str:

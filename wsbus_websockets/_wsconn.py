@@ -1,0 +1,544 @@
+"""Every ``websockets`` internal the edge relies on, in this one module.
+
+The edge needs more than the library's public API: it writes frames without a coroutine
+per frame (``protocol.send_text`` / ``send_binary`` / ``data_to_send``), it reads the
+request line before ``websockets`` parses it (to answer HEAD and 405 itself and to stop
+pipelined requests), it counts what its automatic pongs put in the write buffer, it knows
+which bytes reached the socket, and it bounds connections still in the opening handshake.
+All of that is done by :class:`EdgeConnection`, a ``ServerConnection`` subclass given to
+``websockets.asyncio.server.serve`` as ``create_connection``.
+
+:func:`check_internals` lists what this module reads or overrides; the test
+``tests/test_websockets_internals.py::test_websockets_internals_we_rely_on_are_there``
+fails with its message when a ``websockets`` release moves one of them. Supported:
+``websockets`` 14.x to 17.x (see docs/websockets.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import time
+from collections import deque
+from typing import Any, Final
+
+from websockets.asyncio.connection import Connection
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import CloseCode
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+
+__all__ = [
+    "EdgeConnection",
+    "HandshakeGuard",
+    "RateLimitedLog",
+    "check_internals",
+]
+
+log = logging.getLogger("wsbus.websockets")
+
+# A server frame's header is at most 10 bytes (no mask): counted with gathered frames so
+# that what waits in the protocol's and the transport's buffers stays within write_limit.
+MAX_HEADER: Final = 10
+
+MAX_REQUEST_LINE: Final = 8192 + 2
+"""websockets' default line limit (8 KiB) and its CRLF: past it, websockets answers 414."""
+
+HELD_AFTER_REQUEST: Final = 64 * 1024
+"""Bytes a client may send after its request before the response; more aborts it."""
+
+_METHOD = re.compile(rb"[A-Za-z]{1,20}")
+
+_ALLOWED_METHODS: Final = "GET, HEAD"
+
+_BODY_405: Final = b"method not allowed: use GET or HEAD\n"
+_RESPONSE_405: Final = (
+    b"HTTP/1.1 405 Method Not Allowed\r\n"
+    b"Allow: " + _ALLOWED_METHODS.encode() + b"\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: " + str(len(_BODY_405)).encode() + b"\r\n"
+    b"Cache-Control: no-store\r\n"
+    b"X-Content-Type-Options: nosniff\r\n"
+    b"Connection: close\r\n\r\n" + _BODY_405
+)
+
+# Phases of a connection's input, from the first byte to the open WebSocket.
+_LINE, _HEADERS, _HOLD, _OPEN, _DISCARD = range(5)
+
+
+class RateLimitedLog:
+    """Log one kind of event at most once per ``interval`` seconds, with a count.
+
+    Args:
+        logger: where to log.
+        interval: seconds between two lines.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        """Log ``message`` unless a line with this ``key`` went out within the interval."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            message += " (%d more like this in the last %.0f s)"
+            args = (*args, suppressed, self._interval)
+        self._logger.warning(message, *args)
+
+
+class HandshakeGuard:
+    """Counts connections still in the opening handshake, and caps them.
+
+    A new connection over the cap evicts the oldest one still in the handshake: a real
+    client finishes its handshake in milliseconds, so the oldest is the likeliest to be a
+    stalled one, and real clients keep getting in while stalled ones are pushed out.
+
+    Args:
+        cap: connections in the handshake at most.
+        report: logs evictions, once per interval.
+    """
+
+    def __init__(self, cap: int, report: RateLimitedLog) -> None:
+        self.cap = cap
+        self.evicted = 0
+        self._report = report
+        # Insertion-ordered: the first key is the oldest handshake.
+        self._pending: dict[EdgeConnection, None] = {}
+
+    @property
+    def pending(self) -> int:
+        """Connections in the opening handshake now."""
+        return len(self._pending)
+
+    def enter(self, conn: EdgeConnection) -> None:
+        """A connection was accepted: count it, evicting the oldest over the cap."""
+        pending = self._pending
+        while len(pending) >= self.cap:
+            oldest = next(iter(pending))
+            del pending[oldest]
+            self.evicted += 1
+            self._report.warning(
+                "handshake cap",
+                "%d connections are in the opening handshake (max_handshakes); dropped the "
+                "oldest, from %s. Many stalled handshakes mean a slow network or a "
+                "slow-request attack",
+                self.cap,
+                oldest.peer,
+            )
+            oldest.transport.abort()
+        pending[conn] = None
+
+    def leave(self, conn: EdgeConnection) -> None:
+        """The connection's handshake ended (answered, upgraded or lost)."""
+        self._pending.pop(conn, None)
+
+
+class CountingTransport(asyncio.Transport):
+    """The connection's transport, counting the bytes it was given and those it discarded.
+
+    ``flushed`` is what reached the socket: every byte written, less what the transport
+    still holds and what an abort (or a write after the connection was lost) discarded.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._t = transport
+        self.written = 0
+        self.discarded = 0
+        self.lost = False
+
+    @property
+    def flushed(self) -> int:
+        """Bytes that reached the socket."""
+        return self.written - self.discarded - self._t.get_write_buffer_size()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self.written += n
+        if self.lost:
+            self.discarded += n  # asyncio drops writes after the connection is lost
+        self._t.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        chunks = list(list_of_data)
+        n = sum(len(c) for c in chunks)
+        self.written += n
+        if self.lost:
+            self.discarded += n
+        self._t.writelines(chunks)
+
+    def abort(self) -> None:
+        if not self.lost:
+            self.discarded += self._t.get_write_buffer_size()
+            self.lost = True
+        self._t.abort()
+
+    def close(self) -> None:
+        self._t.close()
+
+    def is_closing(self) -> bool:
+        return self._t.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._t.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._t.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._t.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._t.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._t.write_eof()
+
+    def pause_reading(self) -> None:
+        self._t.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._t.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._t.is_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._t.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._t.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._t.get_protocol()
+
+
+class EdgeConnection(ServerConnection):
+    """A ``websockets`` server connection with the edge's bounds and accounting.
+
+    - Reads the request line itself: HEAD is served as a GET without a body
+      (``head_request``), any method but GET and HEAD gets 405 at once, and whatever
+      follows the request's head is held until the response: a pipelined request is
+      never parsed, one response per connection.
+    - After every read, the write buffer may hold at most ``write_bound`` bytes: more
+      means the peer does not read what it asks for (pongs to its pings); the connection
+      is failed with 1008 and aborted.
+    - Frames from the gateway go through :meth:`send_nowait` only while the write buffer
+      is under ``write_limit``; :meth:`unsent` says how many of them have not reached
+      the socket (so a close that aborts counts them dropped).
+
+    Args:
+        protocol: websockets' Sans-I/O protocol.
+        server: websockets' server.
+        guard: counts connections in the handshake.
+        write_bound: bytes the write buffer may hold after a read.
+        **kwargs: passed on to ``ServerConnection``.
+    """
+
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        server: Any,
+        *,
+        guard: HandshakeGuard,
+        write_bound: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(protocol, server, **kwargs)
+        self._guard = guard
+        self._bound = write_bound
+        self._phase = _LINE
+        self._line = bytearray()
+        self._tail = b""
+        self._held = bytearray()
+        self.head_request = False
+        """The request was HEAD (passed to websockets as GET): answer without a body."""
+        self.out: CountingTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._waiters: list[asyncio.Future[None]] = []
+        # Frames sent without waiting, gathered in this event-loop pass, not yet written.
+        self._gathered = 0
+        self._gathered_frames = 0
+        self._pass_open = False
+        # (stream offset where a batch of frames ends, how many frames) for batches the
+        # socket may not have taken yet; None while everything written was flushed.
+        self._inflight: deque[tuple[int, int]] | None = None
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the peer."""
+        address = self.remote_address
+        if isinstance(address, tuple) and len(address) >= 2:
+            return f"{address[0]}:{address[1]}"
+        return str(address)
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        super().connection_made(transport)
+        self.out = CountingTransport(transport)
+        self.transport = self.out
+        self._guard.enter(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.leave(self)
+        if self.out is not None:
+            self.out.lost = True
+        super().connection_lost(exc)
+        self._wake()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase is _OPEN:
+            super().data_received(data)
+            if self.transport.get_write_buffer_size() > self._bound:
+                self._not_reading()
+            return
+        if phase is _HOLD:
+            self._hold(data)
+            return
+        if phase is _DISCARD:
+            return
+        if phase is _LINE:
+            self._line += data
+            end = self._line.find(b"\r\n")
+            if end < 0:
+                if len(self._line) <= MAX_REQUEST_LINE:
+                    return
+                # Too long for websockets anyway: let it answer 414.
+                data, self._line = bytes(self._line), bytearray()
+                self._phase = _HEADERS
+            else:
+                data = self._request_line(bytes(self._line), end)
+                self._line = bytearray()
+                if self._phase is _DISCARD:
+                    return
+                self._phase = _HEADERS
+        # _HEADERS: pass bytes on up to the blank line that ends the head, hold the rest.
+        scan = self._tail + data
+        end = scan.find(b"\r\n\r\n")
+        if end < 0:
+            self._tail = scan[-3:]
+            super().data_received(data)
+            return
+        cut = end + 4 - len(self._tail)
+        self._tail = b""
+        self._phase = _HOLD
+        super().data_received(data[:cut])
+        if cut < len(data):
+            self._hold(data[cut:])
+
+    def _request_line(self, line: bytes, end: int) -> bytes:
+        method, _, _ = line.partition(b" ")
+        if method == b"GET":
+            return line
+        if method == b"HEAD":
+            self.head_request = True
+            return b"GET" + line[4:]
+        if _METHOD.fullmatch(method) and line[:end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
+            self._phase = _DISCARD
+            self._guard.leave(self)
+            self.transport.write(_RESPONSE_405)
+            self.transport.close()
+            return b""
+        return line  # not HTTP: websockets refuses it
+
+    def _hold(self, data: bytes) -> None:
+        # Bytes after the request and before the response: a pipelined request (dropped
+        # when the response is not an upgrade) or frames sent too early (replayed after).
+        self._held += data
+        if len(self._held) > HELD_AFTER_REQUEST:
+            self._held = bytearray()
+            self._phase = _DISCARD
+            self.transport.abort()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        """Run websockets' handshake, then replay what the client sent early, if upgraded."""
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self._guard.leave(self)
+        held, self._held = bytes(self._held), bytearray()
+        if self.protocol.state is State.OPEN:
+            self._phase = _OPEN
+            if held:
+                self.data_received(held)
+        else:
+            self._phase = _DISCARD
+
+    def _not_reading(self) -> None:
+        # Replies websockets wrote on its own (pongs) filled the write buffer past what any
+        # of our writes can leave there: the peer asks and does not read.
+        log.info(
+            "closing %s with 1008: it sends pings but does not read the pongs "
+            "(%d bytes unread, bound %d)",
+            self.peer,
+            self.transport.get_write_buffer_size(),
+            self._bound,
+        )
+        self._phase = _DISCARD
+        if self.protocol.state is State.OPEN:
+            self.protocol.fail(CloseCode.POLICY_VIOLATION, "not reading")
+        self.transport.abort()
+
+    # -- the gateway's writes ----------------------------------------------------------
+
+    def writable_now(self, limit: int) -> bool:
+        """True if a frame may be written now without exceeding ``limit`` (see send_nowait)."""
+        return (
+            # Only the gateway sends data frames, never fragmented: no fragmented send
+            # of websockets' to interleave with.
+            self.protocol.state is State.OPEN
+            and self.transport.get_write_buffer_size() + self._gathered <= limit
+        )
+
+    def send_nowait(self, data: bytes, text: bool, limit: int) -> bool:
+        """Write one frame if the write buffer is under ``limit``; else return False.
+
+        What ``websockets.broadcast()`` does, but only under the limit (past it the frame
+        waits in the gateway's bounded queue). The first frame of an event-loop pass is
+        written at once, for latency; the ones after it in the same pass are gathered and
+        written together when the pass ends, or as soon as they reach the limit: one system
+        call for a burst. Anything websockets sends itself (a queued frame, a ping, the
+        close) writes the gathered frames first, so the order is kept.
+        """
+        if not self.writable_now(limit):
+            return False
+        if text:
+            self.protocol.send_text(data)
+        else:
+            self.protocol.send_binary(data)
+        self._gathered_frames += 1
+        if self._pass_open:
+            self._gathered += len(data) + MAX_HEADER
+            if self._gathered >= limit:
+                self._write_gathered()
+        else:
+            self._pass_open = True
+            self._loop.call_soon(self._end_pass)
+            self._write_gathered()
+        return True
+
+    async def wait_writable(self, limit: int) -> None:
+        """Return once a frame may be written under ``limit``, or the connection closed."""
+        while self.protocol.state is State.OPEN and not self.writable_now(limit):
+            if self._gathered:
+                self._write_gathered()
+                continue
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _end_pass(self) -> None:
+        self._pass_open = False
+        self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        frames, self._gathered_frames = self._gathered_frames, 0
+        self._gathered = 0
+        chunks = self.protocol.data_to_send()
+        out = self.out
+        assert out is not None
+        if chunks:
+            if all(chunks):
+                out.writelines(chunks)
+            else:
+                # An end of stream among them (the close handshake finished): websockets'
+                # own way.
+                for chunk in chunks:
+                    if chunk:
+                        out.write(chunk)
+                    elif out.can_write_eof():
+                        # As websockets does: write_eof() documents no exceptions, and some
+                        # loops raise when the transport is closing.
+                        with contextlib.suppress(Exception):
+                            out.write_eof()
+                    else:
+                        out.close()
+        # Else websockets wrote them already, before something of its own: they end at or
+        # before what was written so far, which is what is recorded (a few bytes late at
+        # worst, never early).
+        if frames and (self._inflight is not None or out.get_write_buffer_size() or out.lost):
+            if self._inflight is None:
+                self._inflight = deque()
+            self._inflight.append((out.written, frames))
+
+    def unsent(self) -> int:
+        """Frames given to :meth:`send_nowait` that have not reached the socket yet.
+
+        Frames still gathered, in the transport's buffer, or discarded by an abort count;
+        once the connection is closed the figure is final.
+        """
+        inflight = self._inflight
+        unsent = self._gathered_frames
+        if inflight is None:
+            return unsent
+        out = self.out
+        assert out is not None
+        flushed = out.flushed
+        while inflight and inflight[0][0] <= flushed:
+            inflight.popleft()
+        if not inflight:
+            self._inflight = None
+            return unsent
+        return unsent + sum(frames for _, frames in inflight)
+
+
+def check_internals() -> list[str]:
+    """Return what this module needs from websockets and did not find (empty: all there)."""
+    problems: list[str] = []
+
+    def need(owner: object, name: str, what: str) -> None:
+        if not hasattr(owner, name):
+            problems.append(f"{getattr(owner, '__qualname__', owner)}.{name} ({what}) is gone")
+
+    for name in ("data_received", "connection_made", "connection_lost", "resume_writing"):
+        need(ServerConnection, name, "asyncio.Protocol callback we extend")
+    need(ServerConnection, "handshake", "the opening handshake we wrap")
+    need(Connection, "wait_closed", "waits for the TCP connection to end")
+    need(Protocol, "send_text", "queues a text frame without I/O")
+    need(Protocol, "send_binary", "queues a binary frame without I/O")
+    need(Protocol, "data_to_send", "takes the queued output")
+    need(Protocol, "fail", "fails the connection with a close code")
+    need(Protocol, "close_exc", "the exception for a closed connection")
+    need(State, "OPEN", "the open state")
+    init = inspect.signature(ServerConnection.__init__).parameters
+    for name in ("protocol", "server", "write_limit", "max_queue"):
+        if name not in init:
+            problems.append(f"ServerConnection.__init__ no longer takes {name!r}")
+    from websockets.asyncio import server as ws_server
+
+    if "create_connection" not in inspect.signature(ws_server.serve).parameters:
+        problems.append("websockets.asyncio.server.serve no longer takes create_connection")
+    source = inspect.getsource(Connection)
+    if "self.transport" not in source:
+        problems.append("websockets' Connection no longer writes through self.transport")
+    if "self.transport = transport" not in inspect.getsource(Connection.connection_made):
+        problems.append("Connection.connection_made no longer stores self.transport")
+    return problems
