@@ -4,6 +4,12 @@ With the default ``--bus pyro``: a Pyro name server, the message bus and the dem
 (echo, chat) as their own processes, and the gateway in this process with the demo page on
 its own HTTP port. ``--bus memory`` runs the same services inside the gateway's process.
 Ctrl-C or SIGTERM stops every process it started.
+
+The Pyro processes share a secret, generated for the run (``secrets.token_urlsafe``) unless
+``WSBUS_SECRET`` is set: without one, any local process could pose as a demo service, read
+every chat message, or send to the page's clients as "echo". The children get it in their
+environment, never on their command line, which any local user can read with ``ps``.
+``--no-secret`` runs without one, with a warning.
 """
 
 from __future__ import annotations
@@ -11,16 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
+import sys
 import webbrowser
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .config import SECRET_ENV
+from .errors import BusUnavailable
 from .gateway import Gateway, GatewayConfig
 from .memory import MemoryBus
-from .processes import Child, free_port
+from .processes import Child, ChildFailed, free_port
 from .registry import AliasPolicy
 
 __all__ = ["DEMO_SERVICES", "run_demo", "static_dir"]
@@ -38,10 +49,32 @@ def static_dir() -> Iterator[Path]:
         yield Path(path)
 
 
+NO_SECRET_WARNING = (
+    "wsbus demo: WARNING: running the Pyro processes with no shared secret: any process on "
+    "this machine can pose as a demo service, read every chat message and send to the page's "
+    "clients. Leave out --no-secret to use a generated one."
+)
+
+
 async def run_demo(
-    *, bus: str = "pyro", host: str = "127.0.0.1", port: int = 8765, open_browser: bool = True
+    *,
+    bus: str = "pyro",
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    ns_port: int = 0,
+    open_browser: bool = True,
+    secret: str | bool | None = None,
 ) -> None:
     """Run the demo until SIGINT or SIGTERM.
+
+    Args:
+        bus: ``pyro`` (services as processes) or ``memory`` (in this process).
+        host: the page's address.
+        port: the page's port.
+        ns_port: the Pyro name server's port; 0 picks a free one.
+        open_browser: open the page in the default browser.
+        secret: the shared secret of the Pyro processes; None takes ``$WSBUS_SECRET`` or
+            generates one; False runs without (printing a warning).
 
     Raises:
         OSError: the port is taken (the message says which).
@@ -53,7 +86,7 @@ async def run_demo(
     try:
         chosen: Any
         if bus == "pyro":
-            chosen = await _pyro(children)
+            chosen = await _pyro(children, ns_port, _secret(secret))
         else:
             from .demo_services import Chat, Echo
 
@@ -90,14 +123,34 @@ async def run_demo(
             await asyncio.to_thread(child.stop)
 
 
-async def _pyro(children: list[Child]) -> Any:
+def _secret(secret: str | bool | None) -> str | None:
+    if secret is False:
+        print(NO_SECRET_WARNING, file=sys.stderr, flush=True)
+        return None
+    if isinstance(secret, str) and secret:
+        return secret
+    return os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
+
+
+async def _pyro(children: list[Child], ns_port: int, secret: str | None) -> Any:
     from wsbus_pyro import PyroBus, PyroConfig
 
-    ns_port = free_port()
-    config = PyroConfig(ns_port=ns_port)
+    ns_port = ns_port or free_port()
+    config = PyroConfig(ns_port=ns_port, secret=secret)
     args = ["--ns-port", str(ns_port)]
-    children.append(await asyncio.to_thread(Child, ["nameserver", *args]))
-    children.append(await asyncio.to_thread(Child, ["bus", *args]))
+    # In the environment (None removes an inherited one): never on a command line.
+    env = {SECRET_ENV: secret}
+
+    def start(*command: str) -> Child:
+        try:
+            return Child([*command, *args], env=env)
+        except ChildFailed as exc:
+            raise BusUnavailable(
+                f"the demo's `wsbus {' '.join(command)}` did not start: {exc.last_line}"
+            ) from exc
+
+    children.append(await asyncio.to_thread(start, "nameserver"))
+    children.append(await asyncio.to_thread(start, "bus"))
     for spec in DEMO_SERVICES:
-        children.append(await asyncio.to_thread(Child, ["service", spec, *args]))
+        children.append(await asyncio.to_thread(start, "service", spec))
     return PyroBus(config)

@@ -14,9 +14,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-__all__ = ["Child", "free_port"]
+__all__ = ["Child", "ChildFailed", "free_port"]
+
+
+class ChildFailed(RuntimeError):
+    """A child process exited, or did not get ready in time.
+
+    Attributes:
+        args_: the arguments after ``python -m wsbus``.
+        output: what it printed.
+    """
+
+    def __init__(self, message: str, args: Sequence[str], output: str) -> None:
+        super().__init__(message)
+        self.args_ = list(args)
+        self.output = output
+
+    @property
+    def last_line(self) -> str:
+        """The last line the child printed: usually why it stopped."""
+        lines = [line.strip() for line in self.output.splitlines() if line.strip()]
+        return lines[-1] if lines else "(it printed nothing)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,32 +54,58 @@ class Child:
         args: the arguments after ``python -m wsbus``.
         ready: a word the child prints once it is serving.
         timeout: seconds to wait for ``ready``.
+        env: variables to add to (or, with a None value, remove from) this process's
+            environment for the child. Secrets go here, never in ``args``: any local user
+            can read a command line (``ps``), only the same user a process's environment.
+        cwd: the child's working directory (this process's by default).
+        command: what runs ``args``: ``python -m wsbus`` by default; the ``wsbus`` script
+            to test it as installed.
 
     Raises:
-        RuntimeError: the child exited, or did not get ready in time (its output is in the
+        ChildFailed: the child exited, or did not get ready in time (its output is in the
             message).
     """
 
-    def __init__(self, args: Sequence[str], *, ready: str = "ready", timeout: float = 20.0):
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        ready: str = "ready",
+        timeout: float = 20.0,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        command: Sequence[str] | None = None,
+    ):
         self.args = list(args)
         self.output: list[str] = []
         self._ready = threading.Event()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name, value in (env or {}).items():
+            if value is None:
+                environment.pop(name, None)
+            else:
+                environment[name] = value
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "wsbus", *self.args],
+            [*(command or (sys.executable, "-m", "wsbus")), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
-            env=env,
+            env=environment,
+            cwd=cwd,
         )
         self._reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
         self._reader.start()
         if not self._ready.wait(timeout):
             self.stop()
-            raise RuntimeError(f"wsbus {' '.join(self.args)} did not start:\n{self.text}")
+            raise ChildFailed(
+                f"wsbus {' '.join(self.args)} did not start:\n{self.text}", self.args, self.text
+            )
         if self.process.poll() is not None:
-            raise RuntimeError(f"wsbus {' '.join(self.args)} exited:\n{self.text}")
+            self._reader.join(2)
+            raise ChildFailed(
+                f"wsbus {' '.join(self.args)} exited:\n{self.text}", self.args, self.text
+            )
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,148 @@
+"""``wsbus demo`` as real processes: its Pyro processes share a secret no other process has."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wsbus.processes import Child, free_port
+
+pytest.importorskip("Pyro5")
+pytest.importorskip("websockets")
+
+from Pyro5 import errors as pyro_errors
+from Pyro5.api import Proxy, locate_ns
+
+from wsbus_pyro import PyroConfig
+from wsbus_pyro.transport import make_proxy
+from wsbus_websockets import connect
+
+WITHOUT_SECRET = {"WSBUS_SECRET": None}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The parent pid is the 4th field, after the command name in parentheses.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    return (Path(f"/proc/{pid}/cmdline").read_bytes().decode()).split("\0")
+
+
+def _environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+class Demo:
+    def __init__(self, child: Child, port: int) -> None:
+        self.child = child
+        self.url = f"ws://127.0.0.1:{port}/"
+        self.children = _children(child.pid)
+        # Found from the children's command lines, as any local process could.
+        args = _cmdline(self.children[0])
+        self.ns_port = int(args[args.index("--ns-port") + 1])
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[Demo]:
+    port = free_port()
+    child = Child(
+        ["demo", "--no-browser", "--port", str(port)],
+        ready="running at",
+        timeout=60,
+        env=WITHOUT_SECRET,
+    )
+    try:
+        yield Demo(child, port)
+    finally:
+        assert child.stop() == 0, child.text
+
+
+def _rogue(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "WSBUS_SECRET"}
+    return subprocess.run(
+        [sys.executable, "-m", "wsbus", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_the_demo_processes_share_a_secret_in_their_environment_only(demo: Demo) -> None:
+    assert len(demo.children) == 4, demo.child.text  # name server, bus, echo, chat
+    secrets = {_environ(pid).get("WSBUS_SECRET") for pid in demo.children}
+    assert len(secrets) == 1
+    secret = secrets.pop()
+    assert secret is not None and len(secret) >= 32
+    # Never on a command line, which `ps` shows every local user.
+    for pid in [demo.child.pid, *demo.children]:
+        assert all(secret not in arg for arg in _cmdline(pid))
+
+
+def test_a_rogue_service_without_the_secret_cannot_register(demo: Demo) -> None:
+    result = _rogue(["service", "wsbus.demo_services:Echo", "--ns-port", str(demo.ns_port)])
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "shared secret" in lines[0] and "WSBUS_SECRET" in lines[0]
+
+
+def test_a_rogue_pyro_client_cannot_register_nor_deliver(demo: Demo) -> None:
+    ns = locate_ns("127.0.0.1", demo.ns_port)
+    names = ns.list()
+    bus_uri = names["wsbus.bus"]
+    gateways = [uri for name, uri in names.items() if name.startswith("wsbus.gateway.")]
+    assert len(gateways) == 1
+    # Plain Pyro, as any local process could: no proof of the secret.
+    with Proxy(bus_uri) as bus, pytest.raises(pyro_errors.PyroError):
+        bus.register_service("spy", ["chat.message", "chat.say"], "PYRO:spy@127.0.0.1:1")
+    with Proxy(gateways[0]) as gateway, pytest.raises(pyro_errors.PyroError):
+        gateway.deliver(b"")
+    # The control: with the demo's secret the same bus answers, and the spy is not there.
+    secret = _environ(demo.children[1])["WSBUS_SECRET"]
+    config = PyroConfig(ns_port=demo.ns_port, secret=secret)
+    with make_proxy(bus_uri, config) as bus:
+        assert bus.registered("service", "spy", "PYRO:spy@127.0.0.1:1") is False
+
+
+async def test_the_demo_still_works_with_its_secret(demo: Demo) -> None:
+    async with asyncio.timeout(30):
+        async with connect(demo.url) as client:
+            reply = await client.request("echo", "hi")
+            assert reply["content"]["content"] == "hi"
+
+
+def test_no_secret_needs_a_flag_and_warns() -> None:
+    port = free_port()
+    child = Child(
+        ["demo", "--no-browser", "--no-secret", "--port", str(port)],
+        ready="running at",
+        timeout=60,
+        env=WITHOUT_SECRET,
+    )
+    try:
+        assert "WARNING" in child.text and "no shared secret" in child.text
+        for pid in _children(child.pid):
+            assert "WSBUS_SECRET" not in _environ(pid)
+    finally:
+        assert child.stop() == 0, child.text
