@@ -4,6 +4,7 @@ websockets adapter on a real socket (127.0.0.1, an ephemeral port)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
@@ -14,6 +15,12 @@ from websockets.typing import Subprotocol
 
 from wsbus import ClientConnection, Codec, HandshakeRequest, MemoryClient, memory_pair
 from wsbus_testing.connection_conformance import ConnectionConformance, MakeConnectionPair, Peer
+from wsbus_websockets._wsconn import (
+    EdgeConnection,
+    HandshakeGuard,
+    RateLimitedLog,
+    connection_factory,
+)
 from wsbus_websockets.server import _Connection
 
 TIMEOUT = 5.0
@@ -99,6 +106,7 @@ class TestWebSocketsConnection(ConnectionConformance):
 
         async def handler(ws: ServerConnection) -> None:
             assert ws.request is not None
+            assert isinstance(ws, EdgeConnection)
             codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
             request = HandshakeRequest(
                 path=ws.request.path,
@@ -117,6 +125,10 @@ class TestWebSocketsConnection(ConnectionConformance):
                 subprotocols=[Subprotocol(codec) for codec in Codec],
                 compression=None,  # as EdgeServer's default
                 close_timeout=CLOSE_TIMEOUT,
+                # _Connection writes through the edge's own connection class.
+                create_connection=connection_factory(
+                    HandshakeGuard(1024, RateLimitedLog(logging.getLogger("test"))), 1 << 20
+                ),
             )
         port = server.sockets[0].getsockname()[1]
         peers: list[WsClientConnection] = []

@@ -324,6 +324,8 @@ class _Client:
         "rate_limited_last",
         "rate_limited_since",
         "send_nowait",
+        "unconfirmed",
+        "unsent",
         "writer",
     )
 
@@ -334,6 +336,13 @@ class _Client:
         self.address = ClientAddress(conn_id)
         self.codec = conn.codec
         self.send_nowait: Callable[[bytes], bool] | None = getattr(conn, "send_nowait", None)
+        # An adapter that can tell which frames reached the socket (see wsbus.edge): the
+        # deliveries it took are written only once it says so; until then they are
+        # pending, and dropped if the connection ends first. ``unconfirmed`` holds, for
+        # each frame taken but not known to have reached the socket, whether it is a
+        # delivery; None when there are none (the usual case).
+        self.unsent: Callable[[], int] | None = getattr(conn, "unsent", None)
+        self.unconfirmed: deque[bool] | None = None
         # (encoded frame, is a delivery); the head stays queued until it is written. Made,
         # with the task that writes it and the event a flushing close waits on, only once a
         # frame has to wait: an idle connection carries none of them (memory per
@@ -614,6 +623,9 @@ class Gateway:
                 await asyncio.gather(writer, return_exceptions=True)
                 # A writer cancelled before it ran never reached its own clean-up.
                 client.writer_ended()
+            # The connection is closed: what the socket never took is dropped with it.
+            self._settle(client)
+            client.unconfirmed = None
             dropped = client.pending_deliveries
             if dropped:
                 counters.deliveries_dropped += dropped
@@ -867,10 +879,11 @@ class Gateway:
                 _bump(counters.dropped_by_close_code, client.close_code)
             return False
         if not outbox and client.send_nowait is not None and client.send_nowait(data):
-            # Written at once: nothing queued, so the order is kept.
+            # Taken at once: nothing queued, so the order is kept.
             if delivery:
                 counters.deliveries_queued += 1
-                counters.deliveries_written += 1
+                client.pending_deliveries += 1
+            self._taken(client, delivery)
             return True
         if outbox is None:
             outbox = client.outbox = deque()
@@ -888,7 +901,6 @@ class Gateway:
     async def _write(self, client: _Client, outbox: deque[tuple[bytes, bool]]) -> None:
         """Write the queue out in order, then end: the next queued frame starts another."""
         send = client.conn.send
-        counters = self._counters
         try:
             while outbox:
                 if client.close_code is not None and not client.draining:
@@ -897,9 +909,7 @@ class Gateway:
                 await send(data)
                 outbox.popleft()
                 client.outbox_bytes -= len(data)
-                if delivery:
-                    client.pending_deliveries -= 1
-                    counters.deliveries_written += 1
+                self._taken(client, delivery)
         except ConnectionClosed:
             return
         except Exception as exc:
@@ -914,6 +924,38 @@ class Gateway:
             self._close(client, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             client.writer_ended()
+
+    def _taken(self, client: _Client, delivery: bool) -> None:
+        """Count a frame the connection took written once it has reached the socket."""
+        unsent = client.unsent
+        if unsent is None or (client.unconfirmed is None and not unsent()):
+            # Adapters that cannot tell count what they take; the common case of one
+            # that can: the socket took everything so far.
+            if delivery:
+                client.pending_deliveries -= 1
+                self._counters.deliveries_written += 1
+            return
+        if client.unconfirmed is None:
+            client.unconfirmed = deque()
+            # Frames gathered in this pass are written when it ends: look again then.
+            asyncio.get_running_loop().call_soon(self._settle, client)
+        client.unconfirmed.append(delivery)
+
+    def _settle(self, client: _Client) -> None:
+        """Count written the deliveries the connection says have reached the socket."""
+        flags = client.unconfirmed
+        unsent = client.unsent
+        if flags is None or unsent is None:
+            return
+        confirmed = len(flags) - unsent()
+        counters = self._counters
+        while confirmed > 0:
+            if flags.popleft():
+                client.pending_deliveries -= 1
+                counters.deliveries_written += 1
+            confirmed -= 1
+        if not flags:
+            client.unconfirmed = None
 
     def _close(self, client: _Client, code: int, reason: str, *, flush: bool = False) -> None:
         """Begin closing one connection: nothing more is read or queued.
@@ -1178,6 +1220,9 @@ class Gateway:
     def stats(self) -> Stats:
         """Return a snapshot of every counter."""
         c = self._counters
+        for client in self._clients.values():
+            if client.unconfirmed is not None:
+                self._settle(client)
         return Stats(
             connections=len(self.registry),
             connections_total=c.connections_total,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "HandshakeGuard",
     "RateLimitedLog",
     "check_internals",
+    "connection_factory",
 ]
 
 log = logging.getLogger("wsbus.websockets")
@@ -508,6 +510,11 @@ class EdgeConnection(ServerConnection):
             self._inflight = None
             return unsent
         return unsent + sum(frames for _, frames in inflight)
+
+
+def connection_factory(guard: HandshakeGuard, write_bound: int) -> Any:
+    """Return what to pass as ``create_connection`` to websockets' ``serve``."""
+    return functools.partial(EdgeConnection, guard=guard, write_bound=write_bound)
 
 
 def check_internals() -> list[str]:

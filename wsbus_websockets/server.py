@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import http
 import ipaddress
 import logging
 import mimetypes
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -37,7 +36,7 @@ from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
 from wsbus.wire import Codec, negotiate
 
-from ._wsconn import EdgeConnection, HandshakeGuard, RateLimitedLog
+from ._wsconn import EdgeConnection, HandshakeGuard, RateLimitedLog, connection_factory
 
 __all__ = ["TOKEN_SUBPROTOCOL_PREFIX", "EdgeConfig", "EdgeServer", "serve"]
 
@@ -246,13 +245,12 @@ class EdgeServer:
         # while it holds at most write_limit, and no frame is over outbound_bytes), with
         # room for a ping and a close frame: more is replies the peer never reads.
         write_bound = config.write_limit + self.gateway.config.outbound_bytes + 1024
-        factory = functools.partial(EdgeConnection, guard=self.handshakes, write_bound=write_bound)
         self._watch_accept_errors()
         self.server = await ws_serve(
             self._handler,
             host,
             port,
-            create_connection=cast(Any, factory),
+            create_connection=connection_factory(self.handshakes, write_bound),
             process_request=self._process_request,
             select_subprotocol=self._select_subprotocol,
             compression="deflate" if config.compression else None,
