@@ -87,4 +87,12 @@ async def _run(frames: list[str | bytes], codec: Codec) -> None:
 def test_no_frame_changes_the_stamped_sender(data: st.DataObject) -> None:
     codec = data.draw(st.sampled_from(list(Codec)))
     frames = data.draw(st.lists(wst.adversarial_frames(codec=codec), min_size=1, max_size=15))
-    asyncio.run(_run(frames, codec))
+    # A loop of its own, closed here, that never becomes the thread's current loop:
+    # asyncio.run() would clear the current loop, and some pytest-asyncio releases (0.24
+    # among them) leave an unclosed one there after an async test, whose ResourceWarning
+    # then fails whichever test drops it (pytest-asyncio issue #724).
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_run(frames, codec))
+    finally:
+        loop.close()
