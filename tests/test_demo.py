@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,7 +24,16 @@ from wsbus_pyro import PyroConfig
 from wsbus_pyro.transport import make_proxy
 from wsbus_websockets import connect
 
-WITHOUT_SECRET = {"WSBUS_SECRET": None}
+
+@contextlib.contextmanager
+def _without_secret() -> Iterator[None]:
+    """Start the demo the way a user does, with no WSBUS_SECRET in the environment."""
+    saved = os.environ.pop("WSBUS_SECRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["WSBUS_SECRET"] = saved
 
 
 def _children(pid: int) -> list[int]:
@@ -63,12 +73,8 @@ class Demo:
 @pytest.fixture(scope="module")
 def demo() -> Iterator[Demo]:
     port = free_port()
-    child = Child(
-        ["demo", "--no-browser", "--port", str(port)],
-        ready="running at",
-        timeout=60,
-        env=WITHOUT_SECRET,
-    )
+    with _without_secret():
+        child = Child(["demo", "--no-browser", "--port", str(port)], ready="running at", timeout=60)
     try:
         yield Demo(child, port)
     finally:
@@ -134,12 +140,12 @@ async def test_the_demo_still_works_with_its_secret(demo: Demo) -> None:
 
 def test_no_secret_needs_a_flag_and_warns() -> None:
     port = free_port()
-    child = Child(
-        ["demo", "--no-browser", "--no-secret", "--port", str(port)],
-        ready="running at",
-        timeout=60,
-        env=WITHOUT_SECRET,
-    )
+    with _without_secret():
+        child = Child(
+            ["demo", "--no-browser", "--no-secret", "--port", str(port)],
+            ready="running at",
+            timeout=60,
+        )
     try:
         assert "WARNING" in child.text and "no shared secret" in child.text
         for pid in _children(child.pid):
