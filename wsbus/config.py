@@ -613,7 +613,8 @@ def _doc_table(parts: list[str], cls: type[msgspec.Struct], prefix: str) -> None
             default = None
         shown = "none" if default is None else render_value(default)
         flag = FLAGS.get(dotted, "")
-        meaning = docs.get(info.name, "").replace("|", "\\|")
+        # reST literals (``x``) to Markdown ones (`x`); a pipe would end the table cell.
+        meaning = docs.get(info.name, "").replace("``", "`").replace("|", "\\|")
         parts.append(
             f"| `{dotted}` | {describe(info.type)} | `{shown}` | "
             f"{f'`{flag}`' if flag else ''} | {meaning} |\n"
