@@ -101,11 +101,11 @@ class RateLimitedLog:
 
 
 class HandshakeGuard:
-    """Counts connections still in the opening handshake, and caps them.
+    """Counts connections whose request has not arrived whole yet, and caps them.
 
-    A new connection over the cap evicts the oldest one still in the handshake: a real
-    client finishes its handshake in milliseconds, so the oldest is the likeliest to be a
-    stalled one, and real clients keep getting in while stalled ones are pushed out.
+    A new connection over the cap evicts the oldest of them: a real client sends its
+    whole request with the connection, so the oldest is the likeliest to be a stalled
+    one, and real clients keep getting in while stalled ones are pushed out.
 
     Args:
         cap: connections in the handshake at most.
@@ -143,7 +143,7 @@ class HandshakeGuard:
         pending[conn] = None
 
     def leave(self, conn: EdgeConnection) -> None:
-        """The connection's handshake ended (answered, upgraded or lost)."""
+        """The connection's request arrived whole, or the connection ended."""
         self._pending.pop(conn, None)
 
 
@@ -343,6 +343,9 @@ class EdgeConnection(ServerConnection):
         cut = end + 4 - len(self._tail)
         self._tail = b""
         self._phase = _HOLD
+        # The request is all here: what is left of the handshake is the server's own
+        # work, done at once. Only a peer that has not sent its request holds a slot.
+        self._guard.leave(self)
         super().data_received(data[:cut])
         if cut < len(data):
             self._hold(data[cut:])

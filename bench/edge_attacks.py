@@ -1,0 +1,386 @@
+"""Attacks on the WebSocket edge, measured: worst event-loop stall and memory growth.
+
+    python -m bench.edge_attacks [--attack ping|subprotocols|cookie|handshakes|all]
+                                 [--pythonpath DIR]
+
+The gateway runs in its own process (``bench/edge_server.py``) with a loop-lag monitor;
+this process is the attacker. ``--pythonpath`` picks the wsbus code the server imports,
+so the same attacks run against an older checkout::
+
+    python -m bench.edge_attacks --pythonpath /work/before   # the code before the fixes
+    python -m bench.edge_attacks                              # this checkout
+
+The attacks (issue 10, section 2):
+
+- ``ping``: one client sends 256 MiB of pings (125-byte payloads) and never reads.
+- ``subprotocols``: 20 handshakes at once, each offering ~500,000 subprotocol names in
+  128 header lines of 8 KB (1 MB each).
+- ``cookie``: 20 handshakes at once with an 8 KB ``Cookie`` header of backslashes in a
+  quoted value, the token cookie's name included (CVE-2024-7592 in ``http.cookies``).
+- ``handshakes``: the server runs under an open-file limit of 1024; 2,000 connections
+  send half a request and stall; 50 real clients then connect and ask for an echo.
+
+Each prints the worst loop stall during the attack and the server's resident memory
+growth (now and peak). The helpers (raw frames, a raw handshake) serve the tests too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = Path(__file__).resolve().parent / "edge_server.py"
+
+
+# -- raw WebSocket pieces -------------------------------------------------------------------
+
+
+def masked_frame(opcode: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """A client frame (FIN set, masked) with ``opcode`` and ``payload``."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + body
+
+
+def upgrade_request(host: str, port: int, extra: list[tuple[str, str]] = ()) -> bytes:  # type: ignore[assignment]
+    """A WebSocket upgrade request with ``extra`` headers."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        "GET / HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in extra),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read an HTTP response head from a blocking socket: (head, what came after it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def parse_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """Take every complete (unmasked, server) frame off ``buffer``: (opcode, payload)."""
+    frames = []
+    while len(buffer) >= 2:
+        opcode = buffer[0] & 0x0F
+        n = buffer[1] & 0x7F
+        offset = 2
+        if n == 126:
+            if len(buffer) < 4:
+                break
+            n = struct.unpack("!H", buffer[2:4])[0]
+            offset = 4
+        elif n == 127:
+            if len(buffer) < 10:
+                break
+            n = struct.unpack("!Q", buffer[2:10])[0]
+            offset = 10
+        if len(buffer) < offset + n:
+            break
+        frames.append((opcode, bytes(buffer[offset : offset + n])))
+        del buffer[: offset + n]
+    return frames
+
+
+def open_raw(port: int, rcvbuf: int = 0, extra: list[tuple[str, str]] = ()) -> socket.socket:  # type: ignore[assignment]
+    """Open a WebSocket with a blocking socket and read the 101; return the socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(upgrade_request("127.0.0.1", port, extra))
+    head, rest = read_head(sock)
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"upgrade refused: {head[:80]!r}")
+    if rest:
+        raise ConnectionError("data right after the 101: read it with a frame parser")
+    return sock
+
+
+def ping_flood(port: int, total: int, payload: int = 125) -> tuple[int, bool]:
+    """Send ``total`` bytes of pings and never read; return (bytes sent, closed by server)."""
+    sock = open_raw(port, rcvbuf=4096)
+    chunk = masked_frame(0x9, b"p" * payload) * (65536 // (payload + 6))
+    sent = 0
+    closed = False
+    sock.settimeout(30)
+    try:
+        while sent < total:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        closed = True
+    finally:
+        sock.close()
+    return sent, closed
+
+
+# -- the server process ---------------------------------------------------------------------
+
+
+class ServerProcess:
+    """``bench/edge_server.py`` in a subprocess, asked for its figures over stdin."""
+
+    def __init__(self, pythonpath: str | None = None, *args: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pythonpath or str(ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVER), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.stderr: list[str] = []
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr
+        self._reader = threading.Thread(target=lambda: self.stderr.extend(stderr), daemon=True)
+        self._reader.start()
+        self.port = int(json.loads(self._line())["port"])
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the edge server exited:\n" + "".join(self.stderr[-20:]))
+        return line
+
+    def ask(self, command: str) -> dict[str, Any]:
+        """Send ``stats`` or ``reset`` and return the answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer: dict[str, Any] = json.loads(self._line())
+        return answer
+
+    def stop(self) -> None:
+        """End the process (by its pid) and wait for it."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+
+
+# -- attacks ---------------------------------------------------------------------------------
+
+
+def _subprotocol_request(port: int) -> bytes:
+    names = ",".join(["a"] * 3990)  # one 7,979-byte line: under websockets' 8 KiB limit
+    return upgrade_request(
+        "127.0.0.1", port, [("Sec-WebSocket-Protocol", names)] * 120 + [("X-Pad", "x")]
+    )
+
+
+def _cookie_request(port: int) -> bytes:
+    cookie = 'wsbus_token="' + "\\" * 8000 + '"'
+    return upgrade_request("127.0.0.1", port, [("Cookie", cookie)])
+
+
+def _send_and_read(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        head, _ = read_head(sock)
+        return head
+
+
+def _many_at_once(port: int, request: bytes, count: int) -> list[bytes]:
+    heads: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: heads.append(_send_and_read(port, request)))
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return heads
+
+
+STALLER = """
+import asyncio, resource, sys
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+port, count, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+
+async def stall(stop):
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+        read = asyncio.ensure_future(reader.read(1))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([read, stopped], return_when=asyncio.FIRST_COMPLETED)
+        read.cancel()
+        stopped.cancel()
+        writer.close()
+
+async def main():
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(stall(stop)) for _ in range(count)]
+    print("ready", flush=True)
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+asyncio.run(main())
+"""
+
+
+def start_stallers(port: int, count: int, seconds: float) -> subprocess.Popen[str]:
+    """Start a process that keeps ``count`` half-handshakes open on ``port``.
+
+    For ``seconds``, opening a new one whenever the server drops one (a slow-request
+    attack).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLER, str(port), str(count), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return proc
+
+
+async def real_client(port: int) -> bool:
+    """Connect, read the welcome, get an echo back; True if all of it worked within 10 s."""
+    from websockets.asyncio.client import connect
+
+    try:
+        async with asyncio.timeout(10):
+            async with connect(f"ws://127.0.0.1:{port}/", open_timeout=10) as ws:
+                await ws.recv()  # the welcome
+                await ws.send('{"type": "echo", "content": 1, "id": "e"}')
+                while '"echo.reply"' not in str(await ws.recv()):
+                    pass
+        return True
+    except Exception:
+        return False
+
+
+def _half_handshakes(port: int, stalled: int, real: int) -> tuple[int, int]:
+    """Hold ``stalled`` half-handshakes while ``real`` clients connect and get an echo.
+
+    Returns (real clients served, failed).
+    """
+    stallers = start_stallers(port, stalled, 15.0)
+    try:
+        time.sleep(2)
+
+        async def clients() -> list[bool]:
+            return await asyncio.gather(*(real_client(port) for _ in range(real)))
+
+        results = asyncio.run(clients())
+    finally:
+        stallers.kill()
+        stallers.wait(10)
+    return sum(results), real - sum(results)
+
+
+def run_attack(name: str, pythonpath: str | None) -> dict[str, Any]:
+    """Run one attack against a fresh server; return its figures."""
+    args = ("--nofile", "1024") if name == "handshakes" else ()
+    server = ServerProcess(pythonpath, *args)
+    try:
+        time.sleep(0.5)
+        before = server.ask("stats")
+        server.ask("reset")
+        start = time.monotonic()
+        detail: dict[str, Any] = {}
+        if name == "ping":
+            sent, closed = ping_flood(server.port, 256 * 1024 * 1024)
+            detail = {"sent_mb": round(sent / 2**20), "closed_by_server": closed}
+        elif name == "subprotocols":
+            heads = _many_at_once(server.port, _subprotocol_request(server.port), 20)
+            detail = {"answers": sorted({h.split(b"\r\n")[0].decode() for h in heads})}
+        elif name == "cookie":
+            heads = _many_at_once(server.port, _cookie_request(server.port), 20)
+            detail = {"answers": sorted({h.split(b"\r\n")[0].decode() for h in heads})}
+        elif name == "handshakes":
+            served, failed = _half_handshakes(server.port, 2000, 50)
+            detail = {"real_served": served, "real_failed": failed}
+        else:
+            raise ValueError(name)
+        elapsed = time.monotonic() - start
+        after = server.ask("stats")
+    finally:
+        server.stop()
+    for line in server.stderr[:3]:
+        print("  server log:", line.rstrip()[:200], file=sys.stderr)
+    log_lines = len(server.stderr)
+    tracebacks = sum(line.startswith("Traceback") for line in server.stderr)
+    return {
+        "attack": name,
+        "seconds": round(elapsed, 2),
+        "max_stall_ms": round(after["max_lag"] * 1000, 1),
+        "rss_growth_mb": round((after["rss"] - before["rss"]) / 2**20, 1),
+        "peak_rss_growth_mb": round((after["peak_rss"] - before["peak_rss"]) / 2**20, 1),
+        "log_lines": log_lines,
+        "tracebacks": tracebacks,
+        **detail,
+    }
+
+
+def main() -> None:
+    """Run the attacks given on the command line and print one JSON line per attack."""
+    parser = argparse.ArgumentParser(description="Measure attacks on the WebSocket edge.")
+    parser.add_argument(
+        "--attack",
+        choices=("ping", "subprotocols", "cookie", "handshakes", "all"),
+        default="all",
+    )
+    parser.add_argument("--pythonpath", default=None, help="where the server imports wsbus from")
+    args = parser.parse_args()
+    # The attacker holds thousands of sockets itself.
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    names = (
+        ("ping", "subprotocols", "cookie", "handshakes") if args.attack == "all" else (args.attack,)
+    )
+    for name in names:
+        print(json.dumps(run_attack(name, args.pythonpath)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
