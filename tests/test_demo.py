@@ -7,11 +7,13 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from wsbus import MemoryClient, Service
+from wsbus.demo_services import ROOM_RULE, Chat
 from wsbus.processes import Child, free_port
 
 pytest.importorskip("Pyro5")
@@ -152,3 +154,42 @@ def test_no_secret_needs_a_flag_and_warns() -> None:
             assert "WSBUS_SECRET" not in _environ(pid)
     finally:
         assert child.stop() == 0, child.text
+
+
+# -- the chat service (in-process, on the memory bus) ----------------------------------------
+
+Connect = Callable[..., Awaitable[MemoryClient]]
+NOT_IN_LOBBY = {"ok": False, "room": "lobby", "error": "you are not in #lobby: join it first"}
+
+
+async def test_chat_refuses_a_post_to_a_room_the_sender_is_not_in(
+    wsbus_connect: Connect, wsbus_services: list[Service]
+) -> None:
+    ann = await wsbus_connect()
+    ann.send("chat.say", {"room": "lobby", "text": "never joined"}, id="1")
+    assert (await ann.receive_until("chat.say.reply"))["content"] == NOT_IN_LOBBY
+    ann.send("chat.join", {"room": "lobby"})
+    await ann.receive_until("chat.join.reply")
+    ann.send("chat.say", {"room": "lobby", "text": "in"})
+    assert (await ann.receive_until("chat.message"))["content"]["text"] == "in"
+    ann.send("chat.leave", {"room": "lobby"})
+    await ann.receive_until("chat.leave.reply")
+    ann.send("chat.say", {"room": "lobby", "text": "left"})
+    assert (await ann.receive_until("chat.say.reply"))["content"] == NOT_IN_LOBBY
+    # A room name out of the rule: the reply states the rule.
+    ann.send("chat.join", {"room": "bad room!"})
+    reply = await ann.receive_until("chat.join.reply")
+    assert reply["content"]["ok"] is False and ROOM_RULE in reply["content"]["error"]
+
+
+async def test_chat_asks_the_gateway_about_members_it_did_not_see_join(
+    wsbus_connect: Connect, wsbus_services: list[Service]
+) -> None:
+    bob = await wsbus_connect()
+    bob.send("chat.join", {"room": "lobby"})
+    await bob.receive_until("chat.join.reply")
+    # As after a restart of the service: it remembers nobody, the gateway's groups hold.
+    chat = next(service for service in wsbus_services if isinstance(service, Chat))
+    chat._members.clear()
+    bob.send("chat.say", {"room": "lobby", "text": "still here"})
+    assert (await bob.receive_until("chat.message"))["content"]["text"] == "still here"

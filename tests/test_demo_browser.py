@@ -132,3 +132,47 @@ async def test_the_javascript_client_reconnects_after_a_resync_close(
     await page.fill("#echo", "again")
     await page.click("#echo-form button")
     await page.locator("#echo-result", has_text='echoed "again"').wait_for(timeout=10_000)
+
+
+async def test_posting_to_a_room_you_are_not_in_is_refused_on_the_page(
+    demo: str, browser: Browser, tmp_path: Path
+) -> None:
+    page = await _open(browser, demo, "lea")
+    # The nickname field allows what the rule allows.
+    assert await page.get_attribute("#nick", "maxlength") == "32"
+    await page.click("#leave")
+    await page.wait_for_selector('#room-result:has-text("left #lobby")', timeout=10_000)
+    await page.fill("#text", "anyone?")
+    await page.click("#say-form button")
+    refusal = page.locator("#say-result", has_text="you are not in #lobby: join it first")
+    await refusal.wait_for(timeout=10_000)
+    assert await page.locator("#messages li", has_text="anyone?").count() == 0
+    # The panel says which action each ack answers.
+    await page.locator("#events li.ack", has_text="chat.say").first.wait_for(timeout=10_000)
+    # A room never joined is refused the same way.
+    await page.fill("#room", "elsewhere")
+    await page.fill("#text", "hello?")
+    await page.click("#say-form button")
+    await page.locator("#say-result", has_text="you are not in #elsewhere").wait_for(timeout=10_000)
+    # A room name out of the rule: the error states the rule.
+    await page.fill("#room", "bad room!")
+    await page.click("#join")
+    await page.locator("#room-result", has_text="a room name is 1-48 of A-Z a-z 0-9 _ -").wait_for(
+        timeout=10_000
+    )
+    await page.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/refused.png")
+
+
+async def test_reconnecting_shows_one_line_per_state_change(demo: str, browser: Browser) -> None:
+    page = await _open(browser, demo, "ray")
+    url = await page.evaluate("window.wsbusClient.url")
+    # Nothing listens there: every attempt fails until the URL is put back.
+    await page.evaluate(f"window.wsbusClient.url = 'ws://127.0.0.1:{free_port()}/'")
+    await page.evaluate("window.wsbusClient._ws.close(4507, 'test')")
+    await page.wait_for_function("window.wsbusClient._attempt >= 3", timeout=15_000)
+    await page.evaluate(f"window.wsbusClient.url = {url!r}")
+    await page.wait_for_function("window.wsbusClient.connected", timeout=30_000)
+    await page.wait_for_selector('#status[data-state="open"]', timeout=10_000)
+    # One line for "lost, reconnecting", one for each connection; none per failed attempt.
+    assert await page.locator("#events li.state").count() == 1
+    assert await page.locator("#events li.welcome").count() == 2

@@ -11,11 +11,11 @@ from typing import Any
 
 import msgspec
 
-from .envelope import ClientAddress, Envelope, Recipients
-from .errors import ControlError
+from .envelope import ClientAddress, ConnId, Envelope, Recipients
+from .errors import ControlError, WsbusError
 from .service import Context, Service, handles
 
-__all__ = ["Chat", "Echo"]
+__all__ = ["NICK_RULE", "ROOM_RULE", "Chat", "Echo"]
 
 
 class Echo(Service):
@@ -29,15 +29,22 @@ class Echo(Service):
         ctx.reply({"content": message.content, "sender": msgspec.to_builtins(message.sender)})
 
 
+_ROOM = re.compile(r"[A-Za-z0-9_-]{1,48}")
+ROOM_RULE = "a room name is 1-48 of A-Z a-z 0-9 _ -"
+"""The rule for room names, as the page and the replies state it."""
+
+
 def _room(content: Any) -> str | None:
     room = content.get("room") if isinstance(content, dict) else None
-    return room if isinstance(room, str) and 0 < len(room) <= 48 else None
+    return room if isinstance(room, str) and _ROOM.fullmatch(room) is not None else None
 
 
 _NICK = re.compile(r"[A-Za-z0-9_-]{1,32}")
+NICK_RULE = "a nickname is 1-32 of A-Z a-z 0-9 _ -"
+"""The rule for nicknames, as the page and the replies state it."""
 _NICK_ERRORS = {
     "alias_taken": "that nickname is taken",
-    "invalid_name": "a nickname is 1-32 of A-Z a-z 0-9 _ -",
+    "invalid_name": NICK_RULE,
 }
 
 
@@ -45,14 +52,25 @@ class Chat(Service):
     """Chat rooms with nicknames.
 
     ``chat.nick`` sets a nickname, ``chat.join``/``chat.leave`` a room, and ``chat.say``
-    sends ``chat.message`` ``{"room", "from", "text"}`` to the room.
+    sends ``chat.message`` ``{"room", "from", "text"}`` to the room; only a member of the
+    room may.
 
-    Every request is answered with ``<type>.reply``: ``{"ok": true, ...}`` or
-    ``{"ok": false, "error": ...}``.
+    ``chat.nick``, ``chat.join`` and ``chat.leave`` are answered with ``<type>.reply``:
+    ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``. ``chat.say`` is answered only
+    when refused (``{"ok": false, "error": ...}``): the message itself, which the sender
+    gets too, says it went out.
     """
 
     name = "chat"
     max_text = 2000
+    max_cached = 100_000
+    """Memberships remembered before the cache is cleared (it holds closed connections too)."""
+
+    def __init__(self) -> None:
+        # room -> the connections seen joining it. The gateway's groups are the truth; this
+        # spares asking it on every message. A miss is checked with the gateway.
+        self._members: dict[str, set[ConnId]] = {}
+        self._cached = 0
 
     @handles("chat.nick")
     async def nick(self, message: Envelope, ctx: Context) -> None:
@@ -80,17 +98,41 @@ class Chat(Service):
         sender = message.sender
         room = _room(message.content)
         if not isinstance(sender, ClientAddress) or room is None:
-            ctx.reply({"ok": False, "error": 'send {"room": "name"} (1-48 characters)'})
+            ctx.reply({"ok": False, "error": f'send {{"room": "name"}}: {ROOM_RULE}'})
             return
         try:
             if message.type == "chat.join":
                 await ctx.join(sender.conn_id, f"room.{room}")
+                self._remember(room, sender.conn_id)
             else:
+                self._members.get(room, set()).discard(sender.conn_id)
                 await ctx.leave(sender.conn_id, f"room.{room}")
         except ControlError as exc:
             ctx.reply({"ok": False, "error": exc.message})
             return
         ctx.reply({"ok": True, "room": room})
+
+    def _remember(self, room: str, conn_id: ConnId) -> None:
+        if self._cached >= self.max_cached:
+            self._members.clear()
+            self._cached = 0
+        members = self._members.setdefault(room, set())
+        if conn_id not in members:
+            members.add(conn_id)
+            self._cached += 1
+
+    async def _is_member(self, room: str, conn_id: ConnId, ctx: Context) -> bool:
+        if conn_id in self._members.get(room, ()):
+            return True
+        # Not seen joining (this service may have restarted since): ask the gateway.
+        try:
+            members = await ctx.clients(f"room.{room}")
+        except WsbusError:
+            return False
+        if any(member.conn_id == conn_id for member in members):
+            self._remember(room, conn_id)
+            return True
+        return False
 
     @handles("chat.say")
     async def say(self, message: Envelope, ctx: Context) -> None:
@@ -99,7 +141,12 @@ class Chat(Service):
         room = _room(message.content)
         text = message.content.get("text") if isinstance(message.content, dict) else None
         if not isinstance(sender, ClientAddress) or room is None or not isinstance(text, str):
-            ctx.reply({"ok": False, "error": 'send {"room": ..., "text": ...}'})
+            ctx.reply({"ok": False, "error": f'send {{"room": ..., "text": ...}}: {ROOM_RULE}'})
+            return
+        if not await self._is_member(room, sender.conn_id, ctx):
+            ctx.reply(
+                {"ok": False, "room": room, "error": f"you are not in #{room}: join it first"}
+            )
             return
         author = sender.alias if sender.alias is not None else sender.conn_id
         ctx.send(

@@ -20,18 +20,42 @@ function setStatus(state, text) {
   $("status").textContent = text;
 }
 
+// The panel gets one line per change of the connection's state, not one per reconnect
+// attempt; the status line above shows each attempt.
+let connState = "connecting";
+function changeState(state, text, cls) {
+  if (state === connState) return;
+  connState = state;
+  show(state, text, cls);
+}
+
 client.addEventListener("welcome", (event) => {
   setStatus("open", `connected as ${event.detail.conn_id} (${event.detail.codec})`);
-  show("welcome", ` connection ${event.detail.conn_id}`, "welcome");
+  changeState("open", ` connection ${event.detail.conn_id}`, "welcome");
 });
 client.addEventListener("close", (event) => {
-  setStatus("closed", `closed (${event.detail.code})${event.detail.final ? "" : ": reconnecting…"}`);
-  show("close", ` code ${event.detail.code} ${event.detail.reason || ""}`, "error");
+  const { code, reason, final } = event.detail;
+  setStatus("closed", `closed (${code})${final ? "" : ": reconnecting…"}`);
+  if (final) changeState("closed", ` code ${code} ${reason || ""}: not reconnecting`, "error state");
+  else changeState("reconnecting", ` lost (code ${code} ${reason || ""}): reconnecting…`, "error state");
 });
-client.addEventListener("ack", (event) => show("ack", ` ref ${event.detail.content.ref}`));
+client.addEventListener("reconnecting", (event) => {
+  setStatus("closed", `reconnecting (attempt ${event.detail.attempt})…`);
+});
+
+// Which action an ack or error answers: the type sent with that id.
+function answers(ref) {
+  const type = client.sentType(ref);
+  return type ? ` ${type}` : "";
+}
+client.addEventListener("ack", (event) => {
+  const ref = event.detail.content.ref;
+  show("ack", `${answers(ref)} (ref ${ref})`);
+});
 client.addEventListener("error", (event) => {
   const c = event.detail.content;
-  show("error", ` ${c.code}: ${c.message}${c.ref ? ` (ref ${c.ref})` : ""}`);
+  const about = c.ref ? `${answers(c.ref)} (ref ${c.ref})` : "";
+  show("error", ` ${c.code}: ${c.message}${about ? ` —${about}` : ""}`);
 });
 
 client.on("chat.message", (frame) => {
@@ -74,10 +98,23 @@ $("room-form").addEventListener("submit", (event) => {
 });
 $("leave").addEventListener("click", () => membership("chat.leave"));
 
+// chat.say is answered only when refused (not in the room, a bad room name).
+client.on("chat.say.reply", (frame) => {
+  if (!frame.content.ok) {
+    $("say-result").textContent = frame.content.error;
+    show("refused", ` chat.say: ${frame.content.error}`, "error");
+  }
+});
+
 $("say-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  client.send("chat.say", { room: $("room").value, text: $("text").value }, { id: client.nextId() });
-  $("text").value = "";
+  $("say-result").textContent = "";
+  try {
+    client.send("chat.say", { room: $("room").value, text: $("text").value }, { id: client.nextId() });
+    $("text").value = "";
+  } catch (err) {
+    $("say-result").textContent = `not sent: ${err.message}`;
+  }
 });
 
 $("echo-form").addEventListener("submit", async (event) => {

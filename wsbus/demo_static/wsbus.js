@@ -9,6 +9,7 @@
 //
 // Events (client.addEventListener): "welcome", "frame", "ack", "error" (wsbus.error
 // frames), "close" ({code, reason, final}), "reconnecting" ({attempt, delay}).
+// client.sentType(ack.content.ref) says which message an ack or error answers.
 
 const CODEC = "wsbus.v1.json";
 // Close codes after which reconnecting may help: going away, lost, server error, restart,
@@ -60,6 +61,12 @@ export class WsbusClient extends EventTarget {
     this._handlers = new Map(); // type -> Set(handler)
     this._closing = false;
     this._attempt = 0;
+    this._sentTypes = new Map(); // id -> type of the last frames sent with an id
+  }
+
+  /** The type of the frame this client sent with id `ref` (one of the last 256), or null. */
+  sentType(ref) {
+    return this._sentTypes.get(ref) ?? null;
   }
 
   /** The connection id the gateway gave this connection, once welcomed. */
@@ -135,7 +142,12 @@ export class WsbusClient extends EventTarget {
   /** Send a message; does not wait. Throws WsbusClosed when not connected. */
   send(type, content = null, { id = undefined, replyTo = undefined } = {}) {
     const frame = { type, content };
-    if (id !== undefined) frame.id = id;
+    if (id !== undefined) {
+      frame.id = id;
+      this._sentTypes.set(id, type);
+      // Bounded: the oldest entry goes first (a Map keeps insertion order).
+      if (this._sentTypes.size > 256) this._sentTypes.delete(this._sentTypes.keys().next().value);
+    }
     if (replyTo !== undefined) frame.reply_to = replyTo;
     this.sendRaw(JSON.stringify(frame));
   }
