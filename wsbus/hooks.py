@@ -360,10 +360,10 @@ class Hooks:
 
         Called in the ``except`` block, so the first line of each interval has the traceback.
         """
-        missed = self._failures.admit((hook, plugin), time.monotonic())
-        if missed is not None:
+        count = self._failures.admit((hook, plugin), time.monotonic())
+        if count is not None:
             consequence = _CONSEQUENCE.get(hook, "the gateway carries on")
-            if missed == 0:
+            if count == 0:
                 log.exception(
                     "plugin %r: its %s hook raised; %s. Fix or remove the plugin; further "
                     "failures of it are logged at most once every %g s",
@@ -374,11 +374,11 @@ class Hooks:
                 )
             else:
                 log.error(
-                    "plugin %r: its %s hook raised again, %d more times since the last "
-                    "report; %s. Fix or remove the plugin",
+                    "plugin %r: its %s hook raised again: %d failures since the last report "
+                    "(the last one's traceback follows); %s. Fix or remove the plugin",
                     plugin,
                     hook,
-                    missed + 1,
+                    count,
                     consequence,
                     exc_info=True,
                 )
@@ -402,20 +402,20 @@ class _FailureLog:
         self._state: dict[Any, list[float]] = {}
 
     def admit(self, key: Any, now: float) -> int | None:
-        """Record one failure; return None to stay quiet, else log now.
+        """Record one failure and say whether to log it.
 
         Returns:
-            None when this failure should not be logged; otherwise how many failures
-            were not logged since the last line (0 the first time).
+            None: stay quiet. 0: the key's first failure ever. Otherwise the failures since
+            the last line, this one included.
         """
         state = self._state.get(key)
         if state is None:
             self._state[key] = [now, 0]
             return 0
         if now - state[0] >= self.interval:
-            missed = int(state[1])
+            count = int(state[1]) + 1
             state[0], state[1] = now, 0
-            return missed
+            return count
         state[1] += 1
         return None
 
@@ -468,8 +468,8 @@ def check_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
             if opts.get("optionalhook"):
                 continue
             close = difflib.get_close_matches(hook, list(_HOOK_ARGS), n=1)
-            hint = f"did you mean {close[0]}?" if close else "the hooks are " + ", ".join(
-                _HOOK_ARGS
+            hint = (
+                f"did you mean {close[0]}?" if close else "the hooks are " + ", ".join(_HOOK_ARGS)
             )
             raise ConfigError(f"plugin {label}: {hook} is not a wsbus hook; {hint}")
         unknown = [name for name in _required_args(getattr(plugin, attr)) if name not in args]
