@@ -555,20 +555,24 @@ class Gateway:
         result: Identity | Refusal | tuple[int, str] | None = self._run_authenticate(request)
         if result is None and self.config.auth_frame:
             result = await self._authenticate_by_frame(conn)
-            if isinstance(result, tuple):
-                return result
-        if isinstance(result, Identity):
+        if isinstance(result, Identity | tuple):
             return result
         if isinstance(result, Refusal):
             log.info("client %s refused: %s", request.remote, result.reason)
         return CloseCode.AUTH_FAILED, AUTH_FAILED_REASON
 
-    def _run_authenticate(self, request: HandshakeRequest) -> Identity | Refusal | None:
+    def _run_authenticate(
+        self, request: HandshakeRequest
+    ) -> Identity | Refusal | tuple[int, str] | None:
         try:
             return self.hooks.authenticate(request)
+        except PluginError:
+            # The server's fault (Hooks logged it, rate-limited), not the client's
+            # credentials: a close the client may retry after, not 4401.
+            return CloseCode.TRY_AGAIN_LATER, "server error; try again later"
         except Exception:
-            log.exception("an authentication plugin raised; the client is refused")
-            return Refusal("plugin error")
+            log.exception("authenticating a client failed; it is told to try again later")
+            return CloseCode.TRY_AGAIN_LATER, "server error; try again later"
 
     async def _authenticate_by_frame(
         self, conn: ClientConnection

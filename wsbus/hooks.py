@@ -61,6 +61,7 @@ interval, so a broken plugin on a busy gateway cannot flood the log."""
 
 # What each hook's failure means for the message or client at hand, for the log line.
 _CONSEQUENCE: Final = {
+    "wsbus_authenticate": "the client was closed 1013 (try again later)",
     "wsbus_authorize": "the client was answered `unavailable` (retry true)",
     "wsbus_transform_inbound": "the client was answered `unavailable` (retry true)",
     "wsbus_transform_outbound": "the message was reported undeliverable to its sender",
@@ -280,8 +281,16 @@ class Hooks:
         """True when any plugin authorizes or transforms inbound messages."""
 
     def authenticate(self, request: HandshakeRequest) -> Identity | Refusal | None:
-        """Run ``wsbus_authenticate``; None means no plugin decided."""
-        result: Identity | Refusal | None = self.pm.hook.wsbus_authenticate(request=request)
+        """Run ``wsbus_authenticate``; None means no plugin decided.
+
+        Raises:
+            PluginError: a plugin raised (logged here, rate-limited).
+        """
+        caller = self.pm.hook.wsbus_authenticate
+        try:
+            result: Identity | Refusal | None = caller(request=request)
+        except Exception as exc:
+            raise self._failed("wsbus_authenticate", _culprit(caller, exc)) from exc
         return result
 
     def authorize(self, client: ClientAddress, message: Envelope) -> Verdict:
