@@ -266,3 +266,14 @@ def test_no_name_server_no_bus_and_a_wrong_secret_are_three_messages(
         command=COMMAND,
     )
     assert service.stop() == 0, service.text
+
+
+def test_a_port_in_use_is_one_line_and_status_1() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = one_line(run("serve", "--port", port), 1)
+    assert f"127.0.0.1:{port}" in line and "--port" in line
