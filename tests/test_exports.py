@@ -15,7 +15,7 @@ EXPECTED = {
     "Context", "ControlError", "DeliveryFailure", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
     "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRequest", "Hooks", "Identity",
     "HandshakeRefused", "InvalidName", "MemoryBus", "MemoryClient", "MemoryConnection",
-    "MissingExtra", "NoRoute", "NodeId", "ProtocolError", "Recipients", "Refusal",
+    "MissingExtra", "NoRoute", "NodeId", "PluginError", "ProtocolError", "Recipients", "Refusal",
     "RegistryError", "Rejection", "RequestTimeout", "Resolution", "Result", "Router", "Service",
     "ServiceAddress", "ServerError", "ServiceLink", "Stats", "TokenAuth", "Undeliverable",
     "UnknownConnection", "Verdict", "WireLimits", "WsbusError", "__version__",
@@ -48,6 +48,7 @@ def test_exceptions_pickle() -> None:
         wsbus.ControlError("c", "m"),
         wsbus.RequestTimeout("join", 5.0),
         wsbus.ProtocolError("malformed", "bad"),
+        wsbus.PluginError("wsbus_authorize", "acme"),
         wsbus.MissingExtra("pyro"),
         wsbus.ConnectionClosed(4507, "slow"),
     ):
