@@ -257,3 +257,13 @@ async def test_serve_runs_with_the_file_and_the_flags_override_it(tmp_path: Path
                     pass
     finally:
         assert child.stop() == 0, child.text
+
+
+def test_the_flags_the_docs_name_are_the_flags_the_cli_has() -> None:
+    from wsbus.cli import _FLAG_SETTINGS
+    from wsbus.config import FLAGS
+
+    for dotted, flag in _FLAG_SETTINGS.values():
+        assert FLAGS[dotted].split(",")[0] == flag, dotted
+    documented = {dotted for dotted, flag in FLAGS.items() if flag.startswith("-")}
+    assert documented == {dotted for dotted, _ in _FLAG_SETTINGS.values()}

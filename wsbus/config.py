@@ -41,15 +41,27 @@ import msgspec
 from .errors import ConfigError
 
 __all__ = [
+    "FLAGS",
     "NODE_PATTERN",
+    "NODE_RULE",
+    "SECRETS",
+    "SECRET_ENV",
     "SECTIONS",
+    "TOKENS_ENV",
     "AuthSettings",
+    "Section",
     "ServeSettings",
     "Settings",
+    "attribute_docs",
+    "check_node",
+    "check_port",
+    "describe",
     "load_settings",
     "parse_tokens",
     "render_docs",
     "render_toml",
+    "render_value",
+    "write_docs",
 ]
 
 NODE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -57,6 +69,7 @@ NODE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 in the Pyro name server, so no dots, spaces or punctuation."""
 
 NODE_RULE: Final = "a node id is 1-32 of A-Z a-z 0-9 _ -"
+"""The node-id rule, as errors state it."""
 
 _PORT_RULE: Final = "a port is 0-65535 (0 picks a free one)"
 
@@ -66,8 +79,8 @@ TOKENS_ENV: Final = "WSBUS_TOKENS"
 """The environment variable holding bearer tokens, ``user:token`` pairs separated by commas."""
 
 _REDACTED: Final = "<redacted>"
-# Settings whose values are never printed.
-_SECRETS: Final = frozenset({"pyro.secret", "auth.tokens"})
+SECRETS: Final = frozenset({"pyro.secret", "auth.tokens"})
+"""The settings whose values are never printed (``wsbus config check``, errors)."""
 
 
 class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -317,7 +330,7 @@ def _named(dotted: str, sources: Mapping[str, str]) -> str:
         return dotted
     if source.startswith("-"):
         return source
-    if source.isupper():
+    if source in (SECRET_ENV, TOKENS_ENV):
         return f"{dotted} (from ${source})"
     return f"{dotted} (in {source})"
 
@@ -392,7 +405,7 @@ def _convert(value: Any, tp: Any, name: str, dotted: str) -> Any:
         return msgspec.convert(value, tp)
     except msgspec.ValidationError:
         pass
-    shown = _REDACTED if dotted in _SECRETS else _show(value)
+    shown = _REDACTED if dotted in SECRETS else _show(value)
     raise ConfigError(f"{name} = {shown}: expected {describe(tp)}")
 
 
@@ -416,6 +429,8 @@ def describe(tp: Any) -> str:
         return f"a list of {_plural(describe(args[0]))}" if args else "a list"
     if origin is dict:
         return "a table of strings"
+    if _struct_type(tp) is not None:
+        return "a table"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if tp in names:
         return names[tp]
@@ -479,7 +494,7 @@ def _render_table(
         note = f"  # from {source}" if source else ""
         if value is None:
             lines.append(f"# {info.name} = (none){note}")
-        elif dotted in _SECRETS and value:
+        elif dotted in SECRETS and value:
             redacted = {k: _REDACTED for k in value} if isinstance(value, dict) else _REDACTED
             lines.append(f"{info.name} = {render_value(redacted)}{note}")
         else:
