@@ -351,7 +351,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "nameserver":
         from wsbus_pyro import run_name_server
 
-        run_name_server(_settings(args, need_pyro=True).pyro)
+        pyro = _settings(args, need_pyro=True).pyro
+        try:
+            run_name_server(pyro)
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen on {pyro.ns_host}:{pyro.ns_port} ({exc.strerror or exc}): is "
+                "another name server running? Pick another port with --ns-port"
+            ) from exc
     elif args.command == "bus":
         from wsbus_pyro import run_bus
 
