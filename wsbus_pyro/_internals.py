@@ -32,6 +32,7 @@ __all__ = [
     "PrefixedConnection",
     "hand_to_pool",
     "install_accept",
+    "is_thread_pool",
     "missing",
     "parse_header",
     "patch_receiving_message",
@@ -218,6 +219,11 @@ def refuse_connection(daemon: Daemon, conn: PrefixedConnection, reason: str) -> 
     with contextlib.suppress(Exception):
         daemon._handshake(conn, denied_reason=reason)
     conn.close()
+
+
+def is_thread_pool(daemon: Daemon) -> bool:
+    """True for a daemon whose transport server is Pyro's thread-pool server."""
+    return isinstance(daemon.transportServer, svr_threads.SocketServer_Threadpool)
 
 
 def install_accept(daemon: Daemon, admit: Callable[[socket.socket, Any], None]) -> bool:

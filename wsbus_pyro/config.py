@@ -137,13 +137,14 @@ def guard(daemon: Daemon, config: PyroConfig) -> Doorman | None:
     Returns the doorman (stop it when the daemon closes), or None for a multiplexing
     daemon, which reads everything on its own thread anyway.
     """
+    if not _internals.is_thread_pool(daemon):
+        return None
     doorman = Doorman(
         daemon,
         comm_timeout=config.comm_timeout,
         handshake_timeout=config.handshake_timeout,
     )
-    if not _internals.install_accept(daemon, doorman.admit):
-        return None
+    _internals.install_accept(daemon, doorman.admit)
     doorman.start()
     return doorman
 

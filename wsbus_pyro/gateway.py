@@ -29,15 +29,27 @@ from Pyro5.client import Proxy
 from Pyro5.server import expose
 
 from wsbus.bus import BusSink
-from wsbus.envelope import Envelope
+from wsbus.envelope import Envelope, ServiceAddress
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
 from .config import PyroConfig, SecureDaemon, apply
-from .transport import NO_ROUTE, OK, Forwarder, decode_batch, lookup, make_proxy
+from .transport import (
+    NO_ROUTE,
+    OK,
+    REREGISTERING,
+    Forwarder,
+    RecentIds,
+    decode_batch,
+    lookup,
+    make_proxy,
+)
 
 __all__ = ["PyroBus"]
 
 log = logging.getLogger("wsbus.pyro.gateway")
+
+_SERVED_LIMIT = 100_000
+"""The most types and service names a gateway remembers as served (a bound on memory)."""
 
 
 @expose
@@ -48,10 +60,12 @@ class GatewayEndpoint:
         self._loop = loop
         self._sink = sink
         self._on_loop = on_loop
+        # A service sends again what a crashed bus did not confirm: deliver it once.
+        self.recent = RecentIds()
 
     def deliver(self, blob: Any) -> None:
         """Take a batch of envelopes for the gateway; returns before they are processed."""
-        envelopes = decode_batch(blob)
+        envelopes = self.recent.fresh(decode_batch(blob))
         if self._on_loop:
             self._deliver_all(envelopes)
         else:
@@ -81,6 +95,9 @@ class PyroBus:
         self._watched: dict[int, socket.socket] = {}
         self._node = ""
         self._bus_reachable = True
+        # Types (and service names) the bus took from this gateway: after a bus restart,
+        # they are "unavailable" (retry) while their services re-register, not "no_route".
+        self._served: set[tuple[bool, str]] = set()
         self.uri = ""
         self.name = ""
 
@@ -147,10 +164,16 @@ class PyroBus:
                 status = await future
         except TimeoutError:
             raise BusUnavailable("the message bus did not answer in time") from None
+        to = envelope.to
+        key = (True, to.name) if isinstance(to, ServiceAddress) else (False, envelope.type)
         if status == OK:
+            if key not in self._served and len(self._served) < _SERVED_LIMIT:
+                self._served.add(key)
             return
-        if status == NO_ROUTE:
+        if status == NO_ROUTE or (status == REREGISTERING and key not in self._served):
             raise NoRoute(envelope.type)
+        if status == REREGISTERING:
+            raise BusUnavailable(f"the service for {envelope.type!r} is re-registering", False)
         # The bus answered but a service could not take it: the bus itself is fine.
         whole_bus = self._publisher is None or self._publisher.down
         raise BusUnavailable(f"the bus could not deliver {envelope.type!r} now", whole_bus)

@@ -9,7 +9,14 @@ gateways with their node id. The bus then follows the routing rules of :mod:`wsb
   that cannot be reached makes its types ``unavailable`` (clients may retry); a type no
   service declared is ``no_route``.
 - ``route`` (from services) goes to the gateway that owns each named connection, to every
-  gateway for aliases, users, groups and everyone, or to services; it returns at once.
+  gateway for aliases, users, groups and everyone, or to services. It returns once each
+  destination has taken each envelope, with a status per envelope, so that a service
+  knows what it must send again when the bus crashed with envelopes in its queues.
+- For a while after it starts (``3 * reregister_interval + comm_timeout``), the bus knows
+  only the services and gateways that have re-registered since: a type it does not know
+  yet is ``reregistering`` (the gateway answers ``unavailable`` for a type it saw served,
+  ``no_route`` otherwise), and what a service sends to an unknown gateway or service is
+  ``unavailable``, which the service sends again.
 
 Each destination has one :class:`~wsbus_pyro.transport.Forwarder` thread that owns its
 proxy and keeps the order in which the bus received envelopes.
@@ -27,12 +34,19 @@ from typing import Any
 import msgspec
 from Pyro5.server import expose
 
-from wsbus import control
 from wsbus.bus import SHARED_HEADER, is_for_gateway
-from wsbus.envelope import Envelope, GatewayAddress, NodeId, Recipients, ServiceAddress, node_of
+from wsbus.envelope import Envelope, GatewayAddress, ServiceAddress, node_of
 
 from .config import PyroConfig
-from .transport import NO_ROUTE, OK, UNAVAILABLE, Forwarder, decode_batch, make_proxy
+from .transport import (
+    NO_ROUTE,
+    OK,
+    REREGISTERING,
+    UNAVAILABLE,
+    Forwarder,
+    decode_batch,
+    make_proxy,
+)
 
 __all__ = ["MessageBus"]
 
@@ -62,6 +76,11 @@ class MessageBus:
         self._by_type: dict[str, list[str]] = {}
         self._gateways: dict[str, _Endpoint] = {}
         self.started = time.time()
+        # Until then, services and gateways of the deployment may still be re-registering.
+        self._settled_at = time.monotonic() + 3 * config.reregister_interval + config.comm_timeout
+
+    def _settling(self) -> bool:
+        return time.monotonic() < self._settled_at
 
     # -- registration --------------------------------------------------------------------
 
@@ -146,7 +165,8 @@ class MessageBus:
         """Route envelopes from a gateway to services; return a status for each.
 
         ``ok``: every service it was for has taken it; ``no_route``: no service handles
-        it; ``unavailable``: a service it was for cannot take it now.
+        it; ``reregistering``: no service handles it yet, a moment after the bus started;
+        ``unavailable``: a service it was for cannot take it now.
         """
         envelopes = decode_batch(blob)
         statuses: list[str] = [OK] * len(envelopes)
@@ -154,7 +174,7 @@ class MessageBus:
         for index, envelope in enumerate(envelopes):
             targets = self._service_targets(envelope)
             if targets is None:
-                statuses[index] = NO_ROUTE
+                statuses[index] = REREGISTERING if self._settling() else NO_ROUTE
                 continue
             # A forwarder whose endpoint is down answers at once, and tries it again
             # after a short while: a service that comes back is used again by itself.
@@ -162,6 +182,13 @@ class MessageBus:
                 future: concurrent.futures.Future[str] = concurrent.futures.Future()
                 target.forwarder.put(envelope, _resolver(future))
                 waiting.append((index, future))
+        self._wait(waiting, statuses)
+        return statuses
+
+    def _wait(
+        self, waiting: list[tuple[int, concurrent.futures.Future[str]]], statuses: list[str]
+    ) -> None:
+        """Fill in each envelope's status from its destinations' answers."""
         deadline = time.monotonic() + self._config.call_timeout
         for index, future in waiting:
             try:
@@ -170,7 +197,6 @@ class MessageBus:
                 status = UNAVAILABLE
             if status != OK and statuses[index] == OK:
                 statuses[index] = UNAVAILABLE if status != NO_ROUTE else NO_ROUTE
-        return statuses
 
     def _service_targets(self, envelope: Envelope) -> list[_Endpoint] | None:
         with self._lock:
@@ -185,77 +211,52 @@ class MessageBus:
 
     # -- from services -------------------------------------------------------------------
 
-    def route(self, blob: Any) -> None:
-        """Route envelopes from a service, in order; return at once.
+    def route(self, blob: Any) -> list[str]:
+        """Route envelopes from a service, in order; return a status for each.
 
-        What cannot be routed is reported back to the sending service as
-        ``wsbus.undeliverable`` (``reason`` ``no_route`` or ``unavailable``).
+        ``ok``: every destination has taken it. ``no_route``: no gateway owns the named
+        connections, or no service handles the type (the sending service reports it to
+        itself as ``wsbus.undeliverable``). ``unavailable``: a destination could not take
+        it now, no gateway is on the bus, or the bus started a moment ago and the
+        destination may be re-registering: the sending service sends it again.
         """
-        for envelope in decode_batch(blob):
+        envelopes = decode_batch(blob)
+        statuses: list[str] = [OK] * len(envelopes)
+        waiting: list[tuple[int, concurrent.futures.Future[str]]] = []
+        for index, envelope in enumerate(envelopes):
             if is_for_gateway(envelope) or isinstance(envelope.to, GatewayAddress):
-                self._to_gateways(envelope)
+                targets, status = self._gateway_targets(envelope)
+            else:
+                services = self._service_targets(envelope)
+                targets = [] if services is None else [(s.forwarder, envelope) for s in services]
+                status = NO_ROUTE
+            if not targets:
+                if status == NO_ROUTE and not self._settling():
+                    log.info(
+                        "%s (%s) from %s: no route", envelope.type, envelope.id, envelope.sender
+                    )
+                statuses[index] = UNAVAILABLE if self._settling() else status
                 continue
-            targets = self._service_targets(envelope)
-            if targets is None:
-                self._bounce(envelope, NO_ROUTE, "no service handles this type")
-                continue
-            for target in targets:
-                target.forwarder.put(envelope, self._bounce_on_failure(envelope))
+            for forwarder, item in targets:
+                future: concurrent.futures.Future[str] = concurrent.futures.Future()
+                forwarder.put(item, _resolver(future))
+                waiting.append((index, future))
+        self._wait(waiting, statuses)
+        return statuses
 
-    def _to_gateways(self, envelope: Envelope) -> None:
+    def _gateway_targets(self, envelope: Envelope) -> tuple[list[tuple[Forwarder, Envelope]], str]:
+        """Return (the forwarders of the gateways it is for, and what it is, the status if none)."""
         with self._lock:
             gateways = dict(self._gateways)
         if not gateways:
-            self._bounce(envelope, UNAVAILABLE, "no gateway is on the bus")
-            return
+            return [], UNAVAILABLE
         nodes = _gateway_nodes(envelope, gateways)
         if not nodes:
-            self._bounce(envelope, NO_ROUTE, "no gateway owns these connections")
-            return
+            return [], NO_ROUTE
         if len(gateways) > 1 and envelope.recipients is not None:
             headers = {**envelope.headers, SHARED_HEADER: "1"}
             envelope = msgspec.structs.replace(envelope, headers=headers)
-        for node in nodes:
-            gateways[node].forwarder.put(envelope, self._bounce_on_failure(envelope))
-
-    def _bounce_on_failure(self, envelope: Envelope) -> Callable[[str], None]:
-        def check(status: str) -> None:
-            if status != OK:
-                self._bounce(envelope, status, "the destination could not be reached")
-
-        return check
-
-    def _bounce(self, envelope: Envelope, reason: str, detail: str) -> None:
-        sender = envelope.sender
-        if not isinstance(sender, ServiceAddress) or envelope.type.startswith("wsbus."):
-            log.warning(
-                "%s (%s) from %s could not be routed: %s",
-                envelope.type,
-                envelope.id,
-                sender,
-                detail,
-            )
-            return
-        with self._lock:
-            endpoint = self._services.get(sender.name)
-        if endpoint is None:
-            return
-        report = Envelope(
-            id=envelope.id,
-            type=control.UNDELIVERABLE,
-            sender=GatewayAddress(NodeId("bus")),
-            content=msgspec.to_builtins(
-                control.Undeliverable(
-                    reason,
-                    envelope.recipients if envelope.recipients is not None else _NOBODY,
-                    detail,
-                )
-            ),
-            reply_to=envelope.id,
-            created=time.time(),
-            to=sender,
-        )
-        endpoint.forwarder.put(report)
+        return [(gateways[node].forwarder, envelope) for node in nodes], OK
 
     def _shutdown(self) -> None:
         """Stop every forwarder. Underscored so that Pyro peers cannot call it."""
@@ -288,6 +289,3 @@ def _gateway_nodes(envelope: Envelope, gateways: dict[str, _Endpoint]) -> list[s
         return list(gateways)
     owners = {node_of(c) for c in recipients.conn_ids}
     return [n for n in gateways if n in owners]
-
-
-_NOBODY = Recipients()

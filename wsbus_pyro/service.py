@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import signal
 import threading
@@ -25,7 +26,15 @@ from wsbus.errors import BusUnavailable
 from wsbus.service import Service, ServiceRunner, load_service
 
 from .config import PyroConfig, SecureDaemon, apply
-from .transport import OK, UNAVAILABLE, Forwarder, decode_batch, lookup
+from .transport import (
+    OK,
+    UNAVAILABLE,
+    Forwarder,
+    RecentIds,
+    decode_batch,
+    lookup,
+    undeliverable_report,
+)
 
 __all__ = ["ServiceHost", "load_service", "run_service"]
 
@@ -40,22 +49,31 @@ class ServiceEndpoint:
         self._loop = loop
         self._runner = runner
         self._timeout = timeout
+        # The bus may send a service's message again after a crash: take it once.
+        self._recent = RecentIds()
 
     def deliver(self, blob: Any) -> list[str]:
         """Take a batch; return ``ok`` for each envelope the service now holds."""
         envelopes = decode_batch(blob)
+        new = self._recent.mask(envelopes)
         future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._accept, envelopes, future)
+        self._loop.call_soon_threadsafe(self._accept, envelopes, new, future)
         try:
             return future.result(self._timeout)
         except concurrent.futures.TimeoutError:
             return [UNAVAILABLE] * len(envelopes)
 
     def _accept(
-        self, envelopes: list[Envelope], future: concurrent.futures.Future[list[str]]
+        self,
+        envelopes: list[Envelope],
+        new: list[bool],
+        future: concurrent.futures.Future[list[str]],
     ) -> None:
         statuses = []
-        for envelope in envelopes:
+        for envelope, is_new in zip(envelopes, new, strict=True):
+            if not is_new:
+                statuses.append(OK)  # a second copy of one the service holds already
+                continue
             try:
                 self._runner.accept(envelope)
                 statuses.append(OK)
@@ -88,6 +106,7 @@ class ServiceHost:
         self._runner: ServiceRunner | None = None
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Join the bus: start the daemon, register, and begin handling messages.
@@ -98,7 +117,18 @@ class ServiceHost:
         config = self.config
         apply(config)
         loop = asyncio.get_running_loop()
-        self._sender = Forwarder("message bus", self._bus_proxy, "route", config, retry_after=0.2)
+        self._loop = loop
+        # What the bus does not confirm (it crashed, or a gateway is re-registering) is
+        # sent again for up to retry_for, then reported to the service as undeliverable.
+        self._sender = Forwarder(
+            "message bus",
+            self._route_proxy,
+            "route",
+            config,
+            retry_after=0.2,
+            retry_for=config.retry_for,
+            on_undelivered=self._undelivered,
+        )
         self._sender.start()
         self._runner = ServiceRunner(
             self.service, self._sender.put, inbox_size=self.inbox_size, timeout=config.call_timeout
@@ -148,6 +178,29 @@ class ServiceHost:
         config = self.config
         # Resolved here, not with PYRONAME: the proof in the handshake names the address.
         return lookup(config.bus_name, config)
+
+    def _route_proxy(self) -> Proxy:
+        # route returns once the destinations took the batch: up to call_timeout.
+        proxy = self._bus_proxy()
+        proxy._pyroTimeout = self.config.call_timeout + self.config.comm_timeout
+        return proxy
+
+    def _undelivered(self, envelope: Envelope, status: str) -> None:
+        """Tell the service what the bus did not deliver (on the forwarder's thread)."""
+        loop, runner = self._loop, self._runner
+        if envelope.type.startswith("wsbus.") or loop is None or runner is None:
+            log.warning("%s (%s) was not delivered: %s", envelope.type, envelope.id, status)
+            return
+        report = undeliverable_report(envelope, status, self.config.retry_for)
+        with contextlib.suppress(RuntimeError):  # the loop closed
+            loop.call_soon_threadsafe(self._take_report, runner, report)
+
+    @staticmethod
+    def _take_report(runner: ServiceRunner, report: Envelope) -> None:
+        try:
+            runner.accept(report)
+        except BusUnavailable:
+            log.warning("an undeliverable report for %s was lost: inbox full", report.reply_to)
 
     def _register(self) -> None:
         assert self._runner is not None

@@ -12,10 +12,11 @@ callbacks.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -24,21 +25,27 @@ import serpent
 from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 
-from wsbus.envelope import Envelope
+from wsbus import control
+from wsbus.bus import is_for_gateway
+from wsbus.envelope import Envelope, GatewayAddress, NodeId, Recipients, ServiceAddress
 
 from .config import PyroConfig, handshake
 
 __all__ = [
     "NO_ROUTE",
     "OK",
+    "REREGISTERING",
+    "RETRYABLE",
     "TOO_LARGE",
     "UNAVAILABLE",
     "Forwarder",
+    "RecentIds",
     "decode_batch",
     "encode_batch",
     "lookup",
     "make_proxy",
     "to_bytes",
+    "undeliverable_report",
 ]
 
 log = logging.getLogger("wsbus.pyro")
@@ -47,6 +54,10 @@ OK: Final = "ok"
 NO_ROUTE: Final = "no_route"
 UNAVAILABLE: Final = "unavailable"
 TOO_LARGE: Final = "too_large"
+REREGISTERING: Final = "reregistering"
+"""The bus started a moment ago and knows no service for this yet: one may be re-registering."""
+RETRYABLE: Final = frozenset({UNAVAILABLE, REREGISTERING})
+"""Statuses after which a forwarder with ``retry_for`` sends the envelope again."""
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(list[Envelope])
@@ -144,6 +155,14 @@ class Forwarder(threading.Thread):
         on_up: called (on this thread) when a call succeeds after a failure.
         retry_after: seconds to fail fast (``unavailable``) after a failure before trying
             the endpoint again.
+        retry_for: when above 0, what the endpoint did not confirm is not failed but sent
+            again, in order, every ``retry_after``, for up to this many seconds: envelopes
+            of a call that failed (the endpoint may or may not have taken them: receivers
+            drop duplicates by envelope id, see :class:`RecentIds`) and envelopes it
+            answered with a status in :data:`RETRYABLE`. Later envelopes wait meanwhile.
+        on_undelivered: called (on this thread) with each envelope that has no callback
+            and ended with a status other than ``ok``.
+        call_timeout: the proxy's timeout for one call; ``comm_timeout`` when None.
     """
 
     def __init__(
@@ -156,6 +175,8 @@ class Forwarder(threading.Thread):
         on_down: Callable[[], None] | None = None,
         on_up: Callable[[], None] | None = None,
         retry_after: float = 0.5,
+        retry_for: float = 0.0,
+        on_undelivered: Callable[[Envelope, str], None] | None = None,
     ) -> None:
         super().__init__(name=f"wsbus-forwarder-{name}", daemon=True)
         self.endpoint = name
@@ -166,6 +187,8 @@ class Forwarder(threading.Thread):
         self._on_down = on_down
         self._on_up = on_up
         self._retry_after = retry_after
+        self._retry_for = retry_for
+        self._on_undelivered = on_undelivered
         self._items: deque[tuple[Envelope, Callback | None]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -180,13 +203,13 @@ class Forwarder(threading.Thread):
     def put(self, envelope: Envelope, callback: Callback | None = None) -> None:
         """Queue one envelope; ``callback(status)`` runs on this thread once it is sent."""
         with self._cond:
-            if self._stopping:
-                if callback is not None:
-                    callback(UNAVAILABLE)
-                return
-            self._items.append((envelope, callback))
-            if len(self._items) == 1 or len(self._items) >= self._batch_size:
-                self._cond.notify()
+            stopping = self._stopping
+            if not stopping:
+                self._items.append((envelope, callback))
+                if len(self._items) == 1 or len(self._items) >= self._batch_size:
+                    self._cond.notify()
+        if stopping:
+            self._finish([(envelope, callback)], [UNAVAILABLE])
 
     @property
     def down(self) -> bool:
@@ -227,6 +250,9 @@ class Forwarder(threading.Thread):
             return [self._items.popleft() for _ in range(count)]
 
     def _send(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
+        if self._retry_for > 0:
+            self._send_until_confirmed(batch)
+            return
         now = time.monotonic()
         if self._failed_at is not None and now - self._failed_at < self._retry_after:
             self._finish(batch, [UNAVAILABLE] * len(batch))
@@ -234,6 +260,57 @@ class Forwarder(threading.Thread):
         blob, batch = self._encode(batch)
         if not batch:
             return
+        statuses = self._call(blob, len(batch))
+        self._finish(batch, statuses if statuses is not None else [UNAVAILABLE] * len(batch))
+
+    def _send_until_confirmed(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
+        """Send, and send again what the endpoint did not confirm, until ``retry_for``."""
+        blob, pending = self._encode(batch)
+        deadline = time.monotonic() + self._retry_for
+        while pending:
+            if self._failed_at is not None:
+                self._pause(self._failed_at + self._retry_after)
+            statuses = self._call(blob, len(pending))
+            if statuses is None:
+                # The call failed: the endpoint may or may not have taken the batch.
+                statuses = [UNAVAILABLE] * len(pending)
+            again: list[tuple[Envelope, Callback | None]] = []
+            done: list[tuple[Envelope, Callback | None]] = []
+            final: list[str] = []
+            for item, status in zip(pending, statuses, strict=True):
+                if status in RETRYABLE:
+                    again.append(item)
+                else:
+                    done.append(item)
+                    final.append(status)
+            self._finish(done, final)
+            if not again:
+                return
+            if self._stopping or time.monotonic() >= deadline:
+                log.warning(
+                    "%s did not confirm %d envelope(s) within %.1f s; reported undeliverable",
+                    self.endpoint,
+                    len(again),
+                    self._retry_for,
+                )
+                self._finish(again, [UNAVAILABLE] * len(again))
+                return
+            if self._failed_at is None:
+                self._pause(time.monotonic() + self._retry_after)
+            blob, pending = self._encode(again)
+
+    def _pause(self, until: float) -> None:
+        """Wait until ``until`` (monotonic), or until asked to stop."""
+        with self._cond:
+            while not self._stopping:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def _call(self, blob: bytes, count: int) -> list[str] | None:
+        """Make one call; return a status per envelope, or None when the call failed."""
+        now = time.monotonic()
         if self._proxy is not None and now - self._last_call > self._idle_limit:
             # A fresh connection, rather than a call on one the peer may have dropped.
             self._proxy._pyroRelease()
@@ -256,22 +333,20 @@ class Forwarder(threading.Thread):
             self._last_call = time.monotonic()
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             self._failed(exc)
-            self._finish(batch, [UNAVAILABLE] * len(batch))
-            return
+            return None
         except Exception as exc:
             # The endpoint raised: a bug over there. Its messages are not accepted.
             log.error("%s.%s raised: %s", self.endpoint, self._method, exc)
-            self._finish(batch, [UNAVAILABLE] * len(batch))
-            return
+            return [UNAVAILABLE] * count
         if self._failed_at is not None:
             self._failed_at = None
             log.info("%s is reachable again", self.endpoint)
             if self._on_up is not None:
                 self._on_up()
-        statuses = result if isinstance(result, list) else [OK] * len(batch)
-        if len(statuses) != len(batch):
-            statuses = [UNAVAILABLE] * len(batch)
-        self._finish(batch, [str(s) for s in statuses])
+        statuses = result if isinstance(result, list) else [OK] * count
+        if len(statuses) != count:
+            return [UNAVAILABLE] * count
+        return [str(s) for s in statuses]
 
     def _encode(
         self, batch: list[tuple[Envelope, Callback | None]]
@@ -289,8 +364,7 @@ class Forwarder(threading.Thread):
                     envelope.id,
                     len(part),
                 )
-                if callback is not None:
-                    callback(TOO_LARGE)
+                self._finish([(envelope, callback)], [TOO_LARGE])
                 continue
             if parts and size + len(part) > self._max_bytes:
                 with self._cond:
@@ -311,17 +385,89 @@ class Forwarder(threading.Thread):
         if self._on_down is not None:
             self._on_down()
 
-    @staticmethod
-    def _finish(batch: list[tuple[Envelope, Callback | None]], statuses: list[str]) -> None:
-        for (_, callback), status in zip(batch, statuses, strict=True):
-            if callback is not None:
-                try:
+    def _finish(self, batch: list[tuple[Envelope, Callback | None]], statuses: list[str]) -> None:
+        on_undelivered = self._on_undelivered
+        for (envelope, callback), status in zip(batch, statuses, strict=True):
+            try:
+                if callback is not None:
                     callback(status)
-                except Exception:
-                    log.exception("a delivery callback failed")
+                elif status != OK and on_undelivered is not None:
+                    on_undelivered(envelope, status)
+            except Exception:
+                log.exception("a delivery callback failed")
 
     def _fail_all(self, status: str) -> None:
         with self._cond:
             items = list(self._items)
             self._items.clear()
         self._finish(items, [status] * len(items))
+
+
+class RecentIds:
+    """The last ``size`` envelopes from services a receiver took, to drop a second copy.
+
+    A forwarder with ``retry_for`` sends a batch again when its call failed, though the
+    far side may have taken it before the failure: the receiver drops what it has seen.
+    Only envelopes from services count (their ids are unique per sender): a client may
+    reuse its frame ids. Thread-safe.
+    """
+
+    def __init__(self, size: int = 65536) -> None:
+        self._size = size
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.duplicates = 0
+        """Envelopes dropped as seen already."""
+
+    def fresh(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Return the envelopes not seen before, in order, and remember them."""
+        return list(itertools.compress(envelopes, self.mask(envelopes)))
+
+    def mask(self, envelopes: list[Envelope]) -> list[bool]:
+        """Return, for each envelope, whether it is new; remember the new ones."""
+        seen = self._seen
+        new: list[bool] = []
+        with self._lock:
+            for envelope in envelopes:
+                sender = envelope.sender
+                if not isinstance(sender, ServiceAddress):
+                    new.append(True)
+                    continue
+                key = (sender.name, envelope.id)
+                if key in seen:
+                    self.duplicates += 1
+                    new.append(False)
+                    continue
+                seen[key] = None
+                new.append(True)
+            while len(seen) > self._size:
+                seen.popitem(last=False)
+        return new
+
+
+def undeliverable_report(envelope: Envelope, status: str, retry_for: float) -> Envelope:
+    """The ``wsbus.undeliverable`` report a service gets for what the bus did not deliver.
+
+    Its sender is ``GatewayAddress("bus")``, as for the bus's own reports.
+    """
+    if status == NO_ROUTE:
+        detail = (
+            "no gateway owns these connections"
+            if is_for_gateway(envelope) or isinstance(envelope.to, GatewayAddress)
+            else "no service handles this type"
+        )
+    elif status == TOO_LARGE:
+        detail = "larger than a Pyro message may carry"
+    else:
+        status = UNAVAILABLE
+        detail = f"the bus did not confirm delivery within {retry_for:g} s"
+    recipients = envelope.recipients if envelope.recipients is not None else Recipients()
+    return Envelope(
+        id=envelope.id,
+        type=control.UNDELIVERABLE,
+        sender=GatewayAddress(NodeId("bus")),
+        content=msgspec.to_builtins(control.Undeliverable(status, recipients, detail)),
+        reply_to=envelope.id,
+        created=time.time(),
+        to=envelope.sender if isinstance(envelope.sender, ServiceAddress) else None,
+    )

@@ -72,9 +72,9 @@ def _install() -> None:
 
     route = messagebus.MessageBus.route
 
-    def traced_route(self: Any, blob: Any) -> None:
+    def traced_route(self: Any, blob: Any) -> list[str]:
         arrived("bus", blob)
-        route(self, blob)
+        return route(self, blob)
 
     deliver, deliver_all = gateway.GatewayEndpoint.deliver, gateway.GatewayEndpoint._deliver_all
 
