@@ -90,8 +90,8 @@ def _install() -> None:
         if key is not None:
             _log("gateway: written to the client's socket", key)
 
-    for function in (traced_route, traced_deliver):
-        function._pyroExposed = True  # type: ignore[attr-defined]
+    traced_route._pyroExposed = True  # type: ignore[attr-defined]
+    traced_deliver._pyroExposed = True  # type: ignore[attr-defined]
     messagebus.MessageBus.route = traced_route  # type: ignore[method-assign]
     gateway.GatewayEndpoint.deliver = traced_deliver  # type: ignore[method-assign]
     gateway.GatewayEndpoint._deliver_all = traced_deliver_all  # type: ignore[method-assign]
