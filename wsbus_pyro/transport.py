@@ -156,10 +156,11 @@ class Forwarder(threading.Thread):
         retry_after: seconds to fail fast (``unavailable``) after a failure before trying
             the endpoint again.
         retry_for: when above 0, what the endpoint did not confirm is not failed but sent
-            again, in order, every ``retry_after``, for up to this many seconds: envelopes
-            of a call that failed (the endpoint may or may not have taken them: receivers
-            drop duplicates by envelope id, see :class:`RecentIds`) and envelopes it
-            answered with a status in :data:`RETRYABLE`. Later envelopes wait meanwhile.
+            again, in order, every ``retry_after``, until this many seconds after the
+            envelope was created: envelopes of a call that failed (the endpoint may or may
+            not have taken them: receivers drop duplicates by envelope id, see
+            :class:`RecentIds`) and envelopes it answered with a status in
+            :data:`RETRYABLE`. Later envelopes wait meanwhile.
         on_undelivered: called (on this thread) with each envelope that has no callback
             and ended with a status other than ``ok``.
         call_timeout: the proxy's timeout for one call; ``comm_timeout`` when None.
@@ -264,12 +265,20 @@ class Forwarder(threading.Thread):
         self._finish(batch, statuses if statuses is not None else [UNAVAILABLE] * len(batch))
 
     def _send_until_confirmed(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
-        """Send, and send again what the endpoint did not confirm, until ``retry_for``."""
+        """Send, and send again what the endpoint did not confirm, in order.
+
+        Each envelope is tried until ``retry_for`` after it was created: so a backlog that
+        built up while the endpoint was down drains at once when it is older than that.
+        """
         blob, pending = self._encode(batch)
-        deadline = time.monotonic() + self._retry_for
         while pending:
             if self._failed_at is not None:
+                # The endpoint is down: what is too old fails without another attempt.
+                pending = self._expire(pending)
+                if not pending:
+                    return
                 self._pause(self._failed_at + self._retry_after)
+                blob, pending = self._encode(pending)
             statuses = self._call(blob, len(pending))
             if statuses is None:
                 # The call failed: the endpoint may or may not have taken the batch.
@@ -284,20 +293,32 @@ class Forwarder(threading.Thread):
                     done.append(item)
                     final.append(status)
             self._finish(done, final)
-            if not again:
+            pending = again if self._stopping else self._expire(again)
+            if not pending:
                 return
-            if self._stopping or time.monotonic() >= deadline:
-                log.warning(
-                    "%s did not confirm %d envelope(s) within %.1f s; reported undeliverable",
-                    self.endpoint,
-                    len(again),
-                    self._retry_for,
-                )
-                self._finish(again, [UNAVAILABLE] * len(again))
+            if self._stopping:
+                self._finish(pending, [UNAVAILABLE] * len(pending))
                 return
             if self._failed_at is None:
                 self._pause(time.monotonic() + self._retry_after)
-            blob, pending = self._encode(again)
+            blob, pending = self._encode(pending)
+
+    def _expire(
+        self, items: list[tuple[Envelope, Callback | None]]
+    ) -> list[tuple[Envelope, Callback | None]]:
+        """Fail the items older than ``retry_for``; return the others."""
+        oldest = time.time() - self._retry_for
+        kept = [item for item in items if item[0].created > oldest]
+        if len(kept) < len(items):
+            expired = [item for item in items if item[0].created <= oldest]
+            log.warning(
+                "%s did not confirm %d envelope(s) within %g s; they are reported undeliverable",
+                self.endpoint,
+                len(expired),
+                self._retry_for,
+            )
+            self._finish(expired, [UNAVAILABLE] * len(expired))
+        return kept
 
     def _pause(self, until: float) -> None:
         """Wait until ``until`` (monotonic), or until asked to stop."""
