@@ -195,6 +195,9 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._reader.join(5)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 # -- attacks ---------------------------------------------------------------------------------
@@ -281,6 +284,14 @@ def start_stallers(port: int, count: int, seconds: float) -> subprocess.Popen[st
     return proc
 
 
+def stop_stallers(proc: subprocess.Popen[str]) -> None:
+    """End the stallers' process (by its pid) and close its pipe."""
+    proc.kill()
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 async def real_client(port: int) -> bool:
     """Connect, read the welcome, get an echo back; True if all of it worked within 10 s."""
     from websockets.asyncio.client import connect
@@ -311,8 +322,7 @@ def _half_handshakes(port: int, stalled: int, real: int) -> tuple[int, int]:
 
         results = asyncio.run(clients())
     finally:
-        stallers.kill()
-        stallers.wait(10)
+        stop_stallers(stallers)
     return sum(results), real - sum(results)
 
 

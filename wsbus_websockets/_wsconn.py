@@ -103,9 +103,11 @@ class RateLimitedLog:
 class HandshakeGuard:
     """Counts connections whose request has not arrived whole yet, and caps them.
 
-    A new connection over the cap evicts the oldest of them: a real client sends its
-    whole request with the connection, so the oldest is the likeliest to be a stalled
-    one, and real clients keep getting in while stalled ones are pushed out.
+    A new connection over the cap evicts an older one: first the oldest that has sent
+    part of its request and stopped, else the oldest that has sent nothing. A real client
+    sends its whole request with the connection, so it leaves the count at its first
+    read; connections accepted in the same burst as it have not been read yet and are
+    evicted last. Real clients keep getting in while stalled ones are pushed out.
 
     Args:
         cap: connections in the handshake at most.
@@ -116,35 +118,43 @@ class HandshakeGuard:
         self.cap = cap
         self.evicted = 0
         self._report = report
-        # Insertion-ordered: the first key is the oldest handshake.
-        self._pending: dict[EdgeConnection, None] = {}
+        # Insertion-ordered: the first key is the oldest. Connections not read yet, and
+        # connections read that have not sent their whole request.
+        self._fresh: dict[EdgeConnection, None] = {}
+        self._stalled: dict[EdgeConnection, None] = {}
 
     @property
     def pending(self) -> int:
         """Connections in the opening handshake now."""
-        return len(self._pending)
+        return len(self._fresh) + len(self._stalled)
 
     def enter(self, conn: EdgeConnection) -> None:
-        """A connection was accepted: count it, evicting the oldest over the cap."""
-        pending = self._pending
-        while len(pending) >= self.cap:
-            oldest = next(iter(pending))
-            del pending[oldest]
+        """A connection was accepted: count it, evicting an older one over the cap."""
+        while self.pending >= self.cap:
+            victims = self._stalled or self._fresh
+            oldest = next(iter(victims))
+            del victims[oldest]
             self.evicted += 1
             self._report.warning(
                 "handshake cap",
-                "%d connections are in the opening handshake (max_handshakes); dropped the "
-                "oldest, from %s. Many stalled handshakes mean a slow network or a "
-                "slow-request attack",
+                "%d connections are in the opening handshake (max_handshakes); dropped "
+                "one from %s that had not sent its request. Many of these mean a slow "
+                "network or a slow-request attack",
                 self.cap,
                 oldest.peer,
             )
             oldest.transport.abort()
-        pending[conn] = None
+        self._fresh[conn] = None
+
+    def partial(self, conn: EdgeConnection) -> None:
+        """The connection was read and its request is not whole yet."""
+        if self._fresh.pop(conn, 0) is None:
+            self._stalled[conn] = None
 
     def leave(self, conn: EdgeConnection) -> None:
         """The connection's request arrived whole, or the connection ended."""
-        self._pending.pop(conn, None)
+        if self._fresh.pop(conn, 0) is not None:
+            self._stalled.pop(conn, None)
 
 
 class CountingTransport(asyncio.Transport):
@@ -274,9 +284,9 @@ class EdgeConnection(ServerConnection):
         self._gathered = 0
         self._gathered_frames = 0
         self._pass_open = False
-        # (stream offset where a batch of frames ends, how many frames) for batches the
-        # socket may not have taken yet; None while everything written was flushed.
-        self._inflight: deque[tuple[int, int]] | None = None
+        # Where each frame the socket may not have taken yet ends in the output stream;
+        # None while everything written has reached the socket.
+        self._inflight: deque[int] | None = None
 
     @property
     def peer(self) -> str:
@@ -323,6 +333,7 @@ class EdgeConnection(ServerConnection):
             end = self._line.find(b"\r\n")
             if end < 0:
                 if len(self._line) <= MAX_REQUEST_LINE:
+                    self._guard.partial(self)
                     return
                 # Too long for websockets anyway: let it answer 414.
                 data, self._line = bytes(self._line), bytearray()
@@ -338,6 +349,7 @@ class EdgeConnection(ServerConnection):
         end = scan.find(b"\r\n\r\n")
         if end < 0:
             self._tail = scan[-3:]
+            self._guard.partial(self)
             super().data_received(data)
             return
         cut = end + 4 - len(self._tail)
@@ -464,12 +476,23 @@ class EdgeConnection(ServerConnection):
         self._pass_open = False
         self._write_gathered()
 
+    def send_data(self) -> None:
+        """Write what the protocol holds: websockets' own way, with our frames first."""
+        if self._gathered_frames:
+            self._write_gathered()
+        else:
+            super().send_data()
+
     def _write_gathered(self) -> None:
         frames, self._gathered_frames = self._gathered_frames, 0
         self._gathered = 0
         chunks = self.protocol.data_to_send()
         out = self.out
         assert out is not None
+        # Our frames are the first chunks, one each (websockets writes everything through
+        # send_data, which comes here while any are gathered): where each ends in the
+        # stream is known exactly, whatever websockets queued after them.
+        start = out.written
         if chunks:
             if all(chunks):
                 out.writelines(chunks)
@@ -486,13 +509,13 @@ class EdgeConnection(ServerConnection):
                             out.write_eof()
                     else:
                         out.close()
-        # Else websockets wrote them already, before something of its own: they end at or
-        # before what was written so far, which is what is recorded (a few bytes late at
-        # worst, never early).
         if frames and (self._inflight is not None or out.get_write_buffer_size() or out.lost):
-            if self._inflight is None:
-                self._inflight = deque()
-            self._inflight.append((out.written, frames))
+            inflight = self._inflight
+            if inflight is None:
+                inflight = self._inflight = deque()
+            for chunk in chunks[:frames]:
+                start += len(chunk)
+                inflight.append(start)
 
     def unsent(self) -> int:
         """Frames given to :meth:`send_nowait` that have not reached the socket yet.
@@ -507,12 +530,12 @@ class EdgeConnection(ServerConnection):
         out = self.out
         assert out is not None
         flushed = out.flushed
-        while inflight and inflight[0][0] <= flushed:
+        while inflight and inflight[0] <= flushed:
             inflight.popleft()
         if not inflight:
             self._inflight = None
             return unsent
-        return unsent + sum(frames for _, frames in inflight)
+        return unsent + len(inflight)
 
 
 def connection_factory(guard: HandshakeGuard, write_bound: int) -> Any:
@@ -530,6 +553,7 @@ def check_internals() -> list[str]:
 
     for name in ("data_received", "connection_made", "connection_lost", "resume_writing"):
         need(ServerConnection, name, "asyncio.Protocol callback we extend")
+    need(ServerConnection, "send_data", "the one place websockets writes the protocol's output")
     need(ServerConnection, "handshake", "the opening handshake we wrap")
     need(Connection, "wait_closed", "waits for the TCP connection to end")
     need(Protocol, "send_text", "queues a text frame without I/O")
@@ -547,6 +571,10 @@ def check_internals() -> list[str]:
     if "create_connection" not in inspect.signature(ws_server.serve).parameters:
         problems.append("websockets.asyncio.server.serve no longer takes create_connection")
     source = inspect.getsource(Connection)
+    if source.count("data_to_send()") != 1:
+        problems.append("websockets takes the protocol's output somewhere besides send_data()")
+    if source.count("self.send_data()") < 3:
+        problems.append("websockets no longer writes everything through send_data()")
     if "self.transport" not in source:
         problems.append("websockets' Connection no longer writes through self.transport")
     if "self.transport = transport" not in inspect.getsource(Connection.connection_made):

@@ -75,7 +75,8 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         open_timeout: seconds for the opening handshake (TCP accept to the response).
         max_handshakes: connections in the opening handshake at most; a new one over the
             cap pushes out the oldest (the likeliest stalled). None (the default): a
-            quarter of the process's open-file limit, at most 1024.
+            quarter of the process's open-file limit, at least 128 (a burst of accepts
+            is up to 100 connections) and at most 1024.
         max_subprotocols: subprotocol names a handshake may offer; more get HTTP 400.
         max_subprotocol_bytes: bytes of ``Sec-WebSocket-Protocol`` headers a handshake
             may send; more get HTTP 400.
@@ -239,7 +240,7 @@ class EdgeServer:
         limit = raise_file_limit()
         cap = config.max_handshakes
         if cap is None:
-            cap = max(16, min(1024, limit // 4)) if limit > 0 else 1024
+            cap = max(128, min(1024, limit // 4)) if limit > 0 else 1024
         self.handshakes = HandshakeGuard(cap, self._report)
         # What any write of the gateway's can leave in the write buffer (a frame is written
         # while it holds at most write_limit, and no frame is over outbound_bytes), with
