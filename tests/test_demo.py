@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from wsbus import MemoryClient, Service
-from wsbus.demo_services import ROOM_RULE, Chat
+from wsbus.demo_services import Chat
 from wsbus.processes import Child, free_port
 
 pytest.importorskip("Pyro5")
@@ -159,6 +159,7 @@ def test_no_secret_needs_a_flag_and_warns() -> None:
 # -- the chat service (in-process, on the memory bus) ----------------------------------------
 
 Connect = Callable[..., Awaitable[MemoryClient]]
+ROOM_RULE = "a room name is 1-48 of A-Z a-z 0-9 _ -"
 NOT_IN_LOBBY = {"ok": False, "room": "lobby", "error": "you are not in #lobby: join it first"}
 
 
