@@ -85,8 +85,11 @@ async def run_demo(
     children: list[Child] = []
     try:
         chosen: Any
+        trust = ""
         if bus == "pyro":
-            chosen = await _pyro(children, ns_port, _secret(secret))
+            shared = _secret(secret)
+            chosen = await _pyro(children, ns_port, shared)
+            trust = "; no shared secret" if shared is None else "; its processes share a secret"
         else:
             from .demo_services import Chat, Echo
 
@@ -106,7 +109,7 @@ async def run_demo(
                         "is another demo running? Pick another with --port"
                     ) from None
                 url = f"http://{host}:{server.port}/"
-                print(f"wsbus demo running at {url} (bus: {bus}); Ctrl-C stops it", flush=True)
+                print(f"wsbus demo running at {url} (bus: {bus}{trust}); Ctrl-C stops it", flush=True)
                 if open_browser:
                     webbrowser.open(url)
                 stop = asyncio.Event()
