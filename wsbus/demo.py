@@ -109,7 +109,8 @@ async def run_demo(
                         "is another demo running? Pick another with --port"
                     ) from None
                 url = f"http://{host}:{server.port}/"
-                print(f"wsbus demo running at {url} (bus: {bus}{trust}); Ctrl-C stops it", flush=True)
+                line = f"wsbus demo running at {url} (bus: {bus}{trust}); Ctrl-C stops it"
+                print(line, flush=True)
                 if open_browser:
                     webbrowser.open(url)
                 stop = asyncio.Event()
