@@ -253,10 +253,10 @@ def test_no_name_server_no_bus_and_a_wrong_secret_are_three_messages(
             env={"WSBUS_SECRET": secret},
         )
         wrong = one_line(result, 1)
-        assert "refused this process's shared secret" in wrong and "WSBUS_SECRET" in wrong
+        assert "do not share a secret" in wrong and "WSBUS_SECRET" in wrong
         assert deployment.secret not in wrong and "a-wrong-secret" not in wrong
     gateway = one_line(run("serve", "--bus", "pyro", "--ns-port", ns_port, "--port", "0"), 1)
-    assert "refused this process's shared secret" in gateway
+    assert "do not share a secret" in gateway
 
     # With the right secret, `wsbus service` from the directory holding myapp/ works.
     service = Child(

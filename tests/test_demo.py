@@ -112,7 +112,7 @@ def test_a_rogue_service_without_the_secret_cannot_register(demo: Demo) -> None:
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "shared secret" in lines[0] and "WSBUS_SECRET" in lines[0]
+    assert "do not share a secret" in lines[0] and "WSBUS_SECRET" in lines[0]
 
 
 def test_a_rogue_pyro_client_cannot_register_nor_deliver(demo: Demo) -> None:

@@ -497,7 +497,7 @@ def check_pyro(config: Any, *, bus: bool = True) -> None:
     """Check that the name server (and the message bus) answer and accept our secret.
 
     Three causes, three messages: no name server at the address; no bus registered with it
-    (or it no longer answers); a bus that refused this process's shared secret.
+    (or it no longer answers); a bus whose shared secret is not this process's.
 
     Raises:
         BusUnavailable: one of those, with what to do.
@@ -544,10 +544,10 @@ def check_pyro(config: Any, *, bus: bool = True) -> None:
             f"{config.comm_timeout} s: it is overloaded or stuck; retry, or restart it"
         ) from None
     except (pyro_errors.CommunicationError, pyro_errors.SecurityError):
-        mine = "a shared secret" if config.secret else "no shared secret"
+        mine = "one" if config.secret else "none"
         raise BusUnavailable(
-            f"the message bus at {uri.location} refused this process's shared secret (it has "
-            f"{mine}): give every process of the deployment the same ${SECRET_ENV}"
+            f"the message bus at {uri.location} and this process do not share a secret (this "
+            f"process has {mine}): give every process of the deployment the same ${SECRET_ENV}"
         ) from None
 
 
