@@ -390,6 +390,12 @@ class EdgeConnection(ServerConnection):
         """Run websockets' handshake, then replay what the client sent early, if upgraded."""
         try:
             await super().handshake(*args, **kwargs)
+        except Exception as exc:
+            # websockets 14 raises for what a client did (it went away before its
+            # request, sent no valid one, or had its upgrade refused, answered already)
+            # and logs it with a traceback; later releases return. The edge's own
+            # process_request never raises (it logs its own bugs), so this is the client.
+            log.debug("opening handshake with %s failed: %r", self.peer, exc)
         finally:
             self._guard.leave(self)
         held, self._held = bytes(self._held), bytearray()

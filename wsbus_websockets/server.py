@@ -339,6 +339,14 @@ class EdgeServer:
     # -- the handshake -------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            return self._check_request(connection, request)
+        except Exception:
+            # A bug, never input: the client gets 500 and the log says why.
+            log.exception("handling the request from %s failed", _peer(connection))
+            return _plain(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         headers = request.headers
         for name in _SINGLE_HEADERS:
             if len(headers.get_all(name)) > 1:
