@@ -71,6 +71,14 @@ class ClientConnection(Protocol):
 # that needs no waiting (open, and the write buffer under its limit), else return False.
 # The gateway then writes without a task switch per frame, which is what makes fan-out to
 # many clients cheap; frames it cannot write at once go through the bounded queue as usual.
+#
+# An adapter may also offer ``unsent() -> int``: how many of the frames it took (from
+# ``send`` or ``send_nowait``) have not reached the socket yet; they are always the most
+# recent ones, and once the connection is closed the figure is final (frames an abort
+# discarded count). The gateway then counts a delivery written only once it has left, and
+# drops with the close what never did (SPEC section 4). An adapter without it has its
+# deliveries counted written when it takes them, as MemoryConnection does (what it takes is
+# in the client's hands at once).
 
 
 _JSON_DECODER = msgspec.json.Decoder()
