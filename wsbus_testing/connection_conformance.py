@@ -283,6 +283,30 @@ class ConnectionConformance:
                 raise AssertionError("raw_receive returned after the peer closed")
         assert isinstance(closed, ConnectionClosed) and closed.code == 4002
 
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_unsent_counts_down_to_zero_once_the_peer_has_read_everything(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """The optional unsent() never counts more than was sent, nor less than zero.
+
+        Once the peer has read every frame, none is left unsent, and a closed connection's
+        figure stays as it is.
+        """
+        payloads = [_payload(codec, i) for i in range(50)]
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+            unsent = getattr(connection, "unsent", None)
+            if unsent is None:
+                return  # the adapter does not say: the gateway counts what it takes
+            await _send_each(connection, payloads)
+            assert 0 <= unsent() <= len(payloads)
+            received = [await peer.receive() for _ in payloads]
+            assert received == [_as_seen(codec, payload) for payload in payloads]
+            assert unsent() == 0
+            await connection.close(1000, "done")
+            await peer.wait_closed()
+        assert unsent() == 0
+
     async def test_close_is_idempotent(self, wsbus_connection_pair: MakeConnectionPair) -> None:
         """Closing again is harmless and does not change the close code."""
         async with asyncio.timeout(TIMEOUT):
