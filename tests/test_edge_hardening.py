@@ -287,6 +287,7 @@ async def test_a_slow_consumer_close_counts_written_only_what_reached_the_socket
     assert numbers == list(range(len(numbers)))
 
 
+@pytest.mark.parametrize("wsbus_edge_config", [EdgeConfig(close_timeout=1.0)])
 async def test_a_slow_reader_gets_the_4507_close_frame(
     wsbus_server: EdgeServer, wsbus_gateway: Gateway
 ) -> None:

@@ -124,7 +124,7 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
 class _Connection:
     """A websockets connection as a :class:`wsbus.ClientConnection`."""
 
-    __slots__ = ("_codec", "_limit", "_request", "_text", "_ws", "raw_receive")
+    __slots__ = ("_close_timeout", "_codec", "_limit", "_request", "_text", "_ws", "raw_receive")
 
     def __init__(
         self,
@@ -132,8 +132,10 @@ class _Connection:
         codec: Codec,
         request: HandshakeRequest,
         write_limit: int = 32 * 1024,
+        close_timeout: float = 10.0,
     ) -> None:
         self._ws = ws
+        self._close_timeout = close_timeout
         self._codec = codec
         self._text = codec.is_text
         self._request = request
@@ -181,7 +183,17 @@ class _Connection:
         return self._ws.unsent()
 
     async def close(self, code: int, reason: str = "") -> None:
-        await self._ws.close(code, reason)
+        ws = self._ws
+        # websockets waits for a full write buffer to drain before its close timeout
+        # starts, so a peer that reads nothing would hold the close until a keepalive
+        # ping gives up. The close timeout bounds the whole close here; past it the
+        # connection is dropped, and what the transport held is counted discarded.
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await ws.close(code, reason)
+        except TimeoutError:
+            ws.transport.abort()
+            await ws.wait_closed()
 
 
 def _closed(exc: WsConnectionClosed) -> ConnectionClosed:
@@ -475,7 +487,10 @@ class EdgeServer:
         codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
         try:
             request = self._handshake_request(ws)
-            await self.gateway.serve(_Connection(ws, codec, request, self.config.write_limit))
+            connection = _Connection(
+                ws, codec, request, self.config.write_limit, self.config.close_timeout
+            )
+            await self.gateway.serve(connection)
         except Exception:
             # A bug, never input: the client gets 1011 and the log says why.
             log.exception("serving %s failed", _peer(ws))
