@@ -189,17 +189,17 @@ async def test_a_hostile_cookie_costs_what_a_plain_one_of_its_size_costs(
     hostile = upgrade_request("127.0.0.1", port, [("Cookie", 'wsbus_token="' + "\\" * 8000 + '"')])
     plain = upgrade_request("127.0.0.1", port, [("Cookie", 'wsbus_token="' + "a" * 8000 + '"')])
     hostile_times, plain_times = [], []
-    for _ in range(3):
+    for _ in range(5):
         # Until the gateway answers on the WebSocket: it has read the token by then.
         seconds, head = await asyncio.to_thread(_handshake_seconds, port, hostile, True)
         hostile_times.append(seconds)
         assert head.startswith(b"HTTP/1.1 101")
         seconds, head = await asyncio.to_thread(_handshake_seconds, port, plain, True)
         plain_times.append(seconds)
-    assert statistics.median(hostile_times) <= 3 * statistics.median(plain_times), (
-        hostile_times,
-        plain_times,
-    )
+    # The fastest of each: a busy machine only adds time, so the minimum is the cost. The
+    # quadratic parse took about 100 ms here against a millisecond or two for the plain
+    # cookie; the slack keeps a few milliseconds of scheduling noise from failing the test.
+    assert min(hostile_times) <= 3 * min(plain_times) + 0.02, (hostile_times, plain_times)
     # And the cookie still carries a token.
     from websockets.asyncio.client import connect
 
