@@ -33,10 +33,21 @@ from tests.test_pyro_faults import (
     proof,
     pyro_bus,
 )
-from wsbus import ConnectionClosed, Context, Envelope, Gateway, MemoryClient, Service, handles
+from wsbus import (
+    ConnectionClosed,
+    ConnId,
+    Context,
+    Envelope,
+    Gateway,
+    MemoryClient,
+    Recipients,
+    Service,
+    handles,
+)
 from wsbus.demo_services import Echo
 from wsbus_pyro import PyroConfig, ServiceHost
 from wsbus_testing.processes import Child
+from wsbus_testing.services import Director
 
 __all__ = ["kit"]  # the fixture, imported for the tests here
 
@@ -488,3 +499,26 @@ async def test_keep_serialized_calls_are_refused_by_every_daemon(
 
 def _fields(config: PyroConfig) -> dict[str, Any]:
     return {f: getattr(config, f) for f in config.__struct_fields__}
+
+
+async def test_a_service_is_told_what_a_bus_that_stays_down_did_not_take(
+    wsbus_message_bus: Child, wsbus_pyro_config: PyroConfig
+) -> None:
+    fields = _fields(wsbus_pyro_config)
+    if "retry_for" in fields:
+        fields["retry_for"] = 1.0
+    director = Director()
+    host = ServiceHost(director, PyroConfig(**fields))
+    await host.start()
+    try:
+        await asyncio.to_thread(wsbus_message_bus.kill)
+        link = director.link
+        sent = [
+            link.send(Recipients(conn_ids=(ConnId("g1.1"),)), "director.item", n) for n in range(3)
+        ]
+        async with asyncio.timeout(WAIT):
+            while len(director.missed) < len(sent):
+                await asyncio.sleep(0.05)
+    finally:
+        await host.close()
+    assert [m["reason"] for m in director.missed] == ["unavailable"] * len(sent)

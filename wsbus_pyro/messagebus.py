@@ -13,10 +13,10 @@ gateways with their node id. The bus then follows the routing rules of :mod:`wsb
   destination has taken each envelope, with a status per envelope, so that a service
   knows what it must send again when the bus crashed with envelopes in its queues.
 - For a while after it starts (``3 * reregister_interval + comm_timeout``), the bus knows
-  only the services and gateways that have re-registered since: a type it does not know
-  yet is ``reregistering`` (the gateway answers ``unavailable`` for a type it saw served,
-  ``no_route`` otherwise), and what a service sends to an unknown gateway or service is
-  ``unavailable``, which the service sends again.
+  only the services and gateways that have re-registered since: what it cannot route
+  then is ``reregistering`` rather than ``no_route``. A gateway answers its client
+  ``unavailable`` (retry) for a type it saw served and ``no_route`` otherwise; a service
+  sends the envelope again.
 
 Each destination has one :class:`~wsbus_pyro.transport.Forwarder` thread that owns its
 proxy and keeps the order in which the bus received envelopes.
@@ -25,7 +25,10 @@ proxy and keeps the order in which the bus received envelopes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +79,9 @@ class MessageBus:
         self._by_type: dict[str, list[str]] = {}
         self._gateways: dict[str, _Endpoint] = {}
         self.started = time.time()
+        self.instance = os.urandom(8).hex()
+        """This bus process's id: a service learns from it that the bus restarted."""
+        self._senders: dict[str, _SenderCalls] = {}
         # Until then, services and gateways of the deployment may still be re-registering.
         self._settled_at = time.monotonic() + 3 * config.reregister_interval + config.comm_timeout
 
@@ -211,18 +217,30 @@ class MessageBus:
 
     # -- from services -------------------------------------------------------------------
 
-    def route(self, blob: Any) -> list[str]:
-        """Route envelopes from a service, in order; return a status for each.
+    def route(self, blob: Any, sender: str | None = None, call: int | None = None) -> Any:
+        """Route envelopes from a service, in order; report each one's fate.
 
-        ``ok``: every destination has taken it. ``no_route``: no gateway owns the named
-        connections, or no service handles the type (the sending service reports it to
-        itself as ``wsbus.undeliverable``). ``unavailable``: a destination could not take
-        it now, no gateway is on the bus, or the bus started a moment ago and the
-        destination may be re-registering: the sending service sends it again.
+        The statuses: ``ok``: every destination has taken it. ``no_route``: no gateway owns
+        the named connections, or no service handles the type. ``unavailable``: a
+        destination could not take it now, or no gateway is on the bus. The sending
+        service reports these to itself as ``wsbus.undeliverable``. ``reregistering``:
+        the bus started a moment ago and the destination may be re-registering: the
+        sending service sends it again.
+
+        Without ``sender``, returns the statuses once every destination has answered.
+        With ``sender`` (the calling forwarder's id) and ``call`` (its number for this
+        batch), returns at once, so that the forwarder can send its next batch: the
+        statuses come back later, by call number, from this and :meth:`confirm`.
+
+        Returns:
+            The statuses; or, with ``sender``, ``[bus id, [[call, count, failed], ...]]``
+            for the calls of that sender settled since it last asked, where ``failed``
+            lists ``[index, status]`` for each envelope whose status is not ``ok``.
         """
         envelopes = decode_batch(blob)
         statuses: list[str] = [OK] * len(envelopes)
-        waiting: list[tuple[int, concurrent.futures.Future[str]]] = []
+        targets_of: list[tuple[int, Forwarder, Envelope]] = []
+        settling = self._settling()
         for index, envelope in enumerate(envelopes):
             if is_for_gateway(envelope) or isinstance(envelope.to, GatewayAddress):
                 targets, status = self._gateway_targets(envelope)
@@ -231,21 +249,48 @@ class MessageBus:
                 targets = [] if services is None else [(s.forwarder, envelope) for s in services]
                 status = NO_ROUTE
             if not targets:
-                if status == NO_ROUTE and not self._settling():
-                    log.info(
-                        "%s (%s) from %s: no route", envelope.type, envelope.id, envelope.sender
-                    )
-                statuses[index] = UNAVAILABLE if self._settling() else status
+                statuses[index] = REREGISTERING if settling else status
                 continue
-            for forwarder, item in targets:
+            targets_of.extend((index, forwarder, item) for forwarder, item in targets)
+        if sender is None:
+            waiting: list[tuple[int, concurrent.futures.Future[str]]] = []
+            for index, forwarder, item in targets_of:
                 future: concurrent.futures.Future[str] = concurrent.futures.Future()
                 forwarder.put(item, _resolver(future))
                 waiting.append((index, future))
-        self._wait(waiting, statuses)
-        return statuses
+            self._wait(waiting, statuses)
+            return statuses
+        state = self._sender(str(sender))
+        pending = _PendingCall(int(call or 0), statuses, len(targets_of))
+        if not targets_of:
+            state.settle(pending)
+        for index, forwarder, item in targets_of:
+            forwarder.put(item, functools.partial(state.answer, pending, index))
+        return [self.instance, state.take()]
+
+    def confirm(self, sender: str, timeout: float) -> list[Any]:
+        """Return ``[bus id, settled calls]`` for a sender, waiting up to ``timeout`` for one.
+
+        See :meth:`route`. The wait is capped at one second.
+        """
+        state = self._sender(str(sender))
+        return [self.instance, state.take(min(max(float(timeout), 0.0), 1.0))]
+
+    def _sender(self, sender: str) -> _SenderCalls:
+        with self._lock:
+            state = self._senders.get(sender)
+            if state is None:
+                now = time.monotonic()
+                if len(self._senders) >= 64:
+                    # Forget senders gone quiet (services that stopped or restarted).
+                    for key, old in list(self._senders.items()):
+                        if old.idle_since(now) > 60.0:
+                            del self._senders[key]
+                state = self._senders[sender] = _SenderCalls()
+            return state
 
     def _gateway_targets(self, envelope: Envelope) -> tuple[list[tuple[Forwarder, Envelope]], str]:
-        """Return (the forwarders of the gateways it is for, and what it is, the status if none)."""
+        """Return the gateways' forwarders it goes to, and the status when there are none."""
         with self._lock:
             gateways = dict(self._gateways)
         if not gateways:
@@ -267,6 +312,56 @@ class MessageBus:
             self._by_type = {}
         for endpoint in endpoints:
             endpoint.forwarder.stop(1.0)
+
+
+class _PendingCall:
+    """One pipelined ``route`` call: its statuses, filled in as its destinations answer."""
+
+    __slots__ = ("answered", "call", "expected", "statuses")
+
+    def __init__(self, call: int, statuses: list[str], expected: int) -> None:
+        self.call = call
+        self.statuses = statuses
+        self.expected = expected
+        # next() on a count is atomic: no lock per answer on the forwarders' threads.
+        self.answered = itertools.count(1)
+
+
+class _SenderCalls:
+    """The pipelined calls of one service forwarder: settled ones wait to be collected."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._settled: list[list[Any]] = []
+        self._touched = time.monotonic()
+
+    def answer(self, pending: _PendingCall, index: int, status: str) -> None:
+        """One destination's answer for one envelope (on that destination's forwarder)."""
+        if status != OK and pending.statuses[index] == OK:
+            pending.statuses[index] = NO_ROUTE if status == NO_ROUTE else UNAVAILABLE
+        if next(pending.answered) == pending.expected:
+            self.settle(pending)
+
+    def settle(self, pending: _PendingCall) -> None:
+        """Every destination has answered for every envelope of the call."""
+        # Only the exceptions travel: serpent is slow on long lists of "ok".
+        failed = [[i, status] for i, status in enumerate(pending.statuses) if status != OK]
+        with self._cond:
+            self._settled.append([pending.call, len(pending.statuses), failed])
+            self._cond.notify_all()
+
+    def take(self, timeout: float = 0.0) -> list[list[Any]]:
+        """Return the calls settled since the last take, waiting up to ``timeout`` for one."""
+        with self._cond:
+            self._touched = time.monotonic()
+            if not self._settled and timeout > 0:
+                self._cond.wait_for(lambda: bool(self._settled), timeout)
+            settled, self._settled = self._settled, []
+            return settled
+
+    def idle_since(self, now: float) -> float:
+        """Seconds since the sender last asked."""
+        return now - self._touched
 
 
 def _resolver(future: concurrent.futures.Future[str]) -> Callable[[str], None]:

@@ -180,7 +180,8 @@ class ServiceHost:
         return lookup(config.bus_name, config)
 
     def _route_proxy(self) -> Proxy:
-        # route returns once the destinations took the batch: up to call_timeout.
+        # The forwarder's calls return at once, but the wait for the bus's confirmations
+        # (confirm) may take up to a second: more than comm_timeout allows on its own.
         proxy = self._bus_proxy()
         proxy._pyroTimeout = self.config.call_timeout + self.config.comm_timeout
         return proxy

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -56,13 +57,21 @@ UNAVAILABLE: Final = "unavailable"
 TOO_LARGE: Final = "too_large"
 REREGISTERING: Final = "reregistering"
 """The bus started a moment ago and knows no service for this yet: one may be re-registering."""
-RETRYABLE: Final = frozenset({UNAVAILABLE, REREGISTERING})
-"""Statuses after which a forwarder with ``retry_for`` sends the envelope again."""
+RETRYABLE: Final = frozenset({REREGISTERING})
+"""Statuses after which a forwarder with ``retry_for`` sends the envelope again.
+
+Only the bus's "I restarted a moment ago": an endpoint that is known and down is reported
+at once, so that one dead gateway never holds up a service's other messages."""
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(list[Envelope])
 
 Callback = Callable[[str], None]
+
+_WINDOW: Final = 8
+"""Batches a pipelined forwarder may have sent and not yet seen settled."""
+_RAISED: Final = object()
+"""The endpoint raised (a bug there), as opposed to being unreachable."""
 
 
 def _array_header(count: int) -> bytes:
@@ -155,12 +164,16 @@ class Forwarder(threading.Thread):
         on_up: called (on this thread) when a call succeeds after a failure.
         retry_after: seconds to fail fast (``unavailable``) after a failure before trying
             the endpoint again.
-        retry_for: when above 0, what the endpoint did not confirm is not failed but sent
-            again, in order, every ``retry_after``, until this many seconds after the
-            envelope was created: envelopes of a call that failed (the endpoint may or may
-            not have taken them: receivers drop duplicates by envelope id, see
-            :class:`RecentIds`) and envelopes it answered with a status in
-            :data:`RETRYABLE`. Later envelopes wait meanwhile.
+        retry_for: when above 0, the forwarder pipelines and confirms: it calls
+            ``method(blob, sender, call)``, which returns at once, and learns each batch's
+            statuses later (from that call's and ``confirm(sender, timeout)``'s results,
+            see :meth:`wsbus_pyro.messagebus.MessageBus.route`), with up to 8 batches
+            unsettled. What the endpoint did not confirm is sent again, in order, after
+            ``retry_after``, until ``retry_for`` seconds after the envelope was created:
+            the batches of a call that failed or of an endpoint that restarted (it may or
+            may not have taken them: receivers drop second copies by envelope id, see
+            :class:`RecentIds`), and envelopes settled with a status in
+            :data:`RETRYABLE`.
         on_undelivered: called (on this thread) with each envelope that has no callback
             and ended with a status other than ``ok``.
         call_timeout: the proxy's timeout for one call; ``comm_timeout`` when None.
@@ -200,6 +213,12 @@ class Forwarder(threading.Thread):
         self._idle_limit = config.comm_timeout / 2
         self._max_bytes = config.max_message_size // 2
         self.calls = 0
+        # Pipelined mode: batches sent and not yet settled, by call number.
+        self._window: dict[int, tuple[str, float, list[tuple[Envelope, Callback | None]]]] = {}
+        self._sender_id = f"{name}-{os.urandom(8).hex()}"
+        self._call_no = 0
+        self._hold_until = 0.0
+        self._confirm_limit = config.call_timeout + 2 * config.comm_timeout
 
     def put(self, envelope: Envelope, callback: Callback | None = None) -> None:
         """Queue one envelope; ``callback(status)`` runs on this thread once it is sent."""
@@ -232,18 +251,36 @@ class Forwarder(threading.Thread):
                 batch = self._take()
                 if batch is None:
                     return
-                self._send(batch)
+                if batch:
+                    self._send(batch)
+                else:
+                    self._poll()
         finally:
             self._fail_all(UNAVAILABLE)
+            unconfirmed = [item for _, _, batch in self._window.values() for item in batch]
+            self._window.clear()
+            self._finish(unconfirmed, [UNAVAILABLE] * len(unconfirmed))
             if self._proxy is not None:
                 self._proxy._pyroRelease()
 
     def _take(self) -> list[tuple[Envelope, Callback | None]] | None:
+        """The next batch; ``[]`` to collect confirmations first; None to end."""
         with self._cond:
+            waited = False
             while not self._items:
+                if self._window:
+                    if waited or self._stopping:
+                        return []
+                    # Under traffic, the next call brings the confirmations: ask only
+                    # when no envelope comes for a moment.
+                    self._cond.wait(0.005)
+                    waited = True
+                    continue
                 if self._stopping:
                     return None
                 self._cond.wait()
+            if len(self._window) >= _WINDOW:
+                return []
             if self._batch_delay and len(self._items) < self._batch_size and not self._stopping:
                 # A short wait lets a burst collect into one call.
                 self._cond.wait(self._batch_delay)
@@ -252,7 +289,7 @@ class Forwarder(threading.Thread):
 
     def _send(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
         if self._retry_for > 0:
-            self._send_until_confirmed(batch)
+            self._send_pipelined(batch)
             return
         now = time.monotonic()
         if self._failed_at is not None and now - self._failed_at < self._retry_after:
@@ -264,61 +301,105 @@ class Forwarder(threading.Thread):
         statuses = self._call(blob, len(batch))
         self._finish(batch, statuses if statuses is not None else [UNAVAILABLE] * len(batch))
 
-    def _send_until_confirmed(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
-        """Send, and send again what the endpoint did not confirm, in order.
+    # -- confirmed, pipelined sending (retry_for > 0) ----------------------------------------
 
-        Each envelope is tried until ``retry_for`` after it was created: so a backlog that
-        built up while the endpoint was down drains at once when it is older than that.
-        """
-        blob, pending = self._encode(batch)
-        while pending:
+    def _send_pipelined(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
+        """Send one batch without waiting for its fate; :meth:`_confirmed` learns it."""
+        if self._failed_at is not None or self._hold_until > time.monotonic():
+            # The endpoint is down (or asked for a pause): what is too old fails without
+            # another attempt, the rest goes after the pause.
+            batch = self._expire(batch)
+            if not batch:
+                return
+            resume = self._hold_until
             if self._failed_at is not None:
-                # The endpoint is down: what is too old fails without another attempt.
-                pending = self._expire(pending)
-                if not pending:
-                    return
-                self._pause(self._failed_at + self._retry_after)
-                blob, pending = self._encode(pending)
-            statuses = self._call(blob, len(pending))
-            if statuses is None:
-                # The call failed: the endpoint may or may not have taken the batch.
-                statuses = [UNAVAILABLE] * len(pending)
-            again: list[tuple[Envelope, Callback | None]] = []
+                resume = max(resume, self._failed_at + self._retry_after)
+            self._pause(resume)
+        blob, batch = self._encode(batch)
+        if not batch:
+            return
+        self._call_no += 1
+        call = self._call_no
+        ok, result = self._invoke(blob, self._sender_id, call)
+        if not ok:
+            if result is _RAISED:
+                self._finish(batch, [UNAVAILABLE] * len(batch))
+                return
+            # The call failed: the endpoint may or may not have taken this batch and those
+            # it had not confirmed. All of them go again, in order, once it is back.
+            self._requeue([*self._take_window(), *batch])
+            return
+        self._window[call] = (self._bus_of(result), time.monotonic(), batch)
+        self._confirmed(result)
+
+    def _poll(self) -> None:
+        """Ask the endpoint which batches it has settled (waiting a little for one)."""
+        oldest = min(sent for _, sent, _ in self._window.values())
+        if time.monotonic() - oldest > self._confirm_limit:
+            # Not settled in far longer than any destination may take: its fate is
+            # unknown. Send it again (receivers drop what they have already).
+            log.warning("%s did not settle a batch in time; sending it again", self.endpoint)
+            self._requeue(self._take_window())
+            return
+        wait = 0.5 if len(self._window) >= _WINDOW else 0.01
+        ok, result = self._invoke_method("confirm", self._sender_id, wait)
+        if not ok:
+            if result is _RAISED:
+                # The endpoint cannot confirm (a bug there): what it has is settled as sent.
+                unconfirmed = self._take_window()
+                self._finish(unconfirmed, [UNAVAILABLE] * len(unconfirmed))
+                return
+            self._requeue(self._take_window())
+            return
+        self._confirmed(result)
+
+    def _confirmed(self, result: Any) -> None:
+        """Settle the batches the endpoint reports; send again what it asks to."""
+        bus = self._bus_of(result)
+        settled = result[1] if isinstance(result, list | tuple) and len(result) == 2 else []
+        again: list[tuple[Envelope, Callback | None]] = []
+        for entry in settled:
+            call, count = int(entry[0]), int(entry[1])
+            sent = self._window.pop(call, None)
+            if sent is None or count != len(sent[2]):
+                continue
+            statuses = [OK] * count
+            for index, status in entry[2]:
+                statuses[int(index)] = str(status)
             done: list[tuple[Envelope, Callback | None]] = []
             final: list[str] = []
-            for item, status in zip(pending, statuses, strict=True):
+            for item, status in zip(sent[2], statuses, strict=True):
                 if status in RETRYABLE:
                     again.append(item)
                 else:
                     done.append(item)
                     final.append(status)
             self._finish(done, final)
-            pending = again if self._stopping else self._expire(again)
-            if not pending:
-                return
-            if self._stopping:
-                self._finish(pending, [UNAVAILABLE] * len(pending))
-                return
-            if self._failed_at is None:
-                self._pause(time.monotonic() + self._retry_after)
-            blob, pending = self._encode(pending)
+        # A batch sent to an endpoint that has restarted since will never be settled.
+        stale = sorted(call for call, (sent_to, _, _) in self._window.items() if sent_to != bus)
+        lost = [item for call in stale for item in self._window.pop(call)[2]]
+        if again:
+            self._hold_until = time.monotonic() + self._retry_after
+        if lost or again:
+            self._requeue([*lost, *again])
 
-    def _expire(
-        self, items: list[tuple[Envelope, Callback | None]]
-    ) -> list[tuple[Envelope, Callback | None]]:
-        """Fail the items older than ``retry_for``; return the others."""
-        oldest = time.time() - self._retry_for
-        kept = [item for item in items if item[0].created > oldest]
-        if len(kept) < len(items):
-            expired = [item for item in items if item[0].created <= oldest]
-            log.warning(
-                "%s did not confirm %d envelope(s) within %g s; they are reported undeliverable",
-                self.endpoint,
-                len(expired),
-                self._retry_for,
-            )
-            self._finish(expired, [UNAVAILABLE] * len(expired))
-        return kept
+    def _take_window(self) -> list[tuple[Envelope, Callback | None]]:
+        """Empty the window; return its envelopes in the order they were sent."""
+        items = [item for call in sorted(self._window) for item in self._window[call][2]]
+        self._window.clear()
+        return items
+
+    def _requeue(self, items: list[tuple[Envelope, Callback | None]]) -> None:
+        """Put envelopes back at the head of the queue, to be sent again, in order."""
+        items = self._expire(items)
+        with self._cond:
+            self._items.extendleft(reversed(items))
+
+    @staticmethod
+    def _bus_of(result: Any) -> str:
+        if isinstance(result, list | tuple) and result:
+            return str(result[0])
+        return ""
 
     def _pause(self, until: float) -> None:
         """Wait until ``until`` (monotonic), or until asked to stop."""
@@ -329,8 +410,33 @@ class Forwarder(threading.Thread):
                     return
                 self._cond.wait(left)
 
-    def _call(self, blob: bytes, count: int) -> list[str] | None:
-        """Make one call; return a status per envelope, or None when the call failed."""
+    def _expire(
+        self, items: list[tuple[Envelope, Callback | None]]
+    ) -> list[tuple[Envelope, Callback | None]]:
+        """Fail the items older than ``retry_for`` (all, when stopping); return the rest."""
+        oldest = time.time() - self._retry_for
+        if self._stopping:
+            kept: list[tuple[Envelope, Callback | None]] = []
+        else:
+            kept = [item for item in items if item[0].created > oldest]
+        if len(kept) < len(items):
+            expired = [item for item in items if self._stopping or item[0].created <= oldest]
+            log.warning(
+                "%s did not confirm %d envelope(s) within %g s; they are reported undeliverable",
+                self.endpoint,
+                len(expired),
+                self._retry_for,
+            )
+            self._finish(expired, [UNAVAILABLE] * len(expired))
+        return kept
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _invoke(self, *args: Any) -> tuple[bool, Any]:
+        return self._invoke_method(self._method, *args)
+
+    def _invoke_method(self, method: str, *args: Any) -> tuple[bool, Any]:
+        """Call ``method``; return (True, result), or (False, :data:`_RAISED` or None)."""
         now = time.monotonic()
         if self._proxy is not None and now - self._last_call > self._idle_limit:
             # A fresh connection, rather than a call on one the peer may have dropped.
@@ -341,7 +447,7 @@ class Forwarder(threading.Thread):
                 reused = self._proxy is not None
                 if self._proxy is None:
                     self._proxy = self._connect()
-                result = getattr(self._proxy, self._method)(blob)
+                result = getattr(self._proxy, method)(*args)
             except pyro_errors.ConnectionClosedError:
                 if not reused:
                     raise
@@ -349,21 +455,28 @@ class Forwarder(threading.Thread):
                 # shorter than ours): it never read this call, so one retry is safe.
                 self._proxy._pyroRelease()  # type: ignore[union-attr]
                 self._proxy = self._connect()
-                result = getattr(self._proxy, self._method)(blob)
+                result = getattr(self._proxy, method)(*args)
             self.calls += 1
             self._last_call = time.monotonic()
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             self._failed(exc)
-            return None
+            return False, None
         except Exception as exc:
             # The endpoint raised: a bug over there. Its messages are not accepted.
-            log.error("%s.%s raised: %s", self.endpoint, self._method, exc)
-            return [UNAVAILABLE] * count
+            log.error("%s.%s raised: %s", self.endpoint, method, exc)
+            return False, _RAISED
         if self._failed_at is not None:
             self._failed_at = None
             log.info("%s is reachable again", self.endpoint)
             if self._on_up is not None:
                 self._on_up()
+        return True, result
+
+    def _call(self, blob: bytes, count: int) -> list[str] | None:
+        """Make one call; return a status per envelope, or None when the call failed."""
+        ok, result = self._invoke(blob)
+        if not ok:
+            return [UNAVAILABLE] * count if result is _RAISED else None
         statuses = result if isinstance(result, list) else [OK] * count
         if len(statuses) != count:
             return [UNAVAILABLE] * count
@@ -425,44 +538,46 @@ class Forwarder(threading.Thread):
 
 
 class RecentIds:
-    """The last ``size`` envelopes from services a receiver took, to drop a second copy.
+    """The envelopes from services a receiver took lately, to drop a second copy.
 
     A forwarder with ``retry_for`` sends a batch again when its call failed, though the
     far side may have taken it before the failure: the receiver drops what it has seen.
-    Only envelopes from services count (their ids are unique per sender): a client may
-    reuse its frame ids. Thread-safe.
+    Between ``size`` and twice that many of the latest ids are remembered. Only
+    envelopes from services count: their ids are unique (the service's name, a random
+    part and a counter), while a client may reuse its frame ids. Thread-safe.
     """
 
     def __init__(self, size: int = 65536) -> None:
         self._size = size
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._current: set[str] = set()
+        self._previous: set[str] = set()
         self._lock = threading.Lock()
         self.duplicates = 0
         """Envelopes dropped as seen already."""
 
     def fresh(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Return the envelopes not seen before, in order, and remember them."""
-        return list(itertools.compress(envelopes, self.mask(envelopes)))
+        mask = self.mask(envelopes)
+        if all(mask):
+            return envelopes
+        return list(itertools.compress(envelopes, mask))
 
     def mask(self, envelopes: list[Envelope]) -> list[bool]:
         """Return, for each envelope, whether it is new; remember the new ones."""
-        seen = self._seen
-        new: list[bool] = []
+        new = [True] * len(envelopes)
         with self._lock:
-            for envelope in envelopes:
-                sender = envelope.sender
-                if not isinstance(sender, ServiceAddress):
-                    new.append(True)
+            current, previous = self._current, self._previous
+            for index, envelope in enumerate(envelopes):
+                if type(envelope.sender) is not ServiceAddress:
                     continue
-                key = (sender.name, envelope.id)
-                if key in seen:
+                id_ = envelope.id
+                if id_ in current or id_ in previous:
+                    new[index] = False
                     self.duplicates += 1
-                    new.append(False)
-                    continue
-                seen[key] = None
-                new.append(True)
-            while len(seen) > self._size:
-                seen.popitem(last=False)
+                else:
+                    current.add(id_)
+            if len(current) >= self._size:
+                self._previous, self._current = current, set()
         return new
 
 

@@ -72,9 +72,9 @@ def _install() -> None:
 
     route = messagebus.MessageBus.route
 
-    def traced_route(self: Any, blob: Any) -> list[str]:
+    def traced_route(self: Any, blob: Any, *args: Any) -> Any:
         arrived("bus", blob)
-        return route(self, blob)
+        return route(self, blob, *args)
 
     deliver, deliver_all = gateway.GatewayEndpoint.deliver, gateway.GatewayEndpoint._deliver_all
 
@@ -92,7 +92,7 @@ def _install() -> None:
 
     traced_route._pyroExposed = True  # type: ignore[attr-defined]
     traced_deliver._pyroExposed = True  # type: ignore[attr-defined]
-    messagebus.MessageBus.route = traced_route  # type: ignore[method-assign]
+    messagebus.MessageBus.route = traced_route  # type: ignore[method-assign,assignment]
     gateway.GatewayEndpoint.deliver = traced_deliver  # type: ignore[method-assign]
     gateway.GatewayEndpoint._deliver_all = traced_deliver_all  # type: ignore[method-assign]
 
