@@ -164,6 +164,8 @@ class CountingTransport(asyncio.Transport):
     still holds and what an abort (or a write after the connection was lost) discarded.
     """
 
+    __slots__ = ("_t", "discarded", "lost", "written")
+
     def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__()
         self._t = transport
@@ -272,14 +274,16 @@ class EdgeConnection(ServerConnection):
         self._guard = guard
         self._bound = write_bound
         self._phase = _LINE
-        self._line = bytearray()
+        # The request line so far, and what came after the request's head; emptied (to the
+        # shared b"") once the handshake is over: an open connection carries neither.
+        self._line: bytes | bytearray = bytearray()
         self._tail = b""
-        self._held = bytearray()
+        self._held: bytes | bytearray = b""
         self.head_request = False
         """The request was HEAD (passed to websockets as GET): answer without a body."""
         self.out: CountingTransport | None = None
         self._loop = asyncio.get_running_loop()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] | None = None
         # Frames sent without waiting, gathered in this event-loop pass, not yet written.
         self._gathered = 0
         self._gathered_frames = 0
@@ -336,11 +340,11 @@ class EdgeConnection(ServerConnection):
                     self._guard.partial(self)
                     return
                 # Too long for websockets anyway: let it answer 414.
-                data, self._line = bytes(self._line), bytearray()
+                data, self._line = bytes(self._line), b""
                 self._phase = _HEADERS
             else:
                 data = self._request_line(bytes(self._line), end)
-                self._line = bytearray()
+                self._line = b""
                 if self._phase is _DISCARD:
                     return
                 self._phase = _HEADERS
@@ -380,9 +384,12 @@ class EdgeConnection(ServerConnection):
     def _hold(self, data: bytes) -> None:
         # Bytes after the request and before the response: a pipelined request (dropped
         # when the response is not an upgrade) or frames sent too early (replayed after).
-        self._held += data
-        if len(self._held) > HELD_AFTER_REQUEST:
-            self._held = bytearray()
+        held = self._held
+        if not isinstance(held, bytearray):
+            held = self._held = bytearray()
+        held += data
+        if len(held) > HELD_AFTER_REQUEST:
+            self._held = b""
             self._phase = _DISCARD
             self.transport.abort()
 
@@ -398,7 +405,8 @@ class EdgeConnection(ServerConnection):
             log.debug("opening handshake with %s failed: %r", self.peer, exc)
         finally:
             self._guard.leave(self)
-        held, self._held = bytes(self._held), bytearray()
+        held, self._held = bytes(self._held), b""
+        self._line = b""
         if self.protocol.state is State.OPEN:
             self._phase = _OPEN
             if held:
@@ -466,15 +474,20 @@ class EdgeConnection(ServerConnection):
                 self._write_gathered()
                 continue
             waiter = self._loop.create_future()
-            self._waiters.append(waiter)
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = []
+            waiters.append(waiter)
             try:
                 await waiter
             finally:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    waiters.remove(waiter)
+                if not waiters and self._waiters is waiters:
+                    self._waiters = None
 
     def _wake(self) -> None:
-        for waiter in self._waiters:
+        for waiter in self._waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
