@@ -342,7 +342,8 @@ JSON_CASES = [
     pytest.param('{"type":"a","content":{"\\ud800":1}}', ErrorCode.BAD_VALUE, id="key-ud800"),
     pytest.param('{"type":"a","content":"\ud800"}', ErrorCode.BAD_VALUE, id="text-ud800"),
     pytest.param(b'{"type":"a","content":"\xff"}', ErrorCode.MALFORMED, id="bytes-invalid-utf8"),
-    pytest.param("[" * 20000 + "]" * 20000, ErrorCode.LIMIT_EXCEEDED, id="depth-20000-bare"),
+    # Not one object comes before the values, however deep: the documented order.
+    pytest.param("[" * 20000 + "]" * 20000, ErrorCode.MALFORMED, id="depth-20000-bare"),
     pytest.param(
         '{"type":"a","content":' + "[" * 20000 + "]" * 20000 + "}",
         ErrorCode.LIMIT_EXCEEDED,
@@ -380,7 +381,8 @@ MSGPACK_CASES = [
     pytest.param(
         MSGPACK_HEAD + b"\x91\x82\xd9\x01k\x01\xa1k\x02", ErrorCode.MALFORMED, id="dup-str8-key"
     ),
-    pytest.param(MSGPACK_HEAD + b"\x81\x80\x01", ErrorCode.MALFORMED, id="map-as-key"),
+    # A map is not a string: the key rule, as for any other key (msgspec cannot hash it).
+    pytest.param(MSGPACK_HEAD + b"\x81\x80\x01", ErrorCode.INVALID_MESSAGE, id="map-as-key"),
     pytest.param(b"\x81\x01\x02", ErrorCode.INVALID_MESSAGE, id="int-key"),
     pytest.param(b"\x82\xa4type\xa1a\x01\x02", ErrorCode.INVALID_MESSAGE, id="int-key-with-type"),
     pytest.param(
@@ -407,7 +409,7 @@ MSGPACK_CASES = [
     ),
     pytest.param(MSGPACK_HEAD + b"\xa3\xed\xa0\x80", ErrorCode.BAD_VALUE, id="utf8-surrogate"),
     pytest.param(MSGPACK_HEAD + b"\xa2\xff\xfe", ErrorCode.BAD_VALUE, id="invalid-utf8"),
-    pytest.param(b"\x91" * 20000 + b"\xc0", ErrorCode.LIMIT_EXCEEDED, id="depth-20000-bare"),
+    pytest.param(b"\x91" * 20000 + b"\xc0", ErrorCode.MALFORMED, id="depth-20000-bare"),
     pytest.param(
         MSGPACK_HEAD + b"\x91" * 20000 + b"\xc0", ErrorCode.LIMIT_EXCEEDED, id="depth-20000"
     ),
@@ -661,15 +663,158 @@ def test_rejection_ref_of_duplicates_and_extensions() -> None:
     ("data", "codec"),
     [
         pytest.param('{"id":"abc","type":"a"', J, id="json-truncated"),
-        pytest.param('{"id":"abc","type":"a","content":1e999}', J, id="json-1e999"),
-        pytest.param('{"id":"abc","type":"a","content":"\\ud800"}', J, id="json-surrogate"),
+        pytest.param('{"id":"abc","type":"a",}', J, id="json-trailing-comma"),
+        pytest.param('{"id":"abc","type":"a","content":NaN}', J, id="json-NaN"),
+        pytest.param('[{"id":"abc","type":"a"}]', J, id="json-array"),
         pytest.param(b"\x82\xa2id\xa3abc\xa4type\xa1", M, id="msgpack-truncated"),
+        pytest.param(b"\x82\xa2id\xa3abc\xa4type\xa1a\xc0", M, id="msgpack-trailing"),
+        pytest.param(b"\x91\x82\xa2id\xa3abc\xa4type\xa1a", M, id="msgpack-array"),
     ],
 )
 def test_no_ref_when_the_frame_could_not_be_parsed(data: str | bytes, codec: Codec) -> None:
     result = decode_client_frame(data, codec)
     assert isinstance(result, Rejection)
+    assert result.code is ErrorCode.MALFORMED
     assert result.ref is None
+
+
+# Every value fault, in both codecs, with the id before and after it: (JSON content, the
+# same content in MessagePack bytes, code). Each needs a frame that msgspec cannot decode,
+# or one it decodes and wsbus refuses.
+_MP_BAD_UTF8 = [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"a\xf8\x88\x80\x80\x80"]
+REF_EVERY_CODE = [
+    pytest.param('"\\ud800"', None, ErrorCode.BAD_VALUE, id="lone-surrogate"),
+    pytest.param('{"\\udc00":1}', None, ErrorCode.BAD_VALUE, id="lone-surrogate-key"),
+    pytest.param("1E400", b"\xcb\x7f\xf0" + b"\x00" * 6, ErrorCode.BAD_VALUE, id="inf"),
+    pytest.param("[-1e999]", b"\x91\xcb\x7f\xf8" + b"\x00" * 6, ErrorCode.BAD_VALUE, id="nan"),
+    pytest.param("9" * 5000, b"\xcf" + b"\xff" * 8, ErrorCode.BAD_VALUE, id="huge-int"),
+    pytest.param(None, b"\xd4\x05\x00", ErrorCode.BAD_VALUE, id="ext"),
+    pytest.param(None, b"\xd6\xff\x00\x00\x00\x01", ErrorCode.BAD_VALUE, id="timestamp"),
+    pytest.param(
+        "[" * 40 + "]" * 40, b"\x91" * 39 + b"\x90", ErrorCode.LIMIT_EXCEEDED, id="depth-40"
+    ),
+    pytest.param(
+        "[" * 20000 + "]" * 20000,
+        b"\x91" * 19999 + b"\x90",
+        ErrorCode.LIMIT_EXCEEDED,
+        id="depth-20000",
+    ),
+    pytest.param('{"k":1,"k":2}', b"\x82\xa1k\x01\xa1k\x02", ErrorCode.MALFORMED, id="duplicate"),
+    pytest.param(None, b"\x81\x01\x02", ErrorCode.INVALID_MESSAGE, id="int-key"),
+    pytest.param(None, b"\x81\x80\x02", ErrorCode.INVALID_MESSAGE, id="map-key"),
+    *(
+        pytest.param(
+            None,
+            bytes([0xA0 + len(bad)]) + bad,
+            ErrorCode.BAD_VALUE,
+            id=f"bad-utf8-value-{bad.hex()}",
+        )
+        for bad in _MP_BAD_UTF8
+    ),
+    *(
+        pytest.param(
+            None,
+            b"\x81" + bytes([0xA0 + len(bad)]) + bad + b"\x01",
+            ErrorCode.BAD_VALUE,
+            id=f"bad-utf8-key-{bad.hex()}",
+        )
+        for bad in _MP_BAD_UTF8
+    ),
+    *(
+        pytest.param(
+            None,
+            b"\x91\xd9" + bytes([len(bad)]) + bad,
+            ErrorCode.BAD_VALUE,
+            id=f"bad-utf8-str8-{bad.hex()}",
+        )
+        for bad in _MP_BAD_UTF8
+    ),
+]
+
+
+def _json_with_id(content: str, id_first: bool) -> str:
+    if id_first:
+        return '{"id":"abc","type":"a","content":' + content + "}"
+    return '{"type":"a","content":' + content + ',"id":"abc"}'
+
+
+def _msgpack_with_id(content: bytes, id_first: bool) -> bytes:
+    if id_first:
+        return b"\x83\xa2id\xa3abc\xa4type\xa1a\xa7content" + content
+    return b"\x83\xa4type\xa1a\xa7content" + content + b"\xa2id\xa3abc"
+
+
+@pytest.mark.parametrize("id_first", [True, False], ids=["id-first", "id-last"])
+@pytest.mark.parametrize(("json_content", "msgpack_content", "code"), REF_EVERY_CODE)
+def test_every_refusal_of_a_frame_with_a_valid_id_carries_its_ref(
+    json_content: str | None, msgpack_content: bytes | None, code: ErrorCode, id_first: bool
+) -> None:
+    frames: list[tuple[str | bytes, Codec]] = []
+    if json_content is not None:
+        text = _json_with_id(json_content, id_first)
+        frames += [(text, J), (text.encode("utf-8", "surrogatepass"), J)]
+    if msgpack_content is not None:
+        frames.append((_msgpack_with_id(msgpack_content, id_first), M))
+    for data, codec in frames:
+        result = decode_client_frame(data, codec)
+        assert isinstance(result, Rejection), (data, result)
+        assert (result.code, result.ref) == (code, "abc"), (codec, result)
+        assert_clean_message(result)
+
+
+@pytest.mark.parametrize("bad", _MP_BAD_UTF8, ids=[b.hex() for b in _MP_BAD_UTF8])
+def test_invalid_utf8_in_a_msgpack_id_is_refused_without_a_ref(bad: bytes) -> None:
+    data = b"\x82\xa4type\xa1a\xa2id" + bytes([0xA0 + len(bad)]) + bad
+    assert decode_client_frame(data, M) == Rejection(
+        ErrorCode.BAD_VALUE, "a string is not valid UTF-8"
+    )
+
+
+def test_invalid_utf8_in_json_bytes_is_malformed_with_the_ref() -> None:
+    result = decode_client_frame(b'{"id":"abc","type":"a","content":"\xff"}', J)
+    assert (result.code, result.ref) == (ErrorCode.MALFORMED, "abc")  # type: ignore[union-attr]
+    bad_id = decode_client_frame(b'{"id":"ab\xff","type":"a"}', J)
+    assert (bad_id.code, bad_id.ref) == (ErrorCode.MALFORMED, None)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("data", "codec"),
+    [
+        pytest.param('{"id":"\\ud800","type":"a","content":1E400}', J, id="json-surrogate-id"),
+        pytest.param('{"id":"","type":"a","content":1E400}', J, id="json-empty-id"),
+        pytest.param('{"id":5,"type":"a","content":' + "[" * 50 + "]" * 50 + "}", J, id="json"),
+        pytest.param(b"\x82\xa2id\x05\xa7content" + b"\x91" * 50 + b"\x90", M, id="msgpack-int"),
+    ],
+)
+def test_an_invalid_id_is_never_echoed(data: str | bytes, codec: Codec) -> None:
+    result = decode_client_frame(data, codec)
+    assert isinstance(result, Rejection)
+    assert result.code is not ErrorCode.MALFORMED
+    assert result.ref is None
+
+
+@pytest.mark.parametrize(
+    ("data", "codec", "ref"),
+    [
+        pytest.param('{"type":"a","id":"r1","content":[1,2]}', J, "r1", id="json"),
+        pytest.param('{"id":"r1","x":' + "[" * 100 + "]" * 100 + "}", J, "r1", id="json-deep"),
+        pytest.param('{"id":"r1","content":"\\ud800"}', J, None, id="json-bad-string-skipped"),
+        pytest.param('{"id":"\\ud800"}', J, None, id="json-surrogate-id"),
+        pytest.param('{"id":5}', J, None, id="json-int-id"),
+        pytest.param('{"id":""}', J, None, id="json-empty-id"),
+        pytest.param('{"id":"' + "x" * 65 + '"}', J, None, id="json-long-id"),
+        pytest.param('[{"id":"r1"}]', J, None, id="json-array"),
+        pytest.param("not json", J, None, id="json-junk"),
+        pytest.param(b"\x82\xa2id\xa2r1\xa1x\x90", M, "r1", id="msgpack"),
+        pytest.param(b"\x81\xa2id\xa2\xff\xfe", M, None, id="msgpack-bad-utf8"),
+        pytest.param(b"\x81\xa2id\xc4\x02r1", M, None, id="msgpack-bin-id"),
+        pytest.param(b"\xc1", M, None, id="msgpack-junk"),
+    ],
+)
+def test_frame_id_reads_only_the_id(data: str | bytes, codec: Codec, ref: str | None) -> None:
+    from wsbus.wire import frame_id
+
+    assert frame_id(data, codec) == ref
 
 
 # --- Codec negotiation -----------------------------------------------------------------------

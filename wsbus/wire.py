@@ -12,9 +12,12 @@ Two codecs share one data model (JSON's): ``wsbus.v1.json`` in text frames and
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 from collections.abc import Sequence
+from itertools import chain, compress, repeat
+from operator import is_
 from typing import Any, Final
 
 import msgspec
@@ -29,6 +32,7 @@ __all__ = [
     "WireLimits",
     "decode_client_frame",
     "encode_server_frame",
+    "frame_id",
     "negotiate",
 ]
 
@@ -265,8 +269,12 @@ def decode_client_frame(
     try:
         if codec is Codec.JSON:
             frame = _decode_typical(data, limits)
-            if frame is not None:
-                return frame
+        elif type(data) is bytes and len(data) <= limits.max_frame_bytes:
+            frame = _decode_typical_msgpack(data, limits, allowed_control)
+        else:
+            frame = None
+        if frame is not None:
+            return frame
         return _decode(data, codec, limits, allowed_control)
     except _Reject as exc:
         return exc.rejection
@@ -306,8 +314,8 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
         return None
     try:
         typed = _TYPED_DECODER.decode(data)
-    except (msgspec.DecodeError, RecursionError, UnicodeError):
-        # UnicodeEncodeError: a lone surrogate in a str; the full path words it.
+    except Exception:
+        # Whatever went wrong (a lone surrogate in a str included), the full path words it.
         return None
     type_ = typed.type
     if type_ not in _GOOD_TYPES:
@@ -324,9 +332,9 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
         kind = type(content)
         if kind is dict or kind is list:
             # A flat object, the usual content, is checked inline; anything nested gets
-            # the full walk. JSON object keys are always str, and msgspec refuses numbers
-            # that overflow a float, so floats need no check either.
-            # (With max_depth < 2 the object itself is too deep: the walk says so.)
+            # the level-by-level check. JSON object keys are always str, and msgspec refuses
+            # numbers that overflow a float, so floats need no check either.
+            # (With max_depth < 2 the object itself is too deep: the check says so.)
             nested = kind is list or limits.max_depth < 2
             if not nested:
                 max_int = limits.max_integer
@@ -343,10 +351,10 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
                     nested = True
                     break
             if nested:
-                try:
-                    keys += _walk(content, 2, limits.max_depth, limits.max_integer, None)
-                except _Reject:
+                content_keys = _check_levels([content], 2, limits.max_depth, limits.max_integer)
+                if content_keys < 0:
                     return None
+                keys += content_keys
             else:
                 keys += len(content)
         elif kind is int:
@@ -382,6 +390,122 @@ _GOOD_TYPES: Final[set[str]] = set()
 _GOOD_TYPES_MAX: Final = 4096
 
 
+def _decode_typical_msgpack(
+    raw: bytes, limits: WireLimits, allowed_control: frozenset[str]
+) -> ClientFrame | None:
+    """Accept a good MessagePack frame with work linear in its bytes, or return None.
+
+    Like :func:`_decode_typical`, it accepts only what :func:`_decode` accepts and leaves
+    every rejection to it. msgspec decodes in C; the checks then run level by level, with
+    the per-item work in C too (see :func:`_check_levels`); duplicate keys are ruled out
+    by re-encoding (msgspec writes each map's real length), and only a frame that does not
+    re-encode to its own bytes gets its map headers counted.
+    """
+    try:
+        obj = _MSGPACK_DECODER.decode(raw)
+    except Exception:
+        return None
+    if type(obj) is not dict or not _FRAME_KEYS.issuperset(obj):
+        return None
+    type_ = obj.get("type")
+    if type(type_) is not str:
+        return None
+    if type_ not in _GOOD_TYPES:
+        if _TYPE_RE.fullmatch(type_) is None:
+            return None
+        if type_.startswith(RESERVED_PREFIX):
+            if type_ not in allowed_control:
+                return None
+        elif len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+            _GOOD_TYPES.add(type_)
+    id_ = obj.get("id")
+    if "id" in obj and not (type(id_) is str and 0 < len(id_) <= _MAX_ID_LEN):
+        return None
+    reply_to = obj.get("reply_to")
+    if "reply_to" in obj and not (type(reply_to) is str and 0 < len(reply_to) <= _MAX_ID_LEN):
+        return None
+    keys = _check_levels([obj], 1, limits.max_depth, limits.max_integer)
+    if keys < 0:
+        return None
+    if _MSGPACK_ENCODER.encode(obj) != raw and _msgpack_pairs(raw) != keys:
+        return None
+    return ClientFrame(type_, obj.get("content"), id_, reply_to)
+
+
+def _check_levels(level: list[Any], depth: int, max_depth: int, max_int: int) -> int:
+    """Check decoded containers one nesting level at a time; return the object key count.
+
+    ``level`` holds the containers found at ``depth``. Returns -1 when anything is wrong
+    (too deep, a key that is not a string, a number out of range, a value of another type):
+    the caller then leaves the wording to :func:`_decode`. Each level costs a few passes of
+    C iteration (``map``, ``chain``, ``compress``) over its items, so the work is linear in
+    the number of values with a small constant, however they are nested: a Python call per
+    container (a recursive walk) cost 20-50 times msgspec's own decoding on frames made of
+    tiny containers.
+    """
+    keys = 0
+    while level:
+        if depth > max_depth:
+            return -1
+        kinds = set(map(type, level))
+        # Empty containers hold nothing to check: drop them before making iterators.
+        level = list(filter(None, level))
+        if kinds == _LIST_KIND:
+            items = list(chain.from_iterable(level))
+        else:
+            if kinds == _DICT_KIND:
+                dicts = level
+                lists: list[Any] = []
+            else:
+                level_kinds = list(map(type, level))
+                dicts = list(compress(level, map(is_, level_kinds, repeat(dict))))
+                lists = list(compress(level, map(is_, level_kinds, repeat(list))))
+            keys += sum(map(len, dicts))
+            # set.union reads dicts without an iterator each; the distinct keys suffice.
+            key_kinds = set(map(type, set().union(*dicts)))
+            if key_kinds and key_kinds != _STR_KIND:
+                return -1
+            items = list(chain.from_iterable(map(dict.values, dicts)))
+            if lists:
+                items.extend(chain.from_iterable(lists))
+        item_kinds = set(map(type, items))
+        if item_kinds <= _PLAIN:
+            break
+        if not item_kinds <= _VALUE_KINDS:
+            return -1
+        kinds_list: list[type] | None = None
+        if int in item_kinds:
+            if item_kinds == _INT_KIND:
+                ints: list[int] = items
+            else:
+                kinds_list = list(map(type, items))
+                ints = list(compress(items, map(is_, kinds_list, repeat(int))))
+            if max(ints) > max_int or min(ints) < -max_int:
+                return -1
+        if float in item_kinds:
+            if kinds_list is None:
+                kinds_list = list(map(type, items))
+            if not all(map(math.isfinite, compress(items, map(is_, kinds_list, repeat(float))))):
+                return -1
+        if item_kinds.isdisjoint(_CONTAINER_KINDS):
+            break
+        if item_kinds <= _CONTAINER_KINDS:
+            level = items
+        else:
+            if kinds_list is None:
+                kinds_list = list(map(type, items))
+            level = list(compress(items, map(_CONTAINER_KINDS.__contains__, kinds_list)))
+        depth += 1
+    return keys
+
+
+_LIST_KIND: Final = {list}
+_DICT_KIND: Final = {dict}
+_STR_KIND: Final = {str}
+_INT_KIND: Final = {int}
+_CONTAINER_KINDS: Final = frozenset({list, dict})
+
+
 class _Reject(Exception):
     def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
         self.rejection = Rejection(code, message, ref)
@@ -402,7 +526,21 @@ def _decode(
             ErrorCode.LIMIT_EXCEEDED,
             f"frame is {len(raw)} bytes; the limit is {limits.max_frame_bytes}",
         )
-    obj = _decode_json(raw) if codec is Codec.JSON else _decode_msgpack(raw)
+    try:
+        obj = (_JSON_DECODER if codec is Codec.JSON else _MSGPACK_DECODER).decode(raw)
+    except Exception:
+        # Whatever msgspec's error says, the bytes say why: this frame is refused, so the
+        # classification may walk it in Python (linear in its bytes).
+        if codec is Codec.JSON:
+            raise _Reject(*_classify_json(raw, limits)) from None
+        raise _Reject(*_classify_msgpack(raw, limits.max_depth)) from None
+    return _check_frame(obj, raw, codec, limits, allowed_control)
+
+
+def _check_frame(
+    obj: Any, raw: bytes, codec: Codec, limits: WireLimits, allowed_control: frozenset[str]
+) -> ClientFrame:
+    """Run every check, in the documented order, on a decoded frame; raise the first fault."""
     if type(obj) is not dict:
         raise _Reject(ErrorCode.MALFORMED, "a frame must be one object")
     ref = _ref_of(obj)
@@ -410,7 +548,9 @@ def _decode(
         keys = _check_value(obj, limits, ref)
         declared = _json_pair_count(raw, keys)
     else:
-        declared = _msgpack_pair_count(raw, ref)
+        declared = _msgpack_pairs(raw)
+        if declared < 0:
+            raise _Reject(ErrorCode.BAD_VALUE, _EXT_MESSAGE, ref)
         keys = _check_value(obj, limits, ref)
     if declared != keys:
         raise _Reject(ErrorCode.MALFORMED, "an object has a duplicate key", ref)
@@ -433,40 +573,290 @@ def _decode(
     return ClientFrame(type_, obj.get("content"), id_, reply_to)
 
 
-def _decode_json(raw: bytes) -> Any:
-    try:
-        return _JSON_DECODER.decode(raw)
-    except RecursionError:
-        raise _Reject(ErrorCode.LIMIT_EXCEEDED, "nesting is too deep") from None
-    except UnicodeDecodeError:
-        raise _Reject(ErrorCode.MALFORMED, "text is not valid UTF-8") from None
-    except msgspec.ValidationError:
-        # msgspec's only validation failure for untyped JSON: a number beyond float range.
-        raise _Reject(ErrorCode.BAD_VALUE, "a number is out of range") from None
-    except msgspec.DecodeError:
-        if _has_lone_surrogate(raw):
-            raise _Reject(ErrorCode.BAD_VALUE, "a string has a lone UTF-16 surrogate") from None
-        raise _Reject(ErrorCode.MALFORMED, "frame is not valid JSON") from None
+_EXT_MESSAGE: Final = "MessagePack extension types are not accepted"
+
+# A JSON string, or a bracket: what the outline of a refused JSON frame is made of.
+# Possessive, so that an unterminated string cannot make it backtrack.
+_JSON_OUTLINE_RE: Final = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]', re.DOTALL)
 
 
-def _decode_msgpack(raw: bytes) -> Any:
+def _classify_json(raw: bytes, limits: WireLimits) -> tuple[ErrorCode, str, str | None]:
+    """Say why msgspec refused a JSON frame, from its bytes alone, with the frame's ref.
+
+    The order: bytes that are not UTF-8 (``malformed``), nesting deeper than the cap
+    (``limit_exceeded``, seen from the brackets outside strings, so that a parser's stack is
+    never at stake), text that is not JSON (``malformed``, no ref: nothing parsed), then
+    the values: a lone surrogate or a number beyond range (``bad_value``), and the checks of
+    a frame that decoded. Linear in the bytes: one pass of a regular expression, the
+    standard library's JSON parser (no recursion beyond the checked depth, and its hooks
+    convert no long digit string), and the checks of :func:`_check_frame`.
+    """
     try:
-        return _MSGPACK_DECODER.decode(raw)
-    except RecursionError:
-        raise _Reject(ErrorCode.LIMIT_EXCEEDED, "nesting is too deep") from None
+        text = raw.decode("utf-8")
+        bad_utf8 = False
     except UnicodeDecodeError:
-        raise _Reject(ErrorCode.BAD_VALUE, "a string is not valid UTF-8") from None
-    except (msgspec.DecodeError, TypeError, ValueError):
-        # TypeError: an unhashable map key such as a map; ValueError: msgspec's own checks.
-        raise _Reject(ErrorCode.MALFORMED, "frame is not valid MessagePack") from None
+        # Each invalid byte becomes one lone surrogate: never part of a valid ref.
+        text = raw.decode("utf-8", "surrogateescape")
+        bad_utf8 = True
+    if not text.lstrip(" \t\n\r").startswith("{"):
+        return ErrorCode.MALFORMED, "a frame must be one JSON object", None
+    deepest, outline = _json_outline(text)
+    if bad_utf8 or deepest > limits.max_depth:
+        ref = _json_ref(outline) if outline is not None else None
+        if bad_utf8:
+            return ErrorCode.MALFORMED, "text is not valid UTF-8", ref
+        return ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {limits.max_depth}", ref
+    out_of_range: list[str] = []
+
+    def parse_int(digits: str) -> int:
+        # int() of a long digit string is slow, and refused over 4300 digits: look first.
+        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+            out_of_range.append(digits)
+            return 0
+        return int(digits)
+
+    def parse_float(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            out_of_range.append(literal)
+            return 0.0
+        return value
+
+    try:
+        obj = json.loads(
+            text, parse_int=parse_int, parse_float=parse_float, parse_constant=_not_json
+        )
+    except Exception:
+        return ErrorCode.MALFORMED, "frame is not valid JSON", None
+    if type(obj) is not dict:
+        return ErrorCode.MALFORMED, "a frame must be one object", None
+    ref = _ref_of(obj)
+    if _has_lone_surrogate(raw):
+        return ErrorCode.BAD_VALUE, "a string has a lone UTF-16 surrogate", ref
+    if out_of_range:
+        return ErrorCode.BAD_VALUE, "a number is out of range", ref
+    try:
+        _check_frame(obj, raw, Codec.JSON, limits, frozenset())
+    except _Reject as exc:
+        return exc.rejection.code, exc.rejection.message, exc.rejection.ref
+    # The standard library read what msgspec did not: still not a frame wsbus takes.
+    return ErrorCode.MALFORMED, "frame is not valid JSON", ref
+
+
+# More digits than any integer within the default cap, and fewer than int() refuses.
+_MAX_INT_DIGITS: Final = 20
+
+
+def _not_json(literal: str) -> Any:
+    """Refuse ``NaN`` and ``Infinity``, which the standard library's parser accepts."""
+    raise ValueError(literal)
+
+
+def _json_outline(text: str) -> tuple[int, str | None]:
+    """Return the deepest nesting of a JSON text, and its top level with nested values cut.
+
+    The outline replaces every array or object inside the top-level value by ``0``, so the
+    top-level keys can be parsed however deep or broken the content is. None when the
+    brackets do not balance.
+    """
+    depth = 0
+    deepest = 0
+    parts: list[str] = []
+    kept = 0
+    for match in _JSON_OUTLINE_RE.finditer(text):
+        start = match.start()
+        char = text[start]
+        if char == '"':
+            continue
+        if char == "[" or char == "{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+            if depth == 2:
+                parts.append(text[kept:start])
+                parts.append("0")
+        else:
+            if depth == 2:
+                kept = match.end()
+            depth -= 1
+            if depth < 0:
+                return deepest, None
+    if depth != 0:
+        return deepest, None
+    parts.append(text[kept:])
+    return deepest, "".join(parts)
+
+
+def _json_ref(outline: str) -> str | None:
+    """The valid ``id`` of a JSON frame's outline, if it has one."""
+    try:
+        top = json.loads(outline, parse_constant=_not_json)
+    except Exception:
+        return None
+    return _ref_of(top) if type(top) is dict else None
+
+
+def _classify_msgpack(raw: bytes, max_depth: int) -> tuple[ErrorCode, str, str | None]:
+    """Say why msgspec refused a MessagePack frame, from its bytes alone, with its ref.
+
+    One walk over the items, in Python and linear in the bytes. The order: bytes that are
+    not one complete MessagePack item (``malformed``, no ref), a frame that is not a map
+    (``malformed``), an extension type anywhere (``bad_value``), then the first in the
+    frame of: nesting deeper than the cap (``limit_exceeded``), a map key that is not a
+    string (``invalid_message``), a string that is not valid UTF-8 (``bad_value``).
+    """
+    end = len(raw)
+    pos = 0
+    # Per open container: [items left, True for a map, items seen].
+    stack: list[list[Any]] = []
+    fault: tuple[ErrorCode, str] | None = None
+    has_ext = False
+    ref: str | None = None
+    top_key: str | None = None  # the top-level map's key whose value comes next
+    while True:
+        if pos >= end:
+            return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+        b = raw[pos]
+        is_key = False
+        at_top = False
+        if stack:
+            top = stack[-1]
+            is_key = top[1] and top[2] % 2 == 0
+            at_top = len(stack) == 1 and top[1]
+            top[2] += 1
+        text: str | None = None
+        count = 0  # items in a container that opens here
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            size = 1
+            kind = "scalar"
+        elif b <= 0x8F:
+            size, kind, count = 1, "map", 2 * (b & 0x0F)
+        elif b <= 0x9F:
+            size, kind, count = 1, "array", b & 0x0F
+        elif b <= 0xBF or b in _MSGPACK_SIZED:
+            if b <= 0xBF:
+                head, length = 1, b & 0x1F
+            else:
+                width = _MSGPACK_SIZED[b]
+                head = 1 + width
+                if pos + head > end:
+                    return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+                length = int.from_bytes(raw[pos + 1 : pos + head], "big")
+            size = head + length
+            if pos + size > end:
+                return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+            if b in (0xC4, 0xC5, 0xC6):
+                kind = "bytes"
+            else:
+                kind = "str"
+                try:
+                    text = raw[pos + head : pos + size].decode("utf-8")
+                except UnicodeDecodeError:
+                    if fault is None:
+                        fault = (ErrorCode.BAD_VALUE, "a string is not valid UTF-8")
+        elif b in _MSGPACK_FIXED:
+            size, kind = _MSGPACK_FIXED[b], "scalar"
+        elif b in (0xDC, 0xDD, 0xDE, 0xDF):
+            width = 2 if b in (0xDC, 0xDE) else 4
+            size = 1 + width
+            if pos + size > end:
+                return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+            count = int.from_bytes(raw[pos + 1 : pos + size], "big")
+            kind = "array" if b <= 0xDD else "map"
+            if kind == "map":
+                count *= 2
+        elif b in _MSGPACK_EXT:
+            fixed = _MSGPACK_EXT[b]
+            if fixed:
+                size = fixed
+            else:
+                width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
+                if pos + 1 + width > end:
+                    return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+                size = 2 + width + int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
+            kind = "ext"
+            has_ext = True
+        else:  # 0xC1, never used
+            return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+        if pos + size > end:
+            return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+        pos += size
+        if is_key and kind != "str" and fault is None:
+            fault = (ErrorCode.INVALID_MESSAGE, "object keys must be strings")
+        if at_top:
+            if is_key:
+                top_key = text
+            elif top_key == "id":
+                # The last id wins, as when the frame decodes; never echo an invalid one.
+                ref = text if text is not None and 0 < len(text) <= _MAX_ID_LEN else None
+        if kind == "map" or kind == "array":
+            if not stack and kind != "map":
+                return _NOT_A_MAP
+            if len(stack) + 1 > max_depth and fault is None:
+                fault = (ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}")
+            if count:
+                stack.append([count, kind == "map", 0])
+                continue
+        elif not stack:
+            return _NOT_A_MAP
+        while stack and stack[-1][2] == stack[-1][0]:
+            stack.pop()
+        if not stack:
+            break
+    if pos != end:
+        return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+    if has_ext:
+        return ErrorCode.BAD_VALUE, _EXT_MESSAGE, ref
+    if fault is not None:
+        return fault[0], fault[1], ref
+    return ErrorCode.MALFORMED, "frame is not valid MessagePack", ref
+
+
+# A frame that is not a map is malformed however it goes on; no ref without a map.
+_NOT_A_MAP: Final = (ErrorCode.MALFORMED, "a frame must be one object", None)
 
 
 def _ref_of(obj: dict[Any, Any]) -> str | None:
     """Return the frame's id if it is a valid one, to echo in errors; never echo junk."""
     ref = obj.get("id")
     if type(ref) is str and 0 < len(ref) <= _MAX_ID_LEN:
+        if not ref.isascii():
+            # The standard library's parser (refused frames) lets lone surrogates through.
+            try:
+                ref.encode("utf-8")
+            except UnicodeEncodeError:
+                return None
         return ref
     return None
+
+
+class _IdOnly(msgspec.Struct, gc=False):
+    """A frame's ``id`` alone: msgspec skips the other keys in C."""
+
+    id: str = ""
+
+
+_ID_DECODERS: Final[
+    dict[Codec, msgspec.json.Decoder[_IdOnly] | msgspec.msgpack.Decoder[_IdOnly]]
+] = {
+    Codec.JSON: msgspec.json.Decoder(_IdOnly),
+    Codec.MSGPACK: msgspec.msgpack.Decoder(_IdOnly),
+}
+
+
+def frame_id(data: bytes | str, codec: Codec) -> str | None:
+    """Return a frame's id, if it is a valid one, without validating the frame.
+
+    For refusing a frame without reading it (rate limited, shutting down): msgspec reads
+    only the top-level ``id`` and skips the rest in C, so the cost is that of skimming the
+    bytes once. None when the frame is not one JSON object or MessagePack map with a string
+    ``id`` of 1 to 64 characters. Never raises.
+    """
+    try:
+        found = _ID_DECODERS[codec].decode(data).id  # type: ignore[arg-type]
+    except Exception:
+        return None
+    return found if 0 < len(found) <= _MAX_ID_LEN else None
 
 
 def _optional_id(obj: dict[str, Any], key: str, ref: str | None) -> str | None:
@@ -523,6 +913,8 @@ def _walk(value: Any, depth: int, max_depth: int, max_int: int, ref: str | None)
 
 # Values that need no check at all.
 _PLAIN: Final = frozenset({str, bool, type(None), bytes})
+# Every kind of value a frame may hold.
+_VALUE_KINDS: Final = _PLAIN | {int, float, list, dict}
 
 
 def _json_pair_count(raw: bytes, keys: int) -> int:
@@ -539,45 +931,60 @@ def _json_pair_count(raw: bytes, keys: int) -> int:
     return _JSON_STRING_RE.sub(b"", raw).count(b":")
 
 
-def _msgpack_pair_count(raw: bytes, ref: str | None) -> int:
+def _msgpack_pairs(raw: bytes) -> int:
     """Count the map entries declared in MessagePack that msgspec has already decoded.
 
-    A linear walk over the item headers; it also refuses extension types, which carry
-    opaque data a JSON client could never receive.
+    Returns -1 when the frame holds an extension type, which carries opaque data a JSON
+    client could never receive. A walk over the item headers, in which one match of a
+    compiled regular expression (C) skips each run of items that declare no entries and
+    whose size the pattern knows: only maps with entries, strings and binaries longer than
+    31 bytes and extension types take a Python step, and each of those spans several bytes.
     """
     pairs = 0
     pos = 0
     end = len(raw)
-    while pos < end:
+    skip = _MSGPACK_SKIP_RE.match
+    while True:
+        match = skip(raw, pos)
+        if match is not None:
+            pos = match.end()
+        if pos >= end:
+            return pairs
         b = raw[pos]
-        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
-            pos += 1
-        elif 0x80 <= b <= 0x8F:
+        if 0x80 <= b <= 0x8F:
             pairs += b & 0x0F
             pos += 1
-        elif 0x90 <= b <= 0x9F:
-            pos += 1
-        elif 0xA0 <= b <= 0xBF:
-            pos += 1 + (b & 0x1F)
-        elif b in _MSGPACK_FIXED:
-            pos += _MSGPACK_FIXED[b]
         elif b in _MSGPACK_SIZED:
             width = _MSGPACK_SIZED[b]
             length = int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
             pos += 1 + width + length
-        elif b == 0xDC:
-            pos += 3
-        elif b == 0xDD:
-            pos += 5
         elif b == 0xDE:
             pairs += int.from_bytes(raw[pos + 1 : pos + 3], "big")
             pos += 3
         elif b == 0xDF:
             pairs += int.from_bytes(raw[pos + 1 : pos + 5], "big")
             pos += 5
-        else:  # 0xC7-0xC9 and 0xD4-0xD8: extension types
-            raise _Reject(ErrorCode.BAD_VALUE, "MessagePack extension types are not accepted", ref)
-    return pairs
+        elif b in _MSGPACK_EXT or b == 0xC1:
+            return -1
+        else:  # pragma: no cover - the pattern skips every other header
+            pos += 1
+
+
+def _msgpack_skip_pattern() -> re.Pattern[bytes]:
+    """Build the pattern of a run of items that declare no map entries, by item size."""
+    by_size: dict[int, list[int]] = {1: []}
+    by_size[1] = [*range(0x00, 0x81), *range(0x90, 0xA1), 0xC0, 0xC2, 0xC3, *range(0xE0, 0x100)]
+    for length in range(1, 32):  # fixstr
+        by_size.setdefault(1 + length, []).append(0xA0 + length)
+    for header, size in _MSGPACK_FIXED.items():
+        by_size.setdefault(size, []).append(header)
+    by_size[3].append(0xDC)  # array16: the header only; its items follow
+    by_size[5].append(0xDD)  # array32
+    branches = []
+    for size in sorted(by_size):
+        heads = b"".join(re.escape(bytes([h])) for h in sorted(by_size[size]))
+        branches.append(b"[" + heads + b"]" + (b".{%d}" % (size - 1) if size > 1 else b""))
+    return re.compile(b"(?:" + b"|".join(branches) + b")++", re.DOTALL)
 
 
 # Item headers followed by a fixed-size payload: header byte -> total item size.
@@ -602,3 +1009,6 @@ _MSGPACK_SIZED: Final = {
     0xDA: 2,  # str16
     0xDB: 4,  # str32
 }
+# Extension headers: total item size for fixext, 0 when a length follows (ext8/16/32).
+_MSGPACK_EXT: Final = {0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18, 0xC7: 0, 0xC8: 0, 0xC9: 0}
+_MSGPACK_SKIP_RE: Final = _msgpack_skip_pattern()
