@@ -61,6 +61,7 @@ from .wire import (
     WireLimits,
     decode_client_frame,
     encode_server_frame,
+    frame_id,
 )
 
 __all__ = ["CloseCode", "Gateway", "GatewayConfig", "Stats"]
@@ -284,16 +285,19 @@ class _Counters:
 
 
 REF_DECODE_LIMIT: Final = 4096
-"""Refused frames up to this size are decoded to find their id for the error's ``ref``;
+"""Refused frames up to this size are skimmed for their id, for the error's ``ref``;
 larger ones are not, so that refusing a flood stays cheap."""
 
 
 def _ref(data: str | bytes, codec: Codec) -> str | None:
-    """Return the id of a frame being refused without processing, if it is cheap to find."""
+    """Return the id of a frame being refused without processing, if it is cheap to find.
+
+    Only the top-level ``id`` is read (msgspec skips the rest in C): the frame is not
+    validated, so a refusal costs what skimming at most REF_DECODE_LIMIT bytes costs.
+    """
     if len(data) > REF_DECODE_LIMIT:
         return None
-    parsed = decode_client_frame(data, codec)
-    return parsed.ref if isinstance(parsed, Rejection) else parsed.id
+    return frame_id(data, codec)
 
 
 _HEX: Final = frozenset("0123456789abcdef")
