@@ -925,6 +925,103 @@ def test_the_fast_path_accepts_only_what_the_full_path_accepts(frame: str | byte
     assert fast == full
 
 
+@settings(max_examples=600, deadline=None)
+@given(
+    frame=st.one_of(
+        wst.client_frames(codec=Codec.MSGPACK),
+        wst.adversarial_frames(codec=Codec.MSGPACK),
+        wst.noncanonical_msgpack(),
+    ),
+    limits=st.sampled_from([WireLimits(), WireLimits(max_depth=2, max_integer=100)]),
+)
+def test_the_msgpack_fast_path_accepts_only_what_the_full_path_accepts(
+    frame: str | bytes, limits: WireLimits
+) -> None:
+    from wsbus.wire import _decode, _Reject
+
+    fast = decode_client_frame(frame, Codec.MSGPACK, limits)
+    try:
+        full: ClientFrame | Rejection = _decode(frame, Codec.MSGPACK, limits, frozenset())
+    except _Reject as exc:
+        full = exc.rejection
+    assert fast == full
+
+
+@settings(max_examples=300, deadline=None)
+@given(frame=wst.noncanonical_msgpack())
+def test_noncanonical_msgpack_is_read_like_canonical(frame: bytes) -> None:
+    written = msgspec.msgpack.decode(frame)
+    result = decode_client_frame(frame, M)
+    if isinstance(result, Rejection):
+        # Only a key written twice is refused: msgspec kept one of the two.
+        assert result == Rejection(
+            ErrorCode.MALFORMED, "an object has a duplicate key", result.ref
+        ), result
+    else:
+        assert result == ClientFrame(
+            written["type"], written.get("content"), written.get("id"), written.get("reply_to")
+        )
+
+
+def _reference_pairs(raw: bytes) -> int:
+    """Map entries declared in valid MessagePack, one header at a time: the slow oracle."""
+    pairs, pos = 0, 0
+    while pos < len(raw):
+        b = raw[pos]
+        if 0x80 <= b <= 0x8F:
+            pairs += b & 0x0F
+        if b < 0xA0:
+            pos += 1
+        elif 0xA0 <= b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        elif b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            pos += 1
+        elif b in (0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB):
+            width = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}[b]
+            pos += 1 + width + int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
+        elif b in (0xDE, 0xDF):
+            width = 2 if b == 0xDE else 4
+            pairs += int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
+            pos += 1 + width
+        elif b in (0xDC, 0xDD):
+            pos += 3 if b == 0xDC else 5
+        elif b in (0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF, 0xD0, 0xD1, 0xD2, 0xD3):
+            pos += {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.get(b, 0) or {
+                0xD0: 2,
+                0xD1: 3,
+                0xD2: 5,
+                0xD3: 9,
+            }[b]
+        else:
+            return -1  # an extension type
+    return pairs
+
+
+@settings(max_examples=400, deadline=None)
+@given(frame=st.one_of(wst.noncanonical_msgpack(), wst.client_frames(codec=Codec.MSGPACK)))
+def test_msgpack_pairs_are_counted_like_one_header_at_a_time(frame: str | bytes) -> None:
+    from wsbus.wire import _msgpack_pairs
+
+    assert isinstance(frame, bytes)
+    assert _msgpack_pairs(frame) == _reference_pairs(frame)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xdc\x00\x03\x81\xa0\xcc\x81\x82\xa0\x01\xa1a\x8f\x80",  # 0x81 inside a uint8
+        b"\x92\xa2\x81\x82\x81\xa0\x00",  # map-like bytes inside a string
+        b"\x92\xd9\x02\x81\x82\x81\xa0\x00",  # and inside a str8
+        b"\x91\xde\x00\x01\xa0\x00",
+    ],
+)
+def test_msgpack_pairs_ignore_map_bytes_inside_values(content: bytes) -> None:
+    from wsbus.wire import _msgpack_pairs
+
+    frame = MSGPACK_HEAD + content
+    assert _msgpack_pairs(frame) == _reference_pairs(frame)
+
+
 _SMALL = WireLimits(max_frame_bytes=64, max_integer=1000)
 
 

@@ -12,6 +12,7 @@ Plural nouns, each returning a ``SearchStrategy``; options are keyword-only::
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import msgspec
@@ -255,6 +256,56 @@ def adversarial_frames(*, codec: Codec = Codec.JSON) -> st.SearchStrategy[str | 
             )
         )
     return st.one_of(strategies)
+
+
+def noncanonical_msgpack() -> st.SearchStrategy[bytes]:
+    """MessagePack frames written with wider headers than needed, some with a key twice.
+
+    msgspec writes the narrowest header for every item; these frames use the others too
+    (``str8`` for a short string, ``map16`` for a small map, ``uint8`` for a small integer),
+    so that a check which relies on a frame re-encoding to its own bytes is bypassed.
+    """
+
+    @st.composite
+    def build(draw: st.DrawFn) -> bytes:
+        frame: dict[str, Any] = {"type": draw(message_types())}
+        if draw(st.booleans()):
+            frame["content"] = draw(json_values())
+        if draw(st.booleans()):
+            frame["id"] = draw(_ids)
+        return _write_msgpack(frame, draw)
+
+    return build()
+
+
+def _write_msgpack(value: Any, draw: st.DrawFn) -> bytes:
+    """Encode ``value`` as MessagePack, each header chosen by ``draw`` among the valid ones."""
+    wide = draw(st.booleans())
+    if isinstance(value, dict):
+        pairs = [_write_msgpack(k, draw) + _write_msgpack(v, draw) for k, v in value.items()]
+        if pairs and draw(st.integers(0, 9)) == 0:
+            pairs.append(pairs[draw(st.integers(0, len(pairs) - 1))])  # a key twice
+        n = len(pairs)
+        head = bytes([0x80 + n]) if n < 16 and not wide else b"\xde" + n.to_bytes(2, "big")
+        return head + b"".join(pairs)
+    if isinstance(value, list):
+        n = len(value)
+        head = bytes([0x90 + n]) if n < 16 and not wide else b"\xdc" + n.to_bytes(2, "big")
+        return head + b"".join(_write_msgpack(v, draw) for v in value)
+    if isinstance(value, str):
+        data = value.encode()
+        if len(data) < 32 and not wide:
+            return bytes([0xA0 + len(data)]) + data
+        if len(data) < 256:
+            return b"\xd9" + bytes([len(data)]) + data
+        return b"\xda" + len(data).to_bytes(2, "big") + data
+    if type(value) is int and 0 <= value < 256 and wide:
+        return b"\xcc" + bytes([value])
+    if type(value) is float and wide and abs(value) < 3e38:
+        single = struct.pack("!f", value)
+        if struct.unpack("!f", single)[0] == value:
+            return b"\xca" + single
+    return msgspec.msgpack.encode(value)
 
 
 def _nest(depth: int) -> Any:
