@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import json
 import marshal
 import socket
 import struct
@@ -20,6 +22,9 @@ from typing import Any
 import pytest
 import serpent
 from Pyro5 import protocol
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed as WsClosed
+from websockets.typing import Subprotocol
 
 from tests.conftest import assert_balanced
 from tests.test_pyro_faults import (
@@ -46,7 +51,7 @@ from wsbus import (
 )
 from wsbus.demo_services import Echo
 from wsbus_pyro import PyroConfig, ServiceHost
-from wsbus_testing.processes import Child
+from wsbus_testing.processes import Child, free_port
 from wsbus_testing.services import Director
 
 __all__ = ["kit"]  # the fixture, imported for the tests here
@@ -88,7 +93,7 @@ class SlowEcho(Service):
 class Tally:
     """What one client sent and every answer it got, by frame id."""
 
-    client: MemoryClient
+    client: MemoryClient | WsClient
     sent: list[str] = field(default_factory=list)
     first: dict[str, str] = field(default_factory=dict)
     """The first answer to each frame: ``ack`` or the error code."""
@@ -168,8 +173,29 @@ async def stream(tally: Tally, name: str, stop: asyncio.Event, gap: float) -> No
         fid = f"{name}.{n}"
         n += 1
         tally.sent.append(fid)
-        tally.client.send("echo", {"n": n}, id=fid)
+        sent = tally.client.send("echo", {"n": n}, id=fid)
+        if inspect.isawaitable(sent):
+            await sent
         await asyncio.sleep(gap)
+
+
+class WsClient:
+    """A plain WebSocket client (the ``websockets`` library) that a :class:`Tally` reads."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def receive(self, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self.ws.recv()
+        except WsClosed as exc:
+            raise ConnectionClosed(exc.rcvd.code if exc.rcvd else 1006, "") from None
+        frame: dict[str, Any] = json.loads(data)
+        return frame
+
+    async def send(self, type: str, content: Any, *, id: str) -> None:
+        await self.ws.send(json.dumps({"type": type, "content": content, "id": id}))
 
 
 # -- 5. SIGKILL of the bus mid-traffic -----------------------------------------------------
@@ -210,10 +236,7 @@ async def test_bus_killed_mid_traffic_every_acked_request_is_answered(
         await asyncio.gather(*readers, return_exceptions=True)
         if bus is not None:
             await asyncio.to_thread(bus.stop)
-    sent = sum(len(t.sent) for t in clients)
-    acked = sum(len(t.acked) for t in clients)
-    replied = sum(sum(1 for f in t.acked if f in t.replies) for t in clients)
-    told = sum(sum(1 for f in t.acked if f not in t.replies and t.errors.get(f)) for t in clients)
+    sent, acked, replied, told = report(clients)
     codes = sorted({e for t in clients for errs in t.errors.values() for e in errs})
     print(
         f"\nbus killed {ready_at - killed_at:.2f} s before its restart was ready: "
@@ -232,6 +255,80 @@ async def test_bus_killed_mid_traffic_every_acked_request_is_answered(
         assert {e for errs in tally.errors.values() for e in errs} <= {("unavailable", True)}
     assert acked == replied + told
     assert_balanced(gateway.stats())
+
+
+def report(clients: list[Tally]) -> tuple[int, int, int, int]:
+    """(sent, acked, acked and replied, acked and told by an error) over all clients."""
+    sent = sum(len(t.sent) for t in clients)
+    acked = sum(len(t.acked) for t in clients)
+    replied = sum(sum(1 for f in t.acked if f in t.replies) for t in clients)
+    told = sum(sum(1 for f in t.acked if f not in t.replies and t.errors.get(f)) for t in clients)
+    return sent, acked, replied, told
+
+
+async def test_bus_killed_under_a_gateway_process_and_websocket_clients(
+    wsbus_spawn_service: Callable[[str], Child],
+    wsbus_message_bus: Child,
+    wsbus_pyro_config: PyroConfig,
+) -> None:
+    # Every part its own process, as deployed: name server, bus, service, `wsbus serve`;
+    # the clients speak WebSocket to it. The bus is killed mid-traffic and restarted.
+    await asyncio.to_thread(wsbus_spawn_service, SLOW_ECHO)
+    args = args_for(wsbus_pyro_config)
+    port = free_port()
+    gateway = await asyncio.to_thread(
+        Child, ["serve", "--bus", "pyro", "--port", str(port), *args], ready="listening"
+    )
+    bus: Child | None = None
+    stop = asyncio.Event()
+    clients: list[Tally] = []
+    tasks: list[asyncio.Task[None]] = []
+    sockets: list[Any] = []
+    try:
+        for _ in range(4):
+            ws = await ws_connect(
+                f"ws://127.0.0.1:{port}/", subprotocols=[Subprotocol("wsbus.v1.json")]
+            )
+            sockets.append(ws)
+            client = WsClient(ws)
+            welcome = await client.receive(WAIT)
+            assert welcome["type"] == "wsbus.welcome", welcome
+            clients.append(Tally(client))
+        tasks = [asyncio.create_task(t.read()) for t in clients]
+        streams = [
+            asyncio.create_task(stream(t, f"w{i}", stop, 0.02)) for i, t in enumerate(clients)
+        ]
+        await clients[0].until(lambda: len(clients[0].replies) >= 50, WAIT)
+        await asyncio.to_thread(wsbus_message_bus.kill)
+        bus = await asyncio.to_thread(Child, ["bus", *args])
+        acked_at_ready = [len(t.acked) for t in clients]
+        for tally, before in zip(clients, acked_at_ready, strict=True):
+            await tally.until(lambda: len(tally.acked) >= before + 50, WAIT)  # noqa: B023
+        stop.set()
+        await asyncio.gather(*streams)
+        for tally in clients:
+            with contextlib.suppress(TimeoutError):  # what is missing is counted below
+                await tally.until(tally.settled, SETTLE)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ws in sockets:
+            await ws.close()
+        await asyncio.to_thread(gateway.stop)
+        if bus is not None:
+            await asyncio.to_thread(bus.stop)
+    sent, acked, replied, told = report(clients)
+    print(f"\n{sent} sent, {acked} acked, {replied} of them replied, {told} told by an error")
+    for tally in clients:
+        assert tally.no_ref == [] and tally.others == [] and tally.closed is None
+        assert set(tally.first) == set(tally.sent)
+        lost = tally.unanswered()
+        assert lost == [], f"{len(lost)} acked requests never answered: {lost[:5]}"
+        assert {f: n for f, n in tally.replies.items() if n > 1} == {}
+        assert {e for errs in tally.errors.values() for e in errs} <= {("unavailable", True)}
+    assert acked == replied + told
 
 
 async def test_type_served_before_a_bus_restart_is_unavailable_not_no_route(
