@@ -192,6 +192,10 @@ class Doorman(threading.Thread):
                 self._drop(pending)
                 return
             pending.needed += message.annotations_size + message.data_size
+            if pending.needed > _internals.HEADER_SIZE + _internals.MAX_HANDSHAKE_BYTES:
+                # The header check refuses this already once apply() ran; never buffer it.
+                self._drop(pending)
+                return
             if len(pending.buffer) < pending.needed:
                 return
         self._hand_over(pending)
