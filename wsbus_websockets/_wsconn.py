@@ -261,6 +261,25 @@ class EdgeConnection(ServerConnection):
         **kwargs: passed on to ``ServerConnection``.
     """
 
+    # Slots, not the instance dict: websockets' own attributes already fill the dict that
+    # instances of a class share keys in (30 at most on CPython), and a dict of its own
+    # per connection would cost over a kilobyte.
+    __slots__ = (
+        "_bound",
+        "_gathered",
+        "_gathered_frames",
+        "_guard",
+        "_held",
+        "_inflight",
+        "_line",
+        "_pass_open",
+        "_phase",
+        "_tail",
+        "_waiters",
+        "head_request",
+        "out",
+    )
+
     def __init__(
         self,
         protocol: ServerProtocol,
@@ -282,7 +301,6 @@ class EdgeConnection(ServerConnection):
         self.head_request = False
         """The request was HEAD (passed to websockets as GET): answer without a body."""
         self.out: CountingTransport | None = None
-        self._loop = asyncio.get_running_loop()
         self._waiters: list[asyncio.Future[None]] | None = None
         # Frames sent without waiting, gathered in this event-loop pass, not yet written.
         self._gathered = 0
@@ -463,7 +481,7 @@ class EdgeConnection(ServerConnection):
                 self._write_gathered()
         else:
             self._pass_open = True
-            self._loop.call_soon(self._end_pass)
+            self.loop.call_soon(self._end_pass)
             self._write_gathered()
         return True
 
@@ -473,7 +491,7 @@ class EdgeConnection(ServerConnection):
             if self._gathered:
                 self._write_gathered()
                 continue
-            waiter = self._loop.create_future()
+            waiter = self.loop.create_future()
             waiters = self._waiters
             if waiters is None:
                 waiters = self._waiters = []
@@ -575,6 +593,8 @@ def check_internals() -> list[str]:
     need(ServerConnection, "send_data", "the one place websockets writes the protocol's output")
     need(ServerConnection, "handshake", "the opening handshake we wrap")
     need(Connection, "wait_closed", "waits for the TCP connection to end")
+    if "self.loop = " not in inspect.getsource(Connection.__init__):
+        problems.append("websockets' Connection no longer keeps its event loop in self.loop")
     need(Protocol, "send_text", "queues a text frame without I/O")
     need(Protocol, "send_binary", "queues a binary frame without I/O")
     need(Protocol, "data_to_send", "takes the queued output")
