@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -29,6 +30,7 @@ from typing import Any, Final
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
+from websockets.http11 import Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
@@ -592,6 +594,14 @@ def check_internals() -> list[str]:
         need(ServerConnection, name, "asyncio.Protocol callback we extend")
     need(ServerConnection, "send_data", "the one place websockets writes the protocol's output")
     need(ServerConnection, "handshake", "the opening handshake we wrap")
+    handshake = inspect.getsource(ServerConnection.handshake)
+    if not 0 <= handshake.find("process_request(") < handshake.find(".accept("):
+        problems.append(
+            "ServerConnection.handshake no longer runs process_request before negotiating "
+            "(the subprotocol caps must come first)"
+        )
+    if not dataclasses.is_dataclass(Response):
+        problems.append("websockets.http11.Response is no longer a dataclass (HEAD drops its body)")
     need(Connection, "wait_closed", "waits for the TCP connection to end")
     if "self.loop = " not in inspect.getsource(Connection.__init__):
         problems.append("websockets' Connection no longer keeps its event loop in self.loop")
@@ -599,7 +609,6 @@ def check_internals() -> list[str]:
     need(Protocol, "send_binary", "queues a binary frame without I/O")
     need(Protocol, "data_to_send", "takes the queued output")
     need(Protocol, "fail", "fails the connection with a close code")
-    need(Protocol, "close_exc", "the exception for a closed connection")
     need(State, "OPEN", "the open state")
     init = inspect.signature(ServerConnection.__init__).parameters
     for name in ("protocol", "server", "write_limit", "max_queue"):
