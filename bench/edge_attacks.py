@@ -21,7 +21,8 @@ The attacks (issue 10, section 2):
   send half a request and stall; 50 real clients then connect and ask for an echo.
 
 Each prints the worst loop stall during the attack and the server's resident memory
-growth (now and peak). The helpers (raw frames, a raw handshake) serve the tests too.
+growth (now and peak), the server's log lines and tracebacks, and what the attack got.
+``EDGE_SERVER_ARGS="--backlog 16"`` passes options on to the server. The helpers (raw frames, a raw handshake) serve the tests too.
 """
 
 from __future__ import annotations
@@ -329,7 +330,8 @@ def _half_handshakes(port: int, stalled: int, real: int) -> tuple[int, int]:
 
 def run_attack(name: str, pythonpath: str | None) -> dict[str, Any]:
     """Run one attack against a fresh server; return its figures."""
-    args = ("--nofile", "1024") if name == "handshakes" else ()
+    args: tuple[str, ...] = ("--nofile", "1024") if name == "handshakes" else ()
+    args += tuple(os.environ.get("EDGE_SERVER_ARGS", "").split())
     server = ServerProcess(pythonpath, *args)
     try:
         time.sleep(0.5)

@@ -1,6 +1,6 @@
 """A wsbus gateway on a WebSocket port, in its own process, for the edge attack benchmark.
 
-    python bench/edge_server.py [--nofile N] [--close-timeout S]
+    python bench/edge_server.py [--nofile N] [--close-timeout S] [--backlog N]
 
 It imports ``wsbus`` and ``wsbus_websockets`` from wherever ``PYTHONPATH`` points, so the
 same attacks run against an older checkout (``PYTHONPATH=/work/before``); it uses only
@@ -78,7 +78,8 @@ async def main(args: argparse.Namespace) -> None:
     gateway = Gateway(MemoryBus([Echo(), Flood()]), config=GatewayConfig(node="b"))
     await gateway.start()
     config = EdgeConfig(close_timeout=args.close_timeout)
-    server = await serve(gateway, "127.0.0.1", 0, config=config)
+    extra = {"backlog": args.backlog} if args.backlog else {}
+    server = await serve(gateway, "127.0.0.1", 0, config=config, **extra)
     lag_task = asyncio.create_task(monitor())
     print(json.dumps({"port": server.port}), flush=True)
 
@@ -118,6 +119,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nofile", type=int, default=0)
     parser.add_argument("--close-timeout", type=float, default=5.0)
+    parser.add_argument("--backlog", type=int, default=0, help="listen backlog (default 100)")
     arguments = parser.parse_args()
     if arguments.nofile:
         resource.setrlimit(resource.RLIMIT_NOFILE, (arguments.nofile, arguments.nofile))
