@@ -22,7 +22,8 @@ The attacks (issue 10, section 2):
 
 Each prints the worst loop stall during the attack and the server's resident memory
 growth (now and peak), the server's log lines and tracebacks, and what the attack got.
-``EDGE_SERVER_ARGS="--backlog 16"`` passes options on to the server. The helpers (raw frames, a raw handshake) serve the tests too.
+``EDGE_SERVER_ARGS="--backlog 16"`` passes options on to the server. The helpers (raw
+frames, a raw handshake) serve the tests too.
 """
 
 from __future__ import annotations
