@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import http
 import ipaddress
 import logging
@@ -48,6 +49,9 @@ cannot set headers on a WebSocket. Offer it beside a codec subprotocol; it is ne
 selected."""
 
 
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""What a failed accept means when the process or the system is out of something."""
+
 ACCEPT_LOG_INTERVAL: Final = 10.0
 """Seconds between two log lines about failed accepts, evicted handshakes or socket errors."""
 
@@ -73,8 +77,9 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         compression: permessage-deflate; off by default (it costs memory per connection
             and opens compression-oracle attacks).
         open_timeout: seconds for the opening handshake (TCP accept to the response).
-        max_handshakes: connections in the opening handshake at most; a new one over the
-            cap pushes out the oldest (the likeliest stalled). None (the default): a
+        max_handshakes: connections that have not sent their whole request yet, at most; a
+            new one over the cap drops the oldest half-sent one (else the oldest silent
+            one). None (the default): a
             quarter of the process's open-file limit, at least 128 (a burst of accepts
             is up to 100 connections) and at most 1024.
         max_subprotocols: subprotocol names a handshake may offer; more get HTTP 400.
@@ -324,12 +329,18 @@ class EdgeServer:
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         message = str(context.get("message", ""))
-        if message.startswith("socket.accept() out of system resource"):
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in _OUT_OF_RESOURCES
+            and "socket" in context
+            and "transport" not in context
+        ):
+            # The listening socket could not accept: asyncio retries in a second.
             self._report.warning(
                 "accept",
                 "cannot accept new connections: %s. Raise the open-file limit (ulimit -n) "
                 "or lower max_connections; asyncio retries every second",
-                exc if exc is not None else message,
+                exc,
             )
             return
         if isinstance(exc, OSError) and "transport" in context:
