@@ -215,9 +215,11 @@ class Stats(msgspec.Struct, frozen=True):
             match was excluded, or a shared bus sent them to every gateway and none of the
             recipients was this one's.
         deliveries_queued: (message, connection) pairs queued for writing.
-        deliveries_written: of those, written to the connection.
+        deliveries_written: of those, written to the connection; with an adapter that can
+            tell (``unsent()``, as the WebSocket edge), once they have reached the socket.
         deliveries_dropped: of those, dropped because the connection closed first.
-        deliveries_pending: of those, waiting in a queue now.
+        deliveries_pending: of those, waiting in a queue now, or taken by the connection
+            and not yet known to have reached the socket.
         deliveries_refused: deliveries never queued because the queue was full and the
             slow-consumer policy is ``drop`` (reported to the sender).
         dropped_by_close_code: ``deliveries_dropped`` by the close code that ended them.
