@@ -810,3 +810,106 @@ async def test_raw_helpers_speak_valid_websocket(guard: Guard) -> None:
         await raw.aclose()
     stats = await guard.finish()
     assert stats.closes_by_code.get(1000, 0) >= 1
+
+
+# -- 5b: validation cost: a flood of worst-case MessagePack frames ----------------------
+
+_FLOODER: Final = """
+import sys, threading, time
+from websockets.sync.client import connect
+
+url, seconds = sys.argv[1], float(sys.argv[2])
+items = 64 * 1024 - 64
+# A valid frame of about 64 KiB that is one container per byte: empty arrays.
+frame = b"\\x82\\xa4type\\xaenobody.handles\\xa7content\\xdc" + items.to_bytes(2, "big")
+frame += b"\\x90" * items
+with connect(url, subprotocols=["wsbus.v1.msgpack"], max_size=None) as ws:
+    ws.recv()  # the welcome
+    answers = []
+    threading.Thread(target=lambda: [answers.append(m) for m in ws], daemon=True).start()
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < seconds:
+        ws.send(frame)
+        sent += 1
+        # At the rate limit (100 a second): never ahead of it.
+        time.sleep(max(0.0, start + sent / 100 - time.monotonic()))
+    deadline = time.monotonic() + 30
+    while len(answers) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(sent, len(answers), flush=True)
+"""
+
+
+async def _echo_round_trips(ws: ClientConnection, n: int, tag: str) -> list[float]:
+    """Send ``n`` echo requests one after the other; the seconds each took to come back."""
+    loop = asyncio.get_running_loop()
+    times = []
+    for i in range(n):
+        ref = f"{tag}-{i}"
+        started = loop.time()
+        await ws.send(msgspec.json.encode({"type": "echo", "content": ref, "id": ref}).decode())
+        while True:
+            frame = await _next(ws)
+            if frame["type"] == "echo.reply":
+                assert frame["reply_to"] == ref, frame
+                break
+        times.append(loop.time() - started)
+        await asyncio.sleep(0.01)
+    return times
+
+
+async def test_a_flood_of_worst_case_msgpack_frames_leaves_other_clients_served(
+    guard: Guard,
+) -> None:
+    # Another process, within its rate limit (100 frames a second), sends 64 KiB
+    # MessagePack frames of empty arrays, the most containers per byte, faster than this
+    # machine may read them. Meanwhile another client's echo round trips keep coming back:
+    # each waits for a few of the flood's frames (an echo takes a few turns of the event
+    # loop), never for the whole backlog. The yardstick is measured here and now: the
+    # server's time per flood frame while the flood lasts.
+    import sys
+
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(90), ws_connect(guard.server.url) as echo:
+        welcome = await _welcome(echo)
+        conn_id = welcome["content"]["conn_id"]
+        control = await _echo_round_trips(echo, 20, "control")
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _FLOODER, guard.server.url, "8",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            # Measure once the flood is under way: its frames are being read.
+            first = guard.gateway.stats().frames_received
+            while guard.gateway.stats().frames_received < first + 20:
+                await asyncio.sleep(0.02)
+            started, received = loop.time(), guard.gateway.stats().frames_received
+            attacked = await _echo_round_trips(echo, 25, "attacked")
+            elapsed = loop.time() - started
+            flood_frames = guard.gateway.stats().frames_received - received - 25
+            # The yardstick holds only if the flood lasted the whole time.
+            assert flooder.returncode is None, "the flood ended before the echoes did"
+            out, _ = await asyncio.wait_for(flooder.communicate(), 60)
+        finally:
+            if flooder.returncode is None:
+                flooder.kill()
+                await flooder.wait()
+        guard.expected += [("echo", conn_id)] * 45
+    sent, answered = map(int, out.split())
+    per_frame = elapsed / max(1, flood_frames)
+    attacked.sort()
+    slow = attacked[int(len(attacked) * 0.9)]
+    print(
+        f"flood: {sent} frames sent, {answered} answered, {per_frame * 1e3:.1f} ms each; "
+        f"echo round trip median {sorted(control)[10] * 1e3:.1f} ms without it, "
+        f"90th percentile {slow * 1e3:.1f} ms during it"
+    )
+    # Every frame of the flood was read and answered (no_route: nothing handles its type),
+    # and the flood was a flood: it kept the server busy while the echoes were measured.
+    assert answered == sent > 100
+    assert flood_frames > 10
+    # An echo needs a handful of turns of the event loop; each may wait for one flood
+    # frame. Reading a backlog of frames in one go made it wait for dozens.
+    assert slow < 20 * per_frame, (slow, per_frame)
+    await guard.finish()

@@ -291,6 +291,12 @@ REF_DECODE_LIMIT: Final = 4096
 larger ones are not, so that refusing a flood stays cheap."""
 
 
+READ_YIELD_BYTES: Final = 16 * 1024
+"""A connection's reader gives other tasks a turn after reading this many bytes of frames
+without waiting: at most one large frame's work between turns (an echo round trip takes a
+few turns), and a yield per about 160 frames of 100 bytes, so typical frames pay nothing."""
+
+
 def _ref(data: str | bytes, codec: Codec) -> str | None:
     """Return the id of a frame being refused without processing, if it is cheap to find.
 
@@ -686,6 +692,9 @@ class Gateway:
         )
         if receive is None or translate is None:
             receive, translate = conn.receive, None
+        # An adapter's receive returns at once while frames are buffered: without a yield
+        # of its own, a client's burst of large frames would hold the loop until it is read.
+        unyielded = 0
         while True:
             try:
                 data = await receive()
@@ -697,6 +706,10 @@ class Gateway:
                     raise
                 return closed.code, closed.reason
             counters.frames_received += 1
+            unyielded += len(data)
+            if unyielded > READ_YIELD_BYTES:
+                unyielded = 0
+                await asyncio.sleep(0)  # other connections get a turn
             if client.close_code is not None:
                 # Read after we decided to close: it goes down with the connection.
                 counters.frames_lost += 1
