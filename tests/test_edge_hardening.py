@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import socket
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -138,7 +137,7 @@ async def test_absurd_subprotocol_offers_are_refused_before_any_per_name_work(
     # The control: the same bytes in a header nothing parses name by name.
     control = _offer(port, "X-Padding", 120, names)
     attack_times, control_times = [], []
-    for _ in range(3):
+    for _ in range(5):
         seconds, head = await asyncio.to_thread(_handshake_seconds, port, attack)
         attack_times.append(seconds)
         status, _, _ = _status_and_headers(head + b"\r\n\r\n")
@@ -146,11 +145,10 @@ async def test_absurd_subprotocol_offers_are_refused_before_any_per_name_work(
         seconds, head = await asyncio.to_thread(_handshake_seconds, port, control)
         control_times.append(seconds)
         assert head.startswith(b"HTTP/1.1 101")
-    # Negotiation costs what reading the bytes costs, not a multiple of the names.
-    assert statistics.median(attack_times) <= 3 * statistics.median(control_times), (
-        attack_times,
-        control_times,
-    )
+    # Negotiation costs what reading the bytes costs, not a multiple of the names. The
+    # fastest of each (a busy machine only adds time); the old parse took about a second
+    # against ~10 ms for the control, and the slack absorbs scheduling noise.
+    assert min(attack_times) <= 3 * min(control_times) + 0.02, (attack_times, control_times)
     response = await asyncio.to_thread(_exchange, port, attack)
     assert b"Sec-WebSocket-Protocol headers too long" in response
     many = await asyncio.to_thread(
