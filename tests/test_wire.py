@@ -1072,3 +1072,68 @@ def test_per_message_objects_stay_out_of_the_cycle_collector() -> None:
     to = Recipients(conn_ids=(ConnId("n.1"),))
     for value in (frame, sender, envelope, to, frame.content):
         assert not gc.is_tracked(value), value
+
+
+# --- What validation costs ---------------------------------------------------------------
+
+_COST_HEAD_J = '{"type":"x","id":"k1","content":'
+_COST_HEAD_M = b"\x83\xa4type\xa1x\xa2id\xa2k1\xa7content"
+
+
+def _json_array_frame(item: str) -> str:
+    n = (65_536 - len(_COST_HEAD_J) - 3) // (len(item) + 1)
+    return _COST_HEAD_J + "[" + ",".join([item] * n) + "]}"
+
+
+def _msgpack_array_frame(item: bytes) -> bytes:
+    n = (65_536 - len(_COST_HEAD_M) - 5) // len(item)
+    return _COST_HEAD_M + b"\xdc" + n.to_bytes(2, "big") + item * n
+
+
+# Frames of at most 64 KiB that maximize some kind of work per byte.
+WORST_CASES = [
+    pytest.param(_json_array_frame("[]"), J, id="json-empty-arrays"),
+    pytest.param(_json_array_frame("{}"), J, id="json-empty-objects"),
+    pytest.param(_json_array_frame('{"":0}'), J, id="json-one-pair-objects"),
+    pytest.param(_json_array_frame("1"), J, id="json-tiny-ints"),
+    pytest.param(_json_array_frame("[" * 30 + "]" * 30), J, id="json-deep"),
+    pytest.param(_msgpack_array_frame(b"\x90"), M, id="msgpack-empty-arrays"),
+    pytest.param(_msgpack_array_frame(b"\x80"), M, id="msgpack-empty-maps"),
+    pytest.param(_msgpack_array_frame(b"\x81\xa0\x00"), M, id="msgpack-one-pair-maps"),
+    pytest.param(_msgpack_array_frame(b"\x01"), M, id="msgpack-tiny-ints"),
+    pytest.param(_msgpack_array_frame(b"\xcc\x01"), M, id="msgpack-non-canonical-ints"),
+    pytest.param(_msgpack_array_frame(b"\x81\xa0\xcc\x00"), M, id="msgpack-non-canonical-maps"),
+    pytest.param(_msgpack_array_frame(b"\x91" * 29 + b"\x90"), M, id="msgpack-deep"),
+]
+
+
+def _best_time(fn: Any, repeat: int = 7) -> float:
+    import gc
+    import time
+
+    best = float("inf")
+    for _ in range(repeat):
+        gc.disable()  # the control decodes with the collector paused, as the gateway does
+        try:
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        finally:
+            gc.enable()
+    return best
+
+
+@pytest.mark.parametrize(("frame", "codec"), WORST_CASES)
+def test_validation_costs_a_small_multiple_of_decoding(frame: str | bytes, codec: Codec) -> None:
+    # The control is msgspec decoding the same bytes with no checks: the gateway needs the
+    # decoded content anyway, so that is the floor. A Python step per value or per
+    # container (the walk this replaced) cost 13-35 times it on four of these frames.
+    assert len(frame.encode() if isinstance(frame, str) else frame) <= 65_536
+    result = decode_client_frame(frame, codec)
+    assert isinstance(result, ClientFrame), result
+    plain = msgspec.json.Decoder() if codec is J else msgspec.msgpack.Decoder()
+    control = validation = float("inf")
+    for _ in range(3):  # interleaved, so that a busy moment hits both
+        control = min(control, _best_time(lambda: plain.decode(frame)))
+        validation = min(validation, _best_time(lambda: decode_client_frame(frame, codec)))
+    assert validation < 15 * control, (validation, control)
