@@ -22,6 +22,7 @@ from typing import Any, Final
 from Pyro5 import config as pyro_config
 from Pyro5 import errors as pyro_errors
 from Pyro5 import protocol, serializers, socketutil, svr_threads
+from Pyro5.client import Proxy
 from Pyro5.server import Daemon
 
 __all__ = [
@@ -89,6 +90,18 @@ REQUIRED: Final[dict[str, Callable[[], bool]]] = {
     ),
     "socketutil.SocketConnection.recv(size)": lambda: (
         list(inspect.signature(socketutil.SocketConnection.recv).parameters) == ["self", "size"]
+    ),
+    # Documented Pyro5 API that the rest of wsbus_pyro uses: checked here too.
+    "Proxy._pyroHandshake / _pyroValidateHandshake / _pyroRelease / _pyroTimeout": lambda: (
+        all(
+            hasattr(Proxy, n)
+            for n in ("_pyroValidateHandshake", "_pyroRelease", "_pyroBind", "_pyroTimeout")
+        )
+        and "_pyroHandshake" in inspect.getsource(Proxy.__init__)
+    ),
+    "Daemon.validateHandshake / events / sock / sockets / locationStr": lambda: (
+        all(hasattr(Daemon, n) for n in ("validateHandshake", "events", "sock", "sockets"))
+        and "locationStr" in inspect.getsource(Daemon.__init__)
     ),
 }
 """Each Pyro5 internal wsbus uses, with a check that it is still there and shaped the same."""
