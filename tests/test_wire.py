@@ -762,6 +762,15 @@ def test_every_refusal_of_a_frame_with_a_valid_id_carries_its_ref(
         assert_clean_message(result)
 
 
+def test_a_surrogate_in_the_text_itself_keeps_the_ref() -> None:
+    text = '{"id":"abc","type":"a","content":"\ud800"}'  # the character, not an escape
+    assert decode_client_frame(text, J) == Rejection(
+        ErrorCode.BAD_VALUE, "text contains a lone UTF-16 surrogate", "abc"
+    )
+    in_the_id = '{"id":"ab\ud800","type":"a"}'
+    assert decode_client_frame(in_the_id, J).ref is None  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("bad", _MP_BAD_UTF8, ids=[b.hex() for b in _MP_BAD_UTF8])
 def test_invalid_utf8_in_a_msgpack_id_is_refused_without_a_ref(bad: bytes) -> None:
     data = b"\x82\xa4type\xa1a\xa2id" + bytes([0xA0 + len(bad)]) + bad

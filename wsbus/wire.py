@@ -570,7 +570,14 @@ def _decode(
         try:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Reject(ErrorCode.BAD_VALUE, "text contains a lone UTF-16 surrogate") from None
+            # The text itself holds a surrogate (no edge that checks UTF-8 lets one through):
+            # refused whatever the codec, with the JSON frame's id if that one is valid.
+            ref = None
+            if codec is Codec.JSON and len(data) <= limits.max_frame_bytes:
+                outline = _json_outline(data)[1]
+                ref = _json_ref(outline) if outline is not None else None
+            message = "text contains a lone UTF-16 surrogate"
+            raise _Reject(ErrorCode.BAD_VALUE, message, ref) from None
     else:
         raw = bytes(data)
     if len(raw) > limits.max_frame_bytes:
