@@ -69,6 +69,16 @@ _RESPONSE_405: Final = (
     b"Connection: close\r\n\r\n" + _BODY_405
 )
 
+_BODY_431: Final = b"request head too large\n"
+_RESPONSE_431: Final = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: " + str(len(_BODY_431)).encode() + b"\r\n"
+    b"Cache-Control: no-store\r\n"
+    b"X-Content-Type-Options: nosniff\r\n"
+    b"Connection: close\r\n\r\n" + _BODY_431
+)
+
 # Phases of a connection's input, from the first byte to the open WebSocket.
 _LINE, _HEADERS, _HOLD, _OPEN, _DISCARD = range(5)
 
@@ -271,6 +281,7 @@ class EdgeConnection(ServerConnection):
         "_gathered",
         "_gathered_frames",
         "_guard",
+        "_head_left",
         "_held",
         "_inflight",
         "_line",
@@ -289,11 +300,14 @@ class EdgeConnection(ServerConnection):
         *,
         guard: HandshakeGuard,
         write_bound: int,
+        max_head: int = 16 * 1024,
         **kwargs: Any,
     ) -> None:
         super().__init__(protocol, server, **kwargs)
         self._guard = guard
         self._bound = write_bound
+        # Bytes of the request's head still allowed (EdgeConfig.max_request_head).
+        self._head_left = max_head
         self._phase = _LINE
         # The request line so far, and what came after the request's head; emptied (to the
         # shared b"") once the handshake is over: an open connection carries neither.
@@ -371,6 +385,15 @@ class EdgeConnection(ServerConnection):
         # _HEADERS: pass bytes on up to the blank line that ends the head, hold the rest.
         scan = self._tail + data
         end = scan.find(b"\r\n\r\n")
+        self._head_left -= len(data) if end < 0 else end + 4 - len(self._tail)
+        if self._head_left < 0:
+            # Refused before websockets parses more of it: its limits (128 lines of 8 KiB)
+            # let a megabyte through, and some headers cost more than their bytes.
+            self._phase = _DISCARD
+            self._guard.leave(self)
+            self.transport.write(_RESPONSE_431)
+            self.transport.close()
+            return
         if end < 0:
             self._tail = scan[-3:]
             self._guard.partial(self)
@@ -577,9 +600,11 @@ class EdgeConnection(ServerConnection):
         return unsent + len(inflight)
 
 
-def connection_factory(guard: HandshakeGuard, write_bound: int) -> Any:
+def connection_factory(guard: HandshakeGuard, write_bound: int, max_head: int = 16 * 1024) -> Any:
     """Return what to pass as ``create_connection`` to websockets' ``serve``."""
-    return functools.partial(EdgeConnection, guard=guard, write_bound=write_bound)
+    return functools.partial(
+        EdgeConnection, guard=guard, write_bound=write_bound, max_head=max_head
+    )
 
 
 def check_internals() -> list[str]:

@@ -58,6 +58,15 @@ ACCEPT_LOG_INTERVAL: Final = 10.0
 _SINGLE_HEADERS: Final = ("Host", "Origin", "Upgrade", "Authorization", "Cookie")
 """Headers that must not be repeated in an upgrade request."""
 
+_TOKEN_HEADERS: Final = ("Connection", "Sec-WebSocket-Extensions")
+"""Headers websockets parses token by token after ``process_request``, concatenating one
+list per header line (quadratic in the lines): at most ``_TOKEN_HEADER_LINES`` lines and
+``_TOKEN_HEADER_BYTES`` bytes each. Sec-WebSocket-Protocol has its own, configurable, caps
+and Upgrade may not be repeated."""
+
+_TOKEN_HEADER_LINES: Final = 2
+_TOKEN_HEADER_BYTES: Final = 1024
+
 
 class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Settings of the WebSocket edge, with defaults fit for the open internet.
@@ -85,6 +94,9 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         max_subprotocols: subprotocol names a handshake may offer; more get HTTP 400.
         max_subprotocol_bytes: bytes of ``Sec-WebSocket-Protocol`` headers a handshake
             may send; more get HTTP 400.
+        max_request_head: bytes of a request's head (request line and headers) at most,
+            counted as they are read; a longer head gets HTTP 431 before it is parsed.
+            16 KiB by default: browsers send 1-4 KiB, cookies included.
         ping_interval: seconds between keepalive pings; None disables them.
         ping_timeout: seconds to wait for a pong before closing with 1011.
         close_timeout: seconds to wait for the closing handshake.
@@ -105,6 +117,7 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_handshakes: int | None = None
     max_subprotocols: int = 16
     max_subprotocol_bytes: int = 4096
+    max_request_head: int = 16 * 1024
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
@@ -122,6 +135,8 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_subprotocols must be >= 1 and max_subprotocol_bytes >= 64")
         if self.open_timeout <= 0:
             raise ConfigError("open_timeout must be > 0")
+        if self.max_request_head < 4096:
+            raise ConfigError("max_request_head must be >= 4096 bytes")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():
             raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
 
@@ -268,7 +283,9 @@ class EdgeServer:
             self._handler,
             host,
             port,
-            create_connection=connection_factory(self.handshakes, write_bound),
+            create_connection=connection_factory(
+                self.handshakes, write_bound, config.max_request_head
+            ),
             process_request=self._process_request,
             select_subprotocol=self._select_subprotocol,
             compression="deflate" if config.compression else None,
@@ -375,6 +392,17 @@ class EdgeServer:
             if len(headers.get_all(name)) > 1:
                 # Two parsers could read a repeated header two ways: refuse the ambiguity.
                 return _plain(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
+        for name in _TOKEN_HEADERS:
+            # Checked on every request, upgrade or not, before websockets parses any token.
+            values = headers.get_all(name)
+            if len(values) > _TOKEN_HEADER_LINES or (
+                sum(len(value) for value in values) > _TOKEN_HEADER_BYTES
+            ):
+                return _plain(
+                    http.HTTPStatus.BAD_REQUEST,
+                    f"{name} headers too long: at most {_TOKEN_HEADER_LINES} lines and "
+                    f"{_TOKEN_HEADER_BYTES} bytes\n",
+                )
         head = getattr(connection, "head_request", False)
         if head or "websocket" not in headers.get("Upgrade", "").lower():
             response = self._http(connection, request)

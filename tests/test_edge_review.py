@@ -1,0 +1,113 @@
+"""The WebSocket edge against what the second security review found, each on a real server
+on 127.0.0.1: repeated ``Connection`` headers (a parse quadratic in their lines), request
+heads of a megabyte, ping and tiny-frame floods handled in one long turn, the settling of
+deliveries that waited in the transport, and the accounting after a TCP reset."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from bench.edge_attacks import read_head, upgrade_request
+from wsbus import Gateway
+from wsbus_websockets import EdgeConfig, EdgeServer
+
+BIG_HEAD = EdgeConfig(max_request_head=2 * 1024 * 1024)
+"""A head cap out of the way: what the header checks refuse, they refuse on their own."""
+
+
+async def _poll(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def _handshake(port: int, request: bytes) -> tuple[float, int, bytes]:
+    """Send ``request``; return (seconds to the response's head, its status, the rest)."""
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        head, rest = read_head(sock)
+        seconds = time.perf_counter() - start
+        if not head.startswith(b"HTTP/1.1 101"):
+            sock.settimeout(5)
+            with_body = rest
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                with_body += chunk
+            rest = with_body
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return seconds, status, rest
+
+
+def _lines(port: int, name: str, lines: int) -> bytes:
+    tokens = ",".join(["a"] * 4000)  # 7,999 bytes: one line under websockets' 8 KiB
+    return upgrade_request("127.0.0.1", port, [(name, tokens)] * lines)
+
+
+# -- 1. headers websockets parses token by token ---------------------------------------------
+
+
+@pytest.mark.parametrize("wsbus_edge_config", [BIG_HEAD])
+async def test_repeated_connection_headers_are_refused_before_websockets_parses_them(
+    wsbus_server: EdgeServer,
+) -> None:
+    port = wsbus_server.port
+    # 120 more Connection lines of 4,000 tokens: websockets' parse concatenates one list
+    # per line (quadratic); it took ~0.8 s per handshake, and the client was upgraded.
+    attack = _lines(port, "Connection", 120)
+    control = _lines(port, "X-Padding", 120)  # the same bytes in a header nobody parses
+    attack_times, control_times = [], []
+    for _ in range(3):
+        seconds, status, body = await asyncio.to_thread(_handshake, port, attack)
+        attack_times.append(seconds)
+        assert status == 400 and b"Connection headers too long" in body, (status, body)
+        seconds, status, _ = await asyncio.to_thread(_handshake, port, control)
+        control_times.append(seconds)
+        assert status == 101
+    # The fastest of each (a busy machine only adds time): reading the bytes, no more.
+    assert min(attack_times) <= 3 * min(control_times) + 0.02, (attack_times, control_times)
+    extensions = _lines(port, "Sec-WebSocket-Extensions", 120)
+    _, status, body = await asyncio.to_thread(_handshake, port, extensions)
+    assert status == 400 and b"Sec-WebSocket-Extensions headers too long" in body
+    # Three short lines are already too many; what browsers send (one or two) is not.
+    three = [("Connection", "keep-alive"), ("Connection", "Upgrade")]
+    _, status, _ = await asyncio.to_thread(
+        _handshake, port, upgrade_request("127.0.0.1", port, three)
+    )
+    assert status == 400
+    one_more = [("Connection", "keep-alive")]
+    _, status, _ = await asyncio.to_thread(
+        _handshake, port, upgrade_request("127.0.0.1", port, one_more)
+    )
+    assert status == 101
+
+
+async def test_a_request_head_over_the_cap_gets_431_before_it_is_parsed(
+    wsbus_server: EdgeServer, wsbus_gateway: Gateway
+) -> None:
+    port = wsbus_server.port
+    limit = wsbus_server.config.max_request_head
+    assert limit == 16 * 1024  # the documented default
+    padding = [(f"X-Pad-{i}", "p" * 1000) for i in range(20)]  # ~20 KiB
+    _, status, body = await asyncio.to_thread(
+        _handshake, port, upgrade_request("127.0.0.1", port, padding)
+    )
+    assert status == 431 and body.endswith(b"request head too large\n"), (status, body)
+    # A head just under the cap is served.
+    _, status, _ = await asyncio.to_thread(
+        _handshake, port, upgrade_request("127.0.0.1", port, padding[:14])
+    )
+    assert status == 101
+    guard = wsbus_server.handshakes
+    assert guard is not None
+    await _poll(lambda: guard.pending == 0)
