@@ -6,13 +6,17 @@ deliveries that waited in the transport, and the accounting after a TCP reset.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 import pytest
+from websockets.protocol import Protocol, Side, State
 
 from bench.edge_attacks import read_head, upgrade_request
+from tests.conftest import assert_balanced
 from wsbus import Gateway
 from wsbus_websockets import EdgeConfig, EdgeServer
 
@@ -111,3 +115,104 @@ async def test_a_request_head_over_the_cap_gets_431_before_it_is_parsed(
     guard = wsbus_server.handshakes
     assert guard is not None
     await _poll(lambda: guard.pending == 0)
+
+
+# -- 2. ping and tiny-frame floods -----------------------------------------------------------
+
+EMPTY_PING: Final = b"\x89\x80\x00\x00\x00\x00"  # masked (with a zero mask), no payload
+
+PINGER = r"""
+import base64, os, socket, struct, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+key = base64.b64encode(os.urandom(16)).decode()
+sock.sendall(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+assert sock.recv(65536).startswith(b"HTTP/1.1 101")
+got = [0]
+def read():
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except OSError:
+            return
+        if not data:
+            return
+        got[0] += len(data)
+threading.Thread(target=read, daemon=True).start()
+chunk = b"\x89\x80\x00\x00\x00\x00" * (1 << 16)
+sent, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    sock.sendall(chunk)
+    sent += len(chunk)
+# Gone at once, mid-read for the server: a reset.
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+sock.close()
+print(sent, got[0], flush=True)
+"""
+
+
+def _parse_seconds(data: bytes) -> float:
+    """What websockets takes to parse ``data`` and answer it, without any I/O."""
+    protocol = Protocol(Side.SERVER, state=State.OPEN, max_size=None)
+    start = time.perf_counter()
+    protocol.receive_data(data)
+    protocol.events_received()
+    protocol.data_to_send()
+    return time.perf_counter() - start
+
+
+async def test_a_ping_flood_is_parsed_in_turns_and_a_reset_logs_nothing_per_pong(
+    wsbus_server: EdgeServer,
+    wsbus_gateway: Gateway,
+    wsbus_ws_connect: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The control: websockets' own work for one read (asyncio reads up to 256 KiB) of
+    # these pings, with no I/O, measured here; the middle of three.
+    one_read = EMPTY_PING * (256 * 1024 // len(EMPTY_PING))
+    control = sorted([_parse_seconds(one_read) for _ in range(3)])[1]
+    fast = await wsbus_ws_connect()
+    worst = 0.0
+    done = asyncio.Event()
+
+    async def monitor() -> None:
+        nonlocal worst
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            start = loop.time()
+            await asyncio.sleep(0.002)
+            worst = max(worst, loop.time() - start - 0.002)
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    watcher = asyncio.create_task(monitor())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PINGER,
+        str(wsbus_server.port),
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, _ = await proc.communicate()
+        await asyncio.sleep(0.5)  # the server handles what it read before the reset
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        done.set()
+        await watcher
+    sent, read = map(int, out.split())
+    assert sent >= 1024 * 1024 and read > 0, (sent, read)
+    # Each turn handles a slice of a read: the loop never waits for a whole one. Before,
+    # one read's 43,000 pongs were parsed and written in one turn (1.2-1.7 s here).
+    assert worst < control / 2, f"the loop stalled {worst:.3f} s; one read: {control:.3f} s"
+    # The pongs of a turn go out in one write, and none to a transport that failed: one
+    # reset mid-read logged a warning per pong (43,000 lines).
+    failed = [r for r in caplog.records if r.getMessage() == "socket.send() raised exception."]
+    assert len(failed) < 10, f"{len(failed)} lines of 'socket.send() raised exception.'"
+    assert (await fast.request("echo", "still here"))["content"]["content"] == "still here"
+    await _poll(lambda: wsbus_gateway.stats().connections == 1)
+    assert_balanced(wsbus_gateway.stats())

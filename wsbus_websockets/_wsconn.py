@@ -51,6 +51,15 @@ MAX_HEADER: Final = 10
 MAX_REQUEST_LINE: Final = 8192 + 2
 """websockets' default line limit (8 KiB) and its CRLF: past it, websockets answers 414."""
 
+FEED_BYTES: Final = 8 * 1024
+"""Bytes of input handed to websockets per event-loop turn on an open connection.
+
+websockets parses all it is given in one call, and a read can be 256 KiB: 43,000 empty
+pings, a second or more of work. The rest of a read waits, with reading paused, for the
+next turns, so other connections get theirs in between. 8 KiB of empty pings (1,365) cost
+websockets about 11 ms; 16 KiB left the loop's worst stall over 100 ms on a busy 2-core
+machine."""
+
 HELD_AFTER_REQUEST: Final = 64 * 1024
 """Bytes a client may send after its request before the response; more aborts it."""
 
@@ -193,16 +202,20 @@ class CountingTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         self.written += n
-        if self.lost:
-            self.discarded += n  # asyncio drops writes after the connection is lost
+        if self.lost or self._t.is_closing():
+            # asyncio drops writes to a closing transport, and once it has failed logs a
+            # warning for each: thousands for the pongs of one read. Not handed on.
+            self.discarded += n
+            return
         self._t.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
         n = sum(len(c) for c in chunks)
         self.written += n
-        if self.lost:
+        if self.lost or self._t.is_closing():
             self.discarded += n
+            return
         self._t.writelines(chunks)
 
     def abort(self) -> None:
@@ -277,6 +290,7 @@ class EdgeConnection(ServerConnection):
     # instances of a class share keys in (30 at most on CPython), and a dict of its own
     # per connection would cost over a kilobyte.
     __slots__ = (
+        "_backlog",
         "_bound",
         "_gathered",
         "_gathered_frames",
@@ -325,6 +339,8 @@ class EdgeConnection(ServerConnection):
         # Where each frame the socket may not have taken yet ends in the output stream;
         # None while everything written has reached the socket.
         self._inflight: deque[int] | None = None
+        # Input read and not yet given to websockets (see FEED_BYTES); None when none.
+        self._backlog: memoryview | None = None
 
     @property
     def peer(self) -> str:
@@ -345,6 +361,7 @@ class EdgeConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard.leave(self)
+        self._backlog = None
         if self.out is not None:
             self.out.lost = True
         super().connection_lost(exc)
@@ -357,9 +374,14 @@ class EdgeConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         phase = self._phase
         if phase is _OPEN:
-            super().data_received(data)
-            if self.transport.get_write_buffer_size() > self._bound:
-                self._not_reading()
+            backlog = self._backlog
+            if backlog is None:
+                self._feed(data)
+            else:
+                # websockets resumed reading (its queue of frames drained) while part of
+                # an earlier read waits: after it, in order; and pause again.
+                self._backlog = memoryview(bytes(backlog) + data)
+                self.transport.pause_reading()
             return
         if phase is _HOLD:
             self._hold(data)
@@ -408,6 +430,40 @@ class EdgeConnection(ServerConnection):
         super().data_received(data[:cut])
         if cut < len(data):
             self._hold(data[cut:])
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        # At most FEED_BYTES to websockets now; the rest in the next turns, reading paused.
+        waiting = self._backlog is not None
+        rest = None
+        if len(data) > FEED_BYTES:
+            view = memoryview(data)
+            data, rest = view[:FEED_BYTES], view[FEED_BYTES:]
+        self._backlog = rest
+        super().data_received(data if isinstance(data, bytes) else bytes(data))
+        if self._phase is not _OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self._bound:
+            self._backlog = None
+            self._not_reading()
+        elif rest is not None:
+            if not waiting:
+                self.transport.pause_reading()
+            self.loop.call_soon(self._feed_backlog)
+        elif waiting and not self.recv_messages.paused:
+            # Unless websockets paused reading itself (its queue of frames is full).
+            self.transport.resume_reading()
+
+    def _feed_backlog(self) -> None:
+        backlog = self._backlog
+        if backlog is not None and self._phase is _OPEN:
+            self._feed(backlog)
+
+    def eof_received(self) -> None:
+        """The peer ended its side: the input still waiting goes to websockets first."""
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None and self._phase is _OPEN:
+            super().data_received(bytes(backlog))
+        super().eof_received()
 
     def _request_line(self, line: bytes, end: int) -> bytes:
         method, _, _ = line.partition(b" ")
@@ -539,11 +595,12 @@ class EdgeConnection(ServerConnection):
         self._write_gathered()
 
     def send_data(self) -> None:
-        """Write what the protocol holds: websockets' own way, with our frames first."""
-        if self._gathered_frames:
-            self._write_gathered()
-        else:
-            super().send_data()
+        """Write what the protocol holds, our gathered frames first, in one call.
+
+        websockets writes each chunk on its own: one system call per pong when a read
+        held thousands of pings. All of them go in one ``writelines``.
+        """
+        self._write_gathered()
 
     def _write_gathered(self) -> None:
         frames, self._gathered_frames = self._gathered_frames, 0
@@ -615,8 +672,28 @@ def check_internals() -> list[str]:
         if not hasattr(owner, name):
             problems.append(f"{getattr(owner, '__qualname__', owner)}.{name} ({what}) is gone")
 
-    for name in ("data_received", "connection_made", "connection_lost", "resume_writing"):
+    for name in (
+        "data_received",
+        "eof_received",
+        "connection_made",
+        "connection_lost",
+        "resume_writing",
+    ):
         need(ServerConnection, name, "asyncio.Protocol callback we extend")
+    # Reading is paused while part of a read waits (FEED_BYTES), and resumed only if
+    # websockets' own flow control (its queue of frames) has not paused the same transport.
+    from websockets.asyncio.messages import Assembler
+
+    made = inspect.getsource(Connection.connection_made)
+    if "self.recv_messages = Assembler(" not in made or (
+        "pause=transport.pause_reading" not in made
+    ):
+        problems.append(
+            "websockets no longer pauses reading through Connection.recv_messages "
+            "(an Assembler given transport.pause_reading)"
+        )
+    if "self.paused = " not in inspect.getsource(Assembler.__init__):
+        problems.append("websockets' Assembler no longer says whether it paused reading")
     need(ServerConnection, "send_data", "the one place websockets writes the protocol's output")
     need(ServerConnection, "handshake", "the opening handshake we wrap")
     handshake = inspect.getsource(ServerConnection.handshake)
