@@ -237,7 +237,10 @@ def test_no_name_server_no_bus_and_a_wrong_secret_are_three_messages(
     assert "no Pyro name server" in no_ns and nowhere in no_ns and "wsbus nameserver" in no_ns
 
     ns_port = str(deployment.ns_port)
-    no_bus = one_line(run("service", "myapp.todo:Todo", "--ns-port", ns_port, cwd=app), 1)
+    shared: dict[str, str | None] = {"WSBUS_SECRET": deployment.secret}
+    no_bus = one_line(
+        run("service", "myapp.todo:Todo", "--ns-port", ns_port, cwd=app, env=shared), 1
+    )
     assert "knows no message bus" in no_bus and "wsbus bus" in no_bus
 
     deployment.children.append(

@@ -23,7 +23,7 @@ from Pyro5 import errors as pyro_errors
 from Pyro5.api import Proxy, locate_ns
 
 from wsbus_pyro import PyroConfig
-from wsbus_pyro.transport import make_proxy
+from wsbus_pyro.transport import make_proxy, name_server
 from wsbus_websockets import connect
 
 
@@ -116,8 +116,13 @@ def test_a_rogue_service_without_the_secret_cannot_register(demo: Demo) -> None:
 
 
 def test_a_rogue_pyro_client_cannot_register_nor_deliver(demo: Demo) -> None:
-    ns = locate_ns("127.0.0.1", demo.ns_port)
-    names = ns.list()
+    # Plain Pyro, as any local process could: the name server refuses it at the handshake.
+    with pytest.raises(pyro_errors.PyroError):
+        locate_ns("127.0.0.1", demo.ns_port).list()
+    secret = _environ(demo.children[1])["WSBUS_SECRET"]
+    config = PyroConfig(ns_port=demo.ns_port, secret=secret)
+    with name_server(config) as ns:
+        names = ns.list()
     bus_uri = names["wsbus.bus"]
     gateways = [uri for name, uri in names.items() if name.startswith("wsbus.gateway.")]
     assert len(gateways) == 1
@@ -127,8 +132,6 @@ def test_a_rogue_pyro_client_cannot_register_nor_deliver(demo: Demo) -> None:
     with Proxy(gateways[0]) as gateway, pytest.raises(pyro_errors.PyroError):
         gateway.deliver(b"")
     # The control: with the demo's secret the same bus answers, and the spy is not there.
-    secret = _environ(demo.children[1])["WSBUS_SECRET"]
-    config = PyroConfig(ns_port=demo.ns_port, secret=secret)
     with make_proxy(bus_uri, config) as bus:
         assert bus.registered("service", "spy", "PYRO:spy@127.0.0.1:1") is False
 

@@ -46,7 +46,7 @@ from wsbus import (
 )
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_pyro.config import handshake
-from wsbus_pyro.transport import encode_batch, make_proxy
+from wsbus_pyro.transport import encode_batch, make_proxy, name_server
 from wsbus_testing.processes import Child, free_port
 
 Spawn = Callable[[str], Child]
@@ -359,8 +359,7 @@ def args_for(config: PyroConfig) -> list[str]:
 def ns_lookup(config: PyroConfig, name: str) -> str | None:
     """Look ``name`` up in the name server (blocking: call it in a thread)."""
     try:
-        ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
-        with make_proxy(ns_uri, config, authenticate=False) as ns:
+        with name_server(config) as ns:
             return str(ns.lookup(name))
     except (pyro_errors.NamingError, pyro_errors.CommunicationError, OSError):
         return None

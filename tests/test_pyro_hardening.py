@@ -12,16 +12,25 @@ import contextlib
 import inspect
 import json
 import marshal
+import os
+import queue
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import serpent
 from Pyro5 import protocol
+from Pyro5.client import Proxy
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.typing import Subprotocol
@@ -43,14 +52,17 @@ from wsbus import (
     ConnId,
     Context,
     Envelope,
+    EnvelopeId,
     Gateway,
     MemoryClient,
     Recipients,
     Service,
+    ServiceAddress,
     handles,
 )
 from wsbus.demo_services import Echo
 from wsbus_pyro import PyroConfig, ServiceHost
+from wsbus_pyro.transport import encode_batch, lookup, make_proxy
 from wsbus_testing.processes import Child, free_port
 from wsbus_testing.services import Director
 
@@ -619,3 +631,233 @@ async def test_a_service_is_told_what_a_bus_that_stays_down_did_not_take(
     finally:
         await host.close()
     assert [m["reason"] for m in director.missed] == ["unavailable"] * len(sent)
+
+
+# -- the name server with a shared secret ----------------------------------------------------
+
+NS_ATTACKER = """
+import sys, time
+from Pyro5 import config
+from Pyro5.api import Proxy
+config.COMMTIMEOUT = 3.0
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+uri = f"PYRO:Pyro.NameServer@{host}:{port}"
+held = []
+def bind_more():
+    while len(held) < count:
+        proxy = Proxy(uri)
+        proxy._pyroTimeout = 3.0
+        try:
+            proxy._pyroBind()
+        except Exception:
+            return
+        held.append(proxy)
+bind_more()
+print("held", len(held), flush=True)
+while True:  # keep every connection busy, and keep asking for more
+    for proxy in held:
+        try:
+            proxy.ping()
+        except Exception:
+            pass
+    bind_more()
+    time.sleep(1.0)
+"""
+"""Plain Pyro, as any local process may run it: no secret. It opens ``count`` proxies to
+the name server, pings each about once a second, and prints how many it holds."""
+
+
+def name_server(config: PyroConfig) -> Any:
+    """A proxy for the name server, proving ``config.secret`` as every wsbus process does."""
+    return make_proxy(f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}", config)
+
+
+def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The first line ``process`` prints, within ``timeout`` seconds."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    stdout = process.stdout
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line within {timeout} s") from None
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    """End a process this test started, by its own pid."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait(WAIT)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def test_a_process_without_the_secret_cannot_hold_the_name_servers_workers() -> None:
+    # The review's attack: 140 plain Pyro proxies (more than the 128 workers) pinging the
+    # name server. Before, it held every worker: a restarted bus could not register and
+    # no lookup got through. With a secret, each is refused at the handshake.
+    secret = "ns-secret-" + os.urandom(8).hex()
+    config = PyroConfig(ns_port=free_port(), secret=secret, reregister_interval=0.2)
+    env: dict[str, str | None] = {"WSBUS_SECRET": secret}
+    where = ["--ns-host", config.ns_host, "--ns-port", str(config.ns_port)]
+    count = config.threadpool_size + 12
+    children: list[Child] = []
+    attacker: subprocess.Popen[str] | None = None
+    try:
+        children.append(Child(["nameserver", *where], env=env))
+        attacker = subprocess.Popen(
+            [sys.executable, "-c", NS_ATTACKER, config.ns_host, str(config.ns_port), str(count)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "WSBUS_SECRET"},
+        )
+        held = _first_line(attacker, WAIT).split()
+        # Under the attack: a bus starts and registers (as after a crash), and is found.
+        children.append(Child(["bus", *where], env=env))
+        for _ in range(4):  # over several of the attacker's rounds
+            with lookup(config.bus_name, config) as bus:
+                assert isinstance(bus.info(), dict)
+            with name_server(config) as ns:
+                assert config.bus_name in ns.list()
+            time.sleep(0.5)
+        assert attacker.poll() is None, "the attacker stopped: nothing was tested"
+    finally:
+        if attacker is not None:
+            _end(attacker)
+        for child in reversed(children):
+            child.stop()
+    assert held == ["held", "0"], held
+
+
+def test_the_name_server_refuses_plain_pyro_with_a_secret_and_is_open_without() -> None:
+    secret = "ns-secret-" + os.urandom(8).hex()
+    for with_secret in (True, False):
+        config = PyroConfig(ns_port=free_port(), secret=secret if with_secret else None)
+        env: dict[str, str | None] = {"WSBUS_SECRET": config.secret}
+        ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
+        child = Child(["nameserver", "--ns-port", str(config.ns_port)], env=env)
+        try:
+            with name_server(config) as ns:
+                ns.register("x.y", "PYRO:x@127.0.0.1:1")
+
+            def plain(uri: str = ns_uri) -> Any:
+                with Proxy(uri) as proxy:
+                    proxy._pyroTimeout = WAIT
+                    return proxy.list()
+
+            def wrong(cfg: PyroConfig = config) -> Any:
+                with name_server(msgspec.structs.replace(cfg, secret="a-wrong-one")) as ns:
+                    return ns.list()
+
+            if with_secret:
+                # Pyro's nsc or any plain proxy, or a wrong secret: refused, nothing read.
+                for call in (plain, wrong):
+                    with pytest.raises(Exception):  # noqa: B017 - any refusal
+                        call()
+            else:
+                assert "x.y" in plain()  # open, as Pyro's own name server
+        finally:
+            child.stop()
+
+
+# -- a refused envelope is taken when sent again ----------------------------------------------
+
+
+class Gate(Service):
+    """Takes ``job.do`` messages and holds the first until released: its inbox fills."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.took: list[str] = []
+
+    @handles("job.do")
+    async def job(self, message: Envelope, ctx: Context) -> None:
+        """Record the job, and wait for the release."""
+        self.took.append(str(message.id))
+        await self.release.wait()
+
+
+def _job(id_: str) -> Envelope:
+    return Envelope(
+        id=EnvelopeId(id_),
+        type="job.do",
+        sender=ServiceAddress("a"),
+        content={"id": id_},
+        created=time.time(),
+    )
+
+
+async def test_an_envelope_refused_with_a_full_inbox_is_taken_when_sent_again(
+    wsbus_message_bus: Child, wsbus_pyro_config: PyroConfig
+) -> None:
+    # What a bus does after a crash: the sender sends again what was refused
+    # ("unavailable", inbox full). Before, the first refusal recorded the id as seen, so the
+    # second copy was confirmed "ok" and dropped: the work was lost silently.
+    gate = Gate()
+    host = ServiceHost(gate, wsbus_pyro_config, inbox_size=1)
+    await host.start()
+
+    def deliver(*ids: str) -> Any:
+        with make_proxy(host.uri, wsbus_pyro_config) as endpoint:
+            return endpoint.deliver(encode_batch([_job(i) for i in ids]))
+
+    async def until_taken(id_: str) -> None:
+        async with asyncio.timeout(WAIT):
+            while id_ not in gate.took:
+                await asyncio.sleep(0.01)
+
+    try:
+        assert await asyncio.to_thread(deliver, "a-1") == ["ok"]
+        await until_taken("a-1")  # the handler holds it: the inbox is empty
+        assert await asyncio.to_thread(deliver, "a-2") == ["ok"]  # the inbox is full
+        assert await asyncio.to_thread(deliver, "a-x") == ["unavailable"]
+        gate.release.set()
+        await until_taken("a-2")
+        # The same envelope again (the inbox has room now), then a marker behind it.
+        assert await asyncio.to_thread(deliver, "a-x") == ["ok"]
+        assert await asyncio.to_thread(deliver, "a-3") == ["ok"]
+        await until_taken("a-3")  # handled in order: a-x first, if it was taken
+        # A second copy of what the service took is still dropped, and confirmed.
+        assert await asyncio.to_thread(deliver, "a-x") == ["ok"]
+        assert await asyncio.to_thread(deliver, "a-4") == ["ok"]
+        await until_taken("a-4")
+    finally:
+        await host.close()
+    assert gate.took == ["a-1", "a-2", "a-x", "a-3", "a-4"]
+
+
+# -- the fixtures pass a secret in the environment ------------------------------------------
+
+
+class TestFixturesWithASecret:
+    @pytest.fixture
+    def wsbus_pyro_config(self) -> PyroConfig:
+        return PyroConfig(
+            ns_port=free_port(),
+            secret="fixture-secret-" + os.urandom(8).hex(),
+            reregister_interval=0.2,
+            comm_timeout=3.0,
+        )
+
+    def test_the_secret_is_in_the_environment_never_on_a_command_line(
+        self,
+        wsbus_nameserver: Child,
+        wsbus_spawn_service: Callable[[str], Child],
+        wsbus_message_bus: Child,
+        wsbus_pyro_config: PyroConfig,
+    ) -> None:
+        secret = wsbus_pyro_config.secret
+        assert secret is not None
+        service = wsbus_spawn_service(ECHO)
+        for child in (wsbus_nameserver, wsbus_message_bus, service):
+            cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().decode()
+            environ = Path(f"/proc/{child.pid}/environ").read_bytes().decode().split("\0")
+            assert secret not in cmdline, child.args
+            assert f"WSBUS_SECRET={secret}" in environ, child.args
+        # They share it: the bus registered with the name server and is found with it.
+        with lookup(wsbus_pyro_config.bus_name, wsbus_pyro_config) as bus:
+            assert isinstance(bus.info(), dict)

@@ -497,7 +497,8 @@ def check_pyro(config: Any, *, bus: bool = True) -> None:
     """Check that the name server (and the message bus) answer and accept our secret.
 
     Three causes, three messages: no name server at the address; no bus registered with it
-    (or it no longer answers); a bus whose shared secret is not this process's.
+    (or it no longer answers); a name server or bus whose shared secret is not this
+    process's.
 
     Raises:
         BusUnavailable: one of those, with what to do.
@@ -508,9 +509,29 @@ def check_pyro(config: Any, *, bus: bool = True) -> None:
 
     where = f"{config.ns_host}:{config.ns_port}"
     ns_uri = f"PYRO:Pyro.NameServer@{where}"
+    # The name server wsbus runs checks the secret too: one that is listening but refuses
+    # (or cannot prove) it does not share ours. Decided by our own connection.
     try:
-        with make_proxy(ns_uri, config, authenticate=False) as ns:
-            ns._pyroBind()
+        with socket.create_connection((config.ns_host, config.ns_port), config.comm_timeout):
+            pass
+    except OSError:
+        raise BusUnavailable(
+            f"no Pyro name server answers at {where}: start one with `wsbus nameserver"
+            f" --ns-port {config.ns_port}`, or pass its address with --ns-host/--ns-port"
+        ) from None
+    try:
+        with make_proxy(ns_uri, config) as ns:
+            try:
+                ns._pyroBind()
+            except pyro_errors.TimeoutError:
+                raise
+            except (pyro_errors.CommunicationError, pyro_errors.SecurityError):
+                mine = "one" if config.secret else "none"
+                raise BusUnavailable(
+                    f"the name server at {where} and this process do not share a secret (this "
+                    f"process has {mine}): give every process of the deployment the same "
+                    f"${SECRET_ENV} (a name server with a secret must be `wsbus nameserver`)"
+                ) from None
             if not bus:
                 return
             try:

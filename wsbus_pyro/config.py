@@ -13,7 +13,9 @@ message bus, service) applies :class:`PyroConfig` once at start with :func:`appl
   (:mod:`wsbus_pyro.doorman`), so idle or half-open peers cannot hold the workers;
 - ``SOCK_NODELAY`` is on: small calls are not delayed by Nagle's algorithm;
 - with ``secret`` set, a peer must present a token derived from it in Pyro's connection
-  handshake, so only trusted processes may deliver to clients.
+  handshake, so only trusted processes may deliver to clients; the name server
+  ``wsbus nameserver`` runs checks it too (:class:`ProofCheck`), so a process without the
+  secret can neither hold its workers nor change its names.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from . import _internals
 from .doorman import Doorman
 
 __all__ = [
+    "ProofCheck",
     "PyroConfig",
     "SecureDaemon",
     "apply",
@@ -173,33 +176,21 @@ def handshake(secret: str, location: str) -> tuple[dict[str, Any], str]:
     return data, server_proof(secret, nonce, location)
 
 
-class SecureDaemon(Daemon):  # type: ignore[misc]
-    """A Pyro daemon that checks each peer's proof of the shared secret, and proves its own.
+class ProofCheck:
+    """The shared-secret handshake, for any Pyro daemon class (mix it in before the daemon).
 
-    Each proof is bound to a nonce used once, a time within :data:`HANDSHAKE_WINDOW`, and
-    this daemon's address.
+    Each peer's proof is bound to a nonce used once, a time within
+    :data:`HANDSHAKE_WINDOW`, and this daemon's address; the daemon proves the secret back.
+    Call :meth:`_init_proof` before the daemon's ``__init__``. With no secret, every
+    handshake is accepted, as by plain Pyro.
     """
 
-    def __init__(self, config: PyroConfig, **kwargs: Any) -> None:
-        super().__init__(host=config.host, port=config.port, **kwargs)
-        self._secret = config.secret
+    locationStr: str
+
+    def _init_proof(self, secret: str | None) -> None:
+        self._secret = secret
         self._seen: dict[str, float] = {}
         self._seen_lock = threading.Lock()
-        self.doorman = guard(self, config)
-
-    def admit(self, sock: socket.socket, address: Any) -> None:
-        """Take a connection accepted outside the daemon's own loop (the gateway's loop)."""
-        if self.doorman is None:
-            sock.close()
-            return
-        self.doorman.admit(sock, address)
-
-    def close(self) -> None:
-        """Close the daemon and its doorman."""
-        super().close()
-        doorman = getattr(self, "doorman", None)
-        if doorman is not None:
-            doorman.stop()
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:
         """Refuse a peer that cannot prove it knows the secret (when one is set)."""
@@ -225,3 +216,29 @@ class SecureDaemon(Daemon):  # type: ignore[misc]
                 self._seen = {n: t for n, t in self._seen.items() if t > now}
             self._seen[nonce] = now + 2 * HANDSHAKE_WINDOW
         return server_proof(secret, nonce, self.locationStr)
+
+
+class SecureDaemon(ProofCheck, Daemon):  # type: ignore[misc]
+    """A Pyro daemon that checks each peer's proof of the shared secret, and proves its own.
+
+    Its handshakes are read by a :class:`~wsbus_pyro.doorman.Doorman`, off the worker pool.
+    """
+
+    def __init__(self, config: PyroConfig, **kwargs: Any) -> None:
+        self._init_proof(config.secret)
+        super().__init__(host=config.host, port=config.port, **kwargs)
+        self.doorman = guard(self, config)
+
+    def admit(self, sock: socket.socket, address: Any) -> None:
+        """Take a connection accepted outside the daemon's own loop (the gateway's loop)."""
+        if self.doorman is None:
+            sock.close()
+            return
+        self.doorman.admit(sock, address)
+
+    def close(self) -> None:
+        """Close the daemon and its doorman."""
+        super().close()
+        doorman = getattr(self, "doorman", None)
+        if doorman is not None:
+            doorman.stop()

@@ -41,7 +41,7 @@ from .transport import (
     RecentIds,
     decode_batch,
     lookup,
-    make_proxy,
+    name_server,
 )
 
 __all__ = ["PyroBus"]
@@ -65,16 +65,24 @@ class GatewayEndpoint:
 
     def deliver(self, blob: Any) -> None:
         """Take a batch of envelopes for the gateway; returns before they are processed."""
-        envelopes = self.recent.fresh(decode_batch(blob))
+        envelopes = decode_batch(blob)
         if self._on_loop:
             self._deliver_all(envelopes)
         else:
             self._loop.call_soon_threadsafe(self._deliver_all, envelopes)
 
     def _deliver_all(self, envelopes: list[Envelope]) -> None:
+        # The duplicate check runs here, on the loop, where the gateway takes each
+        # envelope: an id is recorded only once its envelope was handed to the gateway
+        # (never for a batch whose hand-off failed), and copies arriving in two batches
+        # at once are checked one after the other.
         deliver = self._sink.deliver
+        recent = self.recent
         for envelope in envelopes:
+            if recent.seen(envelope):
+                continue
             deliver(envelope)
+            recent.remember(envelope)
 
 
 class PyroBus:
@@ -260,9 +268,6 @@ class PyroBus:
 
     # -- registration (threads only) -----------------------------------------------------
 
-    def _ns_uri(self) -> str:
-        return f"PYRO:Pyro.NameServer@{self.config.ns_host}:{self.config.ns_port}"
-
     def _bus_proxy(self) -> Proxy:
         config = self.config
         # Resolved here, not with PYRONAME: the proof in the handshake names the address.
@@ -272,7 +277,7 @@ class PyroBus:
         """Register with the name server and the bus (blocking: a thread's work)."""
         config = self.config
         try:
-            with make_proxy(self._ns_uri(), config, authenticate=False) as ns:
+            with name_server(config) as ns:
                 ns.register(self.name, self.uri)
         except (pyro_errors.CommunicationError, OSError) as exc:
             raise BusUnavailable(
@@ -291,7 +296,7 @@ class PyroBus:
     def _unregister(self) -> None:
         config = self.config
         try:
-            with make_proxy(self._ns_uri(), config, authenticate=False) as ns:
+            with name_server(config) as ns:
                 ns.remove(self.name)
             with self._bus_proxy() as bus:
                 bus.unregister_gateway(self._node)
@@ -306,7 +311,7 @@ class PyroBus:
         while not self._stop.wait(config.reregister_interval):
             try:
                 if ns is None:
-                    ns = make_proxy(self._ns_uri(), config, authenticate=False)
+                    ns = name_server(config)
                 if str(ns.lookup(self.name)) != self.uri:
                     raise pyro_errors.NamingError("registration changed")
             except pyro_errors.NamingError:

@@ -16,11 +16,11 @@ from Pyro5 import nameserver
 
 from wsbus.errors import BusUnavailable
 
-from .config import PyroConfig, SecureDaemon, apply, guard
+from .config import ProofCheck, PyroConfig, SecureDaemon, apply, guard
 from .messagebus import MessageBus
-from .transport import make_proxy
+from .transport import name_server
 
-__all__ = ["run_bus", "run_name_server"]
+__all__ = ["NameServerDaemon", "run_bus", "run_name_server"]
 
 log = logging.getLogger("wsbus.pyro")
 
@@ -55,8 +55,32 @@ def _stop_on_signals() -> _Stop:
     return stop
 
 
+class NameServerDaemon(ProofCheck, nameserver.NameServerDaemon):  # type: ignore[misc]
+    """Pyro's name server daemon, checking the shared-secret handshake as every wsbus daemon.
+
+    With a secret set, a peer without it (Pyro's ``nsc``, a plain proxy) is refused at the
+    handshake: it can neither look up, register nor remove names, nor hold a worker for
+    longer than one HMAC check. Without a secret it is open, as Pyro's own.
+    """
+
+    def __init__(self, config: PyroConfig) -> None:
+        self._init_proof(config.secret)
+        super().__init__(config.ns_host, config.ns_port)
+        self.doorman = guard(self, config)
+
+    def close(self) -> None:
+        """Close the daemon and its doorman."""
+        super().close()
+        doorman = getattr(self, "doorman", None)
+        if doorman is not None:
+            doorman.stop()
+
+
 def run_name_server(config: PyroConfig | None = None) -> None:
     """Run a Pyro name server at ``ns_host:ns_port`` until a signal (blocks).
+
+    With ``config.secret`` set, only peers that prove it may use it (see
+    :class:`NameServerDaemon`).
 
     Raises:
         OSError: the port is taken.
@@ -64,15 +88,13 @@ def run_name_server(config: PyroConfig | None = None) -> None:
     config = config if config is not None else PyroConfig()
     apply(config)
     stop = _stop_on_signals()
-    uri, daemon, _ = nameserver.start_ns(config.ns_host, config.ns_port, enableBroadcast=False)
-    doorman = guard(daemon, config)
+    daemon = NameServerDaemon(config)
+    uri = daemon.uriFor(daemon.nameserver)
     print(f"name server ready at {uri}", flush=True)
     try:
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())
     finally:
         daemon.close()
-        if doorman is not None:
-            doorman.stop()
 
 
 def run_bus(config: PyroConfig | None = None) -> None:
@@ -88,9 +110,8 @@ def run_bus(config: PyroConfig | None = None) -> None:
     bus = MessageBus(config)
     daemon = SecureDaemon(config)
     uri = str(daemon.register(bus, objectId=config.bus_name))
-    ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
     try:
-        with make_proxy(ns_uri, config, authenticate=False) as ns:
+        with name_server(config) as ns:
             ns.register(config.bus_name, uri)
     except (pyro_errors.CommunicationError, OSError) as exc:
         daemon.close()
@@ -109,7 +130,7 @@ def run_bus(config: PyroConfig | None = None) -> None:
         stop.set()
         bus._shutdown()
         try:
-            with make_proxy(ns_uri, config, authenticate=False) as ns:
+            with name_server(config) as ns:
                 ns.remove(config.bus_name)
         except Exception as exc:
             log.info("leaving the name server: %s", exc)
@@ -118,10 +139,9 @@ def run_bus(config: PyroConfig | None = None) -> None:
 
 def _keep_registered(config: PyroConfig, uri: str, stop: _Stop) -> None:
     """Re-register the bus when the name server restarted."""
-    ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
     while not stop.wait(config.reregister_interval):
         try:
-            with make_proxy(ns_uri, config, authenticate=False) as ns:
+            with name_server(config) as ns:
                 try:
                     current = str(ns.lookup(config.bus_name))
                 except pyro_errors.NamingError:

@@ -55,30 +55,39 @@ class ServiceEndpoint:
     def deliver(self, blob: Any) -> list[str]:
         """Take a batch; return ``ok`` for each envelope the service now holds."""
         envelopes = decode_batch(blob)
-        new = self._recent.mask(envelopes)
         future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._accept, envelopes, new, future)
+        self._loop.call_soon_threadsafe(self._accept, envelopes, future)
         try:
             return future.result(self._timeout)
         except concurrent.futures.TimeoutError:
-            return [UNAVAILABLE] * len(envelopes)
+            if future.cancel():
+                # The loop never got to this batch and now never will: none was taken.
+                return [UNAVAILABLE] * len(envelopes)
+            # It is being taken right now (a moment's work on the loop): report the truth.
+            return future.result(self._timeout)
 
     def _accept(
-        self,
-        envelopes: list[Envelope],
-        new: list[bool],
-        future: concurrent.futures.Future[list[str]],
+        self, envelopes: list[Envelope], future: concurrent.futures.Future[list[str]]
     ) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # deliver() gave up and answered unavailable: take nothing
+        recent = self._recent
         statuses = []
-        for envelope, is_new in zip(envelopes, new, strict=True):
-            if not is_new:
+        for envelope in envelopes:
+            # Checked and recorded here on the loop, one envelope at a time, so a copy
+            # arriving in another batch at once, or later in this one, is seen. An id is
+            # recorded only once the service took the envelope: one refused (inbox full)
+            # must be taken when the sender tries again, not confirmed and lost.
+            if recent.seen(envelope):
                 statuses.append(OK)  # a second copy of one the service holds already
                 continue
             try:
                 self._runner.accept(envelope)
-                statuses.append(OK)
             except BusUnavailable:
                 statuses.append(UNAVAILABLE)
+                continue
+            recent.remember(envelope)
+            statuses.append(OK)
         future.set_result(statuses)
 
 

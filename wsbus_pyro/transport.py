@@ -12,7 +12,6 @@ callbacks.
 from __future__ import annotations
 
 import hmac
-import itertools
 import logging
 import os
 import threading
@@ -45,6 +44,7 @@ __all__ = [
     "encode_batch",
     "lookup",
     "make_proxy",
+    "name_server",
     "to_bytes",
     "undeliverable_report",
 ]
@@ -122,9 +122,10 @@ class WsbusProxy(Proxy):  # type: ignore[misc]
 def make_proxy(uri: Any, config: PyroConfig, *, authenticate: bool = True) -> Proxy:
     """Return a proxy for a ``PYRO:`` uri with wsbus's timeout and handshake.
 
-    With a secret, the handshake carries a proof bound to this uri's address and the
-    daemon must prove the secret back. The name server is plain Pyro: reach it with
-    ``authenticate=False``.
+    With a secret (and ``authenticate``), the handshake carries a proof bound to this
+    uri's address and the daemon must prove the secret back. Every wsbus daemon checks
+    it, the name server ``wsbus nameserver`` runs included (:func:`name_server`);
+    ``authenticate=False`` is for a daemon that is not wsbus's own.
     """
     proxy = WsbusProxy(uri)
     proxy._pyroTimeout = config.comm_timeout
@@ -137,15 +138,24 @@ def make_proxy(uri: Any, config: PyroConfig, *, authenticate: bool = True) -> Pr
     return proxy
 
 
+def name_server(config: PyroConfig) -> Proxy:
+    """Return a proxy for the name server at ``ns_host:ns_port``, proving the secret.
+
+    With a secret set, it must be a name server wsbus runs (``wsbus nameserver``): one
+    that cannot prove the secret back (Pyro's own) is refused with ``SecurityError``.
+    """
+    return make_proxy(f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}", config)
+
+
 def lookup(name: str, config: PyroConfig) -> Proxy:
     """Resolve ``name`` in the name server and return an authenticating proxy for it.
 
     Raises:
         NamingError: the name is not registered.
-        CommunicationError: the name server cannot be reached.
+        CommunicationError: the name server cannot be reached, or refused this
+            process's proof (``SecurityError``, a subclass).
     """
-    ns_uri = f"PYRO:Pyro.NameServer@{config.ns_host}:{config.ns_port}"
-    with make_proxy(ns_uri, config, authenticate=False) as ns:
+    with name_server(config) as ns:
         uri = ns.lookup(name)
     return make_proxy(uri, config)
 
@@ -544,7 +554,12 @@ class RecentIds:
     far side may have taken it before the failure: the receiver drops what it has seen.
     Between ``size`` and twice that many of the latest ids are remembered. Only
     envelopes from services count: their ids are unique (the service's name, a random
-    part and a counter), while a client may reuse its frame ids. Thread-safe.
+    part and a counter), while a client may reuse its frame ids.
+
+    A receiver asks :meth:`seen` before it takes an envelope and calls :meth:`remember`
+    only once it took it, both on one thread (its event loop): an envelope it refused
+    (inbox full) is taken when sent again, never confirmed as a duplicate and lost.
+    Thread-safe.
     """
 
     def __init__(self, size: int = 65536) -> None:
@@ -555,30 +570,28 @@ class RecentIds:
         self.duplicates = 0
         """Envelopes dropped as seen already."""
 
-    def fresh(self, envelopes: list[Envelope]) -> list[Envelope]:
-        """Return the envelopes not seen before, in order, and remember them."""
-        mask = self.mask(envelopes)
-        if all(mask):
-            return envelopes
-        return list(itertools.compress(envelopes, mask))
+    def seen(self, envelope: Envelope) -> bool:
+        """Return True (and count a duplicate) when a copy of ``envelope`` was taken lately.
 
-    def mask(self, envelopes: list[Envelope]) -> list[bool]:
-        """Return, for each envelope, whether it is new; remember the new ones."""
-        new = [True] * len(envelopes)
+        Records nothing: call :meth:`remember` once the receiver has taken it.
+        """
+        if type(envelope.sender) is not ServiceAddress:
+            return False
+        id_ = envelope.id
         with self._lock:
-            current, previous = self._current, self._previous
-            for index, envelope in enumerate(envelopes):
-                if type(envelope.sender) is not ServiceAddress:
-                    continue
-                id_ = envelope.id
-                if id_ in current or id_ in previous:
-                    new[index] = False
-                    self.duplicates += 1
-                else:
-                    current.add(id_)
-            if len(current) >= self._size:
-                self._previous, self._current = current, set()
-        return new
+            if id_ in self._current or id_ in self._previous:
+                self.duplicates += 1
+                return True
+        return False
+
+    def remember(self, envelope: Envelope) -> None:
+        """Record that the receiver took ``envelope``: a later copy is then dropped."""
+        if type(envelope.sender) is not ServiceAddress:
+            return
+        with self._lock:
+            self._current.add(envelope.id)
+            if len(self._current) >= self._size:
+                self._previous, self._current = self._current, set()
 
 
 def undeliverable_report(envelope: Envelope, status: str, retry_for: float) -> Envelope:

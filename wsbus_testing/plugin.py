@@ -192,10 +192,15 @@ def wsbus_pyro_config() -> PyroConfig:
 
 
 def _pyro_args(config: PyroConfig) -> list[str]:
-    args = ["--ns-host", config.ns_host, "--ns-port", str(config.ns_port)]
-    if config.secret:
-        args += ["--secret", config.secret]
-    return args
+    return ["--ns-host", config.ns_host, "--ns-port", str(config.ns_port)]
+
+
+def _pyro_env(config: PyroConfig) -> dict[str, str | None]:
+    """The child's environment: the secret goes here, never on its command line (``ps``)."""
+    from wsbus.config import SECRET_ENV
+
+    # Without a secret, one in this process's environment must not reach the child.
+    return {SECRET_ENV: config.secret or None}
 
 
 @pytest.fixture
@@ -203,7 +208,7 @@ def wsbus_nameserver(wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
     """A real Pyro name server process at ``wsbus_pyro_config``'s address."""
     from wsbus.processes import Child
 
-    child = Child(["nameserver", *_pyro_args(wsbus_pyro_config)])
+    child = Child(["nameserver", *_pyro_args(wsbus_pyro_config)], env=_pyro_env(wsbus_pyro_config))
     try:
         yield child
     finally:
@@ -215,7 +220,7 @@ def wsbus_message_bus(wsbus_nameserver: Child, wsbus_pyro_config: PyroConfig) ->
     """A real message bus process (``wsbus bus``), registered with ``wsbus_nameserver``."""
     from wsbus.processes import Child
 
-    child = Child(["bus", *_pyro_args(wsbus_pyro_config)])
+    child = Child(["bus", *_pyro_args(wsbus_pyro_config)], env=_pyro_env(wsbus_pyro_config))
     try:
         yield child
     finally:
@@ -235,7 +240,9 @@ def wsbus_spawn_service(
     children: list[Child] = []
 
     def spawn(spec: str) -> Child:
-        child = Child(["service", spec, *_pyro_args(wsbus_pyro_config)])
+        child = Child(
+            ["service", spec, *_pyro_args(wsbus_pyro_config)], env=_pyro_env(wsbus_pyro_config)
+        )
         children.append(child)
         return child
 
