@@ -205,9 +205,10 @@ async def test_a_shared_secret_is_proven_both_ways(wsbus_pyro_config: PyroConfig
     from wsbus_pyro.transport import lookup, make_proxy
 
     config = msgspec.structs.replace(wsbus_pyro_config, secret="s3cret")
-    args = ["--ns-port", str(config.ns_port), "--secret", "s3cret"]
-    children = [Child(["nameserver", *args]), Child(["bus", *args])]
-    children.append(Child(["service", "wsbus.demo_services:Echo", *args]))
+    args = ["--ns-port", str(config.ns_port)]
+    env: dict[str, str | None] = {"WSBUS_SECRET": "s3cret"}  # never on a command line
+    children = [Child(["nameserver", *args], env=env), Child(["bus", *args], env=env)]
+    children.append(Child(["service", "wsbus.demo_services:Echo", *args], env=env))
     kit = Gateways(config)
     try:
         gateway = await kit.gateway("sec")

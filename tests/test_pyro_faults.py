@@ -350,10 +350,13 @@ def daemon_address(gateway: Gateway) -> tuple[str, int]:
 
 
 def args_for(config: PyroConfig) -> list[str]:
-    args = ["--ns-host", config.ns_host, "--ns-port", str(config.ns_port)]
-    if config.secret:
-        args += ["--secret", config.secret]
-    return args
+    """The command line for a child of this deployment (the secret: :func:`env_for`)."""
+    return ["--ns-host", config.ns_host, "--ns-port", str(config.ns_port)]
+
+
+def env_for(config: PyroConfig) -> dict[str, str | None]:
+    """The environment for a child: the secret, never on a command line (``ps`` shows it)."""
+    return {"WSBUS_SECRET": config.secret or None}
 
 
 def ns_lookup(config: PyroConfig, name: str) -> str | None:
@@ -754,7 +757,9 @@ async def test_bus_gone_for_long_then_back(
     await kit.spawn(ECHO)
     gateway, existing, control = await bus_gone_for_long(kit, wsbus_message_bus)
     async with LoopWatchdog() as dog:
-        bus = await asyncio.to_thread(Child, ["bus", *args_for(wsbus_pyro_config)])
+        bus = await asyncio.to_thread(
+            Child, ["bus", *args_for(wsbus_pyro_config)], env=env_for(wsbus_pyro_config)
+        )
         try:
             # An existing client retries, as told; services re-register on their own.
             retried = await existing[0].echo_until_it_works("retry", reply_wait=5.0)
@@ -780,7 +785,9 @@ async def test_bus_back_admits_new_clients_without_client_traffic(
 ) -> None:
     await kit.spawn(ECHO)
     gateway, _, _ = await bus_gone_for_long(kit, wsbus_message_bus)
-    bus = await asyncio.to_thread(Child, ["bus", *args_for(wsbus_pyro_config)])
+    bus = await asyncio.to_thread(
+        Child, ["bus", *args_for(wsbus_pyro_config)], env=env_for(wsbus_pyro_config)
+    )
     try:
         # Nobody sends anything. The bus is back and both the gateway and the echo service
         # are registered with it again: new clients must be admitted.
@@ -802,7 +809,9 @@ async def test_bus_restart_loses_no_service_reply(
         for n in range(5):
             await client.echo(f"before.{n}")
     await asyncio.to_thread(wsbus_message_bus.stop)
-    bus = await asyncio.to_thread(Child, ["bus", *args_for(wsbus_pyro_config)])
+    bus = await asyncio.to_thread(
+        Child, ["bus", *args_for(wsbus_pyro_config)], env=env_for(wsbus_pyro_config)
+    )
     try:
         await until_on_bus(wsbus_pyro_config, "g1", "echo")
         async with LoopWatchdog() as dog:
@@ -873,7 +882,7 @@ def secure_pyro() -> Iterator[PyroConfig]:
     )
     with contextlib.ExitStack() as stack:
         for args in (["nameserver"], ["bus"], ["service", ECHO]):
-            child = Child([*args, *args_for(config)])
+            child = Child([*args, *args_for(config)], env=env_for(config))
             stack.callback(child.stop)
         yield config
 

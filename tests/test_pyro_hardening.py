@@ -42,6 +42,7 @@ from tests.test_pyro_faults import (
     Kit,
     args_for,
     daemon_address,
+    env_for,
     kit,
     ns_lookup,
     proof,
@@ -228,7 +229,9 @@ async def test_bus_killed_mid_traffic_every_acked_request_is_answered(
         await clients[0].until(lambda: len(clients[0].replies) >= 100, WAIT)
         killed_at = loop.time()
         await asyncio.to_thread(wsbus_message_bus.kill)
-        bus = await asyncio.to_thread(Child, ["bus", *args_for(wsbus_pyro_config)])
+        bus = await asyncio.to_thread(
+            Child, ["bus", *args_for(wsbus_pyro_config)], env=env_for(wsbus_pyro_config)
+        )
         ready_at = loop.time()
         # Traffic goes on while the gateway and the echo service re-register, and until
         # it flows again for every client.
@@ -289,7 +292,10 @@ async def test_bus_killed_under_a_gateway_process_and_websocket_clients(
     args = args_for(wsbus_pyro_config)
     port = free_port()
     gateway = await asyncio.to_thread(
-        Child, ["serve", "--bus", "pyro", "--port", str(port), *args], ready="listening"
+        Child,
+        ["serve", "--bus", "pyro", "--port", str(port), *args],
+        ready="listening",
+        env=env_for(wsbus_pyro_config),
     )
     bus: Child | None = None
     stop = asyncio.Event()
@@ -312,7 +318,7 @@ async def test_bus_killed_under_a_gateway_process_and_websocket_clients(
         ]
         await clients[0].until(lambda: len(clients[0].replies) >= 50, WAIT)
         await asyncio.to_thread(wsbus_message_bus.kill)
-        bus = await asyncio.to_thread(Child, ["bus", *args])
+        bus = await asyncio.to_thread(Child, ["bus", *args], env=env_for(wsbus_pyro_config))
         acked_at_ready = [len(t.acked) for t in clients]
         for tally, before in zip(clients, acked_at_ready, strict=True):
             await tally.until(lambda: len(tally.acked) >= before + 50, WAIT)  # noqa: B023
@@ -355,7 +361,9 @@ async def test_type_served_before_a_bus_restart_is_unavailable_not_no_route(
         tally.client.send("echo", None, id="before")
         await tally.until(lambda: "before" in tally.replies, WAIT)
         await asyncio.to_thread(wsbus_message_bus.kill)
-        bus = await asyncio.to_thread(Child, ["bus", *args_for(wsbus_pyro_config)])
+        bus = await asyncio.to_thread(
+            Child, ["bus", *args_for(wsbus_pyro_config)], env=env_for(wsbus_pyro_config)
+        )
         # At once, before the echo service (re-registering every second) is back.
         for n in range(10**6):
             fid = f"after.{n}"

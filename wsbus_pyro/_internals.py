@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from Pyro5 import config as pyro_config
 from Pyro5 import errors as pyro_errors
-from Pyro5 import protocol, serializers, socketutil, svr_threads
+from Pyro5 import nameserver, protocol, serializers, socketutil, svr_threads
 from Pyro5.client import Proxy
 from Pyro5.server import Daemon
 
@@ -98,6 +98,11 @@ REQUIRED: Final[dict[str, Callable[[], bool]]] = {
             for n in ("_pyroValidateHandshake", "_pyroRelease", "_pyroBind", "_pyroTimeout")
         )
         and "_pyroHandshake" in inspect.getsource(Proxy.__init__)
+    ),
+    "nameserver.NameServerDaemon(host, port, ...) / .nameserver": lambda: (
+        list(inspect.signature(nameserver.NameServerDaemon.__init__).parameters)[:3]
+        == ["self", "host", "port"]
+        and "self.nameserver" in inspect.getsource(nameserver.NameServerDaemon.__init__)
     ),
     "Daemon.validateHandshake / events / sock / sockets / locationStr": lambda: (
         all(hasattr(Daemon, n) for n in ("validateHandshake", "events", "sock", "sockets"))

@@ -86,6 +86,11 @@ class ServiceEndpoint:
             except BusUnavailable:
                 statuses.append(UNAVAILABLE)
                 continue
+            except Exception:
+                # A bug in the runner: the batch is still answered, this one as not taken.
+                log.exception("the service could not take %s (%s)", envelope.type, envelope.id)
+                statuses.append(UNAVAILABLE)
+                continue
             recent.remember(envelope)
             statuses.append(OK)
         future.set_result(statuses)
