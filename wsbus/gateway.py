@@ -99,6 +99,14 @@ RATE_QUIET: Final = 1.0
 FLUSH_TIMEOUT: Final = 1.0
 """Seconds a closing connection gets to write the frames that explain why it is closed."""
 
+SETTLE_INTERVAL: Final = 0.1
+"""Seconds between two looks at deliveries a connection took and has not sent yet (they
+wait in its transport): counted written soon after they reach the socket."""
+
+SETTLE_EVERY: Final = 64
+"""Deliveries taken while earlier ones wait in the transport, between two looks inline:
+the list of unconfirmed frames stays within what the transport holds plus this."""
+
 AUTH_FAILED_REASON: Final = "authentication failed"
 """The one close reason for every authentication failure: it tells an attacker nothing."""
 
@@ -958,11 +966,25 @@ class Gateway:
                 client.pending_deliveries -= 1
                 self._counters.deliveries_written += 1
             return
-        if client.unconfirmed is None:
-            client.unconfirmed = deque()
-            # Frames gathered in this pass are written when it ends: look again then.
-            asyncio.get_running_loop().call_soon(self._settle, client)
-        client.unconfirmed.append(delivery)
+        flags = client.unconfirmed
+        if flags is None:
+            flags = client.unconfirmed = deque()
+            # Frames gathered in this pass are written when it ends: look again then, and
+            # every SETTLE_INTERVAL while some wait in the transport.
+            asyncio.get_running_loop().call_soon(self._settling, client, flags)
+        flags.append(delivery)
+        if len(flags) % SETTLE_EVERY == 0:
+            # The list grows only with deliveries: settled inline every so many, it stays
+            # bounded however long the transport keeps holding a few bytes.
+            self._settle(client)
+
+    def _settling(self, client: _Client, flags: deque[bool]) -> None:
+        # One chain of looks per list: a newer list (after this one emptied) has its own.
+        if client.unconfirmed is not flags:
+            return
+        self._settle(client)
+        if client.unconfirmed is flags:
+            asyncio.get_running_loop().call_later(SETTLE_INTERVAL, self._settling, client, flags)
 
     def _settle(self, client: _Client) -> None:
         """Count written the deliveries the connection says have reached the socket."""
