@@ -295,38 +295,47 @@ def stop_stallers(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-async def real_client(port: int) -> bool:
-    """Connect, read the welcome, get an echo back; True if all of it worked within 10 s."""
+async def real_client(port: int, errors: list[str] | None = None) -> bool:
+    """Connect, read the welcome, get an echo back; True if all of it worked within 10 s.
+
+    A failure's step and exception go to ``errors`` when given.
+    """
     from websockets.asyncio.client import connect
 
+    step = "connect"
     try:
         async with asyncio.timeout(10):
             async with connect(f"ws://127.0.0.1:{port}/", open_timeout=10) as ws:
-                await ws.recv()  # the welcome
+                step = "welcome"
+                await ws.recv()
+                step = "echo"
                 await ws.send('{"type": "echo", "content": 1, "id": "e"}')
                 while '"echo.reply"' not in str(await ws.recv()):
                     pass
         return True
-    except Exception:
+    except Exception as exc:
+        if errors is not None:
+            errors.append(f"{step}: {type(exc).__name__}: {exc}"[:160])
         return False
 
 
-def _half_handshakes(port: int, stalled: int, real: int) -> tuple[int, int]:
+def _half_handshakes(port: int, stalled: int, real: int) -> tuple[int, int, list[str]]:
     """Hold ``stalled`` half-handshakes while ``real`` clients connect and get an echo.
 
-    Returns (real clients served, failed).
+    Returns (real clients served, failed, why they failed).
     """
     stallers = start_stallers(port, stalled, 15.0)
+    errors: list[str] = []
     try:
         time.sleep(2)
 
         async def clients() -> list[bool]:
-            return await asyncio.gather(*(real_client(port) for _ in range(real)))
+            return await asyncio.gather(*(real_client(port, errors) for _ in range(real)))
 
         results = asyncio.run(clients())
     finally:
         stop_stallers(stallers)
-    return sum(results), real - sum(results)
+    return sum(results), real - sum(results), errors
 
 
 def run_attack(name: str, pythonpath: str | None) -> dict[str, Any]:
@@ -350,8 +359,10 @@ def run_attack(name: str, pythonpath: str | None) -> dict[str, Any]:
             heads = _many_at_once(server.port, _cookie_request(server.port), 20)
             detail = {"answers": sorted({h.split(b"\r\n")[0].decode() for h in heads})}
         elif name == "handshakes":
-            served, failed = _half_handshakes(server.port, 2000, 50)
+            served, failed, errors = _half_handshakes(server.port, 2000, 50)
             detail = {"real_served": served, "real_failed": failed}
+            if errors:
+                detail["real_errors"] = sorted(set(errors))[:5]
         else:
             raise ValueError(name)
         elapsed = time.monotonic() - start

@@ -6,6 +6,8 @@ open-file limit, the slow-consumer close's accounting, and the plain-HTTP side."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import socket
@@ -30,6 +32,7 @@ from bench.edge_attacks import (
 from tests.conftest import assert_balanced
 from wsbus import Gateway, GatewayConfig, TokenAuth
 from wsbus_websockets import EdgeConfig, EdgeServer, serve
+from wsbus_websockets._wsconn import EdgeConnection
 
 AUTH = (
     GatewayConfig(node="t", allow_anonymous=False, auth_timeout=0.3),
@@ -230,6 +233,43 @@ async def test_stalled_half_handshakes_under_a_low_file_limit_do_not_keep_client
     assert "Traceback" not in log, log[:3000]
     # Said once per interval, not once per connection.
     assert len(server.stderr) <= 10, log[:3000]
+
+
+@pytest.mark.parametrize("wsbus_edge_config", [EdgeConfig(open_timeout=1.0)])
+async def test_half_handshakes_hold_no_websockets_connection_and_still_time_out(
+    wsbus_server: EdgeServer,
+) -> None:
+    # Until its request's head is in, a connection is a transport and the edge's doorman:
+    # websockets' connection (its protocol, futures, handler task and timeout), built and
+    # dropped for each stalled peer, was most of the event loop's work under the attack
+    # above and the garbage its full collections stalled on.
+    guard = wsbus_server.handshakes
+    assert guard is not None
+    gc.collect()
+    before = _edge_connections()
+    stallers = []
+    try:
+        for _ in range(50):
+            reader, writer = await asyncio.open_connection("127.0.0.1", wsbus_server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            stallers.append((reader, writer))
+        await _poll(lambda: guard.stalled == 50)
+        gc.collect()
+        assert _edge_connections() == before
+        # Held no longer than open_timeout, as websockets holds a handshake: closed, no answer.
+        async with asyncio.timeout(30):
+            for reader, _ in stallers:
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+        await _poll(lambda: guard.pending == 0)
+        assert guard.timed_out == 50
+    finally:
+        for _, writer in stallers:
+            writer.close()
+
+
+def _edge_connections() -> int:
+    return sum(isinstance(o, EdgeConnection) for o in gc.get_objects())
 
 
 # -- 10. the slow consumer's close -----------------------------------------------------------

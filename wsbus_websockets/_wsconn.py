@@ -22,7 +22,9 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import re
+import socket
 import time
 from collections import deque
 from typing import Any, Final
@@ -35,11 +37,14 @@ from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
 __all__ = [
+    "Doorman",
     "EdgeConnection",
     "HandshakeGuard",
     "RateLimitedLog",
     "check_internals",
     "connection_factory",
+    "install_doorman",
+    "listen_backlog",
 ]
 
 log = logging.getLogger("wsbus.websockets")
@@ -130,27 +135,49 @@ class HandshakeGuard:
     read; connections accepted in the same burst as it have not been read yet and are
     evicted last. Real clients keep getting in while stalled ones are pushed out.
 
+    Connections are counted by their asyncio transport: a :class:`Doorman` enters them
+    and an :class:`EdgeConnection` it hands one over to keeps its place. With ``timeout``,
+    connections counted longer than that are dropped too (checked about once a second,
+    a few dozen per event-loop pass), since a doorman has no ``open_timeout`` of its own.
+
     Args:
         cap: connections in the handshake at most.
         report: logs evictions, once per interval.
+        timeout: seconds a connection may stay counted, or None.
     """
 
-    def __init__(self, cap: int, report: RateLimitedLog) -> None:
+    def __init__(self, cap: int, report: RateLimitedLog, timeout: float | None = None) -> None:
         self.cap = cap
         self.evicted = 0
+        self.timed_out = 0
+        self.doorman = False
+        """True once a :class:`Doorman` enters every connection (see install_doorman)."""
         self._report = report
-        # Insertion-ordered: the first key is the oldest. Connections not read yet, and
-        # connections read that have not sent their whole request.
-        self._fresh: dict[EdgeConnection, None] = {}
-        self._stalled: dict[EdgeConnection, None] = {}
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        # Insertion-ordered, with the loop time each entered: the first key is the oldest.
+        # Connections not read yet, and connections read that have not sent their whole
+        # request. Deleting the oldest keys of a dict leaves holes that finding the next
+        # oldest walks over, but at most cap of them before the dict is compacted.
+        self._fresh: dict[asyncio.BaseTransport, float] = {}
+        self._stalled: dict[asyncio.BaseTransport, float] = {}
 
     @property
     def pending(self) -> int:
         """Connections in the opening handshake now."""
         return len(self._fresh) + len(self._stalled)
 
-    def enter(self, conn: EdgeConnection) -> None:
+    @property
+    def stalled(self) -> int:
+        """Of those, the ones that have sent part of their request."""
+        return len(self._stalled)
+
+    def enter(self, transport: asyncio.BaseTransport) -> None:
         """A connection was accepted: count it, evicting an older one over the cap."""
+        if self._closed:
+            transport.abort()  # type: ignore[attr-defined]
+            return
         while self.pending >= self.cap:
             victims = self._stalled or self._fresh
             oldest = next(iter(victims))
@@ -162,20 +189,180 @@ class HandshakeGuard:
                 "one from %s that had not sent its request. Many of these mean a slow "
                 "network or a slow-request attack",
                 self.cap,
-                oldest.peer,
+                _peer_of(oldest),
             )
-            oldest.transport.abort()
-        self._fresh[conn] = None
+            oldest.abort()  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        self._fresh[transport] = loop.time()
+        if self._timeout is not None and self._timer is None:
+            self._timer = loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
-    def partial(self, conn: EdgeConnection) -> None:
+    def partial(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection was read and its request is not whole yet."""
-        if self._fresh.pop(conn, 0) is None:
-            self._stalled[conn] = None
+        since = self._fresh.pop(transport, None)  # type: ignore[arg-type]
+        if since is not None:
+            self._stalled[transport] = since  # type: ignore[index]
 
-    def leave(self, conn: EdgeConnection) -> None:
+    def leave(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection's request arrived whole, or the connection ended."""
-        if self._fresh.pop(conn, 0) is not None:
-            self._stalled.pop(conn, None)
+        if self._fresh.pop(transport, None) is None:  # type: ignore[arg-type]
+            self._stalled.pop(transport, None)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Drop every connection still in the handshake, and any that comes later."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for victims in (self._fresh, self._stalled):
+            while victims:
+                victims.popitem()[0].abort()  # type: ignore[attr-defined]
+
+    def _sweep(self) -> None:
+        self._timer = None
+        assert self._timeout is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self._timeout
+        budget = _SWEEP_BATCH
+        for victims in (self._stalled, self._fresh):
+            # Each dict is in the order connections entered it: stop at the first young one.
+            while victims and budget:
+                transport, since = next(iter(victims.items()))
+                if since > deadline:
+                    break
+                del victims[transport]
+                budget -= 1
+                self.timed_out += 1
+                transport.abort()  # type: ignore[attr-defined]
+        if self.pending and not self._closed:
+            self._timer = loop.call_later(0 if not budget else _SWEEP_INTERVAL, self._sweep)
+
+
+_SWEEP_INTERVAL: Final = 1.0
+"""Seconds between two looks for connections in the handshake past their timeout."""
+
+_SWEEP_BATCH: Final = 64
+"""Timed-out connections dropped per event-loop pass at most."""
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str:
+    address = transport.get_extra_info("peername")
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+class Doorman(asyncio.Protocol):
+    """A new connection's protocol until its request's head has arrived.
+
+    It holds the bytes and counts the connection in the :class:`HandshakeGuard`; only when
+    the head is whole (or over ``limit`` bytes) does it build websockets' connection (the
+    factory's :class:`EdgeConnection`), give it the transport and the bytes read so far.
+    A peer that sends nothing or half a request, and is dropped, costs the event loop a
+    transport and this small object, not websockets' per-connection machinery (its
+    protocol, futures, handler task and timeout, and the cycles between them that only
+    the garbage collector frees): under a flood of such peers, that was most of the
+    event loop's work and of the full collections that stalled it.
+
+    Args:
+        factory: builds the connection (asyncio's protocol factory from websockets).
+        guard: counts connections in the handshake.
+        limit: bytes of a request's head to hold at most; past them the connection is
+            handed over as it is (and refused for its size).
+    """
+
+    __slots__ = ("_factory", "_guard", "_head", "_limit", "transport")
+
+    def __init__(self, factory: Any, guard: HandshakeGuard, limit: int) -> None:
+        self._factory = factory
+        self._guard = guard
+        self._limit = limit
+        self._head: bytes | bytearray = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._guard.enter(transport)
+
+    def data_received(self, data: bytes) -> None:
+        head = self._head
+        if not head:
+            head = data
+            start = 0
+        else:
+            if not isinstance(head, bytearray):
+                head = bytearray(head)
+            start = len(head) - 3
+            head += data
+        if head.find(b"\r\n\r\n", start) >= 0 or len(head) > self._limit:
+            self._head = b""
+            self._hand_over(bytes(head))
+            return
+        self._head = head
+        assert self.transport is not None
+        self._guard.partial(self.transport)
+
+    def eof_received(self) -> bool | None:
+        # The peer is done sending and its request is not whole: close (as websockets
+        # does when a connection ends before its request).
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.leave(self.transport)
+        self.transport = None
+        self._head = b""
+
+    def _hand_over(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.transport = None
+        connection = self._factory()
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        connection.data_received(data)
+
+
+ACCEPTS_PER_PASS: Final = 16
+"""Connections asyncio accepts per event-loop pass at most (see :func:`listen_backlog`)."""
+
+
+def listen_backlog(server: asyncio.Server, backlog: int) -> None:
+    """Give ``server``'s listening sockets a kernel queue of ``backlog`` connections.
+
+    asyncio's selector loop uses the ``backlog`` given to ``create_server`` twice: for
+    ``listen()`` and as how many connections it accepts in one event-loop pass. The edge
+    creates its server with :data:`ACCEPTS_PER_PASS` (one pass then sets up at most that
+    many connections: under a connection flood, a hundred per pass held the loop tens of
+    milliseconds) and calls this once it is serving, so that a burst of clients still
+    waits in the kernel's queue instead of retrying its SYN a second later. Calling
+    ``listen()`` again on a listening socket only sets its queue's length.
+    """
+    for transport_socket in server.sockets:
+        # A duplicate of the descriptor: asyncio's own socket object is not handed out.
+        with socket.socket(
+            transport_socket.family,
+            transport_socket.type,
+            transport_socket.proto,
+            fileno=os.dup(transport_socket.fileno()),
+        ) as listening:
+            listening.listen(backlog)
+
+
+def install_doorman(server: asyncio.AbstractServer, guard: HandshakeGuard, limit: int) -> bool:
+    """Put a :class:`Doorman` in front of every connection ``server`` accepts.
+
+    ``server`` is the ``asyncio.Server`` websockets created, not serving yet: its protocol
+    factory (websockets') is wrapped. Returns False (and changes nothing) where the event
+    loop's server does not keep the factory where asyncio's does (uvloop): connections
+    then enter the guard themselves, with websockets' machinery built at the accept.
+    """
+    factory = getattr(server, "_protocol_factory", None)
+    if factory is None or server.is_serving():
+        return False
+    server._protocol_factory = functools.partial(Doorman, factory, guard, limit)  # type: ignore[attr-defined]
+    guard.doorman = True
+    return True
 
 
 class CountingTransport(asyncio.Transport):
@@ -298,6 +485,7 @@ class EdgeConnection(ServerConnection):
         "_head_left",
         "_held",
         "_inflight",
+        "_key",
         "_line",
         "_pass_open",
         "_phase",
@@ -319,6 +507,8 @@ class EdgeConnection(ServerConnection):
     ) -> None:
         super().__init__(protocol, server, **kwargs)
         self._guard = guard
+        # The transport the guard counts this connection by (the one asyncio made).
+        self._key: asyncio.Transport | None = None
         self._bound = write_bound
         # Bytes of the request's head still allowed (EdgeConfig.max_request_head).
         self._head_left = max_head
@@ -355,12 +545,14 @@ class EdgeConnection(ServerConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         super().connection_made(transport)
+        self._key = transport
         self.out = CountingTransport(transport)
         self.transport = self.out
-        self._guard.enter(self)
+        if not self._guard.doorman:
+            self._guard.enter(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._guard.leave(self)
+        self._guard.leave(self._key)
         self._backlog = None
         if self.out is not None:
             self.out.lost = True
@@ -393,7 +585,7 @@ class EdgeConnection(ServerConnection):
             end = self._line.find(b"\r\n")
             if end < 0:
                 if len(self._line) <= MAX_REQUEST_LINE:
-                    self._guard.partial(self)
+                    self._guard.partial(self._key)
                     return
                 # Too long for websockets anyway: let it answer 414.
                 data, self._line = bytes(self._line), b""
@@ -412,13 +604,13 @@ class EdgeConnection(ServerConnection):
             # Refused before websockets parses more of it: its limits (128 lines of 8 KiB)
             # let a megabyte through, and some headers cost more than their bytes.
             self._phase = _DISCARD
-            self._guard.leave(self)
+            self._guard.leave(self._key)
             self.transport.write(_RESPONSE_431)
             self.transport.close()
             return
         if end < 0:
             self._tail = scan[-3:]
-            self._guard.partial(self)
+            self._guard.partial(self._key)
             super().data_received(data)
             return
         cut = end + 4 - len(self._tail)
@@ -426,7 +618,7 @@ class EdgeConnection(ServerConnection):
         self._phase = _HOLD
         # The request is all here: what is left of the handshake is the server's own
         # work, done at once. Only a peer that has not sent its request holds a slot.
-        self._guard.leave(self)
+        self._guard.leave(self._key)
         super().data_received(data[:cut])
         if cut < len(data):
             self._hold(data[cut:])
@@ -474,7 +666,7 @@ class EdgeConnection(ServerConnection):
             return b"GET" + line[4:]
         if _METHOD.fullmatch(method) and line[:end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
             self._phase = _DISCARD
-            self._guard.leave(self)
+            self._guard.leave(self._key)
             self.transport.write(_RESPONSE_405)
             self.transport.close()
             return b""
@@ -503,7 +695,7 @@ class EdgeConnection(ServerConnection):
             # process_request never raises (it logs its own bugs), so this is the client.
             log.debug("opening handshake with %s failed: %r", self.peer, exc)
         finally:
-            self._guard.leave(self)
+            self._guard.leave(self._key)
         held, self._held = bytes(self._held), b""
         self._line = b""
         if self.protocol.state is State.OPEN:
@@ -729,4 +921,24 @@ def check_internals() -> list[str]:
         problems.append("websockets' Connection no longer writes through self.transport")
     if "self.transport = transport" not in inspect.getsource(Connection.connection_made):
         problems.append("Connection.connection_made no longer stores self.transport")
+    from asyncio import base_events, selector_events
+
+    # asyncio: the doorman replaces the factory of a server not serving yet, and the edge
+    # bounds a pass by the backlog it gives (see install_doorman and listen_backlog).
+    start = getattr(base_events.Server, "_start_serving", None)
+    if (
+        start is None
+        or "self._protocol_factory = " not in inspect.getsource(base_events.Server.__init__)
+        or "self._protocol_factory" not in inspect.getsource(start)
+    ):
+        problems.append(
+            "asyncio.Server no longer keeps its protocol factory in _protocol_factory "
+            "(the doorman would not be installed)"
+        )
+    accept = getattr(selector_events.BaseSelectorEventLoop, "_accept_connection", None)
+    if accept is None or "for _ in range(backlog)" not in inspect.getsource(accept):
+        problems.append(
+            "asyncio's accept loop no longer accepts `backlog` connections per pass "
+            "(ACCEPTS_PER_PASS would not bound a pass)"
+        )
     return problems

@@ -37,7 +37,15 @@ from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
 from wsbus.wire import Codec, negotiate
 
-from ._wsconn import EdgeConnection, HandshakeGuard, RateLimitedLog, connection_factory
+from ._wsconn import (
+    ACCEPTS_PER_PASS,
+    EdgeConnection,
+    HandshakeGuard,
+    RateLimitedLog,
+    connection_factory,
+    install_doorman,
+    listen_backlog,
+)
 
 __all__ = ["TOKEN_SUBPROTOCOL_PREFIX", "EdgeConfig", "EdgeServer", "serve"]
 
@@ -273,12 +281,14 @@ class EdgeServer:
         cap = config.max_handshakes
         if cap is None:
             cap = max(128, min(1024, limit // 4)) if limit > 0 else 1024
-        self.handshakes = HandshakeGuard(cap, self._report)
+        self.handshakes = HandshakeGuard(cap, self._report, config.open_timeout)
         # What any write of the gateway's can leave in the write buffer (a frame is written
         # while it holds at most write_limit, and no frame is over outbound_bytes), with
         # room for a ping and a close frame: more is replies the peer never reads.
         write_bound = config.write_limit + self.gateway.config.outbound_bytes + 1024
         self._watch_accept_errors()
+        backlog = int(kwargs.pop("backlog", 100))
+        kwargs.pop("start_serving", None)
         self.server = await ws_serve(
             self._handler,
             host,
@@ -297,8 +307,17 @@ class EdgeServer:
             max_queue=config.inbound_queue,
             write_limit=config.write_limit,
             server_header=None,
+            # The accept loop takes this many per pass; the kernel's queue is set after.
+            backlog=min(backlog, ACCEPTS_PER_PASS),
+            start_serving=False,
             **kwargs,
         )
+        # Before the first accept: a doorman holds each connection until its request's head
+        # is in, so peers that never send one cost no websockets objects.
+        install_doorman(self.server.server, self.handshakes, config.max_request_head)
+        await self.server.start_serving()
+        if backlog > ACCEPTS_PER_PASS:
+            listen_backlog(self.server.server, backlog)
         host, port = self.server.sockets[0].getsockname()[:2]
         self._address = (host, port)
         self._page_scheme = "https" if kwargs.get("ssl") is not None else "http"
@@ -325,6 +344,9 @@ class EdgeServer:
         await self.gateway.close()
         if self.server is not None:
             self.server.close(close_connections=True)
+            if self.handshakes is not None:
+                # Doormen are not websockets' connections: it would not close them.
+                self.handshakes.close()
             await self.server.wait_closed()
         self._unwatch_accept_errors()
 
