@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import sys
 import time
 from typing import Any, Final
@@ -292,3 +293,41 @@ async def test_deliveries_that_waited_in_the_transport_are_counted_written_once_
         reader.sock.close()
     await _poll(lambda: wsbus_gateway.stats().connections == 0)
     assert_balanced(wsbus_gateway.stats())
+
+
+# -- 4. a reset with frames in the transport -------------------------------------------------
+
+
+async def test_frames_in_the_transport_at_a_reset_are_counted_dropped_not_written(
+    wsbus_server: EdgeServer, wsbus_gateway: Gateway
+) -> None:
+    reader = await asyncio.to_thread(_SlowReader, wsbus_server.port)
+    try:
+        await _poll(lambda: len(wsbus_gateway._clients) == 1)
+        client = next(iter(wsbus_gateway._clients.values()))
+        sock = client.conn._ws.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # The client reads nothing: 40 items of 8 KiB (320 KiB, under outbound_bytes), of
+        # which the kernels take a few; the rest waits in the transport and the queue.
+        await asyncio.to_thread(reader.send, {"type": "flood", "content": {"n": 40, "pad": 1}})
+        await _poll(lambda: wsbus_gateway.stats().deliveries_queued == 40)
+        await asyncio.sleep(0.3)  # whatever the kernels take, they have taken
+        before = wsbus_gateway.stats()
+        # unsent(): frames the connection took that have not reached the socket (the
+        # queue's are not among them).
+        unsent = client.unsent
+        assert unsent is not None and unsent() > 0, "no frame waited in the transport"
+        assert before.deliveries_pending > 0, before
+    finally:
+        # A reset: asyncio empties the transport's buffer before it says the connection
+        # is lost, so what it held must not be counted as reaching the socket.
+        reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reader.sock.close()
+    await _poll(lambda: wsbus_gateway.stats().connections == 0)
+    stats = wsbus_gateway.stats()
+    assert_balanced(stats)
+    # Every delivery not known to have reached the socket before the reset is dropped
+    # with the close; those that had reached it stay written. Before, the transport's
+    # frames were counted written.
+    assert stats.deliveries_dropped == before.deliveries_pending, (before, stats)
+    assert stats.deliveries_written == before.deliveries_written, (before, stats)

@@ -369,10 +369,11 @@ class CountingTransport(asyncio.Transport):
     """The connection's transport, counting the bytes it was given and those it discarded.
 
     ``flushed`` is what reached the socket: every byte written, less what the transport
-    still holds and what an abort (or a write after the connection was lost) discarded.
+    still holds and what an abort, a reset (see :meth:`lose`) or a write after the
+    connection was lost discarded.
     """
 
-    __slots__ = ("_t", "discarded", "lost", "written")
+    __slots__ = ("_known", "_t", "discarded", "lost", "written")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__()
@@ -380,11 +381,26 @@ class CountingTransport(asyncio.Transport):
         self.written = 0
         self.discarded = 0
         self.lost = False
+        # What had reached the socket when last looked at (a write, or ``flushed``).
+        self._known = 0
 
     @property
     def flushed(self) -> int:
         """Bytes that reached the socket."""
-        return self.written - self.discarded - self._t.get_write_buffer_size()
+        flushed = self._known = self.written - self.discarded - self._t.get_write_buffer_size()
+        return flushed
+
+    def lose(self, exc: Exception | None) -> None:
+        """The connection was lost (``exc``: why, None for a close or an abort).
+
+        A transport that failed (a reset, a broken pipe) empties its buffer before it
+        says so: what it held never reached the socket, and how much that was is known
+        only as of the last look. Everything after that is counted discarded: frames that
+        may have been lost are dropped, never written.
+        """
+        if not self.lost and exc is not None:
+            self.discarded = max(self.discarded, self.written - self._known)
+        self.lost = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
@@ -395,6 +411,7 @@ class CountingTransport(asyncio.Transport):
             self.discarded += n
             return
         self._t.write(data)
+        self._known = self.written - self.discarded - self._t.get_write_buffer_size()
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
@@ -404,6 +421,7 @@ class CountingTransport(asyncio.Transport):
             self.discarded += n
             return
         self._t.writelines(chunks)
+        self._known = self.written - self.discarded - self._t.get_write_buffer_size()
 
     def abort(self) -> None:
         if not self.lost:
@@ -555,7 +573,7 @@ class EdgeConnection(ServerConnection):
         self._guard.leave(self._key)
         self._backlog = None
         if self.out is not None:
-            self.out.lost = True
+            self.out.lose(exc)
         super().connection_lost(exc)
         self._wake()
 
@@ -897,6 +915,17 @@ def check_internals() -> list[str]:
     if not dataclasses.is_dataclass(Response):
         problems.append("websockets.http11.Response is no longer a dataclass (HEAD drops its body)")
     need(Connection, "wait_closed", "waits for the TCP connection to end")
+    # asyncio: a transport that fails empties its write buffer before connection_lost
+    # (CountingTransport.lose counts from the last look instead of the buffer then).
+    from asyncio import selector_events
+
+    transport_class = getattr(selector_events, "_SelectorTransport", None)
+    force_close = getattr(transport_class, "_force_close", None)
+    if force_close is None or "self._buffer.clear()" not in inspect.getsource(force_close):
+        problems.append(
+            "asyncio's _SelectorTransport._force_close no longer empties the write buffer "
+            "(CountingTransport.lose would count too much dropped after a reset)"
+        )
     if "self.loop = " not in inspect.getsource(Connection.__init__):
         problems.append("websockets' Connection no longer keeps its event loop in self.loop")
     need(Protocol, "send_text", "queues a text frame without I/O")
