@@ -373,7 +373,7 @@ class CountingTransport(asyncio.Transport):
     connection was lost discarded.
     """
 
-    __slots__ = ("_known", "_t", "discarded", "lost", "written")
+    __slots__ = ("_t", "discarded", "known", "lost", "written")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__()
@@ -381,13 +381,14 @@ class CountingTransport(asyncio.Transport):
         self.written = 0
         self.discarded = 0
         self.lost = False
-        # What had reached the socket when last looked at (a write, or ``flushed``).
-        self._known = 0
+        # What had reached the socket when last looked at (``flushed``, or an empty
+        # buffer after the gateway's frames were written).
+        self.known = 0
 
     @property
     def flushed(self) -> int:
         """Bytes that reached the socket."""
-        flushed = self._known = self.written - self.discarded - self._t.get_write_buffer_size()
+        flushed = self.known = self.written - self.discarded - self._t.get_write_buffer_size()
         return flushed
 
     def lose(self, exc: Exception | None) -> None:
@@ -399,7 +400,7 @@ class CountingTransport(asyncio.Transport):
         may have been lost are dropped, never written.
         """
         if not self.lost and exc is not None:
-            self.discarded = max(self.discarded, self.written - self._known)
+            self.discarded = max(self.discarded, self.written - self.known)
         self.lost = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -411,7 +412,6 @@ class CountingTransport(asyncio.Transport):
             self.discarded += n
             return
         self._t.write(data)
-        self._known = self.written - self.discarded - self._t.get_write_buffer_size()
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
@@ -421,7 +421,6 @@ class CountingTransport(asyncio.Transport):
             self.discarded += n
             return
         self._t.writelines(chunks)
-        self._known = self.written - self.discarded - self._t.get_write_buffer_size()
 
     def abort(self) -> None:
         if not self.lost:
@@ -838,13 +837,19 @@ class EdgeConnection(ServerConnection):
                             out.write_eof()
                     else:
                         out.close()
-        if frames and (self._inflight is not None or out.get_write_buffer_size() or out.lost):
-            inflight = self._inflight
-            if inflight is None:
-                inflight = self._inflight = deque()
-            for chunk in chunks[:frames]:
-                start += len(chunk)
-                inflight.append(start)
+        if not frames:
+            return
+        if self._inflight is None and not out.lost and not out.get_write_buffer_size():
+            # Everything written so far has reached the socket (what a reset leaves
+            # counted written; see CountingTransport.lose).
+            out.known = out.written - out.discarded
+            return
+        inflight = self._inflight
+        if inflight is None:
+            inflight = self._inflight = deque()
+        for chunk in chunks[:frames]:
+            start += len(chunk)
+            inflight.append(start)
 
     def unsent(self) -> int:
         """Frames given to :meth:`send_nowait` that have not reached the socket yet.
