@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -542,6 +543,125 @@ def frame_of_size(size: int, codec: Codec) -> str | bytes:
     raise AssertionError(f"no padding gives {size} bytes")  # pragma: no cover
 
 
+def _values_frame(content: Any, codec: Codec) -> str | bytes:
+    return enc({"type": "a", "id": "q1", "content": content}, codec)
+
+
+# Contents of n values in all with the frame's three fields (type, id, content).
+ITEM_SHAPES = [
+    pytest.param(lambda n: [0] * (n - 3), id="ints"),
+    pytest.param(lambda n: [[]] * (n - 3), id="empty-arrays"),
+    pytest.param(lambda n: [{}] * (n - 3), id="empty-objects"),
+    pytest.param(lambda n: [""] * (n - 3), id="empty-strings"),
+    pytest.param(lambda n: [{"": 0}] * ((n - 3) // 2) + [0] * ((n - 3) % 2), id="one-pair"),
+    pytest.param(lambda n: {str(i): [i] for i in range((n - 3) // 2)} | {"x": 0}, id="mixed"),
+    pytest.param(lambda n: [nest(19)] * ((n - 3) // 20) + [0] * ((n - 3) % 20), id="deep"),
+]
+
+
+@BOTH
+@pytest.mark.parametrize("shape", ITEM_SHAPES)
+def test_a_frame_holds_at_most_max_items_values(codec: Codec, shape: Any) -> None:
+    # Every value counts, whatever its kind and depth: 64 KiB of empty arrays decoded to
+    # 65,000 lists (73 times the bytes in memory), published as a valid frame.
+    for cap in (8, 64, 4096):
+        limits = WireLimits(max_items=cap)
+        at_cap = _values_frame(shape(cap), codec)
+        assert msgspec.json.decode(msgspec.json.encode(plain_decode(at_cap, codec)))
+        result = decode_client_frame(at_cap, codec, limits)
+        assert isinstance(result, ClientFrame), (cap, result)
+        over = _values_frame(shape(cap + 1), codec)
+        refused = decode_client_frame(over, codec, limits)
+        assert refused == Rejection(
+            ErrorCode.LIMIT_EXCEEDED, f"the frame holds more than {cap} values", "q1"
+        ), cap
+        assert_clean_message(refused)
+
+
+@BOTH
+def test_the_default_item_cap_refuses_a_frame_of_small_containers(codec: Codec) -> None:
+    assert WireLimits().max_items == 4096
+    ok = decode_client_frame(_values_frame([[]] * 4093, codec), codec)
+    assert isinstance(ok, ClientFrame)
+    for content in ([[]] * 4094, [[]] * 20_000, [{"": 0}] * 3000, [1] * 4094):
+        refused = decode_client_frame(_values_frame(content, codec), codec)
+        assert isinstance(refused, Rejection)
+        assert (refused.code, refused.ref) == (ErrorCode.LIMIT_EXCEEDED, "q1")
+
+
+@BOTH
+def test_the_item_cap_counts_the_frame_fields_and_comes_before_value_faults(
+    codec: Codec,
+) -> None:
+    limits = WireLimits(max_items=4)
+    frame = enc({"type": "a", "id": "q", "reply_to": "r", "content": 1}, codec)
+    assert decode_client_frame(frame, codec, limits) == ClientFrame("a", 1, "q", "r")
+    frame = enc({"type": "a", "id": "q", "reply_to": "r", "content": [1]}, codec)
+    result = decode_client_frame(frame, codec, limits)
+    assert isinstance(result, Rejection) and result.code is ErrorCode.LIMIT_EXCEEDED
+    # A frame over the cap is refused for it, whatever else is wrong further in.
+    for bad in (2**60, nest(40)):
+        frame = enc({"type": "a", "id": "q", "content": [0, 0, bad]}, codec)
+        result = decode_client_frame(frame, codec, limits)
+        assert result == Rejection(
+            ErrorCode.LIMIT_EXCEEDED, "the frame holds more than 4 values", "q"
+        ), bad
+
+
+def test_refused_json_and_msgpack_frames_over_the_item_cap_keep_their_ref() -> None:
+    limits = WireLimits(max_items=16)
+    for tail in (",1E400", ',"\\ud800"', ",1e999"):
+        text = '{"type":"a","content":[' + ",".join(["[]"] * 20) + tail + '],"id":"q"}'
+        result = decode_client_frame(text, J, limits)
+        assert isinstance(result, Rejection)
+        assert (result.code, result.ref) == (ErrorCode.LIMIT_EXCEEDED, "q"), tail
+    head = b"\x83\xa4type\xa1a\xa7content\xdc\x00\x15"
+    for tail in (b"\xa1\xff", b"\xd4\x01\x00", b"\x91" * 2000 + b"\x90"):
+        for id_first in (True, False):
+            body = b"\x90" * 20 + tail
+            frame = (
+                b"\x83\xa2id\xa1q" + head[1:] + body if id_first else head + body + b"\xa2id\xa1q"
+            )
+            result = decode_client_frame(frame, M, limits)
+            assert isinstance(result, Rejection)
+            assert (result.code, result.ref) == (ErrorCode.LIMIT_EXCEEDED, "q"), (tail, id_first)
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "item",
+    [[], {}, {"": 0}, -20, 1.5, "ab", [0]],
+    ids=["empty-arrays", "empty-objects", "one-pair", "negative-int", "float", "str", "array"],
+)
+def test_an_accepted_frame_decodes_to_a_bounded_multiple_of_its_bytes(
+    codec: Codec, item: Any
+) -> None:
+    # The bound follows from the caps: the frame's bytes, and about a hundred bytes of
+    # Python objects per value. A 64 KiB frame of 65,000 empty arrays took 4.7 MB.
+    import gc
+    import tracemalloc
+
+    limits = WireLimits()
+    values = 2 if isinstance(item, dict | list) and item else 1
+    frames = [
+        _values_frame([item] * n, codec)
+        for n in (limits.max_items // values - 4, 65_536 // max(len(enc(item, codec)), 1))
+    ]
+    for frame in frames:
+        raw = frame.encode() if isinstance(frame, str) else frame
+        if len(raw) > limits.max_frame_bytes:
+            continue
+        gc.collect()
+        tracemalloc.start()
+        try:
+            result = decode_client_frame(frame, codec, limits)
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        bound = 2 * len(raw) + 128 * limits.max_items
+        assert held < bound, (len(raw), held, bound, type(result).__name__)
+
+
 @BOTH
 def test_frame_size_limit_is_inclusive(codec: Codec) -> None:
     at_limit = frame_of_size(65_536, codec)
@@ -922,13 +1042,18 @@ def test_a_long_run_of_backslashes_is_refused_quickly() -> None:
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.one_of(wst.client_frames(codec=Codec.JSON), wst.adversarial_frames(codec=Codec.JSON)))
-def test_the_fast_path_accepts_only_what_the_full_path_accepts(frame: str | bytes) -> None:
+@given(
+    frame=st.one_of(wst.client_frames(codec=Codec.JSON), wst.adversarial_frames(codec=Codec.JSON)),
+    limits=st.sampled_from([WireLimits(), WireLimits(max_items=3), WireLimits(max_items=12)]),
+)
+def test_the_fast_path_accepts_only_what_the_full_path_accepts(
+    frame: str | bytes, limits: WireLimits
+) -> None:
     from wsbus.wire import _decode, _Reject
 
-    fast = decode_client_frame(frame, Codec.JSON)
+    fast = decode_client_frame(frame, Codec.JSON, limits)
     try:
-        full: ClientFrame | Rejection = _decode(frame, Codec.JSON, WireLimits(), frozenset())
+        full: ClientFrame | Rejection = _decode(frame, Codec.JSON, limits, frozenset())
     except _Reject as exc:
         full = exc.rejection
     assert fast == full
@@ -941,7 +1066,14 @@ def test_the_fast_path_accepts_only_what_the_full_path_accepts(frame: str | byte
         wst.adversarial_frames(codec=Codec.MSGPACK),
         wst.noncanonical_msgpack(),
     ),
-    limits=st.sampled_from([WireLimits(), WireLimits(max_depth=2, max_integer=100)]),
+    limits=st.sampled_from(
+        [
+            WireLimits(),
+            WireLimits(max_depth=2, max_integer=100),
+            WireLimits(max_items=3),
+            WireLimits(max_items=12),
+        ]
+    ),
 )
 def test_the_msgpack_fast_path_accepts_only_what_the_full_path_accepts(
     frame: str | bytes, limits: WireLimits
@@ -1052,7 +1184,17 @@ _SMALL = WireLimits(max_frame_bytes=64, max_integer=1000)
         '{"type":"a b"}',
     ],
 )
-@pytest.mark.parametrize("limits", [_SMALL, WireLimits(max_depth=1), WireLimits(max_depth=2)])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        _SMALL,
+        WireLimits(max_depth=1),
+        WireLimits(max_depth=2),
+        WireLimits(max_items=2),
+        WireLimits(max_items=3),
+        WireLimits(max_items=4),
+    ],
+)
 def test_the_fast_path_agrees_with_the_full_path_on_edge_cases(
     frame: str, limits: WireLimits
 ) -> None:
@@ -1094,9 +1236,10 @@ def _json_array_frame(item: str) -> str:
     return _COST_HEAD_J + "[" + ",".join([item] * n) + "]}"
 
 
-def _msgpack_array_frame(item: bytes) -> bytes:
-    n = (65_536 - len(_COST_HEAD_M) - 5) // len(item)
-    return _COST_HEAD_M + b"\xdc" + n.to_bytes(2, "big") + item * n
+def _msgpack_array_frame(item: bytes, tail: bytes = b"") -> bytes:
+    n = (65_536 - len(_COST_HEAD_M) - 5 - len(tail)) // len(item)
+    count = n + 1 if tail else n
+    return _COST_HEAD_M + b"\xdc" + count.to_bytes(2, "big") + item * n + tail
 
 
 # Frames of at most 64 KiB that maximize some kind of work per byte.
@@ -1132,6 +1275,28 @@ def _best_time(fn: Any, repeat: int = 7) -> float:
     return best
 
 
+def _assert_costs_a_small_multiple_of_decoding(
+    frame: str | bytes, codec: Codec, limits: WireLimits
+) -> None:
+    raw = frame.encode() if isinstance(frame, str) else frame
+    plain = msgspec.json.Decoder() if codec is J else msgspec.msgpack.Decoder()
+
+    def control_decode() -> None:
+        # A refused frame: msgspec read up to its fault (whatever it raises), still the floor.
+        with contextlib.suppress(Exception):
+            plain.decode(raw)
+
+    control = validation = float("inf")
+    for _ in range(3):  # interleaved, so that a busy moment hits both
+        control = min(control, _best_time(control_decode))
+        validation = min(validation, _best_time(lambda: decode_client_frame(frame, codec, limits)))
+    assert validation < 15 * control, (validation, control)
+
+
+# The item cap raised out of the way: what the level checks cost on their own.
+_NO_ITEM_CAP = WireLimits(max_items=1 << 20)
+
+
 @pytest.mark.parametrize(("frame", "codec"), WORST_CASES)
 def test_validation_costs_a_small_multiple_of_decoding(frame: str | bytes, codec: Codec) -> None:
     # The control is msgspec decoding the same bytes with no checks: the gateway needs the
@@ -1139,11 +1304,46 @@ def test_validation_costs_a_small_multiple_of_decoding(frame: str | bytes, codec
     # container (the walk this replaced) cost 13-35 times it on four of these frames.
     raw = frame.encode() if isinstance(frame, str) else frame
     assert len(raw) <= 65_536
-    result = decode_client_frame(frame, codec)
+    result = decode_client_frame(frame, codec, _NO_ITEM_CAP)
     assert isinstance(result, ClientFrame), result
-    plain = msgspec.json.Decoder() if codec is J else msgspec.msgpack.Decoder()
-    control = validation = float("inf")
-    for _ in range(3):  # interleaved, so that a busy moment hits both
-        control = min(control, _best_time(lambda: plain.decode(raw)))
-        validation = min(validation, _best_time(lambda: decode_client_frame(frame, codec)))
-    assert validation < 15 * control, (validation, control)
+    _assert_costs_a_small_multiple_of_decoding(frame, codec, _NO_ITEM_CAP)
+
+
+@pytest.mark.parametrize(("frame", "codec"), WORST_CASES)
+def test_the_item_cap_refuses_the_worst_frames_at_a_small_multiple_of_decoding(
+    frame: str | bytes, codec: Codec
+) -> None:
+    result = decode_client_frame(frame, codec)
+    assert isinstance(result, Rejection)
+    assert (result.code, result.ref) == (ErrorCode.LIMIT_EXCEEDED, "k1")
+    _assert_costs_a_small_multiple_of_decoding(frame, codec, WireLimits())
+
+
+# MessagePack frames msgspec refuses, shaped to maximize the work of finding out why:
+# 64 KiB of small items and a fault at the very end.
+REFUSED_WORST_CASES = [
+    pytest.param(_msgpack_array_frame(item, tail), id=f"{name}-{fault}")
+    for name, item in [
+        ("empty-arrays", b"\x90"),
+        ("one-item-arrays", b"\x91\x90"),
+        ("one-zero-arrays", b"\x91\x00"),
+        ("one-pair-maps", b"\x81\xa0\x00"),
+        ("empty-strings", b"\xa0"),
+        ("short-strings", b"\xa1a"),
+        ("tiny-ints", b"\x01"),
+        ("non-canonical-ints", b"\xcc\x01"),
+        ("non-canonical-maps", b"\x81\xa0\xcc\x00"),
+        ("deep", b"\x91" * 29 + b"\x90"),
+    ]
+    for fault, tail in [("bad-utf8", b"\xa1\xff"), ("bad-byte", b"\xc1"), ("cut", b"\x92")]
+]
+
+
+@pytest.mark.parametrize("frame", REFUSED_WORST_CASES)
+def test_refused_msgpack_costs_a_small_multiple_of_decoding(frame: bytes) -> None:
+    # Each was classified by a Python step per item: 20-70 times msgspec's decode (40-78
+    # ms a frame), in a loop any connection could hold 20 times before its 4400 close.
+    result = decode_client_frame(frame, M)
+    assert isinstance(result, Rejection)
+    assert result.code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.MALFORMED), result
+    _assert_costs_a_small_multiple_of_decoding(frame, M, WireLimits())

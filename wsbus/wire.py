@@ -128,11 +128,16 @@ class WireLimits(msgspec.Struct, frozen=True):
             itself as level 1 (default 32).
         max_integer: the largest magnitude of an integer (default 2**53 - 1, what a
             JavaScript number holds exactly).
+        max_items: the most values a frame may hold, at any depth: each object value (the
+            frame's own fields included) and each array element counts one, whatever its
+            type (default 4096). It bounds what a small frame decodes to: 64 KiB of empty
+            arrays is 65,000 lists, about 73 times its bytes in memory.
     """
 
     max_frame_bytes: int = 64 * 1024
     max_depth: int = 32
     max_integer: int = MAX_SAFE_INTEGER
+    max_items: int = 4096
 
 
 DEFAULT_LIMITS: Final = WireLimits()
@@ -348,6 +353,11 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
             _GOOD_TYPES.add(type_)
     keys = 1
     content = typed.content
+    # The frame's own fields count against max_items, like the values inside content.
+    fields = 1 + (content is not _UNSET) + (typed.id is not _UNSET)
+    fields += typed.reply_to is not _UNSET
+    if fields > limits.max_items:
+        return None
     if content is _UNSET:
         content = None
     else:
@@ -359,6 +369,8 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
             # numbers that overflow a float, so floats need no check either.
             # (With max_depth < 2 the object itself is too deep: the check says so.)
             nested = kind is list or limits.max_depth < 2
+            if fields + len(content) > limits.max_items:
+                return None
             if not nested:
                 max_int = limits.max_integer
                 for value in content.values():
@@ -374,7 +386,9 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
                     nested = True
                     break
             if nested:
-                content_keys = _check_levels([content], 2, limits.max_depth, limits.max_integer)
+                content_keys = _check_levels(
+                    [content], 2, limits.max_depth, limits.max_integer, limits.max_items - fields
+                )
                 if content_keys < 0:
                     return None
                 keys += content_keys
@@ -415,51 +429,59 @@ _GOOD_TYPES_MAX: Final = 4096
 
 def _decode_typical_msgpack(
     raw: bytes, limits: WireLimits, allowed_control: frozenset[str]
-) -> ClientFrame | None:
-    """Accept a good MessagePack frame with work linear in its bytes, or return None.
+) -> ClientFrame:
+    """Accept a good MessagePack frame with work linear in its bytes.
 
-    Like :func:`_decode_typical`, it accepts only what :func:`_decode` accepts and leaves
-    every rejection to it. msgspec decodes in C; the checks then run level by level, with
-    the per-item work in C too (see :func:`_check_levels`); duplicate keys are ruled out
-    by re-encoding (msgspec writes each map's real length), and only a frame that does not
-    re-encode to its own bytes gets its map headers counted.
+    Like :func:`_decode_typical`, it accepts only what :func:`_decode` accepts, and it
+    leaves every frame it does not accept to the full checks (:func:`_check_frame`, on the
+    object already decoded), which word the rejection. msgspec decodes in C; the checks
+    then run level by level, with the per-item work in C too (see :func:`_check_levels`);
+    duplicate keys are ruled out by re-encoding (msgspec writes each map's real length),
+    and only a frame that does not re-encode to its own bytes gets its map headers counted.
+
+    Raises:
+        _Reject: the frame is refused. Bytes msgspec could not decode are classified from
+            them straight away: a second decode would only refuse them again.
     """
     try:
         obj = _MSGPACK_DECODER.decode(raw)
     except Exception:
-        return None
+        raise _Reject(*_classify_msgpack(raw, limits)) from None
     if type(obj) is not dict or not _FRAME_KEYS.issuperset(obj):
-        return None
+        return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
     type_ = obj.get("type")
     if type(type_) is not str:
-        return None
+        return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
     if type_ not in _GOOD_TYPES:
         if _TYPE_RE.fullmatch(type_) is None:
-            return None
+            return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
         if type_.startswith(RESERVED_PREFIX):
             if type_ not in allowed_control:
-                return None
+                return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
         elif len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
             _GOOD_TYPES.add(type_)
     id_ = obj.get("id")
     if "id" in obj and not (type(id_) is str and 0 < len(id_) <= _MAX_ID_LEN):
-        return None
+        return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
     reply_to = obj.get("reply_to")
     if "reply_to" in obj and not (type(reply_to) is str and 0 < len(reply_to) <= _MAX_ID_LEN):
-        return None
-    keys = _check_levels([obj], 1, limits.max_depth, limits.max_integer)
+        return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
+    keys = _check_levels([obj], 1, limits.max_depth, limits.max_integer, limits.max_items)
     if keys < 0:
-        return None
+        return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
     if _MSGPACK_ENCODER.encode(obj) != raw and _msgpack_pairs(raw) != keys:
-        return None
+        return _check_frame(obj, raw, Codec.MSGPACK, limits, allowed_control)
     return ClientFrame(type_, obj.get("content"), id_, reply_to)
 
 
-def _check_levels(level: list[Any], depth: int, max_depth: int, max_int: int) -> int:
+def _check_levels(
+    level: list[Any], depth: int, max_depth: int, max_int: int, max_items: int
+) -> int:
     """Check decoded containers one nesting level at a time; return the object key count.
 
-    ``level`` holds the containers found at ``depth``. Returns -1 when anything is wrong
-    (too deep, a key that is not a string, a number out of range, a value of another type):
+    ``level`` holds the containers found at ``depth``, which may hold ``max_items`` values
+    in all. Returns -1 when anything is wrong (more values than that, too deep, a key that
+    is not a string, a number out of range, a value of another type):
     the caller then leaves the wording to :func:`_decode`. Each level costs a few passes of
     C iteration (``map``, ``chain``, ``compress``) over its items, so the work is linear in
     the number of values with a small constant, however they are nested: a Python call per
@@ -476,6 +498,9 @@ def _check_levels(level: list[Any], depth: int, max_depth: int, max_int: int) ->
         if not level:
             break
         if kinds == _LIST_KIND:
+            max_items -= sum(map(len, level))
+            if max_items < 0:
+                return -1
             items = list(chain.from_iterable(level))
         else:
             if kinds == _DICT_KIND:
@@ -485,7 +510,14 @@ def _check_levels(level: list[Any], depth: int, max_depth: int, max_int: int) ->
                 level_kinds = list(map(type, level))
                 dicts = list(compress(level, map(is_, level_kinds, repeat(dict))))
                 lists = list(compress(level, map(is_, level_kinds, repeat(list))))
-            keys += sum(map(len, dicts))
+            level_keys = sum(map(len, dicts))
+            max_items -= level_keys
+            if lists:
+                max_items -= sum(map(len, lists))
+            if max_items < 0:
+                # Counted before any item is gathered: refused for its size at no cost.
+                return -1
+            keys += level_keys
             # set.union reads dicts without an iterator each; the distinct keys suffice.
             key_kinds = set(map(type, set().union(*dicts)))
             if key_kinds and key_kinds != _STR_KIND:
@@ -592,7 +624,7 @@ def _decode(
         # classification may walk it in Python (linear in its bytes).
         if codec is Codec.JSON:
             raise _Reject(*_classify_json(raw, limits)) from None
-        raise _Reject(*_classify_msgpack(raw, limits.max_depth)) from None
+        raise _Reject(*_classify_msgpack(raw, limits)) from None
     return _check_frame(obj, raw, codec, limits, allowed_control)
 
 
@@ -603,6 +635,7 @@ def _check_frame(
     if type(obj) is not dict:
         raise _Reject(ErrorCode.MALFORMED, "a frame must be one object")
     ref = _ref_of(obj)
+    _check_items(obj, limits.max_items, ref)
     if codec is Codec.JSON:
         keys = _check_value(obj, limits, ref)
         declared = _json_pair_count(raw, keys)
@@ -633,6 +666,32 @@ def _check_frame(
 
 
 _EXT_MESSAGE: Final = "MessagePack extension types are not accepted"
+
+
+def _check_items(root: dict[Any, Any], max_items: int, ref: str | None) -> None:
+    """Refuse a decoded frame holding more than ``max_items`` values, at any depth.
+
+    Level by level, in C iteration, and it stops at the level that passes the cap: the
+    work is bounded by the cap whatever the frame holds, so the checks after it (the
+    MessagePack header walk, the recursive value walk) are bounded too.
+    """
+    count = 0
+    level: list[Any] = [root]
+    while level:
+        kinds = list(map(type, level))
+        dicts = list(compress(level, map(is_, kinds, repeat(dict))))
+        lists = list(compress(level, map(is_, kinds, repeat(list))))
+        count += sum(map(len, dicts)) + sum(map(len, lists))
+        if count > max_items:
+            raise _Reject(ErrorCode.LIMIT_EXCEEDED, _items_message(max_items), ref)
+        items = list(chain.from_iterable(map(dict.values, dicts)))
+        items.extend(chain.from_iterable(lists))
+        level = list(compress(items, map(_CONTAINER_KINDS.__contains__, map(type, items))))
+
+
+def _items_message(max_items: int) -> str:
+    return f"the frame holds more than {max_items} values"
+
 
 # A JSON string, or a bracket: what the outline of a refused JSON frame is made of.
 # Possessive, so that an unterminated string cannot make it backtrack.
@@ -690,6 +749,10 @@ def _classify_json(raw: bytes, limits: WireLimits) -> tuple[ErrorCode, str, str 
     if type(obj) is not dict:
         return ErrorCode.MALFORMED, "a frame must be one object", None
     ref = _ref_of(obj)
+    try:
+        _check_items(obj, limits.max_items, ref)
+    except _Reject as exc:
+        return exc.rejection.code, exc.rejection.message, exc.rejection.ref
     if _has_lone_surrogate(raw):
         return ErrorCode.BAD_VALUE, "a string has a lone UTF-16 surrogate", ref
     if out_of_range:
@@ -755,34 +818,110 @@ def _json_ref(outline: str) -> str | None:
     return _ref_of(top) if type(top) is dict else None
 
 
-def _classify_msgpack(raw: bytes, max_depth: int) -> tuple[ErrorCode, str, str | None]:
+def _classify_msgpack(raw: bytes, limits: WireLimits) -> tuple[ErrorCode, str, str | None]:
     """Say why msgspec refused a MessagePack frame, from its bytes alone, with its ref.
 
-    One walk over the items, in Python and linear in the bytes. The order: bytes that are
-    not one complete MessagePack item (``malformed``, no ref), a frame that is not a map
-    (``malformed``), an extension type anywhere (``bad_value``), then the first in the
-    frame of: nesting deeper than the cap (``limit_exceeded``), a map key that is not a
-    string (``invalid_message``), a string that is not valid UTF-8 (``bad_value``).
+    One walk over the items, linear in the bytes. The order: bytes that are not one
+    complete MessagePack item (``malformed``, no ref), a frame that is not a map
+    (``malformed``), more values than the cap (``limit_exceeded``; the walk stops at the
+    value that passes it, so the rest of the frame is never read), an extension type
+    anywhere (``bad_value``), then the first in the frame of: nesting deeper than the cap
+    (``limit_exceeded``), a map key that is not a string (``invalid_message``), a string
+    that is not valid UTF-8 (``bad_value``).
+
+    Runs of one-byte items that need no check (small integers, nil, booleans, empty
+    arrays, maps and strings) are skipped by one match of a compiled pattern: only
+    containers with items, strings and other sized items take a Python step, and those are
+    values counted against the cap, so the Python steps are bounded by it too.
     """
+    max_depth = limits.max_depth
+    max_items = limits.max_items
     end = len(raw)
     pos = 0
-    # Per open container: [items left, True for a map, items seen].
+    # Per open container: [items it declares, True for a map, items seen].
     stack: list[list[Any]] = []
     fault: tuple[ErrorCode, str] | None = None
     has_ext = False
     ref: str | None = None
     top_key: str | None = None  # the top-level map's key whose value comes next
+    values = 0
+    cap = max_items  # then the end, once the walk passed the cap and reads on for the id
+    budget = 0  # steps left to read on with
+    leaves = _MSGPACK_LEAVES_RE.match
     while True:
         if pos >= end:
             return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
-        b = raw[pos]
+        if cap == end:
+            budget -= 1
+            if budget < 0:
+                # Past the cap, msgspec could not skim the frame, and no end in sight: no
+                # more work for a frame refused anyway (its ref only if seen by now).
+                return ErrorCode.LIMIT_EXCEEDED, _items_message(max_items), ref
         is_key = False
         at_top = False
         if stack:
             top = stack[-1]
-            is_key = top[1] and top[2] % 2 == 0
-            at_top = len(stack) == 1 and top[1]
-            top[2] += 1
+            is_map = top[1]
+            seen = top[2]
+            at_top = is_map and len(stack) == 1
+            n = 0
+            if not at_top:
+                # At most what this container holds (containers nested in one long run
+                # must not each scan all of it), and not far past the cap.
+                left = min(top[0] - seen, 2 * (cap - values) + 2)
+                run = leaves(raw, pos, pos + left)
+                if run is not None:
+                    # Skip the run, or the part of it before a fault.
+                    n = run.end() - pos
+                    if fault is None:
+                        parity = seen % 2 if is_map else -1
+                        n = _clean_run(raw, pos, n, parity, len(stack) >= max_depth)
+                    skipped = n
+                elif not is_map:
+                    n, skipped = _scalar_run(raw, pos, left, fault is None)
+            if n:
+                pos += skipped
+                top[2] = seen + n
+                values += (n + seen % 2) // 2 if is_map else n
+                if values > cap:
+                    found = _over_items(raw, max_items)
+                    if found is not None:
+                        return found
+                    cap, budget = end, max_items
+                while stack and stack[-1][2] == stack[-1][0]:
+                    stack.pop()
+                if not stack:
+                    break
+                continue
+            is_key = is_map and seen % 2 == 0
+            top[2] = seen + 1
+            if not is_key:
+                values += 1
+                if raw[pos] == 0x91 and raw[pos + 1 : pos + 2] == b"\x91":
+                    # A chain of arrays of one item each, [[[...]]]: all of them end
+                    # with the innermost one's item, so one entry on the stack stands
+                    # for the chain once depth no longer matters (past the cap or
+                    # already at fault, or the chain goes over it).
+                    match = _ONE_ITEM_CHAIN_RE.match(raw, pos)
+                    links = match.end() - pos if match is not None else 1
+                    if fault is None and len(stack) + links > max_depth:
+                        fault = (ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}")
+                    if fault is not None:
+                        values += links - 1
+                        pos += links
+                        stack.append([1, False, 0])
+                        if values > cap:
+                            found = _over_items(raw, max_items)
+                            if found is not None:
+                                return found
+                            cap, budget = end, max_items
+                        continue
+                if values > cap:
+                    found = _over_items(raw, max_items)
+                    if found is not None:
+                        return found
+                    cap, budget = end, max_items
+        b = raw[pos]
         text: str | None = None
         count = 0  # items in a container that opens here
         if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
@@ -864,11 +1003,100 @@ def _classify_msgpack(raw: bytes, max_depth: int) -> tuple[ErrorCode, str, str |
             break
     if pos != end:
         return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+    if cap != max_items:
+        return ErrorCode.LIMIT_EXCEEDED, _items_message(max_items), ref
     if has_ext:
         return ErrorCode.BAD_VALUE, _EXT_MESSAGE, ref
     if fault is not None:
         return fault[0], fault[1], ref
     return ErrorCode.MALFORMED, "frame is not valid MessagePack", ref
+
+
+# A run of one-byte items that need no check beyond their place: positive and negative
+# fixints, nil, false, true, and empty maps, arrays and strings.
+_MSGPACK_LEAVES_RE: Final = re.compile(rb"[\x00-\x7f\x80\x90\xa0\xc0\xc2\xc3\xe0-\xff]++")
+
+
+def _scalar_run(raw: bytes, pos: int, left: int, check: bool) -> tuple[int, int]:
+    """Skip a run of like scalars in an array; return how many items and bytes it skipped.
+
+    Like scalars: fixed-size numbers with the same header, or short strings (fixstr) of
+    the same length, so that one match of a simple pattern finds the run and its length
+    tells the count. At most ``left`` items, and with ``check`` only those before the first
+    string that is not valid UTF-8 (the walk then reads that one itself). The payloads are
+    checked in one decode, each header replaced by a NUL byte, which ends any sequence:
+    the text is valid exactly when every payload is.
+    """
+    found = _LIKE_RUNS.get(raw[pos])
+    if found is None:
+        return 0, 0  # a container, a long string or an extension: one step of the walk
+    pattern, size = found
+    run = pattern.match(raw, pos, pos + size * left)
+    if run is None:
+        return 0, 0  # cut short: the walk says so
+    count = (run.end() - pos) // size
+    if check and raw[pos] >= 0xA1:  # strings
+        text = bytearray(raw[pos : run.end()])
+        text[0::size] = bytes(count)
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            count = exc.start // size
+    return count, count * size
+
+
+def _like_runs() -> dict[int, tuple[re.Pattern[bytes], int]]:
+    """Header byte -> (pattern of a run of items with that header, item size)."""
+    sizes = {0xA0 + n: 1 + n for n in range(1, 32)}  # fixstr
+    sizes.update(_MSGPACK_FIXED)
+    return {
+        head: (
+            re.compile(b"(?:" + re.escape(bytes([head])) + b".{%d})++" % (size - 1), re.DOTALL),
+            size,
+        )
+        for head, size in sizes.items()
+    }
+
+
+def _clean_run(raw: bytes, pos: int, n: int, parity: int, at_max_depth: bool) -> int:
+    """How many of the ``n`` one-byte items at ``raw[pos]`` come before the first fault.
+
+    A fault is an empty map or array one level deeper than the cap or, in a map, a key
+    other than the empty string. ``parity`` is -1 in an array, and in a map the number of
+    items already seen modulo 2 (0: the run starts with a key). The walk then reads the
+    faulty item one step at a time, so that the first fault in the frame is reported.
+    """
+    if at_max_depth:
+        run = raw[pos : pos + n]
+        for container in (b"\x80", b"\x90"):
+            found = run.find(container)
+            if found != -1:
+                n = found
+                run = run[:n]
+    if parity >= 0 and n:
+        first_key = parity  # 0 when the run starts with a key, else 1
+        keys = raw[pos + first_key : pos + n : 2]
+        good = len(keys) - len(keys.lstrip(b"\xa0"))
+        if good < len(keys):
+            n = first_key + 2 * good
+    return n
+
+
+def _over_items(raw: bytes, max_items: int) -> tuple[ErrorCode, str, str | None] | None:
+    """Refuse a MessagePack frame whose walk passed the item cap, if msgspec can skim it.
+
+    msgspec skims the frame in C (skipping values, checking their structure but not their
+    strings) for its top-level id, which may come after the point the walk reached. When
+    it can, the frame is well formed and its refusal is known without reading the rest
+    in Python. None when it cannot (the frame is malformed, has a key that is not a
+    string at the top, or nests deeper than msgspec recurses): the walk then reads on.
+    """
+    try:
+        found = _ID_DECODERS[Codec.MSGPACK].decode(raw).id
+    except Exception:
+        return None
+    ref = found if 0 < len(found) <= _MAX_ID_LEN else None
+    return ErrorCode.LIMIT_EXCEEDED, _items_message(max_items), ref
 
 
 # A frame that is not a map is malformed however it goes on; no ref without a map.
@@ -1074,3 +1302,5 @@ _MSGPACK_SIZED: Final = {
 # Extension headers: total item size for fixext, 0 when a length follows (ext8/16/32).
 _MSGPACK_EXT: Final = {0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18, 0xC7: 0, 0xC8: 0, 0xC9: 0}
 _MSGPACK_SKIP_RE: Final = _msgpack_skip_pattern()
+_LIKE_RUNS: Final = _like_runs()
+_ONE_ITEM_CHAIN_RE: Final = re.compile(rb"\x91+")
