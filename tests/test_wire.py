@@ -583,7 +583,8 @@ def test_the_default_item_cap_refuses_a_frame_of_small_containers(codec: Codec) 
     assert WireLimits().max_items == 4096
     ok = decode_client_frame(_values_frame([[]] * 4093, codec), codec)
     assert isinstance(ok, ClientFrame)
-    for content in ([[]] * 4094, [[]] * 20_000, [{"": 0}] * 3000, [1] * 4094):
+    contents: list[list[Any]] = [[[]] * 4094, [[]] * 20_000, [{"": 0}] * 3000, [1] * 4094]
+    for content in contents:
         refused = decode_client_frame(_values_frame(content, codec), codec)
         assert isinstance(refused, Rejection)
         assert (refused.code, refused.ref) == (ErrorCode.LIMIT_EXCEEDED, "q1")
@@ -616,15 +617,15 @@ def test_refused_json_and_msgpack_frames_over_the_item_cap_keep_their_ref() -> N
         assert isinstance(result, Rejection)
         assert (result.code, result.ref) == (ErrorCode.LIMIT_EXCEEDED, "q"), tail
     head = b"\x83\xa4type\xa1a\xa7content\xdc\x00\x15"
-    for tail in (b"\xa1\xff", b"\xd4\x01\x00", b"\x91" * 2000 + b"\x90"):
+    for fault in (b"\xa1\xff", b"\xd4\x01\x00", b"\x91" * 2000 + b"\x90"):
         for id_first in (True, False):
-            body = b"\x90" * 20 + tail
+            body = b"\x90" * 20 + fault
             frame = (
                 b"\x83\xa2id\xa1q" + head[1:] + body if id_first else head + body + b"\xa2id\xa1q"
             )
             result = decode_client_frame(frame, M, limits)
             assert isinstance(result, Rejection)
-            assert (result.code, result.ref) == (ErrorCode.LIMIT_EXCEEDED, "q"), (tail, id_first)
+            assert (result.code, result.ref) == (ErrorCode.LIMIT_EXCEEDED, "q"), (fault, id_first)
 
 
 @BOTH
