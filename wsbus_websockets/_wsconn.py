@@ -11,7 +11,12 @@ All of that is done by :class:`EdgeConnection`, a ``ServerConnection`` subclass 
 :func:`check_internals` lists what this module reads or overrides; the test
 ``tests/test_websockets_internals.py::test_websockets_internals_we_rely_on_are_there``
 fails with its message when a ``websockets`` release moves one of them. Supported:
-``websockets`` 14.x to 17.x (see docs/websockets.md).
+``websockets`` 15.0 to 17.x (see docs/websockets.md).
+
+Two of asyncio's internals are here too: a :class:`Doorman` holds each new connection
+until its request's head is in (put in front of the protocol factory an
+``asyncio.Server`` keeps), and the edge bounds how many connections asyncio accepts per
+event-loop pass (:func:`listen_backlog`).
 """
 
 from __future__ import annotations
@@ -339,14 +344,23 @@ def listen_backlog(server: asyncio.Server, backlog: int) -> None:
     ``listen()`` again on a listening socket only sets its queue's length.
     """
     for transport_socket in server.sockets:
-        # A duplicate of the descriptor: asyncio's own socket object is not handed out.
-        with socket.socket(
-            transport_socket.family,
-            transport_socket.type,
-            transport_socket.proto,
-            fileno=os.dup(transport_socket.fileno()),
-        ) as listening:
-            listening.listen(backlog)
+        try:
+            # A duplicate of the descriptor: asyncio's own socket object is not handed out.
+            with socket.socket(
+                transport_socket.family,
+                transport_socket.type,
+                transport_socket.proto,
+                fileno=os.dup(transport_socket.fileno()),
+            ) as listening:
+                listening.listen(backlog)
+        except OSError as exc:
+            log.warning(
+                "could not set the listen queue of %s to %d connections (%s); it stays at %d",
+                transport_socket.getsockname(),
+                backlog,
+                exc,
+                ACCEPTS_PER_PASS,
+            )
 
 
 def install_doorman(server: asyncio.AbstractServer, guard: HandshakeGuard, limit: int) -> bool:
