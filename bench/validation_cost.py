@@ -3,8 +3,12 @@
 Each shape maximizes some kind of work per byte within the 64 KiB frame cap: empty arrays
 and maps (one container per byte in MessagePack), one-pair maps, tiny integers,
 non-canonical MessagePack (which defeats the re-encoding shortcut for duplicate keys), deep
-nesting, and one long string as the control. Frames that are refused (rate limited) only
-have their id looked up: that cost is measured too.
+nesting, and one long string as the control. Each is measured with the default limits
+(since the item cap, these frames are refused for it) and with the cap raised out of the
+way (``max_items`` 2**20: what the checks of a valid frame that large cost). Then frames
+msgspec cannot decode, the same runs ended by a fault (a string that is not UTF-8, a byte
+MessagePack never uses, a cut), whose refusal is worked out from the bytes. Frames that
+are refused unread (rate limited) only have their id looked up: that cost is measured too.
 
     python -m bench.validation_cost            # this checkout
     PYTHONPATH=/path/to/other/checkout python -m bench.validation_cost
@@ -16,6 +20,7 @@ decoded content anyway.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import statistics
@@ -24,7 +29,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from wsbus.wire import ClientFrame, Codec, decode_client_frame
+from wsbus.wire import ClientFrame, Codec, WireLimits, decode_client_frame
 
 CAP = 64 * 1024
 HEAD_J = '{"type":"x","id":"k1","content":'
@@ -36,9 +41,10 @@ def _json_array(item: str) -> str:
     return HEAD_J + "[" + ",".join([item] * n) + "]}"
 
 
-def _msgpack_array(item: bytes) -> bytes:
-    n = (CAP - len(HEAD_M) - 5) // len(item)
-    return HEAD_M + b"\xdc" + n.to_bytes(2, "big") + item * n
+def _msgpack_array(item: bytes, tail: bytes = b"") -> bytes:
+    n = (CAP - len(HEAD_M) - 5 - len(tail)) // len(item)
+    count = n + 1 if tail else n  # the tail is one more item (or a fault where one starts)
+    return HEAD_M + b"\xdc" + count.to_bytes(2, "big") + item * n + tail
 
 
 def _deep_json() -> str:
@@ -79,6 +85,33 @@ SHAPES: dict[str, tuple[str, bytes]] = {
 }
 
 
+def _with_max_items(max_items: int) -> WireLimits:
+    """The default limits with this item cap; the defaults on a checkout without it."""
+    try:
+        return WireLimits(max_items=max_items)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return WireLimits()  # before the item cap: no cap at all
+
+
+DEFAULT = WireLimits()
+RAISED = _with_max_items(1 << 20)
+
+# Runs of small MessagePack items ended by a fault: msgspec refuses them.
+REFUSED: dict[str, bytes] = {
+    f"{name} + {fault}": _msgpack_array(item, tail)
+    for name, item in [
+        ("empty arrays", b"\x90"),
+        ("one-item arrays", b"\x91\x90"),
+        ("one-pair maps", b"\x81\xa0\x00"),
+        ("empty strings", b"\xa0"),
+        ("short strings", b"\xa1a"),
+        ("non-canonical maps", b"\x81\xa0\xcc\x00"),
+        ("deep nesting", b"\x91" * 29 + b"\x90"),
+    ]
+    for fault, tail in [("bad UTF-8", b"\xa1\xff"), ("bad byte", b"\xc1")]
+}
+
+
 def per_call(fn: Callable[[], object], budget: float = 0.2, runs: int = 5) -> float:
     """Median microseconds per call over ``runs`` runs of about ``budget`` seconds each."""
     fn()
@@ -97,17 +130,26 @@ def per_call(fn: Callable[[], object], budget: float = 0.2, runs: int = 5) -> fl
     return statistics.median(samples)
 
 
-def _row(name: str, codec: Codec, data: str | bytes) -> None:
+def _decode_or_refuse(
+    decoder: msgspec.json.Decoder[object] | msgspec.msgpack.Decoder[object], raw: bytes
+) -> None:
+    with contextlib.suppress(Exception):  # refused: msgspec read up to the fault, the floor
+        decoder.decode(raw)
+
+
+def _row(name: str, codec: Codec, data: str | bytes, limits: WireLimits) -> None:
     raw = data.encode() if isinstance(data, str) else data
     assert len(raw) <= CAP, (name, len(raw))
-    result = decode_client_frame(data, codec)
+    result = decode_client_frame(data, codec, limits)
     outcome = "accepted" if isinstance(result, ClientFrame) else str(result.code)
     plain = msgspec.json.Decoder() if codec is Codec.JSON else msgspec.msgpack.Decoder()
-    floor = per_call(functools.partial(plain.decode, raw))
-    cost = per_call(functools.partial(decode_client_frame, data, codec))
+    floor = per_call(functools.partial(_decode_or_refuse, plain, raw))
+    cost = per_call(functools.partial(decode_client_frame, data, codec, limits))
     label = "json" if codec is Codec.JSON else "msgpack"
+    cap = "raised" if limits is RAISED and RAISED != DEFAULT else "default"
     print(
-        f"{name:24}{label:9}{len(raw):7}{outcome:>16}{floor:11.1f}{cost:13.1f}{cost / floor:7.2f}"
+        f"{name[:30]:31}{label:8}{cap:>8}{len(raw):7}{outcome:>16}{floor:11.1f}{cost:13.1f}"
+        f"{cost / floor:7.2f}"
     )
 
 
@@ -116,12 +158,15 @@ def main() -> None:
     from wsbus.gateway import _ref
 
     print(
-        f"{'shape':24}{'codec':9}{'bytes':>7}{'outcome':>16}"  # one row per shape and codec
+        f"{'shape':31}{'codec':8}{'cap':>8}{'bytes':>7}{'outcome':>16}"  # a row per case
         f"{'decode us':>11}{'validate us':>13}{'ratio':>7}"
     )
-    for name, (text, blob) in SHAPES.items():
-        for codec, data in ((Codec.JSON, text), (Codec.MSGPACK, blob)):
-            _row(name, codec, data)
+    for limits in (DEFAULT, RAISED) if RAISED != DEFAULT else (DEFAULT,):
+        for name, (text, blob) in SHAPES.items():
+            for codec, data in ((Codec.JSON, text), (Codec.MSGPACK, blob)):
+                _row(name, codec, data, limits)
+    for name, blob in REFUSED.items():
+        _row(name, Codec.MSGPACK, blob, DEFAULT)
     for codec, data in (
         (Codec.JSON, _json_array("[]")[:4000]),
         (Codec.MSGPACK, _msgpack_array(b"\x90")[:4000]),
