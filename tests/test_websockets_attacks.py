@@ -819,10 +819,12 @@ import sys, threading, time
 from websockets.sync.client import connect
 
 url, seconds = sys.argv[1], float(sys.argv[2])
-items = 64 * 1024 - 64
-# A valid frame of about 64 KiB that is one container per byte: empty arrays.
-frame = b"\\x82\\xa4type\\xaenobody.handles\\xa7content\\xdc" + items.to_bytes(2, "big")
-frame += b"\\x90" * items
+# A valid frame of about 64 KiB with as many containers as the item cap lets through
+# (4096 values: type, content, 4092 empty arrays and a string that fills the rest).
+arrays = 4092
+pad = 64 * 1024 - 64 - arrays
+frame = b"\\x82\\xa4type\\xaenobody.handles\\xa7content\\xdc" + (arrays + 1).to_bytes(2, "big")
+frame += b"\\x90" * arrays + b"\\xdb" + pad.to_bytes(4, "big") + b"x" * pad
 with connect(url, subprotocols=["wsbus.v1.msgpack"], max_size=None) as ws:
     ws.recv()  # the welcome
     answers = []
