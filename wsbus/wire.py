@@ -868,16 +868,19 @@ def _classify_msgpack(raw: bytes, limits: WireLimits) -> tuple[ErrorCode, str, s
             if not at_top:
                 # At most what this container holds (containers nested in one long run
                 # must not each scan all of it), and not far past the cap.
-                left = min(top[0] - seen, 2 * (cap - values) + 2)
-                run = leaves(raw, pos, pos + left)
-                if run is not None:
-                    # Skip the run, or the part of it before a fault.
-                    n = run.end() - pos
-                    if fault is None:
-                        parity = seen % 2 if is_map else -1
-                        n = _clean_run(raw, pos, n, parity, len(stack) >= max_depth)
-                    skipped = n
-                elif not is_map:
+                runs = _RUNS[raw[pos]]
+                if runs == 1:
+                    left = min(top[0] - seen, 2 * (cap - values) + 2)
+                    run = leaves(raw, pos, pos + left)
+                    if run is not None:
+                        # Skip the run, or the part of it before a fault.
+                        n = run.end() - pos
+                        if fault is None:
+                            parity = seen % 2 if is_map else -1
+                            n = _clean_run(raw, pos, n, parity, len(stack) >= max_depth)
+                        skipped = n
+                elif runs == 2 and not is_map:
+                    left = min(top[0] - seen, 2 * (cap - values) + 2)
                     n, skipped = _scalar_run(raw, pos, left, fault is None)
             if n:
                 pos += skipped
@@ -898,24 +901,27 @@ def _classify_msgpack(raw: bytes, limits: WireLimits) -> tuple[ErrorCode, str, s
             if not is_key:
                 values += 1
                 if raw[pos] == 0x91 and raw[pos + 1 : pos + 2] == b"\x91":
-                    # A chain of arrays of one item each, [[[...]]]: all of them end
-                    # with the innermost one's item, so one entry on the stack stands
-                    # for the chain once depth no longer matters (past the cap or
-                    # already at fault, or the chain goes over it).
+                    # A chain of arrays of one item each, [[[...]]], in one step: each
+                    # is the one item of the one before, and all of them end with the
+                    # innermost one's item.
                     match = _ONE_ITEM_CHAIN_RE.match(raw, pos)
                     links = match.end() - pos if match is not None else 1
                     if fault is None and len(stack) + links > max_depth:
                         fault = (ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}")
-                    if fault is not None:
-                        values += links - 1
-                        pos += links
-                        stack.append([1, False, 0])
-                        if values > cap:
-                            found = _over_items(raw, max_items)
-                            if found is not None:
-                                return found
-                            cap, budget = end, max_items
-                        continue
+                    if fault is None:
+                        stack.extend([[1, False, 1] for _ in range(links - 1)])
+                    # else depth no longer matters: one entry stands for the whole chain.
+                    stack.append([1, False, 0])
+                    values += links - 1
+                    pos += links
+                    if at_top and top_key == "id":
+                        ref = None  # the last id wins, and this one is not a string
+                    if values > cap:
+                        found = _over_items(raw, max_items)
+                        if found is not None:
+                            return found
+                        cap, budget = end, max_items
+                    continue
                 if values > cap:
                     found = _over_items(raw, max_items)
                     if found is not None:
@@ -1304,3 +1310,10 @@ _MSGPACK_EXT: Final = {0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18, 0xC7: 0, 0
 _MSGPACK_SKIP_RE: Final = _msgpack_skip_pattern()
 _LIKE_RUNS: Final = _like_runs()
 _ONE_ITEM_CHAIN_RE: Final = re.compile(rb"\x91+")
+# Header byte -> 1 when a run of one-byte items may start there (_MSGPACK_LEAVES_RE), 2 when
+# a run of like scalars may (_LIKE_RUNS), 0 when the walk takes a step: one lookup instead
+# of a failed match per container.
+_RUNS: Final = bytes(
+    1 if _MSGPACK_LEAVES_RE.fullmatch(bytes([b])) else 2 if b in _LIKE_RUNS else 0
+    for b in range(256)
+)
