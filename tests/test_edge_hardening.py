@@ -235,7 +235,7 @@ async def test_stalled_half_handshakes_under_a_low_file_limit_do_not_keep_client
     assert len(server.stderr) <= 10, log[:3000]
 
 
-@pytest.mark.parametrize("wsbus_edge_config", [EdgeConfig(open_timeout=1.0)])
+@pytest.mark.parametrize("wsbus_edge_config", [EdgeConfig(open_timeout=2.0)])
 async def test_half_handshakes_hold_no_websockets_connection_and_still_time_out(
     wsbus_server: EdgeServer,
 ) -> None:
@@ -255,7 +255,8 @@ async def test_half_handshakes_hold_no_websockets_connection_and_still_time_out(
             stallers.append((reader, writer))
         await _poll(lambda: guard.stalled == 50)
         gc.collect()
-        assert _edge_connections() == before
+        # None built (one left from an earlier test may have been freed meanwhile).
+        assert _edge_connections() <= before
         # Held no longer than open_timeout, as websockets holds a handshake: closed, no answer.
         async with asyncio.timeout(30):
             for reader, _ in stallers:
