@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wsbus import wire
 from wsbus.wire import (
     ClientFrame,
     Codec,
@@ -646,12 +647,12 @@ def test_an_accepted_frame_decodes_to_a_bounded_multiple_of_its_bytes(
     values = 2 if isinstance(item, dict | list) and item else 1
     frames = [
         _values_frame([item] * n, codec)
-        for n in (limits.max_items // values - 4, 65_536 // max(len(enc(item, codec)), 1))
+        # At the cap, and as many as 64 KiB holds (refused: nothing is held then).
+        for n in (limits.max_items // values - 4, 65_000 // (len(enc(item, codec)) + 1))
     ]
     for frame in frames:
         raw = frame.encode() if isinstance(frame, str) else frame
-        if len(raw) > limits.max_frame_bytes:
-            continue
+        assert len(raw) <= limits.max_frame_bytes
         gc.collect()
         tracemalloc.start()
         try:
@@ -1348,3 +1349,196 @@ def test_refused_msgpack_costs_a_small_multiple_of_decoding(frame: bytes) -> Non
     assert isinstance(result, Rejection)
     assert result.code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.MALFORMED), result
     _assert_costs_a_small_multiple_of_decoding(frame, M, WireLimits())
+
+
+# --- The refused-MessagePack walk against the walk it replaced ---------------------------
+
+# Complete items, one each: what the runs skip, what they stop at, and faults.
+_MP_SNIPPETS = [
+    b"\x00",
+    b"\x7f",
+    b"\xe0",
+    b"\xc0",
+    b"\xc2",
+    b"\xc3",
+    b"\x80",
+    b"\x90",
+    b"\xa0",
+    b"\xa1a",
+    b"\xa2ab",
+    b"\xa2\xc3\xa9",
+    b"\xa1\xff",
+    b"\xa2\xc3(",
+    b"\xa1\xc3",
+    b"\xa3\xed\xa0\x80",
+    b"\xcc\x01",
+    b"\xcd\x00\x01",
+    b"\xca\x3f\xc0\x00\x00",
+    b"\xcb" + bytes(8),
+    b"\xd0\xff",
+    b"\x91\x00",
+    b"\x91\x90",
+    b"\x91\x91\x91\x90",
+    b"\x92\x00\xa1a",
+    b"\x81\xa0\x00",
+    b"\x81\xa1k\x90",
+    b"\x82\xa0\x00\xa0\x80",
+    b"\x81\x00\x00",
+    b"\x81\x90\x00",
+    b"\x81\xa1\xff\x00",
+    b"\x81\xa0\xcc\x00",
+    b"\xd9\x02ab",
+    b"\xd9\x01\xff",
+    b"\xc4\x01\xff",
+    b"\xdc\x00\x01\x00",
+    b"\xde\x00\x01\xa0\x00",
+    b"\xd4\x01\x00",
+    b"\x91" * 40 + b"\x90",
+    b"\x91" * 5 + b"\x92\x00" + b"\x91" * 5 + b"\x90",
+]
+
+
+@st.composite
+def _refused_msgpack(draw: st.DrawFn) -> bytes:
+    items = draw(st.lists(st.sampled_from(_MP_SNIPPETS), max_size=40))
+    count = len(items)
+    if draw(st.booleans()):
+        # A long run of one snippet, as the attacks send.
+        repeat = draw(st.integers(1, 60))
+        items = [draw(st.sampled_from(_MP_SNIPPETS)) * repeat, *items]
+        count += repeat
+    content = b"\xdc" + count.to_bytes(2, "big") + b"".join(items)
+    ids = draw(st.sampled_from([b"", b"\xa2id\xa1q", b"\xa2id\x91\x91\x90"]))
+    first = draw(st.booleans())
+    head = bytes([0x82 + (1 if ids else 0)]) + b"\xa4type\xa1a"
+    frame = head + (ids if first else b"") + b"\xa7content" + content + (b"" if first else ids)
+    cut = draw(st.sampled_from(["none", "none", "none", "byte", "cut", "trailing"]))
+    if cut == "byte":
+        frame += b"\xc1"
+    elif cut == "cut":
+        frame = frame[: draw(st.integers(1, len(frame) - 1))]
+    elif cut == "trailing":
+        frame += b"\x00"
+    return frame
+
+
+@settings(max_examples=500, deadline=None)
+@given(frame=_refused_msgpack(), max_depth=st.sampled_from([2, 4, 32]))
+def test_the_refused_msgpack_walk_agrees_with_one_item_at_a_time(
+    frame: bytes, max_depth: int
+) -> None:
+    # The runs skip many items at a time and stop before a fault: the answer must be the
+    # walk's that took one item a step (the cap raised out of the way).
+    from wsbus.wire import _classify_msgpack
+
+    limits = WireLimits(max_depth=max_depth, max_items=1 << 20)
+    assert _classify_msgpack(frame, limits) == _reference_classify(frame, max_depth)
+
+
+def _reference_classify(raw: bytes, max_depth: int) -> tuple[ErrorCode, str, str | None]:
+    """The walk before the runs and the item cap, one item at a time: the oracle."""
+    end = len(raw)
+    pos = 0
+    # Per open container: [items left, True for a map, items seen].
+    stack: list[list[Any]] = []
+    fault: tuple[ErrorCode, str] | None = None
+    has_ext = False
+    ref: str | None = None
+    top_key: str | None = None  # the top-level map's key whose value comes next
+    while True:
+        if pos >= end:
+            return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+        b = raw[pos]
+        is_key = False
+        at_top = False
+        if stack:
+            top = stack[-1]
+            is_key = top[1] and top[2] % 2 == 0
+            at_top = len(stack) == 1 and top[1]
+            top[2] += 1
+        text: str | None = None
+        count = 0  # items in a container that opens here
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            size = 1
+            kind = "scalar"
+        elif b <= 0x8F:
+            size, kind, count = 1, "map", 2 * (b & 0x0F)
+        elif b <= 0x9F:
+            size, kind, count = 1, "array", b & 0x0F
+        elif b <= 0xBF or b in wire._MSGPACK_SIZED:
+            if b <= 0xBF:
+                head, length = 1, b & 0x1F
+            else:
+                width = wire._MSGPACK_SIZED[b]
+                head = 1 + width
+                if pos + head > end:
+                    return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+                length = int.from_bytes(raw[pos + 1 : pos + head], "big")
+            size = head + length
+            if pos + size > end:
+                return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+            if b in (0xC4, 0xC5, 0xC6):
+                kind = "bytes"
+            else:
+                kind = "str"
+                try:
+                    text = raw[pos + head : pos + size].decode("utf-8")
+                except UnicodeDecodeError:
+                    if fault is None:
+                        fault = (ErrorCode.BAD_VALUE, "a string is not valid UTF-8")
+        elif b in wire._MSGPACK_FIXED:
+            size, kind = wire._MSGPACK_FIXED[b], "scalar"
+        elif b in (0xDC, 0xDD, 0xDE, 0xDF):
+            width = 2 if b in (0xDC, 0xDE) else 4
+            size = 1 + width
+            if pos + size > end:
+                return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+            count = int.from_bytes(raw[pos + 1 : pos + size], "big")
+            kind = "array" if b <= 0xDD else "map"
+            if kind == "map":
+                count *= 2
+        elif b in wire._MSGPACK_EXT:
+            fixed = wire._MSGPACK_EXT[b]
+            if fixed:
+                size = fixed
+            else:
+                width = {0xC7: 1, 0xC8: 2, 0xC9: 4}[b]
+                if pos + 1 + width > end:
+                    return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+                size = 2 + width + int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
+            kind = "ext"
+            has_ext = True
+        else:  # 0xC1, never used
+            return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+        if pos + size > end:
+            return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+        pos += size
+        if is_key and kind != "str" and fault is None:
+            fault = (ErrorCode.INVALID_MESSAGE, "object keys must be strings")
+        if at_top:
+            if is_key:
+                top_key = text
+            elif top_key == "id":
+                # The last id wins, as when the frame decodes; never echo an invalid one.
+                ref = text if text is not None and 0 < len(text) <= wire._MAX_ID_LEN else None
+        if kind == "map" or kind == "array":
+            if not stack and kind != "map":
+                return wire._NOT_A_MAP
+            if len(stack) + 1 > max_depth and fault is None:
+                fault = (ErrorCode.LIMIT_EXCEEDED, f"nesting deeper than {max_depth}")
+            if count:
+                stack.append([count, kind == "map", 0])
+                continue
+        elif not stack:
+            return wire._NOT_A_MAP
+        while stack and stack[-1][2] == stack[-1][0]:
+            stack.pop()
+        if not stack:
+            break
+    if pos != end:
+        return ErrorCode.MALFORMED, "frame is not valid MessagePack", None
+    if has_ext:
+        return ErrorCode.BAD_VALUE, wire._EXT_MESSAGE, ref
+    if fault is not None:
+        return fault[0], fault[1], ref
+    return ErrorCode.MALFORMED, "frame is not valid MessagePack", ref
