@@ -300,7 +300,14 @@ class Doorman(asyncio.Protocol):
                 head = bytearray(head)
             start = len(head) - 3
             head += data
-        if head.find(b"\r\n\r\n", start) >= 0 or len(head) > self._limit:
+        first = bytes(head[:5])
+        if (
+            head.find(b"\r\n\r\n", start) >= 0
+            or len(head) > self._limit
+            # Not a GET or HEAD: the connection answers 405 (or websockets 400) as soon
+            # as the request line is in, as it did before there was a doorman.
+            or not (b"GET ".startswith(first[:4]) or b"HEAD ".startswith(first))
+        ):
             self._head = b""
             self._hand_over(bytes(head))
             return
