@@ -823,16 +823,23 @@ def _classify_msgpack(raw: bytes, limits: WireLimits) -> tuple[ErrorCode, str, s
 
     One walk over the items, linear in the bytes. The order: bytes that are not one
     complete MessagePack item (``malformed``, no ref), a frame that is not a map
-    (``malformed``), more values than the cap (``limit_exceeded``; the walk stops at the
-    value that passes it, so the rest of the frame is never read), an extension type
+    (``malformed``), more values than the item cap (``limit_exceeded``), an extension type
     anywhere (``bad_value``), then the first in the frame of: nesting deeper than the cap
     (``limit_exceeded``), a map key that is not a string (``invalid_message``), a string
     that is not valid UTF-8 (``bad_value``).
 
-    Runs of one-byte items that need no check (small integers, nil, booleans, empty
-    arrays, maps and strings) are skipped by one match of a compiled pattern: only
-    containers with items, strings and other sized items take a Python step, and those are
-    values counted against the cap, so the Python steps are bounded by it too.
+    The walk stops at the value that passes the item cap: msgspec then skims the frame in
+    C for its id (see :func:`_over_items`). Only if it cannot (the frame is malformed, or
+    nests deeper than msgspec recurses) does the walk read on, at most ``max_items`` more
+    steps, to find the end or the id; past that, the frame is refused for the cap with the
+    ref seen so far.
+
+    Runs of items that need no Python step are skipped by one match of a compiled pattern:
+    one-byte items (small integers, nil, booleans, empty arrays, maps and strings), and in
+    arrays numbers of one size or short strings of one length (their UTF-8 checked in one
+    decode); a chain of one-item arrays is one step. Only other containers with items,
+    keys and other strings take a step each, and each is a value counted against the cap
+    (or a key, one per value), so the steps are bounded by the cap too.
     """
     max_depth = limits.max_depth
     max_items = limits.max_items
