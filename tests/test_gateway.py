@@ -14,6 +14,7 @@ from tests.conftest import Control, Flood, assert_balanced, codes
 from wsbus import (
     ClientAddress,
     Codec,
+    ConfigError,
     ConnId,
     Drop,
     Envelope,
@@ -40,6 +41,13 @@ async def test_welcome_is_the_first_frame(wsbus_client: MemoryClient) -> None:
     assert welcome["codec"] == "wsbus.v1.json"
     assert welcome["conn_id"].startswith("test.")
     assert welcome["limits"]["max_frame_bytes"] == 65536
+    assert welcome["limits"]["max_items"] == 4096
+
+
+@pytest.mark.parametrize("max_items", [0, 1])
+def test_a_cap_of_values_that_refuses_every_frame_is_a_config_error(max_items: int) -> None:
+    with pytest.raises(ConfigError, match="max_items"):
+        GatewayConfig(wire=WireLimits(max_items=max_items))
 
 
 async def test_message_is_stamped_published_then_acked(

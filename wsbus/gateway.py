@@ -178,6 +178,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("slow_consumer must be 'close' or 'drop'")
         if self.wire.max_frame_bytes < 64 or self.wire.max_depth < 2:
             raise ConfigError("wire.max_frame_bytes must be >= 64 and wire.max_depth >= 2")
+        if self.wire.max_items < 2:
+            # A frame's own type field is one value: fewer would refuse every frame.
+            raise ConfigError("wire.max_items must be >= 2 (a frame's type is one value)")
         for name in ("drain_timeout", "auth_timeout", "bus_down_close_after"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
@@ -671,6 +674,7 @@ class Gateway:
             "limits": {
                 "max_frame_bytes": config.wire.max_frame_bytes,
                 "max_depth": config.wire.max_depth,
+                "max_items": config.wire.max_items,
                 "rate": config.rate,
                 "burst": config.burst,
                 "error_budget": config.error_budget,
