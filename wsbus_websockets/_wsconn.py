@@ -138,12 +138,7 @@ class HandshakeGuard:
     part of its request and stopped, else the oldest that has sent nothing. A real client
     sends its whole request with the connection, so it leaves the count at its first
     read; connections accepted in the same burst as it have not been read yet and are
-    evicted last. Real clients keep getting in while stalled ones are pushed out. When
-    none has sent part of a request, the ones accepted less than :data:`GRACE` ago may
-    take up to ``cap`` more places first: under a flood from a busy peer, the kernel
-    completes connections faster than the peer writes on them, and a real client on a
-    busy machine writes late too (without this, the edge dropped the oldest of them
-    after about a tenth of a second).
+    evicted last. Real clients keep getting in while stalled ones are pushed out.
 
     Connections are counted by their asyncio transport: a :class:`Doorman` enters them
     and an :class:`EdgeConnection` it hands one over to keeps its place. With ``timeout``,
@@ -188,19 +183,8 @@ class HandshakeGuard:
         if self._closed:
             transport.abort()  # type: ignore[attr-defined]
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         while self.pending >= self.cap:
-            if self._stalled:
-                victims = self._stalled
-            else:
-                # Only connections not read yet. One accepted less than GRACE ago may be a
-                # real client whose request is on its way (the kernel completes the TCP
-                # handshake before the client writes, and a busy client writes late):
-                # those may take up to cap more places before the oldest of them goes.
-                victims = self._fresh
-                if now - next(iter(victims.values())) < GRACE and self.pending < 2 * self.cap:
-                    break
+            victims = self._stalled or self._fresh
             oldest = next(iter(victims))
             del victims[oldest]
             self.evicted += 1
@@ -213,7 +197,8 @@ class HandshakeGuard:
                 _peer_of(oldest),
             )
             oldest.abort()  # type: ignore[attr-defined]
-        self._fresh[transport] = now
+        loop = asyncio.get_running_loop()
+        self._fresh[transport] = loop.time()
         if self._timeout is not None and self._timer is None:
             self._timer = loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
@@ -257,9 +242,6 @@ class HandshakeGuard:
         if self.pending and not self._closed:
             self._timer = loop.call_later(0 if not budget else _SWEEP_INTERVAL, self._sweep)
 
-
-GRACE: Final = 1.0
-"""Seconds a connection that has sent nothing yet is kept over the cap (see enter)."""
 
 _SWEEP_INTERVAL: Final = 1.0
 """Seconds between two looks for connections in the handshake past their timeout."""

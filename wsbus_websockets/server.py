@@ -96,9 +96,7 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         open_timeout: seconds for the opening handshake (TCP accept to the response).
         max_handshakes: connections that have not sent their whole request yet, at most; a
             new one over the cap drops the oldest half-sent one (else the oldest silent
-            one; silent ones accepted less than a second ago may take up to as many
-            places again first, as a busy client writes its request late). None (the
-            default): a
+            one). None (the default): a
             quarter of the process's open-file limit, at least 128 (a burst of accepts
             is up to 100 connections) and at most 1024.
         max_subprotocols: subprotocol names a handshake may offer; more get HTTP 400.
