@@ -113,10 +113,14 @@ def parse_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
     return frames
 
 
-def open_raw(port: int, rcvbuf: int = 0, extra: list[tuple[str, str]] = ()) -> socket.socket:  # type: ignore[assignment]
-    """Open a WebSocket with a blocking socket and read the 101; return the socket.
+def open_upgraded(
+    port: int,
+    rcvbuf: int = 0,
+    extra: list[tuple[str, str]] = (),  # type: ignore[assignment]
+) -> tuple[socket.socket, bytes]:
+    """Open a WebSocket with a blocking socket and read the 101.
 
-    Whatever came with the 101 is not kept: for clients that never read.
+    Returns the socket and whatever came after the 101's head (the welcome, perhaps).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:
@@ -124,10 +128,19 @@ def open_raw(port: int, rcvbuf: int = 0, extra: list[tuple[str, str]] = ()) -> s
     sock.settimeout(10)
     sock.connect(("127.0.0.1", port))
     sock.sendall(upgrade_request("127.0.0.1", port, extra))
-    head, _ = read_head(sock)  # and perhaps the welcome: this client reads no further
+    head, rest = read_head(sock)
     if not head.startswith(b"HTTP/1.1 101"):
+        sock.close()
         raise ConnectionError(f"upgrade refused: {head[:80]!r}")
-    return sock
+    return sock, rest
+
+
+def open_raw(port: int, rcvbuf: int = 0, extra: list[tuple[str, str]] = ()) -> socket.socket:  # type: ignore[assignment]
+    """Open a WebSocket with a blocking socket and read the 101; return the socket.
+
+    Whatever came with the 101 is not kept: for clients that never read.
+    """
+    return open_upgraded(port, rcvbuf, extra)[0]
 
 
 def ping_flood(port: int, total: int, payload: int = 125) -> tuple[int, bool]:

@@ -21,6 +21,7 @@ import pytest
 from bench.edge_attacks import (
     ServerProcess,
     masked_frame,
+    open_upgraded,
     parse_frames,
     ping_flood,
     read_head,
@@ -294,13 +295,7 @@ class _RawClient:
     """A client on a blocking socket with a small receive buffer, reading only on demand."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(upgrade_request("127.0.0.1", port))
-        head, rest = read_head(self.sock)
-        assert head.startswith(b"HTTP/1.1 101"), head
+        self.sock, rest = open_upgraded(port, rcvbuf=4096)
         self.buffer = bytearray(rest)
 
     def send_text(self, frame: dict[str, Any]) -> None:

@@ -17,7 +17,13 @@ import msgspec
 import pytest
 from websockets.protocol import Protocol, Side, State
 
-from bench.edge_attacks import masked_frame, parse_frames, read_head, upgrade_request
+from bench.edge_attacks import (
+    masked_frame,
+    open_upgraded,
+    parse_frames,
+    read_head,
+    upgrade_request,
+)
 from tests.conftest import assert_balanced
 from wsbus import Gateway
 from wsbus_websockets import EdgeConfig, EdgeServer
@@ -229,13 +235,7 @@ class _SlowReader:
     """A raw WebSocket client with a 2 KiB receive buffer that reads only when asked."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(upgrade_request("127.0.0.1", port))
-        head, rest = read_head(self.sock)
-        assert head.startswith(b"HTTP/1.1 101"), head
+        self.sock, rest = open_upgraded(port, rcvbuf=2048)
         self.buffer = bytearray(rest)
         self.items = 0
 
