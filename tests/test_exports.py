@@ -12,7 +12,7 @@ EXPECTED = {
     "Address", "AliasPolicy", "AliasTaken", "AllowAnonymous", "Bus", "BusError", "BusSink",
     "BusUnavailable", "ClientAddress", "ClientConnection", "ClientFrame", "ClientInfo",
     "ClientRegistry", "CloseCode", "Codec", "ConfigError", "ConnId", "ConnectionClosed",
-    "Context", "ControlError", "DeliveryFailure", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
+    "Context", "ControlError", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
     "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRequest", "Hooks", "Identity",
     "HandshakeRefused", "InvalidName", "MemoryBus", "MemoryClient", "MemoryConnection",
     "MissingExtra", "NoRoute", "NodeId", "PluginError", "ProtocolError", "Recipients", "Refusal",

@@ -12,7 +12,6 @@ import pytest
 from tests.conftest import assert_balanced
 from wsbus import (
     ClientAddress,
-    DeliveryFailure,
     Drop,
     Envelope,
     Gateway,
@@ -23,6 +22,7 @@ from wsbus import (
     MemoryClient,
     Refusal,
     ServiceAddress,
+    Undeliverable,
     Verdict,
     hookimpl,
 )
@@ -113,7 +113,7 @@ class Recorder:
         self.events.append(("disconnected", code))
 
     @hookimpl
-    def wsbus_delivery_failed(self, message: Envelope, failure: DeliveryFailure) -> None:
+    def wsbus_delivery_failed(self, message: Envelope, failure: Undeliverable) -> None:
         self.events.append(("failed", failure.reason))
 
 

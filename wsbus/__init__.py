@@ -40,7 +40,6 @@ from .errors import (
 )
 from .gateway import CloseCode, Gateway, GatewayConfig, Stats
 from .hooks import (
-    DeliveryFailure,
     Drop,
     HandshakeRequest,
     Hooks,
@@ -78,7 +77,6 @@ __all__ = [
     "ConnectionClosed",
     "Context",
     "ControlError",
-    "DeliveryFailure",
     "Drop",
     "Envelope",
     "EnvelopeId",

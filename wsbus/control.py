@@ -122,10 +122,15 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Undeliverable(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Content of ``wsbus.undeliverable``: some recipients of a message were missed.
+    """Why a message did not reach some recipients.
+
+    The content of the ``wsbus.undeliverable`` report to the sending service, and what
+    the ``wsbus_delivery_failed`` hook is given.
 
     Attributes:
-        reason: see :class:`~wsbus.hooks.DeliveryFailure`.
+        reason: ``no_match`` (recipients matched no connection), ``filtered`` (a hook
+            dropped it), ``slow_consumer`` (a connection's queue was full and the policy is
+            ``drop``), ``encode_failed`` (the content cannot be encoded).
         recipients: the recipients missed.
         detail: an explanation.
     """

@@ -47,7 +47,7 @@ from .errors import (
     PluginError,
     UnknownConnection,
 )
-from .hooks import DeliveryFailure, Drop, HandshakeRequest, Hooks, Identity, Refusal
+from .hooks import Drop, HandshakeRequest, Hooks, Identity, Refusal
 from .limits import ErrorBudget, TokenBucket
 from .plugins import AllowAnonymous
 from .registry import DEFAULT_NAME_PATTERN, AliasPolicy, ClientInfo, ClientRegistry
@@ -1125,7 +1125,7 @@ class Gateway:
 
     def _report(self, envelope: Envelope, reason: str, recipients: Recipients, detail: str) -> None:
         self._counters.reports += 1
-        self.hooks.delivery_failed(envelope, DeliveryFailure(reason, recipients, detail))
+        self.hooks.delivery_failed(envelope, control.Undeliverable(reason, recipients, detail))
         if isinstance(envelope.sender, ServiceAddress):
             content = control.Undeliverable(reason, recipients, detail)
             self._to_bus(control.UNDELIVERABLE, envelope, content)

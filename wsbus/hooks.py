@@ -29,13 +29,13 @@ from typing import Any, Final
 import msgspec
 import pluggy
 
-from .envelope import ClientAddress, Envelope, Recipients
+from .control import Undeliverable
+from .envelope import ClientAddress, Envelope
 from .errors import ConfigError, PluginError
 
 __all__ = [
     "PLUGIN_LOG_INTERVAL",
     "PROJECT",
-    "DeliveryFailure",
     "Drop",
     "HandshakeRequest",
     "Hooks",
@@ -155,22 +155,6 @@ class Drop(msgspec.Struct, frozen=True):
     reason: str = "filtered"
 
 
-class DeliveryFailure(msgspec.Struct, frozen=True):
-    """Why an outbound message did not reach some recipients.
-
-    Attributes:
-        reason: ``no_match`` (recipients matched no connection), ``filtered`` (a hook
-            dropped it), ``slow_consumer`` (a connection's queue was full and the policy is
-            ``drop``), ``encode_failed`` (the content cannot be encoded).
-        recipients: the recipients that were missed.
-        detail: a human-readable explanation.
-    """
-
-    reason: str
-    recipients: Recipients
-    detail: str = ""
-
-
 class _Specs:
     """The hook specifications. Implement any of these, by name, in a plugin."""
 
@@ -222,7 +206,7 @@ class _Specs:
         """Learn that a client's connection ended, with the close code."""
 
     @hookspec
-    def wsbus_delivery_failed(self, message: Envelope, failure: DeliveryFailure) -> None:
+    def wsbus_delivery_failed(self, message: Envelope, failure: Undeliverable) -> None:
         """Learn that a service message missed some recipients (also reported to the sender)."""
 
 
@@ -351,7 +335,7 @@ class Hooks:
         """Run ``wsbus_client_disconnected``; a failing plugin is logged, not raised."""
         self._notify("wsbus_client_disconnected", client=client, code=code, reason=reason)
 
-    def delivery_failed(self, message: Envelope, failure: DeliveryFailure) -> None:
+    def delivery_failed(self, message: Envelope, failure: Undeliverable) -> None:
         """Run ``wsbus_delivery_failed``; a failing plugin is logged, not raised."""
         self._notify("wsbus_delivery_failed", message=message, failure=failure)
 
