@@ -21,7 +21,14 @@ from typing import Protocol, runtime_checkable
 
 from .envelope import Envelope, NodeId
 
-__all__ = ["SHARED_HEADER", "Bus", "BusSink", "is_for_gateway"]
+__all__ = [
+    "SHARED_HEADER",
+    "Bus",
+    "BusSink",
+    "PublishesNowait",
+    "ReportsAvailability",
+    "is_for_gateway",
+]
 
 SHARED_HEADER = "wsbus-shared"
 """A bus sets this header to ``"1"`` on a message it sent to several gateways: each gateway
@@ -65,9 +72,41 @@ class Bus(Protocol):
         ...
 
 
-# A bus may also offer ``publish_nowait(envelope) -> None``, raising as ``publish`` does,
-# when it can take an envelope without waiting (the in-memory bus can). The gateway then
-# publishes without creating a coroutine per client frame.
+# Optional capabilities, checked once when the gateway attaches the bus (``isinstance``
+# against these runtime-checkable protocols); the bus conformance suite tests each one a
+# bus has.
+
+
+@runtime_checkable
+class PublishesNowait(Protocol):
+    """A bus that can take an envelope without a coroutine (the in-memory bus can).
+
+    The gateway then publishes without creating a coroutine per client frame.
+    """
+
+    def publish_nowait(self, envelope: Envelope) -> bool:
+        """Take the envelope now if that needs no waiting.
+
+        Returns:
+            True when the bus took it; False when taking it would mean waiting (an inbox
+            is full): nothing was done, and the caller awaits :meth:`Bus.publish`, which
+            waits for room. That is how a full bus slows the client that fills it.
+
+        Raises:
+            NoRoute: as :meth:`Bus.publish`.
+            BusUnavailable: as :meth:`Bus.publish`.
+        """
+        ...
+
+
+@runtime_checkable
+class ReportsAvailability(Protocol):
+    """A bus that knows whether it can take envelopes now (connected, not marked down)."""
+
+    @property
+    def available(self) -> bool:
+        """True while the bus can take envelopes; the gateway admits clients again then."""
+        ...
 
 
 def is_for_gateway(envelope: Envelope) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
@@ -23,6 +24,9 @@ __all__ = [
     "ConnectionClosed",
     "MemoryClient",
     "MemoryConnection",
+    "ReceivesRaw",
+    "ReportsUnsent",
+    "SendsNowait",
     "memory_pair",
 ]
 
@@ -61,24 +65,61 @@ class ClientConnection(Protocol):
         ...
 
 
-# An adapter may also offer ``raw_receive()``, its transport's own receive (an awaitable
-# of ``str | bytes`` that may raise the transport's exceptions), together with
-# ``closed_error(exc) -> ConnectionClosed | None``, which translates those exceptions. The
-# gateway's reader then skips the translating wrapper on every frame. ``receive`` must
-# still behave as documented: the conformance suite tests it.
-#
-# An adapter may also offer ``send_nowait(data: bytes) -> bool``: write the frame at once if
-# that needs no waiting (open, and the write buffer under its limit), else return False.
-# The gateway then writes without a task switch per frame, which is what makes fan-out to
-# many clients cheap; frames it cannot write at once go through the bounded queue as usual.
-#
-# An adapter may also offer ``unsent() -> int``: how many of the frames it took (from
-# ``send`` or ``send_nowait``) have not reached the socket yet; they are always the most
-# recent ones, and once the connection is closed the figure is final (frames an abort
-# discarded count). The gateway then counts a delivery written only once it has left, and
-# drops with the close what never did (SPEC section 4). An adapter without it has its
-# deliveries counted written when it takes them, as MemoryConnection does (what it takes is
-# in the client's hands at once).
+# Optional fast paths. An adapter offers any of them by having the methods: they are
+# checked once, when the gateway takes the connection (``isinstance`` against these
+# runtime-checkable protocols), and the connection conformance suite tests each one an
+# adapter has.
+
+
+@runtime_checkable
+class SendsNowait(Protocol):
+    """A connection that can write a frame without waiting when it has room.
+
+    The gateway then writes without a task switch per frame, which is what makes fan-out
+    to many clients cheap; frames it cannot write at once go through the bounded queue.
+    """
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Write the frame now if that needs no waiting (open, buffer under its limit).
+
+        Returns:
+            True when the frame was taken; False when nothing was done (then the caller
+            sends it with ``send``, after every frame queued before it: order is kept).
+        """
+        ...
+
+
+@runtime_checkable
+class ReceivesRaw(Protocol):
+    """A connection that exposes its transport's own receive, untranslated.
+
+    The gateway's reader then skips the translating wrapper on every frame. ``receive``
+    must still behave as documented.
+    """
+
+    def raw_receive(self) -> Awaitable[str | bytes]:
+        """Return the next frame, as ``receive`` does, raising the transport's exceptions."""
+        ...
+
+    def closed_error(self, exc: BaseException) -> ConnectionClosed | None:
+        """Translate an exception ``raw_receive`` raised; None if it is not a close."""
+        ...
+
+
+@runtime_checkable
+class ReportsUnsent(Protocol):
+    """A connection that can tell which frames it took have reached the socket."""
+
+    def unsent(self) -> int:
+        """How many of the frames taken (``send`` or ``send_nowait``) are not on the socket.
+
+        They are always the most recent ones; once the connection is closed the figure is
+        final (frames an abort discarded count). The gateway counts a delivery written only
+        once it has left, and drops with the close what never did (SPEC section 4). An
+        adapter without it has its deliveries counted written when it takes them, as
+        :class:`MemoryConnection` does (what it takes is in the client's hands at once).
+        """
+        ...
 
 
 _JSON_DECODER = msgspec.json.Decoder()

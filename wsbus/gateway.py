@@ -690,7 +690,7 @@ class Gateway:
         limits = self.config.wire
         counters = self._counters
         loop = asyncio.get_running_loop()
-        publish_nowait: Callable[[Envelope], None] | None = getattr(
+        publish_nowait: Callable[[Envelope], bool] | None = getattr(
             self.bus, "publish_nowait", None
         )
         # An adapter may offer its transport's own receive, untranslated, with a function
@@ -768,11 +768,14 @@ class Gateway:
                 continue
             # An in-process bus takes the envelope on the spot: no coroutine per frame.
             try:
-                publish_nowait(envelope)
+                taken = publish_nowait(envelope)
             except Exception as exc:
                 self._publish_failed(client, envelope, frame_id, exc)
             else:
-                if frame_id is None and self._bus_down_since is None:
+                if not taken:
+                    # The bus is full: wait for room, which holds this client back.
+                    await self._publish(client, envelope, frame_id)
+                elif frame_id is None and self._bus_down_since is None:
                     counters.frames_published += 1  # _published, when it has nothing else to do
                 else:
                     self._published(client, frame_id)

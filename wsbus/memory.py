@@ -79,8 +79,11 @@ class MemoryBus:
         """Route an envelope from the gateway (rules 1 and 4 of :mod:`wsbus.bus`)."""
         self.publish_nowait(envelope)
 
-    def publish_nowait(self, envelope: Envelope) -> None:
+    def publish_nowait(self, envelope: Envelope) -> bool:
         """Route an envelope at once; the gateway uses this to skip a coroutine per frame.
+
+        Returns:
+            True: the envelope was taken.
 
         Raises:
             NoRoute: nothing handles the type.
@@ -91,6 +94,7 @@ class MemoryBus:
         self._route_to_services(self._carry(envelope))
         if self.record:
             self.published.append(envelope)
+        return True
 
     async def close(self) -> None:
         """Stop every service and detach the gateway."""
