@@ -33,6 +33,8 @@ from wsbus.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("raw", "wsbus", "socketio")
+BEFORE: dict[str, Path] = {}
+"""With ``--before PATH``: {"before": PATH}, the checkout the kind ``wsbus@before`` runs."""
 LAGS: dict[str, list[float]] = {}
 """Worst event-loop lag (ms) each server saw in each run of the benchmark under way."""
 
@@ -122,16 +124,19 @@ _STAMP = re.compile(rb'"t": ?([0-9.e+-]+)')
 
 # What each kind needs: the path, the subprotocol, messages encoded for its protocol.
 def _path(kind: str) -> str:
+    kind = kind.partition("@")[0]
     return "/socket.io/?EIO=4&transport=websocket" if kind == "socketio" else "/"
 
 
 def _message(kind: str, type: str, content: Any) -> bytes:
+    kind = kind.partition("@")[0]
     if kind == "socketio":
         return b"42" + json.dumps([type, content]).encode()
     return json.dumps({"type": type, "content": content}).encode()
 
 
 async def _connect(kind: str, port: int) -> RawClient:
+    kind = kind.partition("@")[0]
     client = await RawClient.open(port, _path(kind), "wsbus.v1.json" if kind == "wsbus" else None)
     if kind == "socketio":
         await client.until(b"0{")  # engine.io open packet
@@ -151,9 +156,12 @@ class Server:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.port = free_port()
+        # "wsbus@before" is the wsbus server of another checkout (--before): run from its
+        # folder, ``python -m`` imports that checkout's wsbus and bench.
+        server, _, where = kind.partition("@")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.servers", kind, str(self.port)],
-            cwd=ROOT,
+            [sys.executable, "-m", "bench.servers", server, str(self.port)],
+            cwd=BEFORE.get(where, ROOT),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -299,7 +307,7 @@ def _table(title: str, unit: str, results: dict[str, float], higher_is_better: b
         ratio = ""
         if base and kind != "wsbus" and value:
             ratio = f"   wsbus / {kind} = {base / value:.2f}x"
-        print(f"  {kind:<9} {value:>14,.{3 if unit == 'ms' else 1}f}{ratio}")
+        print(f"  {kind:<12} {value:>14,.{3 if unit == 'ms' else 1}f}{ratio}")
     if not higher_is_better:
         print("  (lower is better)")
     if lags:
@@ -310,9 +318,16 @@ def _table(title: str, unit: str, results: dict[str, float], higher_is_better: b
 Runner = Callable[[str], Coroutine[Any, Any, float]]
 
 
-async def _best_of(runner: Runner, kind: str, repeat: int) -> float:
-    values = [await runner(kind) for _ in range(repeat)]
-    return statistics.median(values)
+async def _medians(runner: Runner, kinds: list[str], repeat: int) -> dict[str, float]:
+    """Run every kind ``repeat`` times, interleaved (a, b, a, b...), and return medians.
+
+    Interleaving spreads a slow spell of a shared machine over every kind alike.
+    """
+    values: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeat):
+        for k in kinds:
+            values[k].append(await runner(k))
+    return {k: statistics.median(v) for k, v in values.items()}
 
 
 def _sizes(text: str | None, default: str) -> list[int]:
@@ -322,33 +337,49 @@ def _sizes(text: str | None, default: str) -> list[int]:
 async def main(argv: list[str] | None = None) -> None:
     """Run the benchmarks named on the command line."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=("fanout", "ingest", "echo", "memory", "pyro", "all"))
+    parser.add_argument(
+        "which",
+        nargs="+",
+        choices=("fanout", "ingest", "echo", "memory", "pyro", "all"),
+        help="benchmarks to run, in this order",
+    )
     parser.add_argument("--clients", default=None, help="client counts, comma-separated")
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--frames", type=int, default=100_000, help="ingest: frames in all")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server; the median")
     parser.add_argument("--kinds", default=",".join(KINDS), help="servers to compare")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--before",
+        default=None,
+        metavar="PATH",
+        help="also run the wsbus server of the checkout at PATH (kind wsbus@before), "
+        "interleaved with this one's: a before/after comparison in one run",
+    )
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
+    if args.before:
+        BEFORE["before"] = Path(args.before)
+        kinds.append("wsbus@before")
+    which = set(args.which)
+    if "all" in which:
+        which = {"fanout", "ingest", "echo", "memory", "pyro"}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; median of {args.repeat}")
-    if args.which in ("fanout", "all"):
+    if "fanout" in which:
         m = args.messages or 100
         for n in _sizes(args.clients, "1000"):
-            results = {
-                k: await _best_of(functools.partial(fanout, clients=n, messages=m), k, args.repeat)
-                for k in kinds
-            }
+            results = await _medians(
+                functools.partial(fanout, clients=n, messages=m), kinds, args.repeat
+            )
             _table(f"fan-out: {m} messages to {n} clients", "deliveries/s", results, True)
-    if args.which in ("ingest", "all"):
+    if "ingest" in which:
         for n in _sizes(args.clients, "10,100,1000"):
             each = max(1, args.frames // n)
-            results = {
-                k: await _best_of(functools.partial(ingest, clients=n, frames=each), k, args.repeat)
-                for k in kinds
-            }
+            results = await _medians(
+                functools.partial(ingest, clients=n, frames=each), kinds, args.repeat
+            )
             _table(f"ingest: {n} clients x {each} frames", "frames/s", results, True)
-    if args.which in ("echo", "all"):
+    if "echo" in which:
         latencies = {k: await echo_latency(k, 1000) for k in kinds}
         _table(
             "echo round trip, one client, p50", "ms", {k: v[0] for k, v in latencies.items()}, False
@@ -356,14 +387,11 @@ async def main(argv: list[str] | None = None) -> None:
         _table(
             "echo round trip, one client, p99", "ms", {k: v[1] for k, v in latencies.items()}, False
         )
-    if args.which in ("memory", "all"):
+    if "memory" in which:
         for n in _sizes(args.clients, "1000,5000"):
-            results = {
-                k: await _best_of(functools.partial(memory, clients=n), k, args.repeat)
-                for k in kinds
-            }
+            results = await _medians(functools.partial(memory, clients=n), kinds, args.repeat)
             _table(f"memory: {n} idle connections", "KiB per connection", results, False)
-    if args.which in ("pyro", "all"):
+    if "pyro" in which:
         from bench import pyro
 
         RESULTS["pyro"] = await pyro.run(args.messages or 20000, args.repeat)
