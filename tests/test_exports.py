@@ -10,7 +10,8 @@ import wsbus
 
 EXPECTED = {
     "Address", "AliasPolicy", "AliasTaken", "AllowAnonymous", "Bus", "BusError", "BusSink",
-    "BusUnavailable", "ClientAddress", "ClientConnection", "ClientFrame", "ClientInfo",
+    "BusUnavailable", "ChildFailed", "ClientAddress", "ClientConnection", "ClientFrame",
+    "ClientInfo",
     "ClientRegistry", "CloseCode", "Codec", "ConfigError", "ConnId", "ConnectionClosed",
     "Context", "ControlError", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
     "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRequest", "Hooks", "Identity",
@@ -51,6 +52,7 @@ def test_exceptions_pickle() -> None:
         wsbus.PluginError("wsbus_authorize", "acme"),
         wsbus.MissingExtra("pyro"),
         wsbus.ConnectionClosed(4507, "slow"),
+        wsbus.ChildFailed("wsbus bus exited:\nboom\n", ["bus"], "boom\n"),
     ):
         copy = pickle.loads(pickle.dumps(exc))
         assert type(copy) is type(exc) and str(copy) == str(exc) and vars(copy) == vars(exc)
@@ -71,3 +73,10 @@ def test_a_missing_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -
         wsbus_pyro.__getattr__("PyroBus")
     with pytest.raises(wsbus.MissingExtra, match=r"pip install 'wsbus\[websockets\]'"):
         wsbus_websockets.__getattr__("serve")
+
+
+def test_a_failed_child_says_its_last_line() -> None:
+    exc = wsbus.ChildFailed("wsbus bus exited:\nstarting\nport taken\n", ["bus"], "x\n")
+    assert isinstance(exc, RuntimeError) and isinstance(exc, wsbus.WsbusError)
+    assert exc.last_line == "x" and exc.child_args == ["bus"]
+    assert wsbus.ChildFailed("m", [], " \n").last_line == "(it printed nothing)"

@@ -19,6 +19,7 @@
      +-- HandshakeRefused (ConnectionError)  the server refused the WebSocket upgrade
      +-- ServerError                         the gateway answered a request with wsbus.error
      +-- MissingExtra (ImportError)          an optional transport is not installed
+     +-- ChildFailed (RuntimeError)          a child process exited or did not get ready
 
 Every exception keeps its data in attributes and pickles, because the Pyro bus ships them
 between processes.
@@ -26,10 +27,13 @@ between processes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AliasTaken",
     "BusError",
     "BusUnavailable",
+    "ChildFailed",
     "ConfigError",
     "ConnectionClosed",
     "ControlError",
@@ -285,3 +289,28 @@ class MissingExtra(WsbusError, ImportError):
 
     def __str__(self) -> str:
         return f"this needs the {self.extra!r} extra: pip install 'wsbus[{self.extra}]'"
+
+
+class ChildFailed(WsbusError, RuntimeError):
+    """A child process (name server, bus, service) exited, or did not get ready in time.
+
+    Attributes:
+        message: what happened, with what the child printed.
+        child_args: the child's arguments (after ``python -m wsbus``).
+        output: everything the child printed.
+    """
+
+    def __init__(self, message: str, args: Sequence[str], output: str) -> None:
+        super().__init__(message, list(args), output)
+        self.message = message
+        self.child_args = list(args)
+        self.output = output
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def last_line(self) -> str:
+        """The last line the child printed: usually why it stopped."""
+        lines = [line.strip() for line in self.output.splitlines() if line.strip()]
+        return lines[-1] if lines else "(it printed nothing)"
