@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from wsbus.processes import free_port
+from wsbus_cli.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("raw", "wsbus", "socketio")

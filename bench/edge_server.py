@@ -48,7 +48,7 @@ def _memory() -> tuple[int, int]:
 async def main(args: argparse.Namespace) -> None:
     """Serve until ``quit`` on stdin (or its end)."""
     from wsbus import Context, Envelope, Gateway, GatewayConfig, MemoryBus, Service, handles
-    from wsbus.demo_services import Echo
+    from wsbus_cli.demo_services import Echo
     from wsbus_websockets import EdgeConfig, serve
 
     class Flood(Service):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from wsbus.processes import Child, free_port
+from wsbus_cli.supervisor import Child, free_port
 
 from .__main__ import ROOT, RawClient, Server, frame
 

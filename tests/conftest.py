@@ -16,7 +16,7 @@ from wsbus import (
     Stats,
     handles,
 )
-from wsbus.demo_services import Chat, Echo
+from wsbus_cli.demo_services import Chat, Echo
 
 
 class Flood(Service):

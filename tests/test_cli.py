@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 import wsbus
-from wsbus.cli import main
-from wsbus.processes import Child, free_port
+from wsbus_cli.cli import main
+from wsbus_cli.supervisor import Child, free_port
 
 # The installed console script: unlike `python -m`, it does not put the current directory on
 # the import path, which is what --app-dir is about.
 SCRIPT = Path(sys.executable).with_name("wsbus")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "wsbus.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "wsbus_cli"]
 
 
 def run(
@@ -63,7 +63,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_console_script_runs() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "wsbus", "--version"],
+        [sys.executable, "-m", "wsbus_cli", "--version"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -120,11 +120,11 @@ def plugins(tmp_path: Path) -> Path:
         (["serve", "--rate", "0"], ["--rate", "must be more than 0"]),
         (["serve", "--static", "/no/such/dir"], ["static_dir", "/no/such/dir"]),
         (
-            ["service", "wsbus.demo_services:Nope"],
-            ["wsbus.demo_services:Nope", "has no 'Nope'", "Chat, Echo"],
+            ["service", "wsbus_cli.demo_services:Nope"],
+            ["wsbus_cli.demo_services:Nope", "has no 'Nope'", "Chat, Echo"],
         ),
-        (["service", "wsbus.demo_services:re"], ["re is a module", "not a wsbus.Service"]),
-        (["service", "wsbus.demo_services"], ["expected MODULE:CLASS"]),
+        (["service", "wsbus_cli.demo_services:re"], ["re is a module", "not a wsbus.Service"]),
+        (["service", "wsbus_cli.demo_services"], ["expected MODULE:CLASS"]),
         (["service", "nosuch.mod:Todo"], ["no module named 'nosuch'", "--app-dir"]),
         (["serve", "--service", "x:Y", "--bus", "pyro"], ["--service", 'bus = "memory"']),
         (["serve", "--plugin", "misspelled"], ["wsbus_authentcate", "wsbus_authenticate?"]),

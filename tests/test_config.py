@@ -14,14 +14,14 @@ import msgspec
 import pytest
 
 from wsbus import GatewayConfig, WireLimits
-from wsbus.config import SECTIONS, load_settings, parse_tokens, render_docs, render_toml
 from wsbus.errors import ConfigError, WsbusError
-from wsbus.processes import Child, free_port
 from wsbus.registry import AliasPolicy
+from wsbus_cli.config import SECTIONS, load_settings, parse_tokens, render_docs, render_toml
+from wsbus_cli.supervisor import Child, free_port
 
 DOCS = Path(__file__).parent.parent / "docs" / "configuration.md"
 SCRIPT = Path(sys.executable).with_name("wsbus")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "wsbus.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "wsbus_cli"]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -178,7 +178,8 @@ def test_the_effective_settings_print_as_toml_with_secrets_redacted(tmp_path: Pa
 
 def test_the_core_imports_no_adapter_to_read_settings() -> None:
     code = (
-        "import sys; from wsbus.config import load_settings; s = load_settings(None, environ={});"
+        "import sys; from wsbus_cli.config import load_settings;"
+        "s = load_settings(None, environ={});"
         "assert s.pyro is None;"
         "assert not {'Pyro5', 'wsbus_pyro'} & set(sys.modules), sorted(sys.modules)"
     )
@@ -228,7 +229,7 @@ async def test_serve_runs_with_the_file_and_the_flags_override_it(tmp_path: Path
         """
         [serve]
         port = 1
-        services = ["wsbus.demo_services:Echo"]
+        services = ["wsbus_cli.demo_services:Echo"]
         [gateway]
         rate = 5.0
         burst = 7
@@ -260,8 +261,8 @@ async def test_serve_runs_with_the_file_and_the_flags_override_it(tmp_path: Path
 
 
 def test_the_flags_the_docs_name_are_the_flags_the_cli_has() -> None:
-    from wsbus.cli import _FLAG_SETTINGS
-    from wsbus.config import FLAGS
+    from wsbus_cli.cli import _FLAG_SETTINGS
+    from wsbus_cli.config import FLAGS
 
     for dotted, flag in _FLAG_SETTINGS.values():
         assert FLAGS[dotted].split(",")[0] == flag, dotted

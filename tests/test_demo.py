@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from wsbus import MemoryClient, Service
-from wsbus.demo_services import Chat
-from wsbus.processes import Child, free_port
+from wsbus_cli.demo_services import Chat
+from wsbus_cli.supervisor import Child, free_port
 
 pytest.importorskip("Pyro5")
 pytest.importorskip("websockets")
@@ -86,7 +86,7 @@ def demo() -> Iterator[Demo]:
 def _rogue(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "WSBUS_SECRET"}
     return subprocess.run(
-        [sys.executable, "-m", "wsbus", *args],
+        [sys.executable, "-m", "wsbus_cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -107,7 +107,7 @@ def test_the_demo_processes_share_a_secret_in_their_environment_only(demo: Demo)
 
 
 def test_a_rogue_service_without_the_secret_cannot_register(demo: Demo) -> None:
-    result = _rogue(["service", "wsbus.demo_services:Echo", "--ns-port", str(demo.ns_port)])
+    result = _rogue(["service", "wsbus_cli.demo_services:Echo", "--ns-port", str(demo.ns_port)])
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import pytest_asyncio
 
-from wsbus.processes import Child, free_port
+from wsbus_cli.supervisor import Child, free_port
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page

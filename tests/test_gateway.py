@@ -27,8 +27,8 @@ from wsbus import (
     Verdict,
     hookimpl,
 )
-from wsbus.demo_services import Echo
 from wsbus.wire import WireLimits
+from wsbus_cli.demo_services import Echo
 from wsbus_testing.services import Failing
 
 Connect = Callable[..., Awaitable[MemoryClient]]

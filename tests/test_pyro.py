@@ -13,8 +13,8 @@ from tests.conftest import assert_balanced
 from wsbus import Codec, Gateway, GatewayConfig, MemoryClient, Service, memory_pair
 from wsbus.bus import Bus
 from wsbus_pyro import PyroBus, PyroConfig
+from wsbus_testing.children import Child
 from wsbus_testing.conformance import BusConformance, MakeBus
-from wsbus_testing.processes import Child
 
 Spawn = Callable[[str], Child]
 
@@ -72,8 +72,8 @@ async def gateways(
     wsbus_pyro_config: PyroConfig, wsbus_spawn_service: Spawn
 ) -> AsyncIterator[Gateways]:
     for spec in (
-        "wsbus.demo_services:Echo",
-        "wsbus.demo_services:Chat",
+        "wsbus_cli.demo_services:Echo",
+        "wsbus_cli.demo_services:Chat",
         "wsbus_testing.services:Director",
     ):
         await asyncio.to_thread(wsbus_spawn_service, spec)
@@ -181,7 +181,7 @@ async def test_traffic_resumes_after_the_connections_sat_idle(
     # The child processes drop Pyro connections idle for 5 s (their comm_timeout). This
     # gateway waits longer than that before it would reconnect on its own, so its first
     # call after the pause meets a dropped connection: nothing may be lost or refused.
-    await asyncio.to_thread(wsbus_spawn_service, "wsbus.demo_services:Echo")
+    await asyncio.to_thread(wsbus_spawn_service, "wsbus_cli.demo_services:Echo")
     config = msgspec.structs.replace(wsbus_pyro_config, comm_timeout=20.0)
     kit = Gateways(config)
     try:
@@ -208,7 +208,7 @@ async def test_a_shared_secret_is_proven_both_ways(wsbus_pyro_config: PyroConfig
     args = ["--ns-port", str(config.ns_port)]
     env: dict[str, str | None] = {"WSBUS_SECRET": "s3cret"}  # never on a command line
     children = [Child(["nameserver", *args], env=env), Child(["bus", *args], env=env)]
-    children.append(Child(["service", "wsbus.demo_services:Echo", *args], env=env))
+    children.append(Child(["service", "wsbus_cli.demo_services:Echo", *args], env=env))
     kit = Gateways(config)
     try:
         gateway = await kit.gateway("sec")

@@ -1,6 +1,6 @@
 """The Pyro bus under faults: hostile peers, crashes, restarts, a shared secret.
 
-Every process is real (``python -m wsbus ...`` on 127.0.0.1, ended by its own pid); the
+Every process is real (``python -m wsbus_cli ...`` on 127.0.0.1, ended by its own pid); the
 gateway runs in this process, so its event loop is the test's loop and a watchdog task
 measures how late the loop ever runs. Each test measures that lag twice: under the same
 load without the fault (the control), and with the fault. A stalled Pyro peer would hold
@@ -47,7 +47,7 @@ from wsbus import (
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_pyro.config import handshake
 from wsbus_pyro.transport import encode_batch, make_proxy, name_server
-from wsbus_testing.processes import Child, free_port
+from wsbus_testing.children import Child, free_port
 
 Spawn = Callable[[str], Child]
 
@@ -59,7 +59,7 @@ STALL_SLACK = 0.5
 """The loop may run late under a fault at most STALL_FACTOR times as much as under the same
 load without it, plus STALL_SLACK seconds: well under the 3 s a stalled peer would cost."""
 
-ECHO = "wsbus.demo_services:Echo"
+ECHO = "wsbus_cli.demo_services:Echo"
 SEQUENCER = "wsbus_testing.services:Sequencer"
 SERPENT_ID = 1
 BOMB_SIZE = 500_000_000

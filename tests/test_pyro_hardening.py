@@ -1,6 +1,6 @@
 """The Pyro bus against a bus crash, worker-pool floods and the keep-serialized path.
 
-Every process is real (``python -m wsbus ...`` on 127.0.0.1, ended by its own pid): a name
+Every process is real (``python -m wsbus_cli ...`` on 127.0.0.1, ended by its own pid): a name
 server, the message bus, services; the gateway runs in this process with in-memory
 clients. Every wait is bounded; no duration is compared with a constant.
 """
@@ -61,10 +61,10 @@ from wsbus import (
     ServiceAddress,
     handles,
 )
-from wsbus.demo_services import Echo
+from wsbus_cli.demo_services import Echo
 from wsbus_pyro import PyroConfig, ServiceHost
 from wsbus_pyro.transport import encode_batch, lookup, make_proxy
-from wsbus_testing.processes import Child, free_port
+from wsbus_testing.children import Child, free_port
 from wsbus_testing.services import Director
 
 __all__ = ["kit"]  # the fixture, imported for the tests here

@@ -35,7 +35,7 @@ from wsbus import (
     memory_pair,
 )
 from wsbus.service import ServiceLink
-from wsbus_testing.processes import Child
+from wsbus_testing.children import Child
 from wsbus_testing.services import Failing
 
 Connect = Callable[..., Awaitable[MemoryClient]]

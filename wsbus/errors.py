@@ -296,7 +296,7 @@ class ChildFailed(WsbusError, RuntimeError):
 
     Attributes:
         message: what happened, with what the child printed.
-        child_args: the child's arguments (after ``python -m wsbus``).
+        child_args: the child's arguments (after ``python -m wsbus_cli``).
         output: everything the child printed.
     """
 

@@ -1,4 +1,4 @@
-"""Run the command line with ``python -m wsbus``."""
+"""Run the command line with ``python -m wsbus_cli``."""
 
 from .cli import main
 

@@ -33,7 +33,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
-from ._version import __version__
+from wsbus._version import __version__
+from wsbus.errors import BusUnavailable, ConfigError, WsbusError
+
 from .config import (
     NODE_PATTERN,
     NODE_RULE,
@@ -43,7 +45,6 @@ from .config import (
     render_docs,
     render_toml,
 )
-from .errors import BusUnavailable, ConfigError, WsbusError
 
 __all__ = ["build_parser", "load_plugin", "load_service_spec", "main"]
 
@@ -394,7 +395,7 @@ def _settings(args: argparse.Namespace, *, need_pyro: bool | None = None) -> Set
 def use_app_dir(app_dir: str) -> None:
     """Put ``app_dir`` first on the import path, as uvicorn's ``--app-dir`` does.
 
-    ``python -m wsbus`` has the current directory there already; the ``wsbus`` script does
+    ``python -m wsbus_cli`` has the current directory there already; the ``wsbus`` script does
     not, so ``wsbus service myapp.todo:Todo`` would not find ``./myapp`` without this.
 
     Raises:
@@ -436,7 +437,7 @@ def load_service_spec(spec: str, what: str = "--service") -> Any:
         ConfigError: the spec is malformed, the module cannot be imported, it has no such
             name, the name is not a Service subclass, or creating it raised.
     """
-    from .service import Service
+    from wsbus.service import Service
 
     label = f"{what} {spec}".strip()
     module_name, sep, class_name = spec.partition(":")
@@ -578,8 +579,7 @@ def check_pyro(config: Any, *, bus: bool = True) -> None:
 
 async def _serve(settings: Settings) -> None:
     from wsbus import Gateway, MemoryBus
-
-    from .plugins import TokenAuth
+    from wsbus.plugins import TokenAuth
 
     use_app_dir(settings.serve.app_dir)
     plugins = [load_plugin(spec) for spec in settings.serve.plugins]

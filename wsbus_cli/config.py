@@ -38,7 +38,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from .errors import ConfigError
+from wsbus.errors import ConfigError
 
 __all__ = [
     "FLAGS",
@@ -157,7 +157,7 @@ class Section:
 
 
 def _gateway() -> type[msgspec.Struct]:
-    from .gateway import GatewayConfig
+    from wsbus.gateway import GatewayConfig
 
     return GatewayConfig
 

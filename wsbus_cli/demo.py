@@ -21,32 +21,46 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import webbrowser
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from wsbus.errors import BusUnavailable
+from wsbus.gateway import Gateway, GatewayConfig
+from wsbus.memory import MemoryBus
+from wsbus.registry import AliasPolicy
+
 from .config import SECRET_ENV
-from .errors import BusUnavailable
-from .gateway import Gateway, GatewayConfig
-from .memory import MemoryBus
-from .processes import Child, ChildFailed, free_port
-from .registry import AliasPolicy
+from .supervisor import Child, ChildFailed, free_port
 
 __all__ = ["DEMO_SERVICES", "run_demo", "static_dir"]
 
 log = logging.getLogger("wsbus.demo")
 
-DEMO_SERVICES = ("wsbus.demo_services:Echo", "wsbus.demo_services:Chat")
+DEMO_SERVICES = ("wsbus_cli.demo_services:Echo", "wsbus_cli.demo_services:Chat")
 """The services the demo runs."""
 
 
 @contextlib.contextmanager
 def static_dir() -> Iterator[Path]:
-    """Yield the directory of the demo page and its JavaScript client."""
-    with resources.as_file(resources.files("wsbus") / "demo_static") as path:
-        yield Path(path)
+    """Yield a directory with the demo page and the browser client, for the edge to serve.
+
+    The page lives here, the client (``wsbus.js``) beside the edge it speaks to, in
+    ``wsbus_websockets/js``; the edge serves one directory, so both are copied into a
+    temporary one for the run.
+    """
+    page = resources.files("wsbus_cli") / "demo_static"
+    client = resources.files("wsbus_websockets") / "js" / "wsbus.js"
+    with tempfile.TemporaryDirectory(prefix="wsbus-demo-") as directory:
+        path = Path(directory)
+        for item in page.iterdir():
+            if item.is_file():
+                (path / item.name).write_bytes(item.read_bytes())
+        (path / "wsbus.js").write_bytes(client.read_bytes())
+        yield path
 
 
 NO_SECRET_WARNING = (

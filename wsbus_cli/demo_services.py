@@ -11,9 +11,9 @@ from typing import Any
 
 import msgspec
 
-from .envelope import ClientAddress, ConnId, Envelope, Recipients
-from .errors import ControlError, WsbusError
-from .service import Context, Service, handles
+from wsbus.envelope import ClientAddress, ConnId, Envelope, Recipients
+from wsbus.errors import ControlError, WsbusError
+from wsbus.service import Context, Service, handles
 
 __all__ = ["NICK_RULE", "ROOM_RULE", "Chat", "Echo"]
 

@@ -1,6 +1,6 @@
 """Child processes of the ``wsbus`` command: name server, message bus, services.
 
-``wsbus demo`` starts them, and so do the tests. Each is ``python -m wsbus ...``, started
+``wsbus demo`` starts them, and so do the tests. Each is ``python -m wsbus_cli ...``, started
 and ended by its own process id (SIGTERM, then SIGKILL after a bound). Every wait is
 bounded. Output is kept, so a failure can show what the child said.
 """
@@ -16,27 +16,9 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from wsbus.errors import ChildFailed
+
 __all__ = ["Child", "ChildFailed", "free_port"]
-
-
-class ChildFailed(RuntimeError):
-    """A child process exited, or did not get ready in time.
-
-    Attributes:
-        args_: the arguments after ``python -m wsbus``.
-        output: what it printed.
-    """
-
-    def __init__(self, message: str, args: Sequence[str], output: str) -> None:
-        super().__init__(message)
-        self.args_ = list(args)
-        self.output = output
-
-    @property
-    def last_line(self) -> str:
-        """The last line the child printed: usually why it stopped."""
-        lines = [line.strip() for line in self.output.splitlines() if line.strip()]
-        return lines[-1] if lines else "(it printed nothing)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,17 +30,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Child:
-    """A ``python -m wsbus`` child process.
+    """A ``python -m wsbus_cli`` child process.
 
     Args:
-        args: the arguments after ``python -m wsbus``.
+        args: the arguments after ``python -m wsbus_cli``.
         ready: a word the child prints once it is serving.
         timeout: seconds to wait for ``ready``.
         env: variables to add to (or, with a None value, remove from) this process's
             environment for the child. Secrets go here, never in ``args``: any local user
             can read a command line (``ps``), only the same user a process's environment.
         cwd: the child's working directory (this process's by default).
-        command: what runs ``args``: ``python -m wsbus`` by default; the ``wsbus`` script
+        command: what runs ``args``: ``python -m wsbus_cli`` by default; the ``wsbus`` script
             to test it as installed.
 
     Raises:
@@ -86,7 +68,7 @@ class Child:
             else:
                 environment[name] = value
         self.process = subprocess.Popen(
-            [*(command or (sys.executable, "-m", "wsbus")), *self.args],
+            [*(command or (sys.executable, "-m", "wsbus_cli")), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

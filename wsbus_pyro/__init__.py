@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from wsbus._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .bus import PyroBus
     from .config import PyroConfig
-    from .gateway import PyroBus
     from .messagebus import MessageBus
-    from .processes import run_bus, run_name_server
+    from .servers import run_bus, run_name_server
     from .service import ServiceHost, load_service, run_service
 
 __all__ = [
@@ -35,12 +35,12 @@ __all__ = [
 
 _WHERE = {
     "MessageBus": "messagebus",
-    "PyroBus": "gateway",
+    "PyroBus": "bus",
     "PyroConfig": "config",
     "ServiceHost": "service",
     "load_service": "service",
-    "run_bus": "processes",
-    "run_name_server": "processes",
+    "run_bus": "servers",
+    "run_name_server": "servers",
     "run_service": "service",
 }
 

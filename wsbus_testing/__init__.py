@@ -7,5 +7,5 @@
 - :mod:`wsbus_testing.conformance`: the suite any bus implementation must pass.
 - :mod:`wsbus_testing.connection_conformance`: the suite any edge adapter's client
   connection must pass.
-- :mod:`wsbus_testing.processes`: real ``python -m wsbus`` child processes for tests.
+- :mod:`wsbus_testing.children`: real ``python -m wsbus_cli`` child processes for tests.
 """

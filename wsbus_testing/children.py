@@ -1,5 +1,5 @@
-"""Real ``python -m wsbus`` child processes for tests (see :mod:`wsbus.processes`)."""
+"""Real ``python -m wsbus_cli`` child processes for tests (see :mod:`wsbus_cli.supervisor`)."""
 
-from wsbus.processes import Child, free_port
+from wsbus_cli.supervisor import Child, free_port
 
 __all__ = ["Child", "free_port"]

@@ -32,8 +32,8 @@ else:
 
 if TYPE_CHECKING:
     from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
-    from wsbus.processes import Child
     from wsbus.wire import Codec
+    from wsbus_cli.supervisor import Child
     from wsbus_pyro import PyroConfig
     from wsbus_websockets import Client, EdgeConfig, EdgeServer
 
@@ -185,7 +185,7 @@ async def wsbus_ws_connect(wsbus_server: EdgeServer) -> AsyncIterator[WsConnectF
 @pytest.fixture
 def wsbus_pyro_config() -> PyroConfig:
     """Pyro settings for a test: a free name-server port, short intervals and timeouts."""
-    from wsbus.processes import free_port
+    from wsbus_cli.supervisor import free_port
     from wsbus_pyro import PyroConfig
 
     return PyroConfig(ns_port=free_port(), reregister_interval=0.2, comm_timeout=3.0)
@@ -197,7 +197,7 @@ def _pyro_args(config: PyroConfig) -> list[str]:
 
 def _pyro_env(config: PyroConfig) -> dict[str, str | None]:
     """The child's environment: the secret goes here, never on its command line (``ps``)."""
-    from wsbus.config import SECRET_ENV
+    from wsbus_cli.config import SECRET_ENV
 
     # Without a secret, one in this process's environment must not reach the child.
     return {SECRET_ENV: config.secret or None}
@@ -206,7 +206,7 @@ def _pyro_env(config: PyroConfig) -> dict[str, str | None]:
 @pytest.fixture
 def wsbus_nameserver(wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
     """A real Pyro name server process at ``wsbus_pyro_config``'s address."""
-    from wsbus.processes import Child
+    from wsbus_cli.supervisor import Child
 
     child = Child(["nameserver", *_pyro_args(wsbus_pyro_config)], env=_pyro_env(wsbus_pyro_config))
     try:
@@ -218,7 +218,7 @@ def wsbus_nameserver(wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
 @pytest.fixture
 def wsbus_message_bus(wsbus_nameserver: Child, wsbus_pyro_config: PyroConfig) -> Iterator[Child]:
     """A real message bus process (``wsbus bus``), registered with ``wsbus_nameserver``."""
-    from wsbus.processes import Child
+    from wsbus_cli.supervisor import Child
 
     child = Child(["bus", *_pyro_args(wsbus_pyro_config)], env=_pyro_env(wsbus_pyro_config))
     try:
@@ -235,7 +235,7 @@ def wsbus_spawn_service(
 
     Every process it started is ended (by its own pid) after the test.
     """
-    from wsbus.processes import Child
+    from wsbus_cli.supervisor import Child
 
     children: list[Child] = []
 

@@ -36,7 +36,7 @@ def _key(envelopes: Any) -> float | None:
 def _install() -> None:
     from Pyro5 import protocol
 
-    from wsbus_pyro import gateway, messagebus, transport
+    from wsbus_pyro import bus, messagebus, transport
 
     receive = protocol.recv_stub
 
@@ -76,7 +76,7 @@ def _install() -> None:
         arrived("bus", blob)
         return route(self, blob, *args)
 
-    deliver, deliver_all = gateway.GatewayEndpoint.deliver, gateway.GatewayEndpoint._deliver_all
+    deliver, deliver_all = bus.GatewayEndpoint.deliver, bus.GatewayEndpoint._deliver_all
 
     def traced_deliver(self: Any, blob: Any) -> None:
         arrived("gateway", blob)
@@ -93,8 +93,8 @@ def _install() -> None:
     traced_route._pyroExposed = True  # type: ignore[attr-defined]
     traced_deliver._pyroExposed = True  # type: ignore[attr-defined]
     messagebus.MessageBus.route = traced_route  # type: ignore[method-assign,assignment]
-    gateway.GatewayEndpoint.deliver = traced_deliver  # type: ignore[method-assign]
-    gateway.GatewayEndpoint._deliver_all = traced_deliver_all  # type: ignore[method-assign]
+    bus.GatewayEndpoint.deliver = traced_deliver  # type: ignore[method-assign]
+    bus.GatewayEndpoint._deliver_all = traced_deliver_all  # type: ignore[method-assign]
 
 
 if _DIR:
