@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
-from wsbus import BusUnavailable, ConfigError, MemoryBus, NoRoute, Service
+from wsbus import (
+    BusUnavailable,
+    ConfigError,
+    Context,
+    Envelope,
+    MemoryBus,
+    NoRoute,
+    Service,
+    handles,
+)
 from wsbus.bus import Bus
 from wsbus_testing.conformance import BusConformance, MakeBus, RecordingSink, client_message
 from wsbus_testing.services import Probe
@@ -28,17 +38,160 @@ class TestMemoryBus(BusConformance):
             await bus.close()
 
 
-async def test_a_full_inbox_refuses_with_unavailable() -> None:
-    bus = MemoryBus([Probe()], inbox_size=2)
-    sink = RecordingSink(bus)
-    await bus.start(sink)
-    runner = bus._runners["probe"]
-    await runner.stop()  # nobody takes from the inbox now
-    await bus.publish(client_message("probe.echo", 1))
-    await bus.publish(client_message("probe.echo", 2))
-    with pytest.raises(BusUnavailable):
-        await bus.publish(client_message("probe.echo", 3))
-    await bus.close()
+class Gate(Service):
+    """Holds each ``gate.hold`` message until the test opens the gate; records what it took."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.taken: list[object] = []
+
+    @handles("gate.hold", "shared")
+    async def hold(self, message: Envelope, ctx: Context) -> None:
+        self.taken.append(message.content)
+        await self.open.wait()
+
+
+class OtherGate(Gate):
+    """A second service handling ``shared``, for all-or-nothing routing."""
+
+    name = "other"
+
+
+async def _gated(
+    inbox_size: int = 2, bus_timeout: float = 5.0, services: list[Service] | None = None
+) -> tuple[MemoryBus, list[Service]]:
+    services = services if services is not None else [Gate()]
+    bus = MemoryBus(services, inbox_size=inbox_size, timeout=bus_timeout)
+    await bus.start(RecordingSink(bus))
+    return bus, services
+
+
+async def _settled() -> None:
+    """Let every task that can run, run (the service takes what it can)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_full_inbox_makes_publish_nowait_decline_and_publish_wait() -> None:
+    bus, [gate] = await _gated(inbox_size=2)
+    assert isinstance(gate, Gate)
+    try:
+        assert bus.publish_nowait(client_message("gate.hold", 1))
+        await _settled()  # the service holds 1: its inbox is empty
+        assert bus.publish_nowait(client_message("gate.hold", 2))
+        assert bus.publish_nowait(client_message("gate.hold", 3))
+        # Full: nothing is done, nothing refused.
+        assert not bus.publish_nowait(client_message("gate.hold", 4))
+        waiting = asyncio.create_task(bus.publish(client_message("gate.hold", 4)))
+        await _settled()
+        assert not waiting.done()
+        gate.open.set()
+        async with asyncio.timeout(5):
+            await waiting
+            while len(gate.taken) < 4:
+                await asyncio.sleep(0.01)
+        assert gate.taken == [1, 2, 3, 4]
+    finally:
+        await bus.close()
+
+
+async def test_senders_waiting_for_room_go_first_come_first_served() -> None:
+    bus, [gate] = await _gated(inbox_size=1)
+    assert isinstance(gate, Gate)
+    try:
+        bus.publish_nowait(client_message("gate.hold", "held"))
+        await _settled()
+        bus.publish_nowait(client_message("gate.hold", "queued"))
+        first = asyncio.create_task(bus.publish(client_message("gate.hold", "first")))
+        await _settled()
+        second = asyncio.create_task(bus.publish(client_message("gate.hold", "second")))
+        await _settled()
+        # A newcomer does not jump the queue, even when a place is free for a moment.
+        gate.taken.clear()
+        gate.open.set()
+        async with asyncio.timeout(5):
+            while not first.done():
+                assert not bus.publish_nowait(client_message("gate.hold", "newcomer"))
+                await asyncio.sleep(0)
+            await second
+            while len(gate.taken) < 3:
+                await asyncio.sleep(0.01)
+        assert gate.taken[:3] == ["queued", "first", "second"]
+    finally:
+        await bus.close()
+
+
+async def test_a_stuck_service_is_refused_unavailable_after_the_timeout() -> None:
+    bus, _ = await _gated(inbox_size=1, bus_timeout=0.05)
+    try:
+        bus.publish_nowait(client_message("gate.hold", 1))
+        await _settled()
+        bus.publish_nowait(client_message("gate.hold", 2))
+        with pytest.raises(BusUnavailable) as info:
+            await bus.publish(client_message("gate.hold", 3))
+        # The service is at fault, not the bus: the gateway keeps admitting clients.
+        assert info.value.whole_bus is False
+        assert bus.available
+    finally:
+        await bus.close()
+
+
+async def test_a_service_leaving_releases_those_waiting_for_it() -> None:
+    bus, _ = await _gated(inbox_size=1)
+    try:
+        bus.publish_nowait(client_message("gate.hold", 1))
+        await _settled()
+        bus.publish_nowait(client_message("gate.hold", 2))
+        waiting = asyncio.create_task(bus.publish(client_message("gate.hold", 3)))
+        await _settled()
+        async with asyncio.timeout(5):
+            await bus.remove_service("gate")
+            with pytest.raises(BusUnavailable):
+                await waiting
+        with pytest.raises(NoRoute):
+            await bus.publish(client_message("gate.hold", 4))
+    finally:
+        await bus.close()
+
+
+async def test_a_type_several_services_handle_waits_until_each_has_room() -> None:
+    bus, [gate, other] = await _gated(inbox_size=1, services=[Gate(), OtherGate()])
+    assert isinstance(gate, Gate) and isinstance(other, Gate)
+    try:
+        gate.open.set()  # gate takes everything; other holds
+        assert bus.publish_nowait(client_message("shared", 1))
+        await _settled()
+        assert bus.publish_nowait(client_message("shared", 2))  # other's inbox: 2
+        await _settled()
+        # All or nothing: gate has room, other has none, so neither gets it yet.
+        assert not bus.publish_nowait(client_message("shared", 3))
+        assert gate.taken == [1, 2]
+        waiting = asyncio.create_task(bus.publish(client_message("shared", 3)))
+        await _settled()
+        assert not waiting.done() and gate.taken == [1, 2]
+        other.open.set()
+        async with asyncio.timeout(5):
+            await waiting
+            while len(other.taken) < 3 or len(gate.taken) < 3:
+                await asyncio.sleep(0.01)
+        assert gate.taken == other.taken == [1, 2, 3]
+    finally:
+        await bus.close()
+
+
+async def test_a_service_sending_to_a_full_inbox_is_refused() -> None:
+    """A service's send cannot wait (it is synchronous): a full inbox refuses it."""
+    bus, [gate] = await _gated(inbox_size=1)
+    try:
+        bus.publish_nowait(client_message("gate.hold", 1))
+        await _settled()
+        bus.publish_nowait(client_message("gate.hold", 2))
+        with pytest.raises(BusUnavailable):
+            gate.link.publish("gate.hold", 3)
+    finally:
+        await bus.close()
 
 
 async def test_removed_service_means_no_route() -> None:

@@ -3,13 +3,21 @@
 Services run in the gateway's process and event loop. Routing follows the rules in
 :mod:`wsbus.bus`; an envelope handed to a service or to the gateway is handed over on the
 spot, so the order of everything one sender emits is kept end to end.
+
+Each service has a bounded inbox. When a client's message finds it full, the bus does not
+refuse it: :meth:`MemoryBus.publish_nowait` says False and :meth:`MemoryBus.publish` waits
+for room, so the gateway stops reading that client until the service catches up, as TCP
+holds back a sender on a bus between processes. Only a service that takes nothing for the
+bus's ``timeout`` gets its callers ``unavailable``: that service is stuck.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
+from . import control
 from .bus import BusSink, is_for_gateway
 from .envelope import (
     Envelope,
@@ -33,9 +41,14 @@ class MemoryBus:
         services: services to run; more can be added with :meth:`add_service`.
         record: keep every envelope the gateway publishes in :attr:`published` (for
             tests; it grows without bound).
-        inbox_size: how many envelopes each service may have waiting before the bus
-            refuses more with ``unavailable``.
-        timeout: seconds a service waits for the gateway's answer to a control request.
+        inbox_size: how many envelopes each service may have waiting. A client's message
+            that finds the inbox full waits for room, holding back the client that sent it
+            (:meth:`publish`); a service's message to a service with a full inbox is
+            refused (its send raises BusUnavailable), since a service's send cannot wait.
+        timeout: seconds a service waits for the gateway's answer to a control request,
+            and the longest :meth:`publish` waits for room in a service's inbox before it
+            refuses (the client is told ``unavailable``, retry): a service that takes
+            nothing for that long is stuck.
         serialize: encode and decode every envelope on its way, as a bus between processes
             does, so that services see exactly what they would see over Pyro (lists, not
             tuples; no object shared with the sender) and content that cannot cross a
@@ -76,22 +89,39 @@ class MemoryBus:
             await self.add_service(service)
 
     async def publish(self, envelope: Envelope) -> None:
-        """Route an envelope from the gateway (rules 1 and 4 of :mod:`wsbus.bus`)."""
-        self.publish_nowait(envelope)
+        """Route an envelope from the gateway (rules 1 and 4 of :mod:`wsbus.bus`).
 
-    def publish_nowait(self, envelope: Envelope) -> bool:
-        """Route an envelope at once; the gateway uses this to skip a coroutine per frame.
-
-        Returns:
-            True: the envelope was taken.
+        Waits while an inbox it goes to is full (every one, for a type several services
+        handle: all or nothing), then hands it over.
 
         Raises:
             NoRoute: nothing handles the type.
-            BusUnavailable: the bus is marked down or the service's inbox is full.
+            BusUnavailable: the bus is marked down, or a service it goes to took nothing
+                for ``timeout`` seconds (whole_bus False: that service is stuck).
         """
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
-        self._route_to_services(self._carry(envelope))
+        carried = self._carry(envelope)
+        if not self._route_now(carried):
+            await self._route_when_room(carried)
+        if self.record:
+            self.published.append(envelope)
+
+    def publish_nowait(self, envelope: Envelope) -> bool:
+        """Route an envelope at once if that needs no waiting; the gateway's fast path.
+
+        Returns:
+            True: the envelope was taken. False: an inbox it goes to is full (or others
+            wait for it already); nothing was done, and :meth:`publish` waits for room.
+
+        Raises:
+            NoRoute: nothing handles the type.
+            BusUnavailable: the bus is marked down.
+        """
+        if self.down:
+            raise BusUnavailable("the in-memory bus is marked down")
+        if not self._route_now(self._carry(envelope)):
+            return False
         if self.record:
             self.published.append(envelope)
         return True
@@ -165,21 +195,70 @@ class MemoryBus:
             return
         self._route_to_services(envelope)
 
-    def _route_to_services(self, envelope: Envelope) -> None:
+    def _targets(self, envelope: Envelope) -> list[ServiceRunner]:
+        """The services an envelope goes to (rules 1 and 4), never empty.
+
+        Raises:
+            NoRoute: none.
+        """
         to = envelope.to
         if to is None:
-            pass  # by type, below: the common case, tested first
+            runners = self._by_type.get(envelope.type)
+            if runners:
+                return runners
         elif isinstance(to, ServiceAddress):
             runner = self._runners.get(to.name)
-            if runner is None:
-                raise NoRoute(envelope.type)
+            if runner is not None:
+                return [runner]
+        raise NoRoute(envelope.type)
+
+    def _route_now(self, envelope: Envelope) -> bool:
+        """Hand an envelope to its services if each has room; False (nothing done) if not."""
+        runners = self._targets(envelope)
+        if len(runners) == 1:
+            runner = runners[0]
+            # An answer to a service's request resolves its future: it takes no place.
+            if runner.has_room() or envelope.type == control.RESULT:
+                runner.accept(envelope)
+                return True
+            return False
+        # All or nothing: a message either reaches every subscriber or none of them.
+        if not all(runner.has_room() for runner in runners):
+            return False
+        for runner in runners:
             runner.accept(envelope)
-            return
-        else:
-            raise NoRoute(envelope.type)
-        runners = self._by_type.get(envelope.type)
-        if not runners:
-            raise NoRoute(envelope.type)
+        return True
+
+    async def _route_when_room(self, envelope: Envelope) -> None:
+        """Wait until every service the envelope goes to has room, then hand it over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            runners = self._targets(envelope)  # a service may have left meanwhile
+            busy = next((runner for runner in runners if not runner.has_room()), None)
+            if busy is None:
+                for runner in runners:
+                    runner.accept(envelope)
+                return
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await busy.wait_for_room()
+            except TimeoutError:
+                raise BusUnavailable(
+                    f"service {busy.name!r} took nothing for {self.timeout:g} s (its inbox "
+                    "stayed full): it may be stuck",
+                    whole_bus=False,
+                ) from None
+            if self.down:
+                raise BusUnavailable("the in-memory bus is marked down")
+            if len(runners) == 1:
+                # Our turn came and no await since: the place is ours.
+                busy.accept(envelope)
+                return
+
+    def _route_to_services(self, envelope: Envelope) -> None:
+        """Route a service's envelope to services: refused, never waited for, when full."""
+        runners = self._targets(envelope)
         if len(runners) == 1:
             runners[0].accept(envelope)
             return

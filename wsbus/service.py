@@ -341,6 +341,12 @@ class ServiceRunner:
     Bus runtimes (the in-memory bus, a Pyro service process) create one per service and
     call :meth:`accept` with each envelope addressed to it.
 
+    The inbox is bounded. A runtime that can hold its sender back (the in-memory bus holds
+    the gateway's reader of the client that sent the message) waits with
+    :meth:`wait_for_room` while :meth:`has_room` is False; one that cannot gets
+    BusUnavailable from :meth:`accept`. Those waiting are let in first come, first served,
+    and before anyone who did not wait: a burst from one client cannot starve another.
+
     Args:
         service: the service instance.
         emit: the runtime's function that puts an envelope on the bus.
@@ -366,6 +372,10 @@ class ServiceRunner:
         self._inbox: deque[Envelope] = deque()
         self._inbox_size = inbox_size
         self._ready = asyncio.Event()
+        # Senders waiting for room, in arrival order; the first one's event is set when a
+        # place frees. It stays first until it has taken its place (see wait_for_room).
+        self._waiters: deque[asyncio.Event] = deque()
+        self._stopped = False
         self._task: asyncio.Task[None] | None = None
         # Looked up once: (bound method, is it a coroutine function) per message type.
         self._dispatch: dict[str, tuple[Callable[..., Any], bool]] = {}
@@ -387,8 +397,46 @@ class ServiceRunner:
         self._ready.set()
 
     def has_room(self) -> bool:
-        """Return True when :meth:`accept` would not refuse for a full inbox."""
-        return len(self._inbox) < self._inbox_size
+        """Return True when the inbox has a free place and nobody is waiting for one.
+
+        A sender that gets False and can wait calls :meth:`wait_for_room`: taking the place
+        now would jump the queue of those waiting.
+        """
+        return not self._waiters and len(self._inbox) < self._inbox_size
+
+    async def wait_for_room(self) -> None:
+        """Wait, in turn, until the inbox has a free place for the caller.
+
+        The caller must :meth:`accept` its envelope before it next awaits: the place is
+        held for it only until then. Cancelling the wait (a caller's timeout) gives the
+        turn to the next one waiting.
+
+        Raises:
+            BusUnavailable: the runner is stopped (now or while waiting).
+        """
+        if self._stopped:
+            raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
+        if self.has_room():
+            return
+        turn = asyncio.Event()
+        self._waiters.append(turn)
+        try:
+            while True:
+                await turn.wait()
+                if self._stopped:
+                    raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
+                if len(self._inbox) < self._inbox_size:
+                    return
+                # Someone who may not wait (a service's own send) took the place: stay first.
+                turn.clear()
+        finally:
+            self._waiters.remove(turn)
+            self._let_next_in()
+
+    def _let_next_in(self) -> None:
+        """Wake the first sender waiting, if there is room for it."""
+        if self._waiters and len(self._inbox) < self._inbox_size:
+            self._waiters[0].set()
 
     async def start(self) -> None:
         """Run the service's ``on_start`` and begin handling messages."""
@@ -396,7 +444,13 @@ class ServiceRunner:
         self._task = asyncio.create_task(self._run(), name=f"wsbus-service-{self.name}")
 
     async def stop(self) -> None:
-        """Stop handling messages and run ``on_stop``. Messages still waiting are dropped."""
+        """Stop handling messages and run ``on_stop``. Messages still waiting are dropped.
+
+        Senders waiting for room get BusUnavailable.
+        """
+        self._stopped = True
+        for turn in self._waiters:
+            turn.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -414,6 +468,8 @@ class ServiceRunner:
                 await self._ready.wait()
                 continue
             envelope = inbox.popleft()
+            if self._waiters:
+                self._let_next_in()
             entry = dispatch.get(envelope.type)
             if entry is None or not entry[1]:
                 await self.handle(envelope)
