@@ -11,16 +11,16 @@ import wsbus
 EXPECTED = {
     "Address", "AliasPolicy", "AliasTaken", "AllowAnonymous", "Bus", "BusError", "BusSink",
     "BusUnavailable", "ChildFailed", "ClientAddress", "ClientConnection", "ClientFrame",
-    "ClientInfo",
-    "ClientRegistry", "CloseCode", "Codec", "ConfigError", "ConnId", "ConnectionClosed",
-    "Context", "ControlError", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
-    "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRequest", "Hooks", "Identity",
-    "HandshakeRefused", "InvalidName", "MemoryBus", "MemoryClient", "MemoryConnection",
-    "MissingExtra", "NoRoute", "NodeId", "PluginError", "ProtocolError", "Recipients", "Refusal",
-    "RegistryError", "Rejection", "RequestTimeout", "Resolution", "Result", "Router", "Service",
-    "ServiceAddress", "ServerError", "ServiceLink", "Stats", "TokenAuth", "Undeliverable",
-    "UnknownConnection", "Verdict", "WireLimits", "WsbusError", "__version__",
-    "decode_client_frame", "handles", "hookimpl", "hookspec", "memory_pair",
+    "ClientInfo", "ClientRegistry", "CloseCode", "Codec", "ConfigError", "ConnId", "ConnIdTaken",
+    "ConnectionClosed", "Context", "ControlError", "Drop", "Envelope", "EnvelopeId", "ErrorCode",
+    "Forbidden", "Gateway", "GatewayAddress", "GatewayConfig", "HandshakeRefused",
+    "HandshakeRequest", "Hooks", "Identity", "InvalidFrame", "InvalidName", "MemoryBus",
+    "MemoryClient", "MemoryConnection", "MessageRejected", "MissingExtra", "NoRoute", "NodeId",
+    "PluginError", "RateLimited", "Recipients", "Refusal", "RegistryError", "Rejection",
+    "RequestTimeout", "Resolution", "Result", "Router", "Service", "ServiceAddress",
+    "ServiceFailed", "ServiceLink", "Stats", "TokenAuth", "TryLater", "Undeliverable",
+    "UnknownConnection", "Unrouted", "Verdict", "WireLimits", "WsbusError", "__version__",
+    "decode_client_frame", "handles", "hookimpl", "hookspec", "memory_pair"
 }  # fmt: skip
 
 
@@ -48,7 +48,9 @@ def test_exceptions_pickle() -> None:
         wsbus.InvalidName("alias", "x y"),
         wsbus.ControlError("c", "m"),
         wsbus.RequestTimeout("join", 5.0),
-        wsbus.ProtocolError("malformed", "bad"),
+        wsbus.ConnIdTaken("n.1"),
+        wsbus.MessageRejected("no_route", "nothing handles t"),
+        wsbus.RateLimited("rate_limited", "slow down", True),
         wsbus.PluginError("wsbus_authorize", "acme"),
         wsbus.MissingExtra("pyro"),
         wsbus.ConnectionClosed(4507, "slow"),

@@ -14,6 +14,7 @@ from wsbus.envelope import ClientAddress, ConnId
 from wsbus.errors import (
     AliasTaken,
     ConfigError,
+    ConnIdTaken,
     InvalidName,
     RegistryError,
     UnknownConnection,
@@ -99,7 +100,7 @@ def test_iteration_and_clients_follow_connect_order() -> None:
 def test_connecting_a_registered_id_again_is_refused_and_keeps_the_first() -> None:
     registry = ClientRegistry()
     registry.connect(A, user="alice")
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ConnIdTaken, match="already registered"):
         registry.connect(A, user="mallory")
     assert len(registry) == 1
     assert registry.info(A) == ClientInfo(A, user="alice")

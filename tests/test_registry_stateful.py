@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 )
 
 from wsbus.envelope import ClientAddress, ConnId, Recipients
-from wsbus.errors import AliasTaken, InvalidName, UnknownConnection
+from wsbus.errors import AliasTaken, ConnIdTaken, InvalidName, UnknownConnection
 from wsbus.registry import AliasPolicy, ClientInfo, ClientRegistry
 from wsbus.router import Router
 from wsbus_testing import strategies as wst
@@ -175,7 +175,7 @@ class RegistryMachine(RuleBasedStateMachine):
         with pytest.raises(InvalidName):
             self.registry.connect(fresh, user=name)
         assert fresh not in self.registry
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(ConnIdTaken, match="already registered"):
             self.registry.connect(conn_id, user="n0")
         with pytest.raises(InvalidName):
             self.registry.set_alias(conn_id, name)

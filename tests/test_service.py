@@ -28,9 +28,9 @@ from wsbus import (
     MemoryClient,
     Recipients,
     RequestTimeout,
-    ServerError,
     Service,
     ServiceAddress,
+    ServiceFailed,
     handles,
     memory_pair,
 )
@@ -351,7 +351,7 @@ async def test_the_python_client_request_raises_service_error_at_once(
     assert isinstance(client, Client)
     # Bounded far below the request's own timeout: the error must come, not the timeout.
     async with asyncio.timeout(30):
-        with pytest.raises(ServerError) as info:
+        with pytest.raises(ServiceFailed) as info:
             await client.request("failing.raise", {"x": 1}, timeout=600)
     assert info.value.code == "service_error" and info.value.retry is False
     for leak in LEAKS:
@@ -387,7 +387,7 @@ async def test_service_error_from_a_service_process_over_pyro(
                 # Bounded far below the request's own timeout: the error must come, not
                 # the timeout.
                 async with asyncio.timeout(30):
-                    with pytest.raises(ServerError) as info:
+                    with pytest.raises(ServiceFailed) as info:
                         await client.request(type, {"x": 1}, timeout=600)
                 assert info.value.code == "service_error" and info.value.retry is False
                 for leak in LEAKS:

@@ -24,8 +24,8 @@ from wsbus import (
     GatewayConfig,
     HandshakeRefused,
     MemoryBus,
-    ServerError,
     TokenAuth,
+    Unrouted,
 )
 from wsbus_websockets import Client, EdgeConfig, EdgeServer, serve
 
@@ -50,7 +50,7 @@ async def test_echo_round_trip_both_codecs(wsbus_ws_connect: WsConnect) -> None:
 
 async def test_request_raises_server_error(wsbus_ws_connect: WsConnect) -> None:
     client = await wsbus_ws_connect()
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(Unrouted) as info:
         await client.request("nobody.handles.this")
     assert info.value.code == "no_route" and info.value.retry is False
 

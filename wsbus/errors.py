@@ -3,26 +3,32 @@
 ::
 
     WsbusError
-     +-- ConfigError (ValueError)            a setting or argument is out of range
-     +-- ProtocolError                       a client frame broke the wire protocol
+     +-- ConfigError (ValueError)                a setting or argument is out of range
      +-- RegistryError (LookupError)
-     |    +-- UnknownConnection              no open connection has that id
-     |    +-- AliasTaken                     the alias belongs to another connection
-     |    +-- InvalidName (ValueError)       an alias, user or group name is not acceptable
+     |    +-- UnknownConnection                  no open connection has that id
+     |    +-- AliasTaken                         the alias belongs to another connection
+     |    +-- ConnIdTaken (ValueError)           the connection id is already registered
+     |    +-- InvalidName (ValueError)           an alias, user or group name is not acceptable
      +-- BusError
-     |    +-- NoRoute (LookupError)          nothing on the bus handles that type
-     |    +-- BusUnavailable                 the bus is down or overloaded; retry later
-     +-- ControlError                        the gateway refused a service's control request
-     +-- PluginError                         a plugin's hook raised (a server fault)
-     +-- RequestTimeout (TimeoutError)       a reply did not come in time
-     +-- ConnectionClosed (ConnectionError)  a client connection closed, with its close code
-     +-- HandshakeRefused (ConnectionError)  the server refused the WebSocket upgrade
-     +-- ServerError                         the gateway answered a request with wsbus.error
-     +-- MissingExtra (ImportError)          an optional transport is not installed
-     +-- ChildFailed (RuntimeError)          a child process exited or did not get ready
+     |    +-- NoRoute (LookupError)              nothing on the bus handles that type
+     |    +-- BusUnavailable                     the bus is down or overloaded; retry later
+     +-- ControlError                            the gateway refused a service's control request
+     +-- PluginError                             a plugin's hook raised (a server fault)
+     +-- RequestTimeout (TimeoutError)           a reply did not come in time
+     +-- ConnectionClosed (ConnectionError)      a client connection closed, with its close code
+     +-- HandshakeRefused (ConnectionError)      the server refused the WebSocket upgrade
+     +-- MessageRejected                         the gateway answered a message with wsbus.error
+     |    +-- InvalidFrame (ValueError)          the frame broke the wire protocol: a client bug
+     |    +-- Forbidden                          an authorization hook refused the message
+     |    +-- Unrouted (LookupError)             nothing on the bus handles the message's type
+     |    +-- ServiceFailed                      the service that took the message failed
+     |    +-- TryLater                           refused for now: send it again later
+     |         +-- RateLimited                   the connection sends faster than its rate
+     +-- MissingExtra (ImportError)              an optional transport is not installed
+     +-- ChildFailed (RuntimeError)              a child process exited or did not get ready
 
 Every exception keeps its data in attributes and pickles, because the Pyro bus ships them
-between processes.
+between processes. ``tests/test_errors.py`` checks this drawing against the classes.
 """
 
 from __future__ import annotations
@@ -35,18 +41,24 @@ __all__ = [
     "BusUnavailable",
     "ChildFailed",
     "ConfigError",
+    "ConnIdTaken",
     "ConnectionClosed",
     "ControlError",
+    "Forbidden",
     "HandshakeRefused",
+    "InvalidFrame",
     "InvalidName",
+    "MessageRejected",
     "MissingExtra",
     "NoRoute",
     "PluginError",
-    "ProtocolError",
+    "RateLimited",
     "RegistryError",
     "RequestTimeout",
-    "ServerError",
+    "ServiceFailed",
+    "TryLater",
     "UnknownConnection",
+    "Unrouted",
     "WsbusError",
 ]
 
@@ -57,23 +69,6 @@ class WsbusError(Exception):
 
 class ConfigError(WsbusError, ValueError):
     """A setting or argument is out of its allowed range."""
-
-
-class ProtocolError(WsbusError):
-    """A client frame broke the wire protocol.
-
-    Attributes:
-        code: the ``wsbus.error`` code the client is told (``malformed``, ``bad_value``, ...).
-        message: a short text for the client: no traceback, path or internal detail.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 class RegistryError(WsbusError, LookupError):
@@ -111,6 +106,21 @@ class AliasTaken(RegistryError):
             f"alias {self.alias!r} is taken by another connection; choose another, or set the "
             "registry's alias policy to 'suffix'"
         )
+
+
+class ConnIdTaken(RegistryError, ValueError):
+    """The connection id is already registered (ids are never reused): a bug in the caller.
+
+    Attributes:
+        conn_id: the connection id given twice.
+    """
+
+    def __init__(self, conn_id: str) -> None:
+        super().__init__(conn_id)
+        self.conn_id = conn_id
+
+    def __str__(self) -> str:
+        return f"connection id {self.conn_id!r} is already registered; ids are never reused"
 
 
 class InvalidName(RegistryError, ValueError):
@@ -257,13 +267,17 @@ class HandshakeRefused(WsbusError, ConnectionError):
         return f"the server refused the WebSocket upgrade with HTTP {self.status}: {self.body}"
 
 
-class ServerError(WsbusError):
-    """The gateway answered a request with a ``wsbus.error`` frame.
+class MessageRejected(WsbusError):
+    """The gateway refused a message: it answered it with a ``wsbus.error`` frame.
+
+    The Python client raises the subclass for the code (see :meth:`for_code`), so that a
+    caller can catch the refusals it handles apart (``except RateLimited``) and the rest
+    together (``except MessageRejected``).
 
     Attributes:
-        code: the error code (``no_route``, ``forbidden``, ...).
+        code: the error code (``no_route``, ``forbidden``, ...: ``wsbus.wire.ErrorCode``).
         message: the gateway's explanation.
-        retry: whether sending the same request later may succeed.
+        retry: whether sending the same message later may succeed.
     """
 
     def __init__(self, code: str, message: str, retry: bool = False) -> None:
@@ -274,6 +288,75 @@ class ServerError(WsbusError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}" + (" (retry later)" if self.retry else "")
+
+    @staticmethod
+    def for_code(code: str, message: str, retry: bool = False) -> MessageRejected:
+        """Return the exception for a ``wsbus.error`` frame's content.
+
+        A code this version does not know (a newer gateway's) gives :class:`MessageRejected`
+        itself, with ``retry`` as the gateway said.
+        """
+        return _REJECTED_BY_CODE.get(code, MessageRejected)(code, message, retry)
+
+
+class InvalidFrame(MessageRejected, ValueError):
+    """The frame broke the wire protocol: fix the code that built it.
+
+    The codes ``malformed``, ``invalid_message``, ``unknown_field``, ``reserved_type``,
+    ``limit_exceeded`` and ``bad_value``. Each spends the connection's error budget (past
+    it, the connection is closed with 4400).
+    """
+
+
+class Forbidden(MessageRejected):
+    """An authorization hook refused the message (``forbidden``); ``message`` says why."""
+
+
+class Unrouted(MessageRejected, LookupError):
+    """Nothing on the bus handles the message's type (``no_route``).
+
+    The client's view of :class:`NoRoute`: the service is not running, or the type is wrong.
+    """
+
+
+class ServiceFailed(MessageRejected):
+    """The service that took the message failed handling it (``service_error``).
+
+    The message was published (its ack came first); the service's log has the traceback
+    under the message's id. Sending it again will most likely fail the same way.
+    """
+
+
+class TryLater(MessageRejected):
+    """Refused for now: the same message may succeed later, after a pause.
+
+    The codes ``unavailable``, ``shutting_down`` and ``rate_limited``: ``retry`` is True.
+    """
+
+
+class RateLimited(TryLater):
+    """The connection sends faster than its rate (``rate_limited``): slow down.
+
+    Refused again and again with no quiet second, the connection is closed with 4429.
+    """
+
+
+_REJECTED_BY_CODE: dict[str, type[MessageRejected]] = {
+    "malformed": InvalidFrame,
+    "invalid_message": InvalidFrame,
+    "unknown_field": InvalidFrame,
+    "reserved_type": InvalidFrame,
+    "limit_exceeded": InvalidFrame,
+    "bad_value": InvalidFrame,
+    "forbidden": Forbidden,
+    "no_route": Unrouted,
+    "service_error": ServiceFailed,
+    "unavailable": TryLater,
+    "shutting_down": TryLater,
+    "rate_limited": RateLimited,
+}
+"""The exception for each ``wsbus.wire.ErrorCode`` (tests/test_errors.py checks it covers
+every code, and that TryLater is exactly the codes whose ``retry`` is True)."""
 
 
 class MissingExtra(WsbusError, ImportError):

@@ -14,7 +14,7 @@ from typing import Final
 import msgspec
 
 from .envelope import ClientAddress, ConnId
-from .errors import AliasTaken, ConfigError, InvalidName, UnknownConnection
+from .errors import AliasTaken, ConfigError, ConnIdTaken, InvalidName, UnknownConnection
 
 __all__ = ["DEFAULT_NAME_PATTERN", "AliasPolicy", "ClientInfo", "ClientRegistry"]
 
@@ -95,11 +95,11 @@ class ClientRegistry:
         """Add a connection and return its address.
 
         Raises:
-            ValueError: the id is already registered (ids are never reused).
+            ConnIdTaken: the id is already registered (ids are never reused).
             InvalidName: ``user`` does not match the name pattern.
         """
         if conn_id in self._entries:
-            raise ValueError(f"connection id {conn_id!r} is already registered")
+            raise ConnIdTaken(conn_id)
         if user is not None:
             self._check_name("user", user)
         entry = _Entry(conn_id, user)

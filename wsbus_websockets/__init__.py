@@ -14,17 +14,15 @@ from typing import TYPE_CHECKING
 from wsbus._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .client import RECONNECT_CODES, Client, ClientClosed, ServerError, connect
+    from .client import RECONNECT_CODES, Client, connect
     from .server import TOKEN_SUBPROTOCOL_PREFIX, EdgeConfig, EdgeServer, serve
 
 __all__ = [
     "RECONNECT_CODES",
     "TOKEN_SUBPROTOCOL_PREFIX",
     "Client",
-    "ClientClosed",
     "EdgeConfig",
     "EdgeServer",
-    "ServerError",
     "connect",
     "serve",
 ]
@@ -36,8 +34,6 @@ _WHERE = {
     "serve": "server",
     "Client": "client",
     "RECONNECT_CODES": "client",
-    "ClientClosed": "client",
-    "ServerError": "client",
     "connect": "client",
 }
 

@@ -13,7 +13,9 @@
 The client reconnects after a connection is lost or the server goes away (1001, 1006, 1011,
 1012, 1013, 1014), with exponential backoff and full jitter; it does not after a close that
 says the client itself is at fault or refused (4400, 4401, 4403, 4408, 4429, 1003, 1007,
-1009): those raise :class:`~wsbus.errors.ConnectionClosed` carrying the code.
+1009): those raise :class:`~wsbus.errors.ConnectionClosed` carrying the code. Every way the
+gateway refuses a client is an exception of :mod:`wsbus.errors` (docs/protocol.md has the
+table).
 """
 
 from __future__ import annotations
@@ -33,16 +35,12 @@ from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from wsbus.errors import ConnectionClosed, HandshakeRefused, RequestTimeout, ServerError
+from wsbus.errors import ConnectionClosed, HandshakeRefused, MessageRejected, RequestTimeout
 from wsbus.wire import Codec
 
-__all__ = ["RECONNECT_CODES", "Client", "ClientClosed", "ServerError", "connect"]
+__all__ = ["RECONNECT_CODES", "Client", "connect"]
 
 log = logging.getLogger("wsbus.client")
-
-ClientClosed = ConnectionClosed
-"""The exception a client raises once its connection is closed for good (the same class as
-:class:`wsbus.ConnectionClosed`)."""
 
 RECONNECT_CODES: Final = frozenset({1001, 1006, 1011, 1012, 1013, 1014, 4507})
 """Close codes after which the client reconnects (4507: it missed messages and must resync;
@@ -217,7 +215,9 @@ class Client:
             The reply (or ack) frame: ``{"type", "content", "id", ...}``.
 
         Raises:
-            ServerError: the gateway refused the message (``wsbus.error``).
+            MessageRejected: the gateway refused the message (``wsbus.error``): the subclass
+                for its code (``RateLimited``, ``Forbidden``, ``Unrouted``, ...; see
+                :meth:`~wsbus.errors.MessageRejected.for_code`).
             RequestTimeout: nothing came in time.
             ConnectionClosed: the connection closed first.
         """
@@ -295,7 +295,7 @@ class Client:
             if entry is not None:
                 if not entry[0].done():
                     entry[0].set_exception(
-                        ServerError(
+                        MessageRejected.for_code(
                             str(content.get("code")),
                             str(content.get("message")),
                             bool(content.get("retry")),
