@@ -212,3 +212,23 @@ async def test_the_client_raises_the_exception_for_each_refusal(
                 await client.request(type, {"x": 1}, timeout=60)
         assert info.value.code == code
         assert info.value.retry == ErrorCode(code).retry
+
+
+async def test_opening_raises_from_the_tree_for_a_bad_url_and_a_silent_server() -> None:
+    import socket
+
+    from wsbus.errors import ConfigError, RequestTimeout
+    from wsbus_websockets import connect
+
+    with pytest.raises(ConfigError, match="not a WebSocket URL"):
+        async with asyncio.timeout(30):
+            await connect("http://127.0.0.1:1/")
+    # A listener that accepts (the kernel does) and never answers the upgrade.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"ws://127.0.0.1:{silent.getsockname()[1]}/"
+        with pytest.raises(RequestTimeout) as info:
+            async with asyncio.timeout(30):
+                await connect(url, open_timeout=0.2)
+    assert isinstance(info.value, TimeoutError) and url in info.value.what

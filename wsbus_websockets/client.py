@@ -32,10 +32,16 @@ import msgspec
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from wsbus.errors import ConnectionClosed, HandshakeRefused, MessageRejected, RequestTimeout
+from wsbus.errors import (
+    ConfigError,
+    ConnectionClosed,
+    HandshakeRefused,
+    MessageRejected,
+    RequestTimeout,
+)
 from wsbus.wire import Codec
 
 __all__ = ["RECONNECT_CODES", "Client", "connect"]
@@ -107,6 +113,9 @@ class Client:
         Raises:
             HandshakeRefused: the server refused the upgrade (403, 503, 400).
             ConnectionClosed: the server closed during the handshake (4401, 4408, ...).
+            RequestTimeout: the opening handshake took longer than ``open_timeout`` (a
+                ``TimeoutError``).
+            ConfigError: the URL is not a ``ws://`` or ``wss://`` URL.
             OSError: the server could not be reached.
         """
         await self._open_once()
@@ -130,6 +139,14 @@ class Client:
             raise HandshakeRefused(response.status_code, body) from None
         except InvalidHandshake as exc:
             raise HandshakeRefused(0, str(exc)) from None
+        except InvalidURI:
+            raise ConfigError(
+                f"{self.url!r} is not a WebSocket URL: give ws://host:port/path or wss://..."
+            ) from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the opening handshake with {self.url}", self.open_timeout
+            ) from None
         try:
             first = self._decode(await ws.recv())
         except WsConnectionClosed as exc:
