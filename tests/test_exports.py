@@ -82,3 +82,75 @@ def test_a_failed_child_says_its_last_line() -> None:
     assert isinstance(exc, RuntimeError) and isinstance(exc, wsbus.WsbusError)
     assert exc.last_line == "x" and exc.child_args == ["bus"]
     assert wsbus.ChildFailed("m", [], " \n").last_line == "(it printed nothing)"
+
+
+def _public_modules() -> list[str]:
+    """``wsbus`` and each of its modules whose name does not start with ``_``."""
+    import pkgutil
+
+    return ["wsbus"] + [
+        f"wsbus.{info.name}"
+        for info in pkgutil.iter_modules(wsbus.__path__)
+        if not info.name.startswith("_")
+    ]
+
+
+def _has_docstring(module_name: str, name: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether ``name`` in ``module_name`` is documented where it is defined.
+
+    Classes and functions by their own ``__doc__``; constants, type aliases and markers by
+    the string literal right after their assignment (what Sphinx reads); names imported
+    from a sibling module, where that module defines them.
+    """
+    import ast
+    import importlib
+    import inspect
+
+    module = importlib.import_module(module_name)
+    obj = getattr(module, name)
+    if inspect.isclass(obj):
+        return bool(obj.__dict__.get("__doc__"))
+    if inspect.isfunction(obj):
+        return bool(obj.__doc__)
+    assert module.__file__ is not None
+    with open(module.__file__, encoding="utf-8") as source:
+        body = ast.parse(source.read()).body
+    for node, after in zip(body, [*body[1:], None], strict=True):
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            )
+    for found in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if (
+            isinstance(found, ast.ImportFrom)
+            and found.level == 1
+            and module_name not in seen
+            and any(alias.name == name for alias in found.names)
+        ):
+            return _has_docstring(f"wsbus.{found.module}", name, seen | {module_name})
+    return False
+
+
+def test_every_public_name_of_every_module_has_a_docstring() -> None:
+    import importlib
+
+    missing = []
+    for module_name in _public_modules():
+        module = importlib.import_module(module_name)
+        names = getattr(module, "__all__", None)
+        assert names is not None, f"{module_name} has no __all__"
+        missing += [
+            f"{module_name}.{name}"
+            for name in names
+            if not name.startswith("__") and not _has_docstring(module_name, name)
+        ]
+    assert not missing, f"public names without a docstring: {missing}"

@@ -40,14 +40,23 @@ __all__ = [
 ]
 
 JOIN: Final = "wsbus.join"
+"""Request: put a connection in a group (content :class:`GroupRequest`)."""
 LEAVE: Final = "wsbus.leave"
+"""Request: take a connection out of a group (content :class:`GroupRequest`)."""
 ALIAS_SET: Final = "wsbus.alias.set"
+"""Request: give a connection an alias (content :class:`AliasRequest`)."""
 ALIAS_CLEAR: Final = "wsbus.alias.clear"
+"""Request: remove a connection's alias (content :class:`ConnRequest`)."""
 CLIENTS: Final = "wsbus.clients"
+"""Request: list the clients, or one group's (content :class:`ClientsRequest`)."""
 DISCONNECT: Final = "wsbus.disconnect"
+"""Request: close a connection (content :class:`DisconnectRequest`)."""
 RESULT: Final = "wsbus.result"
+"""The gateway's answer to a request (content :class:`Result`)."""
 UNDELIVERABLE: Final = "wsbus.undeliverable"
+"""The gateway's report that a service message missed recipients (:class:`Undeliverable`)."""
 FAILED: Final = "wsbus.failed"
+"""A service runtime's notice that a handler raised on a client's message (:class:`Failed`)."""
 
 
 class GroupRequest(msgspec.Struct, frozen=True):

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 PROJECT: Final = "wsbus"
+"""The pluggy project name, and the entry-point group plugins register under."""
 hookspec = pluggy.HookspecMarker(PROJECT)
 """Marks a hook specification (for wsbus itself)."""
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -225,7 +226,7 @@ class Hooks:
         if entry_points:
             self.pm.load_setuptools_entrypoints(PROJECT)
         for plugin in plugins:
-            check_plugin(self.pm, plugin)
+            _check_plugin(self.pm, plugin)
             self.pm.register(plugin)
         self._check_pending()
         self._refresh()
@@ -237,13 +238,13 @@ class Hooks:
             ConfigError: the plugin implements a hook wsbus does not have (a misspelled
                 name), or takes an argument the hook does not pass.
         """
-        check_plugin(self.pm, plugin)
+        _check_plugin(self.pm, plugin)
         self.pm.register(plugin, name)
         self._check_pending()
         self._refresh()
 
     def _check_pending(self) -> None:
-        # check_plugin already refused what it can name; this also covers plugins loaded
+        # _check_plugin already refused what it can name; this also covers plugins loaded
         # from entry points, which pluggy registers itself.
         try:
             self.pm.check_pending()
@@ -443,7 +444,7 @@ def _required_args(function: Any) -> list[str]:
     ]
 
 
-def check_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
+def _check_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
     """Refuse a plugin whose hooks wsbus would silently never call, before registering it.
 
     Raises:
