@@ -14,6 +14,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from wsbus import ClientConnection, Codec, HandshakeRequest, MemoryClient, memory_pair
+from wsbus.edge import ReceivesRaw, ReportsUnsent, SendsNowait
 from wsbus_testing.connection_conformance import ConnectionConformance, MakeConnectionPair, Peer
 from wsbus_websockets._wsconn import (
     EdgeConnection,
@@ -56,6 +57,10 @@ class _MemoryPeer:
 
 
 class TestMemoryConnection(ConnectionConformance):
+    # What it takes is in the client's hands at once: nothing is ever unsent, and its
+    # receive is no wrapper to skip.
+    capabilities = frozenset({SendsNowait})
+
     @pytest_asyncio.fixture
     async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
         connections: list[ClientConnection] = []
@@ -99,6 +104,8 @@ class _WebSocketPeer:
 
 
 class TestWebSocketsConnection(ConnectionConformance):
+    capabilities = frozenset({SendsNowait, ReceivesRaw, ReportsUnsent})
+
     @pytest_asyncio.fixture
     async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
         handed: asyncio.Queue[_Connection] = asyncio.Queue()

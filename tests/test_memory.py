@@ -18,12 +18,28 @@ from wsbus import (
     Service,
     handles,
 )
-from wsbus.bus import Bus
-from wsbus_testing.conformance import BusConformance, MakeBus, RecordingSink, client_message
+from wsbus.bus import Bus, PublishesNowait, ReportsAvailability
+from wsbus_testing.conformance import (
+    BusConformance,
+    MakeBus,
+    MakeUnavailable,
+    RecordingSink,
+    client_message,
+)
 from wsbus_testing.services import Probe
 
 
 class TestMemoryBus(BusConformance):
+    capabilities = frozenset({PublishesNowait, ReportsAvailability})
+
+    @pytest.fixture
+    def wsbus_make_unavailable(self) -> MakeUnavailable:
+        async def make_unavailable(bus: Bus) -> None:
+            assert isinstance(bus, MemoryBus)
+            bus.down = True
+
+        return make_unavailable
+
     @pytest_asyncio.fixture
     async def wsbus_make_bus(self) -> AsyncIterator[MakeBus]:
         buses: list[MemoryBus] = []

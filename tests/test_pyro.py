@@ -7,20 +7,32 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
+import pytest
 import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Gateway, GatewayConfig, MemoryClient, Service, memory_pair
-from wsbus.bus import Bus
+from wsbus.bus import Bus, ReportsAvailability
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_testing.children import Child
-from wsbus_testing.conformance import BusConformance, MakeBus
+from wsbus_testing.conformance import BusConformance, MakeBus, MakeUnavailable
 
 Spawn = Callable[[str], Child]
 
 
 class TestPyroBusConformance(BusConformance):
     """The same conformance suite the in-memory bus passes, with services as processes."""
+
+    capabilities = frozenset({ReportsAvailability})
+
+    @pytest.fixture
+    def wsbus_make_unavailable(self, wsbus_message_bus: Child) -> MakeUnavailable:
+        """Stop the message bus process (by its own pid)."""
+
+        async def make_unavailable(bus: Bus) -> None:
+            await asyncio.to_thread(wsbus_message_bus.stop)
+
+        return make_unavailable
 
     @pytest_asyncio.fixture
     async def wsbus_make_bus(

@@ -22,6 +22,16 @@ The suite starts the bus against a :class:`RecordingSink` (a stand-in gateway) a
 routing rules of :mod:`wsbus.bus`, per-sender order, and the errors publish raises. The
 services it uses live in :mod:`wsbus_testing.services`, importable by path, so that a bus
 running services in other processes can start them too.
+
+Optional capabilities (:class:`~wsbus.bus.PublishesNowait`,
+:class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. Two more things a
+subclass may give, so that a renamed method fails loudly and "unavailable" is tested too:
+
+- ``capabilities``: a class attribute, the set of capability protocols the bus is meant to
+  offer; the suite checks that it offers exactly those.
+- a ``wsbus_make_unavailable`` fixture: an async function that makes a started bus
+  unavailable (the in-memory bus: ``bus.down = True``; a bus between processes: stop the
+  broker). Without it the suite skips what needs it.
 """
 
 from __future__ import annotations
@@ -29,13 +39,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar, Final
 
 import msgspec
 import pytest
 
 from wsbus import control
-from wsbus.bus import Bus
+from wsbus.bus import Bus, PublishesNowait, ReportsAvailability
 from wsbus.envelope import (
     ClientAddress,
     ConnId,
@@ -45,14 +55,30 @@ from wsbus.envelope import (
     NodeId,
     ServiceAddress,
 )
-from wsbus.errors import NoRoute
+from wsbus.errors import BusUnavailable, NoRoute
 from wsbus.service import Service
 
 from .services import Probe, Sequencer
 
-__all__ = ["BusConformance", "MakeBus", "RecordingSink", "client_message"]
+__all__ = [
+    "BUS_CAPABILITIES",
+    "BusConformance",
+    "MakeBus",
+    "MakeUnavailable",
+    "RecordingSink",
+    "client_message",
+]
 
 MakeBus = Callable[[list[type[Service]]], Awaitable[Bus]]
+MakeUnavailable = Callable[[Bus], Awaitable[None]]
+"""The ``wsbus_make_unavailable`` fixture: makes a started bus unavailable."""
+
+BUS_CAPABILITIES: Final[tuple[type, ...]] = (PublishesNowait, ReportsAvailability)
+"""Every optional capability a bus may offer."""
+
+TIMEOUT: Final = 30.0
+"""Seconds a capability test may wait for a bus to notice it is down (a bus between
+processes may learn it only by trying)."""
 
 
 class RecordingSink:
@@ -126,8 +152,17 @@ class BusConformance:
     """The tests every bus must pass.
 
     A subclass provides the ``wsbus_make_bus`` fixture: an async factory
-    ``make(service_classes) -> Bus`` that cleans up after the test.
+    ``make(service_classes) -> Bus`` that cleans up after the test. It may set
+    ``capabilities`` and override ``wsbus_make_unavailable`` (see the module's docstring).
     """
+
+    capabilities: ClassVar[frozenset[type] | None] = None
+    """The capability protocols the bus is meant to offer; None: not checked."""
+
+    @pytest.fixture
+    def wsbus_make_unavailable(self) -> MakeUnavailable | None:
+        """Return a function that makes a started bus unavailable; None: cannot."""
+        return None
 
     async def _started(self, make: MakeBus, services: list[type[Service]]) -> RecordingSink:
         bus = await make(services)
@@ -197,3 +232,75 @@ class BusConformance:
         sink = await self._started(wsbus_make_bus, [Probe])
         await sink.bus.close()
         await sink.bus.close()
+
+    # -- optional capabilities -----------------------------------------------------------
+
+    async def test_offers_the_capabilities_it_declares(self, wsbus_make_bus: MakeBus) -> None:
+        """The bus is an instance of exactly the capability protocols it is meant to offer.
+
+        A method renamed in the adapter (or in the protocol) then fails here, not as a
+        fast path silently lost.
+        """
+        if self.capabilities is None:
+            pytest.skip("the test class does not say which capabilities the bus offers")
+        bus = await wsbus_make_bus([Probe])
+        offered = {cap for cap in BUS_CAPABILITIES if isinstance(bus, cap)}
+        assert offered == set(self.capabilities)
+
+    async def test_publish_nowait_raises_what_publish_raises(
+        self, wsbus_make_bus: MakeBus, wsbus_make_unavailable: MakeUnavailable | None
+    ) -> None:
+        """publish_nowait refuses as publish does; when it says True, the service has it.
+
+        NoRoute for a type nothing handles; BusUnavailable once the bus is down (when the
+        test class can make it so). A False return did nothing: the message then sent with
+        publish is the one the service sees, once.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, PublishesNowait):
+            pytest.skip("the bus does not offer publish_nowait")
+        with pytest.raises(NoRoute):
+            bus.publish_nowait(client_message("nobody.handles.this", None))
+        with pytest.raises(NoRoute):
+            await bus.publish(client_message("nobody.handles.this", None))
+        for i in range(20):
+            message = client_message("probe.echo", i, i)
+            if not bus.publish_nowait(message):
+                await bus.publish(message)
+        delivered = await sink.wait_for(lambda d: len(d) >= 20)
+        assert [e.content["x"] for e in delivered] == list(range(20))
+        if wsbus_make_unavailable is None:
+            return
+        await wsbus_make_unavailable(bus)
+        with pytest.raises(BusUnavailable):
+            await bus.publish(client_message("probe.echo", "down"))
+        with pytest.raises(BusUnavailable):
+            bus.publish_nowait(client_message("probe.echo", "down"))
+
+    async def test_availability_is_reported(
+        self, wsbus_make_bus: MakeBus, wsbus_make_unavailable: MakeUnavailable | None
+    ) -> None:
+        """``available`` is True once started and the bus is up; False once it is down.
+
+        A bus may learn that it is down only by trying: the test publishes until it is
+        refused, then waits (bounded) for ``available`` to say so.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, ReportsAvailability):
+            pytest.skip("the bus does not report its availability")
+        assert bus.available
+        if wsbus_make_unavailable is None:
+            return
+        await wsbus_make_unavailable(bus)
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                try:
+                    await bus.publish(client_message("probe.echo", "down?"))
+                except BusUnavailable:
+                    break
+                await asyncio.sleep(0.05)
+            # A property, with nothing to wait on: polled, bounded by the timeout above.
+            while bus.available:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)

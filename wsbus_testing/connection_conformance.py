@@ -24,6 +24,12 @@ The gateway's end is the :class:`~wsbus.ClientConnection` under test; the client
 a large frame, close codes seen from either end, idempotent close and back-pressure. Every
 wait is bounded. It imports only wsbus and pytest, so it loads without any adapter's extra
 installed.
+
+Optional capabilities (:class:`~wsbus.edge.SendsNowait`, :class:`~wsbus.edge.ReceivesRaw`,
+:class:`~wsbus.edge.ReportsUnsent`) are tested on a connection that has them. A subclass
+may set ``capabilities``, the set of those protocols its connection is meant to offer: the
+suite then checks that it offers exactly those, so that a renamed method fails loudly
+instead of silently losing a fast path.
 """
 
 from __future__ import annotations
@@ -31,15 +37,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-from collections.abc import Awaitable, Sequence
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar, Final, Protocol
 
 import msgspec
 import pytest
 
 from wsbus import ClientConnection, Codec, ConnectionClosed, HandshakeRequest
+from wsbus.edge import ReceivesRaw, ReportsUnsent, SendsNowait
 
-__all__ = ["ConnectionConformance", "MakeConnectionPair", "Peer"]
+__all__ = ["CONNECTION_CAPABILITIES", "ConnectionConformance", "MakeConnectionPair", "Peer"]
+
+CONNECTION_CAPABILITIES: Final[tuple[type, ...]] = (SendsNowait, ReceivesRaw, ReportsUnsent)
+"""Every optional capability a client connection may offer."""
 
 TIMEOUT: Final = 10.0
 """Seconds any one test may take before it fails rather than hangs."""
@@ -165,8 +175,23 @@ class ConnectionConformance:
 
     A subclass provides the ``wsbus_connection_pair`` fixture: an async factory
     ``make(codec, request_headers=None) -> (ClientConnection, Peer)`` (see
-    :class:`MakeConnectionPair`) that cleans up after the test.
+    :class:`MakeConnectionPair`) that cleans up after the test. It may set
+    ``capabilities`` (see the module's docstring).
     """
+
+    capabilities: ClassVar[frozenset[type] | None] = None
+    """The capability protocols the connection is meant to offer; None: not checked."""
+
+    async def test_offers_the_capabilities_it_declares(
+        self, wsbus_connection_pair: MakeConnectionPair
+    ) -> None:
+        """The connection is an instance of exactly the capability protocols it means to offer."""
+        if self.capabilities is None:
+            pytest.skip("the test class does not say which capabilities the connection offers")
+        async with asyncio.timeout(TIMEOUT):
+            connection, _ = await wsbus_connection_pair(Codec.JSON)
+        offered = {cap for cap in CONNECTION_CAPABILITIES if isinstance(connection, cap)}
+        assert offered == set(self.capabilities)
 
     @pytest.mark.parametrize("codec", _CODECS)
     async def test_receive_keeps_frame_types_contents_and_order(
@@ -258,6 +283,84 @@ class ConnectionConformance:
         assert pending.result().code == 4000
         assert after_send.code == 4000
 
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_send_nowait_and_send_keep_the_order_of_the_calls_that_took_frames(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """Frames sent by ``send_nowait`` and ``send``, mixed, arrive in call order.
+
+        A ``send_nowait`` that returns False did nothing: that frame never arrives, unless
+        it is then sent with ``send``, and then it arrives in that call's place, as the
+        gateway does with a frame the connection declined. ``send_nowait`` must decline
+        within :data:`BACKPRESSURE_CAP` frames that the peer does not read (here, a burst
+        with no await: the peer cannot read), or a fast path would buffer without bound.
+        """
+        pool = base64.b64encode(random.Random(1).randbytes(768 * 1024))
+        slices = len(pool) // BACKPRESSURE_FRAME
+        count = 0
+
+        def fresh() -> bytes:
+            nonlocal count
+            start = (count % slices) * BACKPRESSURE_FRAME
+            count += 1
+            return b"%08d" % count + pool[start : start + BACKPRESSURE_FRAME]
+
+        end = b"%08d" % 0 + b"end"
+        taken: list[bytes] = []
+        send_nowait: Callable[[bytes], bool]  # the connection's, once it is made
+
+        async def send(payload: bytes) -> None:
+            await connection.send(payload)
+            taken.append(payload)
+
+        def burst_until_declined() -> bytes:
+            """Call send_nowait with no await in between until it declines; return that."""
+            for _ in range(BACKPRESSURE_CAP):
+                payload = fresh()
+                if not send_nowait(payload):
+                    return payload
+                taken.append(payload)
+            raise AssertionError(f"send_nowait never declined: it took {BACKPRESSURE_CAP}")
+
+        async def sender() -> None:
+            # By turns, with room to spare: each call takes its frame.
+            for i in range(20):
+                payload = fresh()
+                if i % 2:
+                    await send(payload)
+                elif send_nowait(payload):
+                    taken.append(payload)
+                else:
+                    await send(payload)  # the gateway's fallback, in the same place
+            # Declined, then a different frame by send: the declined one is never seen.
+            burst_until_declined()
+            await send(fresh())
+            # Declined, then the same frame by send: seen once, in send's place.
+            await send(burst_until_declined())
+            for i in range(20):
+                payload = fresh()
+                if i % 3 or not send_nowait(payload):
+                    await send(payload)
+                else:
+                    taken.append(payload)
+            await send(end)
+
+        async def reader() -> list[str | bytes]:
+            seen: list[str | bytes] = []
+            while not seen or seen[-1] != _as_seen(codec, end):
+                seen.append(await peer.receive())
+            return seen
+
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+            if not isinstance(connection, SendsNowait):
+                pytest.skip("the connection does not offer send_nowait")
+            send_nowait = connection.send_nowait
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(sender())
+                seen = tasks.create_task(reader())
+        assert seen.result() == [_as_seen(codec, payload) for payload in taken]
+
     async def test_raw_receive_and_closed_error_agree_with_receive(
         self, wsbus_connection_pair: MakeConnectionPair
     ) -> None:
@@ -268,17 +371,15 @@ class ConnectionConformance:
         """
         async with asyncio.timeout(TIMEOUT):
             connection, peer = await wsbus_connection_pair(Codec.JSON)
-            raw_receive = getattr(connection, "raw_receive", None)
-            closed_error = getattr(connection, "closed_error", None)
-            if raw_receive is None or closed_error is None:
-                return  # the adapter does not offer the fast path: nothing to check
+            if not isinstance(connection, ReceivesRaw):
+                pytest.skip("the connection does not offer raw_receive")
             await peer.send_text('{"type":"a"}')
-            assert await raw_receive() == '{"type":"a"}'
+            assert await connection.raw_receive() == '{"type":"a"}'
             await peer.close(4002, "bye")
             try:
-                await raw_receive()
+                await connection.raw_receive()
             except Exception as exc:
-                closed = closed_error(exc)
+                closed = connection.closed_error(exc)
             else:
                 raise AssertionError("raw_receive returned after the peer closed")
         assert isinstance(closed, ConnectionClosed) and closed.code == 4002
@@ -295,9 +396,9 @@ class ConnectionConformance:
         payloads = [_payload(codec, i) for i in range(50)]
         async with asyncio.timeout(TIMEOUT):
             connection, peer = await wsbus_connection_pair(codec)
-            unsent = getattr(connection, "unsent", None)
-            if unsent is None:
-                return  # the adapter does not say: the gateway counts what it takes
+            if not isinstance(connection, ReportsUnsent):
+                pytest.skip("the connection does not report unsent frames")
+            unsent = connection.unsent
             await _send_each(connection, payloads)
             assert 0 <= unsent() <= len(payloads)
             received = [await peer.receive() for _ in payloads]
