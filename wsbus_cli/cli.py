@@ -9,6 +9,10 @@
     wsbus serve --bus memory|pyro    a gateway on a WebSocket port
     wsbus config check FILE          validate a settings file, print the effective settings
 
+The buses, the edges, and their options and subcommands (``nameserver``, ``bus`` and
+``service`` are the Pyro bus's) come from the installed adapters
+(:mod:`wsbus_cli.adapters`).
+
 A mistake the user can fix prints one line on stderr that names what was wrong and what to
 do, never a traceback: exit status 2 for a wrong argument or setting, 1 for a failure at run
 time (a port taken, no name server, no bus, a shared secret that does not match). ``--debug``
@@ -25,7 +29,6 @@ import inspect
 import logging
 import os
 import signal
-import socket
 import sys
 import traceback
 from collections.abc import Sequence
@@ -36,17 +39,27 @@ from typing import Any, NoReturn
 from wsbus._version import __version__
 from wsbus.errors import BusUnavailable, ConfigError, WsbusError
 
+from .adapters import Commands, installed, port_number
 from .config import (
     NODE_PATTERN,
     NODE_RULE,
-    SECRET_ENV,
     Settings,
     load_settings,
     render_docs,
     render_toml,
 )
 
-__all__ = ["build_parser", "load_plugin", "load_service_spec", "main"]
+__all__ = [
+    "app_dir_option",
+    "build_parser",
+    "config_option",
+    "flag_settings",
+    "load_plugin",
+    "load_service_spec",
+    "main",
+    "settings_from_args",
+    "use_app_dir",
+]
 
 log = logging.getLogger("wsbus.cli")
 
@@ -61,16 +74,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text}: a port is 0-65535 (0 picks a free one)")
-    return port
 
 
 def _node(text: str) -> str:
@@ -94,7 +97,8 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def _config_option(parser: argparse.ArgumentParser) -> None:
+def config_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE.toml`` to ``parser`` (read with :func:`settings_from_args`)."""
     parser.add_argument(
         "--config",
         metavar="FILE.toml",
@@ -103,7 +107,8 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _app_dir_option(parser: argparse.ArgumentParser) -> None:
+def app_dir_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--app-dir DIR`` to ``parser`` (the ``serve.app_dir`` setting)."""
     parser.add_argument(
         "--app-dir",
         default=None,
@@ -112,26 +117,8 @@ def _app_dir_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _pyro_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Pyro")
-    group.add_argument("--ns-host", default=None, help="name server host (127.0.0.1)")
-    group.add_argument("--ns-port", type=_port, default=None, help="name server port (9090)")
-    group.add_argument(
-        "--pyro-host",
-        default=None,
-        help="address this process's Pyro daemon binds (127.0.0.1: only this machine)",
-    )
-    group.add_argument(
-        "--secret",
-        default=None,
-        help=(
-            f"shared secret every Pyro peer must know (default: ${SECRET_ENV}; none). "
-            f"Prefer ${SECRET_ENV}: any local user can read a command line"
-        ),
-    )
-
-
-# Flag destination -> dotted setting name, for the flags that override the settings file.
+# Flag destination -> dotted setting name, for the command's own flags that override the
+# settings file; an adapter's options name their setting as their dest (flag_settings).
 _FLAG_SETTINGS = {
     "bus": ("serve.bus", "--bus"),
     "host": ("serve.host", "--host"),
@@ -139,26 +126,37 @@ _FLAG_SETTINGS = {
     "service": ("serve.services", "--service"),
     "plugin": ("serve.plugins", "--plugin"),
     "app_dir": ("serve.app_dir", "--app-dir"),
+    "edge": ("serve.edge", "--edge"),
     "node": ("gateway.node", "--node"),
     "max_connections": ("gateway.max_connections", "--max-connections"),
     "rate": ("gateway.rate", "--rate"),
     "burst": ("gateway.burst", "--burst"),
     "alias_policy": ("gateway.alias_policy", "--alias-policy"),
     "allow_anonymous": ("gateway.allow_anonymous", "--no-anonymous"),
-    "origin": ("websockets.allowed_origins", "--origin"),
-    "static": ("websockets.static_dir", "--static"),
-    "ns_host": ("pyro.ns_host", "--ns-host"),
-    "ns_port": ("pyro.ns_port", "--ns-port"),
-    "pyro_host": ("pyro.host", "--pyro-host"),
-    "secret": ("pyro.secret", "--secret"),
 }
 
 
+def _adapters_epilog() -> str:
+    found = installed()
+    lines = ["buses (--bus):"]
+    lines += [f"  {name:<12} {a.description}" for name, a in sorted(found.buses.items())]
+    lines.append("edges (--edge):")
+    lines += [f"  {name:<12} {a.description}" for name, a in sorted(found.edges.items())]
+    if found.broken:
+        lines.append("broken adapters (not loaded):")
+        lines += [f"  {message}" for message in found.broken.values()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser for ``wsbus``."""
+    """Return the argument parser for ``wsbus``, with the installed adapters' options."""
+    found = installed()
+    hooks = found.hooks.hook
     parser = _Parser(
         prog="wsbus",
         description="A WebSocket gateway between clients and internal services over a bus.",
+        epilog=_adapters_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"wsbus {__version__}")
     parser.add_argument(
@@ -168,58 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="log everything, and show tracebacks of errors"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    buses = ", ".join(sorted(found.buses)) or "none installed"
 
     demo = commands.add_parser(
         "demo",
         help="run everything on this machine, with a web page (chat rooms, nicknames, echo)",
         description=(
-            "Start a Pyro name server, the message bus and the demo services as processes, "
-            "and a gateway serving the demo page; print its URL and open it in a browser. "
-            "The processes share a secret generated for this run (or $WSBUS_SECRET), so no "
-            "other local process can pose as one of them. Ctrl-C stops them all."
+            "Start the bus (with --bus pyro: a Pyro name server, the message bus and the demo "
+            "services as processes, sharing a secret generated for this run or "
+            "$WSBUS_SECRET, so no other local process can pose as one of them) and a gateway "
+            "serving the demo page; print its URL and open it in a browser. Ctrl-C stops "
+            "them all."
         ),
     )
     demo.add_argument(
         "--bus",
-        choices=("pyro", "memory"),
-        default="pyro",
-        help="pyro: services as their own processes (default); memory: in this process",
+        default="pyro" if "pyro" in found.buses else "memory",
+        metavar="NAME",
+        help=(
+            f"the bus: {buses} (pyro: services as their own processes, the default; "
+            "memory: in this process)"
+        ),
     )
     demo.add_argument("--host", default="127.0.0.1", help="address of the page (127.0.0.1)")
-    demo.add_argument("--port", type=_port, default=8765, help="port of the page (8765)")
-    demo.add_argument(
-        "--ns-port", type=_port, default=0, help="the name server's port (default: a free one)"
-    )
+    demo.add_argument("--port", type=port_number, default=8765, help="port of the page (8765)")
     demo.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
-    demo.add_argument(
-        "--no-secret",
-        action="store_true",
-        help=(
-            "run the Pyro processes without a shared secret: any local process can then pose "
-            "as a demo service or read every chat message (for debugging only)"
-        ),
-    )
-
-    ns = commands.add_parser("nameserver", help="run a Pyro name server")
-    _pyro_options(ns)
-    _config_option(ns)
-
-    bus = commands.add_parser("bus", help="run the Pyro message bus")
-    _pyro_options(bus)
-    _config_option(bus)
-
-    service = commands.add_parser(
-        "service",
-        help="run a wsbus Service as a Pyro process",
-        description=(
-            "Run a Service subclass on the Pyro bus. MODULE is imported from --app-dir "
-            "(the current directory by default) or the installed packages."
-        ),
-    )
-    service.add_argument("spec", metavar="MODULE:CLASS", help="the Service subclass to run")
-    _app_dir_option(service)
-    _pyro_options(service)
-    _config_option(service)
+    hooks.wsbus_cli_options(command="demo", parser=demo)
 
     serve = commands.add_parser(
         "serve",
@@ -229,10 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
             "(docs/configuration.md); the flags below override the file."
         ),
     )
-    _config_option(serve)
-    serve.add_argument("--bus", choices=("memory", "pyro"), default=None, help="the bus (memory)")
+    config_option(serve)
+    serve.add_argument("--bus", default=None, metavar="NAME", help=f"the bus: {buses} (memory)")
+    serve.add_argument(
+        "--edge",
+        default=None,
+        metavar="NAME",
+        help=f"the edge: {', '.join(sorted(found.edges)) or 'none installed'} (websockets)",
+    )
     serve.add_argument("--host", default=None, help="WebSocket address (127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=None, help="WebSocket port (8765)")
+    serve.add_argument("--port", type=port_number, default=None, help="WebSocket port (8765)")
     serve.add_argument(
         "--service",
         action="append",
@@ -247,15 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE[:NAME]",
         help="a plugin module, or an object or class in it, to register (repeatable)",
     )
-    _app_dir_option(serve)
-    serve.add_argument(
-        "--origin",
-        action="append",
-        default=None,
-        metavar="ORIGIN",
-        help="an allowed browser origin besides the server's own (repeatable)",
-    )
-    serve.add_argument("--static", default=None, help="a directory to serve over HTTP")
+    app_dir_option(serve)
     serve.add_argument(
         "--max-connections", type=_positive(int), default=None, help="connection cap (10000)"
     )
@@ -280,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse clients no authentication plugin accepted (see $WSBUS_TOKENS)",
     )
     serve.add_argument("--node", type=_node, default=None, help="this gateway's node id (random)")
-    _pyro_options(serve)
+    hooks.wsbus_cli_options(command="serve", parser=serve)
+
+    hooks.wsbus_cli_commands(commands=Commands(commands.add_parser))
 
     config = commands.add_parser("config", help="check a settings file")
     config_commands = config.add_subparsers(
@@ -293,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE.toml")
     config_commands.add_parser("docs", help="print docs/configuration.md")
     return parser
+
+
+def flag_settings(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str]]:
+    """Return, for each option of ``parser`` that sets a setting: dest -> (setting, flag).
+
+    The command's own options are listed here; an adapter's name their setting as their
+    ``dest`` (``pyro.ns_port``).
+    """
+    found = dict(_FLAG_SETTINGS)
+    for action in parser._actions:
+        if "." in action.dest and action.option_strings:
+            found[action.dest] = (action.dest, action.option_strings[0])
+    return {dest: found[dest] for dest in found if any(a.dest == dest for a in parser._actions)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     command = f"wsbus {args.command}"
+    try:
+        parser_of = _subparser(parser, args.command)
+    except LookupError:
+        parser_of = parser
+    args._flags = flag_settings(parser_of)
     try:
         return _run(args)
     except ConfigError as exc:
@@ -329,7 +319,20 @@ def _fail(command: str, exc: BaseException, status: int, debug: bool) -> int:
     return status
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            chosen: argparse.ArgumentParser = action.choices[command]
+            return chosen
+    raise LookupError(command)
+
+
 def _run(args: argparse.Namespace) -> int:
+    run = getattr(args, "run", None)
+    if run is not None:
+        # An adapter's own subcommand (wsbus nameserver, bus, service).
+        status: int | None = run(args)
+        return status or 0
     if args.command == "demo":
         from .demo import run_demo
 
@@ -338,9 +341,8 @@ def _run(args: argparse.Namespace) -> int:
                 bus=args.bus,
                 host=args.host,
                 port=args.port,
-                ns_port=args.ns_port,
                 open_browser=not args.no_browser,
-                secret=False if args.no_secret else None,
+                options=args,
             )
         )
     elif args.command == "config":
@@ -350,43 +352,28 @@ def _run(args: argparse.Namespace) -> int:
             settings = load_settings(args.file)
             sys.stdout.write(render_toml(settings))
             print(f"# {args.file}: valid", file=sys.stderr)
-    elif args.command == "nameserver":
-        from wsbus_pyro import run_name_server
-
-        pyro = _settings(args, need_pyro=True).pyro
-        try:
-            run_name_server(pyro)
-        except OSError as exc:
-            raise OSError(
-                f"cannot listen on {pyro.ns_host}:{pyro.ns_port} ({exc.strerror or exc}): is "
-                "another name server running? Pick another port with --ns-port"
-            ) from exc
-    elif args.command == "bus":
-        from wsbus_pyro import run_bus
-
-        pyro = _settings(args, need_pyro=True).pyro
-        check_pyro(pyro, bus=False)
-        run_bus(pyro)
-    elif args.command == "service":
-        from wsbus_pyro import run_service
-
-        settings = _settings(args, need_pyro=True)
-        use_app_dir(settings.serve.app_dir)
-        instance = load_service_spec(args.spec, "")
-        check_pyro(settings.pyro)
-        run_service(instance, settings.pyro)
     elif args.command == "serve":
-        asyncio.run(_serve(_settings(args)))
+        asyncio.run(_serve(settings_from_args(args)))
     return 0
 
 
-def _settings(args: argparse.Namespace, *, need_pyro: bool | None = None) -> Settings:
+def settings_from_args(args: argparse.Namespace, *, need: Sequence[str] = ()) -> Settings:
+    """Read the settings of a parsed command: ``--config``, the environment, the flags given.
+
+    Args:
+        args: what :func:`build_parser` parsed (through :func:`main`).
+        need: adapter tables to build even if the chosen bus does not use them.
+
+    Raises:
+        ConfigError: see :func:`wsbus_cli.config.load_settings`.
+    """
     flags: dict[str, tuple[str, Any]] = {}
-    for dest, (dotted, flag) in _FLAG_SETTINGS.items():
+    known = getattr(args, "_flags", None) or _FLAG_SETTINGS
+    for dest, (dotted, flag) in known.items():
         value = getattr(args, dest, None)
         if value is not None:
             flags[dotted] = (flag, tuple(value) if isinstance(value, list) else value)
-    return load_settings(args.config, flags=flags, need_pyro=need_pyro)
+    return load_settings(getattr(args, "config", None), flags=flags, need=need)
 
 
 # -- finding services and plugins -----------------------------------------------------------
@@ -492,131 +479,51 @@ def load_plugin(spec: str) -> object:
     return plugin
 
 
-# -- Pyro: say which of name server, bus and secret is wrong -------------------------------
-
-
-def check_pyro(config: Any, *, bus: bool = True) -> None:
-    """Check that the name server (and the message bus) answer and accept our secret.
-
-    Three causes, three messages: no name server at the address; no bus registered with it
-    (or it no longer answers); a name server or bus whose shared secret is not this
-    process's.
-
-    Raises:
-        BusUnavailable: one of those, with what to do.
-    """
-    from Pyro5 import errors as pyro_errors
-
-    from wsbus_pyro.transport import make_proxy
-
-    where = f"{config.ns_host}:{config.ns_port}"
-    ns_uri = f"PYRO:Pyro.NameServer@{where}"
-    # The name server wsbus runs checks the secret too: one that is listening but refuses
-    # (or cannot prove) it does not share ours. Decided by our own connection.
-    try:
-        with socket.create_connection((config.ns_host, config.ns_port), config.comm_timeout):
-            pass
-    except OSError:
-        raise BusUnavailable(
-            f"no Pyro name server answers at {where}: start one with `wsbus nameserver"
-            f" --ns-port {config.ns_port}`, or pass its address with --ns-host/--ns-port"
-        ) from None
-    try:
-        with make_proxy(ns_uri, config) as ns:
-            try:
-                ns._pyroBind()
-            except pyro_errors.TimeoutError:
-                raise
-            except (pyro_errors.CommunicationError, pyro_errors.SecurityError):
-                mine = "one" if config.secret else "none"
-                raise BusUnavailable(
-                    f"the name server at {where} and this process do not share a secret (this "
-                    f"process has {mine}): give every process of the deployment the same "
-                    f"${SECRET_ENV} (a name server with a secret must be `wsbus nameserver`)"
-                ) from None
-            if not bus:
-                return
-            try:
-                uri = ns.lookup(config.bus_name)
-            except pyro_errors.NamingError:
-                raise BusUnavailable(
-                    f"the name server at {where} knows no message bus ({config.bus_name!r}): "
-                    f"start one with `wsbus bus --ns-port {config.ns_port}`"
-                ) from None
-    except pyro_errors.CommunicationError:
-        raise BusUnavailable(
-            f"no Pyro name server answers at {where}: start one with `wsbus nameserver"
-            f" --ns-port {config.ns_port}`, or pass its address with --ns-host/--ns-port"
-        ) from None
-    # Reachability is decided by our own connection, not by Pyro's error: a bus that is
-    # listening but fails the handshake refused our secret.
-    try:
-        with socket.create_connection((uri.host, uri.port), timeout=config.comm_timeout):
-            pass
-    except OSError:
-        raise BusUnavailable(
-            f"the message bus registered at {uri.location} does not answer (it stopped?): "
-            f"start it with `wsbus bus --ns-port {config.ns_port}`"
-        ) from None
-    try:
-        with make_proxy(uri, config) as proxy:
-            proxy._pyroBind()
-    except pyro_errors.TimeoutError:
-        raise BusUnavailable(
-            f"the message bus at {uri.location} did not answer within "
-            f"{config.comm_timeout} s: it is overloaded or stuck; retry, or restart it"
-        ) from None
-    except (pyro_errors.CommunicationError, pyro_errors.SecurityError):
-        mine = "one" if config.secret else "none"
-        raise BusUnavailable(
-            f"the message bus at {uri.location} and this process do not share a secret (this "
-            f"process has {mine}): give every process of the deployment the same ${SECRET_ENV}"
-        ) from None
-
-
 # -- serve ----------------------------------------------------------------------------------
 
 
 async def _serve(settings: Settings) -> None:
-    from wsbus import Gateway, MemoryBus
+    from wsbus.gateway import Gateway
     from wsbus.plugins import TokenAuth
+
+    from .adapters import find_bus, find_edge
 
     use_app_dir(settings.serve.app_dir)
     plugins = [load_plugin(spec) for spec in settings.serve.plugins]
     if settings.auth.tokens:
         plugins.append(TokenAuth({token: user for user, token in settings.auth.tokens.items()}))
-    bus: Any
-    if settings.serve.bus == "memory":
-        bus = MemoryBus([load_service_spec(spec) for spec in settings.serve.services])
-    else:
-        from wsbus_pyro import PyroBus
-
-        await asyncio.to_thread(check_pyro, settings.pyro)
-        bus = PyroBus(settings.pyro)
-    gateway = Gateway(bus, config=settings.gateway, plugins=plugins)
-    from wsbus_websockets import serve
-
-    host, port = settings.serve.host, settings.serve.port
-    await gateway.start()
-    try:
-        server = await serve(gateway, host, port, config=settings.websockets)
-    except OSError as exc:
-        await gateway.close()
-        raise OSError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another gateway "
-            "running? Pick another with --port"
-        ) from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    # What start-up made (modules, settings, services) lives as long as the process: moved
-    # out of the collector's generations, a full collection under load scans only what
-    # connections made, which keeps its pause on the event loop short.
-    gc.freeze()
-    print(f"wsbus gateway {gateway.node} listening on {server.url}", flush=True)
-    await stop.wait()
-    await server.close()
+    adapter = find_bus(settings.serve.bus)
+    edge = find_edge(settings.serve.edge)
+    services = [load_service_spec(spec) for spec in settings.serve.services]
+    bus_config = getattr(settings, adapter.section.name) if adapter.section else None
+    edge_config = getattr(settings, edge.section.name) if edge.section else None
+    async with adapter.open(bus_config, services) as bus:
+        gateway = Gateway(bus, config=settings.gateway, plugins=plugins)
+        host, port = settings.serve.host, settings.serve.port
+        await gateway.start()
+        try:
+            try:
+                server = await edge.serve(gateway, host, port, edge_config)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another "
+                    "gateway running? Pick another with --port"
+                ) from None
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            # What start-up made (modules, settings, services) lives as long as the process:
+            # moved out of the collector's generations, a full collection under load scans
+            # only what connections made, which keeps its pause on the event loop short.
+            gc.freeze()
+            print(f"wsbus gateway {gateway.node} listening on {server.url}", flush=True)
+            await stop.wait()
+            # The gateway drains and closes its connections (1001), then the port closes.
+            await gateway.close()
+            await server.close()
+        finally:
+            await gateway.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,11 +9,13 @@ A file (``wsbus serve --config wsbus.toml``) has one table per part of wsbus::
     [websockets]        wsbus_websockets.EdgeConfig (the WebSocket edge)
     [pyro]              wsbus_pyro.PyroConfig (the Pyro bus)
 
-Each table is checked against the struct that holds it: an unknown key is refused with its
-full dotted name (``gateway.rtae``), a value of the wrong type names the setting and the type
-it needs, and the structs' own range checks run as they do from Python. An adapter's table
-is read with the adapter's own struct, imported only when that table is used, so the core
-imports no adapter.
+The first three are the command's and the core's; the others come from the installed
+adapters (:mod:`wsbus_cli.adapters`): each bus or edge brings its table as a
+:class:`Section`. Each table is checked against the struct that holds it: an unknown key is
+refused with its full dotted name (``gateway.rtae``), a value of the wrong type names the
+setting and the type it needs, and the structs' own range checks run as they do from Python.
+An adapter's table is read with the adapter's own struct, imported only when that table is
+used, so a missing extra costs nothing until then.
 
 Precedence, lowest first: the structs' defaults, the file, the environment (secrets:
 ``WSBUS_SECRET``, ``WSBUS_TOKENS``), the command-line flags.
@@ -52,6 +54,8 @@ __all__ = [
     "Section",
     "ServeSettings",
     "Settings",
+    "all_flags",
+    "all_sections",
     "attribute_docs",
     "check_node",
     "check_port",
@@ -61,6 +65,7 @@ __all__ = [
     "render_docs",
     "render_toml",
     "render_value",
+    "secret_settings",
     "write_docs",
 ]
 
@@ -79,16 +84,28 @@ TOKENS_ENV: Final = "WSBUS_TOKENS"
 """The environment variable holding bearer tokens, ``user:token`` pairs separated by commas."""
 
 _REDACTED: Final = "<redacted>"
-SECRETS: Final = frozenset({"pyro.secret", "auth.tokens"})
-"""The settings whose values are never printed (``wsbus config check``, errors)."""
+SECRETS: Final = frozenset({"auth.tokens"})
+"""The command's settings whose values are never printed (``wsbus config check``, errors);
+the adapters name theirs in :attr:`Section.secrets` (see :func:`secret_settings`)."""
+
+
+def secret_settings() -> frozenset[str]:
+    """Return the dotted names of every setting whose value is never printed."""
+    found = set(SECRETS)
+    for section in all_sections():
+        found.update(f"{section.name}.{name}" for name in section.secrets)
+    return frozenset(found)
 
 
 class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
     """What ``wsbus serve`` runs.
 
     Attributes:
-        bus: ``memory`` (services in this process) or ``pyro`` (services as processes on a
-            Pyro message bus).
+        bus: the bus adapter: ``memory`` (services in this process), ``pyro`` (services as
+            processes on a Pyro message bus), or another installed one (``wsbus --help``
+            lists them).
+        edge: the edge adapter clients connect through: ``websockets``, or another
+            installed one.
         host: the address the WebSocket port listens on.
         port: the WebSocket port; 0 picks a free one.
         services: with ``bus = "memory"``, the ``MODULE:CLASS`` services to run in-process.
@@ -98,20 +115,16 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
             are found there (as uvicorn's ``--app-dir``).
     """
 
-    bus: Literal["memory", "pyro"] = "memory"
+    bus: str = "memory"
     host: str = "127.0.0.1"
     port: int = 8765
     services: tuple[str, ...] = ()
     plugins: tuple[str, ...] = ()
     app_dir: str = "."
+    edge: str = "websockets"
 
     def __post_init__(self) -> None:
         check_port("serve.port", self.port)
-        if self.services and self.bus != "memory":
-            raise ConfigError(
-                "serve.services (--service) runs services in this process: use it with "
-                'bus = "memory", or run each with `wsbus service MODULE:CLASS`'
-            )
 
 
 class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,16 +157,26 @@ class Section:
     """One table of the configuration file.
 
     Attributes:
-        name: the table's name (``gateway``).
-        load: returns the struct the table is read into (imported only when called).
-        extra: the pip extra the struct needs, if any.
+        name: the table's name (``gateway``, ``pyro``).
+        load: returns the struct the table is read into (imported only when called, so
+            that a missing extra costs nothing until the table is used).
+        extra: the pip extra the struct needs, if any (named when importing it fails).
         title: what the table configures, for the docs.
+        flags: setting (a field of the struct) -> the flag that sets it, for the docs
+            (the option itself is added by the adapter's ``wsbus_cli_options`` hook).
+        environment: setting -> the environment variable that sets it (below the flags).
+        secrets: the settings whose values are never printed.
+        ports: the settings that are port numbers (0-65535), checked with the flag's name.
     """
 
     name: str
     load: Callable[[], type[msgspec.Struct]]
     extra: str | None
     title: str
+    flags: Mapping[str, str] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    secrets: frozenset[str] = frozenset()
+    ports: tuple[str, ...] = ()
 
 
 def _gateway() -> type[msgspec.Struct]:
@@ -162,40 +185,33 @@ def _gateway() -> type[msgspec.Struct]:
     return GatewayConfig
 
 
-def _edge() -> type[msgspec.Struct]:
-    from wsbus_websockets.server import EdgeConfig
-
-    return EdgeConfig
-
-
-def _pyro() -> type[msgspec.Struct]:
-    from wsbus_pyro.config import PyroConfig
-
-    return PyroConfig
-
-
 SECTIONS: Final = (
     Section("serve", lambda: ServeSettings, None, "what `wsbus serve` runs"),
     Section("auth", lambda: AuthSettings, None, "bearer-token authentication"),
     Section("gateway", _gateway, None, "the gateway (`wsbus.GatewayConfig`)"),
-    Section("websockets", _edge, "websockets", "the WebSocket edge (`EdgeConfig`)"),
-    Section("pyro", _pyro, "pyro", "the Pyro bus (`wsbus_pyro.PyroConfig`)"),
 )
-"""The tables of a configuration file, in the order they are documented and printed."""
+"""The command's own tables; the adapters bring theirs (:func:`all_sections`)."""
 
-_BY_NAME: Final = {section.name: section for section in SECTIONS}
+
+def all_sections() -> tuple[Section, ...]:
+    """Return every table: the command's, then the installed edges', then the buses'."""
+    from .adapters import installed
+
+    return (*SECTIONS, *installed().sections())
 
 
 @dataclass
 class Settings:
     """The effective settings: the structs every part of wsbus is built with.
 
+    An adapter's table is an attribute too (``settings.websockets``, ``settings.pyro``):
+    its struct, or None when it is not used.
+
     Attributes:
         serve: what to run.
         auth: bearer tokens.
         gateway: the gateway's settings.
-        websockets: the WebSocket edge's settings (an ``EdgeConfig``).
-        pyro: the Pyro bus's settings (a ``PyroConfig``), or None when not used.
+        adapters: the adapters' tables in use, by table name.
         sources: where each setting that is not a default came from (``"file"``, an
             environment variable, or a flag), by dotted name.
     """
@@ -203,13 +219,18 @@ class Settings:
     serve: ServeSettings
     auth: AuthSettings
     gateway: Any
-    websockets: Any
-    pyro: Any
+    adapters: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: an adapter's table, None if unused.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.__dict__.get("adapters", {}).get(name)
+
     def sections(self) -> list[tuple[str, msgspec.Struct]]:
-        """Return (table name, struct) for each table in use, in :data:`SECTIONS` order."""
-        found = [(section.name, getattr(self, section.name)) for section in SECTIONS]
+        """Return (table name, struct) for each table in use, in :func:`all_sections` order."""
+        found = [(section.name, getattr(self, section.name)) for section in all_sections()]
         return [(name, value) for name, value in found if value is not None]
 
 
@@ -238,33 +259,39 @@ def load_settings(
     *,
     flags: Mapping[str, tuple[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
-    need_pyro: bool | None = None,
+    need: Iterable[str] = (),
 ) -> Settings:
     """Read the settings: defaults, then the file, then the environment, then the flags.
+
+    The tables of the chosen bus (``serve.bus``) and edge (``serve.edge``) are built, and
+    those of ``need`` and of any adapter the file or a flag sets; the others are None.
 
     Args:
         path: a TOML file, or None for none.
         flags: dotted setting name -> (the flag as typed, its value), for the flags given.
         environ: the environment (``os.environ`` by default).
-        need_pyro: build the ``[pyro]`` table even if ``serve.bus`` is not ``pyro`` and the
-            file has no such table (True), or never (False); None decides from those two.
+        need: more adapter tables to build (``wsbus nameserver`` needs ``pyro``).
 
     Raises:
-        ConfigError: the file cannot be read, or a setting is unknown, ill-typed or out of
-            range; the message names it and where it came from.
+        ConfigError: the file cannot be read, a setting is unknown, ill-typed or out of
+            range (the message names it and where it came from), or the bus or edge named
+            is not installed (the message lists those that are).
     """
+    from .adapters import find_bus, find_edge
+
     environ = os.environ if environ is None else environ
     flags = flags or {}
+    by_name = {section.name: section for section in all_sections()}
     raw = _read(path) if path is not None else {}
     origin = f"{os.fspath(path)}" if path is not None else "settings"
     for key, value in raw.items():
-        if key not in _BY_NAME:
-            raise ConfigError(_unknown(origin, key, _BY_NAME, table=not isinstance(value, dict)))
+        if key not in by_name:
+            raise ConfigError(_unknown(origin, key, by_name, table=not isinstance(value, dict)))
         if not isinstance(value, dict):
             raise ConfigError(f"{origin}: {key} must be a table ([{key}])")
 
     # Layer the values as nested dicts of the raw values, remembering each one's source.
-    layered: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in _BY_NAME}
+    layered: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in by_name}
     sources: dict[str, str] = {}
     for name, table in layered.items():
         for dotted in _leaves(name, table):
@@ -282,22 +309,34 @@ def load_settings(
         layered["auth"]["tokens"] = parse_tokens(tokens)
         sources["auth.tokens"] = TOKENS_ENV
 
-    serve = _build(_BY_NAME["serve"], layered["serve"], sources)
-    auth = _build(_BY_NAME["auth"], layered["auth"], sources)
-    gateway = _build(_BY_NAME["gateway"], layered["gateway"], sources)
+    serve = _build(by_name["serve"], layered["serve"], sources)
+    auth = _build(by_name["auth"], layered["auth"], sources)
+    gateway = _build(by_name["gateway"], layered["gateway"], sources)
     check_node(_named("gateway.node", sources), gateway.node)
-    websockets = _build(_BY_NAME["websockets"], layered["websockets"], sources)
-    if need_pyro is None:
-        need_pyro = serve.bus == "pyro" or "pyro" in raw or bool(layered["pyro"])
-    secret = environ.get(SECRET_ENV)
-    if need_pyro and secret and "pyro.secret" not in flags:
-        layered["pyro"]["secret"] = secret
-        sources["pyro.secret"] = SECRET_ENV
-    pyro = _build(_BY_NAME["pyro"], layered["pyro"], sources) if need_pyro else None
-    if pyro is not None:
-        check_port(_named("pyro.ns_port", sources), pyro.ns_port)
-        check_port(_named("pyro.port", sources), pyro.port)
-    return Settings(serve, auth, gateway, websockets, pyro, sources)
+    bus = find_bus(serve.bus, _named("serve.bus", sources))
+    edge = find_edge(serve.edge, _named("serve.edge", sources))
+    if serve.services and not bus.runs_services:
+        raise ConfigError(
+            f"serve.services (--service) runs services in this process, which the "
+            f'{serve.bus} bus does not: use it with bus = "memory", or run each with '
+            "`wsbus service MODULE:CLASS`"
+        )
+    wanted = {*need, *(s.name for s in (bus.section, edge.section) if s is not None)}
+    adapters: dict[str, Any] = {}
+    for name, section in by_name.items():
+        if section in SECTIONS or not (name in wanted or name in raw or layered[name]):
+            continue
+        for setting, variable in section.environment.items():
+            value = environ.get(variable)
+            dotted = f"{name}.{setting}"
+            if value and dotted not in flags:
+                layered[name][setting] = value
+                sources[dotted] = variable
+        struct = _build(section, layered[name], sources)
+        for setting in section.ports:
+            check_port(_named(f"{name}.{setting}", sources), getattr(struct, setting))
+        adapters[name] = struct
+    return Settings(serve, auth, gateway, adapters, sources)
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -330,7 +369,7 @@ def _named(dotted: str, sources: Mapping[str, str]) -> str:
         return dotted
     if source.startswith("-"):
         return source
-    if source in (SECRET_ENV, TOKENS_ENV):
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", source):  # an environment variable (WSBUS_SECRET)
         return f"{dotted} (from ${source})"
     return f"{dotted} (in {source})"
 
@@ -405,7 +444,7 @@ def _convert(value: Any, tp: Any, name: str, dotted: str) -> Any:
         return msgspec.convert(value, tp)
     except msgspec.ValidationError:
         pass
-    shown = _REDACTED if dotted in SECRETS else _show(value)
+    shown = _REDACTED if dotted in secret_settings() else _show(value)
     raise ConfigError(f"{name} = {shown}: expected {describe(tp)}")
 
 
@@ -474,13 +513,18 @@ def render_toml(settings: Settings) -> str:
     after a value says where it came from when that is not the default.
     """
     lines: list[str] = []
+    secret = secret_settings()
     for name, struct in settings.sections():
-        _render_table(lines, name, struct, settings.sources)
+        _render_table(lines, name, struct, settings.sources, secret)
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _render_table(
-    lines: list[str], prefix: str, struct: msgspec.Struct, sources: Mapping[str, str]
+    lines: list[str],
+    prefix: str,
+    struct: msgspec.Struct,
+    sources: Mapping[str, str],
+    secret: frozenset[str],
 ) -> None:
     lines.append(f"[{prefix}]")
     nested: list[tuple[str, msgspec.Struct]] = []
@@ -494,14 +538,14 @@ def _render_table(
         note = f"  # from {source}" if source else ""
         if value is None:
             lines.append(f"# {info.name} = (none){note}")
-        elif dotted in SECRETS and value:
+        elif dotted in secret and value:
             redacted = {k: _REDACTED for k in value} if isinstance(value, dict) else _REDACTED
             lines.append(f"{info.name} = {render_value(redacted)}{note}")
         else:
             lines.append(f"{info.name} = {render_value(value)}{note}")
     lines.append("")
     for dotted, value in nested:
-        _render_table(lines, dotted, value, sources)
+        _render_table(lines, dotted, value, sources, secret)
 
 
 # -- the documentation --------------------------------------------------------------------
@@ -583,34 +627,48 @@ FLAGS: Final = {
     "serve.services": "--service",
     "serve.plugins": "--plugin",
     "serve.app_dir": "--app-dir",
+    "serve.edge": "--edge",
     "gateway.node": "--node",
     "gateway.max_connections": "--max-connections",
     "gateway.rate": "--rate",
     "gateway.burst": "--burst",
     "gateway.alias_policy": "--alias-policy",
     "gateway.allow_anonymous": "--no-anonymous",
-    "websockets.allowed_origins": "--origin",
-    "websockets.static_dir": "--static",
-    "pyro.ns_host": "--ns-host",
-    "pyro.ns_port": "--ns-port",
-    "pyro.host": "--pyro-host",
-    "pyro.secret": "--secret, $WSBUS_SECRET",
     "auth.tokens": "$WSBUS_TOKENS",
 }
-"""The flag (or environment variable) that sets a setting, by dotted name."""
+"""The flag (or environment variable) that sets each of the command's own settings."""
+
+
+def all_flags() -> dict[str, str]:
+    """Return the flag (and environment variable) that sets a setting, by dotted name.
+
+    The command's own (:data:`FLAGS`), then those the adapters' sections name.
+    """
+    found = dict(FLAGS)
+    for section in all_sections():
+        for setting in {*section.flags, *section.environment}:
+            names = [section.flags.get(setting), section.environment.get(setting)]
+            env = names[1]
+            found[f"{section.name}.{setting}"] = ", ".join(
+                name if name != env else f"${name}" for name in names if name
+            )
+    return found
 
 
 def render_docs() -> str:
     """Return docs/configuration.md: every setting with its type, default and meaning."""
     parts = [_DOC_HEAD]
-    for section in SECTIONS:
+    flags = all_flags()
+    for section in all_sections():
         cls = _load(section)
         parts.append(f"\n## [{section.name}]: {section.title}\n")
-        _doc_table(parts, cls, section.name)
+        _doc_table(parts, cls, section.name, flags)
     return "".join(parts)
 
 
-def _doc_table(parts: list[str], cls: type[msgspec.Struct], prefix: str) -> None:
+def _doc_table(
+    parts: list[str], cls: type[msgspec.Struct], prefix: str, flags: Mapping[str, str]
+) -> None:
     docs = attribute_docs(cls)
     nested: list[tuple[str, type[msgspec.Struct]]] = []
     parts.append("\n| setting | type | default | flag | meaning |\n|---|---|---|---|---|\n")
@@ -627,7 +685,7 @@ def _doc_table(parts: list[str], cls: type[msgspec.Struct], prefix: str) -> None
         else:
             default = None
         shown = "none" if default is None else render_value(default)
-        flag = FLAGS.get(dotted, "")
+        flag = flags.get(dotted, "")
         # reST literals (``x``) to Markdown ones (`x`); a pipe would end the table cell.
         meaning = docs.get(info.name, "").replace("``", "`").replace("|", "\\|")
         parts.append(
@@ -636,7 +694,7 @@ def _doc_table(parts: list[str], cls: type[msgspec.Struct], prefix: str) -> None
         )
     for dotted, struct in nested:
         parts.append(f"\n### [{dotted}]\n")
-        _doc_table(parts, struct, dotted)
+        _doc_table(parts, struct, dotted, flags)
 
 
 def write_docs(path: str | os.PathLike[str]) -> None:

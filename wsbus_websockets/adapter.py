@@ -1,0 +1,84 @@
+"""The WebSocket edge as an adapter of the ``wsbus`` command (entry point ``wsbus.edges``).
+
+Importing this module imports no ``websockets``: the command loads every installed adapter
+to build its ``--help``; the library is imported when the edge is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import msgspec
+
+from wsbus.gateway import Gateway
+from wsbus_cli.adapters import Listening, Section, hookimpl
+
+
+def _config() -> type[msgspec.Struct]:
+    from .server import EdgeConfig
+
+    return EdgeConfig
+
+
+class WebSocketsAdapter:
+    """Clients over WebSocket, on the ``websockets`` library.
+
+    Attributes:
+        name: ``websockets``.
+        description: one line for ``wsbus --help``.
+        section: the ``[websockets]`` table, read into :class:`wsbus_websockets.EdgeConfig`.
+    """
+
+    name = "websockets"
+    description = "WebSocket clients (browsers, wsbus_websockets.connect), on websockets"
+    section: Section | None = Section(
+        "websockets",
+        _config,
+        "websockets",
+        "the WebSocket edge (`EdgeConfig`)",
+        flags={"allowed_origins": "--origin", "static_dir": "--static"},
+    )
+
+    async def serve(
+        self,
+        gateway: Gateway,
+        host: str,
+        port: int,
+        config: Any,
+        *,
+        static_dir: str | None = None,
+    ) -> Listening:
+        """Put ``gateway`` on a WebSocket port (see :func:`wsbus_websockets.serve`)."""
+        from . import serve
+
+        if static_dir is not None:
+            config = msgspec.structs.replace(config, static_dir=static_dir)
+        server: Listening = await serve(gateway, host, port, config=config)
+        return server
+
+    @hookimpl
+    def wsbus_cli_options(self, command: str, parser: argparse.ArgumentParser) -> None:
+        """Add ``--origin`` and ``--static`` to ``wsbus serve``."""
+        if command != "serve":
+            return
+        group = parser.add_argument_group("WebSocket edge")
+        group.add_argument(
+            "--origin",
+            dest="websockets.allowed_origins",
+            action="append",
+            default=None,
+            metavar="ORIGIN",
+            help="an allowed browser origin besides the server's own (repeatable)",
+        )
+        group.add_argument(
+            "--static",
+            dest="websockets.static_dir",
+            metavar="DIR",
+            default=None,
+            help="a directory to serve over HTTP",
+        )
+
+
+websockets = WebSocketsAdapter()
+"""The ``websockets`` entry point of ``wsbus.edges``."""
