@@ -134,6 +134,32 @@ def test_every_exception_in_the_packages_is_in_the_tree() -> None:
         assert issubclass(getattr(wsbus.errors, name), WsbusError), key
 
 
+_SAMPLES = {"str": "x y", "int": 4429, "float": 2.5, "bool": True, "Sequence[str]": ["bus"]}
+
+
+def test_every_exception_in_the_tree_pickles_with_its_data() -> None:
+    import inspect
+
+    for name in drawn_tree():
+        cls = getattr(wsbus.errors, name)
+        init = next(
+            (
+                vars(c)["__init__"]
+                for c in cls.__mro__
+                if c.__module__ == "wsbus.errors" and "__init__" in vars(c)
+            ),
+            None,
+        )
+        if init is None:
+            exc = cls("what happened, to what, what to do")
+        else:
+            params = list(inspect.signature(init).parameters.values())[1:]  # after self
+            exc = cls(*(_SAMPLES[str(p.annotation)] for p in params))
+        copy = pickle.loads(pickle.dumps(exc))
+        assert type(copy) is type(exc) and vars(copy) == vars(exc), name
+        assert str(copy) == str(exc) and str(exc), name
+
+
 def test_every_error_code_has_its_exception() -> None:
     for code in ErrorCode:
         exc = MessageRejected.for_code(code.value, "why", code.retry)
