@@ -112,6 +112,8 @@ async def main(args: argparse.Namespace) -> None:
             }
             print(json.dumps(report), flush=True)
     lag_task.cancel()
+    # The gateway first: it drains and closes the connections; then the port.
+    await gateway.close()
     await server.close()
 
 

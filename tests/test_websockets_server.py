@@ -20,12 +20,16 @@ from wsbus import (
     Codec,
     ConnectionClosed,
     ConnId,
+    Context,
+    Envelope,
     Gateway,
     GatewayConfig,
     HandshakeRefused,
     MemoryBus,
+    Service,
     TokenAuth,
     Unrouted,
+    handles,
 )
 from wsbus_websockets import Client, EdgeConfig, EdgeServer, serve
 
@@ -174,8 +178,8 @@ async def test_slow_consumer_is_closed_4507_and_others_are_unaffected(
         # to close the slow client, or that stops serving the fast one, fails either way.
         async with asyncio.timeout(30):
             while (
-                slow_id in wsbus_gateway._clients
-                and wsbus_gateway._clients[slow_id].close_code is None
+                slow_id in wsbus_gateway._sessions
+                and wsbus_gateway._sessions[slow_id].close_code is None
             ):
                 reply = await fast.request("echo", "still here", timeout=10)
                 assert reply["content"]["content"] == "still here"
@@ -247,7 +251,8 @@ async def test_graceful_shutdown_with_messages_in_flight(
             await ws.send(
                 msgspec.json.encode({"type": "echo", "content": i, "id": f"f{i}"}).decode()
             )
-        closing = asyncio.create_task(wsbus_server.close())
+        # The gateway's close is the graceful one; the edge's closes only its port after.
+        closing = asyncio.create_task(wsbus_gateway.close())
         sent = 100
         try:
             for i in range(100, 200):
@@ -269,6 +274,7 @@ async def test_graceful_shutdown_with_messages_in_flight(
                         answered[frame["content"]["ref"]] = "refused"
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
         await closing
+        await wsbus_server.close()
     # Every frame the server read ends acked or refused; none was lost silently.
     stats = wsbus_gateway.stats()
     assert stats.frames_received == len(answered), (stats, answered)
@@ -384,9 +390,10 @@ async def test_a_burst_is_written_in_one_go_in_order_and_before_the_close(
 
     async with ws_connect(wsbus_server.url) as ws:
         conn_id = ConnId(msgspec.json.decode(await ws.recv())["content"]["conn_id"])
-        conn = wsbus_gateway._clients[conn_id].conn
+        link: Any = wsbus_gateway._sessions[conn_id]._driver  # the gateway's driver of it
+        conn = link.conn
         # The asyncio transport under the edge's counting one.
-        transport = conn._ws.transport._t  # type: ignore[attr-defined]
+        transport = conn._ws.transport._t
         calls: list[str] = []
         write, writelines = transport.write, transport.writelines
 
@@ -430,3 +437,127 @@ async def test_a_burst_is_written_in_one_go_in_order_and_before_the_close(
             closed = await reader
         assert received == list(range(400))
         assert closed.rcvd is not None and closed.rcvd.code == 4000
+
+
+async def _until_type(ws: Any, type: str) -> dict[str, Any]:
+    """Read frames from a raw client until one of ``type``; bounded."""
+    async with asyncio.timeout(10):
+        while True:
+            frame: dict[str, Any] = msgspec.json.decode(await ws.recv())
+            if frame["type"] == type:
+                return frame
+
+
+async def test_closing_an_edge_leaves_its_gateway_serving_the_others(
+    wsbus_gateway: Gateway, wsbus_server: EdgeServer, wsbus_connect: Any
+) -> None:
+    """The edge closes its port and its connections (1001); the gateway is its caller's."""
+    second = await serve(wsbus_gateway, "127.0.0.1", 0)
+    try:
+        memory = await wsbus_connect()
+        async with ws_connect(wsbus_server.url) as first_ws, ws_connect(second.url) as second_ws:
+            await first_ws.recv()
+            await second_ws.recv()
+            await wsbus_server.close()
+            with pytest.raises(WsClosed) as info:
+                async with asyncio.timeout(10):
+                    await first_ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+            with pytest.raises(OSError):
+                async with ws_connect(wsbus_server.url, open_timeout=2):
+                    pass
+            # The gateway runs on: another edge's client and an in-memory one are served.
+            assert not wsbus_gateway.closing
+            await second_ws.send('{"type": "echo", "content": "second"}')
+            reply = await _until_type(second_ws, "echo.reply")
+            assert reply["content"]["content"] == "second"
+            memory.send("echo", "memory")
+            reply = await memory.receive_until("echo.reply")
+            assert reply["content"]["content"] == "memory"
+            # The gateway's own close still closes every connection it serves.
+            async with asyncio.timeout(30):
+                await wsbus_gateway.close()
+            with pytest.raises(WsClosed) as info:
+                await _until_type(second_ws, "never")
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+            assert await memory.wait_closed() == 1001
+        assert_balanced(wsbus_gateway.stats())
+    finally:
+        await second.close()
+
+
+class _Held(Service):
+    """Takes ``held.take`` messages only once the test opens its gate; keeps their order."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.taken: list[int] = []
+
+    @handles("held.take")
+    async def take(self, message: Envelope, ctx: Context) -> None:
+        await self.gate.wait()
+        self.taken.append(message.content)
+
+
+class _Quick(Service):
+    """Echoes ``quick.echo`` at once."""
+
+    name = "quick"
+
+    @handles("quick.echo")
+    async def echo(self, message: Envelope, ctx: Context) -> None:
+        ctx.reply(message.content)
+
+
+async def test_a_burst_at_a_slow_service_holds_its_client_back_instead_of_refusing() -> None:
+    """More frames than the inbox holds, at a service that takes none yet: none refused.
+
+    The gateway stops reading the bursting client (TCP then holds it back) until the
+    service takes them, and every frame is handled, in order. Another client's message to
+    another service is answered meanwhile.
+    """
+    burst = 100
+    held = _Held()
+    # A timeout far beyond the test's own waits: the held service is slow, not stuck.
+    bus = MemoryBus([held, _Quick()], inbox_size=8, timeout=600)
+    gateway = Gateway(bus, config=GatewayConfig(node="t"), entry_points=False)
+    await gateway.start()
+    server = await serve(gateway, "127.0.0.1", 0)
+    try:
+        async with ws_connect(server.url) as burster, ws_connect(server.url) as other:
+            await burster.recv()
+            await other.recv()
+            for i in range(burst):
+                frame = {"type": "held.take", "content": i, "id": f"h{i}"}
+                await burster.send(msgspec.json.encode(frame).decode())
+            # The service holds one, its inbox is full, and the reader waits for room.
+            async with asyncio.timeout(10):
+                while (stats := gateway.stats()).frames_in_flight + stats.frames_rejected == 0:
+                    await asyncio.sleep(0.01)
+            assert stats.rejected_by_code == {} and stats.frames_in_flight == 1
+            await other.send('{"type": "quick.echo", "content": "still here"}')
+            reply = await _until_type(other, "quick.echo.reply")
+            assert reply["content"] == "still here"
+            # The burst is held back, not refused: the gateway read only part of it.
+            assert held.taken == []
+            assert gateway.stats().frames_received < burst
+            held.gate.set()
+            answers: dict[str, str] = {}
+            async with asyncio.timeout(30):
+                while len(answers) < burst:
+                    frame = msgspec.json.decode(await burster.recv())
+                    if frame["type"] == "wsbus.ack":
+                        answers[frame["content"]["ref"]] = "acked"
+                    elif frame["type"] == "wsbus.error":
+                        answers[frame["content"]["ref"]] = frame["content"]["code"]
+                while len(held.taken) < burst:
+                    await asyncio.sleep(0.01)
+        assert answers == {f"h{i}": "acked" for i in range(burst)}
+        assert held.taken == list(range(burst))
+        assert_balanced(gateway.stats())
+    finally:
+        held.gate.set()
+        await gateway.close()
+        await server.close()

@@ -235,8 +235,11 @@ def _closed(exc: WsConnectionClosed) -> ConnectionClosed:
 class EdgeServer:
     """A running WebSocket edge. Close it with :meth:`close` (or use ``async with``).
 
+    The edge owns its listening socket and the connections it accepted; it does not own the
+    gateway, which whoever started it closes (see :func:`serve`).
+
     Attributes:
-        gateway: the gateway it serves.
+        gateway: the gateway it serves, started and closed by its caller.
         config: its settings.
         server: the underlying ``websockets`` server.
     """
@@ -332,16 +335,20 @@ class EdgeServer:
         )
 
     async def close(self) -> None:
-        """Shut down gracefully.
+        """Stop this edge: close its listening socket and its connections. Idempotent.
 
-        New upgrades get 503 at once; the gateway stops reading new work, drains queues
-        for its ``drain_timeout`` and closes every connection with 1001; then the listening
-        socket is closed.
+        New upgrades get 503 at once; then the listening socket closes and every connection
+        this edge accepted is closed with 1001 (going away), which ends its
+        :meth:`~wsbus.Gateway.serve`: what the gateway still had queued for it is dropped
+        with the close. The gateway keeps running, with its other connections (another
+        edge's, in-memory ones): close it yourself, as you started it. For a graceful
+        shutdown of the whole server, close the gateway first (it refuses new work, drains
+        its queues, closes every connection with 1001; this edge answers 503 meanwhile),
+        then the edge.
         """
         if self._closing:
             return
         self._closing = True
-        await self.gateway.close()
         if self.server is not None:
             self.server.close(close_connections=True)
             if self.handshakes is not None:
@@ -509,11 +516,14 @@ class EdgeServer:
     def _http(self, connection: ServerConnection, request: Request) -> Response:
         path = urlsplit(request.path).path
         if path == self.config.health_path:
-            status = "closing" if self._closing else "ok"
+            # Either shutdown, the edge's or its gateway's drain: a load balancer stops
+            # sending new clients here.
+            closing = self._closing or self.gateway.closing
+            status = "closing" if closing else "ok"
             body = msgspec.json.encode(
                 {"status": status, "connections": self.gateway.open_connections}
             )
-            code = http.HTTPStatus.SERVICE_UNAVAILABLE if self._closing else http.HTTPStatus.OK
+            code = http.HTTPStatus.SERVICE_UNAVAILABLE if closing else http.HTTPStatus.OK
             return _response(code, body, "application/json")
         if self._static is not None:
             return self._static_file(path)
@@ -678,8 +688,21 @@ async def serve(
 ) -> EdgeServer:
     """Put a started gateway on a WebSocket port and return the running server.
 
+    Whoever starts a thing closes it: ``server.close()`` closes the port and the
+    connections it accepted, never the gateway; close the gateway, which you started, after
+    (or before, for a graceful drain)::
+
+        gateway = Gateway(bus)
+        await gateway.start()
+        server = await serve(gateway, "127.0.0.1", 8765)
+        try:
+            await stop.wait()
+        finally:
+            await gateway.close()  # drains, closes every connection with 1001
+            await server.close()  # the listening socket
+
     Args:
-        gateway: a started :class:`wsbus.Gateway`.
+        gateway: a started :class:`wsbus.Gateway`; it stays the caller's to close.
         host: the address to listen on; loopback unless you mean otherwise.
         port: the port; 0 picks a free one (read it back from ``server.port``).
         config: edge settings; :class:`EdgeConfig` defaults when omitted.
