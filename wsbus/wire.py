@@ -26,6 +26,7 @@ import msgspec
 
 __all__ = [
     "CLIENT_CONTROL_TYPES",
+    "MAX_SAFE_INTEGER",
     "ClientFrame",
     "Codec",
     "ErrorCode",
@@ -114,6 +115,7 @@ CLIENT_CONTROL_TYPES: Final = frozenset({"wsbus.auth"})
 
 RESERVED_PREFIX: Final = "wsbus."
 MAX_SAFE_INTEGER: Final = 2**53 - 1
+"""The largest integer a JavaScript client reads exactly: ``WireLimits.max_integer``'s default."""
 _TYPE_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FRAME_KEYS: Final = frozenset({"type", "content", "id", "reply_to"})
 _MAX_ID_LEN: Final = 64

@@ -283,7 +283,7 @@ def installed() -> Installed:
                 continue
             if not isinstance(adapter, protocol):
                 found.broken[group, entry.name] = (
-                    f"{what} is a {type(adapter).__name__}, not a {protocol.__name__} "
+                    f"{what} names a {type(adapter).__name__}, which is not a {protocol.__name__} "
                     f"(see docs/adapters.md): {todo}"
                 )
                 continue

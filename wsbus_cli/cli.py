@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
-from wsbus._version import __version__
+from wsbus import __version__
 from wsbus.errors import BusUnavailable, ConfigError, WsbusError
 
 from .adapters import Commands, installed, port_number

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wsbus._lazy import lazy_exports
+from wsbus.extras import lazy_exports
 
 if TYPE_CHECKING:
     from .bus import PyroBus

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wsbus._lazy import lazy_exports
+from wsbus.extras import lazy_exports
 
 if TYPE_CHECKING:
     from .client import RECONNECT_CODES, Client, connect

@@ -1,4 +1,11 @@
-"""Lazy exports for the adapter packages: their transport is imported on first use."""
+"""Optional extras: an adapter package whose transport is imported on first use.
+
+An adapter package (``wsbus_websockets``, ``wsbus_pyro``, or one in another distribution)
+puts ``__getattr__ = lazy_exports(...)`` in its ``__init__``: importing the package then costs
+nothing, and the first use of a name imports its module, or fails with
+:class:`~wsbus.errors.MissingExtra` (``pip install 'wsbus[pyro]'``) when the transport is not
+installed.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,17 @@ from typing import Any
 
 from .errors import MissingExtra
 
+__all__ = ["lazy_exports"]
+
 
 def lazy_exports(
     package: str, where: Mapping[str, str], requires: str, extra: str
 ) -> Callable[[str], Any]:
     """Return a module ``__getattr__`` that imports ``package.<where[name]>`` on first use.
+
+    For example, in an adapter package's ``__init__``::
+
+        __getattr__ = lazy_exports(__name__, {"PyroBus": "bus"}, "Pyro5", "pyro")
 
     Args:
         package: the adapter package's name.

@@ -1,0 +1,229 @@
+"""Adapters found by entry point (wsbus_cli/adapters.py): a bus from another distribution.
+
+The third-party bus here is a real distribution: a package and its ``*.dist-info`` (METADATA
+and entry_points.txt) in a directory put on the PYTHONPATH of a real ``wsbus`` process, as
+``pip install`` would leave them. Nothing in wsbus names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from wsbus_cli.adapters import BusAdapter, EdgeAdapter, installed
+from wsbus_cli.supervisor import Child, free_port
+
+SCRIPT = Path(sys.executable).with_name("wsbus")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "wsbus_cli"]
+
+ADAPTER = '''
+"""An echo bus: the in-memory bus with an echo service, as a third party would ship it."""
+
+import argparse
+import contextlib
+
+from wsbus import MemoryBus
+from wsbus.service import Service, handles
+from wsbus_cli.adapters import hookimpl
+
+
+class Shout(Service):
+    name = "shout"
+
+    def __init__(self, suffix: str) -> None:
+        super().__init__()
+        self.suffix = suffix
+
+    @handles("shout")
+    async def shout(self, message, ctx):
+        ctx.reply({"loud": str(message.content).upper() + self.suffix})
+
+
+class EchoBus:
+    name = "echobus"
+    description = "an echo bus from the echobus distribution"
+    section = None
+    runs_services = False
+
+    @contextlib.asynccontextmanager
+    async def open(self, config, services):
+        yield MemoryBus([Shout("!")])
+
+    @contextlib.asynccontextmanager
+    async def demo(self, options, services):
+        yield MemoryBus([Shout(options.shout_suffix)])
+
+    @hookimpl
+    def wsbus_cli_options(self, command, parser):
+        if command == "demo":
+            parser.add_argument("--shout-suffix", default="!", help="what a shout ends with")
+
+    @hookimpl
+    def wsbus_cli_commands(self, commands):
+        commands.add("echobus-hello", help="say hello from echobus", run=hello)
+
+
+def hello(args: argparse.Namespace) -> int:
+    print("hello from echobus")
+    return 3
+
+
+adapter = EchoBus()
+'''
+
+
+def _distribution(site: Path, name: str, entry_points: str, modules: dict[str, str]) -> None:
+    for module, text in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(text))
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory holding the echobus distribution and a broken one."""
+    site = tmp_path / "site"
+    site.mkdir()
+    _distribution(
+        site,
+        "echobus",
+        "[wsbus.buses]\nechobus = echobus_adapter:adapter\n",
+        {"echobus_adapter": ADAPTER},
+    )
+    _distribution(
+        site,
+        "brokenbus",
+        "[wsbus.buses]\nbroken = brokenbus_adapter:adapter\nnotone = brokenbus_plain:adapter\n",
+        {
+            "brokenbus_adapter": "import no_such_module_for_wsbus\n",
+            "brokenbus_plain": "adapter = object()\n",
+        },
+    )
+    return site
+
+
+def _env(site: Path) -> dict[str, str | None]:
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site), "WSBUS_SECRET": None}
+
+
+def _run(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "WSBUS_SECRET"}
+    env["PYTHONPATH"] = str(_env(site)["PYTHONPATH"])
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str], status: int) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.returncode == status, result
+    return lines[0]
+
+
+def test_the_installed_adapters_are_found() -> None:
+    found = installed()
+    assert {"memory", "pyro"} <= set(found.buses)
+    assert "websockets" in found.edges
+    for name, bus in found.buses.items():
+        assert isinstance(bus, BusAdapter) and bus.name == name and bus.description
+    for name, edge in found.edges.items():
+        assert isinstance(edge, EdgeAdapter) and edge.name == name and edge.description
+
+
+def test_the_adapters_entry_point_modules_import_no_transport() -> None:
+    code = (
+        "import sys; from wsbus_cli.adapters import installed; found = installed();"
+        "assert not found.broken, found.broken;"
+        "loaded = {m.partition('.')[0] for m in sys.modules};"
+        "assert not loaded & {'websockets', 'Pyro5'}, sorted(loaded)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_third_party_bus_is_in_the_help(site: Path) -> None:
+    result = _run(site, "--help")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "echobus" in result.stdout and "an echo bus from the echobus distribution" in result.stdout
+    )
+    assert "echobus-hello" in result.stdout
+    # Its own subcommand runs, with its exit status.
+    hello = _run(site, "echobus-hello")
+    assert hello.returncode == 3 and "hello from echobus" in hello.stdout
+    demo_help = _run(site, "demo", "--help")
+    assert "--shout-suffix" in demo_help.stdout
+
+
+async def test_wsbus_serve_runs_a_third_party_bus(site: Path) -> None:
+    from wsbus_websockets import connect
+
+    port = free_port()
+    child = Child(
+        ["serve", "--bus", "echobus", "--port", str(port)],
+        ready="listening on",
+        env=_env(site),
+        command=COMMAND,
+    )
+    try:
+        async with asyncio.timeout(30), connect(f"ws://127.0.0.1:{port}/") as client:
+            reply = await client.request("shout", "hi")
+            assert reply["content"] == {"loud": "HI!"}
+    finally:
+        assert child.stop() == 0, child.text
+
+
+async def test_wsbus_demo_runs_a_third_party_bus(site: Path) -> None:
+    from wsbus_websockets import connect
+
+    port = free_port()
+    child = Child(
+        ["demo", "--bus", "echobus", "--no-browser", "--port", str(port), "--shout-suffix", "?"],
+        ready="running at",
+        env=_env(site),
+        command=COMMAND,
+        timeout=30,
+    )
+    try:
+        assert "bus: echobus" in child.text
+        async with asyncio.timeout(30), connect(f"ws://127.0.0.1:{port}/") as client:
+            reply = await client.request("shout", "hi")
+            assert reply["content"] == {"loud": "HI?"}
+    finally:
+        assert child.stop() == 0, child.text
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_an_unknown_bus_lists_the_installed_ones(site: Path, command: str) -> None:
+    line = _one_line(_run(site, command, "--bus", "nosuch", "--port", "0"), 2)
+    assert "'nosuch'" in line and "no such bus" in line
+    assert "memory" in line and "pyro" in line and "echobus" in line
+
+
+def test_an_unknown_bus_in_the_settings_file_names_the_file(site: Path, tmp_path: Path) -> None:
+    path = tmp_path / "wsbus.toml"
+    path.write_text('[serve]\nbus = "nosuch"\n')
+    line = _one_line(_run(site, "config", "check", str(path)), 2)
+    assert "serve.bus" in line and str(path) in line and "installed: " in line
+
+
+def test_a_broken_entry_point_names_its_distribution_and_what_to_do(site: Path) -> None:
+    line = _one_line(_run(site, "serve", "--bus", "broken", "--port", "0"), 2)
+    assert "brokenbus 1.0" in line and "no_such_module_for_wsbus" in line
+    assert "pip uninstall brokenbus" in line
+    line = _one_line(_run(site, "serve", "--bus", "notone", "--port", "0"), 2)
+    assert "brokenbus 1.0" in line and "not a BusAdapter" in line
+    # The others still work, and the help says which are broken.
+    result = _run(site, "--help")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "broken adapters" in result.stdout and "brokenbus" in result.stdout
