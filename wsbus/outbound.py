@@ -1,0 +1,267 @@
+"""What the gateway does with one envelope from the bus, sans-I/O.
+
+:class:`Outbound` takes the envelopes the bus delivers: a message for clients is passed
+through the outbound hooks, resolved to connections, encoded once per codec and queued on
+each target :class:`~wsbus.session.Session` in arrival order (that is what keeps
+per-sender, per-client order); a ``wsbus.*`` control request is carried out on the
+registry and answered. Whatever must go back on the bus (control answers, ``wsbus.
+undeliverable`` reports) is left in :attr:`Outbound.to_bus` for the gateway to publish.
+It never awaits, and takes the time as an argument.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Final
+
+import msgspec
+
+from . import control
+from .bus import SHARED_HEADER
+from .envelope import (
+    ConnId,
+    Envelope,
+    GatewayAddress,
+    IdFactory,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+    node_of,
+)
+from .errors import AliasTaken, InvalidName, PluginError, UnknownConnection
+from .hooks import Drop, Hooks
+from .registry import ClientInfo, ClientRegistry
+from .router import Router
+from .session import Session
+from .stats import Counters
+from .wire import Codec, ErrorCode, ServerFrame, encode_server_frame
+
+__all__ = ["Outbound"]
+
+log = logging.getLogger("wsbus.gateway")
+
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+class Outbound:
+    """Routes, encodes and queues what the bus delivers; carries out control requests.
+
+    Args:
+        node: the gateway's node id.
+        sessions: the open sessions by connection id (the gateway's own dict, shared).
+        registry: the connections' names and groups.
+        hooks: the plugins' hooks (outbound transform, delivery failed).
+        counters: the gateway's counters.
+        ids: makes ids for the envelopes it sends on the bus.
+    """
+
+    def __init__(
+        self,
+        node: NodeId,
+        sessions: dict[ConnId, Session],
+        registry: ClientRegistry,
+        hooks: Hooks,
+        counters: Counters,
+        ids: IdFactory,
+    ) -> None:
+        self._node = node
+        self.address = GatewayAddress(node)
+        self._sessions = sessions
+        self._registry = registry
+        self._router = Router(registry)
+        self._hooks = hooks
+        self._counters = counters
+        self._ids = ids
+        self.to_bus: deque[Envelope] = deque()
+        """Envelopes to publish on the bus (answers and reports), oldest first."""
+
+    def deliver(self, envelope: Envelope, wall: float) -> None:
+        """Take one envelope from the bus at ``wall`` (seconds since the epoch).
+
+        Never raises: every failure becomes a report to the sending service.
+        """
+        counters = self._counters
+        counters.bus_envelopes += 1
+        if envelope.type.startswith("wsbus."):
+            if envelope.type == control.FAILED:
+                counters.service_errors += 1
+                self._service_failed(envelope)
+                return
+            counters.control_requests += 1
+            self._control(envelope, wall)
+            return
+        if envelope.recipients is None:
+            counters.messages_unrouted += 1
+            self._report(
+                envelope, "no_match", Recipients(), "the message names no recipients", wall
+            )
+            return
+        try:
+            result = self._hooks.transform_outbound(envelope)
+        except Exception as exc:
+            if not isinstance(exc, PluginError):  # a PluginError was logged by the hooks
+                log.exception("an outbound transform plugin raised on %r", envelope.type)
+            result = Drop("an outbound plugin failed")
+        if isinstance(result, Drop):
+            counters.messages_unrouted += 1
+            self._report(envelope, "filtered", envelope.recipients, result.reason, wall)
+            return
+        recipients = result.recipients
+        if recipients is None:
+            recipients = envelope.recipients
+        targets, unmatched = self._router.resolve(recipients)
+        if unmatched is not None and result.headers.get(SHARED_HEADER) == "1":
+            unmatched = self._own_misses(unmatched)
+        if not targets and unmatched is None:
+            # Nothing to deliver and nothing missed: every match was excluded, or the
+            # message was shared with other gateways and none of it was this one's.
+            counters.messages_elsewhere += 1
+            return
+        if not targets:
+            missed = unmatched or recipients
+            counters.messages_unrouted += 1
+            self._report(result, "no_match", missed, "no open connection matched", wall)
+            return
+        sessions = self._sessions
+        frame = ServerFrame(
+            result.type, result.content, result.id, result.reply_to, result.sender.public_name
+        )
+        encoded: dict[Codec, bytes] = {}
+        try:
+            for codec in {sessions[conn_id].codec for conn_id in targets}:
+                encoded[codec] = encode_server_frame(frame, codec)
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+            counters.messages_unrouted += 1
+            detail = f"content cannot be encoded: {exc}"
+            self._report(result, "encode_failed", recipients, detail, wall)
+            return
+        counters.messages_routed += 1
+        refused: list[ConnId] = []
+        for conn_id in targets:
+            session = sessions[conn_id]
+            if not session.deliver(encoded[session.codec]) and session.close_code is None:
+                refused.append(conn_id)
+        if unmatched is not None:
+            counters.messages_partial += 1
+            detail = "some recipients matched no connection"
+            self._report(result, "no_match", unmatched, detail, wall)
+        for conn_id in refused:
+            only = Recipients(conn_ids=(conn_id,))
+            self._report(result, "slow_consumer", only, "the client's queue is full", wall)
+
+    def _own_misses(self, unmatched: Recipients) -> Recipients | None:
+        own = tuple(c for c in unmatched.conn_ids if node_of(c) == self._node)
+        return Recipients(conn_ids=own) if own else None
+
+    def _report(
+        self, envelope: Envelope, reason: str, recipients: Recipients, detail: str, wall: float
+    ) -> None:
+        self._counters.reports += 1
+        self._hooks.delivery_failed(envelope, control.Undeliverable(reason, recipients, detail))
+        if isinstance(envelope.sender, ServiceAddress):
+            content = control.Undeliverable(reason, recipients, detail)
+            self._send(control.UNDELIVERABLE, envelope, content, wall)
+
+    def _send(self, type: str, about: Envelope, content: msgspec.Struct, wall: float) -> None:
+        sender = about.sender
+        if not isinstance(sender, ServiceAddress):
+            return
+        self.to_bus.append(
+            Envelope(
+                id=self._ids(),
+                type=type,
+                sender=self.address,
+                content=msgspec.to_builtins(content),
+                reply_to=about.id,
+                created=wall,
+                to=sender,
+            )
+        )
+
+    # -- control -------------------------------------------------------------------------
+
+    def _control(self, envelope: Envelope, wall: float) -> None:
+        request_type = control.REQUEST_TYPES.get(envelope.type)
+        if request_type is None:
+            if envelope.type not in (control.RESULT, control.UNDELIVERABLE):
+                detail = f"{envelope.type!r} is not a request"
+                result = control.Result(False, None, "unknown_request", detail)
+                self._send(control.RESULT, envelope, result, wall)
+            return
+        try:
+            request = msgspec.convert(envelope.content, request_type)
+            result = control.Result(True, self._do_control(envelope.type, request))
+        except msgspec.ValidationError as exc:
+            result = control.Result(False, None, "invalid_request", str(exc))
+        except UnknownConnection as exc:
+            result = control.Result(False, None, "unknown_connection", str(exc))
+        except AliasTaken as exc:
+            result = control.Result(False, None, "alias_taken", str(exc))
+        except InvalidName as exc:
+            result = control.Result(False, None, "invalid_name", str(exc))
+        self._send(control.RESULT, envelope, result, wall)
+
+    def _service_failed(self, envelope: Envelope) -> None:
+        """Tell a client that the service handling its message failed (``wsbus.failed``)."""
+        try:
+            report = msgspec.convert(envelope.content, control.Failed)
+        except msgspec.ValidationError as exc:
+            log.warning("a malformed %s report from %s: %s", envelope.type, envelope.sender, exc)
+            return
+        session = self._sessions.get(report.conn_id)
+        if session is None or report.conn_id not in self._registry or self._made_here(report.ref):
+            # Gone, or the frame had no id of its own: there is nothing to point the error at.
+            return
+        # Not counted as a rejection: the frame was published (and acked) already. No text
+        # of the service's: what went wrong is in its log, under this id.
+        content = {
+            "code": ErrorCode.SERVICE_ERROR.value,
+            "message": "the service failed handling this message; its log says why",
+            "ref": report.ref,
+            "retry": ErrorCode.SERVICE_ERROR.retry,
+        }
+        session.send_control("wsbus.error", content)
+
+    def _made_here(self, ref: str) -> bool:
+        """Return True when ``ref`` has the form of an id this gateway made for a frame.
+
+        Frames sent without an id get one of the gateway's ids (``<node>-<hex>``) on the bus.
+        """
+        prefix = self._ids.prefix
+        return (
+            len(ref) > len(prefix) + 1
+            and ref.startswith(prefix)
+            and ref[len(prefix)] == "-"
+            and all(c in _HEX for c in ref[len(prefix) + 1 :])
+        )
+
+    def _do_control(self, type: str, request: Any) -> Any:
+        registry = self._registry
+        if type == control.JOIN:
+            return registry.join(request.conn_id, request.group)
+        if type == control.LEAVE:
+            return registry.leave(request.conn_id, request.group)
+        if type == control.ALIAS_SET:
+            # The registry is where a session reads its address: nothing else to update.
+            return registry.set_alias(request.conn_id, request.alias)
+        if type == control.ALIAS_CLEAR:
+            registry.clear_alias(request.conn_id)
+            return None
+        if type == control.CLIENTS:
+            infos: list[ClientInfo]
+            if request.group is None:
+                infos = registry.clients()
+            else:
+                infos = [registry.info(c) for c in registry.members(request.group)]
+            return msgspec.to_builtins(infos)
+        assert type == control.DISCONNECT
+        code = request.code
+        if not (code in (1000, 1001, 1008) or 4000 <= code <= 4999):
+            raise msgspec.ValidationError("code must be 1000, 1001, 1008 or 4000-4999")
+        session = self._sessions.get(request.conn_id)
+        if session is None or request.conn_id not in registry:
+            raise UnknownConnection(request.conn_id)
+        reason = request.reason.encode()[:120].decode("utf-8", "ignore")
+        session.close(code, reason, flush=True)
+        return None

@@ -1,0 +1,130 @@
+"""The gateway's counters: one definition, a mutable form the gateway counts in and a snapshot.
+
+:class:`Counters` declares every figure once; :class:`Stats`, the frozen snapshot users
+read, is the same fields made immutable. Two of them are gauges, worked out from the
+open sessions when a snapshot is taken (see :data:`GAUGES`); the rest are counted as
+things happen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+__all__ = ["GAUGES", "Counters", "Stats", "bump"]
+
+GAUGES: Final = frozenset({"connections", "deliveries_pending"})
+"""Figures that are not counted but read from the open connections at each snapshot."""
+
+
+class Counters(msgspec.Struct):
+    """The mutable counters behind :class:`Stats`: the one list of their names and types.
+
+    Build one with :meth:`zero`; the gateway's parts add to its attributes as they go, and
+    :meth:`snapshot` freezes them. Every attribute is documented on :class:`Stats`.
+    """
+
+    connections: int
+    connections_total: int
+    connections_refused: int
+    frames_received: int
+    frames_published: int
+    frames_acked: int
+    frames_rejected: int
+    frames_lost: int
+    frames_in_flight: int
+    rejected_by_code: dict[str, int]
+    bus_envelopes: int
+    control_requests: int
+    service_errors: int
+    messages_routed: int
+    messages_unrouted: int
+    messages_partial: int
+    messages_elsewhere: int
+    deliveries_queued: int
+    deliveries_written: int
+    deliveries_dropped: int
+    deliveries_pending: int
+    deliveries_refused: int
+    dropped_by_close_code: dict[int, int]
+    reports: int
+    reports_lost: int
+    closes_by_code: dict[int, int]
+
+    @classmethod
+    def zero(cls) -> Counters:
+        """Return counters that are all zero (and empty, for the ones kept by key)."""
+        zeros: dict[str, Any] = {
+            f.name: 0 if f.type is int else {} for f in msgspec.structs.fields(cls)
+        }
+        return cls(**zeros)
+
+    def snapshot(self, **gauges: int) -> Stats:
+        """Return a frozen copy, with the :data:`GAUGES` given as keyword arguments."""
+        names, values = self.__struct_fields__, msgspec.structs.astuple(self)
+        copied: dict[str, Any] = {
+            name: dict(value) if isinstance(value, dict) else value
+            for name, value in zip(names, values, strict=True)
+        }
+        copied.update(gauges)
+        return Stats(**copied)
+
+
+# The snapshot is the counters made immutable: the same fields, declared once above.
+# mypy's dataclass model forbids a frozen class inheriting a mutable one; msgspec allows
+# it, and it is what keeps the names from being written out twice.
+class Stats(Counters, frozen=True):  # type: ignore[misc]
+    """A snapshot of the gateway's counters.
+
+    These identities hold at every snapshot (the tests check them exactly):
+
+    - ``frames_received == frames_published + frames_rejected + frames_lost + frames_in_flight``
+    - ``deliveries_queued == deliveries_written + deliveries_dropped + deliveries_pending``
+    - ``bus_envelopes == control_requests + service_errors + messages_routed +
+      messages_unrouted + messages_elsewhere``
+
+    ``messages_unrouted`` (no connection reached at all) and ``messages_partial`` (some
+    recipients missed) each sent one ``wsbus.undeliverable`` report, as did every refused
+    delivery: ``reports == messages_unrouted + messages_partial + deliveries_refused``.
+
+    Attributes:
+        connections: open connections now.
+        connections_total: connections accepted since start.
+        connections_refused: connections closed before the welcome (auth, capacity, ...).
+        frames_received: client frames read, after authentication.
+        frames_published: frames put on the bus.
+        frames_acked: of those, acked (they carried an id).
+        frames_rejected: frames answered with ``wsbus.error``.
+        frames_lost: frames that ended with their connection's close (wrong frame type).
+        frames_in_flight: frames being published right now.
+        rejected_by_code: ``frames_rejected`` by error code.
+        bus_envelopes: envelopes the bus delivered to the gateway.
+        control_requests: of those, ``wsbus.*`` control requests.
+        service_errors: of those, ``wsbus.failed`` reports: a service's handler raised on a
+            client's message. Each told that client ``service_error`` (with the message's
+            id as ``ref``), unless it had disconnected or the message carried no id.
+        messages_routed: messages queued to at least one connection.
+        messages_unrouted: messages that reached no connection (reported to the sender).
+        messages_partial: routed messages that missed some recipients (reported).
+        messages_elsewhere: messages with nothing to deliver and nothing to report: every
+            match was excluded, or a shared bus sent them to every gateway and none of the
+            recipients was this one's.
+        deliveries_queued: (message, connection) pairs queued for writing.
+        deliveries_written: of those, written to the connection; with an adapter that can
+            tell (``unsent()``, as the WebSocket edge), once they have reached the socket.
+        deliveries_dropped: of those, dropped because the connection closed first.
+        deliveries_pending: of those, waiting in a queue now, or taken by the connection
+            and not yet known to have reached the socket.
+        deliveries_refused: deliveries never queued because the queue was full and the
+            slow-consumer policy is ``drop`` (reported to the sender).
+        dropped_by_close_code: ``deliveries_dropped`` by the close code that ended them.
+        reports: ``wsbus.undeliverable`` reports sent.
+        reports_lost: reports and control answers that could not be put on the bus.
+        closes_by_code: connections closed, by close code.
+    """
+
+
+def bump(counter: dict[Any, int], key: Any, n: int = 1) -> None:
+    """Add ``n`` to ``counter[key]``, starting from zero."""
+    counter[key] = counter.get(key, 0) + n
