@@ -139,6 +139,32 @@ async def test_senders_waiting_for_room_go_first_come_first_served() -> None:
         await bus.close()
 
 
+async def test_a_sender_that_gives_up_waiting_passes_its_turn_on() -> None:
+    bus, [gate] = await _gated(inbox_size=1)
+    assert isinstance(gate, Gate)
+    try:
+        bus.publish_nowait(client_message("gate.hold", "held"))
+        await _settled()
+        bus.publish_nowait(client_message("gate.hold", "queued"))
+        quitter = asyncio.create_task(bus.publish(client_message("gate.hold", "quitter")))
+        await _settled()
+        patient = asyncio.create_task(bus.publish(client_message("gate.hold", "patient")))
+        await _settled()
+        quitter.cancel()
+        gate.open.set()
+        async with asyncio.timeout(5):
+            await patient
+            while len(gate.taken) < 3:
+                await asyncio.sleep(0.01)
+            await _settled()
+        assert quitter.cancelled()
+        assert gate.taken == ["held", "queued", "patient"]
+        # No place was lost on the way: the inbox takes messages at once again.
+        assert bus.publish_nowait(client_message("gate.hold", "after"))
+    finally:
+        await bus.close()
+
+
 async def test_a_stuck_service_is_refused_unavailable_after_the_timeout() -> None:
     bus, _ = await _gated(inbox_size=1, bus_timeout=0.05)
     try:

@@ -261,16 +261,20 @@ class MemoryBus:
                 # Our turn came and no await since: the place is ours.
                 busy.accept(envelope)
                 return
+            if all(runner is busy or runner.has_room() for runner in runners):
+                for runner in runners:
+                    runner.accept(envelope)
+                return
+            # Another one is full now: give this place to the next in line, and wait there.
+            busy.release_room()
 
     def _route_to_services(self, envelope: Envelope) -> None:
         """Route a service's envelope to services: refused, never waited for, when full."""
         runners = self._targets(envelope)
-        if len(runners) == 1:
-            runners[0].accept(envelope)
-            return
-        # All or nothing: a message either reaches every subscriber or none of them.
+        # All or nothing: a message either reaches every subscriber or none of them. A
+        # place promised to a client's message waiting for room is not free.
         for runner in runners:
-            if not runner.has_room():
+            if not runner.has_room() and envelope.type != control.RESULT:
                 raise BusUnavailable(f"service {runner.name!r} is busy (inbox full)", False)
         for runner in runners:
             runner.accept(envelope)

@@ -372,9 +372,10 @@ class ServiceRunner:
         self._inbox: deque[Envelope] = deque()
         self._inbox_size = inbox_size
         self._ready = asyncio.Event()
-        # Senders waiting for room, in arrival order; the first one's event is set when a
-        # place frees. It stays first until it has taken its place (see wait_for_room).
+        # Senders waiting for room, in arrival order; the first ones' events are set when
+        # places free. Each stays in line until it has taken its place (wait_for_room).
         self._waiters: deque[asyncio.Event] = deque()
+        self._woken = 0
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
         # Looked up once: (bound method, is it a coroutine function) per message type.
@@ -389,8 +390,14 @@ class ServiceRunner:
         Raises:
             BusUnavailable: the service's inbox is full.
         """
-        if envelope.type == control.RESULT and self.link.accept_result(envelope):
-            return
+        if envelope.type == control.RESULT:
+            if self.link.accept_result(envelope):
+                return
+            if envelope.type not in self._dispatch:
+                # A late answer (its request timed out): nobody reads it, so it takes no
+                # place a waiting sender was promised.
+                log.debug("service %r: a late answer to %s; dropped", self.name, envelope.reply_to)
+                return
         if len(self._inbox) >= self._inbox_size:
             raise BusUnavailable(f"service {self.name!r} is busy (inbox full)", whole_bus=False)
         self._inbox.append(envelope)
@@ -400,16 +407,16 @@ class ServiceRunner:
         """Return True when the inbox has a free place and nobody is waiting for one.
 
         A sender that gets False and can wait calls :meth:`wait_for_room`: taking the place
-        now would jump the queue of those waiting.
+        now would jump the queue of those waiting. One that cannot wait refuses.
         """
         return not self._waiters and len(self._inbox) < self._inbox_size
 
     async def wait_for_room(self) -> None:
         """Wait, in turn, until the inbox has a free place for the caller.
 
-        The caller must :meth:`accept` its envelope before it next awaits: the place is
-        held for it only until then. Cancelling the wait (a caller's timeout) gives the
-        turn to the next one waiting.
+        On return the caller holds a place: it must :meth:`accept` its envelope before it
+        next awaits, or give the place to the next sender with :meth:`release_room`.
+        Cancelling the wait (a caller's timeout) passes the turn on.
 
         Raises:
             BusUnavailable: the runner is stopped (now or while waiting).
@@ -420,23 +427,45 @@ class ServiceRunner:
             return
         turn = asyncio.Event()
         self._waiters.append(turn)
+        holds_place = False
         try:
             while True:
                 await turn.wait()
                 if self._stopped:
                     raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
                 if len(self._inbox) < self._inbox_size:
+                    holds_place = True
                     return
-                # Someone who may not wait (a service's own send) took the place: stay first.
+                # Woken, but the place went to a sender that does not queue: wait again,
+                # first among those not woken.
+                self._waiters.remove(turn)
+                self._woken -= 1
                 turn.clear()
+                self._waiters.insert(self._woken, turn)
         finally:
+            if turn.is_set():
+                self._woken -= 1
             self._waiters.remove(turn)
-            self._let_next_in()
+            if not holds_place:
+                self._let_next_in()
+
+    def release_room(self) -> None:
+        """Give back, unused, the place :meth:`wait_for_room` held for the caller."""
+        self._let_next_in()
 
     def _let_next_in(self) -> None:
-        """Wake the first sender waiting, if there is room for it."""
-        if self._waiters and len(self._inbox) < self._inbox_size:
-            self._waiters[0].set()
+        """Wake as many senders waiting, in order, as there are free places.
+
+        The woken are the first ``_woken`` in line (their events set); each keeps its place
+        in line until it has taken its envelope's place, so that newcomers wait behind it.
+        One per free place: a service draining fast lets that many in per turn of the
+        event loop, not one.
+        """
+        waiters = self._waiters
+        target = min(len(waiters), self._inbox_size - len(self._inbox))
+        while self._woken < target:
+            waiters[self._woken].set()
+            self._woken += 1
 
     async def start(self) -> None:
         """Run the service's ``on_start`` and begin handling messages."""
@@ -451,6 +480,7 @@ class ServiceRunner:
         self._stopped = True
         for turn in self._waiters:
             turn.set()
+        self._woken = len(self._waiters)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
