@@ -481,6 +481,10 @@ async def test_closing_an_edge_leaves_its_gateway_serving_the_others(
                 await _until_type(second_ws, "never")
             assert info.value.rcvd is not None and info.value.rcvd.code == 1001
             assert await memory.wait_closed() == 1001
+        # The edge still listening says so to a load balancer.
+        health = f"http://127.0.0.1:{second.port}/healthz"
+        status, body, _ = await asyncio.to_thread(_get, health)
+        assert status == 503 and msgspec.json.decode(body)["status"] == "closing"
         assert_balanced(wsbus_gateway.stats())
     finally:
         await second.close()
