@@ -346,7 +346,7 @@ async def test_a_slow_reader_gets_the_4507_close_frame(
         client.send_text({"type": "flood", "content": {"n": 4000, "pad": 1}})
         await _poll(
             lambda: (
-                any(c.close_code == 4507 for c in wsbus_gateway._clients.values())
+                any(c.close_code == 4507 for c in wsbus_gateway._sessions.values())
                 or wsbus_gateway.stats().closes_by_code.get(4507) == 1
             )
         )

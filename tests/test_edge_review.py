@@ -264,12 +264,13 @@ async def test_deliveries_that_waited_in_the_transport_are_counted_written_once_
 ) -> None:
     reader = await asyncio.to_thread(_SlowReader, wsbus_server.port)
     try:
-        await _poll(lambda: len(wsbus_gateway._clients) == 1)
-        client = next(iter(wsbus_gateway._clients.values()))
+        await _poll(lambda: len(wsbus_gateway._sessions) == 1)
+        client = next(iter(wsbus_gateway._sessions.values()))
         counters = wsbus_gateway._counters
         # A small kernel buffer on the server's side too: what the client does not read
         # soon waits in the transport.
-        sock = client.conn._ws.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        link: Any = client._driver  # the gateway's driver of the session
+        sock = link.conn._ws.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         # A moment of not reading: padded items until some wait in the transport.
         for _ in range(20):
@@ -288,7 +289,7 @@ async def test_deliveries_that_waited_in_the_transport_are_counted_written_once_
         # once, when it was made: it kept every later delivery, counted pending.
         await _poll(lambda: counters.deliveries_written == reader.items, 10)
         assert client.unconfirmed is None
-        assert client.pending_deliveries == 0
+        assert client.pending == 0
     finally:
         reader.sock.close()
     await _poll(lambda: wsbus_gateway.stats().connections == 0)
@@ -303,9 +304,10 @@ async def test_frames_in_the_transport_at_a_reset_are_counted_dropped_not_writte
 ) -> None:
     reader = await asyncio.to_thread(_SlowReader, wsbus_server.port)
     try:
-        await _poll(lambda: len(wsbus_gateway._clients) == 1)
-        client = next(iter(wsbus_gateway._clients.values()))
-        sock = client.conn._ws.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        await _poll(lambda: len(wsbus_gateway._sessions) == 1)
+        client = next(iter(wsbus_gateway._sessions.values()))
+        link: Any = client._driver  # the gateway's driver of the session
+        sock = link.conn._ws.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         # The client reads nothing: 40 items of 8 KiB (320 KiB, under outbound_bytes), of
         # which the kernels take a few; the rest waits in the transport and the queue.
@@ -315,7 +317,7 @@ async def test_frames_in_the_transport_at_a_reset_are_counted_dropped_not_writte
         before = wsbus_gateway.stats()
         # unsent(): frames the connection took that have not reached the socket (the
         # queue's are not among them).
-        unsent = client.unsent
+        unsent = client._unsent
         assert unsent is not None and unsent() > 0, "no frame waited in the transport"
         assert before.deliveries_pending > 0, before
     finally:

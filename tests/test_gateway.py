@@ -195,20 +195,7 @@ async def test_rate_limited(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) ->
     assert wsbus_client.close_code is None
 
 
-@pytest.mark.parametrize(
-    "wsbus_config",
-    [GatewayConfig(node="t", rate=1, burst=1, rate_limit_close_after=0.2)],
-)
-async def test_rate_limited_for_too_long_closes_4429(
-    wsbus_client: MemoryClient, wsbus_gateway: Gateway
-) -> None:
-    async with asyncio.timeout(5):
-        while wsbus_client.close_code is None:
-            wsbus_client.send("echo", 0)
-            await asyncio.sleep(0.05)
-    assert wsbus_client.close_code == 4429
-    await _settle(wsbus_gateway)
-    assert_balanced(wsbus_gateway.stats())
+# test_rate_limited_for_too_long_closes_4429 moved to tests/test_session.py (fabricated clock).
 
 
 async def test_bus_unavailable_says_retry(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) -> None:
@@ -494,6 +481,24 @@ async def test_closed_gateway_refuses_new_connections_1001(
     assert await late.wait_closed() == 1001
 
 
+class _BusThatFailsToStart(MemoryBus):
+    async def start(self, sink: Any) -> None:
+        raise ConnectionRefusedError("no bus here")
+
+
+async def test_a_bus_that_fails_to_start_leaves_no_task_running() -> None:
+    before = asyncio.all_tasks()
+    gateway = Gateway(_BusThatFailsToStart(), config=GatewayConfig(node="t"), entry_points=False)
+    with pytest.raises(ConnectionRefusedError):
+        async with gateway:
+            pass  # pragma: no cover
+    assert asyncio.all_tasks() == before
+    with pytest.raises(ConnectionRefusedError):
+        await gateway.start()  # start() alone, again: still nothing left behind
+    assert asyncio.all_tasks() == before
+    await gateway.close()
+
+
 async def test_service_disconnects_a_client(
     wsbus_connect: Connect, wsbus_services: list[Any]
 ) -> None:
@@ -551,7 +556,7 @@ async def test_counters_balance_after_a_mixed_run(
 async def _settle(gateway: Gateway) -> None:
     """Let closing connections finish: bounded."""
     async with asyncio.timeout(5):
-        while any(c.close_code is not None for c in gateway._clients.values()):
+        while any(c.close_code is not None for c in gateway._sessions.values()):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.01)
 
