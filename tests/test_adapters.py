@@ -227,3 +227,35 @@ def test_a_broken_entry_point_names_its_distribution_and_what_to_do(site: Path) 
     result = _run(site, "--help")
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "broken adapters" in result.stdout and "brokenbus" in result.stdout
+
+
+def _without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a process where ``module`` cannot be imported (not installed)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; from wsbus_cli.cli import main; "
+        f"raise SystemExit(main({list(args)!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WSBUS_SECRET"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_a_missing_extra_costs_nothing_until_used_then_says_what_to_install(
+    tmp_path: Path,
+) -> None:
+    # Without Pyro5: the help still lists the Pyro bus and its commands...
+    result = _without("Pyro5", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "pyro" in result.stdout and "nameserver" in result.stdout
+    # ... a memory-bus settings file checks fine...
+    path = tmp_path / "wsbus.toml"
+    path.write_text('[serve]\nbus = "memory"\n')
+    assert _without("Pyro5", "config", "check", str(path)).returncode == 0
+    # ... and using the Pyro bus says what to install, on one line.
+    for args in (["serve", "--bus", "pyro", "--port", "0"], ["bus"], ["nameserver"]):
+        line = _one_line(_without("Pyro5", *args), 2)
+        assert "pip install 'wsbus[pyro]'" in line, args
+    # Without websockets, the WebSocket edge says the same of its extra.
+    line = _one_line(_without("websockets", "serve", "--port", "0"), 2)
+    assert "pip install 'wsbus[websockets]'" in line

@@ -14,7 +14,8 @@ The buses, the edges, and their options and subcommands (``nameserver``, ``bus``
 (:mod:`wsbus_cli.adapters`).
 
 A mistake the user can fix prints one line on stderr that names what was wrong and what to
-do, never a traceback: exit status 2 for a wrong argument or setting, 1 for a failure at run
+do, never a traceback: exit status 2 for a wrong argument or setting (or a missing extra:
+``pip install 'wsbus[pyro]'``), 1 for a failure at run
 time (a port taken, no name server, no bus, a shared secret that does not match). ``--debug``
 adds the traceback. An unexpected exception is a bug in wsbus: it keeps its traceback.
 """
@@ -37,7 +38,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from wsbus import __version__
-from wsbus.errors import BusUnavailable, ConfigError, WsbusError
+from wsbus.errors import BusUnavailable, ConfigError, MissingExtra, WsbusError
 
 from .adapters import Commands, installed, port_number
 from .config import (
@@ -301,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args._flags = flag_settings(parser_of)
     try:
         return _run(args)
-    except ConfigError as exc:
+    except (ConfigError, MissingExtra) as exc:
+        # A missing extra is the user's to fix, like a setting: the same status whichever
+        # of the settings table or the adapter's code found it missing first.
         return _fail(command, exc, USAGE_ERROR, debug)
     except (WsbusError, OSError) as exc:
         return _fail(command, exc, RUNTIME_ERROR, debug)
