@@ -15,9 +15,9 @@ The buses, the edges, and their options and subcommands (``nameserver``, ``bus``
 
 A mistake the user can fix prints one line on stderr that names what was wrong and what to
 do, never a traceback: exit status 2 for a wrong argument or setting (or a missing extra:
-``pip install 'wsbus[pyro]'``), 1 for a failure at run
-time (a port taken, no name server, no bus, a shared secret that does not match). ``--debug``
-adds the traceback. An unexpected exception is a bug in wsbus: it keeps its traceback.
+``pip install 'wsbus[pyro]'``), 1 for a failure at run time (a port taken, no name server,
+no bus, a shared secret that does not match). ``--debug`` adds the traceback. An unexpected
+exception is a bug in wsbus: it keeps its traceback.
 """
 
 from __future__ import annotations

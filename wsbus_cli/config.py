@@ -66,6 +66,7 @@ __all__ = [
     "render_toml",
     "render_value",
     "secret_settings",
+    "section_struct",
     "write_docs",
 ]
 
@@ -381,7 +382,12 @@ def _unknown(origin: str, key: str, known: Iterable[str], *, table: bool = False
     return f"{origin}: unknown {what} {key!r}{hint}"
 
 
-def _load(section: Section) -> type[msgspec.Struct]:
+def section_struct(section: Section) -> type[msgspec.Struct]:
+    """Return the struct of ``section``'s table, importing it now.
+
+    Raises:
+        ConfigError: its extra is not installed (the message says what to install).
+    """
     try:
         return section.load()
     except ImportError:
@@ -392,7 +398,7 @@ def _load(section: Section) -> type[msgspec.Struct]:
 
 
 def _build(section: Section, table: dict[str, Any], sources: Mapping[str, str]) -> Any:
-    return _struct(_load(section), table, section.name, sources)
+    return _struct(section_struct(section), table, section.name, sources)
 
 
 def _struct(
@@ -660,7 +666,7 @@ def render_docs() -> str:
     parts = [_DOC_HEAD]
     flags = all_flags()
     for section in all_sections():
-        cls = _load(section)
+        cls = section_struct(section)
         parts.append(f"\n## [{section.name}]: {section.title}\n")
         _doc_table(parts, cls, section.name, flags)
     return "".join(parts)

@@ -26,6 +26,7 @@ from wsbus.gateway import Gateway, GatewayConfig
 from wsbus.registry import AliasPolicy
 
 from .adapters import find_bus, find_edge
+from .config import section_struct
 
 __all__ = ["DEMO_SERVICES", "run_demo", "static_dir"]
 
@@ -81,13 +82,19 @@ async def run_demo(
     adapter = find_bus(bus)
     edge = find_edge("websockets", "the demo's edge")
     options = options if options is not None else argparse.Namespace()
+    # Handled from the start: a SIGTERM while the bus's processes start (or just after the
+    # "running at" line) still stops everything in order, and the exit status is 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     async with adapter.demo(options, DEMO_SERVICES) as chosen:
         # Nicknames get a numeric suffix when taken, as the original login did.
         gateway = Gateway(chosen, config=GatewayConfig(alias_policy=AliasPolicy.SUFFIX))
         await gateway.start()
         try:
             with static_dir() as static:
-                config = edge.section.load()() if edge.section is not None else None
+                config = section_struct(edge.section)() if edge.section is not None else None
                 try:
                     server = await edge.serve(gateway, host, port, config, static_dir=str(static))
                 except OSError as exc:
@@ -100,10 +107,6 @@ async def run_demo(
                     print(f"wsbus demo running at {url} (bus: {bus}); Ctrl-C stops it", flush=True)
                     if open_browser:
                         webbrowser.open(url)
-                    stop = asyncio.Event()
-                    loop = asyncio.get_running_loop()
-                    for signum in (signal.SIGINT, signal.SIGTERM):
-                        loop.add_signal_handler(signum, stop.set)
                     await stop.wait()
                     print("stopping…", flush=True)
                 finally:
