@@ -194,9 +194,9 @@ def test_a_full_queue_closes_4507() -> None:
         GatewayConfig(node="t", outbound_queue=2), send_nowait=True
     )
     transport.room = False
-    assert session.deliver(b"1") and session.deliver(b"2")
+    assert session.queue(b"1", True) and session.queue(b"2", True)
     assert driver.writing
-    assert not session.deliver(b"3")
+    assert not session.queue(b"3", True)
     assert session.close_code == CloseCode.SLOW_CONSUMER and not session.flushing
     assert counters.deliveries_dropped == 1
     session.ended(1006, "")
@@ -211,8 +211,8 @@ def test_a_full_queue_under_drop_refuses_and_stays_open() -> None:
         GatewayConfig(node="t", outbound_queue=1, slow_consumer="drop")
     )
     transport.room = False
-    assert session.deliver(b"1")
-    assert not session.deliver(b"2")
+    assert session.queue(b"1", True)
+    assert not session.queue(b"2", True)
     assert session.close_code is None and counters.deliveries_refused == 1
 
 
@@ -220,8 +220,8 @@ def test_the_byte_bound_comes_first_with_large_frames() -> None:
     wire = WireLimits(max_frame_bytes=100)
     session, _, _, transport = make_session(GatewayConfig(node="t", wire=wire, outbound_bytes=150))
     transport.room = False
-    assert session.deliver(b"x" * 100)
-    assert not session.deliver(b"y" * 51)
+    assert session.queue(b"x" * 100, True)
+    assert not session.queue(b"y" * 51, True)
     assert session.close_code == 4507
 
 
@@ -244,10 +244,10 @@ def test_taken_frames_wait_for_the_socket_when_the_adapter_can_tell() -> None:
         driver=driver,
     )
     unsent[0] = 1
-    session.deliver(b"a")
+    session.queue(b"a", True)
     assert (session.pending, driver.settles) == (1, 1)
     unsent[0] = 2
-    session.deliver(b"b")
+    session.queue(b"b", True)
     unsent[0] = 0
     session.settle()
     assert (session.pending, counters.deliveries_written, session.unconfirmed) == (0, 2, None)
@@ -397,7 +397,7 @@ class SessionMachine(RuleBasedStateMachine):
         )
         was_open = session.close_code is None
         refused_before = self.counters.deliveries_refused
-        taken = session.deliver(data)
+        taken = session.queue(data, True)
         if taken:
             self.accepted.append(data)
         if not was_open:

@@ -311,10 +311,17 @@ class Gateway:
         self._serial = itertools.count(1)
         self._ids = IdFactory(f"{self._node}")
         self._outbound = Outbound(
-            self._node, self._sessions, self.registry, self.hooks, self._counters, self._ids
+            self._node,
+            self._sessions,
+            self.registry,
+            self.router,
+            self.hooks,
+            self._counters,
+            self._ids,
         )
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._publish_nowait: Callable[[Envelope], bool] | None = None
+        self._availability: ReportsAvailability | None = None
         self._reports: asyncio.Queue[Envelope] | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._bus_down_since: float | None = None
@@ -338,6 +345,7 @@ class Gateway:
         bus = self.bus
         # The bus's optional fast path, looked for once (see wsbus.bus).
         self._publish_nowait = bus.publish_nowait if isinstance(bus, PublishesNowait) else None
+        self._availability = bus if isinstance(bus, ReportsAvailability) else None
         # Reports made while the bus starts wait here until the report task runs.
         self._reports = asyncio.Queue(self.config.report_queue)
         await bus.start(self)
@@ -470,7 +478,7 @@ class Gateway:
         if len(self._sessions) >= self.config.max_connections:
             return CloseCode.TRY_AGAIN_LATER, "server is at its connection limit; retry later"
         since = self._bus_down_since
-        if since is not None and isinstance(self.bus, ReportsAvailability) and self.bus.available:
+        if since is not None and self._availability is not None and self._availability.available:
             # The bus says it is back, though no publish has succeeded since.
             self._bus_down_since = since = None
         if since is not None and time.monotonic() - since > self.config.bus_down_close_after:

@@ -51,6 +51,7 @@ class Outbound:
         node: the gateway's node id.
         sessions: the open sessions by connection id (the gateway's own dict, shared).
         registry: the connections' names and groups.
+        router: resolves recipients to connections (over ``registry``).
         hooks: the plugins' hooks (outbound transform, delivery failed).
         counters: the gateway's counters.
         ids: makes ids for the envelopes it sends on the bus.
@@ -61,6 +62,7 @@ class Outbound:
         node: NodeId,
         sessions: dict[ConnId, Session],
         registry: ClientRegistry,
+        router: Router,
         hooks: Hooks,
         counters: Counters,
         ids: IdFactory,
@@ -69,7 +71,7 @@ class Outbound:
         self.address = GatewayAddress(node)
         self._sessions = sessions
         self._registry = registry
-        self._router = Router(registry)
+        self._router = router
         self._hooks = hooks
         self._counters = counters
         self._ids = ids
@@ -140,7 +142,7 @@ class Outbound:
         refused: list[ConnId] = []
         for conn_id in targets:
             session = sessions[conn_id]
-            if not session.deliver(encoded[session.codec]) and session.close_code is None:
+            if not session.queue(encoded[session.codec], True) and session.close_code is None:
                 refused.append(conn_id)
         if unmatched is not None:
             counters.messages_partial += 1

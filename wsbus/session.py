@@ -137,6 +137,7 @@ class Session:
         "_drop",
         "_hooks",
         "_ids",
+        "_is_text",
         "_limits",
         "_max_bytes",
         "_max_frames",
@@ -173,6 +174,7 @@ class Session:
     ) -> None:
         self.conn_id = conn_id
         self.codec = codec
+        self._is_text = codec.is_text
         self._counters = counters
         self._hooks = hooks
         self._address_of = address_of
@@ -229,9 +231,9 @@ class Session:
             message = "the server is shutting down"
             self.reject(ErrorCode.SHUTTING_DOWN, message, _ref(data, codec), now)
             return None
-        if isinstance(data, str) is not codec.is_text:
+        if isinstance(data, str) is not self._is_text:
             counters.frames_lost += 1
-            kind = "binary" if codec.is_text else "text"
+            kind = "binary" if self._is_text else "text"
             self.close(CloseCode.UNSUPPORTED_DATA, f"{kind} frame on a {codec.value} connection")
             return None
         if not self._bucket.take(now):
@@ -353,18 +355,17 @@ class Session:
     def send_control(self, type: str, content: Any) -> None:
         """Queue a frame of the gateway's own (welcome, ack, error) for the client."""
         data = encode_server_frame(ServerFrame(type, content, self._ids()), self.codec)
-        self._queue(data, False)
+        self.queue(data, False)
 
-    def deliver(self, data: bytes) -> bool:
-        """Queue one encoded message for the client.
+    def queue(self, data: bytes, delivery: bool) -> bool:
+        """Queue one encoded frame for the client: a message (``delivery``) or an answer.
 
         Returns:
-            False when it was not queued: the connection is closing (counted dropped), or
-            the queue is full under the ``drop`` policy (counted refused: report it).
+            False when it was not queued: the connection is closing (a delivery is counted
+            dropped), or the queue is full and the slow-consumer policy is ``drop`` (a
+            delivery is counted refused: report it). A full queue otherwise closes the
+            connection with 4507, whatever the frame.
         """
-        return self._queue(data, True)
-
-    def _queue(self, data: bytes, delivery: bool) -> bool:
         counters = self._counters
         outbox = self.outbox
         if self.close_code is None and (
