@@ -20,7 +20,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tests.conftest import assert_balanced
-from wsbus import BusUnavailable, Codec, ConnId, GatewayConfig, NoRoute
+from wsbus import (
+    BusUnavailable,
+    ClientAddress,
+    Codec,
+    ConnId,
+    Envelope,
+    GatewayConfig,
+    NoRoute,
+    Verdict,
+    hookimpl,
+)
 from wsbus.envelope import IdFactory
 from wsbus.hooks import Hooks
 from wsbus.registry import ClientRegistry
@@ -64,7 +74,7 @@ class FakeTransport:
 
 
 def make_session(
-    config: GatewayConfig, *, send_nowait: bool = True
+    config: GatewayConfig, *, send_nowait: bool = True, plugins: tuple[object, ...] = ()
 ) -> tuple[Session, Counters, FakeDriver, FakeTransport]:
     counters = Counters.zero()
     registry = ClientRegistry()
@@ -76,7 +86,7 @@ def make_session(
         Codec.JSON,
         config,
         counters,
-        Hooks(entry_points=False),
+        Hooks(plugins, entry_points=False),
         registry.address,
         IdFactory("t"),
         send_nowait=transport.send_nowait if send_nowait else None,
@@ -169,6 +179,39 @@ def test_a_quiet_second_ends_the_episode() -> None:
         session.receive(frame(), now, 0.0)
         now += RATE_QUIET + 0.01
     assert session.close_code is None
+
+
+class _Deny:
+    @hookimpl
+    def wsbus_authorize(self, client: ClientAddress, message: Envelope) -> Verdict | None:
+        return Verdict(False, "not you", close=message.type == "chat.close")
+
+
+class _Broken:
+    @hookimpl
+    def wsbus_transform_inbound(self, client: ClientAddress, message: Envelope) -> Envelope:
+        raise RuntimeError("plugin bug")
+
+
+def test_a_denied_frame_is_forbidden_and_may_close_4403() -> None:
+    session, counters, _, transport = make_session(GatewayConfig(node="t"), plugins=(_Deny(),))
+    assert session.receive(frame(id="a"), 0.0, 0.0) is None
+    assert decoded(transport.taken[-1])["content"]["code"] == "forbidden"
+    codes = [session.close_code]
+    assert session.receive(frame("chat.close"), 0.0, 0.0) is None
+    codes.append(session.close_code)
+    assert codes == [None, CloseCode.FORBIDDEN] and session.flushing
+    assert counters.rejected_by_code == {"forbidden": 2}
+
+
+def test_a_failing_plugin_is_the_servers_fault() -> None:
+    config = GatewayConfig(node="t", error_budget=0)
+    session, counters, _, transport = make_session(config, plugins=(_Broken(),))
+    for _ in range(5):
+        assert session.receive(frame(id="b"), 0.0, 0.0) is None
+    assert decoded(transport.taken[-1])["content"]["code"] == "unavailable"
+    assert session.close_code is None  # a budget of 0, and still open: not the client's fault
+    assert counters.rejected_by_code == {"unavailable": 5}
 
 
 def test_a_wrong_frame_type_closes_1003_without_flushing() -> None:
