@@ -160,7 +160,7 @@ class _Link:
     cancels and awaits them before :meth:`Gateway.serve` returns.
     """
 
-    __slots__ = ("closer", "conn", "flushed", "receive", "session", "translate", "writer")
+    __slots__ = ("closer", "conn", "flushed", "session", "writer")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -169,14 +169,6 @@ class _Link:
         self.closer: asyncio.Task[None] | None = None
         # Made only when a flushing close has to wait for the writer.
         self.flushed: asyncio.Event | None = None
-        # An adapter may offer its transport's own receive, untranslated, with a function
-        # that translates its errors: one coroutine less per frame (see wsbus.edge).
-        self.receive: Callable[[], Awaitable[str | bytes]]
-        self.translate: Callable[[BaseException], ConnectionClosed | None] | None
-        if isinstance(conn, ReceivesRaw):
-            self.receive, self.translate = conn.raw_receive, conn.closed_error
-        else:
-            self.receive, self.translate = conn.receive, None
 
     def write(self) -> None:
         """Start the writer, unless one is running (it writes what is queued meanwhile)."""
@@ -302,6 +294,8 @@ class Gateway:
             alias_policy=self.config.alias_policy, name_pattern=self.config.name_pattern
         )
         self.router = Router(self.registry)
+        # One bound method for every session (each would otherwise hold its own).
+        self._address_of = self.registry.address
         self.hooks = Hooks(plugins, entry_points=entry_points)
         if self.config.allow_anonymous:
             self.hooks.register(AllowAnonymous(), name="wsbus.allow_anonymous")
@@ -452,7 +446,7 @@ class Gateway:
             self.config,
             self._counters,
             self.hooks,
-            self.registry.address,
+            self._address_of,
             self._ids,
             send_nowait=conn.send_nowait if isinstance(conn, SendsNowait) else None,
             unsent=conn.unsent if isinstance(conn, ReportsUnsent) else None,
@@ -542,7 +536,13 @@ class Gateway:
 
     async def _read(self, link: _Link) -> tuple[int, str]:
         session = link.session
-        receive, translate = link.receive, link.translate
+        conn = link.conn
+        # An adapter may offer its transport's own receive, untranslated, with a function
+        # that translates its errors: one coroutine less per frame (see wsbus.edge).
+        receive: Callable[[], Awaitable[str | bytes]] = conn.receive
+        translate: Callable[[BaseException], ConnectionClosed | None] | None = None
+        if isinstance(conn, ReceivesRaw):
+            receive, translate = conn.raw_receive, conn.closed_error
         counters = self._counters
         publish_nowait = self._publish_nowait
         take = session.receive

@@ -131,16 +131,12 @@ class Session:
         "_address_of",
         "_bucket",
         "_budget",
-        "_close_after",
+        "_config",
         "_counters",
         "_driver",
-        "_drop",
         "_hooks",
         "_ids",
         "_is_text",
-        "_limits",
-        "_max_bytes",
-        "_max_frames",
         "_rate_last",
         "_rate_since",
         "_send_nowait",
@@ -182,11 +178,7 @@ class Session:
         self._send_nowait = send_nowait
         self._unsent = unsent
         self._driver = driver
-        self._limits = config.wire
-        self._max_frames = config.outbound_queue
-        self._max_bytes = config.outbound_bytes
-        self._drop = config.slow_consumer == "drop"
-        self._close_after = config.rate_limit_close_after
+        self._config = config
         self._bucket = TokenBucket(config.rate, config.burst)
         self._budget = ErrorBudget(config.error_budget, config.error_window)
         self._rate_since: float | None = None
@@ -239,7 +231,7 @@ class Session:
         if not self._bucket.take(now):
             self._rate_limited(data, now)
             return None
-        frame = decode_client_frame(data, codec, self._limits)
+        frame = decode_client_frame(data, codec, self._config.wire)
         if isinstance(frame, Rejection):
             self.reject(frame.code, frame.message, frame.ref, now)
             return None
@@ -263,7 +255,7 @@ class Session:
         if self._rate_since is None or now - self._rate_last > RATE_QUIET:
             self._rate_since = now
         self._rate_last = now
-        if now - self._rate_since > self._close_after:
+        if now - self._rate_since > self._config.rate_limit_close_after:
             self._counters.frames_lost += 1
             self.close(CloseCode.RATE_LIMITED, "rate limited for too long", flush=True)
             return
@@ -368,11 +360,12 @@ class Session:
         """
         counters = self._counters
         outbox = self.outbox
+        config = self._config
         if self.close_code is None and (
-            (outbox is not None and len(outbox) >= self._max_frames)
-            or self.outbox_bytes + len(data) > self._max_bytes
+            (outbox is not None and len(outbox) >= config.outbound_queue)
+            or self.outbox_bytes + len(data) > config.outbound_bytes
         ):
-            if delivery and self._drop:
+            if delivery and config.slow_consumer == "drop":
                 counters.deliveries_refused += 1
                 return False
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: messages were missed")
