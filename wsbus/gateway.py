@@ -28,7 +28,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -503,7 +503,7 @@ class Gateway:
             await self._refuse(link.conn, CloseCode.AUTH_FAILED, AUTH_FAILED_REASON)
             return
         self._counters.connections_total += 1
-        session.send_control("wsbus.welcome", self._welcome(session, address.user))
+        session.welcome(address.user)
         self.hooks.client_connected(registry.address(conn_id), link.conn.request)
         code, reason = CloseCode.NORMAL, ""
         try:
@@ -516,23 +516,6 @@ class Gateway:
             address = registry.address(conn_id)
             registry.disconnect(conn_id)
             self.hooks.client_disconnected(address, code, reason)
-
-    def _welcome(self, session: Session, user: str | None) -> dict[str, Any]:
-        config = self.config
-        return {
-            "protocol": "wsbus.v1",
-            "conn_id": session.conn_id,
-            "codec": session.codec.value,
-            "user": user,
-            "limits": {
-                "max_frame_bytes": config.wire.max_frame_bytes,
-                "max_depth": config.wire.max_depth,
-                "max_items": config.wire.max_items,
-                "rate": config.rate,
-                "burst": config.burst,
-                "error_budget": config.error_budget,
-            },
-        }
 
     async def _read(self, link: _Link) -> tuple[int, str]:
         session = link.session

@@ -344,6 +344,26 @@ class Session:
 
     # -- frames out ----------------------------------------------------------------------
 
+    def welcome(self, user: str | None) -> None:
+        """Queue ``wsbus.welcome``: the connection's id, codec, user and limits."""
+        config = self._config
+        limits = {
+            "max_frame_bytes": config.wire.max_frame_bytes,
+            "max_depth": config.wire.max_depth,
+            "max_items": config.wire.max_items,
+            "rate": config.rate,
+            "burst": config.burst,
+            "error_budget": config.error_budget,
+        }
+        content = {
+            "protocol": "wsbus.v1",
+            "conn_id": self.conn_id,
+            "codec": self.codec.value,
+            "user": user,
+            "limits": limits,
+        }
+        self.send_control("wsbus.welcome", content)
+
     def send_control(self, type: str, content: Any) -> None:
         """Queue a frame of the gateway's own (welcome, ack, error) for the client."""
         data = encode_server_frame(ServerFrame(type, content, self._ids()), self.codec)
