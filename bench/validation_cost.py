@@ -155,7 +155,7 @@ def _row(name: str, codec: Codec, data: str | bytes, limits: WireLimits) -> None
 
 def main() -> None:
     """Print the table."""
-    from wsbus.gateway import _ref
+    from wsbus.session import _ref
 
     print(
         f"{'shape':31}{'codec':8}{'cap':>8}{'bytes':>7}{'outcome':>16}"  # a row per case
