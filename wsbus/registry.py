@@ -142,7 +142,11 @@ class ClientRegistry:
         Raises:
             UnknownConnection: no such connection.
         """
-        return self._entry(conn_id).address
+        # Not through _entry: the gateway reads this for every client frame.
+        try:
+            return self._entries[conn_id].address
+        except KeyError:
+            raise UnknownConnection(conn_id) from None
 
     # -- aliases -------------------------------------------------------------------------
 
