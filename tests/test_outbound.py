@@ -55,7 +55,7 @@ class Setup:
                 self.counters,
                 self.hooks,
                 self.registry.address,
-                ids,
+                ids.next,
                 send_nowait=send_nowait,
                 driver=FakeDriver(),
             )

@@ -88,7 +88,7 @@ def make_session(
         counters,
         Hooks(plugins, entry_points=False),
         registry.address,
-        IdFactory("t"),
+        IdFactory("t").next,
         send_nowait=transport.send_nowait if send_nowait else None,
         driver=driver,
     )
@@ -281,7 +281,7 @@ def test_taken_frames_wait_for_the_socket_when_the_adapter_can_tell() -> None:
         counters,
         Hooks(entry_points=False),
         registry.address,
-        IdFactory("t"),
+        IdFactory("t").next,
         send_nowait=lambda data: True,
         unsent=lambda: unsent[0],
         driver=driver,

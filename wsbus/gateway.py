@@ -304,6 +304,7 @@ class Gateway:
         self._sessions: dict[ConnId, Session] = {}
         self._serial = itertools.count(1)
         self._ids = IdFactory(f"{self._node}")
+        self._next_id = self._ids.next  # one bound method for every session
         self._outbound = Outbound(
             self._node,
             self._sessions,
@@ -447,7 +448,7 @@ class Gateway:
             self._counters,
             self.hooks,
             self._address_of,
-            self._ids,
+            self._next_id,
             send_nowait=conn.send_nowait if isinstance(conn, SendsNowait) else None,
             unsent=conn.unsent if isinstance(conn, ReportsUnsent) else None,
             driver=link,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
-from .envelope import ClientAddress, ConnId, Envelope, EnvelopeId, IdFactory
+from .envelope import ClientAddress, ConnId, Envelope, EnvelopeId
 from .errors import BusUnavailable, NoRoute, PluginError
 from .hooks import Drop, Hooks
 from .limits import ErrorBudget, TokenBucket
@@ -119,7 +119,8 @@ class Session:
         hooks: the plugins' hooks (inbound authorize and transform).
         address_of: where the connection's stamped address is kept (the registry's
             ``address``): read for each message, so an alias change is seen at once.
-        ids: makes ids for frames without one of their own, and for answer frames.
+        next_id: makes ids for frames without one of their own, and for answer frames
+            (an :class:`~wsbus.envelope.IdFactory`'s ``next``, shared by the sessions).
         send_nowait: the connection's non-waiting write, when it has one.
         unsent: the connection's count of taken frames not yet on the socket, when it
             can tell: deliveries count written only once they have left.
@@ -135,8 +136,8 @@ class Session:
         "_counters",
         "_driver",
         "_hooks",
-        "_ids",
         "_is_text",
+        "_next_id",
         "_rate_last",
         "_rate_since",
         "_send_nowait",
@@ -162,7 +163,7 @@ class Session:
         counters: Counters,
         hooks: Hooks,
         address_of: Callable[[ConnId], ClientAddress],
-        ids: IdFactory,
+        next_id: Callable[[], EnvelopeId],
         *,
         send_nowait: Callable[[bytes], bool] | None = None,
         unsent: Callable[[], int] | None = None,
@@ -174,7 +175,7 @@ class Session:
         self._counters = counters
         self._hooks = hooks
         self._address_of = address_of
-        self._ids = ids
+        self._next_id = next_id
         self._send_nowait = send_nowait
         self._unsent = unsent
         self._driver = driver
@@ -238,7 +239,7 @@ class Session:
         own_id = self.frame_id = frame.id
         envelope = Envelope(
             # The client's own id, when it gave one, so that replies can point at it.
-            id=EnvelopeId(own_id) if own_id is not None else self._ids.next(),
+            id=EnvelopeId(own_id) if own_id is not None else self._next_id(),
             type=frame.type,
             sender=self._address_of(self.conn_id),
             content=frame.content,
@@ -366,7 +367,7 @@ class Session:
 
     def send_control(self, type: str, content: Any) -> None:
         """Queue a frame of the gateway's own (welcome, ack, error) for the client."""
-        data = encode_server_frame(ServerFrame(type, content, self._ids()), self.codec)
+        data = encode_server_frame(ServerFrame(type, content, self._next_id()), self.codec)
         self.queue(data, False)
 
     def queue(self, data: bytes, delivery: bool) -> bool:
