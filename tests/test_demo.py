@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from wsbus import MemoryClient, Service
+from wsbus import Service
+from wsbus.edge import MemoryClient
 from wsbus_cli.demo_services import Chat
 from wsbus_cli.supervisor import Child, free_port
 

@@ -13,8 +13,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
-from wsbus import ClientConnection, Codec, HandshakeRequest, MemoryClient, memory_pair
-from wsbus.edge import ReceivesRaw, ReportsUnsent, SendsNowait
+from wsbus import Codec, HandshakeRequest, memory_pair
+from wsbus.edge import ClientConnection, MemoryClient, ReceivesRaw, ReportsUnsent, SendsNowait
 from wsbus_testing.connection_conformance import ConnectionConformance, MakeConnectionPair, Peer
 from wsbus_websockets._wsconn import (
     EdgeConnection,

@@ -22,11 +22,11 @@ from wsbus import (
     GatewayConfig,
     HandshakeRequest,
     MemoryBus,
-    MemoryClient,
     TokenAuth,
     Verdict,
     hookimpl,
 )
+from wsbus.edge import MemoryClient
 from wsbus.wire import WireLimits
 from wsbus_cli.demo_services import Echo
 from wsbus_testing.services import Failing

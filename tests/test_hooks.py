@@ -17,17 +17,16 @@ from wsbus import (
     Gateway,
     GatewayConfig,
     HandshakeRequest,
-    Hooks,
     Identity,
-    MemoryClient,
     Refusal,
     ServiceAddress,
     Undeliverable,
     Verdict,
     hookimpl,
 )
+from wsbus.edge import MemoryClient
 from wsbus.errors import PluginError
-from wsbus.hooks import PLUGIN_LOG_INTERVAL, _FailureLog
+from wsbus.hooks import PLUGIN_LOG_INTERVAL, Hooks, _FailureLog
 
 Connect = Callable[..., Awaitable[MemoryClient]]
 

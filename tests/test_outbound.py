@@ -8,19 +8,9 @@ import msgspec
 
 from tests.conftest import assert_balanced
 from tests.test_session import FakeDriver
-from wsbus import (
-    Codec,
-    ConnId,
-    Envelope,
-    EnvelopeId,
-    GatewayConfig,
-    NodeId,
-    Recipients,
-    ServiceAddress,
-    control,
-)
+from wsbus import Codec, ConnId, Envelope, GatewayConfig, Recipients, ServiceAddress, control
 from wsbus.bus import SHARED_HEADER
-from wsbus.envelope import IdFactory
+from wsbus.envelope import EnvelopeId, IdFactory, NodeId
 from wsbus.hooks import Hooks
 from wsbus.outbound import Outbound
 from wsbus.registry import ClientRegistry

@@ -11,8 +11,9 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import assert_balanced
-from wsbus import Codec, Gateway, GatewayConfig, MemoryClient, Service, memory_pair
+from wsbus import Codec, Gateway, GatewayConfig, Service, memory_pair
 from wsbus.bus import Bus, ReportsAvailability
+from wsbus.edge import MemoryClient
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_testing.children import Child
 from wsbus_testing.conformance import BusConformance, MakeBus, MakeUnavailable

@@ -36,14 +36,14 @@ from wsbus import (
     ConnectionClosed,
     ConnId,
     Envelope,
-    EnvelopeId,
     Gateway,
     GatewayConfig,
-    MemoryClient,
     Recipients,
     ServiceAddress,
     memory_pair,
 )
+from wsbus.edge import MemoryClient
+from wsbus.envelope import EnvelopeId
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_pyro.config import handshake
 from wsbus_pyro.transport import encode_batch, make_proxy, name_server

@@ -53,14 +53,14 @@ from wsbus import (
     ConnId,
     Context,
     Envelope,
-    EnvelopeId,
     Gateway,
-    MemoryClient,
     Recipients,
     Service,
     ServiceAddress,
     handles,
 )
+from wsbus.edge import MemoryClient
+from wsbus.envelope import EnvelopeId
 from wsbus_cli.demo_services import Echo
 from wsbus_pyro import PyroConfig, ServiceHost
 from wsbus_pyro.transport import encode_batch, lookup, make_proxy

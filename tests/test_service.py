@@ -25,7 +25,6 @@ from wsbus import (
     GatewayAddress,
     GatewayConfig,
     MemoryBus,
-    MemoryClient,
     Recipients,
     RequestTimeout,
     Service,
@@ -34,6 +33,7 @@ from wsbus import (
     handles,
     memory_pair,
 )
+from wsbus.edge import MemoryClient
 from wsbus.service import ServiceLink
 from wsbus_testing.children import Child
 from wsbus_testing.services import Failing

@@ -386,7 +386,8 @@ async def test_same_origin_means_this_scheme_and_a_loopback_name(
 async def test_a_burst_is_written_in_one_go_in_order_and_before_the_close(
     wsbus_server: EdgeServer, wsbus_gateway: Gateway
 ) -> None:
-    from wsbus import Envelope, EnvelopeId, Recipients, ServiceAddress
+    from wsbus import Envelope, Recipients, ServiceAddress
+    from wsbus.envelope import EnvelopeId
 
     async with ws_connect(wsbus_server.url) as ws:
         conn_id = ConnId(msgspec.json.decode(await ws.recv())["content"]["conn_id"])

@@ -9,17 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import assert_balanced
-from wsbus import (
-    BusSink,
-    ClientAddress,
-    ClientFrame,
-    Codec,
-    Envelope,
-    Gateway,
-    GatewayConfig,
-    decode_client_frame,
-    memory_pair,
-)
+from wsbus import ClientAddress, Codec, Envelope, Gateway, GatewayConfig, memory_pair
+from wsbus.bus import BusSink
+from wsbus.wire import ClientFrame, decode_client_frame
 from wsbus_testing import strategies as wst
 
 

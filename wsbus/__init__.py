@@ -2,20 +2,28 @@
 
 The core is transport-neutral: plug in an edge adapter (``wsbus_websockets``) for the
 clients and a bus (the in-memory :class:`MemoryBus`, or ``wsbus_pyro``) for the services.
+
+This package holds what users need: writing services (:class:`Service`, :func:`handles`,
+:class:`Context`, :class:`Envelope` and the addresses), running a gateway (:class:`Gateway`,
+:class:`GatewayConfig`, :class:`Stats`, :class:`CloseCode`; in memory, :class:`MemoryBus`
+and :func:`memory_pair`), writing plugins (:data:`hookimpl` and the hook value types), the
+settings users configure (:class:`Codec`, :class:`WireLimits`, :class:`AliasPolicy`) and
+every exception (:mod:`wsbus.errors`). What adapter authors and tests need stays public in
+its own module: the bus and edge interfaces and in-memory fakes (:mod:`wsbus.bus`,
+:mod:`wsbus.edge`: ``MemoryClient``, ``MemoryConnection``), the pure core
+(:mod:`wsbus.registry`, :mod:`wsbus.router`, :mod:`wsbus.wire`), the hook machinery
+(:mod:`wsbus.hooks`) and the control messages (:mod:`wsbus.control`).
 """
 
 from ._version import __version__
-from .bus import Bus, BusSink
-from .control import Result, Undeliverable
-from .edge import ClientConnection, MemoryClient, MemoryConnection, memory_pair
+from .control import Undeliverable
+from .edge import memory_pair
 from .envelope import (
     Address,
     ClientAddress,
     ConnId,
     Envelope,
-    EnvelopeId,
     GatewayAddress,
-    NodeId,
     Recipients,
     ServiceAddress,
 )
@@ -46,38 +54,23 @@ from .errors import (
     WsbusError,
 )
 from .gateway import CloseCode, Gateway, GatewayConfig, Stats
-from .hooks import (
-    Drop,
-    HandshakeRequest,
-    Hooks,
-    Identity,
-    Refusal,
-    Verdict,
-    hookimpl,
-    hookspec,
-)
+from .hooks import Drop, HandshakeRequest, Identity, Refusal, Verdict, hookimpl
 from .memory import MemoryBus
 from .plugins import AllowAnonymous, TokenAuth
-from .registry import AliasPolicy, ClientInfo, ClientRegistry
-from .router import Resolution, Router
+from .registry import AliasPolicy, ClientInfo
 from .service import Context, Service, ServiceLink, handles
-from .wire import ClientFrame, Codec, ErrorCode, Rejection, WireLimits, decode_client_frame
+from .wire import Codec, ErrorCode, WireLimits
 
 __all__ = [
     "Address",
     "AliasPolicy",
     "AliasTaken",
     "AllowAnonymous",
-    "Bus",
     "BusError",
-    "BusSink",
     "BusUnavailable",
     "ChildFailed",
     "ClientAddress",
-    "ClientConnection",
-    "ClientFrame",
     "ClientInfo",
-    "ClientRegistry",
     "CloseCode",
     "Codec",
     "ConfigError",
@@ -88,7 +81,6 @@ __all__ = [
     "ControlError",
     "Drop",
     "Envelope",
-    "EnvelopeId",
     "ErrorCode",
     "Forbidden",
     "Gateway",
@@ -96,27 +88,19 @@ __all__ = [
     "GatewayConfig",
     "HandshakeRefused",
     "HandshakeRequest",
-    "Hooks",
     "Identity",
     "InvalidFrame",
     "InvalidName",
     "MemoryBus",
-    "MemoryClient",
-    "MemoryConnection",
     "MessageRejected",
     "MissingExtra",
     "NoRoute",
-    "NodeId",
     "PluginError",
     "RateLimited",
     "Recipients",
     "Refusal",
     "RegistryError",
-    "Rejection",
     "RequestTimeout",
-    "Resolution",
-    "Result",
-    "Router",
     "Service",
     "ServiceAddress",
     "ServiceFailed",
@@ -131,9 +115,7 @@ __all__ = [
     "WireLimits",
     "WsbusError",
     "__version__",
-    "decode_client_frame",
     "handles",
     "hookimpl",
-    "hookspec",
     "memory_pair",
 ]

@@ -43,8 +43,8 @@ from typing import ClassVar, Final, Protocol
 import msgspec
 import pytest
 
-from wsbus import ClientConnection, Codec, ConnectionClosed, HandshakeRequest
-from wsbus.edge import ReceivesRaw, ReportsUnsent, SendsNowait
+from wsbus import Codec, ConnectionClosed, HandshakeRequest
+from wsbus.edge import ClientConnection, ReceivesRaw, ReportsUnsent, SendsNowait
 
 __all__ = ["CONNECTION_CAPABILITIES", "ConnectionConformance", "MakeConnectionPair", "Peer"]
 

@@ -31,7 +31,8 @@ else:
         _async_fixture = pytest.fixture
 
 if TYPE_CHECKING:
-    from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, MemoryClient, Service
+    from wsbus import Gateway, GatewayConfig, HandshakeRequest, MemoryBus, Service
+    from wsbus.edge import MemoryClient
     from wsbus.wire import Codec
     from wsbus_cli.supervisor import Child
     from wsbus_pyro import PyroConfig
