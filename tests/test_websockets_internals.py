@@ -16,3 +16,17 @@ def test_websockets_internals_we_rely_on_are_there() -> None:
         "Adapt _wsconn.py or pin websockets to a supported version (docs/websockets.md): "
         + "; ".join(problems)
     )
+
+
+def test_rewrite_request_line_passes_get_turns_head_into_get_and_refuses_other_methods() -> None:
+    from wsbus_websockets._wsconn import rewrite_request_line
+
+    get = b"GET / HTTP/1.1\r\nHost: x\r\n"
+    assert rewrite_request_line(get, get.index(b"\r\n")) == (get, False)
+    head = b"HEAD /x HTTP/1.1\r\n"
+    assert rewrite_request_line(head, head.index(b"\r\n")) == (b"GET /x HTTP/1.1\r\n", True)
+    post = b"POST / HTTP/1.1\r\n"
+    assert rewrite_request_line(post, post.index(b"\r\n")) is None
+    # Not HTTP: passed on, for websockets to refuse.
+    junk = b"\x16\x03\x01 hello\r\n"
+    assert rewrite_request_line(junk, junk.index(b"\r\n")) == (junk, False)

@@ -50,6 +50,7 @@ __all__ = [
     "connection_factory",
     "install_doorman",
     "listen_backlog",
+    "rewrite_request_line",
 ]
 
 log = logging.getLogger("wsbus.websockets")
@@ -100,6 +101,27 @@ _RESPONSE_431: Final = (
 
 # Phases of a connection's input, from the first byte to the open WebSocket.
 _LINE, _HEADERS, _HOLD, _OPEN, _DISCARD = range(5)
+
+
+def rewrite_request_line(line: bytes, end: int) -> tuple[bytes, bool] | None:
+    """Return the request line to give websockets, and whether the request was HEAD.
+
+    HEAD is passed on as GET (the edge answers it without a body); any other HTTP method
+    but GET returns None: the edge answers 405 itself. A line that is not HTTP is passed
+    on unchanged, for websockets to refuse.
+
+    Args:
+        line: the request line, with its CRLF and possibly what followed it.
+        end: where the CRLF that ends the request line starts in ``line``.
+    """
+    method, _, _ = line.partition(b" ")
+    if method == b"GET":
+        return line, False
+    if method == b"HEAD":
+        return b"GET" + line[4:], True
+    if _METHOD.fullmatch(method) and line[:end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
+        return None
+    return line, False
 
 
 class RateLimitedLog:
@@ -629,10 +651,12 @@ class EdgeConnection(ServerConnection):
                 data, self._line = bytes(self._line), b""
                 self._phase = _HEADERS
             else:
-                data = self._request_line(bytes(self._line), end)
+                request_line = rewrite_request_line(bytes(self._line), end)
                 self._line = b""
-                if self._phase is _DISCARD:
+                if request_line is None:
+                    self._refuse(_RESPONSE_405)
                     return
+                data, self.head_request = request_line
                 self._phase = _HEADERS
         # _HEADERS: pass bytes on up to the blank line that ends the head, hold the rest.
         scan = self._tail + data
@@ -641,10 +665,7 @@ class EdgeConnection(ServerConnection):
         if self._head_left < 0:
             # Refused before websockets parses more of it: its limits (128 lines of 8 KiB)
             # let a megabyte through, and some headers cost more than their bytes.
-            self._phase = _DISCARD
-            self._guard.leave(self._key)
-            self.transport.write(_RESPONSE_431)
-            self.transport.close()
+            self._refuse(_RESPONSE_431)
             return
         if end < 0:
             self._tail = scan[-3:]
@@ -695,20 +716,12 @@ class EdgeConnection(ServerConnection):
             super().data_received(bytes(backlog))
         super().eof_received()
 
-    def _request_line(self, line: bytes, end: int) -> bytes:
-        method, _, _ = line.partition(b" ")
-        if method == b"GET":
-            return line
-        if method == b"HEAD":
-            self.head_request = True
-            return b"GET" + line[4:]
-        if _METHOD.fullmatch(method) and line[:end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
-            self._phase = _DISCARD
-            self._guard.leave(self._key)
-            self.transport.write(_RESPONSE_405)
-            self.transport.close()
-            return b""
-        return line  # not HTTP: websockets refuses it
+    def _refuse(self, response: bytes) -> None:
+        # Answered here, before websockets parses the request: nothing more is read.
+        self._phase = _DISCARD
+        self._guard.leave(self._key)
+        self.transport.write(response)
+        self.transport.close()
 
     def _hold(self, data: bytes) -> None:
         # Bytes after the request and before the response: a pipelined request (dropped
