@@ -280,3 +280,17 @@ def test_a_port_in_use_is_one_line_and_status_1() -> None:
         port = str(taken.getsockname()[1])
         line = one_line(run("serve", "--port", port), 1)
     assert f"127.0.0.1:{port}" in line and "--port" in line
+
+
+def test_flag_settings_are_the_parsed_commands_own() -> None:
+    # serve lays its own flags and the adapters' dotted ones over the settings file; demo
+    # has --ns-port too, but not as a setting (its dest is not dotted).
+    from wsbus_cli.cli import build_parser, flag_settings
+
+    parser = build_parser()
+    serve = flag_settings(parser.parse_args(["serve"]))
+    assert serve["pyro.ns_port"] == ("pyro.ns_port", "--ns-port")
+    assert serve["websockets.allowed_origins"] == ("websockets.allowed_origins", "--origin")
+    assert serve["allow_anonymous"] == ("gateway.allow_anonymous", "--no-anonymous")
+    demo = flag_settings(parser.parse_args(["demo"]))
+    assert set(demo) == {"bus", "host", "port"}

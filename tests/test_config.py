@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -265,12 +268,19 @@ async def test_serve_runs_with_the_file_and_the_flags_override_it(tmp_path: Path
 
 def test_the_flags_the_docs_name_are_the_flags_the_cli_has() -> None:
     # serve's own flags and the adapters' (the Pyro bus's, the WebSocket edge's), as parsed.
-    from wsbus_cli.cli import _subparser, build_parser, flag_settings
+    from wsbus_cli.cli import build_parser, flag_settings
     from wsbus_cli.config import all_flags
 
-    settings = flag_settings(_subparser(build_parser(), "serve")).values()
+    parser = build_parser()
+    settings = flag_settings(parser.parse_args(["serve"])).values()
+    # The flags `wsbus serve --help` lists (argparse's public help text, not its internals).
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    listed = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", help_text.getvalue()))
     flags = all_flags()
     for dotted, flag in settings:
         assert flags[dotted].split(",")[0] == flag, dotted
+        assert flag in listed, (dotted, flag)
     documented = {dotted for dotted, flag in flags.items() if flag.startswith("-")}
     assert documented == {dotted for dotted, _ in settings}

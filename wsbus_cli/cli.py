@@ -119,7 +119,7 @@ def app_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 # Flag destination -> dotted setting name, for the command's own flags that override the
-# settings file; an adapter's options name their setting as their dest (flag_settings).
+# settings file; an adapter's are named by its settings section (flag_settings).
 _FLAG_SETTINGS = {
     "bus": ("serve.bus", "--bus"),
     "host": ("serve.host", "--host"),
@@ -268,17 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flag_settings(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str]]:
-    """Return, for each option of ``parser`` that sets a setting: dest -> (setting, flag).
+def flag_settings(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """Return, for each option of a parsed command that sets a setting: dest -> (setting, flag).
 
-    The command's own options are listed here; an adapter's name their setting as their
-    ``dest`` (``pyro.ns_port``).
+    The command's own options are listed here; an adapter's are the flags its settings
+    section names (:attr:`wsbus_cli.config.Section.flags`), added by its
+    ``wsbus_cli_options`` hook with the setting as their ``dest`` (``pyro.ns_port``). The
+    parsed command has an option when ``args`` holds its ``dest``: argparse sets every
+    option's default there.
+
+    Args:
+        args: what :func:`build_parser` parsed.
     """
     found = dict(_FLAG_SETTINGS)
-    for action in parser._actions:
-        if "." in action.dest and action.option_strings:
-            found[action.dest] = (action.dest, action.option_strings[0])
-    return {dest: found[dest] for dest in found if any(a.dest == dest for a in parser._actions)}
+    for section in installed().sections():
+        for setting, flag in section.flags.items():
+            dotted = f"{section.name}.{setting}"
+            found[dotted] = (dotted, flag)
+    return {dest: setting for dest, setting in found.items() if hasattr(args, dest)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,11 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     command = f"wsbus {args.command}"
-    try:
-        parser_of = _subparser(parser, args.command)
-    except LookupError:
-        parser_of = parser
-    args._flags = flag_settings(parser_of)
+    args._flags = flag_settings(args)
     try:
         return _run(args)
     except (ConfigError, MissingExtra) as exc:
@@ -320,14 +323,6 @@ def _fail(command: str, exc: BaseException, status: int, debug: bool) -> int:
     text = " ".join(message.split()) or type(exc).__name__
     print(f"{command}: {text}", file=sys.stderr, flush=True)
     return status
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            chosen: argparse.ArgumentParser = action.choices[command]
-            return chosen
-    raise LookupError(command)
 
 
 def _run(args: argparse.Namespace) -> int:
