@@ -147,8 +147,10 @@ async def wsbus_server(
 ) -> AsyncIterator[EdgeServer]:
     """``wsbus_gateway`` on a real WebSocket port on 127.0.0.1 (an ephemeral port).
 
-    Read ``wsbus_server.url`` and ``wsbus_server.port``. Closed gracefully after the test.
-    Needs the ``websockets`` extra.
+    Read ``wsbus_server.url`` and ``wsbus_server.port``. Closed gracefully after the test,
+    as ``wsbus serve`` closes: the gateway first (it drains its queues and closes every
+    connection with 1001, "server shutting down"), then this edge. Needs the
+    ``websockets`` extra.
     """
     from wsbus_websockets import serve
 
@@ -156,6 +158,11 @@ async def wsbus_server(
     try:
         yield server
     finally:
+        # Closing the edge never closes the gateway, and pytest would close the gateway
+        # (its own fixture, set up first) only after the edge: its connections would be
+        # cut with what was queued for them. Gateway.close is idempotent: the gateway's
+        # fixture then has nothing left to do.
+        await wsbus_gateway.close()
         await server.close()
 
 
