@@ -113,8 +113,8 @@ class Client:
         Raises:
             HandshakeRefused: the server refused the upgrade (403, 503, 400).
             ConnectionClosed: the server closed during the handshake (4401, 4408, ...).
-            RequestTimeout: the opening handshake took longer than ``open_timeout`` (a
-                ``TimeoutError``).
+            RequestTimeout: the opening handshake and the welcome took longer than
+                ``open_timeout`` together (a ``TimeoutError``); the socket is closed.
             ConfigError: the URL is not a ``ws://`` or ``wss://`` URL.
             OSError: the server could not be reached.
         """
@@ -123,6 +123,9 @@ class Client:
 
     async def _open_once(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        # open_timeout bounds the whole open, the welcome included: a server that completes
+        # the upgrade and says nothing must not hold the caller for its own auth timeout.
+        deadline = asyncio.get_running_loop().time() + self.open_timeout
         try:
             ws = await ws_connect(
                 self.url,
@@ -148,9 +151,16 @@ class Client:
                 f"the opening handshake with {self.url}", self.open_timeout
             ) from None
         try:
-            first = self._decode(await ws.recv())
+            async with asyncio.timeout_at(deadline):
+                first = self._decode(await ws.recv())
         except WsConnectionClosed as exc:
             raise _closed(exc) from None
+        except TimeoutError:
+            await ws.close(1000, "no wsbus.welcome in time")
+            raise RequestTimeout(
+                f"the opening of {self.url} (the server sent no wsbus.welcome)",
+                self.open_timeout,
+            ) from None
         if first.get("type") != "wsbus.welcome":
             await ws.close(1002, "expected wsbus.welcome")
             raise ConnectionClosed(1002, f"expected wsbus.welcome, got {first.get('type')!r}")
