@@ -294,3 +294,17 @@ def test_flag_settings_are_the_parsed_commands_own() -> None:
     assert serve["allow_anonymous"] == ("gateway.allow_anonymous", "--no-anonymous")
     demo = flag_settings(parser.parse_args(["demo"]))
     assert set(demo) == {"bus", "host", "port"}
+
+
+def test_an_adapter_option_its_section_does_not_name_still_sets_its_setting() -> None:
+    # A third-party adapter's dotted dest is a setting even when its section names no flag:
+    # errors then call it by the setting.
+    import argparse
+
+    from wsbus_cli.cli import flag_settings
+
+    args = argparse.Namespace(**{"thirdparty.level": 3, "pyro.ns_port": None, "verbose": 0})
+    assert flag_settings(args) == {
+        "thirdparty.level": ("thirdparty.level", "thirdparty.level"),
+        "pyro.ns_port": ("pyro.ns_port", "--ns-port"),
+    }

@@ -200,8 +200,9 @@ def wsbus_cli_options(command: str, parser: argparse.ArgumentParser) -> None:
     """Add this adapter's options to ``wsbus COMMAND`` (``serve`` or ``demo``).
 
     An option that sets one of the adapter's settings names it as its ``dest``, dotted
-    (``dest="pyro.ns_port"``): ``wsbus serve`` then lays it over the settings file, and the
-    configuration page names the flag. Options of ``demo`` reach :meth:`BusAdapter.demo`.
+    (``dest="pyro.ns_port"``): ``wsbus serve`` then lays it over the settings file. Name
+    its flag in the section's ``flags`` too: the configuration page lists it and errors
+    name it. Options of ``demo`` reach :meth:`BusAdapter.demo`.
     Every installed adapter's options are on the command whichever bus is chosen: name
     them after the adapter unless they are its own (``--ns-port``).
     """

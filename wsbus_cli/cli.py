@@ -271,21 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
 def flag_settings(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     """Return, for each option of a parsed command that sets a setting: dest -> (setting, flag).
 
-    The command's own options are listed here; an adapter's are the flags its settings
-    section names (:attr:`wsbus_cli.config.Section.flags`), added by its
-    ``wsbus_cli_options`` hook with the setting as their ``dest`` (``pyro.ns_port``). The
-    parsed command has an option when ``args`` holds its ``dest``: argparse sets every
-    option's default there.
+    The command's own options are listed here. An adapter's options (added by its
+    ``wsbus_cli_options`` hook) name their setting as their ``dest`` (``pyro.ns_port``), and
+    its settings section names their flags (:attr:`wsbus_cli.config.Section.flags`); one
+    it does not name is called by its setting. Read from what was parsed, never from the
+    parser: argparse sets every option's ``dest`` on ``args``, to its default at least.
 
     Args:
         args: what :func:`build_parser` parsed.
     """
-    found = dict(_FLAG_SETTINGS)
-    for section in installed().sections():
-        for setting, flag in section.flags.items():
-            dotted = f"{section.name}.{setting}"
-            found[dotted] = (dotted, flag)
-    return {dest: setting for dest, setting in found.items() if hasattr(args, dest)}
+    declared = {
+        f"{section.name}.{setting}": flag
+        for section in installed().sections()
+        for setting, flag in section.flags.items()
+    }
+    found = {dest: setting for dest, setting in _FLAG_SETTINGS.items() if hasattr(args, dest)}
+    for dest in vars(args):
+        if "." in dest:
+            found[dest] = (dest, declared.get(dest, dest))
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
