@@ -28,7 +28,7 @@
      +-- ChildFailed (RuntimeError)              a child process exited or did not get ready
 
 Every exception keeps its data in attributes and pickles, because the Pyro bus ships them
-between processes. ``tests/test_errors.py`` checks this drawing against the classes.
+between processes. ``tests/wsbus/test_errors.py`` checks this drawing against the classes.
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ _REJECTED_BY_CODE: dict[str, type[MessageRejected]] = {
     "shutting_down": TryLater,
     "rate_limited": RateLimited,
 }
-"""The exception for each ``wsbus.wire.ErrorCode`` (tests/test_errors.py checks it covers
+"""The exception for each ``wsbus.wire.ErrorCode`` (tests/wsbus/test_errors.py checks it covers
 every code, and that TryLater is exactly the codes whose ``retry`` is True)."""
 
 

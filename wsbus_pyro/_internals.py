@@ -5,7 +5,7 @@ a message's header before its payload is read, doing the connection handshake of
 worker pool, and refusing the ``FLAGS_KEEPSERIALIZED`` path (which calls ``marshal.loads``
 on the peer's bytes whatever the serializer). So wsbus reaches into Pyro5 here, and only
 here. :data:`REQUIRED` names each internal; :func:`missing` reports the ones a Pyro5 release
-moved, and ``tests/test_pyro_internals.py`` fails loudly on any.
+moved, and ``tests/wsbus_pyro/test_internals.py`` fails loudly on any.
 
 Supported: Pyro5 5.15 to 5.17 (the newest at the time of writing).
 """

@@ -9,7 +9,7 @@ All of that is done by :class:`EdgeConnection`, a ``ServerConnection`` subclass 
 ``websockets.asyncio.server.serve`` as ``create_connection``.
 
 :func:`check_internals` lists what this module reads or overrides; the test
-``tests/test_websockets_internals.py::test_websockets_internals_we_rely_on_are_there``
+``tests/wsbus_websockets/test_internals.py::test_websockets_internals_we_rely_on_are_there``
 fails with its message when a ``websockets`` release moves one of them. Supported:
 ``websockets`` 15.0 to 17.x (see docs/websockets.md).
 

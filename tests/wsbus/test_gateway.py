@@ -195,7 +195,8 @@ async def test_rate_limited(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) ->
     assert wsbus_client.close_code is None
 
 
-# test_rate_limited_for_too_long_closes_4429 moved to tests/test_session.py (fabricated clock).
+# test_rate_limited_for_too_long_closes_4429 moved to tests/wsbus/test_session.py
+# (fabricated clock).
 
 
 async def test_bus_unavailable_says_retry(wsbus_client: MemoryClient, wsbus_bus: MemoryBus) -> None:

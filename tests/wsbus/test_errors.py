@@ -33,7 +33,7 @@ from wsbus.errors import (
 from wsbus.wire import ErrorCode
 from wsbus_testing.services import Failing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("wsbus", "wsbus_websockets", "wsbus_pyro", "wsbus_testing", "wsbus_cli")
 _BUILTIN_EXCEPTIONS = frozenset(
     name

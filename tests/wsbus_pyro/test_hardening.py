@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.typing import Subprotocol
 
 from tests.conftest import assert_balanced
-from tests.test_pyro_faults import (
+from tests.wsbus_pyro.test_faults import (
     ECHO,
     WAIT,
     Kit,
@@ -72,7 +72,7 @@ __all__ = ["kit"]  # the fixture, imported for the tests here
 SERPENT_ID = 1
 SETTLE = 40.0
 """Seconds answers may take to arrive after traffic stops (a retried reply included)."""
-SLOW_ECHO = "tests.test_pyro_hardening:SlowEcho"
+SLOW_ECHO = "tests.wsbus_pyro.test_hardening:SlowEcho"
 
 
 class SlowEcho(Service):

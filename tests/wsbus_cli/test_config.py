@@ -22,7 +22,7 @@ from wsbus.registry import AliasPolicy
 from wsbus_cli.config import all_sections, load_settings, parse_tokens, render_docs, render_toml
 from wsbus_cli.supervisor import Child, free_port
 
-DOCS = Path(__file__).parent.parent / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 SCRIPT = Path(sys.executable).with_name("wsbus")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "wsbus_cli"]
 

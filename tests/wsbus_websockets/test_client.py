@@ -1,6 +1,6 @@
 """The Python client (wsbus_websockets/client.py) against servers that misbehave.
 
-The client's behaviour with the real edge is in tests/test_websockets_server.py.
+The client's behaviour with the real edge is in tests/wsbus_websockets/test_server.py.
 """
 
 from __future__ import annotations

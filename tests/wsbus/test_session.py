@@ -156,7 +156,7 @@ def test_server_faults_never_spend_the_budget() -> None:
 
 
 def test_rate_limited_for_too_long_closes_4429() -> None:
-    """Moved here from tests/test_gateway.py (it slept there; time is fabricated here)."""
+    """Moved here from tests/wsbus/test_gateway.py (it slept there; time is fabricated here)."""
     config = GatewayConfig(node="t", rate=1, burst=1, rate_limit_close_after=0.2)
     session, counters, _, _ = make_session(config)
     now = 0.0

@@ -224,8 +224,8 @@ class RaisingOutbound:
 @pytest.mark.parametrize(
     ("wsbus_plugins", "hook", "plugin"),
     [
-        ([FlakyAuthorizer()], "wsbus_authorize", "tests.test_hooks.FlakyAuthorizer"),
-        ([FlakyTransform()], "wsbus_transform_inbound", "tests.test_hooks.FlakyTransform"),
+        ([FlakyAuthorizer()], "wsbus_authorize", "tests.wsbus.test_hooks.FlakyAuthorizer"),
+        ([FlakyTransform()], "wsbus_transform_inbound", "tests.wsbus.test_hooks.FlakyTransform"),
     ],
 )
 async def test_fifty_raising_hook_calls_answer_unavailable_and_do_not_close_the_client(
@@ -277,7 +277,7 @@ def test_a_raising_hook_names_the_plugin_that_raised() -> None:
     hooks = Hooks([FlakyTransform(), Upper()], entry_points=False)
     with pytest.raises(PluginError) as info:
         hooks.transform_inbound(client, message)
-    assert info.value.plugin == "tests.test_hooks.FlakyTransform"
+    assert info.value.plugin == "tests.wsbus.test_hooks.FlakyTransform"
     with pytest.raises(PluginError) as info:
         Hooks([RaisingOutbound()], entry_points=False).transform_outbound(message)
     assert info.value.hook == "wsbus_transform_outbound"

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from tests.conftest import assert_balanced
-from tests.test_session import FakeDriver
+from tests.wsbus.test_session import FakeDriver
 from wsbus import Codec, ConnId, Envelope, GatewayConfig, Recipients, ServiceAddress, control
 from wsbus.bus import SHARED_HEADER
 from wsbus.envelope import EnvelopeId, IdFactory, NodeId
