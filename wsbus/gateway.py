@@ -295,7 +295,6 @@ class Gateway:
         )
         self.router = Router(self.registry)
         # One bound method for every session (each would otherwise hold its own).
-        self._address_of = self.registry.address
         self.hooks = Hooks(plugins, entry_points=entry_points)
         if self.config.allow_anonymous:
             self.hooks.register(AllowAnonymous(), name="wsbus.allow_anonymous")
@@ -447,7 +446,7 @@ class Gateway:
             self.config,
             self._counters,
             self.hooks,
-            self._address_of,
+            self.registry.addresses,
             self._next_id,
             send_nowait=conn.send_nowait if isinstance(conn, SendsNowait) else None,
             unsent=conn.unsent if isinstance(conn, ReportsUnsent) else None,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
+from types import MappingProxyType
 from typing import Final
 
 import msgspec
@@ -53,7 +54,7 @@ class ClientInfo(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class _Entry:
-    __slots__ = ("address", "alias", "conn_id", "groups", "user")
+    __slots__ = ("alias", "conn_id", "groups", "user")
 
     def __init__(self, conn_id: ConnId, user: str | None) -> None:
         self.conn_id = conn_id
@@ -61,7 +62,6 @@ class _Entry:
         self.alias: str | None = None
         # A dict used as an ordered set: join order is kept for listings.
         self.groups: dict[str, None] = {}
-        self.address = ClientAddress(conn_id, None, user)
 
 
 class ClientRegistry:
@@ -85,6 +85,10 @@ class ClientRegistry:
         except re.error as exc:
             raise ConfigError(f"name_pattern is not a valid regular expression: {exc}") from exc
         self._entries: dict[ConnId, _Entry] = {}
+        # The one place a connection's stamped address is kept; the gateway's sessions read
+        # it, through the read-only view, for every client frame.
+        self._addresses: dict[ConnId, ClientAddress] = {}
+        self._address_view: Mapping[ConnId, ClientAddress] = MappingProxyType(self._addresses)
         self._aliases: dict[str, ConnId] = {}
         self._users: dict[str, dict[ConnId, None]] = {}
         self._groups: dict[str, dict[ConnId, None]] = {}
@@ -106,7 +110,8 @@ class ClientRegistry:
         self._entries[conn_id] = entry
         if user is not None:
             self._users.setdefault(user, {})[conn_id] = None
-        return entry.address
+        address = self._addresses[conn_id] = ClientAddress(conn_id, None, user)
+        return address
 
     def disconnect(self, conn_id: ConnId) -> ClientInfo:
         """Remove a connection from every index and return what it was.
@@ -118,6 +123,7 @@ class ClientRegistry:
         if entry is None:
             raise UnknownConnection(conn_id)
         info = self._info(entry)
+        del self._addresses[conn_id]
         if entry.alias is not None:
             del self._aliases[entry.alias]
         if entry.user is not None:
@@ -142,11 +148,19 @@ class ClientRegistry:
         Raises:
             UnknownConnection: no such connection.
         """
-        # Not through _entry: the gateway reads this for every client frame.
         try:
-            return self._entries[conn_id].address
+            return self._addresses[conn_id]
         except KeyError:
             raise UnknownConnection(conn_id) from None
+
+    @property
+    def addresses(self) -> Mapping[ConnId, ClientAddress]:
+        """Every connection's stamped address, by id: a live, read-only view.
+
+        What :meth:`address` returns, without a call: the gateway's sessions read it for
+        every client frame, and see an alias change at once.
+        """
+        return self._address_view
 
     # -- aliases -------------------------------------------------------------------------
 
@@ -170,7 +184,7 @@ class ClientRegistry:
             alias = self._free_alias(alias, conn_id)
         self._clear_alias(entry)
         entry.alias = alias
-        entry.address = ClientAddress(conn_id, alias, entry.user)
+        self._addresses[conn_id] = ClientAddress(conn_id, alias, entry.user)
         self._aliases[alias] = conn_id
         return alias
 
@@ -182,7 +196,7 @@ class ClientRegistry:
         """
         entry = self._entry(conn_id)
         self._clear_alias(entry)
-        entry.address = ClientAddress(conn_id, None, entry.user)
+        self._addresses[conn_id] = ClientAddress(conn_id, None, entry.user)
 
     def by_alias(self, alias: str) -> ConnId | None:
         """Return the connection that has this alias, or None."""

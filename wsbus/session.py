@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
@@ -35,8 +35,8 @@ from .wire import (
     ErrorCode,
     Rejection,
     ServerFrame,
-    decode_client_frame,
     encode_server_frame,
+    frame_decoder,
     frame_id,
 )
 
@@ -117,8 +117,8 @@ class Session:
         config: the gateway's settings.
         counters: the gateway's counters, added to as things happen.
         hooks: the plugins' hooks (inbound authorize and transform).
-        address_of: where the connection's stamped address is kept (the registry's
-            ``address``): read for each message, so an alias change is seen at once.
+        addresses: where the connection's stamped address is kept (the registry's
+            ``addresses`` view): read for each message, so an alias change is seen at once.
         next_id: makes ids for frames without one of their own, and for answer frames
             (an :class:`~wsbus.envelope.IdFactory`'s ``next``, shared by the sessions).
         send_nowait: the connection's non-waiting write, when it has one.
@@ -129,11 +129,12 @@ class Session:
     """
 
     __slots__ = (
-        "_address_of",
+        "_addresses",
         "_bucket",
         "_budget",
         "_config",
         "_counters",
+        "_decode",
         "_driver",
         "_hooks",
         "_is_text",
@@ -162,7 +163,7 @@ class Session:
         config: GatewayConfig,
         counters: Counters,
         hooks: Hooks,
-        address_of: Callable[[ConnId], ClientAddress],
+        addresses: Mapping[ConnId, ClientAddress],
         next_id: Callable[[], EnvelopeId],
         *,
         send_nowait: Callable[[bytes], bool] | None = None,
@@ -174,12 +175,13 @@ class Session:
         self._is_text = codec.is_text
         self._counters = counters
         self._hooks = hooks
-        self._address_of = address_of
+        self._addresses = addresses
         self._next_id = next_id
         self._send_nowait = send_nowait
         self._unsent = unsent
         self._driver = driver
         self._config = config
+        self._decode = frame_decoder(codec, config.wire)
         self._bucket = TokenBucket(config.rate, config.burst)
         self._budget = ErrorBudget(config.error_budget, config.error_window)
         self._rate_since: float | None = None
@@ -232,7 +234,7 @@ class Session:
         if not self._bucket.take(now):
             self._rate_limited(data, now)
             return None
-        frame = decode_client_frame(data, codec, self._config.wire)
+        frame = self._decode(data)
         if isinstance(frame, Rejection):
             self.reject(frame.code, frame.message, frame.ref, now)
             return None
@@ -241,7 +243,7 @@ class Session:
             # The client's own id, when it gave one, so that replies can point at it.
             id=EnvelopeId(own_id) if own_id is not None else self._next_id(),
             type=frame.type,
-            sender=self._address_of(self.conn_id),
+            sender=self._addresses[self.conn_id],
             content=frame.content,
             reply_to=frame.reply_to,
             created=wall,

@@ -12,12 +12,13 @@ Two codecs share one data model (JSON's): ``wsbus.v1.json`` in text frames and
 from __future__ import annotations
 
 import enum
+import functools
 import gc
 import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain, compress, repeat
 from operator import is_
 from typing import Annotated, Any, Final
@@ -35,6 +36,7 @@ __all__ = [
     "WireLimits",
     "decode_client_frame",
     "encode_server_frame",
+    "frame_decoder",
     "frame_id",
     "negotiate",
 ]
@@ -291,6 +293,43 @@ def decode_client_frame(
 
 # Frames larger than this are decoded with the cycle collector paused.
 _GC_PAUSE_FROM: Final = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def frame_decoder(
+    codec: Codec, limits: WireLimits = DEFAULT_LIMITS
+) -> Callable[[bytes | str], ClientFrame | Rejection]:
+    """Return :func:`decode_client_frame` for one codec and limits, built once.
+
+    The function returned gives exactly what ``decode_client_frame(data, codec, limits)``
+    gives (a property test holds them to that), with the choices that depend only on the
+    codec made here rather than per frame: a gateway's sessions call it for every client
+    frame. It accepts no ``wsbus.*`` control type. Built once per codec and limits (cached).
+    """
+    none: frozenset[str] = frozenset()
+    if codec is Codec.JSON:
+
+        def decode_json(data: bytes | str) -> ClientFrame | Rejection:
+            if len(data) > _GC_PAUSE_FROM:
+                return decode_client_frame(data, codec, limits)
+            try:
+                frame = _decode_typical(data, limits)
+                if frame is not None:
+                    return frame
+                return _decode(data, codec, limits, none)
+            except _Reject as exc:
+                return exc.rejection
+            except Exception:  # pragma: no cover - a bug; the client still gets a clean answer
+                return Rejection(ErrorCode.MALFORMED, "the frame could not be read")
+
+        return decode_json
+
+    def decode_msgpack(data: bytes | str) -> ClientFrame | Rejection:
+        if len(data) > _GC_PAUSE_FROM:
+            return decode_client_frame(data, codec, limits)
+        return _decode_client_frame(data, codec, limits, none)
+
+    return decode_msgpack
 
 
 def _decode_client_frame(

@@ -146,7 +146,7 @@ def _has_docstring(module_name: str, name: str, seen: frozenset[str] = frozenset
     obj = getattr(module, name)
     if inspect.isclass(obj):
         return bool(obj.__dict__.get("__doc__"))
-    if inspect.isfunction(obj):
+    if inspect.isfunction(inspect.unwrap(obj)):  # a function, or one a decorator wraps
         return bool(obj.__doc__)
     assert module.__file__ is not None
     with open(module.__file__, encoding="utf-8") as source:

@@ -44,7 +44,7 @@ class Setup:
                 GatewayConfig(node="n"),
                 self.counters,
                 self.hooks,
-                self.registry.address,
+                self.registry.addresses,
                 ids.next,
                 send_nowait=send_nowait,
                 driver=FakeDriver(),

@@ -21,6 +21,7 @@ from wsbus.wire import (
     WireLimits,
     decode_client_frame,
     encode_server_frame,
+    frame_decoder,
     negotiate,
 )
 from wsbus_testing import strategies as wst
@@ -1059,6 +1060,8 @@ def test_the_fast_path_accepts_only_what_the_full_path_accepts(
     except _Reject as exc:
         full = exc.rejection
     assert fast == full
+    # The decoder the gateway's sessions use, built once per codec, gives the same.
+    assert frame_decoder(Codec.JSON, limits)(frame) == full
 
 
 @settings(max_examples=600, deadline=None)
@@ -1088,6 +1091,8 @@ def test_the_msgpack_fast_path_accepts_only_what_the_full_path_accepts(
     except _Reject as exc:
         full = exc.rejection
     assert fast == full
+    # The decoder the gateway's sessions use, built once per codec, gives the same.
+    assert frame_decoder(Codec.MSGPACK, limits)(frame) == full
 
 
 @settings(max_examples=300, deadline=None)
@@ -1542,3 +1547,15 @@ def _reference_classify(raw: bytes, max_depth: int) -> tuple[ErrorCode, str, str
     if fault is not None:
         return fault[0], fault[1], ref
     return ErrorCode.MALFORMED, "frame is not valid MessagePack", ref
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_the_built_decoder_agrees_on_large_frames_and_control_types(codec: Codec) -> None:
+    big = {"type": "x", "id": "k", "content": ["y" * 100] * 60}
+    reserved = {"type": "wsbus.auth", "content": {"token": "t"}}
+    for value in (big, reserved, {"type": "x", "content": [[[[[[[[[[1]]]]]]]]]]}):
+        data: str | bytes = (
+            msgspec.json.encode(value).decode() if codec.is_text else msgspec.msgpack.encode(value)
+        )
+        assert frame_decoder(codec)(data) == decode_client_frame(data, codec)
+    assert frame_decoder(codec, WireLimits()) is frame_decoder(codec, WireLimits())  # cached
