@@ -36,6 +36,8 @@ KINDS = ("raw", "wsbus", "socketio")
 BEFORE: dict[str, Path] = {}
 """With ``--before PATH``: {"before": PATH}, the checkout the kind ``wsbus@before`` runs."""
 LAGS: dict[str, list[float]] = {}
+CPU: dict[str, list[float]] = {}
+"""Server CPU time (user + system) per message, in microseconds, of each run under way."""
 """Worst event-loop lag (ms) each server saw in each run of the benchmark under way."""
 
 
@@ -177,6 +179,11 @@ class Server:
         self.stop()
         raise RuntimeError(f"bench server {kind} did not start")
 
+    def cpu(self) -> float:
+        """The server process's CPU time so far (user + system), in seconds."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss(self) -> int:
         """The server process's resident memory, in bytes."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -216,10 +223,12 @@ async def fanout(kind: str, clients: int, messages: int) -> float:
         marker = (b'"i": %d,' if kind == "raw" else b'"i":%d,') % (messages - 1)
         waiting = [asyncio.create_task(c.until(marker)) for c in conns]
         await asyncio.sleep(0.2)
+        cpu = server.cpu()
         started = time.perf_counter()
         conns[0].writer.write(frame(_message(kind, "bench.fanout", {"n": messages})))
         finished = await asyncio.wait_for(asyncio.gather(*waiting), 300)
         elapsed = max(finished) - started
+        CPU.setdefault(kind, []).append((server.cpu() - cpu) / (clients * messages) * 1e6)
         for c in conns:
             c.close()
         return clients * messages / elapsed
@@ -237,6 +246,7 @@ async def ingest(kind: str, clients: int, frames: int) -> float:
         await asyncio.sleep(0.3)
         payload = frame(_message(kind, "bench.ingest", {"i": 1, "text": "the quick brown fox"}))
         done = [asyncio.create_task(c.until(b"bench.done")) for c in conns]
+        cpu = server.cpu()
         started = time.perf_counter()
 
         async def send(c: RawClient) -> None:
@@ -250,6 +260,7 @@ async def ingest(kind: str, clients: int, frames: int) -> float:
         await asyncio.gather(*(send(c) for c in conns))
         finished = await asyncio.wait_for(asyncio.gather(*done), 300)
         elapsed = min(finished) - started
+        CPU.setdefault(kind, []).append((server.cpu() - cpu) / target * 1e6)
         for c in conns:
             c.close()
         return target / elapsed
@@ -300,7 +311,14 @@ def _table(title: str, unit: str, results: dict[str, float], higher_is_better: b
     """Print one benchmark's figures with their ratios, and each server's worst loop lag."""
     lags = {kind: max(values) for kind, values in LAGS.items()}
     LAGS.clear()
-    RESULTS[title] = {"unit": unit, "values": results, "worst_loop_lag_ms": lags}
+    cpu = {kind: statistics.median(values) for kind, values in CPU.items()}
+    CPU.clear()
+    RESULTS[title] = {
+        "unit": unit,
+        "values": results,
+        "worst_loop_lag_ms": lags,
+        "server_cpu_us_per_message": cpu,
+    }
     base = results.get("wsbus")
     print(f"\n{title} ({unit})")
     for kind, value in results.items():
@@ -310,6 +328,10 @@ def _table(title: str, unit: str, results: dict[str, float], higher_is_better: b
         print(f"  {kind:<12} {value:>14,.{3 if unit == 'ms' else 1}f}{ratio}")
     if not higher_is_better:
         print("  (lower is better)")
+    if cpu:
+        # CPU per message is robust to a busy machine in a way a rate is not.
+        each = ", ".join(f"{kind} {us:.2f}" for kind, us in cpu.items())
+        print(f"  server CPU per message (us, median): {each}")
     if lags:
         worst = ", ".join(f"{kind} {lag:.0f} ms" for kind, lag in lags.items())
         print(f"  worst event-loop lag of each server: {worst}")
