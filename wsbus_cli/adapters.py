@@ -42,6 +42,7 @@ from .config import Section
 __all__ = [
     "BUSES",
     "EDGES",
+    "AdapterFailed",
     "BusAdapter",
     "Commands",
     "EdgeAdapter",
@@ -240,11 +241,68 @@ class Installed:
     edges: dict[str, EdgeAdapter] = field(default_factory=dict)
     broken: dict[tuple[str, str], str] = field(default_factory=dict)
     hooks: pluggy.PluginManager = field(default_factory=lambda: _manager())
+    # What each loaded entry point is: (group, name) -> (who it is, what to do if it fails).
+    _origins: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict, repr=False)
 
     def sections(self) -> list[Section]:
         """Return the adapters' settings sections: the edges', then the buses'."""
         adapters: list[BusAdapter | EdgeAdapter] = [*self.edges.values(), *self.buses.values()]
         return [adapter.section for adapter in adapters if adapter.section is not None]
+
+    def call(self, hook: str, **kwargs: Any) -> None:
+        """Call the hook ``hook`` of every adapter that implements it, one at a time.
+
+        An adapter whose hook raises is set aside (:meth:`set_aside`): the command goes on
+        without it, and says so in ``wsbus --help``.
+
+        Args:
+            hook: the hook's name (``wsbus_cli_options``, ``wsbus_cli_commands``).
+            kwargs: its arguments.
+
+        Raises:
+            AdapterFailed: an adapter's hook raised; it is set aside already. What it was
+                building (a parser) may hold part of what it added: build it again.
+        """
+        # pluggy would call them all in one go, and one adapter's exception would end the
+        # call for every other: each is called alone, in pluggy's order (last registered
+        # first), so the one that failed is known.
+        for impl in reversed(getattr(self.hooks.hook, hook).get_hookimpls()):
+            try:
+                impl.function(*(kwargs[arg] for arg in impl.argnames))
+            except Exception as exc:
+                self.set_aside(impl.plugin, f"its {hook} hook raised {type(exc).__name__}: {exc}")
+                raise AdapterFailed(impl.plugin_name) from exc
+
+    def set_aside(self, adapter: object, why: str) -> None:
+        """Move ``adapter`` from the loaded adapters to :attr:`broken`, its hooks unregistered.
+
+        Args:
+            adapter: the adapter object (one entry point or several may name it).
+            why: what went wrong, for the message.
+        """
+        if self.hooks.is_registered(adapter):
+            self.hooks.unregister(adapter)
+        loaded: tuple[tuple[str, dict[str, Any]], ...] = ((EDGES, self.edges), (BUSES, self.buses))
+        for group, into in loaded:
+            for name in [name for name, value in into.items() if value is adapter]:
+                del into[name]
+                what, project = self._origins[group, name]
+                self.broken[group, name] = (
+                    f"{what} failed ({' '.join(why.split())}): it is not loaded; upgrade it, "
+                    f"report it to its authors, or remove it (pip uninstall {project})"
+                )
+
+
+class AdapterFailed(Exception):
+    """An adapter's hook raised; :meth:`Installed.call` set it aside.
+
+    Attributes:
+        plugin: the name it was registered under (``wsbus.buses:NAME``).
+    """
+
+    def __init__(self, plugin: str) -> None:
+        super().__init__(f"the adapter {plugin} failed; it is set aside")
+        self.plugin = plugin
 
 
 def _manager() -> pluggy.PluginManager:
@@ -259,7 +317,9 @@ def installed() -> Installed:
 
     An entry point that cannot be loaded, or names an object that is not an adapter, is
     kept in :attr:`Installed.broken` (it is reported when its name is used) instead of
-    stopping the command.
+    stopping the command; so is an adapter whose hooks pluggy refuses (a signature that is
+    not the hookspec's), one whose settings section is not a :class:`Section`, and a
+    second adapter of a name already taken.
     """
     found = Installed()
     groups: tuple[tuple[str, dict[str, Any], type], ...] = (
@@ -288,8 +348,31 @@ def installed() -> Installed:
                     f"(see docs/adapters.md): {todo}"
                 )
                 continue
+            section = getattr(adapter, "section", None)
+            if section is not None and not isinstance(section, Section):
+                found.broken[group, entry.name] = (
+                    f"{what} has a section that is a {type(section).__name__}, not a "
+                    f"wsbus_cli.config.Section (see docs/adapters.md): {todo}"
+                )
+                continue
+            if entry.name in into:
+                found.broken[group, entry.name] = (
+                    f"{what} has the name of another installed adapter, "
+                    f"{found._origins[group, entry.name][0]}: remove one of them "
+                    f"(pip uninstall {project})"
+                )
+                continue
             into[entry.name] = adapter
-            found.hooks.register(adapter, name=f"{group}:{entry.name}")
+            found._origins[group, entry.name] = (what, project)
+            # One object may be named by several entry points (a bus and an edge): its
+            # hooks are registered, and so called, once.
+            if found.hooks.is_registered(adapter):
+                continue
+            try:
+                found.hooks.register(adapter, name=f"{group}:{entry.name}")
+            except Exception as exc:
+                # A hook whose signature is not the hookspec's (pluggy's validation), for one.
+                found.set_aside(adapter, f"its hooks cannot be registered ({exc})")
     return found
 
 

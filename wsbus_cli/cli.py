@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 from wsbus import __version__
 from wsbus.errors import BusUnavailable, ConfigError, MissingExtra, WsbusError
 
-from .adapters import Commands, installed, port_number
+from .adapters import AdapterFailed, Commands, installed, port_number
 from .config import (
     NODE_PATTERN,
     NODE_RULE,
@@ -150,9 +150,23 @@ def _adapters_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser for ``wsbus``, with the installed adapters' options."""
+    """Return the argument parser for ``wsbus``, with the installed adapters' options.
+
+    An adapter whose hook raises (an option another already has, say) is set aside as
+    broken (``wsbus --help`` lists it) and the parser is built again without it, so that one
+    adapter's mistake leaves the command and the other adapters working.
+    """
+    while True:
+        try:
+            return _build_parser()
+        except AdapterFailed:
+            # Set aside already: what it added to this parser goes with the parser. Each
+            # pass sets one adapter aside, so this ends.
+            continue
+
+
+def _build_parser() -> argparse.ArgumentParser:
     found = installed()
-    hooks = found.hooks.hook
     parser = _Parser(
         prog="wsbus",
         description="A WebSocket gateway between clients and internal services over a bus.",
@@ -192,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address of the page (127.0.0.1)")
     demo.add_argument("--port", type=port_number, default=8765, help="port of the page (8765)")
     demo.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
-    hooks.wsbus_cli_options(command="demo", parser=demo)
+    found.call("wsbus_cli_options", command="demo", parser=demo)
 
     serve = commands.add_parser(
         "serve",
@@ -251,9 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse clients no authentication plugin accepted (see $WSBUS_TOKENS)",
     )
     serve.add_argument("--node", type=_node, default=None, help="this gateway's node id (random)")
-    hooks.wsbus_cli_options(command="serve", parser=serve)
-
-    hooks.wsbus_cli_commands(commands=Commands(commands.add_parser))
+    found.call("wsbus_cli_options", command="serve", parser=serve)
 
     config = commands.add_parser("config", help="check a settings file")
     config_commands = config.add_subparsers(
@@ -265,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE.toml")
     config_commands.add_parser("docs", help="print docs/configuration.md")
+    # After wsbus's own commands: an adapter's that takes one of their names fails in its
+    # own hook (and is set aside), not in wsbus's code.
+    found.call("wsbus_cli_commands", commands=Commands(commands.add_parser))
     return parser
 
 
@@ -294,20 +309,23 @@ def flag_settings(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug: bool = args.debug
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[2 if debug else min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if level > logging.INFO:
-        # Pyro's client logs each failed connection at ERROR; wsbus says what it means.
-        logging.getLogger("Pyro5.client").setLevel(logging.CRITICAL)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return USAGE_ERROR
-    command = f"wsbus {args.command}"
-    args._flags = flag_settings(args)
+    command = "wsbus"
+    # Before parsing, --debug is known only by its spelling: building the parser can fail.
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = args.debug
+        level = (logging.WARNING, logging.INFO, logging.DEBUG)[2 if debug else min(args.verbose, 2)]
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if level > logging.INFO:
+            # Pyro's client logs each failed connection at ERROR; wsbus says what it means.
+            logging.getLogger("Pyro5.client").setLevel(logging.CRITICAL)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return USAGE_ERROR
+        command = f"wsbus {args.command}"
+        args._flags = flag_settings(args)
         return _run(args)
     except (ConfigError, MissingExtra) as exc:
         # A missing extra is the user's to fix, like a setting: the same status whichever

@@ -259,3 +259,106 @@ def test_a_missing_extra_costs_nothing_until_used_then_says_what_to_install(
     # Without websockets, the WebSocket edge says the same of its extra.
     line = _one_line(_without("websockets", "serve", "--port", "0"), 2)
     assert "pip install 'wsbus[websockets]'" in line
+
+
+FAULTY = '''
+"""Adapters with a mistake in their hooks, as a third party might ship them."""
+
+import contextlib
+
+from wsbus import MemoryBus
+from wsbus_cli.adapters import hookimpl
+
+
+class Bus:
+    description = "a bus whose hooks are wrong"
+    section = None
+    runs_services = False
+
+    def __init__(self, name):
+        self.name = name
+
+    @contextlib.asynccontextmanager
+    async def open(self, config, services):
+        yield MemoryBus([])
+
+    @contextlib.asynccontextmanager
+    async def demo(self, options, services):
+        yield MemoryBus([])
+
+
+class TakesNode(Bus):
+    @hookimpl
+    def wsbus_cli_options(self, command, parser):
+        # Its own option first: the parser it was added to is dropped with the adapter.
+        parser.add_argument("--takesnode-level", default=1)
+        if command == "serve":
+            parser.add_argument("--node", help="wsbus serve has this one already")
+
+
+class BadSignature(Bus):
+    @hookimpl
+    def wsbus_cli_options(self, command, parser, colour):
+        parser.add_argument("--badsig-colour")
+
+
+takes_node = TakesNode("takesnode")
+bad_signature = BadSignature("badsig")
+'''
+
+
+@pytest.fixture
+def faulty_site(site: Path) -> Path:
+    """The ``site`` distributions, a faulty one, and echobus's adapter named twice."""
+    _distribution(
+        site,
+        "faultybus",
+        "[wsbus.buses]\ntakesnode = faulty_adapter:takes_node\n"
+        "badsig = faulty_adapter:bad_signature\n",
+        {"faulty_adapter": FAULTY},
+    )
+    # The same object under a second name: registered (so its hooks called) once.
+    _distribution(site, "echoalias", "[wsbus.buses]\necho2 = echobus_adapter:adapter\n", {})
+    return site
+
+
+def test_an_adapter_whose_hooks_fail_is_set_aside_and_the_command_works(
+    faulty_site: Path,
+) -> None:
+    result = _run(faulty_site, "--help")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    broken = result.stdout.partition("broken adapters")[2]
+    for name, what in (("'takesnode'", "--node"), ("'badsig'", "colour")):
+        line = next(line for line in broken.splitlines() if name in line)
+        assert "faultybus 1.0" in line and what in line, line
+        assert "pip uninstall faultybus" in line and "report it to its authors" in line, line
+    # The other adapters keep working: their buses, options and subcommands are there.
+    assert "echobus" in result.stdout and "echobus-hello" in result.stdout
+    for args in (["serve", "--help"], ["demo", "--help"]):
+        help_ = _run(faulty_site, *args)
+        assert help_.returncode == 0 and "Traceback" not in help_.stderr, help_.stderr
+        assert "--node" in help_.stdout or args[0] == "demo"
+        assert "--takesnode-level" not in help_.stdout and "--badsig" not in help_.stdout
+    assert "--shout-suffix" in help_.stdout  # demo's, once though two names load echobus
+    # Using a set-aside adapter says what is wrong with it, on one line.
+    line = _one_line(_run(faulty_site, "serve", "--bus", "takesnode", "--port", "0"), 2)
+    assert "faultybus 1.0" in line and "--node" in line
+
+
+async def test_wsbus_serve_runs_beside_an_adapter_whose_hooks_fail(faulty_site: Path) -> None:
+    from wsbus_websockets import connect
+
+    port = free_port()
+    child = Child(
+        ["serve", "--bus", "memory", "--node", "n1", "--port", str(port)],
+        ready="listening on",
+        env=_env(faulty_site),
+        command=COMMAND,
+    )
+    try:
+        async with asyncio.timeout(30), connect(f"ws://127.0.0.1:{port}/") as client:
+            assert client.conn_id is not None and client.conn_id.startswith("n1")
+    finally:
+        assert child.stop() == 0, child.text
+        assert "Traceback" not in child.text, child.text
