@@ -112,7 +112,9 @@ class Client:
 
         Raises:
             HandshakeRefused: the server refused the upgrade (403, 503, 400).
-            ConnectionClosed: the server closed during the handshake (4401, 4408, ...).
+            ConnectionClosed: the server closed during the handshake (4401, 4408, ...), or
+                sent something else than a welcome first (1002: the reason says what); the
+                socket is closed.
             RequestTimeout: the opening handshake and the welcome took longer than
                 ``open_timeout`` together (a ``TimeoutError``); the socket is closed.
             ConfigError: the URL is not a ``ws://`` or ``wss://`` URL.
@@ -150,21 +152,28 @@ class Client:
             raise RequestTimeout(
                 f"the opening handshake with {self.url}", self.open_timeout
             ) from None
+        # From here the socket is ours to close whatever goes wrong, within what is left of
+        # open_timeout: a hostile server must not keep it, nor hold the caller longer.
         try:
             async with asyncio.timeout_at(deadline):
-                first = self._decode(await ws.recv())
+                data = await ws.recv()
+            self.welcome = self._read_welcome(data)
         except WsConnectionClosed as exc:
+            await _abandon(ws, deadline, 1000, "")
             raise _closed(exc) from None
         except TimeoutError:
-            await ws.close(1000, "no wsbus.welcome in time")
+            await _abandon(ws, deadline, 1000, "no wsbus.welcome in time")
             raise RequestTimeout(
                 f"the opening of {self.url} (the server sent no wsbus.welcome)",
                 self.open_timeout,
             ) from None
-        if first.get("type") != "wsbus.welcome":
-            await ws.close(1002, "expected wsbus.welcome")
-            raise ConnectionClosed(1002, f"expected wsbus.welcome, got {first.get('type')!r}")
-        self.welcome = first["content"]
+        except ConnectionClosed:
+            await _abandon(ws, deadline, 1002, "expected wsbus.welcome")
+            raise
+        except BaseException:
+            # Cancelled, or a bug: no time to say goodbye.
+            ws.transport.abort()
+            raise
         self._ws = ws
         self._connected.set()
         self._reader = asyncio.create_task(self._read(ws), name="wsbus-client-reader")
@@ -281,6 +290,29 @@ class Client:
             raise item
         return item
 
+    def _read_welcome(self, data: str | bytes) -> dict[str, Any]:
+        """Return the content of the welcome ``data`` is, or raise ConnectionClosed(1002)."""
+        try:
+            frame = self._decode(data)
+        except ConnectionClosed:
+            raise ConnectionClosed(
+                1002,
+                f"{self.url} sent a first frame that is not a wsbus frame (a "
+                f"{self.codec.value} object); expected wsbus.welcome",
+            ) from None
+        if frame.get("type") != "wsbus.welcome":
+            raise ConnectionClosed(
+                1002, f"{self.url}: expected wsbus.welcome, got {frame.get('type')!r}"
+            )
+        content = frame.get("content")
+        if not isinstance(content, dict) or not isinstance(content.get("conn_id"), str):
+            raise ConnectionClosed(
+                1002,
+                f"{self.url} sent a wsbus.welcome whose content is not an object with a "
+                "conn_id string",
+            )
+        return content
+
     def _decode(self, data: str | bytes) -> dict[str, Any]:
         try:
             frame = self._decoder.decode(data.encode() if isinstance(data, str) else data)
@@ -382,6 +414,27 @@ class Client:
                 continue
             self.reconnects += 1
             return
+
+
+_CLOSE_GRACE: Final = 0.5
+"""Seconds a closing handshake may take when open_timeout has none left, before the abort."""
+
+
+async def _abandon(ws: ClientConnection, deadline: float, code: int, reason: str) -> None:
+    """Close ``ws`` in what is left until ``deadline`` (at least _CLOSE_GRACE), then abort it.
+
+    websockets' own close waits up to its close_timeout (10 s) for the server's answer: a
+    server that never answers would hold the caller that long past open_timeout.
+    """
+    left = deadline - asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(left if left > 0 else _CLOSE_GRACE):
+            await ws.close(code, reason)
+    except TimeoutError:
+        pass
+    finally:
+        # A no-op once closed; otherwise the socket goes now, without waiting.
+        ws.transport.abort()
 
 
 def _closed(exc: WsConnectionClosed) -> ConnectionClosed:
