@@ -65,6 +65,9 @@ SETTLE_INTERVAL: Final = 0.1
 """Seconds between two looks at deliveries a connection took and has not sent yet (they
 wait in its transport): counted written soon after they reach the socket."""
 
+REPORT_LOG_INTERVAL: Final = 60.0
+"""Seconds between two warnings about reports and control answers the bus did not take."""
+
 AUTH_FAILED_REASON: Final = "authentication failed"
 """The one close reason for every authentication failure: it tells an attacker nothing."""
 
@@ -252,6 +255,11 @@ class _Link:
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            # A writer cancelled before it ran never reached its own clean-up: forget it,
+            # and wake a flushing close that waits for it, or it would wait FLUSH_TIMEOUT.
+            self.writer = None
+            if self.flushed is not None:
+                self.flushed.set()
 
     async def stop(self) -> None:
         """Stop the writer; give the closer up to CLOSE_WAIT seconds, then cancel it."""
@@ -318,6 +326,8 @@ class Gateway:
         self._availability: ReportsAvailability | None = None
         self._reports: asyncio.Queue[Envelope] | None = None
         self._reporter: asyncio.Task[None] | None = None
+        self._reports_logged_at = -REPORT_LOG_INTERVAL
+        self._reports_unlogged = 0
         self._bus_down_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -560,8 +570,9 @@ class Gateway:
             except Exception as exc:
                 self._publish_failed(session, envelope, session.frame_id, exc)
             else:
-                if not taken:
-                    # The bus is full: wait for room, which holds this client back.
+                if taken is False:
+                    # The bus is full: wait for room, which holds this client back. Only
+                    # False: an adapter's None (an older contract) means taken.
                     await self._publish(session, envelope)
                 elif session.frame_id is None and self._bus_down_since is None:
                     counters.frames_published += 1  # _published, when it has nothing else to do
@@ -577,6 +588,12 @@ class Gateway:
         except Exception as exc:
             counters.frames_in_flight -= 1
             self._publish_failed(session, envelope, frame_id, exc)
+        except BaseException:
+            # Cancelled while waiting (the connection's task is ended): the frame ends
+            # with its connection, neither published nor answered.
+            counters.frames_in_flight -= 1
+            counters.frames_lost += 1
+            raise
         else:
             counters.frames_in_flight -= 1
             self._published(session, frame_id)
@@ -622,22 +639,45 @@ class Gateway:
                 )
 
     async def _report_loop(self) -> None:
+        """Send answers and reports to the bus, in order; none of them ever waits for room.
+
+        One task sends them all: a report that waited for a full inbox would hold up every
+        control answer after it, for every service (whose handlers may be awaiting them).
+        So a bus that can say "would have to wait" is asked with ``publish_nowait``, and
+        such a report is lost (counted, logged), as one the bus refuses is.
+        """
         assert self._reports is not None
         queue = self._reports
+        publish_nowait = self._publish_nowait
         while True:
             envelope = await queue.get()
             try:
-                await self.bus.publish(envelope)
+                if publish_nowait is None:
+                    await self.bus.publish(envelope)
+                elif publish_nowait(envelope) is False:
+                    self._report_lost(envelope, "its inbox is full (the service is busy)")
             except Exception as exc:
-                self._counters.reports_lost += 1
-                log.warning(
-                    "could not send %s to service %r: %s",
-                    envelope.type,
-                    getattr(envelope.to, "name", "?"),
-                    exc,
-                )
+                self._report_lost(envelope, str(exc))
             finally:
                 queue.task_done()
+
+    def _report_lost(self, envelope: Envelope, why: str) -> None:
+        """Count a report or answer the bus did not take; warn once a minute at most."""
+        self._counters.reports_lost += 1
+        self._reports_unlogged += 1
+        now = time.monotonic()
+        if now < self._reports_logged_at + REPORT_LOG_INTERVAL:
+            return
+        log.warning(
+            "could not send %s to service %r: %s (%d reports and answers lost since the "
+            "last warning; Stats.reports_lost counts them all)",
+            envelope.type,
+            getattr(envelope.to, "name", "?"),
+            why,
+            self._reports_unlogged,
+        )
+        self._reports_logged_at = now
+        self._reports_unlogged = 0
 
     # -- observing -----------------------------------------------------------------------
 

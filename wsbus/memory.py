@@ -92,17 +92,24 @@ class MemoryBus:
         """Route an envelope from the gateway (rules 1 and 4 of :mod:`wsbus.bus`).
 
         Waits while an inbox it goes to is full (every one, for a type several services
-        handle: all or nothing), then hands it over.
+        handle: all or nothing), then hands it over. The gateway's own reports and control
+        answers never wait: one stuck behind a full inbox would hold up every answer after
+        it, for every service; they are refused instead.
 
         Raises:
             NoRoute: nothing handles the type.
             BusUnavailable: the bus is marked down, or a service it goes to took nothing
-                for ``timeout`` seconds (whole_bus False: that service is stuck).
+                for ``timeout`` seconds (whole_bus False: that service is stuck), or the
+                envelope is the gateway's own and an inbox it goes to is full.
         """
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
         carried = self._carry(envelope)
         if not self._route_now(carried):
+            if isinstance(carried.sender, GatewayAddress):
+                raise BusUnavailable(
+                    f"the inbox of a service {carried.type!r} goes to is full", whole_bus=False
+                )
             await self._route_when_room(carried)
         if self.record:
             self.published.append(envelope)
@@ -236,37 +243,48 @@ class MemoryBus:
         return True
 
     async def _route_when_room(self, envelope: Envelope) -> None:
-        """Wait until every service the envelope goes to has room, then hand it over."""
+        """Wait until every service the envelope goes to has room, then hand it over.
+
+        For a type several services handle, each place got is held while the next is
+        waited for (given back to nobody, so the wait ends), taken in order of service
+        name, so that two senders waiting for the same services cannot each hold what the
+        other waits for. Every place held is given back on a refusal or a cancel.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        while True:
-            runners = self._targets(envelope)  # a service may have left meanwhile
-            busy = next((runner for runner in runners if not runner.has_room()), None)
-            if busy is None:
-                for runner in runners:
-                    runner.accept(envelope)
-                return
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await busy.wait_for_room()
-            except TimeoutError:
-                raise BusUnavailable(
-                    f"service {busy.name!r} took nothing for {self.timeout:g} s (its inbox "
-                    "stayed full): it may be stuck",
-                    whole_bus=False,
-                ) from None
-            if self.down:
-                raise BusUnavailable("the in-memory bus is marked down")
-            if len(runners) == 1:
-                # Our turn came and no await since: the place is ours.
-                busy.accept(envelope)
-                return
-            if all(runner is busy or runner.has_room() for runner in runners):
-                for runner in runners:
-                    runner.accept(envelope)
-                return
-            # Another one is full now: give this place to the next in line, and wait there.
-            busy.release_room()
+        held: list[ServiceRunner] = []
+        try:
+            while True:
+                runners = self._targets(envelope)  # a service may have joined or left
+                for runner in [runner for runner in held if runner not in runners]:
+                    held.remove(runner)
+                    runner.release_held()
+                for runner in sorted(runners, key=_by_name):
+                    if runner in held:
+                        continue
+                    if not runner.has_room():
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                await runner.wait_for_room()
+                        except TimeoutError:
+                            raise BusUnavailable(
+                                f"service {runner.name!r} took nothing for {self.timeout:g} s "
+                                "(its inbox stayed full): it may be stuck",
+                                whole_bus=False,
+                            ) from None
+                    # No await since the place was found free or given: it is ours.
+                    runner.hold_room()
+                    held.append(runner)
+                    if self.down:
+                        raise BusUnavailable("the in-memory bus is marked down")
+                runners = self._targets(envelope)
+                if len(runners) == len(held) and all(runner in held for runner in runners):
+                    while held:
+                        held.pop().accept_held(envelope)
+                    return
+        finally:
+            for runner in held:
+                runner.release_held()
 
     def _route_to_services(self, envelope: Envelope) -> None:
         """Route a service's envelope to services: refused, never waited for, when full."""
@@ -278,3 +296,7 @@ class MemoryBus:
                 raise BusUnavailable(f"service {runner.name!r} is busy (inbox full)", False)
         for runner in runners:
             runner.accept(envelope)
+
+
+def _by_name(runner: ServiceRunner) -> str:
+    return runner.name

@@ -371,6 +371,9 @@ class ServiceRunner:
         # A deque and an event: cheaper per message than asyncio.Queue, and bounded here.
         self._inbox: deque[Envelope] = deque()
         self._inbox_size = inbox_size
+        # Places a queued sender may take: the inbox size less the places held across an
+        # await (hold_room). One attribute, so that has_room costs what it did without.
+        self._limit = inbox_size
         self._ready = asyncio.Event()
         # Senders waiting for room, in arrival order; the first ones' events are set when
         # places free. Each stays in line until it has taken its place (wait_for_room).
@@ -409,14 +412,15 @@ class ServiceRunner:
         A sender that gets False and can wait calls :meth:`wait_for_room`: taking the place
         now would jump the queue of those waiting. One that cannot wait refuses.
         """
-        return not self._waiters and len(self._inbox) < self._inbox_size
+        return not self._waiters and len(self._inbox) < self._limit
 
     async def wait_for_room(self) -> None:
         """Wait, in turn, until the inbox has a free place for the caller.
 
         On return the caller holds a place: it must :meth:`accept` its envelope before it
-        next awaits, or give the place to the next sender with :meth:`release_room`.
-        Cancelling the wait (a caller's timeout) passes the turn on.
+        next awaits, give the place to the next sender with :meth:`release_room`, or keep
+        it across awaits with :meth:`hold_room`. Cancelling the wait (a caller's timeout)
+        passes the turn on.
 
         Raises:
             BusUnavailable: the runner is stopped (now or while waiting).
@@ -433,7 +437,7 @@ class ServiceRunner:
                 await turn.wait()
                 if self._stopped:
                     raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
-                if len(self._inbox) < self._inbox_size:
+                if len(self._inbox) < self._limit:
                     holds_place = True
                     return
                 # Woken, but the place went to a sender that does not queue: wait again,
@@ -453,6 +457,25 @@ class ServiceRunner:
         """Give back, unused, the place :meth:`wait_for_room` held for the caller."""
         self._let_next_in()
 
+    def hold_room(self) -> None:
+        """Keep the caller's place (free now, or given by :meth:`wait_for_room`) across awaits.
+
+        A sender that needs places in several inboxes at once (all or nothing) holds each
+        one it gets while it waits for the next: nobody else takes it meanwhile. It then
+        calls :meth:`accept_held` or :meth:`release_held` exactly once.
+        """
+        self._limit -= 1
+
+    def accept_held(self, envelope: Envelope) -> None:
+        """Take an envelope into the place :meth:`hold_room` kept for it."""
+        self._limit += 1
+        self.accept(envelope)
+
+    def release_held(self) -> None:
+        """Give back, unused, a place :meth:`hold_room` kept: the next in line gets it."""
+        self._limit += 1
+        self._let_next_in()
+
     def _let_next_in(self) -> None:
         """Wake as many senders waiting, in order, as there are free places.
 
@@ -462,7 +485,7 @@ class ServiceRunner:
         event loop, not one.
         """
         waiters = self._waiters
-        target = min(len(waiters), self._inbox_size - len(self._inbox))
+        target = min(len(waiters), self._limit - len(self._inbox))
         while self._woken < target:
             waiters[self._woken].set()
             self._woken += 1

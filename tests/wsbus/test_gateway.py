@@ -4,7 +4,8 @@ close code the core decides, the guarantees of SPEC section 4, and the counters.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -16,17 +17,22 @@ from wsbus import (
     Codec,
     ConfigError,
     ConnId,
+    Context,
     Drop,
     Envelope,
     Gateway,
     GatewayConfig,
     HandshakeRequest,
     MemoryBus,
+    Recipients,
+    RequestTimeout,
+    Service,
     TokenAuth,
     Verdict,
+    handles,
     hookimpl,
 )
-from wsbus.edge import MemoryClient
+from wsbus.edge import MemoryClient, memory_pair
 from wsbus.wire import WireLimits
 from wsbus_cli.demo_services import Echo
 from wsbus_testing.services import Failing
@@ -665,3 +671,219 @@ async def test_a_connection_adapter_whose_send_fails_is_closed_1011_once(
     failures = [r for r in caplog.records if "writing to" in r.getMessage()]
     assert len(failures) == 1 and "adapter" in failures[0].getMessage()
     assert wsbus_gateway.stats().closes_by_code.get(1011) == 1
+
+
+# -- a full service inbox: back-pressure without deadlock or double publishing -----------
+
+
+@contextlib.asynccontextmanager
+async def _serving(bus: MemoryBus) -> AsyncIterator[Callable[[], Awaitable[MemoryClient]]]:
+    """A started gateway on ``bus``; yields a function that connects a welcomed client.
+
+    Every connection's task is ended by the gateway's close, or cancelled (bounded).
+    """
+    gateway = Gateway(bus, config=GatewayConfig(node="test"), entry_points=False)
+    await gateway.start()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect() -> MemoryClient:
+        conn, client = memory_pair()
+        tasks.append(asyncio.create_task(gateway.serve(conn)))
+        frame = await client.receive()
+        assert frame["type"] == "wsbus.welcome", frame
+        client.conn_id = frame["content"]["conn_id"]
+        return client
+
+    connect.gateway = gateway  # type: ignore[attr-defined]
+    try:
+        yield connect
+    finally:
+        await gateway.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+class _Joiner(Service):
+    """Its first message waits for the test, then sends to nobody and joins its sender."""
+
+    name = "joiner"
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.joined: bool | Exception | None = None
+        self.done = asyncio.Event()
+
+    @handles("joiner.work")
+    async def work(self, message: Envelope, ctx: Context) -> None:
+        if message.content != "first":
+            return
+        assert isinstance(message.sender, ClientAddress)
+        await self.go.wait()
+        # Reaches no connection: the gateway reports it undeliverable to this service,
+        # whose inbox is full.
+        ctx.send(Recipients(conn_ids=(ConnId("test.ffff"),)), "joiner.note")
+        try:
+            self.joined = await ctx.join(message.sender.conn_id, "room")
+        except RequestTimeout as exc:
+            self.joined = exc
+        self.done.set()
+
+
+async def test_a_report_to_a_full_inbox_does_not_hold_up_control_answers() -> None:
+    joiner = _Joiner()
+    bus = MemoryBus([joiner], inbox_size=2, timeout=2.0)
+    async with _serving(bus) as connect:
+        gateway: Gateway = connect.gateway  # type: ignore[attr-defined]
+        client = await connect()
+        client.send("joiner.work", "first")
+        for n in range(4):
+            client.send("joiner.work", n)
+        # The inbox is full and the client's next frame waits for room.
+        await _until(lambda: gateway.stats().frames_in_flight == 1)
+        joiner.go.set()
+        async with asyncio.timeout(30):
+            await joiner.done.wait()
+        # The report could not wait for room (it would have held up the answer): lost.
+        assert joiner.joined is True
+        await _until(lambda: gateway.stats().frames_published == 5)
+        stats = gateway.stats()
+        assert stats.reports_lost == 1
+        assert_balanced(stats)
+
+
+class _Fan(Service):
+    """Records the ``fan.shared`` messages it takes; slow (a turn away) while ``slow``."""
+
+    slow = True
+
+    def __init__(self) -> None:
+        self.shared: list[object] = []
+
+    async def _take(self, message: Envelope) -> None:
+        if message.type == "fan.shared":
+            self.shared.append(message.content)
+        if _Fan.slow:
+            await asyncio.sleep(0.002)
+
+
+class _FanA(_Fan):
+    name = "fan-a"
+
+    @handles("fan-a.work", "fan.shared")
+    async def work(self, message: Envelope, ctx: Context) -> None:
+        await self._take(message)
+
+
+class _FanB(_Fan):
+    name = "fan-b"
+
+    @handles("fan-b.work", "fan.shared")
+    async def work(self, message: Envelope, ctx: Context) -> None:
+        await self._take(message)
+
+
+async def test_a_type_two_busy_services_handle_is_taken_by_both_not_refused() -> None:
+    a, b = _FanA(), _FanB()
+    bus = MemoryBus([a, b], inbox_size=4, timeout=1.0)
+    try:
+        async with _serving(bus) as connect:
+            gateway: Gateway = connect.gateway  # type: ignore[attr-defined]
+            # Four clients per service: while one is let in, three still wait.
+            flooders = [await connect() for _ in range(8)]
+            for i, flooder in enumerate(flooders):
+                for n in range(1000):
+                    flooder.send("fan-a.work" if i % 2 else "fan-b.work", n)
+            # Both inboxes are full, and others wait for each.
+            await _until(lambda: gateway.stats().frames_in_flight == 8)
+            sender = await connect()
+            sender.send("fan.shared", "both", id="s")
+            answer = await sender.receive(timeout=30)
+            assert answer["type"] == "wsbus.ack", answer
+            _Fan.slow = False  # let the floods drain
+            await _until(lambda: a.shared == b.shared == ["both"], timeout=30)
+            for flooder in flooders:
+                flooder.close()
+            await _until(lambda: gateway.stats().frames_in_flight == 0, timeout=30)
+            assert_balanced(gateway.stats())
+    finally:
+        _Fan.slow = True
+
+
+class _Counter(Service):
+    name = "counter"
+
+    def __init__(self) -> None:
+        self.taken: list[object] = []
+
+    @handles("counter.take")
+    async def take(self, message: Envelope, ctx: Context) -> None:
+        self.taken.append(message.content)
+
+
+class _OldContractBus(MemoryBus):
+    """A bus adapter written to the older contract: publish_nowait returns None."""
+
+    def publish_nowait(self, envelope: Envelope) -> None:  # type: ignore[override]
+        super().publish_nowait(envelope)
+
+
+async def test_a_publish_nowait_that_returns_none_publishes_each_frame_once() -> None:
+    counter = _Counter()
+    bus = _OldContractBus([counter])
+    async with _serving(bus) as connect:
+        client = await connect()
+        for n in range(3):
+            client.send("counter.take", n, id=str(n))
+        for _ in range(3):
+            assert (await client.receive())["type"] == "wsbus.ack"
+        await _until(lambda: len(counter.taken) >= 3)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert counter.taken == [0, 1, 2]
+
+
+async def test_a_frame_waiting_for_room_when_its_connection_ends_is_counted() -> None:
+    gate = _Gate()
+    bus = MemoryBus([gate], inbox_size=1, timeout=30.0)
+    gateway = Gateway(bus, config=GatewayConfig(node="test"), entry_points=False)
+    await gateway.start()
+    try:
+        conn, client = memory_pair()
+        reader = asyncio.create_task(gateway.serve(conn))
+        await client.receive()  # the welcome
+        for n in range(3):  # one held by the service, one in its inbox, one waiting
+            client.send("gate.hold", n)
+        await _until(lambda: gateway.stats().frames_in_flight == 1)
+        client.close()
+        # The edge ends the connection's task (as a server closing does): the frame
+        # waiting for room ends with it.
+        reader.cancel()
+        async with asyncio.timeout(10):
+            await asyncio.gather(reader, return_exceptions=True)
+        stats = gateway.stats()
+        assert stats.frames_in_flight == 0
+        assert stats.frames_received == 3
+        assert_balanced(stats)
+    finally:
+        gate.open.set()
+        await gateway.close()
+
+
+class _Gate(Service):
+    """Holds each message until the test opens the gate."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    @handles("gate.hold")
+    async def hold(self, message: Envelope, ctx: Context) -> None:
+        await self.open.wait()
