@@ -251,3 +251,90 @@ async def test_two_services_with_one_name_are_refused() -> None:
     with pytest.raises(ConfigError):
         await bus.add_service(Probe())
     await bus.close()
+
+
+async def test_a_sender_refused_after_its_wait_passes_the_place_on() -> None:
+    """The bus marked down while two wait: the first is refused, the next is woken too."""
+    bus, [gate] = await _gated(inbox_size=1, bus_timeout=60.0)
+    assert isinstance(gate, Gate)
+    try:
+        bus.publish_nowait(client_message("gate.hold", "held"))
+        await _settled()
+        bus.publish_nowait(client_message("gate.hold", "queued"))
+        first = asyncio.create_task(bus.publish(client_message("gate.hold", "first")))
+        await _settled()
+        second = asyncio.create_task(bus.publish(client_message("gate.hold", "second")))
+        await _settled()
+        bus.down = True
+        gate.open.set()
+        async with asyncio.timeout(10):
+            # The first is given the place, finds the bus down, and gives the place on;
+            # the second is answered now, not after the bus's timeout.
+            results = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(result, BusUnavailable) for result in results), results
+    finally:
+        bus.down = False
+        await bus.close()
+
+
+class Taker(Service):
+    """Takes ``taker.take`` and ``pair`` messages at once."""
+
+    name = "a-taker"  # before "holder": a fan-out takes its place here first
+
+    @handles("taker.take", "pair")
+    async def take(self, message: Envelope, ctx: Context) -> None:
+        pass
+
+
+class Holder(Service):
+    """Holds each ``pair`` message until the test opens the gate."""
+
+    name = "holder"
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    @handles("pair")
+    async def hold(self, message: Envelope, ctx: Context) -> None:
+        await self.open.wait()
+
+
+async def _one_free_one_full(bus_timeout: float) -> tuple[MemoryBus, Holder]:
+    """``a-taker`` (inbox 1) takes everything; ``holder`` holds one and has a full inbox."""
+    holder = Holder()
+    bus, _ = await _gated(inbox_size=1, bus_timeout=bus_timeout, services=[Taker(), holder])
+    assert bus.publish_nowait(client_message("pair", 1))
+    await _settled()
+    assert bus.publish_nowait(client_message("pair", 2))  # holder's inbox is full
+    await _settled()
+    return bus, holder
+
+
+async def test_a_fan_out_refused_after_its_timeout_gives_back_the_places_it_held() -> None:
+    bus, holder = await _one_free_one_full(bus_timeout=0.05)
+    try:
+        with pytest.raises(BusUnavailable) as info:
+            await bus.publish(client_message("pair", 3))
+        assert info.value.whole_bus is False
+        # The place held at a-taker meanwhile is free again.
+        assert bus.publish_nowait(client_message("taker.take", "after"))
+    finally:
+        holder.open.set()
+        await bus.close()
+
+
+async def test_a_cancelled_fan_out_gives_back_the_places_it_held() -> None:
+    bus, holder = await _one_free_one_full(bus_timeout=60.0)
+    try:
+        waiting = asyncio.create_task(bus.publish(client_message("pair", 3)))
+        await _settled()
+        # Its place at a-taker is held while it waits for holder: nobody else takes it.
+        assert not bus.publish_nowait(client_message("taker.take", "during"))
+        waiting.cancel()
+        async with asyncio.timeout(10):
+            await asyncio.gather(waiting, return_exceptions=True)
+        assert bus.publish_nowait(client_message("taker.take", "after"))
+    finally:
+        holder.open.set()
+        await bus.close()
