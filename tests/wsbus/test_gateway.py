@@ -887,3 +887,28 @@ class _Gate(Service):
     @handles("gate.hold")
     async def hold(self, message: Envelope, ctx: Context) -> None:
         await self.open.wait()
+
+
+async def test_a_writer_stopped_before_it_ran_does_not_hold_up_a_flushing_close() -> None:
+    """The reader ends (stopping the writer) right after a flushing close was decided."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from wsbus.gateway import _Link
+
+    conn, client = memory_pair()
+    link = _Link(conn)
+    session = SimpleNamespace(
+        conn_id="test.1", outbox=deque([(b"{}", None)]), close_code=None, close_reason=""
+    )
+    link.session = session  # type: ignore[assignment]
+    link.write()  # a frame waits: the writer is started, and has not run yet
+    session.close_code, session.flushing = 4400, True
+    link.close()  # the closer waits for the writer to flush the outbox
+    await link.stop_writer()
+    # The closer is woken, not left waiting for a writer that will never run.
+    assert link.writer is None
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert link.closer is not None and link.closer.done()
+    assert client.close_code == 4400
