@@ -441,3 +441,38 @@ async def test_over_pyro_the_report_reaches_the_gateway_that_owns_the_client(
         for gateway in gateways:
             await gateway.close()
         await asyncio.gather(*tasks)
+
+
+async def test_a_held_place_is_nobody_elses_until_taken_or_given_back() -> None:
+    from wsbus.service import ServiceRunner
+    from wsbus_testing.conformance import client_message
+
+    class Still(Service):
+        name = "still"
+
+        @handles("still.take")
+        async def take(self, message: Envelope, ctx: Context) -> None:
+            pass
+
+    def emit(envelope: Envelope) -> None:
+        pass
+
+    runner = ServiceRunner(Still(), emit, inbox_size=1)  # not started: takes nothing out
+    assert runner.has_room()
+    runner.hold_room()
+    assert not runner.has_room()
+    waiting = asyncio.create_task(runner.wait_for_room())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    runner.release_held()  # the next in line gets the place
+    async with asyncio.timeout(5):
+        await waiting
+    runner.accept(client_message("still.take", 1))
+    assert not runner.has_room()
+
+    other = ServiceRunner(Still(), emit, inbox_size=1)
+    other.hold_room()
+    other.accept_held(client_message("still.take", 2))  # the held place, taken
+    assert not other.has_room()
+    with pytest.raises(BusUnavailable):
+        other.accept(client_message("still.take", 3))
