@@ -91,6 +91,8 @@ class PublishesNowait(Protocol):
             True when the bus took it; False when taking it would mean waiting (an inbox
             is full): nothing was done, and the caller awaits :meth:`Bus.publish`, which
             waits for room. That is how a full bus slows the client that fills it.
+            Only False means wait: any other value (None, from an adapter written to the
+            older contract) means the bus took it.
 
         Raises:
             NoRoute: as :meth:`Bus.publish`.

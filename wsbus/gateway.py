@@ -271,6 +271,84 @@ class _Link:
             await asyncio.gather(closer, return_exceptions=True)
 
 
+class _Reporter:
+    """Sends the gateway's answers and reports to the bus, in order, from one owned task.
+
+    None of them ever waits for room: a report that waited for a full inbox would hold up
+    every control answer after it, for every service (whose handlers may be awaiting
+    them). So a bus that can say "would have to wait" is asked with ``publish_nowait``,
+    and such a report is lost (counted, logged), as one the bus refuses is.
+    """
+
+    def __init__(self, bus: Bus, size: int, counters: Counters) -> None:
+        self._bus = bus
+        self._counters = counters
+        # Reports made before start() (while the bus starts) wait here.
+        self._queue: asyncio.Queue[Envelope] = asyncio.Queue(size)
+        self._task: asyncio.Task[None] | None = None
+        self._logged_at = -REPORT_LOG_INTERVAL
+        self._unlogged = 0
+
+    def start(self, publish_nowait: Callable[[Envelope], bool] | None) -> None:
+        """Start the task that sends what is queued (``publish_nowait``: the bus's)."""
+        self._task = asyncio.create_task(self._send(publish_nowait), name="wsbus-reports")
+
+    async def stop(self) -> None:
+        """Send what is queued (for up to a second), then end the task."""
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await self._queue.join()
+        except TimeoutError:
+            log.warning("shutdown: %d reports were not sent", self._queue.qsize())
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    def post(self, envelopes: deque[Envelope]) -> None:
+        """Queue answers and reports (emptying ``envelopes``); count those with no room."""
+        queue = self._queue
+        while envelopes:
+            envelope = envelopes.popleft()
+            try:
+                queue.put_nowait(envelope)
+            except asyncio.QueueFull:
+                self._lost(envelope, "the gateway's report queue is full")
+
+    async def _send(self, publish_nowait: Callable[[Envelope], bool] | None) -> None:
+        queue = self._queue
+        while True:
+            envelope = await queue.get()
+            try:
+                if publish_nowait is None:
+                    await self._bus.publish(envelope)
+                elif publish_nowait(envelope) is False:
+                    self._lost(envelope, "its inbox is full (the service is busy)")
+            except Exception as exc:
+                self._lost(envelope, str(exc))
+            finally:
+                queue.task_done()
+
+    def _lost(self, envelope: Envelope, why: str) -> None:
+        """Count a report or answer the bus did not take; warn once a minute at most."""
+        self._counters.reports_lost += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now < self._logged_at + REPORT_LOG_INTERVAL:
+            return
+        log.warning(
+            "could not send %s to service %r: %s (%d reports and answers lost since the "
+            "last warning; Stats.reports_lost counts them all)",
+            envelope.type,
+            getattr(envelope.to, "name", "?"),
+            why,
+            self._unlogged,
+        )
+        self._logged_at = now
+        self._unlogged = 0
+
+
 class Gateway:
     """Connects client connections to a bus, safely.
 
@@ -324,10 +402,7 @@ class Gateway:
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._publish_nowait: Callable[[Envelope], bool] | None = None
         self._availability: ReportsAvailability | None = None
-        self._reports: asyncio.Queue[Envelope] | None = None
-        self._reporter: asyncio.Task[None] | None = None
-        self._reports_logged_at = -REPORT_LOG_INTERVAL
-        self._reports_unlogged = 0
+        self._reporter = _Reporter(bus, self.config.report_queue, self._counters)
         self._bus_down_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -350,10 +425,9 @@ class Gateway:
         # The bus's optional fast path, looked for once (see wsbus.bus).
         self._publish_nowait = bus.publish_nowait if isinstance(bus, PublishesNowait) else None
         self._availability = bus if isinstance(bus, ReportsAvailability) else None
-        # Reports made while the bus starts wait here until the report task runs.
-        self._reports = asyncio.Queue(self.config.report_queue)
+        # Reports made while the bus starts wait in the reporter's queue until it starts.
         await bus.start(self)
-        self._reporter = asyncio.create_task(self._report_loop(), name="wsbus-reports")
+        self._reporter.start(self._publish_nowait)
         self._state = "running"
         log.info("gateway %s started", self._node)
 
@@ -379,15 +453,7 @@ class Gateway:
                 await self._idle.wait()
         except TimeoutError:
             log.warning("%d connections did not close in time", len(sessions))
-        if self._reporter is not None:
-            assert self._reports is not None
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._reports.join()
-            except TimeoutError:
-                log.warning("shutdown: %d reports were not sent", self._reports.qsize())
-            self._reporter.cancel()
-            await asyncio.gather(self._reporter, return_exceptions=True)
+        await self._reporter.stop()
         if was_running:
             await self.bus.close()
         self._state = "closed"
@@ -621,63 +687,7 @@ class Gateway:
         outbound = self._outbound
         outbound.deliver(envelope, time.time())
         if outbound.to_bus:
-            self._post(outbound.to_bus)
-
-    def _post(self, envelopes: deque[Envelope]) -> None:
-        """Move answers and reports to the report queue; count those it has no room for."""
-        queue = self._reports
-        assert queue is not None
-        while envelopes:
-            envelope = envelopes.popleft()
-            try:
-                queue.put_nowait(envelope)
-            except asyncio.QueueFull:
-                self._counters.reports_lost += 1
-                to = getattr(envelope.to, "name", "?")
-                log.warning(
-                    "report queue full: %s for %s to %s lost", envelope.type, envelope.reply_to, to
-                )
-
-    async def _report_loop(self) -> None:
-        """Send answers and reports to the bus, in order; none of them ever waits for room.
-
-        One task sends them all: a report that waited for a full inbox would hold up every
-        control answer after it, for every service (whose handlers may be awaiting them).
-        So a bus that can say "would have to wait" is asked with ``publish_nowait``, and
-        such a report is lost (counted, logged), as one the bus refuses is.
-        """
-        assert self._reports is not None
-        queue = self._reports
-        publish_nowait = self._publish_nowait
-        while True:
-            envelope = await queue.get()
-            try:
-                if publish_nowait is None:
-                    await self.bus.publish(envelope)
-                elif publish_nowait(envelope) is False:
-                    self._report_lost(envelope, "its inbox is full (the service is busy)")
-            except Exception as exc:
-                self._report_lost(envelope, str(exc))
-            finally:
-                queue.task_done()
-
-    def _report_lost(self, envelope: Envelope, why: str) -> None:
-        """Count a report or answer the bus did not take; warn once a minute at most."""
-        self._counters.reports_lost += 1
-        self._reports_unlogged += 1
-        now = time.monotonic()
-        if now < self._reports_logged_at + REPORT_LOG_INTERVAL:
-            return
-        log.warning(
-            "could not send %s to service %r: %s (%d reports and answers lost since the "
-            "last warning; Stats.reports_lost counts them all)",
-            envelope.type,
-            getattr(envelope.to, "name", "?"),
-            why,
-            self._reports_unlogged,
-        )
-        self._reports_logged_at = now
-        self._reports_unlogged = 0
+            self._reporter.post(outbound.to_bus)
 
     # -- observing -----------------------------------------------------------------------
 
