@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import pluggy
 
 from wsbus.bus import Bus
-from wsbus.errors import ConfigError
+from wsbus.errors import ConfigError, PluginError
 from wsbus.gateway import Gateway
 from wsbus.service import Service
 
@@ -42,7 +42,6 @@ from .config import Section
 __all__ = [
     "BUSES",
     "EDGES",
-    "AdapterFailed",
     "BusAdapter",
     "Commands",
     "EdgeAdapter",
@@ -260,7 +259,7 @@ class Installed:
             kwargs: its arguments.
 
         Raises:
-            AdapterFailed: an adapter's hook raised; it is set aside already. What it was
+            PluginError: an adapter's hook raised; it is set aside already. What it was
                 building (a parser) may hold part of what it added: build it again.
         """
         # pluggy would call them all in one go, and one adapter's exception would end the
@@ -271,7 +270,7 @@ class Installed:
                 impl.function(*(kwargs[arg] for arg in impl.argnames))
             except Exception as exc:
                 self.set_aside(impl.plugin, f"its {hook} hook raised {type(exc).__name__}: {exc}")
-                raise AdapterFailed(impl.plugin_name) from exc
+                raise PluginError(hook, impl.plugin_name) from exc
 
     def set_aside(self, adapter: object, why: str) -> None:
         """Move ``adapter`` from the loaded adapters to :attr:`broken`, its hooks unregistered.
@@ -291,18 +290,6 @@ class Installed:
                     f"{what} failed ({' '.join(why.split())}): it is not loaded; upgrade it, "
                     f"report it to its authors, or remove it (pip uninstall {project})"
                 )
-
-
-class AdapterFailed(Exception):
-    """An adapter's hook raised; :meth:`Installed.call` set it aside.
-
-    Attributes:
-        plugin: the name it was registered under (``wsbus.buses:NAME``).
-    """
-
-    def __init__(self, plugin: str) -> None:
-        super().__init__(f"the adapter {plugin} failed; it is set aside")
-        self.plugin = plugin
 
 
 def _manager() -> pluggy.PluginManager:

@@ -38,9 +38,9 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from wsbus import __version__
-from wsbus.errors import BusUnavailable, ConfigError, MissingExtra, WsbusError
+from wsbus.errors import BusUnavailable, ConfigError, MissingExtra, PluginError, WsbusError
 
-from .adapters import AdapterFailed, Commands, installed, port_number
+from .adapters import Commands, installed, port_number
 from .config import (
     NODE_PATTERN,
     NODE_RULE,
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     while True:
         try:
             return _build_parser()
-        except AdapterFailed:
+        except PluginError:
             # Set aside already: what it added to this parser goes with the parser. Each
             # pass sets one adapter aside, so this ends.
             continue
