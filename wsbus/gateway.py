@@ -36,7 +36,7 @@ from .bus import Bus, PublishesNowait, ReportsAvailability
 from .edge import ClientConnection, ConnectionClosed, ReceivesRaw, ReportsUnsent, SendsNowait
 from .envelope import ConnId, Envelope, GatewayAddress, IdFactory, NodeId
 from .errors import AliasTaken, ConfigError, InvalidName, PluginError
-from .hooks import HandshakeRequest, Hooks, Identity, Refusal
+from .hooks import HandshakeRequest, Hooks, Identity, Refusal, _FailureLog
 from .limits import ErrorBudget, TokenBucket
 from .outbound import Outbound
 from .plugins import AllowAnonymous
@@ -224,9 +224,13 @@ class _Link:
             )
             session.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            self.writer = None
-            if self.flushed is not None:
-                self.flushed.set()
+            self._writer_ended()
+
+    def _writer_ended(self) -> None:
+        """Forget the writer and wake a flushing close that waits for it."""
+        self.writer = None
+        if self.flushed is not None:
+            self.flushed.set()
 
     async def _close(self) -> None:
         session = self.session
@@ -255,11 +259,9 @@ class _Link:
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-            # A writer cancelled before it ran never reached its own clean-up: forget it,
-            # and wake a flushing close that waits for it, or it would wait FLUSH_TIMEOUT.
-            self.writer = None
-            if self.flushed is not None:
-                self.flushed.set()
+            # A writer cancelled before it ran never reached its own clean-up; without it a
+            # flushing close would wait FLUSH_TIMEOUT.
+            self._writer_ended()
 
     async def stop(self) -> None:
         """Stop the writer; give the closer up to CLOSE_WAIT seconds, then cancel it."""
@@ -286,8 +288,7 @@ class _Reporter:
         # Reports made before start() (while the bus starts) wait here.
         self._queue: asyncio.Queue[Envelope] = asyncio.Queue(size)
         self._task: asyncio.Task[None] | None = None
-        self._logged_at = -REPORT_LOG_INTERVAL
-        self._unlogged = 0
+        self._log = _FailureLog(REPORT_LOG_INTERVAL)
 
     def start(self, publish_nowait: Callable[[Envelope], bool] | None) -> None:
         """Start the task that sends what is queued (``publish_nowait``: the bus's)."""
@@ -333,9 +334,8 @@ class _Reporter:
     def _lost(self, envelope: Envelope, why: str) -> None:
         """Count a report or answer the bus did not take; warn once a minute at most."""
         self._counters.reports_lost += 1
-        self._unlogged += 1
-        now = time.monotonic()
-        if now < self._logged_at + REPORT_LOG_INTERVAL:
+        count = self._log.admit("reports", time.monotonic())
+        if count is None:
             return
         log.warning(
             "could not send %s to service %r: %s (%d reports and answers lost since the "
@@ -343,10 +343,8 @@ class _Reporter:
             envelope.type,
             getattr(envelope.to, "name", "?"),
             why,
-            self._unlogged,
+            max(count, 1),
         )
-        self._logged_at = now
-        self._unlogged = 0
 
 
 class Gateway:
