@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from .envelope import Envelope, NodeId
+from .envelope import ConnId, Envelope, NodeId
 
 __all__ = [
     "SHARED_HEADER",
     "Bus",
     "BusSink",
+    "ClaimsAliases",
+    "HearsLoss",
     "PublishesNowait",
     "ReportsAvailability",
     "is_for_gateway",
@@ -108,6 +110,55 @@ class ReportsAvailability(Protocol):
     @property
     def available(self) -> bool:
         """True while the bus can take envelopes; the gateway admits clients again then."""
+        ...
+
+
+@runtime_checkable
+class ClaimsAliases(Protocol):
+    """A bus that spans gateways and keeps aliases unique across all of them.
+
+    A gateway whose bus has this claims an alias on the bus before it sets it in its own
+    registry, and releases it when the alias is cleared or its connection ends. A bus with
+    one gateway (the in-memory bus) does not need it: the registry keeps aliases unique.
+    """
+
+    async def claim_alias(self, alias: str, conn_id: ConnId) -> bool:
+        """Claim ``alias`` for ``conn_id`` across every gateway on the bus.
+
+        Returns:
+            True when ``conn_id`` holds ``alias`` now (also when it already did); False
+            when another connection holds it.
+
+        Raises:
+            BusUnavailable: the alias table cannot be reached; nothing was claimed.
+        """
+        ...
+
+    async def release_alias(self, alias: str, conn_id: ConnId) -> None:
+        """Give ``alias`` up if ``conn_id`` holds it; do nothing otherwise.
+
+        Raises:
+            BusUnavailable: the alias table cannot be reached. The claim then ends when
+                the bus learns that the gateway holding it died.
+        """
+        ...
+
+
+@runtime_checkable
+class HearsLoss(Protocol):
+    """A :class:`BusSink` that can be told deliveries meant for it may have been lost."""
+
+    def deliveries_lost(self, reason: str, detail: str) -> None:
+        """Hear that envelopes meant for this gateway may have been lost.
+
+        Called on the gateway's loop thread.
+
+        Args:
+            reason: ``"bus_disconnected"`` (the link to the bus broke: anything in flight
+                to this gateway may be gone) or ``"slow_consumer"`` (the bus dropped
+                envelopes for this gateway: its subscription overflowed).
+            detail: what happened, in words for a log or a user.
+        """
         ...
 
 

@@ -23,7 +23,7 @@ routing rules of :mod:`wsbus.bus`, per-sender order, and the errors publish rais
 services it uses live in :mod:`wsbus_testing.services`, importable by path, so that a bus
 running services in other processes can start them too.
 
-Optional capabilities (:class:`~wsbus.bus.PublishesNowait`,
+Optional capabilities (:class:`~wsbus.bus.ClaimsAliases`, :class:`~wsbus.bus.PublishesNowait`,
 :class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. Two more things a
 subclass may give, so that a renamed method fails loudly and "unavailable" is tested too:
 
@@ -45,7 +45,7 @@ import msgspec
 import pytest
 
 from wsbus import control
-from wsbus.bus import Bus, PublishesNowait, ReportsAvailability
+from wsbus.bus import Bus, ClaimsAliases, PublishesNowait, ReportsAvailability
 from wsbus.envelope import (
     ClientAddress,
     ConnId,
@@ -73,7 +73,7 @@ MakeBus = Callable[[list[type[Service]]], Awaitable[Bus]]
 MakeUnavailable = Callable[[Bus], Awaitable[None]]
 """The ``wsbus_make_unavailable`` fixture: makes a started bus unavailable."""
 
-BUS_CAPABILITIES: Final[tuple[type, ...]] = (PublishesNowait, ReportsAvailability)
+BUS_CAPABILITIES: Final[tuple[type, ...]] = (ClaimsAliases, PublishesNowait, ReportsAvailability)
 """Every optional capability a bus may offer."""
 
 TIMEOUT: Final = 30.0
