@@ -31,8 +31,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, ClassVar, Final, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar
 
 import msgspec
 
@@ -44,6 +44,7 @@ from .envelope import (
     EnvelopeId,
     GatewayAddress,
     IdFactory,
+    NodeId,
     Recipients,
     ServiceAddress,
     node_of,
@@ -51,12 +52,24 @@ from .envelope import (
 from .errors import BusUnavailable, ConfigError, ControlError, RequestTimeout
 from .registry import ClientInfo
 
-__all__ = ["Context", "Service", "ServiceLink", "ServiceRunner", "handles", "load_service"]
+__all__ = [
+    "Context",
+    "GatewayNodes",
+    "Service",
+    "ServiceLink",
+    "ServiceRunner",
+    "handles",
+    "load_service",
+]
 
 log = logging.getLogger("wsbus.service")
 
 _HANDLES_ATTR: Final = "__wsbus_handles__"
 F = TypeVar("F", bound=Callable[..., Any])
+
+GatewayNodes: TypeAlias = Callable[[], Awaitable[Sequence[NodeId]]]
+"""What a bus runtime that spans gateways gives a service: an async function returning the
+node ids of the gateways alive now. :meth:`ServiceLink.clients` asks each of them."""
 
 
 def handles(*types: str) -> Callable[[F], F]:
@@ -124,6 +137,9 @@ class ServiceLink:
         emit: puts an envelope on the bus; may raise NoRoute or BusUnavailable.
         loop: the event loop the runtime runs on.
         timeout: the default seconds to wait for the gateway's answer to a request.
+        gateways: on a bus with several gateways, the runtime's function that lists the
+            live ones: :meth:`clients` then asks every one of them. Without it (one
+            gateway, as on the in-memory bus) the one gateway answers.
     """
 
     def __init__(
@@ -133,10 +149,12 @@ class ServiceLink:
         loop: asyncio.AbstractEventLoop,
         *,
         timeout: float = 5.0,
+        gateways: GatewayNodes | None = None,
     ) -> None:
         self.name = name
         self.address = ServiceAddress(name)
         self.timeout = timeout
+        self._gateways = gateways
         self._emit = emit
         self._loop = loop
         self._loop_thread = threading.get_ident()
@@ -211,38 +229,82 @@ class ServiceLink:
     async def join(self, conn_id: ConnId, group: str) -> bool:
         """Add a connection to a group; return False when it was in it already."""
         return bool(
-            await self._request(control.JOIN, control.GroupRequest(conn_id, group), conn_id)
+            await self._request(control.JOIN, control.GroupRequest(conn_id, group), _owner(conn_id))
         )
 
     async def leave(self, conn_id: ConnId, group: str) -> bool:
         """Take a connection out of a group; return False when it was not in it."""
         return bool(
-            await self._request(control.LEAVE, control.GroupRequest(conn_id, group), conn_id)
+            await self._request(
+                control.LEAVE, control.GroupRequest(conn_id, group), _owner(conn_id)
+            )
         )
 
     async def set_alias(self, conn_id: ConnId, alias: str) -> str:
-        """Set a connection's alias; return the alias it got (the gateway may add a suffix)."""
+        """Set a connection's alias; return the alias it got (the gateway may add a suffix).
+
+        Aliases are unique across every gateway on the bus.
+
+        Raises:
+            ControlError: ``alias_taken`` (another connection has it), ``invalid_name``,
+                ``unknown_connection``, or ``unavailable`` (on a bus with several gateways,
+                the bus's alias table could not be reached: nothing was set; retry later).
+        """
         return str(
-            await self._request(control.ALIAS_SET, control.AliasRequest(conn_id, alias), conn_id)
+            await self._request(
+                control.ALIAS_SET, control.AliasRequest(conn_id, alias), _owner(conn_id)
+            )
         )
 
     async def clear_alias(self, conn_id: ConnId) -> None:
         """Remove a connection's alias."""
-        await self._request(control.ALIAS_CLEAR, control.ConnRequest(conn_id), conn_id)
+        await self._request(control.ALIAS_CLEAR, control.ConnRequest(conn_id), _owner(conn_id))
 
     async def clients(self, group: str | None = None) -> list[ClientInfo]:
-        """List the connected clients (or one group's members) with aliases and groups."""
-        value = await self._request(control.CLIENTS, control.ClientsRequest(group), None)
-        return msgspec.convert(value, list[ClientInfo])
+        """List the connected clients (or one group's members) with aliases and groups.
+
+        On a bus with several gateways (the runtime gave ``gateways``), every live gateway
+        is asked at once and the lists are joined, in the order the runtime lists the
+        gateways: the whole list or an error, never part of it.
+
+        Raises:
+            RequestTimeout: a gateway did not answer within :attr:`timeout` (its node id
+                is in the error's ``what``).
+            ControlError: a gateway refused (the message names it).
+        """
+        request = control.ClientsRequest(group)
+        if self._gateways is None:
+            value = await self._request(control.CLIENTS, request, None)
+            return msgspec.convert(value, list[ClientInfo])
+        try:
+            async with asyncio.timeout(self.timeout):
+                listed = await self._gateways()
+        except TimeoutError:
+            what = f"the list of live gateways for service {self.name!r}"
+            raise RequestTimeout(what, self.timeout) from None
+        # A node listed twice is asked once.
+        nodes = list(dict.fromkeys(listed))
+        answers = await asyncio.gather(
+            *(self._request(control.CLIENTS, request, GatewayAddress(node)) for node in nodes),
+            return_exceptions=True,
+        )
+        merged: list[ClientInfo] = []
+        for node, answer in zip(nodes, answers, strict=True):
+            if isinstance(answer, ControlError):
+                raise ControlError(answer.code, f"gateway {node!r}: {answer.message}")
+            if isinstance(answer, BaseException):
+                # The first failure in the gateways' order: the caller sees which one.
+                raise answer
+            merged += msgspec.convert(answer, list[ClientInfo])
+        return merged
 
     async def disconnect(self, conn_id: ConnId, code: int = 4000, reason: str = "") -> None:
         """Close a client's connection with a close code (1000, 1001, 1008 or 4000-4999)."""
         await self._request(
-            control.DISCONNECT, control.DisconnectRequest(conn_id, code, reason), conn_id
+            control.DISCONNECT, control.DisconnectRequest(conn_id, code, reason), _owner(conn_id)
         )
 
-    async def _request(self, type: str, content: msgspec.Struct, conn_id: ConnId | None) -> Any:
-        to = GatewayAddress(node_of(conn_id)) if conn_id is not None else None
+    async def _request(self, type: str, content: msgspec.Struct, to: GatewayAddress | None) -> Any:
         future: asyncio.Future[Envelope] = self._loop.create_future()
         request_id = self._ids()
         # Registered before sending: a bus may answer before _put returns.
@@ -252,7 +314,10 @@ class ServiceLink:
             async with asyncio.timeout(self.timeout):
                 answer = await future
         except TimeoutError:
-            raise RequestTimeout(f"{type} from service {self.name!r}", self.timeout) from None
+            what = f"{type} from service {self.name!r}"
+            if to is not None:
+                what += f" to gateway {to.node!r}"
+            raise RequestTimeout(what, self.timeout) from None
         finally:
             self._pending.pop(request_id, None)
         try:
@@ -273,6 +338,11 @@ class ServiceLink:
         if not future.done():
             future.set_result(envelope)
         return True
+
+
+def _owner(conn_id: ConnId) -> GatewayAddress:
+    """The gateway that owns a connection: the node its id starts with."""
+    return GatewayAddress(node_of(conn_id))
 
 
 class Context:
@@ -353,6 +423,8 @@ class ServiceRunner:
         inbox_size: how many envelopes may wait; past that :meth:`accept` refuses with
             BusUnavailable, so a stuck service cannot eat the gateway's memory.
         timeout: seconds to wait for the gateway's answer to control requests.
+        gateways: on a bus with several gateways, lists the live ones (see
+            :class:`ServiceLink`).
     """
 
     def __init__(
@@ -362,11 +434,14 @@ class ServiceRunner:
         *,
         inbox_size: int = 1000,
         timeout: float = 5.0,
+        gateways: GatewayNodes | None = None,
     ) -> None:
         self.service = service
         self.name = service.name
         self.types = type(service).handled_types()
-        self.link = ServiceLink(service.name, emit, asyncio.get_running_loop(), timeout=timeout)
+        self.link = ServiceLink(
+            service.name, emit, asyncio.get_running_loop(), timeout=timeout, gateways=gateways
+        )
         service.link = self.link
         # A deque and an event: cheaper per message than asyncio.Queue, and bounded here.
         self._inbox: deque[Envelope] = deque()

@@ -34,6 +34,7 @@ from wsbus import (
     memory_pair,
 )
 from wsbus.edge import MemoryClient
+from wsbus.envelope import EnvelopeId, NodeId
 from wsbus.service import ServiceLink
 from wsbus_testing.children import Child
 from wsbus_testing.services import Failing
@@ -476,3 +477,121 @@ async def test_a_held_place_is_nobody_elses_until_taken_or_given_back() -> None:
     assert not other.has_room()
     with pytest.raises(BusUnavailable):
         other.accept(client_message("still.take", 3))
+
+
+# -- clients() across gateways -------------------------------------------------------------
+
+
+class Lister(Service):
+    """Lists the clients (of a group, when the message names one) to the sender."""
+
+    name = "lister"
+
+    @handles("list")
+    async def list_clients(self, message: Envelope, ctx: Context) -> None:
+        try:
+            infos = await ctx.clients(message.content)
+        except (RequestTimeout, ControlError) as exc:
+            ctx.reply({"error": type(exc).__name__, "text": str(exc)})
+            return
+        ctx.reply(sorted(info.conn_id for info in infos))
+
+
+async def test_clients_lists_every_gateways_clients() -> None:
+    from tests.conftest import Control
+    from tests.wsbus.cluster import Cluster, running
+
+    async with running(Cluster([Lister(), Control()])) as run:
+        a, b = run.gateways
+        on_a, on_b, also_b = [await run.connect(g) for g in (a, b, b)]
+        for client in (on_a, also_b):
+            client.send("ctl.join", {"group": "room"})
+            assert (await client.receive())["content"] == {"joined": True}
+        on_a.send("list", None)
+        everyone = sorted(str(c.conn_id) for c in (on_a, on_b, also_b))
+        assert (await on_a.receive())["content"] == everyone
+        on_b.send("list", "room")
+        assert (await on_b.receive())["content"] == sorted([str(on_a.conn_id), str(also_b.conn_id)])
+        for gateway in run.gateways:
+            assert_balanced(gateway.stats())
+
+
+async def test_a_silent_gateway_makes_clients_raise_naming_it() -> None:
+    from tests.wsbus.cluster import Cluster, running
+
+    cluster = Cluster([Lister()], timeout=0.2)
+    async with running(cluster) as run:
+        on_a = await run.connect(run.gateways[0])
+        await run.connect(run.gateways[1])
+        cluster.silent.add(run.gateways[1].node)
+        on_a.send("list", None)
+        answer = (await on_a.receive())["content"]
+        # Never the part of the list gateway a gave: the whole list, or an error naming b.
+        assert answer["error"] == "RequestTimeout" and "gateway 'b'" in answer["text"]
+
+
+async def test_clients_asks_every_gateway_at_once_and_joins_in_their_order() -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[Envelope] = []
+    nodes = [NodeId("n2"), NodeId("n1"), NodeId("n2")]
+
+    async def gateways() -> list[NodeId]:
+        return nodes
+
+    link = ServiceLink("svc", sent.append, loop, timeout=5.0, gateways=gateways)
+    listing = asyncio.create_task(link.clients("g"))
+    async with asyncio.timeout(5):
+        while len(sent) < 2:
+            await asyncio.sleep(0)
+    # Both asked before either answered; a node listed twice asked once.
+    assert [e.to for e in sent] == [GatewayAddress(NodeId("n2")), GatewayAddress(NodeId("n1"))]
+    assert all(e.type == "wsbus.clients" and e.content == {"group": "g"} for e in sent)
+    for request in reversed(sent):
+        node = request.to.node  # type: ignore[union-attr]
+        info = {"conn_id": f"{node}.1", "alias": None, "user": None, "groups": ["g"]}
+        link.accept_result(_result(request, [info]))
+    async with asyncio.timeout(5):
+        infos = await listing
+    assert [i.conn_id for i in infos] == ["n2.1", "n1.1"]
+
+
+async def test_a_gateway_refusing_clients_is_named() -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[Envelope] = []
+
+    async def gateways() -> list[NodeId]:
+        return [NodeId("n1"), NodeId("n2")]
+
+    link = ServiceLink("svc", sent.append, loop, timeout=5.0, gateways=gateways)
+    listing = asyncio.create_task(link.clients())
+    async with asyncio.timeout(5):
+        while len(sent) < 2:
+            await asyncio.sleep(0)
+    link.accept_result(_result(sent[0], []))
+    refusal = {"ok": False, "code": "invalid_request", "message": "no"}
+    link.accept_result(_result(sent[1], None, content=refusal))
+    with pytest.raises(ControlError) as info:
+        async with asyncio.timeout(5):
+            await listing
+    assert info.value.code == "invalid_request" and "gateway 'n2'" in info.value.message
+
+
+async def test_no_gateways_means_an_empty_list_and_no_request() -> None:
+    sent: list[Envelope] = []
+
+    async def gateways() -> list[NodeId]:
+        return []
+
+    link = ServiceLink("svc", sent.append, asyncio.get_running_loop(), gateways=gateways)
+    assert await link.clients() == [] and sent == []
+
+
+def _result(request: Envelope, value: Any, content: Any = None) -> Envelope:
+    """The gateway's answer to ``request``: ok with ``value``, or ``content`` as given."""
+    return Envelope(
+        id=EnvelopeId(f"answer-{request.id}"),
+        type="wsbus.result",
+        sender=GatewayAddress(request.to.node),  # type: ignore[union-attr]
+        content=content if content is not None else {"ok": True, "value": value},
+        reply_to=request.id,
+    )
