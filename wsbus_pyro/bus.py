@@ -14,22 +14,32 @@ stalls the loop for up to ``comm_timeout``.
 
 Publishing never blocks the loop either: a forwarder thread owns the proxy to the message
 bus, batches envelopes, and reports each one's fate back to the loop.
+
+Aliases are unique across every gateway on the bus: :class:`PyroBus` is a
+:class:`wsbus.bus.ClaimsAliases`, and claims each alias in the message bus's table (on a
+thread of its own, never the loop) before the gateway sets it. It remembers what it
+holds, so that it claims it all again when it re-registers with a restarted bus; an alias
+another gateway's connection took meanwhile is cleared here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
 import socket
 import threading
+import time
 from typing import Any
 
 from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 from Pyro5.server import expose
 
+from wsbus import control
 from wsbus.bus import BusSink
-from wsbus.envelope import Envelope, ServiceAddress
+from wsbus.envelope import ConnId, Envelope, EnvelopeId, GatewayAddress, ServiceAddress
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
 from .config import PyroConfig, SecureDaemon, apply
@@ -37,6 +47,7 @@ from .transport import (
     NO_ROUTE,
     OK,
     REREGISTERING,
+    TAKEN,
     Forwarder,
     RecentIds,
     decode_batch,
@@ -88,6 +99,9 @@ class GatewayEndpoint:
 class PyroBus:
     """A :class:`wsbus.Bus` over Pyro5: the gateway joins a message bus found by name.
 
+    It is also a :class:`wsbus.bus.ClaimsAliases` (the alias table is the message bus's)
+    and a :class:`wsbus.bus.ReportsAvailability`.
+
     Args:
         config: Pyro settings; the name server at ``ns_host:ns_port`` must be running, and
             a message bus (``wsbus bus``) registered in it.
@@ -108,6 +122,19 @@ class PyroBus:
         self._served: set[tuple[bool, str]] = set()
         self.uri = ""
         self.name = ""
+        self._sink: BusSink | None = None
+        # The aliases this gateway's connections hold on the bus, claimed again when the
+        # gateway re-registers (the bus restarted, or dropped it). Changed on the loop,
+        # read by the watchdog thread: under the lock.
+        self._claims: dict[str, ConnId] = {}
+        self._claiming: dict[str, int] = {}
+        self._unreleased: dict[str, ConnId] = {}
+        self._claims_lock = threading.Lock()
+        # Claims and releases are calls to the bus on this one thread, which owns their
+        # proxy (Pyro proxies belong to one thread), in the order they were made.
+        self._control: concurrent.futures.ThreadPoolExecutor | None = None
+        self._control_proxy: Proxy | None = None
+        self._control_used = 0.0
 
     # -- Bus -----------------------------------------------------------------------------
 
@@ -124,8 +151,12 @@ class PyroBus:
         apply(config)
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._sink = sink
         self._node = str(sink.node)
         self.name = f"{config.gateway_prefix}{self._node}"
+        self._control = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"wsbus-aliases-{self._node}"
+        )
         daemon = SecureDaemon(config)
         self._daemon = daemon
         endpoint = GatewayEndpoint(loop, sink, on_loop=config.single_thread)
@@ -212,9 +243,149 @@ class PyroBus:
         if self._publisher is not None:
             await asyncio.to_thread(self._publisher.stop, 2.0)
             self._publisher = None
+        if self._control is not None:
+            executor, self._control = self._control, None
+            await asyncio.get_running_loop().run_in_executor(executor, self._release_control)
+            executor.shutdown(wait=False)
         if self._daemon is not None:
             daemon, self._daemon = self._daemon, None
             await asyncio.to_thread(daemon.close)
+
+    # -- ClaimsAliases -------------------------------------------------------------------
+
+    async def claim_alias(self, alias: str, conn_id: ConnId) -> bool:
+        """Claim ``alias`` for ``conn_id`` in the message bus's table, across every gateway.
+
+        Returns:
+            True when ``conn_id`` holds it now (or did already); False when another
+            connection, on this gateway or another, holds it.
+
+        Raises:
+            BusUnavailable: the bus cannot be reached, this gateway is re-registering with
+                it, or it restarted a moment ago and the gateways are claiming their
+                aliases again; nothing was claimed. Retry.
+        """
+        with self._claims_lock:
+            self._claiming[alias] = self._claiming.get(alias, 0) + 1
+            if self._unreleased.get(alias) == conn_id:
+                # Claimed again before the bus heard of the release: keep it held.
+                del self._unreleased[alias]
+        try:
+            status = await self._call_bus("claim_alias", alias, conn_id)
+            if status == OK:
+                with self._claims_lock:
+                    self._claims[alias] = conn_id
+                return True
+        finally:
+            with self._claims_lock:
+                left = self._claiming[alias] - 1
+                if left:
+                    self._claiming[alias] = left
+                else:
+                    del self._claiming[alias]
+        if status == TAKEN:
+            return False
+        if status == REREGISTERING:
+            raise BusUnavailable(
+                "the message bus restarted a moment ago and the gateways are claiming their "
+                "aliases again",
+                False,
+            )
+        raise BusUnavailable(f"gateway {self._node} is re-registering with the message bus", False)
+
+    async def release_alias(self, alias: str, conn_id: ConnId) -> None:
+        """Free ``alias`` in the bus's table if ``conn_id`` holds it; nothing otherwise.
+
+        Raises:
+            BusUnavailable: the bus cannot be reached. The release is sent again with the
+                gateway's next registration check (every ``reregister_interval``), and
+                the bus frees every alias of a gateway that leaves or stops checking in.
+        """
+        with self._claims_lock:
+            if self._claims.get(alias) == conn_id:
+                del self._claims[alias]
+        try:
+            await self._call_bus("release_alias", alias, conn_id)
+        except BusUnavailable:
+            with self._claims_lock:
+                self._unreleased[alias] = conn_id
+            raise
+
+    async def _call_bus(self, method: str, *args: Any) -> Any:
+        """Call the message bus on the control thread; BusUnavailable when it cannot."""
+        executor = self._control
+        if executor is None:
+            raise BusUnavailable("this gateway is not on the bus (not started, or closed)")
+        loop = asyncio.get_running_loop()
+        try:
+            # A lookup and two tries of the call, each bounded by comm_timeout.
+            async with asyncio.timeout(3 * self.config.comm_timeout):
+                return await loop.run_in_executor(executor, self._control_call, method, args)
+        except TimeoutError:
+            raise BusUnavailable("the message bus did not answer in time") from None
+        except RuntimeError:  # the executor was shut down: the gateway is closing
+            raise BusUnavailable("this gateway is leaving the bus") from None
+
+    def _control_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """Make one call on the control thread's proxy (the control thread only)."""
+        if (
+            self._control_proxy is not None
+            and time.monotonic() - self._control_used > self.config.comm_timeout / 2
+        ):
+            # The bus drops connections idle for comm_timeout: a fresh one, not a dead one.
+            self._release_control()
+        try:
+            try:
+                reused = self._control_proxy is not None
+                if self._control_proxy is None:
+                    self._control_proxy = self._bus_proxy()
+                result = getattr(self._control_proxy, method)(*args)
+            except pyro_errors.ConnectionClosedError:
+                if not reused:
+                    raise
+                # The bus closed a connection we held: it never read this call (and claims
+                # and releases may be made twice anyway).
+                self._release_control()
+                self._control_proxy = self._bus_proxy()
+                result = getattr(self._control_proxy, method)(*args)
+        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
+            self._release_control()
+            raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
+        self._control_used = time.monotonic()
+        return result
+
+    def _release_control(self) -> None:
+        if self._control_proxy is not None:
+            self._control_proxy._pyroRelease()
+            self._control_proxy = None
+
+    def _clear_refused(self, alias: str, conn_id: ConnId) -> None:
+        """On the loop: drop an alias the bus gave another gateway while this one was away."""
+        with self._claims_lock:
+            if self._claims.get(alias) != conn_id:
+                return  # cleared or changed meanwhile
+            del self._claims[alias]
+        sink = self._sink
+        if sink is None:
+            return
+        log.warning(
+            "alias %r of connection %s was cleared: another gateway's connection claimed it "
+            "while this gateway was cut off from the message bus",
+            alias,
+            conn_id,
+        )
+        # As a service would: the gateway clears it in its registry (a request with no
+        # service sender gets no answer).
+        sink.deliver(
+            Envelope(
+                id=EnvelopeId(f"{self._node}-bus-{os.urandom(6).hex()}"),
+                type=control.ALIAS_CLEAR,
+                sender=GatewayAddress(sink.node),
+                content={"conn_id": conn_id},
+                created=time.time(),
+                to=GatewayAddress(sink.node),
+            )
+        )
 
     # -- the daemon in the loop ----------------------------------------------------------
 
@@ -299,47 +470,92 @@ class PyroBus:
             with name_server(config) as ns:
                 ns.remove(self.name)
             with self._bus_proxy() as bus:
-                bus.unregister_gateway(self._node)
+                # Only this process's registration (and with it every alias it holds).
+                bus.unregister_gateway(self._node, self.uri)
         except Exception as exc:
             log.info("leaving the bus: %s", exc)
 
     def _watch(self) -> None:
-        """Re-register when the name server or the bus restarted (within an interval)."""
+        """Check in with the bus and the name server every interval; re-register if needed.
+
+        The bus check comes first and never waits on the name server: it is how the bus
+        knows this gateway is alive (one that stops checking in loses its aliases).
+        """
         config = self.config
         ns: Proxy | None = None
         bus: Proxy | None = None
         while not self._stop.wait(config.reregister_interval):
-            try:
-                if ns is None:
-                    ns = name_server(config)
-                if str(ns.lookup(self.name)) != self.uri:
-                    raise pyro_errors.NamingError("registration changed")
-            except pyro_errors.NamingError:
-                self._try_register(ns, "name server")
-            except Exception as exc:  # never let the watchdog die: it is how we recover
-                if not isinstance(exc, pyro_errors.CommunicationError | OSError):
-                    log.warning("checking the name server registration failed: %s", exc)
-                if ns is not None:
-                    ns._pyroRelease()
-                ns = None
-                continue
-            try:
-                if bus is None:
-                    bus = self._bus_proxy()
-                if not bus.registered("gateway", self._node, self.uri):
-                    bus.register_gateway(self._node, self.uri)
-                    log.info("gateway %s re-registered with the message bus", self._node)
-                self._bus_reachable = True
-            except Exception as exc:
-                self._bus_reachable = False
-                if not isinstance(exc, pyro_errors.PyroError | OSError):
-                    log.warning("checking the message bus registration failed: %s", exc)
-                if bus is not None:
-                    bus._pyroRelease()
-                bus = None
+            bus = self._check_bus(bus)
+            ns = self._check_name_server(ns)
         for proxy in (ns, bus):
             if proxy is not None:
                 proxy._pyroRelease()
+
+    def _check_bus(self, bus: Proxy | None) -> Proxy | None:
+        try:
+            if bus is None:
+                bus = self._bus_proxy()
+            if not bus.registered("gateway", self._node, self.uri):
+                self._reregister(bus)
+                log.info("gateway %s re-registered with the message bus", self._node)
+            self._bus_reachable = True
+            self._send_releases(bus)
+        except Exception as exc:  # never let the watchdog die: it is how we recover
+            self._bus_reachable = False
+            if not isinstance(exc, pyro_errors.PyroError | OSError):
+                log.warning("checking the message bus registration failed: %s", exc)
+            if bus is not None:
+                bus._pyroRelease()
+            bus = None
+        return bus
+
+    def _check_name_server(self, ns: Proxy | None) -> Proxy | None:
+        try:
+            if ns is None:
+                ns = name_server(self.config)
+            if str(ns.lookup(self.name)) != self.uri:
+                raise pyro_errors.NamingError("registration changed")
+        except pyro_errors.NamingError:
+            self._try_register(ns, "name server")
+        except Exception as exc:
+            if not isinstance(exc, pyro_errors.CommunicationError | OSError):
+                log.warning("checking the name server registration failed: %s", exc)
+            if ns is not None:
+                ns._pyroRelease()
+            ns = None
+        return ns
+
+    def _reregister(self, bus: Proxy) -> None:
+        """Register again with every alias held: the bus restarted, or dropped this gateway."""
+        with self._claims_lock:
+            held = [[alias, conn_id] for alias, conn_id in self._claims.items()]
+        refused = bus.register_gateway(self._node, self.uri, held) or []
+        loop = self._loop
+        for alias, conn_id in refused:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._clear_refused, str(alias), ConnId(str(conn_id)))
+        refused_aliases = {str(alias) for alias, _ in refused}
+        with self._claims_lock:
+            # Released while the registration was on its way: the bus holds them again.
+            stale = [
+                (alias, conn_id)
+                for alias, conn_id in held
+                if alias not in refused_aliases
+                and self._claims.get(alias) != conn_id
+                and alias not in self._claiming
+            ]
+        for alias, conn_id in stale:
+            bus.release_alias(alias, conn_id)
+
+    def _send_releases(self, bus: Proxy) -> None:
+        """Send again the releases the bus could not be told of when they were made."""
+        with self._claims_lock:
+            pending = list(self._unreleased.items())
+        for alias, conn_id in pending:
+            bus.release_alias(alias, conn_id)
+            with self._claims_lock:
+                if self._unreleased.get(alias) == conn_id:
+                    del self._unreleased[alias]
 
     def _try_register(self, ns: Proxy | None, what: str) -> None:
         if ns is None:

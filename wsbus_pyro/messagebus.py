@@ -18,6 +18,21 @@ gateways with their node id. The bus then follows the routing rules of :mod:`wsb
   ``unavailable`` (retry) for a type it saw served and ``no_route`` otherwise; a service
   sends the envelope again.
 
+It also keeps the cluster's shared state:
+
+- **The alias table** (alias -> connection id; the connection id names its gateway):
+  :meth:`MessageBus.claim_alias` and :meth:`MessageBus.release_alias`, so that an alias is
+  unique across every gateway. A gateway that unregisters, or has not checked in
+  (:meth:`MessageBus.registered`) for ``3 * reregister_interval``, is dropped and its
+  aliases are freed. A restarted bus starts with an empty table: each gateway claims its
+  aliases again when it re-registers (:meth:`MessageBus.register_gateway`), and until
+  every gateway in the name server has, a new claim is answered ``reregistering``.
+- **The live gateways** (:meth:`MessageBus.gateways`): a service asks each of them for
+  its clients.
+- **One process per service name**: a second process registering a name whose process
+  still answers is refused (the Pyro bus is the single-machine bus); one whose process
+  is gone is replaced at once.
+
 Each destination has one :class:`~wsbus_pyro.transport.Forwarder` thread that owns its
 proxy and keeps the order in which the bus received envelopes.
 """
@@ -45,10 +60,12 @@ from .transport import (
     NO_ROUTE,
     OK,
     REREGISTERING,
+    TAKEN,
     UNAVAILABLE,
     Forwarder,
     decode_batch,
     make_proxy,
+    name_server,
 )
 
 __all__ = ["MessageBus"]
@@ -62,6 +79,8 @@ class _Endpoint:
         self.uri = uri
         self.forwarder = forwarder
         self.types = types
+        self.seen = time.monotonic()
+        """When it last registered or checked its registration (monotonic)."""
 
 
 @expose
@@ -84,62 +103,253 @@ class MessageBus:
         self._senders: dict[str, _SenderCalls] = {}
         # Until then, services and gateways of the deployment may still be re-registering.
         self._settled_at = time.monotonic() + 3 * config.reregister_interval + config.comm_timeout
+        self.lifetime = 3 * config.reregister_interval
+        """Seconds a gateway may go without checking in before the bus drops it."""
+        self._aliases: dict[str, str] = {}
+        # One service registration decided at a time: deciding may probe the process
+        # registered before, which takes a while and must not hold the routing lock.
+        self._register_lock = threading.Lock()
+        self._aliases_back = False
 
     def _settling(self) -> bool:
         return time.monotonic() < self._settled_at
 
     # -- registration --------------------------------------------------------------------
 
-    def register_service(self, name: str, types: list[str], uri: str) -> None:
-        """Add (or replace) a service and the message types it handles."""
-        name = str(name)
-        with self._lock:
-            old = self._services.get(name)
-            if old is not None and old.uri == uri:
-                return
-            forwarder = self._forwarder(f"service {name!r}", str(uri))
-            self._services[name] = _Endpoint(name, str(uri), forwarder, frozenset(map(str, types)))
-            self._reindex()
+    def register_service(self, name: str, types: list[str], uri: str) -> str | None:
+        """Add a service and the message types it handles, or refuse a second process.
+
+        A service registered under ``name`` at another address is replaced only when its
+        process no longer answers (it died; it is probed at once, so a restarted service
+        takes over without a wait).
+
+        Returns:
+            None when ``name`` is registered at ``uri`` now; the address of the process
+            that holds ``name`` when this one is refused.
+        """
+        name, uri = str(name), str(uri)
+        with self._register_lock:
+            with self._lock:
+                old = self._services.get(name)
+                if old is not None and old.uri == uri:
+                    old.seen = time.monotonic()
+                    return None
+            if old is not None and self._answers(old):
+                log.warning(
+                    "a second process of service %r (at %s) was refused: %s still serves it",
+                    name,
+                    uri,
+                    old.uri,
+                )
+                return old.uri
+            with self._lock:
+                forwarder = self._forwarder(f"service {name!r}", uri)
+                self._services[name] = _Endpoint(name, uri, forwarder, frozenset(map(str, types)))
+                self._reindex()
         if old is not None:
             old.forwarder.stop(0)
+            log.info(
+                "service %r at %s replaces its process at %s, which is gone", name, uri, old.uri
+            )
         log.info("service %r registered at %s, handling %s", name, uri, sorted(types))
+        return None
 
-    def unregister_service(self, name: str) -> None:
-        """Remove a service; its types get ``no_route`` afterwards."""
-        with self._lock:
-            old = self._services.pop(str(name), None)
-            self._reindex()
-        if old is not None:
-            old.forwarder.stop(1.0)
-            log.info("service %r left the bus", name)
+    def unregister_service(self, name: str, uri: str | None = None) -> None:
+        """Remove a service (only if registered at ``uri``, when given).
 
-    def register_gateway(self, node: str, uri: str) -> None:
-        """Add (or replace) a gateway node."""
-        node = str(node)
+        Its types get ``no_route`` afterwards.
+        """
         with self._lock:
-            old = self._gateways.get(node)
-            if old is not None and old.uri == uri:
+            old = self._services.get(str(name))
+            if old is None or (uri is not None and old.uri != str(uri)):
                 return
-            forwarder = self._forwarder(f"gateway {node}", str(uri))
-            self._gateways[node] = _Endpoint(node, str(uri), forwarder, frozenset())
+            del self._services[old.name]
+            self._reindex()
+        old.forwarder.stop(1.0)
+        log.info("service %r left the bus", name)
+
+    def _answers(self, endpoint: _Endpoint) -> bool:
+        """True when the process registered as ``endpoint`` is still serving."""
+        if time.monotonic() - endpoint.seen > self.lifetime:
+            return False  # it stopped checking in: gone (or cut off, which is the same here)
+        try:
+            with make_proxy(endpoint.uri, self._config) as proxy:
+                proxy._pyroBind()
+        except Exception:
+            # Refused at once when the process is gone; a timeout when it is stuck.
+            return False
+        return True
+
+    def register_gateway(
+        self, node: str, uri: str, aliases: list[list[str]] | None = None
+    ) -> list[list[str]]:
+        """Add (or replace) a gateway node, with the aliases its connections hold.
+
+        A gateway registering at a new address (a new process, or one the bus dropped)
+        first loses every alias the bus had for its node: its connections are new.
+
+        Args:
+            node: the gateway's node id.
+            uri: its Pyro address.
+            aliases: ``[alias, conn_id]`` pairs it holds (after a bus restart).
+
+        Returns:
+            The pairs refused: another gateway's connection holds the alias (the
+            gateway clears them on its side).
+        """
+        node, uri = str(node), str(uri)
+        old: _Endpoint | None = None
+        refused: list[list[str]] = []
+        with self._lock:
+            current = self._gateways.get(node)
+            new = current is None or current.uri != uri
+            if current is not None and not new:
+                current.seen = time.monotonic()
+            else:
+                old = current
+                forwarder = self._forwarder(f"gateway {node}", uri)
+                self._gateways[node] = _Endpoint(node, uri, forwarder, frozenset())
+                self._free_aliases(node)
+            for alias, conn_id in aliases or []:
+                alias, conn_id = str(alias), str(conn_id)
+                holder = self._aliases.get(alias)
+                if node_of(conn_id) != node or (
+                    holder not in (None, conn_id) and node_of(str(holder)) in self._gateways
+                ):
+                    refused.append([alias, conn_id])
+                else:
+                    self._aliases[alias] = conn_id
         if old is not None:
             old.forwarder.stop(0)
-        log.info("gateway %s registered at %s", node, uri)
+        if new:
+            log.info("gateway %s registered at %s with %d alias(es)", node, uri, len(aliases or []))
+        if refused:
+            log.warning(
+                "gateway %s re-registered holding %d alias(es) other gateways' connections "
+                "hold now (%s): it clears them",
+                node,
+                len(refused),
+                ", ".join(alias for alias, _ in refused[:10]),
+            )
+        return refused
 
-    def unregister_gateway(self, node: str) -> None:
-        """Remove a gateway node."""
+    def unregister_gateway(self, node: str, uri: str | None = None) -> None:
+        """Remove a gateway node (only if registered at ``uri``, when given); free its aliases."""
         with self._lock:
-            old = self._gateways.pop(str(node), None)
-        if old is not None:
-            old.forwarder.stop(1.0)
-            log.info("gateway %s left the bus", node)
+            old = self._gateways.get(str(node))
+            if old is None or (uri is not None and old.uri != str(uri)):
+                return
+            del self._gateways[old.name]
+            freed = self._free_aliases(old.name)
+        old.forwarder.stop(1.0)
+        log.info("gateway %s left the bus (%d alias(es) freed)", node, freed)
+
+    def gateways(self) -> list[str]:
+        """Return the node ids of the gateways on the bus now (each checked in lately)."""
+        now = time.monotonic()
+        with self._lock:
+            return sorted(n for n, e in self._gateways.items() if now - e.seen <= self.lifetime)
+
+    # -- the alias table -------------------------------------------------------------------
+
+    def claim_alias(self, alias: str, conn_id: str) -> str:
+        """Claim ``alias`` for ``conn_id`` (of a registered gateway) across every gateway.
+
+        Returns:
+            ``ok``: ``conn_id`` holds it now (or did already); ``taken``: another
+            connection does; ``unavailable``: ``conn_id``'s gateway is not registered (it is
+            re-registering); ``reregistering``: the bus restarted a moment ago and a gateway
+            may not have claimed its aliases again yet.
+        """
+        alias, conn_id = str(alias), str(conn_id)
+        node = node_of(conn_id)
+        with self._lock:
+            if node not in self._gateways:
+                return UNAVAILABLE
+            holder = self._aliases.get(alias)
+            if holder == conn_id:
+                return OK
+            if holder is not None and node_of(holder) in self._gateways:
+                return TAKEN
+            settled = self._aliases_back or not self._settling()
+        if not settled and not self._every_gateway_back():
+            return REREGISTERING
+        with self._lock:
+            holder = self._aliases.get(alias)
+            if holder is not None and holder != conn_id and node_of(holder) in self._gateways:
+                return TAKEN
+            if node not in self._gateways:
+                return UNAVAILABLE
+            self._aliases[alias] = conn_id
+        return OK
+
+    def release_alias(self, alias: str, conn_id: str) -> None:
+        """Free ``alias`` if ``conn_id`` holds it; nothing otherwise."""
+        with self._lock:
+            if self._aliases.get(str(alias)) == str(conn_id):
+                del self._aliases[str(alias)]
+
+    def _free_aliases(self, node: str) -> int:
+        """Drop every alias held by a connection of ``node`` (with the lock held)."""
+        gone = [a for a, c in self._aliases.items() if node_of(c) == node]
+        for alias in gone:
+            del self._aliases[alias]
+        return len(gone)
+
+    def _every_gateway_back(self) -> bool:
+        """True when every gateway in the name server has registered with this bus.
+
+        Right after a restart, a claim must wait for them: a gateway that has not
+        re-registered yet may hold the alias. A gateway that died without leaving the
+        name server holds claims up until the bus has settled.
+        """
+        prefix = self._config.gateway_prefix
+        try:
+            with name_server(self._config) as ns:
+                names = ns.list(prefix=prefix)
+        except Exception as exc:
+            log.info("the name server did not list the gateways: %s", exc)
+            return False
+        with self._lock:
+            back = all(name[len(prefix) :] in self._gateways for name in names)
+            if back:
+                self._aliases_back = True
+        return back
+
+    def _sweep(self) -> None:
+        """Drop the gateways that stopped checking in; free their aliases.
+
+        Underscored so that Pyro peers cannot call it: the bus's own thread does.
+        """
+        now = time.monotonic()
+        with self._lock:
+            stale = [e for e in self._gateways.values() if now - e.seen > self.lifetime]
+            freed = {}
+            for endpoint in stale:
+                del self._gateways[endpoint.name]
+                freed[endpoint.name] = self._free_aliases(endpoint.name)
+        for endpoint in stale:
+            endpoint.forwarder.stop(0)
+            log.warning(
+                "gateway %s has not checked in for %g s: dropped from the bus, %d alias(es) freed",
+                endpoint.name,
+                self.lifetime,
+                freed[endpoint.name],
+            )
 
     def registered(self, kind: str, name: str, uri: str) -> bool:
-        """Return True when ``name`` is registered at ``uri`` (for re-registration checks)."""
+        """Return True when ``name`` is registered at ``uri``.
+
+        Services and gateways ask every ``reregister_interval``: that is how the bus knows
+        they are alive (a gateway that stops asking is dropped, see :meth:`_sweep`).
+        """
         table = self._services if kind == "service" else self._gateways
         with self._lock:
             endpoint = table.get(str(name))
-        return endpoint is not None and endpoint.uri == uri
+            if endpoint is None or endpoint.uri != uri:
+                return False
+            endpoint.seen = time.monotonic()
+        return True
 
     def info(self) -> dict[str, Any]:
         """Return the services (with their types and state) and gateways on the bus."""
@@ -150,6 +360,7 @@ class MessageBus:
                     for n, e in self._services.items()
                 },
                 "gateways": {n: {"down": e.forwarder.down} for n, e in self._gateways.items()},
+                "aliases": len(self._aliases),
             }
 
     def _forwarder(self, name: str, uri: str) -> Forwarder:
@@ -309,6 +520,7 @@ class MessageBus:
             endpoints = [*self._services.values(), *self._gateways.values()]
             self._services.clear()
             self._gateways.clear()
+            self._aliases.clear()
             self._by_type = {}
         for endpoint in endpoints:
             endpoint.forwarder.stop(1.0)

@@ -123,6 +123,10 @@ def run_bus(config: PyroConfig | None = None) -> None:
         target=_keep_registered, args=(config, uri, stop), name="wsbus-bus-watchdog", daemon=True
     )
     watchdog.start()
+    sweeper = threading.Thread(
+        target=_sweep, args=(config, bus, stop), name="wsbus-bus-sweeper", daemon=True
+    )
+    sweeper.start()
     print(f"message bus ready at {uri}", flush=True)
     try:
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())
@@ -135,6 +139,15 @@ def run_bus(config: PyroConfig | None = None) -> None:
         except Exception as exc:
             log.info("leaving the name server: %s", exc)
         daemon.close()
+
+
+def _sweep(config: PyroConfig, bus: MessageBus, stop: _Stop) -> None:
+    """Drop gateways that stopped checking in, twice per ``reregister_interval``."""
+    while not stop.wait(config.reregister_interval / 2):
+        try:
+            bus._sweep()
+        except Exception:  # never let the sweeper die: dead gateways would keep their aliases
+            log.exception("sweeping the gateways failed")
 
 
 def _keep_registered(config: PyroConfig, uri: str, stop: _Stop) -> None:

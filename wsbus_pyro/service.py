@@ -5,6 +5,11 @@ The same ``Service`` subclass that runs on the in-memory bus runs here unchanged
 message bus delivers to it, and a forwarder thread through which everything it sends goes to
 the bus, in order and in batches. ``wsbus service MODULE:CLASS`` does this from the command
 line; :func:`run_service` does it from Python.
+
+The service's ``ctx.clients()`` asks every gateway the bus lists as alive and joins their
+lists. One process serves a service name: the bus refuses a second one while the first
+answers (:class:`~wsbus.errors.ConfigError`, saying that Pyro is the single-machine bus and
+``--bus nats`` runs several instances), and lets a restarted one replace a dead one at once.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 from Pyro5.server import expose
 
-from wsbus.envelope import Envelope
-from wsbus.errors import BusUnavailable
+from wsbus.envelope import Envelope, NodeId
+from wsbus.errors import BusUnavailable, ConfigError
 from wsbus.service import Service, ServiceRunner, load_service
 
 from .config import PyroConfig, SecureDaemon, apply
@@ -121,6 +126,7 @@ class ServiceHost:
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._displaced_by: str | None = None
 
     async def start(self) -> None:
         """Join the bus: start the daemon, register, and begin handling messages.
@@ -145,7 +151,11 @@ class ServiceHost:
         )
         self._sender.start()
         self._runner = ServiceRunner(
-            self.service, self._sender.put, inbox_size=self.inbox_size, timeout=config.call_timeout
+            self.service,
+            self._sender.put,
+            inbox_size=self.inbox_size,
+            timeout=config.call_timeout,
+            gateways=self.gateways,
         )
         self._daemon = SecureDaemon(config)
         endpoint = ServiceEndpoint(loop, self._runner, config.call_timeout)
@@ -168,6 +178,23 @@ class ServiceHost:
             self.uri,
             sorted(self._runner.types),
         )
+
+    async def gateways(self) -> list[NodeId]:
+        """Return the node ids of the gateways on the bus now (``ctx.clients()`` asks each).
+
+        Raises:
+            BusUnavailable: the message bus cannot be reached.
+        """
+        return await asyncio.to_thread(self._live_gateways)
+
+    def _live_gateways(self) -> list[NodeId]:
+        # A proxy per call: Pyro proxies belong to one thread, and clients() is rare.
+        try:
+            with self._bus_proxy() as bus:
+                nodes = bus.gateways()
+        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
+            raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
+        return [NodeId(str(node)) for node in nodes]
 
     async def close(self) -> None:
         """Leave the bus and stop. Idempotent."""
@@ -222,37 +249,66 @@ class ServiceHost:
         config = self.config
         try:
             with self._bus_proxy() as bus:
-                bus.register_service(self.service.name, sorted(self._runner.types), self.uri)
+                holder = bus.register_service(
+                    self.service.name, sorted(self._runner.types), self.uri
+                )
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             raise BusUnavailable(
                 f"no message bus {config.bus_name!r} via the name server at "
                 f"{config.ns_host}:{config.ns_port} ({exc}); start it with `wsbus bus`"
             ) from None
+        if holder is not None:
+            raise ConfigError(
+                f"service {self.service.name!r} is running already (at {holder}): the Pyro "
+                "bus is the single-machine bus and runs one process per service. Stop the "
+                "other process first, or run several instances with `--bus nats`"
+            )
 
     def _unregister(self) -> None:
         try:
             with self._bus_proxy() as bus:
-                bus.unregister_service(self.service.name)
+                # Only this process's registration: never another process's of this name.
+                bus.unregister_service(self.service.name, self.uri)
         except Exception as exc:
             log.info("leaving the bus: %s", exc)
 
     def _watch(self) -> None:
+        """Check in with the bus every interval; register again when it restarted.
+
+        The checks are how the bus knows this process is alive: a second process of this
+        service is refused while they come.
+        """
         assert self._runner is not None
         types = sorted(self._runner.types)
         bus: Proxy | None = None
+        name = self.service.name
         while not self._stop.wait(self.config.reregister_interval):
             try:
                 if bus is None:
                     bus = self._bus_proxy()
-                if not bus.registered("service", self.service.name, self.uri):
-                    bus.register_service(self.service.name, types, self.uri)
-                    log.info("service %r re-registered with the message bus", self.service.name)
+                if not bus.registered("service", name, self.uri):
+                    holder = bus.register_service(name, types, self.uri)
+                    self._displaced(holder)
+                    if holder is None:
+                        log.info("service %r re-registered with the message bus", name)
             except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError):
                 if bus is not None:
                     bus._pyroRelease()
                 bus = None
         if bus is not None:
             bus._pyroRelease()
+
+    def _displaced(self, holder: str | None) -> None:
+        """Log once when another process of this service holds the name, and when it ends."""
+        if holder is not None and self._displaced_by is None:
+            log.error(
+                "another process of service %r holds its name on the bus (at %s): this one "
+                "gets no messages while that one runs. The Pyro bus runs one process per "
+                "service: stop one of them (or run several with `--bus nats`)",
+                self.service.name,
+                holder,
+            )
+        self._displaced_by = holder
 
 
 def run_service(service: Service | str, config: PyroConfig | None = None) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "OK",
     "REREGISTERING",
     "RETRYABLE",
+    "TAKEN",
     "TOO_LARGE",
     "UNAVAILABLE",
     "Forwarder",
@@ -55,6 +56,8 @@ OK: Final = "ok"
 NO_ROUTE: Final = "no_route"
 UNAVAILABLE: Final = "unavailable"
 TOO_LARGE: Final = "too_large"
+TAKEN: Final = "taken"
+"""An alias claim's answer: another connection holds the alias."""
 REREGISTERING: Final = "reregistering"
 """The bus started a moment ago and knows no service for this yet: one may be re-registering."""
 RETRYABLE: Final = frozenset({REREGISTERING})
