@@ -1,0 +1,363 @@
+"""The gateway's side of the NATS bus: :class:`NatsBus`, a :class:`wsbus.Bus` on nats-py.
+
+A client's message goes to each service that declared its type (from the directory) as a
+NATS request on ``P.svc.<service>.gw.<node>``; one instance of the service's queue group
+answers once its runner holds the envelope, so :meth:`NatsBus.publish` returns when every
+target service has it. Everything for this gateway arrives on one subscription,
+``P.gw.<node>.>``, so each sender's order is kept.
+
+Loss is never silent: while the link is down every publish is refused (BusUnavailable), and
+after a reconnection, or when NATS dropped envelopes for this gateway (a slow consumer), the
+gateway is told (:meth:`wsbus.bus.HearsLoss.deliveries_lost`) so that it can tell its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Final
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from wsbus import control
+from wsbus.bus import BusSink, HearsLoss
+from wsbus.envelope import (
+    ConnId,
+    Envelope,
+    ServiceAddress,
+    decode_envelope,
+    encode_envelope,
+)
+from wsbus.errors import BusUnavailable, ConfigError, NoRoute
+
+from .config import NatsConfig
+from .directory import Directory
+from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
+from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_by
+
+__all__ = ["ACK_BUSY", "ACK_OK", "ACK_REFUSED", "LOST_HEADER", "NatsBus"]
+
+log = logging.getLogger("wsbus.nats.gateway")
+
+ACK_OK: Final = b"ok"
+"""A service instance's answer: its runner holds the envelope."""
+ACK_BUSY: Final = b"busy"
+"""A service instance's answer: its inbox is full."""
+ACK_REFUSED: Final = b"refused"
+"""A service instance's answer: the envelope was dropped (malformed, or a wrong sender)."""
+LOST_HEADER: Final = "wsbus-nats-lost"
+"""A NATS header (never an envelope) by which a service tells gateways that what it sent
+them may have been lost: its own link to NATS broke. The value names the service."""
+
+_REPLY_LIMIT: Final = 100_000
+"""Control requests whose answer subject a gateway remembers at most (a bound on memory)."""
+
+
+class NatsBus:
+    """A :class:`wsbus.Bus` over NATS: the gateway side.
+
+    Also :class:`~wsbus.bus.ReportsAvailability` (available while connected) and
+    :class:`~wsbus.bus.ClaimsAliases` (aliases unique across gateways, in a key-value bucket).
+
+    Args:
+        config: NATS settings; the servers must run JetStream (``nats-server -js``).
+    """
+
+    def __init__(self, config: NatsConfig | None = None) -> None:
+        self.config = config if config is not None else NatsConfig()
+        self.subjects = Subjects(self.config.prefix)
+        self._link: Link | None = None
+        self._directory: Directory | None = None
+        self._sink: BusSink | None = None
+        self._node = ""
+        self._inbox: Subscription | None = None
+        # Control request id -> the subject its answer goes to (the asking instance's).
+        self._replies: OrderedDict[str, str] = OrderedDict()
+        self._warn = RateLimitedLog(log)
+        self._lost_pending: list[tuple[str, str]] = []
+        self._closed = False
+
+    # -- Bus -----------------------------------------------------------------------------
+
+    async def start(self, sink: BusSink) -> None:
+        """Connect, join the directory and begin delivering envelopes for the gateway.
+
+        Raises:
+            ConfigError: the node id cannot be a NATS subject token; the bus is started.
+            BusUnavailable: no NATS server (with JetStream) could be reached.
+        """
+        if self._sink is not None:
+            raise ConfigError("this NatsBus is started already")
+        node = str(sink.node)
+        check_tokens("gateway node id", [node])
+        self._sink = sink
+        self._node = node
+        link = Link(
+            self.config,
+            f"wsbus gateway {node}",
+            on_reconnected=self._reconnected,
+            on_slow_consumer=self._slow_consumer,
+        )
+        self._link = link
+        await link.connect()
+        try:
+            self._inbox = await link.subscribe(self.subjects.gateway_inbox(node), self._on_message)
+            self._directory = Directory(link, self.subjects, node=sink.node)
+            await self._directory.start()
+        except BaseException:
+            await self.close()
+            raise
+        log.info("gateway %s on NATS at %s", node, ", ".join(self.config.servers))
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Put an envelope on the bus; return once every service it goes to holds it.
+
+        Raises:
+            NoRoute: no live service handles its type (or the service it names).
+            BusUnavailable: the link to NATS is down (whole bus), or a service it goes to
+                is busy, has no instance answering, did not confirm in time, or the
+                envelope is larger than the server takes (not the whole bus).
+        """
+        link, directory = self._link, self._directory
+        if link is None or directory is None or self._closed:
+            raise BusUnavailable("the NATS bus is not started")
+        if not link.connected:
+            link.counters.refused += 1
+            raise BusUnavailable("the connection to NATS is down; reconnecting")
+        to = envelope.to
+        if envelope.type == control.RESULT and envelope.reply_to is not None:
+            reply = self._replies.pop(envelope.reply_to, None)
+            if reply is not None:
+                await link.publish(reply, self._payload(envelope))
+                return
+        if isinstance(to, ServiceAddress):
+            if not directory.service_live(to.name):
+                raise NoRoute(envelope.type)
+            targets = [to.name]
+        elif to is None:
+            targets = directory.services_for(envelope.type)
+            if not targets:
+                raise NoRoute(envelope.type)
+        else:
+            raise NoRoute(envelope.type)
+        payload = self._payload(envelope)
+        if len(targets) == 1:
+            await self._request(targets[0], payload, envelope)
+            return
+        # Each service gets it whatever another answers; the first refusal is raised.
+        results = await asyncio.gather(
+            *(self._request(name, payload, envelope) for name in targets), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def close(self) -> None:
+        """Leave the directory, unsubscribe and close the connection. Idempotent."""
+        self._closed = True
+        if self._directory is not None:
+            directory, self._directory = self._directory, None
+            await directory.close()
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.close()
+
+    # -- optional capabilities -----------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """True while connected to NATS (False before start and after close)."""
+        link = self._link
+        return link is not None and not self._closed and link.connected
+
+    async def claim_alias(self, alias: str, conn_id: ConnId) -> bool:
+        """Claim ``alias`` for ``conn_id`` across every gateway (a key-value create).
+
+        An alias held by a connection whose gateway is dead (no heartbeat for three
+        heartbeats) is taken over.
+
+        Raises:
+            BusUnavailable: the alias table cannot be reached; nothing was claimed.
+        """
+        return await self._table().claim_alias(alias, conn_id)
+
+    async def release_alias(self, alias: str, conn_id: ConnId) -> None:
+        """Release ``alias`` if ``conn_id`` holds it.
+
+        Raises:
+            BusUnavailable: the alias table cannot be reached.
+        """
+        await self._table().release_alias(alias, conn_id)
+
+    # -- what else a gateway or a test may ask -------------------------------------------
+
+    @property
+    def counters(self) -> LinkCounters:
+        """The link's counters: disconnects, reconnects, slow consumers, mismatches, ..."""
+        if self._link is None:
+            return LinkCounters()
+        return self._link.counters
+
+    @property
+    def directory(self) -> Directory:
+        """The bus's directory (live gateways, services, aliases).
+
+        Raises:
+            BusUnavailable: the bus is not started.
+        """
+        return self._table()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _table(self) -> Directory:
+        if self._directory is None or self._closed:
+            raise BusUnavailable("the NATS bus is not started")
+        return self._directory
+
+    def _payload(self, envelope: Envelope) -> bytes:
+        payload = encode_envelope(envelope)
+        link = self._link
+        assert link is not None
+        # The subject and NATS framing take some of max_payload: keep a margin.
+        if len(payload) + 512 > link.max_payload:
+            link.counters.too_large += 1
+            self._warn.warning(
+                "too large",
+                "%s (%s) is %d bytes, more than the NATS server takes in one message "
+                "(max_payload %d); refused",
+                envelope.type,
+                envelope.id,
+                len(payload),
+                link.max_payload,
+            )
+            raise BusUnavailable(
+                f"{envelope.type!r} is {len(payload)} bytes, more than NATS carries in one "
+                f"message (max_payload {link.max_payload}): too_large",
+                whole_bus=False,
+            )
+        return payload
+
+    async def _request(self, service: str, payload: bytes, envelope: Envelope) -> None:
+        """Send to one service and wait for an instance to say it holds the envelope."""
+        link = self._link
+        assert link is not None
+        subject = self.subjects.to_service(service, FROM_GATEWAY, self._node)
+        reply, future = link.new_ack()
+        try:
+            await link.publish(subject, payload, reply=reply)
+            async with asyncio.timeout(self.config.request_timeout):
+                answer = await future
+        except TimeoutError:
+            raise BusUnavailable(
+                f"no instance of service {service!r} confirmed {envelope.type!r} within "
+                f"{self.config.request_timeout:g} s",
+                whole_bus=False,
+            ) from None
+        finally:
+            link.drop_ack(reply)
+        if answer == ACK_OK:
+            return
+        if answer == ACK_BUSY:
+            raise BusUnavailable(f"service {service!r} is busy (inbox full)", whole_bus=False)
+        if answer == NO_RESPONDERS:
+            raise BusUnavailable(
+                f"service {service!r} is listed but no instance of it answers (it may have "
+                "just stopped)",
+                whole_bus=False,
+            )
+        raise BusUnavailable(f"service {service!r} refused {envelope.type!r}", whole_bus=False)
+
+    async def _on_message(self, msg: Msg) -> None:
+        """Take one NATS message for this gateway: check it, hand it to the gateway."""
+        sink = self._sink
+        link = self._link
+        if sink is None or link is None:
+            return
+        origin = self.subjects.origin(msg.subject)
+        if origin is None or origin[0] != FROM_SERVICE:
+            self._mismatch(msg.subject, "a subject wsbus does not use")
+            return
+        sender = origin[1]
+        headers = msg.headers
+        if headers and LOST_HEADER in headers:
+            self._lost(
+                "bus_disconnected",
+                f"service {sender!r} lost its connection to NATS: what it sent may be lost",
+            )
+            return
+        try:
+            envelope = decode_envelope(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._mismatch(msg.subject, "bytes that are not an envelope")
+            return
+        if not sent_by(envelope, FROM_SERVICE, sender):
+            self._mismatch(msg.subject, f"an envelope whose sender is {envelope.sender!r}")
+            return
+        reply = msg.reply
+        # The answer goes to the instance that asked, and only to one of its service's
+        # reply subjects.
+        if (
+            reply
+            and envelope.type in control.REQUEST_TYPES
+            and reply.startswith(f"{self.subjects.prefix}.reply.{sender}.")
+        ):
+            replies = self._replies
+            replies[envelope.id] = reply
+            if len(replies) > _REPLY_LIMIT:
+                replies.popitem(last=False)
+        sink.deliver(envelope)
+
+    def _mismatch(self, subject: str, what: str) -> None:
+        link = self._link
+        if link is not None:
+            link.counters.sender_mismatches += 1
+        self._warn.warning(
+            "mismatch",
+            "gateway %s dropped %s on NATS subject %s: only services may send to a gateway, "
+            "each as itself (check the NATS permissions: wsbus nats-config)",
+            self._node,
+            what,
+            subject,
+        )
+
+    def _reconnected(self) -> None:
+        if self._directory is not None:
+            self._directory.reconnected()
+        self._lost(
+            "bus_disconnected",
+            "the gateway's connection to NATS broke and was made again: messages sent to "
+            "clients meanwhile may be lost",
+        )
+
+    def _slow_consumer(self, sub: Subscription) -> None:
+        if sub is not self._inbox:
+            return
+        self._lost(
+            "slow_consumer",
+            "NATS dropped messages for this gateway: it read them too slowly",
+        )
+
+    def _lost(self, reason: str, detail: str) -> None:
+        """Tell the gateway, once per burst: a burst of drops in one read is one notice."""
+        pending = self._lost_pending
+        if (reason, detail) in pending:
+            return
+        pending.append((reason, detail))
+        if len(pending) == 1:
+            asyncio.get_running_loop().call_soon(self._tell_lost)
+
+    def _tell_lost(self) -> None:
+        pending, self._lost_pending = self._lost_pending, []
+        sink = self._sink
+        if not isinstance(sink, HearsLoss):
+            for reason, detail in pending:
+                log.warning("deliveries may be lost (%s): %s", reason, detail)
+            return
+        for reason, detail in pending:
+            try:
+                sink.deliveries_lost(reason, detail)
+            except Exception:
+                log.exception("the gateway failed to hear of lost deliveries")

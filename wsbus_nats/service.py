@@ -1,0 +1,544 @@
+"""Running a wsbus :class:`~wsbus.Service` on the NATS bus: :class:`ServiceHost`.
+
+The same ``Service`` subclass that runs on the in-memory and Pyro buses runs here unchanged.
+Any number of instances of one service may run (in one process or many): they share the
+service's traffic through a NATS queue group, one instance per message.
+
+An instance receives everything on one subscription, ``P.svc.<service>.>`` (so each
+sender's order is kept), checks each envelope's sender against the subject, and answers
+the sender's request once its runner holds the envelope (``busy`` when its inbox is full).
+What it sends goes out in call order through one task: to gateways as plain NATS messages,
+to services as requests whose answers are awaited in the background; one that fails is
+reported back to the service as ``wsbus.undeliverable`` (a control request: its call
+raises ``ControlError("unavailable")``), never dropped unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from wsbus import control
+from wsbus.bus import SHARED_HEADER, is_for_gateway
+from wsbus.envelope import (
+    Envelope,
+    GatewayAddress,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+    decode_envelope,
+    encode_envelope,
+    node_of,
+)
+from wsbus.errors import BusUnavailable, NoRoute
+from wsbus.service import Service, ServiceRunner, load_service
+
+from .bus import ACK_BUSY, ACK_OK, ACK_REFUSED, LOST_HEADER
+from .config import NatsConfig
+from .directory import Directory, ServiceEntry
+from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
+from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_by
+
+__all__ = ["ServiceHost", "load_service", "run_service"]
+
+log = logging.getLogger("wsbus.nats.service")
+
+BUS_NODE: Final = NodeId("bus")
+"""The sender node of the reports the bus runtime itself makes (as on Pyro)."""
+
+# What the sender task sends: subject, payload, the envelope (None: a notice in headers
+# only), whether a service instance must confirm it (a request) or not (a message to a
+# gateway), the reply subject, and NATS headers.
+_Item = tuple[str, bytes, Envelope | None, bool, str, dict[str, str] | None]
+
+
+class ServiceHost:
+    """One instance of a service on the NATS bus, in this process.
+
+    Args:
+        service: the service instance.
+        config: NATS settings.
+        inbox_size: envelopes that may wait for the service; past that, senders are told
+            ``busy`` (a client: ``unavailable``, retry).
+        instance: this instance's id (random by default; a subject token).
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        config: NatsConfig | None = None,
+        *,
+        inbox_size: int = 1000,
+        instance: str | None = None,
+    ) -> None:
+        self.service = service
+        self.config = config if config is not None else NatsConfig()
+        self.inbox_size = inbox_size
+        self.instance = instance if instance is not None else os.urandom(4).hex()
+        self.subjects = Subjects(self.config.prefix)
+        self.name = service.name
+        self._link: Link | None = None
+        self._directory: Directory | None = None
+        self._runner: ServiceRunner | None = None
+        self._subs: list[Subscription] = []
+        self._outbound: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._timeouts: dict[str, asyncio.TimerHandle] = {}
+        self._warn = RateLimitedLog(log)
+        self._reply_subject = ""
+        self._closed = False
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, start the service, subscribe, and join the directory.
+
+        Raises:
+            ConfigError: the service name or instance id cannot be a subject token.
+            BusUnavailable: no NATS server (with JetStream) could be reached.
+        """
+        check_tokens("service name", [self.name])
+        check_tokens("service instance id", [self.instance])
+        config = self.config
+        link = Link(
+            config,
+            f"wsbus service {self.name} {self.instance}",
+            on_reconnected=self._reconnected,
+        )
+        self._link = link
+        await link.connect()
+        try:
+            types = sorted(type(self.service).handled_types())
+            entry = ServiceEntry(self.name, self.instance, types)
+            directory = Directory(link, self.subjects, service=entry)
+            self._directory = directory
+            self._runner = ServiceRunner(
+                self.service,
+                self._emit,
+                inbox_size=self.inbox_size,
+                timeout=config.request_timeout,
+                gateways=self._gateways,
+            )
+            self._sender = asyncio.create_task(self._send(), name=f"wsbus-nats-{self.name}")
+            await self._runner.start()
+            subjects = self.subjects
+            self._reply_subject = subjects.reply(self.name, self.instance)
+            self._subs.append(
+                await link.subscribe(subjects.service_inbox(self.name), self._on_message, self.name)
+            )
+            self._subs.append(await link.subscribe(self._reply_subject, self._on_answer))
+            # Listed last: no gateway routes here before the subscriptions are made.
+            await directory.start()
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "service %r (instance %s) on NATS at %s, handling %s",
+            self.name,
+            self.instance,
+            ", ".join(config.servers),
+            types,
+        )
+
+    async def close(self) -> None:
+        """Leave the directory, stop the service and close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._directory is not None:
+            await self._directory.close()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # closing: the connection may be gone already
+                log.debug("unsubscribing: %r", exc)
+        self._subs.clear()
+        if self._runner is not None:
+            await self._runner.stop()
+        if self._sender is not None:
+            # What is queued goes out first (bounded: the link may be down).
+            try:
+                if self._link is not None and self._link.connected:
+                    async with asyncio.timeout(1.0):
+                        await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "service %r stopped with %d envelopes not sent", self.name, len(self._outbound)
+                )
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        for handle in self._timeouts.values():
+            handle.cancel()
+        self._timeouts.clear()
+        if self._link is not None:
+            await self._link.close()
+
+    @property
+    def counters(self) -> LinkCounters:
+        """The link's counters: disconnects, reconnects, slow consumers, mismatches, ..."""
+        return self._link.counters if self._link is not None else LinkCounters()
+
+    @property
+    def directory(self) -> Directory | None:
+        """The instance's view of the bus (None before start)."""
+        return self._directory
+
+    async def _gateways(self) -> Sequence[NodeId]:
+        directory = self._directory
+        return directory.live_gateways() if directory is not None else []
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _emit(self, envelope: Envelope) -> None:
+        """Queue an envelope from the service (on the loop thread); refuse what cannot go.
+
+        Raises:
+            NoRoute: nothing on the bus handles its type (or the service it names).
+            BusUnavailable: the link is down, or too much is queued already.
+        """
+        link, directory = self._link, self._directory
+        if link is None or directory is None or self._closed:
+            raise BusUnavailable("the service is not on the NATS bus")
+        if not link.connected:
+            link.counters.refused += 1
+            raise BusUnavailable("the connection to NATS is down; reconnecting")
+        outbound = self._outbound
+        if len(outbound) >= self.config.outbound_size:
+            raise BusUnavailable(
+                f"service {self.name!r} sends faster than NATS takes it "
+                f"({len(outbound)} envelopes queued)",
+                whole_bus=False,
+            )
+        subjects = self.subjects
+        to = envelope.to
+        if isinstance(to, GatewayAddress) or is_for_gateway(envelope):
+            nodes = self._gateway_nodes(envelope)
+            if nodes is None:
+                return
+            if len(nodes) > 1 and envelope.recipients is not None:
+                headers = {**envelope.headers, SHARED_HEADER: "1"}
+                envelope = msgspec.structs.replace(envelope, headers=headers)
+            payload = self._payload(envelope)
+            if payload is None:
+                return
+            reply = self._reply_subject if envelope.type in control.REQUEST_TYPES else ""
+            for node in nodes:
+                outbound.append(
+                    (subjects.to_gateway(node, self.name), payload, envelope, False, reply, None)
+                )
+        else:
+            if isinstance(to, ServiceAddress):
+                if not directory.service_live(to.name):
+                    raise NoRoute(envelope.type)
+                services = [to.name]
+            else:
+                services = directory.services_for(envelope.type)
+                if not services:
+                    raise NoRoute(envelope.type)
+            payload = self._payload(envelope)
+            if payload is None:
+                return
+            for service in services:
+                subject = subjects.to_service(service, FROM_SERVICE, self.name)
+                outbound.append((subject, payload, envelope, True, "", None))
+        self._idle.clear()
+        self._wake.set()
+
+    def _gateway_nodes(self, envelope: Envelope) -> list[NodeId] | None:
+        """The gateways an envelope goes to; None when it was reported undeliverable."""
+        directory = self._directory
+        assert directory is not None
+        to = envelope.to
+        if isinstance(to, GatewayAddress):
+            if directory.gateway_live(to.node):
+                return [to.node]
+            self._undelivered(envelope, "no_route", f"gateway {to.node} is not on the bus")
+            return None
+        recipients = envelope.recipients
+        if recipients is not None:
+            node = _only_node(recipients)
+            if node is not None:
+                if directory.gateway_live(node):
+                    return [node]
+                self._undelivered(
+                    envelope, "no_match", f"gateway {node}, which held these connections, is gone"
+                )
+                return None
+        nodes = directory.live_gateways()
+        if not nodes:
+            self._undelivered(envelope, "no_match", "no gateway is on the bus")
+            return None
+        if recipients is None and envelope.type in control.REQUEST_TYPES:
+            # A request for any one gateway (the runtime asks each one itself when it
+            # lists them: ServiceRunner's gateways).
+            return nodes[:1]
+        return nodes
+
+    def _payload(self, envelope: Envelope) -> bytes | None:
+        """Encode an envelope; None (reported too_large) when NATS would not carry it."""
+        link = self._link
+        assert link is not None
+        payload = encode_envelope(envelope)
+        if len(payload) + 512 > link.max_payload:
+            link.counters.too_large += 1
+            self._warn.warning(
+                "too large",
+                "service %r: %s (%s) is %d bytes, more than the NATS server takes in one "
+                "message (max_payload %d); not sent",
+                self.name,
+                envelope.type,
+                envelope.id,
+                len(payload),
+                link.max_payload,
+            )
+            self._undelivered(
+                envelope, "too_large", f"larger than a NATS message may carry ({link.max_payload})"
+            )
+            return None
+        return payload
+
+    async def _send(self) -> None:
+        """Send what the service emitted, in order, for ever (one task: one order)."""
+        outbound = self._outbound
+        wake = self._wake
+        while True:
+            if not outbound:
+                self._idle.set()
+                wake.clear()
+                await wake.wait()
+                continue
+            subject, payload, envelope, confirm, reply, headers = outbound.popleft()
+            link = self._link
+            assert link is not None
+            try:
+                if not confirm:
+                    await link.publish(subject, payload, reply=reply, headers=headers)
+                    continue
+                ack, future = link.new_ack()
+                try:
+                    await link.publish(subject, payload, reply=ack)
+                except BaseException:
+                    link.drop_ack(ack)
+                    raise
+            except BusUnavailable as exc:
+                if envelope is not None:
+                    self._undelivered(envelope, "unavailable", exc.reason)
+                continue
+            assert envelope is not None
+            # Confirmations are awaited in the background: sending goes on meanwhile.
+            service = subject.split(".")[2]
+            loop = asyncio.get_running_loop()
+            self._timeouts[ack] = loop.call_later(
+                self.config.request_timeout, self._ack_timeout, ack, future
+            )
+            future.add_done_callback(functools.partial(self._confirmed, envelope, service, ack))
+
+    def _ack_timeout(self, ack: str, future: asyncio.Future[bytes]) -> None:
+        self._timeouts.pop(ack, None)
+        if self._link is not None:
+            self._link.drop_ack(ack)
+        if not future.done():
+            future.set_exception(TimeoutError())
+
+    def _confirmed(
+        self, envelope: Envelope, service: str, ack: str, future: asyncio.Future[bytes]
+    ) -> None:
+        handle = self._timeouts.pop(ack, None)
+        if handle is not None:
+            handle.cancel()
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            answer = future.result()
+            if answer == ACK_OK:
+                return
+            if answer == ACK_BUSY:
+                detail = f"service {service!r} is busy (inbox full)"
+            elif answer == NO_RESPONDERS:
+                detail = f"no instance of service {service!r} answers"
+            else:
+                detail = f"service {service!r} refused it"
+        elif isinstance(exc, TimeoutError):
+            detail = (
+                f"no instance of service {service!r} confirmed it within "
+                f"{self.config.request_timeout:g} s"
+            )
+        else:
+            detail = str(exc)
+        self._undelivered(envelope, "unavailable", detail)
+
+    def _undelivered(self, envelope: Envelope, status: str, detail: str) -> None:
+        """Tell the service what the bus did not deliver (a report, or a failed request)."""
+        runner = self._runner
+        if runner is None or self._closed:
+            return
+        if envelope.type in control.REQUEST_TYPES:
+            # The request's caller is waiting: answer it now rather than after its timeout.
+            code = "unavailable" if status in ("unavailable", "too_large") else "unknown_connection"
+            report = Envelope(
+                id=envelope.id,
+                type=control.RESULT,
+                sender=GatewayAddress(BUS_NODE),
+                content=msgspec.to_builtins(control.Result(False, code=code, message=detail)),
+                reply_to=envelope.id,
+                created=time.time(),
+                to=ServiceAddress(self.name),
+            )
+        elif envelope.type.startswith("wsbus."):
+            self._warn.warning(
+                f"lost {envelope.type}",
+                "service %r: %s (%s) was not delivered: %s",
+                self.name,
+                envelope.type,
+                envelope.id,
+                detail,
+            )
+            return
+        else:
+            recipients = envelope.recipients if envelope.recipients is not None else Recipients()
+            report = Envelope(
+                id=envelope.id,
+                type=control.UNDELIVERABLE,
+                sender=GatewayAddress(BUS_NODE),
+                content=msgspec.to_builtins(control.Undeliverable(status, recipients, detail)),
+                reply_to=envelope.id,
+                created=time.time(),
+                to=ServiceAddress(self.name),
+            )
+        try:
+            runner.accept(report)
+        except BusUnavailable:
+            self._warn.warning(
+                "report lost",
+                "service %r: the report that %s was not delivered (%s) was lost: inbox full",
+                self.name,
+                envelope.id,
+                detail,
+            )
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def _on_message(self, msg: Msg) -> None:
+        """Take one envelope for the service; confirm it (or say busy) to its sender."""
+        runner, link, directory = self._runner, self._link, self._directory
+        if runner is None or link is None or directory is None:
+            return
+        answer = ACK_REFUSED
+        origin = self.subjects.origin(msg.subject)
+        if origin is None:
+            self._mismatch(msg.subject, "a subject wsbus does not use")
+        else:
+            kind, sender = origin
+            try:
+                envelope = decode_envelope(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._mismatch(msg.subject, "bytes that are not an envelope")
+            else:
+                if not sent_by(envelope, kind, sender):
+                    self._mismatch(msg.subject, f"an envelope whose sender is {envelope.sender!r}")
+                else:
+                    if kind == FROM_GATEWAY:
+                        directory.saw_gateway(sender)
+                    try:
+                        runner.accept(envelope)
+                        answer = ACK_OK
+                    except BusUnavailable:
+                        answer = ACK_BUSY
+        if msg.reply:
+            # Unsent (the link broke): the sender hears nothing and reports it unavailable.
+            with contextlib.suppress(BusUnavailable):
+                await link.publish(msg.reply, answer)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        """Take a gateway's answer to one of this instance's control requests."""
+        runner = self._runner
+        if runner is None:
+            return
+        try:
+            envelope = decode_envelope(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._mismatch(msg.subject, "bytes that are not an envelope")
+            return
+        if type(envelope.sender) is not GatewayAddress or envelope.type != control.RESULT:
+            self._mismatch(msg.subject, f"{envelope.type!r} from {envelope.sender!r}")
+            return
+        try:
+            runner.accept(envelope)
+        except BusUnavailable:
+            log.warning("service %r: an answer from the gateway was lost: inbox full", self.name)
+
+    def _mismatch(self, subject: str, what: str) -> None:
+        link = self._link
+        if link is not None:
+            link.counters.sender_mismatches += 1
+        self._warn.warning(
+            "mismatch",
+            "service %r dropped %s on NATS subject %s: each sender may send only as itself "
+            "(check the NATS permissions: wsbus nats-config)",
+            self.name,
+            what,
+            subject,
+        )
+
+    def _reconnected(self) -> None:
+        directory = self._directory
+        if directory is None or self._closed:
+            return
+        directory.reconnected()
+        # What this instance sent just before the break may not have reached the
+        # gateways: each is told, and tells its clients.
+        notice = {LOST_HEADER: self.name}
+        for node in directory.live_gateways():
+            subject = self.subjects.to_gateway(node, self.name)
+            self._outbound.append((subject, b"", None, False, "", notice))
+        self._idle.clear()
+        self._wake.set()
+
+
+def _only_node(recipients: Recipients) -> NodeId | None:
+    """The one node every recipient is on, when they are connection ids only; else None."""
+    if recipients.everyone or recipients.aliases or recipients.users or recipients.groups:
+        return None
+    conn_ids = recipients.conn_ids
+    if not conn_ids:
+        return None
+    node = node_of(conn_ids[0])
+    for conn_id in conn_ids[1:]:
+        if node_of(conn_id) != node:
+            return None
+    return node
+
+
+def run_service(service: Service | str, config: NatsConfig | None = None) -> None:
+    """Run a service on the NATS bus until SIGINT or SIGTERM (blocks)."""
+    instance = load_service(service) if isinstance(service, str) else service
+    asyncio.run(_serve(instance, config))
+
+
+async def _serve(service: Service, config: NatsConfig | None) -> None:
+    host = ServiceHost(service, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await host.start()
+    print(f"service {service.name!r} ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await host.close()

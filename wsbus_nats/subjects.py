@@ -1,0 +1,120 @@
+"""The NATS subjects and key-value buckets wsbus uses, under one prefix ``P`` (``wsbus``).
+
+Every subject names its sender, so that NATS permissions can let each service publish only
+as itself, and a receiver can check an envelope's sender against the subject it came on:
+
+==================================  ===========================================================
+``P.svc.<service>.gw.<node>``       to a service, from gateway ``<node>`` (a NATS request: an
+                                    instance answers once its runner holds the envelope)
+``P.svc.<service>.svc.<sender>``    to a service, from service ``<sender>`` (a request too)
+``P.gw.<node>.svc.<sender>``        to gateway ``<node>``, from service ``<sender>``
+``P.reply.<service>.<instance>``    a gateway's answers to one instance's control requests
+==================================  ===========================================================
+
+Each service instance subscribes ``P.svc.<service>.>`` in queue group ``<service>``: the
+instances of a service share its traffic, and one subscription per receiving endpoint keeps
+each sender's order (nats-py runs a task per subscription: two would interleave). Each
+gateway subscribes ``P.gw.<node>.>`` once.
+
+Key-value buckets: ``P_gateways`` (live gateways), ``P_services`` (live service instances and
+their types), ``P_aliases`` (alias -> the connection holding it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from wsbus.envelope import ClientAddress, Envelope, GatewayAddress, ServiceAddress, node_of
+from wsbus.errors import ConfigError
+
+__all__ = ["FROM_GATEWAY", "FROM_SERVICE", "Subjects", "check_tokens", "is_token", "sent_by"]
+
+FROM_GATEWAY: Final = "gw"
+"""The kind token of a subject whose sender is a gateway."""
+FROM_SERVICE: Final = "svc"
+"""The kind token of a subject whose sender is a service."""
+
+
+def is_token(text: str) -> bool:
+    """Return True when ``text`` is a valid single NATS subject token for wsbus.
+
+    Letters, digits, ``-`` and ``_`` only, at most 64: no ``.`` (a separator), ``*`` or
+    ``>`` (wildcards), whitespace, or anything a server might read differently.
+    """
+    return 0 < len(text) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in text)
+
+
+def check_tokens(kind: str, names: Sequence[str]) -> None:
+    """Refuse a name that cannot be one subject token.
+
+    Raises:
+        ConfigError: naming the first of ``names`` that is not valid, and ``kind`` (what it
+            names: a service, a gateway node).
+    """
+    for name in names:
+        if not is_token(name):
+            raise ConfigError(
+                f"{kind} {name!r} cannot be used on NATS: it must be one subject token "
+                "(at most 64 letters, digits, '-' or '_'; no '.', '*', '>' or spaces)"
+            )
+
+
+class Subjects:
+    """The subjects and bucket names of one deployment (one prefix)."""
+
+    def __init__(self, prefix: str = "wsbus") -> None:
+        check_tokens("prefix", [prefix])
+        self.prefix = prefix
+        self.gateways_bucket = f"{prefix}_gateways"
+        """The key-value bucket of live gateways (key: node id)."""
+        self.services_bucket = f"{prefix}_services"
+        """The key-value bucket of live service instances (key: ``<service>.<instance>``)."""
+        self.aliases_bucket = f"{prefix}_aliases"
+        """The key-value bucket of aliases (key: the alias, encoded; value: a conn id)."""
+
+    def to_service(self, service: str, kind: str, sender: str) -> str:
+        """The subject of a message to ``service`` from a gateway or service ``sender``."""
+        return f"{self.prefix}.svc.{service}.{kind}.{sender}"
+
+    def service_inbox(self, service: str) -> str:
+        """What a service instance subscribes to (in queue group ``service``)."""
+        return f"{self.prefix}.svc.{service}.>"
+
+    def to_gateway(self, node: str, sender: str) -> str:
+        """The subject of a message to gateway ``node`` from service ``sender``."""
+        return f"{self.prefix}.gw.{node}.svc.{sender}"
+
+    def gateway_inbox(self, node: str) -> str:
+        """What gateway ``node`` subscribes to."""
+        return f"{self.prefix}.gw.{node}.>"
+
+    def reply(self, service: str, instance: str) -> str:
+        """Where gateways answer the control requests of one instance of ``service``."""
+        return f"{self.prefix}.reply.{service}.{instance}"
+
+    def origin(self, subject: str) -> tuple[str, str] | None:
+        """Return (kind, sender) of a subject from :meth:`to_service` or :meth:`to_gateway`.
+
+        None when the subject does not have that shape.
+        """
+        parts = subject.split(".")
+        if len(parts) != 5 or parts[0] != self.prefix:
+            return None
+        return parts[3], parts[4]
+
+
+def sent_by(envelope: Envelope, kind: str, sender: str) -> bool:
+    """Return True when ``envelope``'s sender may have sent it on a subject naming ``sender``.
+
+    From a gateway (``kind`` ``gw``) the sender is that gateway, or a client connected to
+    it; from a service, that service.
+    """
+    address = envelope.sender
+    if kind == FROM_SERVICE:
+        return type(address) is ServiceAddress and address.name == sender
+    if kind == FROM_GATEWAY:
+        if type(address) is GatewayAddress:
+            return address.node == sender
+        return type(address) is ClientAddress and node_of(address.conn_id) == sender
+    return False
