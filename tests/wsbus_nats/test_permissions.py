@@ -1,0 +1,370 @@
+"""wsbus_nats.permissions: the generated users and permissions, on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
+
+from wsbus.errors import ConfigError
+from wsbus_nats.permissions import SERVER_CONFIG, Access, plan, write
+from wsbus_nats.servers import NatsServer
+from wsbus_nats.subjects import Subjects
+
+SUBJECTS = Subjects("wsbus")
+
+
+class Connected:
+    """A nats-py connection as one generated user, with the errors the server sent it."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        self.nc: Client
+
+    async def error(self, exc: Exception) -> None:
+        self.errors.append(exc)
+
+    async def wait_error(self) -> None:
+        # The server answers a refused publish with -ERR before the PONG of a flush.
+        await self.nc.flush(timeout=5)
+        async with asyncio.timeout(5):
+            while not self.errors:
+                await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def access() -> Access:
+    return plan(["echo", "chat"], ["a", "b"], any_gateway=True)
+
+
+@pytest.fixture
+def server(tmp_path: Path, access: Access) -> Any:
+    write(access, tmp_path / "conf")
+    server = NatsServer(tmp_path / "nats", config_file=tmp_path / "conf" / SERVER_CONFIG).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def connect(server: NatsServer, access: Access) -> AsyncIterator[Any]:
+    made: list[Client] = []
+
+    async def connect(name: str) -> Connected:
+        user = access.user(name)
+        connected = Connected()
+        connected.nc = await nats.connect(
+            server.url,
+            user=user.name,
+            password=user.password,
+            error_cb=connected.error,
+            allow_reconnect=False,
+        )
+        made.append(connected.nc)
+        return connected
+
+    try:
+        yield connect
+    finally:
+        for nc in made:
+            await nc.close()
+
+
+async def _collect(nc: Client, subject: str) -> list[str]:
+    got: list[str] = []
+
+    async def on(msg: Any) -> None:
+        got.append(msg.subject)
+
+    await nc.subscribe(subject, cb=on)
+    await nc.flush()
+    return got
+
+
+async def _settle(got: list[str], count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(got) < count:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_service_cannot_send_as_another_service(connect: Any) -> None:
+    gateway = await connect("gw-a")
+    echo = await connect("svc-echo")
+    chat_instance = await connect("svc-chat")
+    to_gateway = await _collect(gateway.nc, SUBJECTS.gateway_inbox("a"))
+    to_chat = await _collect(chat_instance.nc, SUBJECTS.service_inbox("chat"))
+
+    # echo, with its own credentials, publishes under chat's name: refused by the server.
+    await echo.nc.publish(SUBJECTS.to_gateway("a", "chat"), b"forged")
+    await echo.wait_error()
+    await echo.nc.publish(SUBJECTS.to_service("chat", "svc", "chat"), b"forged")
+    await echo.nc.publish(SUBJECTS.to_service("chat", "gw", "a"), b"forged")
+    # Then as itself: delivered. NATS keeps one publisher's order, so a forged message that
+    # got through would have arrived first.
+    await echo.nc.publish(SUBJECTS.to_gateway("a", "echo"), b"honest")
+    await echo.nc.publish(SUBJECTS.to_service("chat", "svc", "echo"), b"honest")
+    await echo.nc.flush()
+    await _settle(to_gateway, 1)
+    await _settle(to_chat, 1)
+    assert to_gateway == [SUBJECTS.to_gateway("a", "echo")]
+    assert to_chat == [SUBJECTS.to_service("chat", "svc", "echo")]
+    assert len(echo.errors) >= 1
+    assert gateway.errors == [] and chat_instance.errors == []
+
+
+async def test_a_service_cannot_read_another_services_traffic(connect: Any) -> None:
+    echo = await connect("svc-echo")
+    gateway = await connect("gw-a")
+    stolen = await _collect(echo.nc, SUBJECTS.service_inbox("chat"))
+    await echo.wait_error()
+    also = await _collect(echo.nc, SUBJECTS.gateway_inbox("a"))
+    own = await _collect(echo.nc, SUBJECTS.service_inbox("echo"))
+    for subject in (
+        SUBJECTS.to_service("chat", "gw", "a"),
+        SUBJECTS.to_gateway("a", "chat"),
+        SUBJECTS.to_service("echo", "gw", "a"),
+    ):
+        await gateway.nc.publish(subject, b"x")
+    await gateway.nc.flush()
+    await _settle(own, 1)
+    assert stolen == [] and also == []
+    assert own == [SUBJECTS.to_service("echo", "gw", "a")]
+
+
+async def test_a_gateway_cannot_send_as_another_gateway(connect: Any) -> None:
+    a = await connect("gw-a")
+    echo = await connect("svc-echo")
+    got = await _collect(echo.nc, SUBJECTS.service_inbox("echo"))
+    await a.nc.publish(SUBJECTS.to_service("echo", "gw", "b"), b"forged")
+    await a.wait_error()
+    await a.nc.publish(SUBJECTS.to_service("echo", "gw", "a"), b"honest")
+    await a.nc.flush()
+    await _settle(got, 1)
+    assert got == [SUBJECTS.to_service("echo", "gw", "a")]
+    # A gateway cannot pose as a service either.
+    to_a = await _collect(a.nc, SUBJECTS.gateway_inbox("a"))
+    b = await connect("gw-b")
+    await b.nc.publish(SUBJECTS.to_gateway("a", "echo"), b"forged")
+    await b.wait_error()
+    # The refused message was dropped before the server answered b; one sent after it
+    # by a service arrives alone.
+    await echo.nc.publish(SUBJECTS.to_gateway("a", "echo"), b"honest")
+    await echo.nc.flush()
+    await _settle(to_a, 1)
+    assert to_a == [SUBJECTS.to_gateway("a", "echo")]
+
+
+async def test_answers_and_control_replies_flow(connect: Any) -> None:
+    gateway = await connect("gw-a")
+    echo = await connect("svc-echo")
+
+    async def ack(msg: Any) -> None:
+        await msg.respond(b"ack")
+
+    await echo.nc.subscribe(SUBJECTS.service_inbox("echo"), queue="echo", cb=ack)
+    await echo.nc.flush()
+    # A gateway's request to a service: the instance answers (allow_responses).
+    answer = await gateway.nc.request(SUBJECTS.to_service("echo", "gw", "a"), b"e", timeout=5)
+    assert answer.data == b"ack"
+    # A service's control request to a gateway, answered on P.reply.<service>.<instance>.
+    replies = await _collect(echo.nc, SUBJECTS.reply("echo", "i1"))
+
+    async def answer_control(msg: Any) -> None:
+        await gateway.nc.publish(msg.reply, b"result")
+
+    await gateway.nc.subscribe(SUBJECTS.gateway_inbox("a"), cb=answer_control)
+    await gateway.nc.flush()
+    await echo.nc.publish(
+        SUBJECTS.to_gateway("a", "echo"), b"join", reply=SUBJECTS.reply("echo", "i1")
+    )
+    await _settle(replies, 1)
+    assert echo.errors == [] and gateway.errors == []
+
+
+async def _directory(js: Any, prefix: str = "wsbus") -> dict[str, Any]:
+    buckets = {}
+    for name in (f"{prefix}_gateways", f"{prefix}_services", f"{prefix}_aliases"):
+        try:
+            buckets[name] = await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            buckets[name] = await js.create_key_value(bucket=name, history=1)
+    return buckets
+
+
+async def _watch(js: Any, bucket: str) -> list[str]:
+    keys: list[str] = []
+
+    async def on(msg: Any) -> None:
+        keys.append(msg.subject)
+
+    sub = await js.subscribe(
+        f"$KV.{bucket}.>",
+        stream=f"KV_{bucket}",
+        cb=on,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+    )
+    await sub.consumer_info()
+    return keys
+
+
+async def test_the_directory_is_open_to_each_role_as_the_bus_uses_it(connect: Any) -> None:
+    # A service and a gateway each open (the first creates) the buckets, follow the live
+    # gateways and services, and write their own entries; a gateway claims aliases. None
+    # of it is refused.
+    echo = await connect("svc-echo")
+    gateway = await connect("gw-a")
+    any_gateway = await connect("gateways")
+    echo_js, gateway_js = echo.nc.jetstream(timeout=5), gateway.nc.jetstream(timeout=5)
+    mine = await _directory(echo_js)
+    theirs = await _directory(gateway_js)
+    await _directory(any_gateway.nc.jetstream(timeout=5))
+    watched = await _watch(echo_js, "wsbus_gateways")
+    services = await _watch(gateway_js, "wsbus_services")
+    await mine["wsbus_services"].put("echo.i1", msgspec.msgpack.encode(["echo"]))
+    await theirs["wsbus_gateways"].put("a", b"1")
+    aliases = theirs["wsbus_aliases"]
+    revision = await aliases.create("c2FtCg", b"a.1")
+    entry = await aliases.get("c2FtCg")
+    await aliases.update("c2FtCg", b"a.2", last=entry.revision)
+    await aliases.delete("c2FtCg", last=revision + 1)
+    await _settle(watched, 1)
+    await _settle(services, 1)
+    assert watched == ["$KV.wsbus_gateways.a"]
+    assert services == ["$KV.wsbus_services.echo.i1"]
+    await mine["wsbus_services"].delete("echo.i1")
+    assert echo.errors == [] and gateway.errors == [] and any_gateway.errors == []
+
+
+async def test_the_directory_is_written_by_its_owners_only(connect: Any) -> None:
+    echo = await connect("svc-echo")
+    gateway = await connect("gw-a")
+    buckets = await _directory(gateway.nc.jetstream(timeout=5))
+    js = echo.nc.jetstream(timeout=1)
+    for subject in (
+        "$KV.wsbus_services.chat.i1",  # another service's instance
+        "$KV.wsbus_gateways.a",  # a gateway's liveness
+        "$KV.wsbus_aliases.c2FtCg",  # the alias table
+    ):
+        with pytest.raises(Exception):  # noqa: B017 - refused: an error, a no-reply timeout
+            await js.publish(subject, b"forged")
+    await gateway.nc.jetstream(timeout=5).publish("$KV.wsbus_gateways.a", b"1")
+    with pytest.raises(Exception):  # noqa: B017
+        await gateway.nc.jetstream(timeout=1).publish("$KV.wsbus_gateways.b", b"1")
+    with pytest.raises(Exception):  # noqa: B017
+        await gateway.nc.jetstream(timeout=1).publish("$KV.wsbus_services.echo.i1", b"1")
+    assert await _absent(buckets["wsbus_services"], "chat.i1")
+    assert await _absent(buckets["wsbus_services"], "echo.i1")
+    assert await _absent(buckets["wsbus_gateways"], "b")
+    assert await _absent(buckets["wsbus_aliases"], "c2FtCg")
+    assert echo.errors and gateway.errors
+
+
+async def _absent(kv: Any, key: str) -> bool:
+    try:
+        await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return True
+    return False
+
+
+async def _handshake(url: str, connect: dict[str, Any]) -> bytes:
+    """Speak the NATS protocol by hand: CONNECT, PING; return the server's answer line."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        async with asyncio.timeout(10):
+            await reader.readline()  # INFO
+            options = {"verbose": False, "pedantic": False, "protocol": 1, **connect}
+            writer.write(b"CONNECT " + msgspec.json.encode(options) + b"\r\nPING\r\n")
+            await writer.drain()
+            return await reader.readline()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_nobody_else_gets_in(server: NatsServer, access: Access) -> None:
+    user = access.service_user("echo")
+    assert await _handshake(server.url, {"user": user.name, "pass": user.password}) == b"PONG\r\n"
+    assert (await _handshake(server.url, {})).startswith(b"-ERR")
+    assert (await _handshake(server.url, {"user": user.name, "pass": "no"})).startswith(b"-ERR")
+
+
+def test_the_files_are_private_and_name_their_user(tmp_path: Path, access: Access) -> None:
+    paths = write(access, tmp_path / "out")
+    names = sorted(path.name for path in paths)
+    assert names == sorted(
+        [SERVER_CONFIG, "svc-echo.toml", "svc-chat.toml", "gw-a.toml", "gw-b.toml", "gateways.toml"]
+    )
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700
+    import tomllib
+
+    echo = tomllib.loads((tmp_path / "out" / "svc-echo.toml").read_text())
+    assert echo["nats"]["user"] == "svc-echo"
+    assert echo["nats"]["password"] == access.service_user("echo").password
+    assert echo["nats"]["prefix"] == "wsbus"
+
+
+def test_passwords_are_new_each_time() -> None:
+    first, second = plan(["echo"], ["a"]), plan(["echo"], ["a"])
+    assert first.user("svc-echo").password != second.user("svc-echo").password
+    assert len({user.password for user in first.users}) == len(first.users)
+
+
+@pytest.mark.parametrize(
+    ("services", "gateways", "any_gateway", "prefix"),
+    [
+        (["a.b"], ["g"], False, "wsbus"),  # a service name that is two tokens
+        (["echo"], ["g*"], False, "wsbus"),  # a wildcard node
+        (["echo"], ["g"], False, "ws.bus"),  # a prefix of two tokens
+        (["echo", "echo"], ["g"], False, "wsbus"),  # twice
+        ([], ["g"], False, "wsbus"),  # no service
+        (["echo"], [], False, "wsbus"),  # no gateway
+    ],
+)
+def test_names_that_cannot_be_subjects_are_refused(
+    services: list[str], gateways: list[str], any_gateway: bool, prefix: str
+) -> None:
+    with pytest.raises(ConfigError):
+        plan(services, gateways, any_gateway=any_gateway, prefix=prefix)
+
+
+async def test_another_prefix_is_another_deployment(tmp_path: Path) -> None:
+    # Two deployments on one NATS account layout: permissions follow the prefix.
+    access = plan(["echo"], ["a"], prefix="blue")
+    write(access, tmp_path / "conf")
+    config = (tmp_path / "conf" / SERVER_CONFIG).read_text()
+    assert '"blue.gw.*.svc.echo"' in config and "wsbus." not in config.replace("wsbus ", "")
+    server = NatsServer(tmp_path / "nats", config_file=tmp_path / "conf" / SERVER_CONFIG)
+    with server:
+        user = access.service_user("echo")
+        errors: list[Exception] = []
+
+        async def error(exc: Exception) -> None:
+            errors.append(exc)
+
+        nc = await nats.connect(
+            server.url, user=user.name, password=user.password, error_cb=error,
+            allow_reconnect=False,
+        )  # fmt: skip
+        try:
+            await nc.publish("wsbus.gw.a.svc.echo", b"x")
+            await nc.flush(timeout=5)
+            async with asyncio.timeout(5):
+                while not errors:
+                    await asyncio.sleep(0.01)
+        finally:
+            await nc.close()

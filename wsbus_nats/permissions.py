@@ -1,0 +1,363 @@
+"""``wsbus nats-config``: the NATS users and permissions of a wsbus deployment.
+
+Wrapping holds across NATS because every subject names its sender (see
+:mod:`wsbus_nats.subjects`) and each process's NATS user may publish only under its own
+name: service ``S`` publishes ``P.gw.*.svc.S`` and ``P.svc.*.svc.S``, gateway ``N``
+publishes ``P.svc.*.gw.N`` (and the answers to services' control requests, ``P.reply.>``).
+A service holding another service's credentials is another service as far as NATS knows;
+a service holding its own cannot send as anyone else: the server refuses the publish.
+
+Per user, on subjects under the prefix ``P`` (``wsbus``):
+
+==================  ==========================================  ==============================
+user                publishes                                   subscribes
+==================  ==========================================  ==============================
+``svc-S``           ``P.gw.*.svc.S``, ``P.svc.*.svc.S``,        ``P.svc.S.>``, ``P.reply.S.>``,
+                    answers to requests it received             ``_INBOX.>``
+``gw-N``            ``P.svc.*.gw.N``, ``P.reply.>``, answers    ``P.gw.N.>``, ``_INBOX.>``
+``gateways``        as ``gw-N`` for every node ``*``            ``P.gw.*.>``, ``_INBOX.>``
+==================  ==========================================  ==============================
+
+and the directory in JetStream key-value buckets: everyone may open (or create) the three
+buckets, read them and follow them (consumers on ``KV_P_gateways`` and ``KV_P_services``,
+their deliveries and flow control on ``_INBOX.>`` and ``$JS.FC``); service ``S`` writes only
+its own instances' keys (``$KV.P_services.S.>``), gateway ``N`` only its own liveness key
+(``$KV.P_gateways.N``) and the alias table (``$KV.P_aliases.>``).
+
+What this does not stop: a process subscribing ``_INBOX.>`` can read other processes'
+acknowledgements and key-value reads (the directory and the alias table, which every
+gateway reads anyway), never an envelope: those travel on ``P.svc.S.>`` and ``P.gw.N.>``.
+
+The server configuration holds the passwords in clear: keep it readable by the server's
+user only (written 0600 here), or replace each with its bcrypt hash (``nats server
+passwd``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+from wsbus.errors import ConfigError
+
+from .subjects import Subjects, check_tokens, is_token
+
+__all__ = [
+    "ANY_GATEWAY",
+    "DEFAULT_ACCOUNT",
+    "SERVER_CONFIG",
+    "Access",
+    "NatsUser",
+    "Permissions",
+    "gateway_permissions",
+    "plan",
+    "service_permissions",
+    "write",
+]
+
+ANY_GATEWAY: Final = "*"
+"""The node of the ``gateways`` user, which any gateway may use (random node ids)."""
+DEFAULT_ACCOUNT: Final = "WSBUS"
+"""The NATS account the users are put in (JetStream enabled)."""
+SERVER_CONFIG: Final = "nats-server.conf"
+"""The file name :func:`write` gives the server configuration."""
+_HEADER: Final = """\
+# nats-server configuration for wsbus, written by `wsbus nats-config`.
+# It holds passwords: keep it readable by the server's user only (or replace each
+# password with its bcrypt hash: `nats server passwd`). Start the server with
+#   nats-server -c {file} -js
+# (add your listen address, TLS and cluster settings; see docs/nats.md).
+"""
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """What a NATS user may publish and subscribe to (everything else is refused).
+
+    Attributes:
+        publish: subjects it may publish to (NATS wildcards allowed).
+        subscribe: subjects it may subscribe to.
+        allow_responses: it may answer the requests it receives (once each), whatever
+            their reply subject.
+    """
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = True
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """One user of the generated configuration.
+
+    Attributes:
+        name: the user name (``svc-echo``, ``gw-node1``, ``gateways``).
+        password: its password (random, 32 URL-safe characters).
+        role: what it is for.
+        owner: the service's name, or the gateway's node (``*``: any).
+        permissions: what it may do.
+    """
+
+    name: str
+    password: str = field(repr=False)
+    role: Literal["service", "gateway"]
+    owner: str
+    permissions: Permissions
+
+
+@dataclass(frozen=True)
+class Access:
+    """The users of one deployment: what ``wsbus nats-config`` generates.
+
+    Attributes:
+        prefix: the subjects' prefix (``NatsConfig.prefix``).
+        account: the NATS account holding the users.
+        users: the users, services first.
+        servers: server URLs to put in the credentials files (may be empty).
+    """
+
+    prefix: str
+    account: str
+    users: tuple[NatsUser, ...]
+    servers: tuple[str, ...] = ()
+
+    def user(self, name: str) -> NatsUser:
+        """Return the user called ``name``.
+
+        Raises:
+            KeyError: there is none.
+        """
+        for user in self.users:
+            if user.name == name:
+                return user
+        raise KeyError(name)
+
+    def service_user(self, service: str) -> NatsUser:
+        """Return the user of service ``service``.
+
+        Raises:
+            KeyError: there is none.
+        """
+        return self.user(f"svc-{service}")
+
+    def gateway_user(self, node: str = ANY_GATEWAY) -> NatsUser:
+        """Return the user of gateway ``node`` (by default the any-gateway user).
+
+        Raises:
+            KeyError: there is none.
+        """
+        return self.user("gateways" if node == ANY_GATEWAY else f"gw-{node}")
+
+    def server_config(self, file_name: str = SERVER_CONFIG) -> str:
+        """Return the nats-server configuration: the account, its users and permissions."""
+        lines = [_HEADER.format(file=file_name), "jetstream: enabled", "", "accounts {"]
+        lines += [f"  {_quote(self.account)} {{", "    jetstream: enabled", "    users: ["]
+        for user in self.users:
+            what = (
+                f"service {user.owner}"
+                if user.role == "service"
+                else "gateway " + ("(any node)" if user.owner == ANY_GATEWAY else user.owner)
+            )
+            lines += [
+                f"      # {what}",
+                "      {",
+                f"        user: {_quote(user.name)}",
+                f"        password: {_quote(user.password)}",
+                "        permissions: {",
+                f"          publish: {{ allow: {_list(user.permissions.publish)} }}",
+                f"          subscribe: {{ allow: {_list(user.permissions.subscribe)} }}",
+                f"          allow_responses: {str(user.permissions.allow_responses).lower()}",
+                "        }",
+                "      }",
+            ]
+        lines += ["    ]", "  }", "}", ""]
+        return "\n".join(lines)
+
+    def credentials(self, user: NatsUser) -> str:
+        """Return a settings file (TOML) with ``user``'s ``[nats]`` credentials.
+
+        ``wsbus service ... --bus nats --config FILE`` or ``wsbus serve --bus nats
+        --config FILE`` reads it; it holds the password: keep it to that process's user.
+        """
+        what = f"service {user.owner!r}" if user.role == "service" else "a gateway"
+        if user.role == "gateway" and user.owner != ANY_GATEWAY:
+            what = f"gateway {user.owner!r} (serve it with --node {user.owner})"
+        lines = [
+            f"# wsbus settings for {what}, written by `wsbus nats-config`.",
+            "# It holds a password: keep it readable by that process's user only.",
+            "[nats]",
+        ]
+        if self.servers:
+            lines.append(f"servers = [{', '.join(_toml(url) for url in self.servers)}]")
+        lines += [
+            f"user = {_toml(user.name)}",
+            f"password = {_toml(user.password)}",
+            f"prefix = {_toml(self.prefix)}",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    # Every string is quoted: unquoted, nats-server reads "$..." as a variable.
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _list(items: Iterable[str]) -> str:
+    return "[" + ", ".join(_quote(item) for item in items) + "]"
+
+
+def _toml(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _bucket_reads(bucket: str, *, follow: bool) -> list[str]:
+    """What nats-py publishes to open (or create) a key-value bucket, read it, follow it."""
+    api = "$JS.API"
+    stream = f"KV_{bucket}"
+    subjects = [
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.CREATE.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.STREAM.MSG.GET.{stream}",
+    ]
+    if follow:
+        # A watch is an ordered push consumer: created (with or without a name and
+        # filter), asked about, deleted, and its flow control answered.
+        subjects += [
+            f"{api}.CONSUMER.CREATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.INFO.{stream}.>",
+            f"{api}.CONSUMER.DELETE.{stream}.>",
+            f"$JS.FC.{stream}.>",
+        ]
+    return subjects
+
+
+def _directory(subjects: Subjects, writes: Sequence[str]) -> list[str]:
+    return [
+        "$JS.API.INFO",
+        *_bucket_reads(subjects.gateways_bucket, follow=True),
+        *_bucket_reads(subjects.services_bucket, follow=True),
+        *_bucket_reads(subjects.aliases_bucket, follow=False),
+        *writes,
+    ]
+
+
+def service_permissions(subjects: Subjects, service: str) -> Permissions:
+    """Return what service ``service`` may do: send as itself, read its own traffic."""
+    p = subjects.prefix
+    return Permissions(
+        publish=(
+            subjects.to_gateway("*", service),
+            subjects.to_service("*", "svc", service),
+            *_directory(subjects, [f"$KV.{subjects.services_bucket}.{service}.>"]),
+        ),
+        subscribe=(subjects.service_inbox(service), f"{p}.reply.{service}.>", "_INBOX.>"),
+    )
+
+
+def gateway_permissions(subjects: Subjects, node: str = ANY_GATEWAY) -> Permissions:
+    """Return what gateway ``node`` (``*``: any gateway) may do."""
+    p = subjects.prefix
+    return Permissions(
+        publish=(
+            subjects.to_service("*", "gw", node),
+            f"{p}.reply.>",
+            *_directory(
+                subjects,
+                [f"$KV.{subjects.gateways_bucket}.{node}", f"$KV.{subjects.aliases_bucket}.>"],
+            ),
+        ),
+        subscribe=(subjects.gateway_inbox(node), "_INBOX.>"),
+    )
+
+
+def plan(
+    services: Sequence[str],
+    gateways: Sequence[str] = (),
+    *,
+    any_gateway: bool = False,
+    prefix: str = "wsbus",
+    account: str = DEFAULT_ACCOUNT,
+    servers: Sequence[str] = (),
+) -> Access:
+    """Return the users of a deployment, with new random passwords.
+
+    Args:
+        services: the services' names (``Service.name``), one user each (``svc-NAME``).
+        gateways: gateway node ids (``--node``), one user each (``gw-NODE``).
+        any_gateway: add a ``gateways`` user that any gateway may use, whatever its node
+            id (one gateway can then pose as another: prefer named nodes).
+        prefix: the subjects' prefix (``NatsConfig.prefix``).
+        account: the NATS account to put them in.
+        servers: server URLs for the credentials files.
+
+    Raises:
+        ConfigError: a name is not one subject token, is given twice, or there is no
+            service or no gateway.
+    """
+    check_tokens("prefix", [prefix])
+    check_tokens("service", services)
+    check_tokens("gateway node", gateways)
+    if not is_token(account):
+        raise ConfigError(f"account {account!r}: letters, digits, '-' or '_' only")
+    for kind, names in (("service", services), ("gateway node", gateways)):
+        twice = sorted({name for name in names if list(names).count(name) > 1})
+        if twice:
+            raise ConfigError(f"{kind} {twice[0]!r} is given twice")
+    if not services:
+        raise ConfigError("give at least one service (--service NAME)")
+    if not gateways and not any_gateway:
+        raise ConfigError("give at least one gateway (--gateway NODE, or --any-gateway)")
+    subjects = Subjects(prefix)
+    users = [
+        NatsUser(f"svc-{name}", _password(), "service", name, service_permissions(subjects, name))
+        for name in services
+    ]
+    users += [
+        NatsUser(f"gw-{node}", _password(), "gateway", node, gateway_permissions(subjects, node))
+        for node in gateways
+    ]
+    if any_gateway:
+        users.append(
+            NatsUser("gateways", _password(), "gateway", ANY_GATEWAY, gateway_permissions(subjects))
+        )
+    return Access(prefix, account, tuple(users), tuple(servers))
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def write(access: Access, directory: str | os.PathLike[str]) -> list[Path]:
+    """Write the server configuration and one credentials file per user; return the paths.
+
+    ``DIRECTORY/nats-server.conf`` and ``DIRECTORY/<user>.toml``, each readable by this
+    user only (0600): they hold passwords. The directory is created (0700) if missing;
+    existing files are replaced.
+
+    Raises:
+        OSError: a file cannot be written.
+    """
+    path = Path(directory)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    written = [_write_private(path / SERVER_CONFIG, access.server_config())]
+    for user in access.users:
+        written.append(_write_private(path / f"{user.name}.toml", access.credentials(user)))
+    return written
+
+
+def _write_private(path: Path, text: str) -> Path:
+    # Created 0600 from the start (never readable by others, even for a moment), and
+    # truncated: an older file of the same name is replaced.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.chmod(path, 0o600)
+    return path
