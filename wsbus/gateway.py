@@ -401,6 +401,9 @@ class Gateway:
         self._publish_nowait: Callable[[Envelope], bool] | None = None
         self._availability: ReportsAvailability | None = None
         self._reporter = _Reporter(bus, self.config.report_queue, self._counters)
+        # A bus whose link flaps must not flood the log: once per reason, then at most
+        # once a minute with a count.
+        self._gap_log = _FailureLog(REPORT_LOG_INTERVAL)
         self._bus_down_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -686,6 +689,32 @@ class Gateway:
         outbound.deliver(envelope, time.time())
         if outbound.to_bus:
             self._reporter.post(outbound.to_bus)
+
+    def deliveries_lost(self, reason: str, detail: str) -> None:
+        """Hear from the bus that envelopes meant for this gateway may have been lost.
+
+        The gateway is a :class:`~wsbus.bus.HearsLoss`: every open connection is sent a
+        ``wsbus.gap`` frame (docs/protocol.md), after what is queued for it already, so
+        that no loss is silent. Called by the bus on the loop thread; never raises.
+
+        Args:
+            reason: ``"bus_disconnected"`` or ``"slow_consumer"`` (see HearsLoss).
+            detail: the bus's words, for the log; clients are not shown them.
+        """
+        notified = self._outbound.gap(reason)
+        count = self._gap_log.admit(reason, time.monotonic())
+        if count is None:
+            return
+        log.warning(
+            "the bus says messages meant for gateway %s may have been lost (%s: %s); "
+            "%d connections were sent wsbus.gap (%d such losses since the last warning; "
+            "Stats.gaps_heard counts them all)",
+            self._node,
+            reason,
+            detail,
+            notified,
+            max(count, 1),
+        )
 
     # -- observing -----------------------------------------------------------------------
 

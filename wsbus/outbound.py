@@ -43,6 +43,15 @@ log = logging.getLogger("wsbus.gateway")
 
 _HEX: Final = frozenset("0123456789abcdef")
 
+GAP_MESSAGES: Final = {
+    "bus_disconnected": "the gateway lost its link to the message bus: messages meant for "
+    "this connection may have been lost",
+    "slow_consumer": "the message bus dropped messages meant for this gateway: some for "
+    "this connection may have been lost",
+}
+"""The ``wsbus.gap`` reasons, and what a client is told for each. A reason the bus gives
+that is not here reaches clients as ``unknown``; its words stay in the gateway's log."""
+
 
 class Outbound:
     """Routes, encodes and queues what the bus delivers; carries out control requests.
@@ -77,6 +86,8 @@ class Outbound:
         self._ids = ids
         self.to_bus: deque[Envelope] = deque()
         """Envelopes to publish on the bus (answers and reports), oldest first."""
+        # What had been queued and connected when the last gap notices went out.
+        self._gap_mark: tuple[int, int] | None = None
 
     def deliver(self, envelope: Envelope, wall: float) -> None:
         """Take one envelope from the bus at ``wall`` (seconds since the epoch).
@@ -151,6 +162,36 @@ class Outbound:
         for conn_id in refused:
             only = Recipients(conn_ids=(conn_id,))
             self._report(result, "slow_consumer", only, "the client's queue is full", wall)
+
+    def gap(self, reason: str) -> int:
+        """Tell every open connection that deliveries to it may have been lost.
+
+        Queues a ``wsbus.gap`` frame (after whatever is queued already) for each welcomed
+        connection that is not closing: a closing one is told by its close, and one still
+        authenticating was sent nothing yet. When nothing was queued and nobody connected
+        since the previous notices, those notices already say it: nothing is queued.
+
+        Returns:
+            How many notices were queued.
+        """
+        counters = self._counters
+        counters.gaps_heard += 1
+        mark = (counters.deliveries_queued, counters.connections_total)
+        if mark == self._gap_mark:
+            return 0
+        self._gap_mark = mark
+        message = GAP_MESSAGES.get(reason)
+        if message is None:
+            reason, message = "unknown", "messages meant for this connection may have been lost"
+        content = {"reason": reason, "message": message}
+        registry = self._registry
+        sent = 0
+        for conn_id, session in list(self._sessions.items()):
+            if session.close_code is None and conn_id in registry:
+                session.send_control("wsbus.gap", content)
+                sent += 1
+        counters.gap_notices += sent
+        return sent
 
     def _own_misses(self, unmatched: Recipients) -> Recipients | None:
         own = tuple(c for c in unmatched.conn_ids if node_of(c) == self._node)

@@ -52,6 +52,8 @@ class Counters(msgspec.Struct):
     reports: int
     reports_lost: int
     closes_by_code: dict[int, int]
+    gaps_heard: int
+    gap_notices: int
 
     @staticmethod
     def zero() -> Counters:
@@ -134,6 +136,11 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
         reports: ``wsbus.undeliverable`` reports sent.
         reports_lost: reports and control answers that could not be put on the bus.
         closes_by_code: connections closed, by close code.
+        gaps_heard: times the bus said deliveries meant for this gateway may have been
+            lost (its link broke, or it dropped envelopes: :class:`~wsbus.bus.HearsLoss`).
+        gap_notices: ``wsbus.gap`` frames queued for clients: one per open connection for
+            each loss heard, except where the connection's last notice already covers it
+            (nothing was queued or connected since the previous loss).
     """
 
 

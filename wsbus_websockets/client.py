@@ -16,6 +16,12 @@ says the client itself is at fault or refused (4400, 4401, 4403, 4408, 4429, 100
 1009): those raise :class:`~wsbus.errors.ConnectionClosed` carrying the code. Every way the
 gateway refuses a client is an exception of :mod:`wsbus.errors` (docs/protocol.md has the
 table).
+
+When the gateway says messages meant for the client may have been lost (a ``wsbus.gap``
+frame: its link to the bus broke, or the bus dropped messages), the frame comes to
+:meth:`Client.receive` in its place among the messages, :attr:`Client.gaps` counts it, and
+the ``on_gap`` callback, if given, is called with it as it arrives: the place to resync
+(fetch the state again) rather than trust what was pieced together from messages.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Final, Literal
 
 import msgspec
@@ -59,6 +65,13 @@ class Client:
     Attributes:
         welcome: the content of the last ``wsbus.welcome`` (connection id, codec, limits).
         reconnects: how many times the client has reconnected.
+        gaps: how many ``wsbus.gap`` frames the gateway sent (messages meant for this
+            client may have been lost).
+
+    Args:
+        on_gap: called with each ``wsbus.gap`` frame as it arrives, on the client's reader
+            task (keep it short; an exception it raises is logged and ignored). The frame
+            also comes to :meth:`receive`, in order.
     """
 
     def __init__(
@@ -73,6 +86,7 @@ class Client:
         open_timeout: float = 10.0,
         max_size: int = 2**20,
         queue: int = 10_000,
+        on_gap: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.url = url
         self.codec = codec
@@ -84,6 +98,8 @@ class Client:
         self.max_size = max_size
         self.welcome: dict[str, Any] = {}
         self.reconnects = 0
+        self.gaps = 0
+        self.on_gap = on_gap
         self._ws: ClientConnection | None = None
         self._encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder = (
             msgspec.json.Encoder() if codec is Codec.JSON else msgspec.msgpack.Encoder()
@@ -361,6 +377,8 @@ class Client:
                         )
                     )
                 return
+        elif kind == "wsbus.gap":
+            self._gap(frame)
         else:
             entry = self._pending.get(frame.get("reply_to") or "")
             if entry is not None and entry[1] == "reply":
@@ -371,6 +389,19 @@ class Client:
             self._incoming.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("client queue full: dropped a %r message; read faster", kind)
+
+    def _gap(self, frame: dict[str, Any]) -> None:
+        """Count a ``wsbus.gap`` and tell ``on_gap``; the frame goes on to receive()."""
+        self.gaps += 1
+        content = frame.get("content")
+        reason = content.get("reason") if isinstance(content, dict) else None
+        log.warning("the gateway says messages for this client may have been lost (%s)", reason)
+        if self.on_gap is None:
+            return
+        try:
+            self.on_gap(frame)
+        except Exception:
+            log.exception("the client's on_gap callback raised; ignored")
 
     def _fail_pending(self, closed: ConnectionClosed) -> None:
         for future, _ in self._pending.values():

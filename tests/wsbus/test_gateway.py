@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -912,3 +913,28 @@ async def test_a_writer_stopped_before_it_ran_does_not_hold_up_a_flushing_close(
         await asyncio.sleep(0)
     assert link.closer is not None and link.closer.done()
     assert client.close_code == 4400
+
+
+# -- the bus says deliveries may have been lost ----------------------------------------------
+
+
+async def test_the_gateway_hears_loss_and_tells_every_client(
+    wsbus_gateway: Gateway, wsbus_connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wsbus.bus import HearsLoss
+
+    assert isinstance(wsbus_gateway, HearsLoss)
+    clients = [await wsbus_connect(), await wsbus_connect()]
+    with caplog.at_level(logging.WARNING, logger="wsbus.gateway"):
+        wsbus_gateway.deliveries_lost("bus_disconnected", "link to nats://10.0.0.7 reset")
+        wsbus_gateway.deliveries_lost("bus_disconnected", "link to nats://10.0.0.7 reset")
+    for client in clients:
+        gap = await client.receive()
+        assert gap["type"] == "wsbus.gap" and gap["content"]["reason"] == "bus_disconnected"
+        assert "10.0.0.7" not in str(gap)  # the bus's words are for the operator's log
+        assert client.pending() == 0  # the second loss, with nothing between: one notice
+    [warning] = [r.getMessage() for r in caplog.records if "may have been lost" in r.message]
+    assert "10.0.0.7" in warning and "2 connections" in warning
+    stats = wsbus_gateway.stats()
+    assert (stats.gaps_heard, stats.gap_notices) == (2, 2)
+    assert_balanced(stats)

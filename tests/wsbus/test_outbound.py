@@ -133,3 +133,56 @@ def test_a_disconnect_request_closes_the_session_with_a_flush() -> None:
     setup.deliver(control.DISCONNECT, {"conn_id": "n.1", "code": 1006})
     assert setup.outbound.to_bus[-1].content["code"] == "invalid_request"
     setup.balanced()
+
+
+# -- wsbus.gap: the bus says deliveries may have been lost ----------------------------------
+
+
+def _frames(setup: Setup, conn_id: str) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(d) for d in setup.taken[ConnId(conn_id)]]
+
+
+def test_a_gap_goes_to_every_open_connection_after_what_was_queued() -> None:
+    setup = Setup("n.1", "n.2", "n.3")
+    setup.deliver("chat.say", 0, recipients=Recipients(everyone=True))
+    setup.sessions[ConnId("n.3")].close(4000, "bye")  # closing: its close tells it
+    setup.registry.connect(ConnId("n.4"))
+    del setup.sessions[ConnId("n.2")]  # gone; n.4 is registered with no session yet
+    assert setup.outbound.gap("bus_disconnected") == 1
+    [message, gap] = _frames(setup, "n.1")
+    assert message["content"] == 0 and "from" not in gap
+    assert gap["type"] == "wsbus.gap" and gap["content"]["reason"] == "bus_disconnected"
+    assert "lost" in gap["content"]["message"] and isinstance(gap["id"], str)
+    assert [f["type"] for f in _frames(setup, "n.3")] == ["chat.say"]
+    assert (setup.counters.gaps_heard, setup.counters.gap_notices) == (1, 1)
+    assert not setup.outbound.to_bus
+    setup.balanced()
+
+
+def test_a_connection_still_authenticating_gets_no_gap() -> None:
+    setup = Setup("n.1")
+    setup.registry.disconnect(ConnId("n.1"))  # a session not (yet, or no longer) registered
+    assert setup.outbound.gap("slow_consumer") == 0
+    assert setup.taken[ConnId("n.1")] == []
+
+
+def test_gaps_with_nothing_between_them_are_one_notice() -> None:
+    setup = Setup("n.1")
+    assert setup.outbound.gap("bus_disconnected") == 1
+    assert setup.outbound.gap("bus_disconnected") == 0  # the notice queued says it already
+    assert setup.outbound.gap("slow_consumer") == 0
+    setup.deliver("chat.say", 1, recipients=Recipients(everyone=True))
+    assert setup.outbound.gap("slow_consumer") == 1
+    setup.counters.connections_total += 1  # someone connected: they have heard nothing
+    assert setup.outbound.gap("slow_consumer") == 1
+    types = [f["type"] for f in _frames(setup, "n.1")]
+    assert types == ["wsbus.gap", "chat.say", "wsbus.gap", "wsbus.gap"]
+    assert (setup.counters.gaps_heard, setup.counters.gap_notices) == (5, 3)
+    setup.balanced()
+
+
+def test_a_reason_clients_do_not_know_is_unknown_and_the_bus_words_stay_out() -> None:
+    setup = Setup("n.1")
+    setup.outbound.gap("nats: connection to 10.0.0.7:4222 reset")
+    [gap] = _frames(setup, "n.1")
+    assert gap["content"]["reason"] == "unknown" and "10.0.0.7" not in gap["content"]["message"]

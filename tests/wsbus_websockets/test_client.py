@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.typing import Subprotocol
 
+from wsbus import Gateway
 from wsbus.errors import ConnectionClosed, RequestTimeout, WsbusError
 from wsbus.wire import Codec
 from wsbus_websockets import connect
@@ -122,3 +124,24 @@ async def test_a_server_that_never_answers_the_close_has_its_socket_aborted() ->
             # The server read to the end of the stream: the client closed it. It did send
             # a close frame first (opcode 8, masked: 0x88).
             assert (await ended)[:1] == b"\x88"
+
+
+async def test_a_gap_comes_in_order_to_receive_and_to_on_gap(
+    wsbus_gateway: Gateway, wsbus_ws_connect: Any
+) -> None:
+    heard: list[dict[str, Any]] = []
+
+    def broken(frame: dict[str, Any]) -> None:
+        raise RuntimeError("a bug in the application's callback")
+
+    client = await wsbus_ws_connect(on_gap=heard.append)
+    other = await wsbus_ws_connect(on_gap=broken)
+    wsbus_gateway.deliveries_lost("slow_consumer", "the bus dropped 3 envelopes")
+    async with asyncio.timeout(5):
+        frame = await client.receive()
+        assert (await other.receive())["type"] == "wsbus.gap"
+    assert frame["type"] == "wsbus.gap" and frame["content"]["reason"] == "slow_consumer"
+    assert heard == [frame] and client.gaps == 1 and other.gaps == 1
+    # The connection goes on: a callback that raised is logged, nothing more.
+    reply = await other.request("echo", {"after": "gap"})
+    assert reply["content"]["content"] == {"after": "gap"}

@@ -8,8 +8,10 @@
 //   client.send("chat.say", { room: "lobby", text: "hello" });
 //
 // Events (client.addEventListener): "welcome", "frame", "ack", "error" (wsbus.error
-// frames), "close" ({code, reason, final}), "reconnecting" ({attempt, delay}).
+// frames), "gap" (wsbus.gap frames: messages meant for this client may have been lost;
+// resync), "close" ({code, reason, final}), "reconnecting" ({attempt, delay}).
 // client.sentType(ack.content.ref) says which message an ack or error answers.
+// client.gaps counts the wsbus.gap frames; the onGap option is called with each.
 
 const CODEC = "wsbus.v1.json";
 // Close codes after which reconnecting may help: going away, lost, server error, restart,
@@ -46,14 +48,21 @@ export class WsbusClient extends EventTarget {
    * @param {number[]} [options.backoff=[100, 10000]]  first and largest delay, in ms
    * @param {number} [options.maxAttempts=30]  reconnect attempts in a row before giving up
    *   (a refused handshake looks like a lost connection to a browser: this ends the retries)
+   * @param {function} [options.onGap]  called with each wsbus.gap frame (messages meant for
+   *   this client may have been lost: fetch the state again rather than trust it)
    */
-  constructor(url, { token = null, reconnect = true, backoff = [100, 10000], maxAttempts = 30 } = {}) {
+  constructor(
+    url,
+    { token = null, reconnect = true, backoff = [100, 10000], maxAttempts = 30, onGap = null } = {},
+  ) {
     super();
     this.url = url;
     this.token = token;
     this.reconnect = reconnect;
     this.backoff = backoff;
     this.maxAttempts = maxAttempts;
+    this.onGap = onGap;
+    this.gaps = 0; // wsbus.gap frames received
     this.welcome = null;
     this._ws = null;
     this._nextId = 1;
@@ -207,6 +216,16 @@ export class WsbusClient extends EventTarget {
       const pending = this._pending.get(content.ref);
       if (pending) {
         this._settle(content.ref, pending, null, new WsbusError(content.code, content.message, content.retry));
+      }
+    } else if (frame.type === "wsbus.gap") {
+      this.gaps += 1;
+      this._emit("gap", frame);
+      if (this.onGap) {
+        try {
+          this.onGap(frame);
+        } catch (err) {
+          console.error("wsbus onGap failed", err);
+        }
       }
     } else if (frame.reply_to) {
       const pending = this._pending.get(frame.reply_to);
