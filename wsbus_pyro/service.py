@@ -258,10 +258,12 @@ class ServiceHost:
                 f"{config.ns_host}:{config.ns_port} ({exc}); start it with `wsbus bus`"
             ) from None
         if holder is not None:
+            # Worded without "ready": that word is how a supervisor sees a service start.
             raise ConfigError(
-                f"service {self.service.name!r} is running already (at {holder}): the Pyro "
-                "bus is the single-machine bus and runs one process per service. Stop the "
-                "other process first, or run several instances with `--bus nats`"
+                f"another process serves service {self.service.name!r} on this bus (at "
+                f"{holder}): the Pyro bus is the single-machine bus and runs one process per "
+                "service. Stop the other process first, or run several instances with "
+                "`--bus nats`"
             )
 
     def _unregister(self) -> None:
