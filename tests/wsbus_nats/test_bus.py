@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import msgspec
+import nats
+import nats.aio.client
 import pytest
 import pytest_asyncio
 
-from wsbus import Service
+from tests.conftest import assert_balanced
+from wsbus import Codec, Context, Gateway, GatewayConfig, Service, handles, memory_pair
 from wsbus.bus import Bus, ClaimsAliases, ReportsAvailability
+from wsbus.edge import MemoryClient
+from wsbus.envelope import (
+    ClientAddress,
+    ConnId,
+    Envelope,
+    EnvelopeId,
+    Recipients,
+    ServiceAddress,
+    encode_envelope,
+)
+from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 from wsbus_nats import NatsBus, NatsConfig, ServiceHost
+from wsbus_nats.directory import ServiceEntry, alias_key
 from wsbus_nats.servers import NatsServer
-from wsbus_testing.conformance import BusConformance, MakeBus, MakeUnavailable
+from wsbus_testing.conformance import (
+    BusConformance,
+    MakeBus,
+    MakeUnavailable,
+    RecordingSink,
+    client_message,
+)
+from wsbus_testing.services import Director, Probe, Sequencer
 
 
 class TestNatsBusConformance(BusConformance):
@@ -48,3 +72,461 @@ class TestNatsBusConformance(BusConformance):
             await bus.close()
         for host in hosts:
             await host.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class LossSink(RecordingSink):
+    """A stand-in gateway that also hears of lost deliveries (a HearsLoss)."""
+
+    def __init__(self, bus: Bus, node: str = "sink") -> None:
+        super().__init__(bus, node)
+        self.lost: list[tuple[str, str]] = []
+
+    def deliveries_lost(self, reason: str, detail: str) -> None:
+        """Record a loss notice."""
+        self.lost.append((reason, detail))
+
+
+class Tally(Service):
+    """Records the id of every ``tally.hit`` it gets (per instance)."""
+
+    name = "tally"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @handles("tally.hit")
+    async def hit(self, message: Envelope, ctx: Context) -> None:
+        """Record the id."""
+        self.seen.append(message.id)
+
+
+class Audit(Tally):
+    """Another service declaring ``tally.hit``: it gets every one too."""
+
+    name = "audit"
+
+
+class Stuck(Service):
+    """Takes one ``stuck.wait`` and waits on :attr:`release` (its inbox then fills)."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    @handles("stuck.wait")
+    async def wait(self, message: Envelope, ctx: Context) -> None:
+        """Wait until released."""
+        self.started.set()
+        await self.release.wait()
+
+
+class Hosts:
+    """Service instances and buses on one NATS, all closed after the test."""
+
+    def __init__(self, config: NatsConfig) -> None:
+        self.config = config
+        self.hosts: list[ServiceHost] = []
+        self.buses: list[NatsBus] = []
+        self.gateways: list[Gateway] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def host(
+        self, service: Service, config: NatsConfig | None = None, **kwargs: Any
+    ) -> ServiceHost:
+        host = ServiceHost(service, config or self.config, **kwargs)
+        await host.start()
+        self.hosts.append(host)
+        return host
+
+    async def sink(self, node: str = "sink", config: NatsConfig | None = None) -> LossSink:
+        bus = NatsBus(config or self.config)
+        self.buses.append(bus)
+        sink = LossSink(bus, node)
+        await bus.start(sink)
+        return sink
+
+    async def gateway(self, node: str) -> Gateway:
+        gateway = Gateway(NatsBus(self.config), config=GatewayConfig(node=node), entry_points=False)
+        await gateway.start()
+        self.gateways.append(gateway)
+        return gateway
+
+    async def client(self, gateway: Gateway) -> MemoryClient:
+        conn, client = memory_pair(Codec.JSON)
+        self.tasks.append(asyncio.create_task(gateway.serve(conn)))
+        welcome = await client.receive()
+        client.conn_id = welcome["content"]["conn_id"]
+        return client
+
+    async def close(self) -> None:
+        for gateway in self.gateways:
+            await gateway.close()
+        await asyncio.gather(*self.tasks)
+        for bus in self.buses:
+            await bus.close()
+        for host in self.hosts:
+            await host.close()
+
+
+@pytest_asyncio.fixture
+async def kit(nats_config: NatsConfig) -> AsyncIterator[Hosts]:
+    hosts = Hosts(nats_config)
+    try:
+        yield hosts
+    finally:
+        await hosts.close()
+
+
+async def _until(client: MemoryClient, type: str) -> dict[str, Any]:
+    return await client.receive_until(type, timeout=10)
+
+
+async def _raw(config: NatsConfig) -> nats.aio.client.Client:
+    return await nats.connect(list(config.servers))
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+async def test_instances_of_a_service_share_its_traffic_and_each_service_gets_it_once(
+    kit: Hosts,
+) -> None:
+    one, two, audit = Tally(), Tally(), Audit()
+    for service in (one, two, audit):
+        await kit.host(service)
+    sink = await kit.sink()
+    ids = [f"m{i}" for i in range(200)]
+    for i in range(200):
+        await sink.bus.publish(client_message("tally.hit", None, i))
+    # publish returned: every target service holds each envelope already.
+    async with asyncio.timeout(10):
+        while len(one.seen) + len(two.seen) < 200 or len(audit.seen) < 200:
+            await asyncio.sleep(0.01)
+    assert one.seen and two.seen, "both instances of the service take a share"
+    assert sorted(one.seen + two.seen) == sorted(ids)  # each message once, to one of them
+    assert audit.seen == ids  # the other service got every one, in order
+    assert one.seen == sorted(one.seen, key=ids.index)  # each instance's share in order
+
+
+async def test_conn_ids_reach_their_gateway_and_shared_recipients_every_gateway(
+    kit: Hosts,
+) -> None:
+    await kit.host(Director())
+    g1 = await kit.gateway("g1")
+    g2 = await kit.gateway("g2")
+    a = await kit.client(g1)
+    b = await kit.client(g2)
+    b.send("director.alias", {"alias": "bee"})
+    await _until(b, "director.alias.reply")
+    for client in (a, b):
+        client.send("director.join", {"group": "both"})
+        assert (await _until(client, "director.join.reply"))["content"] == {"joined": True}
+
+    a.send("director.send", {"recipients": {"aliases": ["bee"]}, "body": "cross"})
+    assert (await _until(b, "director.item"))["content"] == "cross"
+    a.send("director.send", {"recipients": {"conn_ids": [b.conn_id]}, "body": "by id"})
+    assert (await _until(b, "director.item"))["content"] == "by id"
+    b.send("director.send", {"recipients": {"groups": ["both"]}, "body": "group"})
+    for client in (a, b):
+        assert (await _until(client, "director.item"))["content"] == "group"
+    a.send("director.send", {"recipients": {"everyone": True}, "body": "all"})
+    for client in (a, b):
+        assert (await _until(client, "director.item"))["content"] == "all"
+    # Order per sender and client, across the engine.
+    for i in range(100):
+        a.send("director.send", {"recipients": {"conn_ids": [b.conn_id]}, "body": str(i)})
+    got = [(await _until(b, "director.item"))["content"] for _ in range(100)]
+    assert got == [str(i) for i in range(100)]
+    # A conn id went to its own gateway only: g1 saw none of the messages to b's id.
+    s1, s2 = g1.stats(), g2.stats()
+    assert s2.bus_envelopes > s1.bus_envelopes
+    # A shared message reaches the right gateway and nobody is reported missing.
+    a.send("director.missed", None)
+    assert (await _until(a, "director.missed.reply"))["content"] == {"missed": []}
+    for gateway in (g1, g2):
+        assert_balanced(gateway.stats())
+
+
+async def test_publish_refuses_what_no_service_can_take_now(
+    kit: Hosts, nats_config: NatsConfig
+) -> None:
+    stuck = Stuck()
+    await kit.host(stuck, inbox_size=1)
+    sink = await kit.sink()
+    bus = sink.bus
+    with pytest.raises(NoRoute):
+        await bus.publish(client_message("nobody.handles.this", None))
+    await bus.publish(client_message("stuck.wait", None, 1))  # taken by the handler
+    await asyncio.wait_for(stuck.started.wait(), 10)
+    await bus.publish(client_message("stuck.wait", None, 2))  # waits in the inbox
+    with pytest.raises(BusUnavailable) as refused:
+        await bus.publish(client_message("stuck.wait", None, 3))
+    assert not refused.value.whole_bus and "busy" in refused.value.reason
+    stuck.release.set()
+
+    # An instance listed in the directory that no longer answers (it died a moment ago).
+    nc = await _raw(nats_config)
+    try:
+        kv = await nc.jetstream().key_value(f"{nats_config.prefix}_services")
+        entry = ServiceEntry("ghost", "dead1", ["ghost.boo"])
+        await kv.put("ghost.dead1", msgspec.msgpack.encode(entry))
+        directory = bus.directory  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):
+            while not directory.service_live("ghost"):
+                await asyncio.sleep(0.01)
+        with pytest.raises(BusUnavailable) as gone:
+            await bus.publish(client_message("ghost.boo", None))
+        assert not gone.value.whole_bus and "no instance" in gone.value.reason
+    finally:
+        await nc.close()
+
+
+async def test_a_sender_that_is_not_the_subject_is_dropped_and_counted(
+    kit: Hosts, nats_config: NatsConfig
+) -> None:
+    tally = Tally()
+    host = await kit.host(tally)
+    sink = await kit.sink()
+    bus = sink.bus
+    assert isinstance(bus, NatsBus)
+    forged = Envelope(
+        id=EnvelopeId("f1"), type="x", sender=ServiceAddress("tally"), recipients=Recipients()
+    )
+    nc = await _raw(nats_config)
+    try:
+        # To the gateway, on another service's subject; then bytes that are no envelope.
+        await nc.publish("wsbus.gw.sink.svc.evil", encode_envelope(forged))
+        await nc.publish("wsbus.gw.sink.svc.tally", b"\xc1 not msgpack")
+        # To the service, as gateway sink, with a service as sender.
+        hit = Envelope(id=EnvelopeId("h1"), type="tally.hit", sender=ServiceAddress("x"))
+        answer = await nc.request("wsbus.svc.tally.gw.sink", encode_envelope(hit), timeout=10)
+        assert answer.data == b"refused"
+        # A client of another gateway, claimed by gateway sink.
+        other = Envelope(
+            id=EnvelopeId("h2"), type="tally.hit", sender=ClientAddress(ConnId("gw2.1"))
+        )
+        answer = await nc.request("wsbus.svc.tally.gw.sink", encode_envelope(other), timeout=10)
+        assert answer.data == b"refused"
+        # The real thing still passes.
+        await nc.flush()
+        await bus.publish(client_message("tally.hit", None))
+    finally:
+        await nc.close()
+    async with asyncio.timeout(10):
+        while bus.counters.sender_mismatches < 2:
+            await asyncio.sleep(0.01)
+    assert sink.delivered == []
+    assert tally.seen == ["m1"]
+    assert host.counters.sender_mismatches == 2
+
+
+async def test_an_envelope_over_max_payload_is_refused_too_large(kit: Hosts) -> None:
+    await kit.host(Probe())
+    sink = await kit.sink()
+    bus = sink.bus
+    assert isinstance(bus, NatsBus)
+    with pytest.raises(BusUnavailable) as refused:
+        await bus.publish(client_message("probe.echo", "x" * 2_000_000))
+    assert not refused.value.whole_bus and "too_large" in refused.value.reason
+    assert bus.counters.too_large == 1
+    await bus.publish(client_message("probe.echo", "small"))
+    [reply] = await sink.wait_for(lambda d: len(d) >= 1)
+    assert reply.content["x"] == "small"
+
+
+# -- the link breaking -----------------------------------------------------------------------
+
+
+async def test_a_server_restart_flips_availability_refuses_meanwhile_and_tells_the_gateway(
+    kit: Hosts, wsbus_nats_server: NatsServer
+) -> None:
+    await kit.host(Probe())
+    sink = await kit.sink()
+    bus = sink.bus
+    assert isinstance(bus, NatsBus)
+    await bus.publish(client_message("probe.echo", "before", 1))
+    await sink.wait_for(lambda d: len(d) >= 1)
+
+    await asyncio.to_thread(wsbus_nats_server.kill)
+    async with asyncio.timeout(10):
+        while bus.available:
+            await asyncio.sleep(0.01)
+    with pytest.raises(BusUnavailable) as refused:
+        await bus.publish(client_message("probe.echo", "during", 2))
+    assert refused.value.whole_bus
+    # Down for several backoffs: more attempts than nats-py's first connection allows.
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(wsbus_nats_server.restart)
+
+    async with asyncio.timeout(20):
+        while not bus.available:
+            await asyncio.sleep(0.01)
+        while True:
+            try:
+                await bus.publish(client_message("probe.echo", "after", 3))
+                break
+            except (BusUnavailable, NoRoute):
+                await asyncio.sleep(0.05)  # the service instance reconnects too
+    delivered = await sink.wait_for(lambda d: any(e.content["x"] == "after" for e in d))
+    assert [e.content["x"] for e in delivered] == ["before", "after"]
+    assert "bus_disconnected" in {reason for reason, _ in sink.lost}
+    counters = bus.counters
+    assert counters.disconnects >= 1 and counters.reconnects >= 1 and counters.refused >= 1
+
+
+async def test_nothing_is_lost_silently_across_a_server_restart(
+    kit: Hosts, wsbus_nats_server: NatsServer
+) -> None:
+    """Every message is delivered, refused, or covered by a loss notice: never nothing."""
+    probe = Probe()
+    await kit.host(probe)
+    sink = await kit.sink()
+    bus = sink.bus
+    accepted: list[int] = []
+    refused: list[int] = []
+    notices_before: dict[int, int] = {}
+
+    async def send() -> None:
+        for i in range(600):
+            notices_before[i] = len(sink.lost)
+            try:
+                await bus.publish(client_message("probe.echo", i, i))
+            except (BusUnavailable, NoRoute):
+                refused.append(i)
+                await asyncio.sleep(0.005)
+            else:
+                accepted.append(i)
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+
+    sender = asyncio.create_task(send())
+    async with asyncio.timeout(20):
+        while len(accepted) < 100:
+            await asyncio.sleep(0.005)
+    await asyncio.to_thread(wsbus_nats_server.kill)
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(wsbus_nats_server.restart)
+    async with asyncio.timeout(60):
+        await sender
+    await asyncio.sleep(0.5)  # let the last replies arrive
+    replied = {e.content["x"] for e in sink.delivered if e.type == "probe.echo.reply"}
+    assert refused, "the restart refused some messages"
+    assert len(accepted) + len(refused) == 600
+    missing = [i for i in accepted if i not in replied]
+    # A reply that never came is covered by a loss notice heard after it was sent.
+    assert all(len(sink.lost) > notices_before[i] for i in missing), (missing, sink.lost)
+
+
+async def test_a_slow_gateway_hears_of_what_nats_dropped(
+    kit: Hosts, nats_config: NatsConfig
+) -> None:
+    await kit.host(Sequencer())
+    small = msgspec.structs.replace(nats_config, pending_msgs=16)
+    sink = await kit.sink(config=small)
+    bus = sink.bus
+    assert isinstance(bus, NatsBus)
+    await bus.publish(client_message("sequence", {"n": 3000}))
+    async with asyncio.timeout(20):
+        while len(sink.delivered) + bus.counters.slow_consumers < 3000:
+            await asyncio.sleep(0.01)
+    assert bus.counters.slow_consumers > 0
+    assert len(sink.delivered) + bus.counters.slow_consumers == 3000
+    assert [reason for reason, _ in sink.lost].count("slow_consumer") >= 1
+    # What did arrive arrived in order.
+    contents = [e.content for e in sink.delivered]
+    assert contents == sorted(contents)
+
+
+# -- aliases ---------------------------------------------------------------------------------
+
+
+async def test_an_alias_is_unique_across_gateways(kit: Hosts) -> None:
+    a = await kit.sink("ga")
+    b = await kit.sink("gb")
+    bus_a, bus_b = a.bus, b.bus
+    assert isinstance(bus_a, NatsBus) and isinstance(bus_b, NatsBus)
+    assert await bus_a.claim_alias("sam", ConnId("ga.1"))
+    assert await bus_a.claim_alias("sam", ConnId("ga.1"))  # held already: still True
+    assert not await bus_b.claim_alias("sam", ConnId("gb.1"))
+    assert not await bus_a.claim_alias("sam", ConnId("ga.2"))
+    await bus_b.release_alias("sam", ConnId("gb.1"))  # not the holder: nothing happens
+    assert not await bus_b.claim_alias("sam", ConnId("gb.1"))
+    await bus_a.release_alias("sam", ConnId("ga.1"))
+    assert await bus_b.claim_alias("sam", ConnId("gb.1"))
+    # Any alias fits the table (it is encoded), and a claim is atomic: of many racing
+    # connections on two gateways, exactly one wins.
+    results = await asyncio.gather(
+        *(
+            bus.claim_alias("Zoë ☃ . * >", ConnId(f"{node}.{i}"))
+            for i in range(10)
+            for bus, node in ((bus_a, "ga"), (bus_b, "gb"))
+        )
+    )
+    assert results.count(True) == 1
+
+
+async def test_a_dead_gateways_aliases_are_taken_over(kit: Hosts, nats_config: NatsConfig) -> None:
+    a = await kit.sink("ga")
+    b = await kit.sink("gb")
+    assert isinstance(a.bus, NatsBus) and isinstance(b.bus, NatsBus)
+    assert await a.bus.claim_alias("ann", ConnId("ga.1"))
+    # A clean stop deletes the gateway's entry: its aliases are free at once.
+    await a.bus.close()
+    async with asyncio.timeout(10):
+        while b.bus.directory.gateway_live("ga"):
+            await asyncio.sleep(0.01)
+    assert await b.bus.claim_alias("ann", ConnId("gb.1"))
+
+    # A gateway that dies without a word: its entry stops being refreshed.
+    nc = await _raw(nats_config)
+    try:
+        js = nc.jetstream()
+        gateways = await js.key_value(f"{nats_config.prefix}_gateways")
+        aliases = await js.key_value(f"{nats_config.prefix}_aliases")
+        await gateways.put("gz", b"1")
+        await aliases.put(alias_key("zed"), b"gz.7")
+    finally:
+        await nc.close()
+    async with asyncio.timeout(10):
+        while not b.bus.directory.gateway_live("gz"):
+            await asyncio.sleep(0.01)
+    assert not await b.bus.claim_alias("zed", ConnId("gb.2"))  # gz is live yet
+    async with asyncio.timeout(10 * nats_config.heartbeat * 3):
+        while not await b.bus.claim_alias("zed", ConnId("gb.2")):
+            await asyncio.sleep(nats_config.heartbeat / 2)
+    assert await b.bus.directory.alias_holder("zed") == "gb.2"
+
+
+async def test_claims_refuse_when_nats_is_down(kit: Hosts, wsbus_nats_server: NatsServer) -> None:
+    sink = await kit.sink()
+    bus = sink.bus
+    assert isinstance(bus, NatsBus)
+    await asyncio.to_thread(wsbus_nats_server.stop)
+    with pytest.raises(BusUnavailable):
+        await bus.claim_alias("sam", ConnId("sink.1"))
+    with pytest.raises(BusUnavailable):
+        await bus.release_alias("sam", ConnId("sink.1"))
+
+
+async def test_names_that_are_not_subject_tokens_are_refused(nats_config: NatsConfig) -> None:
+    bus = NatsBus(nats_config)
+    with pytest.raises(ConfigError, match="subject token"):
+        await bus.start(RecordingSink(bus, "bad.node"))
+    await bus.close()
+    with pytest.raises(ConfigError, match="subject token"):
+        NatsConfig(prefix="a.b")
+
+
+async def test_no_server_is_a_clear_bus_unavailable(tmp_path: Any) -> None:
+    from wsbus_testing.children import free_port
+
+    config = NatsConfig(servers=(f"nats://127.0.0.1:{free_port()}",), connect_timeout=0.5)
+    bus = NatsBus(config)
+    with pytest.raises(BusUnavailable, match="no NATS server could be reached"):
+        await bus.start(RecordingSink(bus))
+    await bus.close()
