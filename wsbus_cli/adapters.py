@@ -47,6 +47,7 @@ __all__ = [
     "EdgeAdapter",
     "Installed",
     "Listening",
+    "RunsServiceProcesses",
     "Section",
     "find_bus",
     "find_edge",
@@ -129,6 +130,29 @@ class BusAdapter(Protocol):
 
 
 @runtime_checkable
+class RunsServiceProcesses(Protocol):
+    """A bus adapter whose services run as their own processes (``wsbus service``).
+
+    An optional capability of a :class:`BusAdapter`, checked with ``isinstance``: ``wsbus
+    service MODULE:CLASS --bus NAME`` runs the service on bus NAME when its adapter has it
+    (the Pyro and NATS buses do; the memory bus runs services in the gateway's process).
+    """
+
+    def run_service(self, service: Service, config: Any) -> None:
+        """Run ``service`` as this process on the bus, until SIGINT or SIGTERM (blocks).
+
+        Args:
+            service: the service, made from ``MODULE:CLASS``.
+            config: the adapter's settings (an instance of its section's struct), or None.
+
+        Raises:
+            wsbus.errors.BusUnavailable: the bus cannot be reached (the message says what
+                to start).
+            wsbus.errors.MissingExtra: the transport library is not installed.
+        """
+
+
+@runtime_checkable
 class EdgeAdapter(Protocol):
     """A way for clients to reach a gateway (entry-point group ``wsbus.edges``).
 
@@ -197,12 +221,14 @@ class Commands:
 
 @hookspec
 def wsbus_cli_options(command: str, parser: argparse.ArgumentParser) -> None:
-    """Add this adapter's options to ``wsbus COMMAND`` (``serve`` or ``demo``).
+    """Add this adapter's options to ``wsbus COMMAND`` (``serve``, ``demo`` or ``service``).
 
     An option that sets one of the adapter's settings names it as its ``dest``, dotted
     (``dest="pyro.ns_port"``): ``wsbus serve`` then lays it over the settings file. Name
     its flag in the section's ``flags`` too: the configuration page lists it and errors
-    name it. Options of ``demo`` reach :meth:`BusAdapter.demo`.
+    name it. Options of ``demo`` reach :meth:`BusAdapter.demo`; ``wsbus service`` lays
+    those of ``service`` over the settings file too, for
+    :meth:`RunsServiceProcesses.run_service`.
     Every installed adapter's options are on the command whichever bus is chosen: name
     them after the adapter unless they are its own (``--ns-port``).
     """
@@ -210,7 +236,7 @@ def wsbus_cli_options(command: str, parser: argparse.ArgumentParser) -> None:
 
 @hookspec
 def wsbus_cli_commands(commands: Commands) -> None:
-    """Add this adapter's own subcommands (Pyro adds ``nameserver``, ``bus``, ``service``)."""
+    """Add this adapter's own subcommands (Pyro adds ``nameserver`` and ``bus``)."""
 
 
 def port_number(text: str) -> int:

@@ -5,13 +5,14 @@
     wsbus demo                       everything, with a web page, on one machine
     wsbus nameserver                 a Pyro name server (127.0.0.1:9090)
     wsbus bus                        the Pyro message bus
-    wsbus service MODULE:CLASS       a wsbus Service as a Pyro service process
+    wsbus service MODULE:CLASS       a wsbus Service as its own process (--bus pyro|nats)
     wsbus serve --bus memory|pyro    a gateway on a WebSocket port
     wsbus config check FILE          validate a settings file, print the effective settings
 
-The buses, the edges, and their options and subcommands (``nameserver``, ``bus`` and
-``service`` are the Pyro bus's) come from the installed adapters
-(:mod:`wsbus_cli.adapters`).
+The buses, the edges, and their options and subcommands (``nameserver`` and ``bus`` are the
+Pyro bus's) come from the installed adapters (:mod:`wsbus_cli.adapters`); ``wsbus service``
+runs on any bus whose adapter runs services as processes
+(:class:`~wsbus_cli.adapters.RunsServiceProcesses`).
 
 A mistake the user can fix prints one line on stderr that names what was wrong and what to
 do, never a traceback: exit status 2 for a wrong argument or setting (or a missing extra:
@@ -40,7 +41,7 @@ from typing import Any, NoReturn
 from wsbus import __version__
 from wsbus.errors import BusUnavailable, ConfigError, MissingExtra, PluginError, WsbusError
 
-from .adapters import Commands, installed, port_number
+from .adapters import Commands, RunsServiceProcesses, installed, port_number
 from .config import (
     NODE_PATTERN,
     NODE_RULE,
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("wsbus.cli")
+
+_SERVICE_BUS = "pyro"
+"""The bus of ``wsbus service`` when neither ``--bus`` nor the settings file names one."""
 
 USAGE_ERROR = 2
 """Exit status for a wrong argument or setting."""
@@ -267,6 +271,29 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node", type=_node, default=None, help="this gateway's node id (random)")
     found.call("wsbus_cli_options", command="serve", parser=serve)
 
+    process_buses = sorted(
+        name for name, adapter in found.buses.items() if isinstance(adapter, RunsServiceProcesses)
+    )
+    service = commands.add_parser(
+        "service",
+        help="run a wsbus Service as its own process on a bus",
+        description=(
+            "Run a Service subclass as this process, on a bus whose services are their own "
+            "processes. MODULE is imported from --app-dir (the current directory by default) "
+            "or the installed packages."
+        ),
+    )
+    service.add_argument("spec", metavar="MODULE:CLASS", help="the Service subclass to run")
+    service.add_argument(
+        "--bus",
+        default=None,
+        metavar="NAME",
+        help=f"the bus: {', '.join(process_buses) or 'none installed'} ({_SERVICE_BUS})",
+    )
+    app_dir_option(service)
+    config_option(service)
+    found.call("wsbus_cli_options", command="service", parser=service)
+
     config = commands.add_parser("config", help="check a settings file")
     config_commands = config.add_subparsers(
         dest="config_command", metavar="ACTION", parser_class=_Parser, required=True
@@ -374,6 +401,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"# {args.file}: valid", file=sys.stderr)
     elif args.command == "serve":
         asyncio.run(_serve(settings_from_args(args)))
+    elif args.command == "service":
+        _service(args)
     return 0
 
 
@@ -497,6 +526,31 @@ def load_plugin(spec: str) -> object:
                 f"--plugin {spec}: {name}() raised {type(exc).__name__}: {exc}"
             ) from exc
     return plugin
+
+
+# -- service --------------------------------------------------------------------------------
+
+
+def _service(args: argparse.Namespace) -> None:
+    from .adapters import find_bus
+
+    settings = settings_from_args(args)
+    if "serve.bus" not in settings.sources:
+        # Neither --bus nor the file names a bus: the one services ran on before there
+        # were several.
+        args.bus = _SERVICE_BUS
+        settings = settings_from_args(args)
+    name = settings.serve.bus
+    adapter = find_bus(name)
+    if not isinstance(adapter, RunsServiceProcesses):
+        raise ConfigError(
+            f"--bus {name}: the {name} bus runs services in the gateway's process, not as "
+            f"their own: `wsbus serve --bus {name} --service {args.spec}`"
+        )
+    use_app_dir(settings.serve.app_dir)
+    instance = load_service_spec(args.spec, "")
+    config = getattr(settings, adapter.section.name) if adapter.section else None
+    adapter.run_service(instance, config)
 
 
 # -- serve ----------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The Pyro bus as an adapter of the ``wsbus`` command (entry point ``wsbus.buses``).
 
 It brings the ``[pyro]`` settings table, the ``--ns-host``/``--ns-port``/``--pyro-host``/
-``--secret`` options of ``wsbus serve``, the ``--ns-port``/``--no-secret`` options of
-``wsbus demo``, and the subcommands ``wsbus nameserver``, ``wsbus bus`` and
-``wsbus service``. Importing this module imports no Pyro5: the command loads every installed
-adapter to build its ``--help``; Pyro5 is imported when the bus is used, and a missing extra
-then fails with ``pip install 'wsbus[pyro]'``.
+``--secret`` options of ``wsbus serve`` and ``wsbus service``, the ``--ns-port``/
+``--no-secret`` options of ``wsbus demo``, the subcommands ``wsbus nameserver`` and
+``wsbus bus``, and runs ``wsbus service`` (:meth:`PyroAdapter.run_service`). Importing
+this module imports no Pyro5: the command loads every installed adapter to build its
+``--help``; Pyro5 is imported when the bus is used, and a missing extra then fails with
+``pip install 'wsbus[pyro]'``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,18 @@ class PyroAdapter:
         await asyncio.to_thread(check_pyro, config)
         yield PyroBus(config)
 
+    def run_service(self, service: Service, config: Any) -> None:
+        """Run ``service`` as a Pyro service process until a signal (``wsbus service``).
+
+        Raises:
+            BusUnavailable: the name server or the bus does not answer, or does not share
+                this process's secret.
+        """
+        from . import run_service
+
+        check_pyro(config)
+        run_service(service, config)
+
     @contextlib.asynccontextmanager
     async def demo(
         self, options: argparse.Namespace, services: Sequence[str]
@@ -133,8 +146,8 @@ class PyroAdapter:
 
     @hookimpl
     def wsbus_cli_options(self, command: str, parser: argparse.ArgumentParser) -> None:
-        """Add the name server's address and the secret to ``serve``; its port to ``demo``."""
-        if command == "serve":
+        """Add the name server and secret to ``serve`` and ``service``; its port to ``demo``."""
+        if command in ("serve", "service"):
             _pyro_options(parser)
         elif command == "demo":
             group = parser.add_argument_group("Pyro (--bus pyro)")
@@ -156,8 +169,8 @@ class PyroAdapter:
 
     @hookimpl
     def wsbus_cli_commands(self, commands: Commands) -> None:
-        """Add ``wsbus nameserver``, ``wsbus bus`` and ``wsbus service``."""
-        from wsbus_cli.cli import app_dir_option, config_option
+        """Add ``wsbus nameserver`` and ``wsbus bus``."""
+        from wsbus_cli.cli import config_option
 
         ns = commands.add("nameserver", help="run a Pyro name server", run=_run_name_server)
         _pyro_options(ns)
@@ -165,19 +178,6 @@ class PyroAdapter:
         bus = commands.add("bus", help="run the Pyro message bus", run=_run_bus)
         _pyro_options(bus)
         config_option(bus)
-        service = commands.add(
-            "service",
-            help="run a wsbus Service as a Pyro process",
-            description=(
-                "Run a Service subclass on the Pyro bus. MODULE is imported from --app-dir "
-                "(the current directory by default) or the installed packages."
-            ),
-            run=_run_service,
-        )
-        service.add_argument("spec", metavar="MODULE:CLASS", help="the Service subclass to run")
-        app_dir_option(service)
-        _pyro_options(service)
-        config_option(service)
 
 
 pyro = PyroAdapter()
@@ -243,18 +243,6 @@ def _run_bus(args: argparse.Namespace) -> None:
     config = settings_from_args(args, need=("pyro",)).pyro
     check_pyro(config, bus=False)
     run_bus(config)
-
-
-def _run_service(args: argparse.Namespace) -> None:
-    from wsbus_cli.cli import load_service_spec, settings_from_args, use_app_dir
-
-    from . import run_service
-
-    settings = settings_from_args(args, need=("pyro",))
-    use_app_dir(settings.serve.app_dir)
-    instance = load_service_spec(args.spec, "")
-    check_pyro(settings.pyro)
-    run_service(instance, settings.pyro)
 
 
 def _secret(secret: str | bool | None) -> str | None:
