@@ -24,16 +24,16 @@ from wsbus.edge import MemoryClient
 from wsbus.envelope import ClientAddress, ConnId
 from wsbus.hooks import HandshakeRequest, Identity
 from wsbus.service import Context, handles
-from wsbus_pyro import PyroBus, PyroConfig
-from wsbus_pyro.transport import lookup
-from wsbus_testing.children import Child
+from wsbus_pyro import MessageBus, PyroBus, PyroConfig
+from wsbus_pyro.transport import OK, REREGISTERING, TAKEN, UNAVAILABLE, lookup, name_server
+from wsbus_testing.children import Child, free_port
 from wsbus_websockets import connect
 
 Spawn = Callable[[str], Child]
 
 WAIT = 30.0
 """The bound on every wait here: generous, for a busy two-core machine."""
-TAKEN = "that nickname is taken"
+NICK_TAKEN = "that nickname is taken"
 
 
 class Roster(Service):
@@ -140,7 +140,7 @@ async def _nick_when_settled(client: MemoryClient, nick: str) -> dict[str, Any]:
     async with asyncio.timeout(WAIT):
         while True:
             reply = await _nick(client, nick)
-            if reply["ok"] or reply["error"] == TAKEN:
+            if reply["ok"] or reply["error"] == NICK_TAKEN:
                 return reply
             await asyncio.sleep(0.1)
 
@@ -164,7 +164,7 @@ async def test_an_alias_is_unique_across_gateways(cluster: Cluster) -> None:
     ann = await cluster.client(g1)
     bob = await cluster.client(g2)
     assert await _nick(ann, "sam") == {"ok": True, "nick": "sam"}
-    assert await _nick(bob, "sam") == {"ok": False, "error": TAKEN}
+    assert await _nick(bob, "sam") == {"ok": False, "error": NICK_TAKEN}
     assert [c.alias for c in g2.clients()] == [None]
 
     # One message to sam reaches exactly one client: bob's next item is the marker after it.
@@ -224,7 +224,7 @@ async def test_a_killed_gateway_frees_its_aliases(
             assert reply["content"] == {"ok": True, "nick": "sam"}
             g2 = await cluster.gateway("g2")
             bob = await cluster.client(g2)
-            assert await _nick(bob, "sam") == {"ok": False, "error": TAKEN}
+            assert await _nick(bob, "sam") == {"ok": False, "error": NICK_TAKEN}
             await asyncio.to_thread(doomed.kill)
             # The bus drops a gateway that stops checking in (3 x reregister_interval):
             # then sam is free.
@@ -250,7 +250,7 @@ async def test_a_restarted_bus_gets_every_alias_back(
     )
     try:
         # Until g1 claimed sam again, a claim is "try again", never a second sam.
-        assert await _nick_when_settled(bob, "sam") == {"ok": False, "error": TAKEN}
+        assert await _nick_when_settled(bob, "sam") == {"ok": False, "error": NICK_TAKEN}
         bob.send("director.send", {"recipients": {"aliases": ["sam"]}, "body": "still ann"})
         assert await _next_item(ann) == "still ann"
     finally:
@@ -359,3 +359,76 @@ async def test_a_second_process_of_a_service_is_refused_and_a_dead_ones_place_ta
     await asyncio.to_thread(wsbus_spawn_service, "wsbus_cli.demo_services:Echo")
     client.send("echo", "two", id="2")
     assert (await _until(client, "echo.reply"))["content"]["content"] == "two"
+
+
+# -- the message bus's tables, in this process ------------------------------------------------
+
+
+def test_the_message_bus_alias_table(
+    wsbus_nameserver: Child, wsbus_pyro_config: PyroConfig
+) -> None:
+    config = wsbus_pyro_config
+    bus = MessageBus(config)
+    first, second = "PYRO:gw@127.0.0.1:1", "PYRO:gw@127.0.0.1:2"
+    try:
+        # Right after the bus started, a claim waits for every gateway in the name server.
+        with name_server(config) as ns:
+            ns.register(f"{config.gateway_prefix}g3", first)
+        assert bus.register_gateway("g1", first) == []
+        assert bus.claim_alias("sam", "g1.1") == REREGISTERING
+        assert bus.register_gateway("g3", first) == []
+        assert bus.claim_alias("sam", "g1.1") == OK
+        assert bus.claim_alias("sam", "g1.1") == OK
+        # A connection of a gateway the bus does not know: that gateway is re-registering.
+        assert bus.claim_alias("kim", "g9.1") == UNAVAILABLE
+        assert bus.register_gateway("g2", first) == []
+        assert bus.claim_alias("sam", "g2.1") == TAKEN
+        # Claims made again at registration: one held by another gateway's connection is
+        # refused (that gateway clears it), as is one of a connection of another node.
+        refused = bus.register_gateway("g2", first, [["sam", "g2.1"], ["kim", "g1.7"]])
+        assert refused == [["sam", "g2.1"], ["kim", "g1.7"]]
+        assert bus.register_gateway("g2", first, [["lee", "g2.1"]]) == []
+        assert bus.claim_alias("lee", "g1.1") == TAKEN
+        bus.release_alias("lee", "g1.1")  # not its: nothing happens
+        assert bus.claim_alias("lee", "g1.1") == TAKEN
+        bus.release_alias("lee", "g2.1")
+        assert bus.claim_alias("lee", "g1.1") == OK
+        # A new process of g1 (a new address) starts with none of the old one's aliases.
+        assert bus.register_gateway("g1", second) == []
+        assert bus.claim_alias("sam", "g2.1") == OK
+        # Unregistering someone else's registration does nothing; one's own frees all.
+        bus.unregister_gateway("g2", first.replace(":1", ":9"))
+        assert bus.gateways() == ["g1", "g2", "g3"]
+        bus.unregister_gateway("g2", first)
+        assert bus.gateways() == ["g1", "g3"]
+        assert bus.claim_alias("sam", "g1.2") == OK
+        # A gateway that stops checking in is dropped, its aliases freed.
+        assert bus.registered("gateway", "g3", first)
+        assert bus.claim_alias("ray", "g3.1") == OK
+        bus._gateways["g3"].seen -= bus.lifetime + 1
+        assert bus.gateways() == ["g1"]
+        bus._sweep()
+        assert bus.info()["gateways"].keys() == {"g1"}
+        assert bus.claim_alias("ray", "g1.1") == OK
+    finally:
+        bus._shutdown()
+
+
+def test_a_service_registered_by_a_dead_process_is_replaced_at_once(
+    wsbus_pyro_config: PyroConfig,
+) -> None:
+    bus = MessageBus(wsbus_pyro_config)
+    # Nothing listens at the first address: the process that registered it is gone.
+    gone = f"PYRO:wsbus.service.echo@127.0.0.1:{free_port()}"
+    again = f"PYRO:wsbus.service.echo@127.0.0.1:{free_port()}"
+    try:
+        assert bus.register_service("echo", ["echo"], gone) is None
+        assert bus.register_service("echo", ["echo"], again) is None
+        assert bus.registered("service", "echo", again)
+        # Leaving with another process's address removes nothing.
+        bus.unregister_service("echo", gone)
+        assert bus.info()["services"].keys() == {"echo"}
+        bus.unregister_service("echo", again)
+        assert bus.info()["services"] == {}
+    finally:
+        bus._shutdown()
