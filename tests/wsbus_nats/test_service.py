@@ -143,7 +143,7 @@ async def test_clients_lists_the_clients_of_every_gateway(kit: Hosts) -> None:
     b = await kit.client(g2)
     a.send("director.clients")
     listed = (await a.receive_until("director.clients.reply", timeout=10))["content"]
-    assert sorted(listed["clients"]) == sorted([a.conn_id, b.conn_id])
+    assert sorted(listed["clients"]) == sorted([str(a.conn_id), str(b.conn_id)])
 
 
 @pytest.fixture
