@@ -36,7 +36,7 @@ from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 from .config import NatsConfig
 from .directory import Directory
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
-from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_by
+from .subjects import FROM_GATEWAY, Subjects, check_tokens
 
 __all__ = ["ACK_BUSY", "ACK_OK", "ACK_REFUSED", "LOST_HEADER", "NatsBus"]
 
@@ -73,6 +73,7 @@ class NatsBus:
         self._directory: Directory | None = None
         self._sink: BusSink | None = None
         self._node = ""
+        self._from_services = ""  # P.gw.<node>.svc.: what every subject to us starts with
         self._inbox: Subscription | None = None
         # Control request id -> the subject its answer goes to (the asking instance's).
         self._replies: OrderedDict[str, str] = OrderedDict()
@@ -95,6 +96,7 @@ class NatsBus:
         check_tokens("gateway node id", [node])
         self._sink = sink
         self._node = node
+        self._from_services = self.subjects.to_gateway(node, "")
         link = Link(
             self.config,
             f"wsbus gateway {node}",
@@ -271,16 +273,19 @@ class NatsBus:
         raise BusUnavailable(f"service {service!r} refused {envelope.type!r}", whole_bus=False)
 
     async def _on_message(self, msg: Msg) -> None:
-        """Take one NATS message for this gateway: check it, hand it to the gateway."""
+        """Take one NATS message for this gateway: check it, hand it to the gateway.
+
+        Runs once per envelope to a client: kept to a few attribute reads and the decode.
+        """
         sink = self._sink
-        link = self._link
-        if sink is None or link is None:
+        if sink is None:
             return
-        origin = self.subjects.origin(msg.subject)
-        if origin is None or origin[0] != FROM_SERVICE:
-            self._mismatch(msg.subject, "a subject wsbus does not use")
+        subject = msg.subject
+        from_services = self._from_services
+        if not subject.startswith(from_services):
+            self._mismatch(subject, "a subject wsbus does not use")
             return
-        sender = origin[1]
+        sender = subject[len(from_services) :]
         headers = msg.headers
         if headers and LOST_HEADER in headers:
             self._lost(
@@ -291,10 +296,11 @@ class NatsBus:
         try:
             envelope = decode_envelope(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            self._mismatch(msg.subject, "bytes that are not an envelope")
+            self._mismatch(subject, "bytes that are not an envelope")
             return
-        if not sent_by(envelope, FROM_SERVICE, sender):
-            self._mismatch(msg.subject, f"an envelope whose sender is {envelope.sender!r}")
+        address = envelope.sender
+        if type(address) is not ServiceAddress or address.name != sender or "." in sender:
+            self._mismatch(subject, f"an envelope whose sender is {address!r}")
             return
         reply = msg.reply
         # The answer goes to the instance that asked, and only to one of its service's

@@ -216,16 +216,20 @@ class Link:
         """
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
-        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError) as exc:
-            self.counters.refused += 1
-            raise BusUnavailable(f"the connection to NATS is down ({exc})") from None
-        except nats.errors.MaxPayloadError:
+        except nats.errors.Error as exc:
+            raise self.refusal(exc, len(payload)) from None
+
+    def refusal(self, exc: nats.errors.Error, size: int) -> BusUnavailable:
+        """Count a publish nats-py refused; return the BusUnavailable that says why."""
+        if isinstance(exc, nats.errors.MaxPayloadError):
             self.counters.too_large += 1
-            raise BusUnavailable(
-                f"{len(payload)} bytes is more than the NATS server takes in one message "
+            return BusUnavailable(
+                f"{size} bytes is more than the NATS server takes in one message "
                 f"(max_payload {self.max_payload})",
                 whole_bus=False,
-            ) from None
+            )
+        self.counters.refused += 1
+        return BusUnavailable(f"the connection to NATS is down ({exc!r})")
 
     def new_ack(self) -> tuple[str, asyncio.Future[bytes]]:
         """Return a reply subject and the future its first answer resolves.

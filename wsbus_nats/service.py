@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Final
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -100,6 +101,7 @@ class ServiceHost:
         self._timeouts: dict[str, asyncio.TimerHandle] = {}
         self._warn = RateLimitedLog(log)
         self._reply_subject = ""
+        self._to_gateway: dict[str, str] = {}  # node -> the subject to it from this service
         self._closed = False
 
     # -- life ----------------------------------------------------------------------------
@@ -225,6 +227,29 @@ class ServiceHost:
             )
         subjects = self.subjects
         to = envelope.to
+        recipients = envelope.recipients
+        if (
+            to is None
+            and recipients is not None
+            and len(recipients.conn_ids) == 1
+            and not (recipients.everyone or recipients.aliases or recipients.users)
+            and not recipients.groups
+        ):
+            # The common case inline (a reply or a send to one connection): this runs once
+            # per envelope to a client.
+            node = node_of(recipients.conn_ids[0])
+            if directory.gateway_live(node):
+                subject = self._to_gateway.get(node)
+                if subject is None:
+                    subject = self._to_gateway[node] = subjects.to_gateway(node, self.name)
+                    if len(self._to_gateway) > 1000:
+                        self._to_gateway.clear()
+                data = encode_envelope(envelope)
+                if len(data) + 512 <= link.max_payload:
+                    outbound.append((subject, data, envelope, False, "", None))
+                    self._idle.clear()
+                    self._wake.set()
+                    return
         if isinstance(to, GatewayAddress) or is_for_gateway(envelope):
             nodes = self._gateway_nodes(envelope)
             if nodes is None:
@@ -326,7 +351,11 @@ class ServiceHost:
             assert link is not None
             try:
                 if not confirm:
-                    await link.publish(subject, payload, reply=reply, headers=headers)
+                    try:
+                        # nats-py's own publish: one coroutine less per envelope.
+                        await link.nc.publish(subject, payload, reply=reply, headers=headers)
+                    except nats.errors.Error as exc:
+                        raise link.refusal(exc, len(payload)) from None
                     continue
                 ack, future = link.new_ack()
                 try:
