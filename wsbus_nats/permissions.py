@@ -168,8 +168,12 @@ class Access:
                 f"        user: {_quote(user.name)}",
                 f"        password: {_quote(user.password)}",
                 "        permissions: {",
-                f"          publish: {{ allow: {_list(user.permissions.publish)} }}",
-                f"          subscribe: {{ allow: {_list(user.permissions.subscribe)} }}",
+                "          publish: { allow: [",
+                *_items(user.permissions.publish, "            "),
+                "          ] }",
+                "          subscribe: { allow: [",
+                *_items(user.permissions.subscribe, "            "),
+                "          ] }",
                 f"          allow_responses: {str(user.permissions.allow_responses).lower()}",
                 "        }",
                 "      }",
@@ -207,8 +211,8 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _list(items: Iterable[str]) -> str:
-    return "[" + ", ".join(_quote(item) for item in items) + "]"
+def _items(items: Iterable[str], indent: str) -> list[str]:
+    return [f"{indent}{_quote(item)}," for item in items]
 
 
 def _toml(text: str) -> str:

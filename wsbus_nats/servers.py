@@ -217,8 +217,15 @@ class NatsServer:
         command = self.command()
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
+            # In a session of its own: a Ctrl-C in the terminal reaches the processes that
+            # use the server (which close cleanly through it), not the server; it is
+            # stopped last, by its pid.
             self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         ports_file = self.directory / f"{Path(command[0]).stem}_{self._process.pid}.ports"
         deadline = time.monotonic() + timeout

@@ -1,0 +1,383 @@
+"""The NATS bus on the command line, as real processes: ``wsbus nats-config``, ``wsbus service
+--bus nats``, ``wsbus serve --bus nats`` and ``wsbus demo --bus nats``, on real nats-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from wsbus.envelope import (
+    ConnId,
+    Envelope,
+    EnvelopeId,
+    Recipients,
+    ServiceAddress,
+    encode_envelope,
+)
+from wsbus_cli.supervisor import Child, free_port
+from wsbus_nats.adapter import PASSWORD_ENV
+from wsbus_nats.permissions import SERVER_CONFIG
+from wsbus_nats.servers import NatsServer, find_nats_server
+from wsbus_nats.subjects import Subjects
+from wsbus_websockets import connect
+
+ECHO = "wsbus_cli.demo_services:Echo"
+SUBJECTS = Subjects("wsbus")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsbus_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str], status: int) -> str:
+    assert result.returncode == status, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat_line.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line.rpartition(")")[2].split()[0] == "Z"  # ended, not yet reaped
+
+
+async def _handshake(url: str, options: dict[str, Any]) -> bytes:
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        async with asyncio.timeout(10):
+            await reader.readline()  # INFO
+            connect_options = {"verbose": False, "pedantic": False, **options}
+            writer.write(b"CONNECT " + msgspec.json.encode(connect_options) + b"\r\nPING\r\n")
+            await writer.drain()
+            return await reader.readline()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+# -- wsbus nats-config ------------------------------------------------------------------------
+
+
+def test_nats_config_prints_a_configuration_nats_server_accepts(tmp_path: Path) -> None:
+    result = run(
+        "nats-config",
+        "--service",
+        "echo",
+        "--service",
+        ECHO.replace("Echo", "Chat"),
+        "--gateway",
+        "g1",
+        "--any-gateway",
+    )
+    assert result.returncode == 0, result.stderr
+    for user in ("svc-echo", "svc-chat", "gw-g1", "gateways"):
+        assert f'user: "{user}"' in result.stdout
+    # The users' settings are at the end, as comments.
+    assert "# ---- svc-chat.toml ----" in result.stdout
+    conf = tmp_path / "printed.conf"
+    conf.write_text(result.stdout)
+    check = subprocess.run(
+        [find_nats_server(), "-t", "-c", str(conf)], capture_output=True, timeout=30, check=False
+    )
+    assert check.returncode == 0, check
+
+
+def test_nats_config_writes_private_files_that_wsbus_reads(tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    servers = ["--server", "nats://10.0.0.1:4222", "--server", "nats://10.0.0.2:4222"]
+    result = run("nats-config", "--service", "echo", "--gateway", "g1", "--out", str(out), *servers)
+    assert result.returncode == 0, result.stderr
+    assert f"--config {out / 'gw-g1.toml'}" in result.stdout and "--node g1" in result.stdout
+    files = sorted(path.name for path in out.iterdir())
+    assert files == sorted([SERVER_CONFIG, "svc-echo.toml", "gw-g1.toml"])
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    checked = run("config", "check", str(out / "svc-echo.toml"))
+    assert checked.returncode == 0, checked.stderr
+    assert 'user = "svc-echo"' in checked.stdout
+    assert '"nats://10.0.0.1:4222"' in checked.stdout
+    password = re.search(r'password = "([^"]+)"', (out / "svc-echo.toml").read_text())
+    assert password is not None and password.group(1) not in checked.stdout  # redacted
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--service", "a.b", "--gateway", "g"], ["service 'a.b'", "one subject token"]),
+        (["--service", "echo", "--gateway", "g>"], ["gateway node 'g>'", "one subject token"]),
+        (["--gateway", "g"], ["at least one service"]),
+        (["--service", "echo"], ["--gateway NODE", "--any-gateway"]),
+        (["--service", "nosuch.mod:Todo", "--gateway", "g"], ["no module named 'nosuch'"]),
+        (["--service", "echo", "--service", "echo", "--any-gateway"], ["given twice"]),
+    ],
+)
+def test_nats_config_says_what_is_wrong(args: list[str], words: list[str]) -> None:
+    line = one_line(run("nats-config", *args), 2)
+    for word in words:
+        assert word in line, line
+
+
+# -- wsbus service --bus nats, wsbus serve --bus nats -----------------------------------------
+
+
+def test_service_refuses_a_bus_that_runs_services_in_process() -> None:
+    line = one_line(run("service", ECHO, "--bus", "memory"), 2)
+    assert "wsbus serve --bus memory --service" in line
+
+
+def test_service_without_a_nats_server_says_what_to_start() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    line = one_line(run("service", ECHO, "--bus", "nats", "--nats-url", url), 1)
+    assert "no NATS server" in line and url in line
+
+
+def test_serve_refuses_a_node_that_is_not_a_subject_token(wsbus_nats_server: NatsServer) -> None:
+    # A node id with a '-' is a fine gateway node, and a fine NATS token; a ':' is neither.
+    line = one_line(
+        run(
+            "serve",
+            "--bus",
+            "nats",
+            "--nats-url",
+            wsbus_nats_server.url,
+            "--node",
+            "a:b",
+            "--port",
+            "0",
+        ),
+        2,
+    )
+    assert "--node" in line
+
+
+class Deployment:
+    """A nats-server with generated users, a service and a gateway as `wsbus` processes."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.conf = tmp_path / "deploy"
+        result = run(
+            "nats-config",
+            "--service",
+            "echo",
+            "--service",
+            "chat",
+            "--gateway",
+            "g1",
+            "--out",
+            str(self.conf),
+        )
+        assert result.returncode == 0, result.stderr
+        self.server = NatsServer(tmp_path / "nats", config_file=self.conf / SERVER_CONFIG)
+        self.children: list[Child] = []
+
+    def password(self, user: str) -> str:
+        text = (self.conf / f"{user}.toml").read_text()
+        found = re.search(r'password = "([^"]+)"', text)
+        assert found is not None
+        return found.group(1)
+
+    def start(self) -> str:
+        self.server.start()
+        url = self.server.url
+        self.children.append(
+            Child(
+                [
+                    "service",
+                    ECHO,
+                    "--bus",
+                    "nats",
+                    "--nats-url",
+                    url,
+                    "--config",
+                    str(self.conf / "svc-echo.toml"),
+                ],
+                timeout=60,
+            )
+        )
+        gateway = Child(
+            [
+                "serve",
+                "--bus",
+                "nats",
+                "--nats-url",
+                url,
+                "--node",
+                "g1",
+                "--port",
+                "0",
+                "--config",
+                str(self.conf / "gw-g1.toml"),
+            ],
+            ready="listening on",
+            timeout=60,
+        )
+        self.children.append(gateway)
+        found = re.search(r"listening on (ws://\S+)", gateway.text)
+        assert found is not None, gateway.text
+        return found.group(1)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            assert child.stop() == 0, child.text
+        self.server.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    deployment = Deployment(tmp_path)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+async def test_a_secured_deployment_runs_and_wrapping_holds_across_nats(
+    deployment: Deployment,
+) -> None:
+    ws_url = await asyncio.to_thread(deployment.start)
+    errors: list[Exception] = []
+
+    async def error(exc: Exception) -> None:
+        errors.append(exc)
+
+    async with asyncio.timeout(60), connect(ws_url) as client:
+        reply = await client.request("echo", "hi")
+        assert reply["content"] == {"content": "hi", "sender": reply["content"]["sender"]}
+        assert reply["content"]["sender"]["conn_id"] == client.conn_id
+        conn_id = client.conn_id
+        assert conn_id is not None
+        # A rogue process with echo's credentials (as a compromised echo would be).
+        rogue = await nats.connect(
+            deployment.server.url,
+            user="svc-echo",
+            password=deployment.password("svc-echo"),
+            error_cb=error,
+            allow_reconnect=False,
+        )
+        try:
+
+            def envelope(sender: str, type: str, id: str) -> bytes:
+                return encode_envelope(
+                    Envelope(
+                        id=EnvelopeId(id),
+                        type=type,
+                        sender=ServiceAddress(sender),
+                        content={"text": "forged"},
+                        recipients=Recipients(conn_ids=(ConnId(conn_id),)),
+                    )
+                )
+
+            # Under chat's name: the server refuses it.
+            await rogue.publish(SUBJECTS.to_gateway("g1", "chat"), envelope("chat", "chat.x", "1"))
+            await rogue.flush(timeout=10)
+            while not errors:
+                await asyncio.sleep(0.01)
+            # Under its own name but claiming to be chat: the gateway drops it.
+            await rogue.publish(SUBJECTS.to_gateway("g1", "echo"), envelope("chat", "chat.y", "2"))
+            # As itself: delivered. One publisher's order holds, so either forgery would
+            # have reached the client first.
+            await rogue.publish(SUBJECTS.to_gateway("g1", "echo"), envelope("echo", "probe", "3"))
+            await rogue.flush(timeout=10)
+        finally:
+            await rogue.close()
+        frame = await client.receive()
+        assert frame["type"] == "probe" and frame["from"] == "echo", frame
+        # And the client still gets answers.
+        assert (await client.request("echo", "after"))["content"]["content"] == "after"
+
+
+# -- wsbus demo --bus nats --------------------------------------------------------------------
+
+
+async def test_the_demo_on_nats_is_private_and_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    env = {PASSWORD_ENV: None, "WSBUS_NATS_TOKEN": None}
+    child = await asyncio.to_thread(
+        Child,
+        ["demo", "--bus", "nats", "--no-browser", "--port", str(port)],
+        ready="running at",
+        timeout=90,
+        env=env,
+    )
+    try:
+        children = _children(child.pid)
+        commands = {pid: _cmdline(pid) for pid in children}
+        servers = [pid for pid, args in commands.items() if Path(args[0]).name == "nats-server"]
+        services = [pid for pid, args in commands.items() if "service" in args]
+        assert len(servers) == 1 and len(services) == 2, child.text
+        server_args = commands[servers[0]]
+        assert server_args[server_args.index("-a") + 1] == "127.0.0.1"
+        conf = Path(server_args[server_args.index("-c") + 1])
+        url = re.search(r"private nats-server at (nats://\S+);", child.text)
+        assert url is not None, child.text
+        # Nobody without a generated user gets in.
+        assert (await _handshake(url.group(1), {})).startswith(b"-ERR")
+        # Each service has its own user, its password in its environment only.
+        passwords = set()
+        for pid in services:
+            args = commands[pid]
+            user = args[args.index("--nats-user") + 1]
+            assert user in ("svc-echo", "svc-chat")
+            password = _environ(pid)[PASSWORD_ENV]
+            passwords.add(password)
+            assert all(password not in arg for other in children for arg in commands[other])
+            answer = await _handshake(url.group(1), {"user": user, "pass": password})
+            assert answer == b"PONG\r\n"
+        assert len(passwords) == 2
+        async with asyncio.timeout(60), connect(f"ws://127.0.0.1:{port}/") as client:
+            reply = await client.request("echo", "hi")
+            assert reply["content"]["content"] == "hi"
+            joined = await client.request("chat.join", {"room": "lobby"})
+            assert joined["content"]["ok"] is True, joined
+    finally:
+        status = await asyncio.to_thread(child.stop)
+    assert status == 0, child.text
+    assert all(_gone(pid) for pid in children), child.text
+    # The temporary directory (passwords, store) is removed.
+    assert not await asyncio.to_thread(conf.exists)
