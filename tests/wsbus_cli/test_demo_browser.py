@@ -1,5 +1,5 @@
 """The demo in a real headless Chromium: two pages chat through the gateway over the Pyro
-bus, echo shows the stamped sender, and a bad frame shows its error."""
+bus and over NATS, echo shows the stamped sender, and a bad frame shows its error."""
 
 from __future__ import annotations
 
@@ -40,10 +40,15 @@ if not os.path.exists(CHROMIUM):  # pragma: no cover - depends on the machine
 playwright_api = pytest.importorskip("playwright.async_api", reason=HOW_TO)
 
 
-@pytest.fixture(scope="module")
-def demo() -> Iterator[str]:
+# Every test runs on the Pyro demo and on the NATS one (a private nats-server).
+@pytest.fixture(scope="module", params=["pyro", "nats"])
+def demo(request: pytest.FixtureRequest) -> Iterator[str]:
     port = free_port()
-    child = Child(["demo", "--no-browser", "--port", str(port)], ready="running at", timeout=30)
+    child = Child(
+        ["demo", "--no-browser", "--port", str(port), "--bus", request.param],
+        ready="running at",
+        timeout=60,
+    )
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
