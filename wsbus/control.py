@@ -120,7 +120,9 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
         ok: whether the request was done.
         value: what it returned, when ``ok``.
         code: why not (``invalid_request``, ``unknown_connection``, ``alias_taken``,
-            ``invalid_name``, ``unknown_request``), when not ``ok``.
+            ``invalid_name``, ``unknown_request``, or ``unavailable``: on a bus that keeps
+            aliases unique across gateways, its alias table could not be reached and nothing
+            was set; retry later), when not ``ok``.
         message: an explanation, when not ``ok``.
     """
 

@@ -32,10 +32,11 @@ from typing import Final, Literal
 
 import msgspec
 
-from .bus import Bus, PublishesNowait, ReportsAvailability
+from .aliases import AliasClaims
+from .bus import Bus, ClaimsAliases, PublishesNowait, ReportsAvailability
 from .edge import ClientConnection, ConnectionClosed, ReceivesRaw, ReportsUnsent, SendsNowait
 from .envelope import ConnId, Envelope, GatewayAddress, IdFactory, NodeId
-from .errors import AliasTaken, ConfigError, InvalidName, PluginError
+from .errors import AliasTaken, BusUnavailable, ConfigError, InvalidName, PluginError
 from .hooks import HandshakeRequest, Hooks, Identity, Refusal, _FailureLog
 from .limits import ErrorBudget, TokenBucket
 from .outbound import Outbound
@@ -404,6 +405,8 @@ class Gateway:
         # A bus whose link flaps must not flood the log: once per reason, then at most
         # once a minute with a count.
         self._gap_log = _FailureLog(REPORT_LOG_INTERVAL)
+        # Set at start when the bus keeps aliases unique across gateways.
+        self._aliases: AliasClaims | None = None
         self._bus_down_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -426,6 +429,17 @@ class Gateway:
         # The bus's optional fast path, looked for once (see wsbus.bus).
         self._publish_nowait = bus.publish_nowait if isinstance(bus, PublishesNowait) else None
         self._availability = bus if isinstance(bus, ReportsAvailability) else None
+        if isinstance(bus, ClaimsAliases):
+            self._aliases = AliasClaims(
+                bus,
+                self.registry,
+                self._outbound,
+                self._counters,
+                self._post_reports,
+                time.time,
+                time.monotonic,
+            )
+            self._outbound.claims = True
         # Reports made while the bus starts wait in the reporter's queue until it starts.
         await bus.start(self)
         self._reporter.start(self._publish_nowait)
@@ -454,6 +468,10 @@ class Gateway:
                 await self._idle.wait()
         except TimeoutError:
             log.warning("%d connections did not close in time", len(sessions))
+        if self._aliases is not None:
+            # The connections' releases, and answers to alias requests, before the reports
+            # stop and the bus closes.
+            await self._aliases.close(self.config.drain_timeout + 1.0)
         await self._reporter.stop()
         if was_running:
             await self.bus.close()
@@ -572,12 +590,15 @@ class Gateway:
         try:
             address = registry.connect(conn_id, user=identity.user)
             if identity.alias is not None:
-                registry.set_alias(conn_id, identity.alias)
-        except (InvalidName, AliasTaken) as exc:
+                await self._set_identity_alias(conn_id, identity.alias)
+        except (InvalidName, AliasTaken, BusUnavailable) as exc:
             log.warning("identity for %s not usable: %s", link.conn.request.remote, exc)
             if conn_id in registry:
                 registry.disconnect(conn_id)
-            await self._refuse(link.conn, CloseCode.AUTH_FAILED, AUTH_FAILED_REASON)
+            if isinstance(exc, BusUnavailable):
+                await self._refuse(link.conn, CloseCode.TRY_AGAIN_LATER, "server busy; retry")
+            else:
+                await self._refuse(link.conn, CloseCode.AUTH_FAILED, AUTH_FAILED_REASON)
             return
         self._counters.connections_total += 1
         session.welcome(address.user)
@@ -592,7 +613,28 @@ class Gateway:
             session.discard()
             address = registry.address(conn_id)
             registry.disconnect(conn_id)
+            if self._aliases is not None and address.alias is not None:
+                self._aliases.release(conn_id, address.alias)
             self.hooks.client_disconnected(address, code, reason)
+
+    async def _set_identity_alias(self, conn_id: ConnId, alias: str) -> None:
+        """Give a connection the alias its authentication named.
+
+        Claimed on the bus first when the bus keeps aliases unique across gateways.
+
+        Raises:
+            InvalidName, AliasTaken: the alias cannot be given.
+            BusUnavailable: the bus's alias table cannot be reached.
+        """
+        if self._aliases is None:
+            self.registry.set_alias(conn_id, alias)
+            return
+        won = await self._aliases.claim(conn_id, alias)
+        try:
+            self.registry.set_alias(conn_id, won, exact=True)
+        except AliasTaken:
+            self._aliases.release(conn_id, won)
+            raise
 
     async def _read(self, link: _Link) -> tuple[int, str]:
         session = link.session
@@ -689,6 +731,14 @@ class Gateway:
         outbound.deliver(envelope, time.time())
         if outbound.to_bus:
             self._reporter.post(outbound.to_bus)
+        if outbound.alias_requests:
+            assert self._aliases is not None  # only then does Outbound leave them
+            self._aliases.take()
+
+    def _post_reports(self) -> None:
+        """Send the answers and reports Outbound left (for work finished after deliver)."""
+        if self._outbound.to_bus:
+            self._reporter.post(self._outbound.to_bus)
 
     def deliveries_lost(self, reason: str, detail: str) -> None:
         """Hear from the bus that envelopes meant for this gateway may have been lost.

@@ -7,13 +7,19 @@ per-sender, per-client order); a ``wsbus.*`` control request is carried out on t
 registry and answered. Whatever must go back on the bus (control answers, ``wsbus.
 undeliverable`` reports) is left in :attr:`Outbound.to_bus` for the gateway to publish.
 It never awaits, and takes the time as an argument.
+
+On a bus that keeps aliases unique across gateways (:class:`~wsbus.bus.ClaimsAliases`),
+setting or clearing an alias needs the bus: with :attr:`Outbound.claims` set, those
+requests are checked here and left, in order, in :attr:`Outbound.alias_requests` for the
+gateway to carry out (:class:`~wsbus.aliases.AliasClaims`), which answers them with
+:meth:`Outbound.answer`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -37,7 +43,7 @@ from .session import Session
 from .stats import Counters
 from .wire import Codec, ErrorCode, ServerFrame, encode_server_frame
 
-__all__ = ["Outbound"]
+__all__ = ["AliasChange", "Outbound"]
 
 log = logging.getLogger("wsbus.gateway")
 
@@ -51,6 +57,22 @@ GAP_MESSAGES: Final = {
 }
 """The ``wsbus.gap`` reasons, and what a client is told for each. A reason the bus gives
 that is not here reaches clients as ``unknown``; its words stay in the gateway's log."""
+
+
+class AliasChange(NamedTuple):
+    """A ``wsbus.alias.set`` or ``wsbus.alias.clear`` that waits for the bus's alias table.
+
+    Attributes:
+        request: the control request, to answer.
+        conn_id: the connection whose alias changes.
+        alias: the alias asked for; None to clear it.
+        wall: when the request arrived (seconds since the epoch).
+    """
+
+    request: Envelope
+    conn_id: ConnId
+    alias: str | None
+    wall: float
 
 
 class Outbound:
@@ -88,6 +110,10 @@ class Outbound:
         """Envelopes to publish on the bus (answers and reports), oldest first."""
         # What had been queued and connected when the last gap notices went out.
         self._gap_mark: tuple[int, int] | None = None
+        self.claims = False
+        """Aliases are claimed on the bus: alias requests go to :attr:`alias_requests`."""
+        self.alias_requests: deque[AliasChange] = deque()
+        """Alias requests checked and waiting for the bus's alias table, oldest first."""
 
     def deliver(self, envelope: Envelope, wall: float) -> None:
         """Take one envelope from the bus at ``wall`` (seconds since the epoch).
@@ -234,6 +260,9 @@ class Outbound:
             return
         try:
             request = msgspec.convert(envelope.content, request_type)
+            if self.claims and envelope.type in (control.ALIAS_SET, control.ALIAS_CLEAR):
+                self._defer_alias(envelope, request, wall)
+                return
             result = control.Result(True, self._do_control(envelope.type, request))
         except msgspec.ValidationError as exc:
             result = control.Result(False, None, "invalid_request", str(exc))
@@ -244,6 +273,25 @@ class Outbound:
         except InvalidName as exc:
             result = control.Result(False, None, "invalid_name", str(exc))
         self._send(control.RESULT, envelope, result, wall)
+
+    def _defer_alias(self, envelope: Envelope, request: Any, wall: float) -> None:
+        """Check an alias request now; leave it for the gateway to claim on the bus.
+
+        Raises:
+            UnknownConnection: the connection is not open here.
+            InvalidName: the alias does not match the name pattern.
+        """
+        conn_id = request.conn_id
+        if conn_id not in self._registry or conn_id not in self._sessions:
+            raise UnknownConnection(conn_id)
+        alias = request.alias if envelope.type == control.ALIAS_SET else None
+        if alias is not None:
+            self._registry.check_name("alias", alias)
+        self.alias_requests.append(AliasChange(envelope, conn_id, alias, wall))
+
+    def answer(self, request: Envelope, result: control.Result, wall: float) -> None:
+        """Answer a control request the gateway carried out later (an alias change)."""
+        self._send(control.RESULT, request, result, wall)
 
     def _service_failed(self, envelope: Envelope) -> None:
         """Tell a client that the service handling its message failed (``wsbus.failed``)."""

@@ -105,7 +105,7 @@ class ClientRegistry:
         if conn_id in self._entries:
             raise ConnIdTaken(conn_id)
         if user is not None:
-            self._check_name("user", user)
+            self.check_name("user", user)
         entry = _Entry(conn_id, user)
         self._entries[conn_id] = entry
         if user is not None:
@@ -164,11 +164,17 @@ class ClientRegistry:
 
     # -- aliases -------------------------------------------------------------------------
 
-    def set_alias(self, conn_id: ConnId, alias: str) -> str:
+    def set_alias(self, conn_id: ConnId, alias: str, *, exact: bool = False) -> str:
         """Give a connection an alias, replacing any it had; return the alias it got.
 
         With :attr:`AliasPolicy.SUFFIX` a taken alias gets the first free numeric suffix,
         so the alias returned may differ from the one asked for.
+
+        Args:
+            conn_id: the connection.
+            alias: the alias asked for.
+            exact: give exactly ``alias`` or raise AliasTaken, whatever the policy (a
+                gateway that claimed ``alias`` on its bus sets what it claimed).
 
         Raises:
             UnknownConnection: no such connection.
@@ -176,10 +182,10 @@ class ClientRegistry:
             AliasTaken: another connection has it and the policy is to refuse.
         """
         entry = self._entry(conn_id)
-        self._check_name("alias", alias)
+        self.check_name("alias", alias)
         owner = self._aliases.get(alias)
         if owner is not None and owner != conn_id:
-            if self.alias_policy is AliasPolicy.REFUSE:
+            if exact or self.alias_policy is AliasPolicy.REFUSE:
                 raise AliasTaken(alias)
             alias = self._free_alias(alias, conn_id)
         self._clear_alias(entry)
@@ -208,6 +214,33 @@ class ClientRegistry:
             entry.alias = None
 
     def _free_alias(self, alias: str, conn_id: ConnId) -> str:
+        for candidate in self._suffixed(alias, conn_id):
+            return candidate
+        raise AssertionError("unreachable: the suffixes never end")  # pragma: no cover
+
+    def alias_candidates(self, conn_id: ConnId, alias: str) -> Iterator[str]:
+        """Return the aliases to try, in turn, when ``conn_id`` asks for ``alias``.
+
+        For a gateway whose bus keeps aliases unique across gateways: it claims each on
+        the bus until one is won. ``alias`` first; then, with :attr:`AliasPolicy.SUFFIX`,
+        ``alias2``, ``alias3``, ... (shortened to fit the name pattern), without end. Those
+        another connection here holds are skipped (the bus would refuse them).
+
+        Raises:
+            InvalidName: ``alias`` does not match the name pattern (at once, not when the
+                iterator is first read).
+        """
+        self.check_name("alias", alias)
+        return self._candidates(conn_id, alias)
+
+    def _candidates(self, conn_id: ConnId, alias: str) -> Iterator[str]:
+        if self._aliases.get(alias, conn_id) == conn_id:
+            yield alias
+        if self.alias_policy is AliasPolicy.SUFFIX:
+            yield from self._suffixed(alias, conn_id)
+
+    def _suffixed(self, alias: str, conn_id: ConnId) -> Iterator[str]:
+        """``alias2``, ``alias3``, ... that no other connection here holds."""
         n = 2
         while True:
             suffix = str(n)
@@ -217,10 +250,9 @@ class ClientRegistry:
                 # Too long for the pattern: shorten the base just enough for the suffix.
                 base = base[:-1]
                 candidate = base + suffix
-            owner = self._aliases.get(candidate)
-            if owner is None or owner == conn_id:
-                self._check_name("alias", candidate)
-                return candidate
+            if self._aliases.get(candidate, conn_id) == conn_id:
+                self.check_name("alias", candidate)
+                yield candidate
             n += 1
 
     # -- users ---------------------------------------------------------------------------
@@ -242,7 +274,7 @@ class ClientRegistry:
             InvalidName: the group name does not match the name pattern.
         """
         entry = self._entry(conn_id)
-        self._check_name("group", group)
+        self.check_name("group", group)
         if group in entry.groups:
             return False
         entry.groups[group] = None
@@ -295,7 +327,12 @@ class ClientRegistry:
         except KeyError:
             raise UnknownConnection(conn_id) from None
 
-    def _check_name(self, kind: str, name: str) -> None:
+    def check_name(self, kind: str, name: str) -> None:
+        """Check an alias, user or group name against the name pattern.
+
+        Raises:
+            InvalidName: it does not match (``kind`` says what it was meant to be).
+        """
         if type(name) is not str or self._name_re.fullmatch(name) is None:
             raise InvalidName(kind, str(name))
 

@@ -54,6 +54,7 @@ class Counters(msgspec.Struct):
     closes_by_code: dict[int, int]
     gaps_heard: int
     gap_notices: int
+    alias_releases_failed: int
 
     @staticmethod
     def zero() -> Counters:
@@ -141,6 +142,9 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
         gap_notices: ``wsbus.gap`` frames queued for clients: one per open connection for
             each loss heard, except where the connection's last notice already covers it
             (nothing was queued or connected since the previous loss).
+        alias_releases_failed: aliases the bus could not release when they were cleared,
+            replaced or their connection ended (on a bus that keeps aliases unique across
+            gateways); each is tried again, and the bus frees it when the gateway is gone.
     """
 
 

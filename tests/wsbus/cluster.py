@@ -34,6 +34,7 @@ from wsbus.envelope import (
 )
 from wsbus.errors import BusUnavailable, NoRoute
 from wsbus.gateway import Gateway, GatewayConfig
+from wsbus.hooks import HandshakeRequest
 from wsbus.service import Service, ServiceRunner
 
 
@@ -185,10 +186,14 @@ class Running:
         self.gateways = gateways
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def connect(self, gateway: Gateway) -> MemoryClient:
-        """Connect an in-memory client to ``gateway``; return it welcomed."""
-        conn, client = memory_pair()
+    async def connect(
+        self, gateway: Gateway, request: HandshakeRequest | None = None, *, welcome: bool = True
+    ) -> MemoryClient:
+        """Connect an in-memory client to ``gateway``; return it welcomed (with ``welcome``)."""
+        conn, client = memory_pair(request=request)
         self._tasks.append(asyncio.create_task(gateway.serve(conn)))
+        if not welcome:
+            return client
         frame = await client.receive()
         assert frame["type"] == "wsbus.welcome", frame
         client.welcome = frame["content"]
@@ -198,7 +203,11 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    cluster: Cluster, nodes: Iterable[str] = ("a", "b"), **config: object
+    cluster: Cluster,
+    nodes: Iterable[str] = ("a", "b"),
+    *,
+    plugins: Iterable[object] = (),
+    **config: object,
 ) -> AsyncIterator[Running]:
     """Start a gateway per node on ``cluster`` (GatewayConfig ``config``), then the services.
 
@@ -208,6 +217,7 @@ async def running(
         Gateway(
             cluster.bus(),
             config=GatewayConfig(node=node, **config),  # type: ignore[arg-type]
+            plugins=plugins,
             entry_points=False,
         )
         for node in nodes

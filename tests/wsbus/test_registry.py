@@ -682,3 +682,49 @@ def test_disconnecting_everyone_leaves_every_index_empty(
             assert registry.by_alias(info.alias) is None
         if info.user is not None:
             assert list(registry.connections_of(info.user)) == []
+
+
+@given(
+    st.lists(wst.registry_operations(), max_size=40),
+    st.sampled_from(AliasPolicy),
+    wst.names(),
+)
+def test_the_first_alias_candidate_is_what_set_alias_gives(
+    operations: list[tuple[Any, ...]], policy: AliasPolicy, alias: str
+) -> None:
+    """A gateway claiming on its bus tries the candidates in turn: with a bus that holds
+    nothing more than this registry, the first is exactly what the registry alone gives."""
+    registry = ClientRegistry(alias_policy=policy)
+    for operation in operations:
+        apply(registry, operation)
+    conn_id = ConnId("n.new")
+    registry.connect(conn_id)
+    candidates = registry.alias_candidates(conn_id, alias)
+    first = next(candidates, None)
+    try:
+        given = registry.set_alias(conn_id, alias)
+    except AliasTaken:
+        assert first is None and policy is AliasPolicy.REFUSE
+        return
+    assert first == given
+    if policy is AliasPolicy.SUFFIX:
+        later = [next(candidates) for _ in range(3)]
+        assert len(set(later)) == 3 and given not in later
+        assert all(registry.by_alias(name) in (None, conn_id) for name in later)
+
+
+def test_alias_candidates_check_the_name_at_once() -> None:
+    registry = ClientRegistry()
+    registry.connect(ConnId("n.1"))
+    with pytest.raises(InvalidName):
+        registry.alias_candidates(ConnId("n.1"), "not valid")
+
+
+def test_an_exact_alias_is_refused_whatever_the_policy() -> None:
+    registry = ClientRegistry(alias_policy=AliasPolicy.SUFFIX)
+    registry.connect(ConnId("n.1"))
+    registry.connect(ConnId("n.2"))
+    registry.set_alias(ConnId("n.1"), "sam")
+    with pytest.raises(AliasTaken):
+        registry.set_alias(ConnId("n.2"), "sam", exact=True)
+    assert registry.set_alias(ConnId("n.1"), "sam", exact=True) == "sam"
