@@ -381,3 +381,21 @@ async def test_the_demo_on_nats_is_private_and_stops_everything(tmp_path: Path) 
     assert all(_gone(pid) for pid in children), child.text
     # The temporary directory (passwords, store) is removed.
     assert not await asyncio.to_thread(conf.exists)
+
+
+# -- the adapter costs nothing until used -----------------------------------------------------
+
+
+def test_the_adapter_imports_no_nats_py_until_the_bus_is_used() -> None:
+    code = (
+        "import sys; from wsbus_cli.cli import build_parser; build_parser();"
+        "from wsbus_cli.config import load_settings;"
+        "assert load_settings(None, environ={}).nats is None;"
+        "s = load_settings(None, flags={'serve.bus': ('--bus', 'nats'),"
+        " 'nats.servers': ('--nats-url', ('nats://a:1', 'nats://b:2'))},"
+        " environ={'WSBUS_NATS_PASSWORD': 'pw'});"
+        "assert s.nats.servers == ('nats://a:1', 'nats://b:2') and s.nats.password == 'pw';"
+        "loaded = sorted(m for m in sys.modules if m == 'nats' or m.startswith('nats.'));"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
