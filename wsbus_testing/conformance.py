@@ -24,7 +24,9 @@ services it uses live in :mod:`wsbus_testing.services`, importable by path, so t
 running services in other processes can start them too.
 
 Optional capabilities (:class:`~wsbus.bus.ClaimsAliases`, :class:`~wsbus.bus.PublishesNowait`,
-:class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. Two more things a
+:class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. The stand-in
+gateway is a :class:`~wsbus.bus.HearsLoss`: it records the losses a bus reports in
+:attr:`RecordingSink.losses`, for an adapter's own tests of them. Two more things a
 subclass may give, so that a renamed method fails loudly and "unavailable" is tested too:
 
 - ``capabilities``: a class attribute, the set of capability protocols the bus is meant to
@@ -92,6 +94,8 @@ class RecordingSink:
         self._node = NodeId(node)
         self.bus = bus
         self.delivered: list[Envelope] = []
+        self.losses: list[tuple[str, str]] = []
+        """``(reason, detail)`` of each ``deliveries_lost`` call, in order."""
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -123,6 +127,10 @@ class RecordingSink:
             task = asyncio.ensure_future(self.bus.publish(answer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def deliveries_lost(self, reason: str, detail: str) -> None:
+        """Record that the bus says deliveries meant for this gateway may have been lost."""
+        self.losses.append((reason, detail))
 
     async def wait_for(
         self,
@@ -211,6 +219,19 @@ class BusConformance:
         assert request.content == {"conn_id": "sink.1", "group": "g"}
         reply = next(e for e in delivered if e.type == "probe.join.reply")
         assert reply.content == {"joined": True}
+
+    async def test_clients_round_trip(self, wsbus_make_bus: MakeBus) -> None:
+        """A service's ``clients()`` reaches the gateway and returns what it answered.
+
+        On a bus that spans gateways the request goes to each one by node: this one.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        await sink.bus.publish(client_message("probe.clients", None))
+        delivered = await sink.wait_for(lambda d: any(e.type == "probe.clients.reply" for e in d))
+        request = next(e for e in delivered if e.type == control.CLIENTS)
+        assert request.to in (None, GatewayAddress(sink.node))
+        reply = next(e for e in delivered if e.type == "probe.clients.reply")
+        assert reply.content == {"clients": []}
 
     async def test_per_sender_order_is_kept(self, wsbus_make_bus: MakeBus) -> None:
         """Everything one service sends reaches the gateway in the order it was sent."""
@@ -304,3 +325,40 @@ class BusConformance:
             # A property, with nothing to wait on: polled, bounded by the timeout above.
             while bus.available:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+    async def test_an_alias_is_claimed_by_one_connection(self, wsbus_make_bus: MakeBus) -> None:
+        """One connection holds an alias; ``release_alias`` frees only its holder's claim.
+
+        ``claim_alias`` is True for the holder (again, too) and False for anyone else;
+        among claims made at once, one wins.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, ClaimsAliases):
+            pytest.skip("the bus does not claim aliases")
+        first, second = ConnId(f"{sink.node}.1"), ConnId(f"{sink.node}.2")
+        assert await bus.claim_alias("sam", first) is True
+        assert await bus.claim_alias("sam", first) is True
+        assert await bus.claim_alias("sam", second) is False
+        await bus.release_alias("sam", second)  # not its own: nothing happens
+        assert await bus.claim_alias("sam", second) is False
+        await bus.release_alias("sam", first)
+        assert await bus.claim_alias("sam", second) is True
+        await bus.release_alias("never-claimed", first)
+        claims = [bus.claim_alias("ann", ConnId(f"{sink.node}.{n}")) for n in range(3, 13)]
+        assert sorted(await asyncio.gather(*claims)) == [False] * 9 + [True]
+
+    async def test_alias_claims_refuse_when_unavailable(
+        self, wsbus_make_bus: MakeBus, wsbus_make_unavailable: MakeUnavailable | None
+    ) -> None:
+        """A claim the bus cannot make raises BusUnavailable, never a False it cannot know."""
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, ClaimsAliases):
+            pytest.skip("the bus does not claim aliases")
+        if wsbus_make_unavailable is None:
+            pytest.skip("the test class cannot make the bus unavailable")
+        await wsbus_make_unavailable(bus)
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(BusUnavailable):
+                await bus.claim_alias("sam", ConnId(f"{sink.node}.1"))

@@ -13,7 +13,10 @@ __all__ = ["Director", "Failing", "Probe", "Sequencer"]
 
 
 class Probe(Service):
-    """Echoes ``probe.echo`` as ``{"x": content, "sender": ...}``; ``probe.join`` joins a group."""
+    """Echoes ``probe.echo``, joins on ``probe.join``, lists clients on ``probe.clients``.
+
+    The echo is ``{"x": content, "sender": ...}``.
+    """
 
     name = "probe"
 
@@ -28,6 +31,11 @@ class Probe(Service):
         assert isinstance(message.sender, ClientAddress)
         joined = await ctx.join(message.sender.conn_id, message.content["group"])
         ctx.reply({"joined": joined})
+
+    @handles("probe.clients")
+    async def clients(self, message: Envelope, ctx: Context) -> None:
+        """Reply with the connection ids of the clients (every gateway's, on a bus with several)."""
+        ctx.reply({"clients": [info.conn_id for info in await ctx.clients()]})
 
 
 class Sequencer(Service):

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import assert_balanced
-from tests.wsbus.cluster import Cluster, Running, running
+from tests.wsbus.cluster import ClaimingBus, Cluster, Running, running
 from wsbus import (
     AliasPolicy,
     ClientAddress,
@@ -27,9 +29,10 @@ from wsbus import (
     handles,
     hookimpl,
 )
-from wsbus.bus import ClaimsAliases
+from wsbus.bus import Bus, BusSink, ClaimsAliases
 from wsbus.edge import MemoryClient
 from wsbus.hooks import HandshakeRequest, Identity
+from wsbus_testing.conformance import BusConformance, MakeBus, MakeUnavailable
 
 
 class Names(Service):
@@ -328,3 +331,43 @@ async def _agree(ops: list[tuple[str, int, str]], policy: AliasPolicy) -> None:
         # Every alias held is claimed by its holder, and nothing else stays claimed.
         assert cluster.aliases == held
         _balanced(run)
+
+
+# -- the conformance suite on this test bus: its alias tests pass on a bus that claims --------
+
+
+class _SelfStarting(ClaimingBus):
+    """The cluster's bus for one gateway, starting and stopping the services itself."""
+
+    async def start(self, sink: BusSink) -> None:
+        await super().start(sink)
+        await self.cluster.start_services()
+
+    async def close(self) -> None:
+        await self.cluster.stop_services()
+        await super().close()
+
+
+class TestClusterBus(BusConformance):
+    capabilities = frozenset({ClaimsAliases})
+
+    @pytest_asyncio.fixture
+    async def wsbus_make_bus(self) -> AsyncIterator[MakeBus]:
+        buses: list[Bus] = []
+
+        async def make(services: list[type[Service]]) -> Bus:
+            bus = _SelfStarting(Cluster([cls() for cls in services], claims=True))
+            buses.append(bus)
+            return bus
+
+        yield make
+        for bus in buses:
+            await bus.close()
+
+    @pytest.fixture
+    def wsbus_make_unavailable(self) -> MakeUnavailable:
+        async def down(bus: Bus) -> None:
+            assert isinstance(bus, _SelfStarting)
+            bus.cluster.table_down = True
+
+        return down
