@@ -326,10 +326,20 @@ async def test_a_secured_deployment_runs_and_wrapping_holds_across_nats(
             await rogue.flush(timeout=10)
         finally:
             await rogue.close()
-        frame = await client.receive()
+        # The first frame after the acks of the requests is the honest one.
+        while (frame := await client.receive())["type"] == "wsbus.ack":
+            pass
         assert frame["type"] == "probe" and frame["from"] == "echo", frame
         # And the client still gets answers.
         assert (await client.request("echo", "after"))["content"]["content"] == "after"
+    # The server refused the rogue's publish, and nothing wsbus itself did: the generated
+    # permissions are what the bus needs.
+    violations = _violations(deployment.server.log_file)
+    assert len(violations) == 1 and "svc-echo" in violations[0], violations
+
+
+def _violations(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "violation" in line.lower()]
 
 
 # -- wsbus demo --bus nats --------------------------------------------------------------------
@@ -375,6 +385,15 @@ async def test_the_demo_on_nats_is_private_and_stops_everything(tmp_path: Path) 
             assert reply["content"]["content"] == "hi"
             joined = await client.request("chat.join", {"room": "lobby"})
             assert joined["content"]["ok"] is True, joined
+            nick = await client.request("chat.nick", {"nick": "ann"})
+            assert nick["content"]["ok"] is True, nick
+            await client.request("chat.say", {"room": "lobby", "text": "hello"}, wait="ack")
+            while (frame := await client.receive())["type"] != "chat.message":
+                pass
+            assert frame["content"] == {"room": "lobby", "from": "ann", "text": "hello"}, frame
+        # Nothing the demo's processes did was refused by the server.
+        log = conf.parent.parent / "server" / "nats-server.log"
+        assert await asyncio.to_thread(_violations, log) == []
     finally:
         status = await asyncio.to_thread(child.stop)
     assert status == 0, child.text
