@@ -93,6 +93,7 @@ class AliasClaims:
         # (alias, connection) releases the bus could not make, oldest first.
         self._unreleased: dict[tuple[str, ConnId], None] = {}
         self._log = _FailureLog(LOG_INTERVAL)
+        self._closed = False
 
     # -- what the gateway calls ------------------------------------------------------------
 
@@ -131,8 +132,10 @@ class AliasClaims:
     async def close(self, within: float) -> None:
         """Wait up to ``within`` seconds for the queued requests; cancel the rest.
 
-        A request cancelled is answered ``unavailable``.
+        A request cancelled, or one that comes later, is answered ``unavailable``; a release
+        that comes later is left to the bus (it frees a closed gateway's claims).
         """
+        self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while self._tasks:
@@ -153,6 +156,11 @@ class AliasClaims:
     # -- carrying them out -----------------------------------------------------------------
 
     def _queue(self, conn_id: ConnId, item: _Item) -> None:
+        if self._closed:
+            # Shutting down: the bus closes next, and frees this gateway's claims then.
+            if not isinstance(item, str):
+                self._answer(item, _refused("unavailable", "the gateway is shutting down"))
+            return
         queue = self._queues.get(conn_id)
         if queue is None:
             queue = self._queues[conn_id] = deque()

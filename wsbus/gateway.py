@@ -629,7 +629,12 @@ class Gateway:
         if self._aliases is None:
             self.registry.set_alias(conn_id, alias)
             return
-        won = await self._aliases.claim(conn_id, alias)
+        try:
+            won = await self._aliases.claim(conn_id, alias)
+        except asyncio.CancelledError:
+            # The claim may have been made: release it once the connection's task is gone.
+            self._aliases.release(conn_id, alias)
+            raise
         try:
             self.registry.set_alias(conn_id, won, exact=True)
         except AliasTaken:

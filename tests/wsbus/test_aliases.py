@@ -255,6 +255,17 @@ async def test_a_release_the_bus_cannot_make_is_logged_counted_and_tried_again(
         _balanced(run)
 
 
+async def test_once_closing_alias_requests_are_unavailable() -> None:
+    cluster = Cluster([Names()], claims=True)
+    async with running(cluster) as run:
+        client = await run.connect(run.gateways[0])
+        claims = run.gateways[0]._aliases
+        assert claims is not None
+        await claims.close(1.0)  # what Gateway.close does once its connections are gone
+        assert await _set(client, "sam") == {"error": "unavailable"}
+        assert cluster.claim_log == [] and cluster.aliases == {}
+
+
 class AliasFromToken:
     """Authenticates a token as the alias it names."""
 

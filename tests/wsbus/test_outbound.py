@@ -186,3 +186,29 @@ def test_a_reason_clients_do_not_know_is_unknown_and_the_bus_words_stay_out() ->
     setup.outbound.gap("nats: connection to 10.0.0.7:4222 reset")
     [gap] = _frames(setup, "n.1")
     assert gap["content"]["reason"] == "unknown" and "10.0.0.7" not in gap["content"]["message"]
+
+
+# -- alias requests on a bus that claims aliases ------------------------------------------------
+
+
+def test_with_claims_alias_requests_are_checked_then_left_for_the_gateway() -> None:
+    setup = Setup("n.1")
+    setup.outbound.claims = True
+    setup.deliver(control.ALIAS_SET, {"conn_id": "n.1", "alias": "ann"})
+    setup.deliver(control.ALIAS_CLEAR, {"conn_id": "n.1"})
+    setup.deliver(control.JOIN, {"conn_id": "n.1", "group": "g"})  # answered at once
+    setup.deliver(control.ALIAS_SET, {"conn_id": "n.1", "alias": "not valid"})
+    setup.deliver(control.ALIAS_SET, {"conn_id": "n.9", "alias": "bob"})
+    assert [(c.conn_id, c.alias) for c in setup.outbound.alias_requests] == [
+        ("n.1", "ann"),
+        ("n.1", None),
+    ]
+    assert setup.registry.info(ConnId("n.1")).alias is None  # nothing set before the claim
+    answers = [(e.content["ok"], e.content.get("code")) for e in setup.outbound.to_bus]
+    assert answers == [(True, None), (False, "invalid_name"), (False, "unknown_connection")]
+    first = setup.outbound.alias_requests[0]
+    setup.outbound.answer(first.request, control.Result(True, "ann"), 101.0)
+    answer = setup.outbound.to_bus[-1]
+    assert answer.reply_to == first.request.id and answer.created == 101.0
+    assert setup.counters.control_requests == 5
+    setup.balanced()
