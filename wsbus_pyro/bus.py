@@ -19,13 +19,15 @@ Aliases are unique across every gateway on the bus: :class:`PyroBus` is a
 :class:`wsbus.bus.ClaimsAliases`, and claims each alias in the message bus's table (on a
 thread of its own, never the loop) before the gateway sets it. It remembers what it
 holds, so that it claims it all again when it re-registers with a restarted bus; an alias
-another gateway's connection took meanwhile is cleared here.
+another gateway's connection took meanwhile is cleared here, and the gateway (a
+:class:`wsbus.bus.HearsLoss`) is told that its clients may have missed messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -38,7 +40,7 @@ from Pyro5.client import Proxy
 from Pyro5.server import expose
 
 from wsbus import control
-from wsbus.bus import BusSink
+from wsbus.bus import BusSink, HearsLoss
 from wsbus.envelope import ConnId, Envelope, EnvelopeId, GatewayAddress, ServiceAddress
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
@@ -525,11 +527,32 @@ class PyroBus:
             ns = None
         return ns
 
+    def _tell_loss(self) -> None:
+        """Tell the gateway its clients may have missed messages (a thread's call).
+
+        The bus did not have this gateway for a while (it restarted, or dropped it) and
+        settled envelopes for gateways meanwhile: sends to aliases, users, groups and
+        everyone went to the other gateways only, and sends to its connections were
+        reported to their services, not to the clients.
+        """
+        sink, loop = self._sink, self._loop
+        if loop is None or not isinstance(sink, HearsLoss):
+            return
+        detail = (
+            f"gateway {self._node} was not registered with the message bus for a while (the "
+            "bus restarted, or dropped it): what was sent to its clients meanwhile is lost"
+        )
+        with contextlib.suppress(RuntimeError):  # the loop closed
+            loop.call_soon_threadsafe(sink.deliveries_lost, "bus_disconnected", detail)
+
     def _reregister(self, bus: Proxy) -> None:
         """Register again with every alias held: the bus restarted, or dropped this gateway."""
         with self._claims_lock:
             held = [[alias, conn_id] for alias, conn_id in self._claims.items()]
-        refused = bus.register_gateway(self._node, self.uri, held) or []
+        answer = bus.register_gateway(self._node, self.uri, held, True)
+        refused: list[list[str]] = answer["refused"]
+        if answer["missed"]:
+            self._tell_loss()
         loop = self._loop
         for alias, conn_id in refused:
             if loop is not None:

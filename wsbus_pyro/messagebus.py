@@ -110,6 +110,10 @@ class MessageBus:
         # registered before, which takes a while and must not hold the routing lock.
         self._register_lock = threading.Lock()
         self._aliases_back = False
+        # Envelopes for gateways settled so far, and the count when each gateway was
+        # dropped: a gateway that comes back after more were settled may have missed some.
+        self._gateway_sends = 0
+        self._dropped_at: dict[str, int] = {}
 
     def _settling(self) -> bool:
         return time.monotonic() < self._settled_at
@@ -181,26 +185,32 @@ class MessageBus:
         return True
 
     def register_gateway(
-        self, node: str, uri: str, aliases: list[list[str]] | None = None
-    ) -> list[list[str]]:
+        self, node: str, uri: str, aliases: list[list[str]] | None = None, again: bool = False
+    ) -> dict[str, Any]:
         """Add (or replace) a gateway node, with the aliases its connections hold.
 
-        A gateway registering at a new address (a new process, or one the bus dropped)
-        first loses every alias the bus had for its node: its connections are new.
+        A gateway registering at a new address (a new process) first loses every alias
+        the bus had for its node: its connections are new.
 
         Args:
             node: the gateway's node id.
             uri: its Pyro address.
-            aliases: ``[alias, conn_id]`` pairs it holds (after a bus restart).
+            aliases: ``[alias, conn_id]`` pairs it holds (when it registers again).
+            again: the gateway was registered before (with this bus, which dropped it,
+                or with one before a restart).
 
         Returns:
-            The pairs refused: another gateway's connection holds the alias (the
-            gateway clears them on its side).
+            ``{"refused": pairs, "missed": bool}``: the pairs refused because another
+            gateway's connection holds the alias (the gateway clears them on its side);
+            whether, registering ``again``, it may have missed envelopes meant for its
+            clients (the bus settled some for gateways while it was not registered).
         """
         node, uri = str(node), str(uri)
         old: _Endpoint | None = None
         refused: list[list[str]] = []
         with self._lock:
+            dropped_at = self._dropped_at.pop(node, 0)
+            missed = bool(again) and self._gateway_sends > dropped_at
             current = self._gateways.get(node)
             new = current is None or current.uri != uri
             if current is not None and not new:
@@ -231,7 +241,7 @@ class MessageBus:
                 len(refused),
                 ", ".join(alias for alias, _ in refused[:10]),
             )
-        return refused
+        return {"refused": refused, "missed": missed}
 
     def unregister_gateway(self, node: str, uri: str | None = None) -> None:
         """Remove a gateway node (only if registered at ``uri``, when given); free its aliases."""
@@ -241,6 +251,7 @@ class MessageBus:
                 return
             del self._gateways[old.name]
             freed = self._free_aliases(old.name)
+            self._forget(old.name)
         old.forwarder.stop(1.0)
         log.info("gateway %s left the bus (%d alias(es) freed)", node, freed)
 
@@ -296,6 +307,12 @@ class MessageBus:
             del self._aliases[alias]
         return len(gone)
 
+    def _forget(self, node: str) -> None:
+        """Note when a gateway left (with the lock held), to tell it what it missed."""
+        if len(self._dropped_at) >= 10_000:
+            self._dropped_at.clear()  # a bound on memory: those gateways are long gone
+        self._dropped_at[node] = self._gateway_sends
+
     def _every_gateway_back(self) -> bool:
         """True when every gateway in the name server has registered with this bus.
 
@@ -328,6 +345,7 @@ class MessageBus:
             for endpoint in stale:
                 del self._gateways[endpoint.name]
                 freed[endpoint.name] = self._free_aliases(endpoint.name)
+                self._forget(endpoint.name)
         for endpoint in stale:
             endpoint.forwarder.stop(0)
             log.warning(
@@ -504,6 +522,10 @@ class MessageBus:
         """Return the gateways' forwarders it goes to, and the status when there are none."""
         with self._lock:
             gateways = dict(self._gateways)
+            if gateways or not self._settling():
+                # Settled for the gateways there are (a service does not send it again): a
+                # gateway not among them that registers later may have missed it.
+                self._gateway_sends += 1
         if not gateways:
             return [], UNAVAILABLE
         nodes = _gateway_nodes(envelope, gateways)

@@ -21,11 +21,19 @@ import pytest_asyncio
 from tests.conftest import assert_balanced
 from wsbus import Codec, Envelope, Gateway, GatewayConfig, Service, hookimpl, memory_pair
 from wsbus.edge import MemoryClient
-from wsbus.envelope import ClientAddress, ConnId
+from wsbus.envelope import ClientAddress, ConnId, EnvelopeId, Recipients, ServiceAddress
 from wsbus.hooks import HandshakeRequest, Identity
 from wsbus.service import Context, handles
 from wsbus_pyro import MessageBus, PyroBus, PyroConfig
-from wsbus_pyro.transport import OK, REREGISTERING, TAKEN, UNAVAILABLE, lookup, name_server
+from wsbus_pyro.transport import (
+    OK,
+    REREGISTERING,
+    TAKEN,
+    UNAVAILABLE,
+    encode_batch,
+    lookup,
+    name_server,
+)
 from wsbus_testing.children import Child, free_port
 from wsbus_websockets import connect
 
@@ -277,6 +285,9 @@ async def test_a_gateway_cut_off_gives_up_an_alias_taken_meanwhile(cluster: Clus
     # g1's next check (what its watchdog does each interval) registers it again, claiming
     # sam: bob holds it now, so g1 clears it from ann.
     await asyncio.to_thread(bus1._check_bus, None)
+    # Its clients are told they may have missed messages while it was away.
+    gap = await _until(ann, "wsbus.gap")
+    assert gap["content"]["reason"] == "bus_disconnected"
     async with asyncio.timeout(WAIT):
         while [c.alias for c in g1.clients()] != [None]:
             await asyncio.sleep(0.05)
@@ -374,27 +385,27 @@ def test_the_message_bus_alias_table(
         # Right after the bus started, a claim waits for every gateway in the name server.
         with name_server(config) as ns:
             ns.register(f"{config.gateway_prefix}g3", first)
-        assert bus.register_gateway("g1", first) == []
+        assert bus.register_gateway("g1", first) == {"refused": [], "missed": False}
         assert bus.claim_alias("sam", "g1.1") == REREGISTERING
-        assert bus.register_gateway("g3", first) == []
+        bus.register_gateway("g3", first)
         assert bus.claim_alias("sam", "g1.1") == OK
         assert bus.claim_alias("sam", "g1.1") == OK
         # A connection of a gateway the bus does not know: that gateway is re-registering.
         assert bus.claim_alias("kim", "g9.1") == UNAVAILABLE
-        assert bus.register_gateway("g2", first) == []
+        bus.register_gateway("g2", first)
         assert bus.claim_alias("sam", "g2.1") == TAKEN
         # Claims made again at registration: one held by another gateway's connection is
         # refused (that gateway clears it), as is one of a connection of another node.
-        refused = bus.register_gateway("g2", first, [["sam", "g2.1"], ["kim", "g1.7"]])
-        assert refused == [["sam", "g2.1"], ["kim", "g1.7"]]
-        assert bus.register_gateway("g2", first, [["lee", "g2.1"]]) == []
+        answer = bus.register_gateway("g2", first, [["sam", "g2.1"], ["kim", "g1.7"]], True)
+        assert answer == {"refused": [["sam", "g2.1"], ["kim", "g1.7"]], "missed": False}
+        assert bus.register_gateway("g2", first, [["lee", "g2.1"]])["refused"] == []
         assert bus.claim_alias("lee", "g1.1") == TAKEN
         bus.release_alias("lee", "g1.1")  # not its: nothing happens
         assert bus.claim_alias("lee", "g1.1") == TAKEN
         bus.release_alias("lee", "g2.1")
         assert bus.claim_alias("lee", "g1.1") == OK
         # A new process of g1 (a new address) starts with none of the old one's aliases.
-        assert bus.register_gateway("g1", second) == []
+        assert bus.register_gateway("g1", second)["refused"] == []
         assert bus.claim_alias("sam", "g2.1") == OK
         # Unregistering someone else's registration does nothing; one's own frees all.
         bus.unregister_gateway("g2", first.replace(":1", ":9"))
@@ -410,6 +421,18 @@ def test_the_message_bus_alias_table(
         bus._sweep()
         assert bus.info()["gateways"].keys() == {"g1"}
         assert bus.claim_alias("ray", "g1.1") == OK
+        # Back with nothing sent to gateways meanwhile, it missed nothing; after a send to
+        # everyone (which went to g1 only), it may have missed that.
+        assert bus.register_gateway("g3", first, [], True)["missed"] is False
+        bus.unregister_gateway("g3", first)
+        everyone = Envelope(
+            id=EnvelopeId("s-1"),
+            type="news",
+            sender=ServiceAddress("news"),
+            recipients=Recipients(everyone=True),
+        )
+        bus.route(encode_batch([everyone]))
+        assert bus.register_gateway("g3", first, [], True)["missed"] is True
     finally:
         bus._shutdown()
 
