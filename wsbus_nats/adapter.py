@@ -321,8 +321,6 @@ def _run_nats_config(args: argparse.Namespace) -> None:
     for user in access.users:
         path = out / f"{user.name}.toml"
         if user.role == "service":
-            print(f"{path}: wsbus service MODULE:CLASS --bus nats --config {path}")
-        elif user.owner == "*":
-            print(f"{path}: wsbus serve --bus nats --config {path} (any --node)")
+            print(f"{path}: wsbus service MODULE:CLASS --config {path}")
         else:
-            print(f"{path}: wsbus serve --bus nats --node {user.owner} --config {path}")
+            print(f"{path}: wsbus serve --config {path}")

@@ -182,19 +182,31 @@ class Access:
         return "\n".join(lines)
 
     def credentials(self, user: NatsUser) -> str:
-        """Return a settings file (TOML) with ``user``'s ``[nats]`` credentials.
+        """Return a settings file (TOML) for ``user``'s process, for ``--config``.
 
-        ``wsbus service ... --bus nats --config FILE`` or ``wsbus serve --bus nats
-        --config FILE`` reads it; it holds the password: keep it to that process's user.
+        It chooses the NATS bus (``[serve] bus``), pins a named gateway's node id
+        (``[gateway] node``: its permissions are for that node only) and holds the
+        ``[nats]`` credentials: ``wsbus service MODULE:CLASS --config FILE`` or ``wsbus serve
+        --config FILE`` needs nothing else. It holds the password: keep it readable by that
+        process's user only.
         """
-        what = f"service {user.owner!r}" if user.role == "service" else "a gateway"
-        if user.role == "gateway" and user.owner != ANY_GATEWAY:
-            what = f"gateway {user.owner!r} (serve it with --node {user.owner})"
+        if user.role == "service":
+            what = f"service {user.owner!r}: wsbus service MODULE:CLASS --config FILE"
+        elif user.owner == ANY_GATEWAY:
+            what = "gateways of any node id: wsbus serve --config FILE"
+        else:
+            what = f"gateway {user.owner!r}: wsbus serve --config FILE"
         lines = [
-            f"# wsbus settings for {what}, written by `wsbus nats-config`.",
-            "# It holds a password: keep it readable by that process's user only.",
-            "[nats]",
+            f"# wsbus settings for {what}",
+            "# Written by `wsbus nats-config`. It holds a password: keep it readable by that",
+            "# process's user only.",
+            "[serve]",
+            'bus = "nats"',
+            "",
         ]
+        if user.role == "gateway" and user.owner != ANY_GATEWAY:
+            lines += ["[gateway]", f"node = {_toml(user.owner)}", ""]
+        lines.append("[nats]")
         if self.servers:
             lines.append(f"servers = [{', '.join(_toml(url) for url in self.servers)}]")
         lines += [

@@ -133,14 +133,17 @@ def test_nats_config_writes_private_files_that_wsbus_reads(tmp_path: Path) -> No
     servers = ["--server", "nats://10.0.0.1:4222", "--server", "nats://10.0.0.2:4222"]
     result = run("nats-config", "--service", "echo", "--gateway", "g1", "--out", str(out), *servers)
     assert result.returncode == 0, result.stderr
-    assert f"--config {out / 'gw-g1.toml'}" in result.stdout and "--node g1" in result.stdout
+    assert f"wsbus serve --config {out / 'gw-g1.toml'}" in result.stdout
     files = sorted(path.name for path in out.iterdir())
     assert files == sorted([SERVER_CONFIG, "svc-echo.toml", "gw-g1.toml"])
     for path in out.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     checked = run("config", "check", str(out / "svc-echo.toml"))
     assert checked.returncode == 0, checked.stderr
-    assert 'user = "svc-echo"' in checked.stdout
+    assert 'user = "svc-echo"' in checked.stdout and 'bus = "nats"' in checked.stdout
+    gateway = run("config", "check", str(out / "gw-g1.toml"))
+    assert gateway.returncode == 0, gateway.stderr
+    assert 'node = "g1"' in gateway.stdout
     assert '"nats://10.0.0.1:4222"' in checked.stdout
     password = re.search(r'password = "([^"]+)"', (out / "svc-echo.toml").read_text())
     assert password is not None and password.group(1) not in checked.stdout  # redacted
@@ -225,39 +228,14 @@ class Deployment:
     def start(self) -> str:
         self.server.start()
         url = self.server.url
-        self.children.append(
-            Child(
-                [
-                    "service",
-                    ECHO,
-                    "--bus",
-                    "nats",
-                    "--nats-url",
-                    url,
-                    "--config",
-                    str(self.conf / "svc-echo.toml"),
-                ],
-                timeout=60,
-            )
-        )
-        gateway = Child(
-            [
-                "serve",
-                "--bus",
-                "nats",
-                "--nats-url",
-                url,
-                "--node",
-                "g1",
-                "--port",
-                "0",
-                "--config",
-                str(self.conf / "gw-g1.toml"),
-            ],
-            ready="listening on",
-            timeout=60,
-        )
+        # The settings files choose the bus, and the gateway's node: nothing else needed
+        # but where the server is.
+        service = ["service", ECHO, "--config", str(self.conf / "svc-echo.toml")]
+        self.children.append(Child([*service, "--nats-url", url], timeout=60))
+        serve = ["serve", "--config", str(self.conf / "gw-g1.toml"), "--port", "0"]
+        gateway = Child([*serve, "--nats-url", url], ready="listening on", timeout=60)
         self.children.append(gateway)
+        assert "wsbus gateway g1 listening" in gateway.text, gateway.text
         found = re.search(r"listening on (ws://\S+)", gateway.text)
         assert found is not None, gateway.text
         return found.group(1)
