@@ -193,9 +193,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Start the bus (with --bus pyro: a Pyro name server, the message bus and the demo "
             "services as processes, sharing a secret generated for this run or "
-            "$WSBUS_SECRET, so no other local process can pose as one of them) and a gateway "
-            "serving the demo page; print its URL and open it in a browser. Ctrl-C stops "
-            "them all."
+            "$WSBUS_SECRET, so no other local process can pose as one of them; with --bus "
+            "nats: a private nats-server and the services as processes, each with its own "
+            "NATS user) and a gateway serving the demo page; print its URL and open it in a "
+            "browser. Ctrl-C stops them all."
         ),
     )
     demo.add_argument(
@@ -204,7 +205,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=(
             f"the bus: {buses} (pyro: services as their own processes, the default; "
-            "memory: in this process)"
+            "nats: the same over a private nats-server; memory: in this process)"
         ),
     )
     demo.add_argument("--host", default="127.0.0.1", help="address of the page (127.0.0.1)")
