@@ -269,8 +269,10 @@ class ServiceLink:
 
         Raises:
             RequestTimeout: a gateway did not answer within :attr:`timeout` (its node id
-                is in the error's ``what``).
+                is in the error's ``what``), or the runtime did not list the gateways in
+                that time.
             ControlError: a gateway refused (the message names it).
+            BusUnavailable: the bus cannot take the requests, or list the gateways, now.
         """
         request = control.ClientsRequest(group)
         if self._gateways is None:
