@@ -17,7 +17,7 @@ from nats.js.api import DeliverPolicy
 
 from wsbus.errors import ConfigError
 from wsbus_nats.permissions import SERVER_CONFIG, Access, plan, write
-from wsbus_nats.servers import NatsServer
+from wsbus_nats.servers import NatsCluster, NatsServer
 from wsbus_nats.subjects import Subjects
 
 SUBJECTS = Subjects("wsbus")
@@ -368,3 +368,49 @@ async def test_another_prefix_is_another_deployment(tmp_path: Path) -> None:
                     await asyncio.sleep(0.01)
         finally:
             await nc.close()
+
+
+async def test_the_generated_configuration_runs_a_cluster(tmp_path: Path, access: Access) -> None:
+    # Routes between the nodes need no user; JetStream clusters the account's buckets.
+    write(access, tmp_path / "conf")
+    cluster = NatsCluster(tmp_path / "cluster", config_file=tmp_path / "conf" / SERVER_CONFIG)
+    await asyncio.to_thread(cluster.start)
+    made: list[Client] = []
+    try:
+        errors: list[Exception] = []
+
+        async def error(exc: Exception) -> None:
+            errors.append(exc)
+
+        async def as_user(name: str, node: int) -> Client:
+            user = access.user(name)
+            nc = await nats.connect(
+                cluster[node].url,
+                user=user.name,
+                password=user.password,
+                error_cb=error,
+                allow_reconnect=False,
+            )
+            made.append(nc)
+            return nc
+
+        echo, gateway = await as_user("svc-echo", 0), await as_user("gw-a", 2)
+        buckets = {}
+        for name in ("wsbus_gateways", "wsbus_services", "wsbus_aliases"):
+            buckets[name] = await echo.jetstream(timeout=10).create_key_value(
+                bucket=name, history=1, replicas=3
+            )
+        await buckets["wsbus_services"].put("echo.i1", b"types")
+        got = await _collect(gateway, SUBJECTS.gateway_inbox("a"))
+        async with asyncio.timeout(10):
+            # Interest crosses the routes a moment after the subscriber's flush.
+            while not got:
+                await echo.publish(SUBJECTS.to_gateway("a", "echo"), b"x")
+                await echo.flush()
+                await asyncio.sleep(0.05)
+        assert set(got) == {SUBJECTS.to_gateway("a", "echo")}
+        assert errors == []
+    finally:
+        for nc in made:
+            await nc.close()
+        await asyncio.to_thread(cluster.stop)
