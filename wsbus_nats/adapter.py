@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import socket
 import sys
 import tempfile
@@ -227,13 +228,16 @@ nats = NatsAdapter()
 
 
 def check_nats(config: Any) -> None:
-    """Check that at least one of ``config.servers`` accepts a TCP connection.
+    """Check that a server of ``config.servers`` answers and takes this process's user.
 
-    Decided by our own connection, before nats-py tries (and logs each failed attempt),
-    so that a server that is not running is one line saying what to start.
+    Decided by our own connection, before nats-py tries (and logs each failed attempt), so
+    that a server that is not running, or one that refuses the user or password, is one
+    line saying what to do. The credentials are checked over plain connections with a user
+    and password or a token (the NATS protocol's CONNECT, then PING); over TLS, or with a
+    creds or nkey file, only that the server answers.
 
     Raises:
-        BusUnavailable: none answers.
+        BusUnavailable: none answers, or the first that does refuses the credentials.
     """
     for url in config.servers:
         parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
@@ -244,14 +248,53 @@ def check_nats(config: Any) -> None:
         try:
             with socket.create_connection(
                 (parts.hostname or "127.0.0.1", port), timeout=config.connect_timeout
-            ):
-                return
-        except OSError:
+            ) as sock:
+                refused = _refusal(sock, config, parts)
+        except (OSError, ValueError):
             continue
+        if refused is None:
+            return
+        who = f"user {config.user!r}" if config.user else "this process (no user given)"
+        raise BusUnavailable(
+            f"the NATS server at {url} refused {who}: {refused}; give the user and password "
+            f"wsbus nats-config made for this process (--config FILE, or --nats-user and "
+            f"${PASSWORD_ENV})"
+        )
     raise BusUnavailable(
         f"no NATS server answers at {', '.join(config.servers)}: start one (`nats-server "
         "-js`), or pass its URL with --nats-url"
     )
+
+
+def _refusal(sock: socket.socket, config: Any, url: urllib.parse.SplitResult) -> str | None:
+    """Say hello as a NATS client would; return the server's refusal, or None."""
+    reader = sock.makefile("rb")
+    info_line = reader.readline(64 * 1024)
+    if not info_line.startswith(b"INFO "):
+        raise ValueError("not a NATS server")
+    info = json.loads(info_line[5:])
+    user, password = url.username or config.user, url.password or config.password
+    token = config.token
+    if (
+        not info.get("auth_required")
+        or info.get("tls_required")
+        or url.scheme == "tls"
+        or config.uses_tls
+        or config.creds_file
+        or config.nkey_seed_file
+    ):
+        return None
+    options: dict[str, Any] = {"verbose": False, "pedantic": False, "name": "wsbus check"}
+    if user is not None:
+        options |= {"user": user, "pass": password or ""}
+    elif token is not None:
+        options["auth_token"] = token
+    sock.sendall(b"CONNECT " + json.dumps(options).encode() + b"\r\nPING\r\n")
+    answer = reader.readline(64 * 1024).decode(errors="replace").strip()
+    if answer == "PONG":
+        return None
+    # The server's own words (-ERR 'Authorization Violation'), shown as they are.
+    return answer.removeprefix("-ERR").strip(" '") or "it closed the connection"
 
 
 def _nats_options(parser: argparse.ArgumentParser) -> None:

@@ -180,6 +180,34 @@ def test_service_without_a_nats_server_says_what_to_start() -> None:
     assert "no NATS server" in line and url in line
 
 
+def test_credentials_the_server_refuses_are_one_line(tmp_path: Path) -> None:
+    result = run("nats-config", "--service", "echo", "--any-gateway", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    with NatsServer(tmp_path / "nats", config_file=tmp_path / SERVER_CONFIG) as server:
+        wrong = one_line(
+            run("service", ECHO, "--bus", "nats", "--nats-url", server.url,
+                "--nats-user", "svc-echo", env={PASSWORD_ENV: "wrong"}),
+            1,
+        )  # fmt: skip
+        assert "refused user 'svc-echo'" in wrong and server.url in wrong
+        assert "wsbus nats-config" in wrong
+        nobody = one_line(run("serve", "--bus", "nats", "--nats-url", server.url), 1)
+        assert "refused this process (no user given)" in nobody
+        # The right ones: it starts (and stops cleanly).
+        child = Child(
+            [
+                "service",
+                ECHO,
+                "--config",
+                str(tmp_path / "svc-echo.toml"),
+                "--nats-url",
+                server.url,
+            ],
+            timeout=60,
+        )
+        assert child.stop() == 0, child.text
+
+
 def test_serve_refuses_a_node_that_is_not_a_subject_token(wsbus_nats_server: NatsServer) -> None:
     # A node id with a '-' is a fine gateway node, and a fine NATS token; a ':' is neither.
     line = one_line(
