@@ -346,7 +346,8 @@ class NatsCluster:
 
     Args:
         directory: each node gets ``directory/<node name>``.
-        size: the number of nodes (3 or more for a cluster that survives a node loss).
+        size: the number of nodes, 2 or more (3 or more for a cluster that survives a
+            node loss).
         name: the cluster's name, and the prefix of the nodes'.
         config_file: a configuration file every node starts with.
         binary: the executable (default: :func:`find_nats_server`).
@@ -364,8 +365,10 @@ class NatsCluster:
         config_file: str | os.PathLike[str] | None = None,
         binary: str | None = None,
     ) -> None:
-        if size < 1:
-            raise ValueError(f"a cluster has 1 node at least, not {size}")
+        if size < 2:
+            # One node's JetStream in cluster mode never gets healthy (no peer to elect a
+            # leader with): one server is a NatsServer.
+            raise ValueError(f"a cluster has 2 nodes at least, not {size}: use NatsServer")
         directory = Path(directory)
         cluster_ports = _free_ports(size)
         routes = [f"nats://{LOOPBACK}:{port}" for port in cluster_ports]

@@ -191,3 +191,8 @@ async def test_a_cluster_routes_messages_and_survives_a_node(
     pids = [server.pid for server in cluster]
     cluster.stop()
     assert all(pid is not None and _gone(pid) for pid in pids)
+
+
+def test_a_cluster_has_two_nodes_at_least(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NatsServer"):
+        NatsCluster(tmp_path, size=1)
