@@ -2,17 +2,18 @@
 
 ::
 
-    wsbus demo                       everything, with a web page, on one machine
-    wsbus nameserver                 a Pyro name server (127.0.0.1:9090)
-    wsbus bus                        the Pyro message bus
-    wsbus service MODULE:CLASS       a wsbus Service as its own process (--bus pyro|nats)
-    wsbus serve --bus memory|pyro    a gateway on a WebSocket port
-    wsbus config check FILE          validate a settings file, print the effective settings
+    wsbus demo                          everything, with a web page, on one machine
+    wsbus nameserver                    a Pyro name server (127.0.0.1:9090)
+    wsbus bus                           the Pyro message bus
+    wsbus service MODULE:CLASS          a wsbus Service as its own process (--bus pyro|nats)
+    wsbus serve --bus memory|pyro|nats  a gateway on a WebSocket port
+    wsbus nats-config                   the NATS users and permissions of a deployment
+    wsbus config check FILE             validate a settings file, print the effective settings
 
 The buses, the edges, and their options and subcommands (``nameserver`` and ``bus`` are the
-Pyro bus's) come from the installed adapters (:mod:`wsbus_cli.adapters`); ``wsbus service``
-runs on any bus whose adapter runs services as processes
-(:class:`~wsbus_cli.adapters.RunsServiceProcesses`).
+Pyro bus's, ``nats-config`` the NATS bus's) come from the installed adapters
+(:mod:`wsbus_cli.adapters`); ``wsbus service`` runs on any bus whose adapter runs services
+as processes (:class:`~wsbus_cli.adapters.RunsServiceProcesses`).
 
 A mistake the user can fix prints one line on stderr that names what was wrong and what to
 do, never a traceback: exit status 2 for a wrong argument or setting (or a missing extra:
