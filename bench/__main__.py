@@ -4,6 +4,7 @@
     python -m bench ingest [--clients 50] [--frames 2000]
     python -m bench memory [--clients 1000]
     python -m bench pyro [--messages 20000]
+    python -m bench nats [--messages 20000]
     python -m bench all
 
 Each server runs in its own process (``bench/servers.py``); this process is the load
@@ -362,7 +363,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "which",
         nargs="+",
-        choices=("fanout", "ingest", "echo", "memory", "pyro", "all"),
+        choices=("fanout", "ingest", "echo", "memory", "pyro", "nats", "all"),
         help="benchmarks to run, in this order",
     )
     parser.add_argument("--clients", default=None, help="client counts, comma-separated")
@@ -385,7 +386,7 @@ async def main(argv: list[str] | None = None) -> None:
         kinds.append("wsbus@before")
     which = set(args.which)
     if "all" in which:
-        which = {"fanout", "ingest", "echo", "memory", "pyro"}
+        which = {"fanout", "ingest", "echo", "memory", "pyro", "nats"}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; median of {args.repeat}")
     if "fanout" in which:
         m = args.messages or 100
@@ -417,6 +418,10 @@ async def main(argv: list[str] | None = None) -> None:
         from bench import pyro
 
         RESULTS["pyro"] = await pyro.run(args.messages or 20000, args.repeat)
+    if "nats" in which:
+        from bench import nats
+
+        RESULTS["nats"] = await nats.run(args.messages or 20000, args.repeat)
     if args.json:
         text = json.dumps(RESULTS, indent=2, default=str)
         await asyncio.to_thread(Path(args.json).write_text, text)

@@ -59,3 +59,9 @@ def test_the_pyro_tracer_sees_every_point() -> None:
         "gateway: written to the client's socket",
     ):
         assert point in out, out
+
+
+def test_nats_path_runs() -> None:
+    out = _bench("nats", "--messages", "300")
+    assert "anchor (nats-py publish" in out and "wsbus over NATS" in out
+    assert "one-way p50" in out and "CPU per message" in out
