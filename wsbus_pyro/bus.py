@@ -137,6 +137,8 @@ class PyroBus:
         self._control: concurrent.futures.ThreadPoolExecutor | None = None
         self._control_proxy: Proxy | None = None
         self._control_used = 0.0
+        self._reclaimed = True
+        """False while a registration's alias claims are not all sent."""
 
     # -- Bus -----------------------------------------------------------------------------
 
@@ -497,8 +499,9 @@ class PyroBus:
         try:
             if bus is None:
                 bus = self._bus_proxy()
-            if not bus.registered("gateway", self._node, self.uri):
-                self._reregister(bus)
+            registered = bus.registered("gateway", self._node, self.uri)
+            if not registered or not self._reclaimed:
+                self._reregister(bus, again=not registered)
                 log.info("gateway %s re-registered with the message bus", self._node)
             self._bus_reachable = True
             self._send_releases(bus)
@@ -545,14 +548,22 @@ class PyroBus:
         with contextlib.suppress(RuntimeError):  # the loop closed
             loop.call_soon_threadsafe(sink.deliveries_lost, "bus_disconnected", detail)
 
-    def _reregister(self, bus: Proxy) -> None:
-        """Register again with every alias held: the bus restarted, or dropped this gateway."""
+    def _reregister(self, bus: Proxy, again: bool) -> None:
+        """Register again with every alias held: the bus restarted, or dropped this gateway.
+
+        The aliases go in calls of at most a quarter of ``max_message_size`` each (a Pyro
+        message has a size limit); if one fails, the next check sends them all again.
+        """
         with self._claims_lock:
             held = [[alias, conn_id] for alias, conn_id in self._claims.items()]
-        answer = bus.register_gateway(self._node, self.uri, held, True)
-        refused: list[list[str]] = answer["refused"]
-        if answer["missed"]:
-            self._tell_loss()
+        self._reclaimed = False
+        refused: list[list[str]] = []
+        for index, chunk in enumerate(_chunks(held, self.config.max_message_size // 4)):
+            answer = bus.register_gateway(self._node, self.uri, chunk, again and index == 0)
+            refused.extend(answer["refused"])
+            if answer["missed"]:
+                self._tell_loss()
+        self._reclaimed = True
         loop = self._loop
         for alias, conn_id in refused:
             if loop is not None:
@@ -588,6 +599,21 @@ class PyroBus:
             log.info("gateway %s re-registered with the %s", self._node, what)
         except Exception as exc:
             log.info("re-registering with the %s failed: %s", what, exc)
+
+
+def _chunks(pairs: list[list[str]], size: int) -> list[list[list[str]]]:
+    """Split ``[alias, conn_id]`` pairs into lists of about ``size`` bytes (at least one)."""
+    chunks: list[list[list[str]]] = [[]]
+    used = 0
+    for pair in pairs:
+        # Serpent's cost of a pair: its strings, quoted, and a little punctuation.
+        cost = len(pair[0].encode()) + len(pair[1].encode()) + 16
+        if chunks[-1] and used + cost > size:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(pair)
+        used += cost
+    return chunks
 
 
 def _set(future: asyncio.Future[str], status: str) -> None:

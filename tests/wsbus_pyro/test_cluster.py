@@ -25,6 +25,7 @@ from wsbus.envelope import ClientAddress, ConnId, EnvelopeId, Recipients, Servic
 from wsbus.hooks import HandshakeRequest, Identity
 from wsbus.service import Context, handles
 from wsbus_pyro import MessageBus, PyroBus, PyroConfig
+from wsbus_pyro.bus import _chunks
 from wsbus_pyro.transport import (
     OK,
     REREGISTERING,
@@ -459,3 +460,12 @@ def test_a_service_registered_by_a_dead_process_is_replaced_at_once(
         assert bus.info()["services"] == {}
     finally:
         bus._shutdown()
+
+
+def test_aliases_claimed_again_go_in_calls_a_pyro_message_can_carry() -> None:
+    pairs = [[f"alias{i}", f"g1.{i}"] for i in range(10_000)]
+    chunks = _chunks(pairs, 64 * 1024 // 4)
+    assert [pair for chunk in chunks for pair in chunk] == pairs
+    assert len(chunks) > 1
+    assert all(len(repr(chunk).encode()) <= 64 * 1024 // 2 for chunk in chunks)
+    assert _chunks([], 100) == [[]]  # one call, to register
