@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections import OrderedDict
 from typing import Final
 
@@ -27,6 +29,8 @@ from wsbus.bus import BusSink, HearsLoss
 from wsbus.envelope import (
     ConnId,
     Envelope,
+    EnvelopeId,
+    GatewayAddress,
     ServiceAddress,
     decode_envelope,
     encode_envelope,
@@ -34,7 +38,7 @@ from wsbus.envelope import (
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
 from .config import NatsConfig
-from .directory import Directory
+from .directory import LIVE_HEARTBEATS, Directory
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
 from .subjects import FROM_GATEWAY, Subjects, check_tokens
 
@@ -79,6 +83,12 @@ class NatsBus:
         self._replies: OrderedDict[str, str] = OrderedDict()
         self._warn = RateLimitedLog(log)
         self._lost_pending: list[tuple[str, str]] = []
+        # The aliases this gateway's connections hold in the table, and releases that
+        # could not be made yet.
+        self._claims: dict[str, ConnId] = {}
+        self._unreleased: dict[str, ConnId] = {}
+        self._rechecking: asyncio.Task[None] | None = None
+        self._recheck_again = False
         self._closed = False
 
     # -- Bus -----------------------------------------------------------------------------
@@ -101,13 +111,16 @@ class NatsBus:
             self.config,
             f"wsbus gateway {node}",
             on_reconnected=self._reconnected,
+            on_disconnected=self._disconnected,
             on_slow_consumer=self._slow_consumer,
         )
         self._link = link
         await link.connect()
         try:
             self._inbox = await link.subscribe(self.subjects.gateway_inbox(node), self._on_message)
-            self._directory = Directory(link, self.subjects, node=sink.node)
+            self._directory = Directory(
+                link, self.subjects, node=sink.node, on_lapse=self._recheck_claims
+            )
             await self._directory.start()
         except BaseException:
             await self.close()
@@ -160,6 +173,9 @@ class NatsBus:
     async def close(self) -> None:
         """Leave the directory, unsubscribe and close the connection. Idempotent."""
         self._closed = True
+        if self._rechecking is not None:
+            self._rechecking.cancel()
+            await asyncio.gather(self._rechecking, return_exceptions=True)
         if self._directory is not None:
             directory, self._directory = self._directory, None
             await directory.close()
@@ -184,15 +200,105 @@ class NatsBus:
         Raises:
             BusUnavailable: the alias table cannot be reached; nothing was claimed.
         """
-        return await self._table().claim_alias(alias, conn_id)
+        directory = self._table()
+        if self._unreleased.get(alias) == conn_id:
+            del self._unreleased[alias]
+        claimed = await directory.claim_alias(alias, conn_id)
+        if claimed:
+            self._claims[alias] = conn_id
+        return claimed
 
     async def release_alias(self, alias: str, conn_id: ConnId) -> None:
         """Release ``alias`` if ``conn_id`` holds it.
 
         Raises:
-            BusUnavailable: the alias table cannot be reached.
+            BusUnavailable: the alias table cannot be reached. The bus releases it later
+                (when it can), or it frees when this gateway is gone.
         """
-        await self._table().release_alias(alias, conn_id)
+        directory = self._table()
+        if self._claims.get(alias) == conn_id:
+            del self._claims[alias]
+        try:
+            await directory.release_alias(alias, conn_id)
+        except BusUnavailable:
+            self._unreleased[alias] = conn_id
+            self._recheck_claims()
+            raise
+
+    def _recheck_claims(self) -> None:
+        """Check, in the background, that every alias claimed here is still this gateway's.
+
+        After this gateway was cut off long enough to be taken for dead, another may
+        have taken some over: those are cleared here (as a service would clear them),
+        so that no alias has two holders for longer than the cut lasted. Releases that
+        failed are made again.
+        """
+        if self._closed or not (self._claims or self._unreleased):
+            return
+        if self._rechecking is not None:
+            self._recheck_again = True
+            return
+        self._rechecking = asyncio.create_task(self._recheck(), name="wsbus-nats-claims")
+
+    async def _recheck(self) -> None:
+        # Twice, a live-window apart: a gateway that took this one for dead a moment ago
+        # may make its takeover just after the first look.
+        window = self.config.heartbeat * LIVE_HEARTBEATS
+        try:
+            for attempt in range(2):
+                if attempt:
+                    await asyncio.sleep(window)
+                self._recheck_again = False
+                while not self._closed:
+                    try:
+                        await self._recheck_once()
+                        break
+                    except BusUnavailable as exc:
+                        log.info("checking this gateway's aliases failed: %s (retrying)", exc)
+                    await asyncio.sleep(self.config.heartbeat)
+        finally:
+            self._rechecking = None
+        if self._recheck_again:
+            self._recheck_claims()
+
+    async def _recheck_once(self) -> None:
+        directory = self._table()
+        for alias, conn_id in list(self._unreleased.items()):
+            await directory.release_alias(alias, conn_id)
+            if self._unreleased.get(alias) == conn_id:
+                del self._unreleased[alias]
+        for alias, conn_id in list(self._claims.items()):
+            holder = await directory.alias_holder(alias)
+            if holder == conn_id or self._claims.get(alias) != conn_id:
+                continue
+            if holder is None and await directory.claim_alias(alias, conn_id):
+                continue
+            del self._claims[alias]
+            self._clear_alias(alias, conn_id, holder)
+
+    def _clear_alias(self, alias: str, conn_id: ConnId, holder: ConnId | None) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        log.warning(
+            "alias %r of connection %s was cleared: connection %s of another gateway took "
+            "it while this gateway was cut off from NATS",
+            alias,
+            conn_id,
+            holder,
+        )
+        # As a service would: the gateway clears it in its registry (a request with no
+        # service sender gets no answer).
+        sink.deliver(
+            Envelope(
+                id=EnvelopeId(f"{self._node}-bus-{os.urandom(6).hex()}"),
+                type=control.ALIAS_CLEAR,
+                sender=GatewayAddress(sink.node),
+                content={"conn_id": conn_id},
+                created=time.time(),
+                to=GatewayAddress(sink.node),
+            )
+        )
 
     # -- what else a gateway or a test may ask -------------------------------------------
 
@@ -329,9 +435,14 @@ class NatsBus:
             subject,
         )
 
+    def _disconnected(self) -> None:
+        if self._directory is not None:
+            self._directory.disconnected()
+
     def _reconnected(self) -> None:
         if self._directory is not None:
             self._directory.reconnected()
+        self._recheck_claims()
         self._lost(
             "bus_disconnected",
             "the gateway's connection to NATS broke and was made again: messages sent to "

@@ -12,9 +12,10 @@ on it:
   with an *update* on the revision read, so two gateways racing for it cannot both win;
   a release deletes it on that revision, only when the releasing connection holds it.
 
-Liveness is judged from the time each update is received here and the server's timestamp
-of the entry: after this process reconnects, an entry last written long ago is not taken
-for live (the servers of a cluster must agree on the time to within a heartbeat).
+Liveness is judged from the time each update is received here (no clocks compared across
+machines), and ages stop while this process may be missing news (see ``_Table``). A
+gateway cut off from NATS for longer than that may find its aliases taken over when it
+comes back: it checks its claims then (``on_lapse``) and gives up those it lost.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,15 +40,18 @@ from nats.js.kv import KeyValue
 from wsbus.envelope import ConnId, NodeId, node_of
 from wsbus.errors import BusUnavailable
 
-from .link import Link
+from .link import Link, quietly
 from .subjects import Subjects
 
-__all__ = ["Directory", "ServiceEntry", "alias_key"]
+__all__ = ["LIVE_HEARTBEATS", "REACH_HEARTBEATS", "Directory", "ServiceEntry", "alias_key"]
 
 log = logging.getLogger("wsbus.nats.directory")
 
 LIVE_HEARTBEATS: Final = 3
 """An entry not refreshed within this many heartbeats is dead."""
+REACH_HEARTBEATS: Final = 30
+"""Envelopes still go to a gateway or instance heard from within this many heartbeats
+(one cut off for a moment misses nothing); as long as the buckets keep a dead entry."""
 _KV_OPERATION: Final = "KV-Operation"
 _MARKER_REASON: Final = "Nats-Marker-Reason"
 _CLAIM_ATTEMPTS: Final = 8
@@ -65,30 +70,65 @@ _DECODE_SERVICE = msgspec.msgpack.Decoder(ServiceEntry).decode
 
 
 class _Table:
-    """One bucket as last seen: key -> (value, when received here, server timestamp)."""
+    """One bucket as last seen: key -> (value, when its last update was received here).
+
+    Entries age only while the table is known to be current. It is frozen (ages stop)
+    while it may miss news: the link is down, this process's own heartbeat cannot be
+    written (JetStream is electing a leader, say: nobody else can write either), or the
+    watch's consumer died with a server. It thaws, ages going on from where they stopped,
+    when news arrives or the watch is made anew; so nothing is declared dead for want
+    of news, and a gateway cut off alone is dead for the others after three heartbeats.
+    """
 
     def __init__(self, heartbeat: float) -> None:
         self.window = heartbeat * LIVE_HEARTBEATS
-        self.entries: dict[str, tuple[bytes, float, float]] = {}
-        self.newest = 0.0  # the newest server timestamp seen: the server's "now", nearly
+        self.reach = heartbeat * REACH_HEARTBEATS
+        self.entries: dict[str, tuple[bytes, float]] = {}
+        self.last_activity = time.monotonic()
+        self.stale_since: float | None = None
 
-    def update(self, key: str, value: bytes | None, created: float) -> bool:
+    def update(self, key: str, value: bytes | None) -> bool:
         """Record an update (None: deleted); return True when the key set changed."""
+        self.thaw()  # news arrives: the watch works and someone could write
+        now = self.last_activity = time.monotonic()
         if value is None:
             return self.entries.pop(key, None) is not None
-        if created > self.newest:
-            self.newest = created
         is_new = key not in self.entries or self.entries[key][0] != value
-        self.entries[key] = (value, time.monotonic(), created)
+        self.entries[key] = (value, now)
         return is_new
 
+    def freeze(self, since: float | None = None) -> None:
+        """Stop the ages as they were at ``since`` (default now): news may be missing.
+
+        A watch found dead has missed news since its last: its ages stop back then.
+        """
+        if self.stale_since is None:
+            now = time.monotonic()
+            self.stale_since = now if since is None else min(since, now)
+
+    def thaw(self) -> None:
+        """Let the ages go on from where they stopped."""
+        since = self.stale_since
+        if since is None:
+            return
+        self.stale_since = None
+        shift = time.monotonic() - since
+        self.entries = {key: (value, seen + shift) for key, (value, seen) in self.entries.items()}
+
     def live(self, key: str) -> bool:
+        """Heard from within the window (three heartbeats)."""
+        return self._age(key) <= self.window
+
+    def reachable(self, key: str) -> bool:
+        """Heard from within the reach (``REACH_HEARTBEATS``)."""
+        return self._age(key) <= self.reach
+
+    def _age(self, key: str) -> float:
         entry = self.entries.get(key)
         if entry is None:
-            return False
-        _, seen, created = entry
-        window = self.window
-        return time.monotonic() - seen <= window and self.newest - created <= window
+            return math.inf
+        now = self.stale_since if self.stale_since is not None else time.monotonic()
+        return now - entry[1]
 
 
 class Directory:
@@ -100,6 +140,9 @@ class Directory:
         node: for a gateway, its node id (put in ``P_gateways``).
         service: for a service instance, its entry (put in ``P_services``).
         on_change: called when the set of gateways or service instances changes.
+        on_lapse: called when this process's heartbeat is written after a gap long
+            enough for the others to have taken it for dead (a gateway then checks that
+            its aliases are still its own).
     """
 
     def __init__(
@@ -110,6 +153,7 @@ class Directory:
         node: NodeId | None = None,
         service: ServiceEntry | None = None,
         on_change: Callable[[], None] | None = None,
+        on_lapse: Callable[[], None] | None = None,
     ) -> None:
         self.link = link
         self.subjects = subjects
@@ -117,6 +161,9 @@ class Directory:
         self.node = node
         self.service = service
         self._on_change = on_change
+        self._on_lapse = on_lapse
+        self._writes_ok = True
+        self._last_write = time.monotonic()
         heartbeat = self.config.heartbeat
         self._gateways = _Table(heartbeat)
         self._services = _Table(heartbeat)
@@ -125,7 +172,7 @@ class Directory:
         self._seen_nodes: dict[str, float] = {}  # gateways seen in traffic, not yet listed
         self._js: JetStreamContext | None = None
         self._buckets: dict[str, KeyValue] = {}
-        self._watches: list[Any] = []
+        self._watches: dict[str, Any] = {}  # bucket -> its watch subscription
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
@@ -152,6 +199,7 @@ class Directory:
             ):
                 self._buckets[bucket] = await self._bucket(bucket, bucket_ttl)
             await self._put_own()
+            self._last_write = time.monotonic()
             await self._watch_all()
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(
@@ -179,24 +227,82 @@ class Directory:
                     await self._delete_own()
         await self._unwatch()
 
+    def disconnected(self) -> None:
+        """Freeze the directory while the link is down (nothing dies for want of news)."""
+        self._gateways.freeze()
+        self._services.freeze()
+
     def reconnected(self) -> None:
         """Put this process's entry again and reload the rest (after a reconnection).
 
-        The watches' consumers may have died with a server: they are made anew.
+        The watches' consumers may have died with a server: they are made anew (and
+        again on each heartbeat until that works).
         """
         if self._closed:
             return
+        self.disconnected()
         task = asyncio.create_task(self._rewatch(), name="wsbus-nats-rewatch")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _rewatch(self) -> None:
         try:
-            await self._put_own()
-            await self._unwatch()
-            await self._watch_all()
+            async with asyncio.timeout(self.config.heartbeat):
+                await self._put_own()
         except Exception as exc:
-            log.warning("reloading the wsbus directory after a reconnection failed: %r", exc)
+            log.info("the directory heartbeat after a reconnection failed: %r", exc)
+        else:
+            self._wrote()
+        for bucket, table in self._tables():
+            await self._rewatch_one(bucket, table)
+
+    async def _rewatch_one(self, bucket: str, table: _Table) -> bool:
+        """Make a bucket's watch anew; return False (the table left stale) if that failed."""
+        table.freeze(table.last_activity)
+        old = self._watches.pop(bucket, None)
+        if old is not None:
+            await quietly(old.unsubscribe(), self.config.request_timeout)
+        try:
+            await self._watch(bucket, table)
+        except Exception as exc:
+            log.info("following %s failed: %r (retrying each heartbeat)", bucket, exc)
+            return False
+        table.thaw()
+        log.info("following %s again", bucket)
+        return True
+
+    async def _check_watches(self) -> None:
+        """Thaw tables that may, and make anew any watch whose consumer is gone.
+
+        Each process heartbeats its own entry, so a table hears news every heartbeat
+        while anyone is alive; a quiet or frozen one has its consumer asked about.
+        """
+        heartbeat = self.config.heartbeat
+        for bucket, table in self._tables():
+            sub = self._watches.get(bucket)
+            quiet = time.monotonic() - table.last_activity > 1.5 * heartbeat
+            if sub is not None and not quiet and table.stale_since is None:
+                continue
+            if sub is not None:
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        await sub.consumer_info()
+                except Exception as exc:
+                    log.info("the watch of %s is gone: %r", bucket, exc)
+                else:
+                    # The watch works: the table is quiet because everyone is. Its ages
+                    # go on once this process can write too (then others can as well).
+                    if self._writes_ok:
+                        table.thaw()
+                    continue
+            await self._rewatch_one(bucket, table)
+
+    def _tables(self) -> list[tuple[str, _Table]]:
+        subjects = self.subjects
+        return [
+            (subjects.gateways_bucket, self._gateways),
+            (subjects.services_bucket, self._services),
+        ]
 
     async def _bucket(self, name: str, ttl: float | None) -> KeyValue:
         assert self._js is not None
@@ -227,25 +333,43 @@ class Directory:
             await self._buckets[self.subjects.services_bucket].delete(key)
 
     async def _beat(self) -> None:
-        warned = False
+        heartbeat = self.config.heartbeat
         while True:
-            await asyncio.sleep(self.config.heartbeat)
+            await asyncio.sleep(heartbeat)
             if not self.link.connected:
                 continue
             try:
-                await self._put_own()
-                warned = False
+                # Bounded by a heartbeat: a put stuck on a leaderless stream must not
+                # hold the next one up.
+                async with asyncio.timeout(heartbeat):
+                    await self._put_own()
             except Exception as exc:
-                if not warned:
+                if self._writes_ok:
                     log.warning("the directory heartbeat failed: %r (retrying)", exc)
-                    warned = True
+                self._writes_ok = False
+                # Nobody else may be able to write either: let no one die meanwhile.
+                self._gateways.freeze(self._last_write)
+                self._services.freeze(self._last_write)
+            else:
+                self._wrote()
+            try:
+                await self._check_watches()
+            except Exception as exc:
+                log.warning("checking the directory's watches failed: %r", exc)
+
+    def _wrote(self) -> None:
+        """This process's heartbeat was written: note a lapse the others may have seen."""
+        now = time.monotonic()
+        last, self._last_write = self._last_write, now
+        if not self._writes_ok:
+            log.info("the directory heartbeat works again")
+        self._writes_ok = True
+        window = self._gateways.window - self.config.heartbeat
+        if now - last > window and self._on_lapse is not None:
+            self._on_lapse()
 
     async def _watch_all(self) -> None:
-        subjects = self.subjects
-        for bucket, table in (
-            (subjects.gateways_bucket, self._gateways),
-            (subjects.services_bucket, self._services),
-        ):
+        for bucket, table in self._tables():
             await self._watch(bucket, table)
 
     async def _watch(self, bucket: str, table: _Table) -> None:
@@ -260,8 +384,7 @@ class Directory:
             headers = msg.headers or {}
             deleted = _KV_OPERATION in headers or _MARKER_REASON in headers
             meta = msg.metadata
-            created = meta.timestamp.timestamp()
-            if table.update(key, None if deleted else msg.data, created):
+            if table.update(key, None if deleted else msg.data):
                 if services:
                     self._reindex()
                 if self._on_change is not None:
@@ -278,7 +401,7 @@ class Directory:
             pending_msgs_limit=self.config.pending_msgs,
             pending_bytes_limit=self.config.pending_bytes,
         )
-        self._watches.append(sub)
+        self._watches[bucket] = sub
         info = await sub.consumer_info()
         if info.num_pending == 0 and sub.delivered == 0 and not loaded.done():
             loaded.set_result(None)
@@ -286,15 +409,14 @@ class Directory:
             await loaded
 
     async def _unwatch(self) -> None:
-        watches, self._watches = self._watches, []
-        for sub in watches:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        watches, self._watches = self._watches, {}
+        for sub in watches.values():
+            await quietly(sub.unsubscribe(), self.config.request_timeout)
 
     def _reindex(self) -> None:
         by_type: dict[str, set[str]] = {}
         instances: dict[str, list[str]] = {}
-        for key, (value, _, _) in self._services.entries.items():
+        for key, (value, _) in self._services.entries.items():
             try:
                 entry = _DECODE_SERVICE(value)
             except msgspec.DecodeError:
@@ -308,18 +430,46 @@ class Directory:
     # -- reading -------------------------------------------------------------------------
 
     def gateway_live(self, node: str) -> bool:
-        """Return True when gateway ``node`` is live (this process's own node always is)."""
+        """Return True when gateway ``node`` is live (this process's own node always is).
+
+        Live: heard from within three heartbeats. An alias held on a gateway that is not
+        live may be taken over.
+        """
         if node == self.node or self._gateways.live(node):
             return True
         seen = self._seen_nodes.get(node)
         return seen is not None and time.monotonic() - seen <= self._gateways.window
 
     def live_gateways(self) -> list[NodeId]:
-        """Return the live gateways' node ids, sorted."""
-        nodes = {key for key in self._gateways.entries if self._gateways.live(key)}
+        """Return the live gateways' node ids, sorted (those ``clients()`` asks)."""
+        gateways = self._gateways
+        nodes = {key for key in gateways.entries if gateways.live(key)}
         now = time.monotonic()
-        window = self._gateways.window
-        nodes.update(n for n, seen in self._seen_nodes.items() if now - seen <= window)
+        nodes.update(n for n, seen in self._seen_nodes.items() if now - seen <= gateways.window)
+        if self.node is not None:
+            nodes.add(self.node)
+        return [NodeId(node) for node in sorted(nodes)]
+
+    def gateway_reachable(self, node: str) -> bool:
+        """Return True when envelopes for gateway ``node`` are worth sending.
+
+        Reachable: heard from within ``REACH_HEARTBEATS`` heartbeats and not gone
+        cleanly. Wider than live on purpose: a gateway that was cut off for a few
+        heartbeats and is back must miss nothing meant for its clients; sending to one
+        that is really gone costs the bus a message nobody reads (its clients went with
+        it).
+        """
+        if node == self.node or self._gateways.reachable(node):
+            return True
+        seen = self._seen_nodes.get(node)
+        return seen is not None and time.monotonic() - seen <= self._gateways.reach
+
+    def reachable_gateways(self) -> list[NodeId]:
+        """Return the reachable gateways' node ids, sorted (where shared sends go)."""
+        gateways = self._gateways
+        nodes = {key for key in gateways.entries if gateways.reachable(key)}
+        now = time.monotonic()
+        nodes.update(n for n, seen in self._seen_nodes.items() if now - seen <= gateways.reach)
         if self.node is not None:
             nodes.add(self.node)
         return [NodeId(node) for node in sorted(nodes)]
@@ -336,12 +486,17 @@ class Directory:
                 self._seen_nodes = dict(list(self._seen_nodes.items())[-500:])
 
     def service_live(self, service: str) -> bool:
-        """Return True when at least one instance of ``service`` is live."""
-        live = self._services.live
-        return any(live(key) for key in self._instances.get(service, ()))
+        """Return True when an instance of ``service`` is reachable (see gateway_reachable).
+
+        An instance cut off for a few heartbeats is still routed to: when it is really
+        gone, a sender hears that no instance answers (``unavailable``), not ``no_route``;
+        a service that stopped cleanly is ``no_route`` at once.
+        """
+        reachable = self._services.reachable
+        return any(reachable(key) for key in self._instances.get(service, ()))
 
     def services_for(self, type: str) -> list[str]:
-        """Return the services with a live instance that declared ``type``, sorted."""
+        """Return the services with a reachable instance that declared ``type``, sorted."""
         names = self._by_type.get(type)
         if not names:
             return []
@@ -350,9 +505,7 @@ class Directory:
     def services(self) -> dict[str, int]:
         """Return each service with live instances and how many it has."""
         live = self._services.live
-        counts = {
-            name: sum(1 for key in keys if live(key)) for name, keys in self._instances.items()
-        }
+        counts = {name: sum(map(live, keys)) for name, keys in self._instances.items()}
         return {name: count for name, count in counts.items() if count}
 
     # -- aliases -------------------------------------------------------------------------
@@ -419,12 +572,18 @@ class Directory:
             raise BusUnavailable(f"the alias table in NATS is not reachable ({exc!r})") from None
 
     async def alias_holder(self, alias: str) -> ConnId | None:
-        """Return the connection holding ``alias`` in the table, or None (for tests, tools)."""
+        """Return the connection holding ``alias`` in the table, or None.
+
+        Raises:
+            BusUnavailable: the alias table cannot be reached.
+        """
         kv = self._buckets[self.subjects.aliases_bucket]
         try:
             entry = await kv.get(alias_key(alias))
         except nats.js.errors.KeyNotFoundError:
             return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"the alias table in NATS is not reachable ({exc!r})") from None
         return ConnId((entry.value or b"").decode(errors="replace"))
 
 

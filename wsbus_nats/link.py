@@ -26,7 +26,7 @@ from wsbus.errors import BusUnavailable
 
 from .config import NatsConfig
 
-__all__ = ["NO_RESPONDERS", "Link", "LinkCounters", "RateLimitedLog"]
+__all__ = ["NO_RESPONDERS", "Link", "LinkCounters", "RateLimitedLog", "quietly"]
 
 log = logging.getLogger("wsbus.nats")
 
@@ -161,7 +161,7 @@ class Link:
         except Exception as exc:
             with_close = self.nc
             self.nc = Client()
-            await _quietly(with_close.close())
+            await quietly(with_close.close())
             raise BusUnavailable(
                 f"no NATS server could be reached at {', '.join(config.servers)} ({exc!r}); "
                 "start one (nats-server -js) or pass its URL"
@@ -180,7 +180,7 @@ class Link:
                 future.set_exception(BusUnavailable("the NATS connection was closed"))
         self._acks.clear()
         if not self.nc.is_closed:
-            await _quietly(self.nc.close())
+            await quietly(self.nc.close())
 
     @property
     def connected(self) -> bool:
@@ -335,8 +335,12 @@ class Link:
             log.error("%s: the NATS connection closed for good: %r", self.name, self.nc.last_error)
 
 
-async def _quietly(awaitable: Awaitable[Any]) -> None:
+async def quietly(awaitable: Awaitable[Any], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Await a closing step, bounded, and swallow its failure: nothing is left to tell."""
     try:
-        await awaitable
-    except Exception as exc:  # closing: nothing left to tell anyone
+        async with asyncio.timeout(timeout):
+            await awaitable
+    except TimeoutError:
+        log.warning("closing the NATS connection took over %g s; left behind", timeout)
+    except Exception as exc:
         log.debug("closing the NATS connection: %r", exc)

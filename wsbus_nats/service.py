@@ -49,7 +49,7 @@ from wsbus.service import Service, ServiceRunner, load_service
 from .bus import ACK_BUSY, ACK_OK, ACK_REFUSED, LOST_HEADER
 from .config import NatsConfig
 from .directory import Directory, ServiceEntry
-from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
+from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog, quietly
 from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_by
 
 __all__ = ["ServiceHost", "load_service", "run_service"]
@@ -120,6 +120,7 @@ class ServiceHost:
             config,
             f"wsbus service {self.name} {self.instance}",
             on_reconnected=self._reconnected,
+            on_disconnected=self._disconnected,
         )
         self._link = link
         await link.connect()
@@ -164,10 +165,7 @@ class ServiceHost:
         if self._directory is not None:
             await self._directory.close()
         for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # closing: the connection may be gone already
-                log.debug("unsubscribing: %r", exc)
+            await quietly(sub.unsubscribe(), self.config.request_timeout)
         self._subs.clear()
         if self._runner is not None:
             await self._runner.stop()
@@ -238,7 +236,7 @@ class ServiceHost:
             # The common case inline (a reply or a send to one connection): this runs once
             # per envelope to a client.
             node = node_of(recipients.conn_ids[0])
-            if directory.gateway_live(node):
+            if directory.gateway_reachable(node):
                 subject = self._to_gateway.get(node)
                 if subject is None:
                     subject = self._to_gateway[node] = subjects.to_gateway(node, self.name)
@@ -289,7 +287,7 @@ class ServiceHost:
         assert directory is not None
         to = envelope.to
         if isinstance(to, GatewayAddress):
-            if directory.gateway_live(to.node):
+            if directory.gateway_reachable(to.node):
                 return [to.node]
             self._undelivered(envelope, "no_route", f"gateway {to.node} is not on the bus")
             return None
@@ -297,20 +295,21 @@ class ServiceHost:
         if recipients is not None:
             node = _only_node(recipients)
             if node is not None:
-                if directory.gateway_live(node):
+                if directory.gateway_reachable(node):
                     return [node]
                 self._undelivered(
                     envelope, "no_match", f"gateway {node}, which held these connections, is gone"
                 )
                 return None
-        nodes = directory.live_gateways()
-        if not nodes:
-            self._undelivered(envelope, "no_match", "no gateway is on the bus")
-            return None
         if recipients is None and envelope.type in control.REQUEST_TYPES:
             # A request for any one gateway (the runtime asks each one itself when it
             # lists them: ServiceRunner's gateways).
-            return nodes[:1]
+            nodes = directory.live_gateways()[:1]
+        else:
+            nodes = directory.reachable_gateways()
+        if not nodes:
+            self._undelivered(envelope, "no_match", "no gateway is on the bus")
+            return None
         return nodes
 
     def _payload(self, envelope: Envelope) -> bytes | None:
@@ -524,6 +523,10 @@ class ServiceHost:
             subject,
         )
 
+    def _disconnected(self) -> None:
+        if self._directory is not None:
+            self._directory.disconnected()
+
     def _reconnected(self) -> None:
         directory = self._directory
         if directory is None or self._closed:
@@ -532,7 +535,7 @@ class ServiceHost:
         # What this instance sent just before the break may not have reached the
         # gateways: each is told, and tells its clients.
         notice = {LOST_HEADER: self.name}
-        for node in directory.live_gateways():
+        for node in directory.reachable_gateways():
             subject = self.subjects.to_gateway(node, self.name)
             self._outbound.append((subject, b"", None, False, "", notice))
         self._idle.clear()

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import assert_balanced
-from wsbus import Codec, Context, Gateway, GatewayConfig, Service, handles, memory_pair
+from wsbus import Codec, Context, Gateway, GatewayConfig, Service, control, handles, memory_pair
 from wsbus.bus import Bus, ClaimsAliases, ReportsAvailability
 from wsbus.edge import MemoryClient
 from wsbus.envelope import (
@@ -28,7 +28,7 @@ from wsbus.envelope import (
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 from wsbus_nats import NatsBus, NatsConfig, ServiceHost
 from wsbus_nats.directory import ServiceEntry, alias_key
-from wsbus_nats.servers import NatsServer
+from wsbus_nats.servers import NatsCluster, NatsServer
 from wsbus_testing.conformance import (
     BusConformance,
     MakeBus,
@@ -184,6 +184,12 @@ async def kit(nats_config: NatsConfig) -> AsyncIterator[Hosts]:
 
 async def _until(client: MemoryClient, type: str) -> dict[str, Any]:
     return await client.receive_until(type, timeout=10)
+
+
+def _from(node: str, type: str, content: Any, n: int = 1) -> Envelope:
+    """A client message as gateway ``node`` publishes it (from its client ``node.1``)."""
+    message = client_message(type, content, n)
+    return msgspec.structs.replace(message, sender=ClientAddress(ConnId(f"{node}.1")))
 
 
 async def _raw(config: NatsConfig) -> nats.aio.client.Client:
@@ -530,3 +536,64 @@ async def test_no_server_is_a_clear_bus_unavailable(tmp_path: Any) -> None:
     with pytest.raises(BusUnavailable, match="no NATS server could be reached"):
         await bus.start(RecordingSink(bus))
     await bus.close()
+
+
+# -- a cluster -------------------------------------------------------------------------------
+
+
+async def test_a_gateway_moves_to_another_node_when_its_node_dies(
+    wsbus_nats_cluster: NatsCluster,
+) -> None:
+    """Gateway A on node 1, gateway B on node 2, the service on node 3; node 2 dies."""
+    base = NatsConfig(kv_replicas=3, heartbeat=1.0, reconnect_wait=0.05, reconnect_wait_max=0.5)
+    urls = wsbus_nats_cluster.urls
+    kit = Hosts(base)
+    try:
+        await kit.host(Probe(), msgspec.structs.replace(base, servers=(urls[2],)))
+        a = await kit.sink("ga", msgspec.structs.replace(base, servers=(urls[0],)))
+        b = await kit.sink("gb", msgspec.structs.replace(base, servers=(urls[1],)))
+        bus_a, bus_b = a.bus, b.bus
+        assert isinstance(bus_a, NatsBus) and isinstance(bus_b, NatsBus)
+        assert await bus_b.claim_alias("bee", ConnId("gb.1"))
+        await bus_b.publish(_from("gb", "probe.echo", "before"))
+        await b.wait_for(lambda d: len(d) >= 1)
+
+        await asyncio.to_thread(wsbus_nats_cluster.kill, 1)
+        # Gateway A's directory may have followed the buckets through node 2: its watches
+        # are made anew, and meanwhile nothing it knows is declared dead. It routes on.
+        for i in range(8):
+            await bus_a.publish(_from("ga", "probe.echo", i, i))
+            await asyncio.sleep(base.heartbeat / 2)
+        await a.wait_for(lambda d: len(d) >= 8)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await bus_b.publish(_from("gb", "probe.echo", "after", 2))
+                    break
+                except (BusUnavailable, NoRoute):
+                    await asyncio.sleep(0.05)
+        delivered = await b.wait_for(lambda d: len(d) >= 2)
+        assert [e.content["x"] for e in delivered] == ["before", "after"]
+        assert "bus_disconnected" in {reason for reason, _ in b.lost}
+        assert bus_b.counters.reconnects >= 1
+        # The alias table survived the node (three replicas; reachable again once its
+        # stream has a leader). B's claim holds, unless B was cut off long enough for A
+        # to take it for dead: then A may take the alias over, and B gives it up (its
+        # gateway is told to clear it). Never both.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    took = await bus_a.claim_alias("bee", ConnId("ga.1"))
+                    break
+                except BusUnavailable:
+                    await asyncio.sleep(0.1)
+        holder = await bus_a.directory.alias_holder("bee")
+        assert holder == ("ga.1" if took else "gb.1")
+        if took:
+            await b.wait_for(lambda d: any(e.type == control.ALIAS_CLEAR for e in d), 30)
+            [clear] = [e for e in b.delivered if e.type == control.ALIAS_CLEAR]
+            assert clear.content == {"conn_id": "gb.1"}
+        # A, on a live node all along, heard of no loss.
+        assert a.lost == []
+    finally:
+        await kit.close()
