@@ -12,6 +12,8 @@
   callback, sends each message on a plain ``websockets`` connection to the same client.
   The client asks both the same way (a WebSocket message the relay or the gateway passes on
   over NATS to the publisher or the service).
+- nats-py alone: the publisher's items counted by a subscription callback in this process,
+  no WebSocket: the ceiling nats-py's receive path puts on any Python subscriber.
 
 Each figure is the median of ``repeat`` runs, the two kinds interleaved. The processes' CPU
 time per message (user + system, from /proc) is printed beside: robust to a busy machine in
@@ -262,12 +264,58 @@ async def one_run(kind: str, messages: int, rounds: int) -> dict[str, Any]:
     }
 
 
+async def nats_alone(messages: int) -> tuple[float, float]:
+    """nats-py alone: the publisher process's items counted by a subscription callback here.
+
+    Returns messages/s and this process's CPU per message (us): the ceiling nats-py's own
+    receive path puts on any subscriber in Python, wsbus's gateway and the relay alike.
+    """
+    import json
+
+    import nats
+    from nats.aio.msg import Msg
+
+    from wsbus_nats.servers import NatsServer
+
+    with tempfile.TemporaryDirectory(prefix="wsbus-bench-nats-") as directory:
+        server = await asyncio.to_thread(NatsServer(Path(directory), monitor=False).start)
+        publishing: _Process | None = None
+        try:
+            publishing = await asyncio.to_thread(_Process, ["publisher", server.url])
+            nc = await nats.connect(server.url)
+            count = 0
+            done = asyncio.Event()
+
+            async def counted(msg: Msg) -> None:
+                nonlocal count
+                count += 1
+                if count == messages:
+                    done.set()
+
+            await nc.subscribe(ITEMS, cb=counted, pending_msgs_limit=10 * messages)
+            await nc.flush()
+            cpu = time.process_time()
+            started = time.perf_counter()
+            await nc.publish(CONTROL, json.dumps({"n": messages}).encode())
+            await asyncio.wait_for(done.wait(), 300)
+            elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu
+            await nc.close()
+        finally:
+            if publishing is not None:
+                await asyncio.to_thread(publishing.stop)
+            await asyncio.to_thread(server.stop)
+    return messages / elapsed, cpu / messages * 1e6
+
+
 async def run(messages: int, repeat: int) -> dict[str, Any]:
     """Run the NATS comparison, print it, and return the figures."""
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    alone = []
     for _ in range(repeat):
         for kind in KINDS:
             runs[kind].append(await one_run(kind, messages, 300))
+        alone.append(await nats_alone(messages))
     figures: dict[str, Any] = {}
     for kind, results in runs.items():
         figures[kind] = {
@@ -278,17 +326,31 @@ async def run(messages: int, repeat: int) -> dict[str, Any]:
             name: statistics.median(r["cpu_us_per_message"][name] for r in results)
             for name in results[0]["cpu_us_per_message"]
         }
+    figures["nats_alone"] = {
+        "msgs_per_s": statistics.median(a[0] for a in alone),
+        "cpu_us_per_message": statistics.median(a[1] for a in alone),
+    }
     wsbus, anchor = figures["wsbus"], figures["anchor"]
+    alone_figures = figures["nats_alone"]
+    rows = [
+        (
+            "nats-py alone (publisher -> a callback that counts)",
+            f"{alone_figures['msgs_per_s']:>10,.0f} msgs/s (subscriber CPU "
+            f"{alone_figures['cpu_us_per_message']:.2f} us per message)",
+        ),
+        (
+            "anchor (nats-py publisher -> callback -> websockets send)",
+            f"{anchor['msgs_per_s']:>10,.0f} msgs/s",
+        ),
+        (
+            "wsbus over NATS (service -> NATS -> gateway -> client)",
+            f"{wsbus['msgs_per_s']:>10,.0f} msgs/s = "
+            f"{wsbus['msgs_per_s'] / anchor['msgs_per_s']:.2f}x the anchor (aim: 100,000)",
+        ),
+    ]
     print(f"\nNATS path: a service process sends {messages} messages to one client, in order")
-    print(
-        f"  anchor (nats-py publish -> subscriber callback -> websockets send)  "
-        f"{anchor['msgs_per_s']:>10,.0f} msgs/s"
-    )
-    print(
-        f"  wsbus over NATS (service -> NATS -> gateway -> client)             "
-        f"{wsbus['msgs_per_s']:>10,.0f} msgs/s = "
-        f"{wsbus['msgs_per_s'] / anchor['msgs_per_s']:.2f}x the anchor (aim: 100,000)"
-    )
+    for label, value in rows:
+        print(f"  {label:<58} {value}")
     print(
         f"  one-way p50  anchor {anchor['one_way_p50_ms']:.3f} ms, wsbus "
         f"{wsbus['one_way_p50_ms']:.3f} ms = "
