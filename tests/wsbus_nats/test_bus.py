@@ -186,6 +186,14 @@ async def _until(client: MemoryClient, type: str) -> dict[str, Any]:
     return await client.receive_until(type, timeout=10)
 
 
+async def _first_of(client: MemoryClient, *types: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            frame = await client.receive(10)
+            if frame["type"] in types:
+                return frame
+
+
 def _from(node: str, type: str, content: Any, n: int = 1) -> Envelope:
     """A client message as gateway ``node`` publishes it (from its client ``node.1``)."""
     message = client_message(type, content, n)
@@ -597,3 +605,55 @@ async def test_a_gateway_moves_to_another_node_when_its_node_dies(
         assert a.lost == []
     finally:
         await kit.close()
+
+
+async def test_gateways_on_nats_keep_an_alias_unique(kit: Hosts) -> None:
+    await kit.host(Director())
+    g1 = await kit.gateway("g1")
+    g2 = await kit.gateway("g2")
+    a = await kit.client(g1)
+    b = await kit.client(g2)
+    a.send("director.alias", {"alias": "sam"})
+    assert (await _until(a, "director.alias.reply"))["content"] == {"alias": "sam"}
+    b.send("director.alias", {"alias": "sam"}, id="b1")
+    reply = await _first_of(b, "director.alias.reply", "wsbus.error")
+    # Refused (the handler raised alias_taken: service_error), or given another name.
+    assert reply["content"] != {"alias": "sam"}, "the second gateway gave sam away again"
+    # One message to sam reaches one client.
+    b.send("director.send", {"recipients": {"aliases": ["sam"]}, "body": "hi sam"})
+    assert (await _until(a, "director.item"))["content"] == "hi sam"
+    b.send("director.send", {"recipients": {"conn_ids": [b.conn_id]}, "body": "marker"})
+    assert (await _until(b, "director.item"))["content"] == "marker"  # nothing before it
+    # When a leaves, sam is free for b.
+    a.close()
+    async with asyncio.timeout(10):
+        while True:
+            b.send("director.alias", {"alias": "sam"}, id="b2")
+            reply = await _first_of(b, "director.alias.reply", "wsbus.error")
+            if reply["content"] == {"alias": "sam"}:
+                break
+            await asyncio.sleep(0.05)
+
+
+async def test_a_gateway_back_from_a_cut_gives_up_aliases_taken_meanwhile(
+    kit: Hosts, wsbus_nats_server: NatsServer, nats_config: NatsConfig
+) -> None:
+    a = await kit.sink("ga")
+    bus = a.bus
+    assert isinstance(bus, NatsBus)
+    assert await bus.claim_alias("ann", ConnId("ga.1"))
+    assert await bus.claim_alias("bob", ConnId("ga.2"))
+    await asyncio.to_thread(wsbus_nats_server.kill)
+    await asyncio.to_thread(wsbus_nats_server.restart)
+    # Meanwhile (as another gateway that took ga for dead would) ann changes hands.
+    nc = await _raw(nats_config)
+    try:
+        aliases = await nc.jetstream().key_value(f"{nats_config.prefix}_aliases")
+        await aliases.put(alias_key("ann"), b"gz.1")
+    finally:
+        await nc.close()
+    await a.wait_for(lambda d: any(e.type == control.ALIAS_CLEAR for e in d), 30)
+    [clear] = [e for e in a.delivered if e.type == control.ALIAS_CLEAR]
+    assert clear.content == {"conn_id": "ga.1"} and clear.to == clear.sender
+    # What it still holds stays its own.
+    assert await bus.directory.alias_holder("bob") == "ga.2"
