@@ -657,3 +657,27 @@ async def test_a_gateway_back_from_a_cut_gives_up_aliases_taken_meanwhile(
     assert clear.content == {"conn_id": "ga.1"} and clear.to == clear.sender
     # What it still holds stays its own.
     assert await bus.directory.alias_holder("bob") == "ga.2"
+
+
+async def test_clients_of_a_gateway_whose_link_broke_are_sent_a_gap(
+    kit: Hosts, wsbus_nats_server: NatsServer
+) -> None:
+    await kit.host(Director())
+    gateway = await kit.gateway("g1")
+    client = await kit.client(gateway)
+    client.send("director.join", {"group": "g"})
+    await _until(client, "director.join.reply")
+    await asyncio.to_thread(wsbus_nats_server.kill)
+    await asyncio.to_thread(wsbus_nats_server.restart)
+    gap = await client.receive_until("wsbus.gap", timeout=30)
+    assert gap["content"]["reason"] == "bus_disconnected"
+    assert gateway.stats().gaps_heard >= 1
+    # And the traffic resumes (the service instance is back too).
+    async with asyncio.timeout(30):
+        while True:
+            client.send("director.send", {"recipients": {"groups": ["g"]}, "body": "back"})
+            frame = await _first_of(client, "director.item", "wsbus.error")
+            if frame["type"] == "director.item":
+                assert frame["content"] == "back"
+                break
+            await asyncio.sleep(0.1)
