@@ -42,7 +42,7 @@ from .directory import LIVE_HEARTBEATS, Directory
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
 from .subjects import FROM_GATEWAY, Subjects, check_tokens
 
-__all__ = ["ACK_BUSY", "ACK_OK", "ACK_REFUSED", "LOST_HEADER", "NatsBus"]
+__all__ = ["ACK_BUSY", "ACK_OK", "ACK_REFUSED", "LOST_HEADER", "NatsBus", "array_header"]
 
 log = logging.getLogger("wsbus.nats.gateway")
 
@@ -55,6 +55,10 @@ ACK_REFUSED: Final = b"refused"
 LOST_HEADER: Final = "wsbus-nats-lost"
 """A NATS header (never an envelope) by which a service tells gateways that what it sent
 them may have been lost: its own link to NATS broke. The value names the service."""
+
+_ARRAY_FIRST_BYTES: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+"""First bytes of a MessagePack array: a batch of envelopes (an envelope is a map)."""
+_decode_batch = msgspec.msgpack.Decoder(list[Envelope]).decode
 
 _REPLY_LIMIT: Final = 100_000
 """Control requests whose answer subject a gateway remembers at most (a bound on memory)."""
@@ -381,7 +385,8 @@ class NatsBus:
     async def _on_message(self, msg: Msg) -> None:
         """Take one NATS message for this gateway: check it, hand it to the gateway.
 
-        Runs once per envelope to a client: kept to a few attribute reads and the decode.
+        Runs once per NATS message to clients (an envelope, or a batch of them in order):
+        kept to a few attribute reads and the decode.
         """
         sink = self._sink
         if sink is None:
@@ -399,28 +404,37 @@ class NatsBus:
                 f"service {sender!r} lost its connection to NATS: what it sent may be lost",
             )
             return
+        data = msg.data
         try:
-            envelope = decode_envelope(msg.data)
+            if data and data[0] in _ARRAY_FIRST_BYTES:
+                envelopes = _decode_batch(data)
+            else:
+                envelopes = [decode_envelope(data)]
         except (msgspec.DecodeError, msgspec.ValidationError):
-            self._mismatch(subject, "bytes that are not an envelope")
+            self._mismatch(subject, "bytes that are not envelopes")
             return
-        address = envelope.sender
-        if type(address) is not ServiceAddress or address.name != sender or "." in sender:
-            self._mismatch(subject, f"an envelope whose sender is {address!r}")
+        if "." in sender:
+            self._mismatch(subject, "a subject wsbus does not use")
             return
-        reply = msg.reply
-        # The answer goes to the instance that asked, and only to one of its service's
-        # reply subjects.
-        if (
-            reply
-            and envelope.type in control.REQUEST_TYPES
-            and reply.startswith(f"{self.subjects.prefix}.reply.{sender}.")
-        ):
-            replies = self._replies
-            replies[envelope.id] = reply
-            if len(replies) > _REPLY_LIMIT:
-                replies.popitem(last=False)
-        sink.deliver(envelope)
+        deliver = sink.deliver
+        for envelope in envelopes:
+            address = envelope.sender
+            if type(address) is not ServiceAddress or address.name != sender:
+                self._mismatch(subject, f"an envelope whose sender is {address!r}")
+                continue
+            reply = msg.reply
+            # The answer goes to the instance that asked, and only to one of its
+            # service's reply subjects.
+            if (
+                reply
+                and envelope.type in control.REQUEST_TYPES
+                and reply.startswith(f"{self.subjects.prefix}.reply.{sender}.")
+            ):
+                replies = self._replies
+                replies[envelope.id] = reply
+                if len(replies) > _REPLY_LIMIT:
+                    replies.popitem(last=False)
+            deliver(envelope)
 
     def _mismatch(self, subject: str, what: str) -> None:
         link = self._link
@@ -478,3 +492,12 @@ class NatsBus:
                 sink.deliveries_lost(reason, detail)
             except Exception:
                 log.exception("the gateway failed to hear of lost deliveries")
+
+
+def array_header(count: int) -> bytes:
+    """Return the MessagePack header of an array of ``count`` items (a batch's first bytes)."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 65536:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")

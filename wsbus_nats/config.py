@@ -50,9 +50,11 @@ class NatsConfig(msgspec.Struct, frozen=True, kw_only=True):
         request_timeout: seconds a publish waits for a service instance to confirm it
             holds the envelope, and seconds a key-value operation may take.
         connect_timeout: seconds one connection attempt may take.
-        pending_msgs: the most messages each subscription may hold unread; past that,
-            NATS drops (a slow consumer, counted and reported).
-        pending_bytes: the most bytes each subscription may hold unread.
+        pending_msgs: the most NATS messages each subscription may hold unread (one
+            to a gateway may carry a batch of envelopes); past that, nats-py drops (a
+            slow consumer, counted and reported).
+        pending_bytes: the most bytes each subscription may hold unread (at least
+            4 MiB: one NATS message may carry up to the server's max_payload).
         reconnect_wait: seconds before the first reconnection attempt.
         reconnect_wait_max: the longest wait between reconnection attempts.
         outbound_size: envelopes a service instance may have waiting to go to NATS
@@ -93,8 +95,11 @@ class NatsConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("heartbeat, request_timeout and connect_timeout must be > 0")
         if self.kv_replicas not in (1, 2, 3, 4, 5):
             raise ConfigError("kv_replicas must be between 1 and 5")
-        if self.pending_msgs < 1 or self.pending_bytes < 1024:
-            raise ConfigError("pending_msgs must be >= 1 and pending_bytes >= 1024")
+        if self.pending_msgs < 1 or self.pending_bytes < 4 * 1024 * 1024:
+            raise ConfigError(
+                "pending_msgs must be >= 1 and pending_bytes >= 4 MiB (one NATS message "
+                "may carry up to the server's max_payload, 1 MiB by default)"
+            )
         if not 0 < self.reconnect_wait <= self.reconnect_wait_max:
             raise ConfigError("reconnect_wait must be > 0 and at most reconnect_wait_max")
         if self.outbound_size < 1:

@@ -46,7 +46,7 @@ from wsbus.envelope import (
 from wsbus.errors import BusUnavailable, NoRoute
 from wsbus.service import Service, ServiceRunner, load_service
 
-from .bus import ACK_BUSY, ACK_OK, ACK_REFUSED, LOST_HEADER
+from .bus import ACK_BUSY, ACK_OK, ACK_REFUSED, LOST_HEADER, array_header
 from .config import NatsConfig
 from .directory import Directory, ServiceEntry
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog, quietly
@@ -55,6 +55,12 @@ from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_b
 __all__ = ["ServiceHost", "load_service", "run_service"]
 
 log = logging.getLogger("wsbus.nats.service")
+
+BATCH_COUNT: Final = 256
+"""The most envelopes one NATS message to a gateway carries."""
+BATCH_BYTES: Final = 256 * 1024
+"""The most bytes of envelopes one NATS message to a gateway carries (and at most half the
+server's max_payload)."""
 
 BUS_NODE: Final = NodeId("bus")
 """The sender node of the reports the bus runtime itself makes (as on Pyro)."""
@@ -348,6 +354,11 @@ class ServiceHost:
             subject, payload, envelope, confirm, reply, headers = outbound.popleft()
             link = self._link
             assert link is not None
+            batch: list[Envelope] | None = None
+            if not confirm and headers is None and not reply and outbound:
+                # What waits for the same gateway goes in one NATS message, in order
+                # (a MessagePack array of envelopes): NATS's cost is per message.
+                batch, payload = self._batch(subject, payload, envelope, link.max_payload)
             try:
                 if not confirm:
                     try:
@@ -363,8 +374,9 @@ class ServiceHost:
                     link.drop_ack(ack)
                     raise
             except BusUnavailable as exc:
-                if envelope is not None:
-                    self._undelivered(envelope, "unavailable", exc.reason)
+                for failed in batch if batch is not None else [envelope]:
+                    if failed is not None:
+                        self._undelivered(failed, "unavailable", exc.reason)
                 continue
             assert envelope is not None
             # Confirmations are awaited in the background: sending goes on meanwhile.
@@ -374,6 +386,36 @@ class ServiceHost:
                 self.config.request_timeout, self._ack_timeout, ack, future
             )
             future.add_done_callback(functools.partial(self._confirmed, envelope, service, ack))
+
+    def _batch(
+        self, subject: str, payload: bytes, envelope: Envelope | None, max_payload: int
+    ) -> tuple[list[Envelope] | None, bytes]:
+        """Take from the queue what follows for the same subject; return it and the bytes.
+
+        None (and ``payload`` as it was) when nothing follows that can join it.
+        """
+        outbound = self._outbound
+        limit = min(BATCH_BYTES, max_payload // 2)
+        parts = [payload]
+        envelopes = [envelope]
+        size = len(payload)
+        while outbound and len(parts) < BATCH_COUNT:
+            following = outbound[0]
+            if (
+                following[0] != subject
+                or following[3]
+                or following[4]
+                or following[5] is not None
+                or size + len(following[1]) > limit
+            ):
+                break
+            outbound.popleft()
+            parts.append(following[1])
+            envelopes.append(following[2])
+            size += len(following[1])
+        if len(parts) == 1:
+            return None, payload
+        return [e for e in envelopes if e is not None], array_header(len(parts)) + b"".join(parts)
 
     def _ack_timeout(self, ack: str, future: asyncio.Future[bytes]) -> None:
         self._timeouts.pop(ack, None)

@@ -440,20 +440,20 @@ async def test_a_slow_gateway_hears_of_what_nats_dropped(
     kit: Hosts, nats_config: NatsConfig
 ) -> None:
     await kit.host(Sequencer())
-    small = msgspec.structs.replace(nats_config, pending_msgs=16)
+    # A subscription that holds one message unread: a burst overflows it.
+    small = msgspec.structs.replace(nats_config, pending_msgs=1)
     sink = await kit.sink(config=small)
     bus = sink.bus
     assert isinstance(bus, NatsBus)
     await bus.publish(client_message("sequence", {"n": 3000}))
     async with asyncio.timeout(20):
-        while len(sink.delivered) + bus.counters.slow_consumers < 3000:
+        while "slow_consumer" not in {reason for reason, _ in sink.lost}:
             await asyncio.sleep(0.01)
-    assert bus.counters.slow_consumers > 0
-    assert len(sink.delivered) + bus.counters.slow_consumers == 3000
-    assert [reason for reason, _ in sink.lost].count("slow_consumer") >= 1
-    # What did arrive arrived in order.
+    assert bus.counters.slow_consumers > 0  # NATS messages dropped (each a batch, or one)
+    await asyncio.sleep(0.5)  # let the rest arrive (or not): nothing below depends on it
+    # What did arrive arrived in order, and not all of it did: the gateway was told.
     contents = [e.content for e in sink.delivered]
-    assert contents == sorted(contents)
+    assert contents == sorted(contents) and len(contents) < 3000
 
 
 # -- aliases ---------------------------------------------------------------------------------
