@@ -164,7 +164,7 @@ class Link:
             await quietly(with_close.close())
             raise BusUnavailable(
                 f"no NATS server could be reached at {', '.join(config.servers)} ({exc!r}); "
-                "start one (nats-server -js) or pass its URL"
+                "check that one runs there (nats-server -js), and the credentials"
             ) from None
         # Connected once: from now on reconnect for ever (see NatsConfig.connect_options).
         self.nc.options["max_reconnect_attempts"] = -1

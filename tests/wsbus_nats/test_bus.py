@@ -681,3 +681,35 @@ async def test_clients_of_a_gateway_whose_link_broke_are_sent_a_gap(
                 assert frame["content"] == "back"
                 break
             await asyncio.sleep(0.1)
+
+
+async def test_a_service_that_moves_to_another_node_tells_the_gateways(
+    wsbus_nats_cluster: NatsCluster,
+) -> None:
+    """The gateway's own link never broke; what the service sent as its link broke may be
+    lost all the same: the gateway is told (and tells its clients)."""
+    base = NatsConfig(kv_replicas=3, heartbeat=1.0, reconnect_wait=0.05, reconnect_wait_max=0.5)
+    urls = wsbus_nats_cluster.urls
+    kit = Hosts(base)
+    try:
+        await kit.host(Probe(), msgspec.structs.replace(base, servers=(urls[2],)))
+        sink = await kit.sink("ga", msgspec.structs.replace(base, servers=(urls[0],)))
+        bus = sink.bus
+        assert isinstance(bus, NatsBus)
+        await asyncio.to_thread(wsbus_nats_cluster.kill, 2)
+        async with asyncio.timeout(30):
+            while not sink.lost:
+                await asyncio.sleep(0.01)
+        [(reason, detail)] = sink.lost
+        assert reason == "bus_disconnected" and "probe" in detail
+        assert bus.counters.disconnects == 0
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await bus.publish(_from("ga", "probe.echo", "again"))
+                    break
+                except (BusUnavailable, NoRoute):
+                    await asyncio.sleep(0.05)
+        await sink.wait_for(lambda d: any(e.content["x"] == "again" for e in d), 30)
+    finally:
+        await kit.close()
