@@ -378,7 +378,7 @@ async def run(messages: int, repeat: int) -> dict[str, Any]:
     total = {kind: sum(figures[kind]["cpu_us_per_message"].values()) for kind in KINDS}
     cores = os.cpu_count() or 1
     print(
-        f"  CPU per message, all processes        wsbus {total['wsbus']:6.2f} us, anchor "
+        f"  CPU per message, all processes         wsbus {total['wsbus']:6.2f} us, anchor "
         f"{total['anchor']:6.2f} us (on {cores} cores: at most "
         f"{cores * 1e6 / total['wsbus']:,.0f} and {cores * 1e6 / total['anchor']:,.0f} msgs/s)"
     )
