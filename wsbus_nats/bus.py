@@ -27,6 +27,7 @@ from nats.aio.subscription import Subscription
 from wsbus import control
 from wsbus.bus import BusSink, HearsLoss
 from wsbus.envelope import (
+    ClientAddress,
     ConnId,
     Envelope,
     EnvelopeId,
@@ -42,16 +43,36 @@ from .directory import LIVE_HEARTBEATS, Directory
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
 from .subjects import FROM_GATEWAY, Subjects, check_tokens
 
-__all__ = ["ACK_BUSY", "ACK_OK", "ACK_REFUSED", "LOST_HEADER", "NatsBus", "array_header"]
+__all__ = [
+    "ACK_BUSY",
+    "ACK_HELD",
+    "ACK_OK",
+    "ACK_REFUSED",
+    "DONE_HEADER",
+    "HELD_LIMIT",
+    "LOST_HEADER",
+    "NatsBus",
+    "array_header",
+]
 
 log = logging.getLogger("wsbus.nats.gateway")
 
 ACK_OK: Final = b"ok"
 """A service instance's answer: its runner holds the envelope."""
+ACK_HELD: Final = b"ok:"
+"""A service instance's answer for a client's message: its runner holds the envelope, and
+the instance (named after the colon) will say when its handler is done with it. Should the
+instance die first, the gateway tells the client ``service_error`` (never nothing)."""
 ACK_BUSY: Final = b"busy"
 """A service instance's answer: its inbox is full."""
 ACK_REFUSED: Final = b"refused"
 """A service instance's answer: the envelope was dropped (malformed, or a wrong sender)."""
+DONE_HEADER: Final = "wsbus-nats-done"
+"""A NATS header (never an envelope) by which a service instance (named in the value)
+tells a gateway that its handlers are done with the client messages listed in the
+payload (a MessagePack array of envelope ids)."""
+HELD_LIMIT: Final = 100_000
+"""Client messages a gateway keeps track of per service instance, at most."""
 LOST_HEADER: Final = "wsbus-nats-lost"
 """A NATS header (never an envelope) by which a service tells gateways that what it sent
 them may have been lost: its own link to NATS broke. The value names the service."""
@@ -59,6 +80,7 @@ them may have been lost: its own link to NATS broke. The value names the service
 _ARRAY_FIRST_BYTES: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 """First bytes of a MessagePack array: a batch of envelopes (an envelope is a map)."""
 _decode_batch = msgspec.msgpack.Decoder(list[Envelope]).decode
+_decode_ids = msgspec.msgpack.Decoder(list[str]).decode
 
 _REPLY_LIMIT: Final = 100_000
 """Control requests whose answer subject a gateway remembers at most (a bound on memory)."""
@@ -93,6 +115,10 @@ class NatsBus:
         self._unreleased: dict[str, ConnId] = {}
         self._rechecking: asyncio.Task[None] | None = None
         self._recheck_again = False
+        # Client messages each service instance holds: (service, instance) -> (when the
+        # first was held, {envelope id: connection id}), until the instance says done.
+        self._held: dict[tuple[str, str], tuple[float, dict[str, ConnId]]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- Bus -----------------------------------------------------------------------------
@@ -129,6 +155,7 @@ class NatsBus:
         except BaseException:
             await self.close()
             raise
+        self._watchdog = asyncio.create_task(self._watch_held(), name="wsbus-nats-held")
         log.info("gateway %s on NATS at %s", node, ", ".join(self.config.servers))
 
     async def publish(self, envelope: Envelope) -> None:
@@ -177,6 +204,11 @@ class NatsBus:
     async def close(self) -> None:
         """Leave the directory, unsubscribe and close the connection. Idempotent."""
         self._closed = True
+        for task in (self._watchdog, self._rechecking):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._watchdog = None
         if self._rechecking is not None:
             self._rechecking.cancel()
             await asyncio.gather(self._rechecking, return_exceptions=True)
@@ -372,6 +404,9 @@ class NatsBus:
             link.drop_ack(reply)
         if answer == ACK_OK:
             return
+        if answer.startswith(ACK_HELD):
+            self._hold(service, answer[len(ACK_HELD) :].decode(errors="replace"), envelope)
+            return
         if answer == ACK_BUSY:
             raise BusUnavailable(f"service {service!r} is busy (inbox full)", whole_bus=False)
         if answer == NO_RESPONDERS:
@@ -398,12 +433,17 @@ class NatsBus:
             return
         sender = subject[len(from_services) :]
         headers = msg.headers
-        if headers and LOST_HEADER in headers:
-            self._lost(
-                "bus_disconnected",
-                f"service {sender!r} lost its connection to NATS: what it sent may be lost",
-            )
-            return
+        if headers:
+            if LOST_HEADER in headers:
+                self._lost(
+                    "bus_disconnected",
+                    f"service {sender!r} lost its connection to NATS: what it sent may be lost",
+                )
+                return
+            instance = headers.get(DONE_HEADER)
+            if instance is not None:
+                self._done(sender, instance, msg.data)
+                return
         data = msg.data
         try:
             if data and data[0] in _ARRAY_FIRST_BYTES:
@@ -435,6 +475,80 @@ class NatsBus:
                 if len(replies) > _REPLY_LIMIT:
                     replies.popitem(last=False)
             deliver(envelope)
+
+    def _hold(self, service: str, instance: str, envelope: Envelope) -> None:
+        """Note that ``instance`` of ``service`` holds a client's message (its ack said so)."""
+        sender = envelope.sender
+        if type(sender) is not ClientAddress:
+            return
+        key = (service, instance)
+        entry = self._held.get(key)
+        if entry is None:
+            entry = self._held[key] = (time.monotonic(), {})
+        held = entry[1]
+        held[envelope.id] = sender.conn_id
+        if len(held) > HELD_LIMIT:
+            del held[next(iter(held))]
+            self._warn.warning(
+                "held",
+                "gateway %s keeps track of %d messages held by instance %s of service %r; "
+                "the oldest is forgotten (should that instance die, its client is not told)",
+                self._node,
+                HELD_LIMIT,
+                instance,
+                service,
+            )
+
+    def _done(self, service: str, instance: str, data: bytes) -> None:
+        """Forget the messages an instance says its handlers are done with."""
+        entry = self._held.get((service, instance))
+        if entry is None:
+            return
+        try:
+            ids = _decode_ids(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._mismatch(f"(done notice of {service}.{instance})", "a malformed done notice")
+            return
+        held = entry[1]
+        for id_ in ids:
+            held.pop(id_, None)
+        if not held:
+            del self._held[(service, instance)]
+
+    async def _watch_held(self) -> None:
+        """Each heartbeat: fail what dead instances held (their clients are told)."""
+        heartbeat = self.config.heartbeat
+        window = heartbeat * LIVE_HEARTBEATS
+        while True:
+            await asyncio.sleep(heartbeat)
+            directory, sink = self._directory, self._sink
+            if directory is None or sink is None or not self._held:
+                continue
+            now = time.monotonic()
+            for key, (since, held) in list(self._held.items()):
+                service, instance = key
+                # A fresh instance may answer before its directory entry reaches here.
+                if now - since <= window or directory.instance_live(service, instance):
+                    continue
+                del self._held[key]
+                log.warning(
+                    "instance %s of service %r is gone, holding %d client messages not "
+                    "handled yet; their clients are told service_error",
+                    instance,
+                    service,
+                    len(held),
+                )
+                for id_, conn_id in held.items():
+                    sink.deliver(
+                        Envelope(
+                            id=EnvelopeId(f"{self._node}-bus-{os.urandom(6).hex()}"),
+                            type=control.FAILED,
+                            sender=ServiceAddress(service),
+                            content=msgspec.to_builtins(control.Failed(conn_id, id_)),
+                            created=time.time(),
+                            to=GatewayAddress(sink.node),
+                        )
+                    )
 
     def _mismatch(self, subject: str, what: str) -> None:
         link = self._link

@@ -495,6 +495,10 @@ class Directory:
         reachable = self._services.reachable
         return any(reachable(key) for key in self._instances.get(service, ()))
 
+    def instance_live(self, service: str, instance: str) -> bool:
+        """Return True when instance ``instance`` of ``service`` is live (3 heartbeats)."""
+        return self._services.live(f"{service}.{instance}")
+
     def services_for(self, type: str) -> list[str]:
         """Return the services with a reachable instance that declared ``type``, sorted."""
         names = self._by_type.get(type)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import nats.errors
@@ -34,6 +35,7 @@ from nats.aio.subscription import Subscription
 from wsbus import control
 from wsbus.bus import SHARED_HEADER, is_for_gateway
 from wsbus.envelope import (
+    ClientAddress,
     Envelope,
     GatewayAddress,
     NodeId,
@@ -44,9 +46,17 @@ from wsbus.envelope import (
     node_of,
 )
 from wsbus.errors import BusUnavailable, NoRoute
-from wsbus.service import Service, ServiceRunner, load_service
+from wsbus.service import Context, Service, ServiceRunner, load_service
 
-from .bus import ACK_BUSY, ACK_OK, ACK_REFUSED, LOST_HEADER, array_header
+from .bus import (
+    ACK_BUSY,
+    ACK_HELD,
+    ACK_OK,
+    ACK_REFUSED,
+    DONE_HEADER,
+    LOST_HEADER,
+    array_header,
+)
 from .config import NatsConfig
 from .directory import Directory, ServiceEntry
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog, quietly
@@ -108,6 +118,10 @@ class ServiceHost:
         self._warn = RateLimitedLog(log)
         self._reply_subject = ""
         self._to_gateway: dict[str, str] = {}  # node -> the subject to it from this service
+        # Client messages whose handlers are done, by gateway node, not yet told.
+        self._handled: dict[str, list[str]] = {}
+        self._tracked: set[str] = set()  # the types whose handlers say when they are done
+        self._ack_held = ACK_HELD + self.instance.encode()
         self._closed = False
 
     # -- life ----------------------------------------------------------------------------
@@ -135,6 +149,7 @@ class ServiceHost:
             entry = ServiceEntry(self.name, self.instance, types)
             directory = Directory(link, self.subjects, service=entry)
             self._directory = directory
+            self._track_handlers()
             self._runner = ServiceRunner(
                 self.service,
                 self._emit,
@@ -287,6 +302,66 @@ class ServiceHost:
         self._idle.clear()
         self._wake.set()
 
+    # -- handlers done ------------------------------------------------------------------
+
+    def _track_handlers(self) -> None:
+        """Wrap the service's handlers so that the gateways hear when each is done.
+
+        Per instance (instance attributes shadow the class's methods), before the runner
+        looks them up. A handler cancelled (the instance stopping) is not done: what it
+        held is failed by the gateway once this instance is gone.
+        """
+        service = self.service
+        loop = asyncio.get_running_loop()
+        handled = self._note_handled
+        for type_, attr in type(service)._handlers.items():
+            method = getattr(service, attr)
+            if type_.startswith("wsbus.") or getattr(method, "_wsbus_nats_tracked", False):
+                continue
+            self._tracked.add(type_)
+            if inspect.iscoroutinefunction(method):
+
+                async def tracked(message: Envelope, ctx: Context, _method: Any = method) -> None:
+                    try:
+                        await _method(message, ctx)
+                    finally:
+                        if not _cancelling():
+                            handled(message)
+
+            else:
+
+                def tracked(message: Envelope, ctx: Context, _method: Any = method) -> None:  # type: ignore[misc]
+                    try:
+                        _method(message, ctx)
+                    finally:
+                        with contextlib.suppress(RuntimeError):  # the loop closed
+                            loop.call_soon_threadsafe(handled, message)
+
+            tracked._wsbus_nats_tracked = True  # type: ignore[attr-defined]
+            setattr(service, attr, tracked)
+
+    def _note_handled(self, message: Envelope) -> None:
+        """A handler is done with ``message``: its gateway is told (batched)."""
+        sender = message.sender
+        if type(sender) is not ClientAddress or self._closed:
+            return
+        node = node_of(sender.conn_id)
+        ids = self._handled.setdefault(node, [])
+        ids.append(message.id)
+        if len(ids) >= BATCH_COUNT:
+            self._queue_done()
+        self._idle.clear()
+        self._wake.set()
+
+    def _queue_done(self) -> None:
+        """Queue the done notices gathered so far, one per gateway."""
+        handled, self._handled = self._handled, {}
+        headers = {DONE_HEADER: self.instance}
+        for node, ids in handled.items():
+            subject = self.subjects.to_gateway(node, self.name)
+            payload = msgspec.msgpack.encode(ids)
+            self._outbound.append((subject, payload, None, False, "", headers))
+
     def _gateway_nodes(self, envelope: Envelope) -> list[NodeId] | None:
         """The gateways an envelope goes to; None when it was reported undeliverable."""
         directory = self._directory
@@ -347,6 +422,9 @@ class ServiceHost:
         wake = self._wake
         while True:
             if not outbound:
+                if self._handled:
+                    self._queue_done()
+                    continue
                 self._idle.set()
                 wake.clear()
                 await wake.wait()
@@ -526,9 +604,16 @@ class ServiceHost:
                         directory.saw_gateway(sender)
                     try:
                         runner.accept(envelope)
-                        answer = ACK_OK
                     except BusUnavailable:
                         answer = ACK_BUSY
+                    else:
+                        # A client's message to a handler: the gateway keeps track of it
+                        # until the handler is done (and tells the client if this
+                        # instance dies first).
+                        tracked = type(envelope.sender) is ClientAddress and (
+                            envelope.type in self._tracked
+                        )
+                        answer = self._ack_held if tracked else ACK_OK
         if msg.reply:
             # Unsent (the link broke): the sender hears nothing and reports it unavailable.
             with contextlib.suppress(BusUnavailable):
@@ -582,6 +667,12 @@ class ServiceHost:
             self._outbound.append((subject, b"", None, False, "", notice))
         self._idle.clear()
         self._wake.set()
+
+
+def _cancelling() -> bool:
+    """Return True when the current task is being cancelled (its handler did not finish)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _only_node(recipients: Recipients) -> NodeId | None:

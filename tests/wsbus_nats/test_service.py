@@ -207,3 +207,37 @@ async def test_a_sync_handler_sends_from_its_worker_thread(kit: Hosts) -> None:
     sink = await kit.sink()
     await sink.bus.publish(client_message("threaded.go", None))
     assert await _reply(sink, "threaded.item") == "from a thread"
+
+
+class Dawdler(Service):
+    """Takes ``dawdler.wait`` and answers it only when :attr:`go` is set."""
+
+    name = "dawdler"
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    @handles("dawdler.wait")
+    async def wait(self, message: Envelope, ctx: Context) -> None:
+        """Reply once allowed."""
+        await self.go.wait()
+        ctx.reply("done")
+
+
+async def test_a_message_held_by_an_instance_that_stops_ends_as_an_error(kit: Hosts) -> None:
+    dawdler = Dawdler()
+    host = await kit.host(dawdler)
+    gateway = await kit.gateway("g1")
+    client = await kit.client(gateway)
+    # One handled to the end: its gateway forgets it (the instance said done).
+    dawdler.go.set()
+    client.send("dawdler.wait", None, id="r0")
+    assert (await client.receive_until("dawdler.wait.reply", timeout=10))["reply_to"] == "r0"
+    dawdler.go.clear()
+    client.send("dawdler.wait", None, id="r1")
+    ack = await client.receive_until("wsbus.ack", timeout=10)
+    assert ack["content"] == {"ref": "r1"}  # the instance holds it
+    await host.close()  # before its handler is done
+    error = await client.receive_until("wsbus.error", timeout=10)
+    assert error["content"]["ref"] == "r1" and error["content"]["code"] == "service_error"
+    assert gateway.stats().service_errors == 1  # r0 was not failed: its handler was done
