@@ -139,6 +139,7 @@ class PyroBus:
         self._control_used = 0.0
         self._reclaimed = True
         """False while a registration's alias claims are not all sent."""
+        self._displaced = False
 
     # -- Bus -----------------------------------------------------------------------------
 
@@ -461,12 +462,18 @@ class PyroBus:
             ) from None
         try:
             with self._bus_proxy() as bus:
-                bus.register_gateway(self._node, self.uri)
+                answer = bus.register_gateway(self._node, self.uri)
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             raise BusUnavailable(
                 f"no message bus named {config.bus_name!r} in the name server ({exc}); "
                 "start one with `wsbus bus`"
             ) from None
+        taken_by = answer.get("taken_by") if isinstance(answer, dict) else None
+        if taken_by is not None:
+            raise ConfigError(
+                f"another gateway with node id {self._node!r} is on this bus (at {taken_by}): "
+                "give each gateway its own --node, or leave it out for a random one"
+            )
 
     def _unregister(self) -> None:
         config = self.config
@@ -500,8 +507,9 @@ class PyroBus:
             if bus is None:
                 bus = self._bus_proxy()
             registered = bus.registered("gateway", self._node, self.uri)
-            if not registered or not self._reclaimed:
-                self._reregister(bus, again=not registered)
+            if (not registered or not self._reclaimed) and self._reregister(
+                bus, again=not registered
+            ):
                 log.info("gateway %s re-registered with the message bus", self._node)
             self._bus_reachable = True
             self._send_releases(bus)
@@ -548,8 +556,10 @@ class PyroBus:
         with contextlib.suppress(RuntimeError):  # the loop closed
             loop.call_soon_threadsafe(sink.deliveries_lost, "bus_disconnected", detail)
 
-    def _reregister(self, bus: Proxy, again: bool) -> None:
+    def _reregister(self, bus: Proxy, again: bool) -> bool:
         """Register again with every alias held: the bus restarted, or dropped this gateway.
+
+        Returns False when another gateway process with this node id holds it now.
 
         The aliases go in calls of at most a quarter of ``max_message_size`` each (a Pyro
         message has a size limit); if one fails, the next check sends them all again.
@@ -560,6 +570,18 @@ class PyroBus:
         refused: list[list[str]] = []
         for index, chunk in enumerate(_chunks(held, self.config.max_message_size // 4)):
             answer = bus.register_gateway(self._node, self.uri, chunk, again and index == 0)
+            if answer.get("taken_by") is not None:
+                # Another live gateway took this node id while this one was cut off.
+                if not self._displaced:
+                    log.error(
+                        "another gateway with node id %r is on the bus (at %s): this one gets "
+                        "no messages while that one runs. Give each gateway its own --node",
+                        self._node,
+                        answer["taken_by"],
+                    )
+                self._displaced = True
+                return False  # tried again next interval
+            self._displaced = False
             refused.extend(answer["refused"])
             if answer["missed"]:
                 self._tell_loss()
@@ -580,6 +602,7 @@ class PyroBus:
             ]
         for alias, conn_id in stale:
             bus.release_alias(alias, conn_id)
+        return True
 
     def _send_releases(self, bus: Proxy) -> None:
         """Send again the releases the bus could not be told of when they were made."""

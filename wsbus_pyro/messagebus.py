@@ -114,6 +114,7 @@ class MessageBus:
         # dropped: a gateway that comes back after more were settled may have missed some.
         self._gateway_sends = 0
         self._dropped_at: dict[str, int] = {}
+        self._closed = False
 
     def _settling(self) -> bool:
         return time.monotonic() < self._settled_at
@@ -132,6 +133,7 @@ class MessageBus:
             that holds ``name`` when this one is refused.
         """
         name, uri = str(name), str(uri)
+        self._check_open()
         with self._register_lock:
             with self._lock:
                 old = self._services.get(name)
@@ -203,14 +205,35 @@ class MessageBus:
             ``{"refused": pairs, "missed": bool}``: the pairs refused because another
             gateway's connection holds the alias (the gateway clears them on its side);
             whether, registering ``again``, it may have missed envelopes meant for its
-            clients (the bus settled some for gateways while it was not registered).
+            clients (the bus settled some for gateways while it was not registered). With
+            ``"taken_by": address`` when another gateway process that still answers has
+            this node id: nothing was registered.
         """
         node, uri = str(node), str(uri)
+        self._check_open()
+        with self._register_lock:
+            with self._lock:
+                current = self._gateways.get(node)
+            if current is not None and current.uri != uri and self._answers(current):
+                # Two gateways with one node id would number their connections alike: the
+                # same connection ids, and so the same claims, on two gateways.
+                log.warning(
+                    "a second gateway with node id %s (at %s) was refused: %s still serves it",
+                    node,
+                    uri,
+                    current.uri,
+                )
+                return {"refused": [], "missed": False, "taken_by": current.uri}
+            return self._add_gateway(node, uri, aliases or [], bool(again))
+
+    def _add_gateway(
+        self, node: str, uri: str, aliases: list[list[str]], again: bool
+    ) -> dict[str, Any]:
         old: _Endpoint | None = None
         refused: list[list[str]] = []
         with self._lock:
             dropped_at = self._dropped_at.pop(node, 0)
-            missed = bool(again) and self._gateway_sends > dropped_at
+            missed = again and self._gateway_sends > dropped_at
             current = self._gateways.get(node)
             new = current is None or current.uri != uri
             if current is not None and not new:
@@ -220,7 +243,7 @@ class MessageBus:
                 forwarder = self._forwarder(f"gateway {node}", uri)
                 self._gateways[node] = _Endpoint(node, uri, forwarder, frozenset())
                 self._free_aliases(node)
-            for alias, conn_id in aliases or []:
+            for alias, conn_id in aliases:
                 alias, conn_id = str(alias), str(conn_id)
                 holder = self._aliases.get(alias)
                 if node_of(conn_id) != node or (
@@ -232,7 +255,7 @@ class MessageBus:
         if old is not None:
             old.forwarder.stop(0)
         if new:
-            log.info("gateway %s registered at %s with %d alias(es)", node, uri, len(aliases or []))
+            log.info("gateway %s registered at %s with %d alias(es)", node, uri, len(aliases))
         if refused:
             log.warning(
                 "gateway %s re-registered holding %d alias(es) other gateways' connections "
@@ -275,7 +298,7 @@ class MessageBus:
         alias, conn_id = str(alias), str(conn_id)
         node = node_of(conn_id)
         with self._lock:
-            if node not in self._gateways:
+            if self._closed or node not in self._gateways:
                 return UNAVAILABLE
             holder = self._aliases.get(alias)
             if holder == conn_id:
@@ -361,6 +384,7 @@ class MessageBus:
         Services and gateways ask every ``reregister_interval``: that is how the bus knows
         they are alive (a gateway that stops asking is dropped, see :meth:`_sweep`).
         """
+        self._check_open()
         table = self._services if kind == "service" else self._gateways
         with self._lock:
             endpoint = table.get(str(name))
@@ -536,9 +560,22 @@ class MessageBus:
             envelope = msgspec.structs.replace(envelope, headers=headers)
         return [(gateways[node].forwarder, envelope) for node in nodes], OK
 
+    def _check_open(self) -> None:
+        """Refuse registrations once the bus is stopping.
+
+        Pyro's workers may still serve a connection after the daemon closed: a gateway or
+        service must not register again with a bus on its way out.
+
+        Raises:
+            ConnectionRefusedError: the bus is stopping (the caller sees it unreachable).
+        """
+        if self._closed:
+            raise ConnectionRefusedError("the message bus is stopping")
+
     def _shutdown(self) -> None:
-        """Stop every forwarder. Underscored so that Pyro peers cannot call it."""
+        """Refuse registrations; stop every forwarder. Underscored: Pyro peers cannot call it."""
         with self._lock:
+            self._closed = True
             endpoints = [*self._services.values(), *self._gateways.values()]
             self._services.clear()
             self._gateways.clear()

@@ -132,15 +132,15 @@ def run_bus(config: PyroConfig | None = None) -> None:
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())
     finally:
         stop.set()
+        # First: from now on it refuses registrations (Pyro's workers may still serve
+        # calls until the daemon is closed).
+        bus._shutdown()
         try:
             with name_server(config) as ns:
                 ns.remove(config.bus_name)
         except Exception as exc:
             log.info("leaving the name server: %s", exc)
-        # Closed before the tables are emptied: a gateway or service that checked in
-        # meanwhile would register again with a bus on its way out.
         daemon.close()
-        bus._shutdown()
 
 
 def _sweep(config: PyroConfig, bus: MessageBus, stop: _Stop) -> None:

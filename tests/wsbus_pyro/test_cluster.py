@@ -16,12 +16,14 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Envelope, Gateway, GatewayConfig, Service, hookimpl, memory_pair
 from wsbus.edge import MemoryClient
 from wsbus.envelope import ClientAddress, ConnId, EnvelopeId, Recipients, ServiceAddress
+from wsbus.errors import ConfigError
 from wsbus.hooks import HandshakeRequest, Identity
 from wsbus.service import Context, handles
 from wsbus_pyro import MessageBus, PyroBus, PyroConfig
@@ -375,6 +377,17 @@ async def test_a_second_process_of_a_service_is_refused_and_a_dead_ones_place_ta
     await asyncio.to_thread(wsbus_spawn_service, "wsbus_cli.demo_services:Echo")
     client.send("echo", "two", id="2")
     assert (await _until(client, "echo.reply"))["content"]["content"] == "two"
+
+
+async def test_a_second_gateway_with_a_node_id_on_the_bus_is_refused(cluster: Cluster) -> None:
+    # Both would number their connections g1.1, g1.2, ...: the same ids, the same claims.
+    g1 = await cluster.gateway("g1")
+    ann = await cluster.client(g1)
+    twin = Gateway(PyroBus(cluster.config), config=GatewayConfig(node="g1"), entry_points=False)
+    with pytest.raises(ConfigError, match=r"node id 'g1'.*--node"):
+        await twin.start()
+    await twin.close()
+    assert await _nick(ann, "sam") == {"ok": True, "nick": "sam"}
 
 
 # -- the message bus's tables, in this process ------------------------------------------------
