@@ -462,7 +462,7 @@ class PyroBus:
             ) from None
         try:
             with self._bus_proxy() as bus:
-                answer = bus.register_gateway(self._node, self.uri)
+                answer = bus.register_gateway(self._node, self.uri, [], False, True)
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             raise BusUnavailable(
                 f"no message bus named {config.bus_name!r} in the name server ({exc}); "

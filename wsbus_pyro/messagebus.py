@@ -106,8 +106,8 @@ class MessageBus:
         self.lifetime = 3 * config.reregister_interval
         """Seconds a gateway may go without checking in before the bus drops it."""
         self._aliases: dict[str, str] = {}
-        # One service registration decided at a time: deciding may probe the process
-        # registered before, which takes a while and must not hold the routing lock.
+        # One registration decided at a time: deciding may probe the process registered
+        # before under that name, which takes a while and must not hold the routing lock.
         self._register_lock = threading.Lock()
         self._aliases_back = False
         # Envelopes for gateways settled so far, and the count when each gateway was
@@ -187,12 +187,17 @@ class MessageBus:
         return True
 
     def register_gateway(
-        self, node: str, uri: str, aliases: list[list[str]] | None = None, again: bool = False
+        self,
+        node: str,
+        uri: str,
+        aliases: list[list[str]] | None = None,
+        again: bool = False,
+        fresh: bool = False,
     ) -> dict[str, Any]:
         """Add (or replace) a gateway node, with the aliases its connections hold.
 
-        A gateway registering at a new address (a new process) first loses every alias
-        the bus had for its node: its connections are new.
+        A new gateway process (``fresh``, or at a new address) first loses every alias the
+        bus had for its node: its connections are new, though their ids may be the same.
 
         Args:
             node: the gateway's node id.
@@ -200,6 +205,7 @@ class MessageBus:
             aliases: ``[alias, conn_id]`` pairs it holds (when it registers again).
             again: the gateway was registered before (with this bus, which dropped it,
                 or with one before a restart).
+            fresh: the gateway process is starting.
 
         Returns:
             ``{"refused": pairs, "missed": bool}``: the pairs refused because another
@@ -224,10 +230,10 @@ class MessageBus:
                     current.uri,
                 )
                 return {"refused": [], "missed": False, "taken_by": current.uri}
-            return self._add_gateway(node, uri, aliases or [], bool(again))
+            return self._add_gateway(node, uri, aliases or [], bool(again), bool(fresh))
 
     def _add_gateway(
-        self, node: str, uri: str, aliases: list[list[str]], again: bool
+        self, node: str, uri: str, aliases: list[list[str]], again: bool, fresh: bool
     ) -> dict[str, Any]:
         old: _Endpoint | None = None
         refused: list[list[str]] = []
@@ -242,6 +248,8 @@ class MessageBus:
                 old = current
                 forwarder = self._forwarder(f"gateway {node}", uri)
                 self._gateways[node] = _Endpoint(node, uri, forwarder, frozenset())
+            if new or fresh:
+                # A process restarted on a fixed port has the same address: fresh says so.
                 self._free_aliases(node)
             for alias, conn_id in aliases:
                 alias, conn_id = str(alias), str(conn_id)

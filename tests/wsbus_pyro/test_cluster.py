@@ -425,6 +425,10 @@ def test_the_message_bus_alias_table(
         # A new process of g1 (a new address) starts with none of the old one's aliases.
         assert bus.register_gateway("g1", second)["refused"] == []
         assert bus.claim_alias("sam", "g2.1") == OK
+        # So does one restarted at the same address (a fixed port): it says it is fresh.
+        assert bus.claim_alias("max", "g1.5") == OK
+        bus.register_gateway("g1", second, [], False, True)
+        assert bus.claim_alias("max", "g2.1") == OK
         # Unregistering someone else's registration does nothing; one's own frees all.
         bus.unregister_gateway("g2", first.replace(":1", ":9"))
         assert bus.gateways() == ["g1", "g2", "g3"]
