@@ -64,6 +64,9 @@ log = logging.getLogger("wsbus.pyro.gateway")
 _SERVED_LIMIT = 100_000
 """The most types and service names a gateway remembers as served (a bound on memory)."""
 
+_UNRELEASED_LIMIT = 10_000
+"""The most releases the bus could not be told of that a gateway keeps to send again."""
+
 
 @expose
 class GatewayEndpoint:
@@ -313,6 +316,9 @@ class PyroBus:
             await self._call_bus("release_alias", alias, conn_id)
         except BusUnavailable:
             with self._claims_lock:
+                if len(self._unreleased) >= _UNRELEASED_LIMIT:
+                    # The oldest is given up: the bus frees it when this gateway leaves.
+                    del self._unreleased[next(iter(self._unreleased))]
                 self._unreleased[alias] = conn_id
             raise
 
@@ -559,10 +565,11 @@ class PyroBus:
     def _reregister(self, bus: Proxy, again: bool) -> bool:
         """Register again with every alias held: the bus restarted, or dropped this gateway.
 
-        Returns False when another gateway process with this node id holds it now.
-
         The aliases go in calls of at most a quarter of ``max_message_size`` each (a Pyro
         message has a size limit); if one fails, the next check sends them all again.
+
+        Returns:
+            False when another gateway process with this node id holds it now.
         """
         with self._claims_lock:
             held = [[alias, conn_id] for alias, conn_id in self._claims.items()]
@@ -589,7 +596,8 @@ class PyroBus:
         loop = self._loop
         for alias, conn_id in refused:
             if loop is not None:
-                loop.call_soon_threadsafe(self._clear_refused, str(alias), ConnId(str(conn_id)))
+                with contextlib.suppress(RuntimeError):  # the loop closed
+                    loop.call_soon_threadsafe(self._clear_refused, str(alias), ConnId(str(conn_id)))
         refused_aliases = {str(alias) for alias, _ in refused}
         with self._claims_lock:
             # Released while the registration was on its way: the bus holds them again.
