@@ -6,9 +6,16 @@ answers once its runner holds the envelope, so :meth:`NatsBus.publish` returns w
 target service has it. Everything for this gateway arrives on one subscription,
 ``P.gw.<node>.>``, so each sender's order is kept.
 
-Loss is never silent: while the link is down every publish is refused (BusUnavailable), and
-after a reconnection, or when NATS dropped envelopes for this gateway (a slow consumer), the
-gateway is told (:meth:`wsbus.bus.HearsLoss.deliveries_lost`) so that it can tell its clients.
+Loss is never silent: while the link is down every publish is refused (BusUnavailable);
+after a reconnection, when NATS dropped envelopes for this gateway (a slow consumer), or when
+a service says its own link broke, the gateway is told
+(:meth:`wsbus.bus.HearsLoss.deliveries_lost`) so that it can tell its clients; and a client
+message held by a service instance that dies before its handler is done is failed
+(``service_error`` to the client).
+
+Aliases are claimed in a key-value bucket (:class:`~wsbus.bus.ClaimsAliases`); a gateway
+back from a cut long enough to be taken for dead checks its claims and clears those another
+gateway took meanwhile.
 """
 
 from __future__ import annotations

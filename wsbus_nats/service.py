@@ -7,10 +7,17 @@ service's traffic through a NATS queue group, one instance per message.
 An instance receives everything on one subscription, ``P.svc.<service>.>`` (so each
 sender's order is kept), checks each envelope's sender against the subject, and answers
 the sender's request once its runner holds the envelope (``busy`` when its inbox is full).
-What it sends goes out in call order through one task: to gateways as plain NATS messages,
-to services as requests whose answers are awaited in the background; one that fails is
-reported back to the service as ``wsbus.undeliverable`` (a control request: its call
-raises ``ControlError("unavailable")``), never dropped unseen.
+What it sends goes out in call order through one task: to gateways as plain NATS messages
+(what is queued for one gateway goes as one batch), to services as requests whose answers
+are awaited in the background; one that fails is reported back to the service as
+``wsbus.undeliverable`` (a control request: its call raises ``ControlError``), never
+dropped unseen.
+
+A client's message to a handler is acknowledged with the instance's id, and the gateway is
+told when the handler is done with it: should the instance die (or stop) first, the
+gateway tells the client ``service_error``. After its link to NATS broke and was made
+again, an instance tells every gateway that what it sent meanwhile may be lost (they send
+their clients ``wsbus.gap``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ instances of a service share its traffic, and one subscription per receiving end
 each sender's order (nats-py runs a task per subscription: two would interleave). Each
 gateway subscribes ``P.gw.<node>.>`` once.
 
+What travels: one envelope (MessagePack) per NATS message; to a gateway, also a batch of
+envelopes from one service in one message (a MessagePack array, in order). Two notices
+travel as NATS headers on ``P.gw.<node>.svc.<sender>``, never as envelopes: ``wsbus-nats-lost``
+(the service's link broke: what it sent may be lost) and ``wsbus-nats-done`` (an instance's
+handlers are done with the client messages listed).
+
 Key-value buckets: ``P_gateways`` (live gateways), ``P_services`` (live service instances and
 their types), ``P_aliases`` (alias -> the connection holding it).
 """
