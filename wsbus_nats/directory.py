@@ -49,6 +49,9 @@ log = logging.getLogger("wsbus.nats.directory")
 
 LIVE_HEARTBEATS: Final = 3
 """An entry not refreshed within this many heartbeats is dead."""
+QUIET_HEARTBEATS: Final = 1.5
+"""Ages stop this many heartbeats after a table's last news (or check that its watch
+works): a watch that died with a server is not found out at once."""
 REACH_HEARTBEATS: Final = 30
 """Envelopes still go to a gateway or instance heard from within this many heartbeats
 (one cut off for a moment misses nothing); as long as the buckets keep a dead entry."""
@@ -75,14 +78,16 @@ class _Table:
     Entries age only while the table is known to be current. It is frozen (ages stop)
     while it may miss news: the link is down, this process's own heartbeat cannot be
     written (JetStream is electing a leader, say: nobody else can write either), or the
-    watch's consumer died with a server. It thaws, ages going on from where they stopped,
-    when news arrives or the watch is made anew; so nothing is declared dead for want
-    of news, and a gateway cut off alone is dead for the others after three heartbeats.
+    watch's consumer died with a server. It thaws when news arrives or the watch is made
+    anew, every entry then getting a full window to be heard from; so nothing is declared
+    dead for want of news, and a gateway cut off alone is dead for the others after three
+    heartbeats.
     """
 
     def __init__(self, heartbeat: float) -> None:
         self.window = heartbeat * LIVE_HEARTBEATS
         self.reach = heartbeat * REACH_HEARTBEATS
+        self.slack = heartbeat * QUIET_HEARTBEATS
         self.entries: dict[str, tuple[bytes, float]] = {}
         self.last_activity = time.monotonic()
         self.stale_since: float | None = None
@@ -107,13 +112,17 @@ class _Table:
             self.stale_since = now if since is None else min(since, now)
 
     def thaw(self) -> None:
-        """Let the ages go on from where they stopped."""
-        since = self.stale_since
-        if since is None:
+        """Let the ages go on, everyone's from naught: each gets a full window to be heard.
+
+        Those cut off with this process (a node's death, a bucket electing a leader)
+        reconnect and write again a moment after it does, not at once; one that really
+        died meanwhile is dead one window later.
+        """
+        if self.stale_since is None:
             return
         self.stale_since = None
-        shift = time.monotonic() - since
-        self.entries = {key: (value, seen + shift) for key, (value, seen) in self.entries.items()}
+        now = time.monotonic()
+        self.entries = {key: (value, now) for key, (value, _) in self.entries.items()}
 
     def live(self, key: str) -> bool:
         """Heard from within the window (three heartbeats)."""
@@ -123,12 +132,19 @@ class _Table:
         """Heard from within the reach (``REACH_HEARTBEATS``)."""
         return self._age(key) <= self.reach
 
+    def verified(self) -> None:
+        """The watch was found working though quiet: the table is current as it is."""
+        self.last_activity = time.monotonic()
+
     def _age(self, key: str) -> float:
         entry = self.entries.get(key)
         if entry is None:
             return math.inf
         now = self.stale_since if self.stale_since is not None else time.monotonic()
-        return now - entry[1]
+        # Time runs only as far as the table is known current: news, or a check that its
+        # watch works, comes every heartbeat or so; past that, a quiet table may be a
+        # dead watch not found out yet, and nobody dies of it.
+        return min(now, self.last_activity + self.slack) - entry[1]
 
 
 class Directory:
@@ -175,6 +191,7 @@ class Directory:
         self._watches: dict[str, Any] = {}  # bucket -> its watch subscription
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- life ----------------------------------------------------------------------------
@@ -206,16 +223,20 @@ class Directory:
                 f"the wsbus directory in NATS JetStream is not reachable ({exc!r}); the NATS "
                 "server must run with JetStream (nats-server -js)"
             ) from None
+        # Two tasks: the heartbeat must go on while a watch is being made anew (that may
+        # take the whole request timeout), or this process would look dead meanwhile.
         self._heartbeat = asyncio.create_task(self._beat(), name="wsbus-nats-heartbeat")
+        self._keeper = asyncio.create_task(self._keep_watching(), name="wsbus-nats-watches")
 
     async def close(self) -> None:
         """Stop the heartbeat and the watches; delete this process's entry. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        for task in (self._heartbeat, self._keeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -280,7 +301,7 @@ class Directory:
         heartbeat = self.config.heartbeat
         for bucket, table in self._tables():
             sub = self._watches.get(bucket)
-            quiet = time.monotonic() - table.last_activity > 1.5 * heartbeat
+            quiet = time.monotonic() - table.last_activity > heartbeat
             if sub is not None and not quiet and table.stale_since is None:
                 continue
             if sub is not None:
@@ -294,6 +315,7 @@ class Directory:
                     # go on once this process can write too (then others can as well).
                     if self._writes_ok:
                         table.thaw()
+                        table.verified()
                     continue
             await self._rewatch_one(bucket, table)
 
@@ -352,6 +374,12 @@ class Directory:
                 self._services.freeze(self._last_write)
             else:
                 self._wrote()
+
+    async def _keep_watching(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat)
+            if not self.link.connected:
+                continue
             try:
                 await self._check_watches()
             except Exception as exc:
