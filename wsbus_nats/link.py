@@ -159,9 +159,13 @@ class Link:
                 reconnect_to_server_handler=self._next_server,
             )
         except Exception as exc:
-            with_close = self.nc
+            failed = self.nc
             self.nc = Client()
-            await quietly(with_close.close())
+            self._closing = True  # its callbacks have nothing more to say
+            try:
+                await quietly(failed.close())
+            finally:
+                self._closing = False
             raise BusUnavailable(
                 f"no NATS server could be reached at {', '.join(config.servers)} ({exc!r}); "
                 "check that one runs there (nats-server -js), and the credentials"
