@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
@@ -54,7 +54,9 @@ from .registry import ClientInfo
 
 __all__ = [
     "Context",
+    "Finished",
     "GatewayNodes",
+    "Outcome",
     "Service",
     "ServiceLink",
     "ServiceRunner",
@@ -70,6 +72,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 GatewayNodes: TypeAlias = Callable[[], Awaitable[Sequence[NodeId]]]
 """What a bus runtime that spans gateways gives a service: an async function returning the
 node ids of the gateways alive now. :meth:`ServiceLink.clients` asks each of them."""
+
+
+Outcome: TypeAlias = Literal["handled", "failed", "stopped"]
+"""How the handling of one envelope a :class:`ServiceRunner` accepted ended:
+
+- ``"handled"``: its handler returned (or it had none: it was logged and dropped);
+- ``"failed"``: its handler raised (logged; a client sender was told ``service_error``);
+- ``"stopped"``: the runner stopped before its handler was done (it was still waiting,
+  or its handler was cancelled): nobody was told, the runtime decides what to say.
+"""
+
+Finished: TypeAlias = Callable[[Envelope, Outcome], None]
+"""A runtime's callback, called on the runner's loop thread once per envelope the runner
+accepted into its inbox, when its handling ends (see :data:`Outcome`)."""
 
 
 def handles(*types: str) -> Callable[[F], F]:
@@ -427,6 +443,12 @@ class ServiceRunner:
         timeout: seconds to wait for the gateway's answer to control requests.
         gateways: on a bus with several gateways, lists the live ones (see
             :class:`ServiceLink`).
+        finished: called once per envelope taken into the inbox when its handling ends,
+            with how it ended (:data:`Outcome`): a runtime that told the sender it holds
+            the envelope learns when it no longer does (the NATS bus tells the gateway,
+            which fails what a dead instance held). Not called for answers to the
+            service's own control requests (they resolve the request, never queue).
+            It must not raise (what it raises is logged and ignored).
     """
 
     def __init__(
@@ -437,6 +459,7 @@ class ServiceRunner:
         inbox_size: int = 1000,
         timeout: float = 5.0,
         gateways: GatewayNodes | None = None,
+        finished: Finished | None = None,
     ) -> None:
         self.service = service
         self.name = service.name
@@ -457,6 +480,10 @@ class ServiceRunner:
         self._waiters: deque[asyncio.Event] = deque()
         self._woken = 0
         self._stopped = False
+        self._finished = finished
+        # Set by stop(drain=...) while it waits for the inbox to empty; _run sets it when
+        # it finds nothing left to do.
+        self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         # Looked up once: (bound method, is it a coroutine function) per message type.
         self._dispatch: dict[str, tuple[Callable[..., Any], bool]] = {}
@@ -572,21 +599,54 @@ class ServiceRunner:
         await self.service.on_start()
         self._task = asyncio.create_task(self._run(), name=f"wsbus-service-{self.name}")
 
-    async def stop(self) -> None:
-        """Stop handling messages and run ``on_stop``. Messages still waiting are dropped.
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop handling messages and run ``on_stop``.
 
-        Senders waiting for room get BusUnavailable.
+        With ``drain`` > 0, first let the service handle what its inbox holds, for up to
+        ``drain`` seconds (the runtime stops feeding it first: the runner still takes
+        what :meth:`accept` is given meanwhile, answers to the handlers' requests among
+        them). What is left then (waiting, or a handler still running: it is cancelled)
+        is dropped, each reported ``"stopped"`` to ``finished``. Senders waiting for room
+        get BusUnavailable.
         """
         self._stopped = True
         for turn in self._waiters:
             turn.set()
         self._woken = len(self._waiters)
-        if self._task is not None:
-            self._task.cancel()
+        task = self._task
+        if task is not None and drain > 0 and not task.done():
+            drained = self._drained = asyncio.Event()
+            self._ready.set()  # an idle loop looks again, and says so
+            try:
+                async with asyncio.timeout(drain):
+                    await drained.wait()
+            except TimeoutError:
+                log.warning(
+                    "service %r stopped after %g s of draining with a handler still running "
+                    "and %d messages waiting; they are dropped",
+                    self.name,
+                    drain,
+                    len(self._inbox),
+                )
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
             self._task = None
+        inbox, self._inbox = self._inbox, deque()
+        for envelope in inbox:
+            self._end(envelope, "stopped")
         await self.service.on_stop()
+
+    def _end(self, envelope: Envelope, outcome: Outcome) -> None:
+        """Tell the runtime how an envelope's handling ended; never raises."""
+        finished = self._finished
+        if finished is None:
+            return
+        try:
+            finished(envelope, outcome)
+        except Exception:
+            log.exception("service %r: the runtime's finished callback failed", self.name)
 
     async def _run(self) -> None:
         inbox = self._inbox
@@ -594,6 +654,8 @@ class ServiceRunner:
         link = self.link
         while True:
             if not inbox:
+                if self._drained is not None:
+                    self._drained.set()
                 self._ready.clear()
                 await self._ready.wait()
                 continue
@@ -601,17 +663,31 @@ class ServiceRunner:
             if self._waiters:
                 self._let_next_in()
             entry = dispatch.get(envelope.type)
-            if entry is None or not entry[1]:
-                await self.handle(envelope)
-                continue
-            # The common case, an async handler, inline: no extra coroutine per message.
+            outcome: Outcome
             try:
-                await entry[0](envelope, Context(link, envelope))
-            except Exception:
-                self._failed(envelope)
+                if entry is None or not entry[1]:
+                    outcome = await self._handle(envelope)
+                else:
+                    # The common case, an async handler, inline: no extra coroutine per
+                    # message.
+                    try:
+                        await entry[0](envelope, Context(link, envelope))
+                        outcome = "handled"
+                    except Exception:
+                        self._failed(envelope)
+                        outcome = "failed"
+            except asyncio.CancelledError:
+                # Stopped mid-handler: the handler did not finish.
+                self._end(envelope, "stopped")
+                raise
+            if self._finished is not None:
+                self._end(envelope, outcome)
 
     async def handle(self, envelope: Envelope) -> None:
         """Call the handler for one envelope; a failing handler is logged, never raised."""
+        await self._handle(envelope)
+
+    async def _handle(self, envelope: Envelope) -> Outcome:
         entry = self._dispatch.get(envelope.type)
         if entry is None:
             if envelope.type == control.RESULT:
@@ -625,7 +701,7 @@ class ServiceRunner:
                 )
             else:
                 log.warning("service %r has no handler for %r; dropped", self.name, envelope.type)
-            return
+            return "handled"
         method, is_async = entry
         ctx = Context(self.link, envelope)
         try:
@@ -635,6 +711,8 @@ class ServiceRunner:
                 await asyncio.to_thread(method, envelope, ctx)
         except Exception:
             self._failed(envelope)
+            return "failed"
+        return "handled"
 
     def _failed(self, envelope: Envelope) -> None:
         """Log a handler's exception; tell a client sender ``service_error``.

@@ -25,14 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 import nats.errors
@@ -44,6 +43,7 @@ from wsbus.bus import SHARED_HEADER, is_for_gateway
 from wsbus.envelope import (
     ClientAddress,
     Envelope,
+    EnvelopeId,
     GatewayAddress,
     NodeId,
     Recipients,
@@ -53,7 +53,7 @@ from wsbus.envelope import (
     node_of,
 )
 from wsbus.errors import BusUnavailable, NoRoute
-from wsbus.service import Context, Service, ServiceRunner, load_service
+from wsbus.service import Outcome, Service, ServiceRunner, load_service
 
 from .bus import (
     ACK_BUSY,
@@ -97,6 +97,9 @@ class ServiceHost:
         inbox_size: envelopes that may wait for the service; past that, senders are told
             ``busy`` (a client: ``unavailable``, retry).
         instance: this instance's id (random by default; a subject token).
+        drain_timeout: on a clean stop (:meth:`close`), the most seconds the instance
+            spends finishing what it holds once it has stopped taking new envelopes;
+            what is left then is failed (``service_error`` to a client).
     """
 
     def __init__(
@@ -106,8 +109,10 @@ class ServiceHost:
         *,
         inbox_size: int = 1000,
         instance: str | None = None,
+        drain_timeout: float = 5.0,
     ) -> None:
         self.service = service
+        self.drain_timeout = drain_timeout
         self.config = config if config is not None else NatsConfig()
         self.inbox_size = inbox_size
         self.instance = instance if instance is not None else os.urandom(4).hex()
@@ -129,6 +134,8 @@ class ServiceHost:
         self._handled: dict[str, list[str]] = {}
         self._tracked: set[str] = set()  # the types whose handlers say when they are done
         self._ack_held = ACK_HELD + self.instance.encode()
+        self._inbox_sub: Subscription | None = None  # the queue-group subscription
+        self._stopping = False
         self._closed = False
 
     # -- life ----------------------------------------------------------------------------
@@ -156,20 +163,21 @@ class ServiceHost:
             entry = ServiceEntry(self.name, self.instance, types)
             directory = Directory(link, self.subjects, service=entry)
             self._directory = directory
-            self._track_handlers()
+            self._tracked = {t for t in type(self.service).handled_types()}
             self._runner = ServiceRunner(
                 self.service,
                 self._emit,
                 inbox_size=self.inbox_size,
                 timeout=config.request_timeout,
                 gateways=self._gateways,
+                finished=self._finished,
             )
             self._sender = asyncio.create_task(self._send(), name=f"wsbus-nats-{self.name}")
             await self._runner.start()
             subjects = self.subjects
             self._reply_subject = subjects.reply(self.name, self.instance)
-            self._subs.append(
-                await link.subscribe(subjects.service_inbox(self.name), self._on_message, self.name)
+            self._inbox_sub = await link.subscribe(
+                subjects.service_inbox(self.name), self._on_message, self.name
             )
             self._subs.append(await link.subscribe(self._reply_subject, self._on_answer))
             # Listed last: no gateway routes here before the subscriptions are made.
@@ -186,34 +194,59 @@ class ServiceHost:
         )
 
     async def close(self) -> None:
-        """Leave the directory, stop the service and close the connection. Idempotent."""
-        if self._closed:
+        """Stop cleanly, draining first; idempotent.
+
+        The instance first stops taking new envelopes (its queue-group subscription is
+        drained: the other instances get the service's new traffic), then lets its handlers
+        finish what it holds, for up to ``drain_timeout`` seconds; what is left then is
+        failed (a client is told ``service_error``). Then it sends what is queued, leaves the
+        directory and closes the connection.
+        """
+        if self._stopping:
             return
+        self._stopping = True
+        link = self._link
+        connected = link is not None and link.connected
+        if self._inbox_sub is not None:
+            inbox_sub, self._inbox_sub = self._inbox_sub, None
+            # Drained, not unsubscribed: what NATS delivered already is still confirmed
+            # and handled (an unsubscribe would leave its senders waiting for a timeout).
+            if connected:
+                stopping = inbox_sub.drain()  # type: ignore[no-untyped-call]
+            else:
+                stopping = inbox_sub.unsubscribe()
+            await quietly(stopping, self.config.request_timeout)
+        if self._runner is not None:
+            # While the link is down nothing handled could be answered: no drain then.
+            await self._runner.stop(drain=self.drain_timeout if connected else 0.0)
+        if self._sender is not None:
+            # What is queued goes out first (bounded: the link may be down).
+            try:
+                if link is not None and link.connected:
+                    async with asyncio.timeout(max(1.0, self.config.request_timeout)):
+                        while not self._idle.is_set() or self._handled:
+                            self._wake.set()
+                            await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "service %r stopped with %d envelopes not sent", self.name, len(self._outbound)
+                )
         self._closed = True
+        # Left only now: while it drained, the gateways kept this instance for live (and
+        # did not fail what it held).
         if self._directory is not None:
             await self._directory.close()
         for sub in self._subs:
             await quietly(sub.unsubscribe(), self.config.request_timeout)
         self._subs.clear()
-        if self._runner is not None:
-            await self._runner.stop()
         if self._sender is not None:
-            # What is queued goes out first (bounded: the link may be down).
-            try:
-                if self._link is not None and self._link.connected:
-                    async with asyncio.timeout(1.0):
-                        await self._idle.wait()
-            except TimeoutError:
-                log.warning(
-                    "service %r stopped with %d envelopes not sent", self.name, len(self._outbound)
-                )
             self._sender.cancel()
             await asyncio.gather(self._sender, return_exceptions=True)
         for handle in self._timeouts.values():
             handle.cancel()
         self._timeouts.clear()
-        if self._link is not None:
-            await self._link.close()
+        if link is not None:
+            await link.close()
 
     @property
     def counters(self) -> LinkCounters:
@@ -311,41 +344,50 @@ class ServiceHost:
 
     # -- handlers done ------------------------------------------------------------------
 
-    def _track_handlers(self) -> None:
-        """Wrap the service's handlers so that the gateways hear when each is done.
+    def _finished(self, message: Envelope, outcome: Outcome) -> None:
+        """The runner is done with ``message``: a client's, tracked, is reported.
 
-        Per instance (instance attributes shadow the class's methods), before the runner
-        looks them up. A handler cancelled (the instance stopping) is not done: what it
-        held is failed by the gateway once this instance is gone.
+        Handled or failed (the runner told the client ``service_error`` itself), the
+        gateway is told it is done; stopped (not finished), the client is told
+        ``service_error`` now (see :meth:`_fail_unfinished`).
         """
-        service = self.service
-        loop = asyncio.get_running_loop()
-        handled = self._note_handled
-        for type_, attr in type(service)._handlers.items():
-            method = getattr(service, attr)
-            if type_.startswith("wsbus.") or getattr(method, "_wsbus_nats_tracked", False):
-                continue
-            self._tracked.add(type_)
-            if inspect.iscoroutinefunction(method):
+        if message.type not in self._tracked or type(message.sender) is not ClientAddress:
+            return
+        if outcome == "stopped":
+            self._fail_unfinished(message)
+        else:
+            self._note_handled(message)
 
-                async def tracked(message: Envelope, ctx: Context, _method: Any = method) -> None:
-                    try:
-                        await _method(message, ctx)
-                    finally:
-                        if not _cancelling():
-                            handled(message)
+    def _fail_unfinished(self, message: Envelope) -> None:
+        """Tell a client its message will not be handled: this instance is stopping.
 
-            else:
-
-                def tracked(message: Envelope, ctx: Context, _method: Any = method) -> None:  # type: ignore[misc]
-                    try:
-                        _method(message, ctx)
-                    finally:
-                        with contextlib.suppress(RuntimeError):  # the loop closed
-                            loop.call_soon_threadsafe(handled, message)
-
-            tracked._wsbus_nats_tracked = True  # type: ignore[attr-defined]
-            setattr(service, attr, tracked)
+        Through the gateway that owns the connection, then a done notice so that it does
+        not fail it twice. Should the failure not go (the link is down), no done notice
+        goes either: the gateway fails it once this instance has left.
+        """
+        sender = message.sender
+        assert type(sender) is ClientAddress
+        failed = Envelope(
+            id=EnvelopeId(f"{self.name}-{self.instance}-stop-{os.urandom(6).hex()}"),
+            type=control.FAILED,
+            sender=ServiceAddress(self.name),
+            content=msgspec.to_builtins(control.Failed(sender.conn_id, message.id)),
+            created=time.time(),
+            to=GatewayAddress(node_of(sender.conn_id)),
+        )
+        try:
+            self._emit(failed)
+        except (BusUnavailable, NoRoute) as exc:
+            log.info(
+                "service %r could not tell client %s that %s will not be handled (%s); its "
+                "gateway will, once this instance has left",
+                self.name,
+                sender.conn_id,
+                message.id,
+                exc,
+            )
+            return
+        self._note_handled(message)
 
     def _note_handled(self, message: Envelope) -> None:
         """A handler is done with ``message``: its gateway is told (batched)."""
@@ -674,12 +716,6 @@ class ServiceHost:
             self._outbound.append((subject, b"", None, False, "", notice))
         self._idle.clear()
         self._wake.set()
-
-
-def _cancelling() -> bool:
-    """Return True when the current task is being cancelled (its handler did not finish)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _only_node(recipients: Recipients) -> NodeId | None:

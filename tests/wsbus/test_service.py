@@ -479,6 +479,119 @@ async def test_a_held_place_is_nobody_elses_until_taken_or_given_back() -> None:
         other.accept(client_message("still.take", 3))
 
 
+# -- how each accepted envelope ended (the runtime's finished callback) ---------------------
+
+
+class Ending(Service):
+    """Handlers that return, raise, or wait on :attr:`gate` (async and sync)."""
+
+    name = "ending"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    @handles("end.ok")
+    async def ok(self, message: Envelope, ctx: Context) -> None:
+        await asyncio.sleep(0)
+
+    @handles("end.raise")
+    async def boom(self, message: Envelope, ctx: Context) -> None:
+        raise RuntimeError("planned")
+
+    @handles("end.sync_ok")
+    def sync_ok(self, message: Envelope, ctx: Context) -> None:
+        pass
+
+    @handles("end.sync_raise")
+    def sync_boom(self, message: Envelope, ctx: Context) -> None:
+        raise RuntimeError("planned")
+
+    @handles("end.wait")
+    async def wait(self, message: Envelope, ctx: Context) -> None:
+        self.started.set()
+        await self.gate.wait()
+
+
+async def _ended_runner(**kwargs: Any) -> tuple[Any, Ending, dict[str, str]]:
+    from wsbus.service import ServiceRunner
+
+    ended: dict[str, str] = {}
+
+    def finished(envelope: Envelope, outcome: str) -> None:
+        assert envelope.id not in ended, "called once per envelope"
+        ended[envelope.id] = outcome
+
+    service = Ending()
+    runner = ServiceRunner(service, lambda envelope: None, finished=finished, **kwargs)
+    await runner.start()
+    return runner, service, ended
+
+
+def _message(type: str, n: int) -> Envelope:
+    from wsbus_testing.conformance import client_message
+
+    # From a service: a failure is only logged (no client to tell, no emit needed).
+    return msgspec.structs.replace(client_message(type, n, n), sender=ServiceAddress("peer"))
+
+
+async def test_the_runtime_hears_once_how_each_accepted_envelope_ended() -> None:
+    runner, service, ended = await _ended_runner()
+    sent = {
+        "end.ok": "handled",
+        "end.raise": "failed",
+        "end.sync_ok": "handled",
+        "end.sync_raise": "failed",
+        "end.nobody": "handled",  # no handler: logged and dropped, its handling is over
+    }
+    messages = {_message(type, i).id: outcome for i, (type, outcome) in enumerate(sent.items())}
+    for i, type in enumerate(sent):
+        runner.accept(_message(type, i))
+    async with asyncio.timeout(10):
+        while len(ended) < len(sent):
+            await asyncio.sleep(0.01)
+    assert ended == messages
+    # A handler running and one waiting when the runner stops: both "stopped".
+    runner.accept(_message("end.wait", 10))
+    runner.accept(_message("end.ok", 11))
+    async with asyncio.timeout(10):
+        await service.started.wait()
+    await runner.stop()
+    assert ended[_message("end.wait", 10).id] == "stopped"
+    assert ended[_message("end.ok", 11).id] == "stopped"
+    assert len(ended) == len(sent) + 2
+
+
+async def test_stop_with_drain_finishes_what_the_inbox_holds_first() -> None:
+    runner, service, ended = await _ended_runner()
+    runner.accept(_message("end.wait", 0))
+    for i in range(1, 20):
+        runner.accept(_message("end.ok", i))
+    async with asyncio.timeout(10):
+        await service.started.wait()
+    stopping = asyncio.create_task(runner.stop(drain=60))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # still draining: the handler waits
+    service.gate.set()
+    async with asyncio.timeout(30):
+        await stopping
+    assert list(ended.values()) == ["handled"] * 20
+
+
+async def test_stop_with_drain_drops_what_it_could_not_finish_as_stopped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner, service, ended = await _ended_runner()
+    runner.accept(_message("end.wait", 0))  # never released
+    runner.accept(_message("end.ok", 1))
+    async with asyncio.timeout(10):
+        await service.started.wait()
+    async with asyncio.timeout(30):
+        await runner.stop(drain=0.2)
+    assert ended == {_message("end.wait", 0).id: "stopped", _message("end.ok", 1).id: "stopped"}
+    assert "draining" in caplog.text
+
+
 # -- clients() across gateways -------------------------------------------------------------
 
 
