@@ -212,10 +212,9 @@ class ServiceHost:
             # Drained, not unsubscribed: what NATS delivered already is still confirmed
             # and handled (an unsubscribe would leave its senders waiting for a timeout).
             if connected:
-                stopping = inbox_sub.drain()  # type: ignore[no-untyped-call]
+                await quietly(inbox_sub.drain(), self.config.request_timeout)  # type: ignore[no-untyped-call]
             else:
-                stopping = inbox_sub.unsubscribe()
-            await quietly(stopping, self.config.request_timeout)
+                await quietly(inbox_sub.unsubscribe(), self.config.request_timeout)
         if self._runner is not None:
             # While the link is down nothing handled could be answered: no drain then.
             await self._runner.stop(drain=self.drain_timeout if connected else 0.0)

@@ -150,8 +150,9 @@ class Hosts:
         await bus.start(sink)
         return sink
 
-    async def gateway(self, node: str) -> Gateway:
-        gateway = Gateway(NatsBus(self.config), config=GatewayConfig(node=node), entry_points=False)
+    async def gateway(self, node: str, **settings: Any) -> Gateway:
+        config = GatewayConfig(node=node, **settings)
+        gateway = Gateway(NatsBus(self.config), config=config, entry_points=False)
         await gateway.start()
         self.gateways.append(gateway)
         return gateway

@@ -16,7 +16,7 @@ from tests.wsbus_nats.test_bus import Hosts, LossSink, Stuck, Tally
 from wsbus import Context, Recipients, Service, handles
 from wsbus.envelope import ConnId, Envelope
 from wsbus.errors import ConfigError, ControlError, NoRoute
-from wsbus_nats import NatsConfig, ServiceHost
+from wsbus_nats import NatsBus, NatsConfig, ServiceHost
 from wsbus_testing.conformance import client_message
 from wsbus_testing.services import Director
 
@@ -243,3 +243,106 @@ async def test_a_message_held_by_an_instance_that_stops_ends_as_an_error(kit: Ho
     error = await client.receive_until("wsbus.error", timeout=10)
     assert error["content"]["ref"] == "r1" and error["content"]["code"] == "service_error"
     assert gateway.stats().service_errors == 1  # r0 was not failed: its handler was done
+
+
+# -- a clean stop drains ----------------------------------------------------------------------
+
+
+class Quick(Service):
+    """Answers ``quick.ask`` after a moment (another turn of the loop)."""
+
+    name = "quick"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.took = 0
+
+    @handles("quick.ask")
+    async def ask(self, message: Envelope, ctx: Context) -> None:
+        """Reply once :attr:`gate` is open."""
+        self.took += 1
+        await asyncio.sleep(0.002)
+        await self.gate.wait()
+        ctx.reply(message.content)
+
+
+async def _both_listed(gateway: Any) -> None:
+    """Wait until the gateway's directory lists both instances of ``quick``."""
+    bus = gateway.bus
+    assert isinstance(bus, NatsBus)
+    async with asyncio.timeout(30):
+        while bus.directory.services().get("quick", 0) < 2:
+            await asyncio.sleep(0.02)
+
+
+async def _outcomes(client: Any, ids: set[str]) -> dict[str, str]:
+    """Read until each request id has ended: ``"reply"`` or the error's code."""
+    ended: dict[str, str] = {}
+    async with asyncio.timeout(60):
+        while len(ended) < len(ids):
+            frame = await client.receive(60)
+            if frame["type"] == "quick.ask.reply" and frame["reply_to"] in ids:
+                assert frame["reply_to"] not in ended, "a request ended twice"
+                ended[frame["reply_to"]] = "reply"
+            elif frame["type"] == "wsbus.error" and frame["content"].get("ref") in ids:
+                ref = frame["content"]["ref"]
+                assert ref not in ended, "a request ended twice"
+                ended[ref] = frame["content"]["code"]
+    return ended
+
+
+async def test_a_clean_stop_of_one_of_two_instances_fails_no_request(kit: Hosts) -> None:
+    first, second = Quick(), Quick()
+    stopping = await kit.host(first)
+    await kit.host(second)
+    # No rate limit in the way: each request must end as a reply.
+    gateway = await kit.gateway("g1", rate=1e6, burst=1_000_000)
+    client = await kit.client(gateway)
+    await _both_listed(gateway)
+    ids: set[str] = set()
+
+    async def traffic(start: int, n: int) -> None:
+        for i in range(start, start + n):
+            ids.add(f"r{i}")
+            client.send("quick.ask", i, id=f"r{i}")
+            await asyncio.sleep(0.001)
+
+    sending = asyncio.create_task(traffic(0, 300))
+    async with asyncio.timeout(30):
+        while first.took < 20:  # mid-traffic, the first instance busy
+            await asyncio.sleep(0.005)
+    await stopping.close()
+    await sending
+    await traffic(300, 50)  # after the stop: all to the other instance
+    ended = await _outcomes(client, ids)
+    assert set(ended.values()) == {"reply"}, {k: v for k, v in ended.items() if v != "reply"}
+    assert first.took and second.took
+
+
+async def test_what_a_stopping_instance_cannot_finish_in_time_ends_as_an_error(
+    kit: Hosts,
+) -> None:
+    first, second = Quick(), Quick()
+    first.gate.clear()  # slower than the drain: never done
+    second.gate.clear()
+    stopping = await kit.host(first, drain_timeout=0.3)
+    await kit.host(second)
+    gateway = await kit.gateway("g1")
+    client = await kit.client(gateway)
+    await _both_listed(gateway)
+    ids = {f"r{i}" for i in range(40)}
+    for i in range(40):
+        client.send("quick.ask", i, id=f"r{i}")
+    acked: set[str] = set()
+    async with asyncio.timeout(30):
+        while len(acked) < len(ids):  # each held by one instance or the other
+            frame = await client.receive_until("wsbus.ack", timeout=30)
+            acked.add(frame["content"]["ref"])
+    assert first.took and second.took
+    await stopping.close()
+    second.gate.set()
+    ended = await _outcomes(client, ids)
+    errors = {ref: code for ref, code in ended.items() if code != "reply"}
+    # Every request ends: what the stopped instance held as service_error, nothing silent.
+    assert errors and set(errors.values()) == {"service_error"}
