@@ -133,8 +133,12 @@ class NatsBus:
     async def start(self, sink: BusSink) -> None:
         """Connect, join the directory and begin delivering envelopes for the gateway.
 
+        A gateway whose node id was a crashed gateway's waits up to three heartbeats to
+        see that one dead (one that stopped cleanly left at once).
+
         Raises:
-            ConfigError: the node id cannot be a NATS subject token; the bus is started.
+            ConfigError: the node id cannot be a NATS subject token, or a live gateway has
+                it (each gateway on one NATS deployment needs its own); the bus is started.
             BusUnavailable: no NATS server (with JetStream) could be reached.
         """
         if self._sink is not None:
@@ -154,10 +158,13 @@ class NatsBus:
         self._link = link
         await link.connect()
         try:
-            self._inbox = await link.subscribe(self.subjects.gateway_inbox(node), self._on_message)
             self._directory = Directory(
                 link, self.subjects, node=sink.node, on_lapse=self._recheck_claims
             )
+            # Before subscribing: a gateway refused for a node id in use never hears the
+            # live one's traffic.
+            await self._directory.check_node()
+            self._inbox = await link.subscribe(self.subjects.gateway_inbox(node), self._on_message)
             await self._directory.start()
         except BaseException:
             await self.close()

@@ -25,6 +25,7 @@ import base64
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,7 +39,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from wsbus.envelope import ConnId, NodeId, node_of
-from wsbus.errors import BusUnavailable
+from wsbus.errors import BusUnavailable, ConfigError
 
 from .link import Link, quietly
 from .subjects import Subjects
@@ -192,6 +193,12 @@ class Directory:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        # A gateway's entry holds a token of its own: another gateway with the same node
+        # id writing over it is seen (and logged) by both.
+        self._token = os.urandom(8).hex().encode()
+        self._node_last: int | None = None  # the revision to take the node id on (0: none)
+        self._owns_node = False
+        self._namesake_said = -math.inf
         self._closed = False
 
     # -- life ----------------------------------------------------------------------------
@@ -199,22 +206,19 @@ class Directory:
     async def start(self) -> None:
         """Open (or create) the buckets, put this process's entry, load and follow the rest.
 
+        A gateway takes its node id first (see :meth:`check_node`, called here unless
+        the caller did so before).
+
         Raises:
             BusUnavailable: JetStream is not reachable (the server must run with ``-js``).
+            ConfigError: a live gateway has this gateway's node id.
         """
-        config = self.config
-        self._js = self.link.nc.jetstream(timeout=config.request_timeout)
-        subjects = self.subjects
-        # Entries of dead processes age out of the buckets (their keys are random ids);
-        # aliases never do: an alias held by a live connection must not expire.
-        ttl = max(60.0, 30 * config.heartbeat)
+        await self._open()
+        if self.node is not None and self._node_last is None:
+            await self.check_node()
         try:
-            for bucket, bucket_ttl in (
-                (subjects.gateways_bucket, ttl),
-                (subjects.services_bucket, ttl),
-                (subjects.aliases_bucket, None),
-            ):
-                self._buckets[bucket] = await self._bucket(bucket, bucket_ttl)
+            if self.node is not None:
+                await self._take_node()
             await self._put_own()
             self._last_write = time.monotonic()
             await self._watch_all()
@@ -228,6 +232,97 @@ class Directory:
         self._heartbeat = asyncio.create_task(self._beat(), name="wsbus-nats-heartbeat")
         self._keeper = asyncio.create_task(self._keep_watching(), name="wsbus-nats-watches")
 
+    async def _open(self) -> None:
+        """Open (or create) the three buckets, once."""
+        if self._buckets:
+            return
+        config = self.config
+        self._js = self.link.nc.jetstream(timeout=config.request_timeout)
+        subjects = self.subjects
+        # Entries of dead processes age out of the buckets (their keys are random ids);
+        # aliases never do: an alias held by a live connection must not expire.
+        ttl = max(60.0, 30 * config.heartbeat)
+        try:
+            for bucket, bucket_ttl in (
+                (subjects.gateways_bucket, ttl),
+                (subjects.services_bucket, ttl),
+                (subjects.aliases_bucket, None),
+            ):
+                self._buckets[bucket] = await self._bucket(bucket, bucket_ttl)
+        except (nats.errors.Error, TimeoutError) as exc:
+            self._buckets.clear()
+            raise BusUnavailable(
+                f"the wsbus directory in NATS JetStream is not reachable ({exc!r}); the NATS "
+                "server must run with JetStream (nats-server -js)"
+            ) from None
+
+    async def check_node(self) -> None:
+        """For a gateway: make sure no live gateway has its node id; wait if need be.
+
+        Two gateways with one node id would number their connections alike and each get
+        the other's traffic, so the second is refused. Free at once: no entry, or one
+        deleted (its gateway stopped cleanly). An entry written again within three
+        heartbeats is a live gateway's: refused. One not written for three heartbeats is
+        a dead gateway's (crashed): taken over, so a gateway restarted after a crash
+        starts within three heartbeats. Call it before subscribing to the gateway's
+        subjects (so that a refused gateway never hears the live one's traffic);
+        :meth:`start` then takes the entry atomically (a gateway that started meanwhile
+        with the same id makes one of the two refused).
+
+        Raises:
+            ConfigError: a live gateway has this node id.
+            BusUnavailable: JetStream is not reachable.
+        """
+        node = self.node
+        assert node is not None
+        await self._open()
+        kv = self._buckets[self.subjects.gateways_bucket]
+        heartbeat = self.config.heartbeat
+        try:
+            try:
+                entry = await kv.get(node)
+            except nats.js.errors.KeyNotFoundError:
+                self._node_last = 0
+                return
+            first = entry.revision
+            log.info(
+                "gateway %s: its node id is in the directory; waiting up to %g s to see "
+                "whether that gateway is alive",
+                node,
+                heartbeat * LIVE_HEARTBEATS,
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + heartbeat * LIVE_HEARTBEATS
+            while loop.time() < deadline:
+                await asyncio.sleep(heartbeat / 4)
+                try:
+                    entry = await kv.get(node)
+                except nats.js.errors.KeyNotFoundError:
+                    self._node_last = 0  # it stopped cleanly meanwhile
+                    return
+                if entry.revision != first:
+                    raise _node_in_use(node)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"the wsbus directory in NATS JetStream is not reachable ({exc!r})"
+            ) from None
+        log.info("gateway %s: the gateway that had its node id is gone; taking its place", node)
+        self._node_last = first
+
+    async def _take_node(self) -> None:
+        """Write this gateway's entry first on the revision :meth:`check_node` saw."""
+        node = self.node
+        assert node is not None
+        kv = self._buckets[self.subjects.gateways_bucket]
+        try:
+            if not self._node_last:
+                await kv.create(node, self._token)
+            else:
+                await kv.update(node, self._token, last=self._node_last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise _node_in_use(node) from None
+        self._owns_node = True
+
     async def close(self) -> None:
         """Stop the heartbeat and the watches; delete this process's entry. Idempotent."""
         if self._closed:
@@ -240,7 +335,7 @@ class Directory:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.link.connected:
+        if self.link.connected and self._buckets:
             # Deleted, not left to age: others free this gateway's aliases (or stop
             # routing to this instance) at once.
             with contextlib.suppress(Exception):
@@ -342,14 +437,18 @@ class Directory:
 
     async def _put_own(self) -> None:
         if self.node is not None:
-            await self._buckets[self.subjects.gateways_bucket].put(self.node, b"1")
+            await self._buckets[self.subjects.gateways_bucket].put(self.node, self._token)
         if self.service is not None:
             key = f"{self.service.service}.{self.service.instance}"
             await self._buckets[self.subjects.services_bucket].put(key, _ENCODE(self.service))
 
     async def _delete_own(self) -> None:
-        if self.node is not None:
-            await self._buckets[self.subjects.gateways_bucket].delete(self.node)
+        if self.node is not None and self._owns_node:
+            kv = self._buckets[self.subjects.gateways_bucket]
+            # Only this gateway's own entry: never a live namesake's.
+            entry = await kv.get(self.node)
+            if entry.value == self._token:
+                await kv.delete(self.node, last=entry.revision)
         if self.service is not None:
             key = f"{self.service.service}.{self.service.instance}"
             await self._buckets[self.subjects.services_bucket].delete(key)
@@ -412,6 +511,14 @@ class Directory:
             headers = msg.headers or {}
             deleted = _KV_OPERATION in headers or _MARKER_REASON in headers
             meta = msg.metadata
+            if (
+                not services
+                and key == self.node
+                and self._owns_node
+                and not deleted
+                and msg.data != self._token
+            ):
+                self._namesake()
             if table.update(key, None if deleted else msg.data):
                 if services:
                     self._reindex()
@@ -435,6 +542,20 @@ class Directory:
             loaded.set_result(None)
         async with asyncio.timeout(self.config.request_timeout):
             await loaded
+
+    def _namesake(self) -> None:
+        """Another gateway wrote this one's entry: both have one node id (said once a minute)."""
+        now = time.monotonic()
+        if now - self._namesake_said < 60:
+            return
+        self._namesake_said = now
+        log.error(
+            "another gateway with node id %r writes this gateway's directory entry (it "
+            "took this one for dead while it was cut off?): both number their connections "
+            "alike and may get each other's traffic; stop one of them and give each "
+            "gateway its own --node",
+            self.node,
+        )
 
     async def _unwatch(self) -> None:
         watches, self._watches = self._watches, {}
@@ -617,6 +738,14 @@ class Directory:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"the alias table in NATS is not reachable ({exc!r})") from None
         return ConnId((entry.value or b"").decode(errors="replace"))
+
+
+def _node_in_use(node: str) -> ConfigError:
+    return ConfigError(
+        f"another gateway with node id {node!r} is on this NATS deployment (its directory "
+        "entry is kept alive): give each gateway its own --node, or leave it out for a "
+        "random one"
+    )
 
 
 def alias_key(alias: str) -> str:

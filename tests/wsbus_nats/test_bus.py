@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -714,3 +717,79 @@ async def test_a_service_that_moves_to_another_node_tells_the_gateways(
         await sink.wait_for(lambda d: any(e.content["x"] == "again" for e in d), 30)
     finally:
         await kit.close()
+
+
+# -- one node id, one gateway ---------------------------------------------------------------
+
+
+async def test_a_second_gateway_with_a_node_id_in_use_is_refused(kit: Hosts) -> None:
+    observer = await kit.host(Tally())
+    first = await kit.sink("g1")
+    second = NatsBus(kit.config)
+    with pytest.raises(ConfigError, match="'g1'") as refused:
+        await second.start(LossSink(second, "g1"))
+    await second.close()
+    assert "--node" in str(refused.value)
+    # The refused one took nothing from the live one: still listed and routed to.
+    await asyncio.sleep(kit.config.heartbeat * 4)
+    assert observer.directory is not None and observer.directory.gateway_live("g1")
+    await first.bus.publish(_from("g1", "tally.hit", None))
+    # Once the first stopped cleanly, the node id is free at once.
+    first_bus = kit.buses[0]
+    await first_bus.close()
+    kit.buses.remove(first_bus)
+    await kit.sink("g1")
+
+
+@pytest.fixture
+def gateway_process(nats_config: NatsConfig) -> Iterator[subprocess.Popen[str]]:
+    """A gateway (a NatsBus with a recording sink) with node id g1 in its own process."""
+    code = (
+        "import asyncio; from wsbus_nats import NatsBus, NatsConfig; "
+        "from wsbus_testing.conformance import RecordingSink\n"
+        "async def main():\n"
+        f"    bus = NatsBus(NatsConfig(servers=({nats_config.servers[0]!r},), heartbeat=0.5))\n"
+        "    await bus.start(RecordingSink(bus, 'g1'))\n"
+        "    print('ready', flush=True)\n"
+        "    await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+async def test_a_gateway_restarted_after_a_crash_takes_its_node_id_back(
+    kit: Hosts, gateway_process: subprocess.Popen[str]
+) -> None:
+    assert gateway_process.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(gateway_process.stdout.readline), 30)
+    assert "ready" in line, line
+    # While the other process lives, its node id is refused here.
+    refused = NatsBus(kit.config)
+    with pytest.raises(ConfigError, match="'g1'"):
+        await refused.start(LossSink(refused, "g1"))
+    await refused.close()
+    # Killed (no clean stop: its entry stays), a gateway with its node id starts once the
+    # entry has aged out, and gets the traffic for g1.
+    gateway_process.kill()
+    await asyncio.to_thread(gateway_process.wait, 10)
+    observer = await kit.host(Tally())
+    sink = await kit.sink("g1")
+    assert observer.directory is not None
+    async with asyncio.timeout(30):
+        while not observer.directory.gateway_live("g1"):
+            await asyncio.sleep(0.05)
+    await sink.bus.publish(_from("g1", "tally.hit", None))
