@@ -6,7 +6,9 @@ on it:
 
 - each gateway puts its node id in ``P_gateways`` and each service instance
   ``<service>.<instance>`` (with its types) in ``P_services`` once per ``heartbeat``; an entry
-  not refreshed within three heartbeats is dead, one deleted (a clean stop) at once;
+  not refreshed within three heartbeats is dead, one deleted (a clean stop) at once. A
+  gateway's node id is its own: one started with the node id of a live gateway is refused
+  (``ConfigError``); a crashed one's is taken once its entry is dead;
 - ``P_aliases`` maps each alias to the connection holding it. A claim is a key-value
   *create* (atomic across the cluster); an alias whose holder's gateway is dead is taken over
   with an *update* on the revision read, so two gateways racing for it cannot both win;

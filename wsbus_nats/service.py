@@ -14,10 +14,13 @@ are awaited in the background; one that fails is reported back to the service as
 dropped unseen.
 
 A client's message to a handler is acknowledged with the instance's id, and the gateway is
-told when the handler is done with it: should the instance die (or stop) first, the
-gateway tells the client ``service_error``. After its link to NATS broke and was made
-again, an instance tells every gateway that what it sent meanwhile may be lost (they send
-their clients ``wsbus.gap``).
+told when the handler is done with it: should the instance die first, the gateway tells the
+client ``service_error``. A clean stop (:meth:`ServiceHost.close`, or SIGTERM for
+:func:`run_service`) drains: the instance leaves the queue group first (the other
+instances get the new traffic), finishes what it holds for up to ``drain_timeout``
+seconds, and tells the clients of what is left ``service_error``. After its link to NATS
+broke and was made again, an instance tells every gateway that what it sent meanwhile may
+be lost (they send their clients ``wsbus.gap``).
 """
 
 from __future__ import annotations
