@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import sys
 import tempfile
@@ -35,6 +36,8 @@ from wsbus_cli.adapters import Commands, Section, hookimpl
 from wsbus_cli.supervisor import Child
 
 __all__ = ["PASSWORD_ENV", "TOKEN_ENV", "NatsAdapter", "check_nats", "nats"]
+
+log = logging.getLogger("wsbus.nats")
 
 PASSWORD_ENV: Final = "WSBUS_NATS_PASSWORD"
 """The environment variable holding the NATS password (``nats.password``)."""
@@ -239,6 +242,17 @@ def check_nats(config: Any) -> None:
     Raises:
         BusUnavailable: none answers, or the first that does refuses the credentials.
     """
+    from .config import has_credentials, redact_url
+
+    if any(has_credentials(url) for url in config.servers):
+        # Said, not refused: the URL may come from a private settings file.
+        log.warning(
+            "a NATS server URL holds credentials (%s): given with --nats-url, anyone on "
+            "this machine can read them with ps; give --nats-user and $%s, or a settings "
+            "file (--config) readable by this user only",
+            ", ".join(redact_url(url) for url in config.servers if has_credentials(url)),
+            PASSWORD_ENV,
+        )
     for url in config.servers:
         parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
         try:
@@ -254,14 +268,18 @@ def check_nats(config: Any) -> None:
             continue
         if refused is None:
             return
-        who = f"user {config.user!r}" if config.user else "this process (no user given)"
+        # A URL's user only with a password: a name alone there is a token (secret).
+        user = config.user or (parts.username if parts.password is not None else None)
+        who = f"user {user!r}" if user else "this process (no user given)"
         raise BusUnavailable(
-            f"the NATS server at {url} refused {who}: {refused}; give the user and password "
+            f"the NATS server at {redact_url(url)} refused {who}: {refused}; give the user "
+            "and password "
             f"wsbus nats-config made for this process (--config FILE, or --nats-user and "
             f"${PASSWORD_ENV})"
         )
     raise BusUnavailable(
-        f"no NATS server answers at {', '.join(config.servers)}: start one (`nats-server "
+        f"no NATS server answers at {', '.join(map(redact_url, config.servers))}: start one "
+        "(`nats-server "
         "-js`), or pass its URL with --nats-url"
     )
 
@@ -305,7 +323,10 @@ def _nats_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         action="append",
         default=None,
-        help="a NATS server (repeatable; default nats://127.0.0.1:4222)",
+        help=(
+            "a NATS server (repeatable; default nats://127.0.0.1:4222); no password in it "
+            f"(anyone can read it with ps): use --nats-user and ${PASSWORD_ENV}"
+        ),
     )
     group.add_argument(
         "--nats-user",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import ssl
+import urllib.parse
 from typing import Any
 
 import msgspec
@@ -22,7 +23,29 @@ from wsbus.errors import ConfigError
 
 from .subjects import is_token
 
-__all__ = ["NatsConfig"]
+__all__ = ["NatsConfig", "has_credentials", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` fit to show (logs, errors): a password or token in it hidden.
+
+    ``nats://user:secret@host:4222`` -> ``nats://user:***@host:4222``, and a token
+    (``nats://secret@host``) -> ``nats://***@host``. Every URL wsbus shows goes through it.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{head}{sep}{shown}@{hostpart}"
+
+
+def has_credentials(url: str) -> bool:
+    """Return True when ``url`` holds a user, password or token (``user:pass@``)."""
+    return "@" in urllib.parse.urlsplit(url if "://" in url else f"nats://{url}").netloc
 
 
 class NatsConfig(msgspec.Struct, frozen=True, kw_only=True):

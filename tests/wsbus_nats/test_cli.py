@@ -208,6 +208,26 @@ def test_credentials_the_server_refuses_are_one_line(tmp_path: Path) -> None:
         assert child.stop() == 0, child.text
 
 
+def test_a_password_in_a_server_url_is_never_shown(tmp_path: Path) -> None:
+    result = run("nats-config", "--service", "echo", "--any-gateway", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    secret = "not-the-password-4f9c2"
+    with NatsServer(tmp_path / "nats", config_file=tmp_path / SERVER_CONFIG) as server:
+        host = server.url.removeprefix("nats://")
+        refused = run(
+            "service", ECHO, "--bus", "nats", "--nats-url", f"nats://svc-echo:{secret}@{host}"
+        )
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert secret not in refused.stdout + refused.stderr
+        assert f"nats://svc-echo:***@{host}" in refused.stderr
+        assert "refused user 'svc-echo'" in refused.stderr
+        # Said once, whatever happens next: the command line is anyone's to read.
+        assert "ps" in refused.stderr and PASSWORD_ENV in refused.stderr
+        nobody = run("service", ECHO, "--bus", "nats", "--nats-url", f"nats://{secret}@{host}")
+        assert nobody.returncode == 1 and secret not in nobody.stdout + nobody.stderr
+        assert f"nats://***@{host}" in nobody.stderr
+
+
 def test_serve_refuses_a_node_that_is_not_a_subject_token(wsbus_nats_server: NatsServer) -> None:
     # A node id with a '-' is a fine gateway node, and a fine NATS token; a ':' is neither.
     line = one_line(
