@@ -126,6 +126,7 @@ class NatsAdapter:
         from wsbus_cli.cli import load_service_spec
 
         from . import NatsBus, NatsConfig
+        from .buckets import make_buckets
         from .permissions import SERVER_CONFIG, plan, write
         from .servers import NatsServer
 
@@ -138,8 +139,15 @@ class NatsAdapter:
                 Path(directory) / "server", config_file=conf / SERVER_CONFIG, monitor=False
             )
             children: list[Child] = []
+            gateway = access.gateway_user()
             try:
                 await asyncio.to_thread(server.start)
+                gateway_config = NatsConfig(
+                    servers=(server.url,), user=gateway.name, password=gateway.password
+                )
+                # The services start first and may not make the directory's buckets (only
+                # gateways may): made here, as the gateway will find them.
+                await make_buckets(gateway_config)
                 for spec, name in zip(services, names, strict=True):
                     user = access.service_user(name)
                     command = ["service", spec, "--bus", "nats", "--nats-url", server.url]
@@ -157,10 +165,7 @@ class NatsAdapter:
                     "own NATS user and may send only as itself",
                     flush=True,
                 )
-                gateway = access.gateway_user()
-                yield NatsBus(
-                    NatsConfig(servers=(server.url,), user=gateway.name, password=gateway.password)
-                )
+                yield NatsBus(gateway_config)
             finally:
                 for child in reversed(children):
                     await asyncio.to_thread(child.stop)

@@ -26,16 +26,26 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
+import nats
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from wsbus.errors import ConfigError
+from wsbus.errors import BusUnavailable, ConfigError
 
+from .config import NatsConfig, redact_url
 from .subjects import Subjects
 
-__all__ = ["BucketSpec", "bucket_specs", "check_stream", "open_bucket", "stream_config"]
+__all__ = [
+    "BucketSpec",
+    "bucket_specs",
+    "check_stream",
+    "make_buckets",
+    "open_bucket",
+    "stream_config",
+]
 
 log = logging.getLogger("wsbus.nats.buckets")
 
@@ -193,3 +203,33 @@ async def open_bucket(
         if said:
             log.info("the wsbus directory bucket %s exists now", spec.name)
         return await js.key_value(spec.name)
+
+
+async def make_buckets(config: NatsConfig) -> None:
+    """Connect as ``config``'s user (a gateway's) and make the three buckets, checked.
+
+    What a gateway does at start, for a setup step that must come before any service
+    instance starts (``wsbus demo --bus nats`` starts its services first).
+
+    Raises:
+        ConfigError: a bucket exists and is not as wsbus makes it.
+        BusUnavailable: NATS or its JetStream cannot be reached.
+    """
+    try:
+        nc = await nats.connect(**{**config.connect_options(), "allow_reconnect": False})
+    except Exception as exc:
+        raise BusUnavailable(
+            f"no NATS server could be reached at {', '.join(map(redact_url, config.servers))} "
+            f"({config.scrub(repr(exc))})"
+        ) from None
+    try:
+        js = nc.jetstream(timeout=config.request_timeout)
+        for spec in bucket_specs(Subjects(config.prefix), config.heartbeat):
+            await open_bucket(js, spec, replicas=config.kv_replicas, create=True, wait=0)
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(
+            f"the wsbus directory in NATS JetStream is not reachable ({exc!r}); the NATS "
+            "server must run with JetStream (nats-server -js)"
+        ) from None
+    finally:
+        await nc.close()

@@ -133,6 +133,25 @@ class NatsConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("tls_cert and tls_key go together: give both or neither")
 
     @property
+    def authenticates(self) -> bool:
+        """True when this process logs in to NATS (a user, token, creds or nkey, or a URL's)."""
+        given = (self.user, self.token, self.creds_file, self.nkey_seed_file)
+        return any(v is not None for v in given) or any(map(has_credentials, self.servers))
+
+    def scrub(self, text: str) -> str:
+        """Return ``text`` (an error's, say) with this configuration's secrets hidden.
+
+        The password, the token and any password or token in a server URL become ``***``.
+        """
+        secrets = {self.password, self.token}
+        for url in self.servers:
+            parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+            secrets.update((parts.password, parts.username if parts.password is None else None))
+        for secret in sorted(filter(None, secrets), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    @property
     def uses_tls(self) -> bool:
         """True when a TLS option is set (or a server URL says ``tls://``)."""
         return any(v is not None for v in (self.tls_ca, self.tls_cert, self.tls_key)) or any(

@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from wsbus.envelope import (
     encode_envelope,
 )
 from wsbus_cli.supervisor import Child, free_port
+from wsbus_nats import NatsConfig
 from wsbus_nats.adapter import PASSWORD_ENV
+from wsbus_nats.buckets import make_buckets
 from wsbus_nats.permissions import SERVER_CONFIG
 from wsbus_nats.servers import NatsServer, find_nats_server
 from wsbus_nats.subjects import Subjects
@@ -193,7 +196,13 @@ def test_credentials_the_server_refuses_are_one_line(tmp_path: Path) -> None:
         assert "wsbus nats-config" in wrong
         nobody = one_line(run("serve", "--bus", "nats", "--nats-url", server.url), 1)
         assert "refused this process (no user given)" in nobody
-        # The right ones: it starts (and stops cleanly).
+        # The right ones: it starts (and stops cleanly) once a gateway's user has made the
+        # directory's buckets (a service's may not).
+        gateways = tomllib.loads((tmp_path / "gateways.toml").read_text())["nats"]
+        config = NatsConfig(
+            servers=(server.url,), user=gateways["user"], password=gateways["password"]
+        )
+        asyncio.run(make_buckets(config))
         child = Child(
             [
                 "service",
@@ -278,11 +287,12 @@ class Deployment:
         url = self.server.url
         # The settings files choose the bus, and the gateway's node: nothing else needed
         # but where the server is.
-        service = ["service", ECHO, "--config", str(self.conf / "svc-echo.toml")]
-        self.children.append(Child([*service, "--nats-url", url], timeout=60))
+        # The gateway first: it makes the directory's buckets (a service's user may not).
         serve = ["serve", "--config", str(self.conf / "gw-g1.toml"), "--port", "0"]
         gateway = Child([*serve, "--nats-url", url], ready="listening on", timeout=60)
         self.children.append(gateway)
+        service = ["service", ECHO, "--config", str(self.conf / "svc-echo.toml")]
+        self.children.append(Child([*service, "--nats-url", url], timeout=60))
         assert "wsbus gateway g1 listening" in gateway.text, gateway.text
         found = re.search(r"listening on (ws://\S+)", gateway.text)
         assert found is not None, gateway.text
