@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import assert_balanced
+from tests.loops import run_in_own_loop
 from tests.wsbus.cluster import ClaimingBus, Cluster, Running, running
 from wsbus import (
     AliasPolicy,
@@ -306,7 +307,7 @@ operations = st.lists(
 def test_the_table_and_the_registries_always_agree(
     ops: list[tuple[str, int, str]], policy: AliasPolicy
 ) -> None:
-    asyncio.run(_agree(ops, policy))
+    run_in_own_loop(_agree(ops, policy))
 
 
 async def _agree(ops: list[tuple[str, int, str]], policy: AliasPolicy) -> None:

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import assert_balanced
+from tests.loops import run_in_own_loop
 from wsbus import ClientAddress, Codec, Envelope, Gateway, GatewayConfig, memory_pair
 from wsbus.bus import BusSink
 from wsbus.wire import ClientFrame, decode_client_frame
@@ -79,12 +80,4 @@ async def _run(frames: list[str | bytes], codec: Codec) -> None:
 def test_no_frame_changes_the_stamped_sender(data: st.DataObject) -> None:
     codec = data.draw(st.sampled_from(list(Codec)))
     frames = data.draw(st.lists(wst.adversarial_frames(codec=codec), min_size=1, max_size=15))
-    # A loop of its own, closed here, that never becomes the thread's current loop:
-    # asyncio.run() would clear the current loop, and some pytest-asyncio releases (0.24
-    # among them) leave an unclosed one there after an async test, whose ResourceWarning
-    # then fails whichever test drops it (pytest-asyncio issue #724).
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(_run(frames, codec))
-    finally:
-        loop.close()
+    run_in_own_loop(_run(frames, codec))
