@@ -43,10 +43,19 @@ from nats.js.kv import KeyValue
 from wsbus.envelope import ConnId, NodeId, node_of
 from wsbus.errors import BusUnavailable, ConfigError
 
-from .link import Link, quietly
-from .subjects import Subjects
+from .buckets import bucket_specs, open_bucket
+from .link import Link, RateLimitedLog, quietly
+from .subjects import Subjects, is_token
 
-__all__ = ["LIVE_HEARTBEATS", "REACH_HEARTBEATS", "Directory", "ServiceEntry", "alias_key"]
+__all__ = [
+    "INSTANCES_LIMIT",
+    "LIVE_HEARTBEATS",
+    "REACH_HEARTBEATS",
+    "TYPES_LIMIT",
+    "Directory",
+    "ServiceEntry",
+    "alias_key",
+]
 
 log = logging.getLogger("wsbus.nats.directory")
 
@@ -61,10 +70,19 @@ REACH_HEARTBEATS: Final = 30
 _KV_OPERATION: Final = "KV-Operation"
 _MARKER_REASON: Final = "Nats-Marker-Reason"
 _CLAIM_ATTEMPTS: Final = 8
+INSTANCES_LIMIT: Final = 1000
+"""Instances of one service a process takes from the directory, at most (more: ignored)."""
+TYPES_LIMIT: Final = 1000
+"""Types of one instance a process takes from the directory, at most (more: ignored)."""
 
 
 class ServiceEntry(msgspec.Struct, frozen=True):
-    """The value of a service instance's key in ``P_services``."""
+    """The value of a service instance's key in ``P_services``.
+
+    Readers take the service and instance from the key (``<service>.<instance>``, the only
+    keys that service's NATS user may write), never from here: a value naming another is
+    ignored (a sender mismatch).
+    """
 
     service: str
     instance: str
@@ -186,8 +204,11 @@ class Directory:
         heartbeat = self.config.heartbeat
         self._gateways = _Table(heartbeat)
         self._services = _Table(heartbeat)
-        self._by_type: dict[str, set[str]] = {}
-        self._instances: dict[str, list[str]] = {}  # service -> its instance keys
+        # type -> {service: how many of its instances declared it}
+        self._by_type: dict[str, dict[str, int]] = {}
+        self._instances: dict[str, set[str]] = {}  # service -> its instance keys
+        self._indexed: dict[str, tuple[str, frozenset[str]]] = {}  # key -> service, types
+        self._warn = RateLimitedLog(log)
         self._seen_nodes: dict[str, float] = {}  # gateways seen in traffic, not yet listed
         self._js: JetStreamContext | None = None
         self._buckets: dict[str, KeyValue] = {}
@@ -240,17 +261,20 @@ class Directory:
             return
         config = self.config
         self._js = self.link.nc.jetstream(timeout=config.request_timeout)
-        subjects = self.subjects
-        # Entries of dead processes age out of the buckets (their keys are random ids);
-        # aliases never do: an alias held by a live connection must not expire.
-        ttl = max(60.0, 30 * config.heartbeat)
         try:
-            for bucket, bucket_ttl in (
-                (subjects.gateways_bucket, ttl),
-                (subjects.services_bucket, ttl),
-                (subjects.aliases_bucket, None),
-            ):
-                self._buckets[bucket] = await self._bucket(bucket, bucket_ttl)
+            # Gateways make the buckets; a service instance that logs in waits for them
+            # (its user may not create them: see wsbus_nats.buckets), one on a server
+            # open to all (where nothing is protected anyway) makes them too. Each is
+            # checked.
+            create = self.node is not None or not config.authenticates
+            for spec in bucket_specs(self.subjects, config.heartbeat):
+                self._buckets[spec.name] = await open_bucket(
+                    self._js,
+                    spec,
+                    replicas=config.kv_replicas,
+                    create=create,
+                    wait=config.heartbeat,
+                )
         except (nats.errors.Error, TimeoutError) as exc:
             self._buckets.clear()
             raise BusUnavailable(
@@ -423,20 +447,6 @@ class Directory:
             (subjects.services_bucket, self._services),
         ]
 
-    async def _bucket(self, name: str, ttl: float | None) -> KeyValue:
-        assert self._js is not None
-        try:
-            return await self._js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            pass
-        try:
-            return await self._js.create_key_value(
-                bucket=name, history=1, ttl=ttl, replicas=self.config.kv_replicas
-            )
-        except nats.js.errors.BadRequestError:
-            # Created by another process meanwhile.
-            return await self._js.key_value(name)
-
     async def _put_own(self) -> None:
         if self.node is not None:
             await self._buckets[self.subjects.gateways_bucket].put(self.node, self._token)
@@ -523,7 +533,7 @@ class Directory:
                 self._namesake()
             if table.update(key, None if deleted else msg.data):
                 if services:
-                    self._reindex()
+                    self._index(key, None if deleted else msg.data)
                 if self._on_change is not None:
                     self._on_change()
             if meta.num_pending == 0 and not loaded.done():
@@ -564,19 +574,87 @@ class Directory:
         for sub in watches.values():
             await quietly(sub.unsubscribe(), self.config.request_timeout)
 
-    def _reindex(self) -> None:
-        by_type: dict[str, set[str]] = {}
-        instances: dict[str, list[str]] = {}
-        for key, (value, _) in self._services.entries.items():
-            try:
-                entry = _DECODE_SERVICE(value)
-            except msgspec.DecodeError:
+    def _index(self, key: str, value: bytes | None) -> None:
+        """Index one instance's entry anew (None: gone). Only that key is decoded.
+
+        The service and instance are the key's two tokens, the only keys the service's
+        NATS user may write: a value that names another is a sender mismatch, ignored.
+        """
+        self._unindex(key)
+        if value is None:
+            return
+        service, dot, instance = key.partition(".")
+        if not (dot and is_token(service) and is_token(instance)):
+            self._mismatch(key, "a key that is not <service>.<instance>")
+            return
+        try:
+            entry = _DECODE_SERVICE(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._mismatch(key, "a value that is not a service entry")
+            return
+        if entry.service != service or entry.instance != instance:
+            self._mismatch(key, f"a value naming {entry.service}.{entry.instance}")
+            return
+        keys = self._instances.setdefault(service, set())
+        if len(keys) >= INSTANCES_LIMIT:
+            self._warn.warning(
+                "instances",
+                "service %r has more than %d instances in the directory; %s is ignored",
+                service,
+                INSTANCES_LIMIT,
+                key,
+            )
+            return
+        types = frozenset(entry.types)
+        if len(types) > TYPES_LIMIT:
+            self._warn.warning(
+                "types",
+                "instance %s declares %d types, more than %d; it is ignored",
+                key,
+                len(types),
+                TYPES_LIMIT,
+            )
+            if not keys:
+                del self._instances[service]
+            return
+        keys.add(key)
+        self._indexed[key] = (service, types)
+        for type_ in types:
+            counts = self._by_type.setdefault(type_, {})
+            counts[service] = counts.get(service, 0) + 1
+
+    def _unindex(self, key: str) -> None:
+        indexed = self._indexed.pop(key, None)
+        if indexed is None:
+            return
+        service, types = indexed
+        keys = self._instances.get(service)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._instances[service]
+        for type_ in types:
+            counts = self._by_type.get(type_)
+            if counts is None:
                 continue
-            instances.setdefault(entry.service, []).append(key)
-            for type_ in entry.types:
-                by_type.setdefault(type_, set()).add(entry.service)
-        self._by_type = by_type
-        self._instances = instances
+            left = counts.get(service, 0) - 1
+            if left > 0:
+                counts[service] = left
+            else:
+                counts.pop(service, None)
+                if not counts:
+                    del self._by_type[type_]
+
+    def _mismatch(self, key: str, what: str) -> None:
+        self.link.counters.sender_mismatches += 1
+        self._warn.warning(
+            "entry",
+            "the directory's service entry %s holds %s: ignored (only <service>.<instance> "
+            "keys with their own service's entry count; check the NATS permissions: wsbus "
+            "nats-config)",
+            key,
+            what,
+        )
 
     # -- reading -------------------------------------------------------------------------
 

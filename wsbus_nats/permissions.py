@@ -18,11 +18,14 @@ user                publishes                                   subscribes
 ``gateways``        as ``gw-N`` for every node ``*``            ``P.gw.*.>``, ``_INBOX.>``
 ==================  ==========================================  ==============================
 
-and the directory in JetStream key-value buckets: everyone may open (or create) the three
-buckets, read them and follow them (consumers on ``KV_P_gateways`` and ``KV_P_services``,
-their deliveries and flow control on ``_INBOX.>`` and ``$JS.FC``); service ``S`` writes only
-its own instances' keys (``$KV.P_services.S.>``), gateway ``N`` only its own liveness key
-(``$KV.P_gateways.N``) and the alias table (``$KV.P_aliases.>``).
+and the directory in JetStream key-value buckets: everyone may open the three buckets,
+read them and follow them (consumers on ``KV_P_gateways`` and ``KV_P_services``, their
+deliveries and flow control on ``_INBOX.>`` and ``$JS.FC``); only gateways may create them
+(whoever creates a bucket's stream chooses what it stores: see :mod:`wsbus_nats.buckets`);
+service ``S`` writes only its own instances' keys (``$KV.P_services.S.*``: exactly
+``S.<instance>``), gateway ``N`` only its own liveness key (``$KV.P_gateways.N``) and the
+alias table (``$KV.P_aliases.>``: any gateway may rewrite any alias; each checks its own
+claims). The account's JetStream use is bounded (:class:`JetStreamLimits`).
 
 What this does not stop: a process subscribing ``_INBOX.>`` can read other processes'
 acknowledgements and key-value reads (the directory and the alias table, which every
@@ -51,6 +54,7 @@ __all__ = [
     "DEFAULT_ACCOUNT",
     "SERVER_CONFIG",
     "Access",
+    "JetStreamLimits",
     "NatsUser",
     "Permissions",
     "gateway_permissions",
@@ -110,6 +114,28 @@ class NatsUser:
 
 
 @dataclass(frozen=True)
+class JetStreamLimits:
+    """The account's JetStream limits in the server configuration.
+
+    Every user may create consumers (the directory's watches) and the gateways create the
+    buckets' streams; without limits one user could fill the server's memory or disk.
+
+    Attributes:
+        max_memory: bytes of memory storage (ordered consumers' state).
+        max_file: bytes of file storage (the three buckets take 136 MiB per replica:
+            at most 680 MiB with ``kv_replicas = 5``).
+        max_streams: streams (the three buckets).
+        max_consumers: consumers per stream (two watches per process, more while one is
+            made anew: about four per gateway or service instance).
+    """
+
+    max_memory: int = 256 * 1024 * 1024
+    max_file: int = 1024 * 1024 * 1024
+    max_streams: int = 3
+    max_consumers: int = 4096
+
+
+@dataclass(frozen=True)
 class Access:
     """The users of one deployment: what ``wsbus nats-config`` generates.
 
@@ -118,12 +144,14 @@ class Access:
         account: the NATS account holding the users.
         users: the users, services first.
         servers: server URLs to put in the credentials files (may be empty).
+        jetstream: the account's JetStream limits.
     """
 
     prefix: str
     account: str
     users: tuple[NatsUser, ...]
     servers: tuple[str, ...] = ()
+    jetstream: JetStreamLimits = field(default_factory=lambda: JetStreamLimits())
 
     def user(self, name: str) -> NatsUser:
         """Return the user called ``name``.
@@ -155,7 +183,19 @@ class Access:
     def server_config(self, file_name: str = SERVER_CONFIG) -> str:
         """Return the nats-server configuration: the account, its users and permissions."""
         lines = [_HEADER.format(file=file_name), "jetstream: enabled", "", "accounts {"]
-        lines += [f"  {_quote(self.account)} {{", "    jetstream: enabled", "    users: ["]
+        limits = self.jetstream
+        lines += [
+            f"  {_quote(self.account)} {{",
+            # Bounds on what any user of the account can make JetStream hold (watches are
+            # consumers; the buckets are the streams): see JetStreamLimits.
+            "    jetstream: {",
+            f"      max_memory: {limits.max_memory}",
+            f"      max_file: {limits.max_file}",
+            f"      max_streams: {limits.max_streams}",
+            f"      max_consumers: {limits.max_consumers}",
+            "    }",
+            "    users: [",
+        ]
         for user in self.users:
             what = (
                 f"service {user.owner}"
@@ -231,13 +271,16 @@ def _toml(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _bucket_reads(bucket: str, *, follow: bool) -> list[str]:
+def _bucket_reads(bucket: str, *, follow: bool, create: bool) -> list[str]:
     """What nats-py publishes to open (or create) a key-value bucket, read it, follow it."""
     api = "$JS.API"
     stream = f"KV_{bucket}"
-    subjects = [
-        f"{api}.STREAM.INFO.{stream}",
-        f"{api}.STREAM.CREATE.{stream}",
+    subjects = [f"{api}.STREAM.INFO.{stream}"]
+    if create:
+        # Gateways only: whoever creates a bucket's stream chooses what it stores (see
+        # wsbus_nats.buckets; every process checks it when it opens it).
+        subjects.append(f"{api}.STREAM.CREATE.{stream}")
+    subjects += [
         f"{api}.DIRECT.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}.>",
         f"{api}.STREAM.MSG.GET.{stream}",
@@ -255,12 +298,12 @@ def _bucket_reads(bucket: str, *, follow: bool) -> list[str]:
     return subjects
 
 
-def _directory(subjects: Subjects, writes: Sequence[str]) -> list[str]:
+def _directory(subjects: Subjects, writes: Sequence[str], *, create: bool) -> list[str]:
     return [
         "$JS.API.INFO",
-        *_bucket_reads(subjects.gateways_bucket, follow=True),
-        *_bucket_reads(subjects.services_bucket, follow=True),
-        *_bucket_reads(subjects.aliases_bucket, follow=False),
+        *_bucket_reads(subjects.gateways_bucket, follow=True, create=create),
+        *_bucket_reads(subjects.services_bucket, follow=True, create=create),
+        *_bucket_reads(subjects.aliases_bucket, follow=False, create=create),
         *writes,
     ]
 
@@ -272,7 +315,8 @@ def service_permissions(subjects: Subjects, service: str) -> Permissions:
         publish=(
             subjects.to_gateway("*", service),
             subjects.to_service("*", "svc", service),
-            *_directory(subjects, [f"$KV.{subjects.services_bucket}.{service}.>"]),
+            # One token after the service's: exactly <service>.<instance> keys.
+            *_directory(subjects, [f"$KV.{subjects.services_bucket}.{service}.*"], create=False),
         ),
         subscribe=(subjects.service_inbox(service), f"{p}.reply.{service}.>", "_INBOX.>"),
     )
@@ -288,6 +332,7 @@ def gateway_permissions(subjects: Subjects, node: str = ANY_GATEWAY) -> Permissi
             *_directory(
                 subjects,
                 [f"$KV.{subjects.gateways_bucket}.{node}", f"$KV.{subjects.aliases_bucket}.>"],
+                create=True,
             ),
         ),
         subscribe=(subjects.gateway_inbox(node), "_INBOX.>"),

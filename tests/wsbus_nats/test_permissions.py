@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
 from wsbus.errors import ConfigError
+from wsbus_nats.buckets import bucket_specs, open_bucket
 from wsbus_nats.permissions import SERVER_CONFIG, Access, plan, write
 from wsbus_nats.servers import NatsCluster, NatsServer
 from wsbus_nats.subjects import Subjects
@@ -191,13 +192,11 @@ async def test_answers_and_control_replies_flow(connect: Any) -> None:
     assert echo.errors == [] and gateway.errors == []
 
 
-async def _directory(js: Any, prefix: str = "wsbus") -> dict[str, Any]:
+async def _directory(js: Any, *, create: bool) -> dict[str, Any]:
+    # As the bus opens them: gateways create the buckets, services wait for them.
     buckets = {}
-    for name in (f"{prefix}_gateways", f"{prefix}_services", f"{prefix}_aliases"):
-        try:
-            buckets[name] = await js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            buckets[name] = await js.create_key_value(bucket=name, history=1)
+    for spec in bucket_specs(SUBJECTS, 1.0):
+        buckets[spec.name] = await open_bucket(js, spec, replicas=1, create=create, wait=0.05)
     return buckets
 
 
@@ -219,16 +218,16 @@ async def _watch(js: Any, bucket: str) -> list[str]:
 
 
 async def test_the_directory_is_open_to_each_role_as_the_bus_uses_it(connect: Any) -> None:
-    # A service and a gateway each open (the first creates) the buckets, follow the live
-    # gateways and services, and write their own entries; a gateway claims aliases. None
+    # A gateway creates the buckets, a service opens them; each follows the live
+    # gateways and services and writes its own entries; a gateway claims aliases. None
     # of it is refused.
     echo = await connect("svc-echo")
     gateway = await connect("gw-a")
     any_gateway = await connect("gateways")
     echo_js, gateway_js = echo.nc.jetstream(timeout=5), gateway.nc.jetstream(timeout=5)
-    mine = await _directory(echo_js)
-    theirs = await _directory(gateway_js)
-    await _directory(any_gateway.nc.jetstream(timeout=5))
+    theirs = await _directory(gateway_js, create=True)
+    mine = await _directory(echo_js, create=False)
+    await _directory(any_gateway.nc.jetstream(timeout=5), create=True)
     watched = await _watch(echo_js, "wsbus_gateways")
     services = await _watch(gateway_js, "wsbus_services")
     await mine["wsbus_services"].put("echo.i1", msgspec.msgpack.encode(["echo"]))
@@ -249,10 +248,11 @@ async def test_the_directory_is_open_to_each_role_as_the_bus_uses_it(connect: An
 async def test_the_directory_is_written_by_its_owners_only(connect: Any) -> None:
     echo = await connect("svc-echo")
     gateway = await connect("gw-a")
-    buckets = await _directory(gateway.nc.jetstream(timeout=5))
+    buckets = await _directory(gateway.nc.jetstream(timeout=5), create=True)
     js = echo.nc.jetstream(timeout=1)
     for subject in (
         "$KV.wsbus_services.chat.i1",  # another service's instance
+        "$KV.wsbus_services.echo.i1.more",  # its own, but not <service>.<instance>
         "$KV.wsbus_gateways.a",  # a gateway's liveness
         "$KV.wsbus_aliases.c2FtCg",  # the alias table
     ):
@@ -396,9 +396,11 @@ async def test_the_generated_configuration_runs_a_cluster(tmp_path: Path, access
 
         echo, gateway = await as_user("svc-echo", 0), await as_user("gw-a", 2)
         buckets = {}
-        for name in ("wsbus_gateways", "wsbus_services", "wsbus_aliases"):
-            buckets[name] = await echo.jetstream(timeout=10).create_key_value(
-                bucket=name, history=1, replicas=3
+        for spec in bucket_specs(SUBJECTS, 1.0):
+            js = gateway.jetstream(timeout=10)
+            await open_bucket(js, spec, replicas=3, create=True, wait=0.1)
+            buckets[spec.name] = await open_bucket(
+                echo.jetstream(timeout=10), spec, replicas=3, create=False, wait=0.1
             )
         await buckets["wsbus_services"].put("echo.i1", b"types")
         got = await _collect(gateway, SUBJECTS.gateway_inbox("a"))
@@ -414,3 +416,43 @@ async def test_the_generated_configuration_runs_a_cluster(tmp_path: Path, access
         for nc in made:
             await nc.close()
         await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_service_cannot_make_the_directorys_buckets(connect: Any) -> None:
+    # A service that made a bucket's stream first could choose what it stores: say, every
+    # client message to chat (H6's finding), which it could then read from the bucket.
+    echo = await connect("svc-echo")
+    rogue = {
+        "name": "KV_wsbus_aliases",
+        "subjects": ["$KV.wsbus_aliases.>", "wsbus.svc.chat.>"],
+        "max_msgs_per_subject": 1,
+        "storage": "file",
+    }
+    with pytest.raises(nats.errors.Error):  # refused: no answer comes
+        await echo.nc.request(
+            "$JS.API.STREAM.CREATE.KV_wsbus_aliases", msgspec.json.encode(rogue), timeout=1
+        )
+    await echo.wait_error()
+    # Its bus waits for a gateway to make the buckets; the gateway makes them as wsbus does.
+    specs = bucket_specs(SUBJECTS, 1.0)
+    echo_js = echo.nc.jetstream(timeout=5)
+    waiting = asyncio.create_task(
+        open_bucket(echo_js, specs[2], replicas=1, create=False, wait=0.05)
+    )
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    gateway = await connect("gw-a")
+    await _directory(gateway.nc.jetstream(timeout=5), create=True)
+    async with asyncio.timeout(10):
+        await waiting
+    info = await gateway.nc.jetstream(timeout=5).stream_info("KV_wsbus_aliases")
+    assert info.config.subjects == ["$KV.wsbus_aliases.>"]
+    assert gateway.errors == []
+
+
+async def test_the_account_has_jetstream_limits(connect: Any, access: Access) -> None:
+    echo = await connect("svc-echo")
+    info = await echo.nc.jetstream(timeout=5).account_info()
+    assert info.limits.max_consumers == access.jetstream.max_consumers
+    assert info.limits.max_memory == access.jetstream.max_memory
+    assert info.limits.max_storage == access.jetstream.max_file
