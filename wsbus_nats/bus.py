@@ -45,7 +45,7 @@ from wsbus.envelope import (
 )
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
-from .config import NatsConfig
+from .config import NatsConfig, redact_url
 from .directory import LIVE_HEARTBEATS, Directory
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
 from .subjects import FROM_GATEWAY, Subjects, check_tokens
@@ -91,6 +91,14 @@ _decode_ids = msgspec.msgpack.Decoder(list[str]).decode
 
 _REPLY_LIMIT: Final = 100_000
 """Control requests whose answer subject a gateway remembers at most (a bound on memory)."""
+BATCH_LIMIT: Final = 256
+"""The most envelopes a batch to a gateway may hold (a service sends at most
+``wsbus_nats.service.BATCH_COUNT``): a larger one is refused before it is decoded."""
+CLAIM_CHECK_HEARTBEATS: Final = 10
+"""A gateway checks that the alias table still names its connections for their aliases
+this often (any gateway user can rewrite the table: see docs/nats.md)..."""
+CLAIM_CHECK_COUNT: Final = 1000
+"""... up to this many of its aliases each time, in turn (one key-value read each)."""
 
 
 class NatsBus:
@@ -112,8 +120,15 @@ class NatsBus:
         self._node = ""
         self._from_services = ""  # P.gw.<node>.svc.: what every subject to us starts with
         self._inbox: Subscription | None = None
-        # Control request id -> the subject its answer goes to (the asking instance's).
-        self._replies: OrderedDict[str, str] = OrderedDict()
+        # (asking service, control request id) -> the subject its answer goes to (the
+        # asking instance's). Keyed by the service too: ids are chosen by services, and
+        # one reusing another's id must not take its answer.
+        self._replies: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # Lost notices: when each service's last was heard, and the services that sent
+        # this gateway something since their last (only those may send another).
+        self._lost_heard: dict[str, float] = {}
+        self._sent_since_lost: set[str] = set()
+        self._claim_checker: asyncio.Task[None] | None = None
         self._warn = RateLimitedLog(log)
         self._lost_pending: list[tuple[str, str]] = []
         # The aliases this gateway's connections hold in the table, and releases that
@@ -170,7 +185,10 @@ class NatsBus:
             await self.close()
             raise
         self._watchdog = asyncio.create_task(self._watch_held(), name="wsbus-nats-held")
-        log.info("gateway %s on NATS at %s", node, ", ".join(self.config.servers))
+        self._claim_checker = asyncio.create_task(
+            self._check_claims_often(), name="wsbus-nats-claim-checks"
+        )
+        log.info("gateway %s on NATS at %s", node, ", ".join(map(redact_url, self.config.servers)))
 
     async def publish(self, envelope: Envelope) -> None:
         """Put an envelope on the bus; return once every service it goes to holds it.
@@ -188,8 +206,12 @@ class NatsBus:
             link.counters.refused += 1
             raise BusUnavailable("the connection to NATS is down; reconnecting")
         to = envelope.to
-        if envelope.type == control.RESULT and envelope.reply_to is not None:
-            reply = self._replies.pop(envelope.reply_to, None)
+        if (
+            envelope.type == control.RESULT
+            and envelope.reply_to is not None
+            and isinstance(to, ServiceAddress)
+        ):
+            reply = self._replies.pop((to.name, envelope.reply_to), None)
             if reply is not None:
                 await link.publish(reply, self._payload(envelope))
                 return
@@ -218,11 +240,11 @@ class NatsBus:
     async def close(self) -> None:
         """Leave the directory, unsubscribe and close the connection. Idempotent."""
         self._closed = True
-        for task in (self._watchdog, self._rechecking):
+        for task in (self._watchdog, self._claim_checker, self._rechecking):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._watchdog = None
+        self._watchdog = self._claim_checker = None
         if self._rechecking is not None:
             self._rechecking.cancel()
             await asyncio.gather(self._rechecking, return_exceptions=True)
@@ -290,6 +312,29 @@ class NatsBus:
             return
         self._rechecking = asyncio.create_task(self._recheck(), name="wsbus-nats-claims")
 
+    async def _check_claims_often(self) -> None:
+        """Every ``CLAIM_CHECK_HEARTBEATS`` heartbeats: check this gateway's aliases.
+
+        Not only after a lapse: any gateway user may rewrite the alias table, and a
+        connection whose alias was taken must hear of it (its alias cleared).
+        """
+        cursor = 0
+        while True:
+            await asyncio.sleep(self.config.heartbeat * CLAIM_CHECK_HEARTBEATS)
+            link = self._link
+            if link is None or not link.connected or self._rechecking is not None:
+                continue
+            aliases = list(self._claims)
+            if not aliases:
+                continue
+            cursor %= len(aliases)
+            chosen = aliases[cursor : cursor + CLAIM_CHECK_COUNT]
+            cursor += len(chosen)
+            try:
+                await self._check_aliases(chosen)
+            except BusUnavailable as exc:
+                log.info("checking this gateway's aliases failed: %s (checked again later)", exc)
+
     async def _recheck(self) -> None:
         # Twice, a live-window apart: a gateway that took this one for dead a moment ago
         # may make its takeover just after the first look.
@@ -317,7 +362,15 @@ class NatsBus:
             await directory.release_alias(alias, conn_id)
             if self._unreleased.get(alias) == conn_id:
                 del self._unreleased[alias]
-        for alias, conn_id in list(self._claims.items()):
+        await self._check_aliases(list(self._claims))
+
+    async def _check_aliases(self, aliases: list[str]) -> None:
+        """Clear those of ``aliases`` whose key in the table names another connection."""
+        directory = self._table()
+        for alias in aliases:
+            conn_id = self._claims.get(alias)
+            if conn_id is None:
+                continue
             holder = await directory.alias_holder(alias)
             if holder == conn_id or self._claims.get(alias) != conn_id:
                 continue
@@ -331,8 +384,9 @@ class NatsBus:
         if sink is None:
             return
         log.warning(
-            "alias %r of connection %s was cleared: connection %s of another gateway took "
-            "it while this gateway was cut off from NATS",
+            "alias %r of connection %s was cleared: the alias table names connection %s "
+            "(another gateway took it while this one was cut off from NATS, or a gateway's "
+            "NATS user rewrote the table)",
             alias,
             conn_id,
             holder,
@@ -449,10 +503,7 @@ class NatsBus:
         headers = msg.headers
         if headers:
             if LOST_HEADER in headers:
-                self._lost(
-                    "bus_disconnected",
-                    f"service {sender!r} lost its connection to NATS: what it sent may be lost",
-                )
+                self._service_lost(sender)
                 return
             instance = headers.get(DONE_HEADER)
             if instance is not None:
@@ -461,6 +512,12 @@ class NatsBus:
         data = msg.data
         try:
             if data and data[0] in _ARRAY_FIRST_BYTES:
+                # Counted before it is decoded: a service batches at most BATCH_LIMIT, and
+                # decoding a megabyte of tiny envelopes costs tens of milliseconds.
+                count = _array_count(data)
+                if count > BATCH_LIMIT:
+                    self._mismatch(subject, f"a batch of {count} envelopes (at most {BATCH_LIMIT})")
+                    return
                 envelopes = _decode_batch(data)
             else:
                 envelopes = [decode_envelope(data)]
@@ -470,6 +527,7 @@ class NatsBus:
         if "." in sender:
             self._mismatch(subject, "a subject wsbus does not use")
             return
+        self._sent_since_lost.add(sender)
         deliver = sink.deliver
         for envelope in envelopes:
             address = envelope.sender
@@ -485,7 +543,7 @@ class NatsBus:
                 and reply.startswith(f"{self.subjects.prefix}.reply.{sender}.")
             ):
                 replies = self._replies
-                replies[envelope.id] = reply
+                replies[(sender, envelope.id)] = reply
                 if len(replies) > _REPLY_LIMIT:
                     replies.popitem(last=False)
             deliver(envelope)
@@ -599,6 +657,33 @@ class NatsBus:
             "NATS dropped messages for this gateway: it read them too slowly",
         )
 
+    def _service_lost(self, sender: str) -> None:
+        """A service says what it sent may be lost: believed once a heartbeat at most.
+
+        Only from a service that sent this gateway something since its previous notice
+        (otherwise it had nothing here to lose): any service could otherwise make every
+        client of the gateway hear ``wsbus.gap`` as often as it liked.
+        """
+        now = time.monotonic()
+        last = self._lost_heard.get(sender)
+        if sender not in self._sent_since_lost or (
+            last is not None and now - last < self.config.heartbeat
+        ):
+            self._warn.warning(
+                "lost notice",
+                "gateway %s ignored a lost-deliveries notice from service %r: it sent nothing "
+                "here since its last one, or sent one within a heartbeat",
+                self._node,
+                sender,
+            )
+            return
+        self._sent_since_lost.discard(sender)
+        self._lost_heard[sender] = now
+        self._lost(
+            "bus_disconnected",
+            f"service {sender!r} lost its connection to NATS: what it sent may be lost",
+        )
+
     def _lost(self, reason: str, detail: str) -> None:
         """Tell the gateway, once per burst: a burst of drops in one read is one notice."""
         pending = self._lost_pending
@@ -620,6 +705,16 @@ class NatsBus:
                 sink.deliveries_lost(reason, detail)
             except Exception:
                 log.exception("the gateway failed to hear of lost deliveries")
+
+
+def _array_count(data: bytes) -> int:
+    """Return the item count of the MessagePack array ``data`` starts with (its header)."""
+    first = data[0]
+    if first == 0xDC:
+        return int.from_bytes(data[1:3], "big")
+    if first == 0xDD:
+        return int.from_bytes(data[1:5], "big")
+    return first & 0x0F
 
 
 def array_header(count: int) -> bytes:

@@ -24,7 +24,7 @@ from nats.aio.subscription import Subscription
 
 from wsbus.errors import BusUnavailable
 
-from .config import NatsConfig
+from .config import NatsConfig, redact_url
 
 __all__ = ["NO_RESPONDERS", "Link", "LinkCounters", "RateLimitedLog", "quietly"]
 
@@ -167,7 +167,8 @@ class Link:
             finally:
                 self._closing = False
             raise BusUnavailable(
-                f"no NATS server could be reached at {', '.join(config.servers)} ({exc!r}); "
+                f"no NATS server could be reached at "
+                f"{', '.join(map(redact_url, config.servers))} ({config.scrub(repr(exc))}); "
                 "check that one runs there (nats-server -js), and the credentials"
             ) from None
         # Connected once: from now on reconnect for ever (see NatsConfig.connect_options).
@@ -297,7 +298,12 @@ class Link:
             return
         counters.errors += 1
         if not self._closing:
-            self._warn.warning(f"error {type(exc).__name__}", "NATS (%s): %r", self.name, exc)
+            self._warn.warning(
+                f"error {type(exc).__name__}",
+                "NATS (%s): %s",
+                self.name,
+                self.config.scrub(repr(exc)),
+            )
 
     async def _disconnected(self) -> None:
         if self._closing:
@@ -309,7 +315,7 @@ class Link:
             "%s lost its connection to NATS (%s); reconnecting (disconnect %d); envelopes "
             "are refused meanwhile",
             self.name,
-            url or "?",
+            redact_url(url or "?"),
             counters.disconnects,
         )
         for token, future in list(self._acks.items()):
@@ -325,7 +331,10 @@ class Link:
         counters.reconnects += 1
         url = self._server = self._connected_to()
         log.warning(
-            "%s reconnected to NATS at %s (reconnect %d)", self.name, url, counters.reconnects
+            "%s reconnected to NATS at %s (reconnect %d)",
+            self.name,
+            redact_url(url),
+            counters.reconnects,
         )
         if self._on_reconnected is not None:
             self._on_reconnected()

@@ -67,7 +67,7 @@ from .bus import (
     LOST_HEADER,
     array_header,
 )
-from .config import NatsConfig
+from .config import NatsConfig, redact_url
 from .directory import Directory, ServiceEntry
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog, quietly
 from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_by
@@ -192,7 +192,7 @@ class ServiceHost:
             "service %r (instance %s) on NATS at %s, handling %s",
             self.name,
             self.instance,
-            ", ".join(config.servers),
+            ", ".join(map(redact_url, config.servers)),
             types,
         )
 

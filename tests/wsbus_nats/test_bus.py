@@ -700,6 +700,16 @@ async def test_a_service_that_moves_to_another_node_tells_the_gateways(
         sink = await kit.sink("ga", msgspec.structs.replace(base, servers=(urls[0],)))
         bus = sink.bus
         assert isinstance(bus, NatsBus)
+        # The service sends the gateway something first: a gateway believes a service's
+        # lost notice only when it sent there since its last (nothing else could be lost).
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await bus.publish(_from("ga", "probe.echo", "first"))
+                    break
+                except (BusUnavailable, NoRoute):
+                    await asyncio.sleep(0.05)
+        await sink.wait_for(lambda d: any(e.content["x"] == "first" for e in d), 30)
         await asyncio.to_thread(wsbus_nats_cluster.kill, 2)
         async with asyncio.timeout(30):
             while not sink.lost:
