@@ -550,7 +550,13 @@ class Directory:
         )
         self._watches[bucket] = sub
         info = await sub.consumer_info()
-        if info.num_pending == 0 and sub.delivered == 0 and not loaded.done():
+        # Loaded at once only when the server has delivered nothing at all (an empty
+        # bucket). Not "nothing pending and nothing processed here": entries the server
+        # has sent may not have reached on_update yet, and the table would start empty
+        # (a gateway then answered no_route for a live service, about 1 start in 250).
+        # Otherwise the entry that leaves nothing pending sets it, in on_update.
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if info.num_pending == 0 and delivered == 0 and not loaded.done():
             loaded.set_result(None)
         async with asyncio.timeout(self.config.request_timeout):
             await loaded
