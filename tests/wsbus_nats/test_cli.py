@@ -18,6 +18,7 @@ import msgspec
 import nats
 import pytest
 
+from tests.loops import run_in_own_loop
 from wsbus.envelope import (
     ConnId,
     Envelope,
@@ -202,7 +203,7 @@ def test_credentials_the_server_refuses_are_one_line(tmp_path: Path) -> None:
         config = NatsConfig(
             servers=(server.url,), user=gateways["user"], password=gateways["password"]
         )
-        asyncio.run(make_buckets(config))
+        run_in_own_loop(make_buckets(config))
         child = Child(
             [
                 "service",
