@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 
 from wsbus import Context, Envelope, Gateway, GatewayConfig, Service, handles
 from wsbus.errors import ConnectionClosed, MessageRejected, RequestTimeout
@@ -435,15 +434,6 @@ async def test_a_gateway_moves_to_another_node_and_its_clients_hear_of_any_loss(
         assert reply["content"]["content"] == "after"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "bug (wsbus_nats directory, H1), seen in 2 of 5 runs at 03:43 UTC (with the "
-        "directory of d8420ea), none in 14 since: after node 2's death, gateway A's client "
-        "was given the alias that B's live client held (the directory took B for dead "
-        "while a bucket elected a leader). Not strict: it shows only now and then"
-    ),
-)
 async def test_an_alias_held_on_a_gateway_whose_node_dies_stays_its_holders(
     wsbus_nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
