@@ -28,11 +28,12 @@ import contextlib
 import importlib
 import inspect
 import logging
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ClassVar, Final, Literal, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, Literal, Protocol, TypeAlias, TypeVar
 
 import msgspec
 
@@ -56,12 +57,14 @@ __all__ = [
     "Context",
     "Finished",
     "GatewayNodes",
+    "Hosted",
     "Outcome",
     "Service",
     "ServiceLink",
     "ServiceRunner",
     "handles",
     "load_service",
+    "serve_until_stopped",
 ]
 
 log = logging.getLogger("wsbus.service")
@@ -776,3 +779,35 @@ def load_service(spec: str) -> Service:
     if not (isinstance(cls, type) and issubclass(cls, Service)):
         raise ConfigError(f"{spec!r} is not a wsbus.Service subclass")
     return cls()
+
+
+class Hosted(Protocol):
+    """A bus runtime's host of one service process, as :func:`serve_until_stopped` runs it."""
+
+    async def start(self) -> None:
+        """Connect to the bus and start taking the service's messages."""
+        ...
+
+    async def close(self) -> None:
+        """Stop taking messages, finish or report what is held, and disconnect."""
+        ...
+
+
+async def serve_until_stopped(make_host: Callable[[], Hosted], name: str) -> None:
+    """Run a service process's host until SIGINT or SIGTERM, then close it.
+
+    The body of every bus runtime's ``run_service``. ``make_host`` is called on the running
+    loop (a host's runner needs one). Once the host has started it prints
+    ``service 'NAME' ready`` on stdout, the line a supervisor waits for.
+    """
+    host = make_host()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await host.start()
+    print(f"service {name!r} ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await host.close()

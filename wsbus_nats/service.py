@@ -30,7 +30,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -56,7 +55,7 @@ from wsbus.envelope import (
     node_of,
 )
 from wsbus.errors import BusUnavailable, NoRoute
-from wsbus.service import Outcome, Service, ServiceRunner, load_service
+from wsbus.service import Outcome, Service, ServiceRunner, load_service, serve_until_stopped
 
 from .bus import (
     ACK_BUSY,
@@ -737,18 +736,4 @@ def _only_node(recipients: Recipients) -> NodeId | None:
 def run_service(service: Service | str, config: NatsConfig | None = None) -> None:
     """Run a service on the NATS bus until SIGINT or SIGTERM (blocks)."""
     instance = load_service(service) if isinstance(service, str) else service
-    asyncio.run(_serve(instance, config))
-
-
-async def _serve(service: Service, config: NatsConfig | None) -> None:
-    host = ServiceHost(service, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await host.start()
-    print(f"service {service.name!r} ready", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await host.close()
+    asyncio.run(serve_until_stopped(lambda: ServiceHost(instance, config), instance.name))

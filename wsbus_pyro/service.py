@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import signal
 import threading
 from typing import Any
 
@@ -28,7 +27,7 @@ from Pyro5.server import expose
 
 from wsbus.envelope import Envelope, NodeId
 from wsbus.errors import BusUnavailable, ConfigError
-from wsbus.service import Service, ServiceRunner, load_service
+from wsbus.service import Service, ServiceRunner, load_service, serve_until_stopped
 
 from .config import PyroConfig, SecureDaemon, apply
 from .transport import (
@@ -316,18 +315,4 @@ class ServiceHost:
 def run_service(service: Service | str, config: PyroConfig | None = None) -> None:
     """Run a service on the Pyro bus until SIGINT or SIGTERM (blocks)."""
     instance = load_service(service) if isinstance(service, str) else service
-    asyncio.run(_serve(instance, config))
-
-
-async def _serve(service: Service, config: PyroConfig | None) -> None:
-    host = ServiceHost(service, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await host.start()
-    print(f"service {service.name!r} ready", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await host.close()
+    asyncio.run(serve_until_stopped(lambda: ServiceHost(instance, config), instance.name))
