@@ -12,11 +12,12 @@ methods.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Final
 
 import msgspec
 
-from .envelope import ConnId, Recipients
+from .envelope import ConnId, Envelope, EnvelopeId, GatewayAddress, NodeId, Recipients
 
 __all__ = [
     "ALIAS_CLEAR",
@@ -37,6 +38,7 @@ __all__ = [
     "GroupRequest",
     "Result",
     "Undeliverable",
+    "alias_lost",
 ]
 
 JOIN: Final = "wsbus.join"
@@ -165,3 +167,27 @@ class Failed(msgspec.Struct, frozen=True):
 
     conn_id: ConnId
     ref: str
+
+
+def alias_lost(node: NodeId, conn_id: ConnId, created: float) -> Envelope:
+    """Return the ``wsbus.alias.clear`` a bus hands its own gateway for a lost alias.
+
+    A bus sends it when its alias table gave a connection's alias to another connection
+    (while the gateway was cut off, say). Sender and addressee are the gateway itself, so
+    it clears the alias in its registry as a service's request would, and answers nobody
+    (no service asked).
+
+    Args:
+        node: the gateway's node id.
+        conn_id: the connection that lost its alias.
+        created: the time, in seconds since the epoch.
+    """
+    gateway = GatewayAddress(node)
+    return Envelope(
+        id=EnvelopeId(f"{node}-bus-{os.urandom(6).hex()}"),
+        type=ALIAS_CLEAR,
+        sender=gateway,
+        content={"conn_id": conn_id},
+        created=created,
+        to=gateway,
+    )

@@ -393,16 +393,7 @@ class NatsBus:
         )
         # As a service would: the gateway clears it in its registry (a request with no
         # service sender gets no answer).
-        sink.deliver(
-            Envelope(
-                id=EnvelopeId(f"{self._node}-bus-{os.urandom(6).hex()}"),
-                type=control.ALIAS_CLEAR,
-                sender=GatewayAddress(sink.node),
-                content={"conn_id": conn_id},
-                created=time.time(),
-                to=GatewayAddress(sink.node),
-            )
-        )
+        sink.deliver(control.alias_lost(sink.node, conn_id, time.time()))
 
     # -- what else a gateway or a test may ask -------------------------------------------
 

@@ -29,7 +29,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import socket
 import threading
 import time
@@ -41,7 +40,7 @@ from Pyro5.server import expose
 
 from wsbus import control
 from wsbus.bus import BusSink, HearsLoss
-from wsbus.envelope import ConnId, Envelope, EnvelopeId, GatewayAddress, ServiceAddress
+from wsbus.envelope import ConnId, Envelope, ServiceAddress
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
 
 from .config import PyroConfig, SecureDaemon, apply
@@ -387,16 +386,7 @@ class PyroBus:
         )
         # As a service would: the gateway clears it in its registry (a request with no
         # service sender gets no answer).
-        sink.deliver(
-            Envelope(
-                id=EnvelopeId(f"{self._node}-bus-{os.urandom(6).hex()}"),
-                type=control.ALIAS_CLEAR,
-                sender=GatewayAddress(sink.node),
-                content={"conn_id": conn_id},
-                created=time.time(),
-                to=GatewayAddress(sink.node),
-            )
-        )
+        sink.deliver(control.alias_lost(sink.node, conn_id, time.time()))
 
     # -- the daemon in the loop ----------------------------------------------------------
 
