@@ -12,25 +12,39 @@ Routing rules every bus follows:
 2. an envelope with ``recipients`` goes to the gateway (each gateway, on a bus with several);
 3. a ``wsbus.*`` control request from a service goes to the gateway;
 4. anything else goes to every service that declared its type; :class:`~wsbus.errors.NoRoute`
-   when none did.
+   when none did;
+5. a presence event (type ``wsbus.presence`` sent by a gateway, see
+   :func:`is_presence_event`) goes to every service that declared ``wsbus.presence`` (one
+   instance of each) and to every *other* gateway; never NoRoute: nobody listening is fine.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .envelope import ConnId, Envelope, NodeId
+from .envelope import ConnId, Envelope, GatewayAddress, NodeId
+
+if TYPE_CHECKING:
+    from .history import HistoryConfig, Position
+    from .resume import SessionRecord
 
 __all__ = [
     "SHARED_HEADER",
     "Bus",
     "BusSink",
     "ClaimsAliases",
+    "HearsGateways",
     "HearsLoss",
+    "KeepsHistory",
+    "KeepsSessions",
     "PublishesNowait",
     "ReportsAvailability",
     "is_for_gateway",
+    "is_presence_event",
 ]
+
+PRESENCE_TYPE = "wsbus.presence"
+"""The type of a gateway's presence event (see :func:`is_presence_event`)."""
 
 SHARED_HEADER = "wsbus-shared"
 """A bus sets this header to ``"1"`` on a message it sent to several gateways: each gateway
@@ -162,8 +176,76 @@ class HearsLoss(Protocol):
         ...
 
 
+@runtime_checkable
+class HearsGateways(Protocol):
+    """A :class:`BusSink` that can be told another gateway on the bus died."""
+
+    def gateway_lost(self, node: NodeId, report: bool) -> None:
+        """Hear that gateway ``node`` is dead: its connections are gone.
+
+        Called on the gateway's loop thread. The gateway sends leave frames for the members
+        of that node it knew of; with ``report`` it also publishes the ``gateway_lost``
+        presence event for services (a bus picks exactly one gateway to report, or reports
+        itself and passes False).
+        """
+        ...
+
+
+@runtime_checkable
+class KeepsHistory(Protocol):
+    """A bus that keeps group history: it stamps positions and can replay them."""
+
+    def keep_history(self, config: HistoryConfig) -> None:
+        """Say which groups keep history and how much; called once, before ``start``."""
+        ...
+
+    async def history(self, group: str, after: Position, limit: int) -> list[Envelope] | None:
+        """Return the group's envelopes after ``after``, oldest first, at most ``limit``.
+
+        Each carries its position headers. None when they cannot all be given: ``after``
+        is from another epoch, or entries after it were trimmed.
+
+        Raises:
+            BusUnavailable: the history cannot be read now.
+        """
+        ...
+
+
+@runtime_checkable
+class KeepsSessions(Protocol):
+    """A bus that keeps closed sessions' records, so a client may resume on any gateway."""
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        """Keep ``record`` for ``ttl`` seconds.
+
+        Raises:
+            BusUnavailable: it cannot be kept now.
+        """
+        ...
+
+    async def take_session(self, sid: str) -> SessionRecord | None:
+        """Return the record of ``sid`` and delete it, atomically: a second take gets None.
+
+        Raises:
+            BusUnavailable: the records cannot be read now.
+        """
+        ...
+
+
 def is_for_gateway(envelope: Envelope) -> bool:
     """Return True when routing rules 2 and 3 send this envelope to the gateway."""
     return envelope.recipients is not None or (
-        envelope.to is None and envelope.type.startswith("wsbus.")
+        envelope.to is None
+        and envelope.type.startswith("wsbus.")
+        and not is_presence_event(envelope)
+    )
+
+
+def is_presence_event(envelope: Envelope) -> bool:
+    """Return True for a gateway's presence event (routing rule 5)."""
+    return (
+        envelope.type == PRESENCE_TYPE
+        and envelope.to is None
+        and envelope.recipients is None
+        and isinstance(envelope.sender, GatewayAddress)
     )
