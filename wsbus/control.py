@@ -20,6 +20,7 @@ import msgspec
 from .envelope import ConnId, Envelope, EnvelopeId, GatewayAddress, NodeId, Recipients
 
 __all__ = [
+    "ACK_HEADER",
     "ALIAS_CLEAR",
     "ALIAS_SET",
     "CLIENTS",
@@ -27,15 +28,23 @@ __all__ = [
     "FAILED",
     "JOIN",
     "LEAVE",
+    "PRESENCE",
+    "PROCESSED",
+    "RECEIPT",
+    "RECEIPT_HEADER",
     "REQUEST_TYPES",
     "RESULT",
     "UNDELIVERABLE",
     "AliasRequest",
     "ClientsRequest",
     "ConnRequest",
+    "Delivery",
     "DisconnectRequest",
     "Failed",
     "GroupRequest",
+    "PresenceEvent",
+    "Processed",
+    "Receipt",
     "Result",
     "Undeliverable",
     "alias_lost",
@@ -59,6 +68,27 @@ UNDELIVERABLE: Final = "wsbus.undeliverable"
 """The gateway's report that a service message missed recipients (:class:`Undeliverable`)."""
 FAILED: Final = "wsbus.failed"
 """A service runtime's notice that a handler raised on a client's message (:class:`Failed`)."""
+PRESENCE: Final = "wsbus.presence"
+"""Event: a connection joined or left a group, or a gateway died (:class:`PresenceEvent`).
+
+A gateway publishes it (sender its :class:`~wsbus.envelope.GatewayAddress`, no recipients);
+the bus hands it to every service that declared the type and to every other gateway.
+"""
+RECEIPT: Final = "wsbus.receipt"
+"""One gateway's delivery receipt to the sending service (:class:`Receipt`).
+
+``reply_to`` is the id of the message the receipt is for.
+"""
+PROCESSED: Final = "wsbus.processed"
+"""A client acknowledged messages it processed (:class:`Processed`).
+
+From a client: content ``{"ids": [...]}``. From a gateway to the sending service: content
+:class:`Processed`.
+"""
+RECEIPT_HEADER: Final = "wsbus-receipt"
+"""Envelope header: ``"1"`` on a service's message that wants a :data:`RECEIPT`."""
+ACK_HEADER: Final = "wsbus-ack"
+"""Envelope header: ``"1"`` asks each client for an end-to-end :data:`PROCESSED`."""
 
 
 class GroupRequest(msgspec.Struct, frozen=True):
@@ -167,6 +197,82 @@ class Failed(msgspec.Struct, frozen=True):
 
     conn_id: ConnId
     ref: str
+
+
+class PresenceEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Content of ``wsbus.presence``: who joined or left a group, or which gateway died.
+
+    Attributes:
+        event: ``join``, ``leave`` or ``gateway_lost``.
+        node: the gateway it happened on (the dead one, for ``gateway_lost``).
+        group: the group joined or left (``None`` for ``gateway_lost``).
+        conn_id: the connection that joined or left.
+        alias: its alias, when it had one.
+        user: its authenticated user, when it had one.
+        reason: for ``leave``: ``left`` (asked to), ``disconnected`` (its connection
+            closed) or ``gateway_lost`` (its gateway died).
+    """
+
+    event: str
+    node: NodeId
+    group: str | None = None
+    conn_id: ConnId | None = None
+    alias: str | None = None
+    user: str | None = None
+    reason: str | None = None
+
+
+class Delivery(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What became of a message for one connection, in a :class:`Receipt`.
+
+    Attributes:
+        conn_id: the connection.
+        outcome: ``written`` (confirmed written to its socket), ``dropped`` (its connection
+            closed before it was written: see ``code``) or ``refused`` (its queue was full
+            and the slow-consumer policy is ``drop``).
+        alias: the connection's alias, when it had one.
+        user: the connection's authenticated user, when it had one.
+        code: the close code, for ``dropped``.
+    """
+
+    conn_id: ConnId
+    outcome: str
+    alias: str | None = None
+    user: str | None = None
+    code: int | None = None
+
+
+class Receipt(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Content of ``wsbus.receipt``: one gateway's part of a delivery receipt.
+
+    Attributes:
+        node: the gateway answering.
+        deliveries: one per connection this gateway delivered to (or tried).
+        unmatched: the recipients that matched nothing at this gateway.
+        failed: ``filtered`` (a hook dropped the message) or ``encode_failed`` (its content
+            cannot be encoded): nothing was delivered here.
+    """
+
+    node: NodeId
+    deliveries: tuple[Delivery, ...] = ()
+    unmatched: Recipients = Recipients()
+    failed: str | None = None
+
+
+class Processed(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Content of the gateway's ``wsbus.processed`` to the service that sent the messages.
+
+    Attributes:
+        conn_id: the connection whose client acknowledged them.
+        ids: the envelope ids it acknowledged (each one the gateway was waiting for).
+        alias: the connection's alias, when it had one.
+        user: the connection's authenticated user, when it had one.
+    """
+
+    conn_id: ConnId
+    ids: tuple[str, ...]
+    alias: str | None = None
+    user: str | None = None
 
 
 def alias_lost(node: NodeId, conn_id: ConnId, created: float) -> Envelope:
