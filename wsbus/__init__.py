@@ -5,7 +5,8 @@ clients and a bus (the in-memory :class:`MemoryBus`, or ``wsbus_pyro``) for the 
 
 This package holds what users need: writing services (:class:`Service`, :func:`handles`,
 :class:`Context`, :class:`Envelope` and the addresses), running a gateway (:class:`Gateway`,
-:class:`GatewayConfig`, :class:`Stats`, :class:`CloseCode`; in memory, :class:`MemoryBus`
+:class:`GatewayConfig`, :class:`Stats`, :class:`CloseCode`; history and resume,
+:class:`HistoryConfig`, :class:`ResumeSettings` and :class:`Position`; in memory, :class:`MemoryBus`
 and :func:`memory_pair`), writing plugins (:data:`hookimpl` and the hook value types), the
 settings users configure (:class:`Codec`, :class:`WireLimits`, :class:`AliasPolicy`) and
 every exception (:mod:`wsbus.errors`). What adapter authors and tests need stays public in
@@ -53,7 +54,8 @@ from .errors import (
     Unrouted,
     WsbusError,
 )
-from .gateway import CloseCode, Gateway, GatewayConfig, Stats
+from .gateway import CloseCode, Gateway, GatewayConfig, ResumeSettings, Stats
+from .history import HistoryConfig, Position
 from .hooks import Drop, HandshakeRequest, Identity, Refusal, Verdict, hookimpl
 from .memory import MemoryBus
 from .plugins import AllowAnonymous, TokenAuth
@@ -88,6 +90,7 @@ __all__ = [
     "GatewayConfig",
     "HandshakeRefused",
     "HandshakeRequest",
+    "HistoryConfig",
     "Identity",
     "InvalidFrame",
     "InvalidName",
@@ -96,11 +99,13 @@ __all__ = [
     "MissingExtra",
     "NoRoute",
     "PluginError",
+    "Position",
     "RateLimited",
     "Recipients",
     "Refusal",
     "RegistryError",
     "RequestTimeout",
+    "ResumeSettings",
     "Service",
     "ServiceAddress",
     "ServiceFailed",

@@ -37,6 +37,7 @@ from .bus import Bus, ClaimsAliases, PublishesNowait, ReportsAvailability
 from .edge import ClientConnection, ConnectionClosed, ReceivesRaw, ReportsUnsent, SendsNowait
 from .envelope import ConnId, Envelope, GatewayAddress, IdFactory, NodeId
 from .errors import AliasTaken, BusUnavailable, ConfigError, InvalidName, PluginError
+from .history import HistoryConfig
 from .hooks import HandshakeRequest, Hooks, Identity, Refusal, _FailureLog
 from .limits import ErrorBudget, TokenBucket
 from .outbound import Outbound
@@ -47,7 +48,7 @@ from .session import CloseCode, Session
 from .stats import Counters, Stats
 from .wire import CLIENT_CONTROL_TYPES, Rejection, WireLimits, decode_client_frame
 
-__all__ = ["CloseCode", "Gateway", "GatewayConfig", "Stats"]
+__all__ = ["CloseCode", "Gateway", "GatewayConfig", "ResumeSettings", "Stats"]
 
 log = logging.getLogger("wsbus.gateway")
 
@@ -76,6 +77,56 @@ READ_YIELD_BYTES: Final = 16 * 1024
 """A connection's reader gives other tasks a turn after reading this many bytes of frames
 without waiting: at most one large frame's work between turns (an echo round trip takes a
 few turns), and a yield per about 160 frames of 100 bytes, so typical frames pay nothing."""
+
+
+class ResumeSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How clients resume a session after a reconnect (see docs/history.md).
+
+    Attributes:
+        window: seconds a closed session can be resumed; 0 turns resume off.
+        secret: the key resume tokens are signed with, in hex (at least 32 hex digits).
+            Every gateway of a cluster must share it for a client to resume on another
+            gateway. None: a random key per gateway process (resume on this gateway only,
+            and not across its restart).
+        max_replay: messages replayed per group at most; a client that missed more is
+            told to resync that group.
+        max_unacked: deliveries awaiting the client's acknowledgement kept per connection
+            for redelivery; past it the oldest is no longer tracked.
+    """
+
+    window: float = 120.0
+    secret: str | None = None
+    max_replay: int = 1000
+    max_unacked: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.window >= 0:
+            raise ConfigError("resume.window must be >= 0 seconds (0 turns resume off)")
+        if self.max_replay < 1 or self.max_unacked < 1:
+            raise ConfigError("resume.max_replay and resume.max_unacked must be >= 1")
+        if self.secret is not None:
+            try:
+                key = bytes.fromhex(self.secret)
+            except ValueError:
+                key = b""
+            if len(key) < 16:
+                raise ConfigError(
+                    "resume.secret must be at least 32 hex digits (16 bytes); make one "
+                    "with: python -c 'import secrets; print(secrets.token_hex(32))'"
+                )
+
+    def __repr__(self) -> str:
+        # The secret signs every resume token: never shown in a log or a traceback.
+        secret = None if self.secret is None else "***"
+        return (
+            f"ResumeSettings(window={self.window!r}, secret={secret!r}, "
+            f"max_replay={self.max_replay!r}, max_unacked={self.max_unacked!r})"
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when clients can resume (the window is not 0)."""
+        return self.window > 0
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +159,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         alias_policy: what happens when a service sets an alias another connection has.
         name_pattern: the pattern aliases, users and group names must match.
         report_queue: control answers and delivery reports waiting to go on the bus.
+        history: which groups keep history (positions and replay on resume), and how much.
+        presence_frames: patterns of the groups whose members get ``wsbus.presence``
+            frames when other members join or leave.
+        resume: how clients resume a session after a reconnect.
     """
 
     node: str | None = None
@@ -129,6 +184,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     alias_policy: AliasPolicy = AliasPolicy.REFUSE
     name_pattern: str = DEFAULT_NAME_PATTERN
     report_queue: int = 10_000
+    history: HistoryConfig = HistoryConfig()
+    presence_frames: tuple[str, ...] = ()
+    resume: ResumeSettings = ResumeSettings()
 
     def __post_init__(self) -> None:
         if (

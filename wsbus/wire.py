@@ -85,6 +85,7 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     SERVICE_ERROR = "service_error"
     SHUTTING_DOWN = "shutting_down"
+    RESUME_FAILED = "resume_failed"
 
     @property
     def retry(self) -> bool:
@@ -109,11 +110,15 @@ _CLIENT_FAULTS: Final = frozenset(
         ErrorCode.LIMIT_EXCEEDED,
         ErrorCode.BAD_VALUE,
         ErrorCode.FORBIDDEN,
+        # A forged or replayed token is hostile: it is charged like any refused frame.
+        ErrorCode.RESUME_FAILED,
     }
 )
 
-CLIENT_CONTROL_TYPES: Final = frozenset({"wsbus.auth"})
-"""``wsbus.*`` types a client may send, and only when the gateway asks for them."""
+CLIENT_CONTROL_TYPES: Final = frozenset({"wsbus.auth", "wsbus.resume", "wsbus.processed"})
+"""``wsbus.*`` types a client may send: ``wsbus.auth`` only when the gateway asks for it,
+``wsbus.resume`` only as the first frame after ``wsbus.welcome``, ``wsbus.processed`` any
+time (see docs/protocol.md)."""
 
 RESERVED_PREFIX: Final = "wsbus."
 MAX_SAFE_INTEGER: Final = 2**53 - 1
@@ -181,8 +186,18 @@ class Rejection(msgspec.Struct, frozen=True):
 class ServerFrame(msgspec.Struct, omit_defaults=True, gc=False):
     """A frame the gateway sends to a client.
 
-    ``type``, ``content`` and ``id`` are always present; ``reply_to`` and ``from`` only
-    where set.
+    ``type``, ``content`` and ``id`` are always present; ``reply_to``, ``from``,
+    ``group``, ``pos`` and ``ack`` only where set.
+
+    Attributes:
+        type: the message type.
+        content: the payload.
+        id: the message id.
+        reply_to: the id of the message this answers.
+        from_: the sender's public name (``from`` on the wire).
+        group: the history group of a message that has a position.
+        pos: its position in that group's history, ``"<epoch>:<offset>"``.
+        ack: True when the client is asked to acknowledge it with ``wsbus.processed``.
     """
 
     type: str
@@ -190,6 +205,9 @@ class ServerFrame(msgspec.Struct, omit_defaults=True, gc=False):
     id: str
     reply_to: str | None = None
     from_: str | None = msgspec.field(default=None, name="from")
+    group: str | None = None
+    pos: str | None = None
+    ack: bool = False
 
 
 _JSON_ENCODER: Final = msgspec.json.Encoder()

@@ -19,6 +19,8 @@ EXPECTED = {
     # running a gateway, and the settings users configure
     "AliasPolicy", "CloseCode", "Codec", "ErrorCode", "Gateway", "GatewayConfig", "MemoryBus",
     "Stats", "WireLimits", "memory_pair",
+    # history and resume
+    "HistoryConfig", "Position", "ResumeSettings",
     # writing plugins
     "AllowAnonymous", "Drop", "HandshakeRequest", "Identity", "Refusal", "TokenAuth", "Verdict",
     "hookimpl",
@@ -51,7 +53,10 @@ ADAPTER_NAMES = {
         "Bus",
         "BusSink",
         "ClaimsAliases",
+        "HearsGateways",
         "HearsLoss",
+        "KeepsHistory",
+        "KeepsSessions",
         "PublishesNowait",
         "ReportsAvailability",
     },
@@ -62,6 +67,16 @@ ADAPTER_NAMES = {
     "wsbus.wire": {"ClientFrame", "Rejection", "decode_client_frame", "encode_server_frame"},
     "wsbus.hooks": {"Hooks", "hookspec"},
     "wsbus.control": {"Result", "REQUEST_TYPES"},
+    "wsbus.history": {
+        "GROUP_HEADER",
+        "POSITION_HEADER",
+        "HistoryConfig",
+        "Position",
+        "history_group",
+        "position_of",
+        "stamp",
+    },
+    "wsbus.resume": {"SessionRecord"},
 }
 
 
