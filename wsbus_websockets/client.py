@@ -22,6 +22,19 @@ frame: its link to the bus broke, or the bus dropped messages), the frame comes 
 :meth:`Client.receive` in its place among the messages, :attr:`Client.gaps` counts it, and
 the ``on_gap`` callback, if given, is called with it as it arrives: the place to resync
 (fetch the state again) rather than trust what was pieced together from messages.
+
+A client whose gateway offers resume (the welcome's ``resume.token``) resumes its session
+when it reconnects: it sends ``wsbus.resume`` with the token and the last position it saw
+per history group (:attr:`Client.positions`), and the gateway restores its alias, user and
+groups and replays what it missed. What cannot be restored is said to the application
+once, as a ``wsbus.resync`` frame the client itself makes (:data:`RESYNC`): it comes to
+:meth:`Client.receive` in its place, and to the ``on_resync`` callback.
+
+Frames the gateway marks ``"ack": true`` are acknowledged with ``wsbus.processed``: those
+of the types in ``ack_types`` once the application is done with them (it asks
+:meth:`Client.receive` for the next message, or calls :meth:`Client.processed`), every
+other one on arrival. A frame redelivered after a resume that the application already has
+is dropped (:attr:`Client.duplicates`).
 """
 
 from __future__ import annotations
@@ -31,7 +44,9 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Generator
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection, Generator, Mapping
 from typing import Any, Final, Literal
 
 import msgspec
@@ -50,28 +65,98 @@ from wsbus.errors import (
 )
 from wsbus.wire import Codec
 
-__all__ = ["RECONNECT_CODES", "Client", "connect"]
+__all__ = ["RECONNECT_CODES", "RESYNC", "Client", "connect"]
 
 log = logging.getLogger("wsbus.client")
 
 RECONNECT_CODES: Final = frozenset({1001, 1006, 1011, 1012, 1013, 1014, 4507})
-"""Close codes after which the client reconnects (4507: it missed messages and must resync;
-reconnecting is how it starts over)."""
+"""Close codes after which the client reconnects (4507: it missed messages; it resumes, or
+starts over where the gateway cannot resume it)."""
+
+RESYNC: Final = "wsbus.resync"
+"""The type of the frame the client puts in :meth:`Client.receive`'s stream when state was
+lost at a reconnect. No gateway sends it. Its content:
+
+- ``groups``: the groups whose messages the application must fetch again (a list);
+- ``restored``: true when the session was restored (alias, user and groups) and only these
+  groups could not be replayed; false when nothing was restored: the connection is a new
+  session, with no alias and no groups, and ``groups`` are the ones the client knew of;
+- ``reason``: ``"resync"`` (the gateway could not replay those groups), ``"resume_failed"``
+  (the gateway refused the resume: expired, used, or resume off), ``"not_offered"`` (the
+  gateway offered no resume token);
+- ``alias_lost``: the alias the session had and did not get back, when so;
+- ``message``: for people.
+"""
+
+_RESUME: Final = "wsbus.resume"
+_RESUMED: Final = "wsbus.resumed"
+_PROCESSED: Final = "wsbus.processed"
+
+ACK_BATCH: Final = 256
+"""Ids in one ``wsbus.processed`` frame (well inside the gateway's frame and item caps)."""
+
+ACK_INTERVAL: Final = 0.05
+"""Seconds between two ``wsbus.processed`` frames: a burst of acknowledgements goes as a few
+frames, never as a flood that would spend the connection's rate limit."""
+
+_MAX_PENDING_ACKS: Final = 4096
+"""Acknowledgements held while disconnected; older ones go (their frames come back on resume,
+are dropped as already processed, and acknowledged again)."""
+
+_POSITION: Final = re.compile(r"([A-Za-z0-9_-]{1,40}):([1-9][0-9]{0,17})")
+
+
+def _parse_position(text: str) -> tuple[str, int] | None:
+    match = _POSITION.fullmatch(text)
+    return None if match is None else (match[1], int(match[2]))
 
 
 class Client:
     """A connection to a wsbus gateway that survives restarts. Create it with :func:`connect`.
 
     Attributes:
-        welcome: the content of the last ``wsbus.welcome`` (connection id, codec, limits).
+        welcome: the content of the last ``wsbus.welcome`` (connection id, codec, limits,
+            and ``resume`` when the gateway offers it).
+        resumed: the content of the last ``wsbus.resumed`` (``groups``, ``recovered``,
+            ``resync``, ``redelivered``, ...), or ``{}`` before any resume.
         reconnects: how many times the client has reconnected.
+        resumes: how many of those reconnects resumed the session.
+        resyncs: how many :data:`RESYNC` frames the client made.
         gaps: how many ``wsbus.gap`` frames the gateway sent (messages meant for this
             client may have been lost).
+        duplicates: frames dropped because the application already had them (a frame
+            redelivered after a resume, a position already seen).
 
     Args:
+        url: the gateway's ``ws://`` or ``wss://`` URL.
+        codec: the one subprotocol offered.
+        token: a bearer token, sent as ``Authorization: Bearer <token>``.
+        origin: an ``Origin`` header to send.
+        reconnect: reconnect after the codes of :data:`RECONNECT_CODES`.
+        backoff: the base and the cap of the reconnect delay, in seconds.
+        open_timeout: seconds allowed for the handshake, the welcome and the resume.
+        max_size: the largest frame accepted.
+        queue: frames held for :meth:`receive`.
         on_gap: called with each ``wsbus.gap`` frame as it arrives, on the client's reader
             task (keep it short; an exception it raises is logged and ignored). The frame
             also comes to :meth:`receive`, in order.
+        resume: resume the session on reconnect when the gateway offers it (the default).
+            False: every reconnect starts over, and no :data:`RESYNC` frame says so.
+        resume_token: a token to resume with at the first open (:attr:`resume_token` of
+            an earlier client), for a program that keeps its session across restarts.
+        positions: the positions to resume from with ``resume_token`` (:attr:`positions`
+            of that client).
+        on_resync: called with each :data:`RESYNC` frame as it is made, like ``on_gap``;
+            the frame also comes to :meth:`receive`.
+        ack_types: the message types whose acknowledgement waits for the application
+            (``"*"``: every type). A frame of one of these types that asks for an
+            acknowledgement is acknowledged when the application calls :meth:`receive`
+            again after taking it (the next turn of ``async for``), when
+            :meth:`processed` names it, or, for a reply, when :meth:`request` returns it.
+            Frames of other types are acknowledged as they arrive.
+        manual_ack: acknowledge the ``ack_types`` frames only when :meth:`processed`
+            names them (for an application that hands messages to other tasks).
+        remember: ids of acknowledged frames kept, to drop their redeliveries.
     """
 
     def __init__(
@@ -87,6 +172,13 @@ class Client:
         max_size: int = 2**20,
         queue: int = 10_000,
         on_gap: Callable[[dict[str, Any]], None] | None = None,
+        resume: bool = True,
+        resume_token: str | None = None,
+        positions: Mapping[str, str] | None = None,
+        on_resync: Callable[[dict[str, Any]], None] | None = None,
+        ack_types: Collection[str] = (),
+        manual_ack: bool = False,
+        remember: int = 10_000,
     ) -> None:
         self.url = url
         self.codec = codec
@@ -97,9 +189,18 @@ class Client:
         self.open_timeout = open_timeout
         self.max_size = max_size
         self.welcome: dict[str, Any] = {}
+        self.resumed: dict[str, Any] = {}
         self.reconnects = 0
+        self.resumes = 0
+        self.resyncs = 0
         self.gaps = 0
+        self.duplicates = 0
         self.on_gap = on_gap
+        self.on_resync = on_resync
+        self.resume = resume
+        self.ack_types = frozenset(ack_types)
+        self.manual_ack = manual_ack
+        self.remember = remember
         self._ws: ClientConnection | None = None
         self._encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder = (
             msgspec.json.Encoder() if codec is Codec.JSON else msgspec.msgpack.Encoder()
@@ -114,6 +215,18 @@ class Client:
         self._connected = asyncio.Event()
         self._closed: ConnectionClosed | None = None
         self._closing = False
+        # Resume state: the token to present, the last position per group, the groups the
+        # last resume restored (what a refused resume tells the application it lost).
+        self._token = resume_token
+        self._positions: dict[str, str] = dict(positions or {})
+        self._groups: tuple[str, ...] = ()
+        self._redelivering = 0
+        # Acknowledgement state: id -> processed, for every frame that asked for one
+        # (bounded, oldest out); ids waiting to be sent; the frame receive() last returned.
+        self._seen: OrderedDict[str, bool] = OrderedDict()
+        self._acks: list[str] = []
+        self._ack_task: asyncio.Task[None] | None = None
+        self._taken: dict[str, Any] | None = None
 
     @property
     def conn_id(self) -> str | None:
@@ -121,10 +234,24 @@ class Client:
         value = self.welcome.get("conn_id")
         return value if isinstance(value, str) else None
 
+    @property
+    def positions(self) -> dict[str, str]:
+        """The last position seen per history group (``{"room.1": "e9f3:17"}``; a copy).
+
+        These are what the client resumes from. A group the gateway said cannot be
+        recovered loses its entry until its next message.
+        """
+        return dict(self._positions)
+
+    @property
+    def resume_token(self) -> str | None:
+        """The token the client resumes with on its next reconnect (None: none offered)."""
+        return self._token
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> Client:
-        """Connect and read the welcome.
+        """Connect and read the welcome (and resume, with ``resume_token``).
 
         Raises:
             HandshakeRefused: the server refused the upgrade (403, 503, 400).
@@ -136,10 +263,10 @@ class Client:
             ConfigError: the URL is not a ``ws://`` or ``wss://`` URL.
             OSError: the server could not be reached.
         """
-        await self._open_once()
+        await self._open_once(first=True)
         return self
 
-    async def _open_once(self) -> None:
+    async def _open_once(self, *, first: bool = False) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         # open_timeout bounds the whole open, the welcome included: a server that completes
         # the upgrade and says nothing must not hold the caller for its own auth timeout.
@@ -173,14 +300,16 @@ class Client:
         try:
             async with asyncio.timeout_at(deadline):
                 data = await ws.recv()
-            self.welcome = self._read_welcome(data)
+                self.welcome = self._read_welcome(data)
+                await self._resume_on(ws, first=first)
         except WsConnectionClosed as exc:
             await _abandon(ws, deadline, 1000, "")
             raise _closed(exc) from None
         except TimeoutError:
             await _abandon(ws, deadline, 1000, "no wsbus.welcome in time")
             raise RequestTimeout(
-                f"the opening of {self.url} (the server sent no wsbus.welcome)",
+                f"the opening of {self.url} (the server sent no wsbus.welcome, or no answer "
+                "to wsbus.resume)",
                 self.open_timeout,
             ) from None
         except ConnectionClosed:
@@ -193,11 +322,128 @@ class Client:
         self._ws = ws
         self._connected.set()
         self._reader = asyncio.create_task(self._read(ws), name="wsbus-client-reader")
+        if self._acks:
+            self._flush_acks()
+
+    async def _resume_on(self, ws: ClientConnection, *, first: bool) -> None:
+        """Resume the session on the just-welcomed ``ws`` if there is one to resume.
+
+        The answer is read here, before the reader starts: ``wsbus.resume`` must be the
+        first frame, and nothing may be sent before the session is back. Frames that come
+        before the answer are dispatched as usual.
+        """
+        offer = self.welcome.get("resume")
+        offered = offer.get("token") if isinstance(offer, dict) else None
+        offered = offered if isinstance(offered, str) else None
+        token, self._token = self._token, offered
+        if not self.resume:
+            return
+        if token is None:
+            if not first:
+                self._lost("not_offered", "the connection was lost and could not be resumed")
+            return
+        if offered is None:
+            self._lost("not_offered", "the gateway does not offer resume: the session starts over")
+            return
+        frame_id = f"r{next(self._ids)}"
+        frame = {
+            "type": _RESUME,
+            "id": frame_id,
+            "content": {"token": token, "positions": dict(self._positions)},
+        }
+        await ws.send(self._encoder.encode(frame), text=self.codec.is_text)
+        while True:
+            answer = self._decode(await ws.recv())
+            kind = answer.get("type")
+            content = answer.get("content")
+            if kind == _RESUMED and answer.get("reply_to") == frame_id:
+                self._resumed(content if isinstance(content, dict) else {})
+                return
+            if (
+                kind == "wsbus.error"
+                and isinstance(content, dict)
+                and content.get("ref") == frame_id
+            ):
+                code, message = content.get("code"), content.get("message")
+                log.warning("the gateway refused to resume the session (%s: %s)", code, message)
+                self._lost("resume_failed", f"the gateway refused to resume ({code}: {message})")
+                return
+            self._dispatch(answer)
+
+    def _resumed(self, content: dict[str, Any]) -> None:
+        """Take a ``wsbus.resumed``: the new token, what was restored, what was not."""
+        self.resumed = content
+        self.resumes += 1
+        token = content.get("token")
+        if isinstance(token, str):
+            self._token = token
+        groups = _strings(content.get("groups"))
+        resync = _strings(content.get("resync"))
+        self._groups = tuple(groups)
+        # A group it is no longer in, or one with a hole, has no position to resume from:
+        # its next message gives one.
+        for group in list(self._positions):
+            if group not in groups or group in resync:
+                del self._positions[group]
+        redelivered = content.get("redelivered")
+        self._redelivering = redelivered if isinstance(redelivered, int) else 0
+        log.info(
+            "resumed the session: groups %s, %d redelivered, resync %s",
+            groups,
+            self._redelivering,
+            resync,
+        )
+        alias_lost = content.get("alias_lost")
+        if resync or isinstance(alias_lost, str):
+            extra: dict[str, Any] = {}
+            if isinstance(alias_lost, str):
+                extra["alias_lost"] = alias_lost
+            self._resync(
+                {
+                    "groups": resync,
+                    "restored": True,
+                    "reason": "resync",
+                    **extra,
+                    "message": "the session was resumed, but the messages of these groups "
+                    "could not all be replayed: fetch their state again",
+                }
+            )
+
+    def _lost(self, reason: str, message: str) -> None:
+        """Say that the session was not restored: a new session, no alias, no groups."""
+        groups = sorted({*self._positions, *self._groups})
+        self._positions.clear()
+        self._groups = ()
+        self._redelivering = 0
+        self._resync({"groups": groups, "restored": False, "reason": reason, "message": message})
+
+    def _resync(self, content: dict[str, Any]) -> None:
+        frame = {"type": RESYNC, "content": content}
+        self.resyncs += 1
+        log.warning("%s: resync %s", content["message"], content["groups"])
+        if self.on_resync is not None:
+            try:
+                self.on_resync(frame)
+            except Exception:
+                log.exception("the client's on_resync callback raised; ignored")
+        self._queue(frame)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection for good; pending requests fail with ConnectionClosed."""
+        """Close the connection for good; pending requests fail with ConnectionClosed.
+
+        Acknowledgements not sent yet are sent first.
+        """
         self._closing = True
+        if self._ack_task is not None:
+            self._ack_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ack_task
         if self._ws is not None:
+            # What the application processed is said before the close, not lost with it
+            # (the gateway would keep those messages for a redelivery nobody asks for).
+            with contextlib.suppress(WsConnectionClosed):
+                while self._acks and self._connected.is_set():
+                    await self._send_batch(self._ws)
             await self._ws.close(code, reason)
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -264,7 +510,9 @@ class Client:
             timeout: seconds to wait.
 
         Returns:
-            The reply (or ack) frame: ``{"type", "content", "id", ...}``.
+            The reply (or ack) frame: ``{"type", "content", "id", ...}``. A reply that
+            asked for an acknowledgement is acknowledged as it is returned (with
+            ``manual_ack``, when :meth:`processed` names it).
 
         Raises:
             MessageRejected: the gateway refused the message (``wsbus.error``): the subclass
@@ -279,11 +527,74 @@ class Client:
         try:
             await self.send(type, content, id=frame_id)
             async with asyncio.timeout(timeout):
-                return await future
+                answer = await future
         except TimeoutError:
             raise RequestTimeout(f"{type} request {frame_id}", timeout) from None
         finally:
             self._pending.pop(frame_id, None)
+        if not self.manual_ack:
+            self.processed(answer)
+        return answer
+
+    def processed(self, message: Mapping[str, Any]) -> None:
+        """Acknowledge ``message``: the application is done with it.
+
+        Only a frame with ``"ack": true`` is acknowledged (a ``wsbus.processed`` naming its
+        id goes to the gateway, batched with others); any other, or one acknowledged
+        already, is ignored. Needed only with ``manual_ack``, or to acknowledge before
+        asking for the next message.
+        """
+        frame_id = message.get("id")
+        if message.get("ack") is not True or not isinstance(frame_id, str):
+            return
+        if self._seen.get(frame_id) is True:
+            return
+        self._remember(frame_id, True)
+        self._ack(frame_id)
+
+    def _wants_app(self, kind: object) -> bool:
+        return "*" in self.ack_types or kind in self.ack_types
+
+    def _remember(self, frame_id: str, done: bool) -> None:
+        self._seen[frame_id] = done
+        self._seen.move_to_end(frame_id)
+        while len(self._seen) > self.remember:
+            self._seen.popitem(last=False)
+
+    def _ack(self, frame_id: str) -> None:
+        self._acks.append(frame_id)
+        if len(self._acks) > _MAX_PENDING_ACKS:
+            del self._acks[0]
+        if self._connected.is_set():
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        if self._ack_task is None and not self._closing:
+            self._ack_task = asyncio.create_task(self._send_acks(), name="wsbus-client-acks")
+
+    async def _send_acks(self) -> None:
+        """Send the acknowledgements waiting, a batch at a time, ACK_INTERVAL apart."""
+        try:
+            # One turn of the loop first: what the reader takes in the same turn joins.
+            await asyncio.sleep(0)
+            while self._acks:
+                ws = self._ws
+                if ws is None or not self._connected.is_set():
+                    return  # sent after the reconnect
+                try:
+                    await self._send_batch(ws)
+                except WsConnectionClosed:
+                    return
+                await asyncio.sleep(ACK_INTERVAL)
+        finally:
+            self._ack_task = None
+
+    async def _send_batch(self, ws: ClientConnection) -> None:
+        batch = self._acks[:ACK_BATCH]
+        frame = {"type": _PROCESSED, "content": {"ids": batch}}
+        await ws.send(self._encoder.encode(frame), text=self.codec.is_text)
+        # Appended to meanwhile, never removed from elsewhere: the batch is still in front.
+        del self._acks[: len(batch)]
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -297,13 +608,23 @@ class Client:
     async def receive(self) -> dict[str, Any]:
         """Return the next message that no request took (errors without a ref included).
 
+        Also returns the gateway's ``wsbus.gap`` frames and the client's own
+        :data:`RESYNC` frames, in their place. Calling it again says the application is
+        done with the message it returned last: if that one asked for an acknowledgement
+        (a type of ``ack_types``), it is acknowledged now (unless ``manual_ack``).
+
         Raises:
             ConnectionClosed: the connection is closed for good.
         """
+        taken, self._taken = self._taken, None
+        if taken is not None and not self.manual_ack:
+            self.processed(taken)
         item = await self._incoming.get()
         if isinstance(item, ConnectionClosed):
             self._incoming.put_nowait(item)  # every later call raises too
             raise item
+        if item.get("ack") is True and self._seen.get(item.get("id", "")) is False:
+            self._taken = item
         return item
 
     def _read_welcome(self, data: str | bytes) -> dict[str, Any]:
@@ -380,22 +701,86 @@ class Client:
         elif kind == "wsbus.gap":
             self._gap(frame)
         else:
+            if not self._accept(frame):
+                return
             entry = self._pending.get(frame.get("reply_to") or "")
             if entry is not None and entry[1] == "reply":
                 if not entry[0].done():
                     entry[0].set_result(frame)
                 return
+        self._queue(frame)
+
+    def _accept(self, frame: dict[str, Any]) -> bool:
+        """Keep the frame's position and acknowledge it; False to drop it (a duplicate)."""
+        frame_id = frame.get("id")
+        ack_id = frame_id if frame.get("ack") is True and isinstance(frame_id, str) else None
+        redelivered = False
+        if ack_id is not None:
+            if self._redelivering > 0:
+                # The first `redelivered` frames asking for an ack after wsbus.resumed are
+                # the ones the last connection left unacknowledged: they may come ahead of
+                # the replay, so they must not move the positions the replay starts from.
+                self._redelivering -= 1
+                redelivered = True
+            done = self._seen.get(ack_id)
+            if done is not None:
+                # The application has it: processed (its acknowledgement was lost with the
+                # connection: say it again), or still in hand (acknowledged when done).
+                self.duplicates += 1
+                if done:
+                    self._ack(ack_id)
+                return False
+        group, pos = frame.get("group"), frame.get("pos")
+        if (
+            not redelivered
+            and isinstance(group, str)
+            and isinstance(pos, str)
+            and not self._advance(group, pos)
+        ):
+            self.duplicates += 1
+            if ack_id is not None:
+                self._remember(ack_id, True)
+                self._ack(ack_id)
+            return False
+        if ack_id is not None:
+            later = self._wants_app(frame.get("type"))
+            self._remember(ack_id, not later)
+            if not later:
+                self._ack(ack_id)
+        return True
+
+    def _advance(self, group: str, pos: str) -> bool:
+        """Move ``group``'s position to ``pos``; False when it is not past the last one."""
+        last = self._positions.get(group)
+        if last is not None:
+            new, old = _parse_position(pos), _parse_position(last)
+            if new is not None and old is not None and new[0] == old[0] and new[1] <= old[1]:
+                log.debug("dropped %s position %s: already had %s", group, pos, last)
+                return False
+        self._positions[group] = pos
+        return True
+
+    def _queue(self, frame: dict[str, Any]) -> None:
         try:
             self._incoming.put_nowait(frame)
         except asyncio.QueueFull:
-            log.warning("client queue full: dropped a %r message; read faster", kind)
+            frame_id = frame.get("id")
+            if isinstance(frame_id, str) and self._seen.get(frame_id) is False:
+                # Never given to the application: its redelivery must not be dropped.
+                del self._seen[frame_id]
+            log.warning("client queue full: dropped a %r message; read faster", frame.get("type"))
 
     def _gap(self, frame: dict[str, Any]) -> None:
         """Count a ``wsbus.gap`` and tell ``on_gap``; the frame goes on to receive()."""
         self.gaps += 1
         content = frame.get("content")
         reason = content.get("reason") if isinstance(content, dict) else None
-        log.warning("the gateway says messages for this client may have been lost (%s)", reason)
+        groups = content.get("groups") if isinstance(content, dict) else None
+        log.warning(
+            "the gateway says messages for this client may have been lost (%s%s)",
+            reason,
+            f"; groups {groups}" if groups else "",
+        )
         if self.on_gap is None:
             return
         try:
@@ -445,6 +830,10 @@ class Client:
                 continue
             self.reconnects += 1
             return
+
+
+def _strings(value: object) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 _CLOSE_GRACE: Final = 0.5
