@@ -1,0 +1,86 @@
+"""The picows edge as an adapter of the ``wsbus`` command (entry point ``wsbus.edges``).
+
+Importing this module imports no ``picows``: the command loads every installed adapter to
+build its ``--help``; the library is imported when the edge is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import msgspec
+
+from wsbus.gateway import Gateway
+from wsbus_cli.adapters import Listening, Section, hookimpl
+
+
+def _config() -> type[msgspec.Struct]:
+    from .server import PicowsConfig
+
+    return PicowsConfig
+
+
+class PicowsAdapter:
+    """Clients over WebSocket, on the ``picows`` library.
+
+    Attributes:
+        name: ``picows``.
+        description: one line for ``wsbus --help``.
+        section: the ``[picows]`` table, read into :class:`wsbus_picows.PicowsConfig`.
+    """
+
+    name = "picows"
+    description = "WebSocket clients, on picows (faster frames; wsbus[picows])"
+    section: Section | None = Section(
+        "picows",
+        _config,
+        "picows",
+        "the picows edge (`PicowsConfig`)",
+        flags={"allowed_origins": "--picows-origin", "static_dir": "--picows-static"},
+    )
+
+    async def serve(
+        self,
+        gateway: Gateway,
+        host: str,
+        port: int,
+        config: Any,
+        *,
+        static_dir: str | None = None,
+    ) -> Listening:
+        """Put ``gateway`` on a WebSocket port (see :func:`wsbus_picows.serve`)."""
+        from .server import PicowsConfig, serve
+
+        if config is None:
+            config = PicowsConfig()
+        if static_dir is not None:
+            config = msgspec.structs.replace(config, static_dir=static_dir)
+        server: Listening = await serve(gateway, host, port, config=config)
+        return server
+
+    @hookimpl
+    def wsbus_cli_options(self, command: str, parser: argparse.ArgumentParser) -> None:
+        """Add ``--picows-origin`` and ``--picows-static`` to ``wsbus serve``."""
+        if command != "serve":
+            return
+        group = parser.add_argument_group("picows edge (--edge picows)")
+        group.add_argument(
+            "--picows-origin",
+            dest="picows.allowed_origins",
+            action="append",
+            default=None,
+            metavar="ORIGIN",
+            help="an allowed browser origin besides the server's own (repeatable)",
+        )
+        group.add_argument(
+            "--picows-static",
+            dest="picows.static_dir",
+            metavar="DIR",
+            default=None,
+            help="a directory to serve over HTTP",
+        )
+
+
+picows = PicowsAdapter()
+"""The ``picows`` entry point of ``wsbus.edges``."""
