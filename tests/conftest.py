@@ -78,7 +78,11 @@ def wsbus_services() -> list[Service]:
 def assert_balanced(stats: Stats) -> None:
     """Check the accounting identities of SPEC section 4 exactly."""
     assert stats.frames_received == (
-        stats.frames_published + stats.frames_rejected + stats.frames_lost + stats.frames_in_flight
+        stats.frames_published
+        + stats.frames_rejected
+        + stats.frames_lost
+        + stats.frames_in_flight
+        + stats.frames_control
     ), stats
     assert stats.deliveries_queued == (
         stats.deliveries_written + stats.deliveries_dropped + stats.deliveries_pending
@@ -92,6 +96,13 @@ def assert_balanced(stats: Stats) -> None:
     ), stats
     assert stats.reports == (
         stats.messages_unrouted + stats.messages_partial + stats.deliveries_refused
+    ), stats
+    assert stats.presence_events == (
+        stats.presence_events_sent + stats.presence_events_lost + stats.presence_events_queued
+    ), stats
+    assert stats.receipts_requested == stats.receipts + stats.receipts_pending, stats
+    assert stats.acks_requested == (
+        stats.acks + stats.unacked + stats.unacked_dropped + stats.unacked_closed
     ), stats
     assert sum(stats.rejected_by_code.values()) == stats.frames_rejected, stats
     assert sum(stats.dropped_by_close_code.values()) == stats.deliveries_dropped, stats

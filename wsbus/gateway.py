@@ -34,6 +34,7 @@ import msgspec
 
 from .aliases import AliasClaims
 from .bus import Bus, ClaimsAliases, PublishesNowait, ReportsAvailability
+from .control import PRESENCE
 from .edge import ClientConnection, ConnectionClosed, ReceivesRaw, ReportsUnsent, SendsNowait
 from .envelope import ConnId, Envelope, GatewayAddress, IdFactory, NodeId
 from .errors import AliasTaken, BusUnavailable, ConfigError, InvalidName, PluginError
@@ -369,29 +370,46 @@ class _Reporter:
     def post(self, envelopes: deque[Envelope]) -> None:
         """Queue answers and reports (emptying ``envelopes``); count those with no room."""
         queue = self._queue
+        counters = self._counters
         while envelopes:
             envelope = envelopes.popleft()
+            presence = envelope.type == PRESENCE
+            if presence:
+                counters.presence_events += 1
             try:
                 queue.put_nowait(envelope)
             except asyncio.QueueFull:
                 self._lost(envelope, "the gateway's report queue is full")
+            else:
+                if presence:
+                    counters.presence_events_queued += 1
 
     async def _send(self, publish_nowait: Callable[[Envelope], bool] | None) -> None:
         queue = self._queue
         while True:
             envelope = await queue.get()
+            presence = envelope.type == PRESENCE
             try:
                 if publish_nowait is None:
                     await self._bus.publish(envelope)
                 elif publish_nowait(envelope) is False:
                     self._lost(envelope, "its inbox is full (the service is busy)")
+                    continue
+                if presence:
+                    self._counters.presence_events_sent += 1
             except Exception as exc:
                 self._lost(envelope, str(exc))
             finally:
+                if presence:
+                    self._counters.presence_events_queued -= 1
                 queue.task_done()
 
     def _lost(self, envelope: Envelope, why: str) -> None:
         """Count a report or answer the bus did not take; warn once a minute at most."""
+        if envelope.type == PRESENCE:
+            # Its own count: nobody waits for an event, and most have nobody listening.
+            self._counters.presence_events_lost += 1
+            return
         self._counters.reports_lost += 1
         count = self._log.admit("reports", time.monotonic())
         if count is None:
@@ -455,7 +473,9 @@ class Gateway:
             self.hooks,
             self._counters,
             self._ids,
+            presence_frames=self.config.presence_frames,
         )
+        self._outbound.post = self._post_reports
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._publish_nowait: Callable[[Envelope], bool] | None = None
         self._availability: ReportsAvailability | None = None
@@ -670,7 +690,10 @@ class Gateway:
             await link.stop_writer()
             session.discard()
             address = registry.address(conn_id)
-            registry.disconnect(conn_id)
+            info = registry.disconnect(conn_id)
+            if info.groups:
+                self._outbound.disconnected(info, time.time())
+                self._post_reports()
             if self._aliases is not None and address.alias is not None:
                 self._aliases.release(conn_id, address.alias)
             self.hooks.client_disconnected(address, code, reason)
@@ -802,6 +825,17 @@ class Gateway:
         """Send the answers and reports Outbound left (for work finished after deliver)."""
         if self._outbound.to_bus:
             self._reporter.post(self._outbound.to_bus)
+
+    def gateway_lost(self, node: NodeId, report: bool) -> None:
+        """Hear from the bus that gateway ``node`` died (see :class:`~wsbus.bus.HearsGateways`).
+
+        Members here of a group with presence frames get a leave frame for each of that
+        gateway's members this gateway had heard of; with ``report``, the ``gateway_lost``
+        presence event is published for services. Called on the loop thread; never raises.
+        """
+        log.info("gateway %s hears that gateway %s is gone", self._node, node)
+        self._outbound.gateway_lost(node, report, time.time())
+        self._post_reports()
 
     def deliveries_lost(self, reason: str, detail: str) -> None:
         """Hear from the bus that envelopes meant for this gateway may have been lost.

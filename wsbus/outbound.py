@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple
 
 import msgspec
@@ -26,6 +27,7 @@ import msgspec
 from . import control
 from .bus import SHARED_HEADER
 from .envelope import (
+    ClientAddress,
     ConnId,
     Envelope,
     GatewayAddress,
@@ -37,6 +39,7 @@ from .envelope import (
 )
 from .errors import AliasTaken, InvalidName, PluginError, UnknownConnection
 from .hooks import Drop, Hooks
+from .presence import Presence
 from .registry import ClientInfo, ClientRegistry
 from .router import Router
 from .session import Session
@@ -86,6 +89,8 @@ class Outbound:
         hooks: the plugins' hooks (outbound transform, delivery failed).
         counters: the gateway's counters.
         ids: makes ids for the envelopes it sends on the bus.
+        presence_frames: patterns of the groups whose members get ``wsbus.presence``
+            frames (``GatewayConfig.presence_frames``).
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class Outbound:
         hooks: Hooks,
         counters: Counters,
         ids: IdFactory,
+        *,
+        presence_frames: Iterable[str] = (),
     ) -> None:
         self._node = node
         self.address = GatewayAddress(node)
@@ -114,6 +121,11 @@ class Outbound:
         """Aliases are claimed on the bus: alias requests go to :attr:`alias_requests`."""
         self.alias_requests: deque[AliasChange] = deque()
         """Alias requests checked and waiting for the bus's alias table, oldest first."""
+        self.presence = Presence(node, presence_frames)
+        """The presence decisions: events to publish, frames for members."""
+        self.post: Callable[[], None] | None = None
+        """The gateway's function that publishes :attr:`to_bus` (for envelopes made outside
+        :meth:`deliver`: a receipt completed by a write, an acknowledgement)."""
 
     def deliver(self, envelope: Envelope, wall: float) -> None:
         """Take one envelope from the bus at ``wall`` (seconds since the epoch).
@@ -126,6 +138,13 @@ class Outbound:
             if envelope.type == control.FAILED:
                 counters.service_errors += 1
                 self._service_failed(envelope)
+                return
+            if envelope.type == control.PRESENCE and isinstance(envelope.sender, GatewayAddress):
+                # Another gateway's member joined or left: counted with the control
+                # envelopes (it changes nothing routed).
+                counters.control_requests += 1
+                for group, content in self.presence.heard(envelope):
+                    self._frame_members(group, content, None)
                 return
             counters.control_requests += 1
             self._control(envelope, wall)
@@ -248,6 +267,69 @@ class Outbound:
             )
         )
 
+    # -- presence ------------------------------------------------------------------------
+
+    def join(self, conn_id: ConnId, group: str, wall: float) -> bool:
+        """Put a connection in a group; when it was not in it, publish and frame the join.
+
+        Every join of a connection goes through here (a service's request, a resume), so
+        that services and members hear of each.
+
+        Raises:
+            UnknownConnection: the connection is not open.
+            InvalidName: the group name does not match the name pattern.
+        """
+        joined = self._registry.join(conn_id, group)
+        if joined:
+            client = self._registry.address(conn_id)
+            self._presence(self.presence.event("join", group, client), wall)
+        return joined
+
+    def leave(self, conn_id: ConnId, group: str, wall: float) -> bool:
+        """Take a connection out of a group; when it was in it, publish and frame the leave.
+
+        Raises:
+            UnknownConnection: the connection is not open.
+        """
+        client = self._registry.address(conn_id)
+        left = self._registry.leave(conn_id, group)
+        if left:
+            self._presence(self.presence.event("leave", group, client, "left"), wall)
+        return left
+
+    def disconnected(self, info: ClientInfo, wall: float) -> None:
+        """A connection ended (already out of the registry): it left each of its groups."""
+        client = ClientAddress(info.conn_id, info.alias, info.user)
+        for group in info.groups:
+            self._presence(self.presence.event("leave", group, client, "disconnected"), wall)
+
+    def gateway_lost(self, node: NodeId, report: bool, wall: float) -> None:
+        """Gateway ``node`` died: leave frames for its members; with ``report``, tell services."""
+        for group, content in self.presence.lost(node):
+            self._frame_members(group, content, None)
+        if report and node != self._node:
+            self._publish_presence(control.PresenceEvent("gateway_lost", node), wall)
+
+    def _presence(self, event: control.PresenceEvent, wall: float) -> None:
+        self._publish_presence(event, wall)
+        frame = self.presence.local(event)
+        if frame is not None:
+            self._frame_members(frame[0], frame[1], event.conn_id)
+
+    def _publish_presence(self, event: control.PresenceEvent, wall: float) -> None:
+        # Counted by the gateway's reporter, when it takes it from to_bus.
+        self.to_bus.append(self.presence.envelope(event, self._ids(), wall))
+
+    def _frame_members(self, group: str, content: dict[str, Any], skip: ConnId | None) -> None:
+        """Send a ``wsbus.presence`` frame to the group's open members here, but ``skip``."""
+        sessions = self._sessions
+        for conn_id in self._registry.members(group):
+            if conn_id == skip:
+                continue
+            session = sessions.get(conn_id)
+            if session is not None and session.close_code is None:
+                session.send_control(control.PRESENCE, content)
+
     # -- control -------------------------------------------------------------------------
 
     def _control(self, envelope: Envelope, wall: float) -> None:
@@ -263,7 +345,7 @@ class Outbound:
             if self.claims and envelope.type in (control.ALIAS_SET, control.ALIAS_CLEAR):
                 self._defer_alias(envelope, request, wall)
                 return
-            result = control.Result(True, self._do_control(envelope.type, request))
+            result = control.Result(True, self._do_control(envelope.type, request, wall))
         except msgspec.ValidationError as exc:
             result = control.Result(False, None, "invalid_request", str(exc))
         except UnknownConnection as exc:
@@ -327,12 +409,12 @@ class Outbound:
             and all(c in _HEX for c in ref[len(prefix) + 1 :])
         )
 
-    def _do_control(self, type: str, request: Any) -> Any:
+    def _do_control(self, type: str, request: Any, wall: float) -> Any:
         registry = self._registry
         if type == control.JOIN:
-            return registry.join(request.conn_id, request.group)
+            return self.join(request.conn_id, request.group, wall)
         if type == control.LEAVE:
-            return registry.leave(request.conn_id, request.group)
+            return self.leave(request.conn_id, request.group, wall)
         if type == control.ALIAS_SET:
             # The registry is where a session reads its address: nothing else to update.
             return registry.set_alias(request.conn_id, request.alias)

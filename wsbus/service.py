@@ -134,8 +134,16 @@ class Service:
 
     @classmethod
     def handled_types(cls) -> frozenset[str]:
-        """Return the message types this service declares (``wsbus.*`` ones excluded)."""
-        return frozenset(t for t in cls._handlers if not t.startswith("wsbus."))
+        """Return the message types the bus routes to this service by type.
+
+        Every type it has a handler for, but ``wsbus.*`` ones: of those only
+        ``wsbus.presence`` (the gateways' presence events) is routed by type. Handlers for
+        ``wsbus.undeliverable``, ``wsbus.receipt``, ``wsbus.processed`` and the like get
+        what gateways address to this service by name.
+        """
+        return frozenset(
+            t for t in cls._handlers if not t.startswith("wsbus.") or t == control.PRESENCE
+        )
 
     async def on_start(self) -> None:
         """Called once the service is on the bus, before its first message. Override it."""
@@ -319,6 +327,15 @@ class ServiceLink:
             merged += msgspec.convert(answer, list[ClientInfo])
         return merged
 
+    async def presence(self, group: str) -> list[ClientInfo]:
+        """Return who is in ``group`` now, on every gateway: the presence query.
+
+        The same as ``clients(group)`` (and raises as it does). To hear joins and leaves as
+        they happen, declare a handler with ``@handles("wsbus.presence")`` (content
+        :class:`~wsbus.control.PresenceEvent`).
+        """
+        return await self.clients(group)
+
     async def disconnect(self, conn_id: ConnId, code: int = 4000, reason: str = "") -> None:
         """Close a client's connection with a close code (1000, 1001, 1008 or 4000-4999)."""
         await self._request(
@@ -349,6 +366,15 @@ class ServiceLink:
             raise ControlError(result.code or "failed", result.message or "refused")
         return result.value
 
+    def accept_answer(self, envelope: Envelope) -> bool:
+        """Resolve what waits for a gateway's answer or receipt; False if nothing waits."""
+        if envelope.type == control.RECEIPT:
+            return self._accept_receipt(envelope)
+        return self.accept_result(envelope)
+
+    def _accept_receipt(self, envelope: Envelope) -> bool:
+        return False
+
     def accept_result(self, envelope: Envelope) -> bool:
         """Resolve a pending request with its answer; return False if none was waiting."""
         if envelope.type != control.RESULT or envelope.reply_to is None:
@@ -359,6 +385,12 @@ class ServiceLink:
         if not future.done():
             future.set_result(envelope)
         return True
+
+
+_ANSWERS: Final = frozenset({control.RESULT, control.RECEIPT, control.PROCESSED})
+"""What gateways address to a service by name that it may well not handle: an answer to a
+request (or a receipt) resolves what waits for it; otherwise, with no handler, it is
+dropped quietly."""
 
 
 def _owner(conn_id: ConnId) -> GatewayAddress:
@@ -420,6 +452,10 @@ class Context:
     async def clients(self, group: str | None = None) -> list[ClientInfo]:
         """List clients (see :meth:`ServiceLink.clients`)."""
         return await self.link.clients(group)
+
+    async def presence(self, group: str) -> list[ClientInfo]:
+        """Return who is in ``group`` now, on every gateway (see :meth:`ServiceLink.presence`)."""
+        return await self.link.presence(group)
 
     async def disconnect(self, conn_id: ConnId, code: int = 4000, reason: str = "") -> None:
         """Close a client's connection (see :meth:`ServiceLink.disconnect`)."""
@@ -500,13 +536,19 @@ class ServiceRunner:
         Raises:
             BusUnavailable: the service's inbox is full.
         """
-        if envelope.type == control.RESULT:
-            if self.link.accept_result(envelope):
+        if envelope.type in _ANSWERS:
+            if self.link.accept_answer(envelope):
                 return
             if envelope.type not in self._dispatch:
-                # A late answer (its request timed out): nobody reads it, so it takes no
-                # place a waiting sender was promised.
-                log.debug("service %r: a late answer to %s; dropped", self.name, envelope.reply_to)
+                # A late answer (its request timed out), or a receipt or acknowledgement
+                # nobody asked to handle: nobody reads it, so it takes no place a waiting
+                # sender was promised.
+                log.debug(
+                    "service %r: %s for %s, which nothing waits for; dropped",
+                    self.name,
+                    envelope.type,
+                    envelope.reply_to,
+                )
                 return
         if len(self._inbox) >= self._inbox_size:
             raise BusUnavailable(f"service {self.name!r} is busy (inbox full)", whole_bus=False)
@@ -693,8 +735,8 @@ class ServiceRunner:
     async def _handle(self, envelope: Envelope) -> Outcome:
         entry = self._dispatch.get(envelope.type)
         if entry is None:
-            if envelope.type == control.RESULT:
-                log.debug("service %r: a late answer to %s; dropped", self.name, envelope.reply_to)
+            if envelope.type in _ANSWERS:
+                log.debug("service %r: a late %s; dropped", self.name, envelope.type)
             elif envelope.type == control.UNDELIVERABLE:
                 log.info(
                     "service %r: message %s was not delivered: %s",

@@ -55,6 +55,19 @@ class Counters(msgspec.Struct):
     gaps_heard: int
     gap_notices: int
     alias_releases_failed: int
+    frames_control: int
+    presence_events: int
+    presence_events_sent: int
+    presence_events_lost: int
+    presence_events_queued: int
+    receipts_requested: int
+    receipts: int
+    receipts_pending: int
+    acks_requested: int
+    acks: int
+    unacked: int
+    unacked_dropped: int
+    unacked_closed: int
 
     @staticmethod
     def zero() -> Counters:
@@ -94,7 +107,8 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
 
     These identities hold at every snapshot (the tests check them exactly):
 
-    - ``frames_received == frames_published + frames_rejected + frames_lost + frames_in_flight``
+    - ``frames_received == frames_published + frames_rejected + frames_lost + frames_in_flight
+      + frames_control``
     - ``deliveries_queued == deliveries_written + deliveries_dropped + deliveries_pending``
     - ``bus_envelopes == control_requests + service_errors + messages_routed +
       messages_unrouted + messages_elsewhere``
@@ -102,6 +116,13 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
     ``messages_unrouted`` (no connection reached at all) and ``messages_partial`` (some
     recipients missed) each sent one ``wsbus.undeliverable`` report, as did every refused
     delivery: ``reports == messages_unrouted + messages_partial + deliveries_refused``.
+
+    Presence events, delivery receipts and client acknowledgements each balance on their own:
+
+    - ``presence_events == presence_events_sent + presence_events_lost +
+      presence_events_queued``
+    - ``receipts_requested == receipts + receipts_pending``
+    - ``acks_requested == acks + unacked + unacked_dropped + unacked_closed``
 
     Attributes:
         connections: open connections now.
@@ -145,6 +166,29 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
         alias_releases_failed: aliases the bus could not release when they were cleared,
             replaced or their connection ended (on a bus that keeps aliases unique across
             gateways); each is tried again, and the bus frees it when the gateway is gone.
+        frames_control: client frames the gateway handled itself (``wsbus.processed``).
+        presence_events: ``wsbus.presence`` events this gateway made: a connection of its
+            own joined or left a group (or disconnected, leaving each), or it reported a
+            dead gateway.
+        presence_events_sent: of those, taken by the bus.
+        presence_events_lost: of those, the bus did not take (the report queue was full,
+            or the bus refused): services and other gateways never heard of them.
+        presence_events_queued: of those, waiting to go on the bus now.
+        receipts_requested: messages to clients that asked for a delivery receipt (the
+            ``wsbus-receipt`` header) from a service.
+        receipts: of those, answered with this gateway's ``wsbus.receipt`` (once the
+            outcome for every connection it delivered to was known).
+        receipts_pending: of those, waiting for an outcome now (a delivery not yet
+            written, nor dropped).
+        acks_requested: deliveries that asked their client for an acknowledgement (the
+            ``wsbus-ack`` header), each one the gateway began to wait for.
+        acks: of those, acknowledged by the client (``wsbus.processed``; each reported to
+            the service that sent it).
+        unacked: of those, awaited now.
+        unacked_dropped: of those, no longer awaited because their connection awaited
+            ``resume.max_unacked`` newer ones (the oldest make room).
+        unacked_closed: of those, still unacknowledged when their connection closed
+            (kept in the closed session's record, for redelivery on resume).
     """
 
 
