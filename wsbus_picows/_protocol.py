@@ -274,6 +274,11 @@ class EdgeProtocol(WSProtocol):  # type: ignore[misc]
                 PARSING.protocol = None
             return
         super().buffer_updated(nbytes)
+        transport = self.transport
+        if transport.is_close_frame_sent and self._raw is not None:
+            # The connection is closing (picows failed it, or the edge closed it): read
+            # no more of it; picows would parse on.
+            self._raw.pause_reading()
 
     def handshake_done(self) -> None:
         """The request is whole: the connection leaves the handshake count."""

@@ -68,6 +68,11 @@ _HEADERS: Final = (
     ("X-Content-Type-Options", "nosniff"),
 )
 
+_CLOSE_CODES: Final = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
+"""Close codes below 3000 a peer may send (RFC 6455 section 7.4, and IANA's registry)."""
+
 # Frame sizes on the wire: a server frame's header is 2, 4 or 10 bytes (never masked).
 _SHORT: Final = 126
 _MEDIUM: Final = 1 << 16
@@ -349,8 +354,14 @@ class _Connection(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """One frame from the peer: a message (or part of one), a ping, a pong, a close."""
         msg_type = frame.msg_type
-        if self._closed is not None and msg_type is not WSMsgType.CLOSE:
-            return  # closing: nothing more is read
+        if transport.is_close_frame_sent and msg_type is not WSMsgType.CLOSE:
+            # Closing (or picows failed the connection: it goes on parsing what follows a
+            # frame it refused, such as the payload of one over the size limit): nothing
+            # more is read.
+            if self._closed is None:
+                self._closed = _closed_from(transport)
+                self._wake()
+            return
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             self._fail(1002, "reserved bits set: no extension was negotiated")
         elif msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
@@ -499,16 +510,23 @@ class _Connection(WSListener):
         assert transport is not None
         handshake = transport.close_handshake
         received = handshake.recv if handshake is not None else None
+        if frame.payload_size == 0 or received is None:
+            code, reason = 1005, ""
+        else:
+            code, reason = _code(received.code), received.reason or ""
+            if not (code in _CLOSE_CODES or 3000 <= code <= 4999):
+                # picows lets 0, 1006 and anything from 3000 up through.
+                self._fail(1002, f"invalid close code {code}")
+                return
         if self._closed is None:
-            if received is None or received.code == WSCloseCode.NO_INFO:
-                self._closed = ConnectionClosed(1005, "")
-            else:
-                self._closed = ConnectionClosed(_code(received.code), received.reason)
+            self._closed = ConnectionClosed(code, reason)
             self._wake()
         if not transport.is_close_frame_sent:
-            # Echo the peer's code (RFC 6455 section 5.5.1); an empty close gets 1000.
-            code = self._closed.code
-            self._send_close(1000 if code in (1005, 1006) else code, "")
+            # Echo the peer's close (RFC 6455 section 5.5.1); an empty one gets 1000.
+            if code == 1005:
+                self._send_close(1000, "")
+            else:
+                self._send_close(code, reason)
         transport.disconnect()
 
     def _send_close(self, code: int, reason: str) -> None:
@@ -564,7 +582,7 @@ def _closed_from(transport: WSTransport) -> ConnectionClosed:
     info = handshake.recv if handshake.recv_then_sent or handshake.sent is None else handshake.sent
     if info is None or info.code == WSCloseCode.NO_INFO:
         return ConnectionClosed(1006, "connection lost")
-    return ConnectionClosed(_code(info.code), info.reason)
+    return ConnectionClosed(_code(info.code), info.reason or "")
 
 
 class PicowsServer:
