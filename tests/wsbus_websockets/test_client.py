@@ -504,6 +504,9 @@ async def test_redelivered_and_replayed_frames_the_application_has_are_dropped(
         await second.send(_message(2))  # a position already had: dropped
         # m1 was processed: its acknowledgement is said again; m2 and m3 once processed.
         assert await _acked(second) == ["m1"]
+        async with asyncio.timeout(10):
+            while client.duplicates < 4:  # every frame read (m3's second copy included)
+                await asyncio.sleep(0.01)
         [m3] = await _take(client, 1)  # done with m2
         assert m3["id"] == "m3" and await _acked(second) == ["m2"]
         [m4] = await _take(client, 1)  # done with m3

@@ -7,16 +7,55 @@
 //   const reply = await client.request("echo", { hi: 1 });   // waits for the reply
 //   client.send("chat.say", { room: "lobby", text: "hello" });
 //
-// Events (client.addEventListener): "welcome", "frame", "ack", "error" (wsbus.error
-// frames), "gap" (wsbus.gap frames: messages meant for this client may have been lost;
-// resync), "close" ({code, reason, final}), "reconnecting" ({attempt, delay}).
+// Events (client.addEventListener): "welcome" (the connection is ready: after the resume
+// answer when resuming), "resumed" (the wsbus.resumed content), "resync" ({groups,
+// restored, reason, alias_lost?, message}: state lost at a reconnect; fetch it again),
+// "frame", "ack", "error" (wsbus.error frames), "gap" (wsbus.gap frames: messages meant for
+// this client may have been lost; resync), "close" ({code, reason, final}), "reconnecting"
+// ({attempt, delay}).
 // client.sentType(ack.content.ref) says which message an ack or error answers.
 // client.gaps counts the wsbus.gap frames; the onGap option is called with each.
+//
+// Resume: when the gateway offers it (the welcome's resume.token), the client keeps the
+// token and the last position per history group (client.positions) in sessionStorage, and
+// on a reconnect, or when the page is reloaded, sends wsbus.resume as its first frame: the
+// gateway restores the alias, the user and the groups and replays what was missed. What it
+// cannot restore comes as a "resync" event (and the onResync option), once.
+//
+// Acknowledgements: a frame with "ack": true is acknowledged with wsbus.processed, on
+// arrival, or, for the types in the ackTypes option, once every handler for it returned
+// (and the promises they returned settled); with manualAck, when client.processed(frame)
+// names it. A redelivered frame the page already had is dropped (client.duplicates).
 
 const CODEC = "wsbus.v1.json";
 // Close codes after which reconnecting may help: going away, lost, server error, restart,
 // overloaded, bus unreachable, and 4507 (messages were missed: reconnect and resync).
 const RECONNECT_CODES = new Set([1001, 1006, 1011, 1012, 1013, 1014, 4507]);
+// Ids in one wsbus.processed frame, and the pause between two such frames (ms): a burst of
+// acknowledgements goes as a few frames, never spending the connection's rate limit.
+const ACK_BATCH = 256;
+const ACK_INTERVAL = 50;
+const MAX_PENDING_ACKS = 4096;
+const POSITION = /^([A-Za-z0-9_-]{1,40}):([1-9][0-9]{0,17})$/;
+
+function parsePosition(text) {
+  const match = POSITION.exec(text);
+  return match ? [match[1], Number(match[2])] : null;
+}
+
+function strings(value) {
+  return Array.isArray(value) ? value.filter((item) => typeof item === "string") : [];
+}
+
+/** A Storage-like object that keeps nothing past the page: used without sessionStorage. */
+function memoryStorage() {
+  const items = new Map();
+  return {
+    getItem: (key) => (items.has(key) ? items.get(key) : null),
+    setItem: (key, value) => items.set(key, String(value)),
+    removeItem: (key) => items.delete(key),
+  };
+}
 
 /** The gateway refused a request with a wsbus.error frame. */
 export class WsbusError extends Error {
@@ -38,7 +77,7 @@ export class WsbusClosed extends Error {
   }
 }
 
-/** A connection to a wsbus gateway that reconnects with backoff and jitter. */
+/** A connection to a wsbus gateway that reconnects with backoff and jitter, and resumes. */
 export class WsbusClient extends EventTarget {
   /**
    * @param {string} url  the gateway's ws:// or wss:// URL
@@ -50,10 +89,37 @@ export class WsbusClient extends EventTarget {
    *   (a refused handshake looks like a lost connection to a browser: this ends the retries)
    * @param {function} [options.onGap]  called with each wsbus.gap frame (messages meant for
    *   this client may have been lost: fetch the state again rather than trust it)
+   * @param {boolean} [options.resume=true]  resume the session on reconnect and on a page
+   *   reload when the gateway offers it; false: every reconnect starts over, unannounced
+   * @param {Storage} [options.storage]  where the token and positions are kept
+   *   (sessionStorage by default: per tab, kept across reloads; in memory without one)
+   * @param {string} [options.storageKey]  the key in storage ("wsbus.session " + url)
+   * @param {function} [options.onResync]  called with each "resync" detail
+   * @param {string[]} [options.ackTypes=[]]  types acknowledged only once their handlers
+   *   are done ("*": every type); others are acknowledged on arrival
+   * @param {boolean} [options.manualAck=false]  acknowledge ackTypes frames only through
+   *   client.processed(frame)
+   * @param {number} [options.remember=10000]  ids of acknowledged frames kept, to drop
+   *   their redeliveries
+   * @param {number} [options.openTimeout=10000]  ms to wait for the answer to wsbus.resume
    */
   constructor(
     url,
-    { token = null, reconnect = true, backoff = [100, 10000], maxAttempts = 30, onGap = null } = {},
+    {
+      token = null,
+      reconnect = true,
+      backoff = [100, 10000],
+      maxAttempts = 30,
+      onGap = null,
+      resume = true,
+      storage = undefined,
+      storageKey = undefined,
+      onResync = null,
+      ackTypes = [],
+      manualAck = false,
+      remember = 10000,
+      openTimeout = 10000,
+    } = {},
   ) {
     super();
     this.url = url;
@@ -62,8 +128,18 @@ export class WsbusClient extends EventTarget {
     this.backoff = backoff;
     this.maxAttempts = maxAttempts;
     this.onGap = onGap;
+    this.onResync = onResync;
+    this.resume = resume;
+    this.ackTypes = new Set(ackTypes);
+    this.manualAck = manualAck;
+    this.remember = remember;
+    this.openTimeout = openTimeout;
     this.gaps = 0; // wsbus.gap frames received
+    this.resumes = 0; // connections that resumed the session
+    this.resyncs = 0; // "resync" events
+    this.duplicates = 0; // frames dropped: the page already had them
     this.welcome = null;
+    this.resumed = null; // the last wsbus.resumed content
     this._ws = null;
     this._nextId = 1;
     this._pending = new Map(); // id -> {resolve, reject, wait, timer}
@@ -71,6 +147,33 @@ export class WsbusClient extends EventTarget {
     this._closing = false;
     this._attempt = 0;
     this._sentTypes = new Map(); // id -> type of the last frames sent with an id
+    if (storage === undefined) {
+      storage = typeof sessionStorage !== "undefined" ? sessionStorage : memoryStorage();
+    }
+    this._storage = storage;
+    this._storageKey = storageKey ?? "wsbus.session " + url;
+    // The session to resume: a token, the last position per group, the groups restored.
+    const saved = this._load();
+    this._token = typeof saved.token === "string" ? saved.token : null;
+    this._positions = new Map(Object.entries(saved.positions || {}).filter(([, p]) => typeof p === "string"));
+    this._groups = strings(saved.groups);
+    this._hadSession = false; // a connection of this object was welcomed before
+    this._resuming = null; // {id, timer, done} while waiting for the resume answer
+    this._redelivering = 0;
+    // Acknowledgements: id -> processed, for frames that asked (bounded, oldest out).
+    this._seen = new Map();
+    this._acks = [];
+    this._ackTimer = null;
+  }
+
+  /** The last position seen per history group ({"room.1": "e9f3:17"}; a copy). */
+  get positions() {
+    return Object.fromEntries(this._positions);
+  }
+
+  /** The token the next resume presents, or null. */
+  get resumeToken() {
+    return this._token;
   }
 
   /** The type of the frame this client sent with id `ref` (one of the last 256), or null. */
@@ -83,12 +186,20 @@ export class WsbusClient extends EventTarget {
     return this.welcome ? this.welcome.conn_id : null;
   }
 
-  /** True while the connection is open and welcomed. */
+  /** True while the connection is open, welcomed, and not waiting for its resume. */
   get connected() {
-    return this._ws !== null && this._ws.readyState === WebSocket.OPEN && this.welcome !== null;
+    return (
+      this._ws !== null &&
+      this._ws.readyState === WebSocket.OPEN &&
+      this.welcome !== null &&
+      this._resuming === null
+    );
   }
 
-  /** Open the connection; resolves with the welcome, rejects with WsbusClosed. */
+  /**
+   * Open the connection; resolves with the welcome (once resumed, when resuming), rejects
+   * with WsbusClosed.
+   */
   connect() {
     this._closing = false;
     return new Promise((resolve, reject) => {
@@ -97,6 +208,13 @@ export class WsbusClient extends EventTarget {
       const ws = new WebSocket(this.url, protocols);
       this._ws = ws;
       let welcomed = false;
+      let ready = false;
+      const finish = () => {
+        ready = true;
+        this._emit("welcome", this.welcome);
+        resolve(this.welcome);
+        if (this._acks.length) this._scheduleAcks(0);
+      };
       ws.onmessage = (event) => {
         let frame;
         try {
@@ -104,26 +222,160 @@ export class WsbusClient extends EventTarget {
         } catch (err) {
           return; // not ours to handle: the gateway only sends JSON objects
         }
+        if (frame === null || typeof frame !== "object") return;
         if (!welcomed && frame.type === "wsbus.welcome") {
           welcomed = true;
           this._attempt = 0;
           this.welcome = frame.content;
-          this._emit("welcome", frame.content);
-          resolve(frame.content);
+          this._startResume(ws, finish);
           return;
         }
+        if (this._resuming && this._resumeAnswer(frame)) return;
         this._dispatch(frame);
       };
       ws.onclose = (event) => {
         const closed = new WsbusClosed(event.code, event.reason);
         this._failPending(closed);
         this.welcome = null;
+        if (this._resuming) {
+          clearTimeout(this._resuming.timer);
+          this._resuming = null;
+        }
         const retry = this.reconnect && !this._closing && RECONNECT_CODES.has(event.code);
         this._emit("close", { code: event.code, reason: event.reason, final: !retry });
-        if (!welcomed) reject(closed);
-        if (retry && welcomed) this._scheduleReconnect();
+        if (!ready) reject(closed);
+        if (retry && ready) this._scheduleReconnect();
       };
     });
+  }
+
+  /** Send wsbus.resume if there is a session to resume, then call done(). */
+  _startResume(ws, done) {
+    const offered = this.welcome && this.welcome.resume && typeof this.welcome.resume.token === "string"
+      ? this.welcome.resume.token
+      : null;
+    const token = this._token;
+    const hadSession = this._hadSession;
+    this._hadSession = true;
+    this._token = offered;
+    if (!this.resume) {
+      done();
+      return;
+    }
+    if (token === null || offered === null) {
+      // Nothing to present, or a gateway that resumes nothing: a new session. Said only
+      // when there was one to lose.
+      if (token !== null || hadSession) {
+        this._lost("not_offered", "the connection was lost and the gateway offers no resume");
+      }
+      this._save();
+      done();
+      return;
+    }
+    const id = "r" + this._nextId++;
+    const timer = setTimeout(() => {
+      if (this._resuming && this._resuming.id === id) {
+        this._resuming = null;
+        this._lost("resume_failed", "no answer to wsbus.resume in time");
+        done();
+      }
+    }, this.openTimeout);
+    this._resuming = { id, timer, done };
+    ws.send(
+      JSON.stringify({
+        type: "wsbus.resume",
+        id,
+        content: { token, positions: Object.fromEntries(this._positions) },
+      }),
+    );
+  }
+
+  /** Take the answer to wsbus.resume; false for any other frame. */
+  _resumeAnswer(frame) {
+    const { id, timer, done } = this._resuming;
+    const content = frame.content && typeof frame.content === "object" ? frame.content : {};
+    if (frame.type === "wsbus.resumed" && frame.reply_to === id) {
+      clearTimeout(timer);
+      this._resuming = null;
+      this._resumed(content);
+      done();
+      return true;
+    }
+    if (frame.type === "wsbus.error" && content.ref === id) {
+      clearTimeout(timer);
+      this._resuming = null;
+      this._lost("resume_failed", `the gateway refused to resume (${content.code}: ${content.message})`);
+      done();
+      return true;
+    }
+    return false;
+  }
+
+  _resumed(content) {
+    this.resumed = content;
+    this.resumes += 1;
+    if (typeof content.token === "string") this._token = content.token;
+    const groups = strings(content.groups);
+    const resync = strings(content.resync);
+    this._groups = groups;
+    // A group it is no longer in, or one with a hole, has no position to resume from.
+    for (const group of [...this._positions.keys()]) {
+      if (!groups.includes(group) || resync.includes(group)) this._positions.delete(group);
+    }
+    this._redelivering = Number.isInteger(content.redelivered) ? content.redelivered : 0;
+    this._save();
+    this._emit("resumed", content);
+    if (resync.length || typeof content.alias_lost === "string") {
+      const detail = { groups: resync, restored: true, reason: "resync" };
+      if (typeof content.alias_lost === "string") detail.alias_lost = content.alias_lost;
+      detail.message =
+        "the session was resumed, but the messages of these groups could not all be replayed: fetch their state again";
+      this._resync(detail);
+    }
+  }
+
+  /** The session was not restored: a new one, with no alias and no groups. */
+  _lost(reason, message) {
+    const groups = [...new Set([...this._positions.keys(), ...this._groups])].sort();
+    this._positions.clear();
+    this._groups = [];
+    this._redelivering = 0;
+    this._save();
+    this._resync({ groups, restored: false, reason, message });
+  }
+
+  _resync(detail) {
+    this.resyncs += 1;
+    if (this.onResync) {
+      try {
+        this.onResync(detail);
+      } catch (err) {
+        console.error("wsbus onResync failed", err);
+      }
+    }
+    this._emit("resync", detail);
+  }
+
+  _load() {
+    try {
+      const text = this._storage && this._storage.getItem(this._storageKey);
+      const value = text ? JSON.parse(text) : null;
+      return value && typeof value === "object" ? value : {};
+    } catch (err) {
+      return {}; // storage refused (private mode, quota) or garbage: nothing to resume
+    }
+  }
+
+  _save() {
+    if (!this._storage) return;
+    try {
+      this._storage.setItem(
+        this._storageKey,
+        JSON.stringify({ token: this._token, positions: Object.fromEntries(this._positions), groups: this._groups }),
+      );
+    } catch (err) {
+      // Storage refused: the session resumes on reconnect, not across a reload.
+    }
   }
 
   _scheduleReconnect() {
@@ -199,10 +451,120 @@ export class WsbusClient extends EventTarget {
     return () => this._handlers.get(type).delete(handler);
   }
 
-  /** Close for good. */
+  /**
+   * Close for good: the acknowledgements waiting are sent first, and the stored session is
+   * forgotten (a reload starts a new one).
+   */
   close(code = 1000, reason = "") {
     this._closing = true;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    while (this._acks.length && this._sendAcks()) {
+      // every batch now, before the close frame
+    }
+    try {
+      if (this._storage) this._storage.removeItem(this._storageKey);
+    } catch (err) {
+      // nothing kept, nothing to forget
+    }
     if (this._ws) this._ws.close(code, reason);
+  }
+
+  /**
+   * Acknowledge `frame`: the page is done with it. Only a frame with "ack": true is; one
+   * acknowledged already is ignored. Needed with manualAck.
+   */
+  processed(frame) {
+    if (!frame || frame.ack !== true || typeof frame.id !== "string") return;
+    if (this._seen.get(frame.id) === true) return;
+    this._remember(frame.id, true);
+    this._ack(frame.id);
+  }
+
+  _wantsPage(type) {
+    return this.ackTypes.has("*") || this.ackTypes.has(type);
+  }
+
+  _remember(id, done) {
+    this._seen.delete(id);
+    this._seen.set(id, done);
+    while (this._seen.size > this.remember) this._seen.delete(this._seen.keys().next().value);
+  }
+
+  _ack(id) {
+    this._acks.push(id);
+    if (this._acks.length > MAX_PENDING_ACKS) this._acks.shift();
+    if (this._ackTimer === null) this._scheduleAcks(0);
+  }
+
+  _scheduleAcks(delay) {
+    if (this._ackTimer !== null || this._closing) return;
+    this._ackTimer = setTimeout(() => {
+      this._ackTimer = null;
+      // The rest after ACK_INTERVAL; when not connected, after the next welcome.
+      if (this._sendAcks() && this._acks.length) this._scheduleAcks(ACK_INTERVAL);
+    }, delay);
+  }
+
+  /** Send one batch of acknowledgements; false when not connected. */
+  _sendAcks() {
+    if (!this.connected) return false;
+    const batch = this._acks.slice(0, ACK_BATCH);
+    this._ws.send(JSON.stringify({ type: "wsbus.processed", content: { ids: batch } }));
+    this._acks.splice(0, batch.length);
+    return true;
+  }
+
+  /** Keep the frame's position and acknowledge it; false to drop it (a duplicate). */
+  _accept(frame) {
+    const ackId = frame.ack === true && typeof frame.id === "string" ? frame.id : null;
+    let redelivered = false;
+    if (ackId !== null) {
+      if (this._redelivering > 0) {
+        // The first `redelivered` frames asking for an ack after wsbus.resumed are those
+        // the last connection left unacknowledged: they may come ahead of the replay, so
+        // they must not move the positions the replay starts from.
+        this._redelivering -= 1;
+        redelivered = true;
+      }
+      const done = this._seen.get(ackId);
+      if (done !== undefined) {
+        // Processed (its acknowledgement was lost with the connection: say it again), or
+        // still being handled (acknowledged when done).
+        this.duplicates += 1;
+        if (done) this._ack(ackId);
+        return false;
+      }
+    }
+    if (!redelivered && typeof frame.group === "string" && typeof frame.pos === "string") {
+      if (!this._advance(frame.group, frame.pos)) {
+        this.duplicates += 1;
+        if (ackId !== null) {
+          this._remember(ackId, true);
+          this._ack(ackId);
+        }
+        return false;
+      }
+    }
+    if (ackId !== null) {
+      const later = this._wantsPage(frame.type);
+      this._remember(ackId, !later);
+      if (!later) this._ack(ackId);
+    }
+    return true;
+  }
+
+  /** Move the group's position to pos; false when it is not past the last one. */
+  _advance(group, pos) {
+    const last = this._positions.get(group);
+    if (last !== undefined) {
+      const next = parsePosition(pos);
+      const old = parsePosition(last);
+      if (next && old && next[0] === old[0] && next[1] <= old[1]) return false;
+    }
+    this._positions.set(group, pos);
+    this._save();
+    return true;
   }
 
   _dispatch(frame) {
@@ -227,21 +589,31 @@ export class WsbusClient extends EventTarget {
           console.error("wsbus onGap failed", err);
         }
       }
-    } else if (frame.reply_to) {
-      const pending = this._pending.get(frame.reply_to);
-      if (pending && pending.wait === "reply") this._settle(frame.reply_to, pending, frame, null);
+    } else {
+      if (!this._accept(frame)) return;
+      if (frame.reply_to) {
+        const pending = this._pending.get(frame.reply_to);
+        if (pending && pending.wait === "reply") this._settle(frame.reply_to, pending, frame, null);
+      }
     }
     this._emit("frame", frame);
+    const results = [];
     for (const key of [frame.type, "*"]) {
       const handlers = this._handlers.get(key);
       if (!handlers) continue;
       for (const handler of handlers) {
         try {
-          handler(frame);
+          results.push(handler(frame));
         } catch (err) {
           console.error("wsbus handler failed", err);
         }
       }
+    }
+    if (frame.ack === true && this._seen.get(frame.id) === false && !this.manualAck) {
+      // Done once every handler is: a handler that returned a promise, when it settles.
+      const waits = results.filter((result) => result && typeof result.then === "function");
+      if (waits.length === 0) this.processed(frame);
+      else Promise.allSettled(waits).then(() => this.processed(frame));
     }
   }
 
