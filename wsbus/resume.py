@@ -9,11 +9,33 @@ takes the record (once: a token cannot be used twice) and restores the session. 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections import OrderedDict
+from typing import Final
+
 import msgspec
 
 from .envelope import ConnId, Envelope
+from .errors import ConfigError
 
-__all__ = ["SessionRecord"]
+__all__ = ["MAX_SESSIONS", "MemorySessions", "ResumeTokens", "SessionRecord", "new_sid"]
+
+TOKEN_VERSION: Final = "v1"
+_SID_RE: Final = re.compile(r"[A-Za-z0-9_-]{22,64}")
+_MAC_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+_MAX_TOKEN: Final = 3 + 64 + 1 + 43
+
+MAX_SESSIONS: Final = 100_000
+"""Closed sessions a :class:`MemorySessions` keeps at most; past it the oldest goes."""
+
+
+def new_sid() -> str:
+    """Return a new session id: 128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)
 
 
 class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,3 +60,99 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     closed: float
     code: int
     unacked: tuple[Envelope, ...] = ()
+
+
+class ResumeTokens:
+    """Issues and checks resume tokens: ``v1.<sid>.<mac>``, HMAC-SHA256 over sid and user.
+
+    A token names one session and is bound to the user it was issued to: changing either
+    breaks its MAC, so it can never be made into a token of another session or user
+    without the secret. It carries no time: the session record it names expires with the
+    resume window and is taken once, which is what makes an old or used token worthless.
+
+    Args:
+        secret: the signing key, at least 16 bytes; every gateway that should accept the
+            others' tokens must have the same one.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ConfigError("a resume secret must be at least 16 bytes (32 hex digits)")
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "ResumeTokens(secret=***)"
+
+    def issue(self, sid: str, user: str | None) -> str:
+        """Return the token for session ``sid`` of ``user``."""
+        if _SID_RE.fullmatch(sid) is None:
+            raise ValueError("a session id is 22 to 64 URL-safe characters")
+        return f"{TOKEN_VERSION}.{sid}.{self._mac(sid, user)}"
+
+    def verify(self, token: object, user: str | None) -> str | None:
+        """Return the session id ``token`` names if it is genuine and ``user``'s; else None.
+
+        Anything malformed (this is client input) is refused before any MAC is computed.
+        """
+        if not isinstance(token, str) or len(token) > _MAX_TOKEN:
+            return None
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != TOKEN_VERSION:
+            return None
+        _, sid, mac = parts
+        if _SID_RE.fullmatch(sid) is None or _MAC_RE.fullmatch(mac) is None:
+            return None
+        if not hmac.compare_digest(self._mac(sid, user), mac):
+            return None
+        return sid
+
+    def _mac(self, sid: str, user: str | None) -> str:
+        # Fields separated by a NUL (in neither a sid nor a valid user name), and an
+        # anonymous session told from any user name by its own marker.
+        who = "\x00-" if user is None else "\x00u" + user
+        message = f"{TOKEN_VERSION}\x00{sid}{who}".encode()
+        digest = hmac.new(self._secret, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class MemorySessions:
+    """Closed sessions' records in memory, each for its ttl, each taken at most once.
+
+    Pure: the time is passed in. A gateway whose bus does not keep sessions uses one (its
+    clients can then resume on it only); the Pyro message bus owns one for all gateways.
+
+    Args:
+        max_records: records kept at most; past it the oldest saved is dropped (counted
+            in :attr:`dropped`).
+    """
+
+    def __init__(self, max_records: int = MAX_SESSIONS) -> None:
+        self.max_records = max_records
+        # sid -> (expires, record), oldest saved first.
+        self._records: OrderedDict[str, tuple[float, SessionRecord]] = OrderedDict()
+        self.dropped = 0
+        """Records dropped before their time to keep within ``max_records``."""
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def save(self, record: SessionRecord, ttl: float, now: float) -> None:
+        """Keep ``record`` until ``now + ttl`` (replacing one of the same sid)."""
+        records = self._records
+        records.pop(record.sid, None)
+        records[record.sid] = (now + ttl, record)
+        # Expired ones at the old end go first; then, if still too many, the oldest.
+        while records:
+            sid, (expires, _) = next(iter(records.items()))
+            if expires > now and len(records) <= self.max_records:
+                break
+            del records[sid]
+            if expires > now:
+                self.dropped += 1
+
+    def take(self, sid: str, now: float) -> SessionRecord | None:
+        """Return the record of ``sid`` and forget it; None when there is none or it expired."""
+        kept = self._records.pop(sid, None)
+        if kept is None or kept[0] <= now:
+            return None
+        return kept[1]
