@@ -9,16 +9,23 @@ refuse it: :meth:`MemoryBus.publish_nowait` says False and :meth:`MemoryBus.publ
 for room, so the gateway stops reading that client until the service catches up, as TCP
 holds back a sender on a bus between processes. Only a service that takes nothing for the
 bus's ``timeout`` gets its callers ``unavailable``: that service is stuck.
+
+It keeps group history (:class:`~wsbus.bus.KeepsHistory`: it is the one place a service's
+messages pass through on their way to the gateway, so it is each group's sequencer) and
+closed sessions (:class:`~wsbus.bus.KeepsSessions`) in memory, and routes the gateway's
+presence events to the services that declared ``wsbus.presence`` (rule 5; there is no
+other gateway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from . import control
-from .bus import BusSink, is_for_gateway
+from .bus import BusSink, is_for_gateway, is_presence_event
 from .envelope import (
     Envelope,
     GatewayAddress,
@@ -27,6 +34,8 @@ from .envelope import (
     encode_envelope,
 )
 from .errors import BusUnavailable, ConfigError, NoRoute
+from .history import HistoryConfig, MemoryHistory, Position, history_group
+from .resume import MemorySessions, SessionRecord
 from .service import Service, ServiceRunner
 
 __all__ = ["MemoryBus"]
@@ -53,6 +62,8 @@ class MemoryBus:
             does, so that services see exactly what they would see over Pyro (lists, not
             tuples; no object shared with the sender) and content that cannot cross a
             process boundary fails here too. Costs a microsecond or two per envelope.
+        clock: the wall clock history ages and session records expire by (tests pass
+            their own); ``time.time`` by default.
     """
 
     def __init__(
@@ -63,8 +74,10 @@ class MemoryBus:
         inbox_size: int = 1000,
         timeout: float = 5.0,
         serialize: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.record = record
+        self.clock = clock
         self.serialize = serialize
         self.published: list[Envelope] = []
         """With ``record``, every envelope the gateway published, in order."""
@@ -76,6 +89,10 @@ class MemoryBus:
         self._sink: BusSink | None = None
         self.down = False
         """Set to True to make the bus refuse everything with ``unavailable`` (tests)."""
+        self.history_store: MemoryHistory | None = None
+        """The group history, once the gateway said which groups keep it."""
+        self.sessions = MemorySessions()
+        """Closed sessions' records, for clients to resume."""
 
     # -- the gateway side (Bus) ----------------------------------------------------------
 
@@ -105,7 +122,7 @@ class MemoryBus:
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
         carried = self._carry(envelope)
-        if not self._route_now(carried):
+        if not self._unheard(carried) and not self._route_now(carried):
             if isinstance(carried.sender, GatewayAddress):
                 raise BusUnavailable(
                     f"the inbox of a service {carried.type!r} goes to is full", whole_bus=False
@@ -133,7 +150,7 @@ class MemoryBus:
         runners = self._by_type.get(carried.type) if carried.to is None else None
         if runners is not None and len(runners) == 1 and runners[0].has_room():
             runners[0].accept(carried)
-        elif not self._route_now(carried):
+        elif not self._unheard(carried) and not self._route_now(carried):
             return False
         if self.record:
             self.published.append(envelope)
@@ -144,6 +161,46 @@ class MemoryBus:
         for name in list(self._runners):
             await self.remove_service(name)
         self._sink = None
+
+    # -- history and sessions (KeepsHistory, KeepsSessions) ------------------------------
+
+    def keep_history(self, config: HistoryConfig) -> None:
+        """Keep history for the groups ``config`` names (the gateway calls it once)."""
+        self.history_store = MemoryHistory(config)
+
+    async def history(self, group: str, after: Position, limit: int) -> list[Envelope] | None:
+        """Return ``group``'s messages after ``after``, oldest first, at most ``limit``.
+
+        None when they cannot all be given (see :meth:`MemoryHistory.read`).
+
+        Raises:
+            BusUnavailable: the bus is marked down.
+        """
+        if self.down:
+            raise BusUnavailable("the in-memory bus is marked down")
+        if self.history_store is None:
+            return None
+        return self.history_store.read(group, after, self.clock(), limit)
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        """Keep a closed session's record for ``ttl`` seconds.
+
+        Raises:
+            BusUnavailable: the bus is marked down.
+        """
+        if self.down:
+            raise BusUnavailable("the in-memory bus is marked down")
+        self.sessions.save(record, ttl, self.clock())
+
+    async def take_session(self, sid: str) -> SessionRecord | None:
+        """Return a closed session's record and forget it; None if there is none (now).
+
+        Raises:
+            BusUnavailable: the bus is marked down.
+        """
+        if self.down:
+            raise BusUnavailable("the in-memory bus is marked down")
+        return self.sessions.take(sid, self.clock())
 
     # -- services ------------------------------------------------------------------------
 
@@ -204,6 +261,11 @@ class MemoryBus:
                 raise BusUnavailable("no gateway is attached to the bus")
             if isinstance(to, GatewayAddress) and to.node != self._sink.node:
                 raise NoRoute(f"gateway node {to.node}")
+            store = self.history_store
+            if store is not None:
+                group = history_group(envelope, store.config)
+                if group is not None:
+                    envelope = store.append(group, envelope, self.clock())
             self._sink.deliver(envelope)
             return
         self._route_to_services(envelope)
@@ -285,6 +347,13 @@ class MemoryBus:
         finally:
             for runner in held:
                 runner.release_held()
+
+    def _unheard(self, envelope: Envelope) -> bool:
+        """True for a presence event no service declared: nobody listening is fine (rule 5).
+
+        A presence event some services declared is routed as any type-routed message.
+        """
+        return is_presence_event(envelope) and envelope.type not in self._by_type
 
     def _route_to_services(self, envelope: Envelope) -> None:
         """Route a service's envelope to services: refused, never waited for, when full."""

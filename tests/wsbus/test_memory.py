@@ -18,7 +18,7 @@ from wsbus import (
     Service,
     handles,
 )
-from wsbus.bus import Bus, PublishesNowait, ReportsAvailability
+from wsbus.bus import Bus, KeepsHistory, KeepsSessions, PublishesNowait, ReportsAvailability
 from wsbus_testing.conformance import (
     BusConformance,
     MakeBus,
@@ -30,7 +30,7 @@ from wsbus_testing.services import Probe
 
 
 class TestMemoryBus(BusConformance):
-    capabilities = frozenset({PublishesNowait, ReportsAvailability})
+    capabilities = frozenset({KeepsHistory, KeepsSessions, PublishesNowait, ReportsAvailability})
 
     @pytest.fixture
     def wsbus_make_unavailable(self) -> MakeUnavailable:
