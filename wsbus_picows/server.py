@@ -164,6 +164,7 @@ class _Connection(WSListener):
         "_closed",
         "_codec",
         "_edge",
+        "_ended",
         "_flushed_at_loss",
         "_frames",
         "_inflight",
@@ -214,6 +215,10 @@ class _Connection(WSListener):
         self._writers: list[asyncio.Future[None]] = []
         self._paused = False
         self._closed: ConnectionClosed | None = None
+        # The TCP connection has ended: receive raises once the frames read are taken (a
+        # close under way still lets the socket take what the transport holds, and the
+        # gateway counts what reached it once receive has raised).
+        self._ended = False
         self._parts: list[bytes] | None = None
         self._parts_size = 0
         self._part_text = False
@@ -243,9 +248,9 @@ class _Connection(WSListener):
         """Return the next frame, or raise ConnectionClosed once none is left."""
         frames = self._frames
         while not frames:
-            closed = self._closed
-            if closed is not None:
-                raise closed
+            if self._ended:
+                assert self._closed is not None
+                raise self._closed
             reader = self._reader = self._loop.create_future()
             try:
                 await reader
@@ -397,9 +402,13 @@ class _Connection(WSListener):
         """The TCP connection ended (see :meth:`lost`, called just before)."""
         if self._closed is None:
             self._closed = _closed_from(transport)
+        self._ended = True
         self._pongs = None
         self._parts = None
         self._wake()
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
         self._edge._ended(self)
 
     def lost(self, exc: Exception | None) -> None:
@@ -558,9 +567,7 @@ class _Connection(WSListener):
             self._loop.call_later(self._close_timeout, self.abort)
 
     def _wake(self) -> None:
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
+        # Sends raise at once; receive only once the TCP connection has ended.
         self._wake_writers()
 
     def _wake_writers(self) -> None:

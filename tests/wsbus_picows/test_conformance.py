@@ -28,7 +28,7 @@ class _HandingServer(PicowsServer):
         super().__init__(Gateway(MemoryBus([]), config=GatewayConfig(node="conf")), config)
         self.handed: asyncio.Queue[ClientConnection] = asyncio.Queue()
 
-    def _opened(self, connection: ClientConnection) -> None:  # type: ignore[override]
+    def _opened(self, connection: ClientConnection) -> None:
         self.handed.put_nowait(connection)
 
 
