@@ -123,6 +123,7 @@ class NatsAdapter:
             ChildFailed: there is no nats-server executable, or it did not start.
             BusUnavailable: a service process did not start (the message has its last line).
         """
+        from wsbus import control
         from wsbus_cli.cli import load_service_spec
 
         from . import NatsBus, NatsConfig
@@ -130,8 +131,10 @@ class NatsAdapter:
         from .permissions import SERVER_CONFIG, plan, write
         from .servers import NatsServer
 
-        names = [load_service_spec(spec, "demo service").name for spec in services]
-        access = plan(names, any_gateway=True)
+        loaded = [load_service_spec(spec, "demo service") for spec in services]
+        names = [service.name for service in loaded]
+        presence = [s.name for s in loaded if control.PRESENCE in type(s).handled_types()]
+        access = plan(names, any_gateway=True, presence=presence)
         with tempfile.TemporaryDirectory(prefix="wsbus-nats-demo-") as directory:
             conf = Path(directory) / "conf"
             write(access, conf)
@@ -200,6 +203,16 @@ class NatsAdapter:
             default=[],
             metavar="NAME",
             help="a service's name, or MODULE:CLASS to read it from (repeatable)",
+        )
+        config.add_argument(
+            "--presence",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help=(
+                "a service (named by --service) that hears the gateways' presence events "
+                "(wsbus.presence); a MODULE:CLASS that declares them needs none (repeatable)"
+            ),
         )
         config.add_argument(
             "--gateway",
@@ -357,15 +370,21 @@ def _nats_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_nats_config(args: argparse.Namespace) -> None:
+    from wsbus import control
     from wsbus_cli.cli import load_service_spec, use_app_dir
 
     from .permissions import SERVER_CONFIG, plan, write
 
     names = []
+    presence = list(args.presence)
     for spec in args.service:
         if ":" in spec:
             use_app_dir(args.app_dir or ".")
-            names.append(load_service_spec(spec, "--service").name)
+            service = load_service_spec(spec, "--service")
+            names.append(service.name)
+            # A class that declares presence events gets to hear them.
+            if control.PRESENCE in type(service).handled_types():
+                presence.append(service.name)
         else:
             names.append(spec)
     access = plan(
@@ -375,6 +394,7 @@ def _run_nats_config(args: argparse.Namespace) -> None:
         prefix=args.prefix,
         account=args.account,
         servers=args.server,
+        presence=sorted(set(presence)),
     )
     if args.out is None:
         sys.stdout.write(access.server_config())

@@ -34,16 +34,20 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from wsbus.errors import BusUnavailable, ConfigError
+from wsbus.history import HistoryConfig
 
 from .config import NatsConfig, redact_url
+from .history import open_history
 from .subjects import Subjects
 
 __all__ = [
+    "SESSIONS_MAX_AGE",
     "BucketSpec",
     "bucket_specs",
     "check_stream",
     "make_buckets",
     "open_bucket",
+    "sessions_spec",
     "stream_config",
 ]
 
@@ -65,6 +69,8 @@ class BucketSpec:
         discard_old: when full, the oldest entries go (heartbeated tables, whose live
             entries come back within a heartbeat); otherwise new writes are refused (the
             alias table: a live claim must never be dropped).
+        entry_ttl: each entry may carry its own expiry (``Nats-TTL``, within ``ttl``):
+            the sessions bucket, whose entries live for the resume window.
     """
 
     name: str
@@ -72,6 +78,7 @@ class BucketSpec:
     max_bytes: int
     ttl: float | None
     discard_old: bool
+    entry_ttl: bool = False
 
     @property
     def stream(self) -> str:
@@ -96,6 +103,26 @@ def bucket_specs(subjects: Subjects, heartbeat: float) -> list[BucketSpec]:
     ]
 
 
+SESSIONS_MAX_AGE: Final = 86400.0
+"""The longest a closed session is kept (a day), whatever the resume window."""
+
+
+def sessions_spec(subjects: Subjects) -> BucketSpec:
+    """Return the sessions bucket (gateways only): closed sessions, one entry each.
+
+    Each entry expires after its own time to live (the resume window); when the bucket is
+    full, the oldest sessions go (a client then cannot resume: it starts anew).
+    """
+    return BucketSpec(
+        subjects.sessions_bucket,
+        1024 * KIB,
+        256 * MIB,
+        SESSIONS_MAX_AGE,
+        discard_old=True,
+        entry_ttl=True,
+    )
+
+
 def stream_config(spec: BucketSpec, replicas: int) -> StreamConfig:
     """Return the stream configuration wsbus creates bucket ``spec`` with."""
     return StreamConfig(
@@ -115,6 +142,7 @@ def stream_config(spec: BucketSpec, replicas: int) -> StreamConfig:
         max_msgs_per_subject=1,
         num_replicas=replicas,
         storage=StorageType.FILE,
+        allow_msg_ttl=True if spec.entry_ttl else None,
     )
 
 
@@ -143,6 +171,10 @@ def check_stream(spec: BucketSpec, config: StreamConfig) -> None:
         wrong.append(f"its largest size is {config.max_bytes}, not at most {spec.max_bytes}")
     if spec.ttl is None and config.max_age:
         wrong.append(f"its entries expire after {config.max_age} s (aliases must not)")
+    if spec.entry_ttl and not config.allow_msg_ttl:
+        wrong.append("its entries cannot carry their own expiry (allow_msg_ttl)")
+    if spec.entry_ttl and not 0 < (config.max_age or 0) <= (spec.ttl or 0) + 1:
+        wrong.append(f"its entries are kept {config.max_age} s, not at most {spec.ttl}")
     for name in ("mirror", "sources", "republish", "subject_transform"):
         if getattr(config, name, None):
             wrong.append(f"it has a {name.replace('_', ' ')}")
@@ -205,14 +237,17 @@ async def open_bucket(
         return await js.key_value(spec.name)
 
 
-async def make_buckets(config: NatsConfig) -> None:
-    """Connect as ``config``'s user (a gateway's) and make the three buckets, checked.
+async def make_buckets(config: NatsConfig, history: HistoryConfig | None = None) -> None:
+    """Connect as ``config``'s user (a gateway's) and make what gateways make, checked.
 
-    What a gateway does at start, for a setup step that must come before any service
-    instance starts (``wsbus demo --bus nats`` starts its services first).
+    The directory's three buckets, the sessions bucket and, given the gateways' ``history``
+    settings, the history stream: what a gateway does at start, for a setup step that must
+    come before any service instance starts (``wsbus demo --bus nats`` starts its services
+    first). Without ``history`` the stream is left to the first gateway.
 
     Raises:
-        ConfigError: a bucket exists and is not as wsbus makes it.
+        ConfigError: a bucket or the history stream exists and is not as wsbus makes it
+            (or holds other history settings).
         BusUnavailable: NATS or its JetStream cannot be reached.
     """
     try:
@@ -224,8 +259,11 @@ async def make_buckets(config: NatsConfig) -> None:
         ) from None
     try:
         js = nc.jetstream(timeout=config.request_timeout)
-        for spec in bucket_specs(Subjects(config.prefix), config.heartbeat):
+        subjects = Subjects(config.prefix)
+        for spec in [*bucket_specs(subjects, config.heartbeat), sessions_spec(subjects)]:
             await open_bucket(js, spec, replicas=config.kv_replicas, create=True, wait=0)
+        if history is not None:
+            await open_history(js, subjects, wanted=history, replicas=config.kv_replicas)
     except (nats.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(
             f"the wsbus directory in NATS JetStream is not reachable ({exc!r}); the NATS "

@@ -16,6 +16,12 @@ message held by a service instance that dies before its handler is done is faile
 Aliases are claimed in a key-value bucket (:class:`~wsbus.bus.ClaimsAliases`); a gateway
 back from a cut long enough to be taken for dead checks its claims and clears those another
 gateway took meanwhile.
+
+Group history is read from the JetStream stream ``P_history`` (:class:`~wsbus.bus.KeepsHistory`:
+the gateway makes the stream with its settings, the service instances append to it), closed
+sessions are kept in the bucket ``P_sessions`` (:class:`~wsbus.bus.KeepsSessions`), presence
+events travel on ``P.ev.gw.<node>``, and a gateway whose directory entry dies is reported to
+the gateway (:class:`~wsbus.bus.HearsGateways`).
 """
 
 from __future__ import annotations
@@ -28,26 +34,33 @@ from collections import OrderedDict
 from typing import Final
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsbus import control
-from wsbus.bus import BusSink, HearsLoss
+from wsbus.bus import BusSink, HearsGateways, HearsLoss, is_presence_event
 from wsbus.envelope import (
     ClientAddress,
     ConnId,
     Envelope,
     EnvelopeId,
     GatewayAddress,
+    NodeId,
     ServiceAddress,
     decode_envelope,
     encode_envelope,
 )
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
+from wsbus.history import HistoryConfig, Position
+from wsbus.resume import SessionRecord
 
+from .buckets import open_bucket, sessions_spec
 from .config import NatsConfig, redact_url
 from .directory import LIVE_HEARTBEATS, Directory
+from .history import HistoryCounters, HistoryReader, open_history
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog
+from .sessions import SessionStore
 from .subjects import FROM_GATEWAY, Subjects, check_tokens
 
 __all__ = [
@@ -104,8 +117,10 @@ CLAIM_CHECK_COUNT: Final = 1000
 class NatsBus:
     """A :class:`wsbus.Bus` over NATS: the gateway side.
 
-    Also :class:`~wsbus.bus.ReportsAvailability` (available while connected) and
-    :class:`~wsbus.bus.ClaimsAliases` (aliases unique across gateways, in a key-value bucket).
+    Also :class:`~wsbus.bus.ReportsAvailability` (available while connected),
+    :class:`~wsbus.bus.ClaimsAliases` (aliases unique across gateways, in a key-value
+    bucket), :class:`~wsbus.bus.KeepsHistory` (group history in a JetStream stream) and
+    :class:`~wsbus.bus.KeepsSessions` (closed sessions in a key-value bucket).
 
     Args:
         config: NATS settings; the servers must run JetStream (``nats-server -js``).
@@ -141,6 +156,14 @@ class NatsBus:
         # first was held, {envelope id: connection id}), until the instance says done.
         self._held: dict[tuple[str, str], tuple[float, dict[str, ConnId]]] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        self._history_config = HistoryConfig()
+        self._history: HistoryReader | None = None
+        self._sessions: SessionStore | None = None
+        self.history_counters = HistoryCounters()
+        """What this gateway's history reads met (see :class:`HistoryCounters`)."""
+        self._presence = ""  # P.ev.gw.<node>: where this gateway's presence events go
+        self._live: set[str] = set()  # the other gateways live at the last look
+        self._gateway_watch: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- Bus -----------------------------------------------------------------------------
@@ -179,11 +202,20 @@ class NatsBus:
             # Before subscribing: a gateway refused for a node id in use never hears the
             # live one's traffic.
             await self._directory.check_node()
+            # Made (or checked) before this gateway is listed: a service instance that
+            # sees a gateway finds the history stream.
+            await self._open_stores(link)
             self._inbox = await link.subscribe(self.subjects.gateway_inbox(node), self._on_message)
+            self._presence = self.subjects.presence(node)
+            await link.subscribe(self.subjects.presence_all, self._on_presence)
             await self._directory.start()
         except BaseException:
             await self.close()
             raise
+        self._live = {str(n) for n in self._directory.live_gateways() if n != node}
+        self._gateway_watch = asyncio.create_task(
+            self._watch_gateways(), name="wsbus-nats-gateways"
+        )
         self._watchdog = asyncio.create_task(self._watch_held(), name="wsbus-nats-held")
         self._claim_checker = asyncio.create_task(
             self._check_claims_often(), name="wsbus-nats-claim-checks"
@@ -205,6 +237,11 @@ class NatsBus:
         if not link.connected:
             link.counters.refused += 1
             raise BusUnavailable("the connection to NATS is down; reconnecting")
+        if is_presence_event(envelope):
+            # To every other gateway, and one instance of each service that declared
+            # wsbus.presence: nobody listening is fine (routing rule 5).
+            await link.publish(self._presence, self._payload(envelope))
+            return
         to = envelope.to
         if (
             envelope.type == control.RESULT
@@ -240,11 +277,11 @@ class NatsBus:
     async def close(self) -> None:
         """Leave the directory, unsubscribe and close the connection. Idempotent."""
         self._closed = True
-        for task in (self._watchdog, self._claim_checker, self._rechecking):
+        for task in (self._watchdog, self._claim_checker, self._rechecking, self._gateway_watch):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._watchdog = self._claim_checker = None
+        self._watchdog = self._claim_checker = self._gateway_watch = None
         if self._rechecking is not None:
             self._rechecking.cancel()
             await asyncio.gather(self._rechecking, return_exceptions=True)
@@ -262,6 +299,56 @@ class NatsBus:
         """True while connected to NATS (False before start and after close)."""
         link = self._link
         return link is not None and not self._closed and link.connected
+
+    def keep_history(self, config: HistoryConfig) -> None:
+        """Say which groups keep history and how much; before :meth:`start`.
+
+        The gateway makes the history stream with these settings when it is missing; an
+        existing stream must have the same ones, or :meth:`start` refuses (every gateway
+        of a deployment must agree).
+
+        Raises:
+            ConfigError: the bus is started already.
+        """
+        if self._sink is not None:
+            raise ConfigError("keep_history() must be called before the NatsBus starts")
+        self._history_config = config
+
+    async def history(self, group: str, after: Position, limit: int) -> list[Envelope] | None:
+        """Return ``group``'s entries after ``after``, oldest first, at most ``limit``.
+
+        None when they cannot all be given (another epoch or run, trimmed by count or
+        age, or an entry wsbus did not make).
+
+        Raises:
+            BusUnavailable: the bus is not started, or the stream cannot be read now.
+        """
+        reader = self._history
+        if reader is None or self._closed:
+            raise BusUnavailable("the NATS bus is not started")
+        return await reader.read(group, after, limit)
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        """Keep ``record`` in the sessions bucket for ``ttl`` seconds.
+
+        Raises:
+            BusUnavailable: the bus is not started, or the bucket cannot be reached.
+        """
+        sessions = self._sessions
+        if sessions is None or self._closed:
+            raise BusUnavailable("the NATS bus is not started")
+        await sessions.save(record, ttl)
+
+    async def take_session(self, sid: str) -> SessionRecord | None:
+        """Return the record of ``sid`` and delete it; a second take gets None.
+
+        Raises:
+            BusUnavailable: the bus is not started, or the bucket cannot be reached.
+        """
+        sessions = self._sessions
+        if sessions is None or self._closed:
+            raise BusUnavailable("the NATS bus is not started")
+        return await sessions.take(sid)
 
     async def claim_alias(self, alias: str, conn_id: ConnId) -> bool:
         """Claim ``alias`` for ``conn_id`` across every gateway (a key-value create).
@@ -414,6 +501,89 @@ class NatsBus:
         return self._table()
 
     # -- internals -----------------------------------------------------------------------
+
+    async def _open_stores(self, link: Link) -> None:
+        """Open (make, check) the history stream and the sessions bucket.
+
+        Raises:
+            ConfigError: either is not as wsbus makes it, or the history stream holds
+                other settings than this gateway's.
+            BusUnavailable: JetStream cannot be reached.
+        """
+        config = self.config
+        js = link.nc.jetstream(timeout=config.request_timeout)
+        try:
+            await open_history(
+                js, self.subjects, wanted=self._history_config, replicas=config.kv_replicas
+            )
+            kv = await open_bucket(
+                js,
+                sessions_spec(self.subjects),
+                replicas=config.kv_replicas,
+                create=True,
+                wait=config.heartbeat,
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"the wsbus history stream or sessions bucket in NATS JetStream is not "
+                f"reachable ({exc!r}); the NATS server must run with JetStream"
+            ) from None
+        self._history = HistoryReader(link, self.subjects, self.history_counters)
+        self._sessions = SessionStore(js, kv, self.subjects.sessions_bucket)
+
+    async def _on_presence(self, msg: Msg) -> None:
+        """Take another gateway's presence event: check its sender, hand it to the gateway."""
+        sink = self._sink
+        if sink is None:
+            return
+        node = self.subjects.presence_sender(msg.subject)
+        if node == self._node:
+            return  # its own, heard back
+        try:
+            envelope = decode_envelope(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._mismatch(msg.subject, "bytes that are not a presence event")
+            return
+        sender = envelope.sender
+        if (
+            node is None
+            or not is_presence_event(envelope)
+            or type(sender) is not GatewayAddress
+            or sender.node != node
+        ):
+            self._mismatch(msg.subject, f"{envelope.type!r} from {sender!r}")
+            return
+        sink.deliver(envelope)
+
+    async def _watch_gateways(self) -> None:
+        """Each half heartbeat: tell the gateway of every other gateway found dead.
+
+        A gateway is dead when its directory entry was not refreshed within three
+        heartbeats (or was deleted: it stopped). The live gateway with the lowest node id
+        reports each death to services (``report``); the others only send their members
+        leave frames.
+        """
+        while True:
+            await asyncio.sleep(self.config.heartbeat / 2)
+            directory, sink = self._directory, self._sink
+            if directory is None or sink is None:
+                continue
+            live = {str(n) for n in directory.live_gateways() if n != self._node}
+            lost, self._live = self._live - live, live
+            for node in sorted(lost):
+                report = all(self._node < other for other in live)
+                log.warning(
+                    "gateway %s is gone (its directory entry was deleted or not refreshed "
+                    "within %d heartbeats): its clients' presence ends%s",
+                    node,
+                    LIVE_HEARTBEATS,
+                    " (this gateway reports it to services)" if report else "",
+                )
+                if isinstance(sink, HearsGateways):
+                    try:
+                        sink.gateway_lost(NodeId(node), report)
+                    except Exception:
+                        log.exception("the gateway failed to hear that gateway %s is gone", node)
 
     def _table(self) -> Directory:
         if self._directory is None or self._closed:

@@ -13,9 +13,12 @@ Per user, on subjects under the prefix ``P`` (``wsbus``):
 user                publishes                                   subscribes
 ==================  ==========================================  ==============================
 ``svc-S``           ``P.gw.*.svc.S``, ``P.svc.*.svc.S``,        ``P.svc.S.>``, ``P.reply.S.>``,
-                    answers to requests it received             ``_INBOX.>``
-``gw-N``            ``P.svc.*.gw.N``, ``P.reply.>``, answers    ``P.gw.N.>``, ``_INBOX.>``
-``gateways``        as ``gw-N`` for every node ``*``            ``P.gw.*.>``, ``_INBOX.>``
+                    ``P.hist.*.S`` (its history entries),       ``_INBOX.>``; ``P.ev.>`` if it
+                    answers to requests it received             declared ``wsbus.presence``
+``gw-N``            ``P.svc.*.gw.N``, ``P.reply.>``,            ``P.gw.N.>``, ``P.ev.>``,
+                    ``P.ev.gw.N`` (presence events), answers    ``_INBOX.>``
+``gateways``        as ``gw-N`` for every node ``*``            ``P.gw.*.>``, ``P.ev.>``,
+                                                                ``_INBOX.>``
 ==================  ==========================================  ==============================
 
 and the directory in JetStream key-value buckets: everyone may open the three buckets,
@@ -25,7 +28,10 @@ deliveries and flow control on ``_INBOX.>`` and ``$JS.FC``); only gateways may c
 service ``S`` writes only its own instances' keys (``$KV.P_services.S.*``: exactly
 ``S.<instance>``), gateway ``N`` only its own liveness key (``$KV.P_gateways.N``) and the
 alias table (``$KV.P_aliases.>``: any gateway may rewrite any alias; each checks its own
-claims). The account's JetStream use is bounded (:class:`JetStreamLimits`).
+claims). Group history (the stream ``P_history``): gateways make it and read it (direct
+gets, ordered consumers); a service reads its settings and a group's last entry (by
+subject only) and appends only under its own name. Closed sessions (``KV_P_sessions``):
+gateways only. The account's JetStream use is bounded (:class:`JetStreamLimits`).
 
 What this does not stop: a process subscribing ``_INBOX.>`` can read other processes'
 acknowledgements and key-value reads (the directory and the alias table, which every
@@ -122,16 +128,19 @@ class JetStreamLimits:
 
     Attributes:
         max_memory: bytes of memory storage (ordered consumers' state).
-        max_file: bytes of file storage (the three buckets take 136 MiB per replica:
-            at most 680 MiB with ``kv_replicas = 5``).
-        max_streams: streams (the three buckets).
+        max_file: bytes of file storage (the directory's three buckets take 136 MiB per
+            replica, the sessions bucket and the history stream 256 MiB each: 648 MiB per
+            replica, at most 3,240 MiB with ``kv_replicas = 5``).
+        max_streams: streams (the three directory buckets, the sessions bucket and the
+            history stream).
         max_consumers: consumers per stream (two watches per process, more while one is
-            made anew: about four per gateway or service instance).
+            made anew: about four per gateway or service instance; a gateway's history
+            read is one while it lasts).
     """
 
     max_memory: int = 256 * 1024 * 1024
-    max_file: int = 1024 * 1024 * 1024
-    max_streams: int = 3
+    max_file: int = 4 * 1024 * 1024 * 1024
+    max_streams: int = 5
     max_consumers: int = 4096
 
 
@@ -298,6 +307,32 @@ def _bucket_reads(bucket: str, *, follow: bool, create: bool) -> list[str]:
     return subjects
 
 
+def _history(subjects: Subjects, *, gateway: bool) -> list[str]:
+    """What reading (gateways) or appending to (services) the history stream needs."""
+    api = "$JS.API"
+    stream = subjects.history_stream
+    if not gateway:
+        # A service reads the stream's settings and a group's last entry (the request
+        # names the subject: no other entry can be read this way).
+        return [
+            f"{api}.STREAM.INFO.{stream}",
+            f"{api}.DIRECT.GET.{stream}.{subjects.history_subjects}",
+        ]
+    return [
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.CREATE.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        # A read is an ordered consumer filtered to the group.
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.INFO.{stream}.>",
+        f"{api}.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
 def _directory(subjects: Subjects, writes: Sequence[str], *, create: bool) -> list[str]:
     return [
         "$JS.API.INFO",
@@ -308,34 +343,57 @@ def _directory(subjects: Subjects, writes: Sequence[str], *, create: bool) -> li
     ]
 
 
-def service_permissions(subjects: Subjects, service: str) -> Permissions:
-    """Return what service ``service`` may do: send as itself, read its own traffic."""
+def service_permissions(subjects: Subjects, service: str, *, presence: bool = False) -> Permissions:
+    """Return what service ``service`` may do: send as itself, read its own traffic.
+
+    Args:
+        subjects: the deployment's subjects.
+        service: the service's name.
+        presence: it declared ``wsbus.presence``: it may hear the gateways' presence
+            events.
+    """
     p = subjects.prefix
     return Permissions(
         publish=(
             subjects.to_gateway("*", service),
             subjects.to_service("*", "svc", service),
+            # Its own history entries only (any group): the last token names it.
+            f"{p}.hist.*.{service}",
             # One token after the service's: exactly <service>.<instance> keys.
             *_directory(subjects, [f"$KV.{subjects.services_bucket}.{service}.*"], create=False),
+            *_history(subjects, gateway=False),
         ),
-        subscribe=(subjects.service_inbox(service), f"{p}.reply.{service}.>", "_INBOX.>"),
+        subscribe=(
+            subjects.service_inbox(service),
+            f"{p}.reply.{service}.>",
+            *([subjects.presence_all] if presence else []),
+            "_INBOX.>",
+        ),
     )
 
 
 def gateway_permissions(subjects: Subjects, node: str = ANY_GATEWAY) -> Permissions:
     """Return what gateway ``node`` (``*``: any gateway) may do."""
     p = subjects.prefix
+    sessions = subjects.sessions_bucket
     return Permissions(
         publish=(
             subjects.to_service("*", "gw", node),
             f"{p}.reply.>",
+            subjects.presence(node),
             *_directory(
                 subjects,
-                [f"$KV.{subjects.gateways_bucket}.{node}", f"$KV.{subjects.aliases_bucket}.>"],
+                [
+                    f"$KV.{subjects.gateways_bucket}.{node}",
+                    f"$KV.{subjects.aliases_bucket}.>",
+                    f"$KV.{sessions}.>",
+                ],
                 create=True,
             ),
+            *_bucket_reads(sessions, follow=False, create=True),
+            *_history(subjects, gateway=True),
         ),
-        subscribe=(subjects.gateway_inbox(node), "_INBOX.>"),
+        subscribe=(subjects.gateway_inbox(node), subjects.presence_all, "_INBOX.>"),
     )
 
 
@@ -347,11 +405,14 @@ def plan(
     prefix: str = "wsbus",
     account: str = DEFAULT_ACCOUNT,
     servers: Sequence[str] = (),
+    presence: Sequence[str] = (),
 ) -> Access:
     """Return the users of a deployment, with new random passwords.
 
     Args:
         services: the services' names (``Service.name``), one user each (``svc-NAME``).
+        presence: those of ``services`` that hear the gateways' presence events (they
+            declared ``wsbus.presence``); the others may not.
         gateways: gateway node ids (``--node``), one user each (``gw-NODE``).
         any_gateway: add a ``gateways`` user that any gateway may use, whatever its node
             id (one gateway can then pose as another: prefer named nodes).
@@ -374,11 +435,20 @@ def plan(
             raise ConfigError(f"{kind} {twice[0]!r} is given twice")
     if not services:
         raise ConfigError("give at least one service (--service NAME)")
+    unknown = sorted(set(presence) - set(services))
+    if unknown:
+        raise ConfigError(f"--presence {unknown[0]!r} is not one of the services given")
     if not gateways and not any_gateway:
         raise ConfigError("give at least one gateway (--gateway NODE, or --any-gateway)")
     subjects = Subjects(prefix)
     users = [
-        NatsUser(f"svc-{name}", _password(), "service", name, service_permissions(subjects, name))
+        NatsUser(
+            f"svc-{name}",
+            _password(),
+            "service",
+            name,
+            service_permissions(subjects, name, presence=name in presence),
+        )
         for name in services
     ]
     users += [

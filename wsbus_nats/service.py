@@ -21,6 +21,14 @@ instances get the new traffic), finishes what it holds for up to ``drain_timeout
 seconds, and tells the clients of what is left ``service_error``. After its link to NATS
 broke and was made again, an instance tells every gateway that what it sent meanwhile may
 be lost (they send their clients ``wsbus.gap``).
+
+A message to one group that keeps history (the gateways' settings, read from the history
+stream) is appended to the group's history in JetStream before it goes to any gateway
+(:class:`~wsbus_nats.history.HistoryWriter`), in the sender task, so each sender's order
+holds; it goes on stamped with its position, and an append that fails makes the send fail
+as one on a down link does (``wsbus.undeliverable``): never sent without its position. An
+instance of a service that declared ``wsbus.presence`` gets the gateways' presence events
+(one instance of the service each).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsbus import control
-from wsbus.bus import SHARED_HEADER, is_for_gateway
+from wsbus.bus import SHARED_HEADER, is_for_gateway, is_presence_event
 from wsbus.envelope import (
     ClientAddress,
     Envelope,
@@ -54,7 +62,8 @@ from wsbus.envelope import (
     encode_envelope,
     node_of,
 )
-from wsbus.errors import BusUnavailable, NoRoute
+from wsbus.errors import BusUnavailable, ConfigError, NoRoute
+from wsbus.history import HistoryConfig, history_group
 from wsbus.service import Outcome, Service, ServiceRunner, load_service, serve_until_stopped
 
 from .bus import (
@@ -68,6 +77,7 @@ from .bus import (
 )
 from .config import NatsConfig, redact_url
 from .directory import Directory, ServiceEntry
+from .history import HistoryCounters, HistoryWriter
 from .link import NO_RESPONDERS, Link, LinkCounters, RateLimitedLog, quietly
 from .subjects import FROM_GATEWAY, FROM_SERVICE, Subjects, check_tokens, sent_by
 
@@ -83,6 +93,10 @@ server's max_payload)."""
 
 BUS_NODE: Final = NodeId("bus")
 """The sender node of the reports the bus runtime itself makes (as on Pyro)."""
+HISTORY_REFRESH_HEARTBEATS: Final = 10
+"""An instance reads the history stream's settings again this often (a stream made anew
+by an operator, with other settings, is taken up within that)."""
+_ANY_GROUP: Final = HistoryConfig(groups=("*",))
 
 # What the sender task sends: subject, payload, the envelope (None: a notice in headers
 # only), whether a service instance must confirm it (a request) or not (a message to a
@@ -137,6 +151,11 @@ class ServiceHost:
         self._tracked: set[str] = set()  # the types whose handlers say when they are done
         self._ack_held = ACK_HELD + self.instance.encode()
         self._inbox_sub: Subscription | None = None  # the queue-group subscription
+        self._history: HistoryWriter | None = None
+        self.history_counters = HistoryCounters()
+        """What this instance's history appends met (see :class:`HistoryCounters`)."""
+        self._history_task: asyncio.Task[None] | None = None
+        self._history_gateways: tuple[NodeId, ...] = ()  # live at the last look for it
         self._stopping = False
         self._closed = False
 
@@ -161,6 +180,7 @@ class ServiceHost:
         self._link = link
         await link.connect()
         try:
+            self._history = HistoryWriter(link, self.subjects, self.name, self.history_counters)
             types = sorted(type(self.service).handled_types())
             entry = ServiceEntry(self.name, self.instance, types)
             directory = Directory(link, self.subjects, service=entry)
@@ -182,8 +202,17 @@ class ServiceHost:
                 subjects.service_inbox(self.name), self._on_message, self.name
             )
             self._subs.append(await link.subscribe(self._reply_subject, self._on_answer))
+            if control.PRESENCE in types:
+                self._subs.append(
+                    await link.subscribe(subjects.presence_all, self._on_presence, self.name)
+                )
             # Listed last: no gateway routes here before the subscriptions are made.
             await directory.start()
+            # Gateways make the history stream before they list themselves.
+            await self._refresh_history(at_start=True)
+            self._history_task = asyncio.create_task(
+                self._keep_history_current(), name=f"wsbus-nats-{self.name}-history"
+            )
         except BaseException:
             await self.close()
             raise
@@ -233,6 +262,9 @@ class ServiceHost:
                     "service %r stopped with %d envelopes not sent", self.name, len(self._outbound)
                 )
         self._closed = True
+        if self._history_task is not None:
+            self._history_task.cancel()
+            await asyncio.gather(self._history_task, return_exceptions=True)
         # Left only now: while it drained, the gateways kept this instance for live (and
         # did not fail what it held).
         if self._directory is not None:
@@ -311,6 +343,12 @@ class ServiceHost:
                     self._wake.set()
                     return
         if isinstance(to, GatewayAddress) or is_for_gateway(envelope):
+            if self._may_keep_history(envelope):
+                # Appended (and stamped) in the sender task, then sent: in order.
+                outbound.append(("", b"", envelope, False, "", None))
+                self._idle.clear()
+                self._wake.set()
+                return
             nodes = self._gateway_nodes(envelope)
             if nodes is None:
                 return
@@ -482,6 +520,9 @@ class ServiceHost:
             subject, payload, envelope, confirm, reply, headers = outbound.popleft()
             link = self._link
             assert link is not None
+            if not subject and envelope is not None:
+                await self._send_history(envelope, link)
+                continue
             batch: list[Envelope] | None = None
             if not confirm and headers is None and not reply and outbound:
                 # What waits for the same gateway goes in one NATS message, in order
@@ -514,6 +555,89 @@ class ServiceHost:
                 self.config.request_timeout, self._ack_timeout, ack, future
             )
             future.add_done_callback(functools.partial(self._confirmed, envelope, service, ack))
+
+    # -- history -------------------------------------------------------------------------
+
+    def _may_keep_history(self, envelope: Envelope) -> bool:
+        """True when ``envelope`` enters a group's history (or may: settings unknown yet)."""
+        writer = self._history
+        if writer is None:
+            return False
+        config = writer.config
+        return history_group(envelope, config if config is not None else _ANY_GROUP) is not None
+
+    async def _refresh_history(self, *, at_start: bool = False) -> None:
+        """Read the history stream's settings again.
+
+        Raises:
+            ConfigError: at start only, the stream is not as wsbus makes it.
+        """
+        writer = self._history
+        if writer is None:
+            return
+        try:
+            await writer.refresh()
+        except ConfigError:
+            if at_start:
+                raise
+            log.exception("service %r: the history stream cannot be used", self.name)
+        except BusUnavailable as exc:
+            log.warning("service %r: the history settings could not be read: %s", self.name, exc)
+
+    async def _keep_history_current(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat * HISTORY_REFRESH_HEARTBEATS)
+            if self._link is not None and self._link.connected:
+                await self._refresh_history()
+
+    async def _send_history(self, envelope: Envelope, link: Link) -> None:
+        """Append a group's envelope to its history if it keeps any, then send it on.
+
+        An append that fails fails the send (the service is told): an envelope of a group
+        keeping history never reaches a gateway without its position.
+        """
+        writer = self._history
+        assert writer is not None
+        if writer.config is None:
+            # No stream seen yet. A gateway makes it before it lists itself: once one is
+            # listed that was not at the last look, the stream is there (unless no
+            # gateway keeps history: an older wsbus), so look again then.
+            gateways = tuple(self._directory.live_gateways()) if self._directory else ()
+            if gateways != self._history_gateways or writer.stale(self.config.heartbeat):
+                self._history_gateways = gateways
+                await self._refresh_history()
+        config = writer.config
+        group = history_group(envelope, config) if config is not None else None
+        if group is not None:
+            try:
+                envelope = await writer.append(group, envelope)
+            except BusUnavailable as exc:
+                self._warn.warning(
+                    "history append",
+                    "service %r: %s (%s) to group %r was not sent: its history append failed: %s",
+                    self.name,
+                    envelope.type,
+                    envelope.id,
+                    group,
+                    exc.reason,
+                )
+                self._undelivered(envelope, "unavailable", exc.reason)
+                return
+        nodes = self._gateway_nodes(envelope)
+        if nodes is None:
+            return
+        if len(nodes) > 1:
+            headers = {**envelope.headers, SHARED_HEADER: "1"}
+            envelope = msgspec.structs.replace(envelope, headers=headers)
+        payload = self._payload(envelope)
+        if payload is None:
+            return
+        for node in nodes:
+            try:
+                await link.nc.publish(self.subjects.to_gateway(node, self.name), payload)
+            except nats.errors.Error as exc:
+                self._undelivered(envelope, "unavailable", link.refusal(exc, len(payload)).reason)
+                return
 
     def _batch(
         self, subject: str, payload: bytes, envelope: Envelope | None, max_payload: int
@@ -668,6 +792,36 @@ class ServiceHost:
             # Unsent (the link broke): the sender hears nothing and reports it unavailable.
             with contextlib.suppress(BusUnavailable):
                 await link.publish(msg.reply, answer)
+
+    async def _on_presence(self, msg: Msg) -> None:
+        """Take a gateway's presence event (this service declared ``wsbus.presence``)."""
+        runner = self._runner
+        if runner is None:
+            return
+        node = self.subjects.presence_sender(msg.subject)
+        try:
+            envelope = decode_envelope(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._mismatch(msg.subject, "bytes that are not a presence event")
+            return
+        sender = envelope.sender
+        if (
+            node is None
+            or not is_presence_event(envelope)
+            or type(sender) is not GatewayAddress
+            or sender.node != node
+        ):
+            self._mismatch(msg.subject, f"{envelope.type!r} from {sender!r}")
+            return
+        try:
+            runner.accept(envelope)
+        except BusUnavailable:
+            self._warn.warning(
+                "presence lost",
+                "service %r: a presence event from gateway %s was lost: inbox full",
+                self.name,
+                node,
+            )
 
     async def _on_answer(self, msg: Msg) -> None:
         """Take a gateway's answer to one of this instance's control requests."""

@@ -9,6 +9,11 @@ as itself, and a receiver can check an envelope's sender against the subject it 
 ``P.svc.<service>.svc.<sender>``    to a service, from service ``<sender>`` (a request too)
 ``P.gw.<node>.svc.<sender>``        to gateway ``<node>``, from service ``<sender>``
 ``P.reply.<service>.<instance>``    a gateway's answers to one instance's control requests
+``P.ev.gw.<node>``                  a presence event from gateway ``<node>`` (every other
+                                    gateway, and one instance of each service that declared
+                                    ``wsbus.presence``, in queue group ``<service>``)
+``P.hist.<group>.<service>``        a history entry of ``<group>`` (its UTF-8 in hex) appended
+                                    by ``<service>``: the JetStream stream ``P_history``
 ==================================  ===========================================================
 
 Each service instance subscribes ``P.svc.<service>.>`` in queue group ``<service>``: the
@@ -23,7 +28,8 @@ travel as NATS headers on ``P.gw.<node>.svc.<sender>``, never as envelopes: ``ws
 handlers are done with the client messages listed).
 
 Key-value buckets: ``P_gateways`` (live gateways), ``P_services`` (live service instances and
-their types), ``P_aliases`` (alias -> the connection holding it).
+their types), ``P_aliases`` (alias -> the connection holding it), ``P_sessions`` (closed
+sessions a client may resume: gateways only).
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ from typing import Final
 from wsbus.envelope import ClientAddress, Envelope, GatewayAddress, ServiceAddress, node_of
 from wsbus.errors import ConfigError
 
-__all__ = ["FROM_GATEWAY", "FROM_SERVICE", "Subjects", "check_tokens", "is_token", "sent_by"]
+__all__ = [
+    "FROM_GATEWAY",
+    "FROM_SERVICE",
+    "Subjects",
+    "check_tokens",
+    "group_token",
+    "is_token",
+    "sent_by",
+]
 
 FROM_GATEWAY: Final = "gw"
 """The kind token of a subject whose sender is a gateway."""
@@ -78,6 +92,33 @@ class Subjects:
         """The key-value bucket of live service instances (key: ``<service>.<instance>``)."""
         self.aliases_bucket = f"{prefix}_aliases"
         """The key-value bucket of aliases (key: the alias, encoded; value: a conn id)."""
+        self.sessions_bucket = f"{prefix}_sessions"
+        """The key-value bucket of closed sessions (key: the session id): gateways only."""
+        self.history_stream = f"{prefix}_history"
+        """The JetStream stream of group history (subjects ``P.hist.*.*``)."""
+        self.history_subjects = f"{prefix}.hist.*.*"
+        """The history stream's one subject filter."""
+        self.presence_all = f"{prefix}.ev.>"
+        """What gateways and presence-declaring services subscribe to for presence events."""
+
+    def presence(self, node: str) -> str:
+        """The subject of gateway ``node``'s presence events."""
+        return f"{self.prefix}.ev.{FROM_GATEWAY}.{node}"
+
+    def presence_sender(self, subject: str) -> str | None:
+        """Return the gateway node a presence subject names, or None if it is not one."""
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[0] != self.prefix or parts[1] != "ev" or parts[2] != "gw":
+            return None
+        return parts[3]
+
+    def history(self, group: str, service: str) -> str:
+        """The subject of ``group``'s history entries appended by ``service``."""
+        return f"{self.prefix}.hist.{group_token(group)}.{service}"
+
+    def history_group(self, group: str) -> str:
+        """The subject filter of every history entry of ``group`` (all its services)."""
+        return f"{self.prefix}.hist.{group_token(group)}.*"
 
     def to_service(self, service: str, kind: str, sender: str) -> str:
         """The subject of a message to ``service`` from a gateway or service ``sender``."""
@@ -108,6 +149,15 @@ class Subjects:
         if len(parts) != 5 or parts[0] != self.prefix:
             return None
         return parts[3], parts[4]
+
+
+def group_token(group: str) -> str:
+    """Return a group's name as one subject token: its UTF-8 in lowercase hex.
+
+    Any group name fits (dots, wildcards and spaces included), and two names never share
+    a token.
+    """
+    return group.encode().hex()
 
 
 def sent_by(envelope: Envelope, kind: str, sender: str) -> bool:

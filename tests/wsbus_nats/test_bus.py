@@ -85,11 +85,11 @@ class LossSink(RecordingSink):
 
     def __init__(self, bus: Bus, node: str = "sink") -> None:
         super().__init__(bus, node)
-        self.lost: list[tuple[str, str]] = []
+        self.notices: list[tuple[str, str]] = []
 
     def deliveries_lost(self, reason: str, detail: str) -> None:
         """Record a loss notice."""
-        self.lost.append((reason, detail))
+        self.notices.append((reason, detail))
 
 
 class Tally(Service):
@@ -392,7 +392,7 @@ async def test_a_server_restart_flips_availability_refuses_meanwhile_and_tells_t
                 await asyncio.sleep(0.05)  # the service instance reconnects too
     delivered = await sink.wait_for(lambda d: any(e.content["x"] == "after" for e in d))
     assert [e.content["x"] for e in delivered] == ["before", "after"]
-    assert "bus_disconnected" in {reason for reason, _ in sink.lost}
+    assert "bus_disconnected" in {reason for reason, _ in sink.notices}
     counters = bus.counters
     assert counters.disconnects >= 1 and counters.reconnects >= 1 and counters.refused >= 1
 
@@ -411,7 +411,7 @@ async def test_nothing_is_lost_silently_across_a_server_restart(
 
     async def send() -> None:
         for i in range(600):
-            notices_before[i] = len(sink.lost)
+            notices_before[i] = len(sink.notices)
             try:
                 await bus.publish(client_message("probe.echo", i, i))
             except (BusUnavailable, NoRoute):
@@ -437,7 +437,7 @@ async def test_nothing_is_lost_silently_across_a_server_restart(
     assert len(accepted) + len(refused) == 600
     missing = [i for i in accepted if i not in replied]
     # A reply that never came is covered by a loss notice heard after it was sent.
-    assert all(len(sink.lost) > notices_before[i] for i in missing), (missing, sink.lost)
+    assert all(len(sink.notices) > notices_before[i] for i in missing), (missing, sink.notices)
 
 
 async def test_a_slow_gateway_hears_of_what_nats_dropped(
@@ -451,7 +451,7 @@ async def test_a_slow_gateway_hears_of_what_nats_dropped(
     assert isinstance(bus, NatsBus)
     await bus.publish(client_message("sequence", {"n": 3000}))
     async with asyncio.timeout(20):
-        while "slow_consumer" not in {reason for reason, _ in sink.lost}:
+        while "slow_consumer" not in {reason for reason, _ in sink.notices}:
             await asyncio.sleep(0.01)
     assert bus.counters.slow_consumers > 0  # NATS messages dropped (each a batch, or one)
     await asyncio.sleep(0.5)  # let the rest arrive (or not): nothing below depends on it
@@ -586,7 +586,7 @@ async def test_a_gateway_moves_to_another_node_when_its_node_dies(
                     await asyncio.sleep(0.05)
         delivered = await b.wait_for(lambda d: len(d) >= 2)
         assert [e.content["x"] for e in delivered] == ["before", "after"]
-        assert "bus_disconnected" in {reason for reason, _ in b.lost}
+        assert "bus_disconnected" in {reason for reason, _ in b.notices}
         assert bus_b.counters.reconnects >= 1
         # The alias table survived the node (three replicas; reachable again once its
         # stream has a leader). B's claim holds, unless B was cut off long enough for A
@@ -606,7 +606,7 @@ async def test_a_gateway_moves_to_another_node_when_its_node_dies(
             [clear] = [e for e in b.delivered if e.type == control.ALIAS_CLEAR]
             assert clear.content == {"conn_id": "gb.1"}
         # A, on a live node all along, heard of no loss.
-        assert a.lost == []
+        assert a.notices == []
     finally:
         await kit.close()
 
@@ -712,9 +712,9 @@ async def test_a_service_that_moves_to_another_node_tells_the_gateways(
         await sink.wait_for(lambda d: any(e.content["x"] == "first" for e in d), 30)
         await asyncio.to_thread(wsbus_nats_cluster.kill, 2)
         async with asyncio.timeout(30):
-            while not sink.lost:
+            while not sink.notices:
                 await asyncio.sleep(0.01)
-        [(reason, detail)] = sink.lost
+        [(reason, detail)] = sink.notices
         assert reason == "bus_disconnected" and "probe" in detail
         assert bus.counters.disconnects == 0
         async with asyncio.timeout(30):

@@ -48,13 +48,13 @@ class Sink:
     def __init__(self, node: str = "node1") -> None:
         self.node = NodeId(node)
         self.delivered: list[Envelope] = []
-        self.lost: list[tuple[str, str]] = []
+        self.notices: list[tuple[str, str]] = []
 
     def deliver(self, envelope: Envelope) -> None:
         self.delivered.append(envelope)
 
     def deliveries_lost(self, reason: str, detail: str) -> None:
-        self.lost.append((reason, detail))
+        self.notices.append((reason, detail))
 
 
 @pytest.fixture
@@ -194,12 +194,12 @@ async def test_lost_notices_come_once_a_heartbeat_after_traffic(
 
     await raw.publish(subject, b"", headers={LOST_HEADER: "echo"})  # nothing sent yet
     await notices(0)
-    assert sink.lost == []
+    assert sink.notices == []
     await notices(200)  # after traffic: one believed, the rest within the heartbeat not
-    assert len(sink.lost) == 1 and "'echo'" in sink.lost[0][1]
+    assert len(sink.notices) == 1 and "'echo'" in sink.notices[0][1]
     await asyncio.sleep(gateway[0].config.heartbeat)
     await notices(1)  # a heartbeat later, after traffic: believed
-    assert len(sink.lost) == 2
+    assert len(sink.notices) == 2
 
 
 async def test_a_batch_larger_than_a_service_sends_is_refused_undecoded(

@@ -1,0 +1,117 @@
+"""Closed sessions in a JetStream key-value bucket, so that a client may resume on any gateway.
+
+``P_sessions`` (gateways only: services have no access) holds one entry per closed session,
+keyed by its session id, each with its own expiry (``Nats-TTL``: the resume window the
+gateway saves it with; at most :data:`~wsbus_nats.buckets.SESSIONS_MAX_AGE`). Taking a
+record is single use across the cluster: read it, then delete it on the revision read; of
+two gateways taking one record at once, one deletes it and the other gets nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Final
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from wsbus.errors import BusUnavailable
+from wsbus.resume import SessionRecord
+
+from .history import WRONG_LAST_SEQUENCE
+
+__all__ = ["MARKER_TTL", "SessionStore", "valid_sid"]
+
+log = logging.getLogger("wsbus.nats.sessions")
+
+MARKER_TTL: Final = 60
+"""Seconds the mark a taken session leaves is kept (then the key is simply absent)."""
+_SID: Final = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(SessionRecord).decode
+
+
+def valid_sid(sid: str) -> bool:
+    """Return True when ``sid`` can be a session id (and so a key of the bucket)."""
+    return _SID.fullmatch(sid) is not None
+
+
+class SessionStore:
+    """The sessions bucket, as a gateway uses it.
+
+    Args:
+        js: the gateway's JetStream context.
+        kv: the sessions bucket (opened and checked).
+    """
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+        self._js = js
+        self._kv = kv
+        self._prefix = f"$KV.{bucket}."
+
+    async def save(self, record: SessionRecord, ttl: float) -> None:
+        """Keep ``record`` for ``ttl`` seconds (rounded up to whole seconds).
+
+        Raises:
+            ValueError: its session id cannot be a key.
+            BusUnavailable: it cannot be kept now (JetStream down, or the record is
+                larger than an entry may be).
+        """
+        if not valid_sid(record.sid):
+            raise ValueError(f"session id {record.sid!r} is not 16-128 URL-safe characters")
+        try:
+            await self._js.publish(
+                self._prefix + record.sid, _encode(record), msg_ttl=max(1, math.ceil(ttl))
+            )
+        except nats.js.errors.APIError as exc:
+            raise BusUnavailable(
+                f"the session could not be kept (error code {exc.err_code}: {exc.description})",
+                whole_bus=False,
+            ) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"the sessions bucket is not reachable ({exc!r})") from None
+
+    async def take(self, sid: str) -> SessionRecord | None:
+        """Return the record of ``sid`` and delete it; None when there is none (any more).
+
+        Raises:
+            BusUnavailable: the bucket cannot be reached.
+        """
+        if not valid_sid(sid):
+            return None
+        try:
+            try:
+                entry = await self._kv.get(sid)
+            except nats.js.errors.NotFoundError:
+                return None  # never kept, expired, or taken (deleted)
+            try:
+                # On the revision read: of two takes at once, one deletes, one fails.
+                await self._js.publish(
+                    self._prefix + sid,
+                    b"",
+                    headers={
+                        "KV-Operation": "DEL",
+                        "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
+                    },
+                    msg_ttl=MARKER_TTL,
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    return None
+                raise BusUnavailable(
+                    f"a session could not be taken (error code {exc.err_code}: {exc.description})",
+                    whole_bus=False,
+                ) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"the sessions bucket is not reachable ({exc!r})") from None
+        try:
+            record = _decode(entry.value or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("the sessions bucket held a record for %s that is not one; ignored", sid)
+            return None
+        return record if record.sid == sid else None
