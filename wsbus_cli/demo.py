@@ -5,7 +5,9 @@ services (echo, chat): with ``pyro``, a name server, the message bus and the ser
 their own processes; with ``memory``, the services inside this process; with any other
 installed bus adapter, what its ``demo`` does. The gateway runs in this process, with the
 demo page on its own HTTP port through the ``websockets`` edge (the page speaks to it with
-``wsbus.js``). Ctrl-C or SIGTERM stops every process it started.
+``wsbus.js``). Its chat rooms keep history and send presence frames (:func:`demo_config`):
+the page lists who is in a room, and a reloaded page resumes its session with the messages
+it missed. Ctrl-C or SIGTERM stops every process it started.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import tempfile
 import webbrowser
@@ -22,18 +25,42 @@ from importlib import resources
 from pathlib import Path
 from typing import Final
 
-from wsbus.gateway import Gateway, GatewayConfig
+from wsbus.gateway import Gateway, GatewayConfig, ResumeSettings
+from wsbus.history import HistoryConfig
 from wsbus.registry import AliasPolicy
 
 from .adapters import find_bus, find_edge
 from .config import section_struct
 
-__all__ = ["DEMO_SERVICES", "run_demo", "static_dir"]
+__all__ = ["DEMO_SERVICES", "ROOM_GROUPS", "demo_config", "run_demo", "static_dir"]
 
 log = logging.getLogger("wsbus.demo")
 
 DEMO_SERVICES: Final = ("wsbus_cli.demo_services:Echo", "wsbus_cli.demo_services:Chat")
 """The services the demo runs."""
+
+ROOM_GROUPS: Final = ("room.*",)
+"""The chat rooms' groups: they keep history and send presence frames."""
+
+
+def demo_config(secret: str | None = None) -> GatewayConfig:
+    """The demo gateway's configuration.
+
+    Nicknames get a numeric suffix when taken, as the original login did. The chat rooms
+    (groups ``room.*``) keep history and send their members join and leave frames, so a
+    reloaded page resumes with the messages it missed and a current list of who is there.
+
+    Args:
+        secret: the key resume tokens are signed with (hex); a new random one by default.
+            Every gateway the demo starts must be given the same one, or a page could not
+            resume on another (the demo starts one; the key dies with the run).
+    """
+    return GatewayConfig(
+        alias_policy=AliasPolicy.SUFFIX,
+        history=HistoryConfig(groups=ROOM_GROUPS),
+        presence_frames=ROOM_GROUPS,
+        resume=ResumeSettings(secret=secret if secret is not None else secrets.token_hex(32)),
+    )
 
 
 @contextlib.contextmanager
@@ -89,8 +116,7 @@ async def run_demo(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with adapter.demo(options, DEMO_SERVICES) as chosen:
-        # Nicknames get a numeric suffix when taken, as the original login did.
-        gateway = Gateway(chosen, config=GatewayConfig(alias_policy=AliasPolicy.SUFFIX))
+        gateway = Gateway(chosen, config=demo_config())
         await gateway.start()
         try:
             with static_dir() as static:

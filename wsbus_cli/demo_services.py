@@ -49,20 +49,26 @@ _NICK_ERRORS = {
 
 
 class Chat(Service):
-    """Chat rooms with nicknames.
+    """Chat rooms with nicknames, and who is in them.
 
     ``chat.nick`` sets a nickname, ``chat.join``/``chat.leave`` a room, and ``chat.say``
     sends ``chat.message`` ``{"room", "from", "text"}`` to the room; only a member of the
-    room may.
+    room may. ``chat.members`` lists who is in a room: ``{"ok": true, "room", "members":
+    [{"conn_id", "alias", "user"}, ...]}`` (at most :attr:`max_members`, ``"more": true``
+    past them), asked of every gateway. A room is the group ``room.<name>``: the demo's
+    gateway keeps its history (a reloaded page gets what it missed) and sends its members
+    ``wsbus.presence`` frames as others join and leave, which keep the page's list current.
 
-    ``chat.nick``, ``chat.join`` and ``chat.leave`` are answered with ``<type>.reply``:
-    ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``. ``chat.say`` is answered only
-    when refused (``{"ok": false, "error": ...}``): the message itself, which the sender
-    gets too, says it went out.
+    ``chat.nick``, ``chat.join``, ``chat.leave`` and ``chat.members`` are answered with
+    ``<type>.reply``: ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``. ``chat.say``
+    is answered only when refused (``{"ok": false, "error": ...}``): the message itself,
+    which the sender gets too, says it went out.
     """
 
     name = "chat"
     max_text = 2000
+    max_members = 500
+    """Members listed in one ``chat.members`` answer."""
     max_cached = 100_000
     """Memberships remembered before the cache is cleared (it holds closed connections too)."""
 
@@ -111,6 +117,27 @@ class Chat(Service):
             ctx.reply({"ok": False, "error": exc.message})
             return
         ctx.reply({"ok": True, "room": room})
+
+    @handles("chat.members")
+    async def members(self, message: Envelope, ctx: Context) -> None:
+        """List who is in the room named in the content, on every gateway."""
+        room = _room(message.content)
+        if room is None:
+            ctx.reply({"ok": False, "error": f'send {{"room": "name"}}: {ROOM_RULE}'})
+            return
+        try:
+            found = await ctx.presence(f"room.{room}")
+        except WsbusError as exc:
+            ctx.reply({"ok": False, "room": room, "error": f"cannot list #{room} now ({exc})"})
+            return
+        members = [
+            {"conn_id": member.conn_id, "alias": member.alias, "user": member.user}
+            for member in found[: self.max_members]
+        ]
+        answer: dict[str, Any] = {"ok": True, "room": room, "members": members}
+        if len(found) > self.max_members:
+            answer["more"] = True
+        ctx.reply(answer)
 
     def _remember(self, room: str, conn_id: ConnId) -> None:
         if self._cached >= self.max_cached:

@@ -10,10 +10,12 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from wsbus import Service
+from wsbus import GatewayConfig, Service
 from wsbus.edge import MemoryClient
+from wsbus_cli.demo import ROOM_GROUPS, demo_config
 from wsbus_cli.demo_services import Chat
 from wsbus_cli.supervisor import Child, free_port
 
@@ -198,3 +200,58 @@ async def test_chat_asks_the_gateway_about_members_it_did_not_see_join(
     chat._members.clear()
     bob.send("chat.say", {"room": "lobby", "text": "still here"})
     assert (await bob.receive_until("chat.message"))["content"]["text"] == "still here"
+
+
+@pytest.fixture
+def wsbus_config() -> GatewayConfig:
+    """The demo's gateway configuration (rooms keep history, send presence frames)."""
+    return msgspec.structs.replace(demo_config(), node="test")
+
+
+def test_the_demo_config_resumes_keeps_room_history_and_sends_presence() -> None:
+    config = demo_config()
+    assert config.history.keeps("room.lobby") and not config.history.keeps("lobby")
+    assert config.presence_frames == ROOM_GROUPS
+    assert config.resume.enabled and config.resume.secret is not None
+    # A new key per run unless given: what every gateway of one run must share.
+    assert demo_config().resume.secret != config.resume.secret
+    assert demo_config("ab" * 32).resume.secret == "ab" * 32
+
+
+async def test_chat_lists_who_is_in_a_room_and_members_hear_joins_and_leaves(
+    wsbus_connect: Connect, wsbus_services: list[Service]
+) -> None:
+    ann = await wsbus_connect()
+    bob = await wsbus_connect()
+    ann.send("chat.nick", {"nick": "ann"})
+    await ann.receive_until("chat.nick.reply")
+    ann.send("chat.join", {"room": "lobby"})
+    await ann.receive_until("chat.join.reply")
+    bob.send("chat.join", {"room": "lobby"})
+    await bob.receive_until("chat.join.reply")
+    joined = await ann.receive_until("wsbus.presence")
+    assert joined["content"] == {
+        "group": "room.lobby",
+        "event": "join",
+        "conn_id": bob.conn_id,
+        "alias": None,
+        "user": None,
+    }
+    bob.send("chat.members", {"room": "lobby"})
+    reply = (await bob.receive_until("chat.members.reply"))["content"]
+    assert reply["ok"] is True and reply["room"] == "lobby"
+    assert sorted(reply["members"], key=lambda m: m["conn_id"]) == sorted(
+        [
+            {"conn_id": ann.conn_id, "alias": "ann", "user": None},
+            {"conn_id": bob.conn_id, "alias": None, "user": None},
+        ],
+        key=lambda m: m["conn_id"],
+    )
+    bob.send("chat.leave", {"room": "lobby"})
+    await bob.receive_until("chat.leave.reply")
+    left = await ann.receive_until("wsbus.presence")
+    assert left["content"]["event"] == "leave" and left["content"]["conn_id"] == bob.conn_id
+    # A room out of the rule: the reply states it.
+    bob.send("chat.members", {"room": "no room"})
+    refused = (await bob.receive_until("chat.members.reply"))["content"]
+    assert refused["ok"] is False and ROOM_RULE in refused["error"]

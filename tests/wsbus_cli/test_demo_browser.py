@@ -1,8 +1,10 @@
 """The demo in a real headless Chromium: two pages chat through the gateway over the Pyro
-bus and over NATS, echo shows the stamped sender, and a bad frame shows its error."""
+bus and over NATS, see each other in the room's members list, a reloaded page resumes with
+the messages it missed, echo shows the stamped sender, and a bad frame shows its error."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -181,3 +183,75 @@ async def test_reconnecting_shows_one_line_per_state_change(demo: str, browser: 
     # One line for "lost, reconnecting", one for each connection; none per failed attempt.
     assert await page.locator("#events li.state").count() == 1
     assert await page.locator("#events li.welcome").count() == 2
+
+
+async def _members(page: Page) -> list[str]:
+    return [text.strip() for text in await page.locator("#members li.member").all_inner_texts()]
+
+
+async def test_pages_in_a_room_see_each_other_come_and_go(demo: str, browser: Browser) -> None:
+    amy = await _open(browser, demo, "amy")
+    ben = await _open(browser, demo, "ben")
+    # Ben's list came from chat.members; Amy's from her own list and Ben's join frame.
+    await ben.locator("#members li.member", has_text="amy").wait_for(timeout=10_000)
+    await amy.locator("#members li.member", has_text="ben").wait_for(timeout=10_000)
+    assert "amy (you)" in await _members(amy) and "ben (you)" in await _members(ben)
+    await ben.click("#leave")
+    await ben.wait_for_selector('#room-result:has-text("left #lobby")', timeout=10_000)
+    await amy.locator("#members li.member", has_text="ben").wait_for(
+        state="detached", timeout=10_000
+    )
+    assert await ben.locator("#members li.member").count() == 0
+    # A page that goes away leaves the list too.
+    await ben.click("#join")
+    await amy.locator("#members li.member", has_text="ben").wait_for(timeout=10_000)
+    await ben.context.close()
+    await amy.locator("#members li.member", has_text="ben").wait_for(
+        state="detached", timeout=10_000
+    )
+
+
+async def test_a_reloaded_page_resumes_with_the_messages_it_missed_once_each(
+    demo: str, browser: Browser, tmp_path: Path
+) -> None:
+    cat = await _open(browser, demo, "cat")
+    dan = await _open(browser, demo, "dan")
+    await cat.locator("#members li.member", has_text="dan").wait_for(timeout=10_000)
+
+    async def say(page: Page, text: str) -> None:
+        await page.fill("#text", text)
+        await page.click("#say-form button")
+        await page.locator("#messages li", has_text=text).wait_for(timeout=10_000)
+
+    await say(cat, "before the reload")
+    await dan.locator("#messages li", has_text="before the reload").wait_for(timeout=10_000)
+    first = await dan.evaluate("window.wsbusClient.connId")
+    # Dan reloads while Cat talks: some lines go out while Dan's page is away.
+    sent = [f"while away {n}" for n in range(5)]
+
+    async def talk() -> None:
+        for text in sent:
+            await say(cat, text)
+
+    await asyncio.gather(dan.reload(), talk())
+    await dan.wait_for_selector('#status[data-state="open"]', timeout=15_000)
+    # Away for a while for sure: the page leaves, Cat talks, the page comes back.
+    await dan.goto("about:blank")
+    await say(cat, "while gone")
+    await dan.goto(demo)
+    await dan.wait_for_selector('#status[data-state="open"]', timeout=15_000)
+    # The same session: nickname and room back, a new connection.
+    await dan.locator("#nick-result", has_text="you are dan").wait_for(timeout=10_000)
+    await dan.locator("#events li.resumed").first.wait_for(timeout=10_000)
+    assert await dan.evaluate("window.wsbusClient.connId") != first
+    for text in ["before the reload", *sent, "while gone"]:
+        line = dan.locator("#messages li", has_text=text)
+        await line.first.wait_for(timeout=10_000)
+        assert await line.count() == 1, text
+    # Still in the room, and its members list is right on both pages.
+    await dan.locator("#members li.member", has_text="cat").wait_for(timeout=10_000)
+    await say(dan, "back again")
+    await cat.locator("#messages li", has_text="back again").wait_for(timeout=10_000)
+    assert [m for m in await _members(cat) if m.startswith("dan")] == ["dan"]
+    assert await dan.locator("#events li.resync").count() == 0
+    await dan.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/resumed.png")

@@ -1,4 +1,8 @@
-// The demo page: chat rooms with nicknames, echo, and a panel of what the gateway says.
+// The demo page: chat rooms with nicknames and who is in them, echo, and a panel of what
+// the gateway says. A reload resumes the session (wsbus.js keeps the resume token and the
+// last position per room in sessionStorage): nickname and rooms come back, and the
+// messages sent meanwhile are replayed. The page keeps the messages it showed in
+// sessionStorage too, so a reload shows them again, then the missed ones, once each.
 import { WsbusClient, WsbusError } from "./wsbus.js";
 
 const $ = (id) => document.getElementById(id);
@@ -58,14 +62,129 @@ client.addEventListener("error", (event) => {
   show("error", ` ${c.code}: ${c.message}${about ? ` —${about}` : ""}`);
 });
 
-client.on("chat.message", (frame) => {
-  const { room, from, text } = frame.content;
+// The messages shown, kept for a reload (the last KEPT of them).
+const KEPT = 200;
+const SHOWN_KEY = "wsbus.demo.messages";
+
+function loadShown() {
+  try {
+    const value = JSON.parse(sessionStorage.getItem(SHOWN_KEY) || "[]");
+    return Array.isArray(value) ? value : [];
+  } catch (err) {
+    return [];
+  }
+}
+const shown = loadShown();
+
+function render({ room, from, text }) {
   const item = document.createElement("li");
   const roomSpan = Object.assign(document.createElement("span"), { className: "room", textContent: `#${room}` });
   const fromSpan = Object.assign(document.createElement("span"), { className: "from", textContent: from });
   item.append(roomSpan, fromSpan, document.createTextNode(text));
   $("messages").append(item);
   $("messages").scrollTop = $("messages").scrollHeight;
+}
+for (const message of shown) render(message);
+
+client.on("chat.message", (frame) => {
+  const { room, from, text } = frame.content;
+  render({ room, from, text });
+  shown.push({ room, from, text });
+  if (shown.length > KEPT) shown.splice(0, shown.length - KEPT);
+  try {
+    sessionStorage.setItem(SHOWN_KEY, JSON.stringify(shown));
+  } catch (err) {
+    // storage full or refused: a reload shows only what it missed
+  }
+});
+
+// Who is in each room the page joined: room -> Map(conn_id -> {alias, user}). Filled by a
+// chat.members request, kept current by wsbus.presence frames (the rooms send them).
+const rooms = new Map();
+
+function renderMembers() {
+  const box = $("members");
+  box.replaceChildren();
+  for (const [room, members] of [...rooms].sort((a, b) => a[0].localeCompare(b[0]))) {
+    const title = Object.assign(document.createElement("h3"), { textContent: `#${room}` });
+    const list = document.createElement("ul");
+    list.dataset.room = room;
+    const sorted = [...members].sort((a, b) => (a[1].alias || a[0]).localeCompare(b[1].alias || b[0]));
+    for (const [connId, member] of sorted) {
+      const item = Object.assign(document.createElement("li"), { className: "member" });
+      item.dataset.conn = connId;
+      item.textContent = member.alias || connId;
+      if (connId === client.connId) item.append(Object.assign(document.createElement("span"), { className: "you", textContent: " (you)" }));
+      list.append(item);
+    }
+    box.append(title, list);
+  }
+}
+
+async function fetchMembers(room) {
+  try {
+    const reply = await client.request("chat.members", { room });
+    if (!reply.content.ok || !rooms.has(room)) return;
+    rooms.set(room, new Map(reply.content.members.map((m) => [m.conn_id, { alias: m.alias, user: m.user }])));
+    renderMembers();
+  } catch (err) {
+    show("error", ` could not list #${room}: ${err.message}`);
+  }
+}
+
+function roomOf(group) {
+  return typeof group === "string" && group.startsWith("room.") ? group.slice(5) : null;
+}
+
+client.on("wsbus.presence", (frame) => {
+  const { group, event, conn_id: connId, alias, user } = frame.content;
+  const members = rooms.get(roomOf(group));
+  if (!members) return;
+  if (event === "join") members.set(connId, { alias, user });
+  else members.delete(connId);
+  renderMembers();
+});
+
+// A reload or a reconnect that resumed: nickname and rooms are back; who is in the rooms
+// may have changed meanwhile, so ask again.
+client.addEventListener("resumed", (event) => {
+  const { alias, groups } = event.detail;
+  if (alias) {
+    $("nick").value = alias;
+    $("nick-result").textContent = `you are ${alias}`;
+  }
+  const back = (groups || []).map(roomOf).filter((room) => room !== null);
+  rooms.clear();
+  for (const room of back) rooms.set(room, new Map());
+  if (back.length) {
+    $("room").value = back[back.length - 1];
+    $("room-result").textContent = `back in #${back.join(", #")}`;
+  }
+  renderMembers();
+  show("resumed", ` session resumed${alias ? ` as ${alias}` : ""}${back.length ? ` in #${back.join(", #")}` : ""}`);
+  for (const room of back) fetchMembers(room);
+});
+
+// What a resume could not bring back.
+client.addEventListener("resync", (event) => {
+  const { groups, restored, message } = event.detail;
+  if (!restored) {
+    rooms.clear();
+    renderMembers();
+    $("nick-result").textContent = "";
+    $("room-result").textContent = "session not resumed: set your nickname and join again";
+    show("resync", ` ${message}`, "error resync");
+    return;
+  }
+  for (const room of groups.map(roomOf).filter((r) => r !== null)) {
+    show("resync", ` #${room}: some messages missed meanwhile could not be replayed`, "error resync");
+    fetchMembers(room);
+  }
+});
+
+// Messages may have been lost: presence frames among them.
+client.addEventListener("gap", () => {
+  for (const room of rooms.keys()) fetchMembers(room);
 });
 
 async function ask(type, content, resultId) {
@@ -90,6 +209,14 @@ async function membership(type) {
     $("room-result").textContent = reply.content.ok
       ? `${type === "chat.join" ? "joined" : "left"} #${reply.content.room}`
       : reply.content.error;
+    if (!reply.content.ok) return;
+    if (type === "chat.join") {
+      if (!rooms.has(reply.content.room)) rooms.set(reply.content.room, new Map());
+      fetchMembers(reply.content.room);
+    } else {
+      rooms.delete(reply.content.room);
+      renderMembers();
+    }
   }
 }
 $("room-form").addEventListener("submit", (event) => {
