@@ -240,13 +240,11 @@ async def test_chat_lists_who_is_in_a_room_and_members_hear_joins_and_leaves(
     bob.send("chat.members", {"room": "lobby"})
     reply = (await bob.receive_until("chat.members.reply"))["content"]
     assert reply["ok"] is True and reply["room"] == "lobby"
-    assert sorted(reply["members"], key=lambda m: m["conn_id"]) == sorted(
-        [
-            {"conn_id": ann.conn_id, "alias": "ann", "user": None},
-            {"conn_id": bob.conn_id, "alias": None, "user": None},
-        ],
-        key=lambda m: m["conn_id"],
-    )
+    members = {member["conn_id"]: member for member in reply["members"]}
+    assert members == {
+        ann.conn_id: {"conn_id": ann.conn_id, "alias": "ann", "user": None},
+        bob.conn_id: {"conn_id": bob.conn_id, "alias": None, "user": None},
+    }
     bob.send("chat.leave", {"room": "lobby"})
     await bob.receive_until("chat.leave.reply")
     left = await ann.receive_until("wsbus.presence")
