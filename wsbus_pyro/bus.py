@@ -34,17 +34,22 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 from Pyro5.server import expose
 
 from wsbus import control
-from wsbus.bus import BusSink, HearsLoss
-from wsbus.envelope import ConnId, Envelope, ServiceAddress
+from wsbus.bus import BusSink, HearsGateways, HearsLoss
+from wsbus.envelope import ConnId, Envelope, NodeId, ServiceAddress
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
+from wsbus.history import HistoryConfig, Position, position_of
+from wsbus.resume import SessionRecord
 
 from .config import PyroConfig, SecureDaemon, apply
 from .transport import (
+    BUS_ADDRESS,
+    GATEWAY_LOST,
     NO_ROUTE,
     OK,
     REREGISTERING,
@@ -54,6 +59,7 @@ from .transport import (
     decode_batch,
     lookup,
     name_server,
+    to_bytes,
 )
 
 __all__ = ["PyroBus"]
@@ -65,6 +71,9 @@ _SERVED_LIMIT = 100_000
 
 _UNRELEASED_LIMIT = 10_000
 """The most releases the bus could not be told of that a gateway keeps to send again."""
+
+_ENCODER = msgspec.msgpack.Encoder()
+_SESSION_RECORD = msgspec.msgpack.Decoder(SessionRecord)
 
 
 @expose
@@ -94,17 +103,30 @@ class GatewayEndpoint:
         deliver = self._sink.deliver
         recent = self.recent
         for envelope in envelopes:
+            if envelope.type == GATEWAY_LOST and envelope.sender == BUS_ADDRESS:
+                self._gateway_lost(envelope)
+                continue
             if recent.seen(envelope):
                 continue
             deliver(envelope)
             recent.remember(envelope)
 
+    def _gateway_lost(self, notice: Envelope) -> None:
+        """The bus's notice that another gateway died: tell the gateway, in stream order."""
+        content = notice.content
+        node = content.get("node") if isinstance(content, dict) else None
+        if isinstance(node, str) and isinstance(self._sink, HearsGateways):
+            # The bus itself tells the services: this gateway only cleans up its own view.
+            self._sink.gateway_lost(NodeId(node), False)
+
 
 class PyroBus:
     """A :class:`wsbus.Bus` over Pyro5: the gateway joins a message bus found by name.
 
-    It is also a :class:`wsbus.bus.ClaimsAliases` (the alias table is the message bus's)
-    and a :class:`wsbus.bus.ReportsAvailability`.
+    It is also a :class:`wsbus.bus.ClaimsAliases` (the alias table is the message bus's),
+    a :class:`wsbus.bus.ReportsAvailability`, a :class:`wsbus.bus.KeepsHistory` and a
+    :class:`wsbus.bus.KeepsSessions` (history and closed sessions are kept in the message
+    bus process, in memory, for every gateway on it).
 
     Args:
         config: Pyro settings; the name server at ``ns_host:ns_port`` must be running, and
@@ -142,6 +164,12 @@ class PyroBus:
         self._reclaimed = True
         """False while a registration's alias claims are not all sent."""
         self._displaced = False
+        self._history: bytes | None = None
+        # History reads and session records: calls to the bus on a thread of their own, in
+        # the order made (a session saved here is saved before a take made after it).
+        self._store: concurrent.futures.ThreadPoolExecutor | None = None
+        self._store_proxy: Proxy | None = None
+        self._store_used = 0.0
 
     # -- Bus -----------------------------------------------------------------------------
 
@@ -163,6 +191,9 @@ class PyroBus:
         self.name = f"{config.gateway_prefix}{self._node}"
         self._control = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"wsbus-aliases-{self._node}"
+        )
+        self._store = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"wsbus-store-{self._node}"
         )
         daemon = SecureDaemon(config)
         self._daemon = daemon
@@ -253,6 +284,10 @@ class PyroBus:
         if self._control is not None:
             executor, self._control = self._control, None
             await asyncio.get_running_loop().run_in_executor(executor, self._release_control)
+            executor.shutdown(wait=False)
+        if self._store is not None:
+            executor, self._store = self._store, None
+            await asyncio.get_running_loop().run_in_executor(executor, self._release_store)
             executor.shutdown(wait=False)
         if self._daemon is not None:
             daemon, self._daemon = self._daemon, None
@@ -388,6 +423,126 @@ class PyroBus:
         # service sender gets no answer).
         sink.deliver(control.alias_lost(sink.node, conn_id, time.time()))
 
+    # -- KeepsHistory, KeepsSessions -----------------------------------------------------
+
+    def keep_history(self, config: HistoryConfig) -> None:
+        """Say which groups keep history; sent to the message bus with the registration.
+
+        Call it before :meth:`start`. The message bus keeps history as the gateway that
+        registered last says (every gateway of a bus should say the same; a change is
+        logged there and starts history again under a new epoch).
+        """
+        self._history = _ENCODER.encode(config)
+
+    async def history(self, group: str, after: Position, limit: int) -> list[Envelope] | None:
+        """Return ``group``'s envelopes after ``after`` from the message bus, oldest first.
+
+        At most ``limit``; they come in as many calls as Pyro's message size needs.
+
+        Returns:
+            The stamped envelopes; None when they cannot all be given (the bus keeps no
+            history for the group, ``after`` is of another epoch (the bus restarted), or
+            entries after it were trimmed).
+
+        Raises:
+            BusUnavailable: the message bus cannot be reached.
+        """
+        found: list[Envelope] = []
+        while len(found) < limit:
+            answer = await self._call_store(
+                "history", group, [after.epoch, after.offset], limit - len(found)
+            )
+            if answer is None:
+                return None
+            batch = decode_batch(answer[0])
+            found.extend(batch)
+            if not answer[1] or not batch:
+                break
+            stamped = position_of(batch[-1])
+            if stamped is None:
+                break
+            after = stamped[1]
+        return found
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        """Keep a closed connection's record in the message bus for ``ttl`` seconds.
+
+        Raises:
+            BusUnavailable: the message bus cannot be reached, or the record is larger than
+                a Pyro message may carry (its unacknowledged deliveries are too big).
+        """
+        blob = _ENCODER.encode(record)
+        if len(blob) > self.config.max_message_size // 2:
+            raise BusUnavailable(
+                f"the session record of {record.sid[:6]}... is {len(blob)} bytes, more than a "
+                "Pyro message may carry (its unacknowledged deliveries): not kept",
+                False,
+            )
+        if await self._call_store("save_session", blob, float(ttl)) != OK:
+            raise BusUnavailable("the message bus refused a session record", False)
+
+    async def take_session(self, sid: str) -> SessionRecord | None:
+        """Return the record of ``sid`` from the message bus and delete it there.
+
+        A second take gets None.
+
+        Raises:
+            BusUnavailable: the message bus cannot be reached.
+        """
+        blob = await self._call_store("take_session", sid)
+        if blob is None:
+            return None
+        try:
+            return _SESSION_RECORD.decode(to_bytes(blob))
+        except (msgspec.MsgspecError, TypeError, ValueError) as exc:
+            log.warning("the message bus gave a session record this gateway cannot read: %s", exc)
+            return None
+
+    async def _call_store(self, method: str, *args: Any) -> Any:
+        """Call the message bus on the store thread; BusUnavailable when it cannot."""
+        executor = self._store
+        if executor is None:
+            raise BusUnavailable("this gateway is not on the bus (not started, or closed)")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(3 * self.config.comm_timeout):
+                return await loop.run_in_executor(executor, self._store_call, method, args)
+        except TimeoutError:
+            raise BusUnavailable("the message bus did not answer in time") from None
+        except RuntimeError:  # the executor was shut down: the gateway is closing
+            raise BusUnavailable("this gateway is leaving the bus") from None
+
+    def _store_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """Make one call on the store thread's proxy (the store thread only)."""
+        if (
+            self._store_proxy is not None
+            and time.monotonic() - self._store_used > self.config.comm_timeout / 2
+        ):
+            self._release_store()
+        try:
+            try:
+                reused = self._store_proxy is not None
+                if self._store_proxy is None:
+                    self._store_proxy = self._bus_proxy()
+                result = getattr(self._store_proxy, method)(*args)
+            except pyro_errors.ConnectionClosedError:
+                if not reused:
+                    raise
+                # The bus closed a connection we held: it never read this call.
+                self._release_store()
+                self._store_proxy = self._bus_proxy()
+                result = getattr(self._store_proxy, method)(*args)
+        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
+            self._release_store()
+            raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
+        self._store_used = time.monotonic()
+        return result
+
+    def _release_store(self) -> None:
+        if self._store_proxy is not None:
+            self._store_proxy._pyroRelease()
+            self._store_proxy = None
+
     # -- the daemon in the loop ----------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
@@ -458,7 +613,7 @@ class PyroBus:
             ) from None
         try:
             with self._bus_proxy() as bus:
-                answer = bus.register_gateway(self._node, self.uri, [], False, True)
+                answer = bus.register_gateway(self._node, self.uri, [], False, True, self._history)
         except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
             raise BusUnavailable(
                 f"no message bus named {config.bus_name!r} in the name server ({exc}); "
@@ -566,7 +721,9 @@ class PyroBus:
         self._reclaimed = False
         refused: list[list[str]] = []
         for index, chunk in enumerate(_chunks(held, self.config.max_message_size // 4)):
-            answer = bus.register_gateway(self._node, self.uri, chunk, again and index == 0)
+            answer = bus.register_gateway(
+                self._node, self.uri, chunk, again and index == 0, False, self._history
+            )
             if answer.get("taken_by") is not None:
                 # Another live gateway took this node id while this one was cut off.
                 if not self._displaced:

@@ -32,6 +32,19 @@ It also keeps the cluster's shared state:
 - **One process per service name**: a second process registering a name whose process
   still answers is refused (the Pyro bus is the single-machine bus); one whose process
   is gone is replaced at once.
+- **Group history** (a :class:`~wsbus.history.MemoryHistory`, settings from the gateways'
+  registrations): the bus is the sequencer. It stamps each history group's envelopes with
+  their position as it queues them for the gateways, under one lock, so every gateway
+  gets them in offset order; gateways read what a client missed with :meth:`history`.
+- **Closed sessions** (a :class:`~wsbus.resume.MemorySessions`): :meth:`save_session` and
+  :meth:`take_session`, so a client may resume on any gateway.
+- **Presence** (routing rule 5): a gateway's ``wsbus.presence`` event goes to the services
+  that declared it and to every other gateway. When a gateway dies (or leaves, or a new
+  process takes its node id), the others hear ``gateway_lost`` in their streams and the
+  services get the ``gateway_lost`` event from the bus.
+
+History and sessions live in this process's memory: a restarted bus has none, and a new
+history epoch (gateways tell their clients to resync those groups).
 
 Each destination has one :class:`~wsbus_pyro.transport.Forwarder` thread that owns its
 proxy and keeps the order in which the bus received envelopes.
@@ -46,31 +59,60 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from Pyro5.server import expose
 
-from wsbus.bus import SHARED_HEADER, is_for_gateway
-from wsbus.envelope import Envelope, GatewayAddress, ServiceAddress, node_of
+from wsbus import control
+from wsbus.bus import SHARED_HEADER, is_for_gateway, is_presence_event
+from wsbus.envelope import Envelope, EnvelopeId, GatewayAddress, NodeId, ServiceAddress, node_of
+from wsbus.history import (
+    GROUP_HEADER,
+    POSITION_HEADER,
+    HistoryConfig,
+    MemoryHistory,
+    Position,
+    history_group,
+)
+from wsbus.resume import MemorySessions, SessionRecord
 
 from .config import PyroConfig
 from .transport import (
+    BUS_ADDRESS,
+    GATEWAY_LOST,
     NO_ROUTE,
     OK,
     REREGISTERING,
     TAKEN,
     UNAVAILABLE,
     Forwarder,
+    _array_header,
     decode_batch,
+    gateway_lost_notice,
     make_proxy,
     name_server,
+    to_bytes,
 )
 
 __all__ = ["MessageBus"]
 
 log = logging.getLogger("wsbus.pyro.bus")
+
+_HISTORY_CONFIG: Final = msgspec.msgpack.Decoder(HistoryConfig)
+_SESSION_RECORD: Final = msgspec.msgpack.Decoder(SessionRecord)
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_HISTORY_LIMIT: Final = 10_000
+"""The most history entries one ``history`` call reads."""
+_NAME_LIMIT: Final = 1024
+"""The longest group name, epoch or session id the bus looks up (a bound on input)."""
+_TTL_LIMIT: Final = 86_400.0
+"""The longest a session record is kept, whatever the gateway asks (seconds)."""
+_REFUSED: Final = "refused"
+_SESSION_BYTES: Final = 256 << 20
+"""The most bytes of closed sessions' records the bus keeps; past it the oldest go."""
 
 
 class _Endpoint:
@@ -115,6 +157,25 @@ class MessageBus:
         self._gateway_sends = 0
         self._dropped_at: dict[str, int] = {}
         self._closed = False
+        # The one order every gateway sees: positions are stamped, and envelopes put in the
+        # gateways' forwarders, under this lock. Taken before _lock, never while holding it.
+        self._order = threading.Lock()
+        self._history_config: HistoryConfig | None = None
+        self._history: MemoryHistory | None = None
+        self._history_warned = False
+        # Envelopes stamped lately, by id: a service sends again what a failed call may have
+        # delivered, and the copy must keep its position (a second one would be a hole).
+        self._stamped = _Recent()
+        self._sessions = MemorySessions()
+        self._sessions_lock = threading.Lock()
+        # Each record's size, in the order the store keeps them (oldest saved first): the
+        # store bounds their count, this their bytes.
+        self._session_sizes: OrderedDict[str, int] = OrderedDict()
+        self._session_bytes = 0
+        self.sessions_dropped = 0
+        """Records dropped before their time to keep within the count or bytes bound."""
+        self._dropped_logged = 0.0
+        self._notices = itertools.count(1)
 
     def _settling(self) -> bool:
         return time.monotonic() < self._settled_at
@@ -193,11 +254,15 @@ class MessageBus:
         aliases: list[list[str]] | None = None,
         again: bool = False,
         fresh: bool = False,
+        history: Any = None,
     ) -> dict[str, Any]:
         """Add (or replace) a gateway node, with the aliases its connections hold.
 
         A new gateway process (``fresh``, or at a new address) first loses every alias the
         bus had for its node: its connections are new, though their ids may be the same.
+        The gateways still on the bus then hear that the node's old process is gone
+        (:meth:`wsbus.bus.HearsGateways.gateway_lost`), as do the services that declared
+        ``wsbus.presence``.
 
         Args:
             node: the gateway's node id.
@@ -206,6 +271,9 @@ class MessageBus:
             again: the gateway was registered before (with this bus, which dropped it,
                 or with one before a restart).
             fresh: the gateway process is starting.
+            history: the gateway's :class:`~wsbus.history.HistoryConfig`, MessagePack
+                encoded (None: it says nothing). The bus keeps history as the last gateway
+                to register says; a change starts history again under a new epoch.
 
         Returns:
             ``{"refused": pairs, "missed": bool}``: the pairs refused because another
@@ -230,12 +298,46 @@ class MessageBus:
                     current.uri,
                 )
                 return {"refused": [], "missed": False, "taken_by": current.uri}
+            if history is not None:
+                self._keep_history(node, history)
             return self._add_gateway(node, uri, aliases or [], bool(again), bool(fresh))
+
+    def _keep_history(self, node: str, blob: Any) -> None:
+        """Keep history as gateway ``node`` says (the last gateway to register wins)."""
+        try:
+            config = _HISTORY_CONFIG.decode(to_bytes(blob))
+        except (msgspec.MsgspecError, TypeError, ValueError) as exc:
+            log.warning(
+                "gateway %s sent history settings the bus cannot read (%s): ignored", node, exc
+            )
+            return
+        with self._order:
+            if config == self._history_config:
+                return
+            previous, self._history_config = self._history_config, config
+            self._history = MemoryHistory(config) if config.groups else None
+            self._stamped = _Recent()
+            warn = previous is not None and not self._history_warned
+            if warn:
+                self._history_warned = True
+            epoch = self._history.epoch if self._history is not None else None
+        if warn:
+            log.warning(
+                "gateway %s keeps history as %s, where another gateway said %s: the bus keeps "
+                "it as the gateway that registered last says, and starts it again (clients "
+                "resync those groups). Give every gateway the same [gateway.history] settings",
+                node,
+                _describe(config),
+                _describe(previous),
+            )
+        elif epoch is not None:
+            log.info("the bus keeps history (epoch %s): %s", epoch, _describe(config))
 
     def _add_gateway(
         self, node: str, uri: str, aliases: list[list[str]], again: bool, fresh: bool
     ) -> dict[str, Any]:
         old: _Endpoint | None = None
+        lost = False
         refused: list[list[str]] = []
         with self._lock:
             dropped_at = self._dropped_at.pop(node, 0)
@@ -251,6 +353,9 @@ class MessageBus:
             if new or fresh:
                 # A process restarted on a fixed port has the same address: fresh says so.
                 self._free_aliases(node)
+                # The node's old process died and this one took its place before the sweep
+                # found it: its connections are gone all the same.
+                lost = current is not None
             for alias, conn_id in aliases:
                 alias, conn_id = str(alias), str(conn_id)
                 holder = self._aliases.get(alias)
@@ -262,6 +367,8 @@ class MessageBus:
                     self._aliases[alias] = conn_id
         if old is not None:
             old.forwarder.stop(0)
+        if lost:
+            self._tell_lost([node])
         if new:
             log.info("gateway %s registered at %s with %d alias(es)", node, uri, len(aliases))
         if refused:
@@ -284,6 +391,8 @@ class MessageBus:
             freed = self._free_aliases(old.name)
             self._forget(old.name)
         old.forwarder.stop(1.0)
+        # Its connections are closed: whatever presence the others kept of them is gone.
+        self._tell_lost([old.name])
         log.info("gateway %s left the bus (%d alias(es) freed)", node, freed)
 
     def gateways(self) -> list[str]:
@@ -385,6 +494,38 @@ class MessageBus:
                 self.lifetime,
                 freed[endpoint.name],
             )
+        if stale:
+            self._tell_lost([endpoint.name for endpoint in stale])
+
+    def _tell_lost(self, nodes: list[str]) -> None:
+        """Tell the gateways and the ``wsbus.presence`` services that ``nodes`` are gone.
+
+        Their connections went with them.
+
+        Each gateway hears it in its own stream, in order with its other traffic (a
+        :data:`~wsbus_pyro.transport.GATEWAY_LOST` notice its endpoint turns into a
+        ``gateway_lost(node, report=False)`` call); each service gets the ``gateway_lost``
+        :class:`~wsbus.control.PresenceEvent` from the bus itself.
+        """
+        for node in nodes:
+            with self._order:
+                with self._lock:
+                    gateways = [e for n, e in self._gateways.items() if n != node]
+                    services = self._presence_services()
+                for gateway in gateways:
+                    notice = gateway_lost_notice(node, f"{self.instance}-{next(self._notices)}")
+                    gateway.forwarder.put(notice)
+                event = Envelope(
+                    id=EnvelopeId(f"bus-{self.instance}-{next(self._notices)}"),
+                    type=control.PRESENCE,
+                    sender=BUS_ADDRESS,
+                    content=msgspec.to_builtins(
+                        control.PresenceEvent(event="gateway_lost", node=NodeId(node))
+                    ),
+                    created=time.time(),
+                )
+                for service in services:
+                    service.forwarder.put(event, functools.partial(_event_lost, service.name, node))
 
     def registered(self, kind: str, name: str, uri: str) -> bool:
         """Return True when ``name`` is registered at ``uri``.
@@ -411,6 +552,7 @@ class MessageBus:
                 },
                 "gateways": {n: {"down": e.forwarder.down} for n, e in self._gateways.items()},
                 "aliases": len(self._aliases),
+                "history": None if self._history is None else self._history.epoch,
             }
 
     def _forwarder(self, name: str, uri: str) -> Forwarder:
@@ -439,7 +581,13 @@ class MessageBus:
         statuses: list[str] = [OK] * len(envelopes)
         waiting: list[tuple[int, concurrent.futures.Future[str]]] = []
         for index, envelope in enumerate(envelopes):
-            targets = self._service_targets(envelope)
+            targets: list[_Endpoint] | None
+            if is_presence_event(envelope):
+                # Routing rule 5: every service that declared it, and every other gateway;
+                # nobody listening is fine. The gateways' copies are not waited for.
+                targets = self._spread_presence(envelope)
+            else:
+                targets = self._service_targets(envelope)
             if targets is None:
                 statuses[index] = REREGISTERING if self._settling() else NO_ROUTE
                 continue
@@ -464,6 +612,23 @@ class MessageBus:
                 status = UNAVAILABLE
             if status != OK and statuses[index] == OK:
                 statuses[index] = UNAVAILABLE if status != NO_ROUTE else NO_ROUTE
+
+    def _spread_presence(self, envelope: Envelope) -> list[_Endpoint]:
+        """Put a gateway's presence event to the other gateways; return its services."""
+        sender = envelope.sender
+        with self._order:
+            with self._lock:
+                gateways = [
+                    e for n, e in self._gateways.items() if n != getattr(sender, "node", None)
+                ]
+                services = self._presence_services()
+            for gateway in gateways:
+                gateway.forwarder.put(envelope)
+        return services
+
+    def _presence_services(self) -> list[_Endpoint]:
+        """The services that declared ``wsbus.presence`` (with the lock held)."""
+        return [self._services[name] for name in self._by_type.get(control.PRESENCE, ())]
 
     def _service_targets(self, envelope: Envelope) -> list[_Endpoint] | None:
         with self._lock:
@@ -502,31 +667,40 @@ class MessageBus:
         statuses: list[str] = [OK] * len(envelopes)
         targets_of: list[tuple[int, Forwarder, Envelope]] = []
         settling = self._settling()
-        for index, envelope in enumerate(envelopes):
-            if is_for_gateway(envelope) or isinstance(envelope.to, GatewayAddress):
-                targets, status = self._gateway_targets(envelope)
+        state = None if sender is None else self._sender(str(sender))
+        waiting: list[tuple[int, concurrent.futures.Future[str]]] = []
+        # Stamped and queued for the gateways in one go: every gateway gets each history
+        # group's envelopes in offset order, whichever service sent them.
+        with self._order:
+            for index, envelope in enumerate(envelopes):
+                routed = _from_service(envelope)
+                if routed is None:
+                    statuses[index] = NO_ROUTE
+                    continue
+                if is_for_gateway(routed) or isinstance(routed.to, GatewayAddress):
+                    targets, status = self._gateway_targets(routed)
+                else:
+                    services = self._service_targets(routed)
+                    targets = [] if services is None else [(s.forwarder, routed) for s in services]
+                    status = NO_ROUTE
+                if not targets:
+                    statuses[index] = REREGISTERING if settling else status
+                    continue
+                targets_of.extend((index, forwarder, item) for forwarder, item in targets)
+            if state is None:
+                for index, forwarder, item in targets_of:
+                    future: concurrent.futures.Future[str] = concurrent.futures.Future()
+                    forwarder.put(item, _resolver(future))
+                    waiting.append((index, future))
             else:
-                services = self._service_targets(envelope)
-                targets = [] if services is None else [(s.forwarder, envelope) for s in services]
-                status = NO_ROUTE
-            if not targets:
-                statuses[index] = REREGISTERING if settling else status
-                continue
-            targets_of.extend((index, forwarder, item) for forwarder, item in targets)
-        if sender is None:
-            waiting: list[tuple[int, concurrent.futures.Future[str]]] = []
-            for index, forwarder, item in targets_of:
-                future: concurrent.futures.Future[str] = concurrent.futures.Future()
-                forwarder.put(item, _resolver(future))
-                waiting.append((index, future))
+                pending = _PendingCall(int(call or 0), statuses, len(targets_of))
+                if not targets_of:
+                    state.settle(pending)
+                for index, forwarder, item in targets_of:
+                    forwarder.put(item, functools.partial(state.answer, pending, index))
+        if state is None:
             self._wait(waiting, statuses)
             return statuses
-        state = self._sender(str(sender))
-        pending = _PendingCall(int(call or 0), statuses, len(targets_of))
-        if not targets_of:
-            state.settle(pending)
-        for index, forwarder, item in targets_of:
-            forwarder.put(item, functools.partial(state.answer, pending, index))
         return [self.instance, state.take()]
 
     def confirm(self, sender: str, timeout: float) -> list[Any]:
@@ -563,10 +737,133 @@ class MessageBus:
         nodes = _gateway_nodes(envelope, gateways)
         if not nodes:
             return [], NO_ROUTE
+        envelope = self._stamp(envelope)
         if len(gateways) > 1 and envelope.recipients is not None:
             headers = {**envelope.headers, SHARED_HEADER: "1"}
             envelope = msgspec.structs.replace(envelope, headers=headers)
         return [(gateways[node].forwarder, envelope) for node in nodes], OK
+
+    def _stamp(self, envelope: Envelope) -> Envelope:
+        """Append a history group's envelope to its history (with ``_order`` held).
+
+        Returns:
+            The envelope stamped with its position, or as it was when it enters no history.
+            A copy sent again (same id) gets the position the first one got.
+        """
+        history, config = self._history, self._history_config
+        if history is None or config is None:
+            return envelope
+        group = history_group(envelope, config)
+        if group is None:
+            return envelope
+        stamped = self._stamped.get(envelope.id)
+        if stamped is None:
+            stamped = history.append(group, envelope, time.time())
+            self._stamped.put(envelope.id, stamped)
+        return stamped
+
+    # -- history and sessions, for gateways -----------------------------------------------
+
+    def history(self, group: str, after: Any, limit: int) -> list[Any] | None:
+        """Return a history group's envelopes after a position, oldest first.
+
+        Args:
+            group: the history group.
+            after: ``[epoch, offset]``: the position the caller has.
+            limit: the most envelopes wanted (at most 10,000 are given).
+
+        Returns:
+            None when they cannot all be given (no history kept here, another epoch, or
+            entries after ``after`` were trimmed); else ``[batch, more]``: the envelopes
+            encoded as one batch (as many as fit in half a Pyro message), and whether some
+            were left out for size (ask again after the last one).
+        """
+        try:
+            group, epoch, offset = str(group), str(after[0]), int(after[1])
+            limit = max(0, min(int(limit), _HISTORY_LIMIT))
+        except (TypeError, ValueError, IndexError, KeyError):
+            return None
+        if offset < 0 or len(group) > _NAME_LIMIT or len(epoch) > _NAME_LIMIT:
+            return None
+        with self._order:
+            history = self._history
+            if history is None:
+                return None
+            entries = history.read(group, Position(epoch, offset), time.time(), limit)
+        if entries is None:
+            return None
+        budget = self._config.max_message_size // 2
+        parts: list[bytes] = []
+        size = 0
+        for entry in entries:
+            part = _ENCODER.encode(entry)
+            if parts and size + len(part) > budget:
+                break
+            parts.append(part)
+            size += len(part)
+        return [_array_header(len(parts)) + b"".join(parts), len(parts) < len(entries)]
+
+    def save_session(self, blob: Any, ttl: float) -> str:
+        """Keep a closed connection's :class:`~wsbus.resume.SessionRecord` for ``ttl`` seconds.
+
+        Args:
+            blob: the record, MessagePack encoded.
+            ttl: seconds to keep it (at most a day).
+
+        Returns:
+            ``ok``; ``refused`` for a record the bus cannot read.
+        """
+        try:
+            data = to_bytes(blob)
+            record = _SESSION_RECORD.decode(data)
+            ttl = min(float(ttl), _TTL_LIMIT)
+        except (msgspec.MsgspecError, TypeError, ValueError) as exc:
+            log.warning("a session record the bus cannot read was refused: %s", exc)
+            return _REFUSED
+        if not ttl > 0:
+            return OK
+        now = time.monotonic()
+        with self._sessions_lock:
+            sessions, sizes = self._sessions, self._session_sizes
+            before = sessions.dropped
+            self._session_bytes -= sizes.pop(record.sid, 0)
+            sessions.save(record, ttl, now)
+            sizes[record.sid] = len(data)
+            self._session_bytes += len(data)
+            # The store dropped from its old end (expired, or past its count): the same
+            # records, in the same order, as at the head of the sizes.
+            while len(sizes) > len(sessions):
+                self._session_bytes -= sizes.popitem(last=False)[1]
+            while self._session_bytes > _SESSION_BYTES and len(sizes) > 1:
+                sid, size = sizes.popitem(last=False)
+                self._session_bytes -= size
+                if sessions.take(sid, now) is not None:
+                    sessions.dropped += 1
+            dropped = sessions.dropped - before
+            self.sessions_dropped += dropped
+            if dropped and now - self._dropped_logged > 60.0:
+                self._dropped_logged = now
+                log.warning(
+                    "the bus keeps at most %d closed sessions (%d MiB): the oldest were "
+                    "dropped, and their clients cannot resume (%d so far)",
+                    sessions.max_records,
+                    _SESSION_BYTES >> 20,
+                    self.sessions_dropped,
+                )
+        return OK
+
+    def take_session(self, sid: str) -> bytes | None:
+        """Return the session record of ``sid`` (MessagePack) and forget it; None if none.
+
+        A second take of one record gets None: a resume token works once.
+        """
+        sid = str(sid)
+        if len(sid) > _NAME_LIMIT:
+            return None
+        with self._sessions_lock:
+            record = self._sessions.take(sid, time.monotonic())
+            self._session_bytes -= self._session_sizes.pop(sid, 0)
+        return None if record is None else _ENCODER.encode(record)
 
     def _check_open(self) -> None:
         """Refuse registrations once the bus is stopping.
@@ -663,3 +960,53 @@ def _gateway_nodes(envelope: Envelope, gateways: dict[str, _Endpoint]) -> list[s
         return list(gateways)
     owners = {node_of(c) for c in recipients.conn_ids}
     return [n for n in gateways if n in owners]
+
+
+class _Recent:
+    """The envelopes stamped lately, by id: between 65,536 and twice that many."""
+
+    def __init__(self, size: int = 65536) -> None:
+        self._size = size
+        self._current: dict[str, Envelope] = {}
+        self._previous: dict[str, Envelope] = {}
+
+    def get(self, id_: str) -> Envelope | None:
+        found = self._current.get(id_)
+        return found if found is not None else self._previous.get(id_)
+
+    def put(self, id_: str, envelope: Envelope) -> None:
+        self._current[id_] = envelope
+        if len(self._current) >= self._size:
+            self._previous, self._current = self._current, {}
+
+
+def _from_service(envelope: Envelope) -> Envelope | None:
+    """The envelope as the bus routes it from a service; None for one a service may not send.
+
+    Only a gateway sends presence events and only the bus sends its notices; only the bus
+    stamps history positions (a service's own are removed, never believed).
+    """
+    if envelope.type == GATEWAY_LOST or is_presence_event(envelope):
+        return None
+    headers = envelope.headers
+    if POSITION_HEADER in headers or GROUP_HEADER in headers:
+        kept = {k: v for k, v in headers.items() if k not in (POSITION_HEADER, GROUP_HEADER)}
+        return msgspec.structs.replace(envelope, headers=kept)
+    return envelope
+
+
+def _event_lost(service: str, node: str, status: str) -> None:
+    """A forwarder's callback: log a ``gateway_lost`` event a service did not take."""
+    if status != OK:
+        log.warning(
+            "service %r did not take the presence event that gateway %s is gone (%s)",
+            service,
+            node,
+            status,
+        )
+
+
+def _describe(config: HistoryConfig | None) -> str:
+    if config is None or not config.groups:
+        return "no history"
+    return f"groups {list(config.groups)}, {config.size} entries, {config.age:g} s"

@@ -27,11 +27,20 @@ from Pyro5.client import Proxy
 
 from wsbus import control
 from wsbus.bus import is_for_gateway
-from wsbus.envelope import Envelope, GatewayAddress, NodeId, Recipients, ServiceAddress
+from wsbus.envelope import (
+    Envelope,
+    EnvelopeId,
+    GatewayAddress,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+)
 
 from .config import PyroConfig, handshake
 
 __all__ = [
+    "BUS_ADDRESS",
+    "GATEWAY_LOST",
     "NO_ROUTE",
     "OK",
     "REREGISTERING",
@@ -43,6 +52,7 @@ __all__ = [
     "RecentIds",
     "decode_batch",
     "encode_batch",
+    "gateway_lost_notice",
     "lookup",
     "make_proxy",
     "name_server",
@@ -65,6 +75,14 @@ RETRYABLE: Final = frozenset({REREGISTERING})
 
 Only the bus's "I restarted a moment ago": an endpoint that is known and down is reported
 at once, so that one dead gateway never holds up a service's other messages."""
+
+BUS_ADDRESS: Final = GatewayAddress(NodeId("bus"))
+"""The sender of what the message bus says itself (undeliverable reports, notices, events)."""
+GATEWAY_LOST: Final = "wsbus.pyro.gateway_lost"
+"""The message bus's notice to a gateway that another gateway died (see
+:func:`gateway_lost_notice`). It travels in the gateway's stream, so it arrives in order with
+the rest of that gateway's traffic; the gateway's endpoint turns it into a
+:meth:`wsbus.bus.HearsGateways.gateway_lost` call and never hands it on as an envelope."""
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(list[Envelope])
@@ -597,6 +615,22 @@ class RecentIds:
                 self._previous, self._current = self._current, set()
 
 
+def gateway_lost_notice(node: str, serial: str) -> Envelope:
+    """The message bus's :data:`GATEWAY_LOST` notice to the live gateways: ``node`` died.
+
+    Args:
+        node: the dead gateway's node id.
+        serial: makes the notice's id unique (the bus's instance id and a count).
+    """
+    return Envelope(
+        id=EnvelopeId(f"bus-lost-{serial}"),
+        type=GATEWAY_LOST,
+        sender=BUS_ADDRESS,
+        content={"node": node},
+        created=time.time(),
+    )
+
+
 def undeliverable_report(envelope: Envelope, status: str, retry_for: float) -> Envelope:
     """The ``wsbus.undeliverable`` report a service gets for what the bus did not deliver.
 
@@ -617,7 +651,7 @@ def undeliverable_report(envelope: Envelope, status: str, retry_for: float) -> E
     return Envelope(
         id=envelope.id,
         type=control.UNDELIVERABLE,
-        sender=GatewayAddress(NodeId("bus")),
+        sender=BUS_ADDRESS,
         content=msgspec.to_builtins(control.Undeliverable(status, recipients, detail)),
         reply_to=envelope.id,
         created=time.time(),

@@ -23,22 +23,33 @@ routing rules of :mod:`wsbus.bus`, per-sender order, and the errors publish rais
 services it uses live in :mod:`wsbus_testing.services`, importable by path, so that a bus
 running services in other processes can start them too.
 
-Optional capabilities (:class:`~wsbus.bus.ClaimsAliases`, :class:`~wsbus.bus.PublishesNowait`,
-:class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. The stand-in
-gateway is a :class:`~wsbus.bus.HearsLoss`: it records the losses a bus reports in
-:attr:`RecordingSink.losses`, for an adapter's own tests of them. Two more things a
-subclass may give, so that a renamed method fails loudly and "unavailable" is tested too:
+Optional capabilities (:class:`~wsbus.bus.ClaimsAliases`, :class:`~wsbus.bus.KeepsHistory`,
+:class:`~wsbus.bus.KeepsSessions`, :class:`~wsbus.bus.PublishesNowait`,
+:class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. Routing rule 5
+(presence events) is tested on every bus. The stand-in gateway is a
+:class:`~wsbus.bus.HearsLoss` and a :class:`~wsbus.bus.HearsGateways`: it records the
+losses a bus reports in :attr:`RecordingSink.losses` and the gateways it hears are gone in
+:attr:`RecordingSink.lost`. More things a subclass may give, so that a renamed method
+fails loudly and "unavailable" and several gateways are tested too:
 
 - ``capabilities``: a class attribute, the set of capability protocols the bus is meant to
   offer; the suite checks that it offers exactly those.
 - a ``wsbus_make_unavailable`` fixture: an async function that makes a started bus
   unavailable (the in-memory bus: ``bus.down = True``; a bus between processes: stop the
   broker). Without it the suite skips what needs it.
+- ``spans_gateways``: a class attribute, True when the buses one ``wsbus_make_bus`` makes
+  are gateways of one cluster (the second is made with no services: ``make([])``). The
+  suite then checks what crosses gateways: presence events reach the other gateway, a
+  gateway that leaves is reported to the others and to the services, a session saved on
+  one gateway is taken on another.
+- ``session_ttl`` and ``history_age``: the seconds the expiry checks use (a bus whose store
+  keeps time coarsely sets them longer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
@@ -47,7 +58,14 @@ import msgspec
 import pytest
 
 from wsbus import control
-from wsbus.bus import Bus, ClaimsAliases, PublishesNowait, ReportsAvailability
+from wsbus.bus import (
+    Bus,
+    ClaimsAliases,
+    KeepsHistory,
+    KeepsSessions,
+    PublishesNowait,
+    ReportsAvailability,
+)
 from wsbus.envelope import (
     ClientAddress,
     ConnId,
@@ -55,12 +73,15 @@ from wsbus.envelope import (
     EnvelopeId,
     GatewayAddress,
     NodeId,
+    Recipients,
     ServiceAddress,
 )
 from wsbus.errors import BusUnavailable, NoRoute
+from wsbus.history import HistoryConfig, Position, position_of
+from wsbus.resume import SessionRecord
 from wsbus.service import Service
 
-from .services import Probe, Sequencer
+from .services import Probe, Sequencer, Watcher
 
 __all__ = [
     "BUS_CAPABILITIES",
@@ -69,13 +90,20 @@ __all__ = [
     "MakeUnavailable",
     "RecordingSink",
     "client_message",
+    "presence_event",
 ]
 
 MakeBus = Callable[[list[type[Service]]], Awaitable[Bus]]
 MakeUnavailable = Callable[[Bus], Awaitable[None]]
 """The ``wsbus_make_unavailable`` fixture: makes a started bus unavailable."""
 
-BUS_CAPABILITIES: Final[tuple[type, ...]] = (ClaimsAliases, PublishesNowait, ReportsAvailability)
+BUS_CAPABILITIES: Final[tuple[type, ...]] = (
+    ClaimsAliases,
+    KeepsHistory,
+    KeepsSessions,
+    PublishesNowait,
+    ReportsAvailability,
+)
 """Every optional capability a bus may offer."""
 
 TIMEOUT: Final = 30.0
@@ -96,6 +124,8 @@ class RecordingSink:
         self.delivered: list[Envelope] = []
         self.losses: list[tuple[str, str]] = []
         """``(reason, detail)`` of each ``deliveries_lost`` call, in order."""
+        self.lost: list[tuple[NodeId, bool]] = []
+        """``(node, report)`` of each ``gateway_lost`` call, in order."""
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -132,6 +162,20 @@ class RecordingSink:
         """Record that the bus says deliveries meant for this gateway may have been lost."""
         self.losses.append((reason, detail))
 
+    def gateway_lost(self, node: NodeId, report: bool) -> None:
+        """Record that the bus says gateway ``node`` is gone.
+
+        With ``report``, publish the ``gateway_lost`` presence event for services, as a
+        gateway does.
+        """
+        self.lost.append((node, report))
+        self._arrived.set()
+        if report:
+            event = presence_event(self._node, "gateway_lost", node=node, n=len(self.lost))
+            task = asyncio.ensure_future(self.bus.publish(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def wait_for(
         self,
         predicate: Callable[[list[Envelope]], bool],
@@ -143,6 +187,17 @@ class RecordingSink:
                 self._arrived.clear()
                 await self._arrived.wait()
         return self.delivered
+
+    async def wait_lost(
+        self,
+        node: str,
+        timeout: float = 10.0,  # noqa: ASYNC109 - a test helper: every wait is bounded
+    ) -> None:
+        """Wait until the bus said gateway ``node`` is gone."""
+        async with asyncio.timeout(timeout):
+            while not any(lost == node for lost, _ in self.lost):
+                self._arrived.clear()
+                await self._arrived.wait()
 
 
 def client_message(type: str, content: Any, n: int = 1) -> Envelope:
@@ -156,6 +211,53 @@ def client_message(type: str, content: Any, n: int = 1) -> Envelope:
     )
 
 
+def presence_event(
+    sender: str,
+    event: str,
+    *,
+    node: str | None = None,
+    group: str | None = None,
+    conn_id: str | None = None,
+    n: int = 1,
+) -> Envelope:
+    """Return a ``wsbus.presence`` event as gateway ``sender`` would publish it (rule 5).
+
+    ``node`` is where it happened (``sender`` when omitted; the dead gateway for
+    ``gateway_lost``).
+    """
+    content = control.PresenceEvent(
+        event=event,
+        node=NodeId(node if node is not None else sender),
+        group=group,
+        conn_id=ConnId(conn_id) if conn_id is not None else None,
+    )
+    return Envelope(
+        id=EnvelopeId(f"presence-{sender}-{n}"),
+        type=control.PRESENCE,
+        sender=GatewayAddress(NodeId(sender)),
+        content=msgspec.to_builtins(content),
+        created=time.time(),
+    )
+
+
+def _send_items(sends: list[tuple[Recipients, Any]], n: int = 1) -> Envelope:
+    """A client's ``probe.send``: the probe sends ``probe.item`` for each, in order."""
+    return client_message(
+        "probe.send", {"sends": [[msgspec.to_builtins(r), body] for r, body in sends]}, n
+    )
+
+
+def _items(delivered: list[Envelope]) -> list[Envelope]:
+    return [e for e in delivered if e.type == "probe.item"]
+
+
+def _position(envelope: Envelope, group: str) -> Position:
+    stamped = position_of(envelope)
+    assert stamped is not None, f"{envelope.content!r} carries no position"
+    assert stamped[0] == group
+    return stamped[1]
+
+
 class BusConformance:
     """The tests every bus must pass.
 
@@ -167,14 +269,34 @@ class BusConformance:
     capabilities: ClassVar[frozenset[type] | None] = None
     """The capability protocols the bus is meant to offer; None: not checked."""
 
+    spans_gateways: ClassVar[bool] = False
+    """True when the buses one ``wsbus_make_bus`` makes are gateways of one cluster."""
+
+    session_ttl: ClassVar[float] = 0.5
+    """The ttl (seconds) the session expiry check saves a record with."""
+
+    history_age: ClassVar[float] = 0.5
+    """The age (seconds) the history expiry check keeps entries for."""
+
     @pytest.fixture
     def wsbus_make_unavailable(self) -> MakeUnavailable | None:
         """Return a function that makes a started bus unavailable; None: cannot."""
         return None
 
-    async def _started(self, make: MakeBus, services: list[type[Service]]) -> RecordingSink:
+    async def _started(
+        self,
+        make: MakeBus,
+        services: list[type[Service]],
+        *,
+        node: str = "sink",
+        history: HistoryConfig | None = None,
+    ) -> RecordingSink:
         bus = await make(services)
-        sink = RecordingSink(bus)
+        sink = RecordingSink(bus, node)
+        if history is not None:
+            if not isinstance(bus, KeepsHistory):
+                pytest.skip("the bus does not keep history")
+            bus.keep_history(history)
         await bus.start(sink)
         return sink
 
@@ -362,3 +484,234 @@ class BusConformance:
         async with asyncio.timeout(TIMEOUT):
             with pytest.raises(BusUnavailable):
                 await bus.claim_alias("sam", ConnId(f"{sink.node}.1"))
+
+    # -- history (KeepsHistory) ----------------------------------------------------------
+
+    async def test_history_positions_are_dense_per_group(self, wsbus_make_bus: MakeBus) -> None:
+        """A history group's messages carry dense positions, in the order they arrive.
+
+        Only a service's message to exactly one group that keeps history (an ``exclude``
+        allowed) gets one. ``history()`` gives what follows a position, oldest first, at
+        most ``limit``; ``[]`` after the last; None for another epoch, a position beyond
+        the last, or entries after it trimmed by count.
+        """
+        config = HistoryConfig(groups=("h.*",), size=5, age=300.0)
+        sink = await self._started(wsbus_make_bus, [Probe], history=config)
+        bus = sink.bus
+        assert isinstance(bus, KeepsHistory)
+        a, b = Recipients(groups=("h.a",)), Recipients(groups=("h.b",))
+        sends: list[tuple[Recipients, Any]] = [
+            (a, 1),
+            (b, 2),
+            (a, 3),
+            (Recipients(groups=("h.b",), exclude=(ConnId("sink.9"),)), 4),
+            (Recipients(groups=("plain",)), 5),
+            (Recipients(conn_ids=(ConnId("sink.1"),)), 6),
+            (Recipients(groups=("h.a", "h.b")), 7),
+            (a, 8),
+        ]
+        await bus.publish(_send_items(sends))
+        items = _items(await sink.wait_for(lambda d: len(_items(d)) >= 8))
+        assert [e.content for e in items] == [1, 2, 3, 4, 5, 6, 7, 8]
+        on_a = [_position(items[i], "h.a") for i in (0, 2, 7)]
+        on_b = [_position(items[i], "h.b") for i in (1, 3)]
+        for positions in (on_a, on_b):
+            assert len({p.epoch for p in positions}) == 1
+            first = positions[0].offset
+            assert first >= 1
+            assert [p.offset for p in positions] == list(range(first, first + len(positions)))
+        assert [position_of(items[i]) for i in (4, 5, 6)] == [None, None, None]
+
+        after_first = await bus.history("h.a", on_a[0], 10)
+        assert after_first is not None
+        assert [(e.id, e.content, position_of(e)) for e in after_first] == [
+            (items[i].id, items[i].content, ("h.a", on_a[j])) for i, j in ((2, 1), (7, 2))
+        ]
+        assert [e.content for e in await bus.history("h.a", on_a[0], 1) or ()] == [3]
+        assert await bus.history("h.a", on_a[2], 10) == []
+        after_b = await bus.history("h.b", on_b[0], 10)
+        assert [(e.id, position_of(e)) for e in after_b or ()] == [(items[3].id, ("h.b", on_b[1]))]
+        epoch, last = on_a[2].epoch, on_a[2].offset
+        assert await bus.history("h.a", Position(f"x{epoch}"[:30], last), 10) is None
+        assert await bus.history("h.a", Position(epoch, last + 5), 10) is None
+
+        # Four more: h.a has had seven, and keeps the last five.
+        await bus.publish(_send_items([(a, n) for n in range(9, 13)], 2))
+        items = _items(await sink.wait_for(lambda d: len(_items(d)) >= 12))
+        on_a += [_position(e, "h.a") for e in items[8:]]
+        assert [p.offset for p in on_a] == list(range(on_a[0].offset, on_a[0].offset + 7))
+        assert await bus.history("h.a", on_a[0], 10) is None  # on_a[1] was trimmed
+        kept = await bus.history("h.a", on_a[1], 10)
+        assert kept is not None
+        assert [e.content for e in kept] == [8, 9, 10, 11, 12]
+
+    async def test_history_entries_age_out(self, wsbus_make_bus: MakeBus) -> None:
+        """Entries older than ``age`` are gone: what follows an aged-out one cannot be given.
+
+        After the last position there is still nothing missed, and the offsets go on.
+        """
+        age = self.history_age
+        config = HistoryConfig(groups=("h.*",), size=100, age=age)
+        sink = await self._started(wsbus_make_bus, [Probe], history=config)
+        bus = sink.bus
+        assert isinstance(bus, KeepsHistory)
+        a = Recipients(groups=("h.a",))
+        await bus.publish(_send_items([(a, 1), (a, 2)]))
+        items = _items(await sink.wait_for(lambda d: len(_items(d)) >= 2))
+        first, last = (_position(e, "h.a") for e in items)
+        await asyncio.sleep(3 * age)
+        assert await bus.history("h.a", first, 10) is None
+        assert await bus.history("h.a", last, 10) == []
+        await bus.publish(_send_items([(a, 3)], 2))
+        items = _items(await sink.wait_for(lambda d: len(_items(d)) >= 3))
+        assert _position(items[2], "h.a") == Position(last.epoch, last.offset + 1)
+
+    # -- sessions (KeepsSessions) --------------------------------------------------------
+
+    @staticmethod
+    def _record(sid: str = "conformance-session-id-0001") -> SessionRecord:
+        unacked = Envelope(
+            id=EnvelopeId("probe-7"),
+            type="probe.item",
+            sender=ServiceAddress("probe"),
+            content={"text": "héllo", "n": [1, 2.5, None, True]},
+            recipients=Recipients(groups=("h.a",), exclude=(ConnId("sink.3"),)),
+            headers={"wsbus-ack": "1", "wsbus-pos": "e1:7", "wsbus-group": "h.a"},
+            created=1700000000.25,
+        )
+        return SessionRecord(
+            sid=sid,
+            user="ann",
+            alias="sam",
+            groups=("h.a", "room"),
+            conn_ids=(ConnId("sink.1"), ConnId("sink.4")),
+            closed=1700000001.5,
+            code=4507,
+            unacked=(unacked,),
+        )
+
+    async def test_a_session_record_is_taken_once(self, wsbus_make_bus: MakeBus) -> None:
+        """A saved record comes back whole (unacknowledged envelopes too), once.
+
+        A second take, or a take of a sid never saved, gets None; of takes made at once,
+        one gets it.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, KeepsSessions):
+            pytest.skip("the bus does not keep sessions")
+        record = self._record()
+        await bus.save_session(record, 60.0)
+        assert await bus.take_session(record.sid) == record
+        assert await bus.take_session(record.sid) is None
+        assert await bus.take_session("never-saved-session-id-01") is None
+        await bus.save_session(record, 60.0)
+        newer = msgspec.structs.replace(record, alias="max", unacked=())
+        await bus.save_session(newer, 60.0)
+        takes = await asyncio.gather(*(bus.take_session(record.sid) for _ in range(5)))
+        assert [t for t in takes if t is not None] == [newer]
+
+    async def test_a_session_record_expires(self, wsbus_make_bus: MakeBus) -> None:
+        """A record is gone once its ttl has passed."""
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, KeepsSessions):
+            pytest.skip("the bus does not keep sessions")
+        record = self._record()
+        await bus.save_session(record, self.session_ttl)
+        await asyncio.sleep(3 * self.session_ttl)
+        assert await bus.take_session(record.sid) is None
+
+    async def test_a_session_saved_on_one_gateway_is_taken_on_another(
+        self, wsbus_make_bus: MakeBus
+    ) -> None:
+        """On a cluster, a client may resume on any gateway: its record is the cluster's."""
+        if not self.spans_gateways:
+            pytest.skip("the test class does not say the bus spans gateways")
+        sink = await self._started(wsbus_make_bus, [Probe])
+        other = await self._started(wsbus_make_bus, [], node="other")
+        if not isinstance(sink.bus, KeepsSessions) or not isinstance(other.bus, KeepsSessions):
+            pytest.skip("the bus does not keep sessions")
+        record = self._record()
+        await sink.bus.save_session(record, 60.0)
+        assert await other.bus.take_session(record.sid) == record
+        assert await sink.bus.take_session(record.sid) is None
+
+    # -- presence (routing rule 5) -------------------------------------------------------
+
+    @staticmethod
+    async def _seen(sink: RecordingSink, predicate: Callable[[list[Any]], bool]) -> list[Any]:
+        """Ask the watcher what it has seen until ``predicate`` holds (bounded)."""
+        async with asyncio.timeout(TIMEOUT):
+            for n in itertools.count(1000):
+                await sink.bus.publish(client_message("watcher.seen", None, n))
+                reply = await sink.wait_for(
+                    lambda d, n=n: any(e.reply_to == f"m{n}" for e in d)  # type: ignore[misc]
+                )
+                events: list[Any] = next(e for e in reply if e.reply_to == f"m{n}").content[
+                    "events"
+                ]
+                if predicate(events):
+                    return events
+                await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    async def test_presence_events_reach_the_services_that_declared_them(
+        self, wsbus_make_bus: MakeBus
+    ) -> None:
+        """A gateway's ``wsbus.presence`` event reaches each service that declared it.
+
+        It never comes back to the gateway that sent it.
+        """
+        sink = await self._started(wsbus_make_bus, [Watcher, Probe])
+        event = presence_event(sink.node, "join", group="room", conn_id=f"{sink.node}.1")
+        await sink.bus.publish(event)
+        events = await self._seen(sink, bool)
+        assert events == [
+            {"sender": msgspec.to_builtins(event.sender), "content": event.content},
+        ]
+        await sink.bus.publish(client_message("probe.echo", "marker", 2))
+        await sink.wait_for(lambda d: any(e.type == "probe.echo.reply" for e in d))
+        assert not any(e.type == control.PRESENCE for e in sink.delivered)
+
+    async def test_presence_events_need_no_listener(self, wsbus_make_bus: MakeBus) -> None:
+        """With no service that declared ``wsbus.presence``, publishing one is no error."""
+        sink = await self._started(wsbus_make_bus, [Probe])
+        await sink.bus.publish(presence_event(sink.node, "leave", group="room"))
+        await sink.bus.publish(client_message("probe.echo", "after"))
+        await sink.wait_for(lambda d: any(e.type == "probe.echo.reply" for e in d))
+
+    async def test_presence_events_reach_the_other_gateways(self, wsbus_make_bus: MakeBus) -> None:
+        """On a cluster, a gateway's presence event reaches every other gateway, as sent."""
+        if not self.spans_gateways:
+            pytest.skip("the test class does not say the bus spans gateways")
+        sink = await self._started(wsbus_make_bus, [Probe])
+        other = await self._started(wsbus_make_bus, [], node="other")
+        event = presence_event(sink.node, "join", group="room", conn_id=f"{sink.node}.1")
+        await sink.bus.publish(event)
+        delivered = await other.wait_for(lambda d: any(e.type == control.PRESENCE for e in d))
+        [got] = [e for e in delivered if e.type == control.PRESENCE]
+        assert (got.id, got.sender, got.content) == (event.id, event.sender, event.content)
+        await sink.bus.publish(client_message("probe.echo", "marker", 2))
+        await sink.wait_for(lambda d: any(e.type == "probe.echo.reply" for e in d))
+        assert not any(e.type == control.PRESENCE for e in sink.delivered)
+
+    async def test_a_gateway_that_leaves_is_reported(self, wsbus_make_bus: MakeBus) -> None:
+        """On a cluster, when a gateway leaves, the others hear ``gateway_lost`` for it.
+
+        The services that declared ``wsbus.presence`` get one ``gateway_lost`` event for
+        it: from the bus itself, or from the one gateway the bus told to report it.
+        """
+        if not self.spans_gateways:
+            pytest.skip("the test class does not say the bus spans gateways")
+        sink = await self._started(wsbus_make_bus, [Watcher])
+        other = await self._started(wsbus_make_bus, [], node="other")
+        await other.bus.close()
+        await sink.wait_lost("other", TIMEOUT)
+
+        def lost(events: list[Any]) -> list[Any]:
+            return [e for e in events if e["content"].get("event") == "gateway_lost"]
+
+        events = lost(await self._seen(sink, lambda events: bool(lost(events))))
+        assert [e["content"] for e in events] == [{"event": "gateway_lost", "node": "other"}]
+        assert lost(await self._seen(sink, bool)) == events

@@ -9,7 +9,7 @@ import msgspec
 from wsbus.envelope import ClientAddress, Envelope, Recipients
 from wsbus.service import Context, Service, handles
 
-__all__ = ["Director", "Failing", "Probe", "Sequencer"]
+__all__ = ["Director", "Failing", "Probe", "Sequencer", "Watcher"]
 
 
 class Probe(Service):
@@ -36,6 +36,36 @@ class Probe(Service):
     async def clients(self, message: Envelope, ctx: Context) -> None:
         """Reply with the connection ids of the clients (every gateway's, on a bus with several)."""
         ctx.reply({"clients": [info.conn_id for info in await ctx.clients()]})
+
+    @handles("probe.send")
+    async def send(self, message: Envelope, ctx: Context) -> None:
+        """Send ``probe.item`` for each ``[recipients, body]`` of ``content["sends"]``, in order."""
+        for recipients, body in message.content["sends"]:
+            ctx.send(msgspec.convert(recipients, Recipients), "probe.item", body)
+
+
+class Watcher(Service):
+    """Declares ``wsbus.presence`` and keeps every presence event it gets.
+
+    ``watcher.seen`` replies ``{"events": [{"sender": ..., "content": ...}, ...]}``.
+    """
+
+    name = "watcher"
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    @handles("wsbus.presence")
+    async def presence(self, message: Envelope, ctx: Context) -> None:
+        """Keep a presence event."""
+        self.events.append(
+            {"sender": msgspec.to_builtins(message.sender), "content": message.content}
+        )
+
+    @handles("watcher.seen")
+    async def seen(self, message: Envelope, ctx: Context) -> None:
+        """Reply with the events kept so far."""
+        ctx.reply({"events": self.events})
 
 
 class Sequencer(Service):

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import msgspec
 
-from wsbus.bus import SHARED_HEADER, BusSink, is_for_gateway
+from wsbus.bus import SHARED_HEADER, BusSink, is_for_gateway, is_presence_event
 from wsbus.edge import MemoryClient, memory_pair
 from wsbus.envelope import (
     ConnId,
@@ -157,7 +157,18 @@ class GatewayBus:
 
     async def publish(self, envelope: Envelope) -> None:
         """Route a gateway's envelope to services (or to a gateway's answer's service)."""
-        self.cluster._to_services(decode_envelope(encode_envelope(envelope)))
+        envelope = decode_envelope(encode_envelope(envelope))
+        if is_presence_event(envelope):
+            # Rule 5: the services that declared it and every other gateway; nobody
+            # listening is fine.
+            for node, sink in list(self.cluster.sinks.items()):
+                if self.sink is None or node != self.sink.node:
+                    sink.deliver(envelope)
+            for runner in self.cluster.runners.values():
+                if envelope.type in runner.types:
+                    runner.accept(envelope)
+            return
+        self.cluster._to_services(envelope)
 
     async def close(self) -> None:
         """Detach the gateway."""

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Gateway, GatewayConfig, Service, memory_pair
-from wsbus.bus import Bus, ClaimsAliases, ReportsAvailability
+from wsbus.bus import Bus, ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability
 from wsbus.edge import MemoryClient
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_testing.children import Child
@@ -24,7 +24,8 @@ Spawn = Callable[[str], Child]
 class TestPyroBusConformance(BusConformance):
     """The same conformance suite the in-memory bus passes, with services as processes."""
 
-    capabilities = frozenset({ClaimsAliases, ReportsAvailability})
+    capabilities = frozenset({ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability})
+    spans_gateways = True
 
     @pytest.fixture
     def wsbus_make_unavailable(self, wsbus_message_bus: Child) -> MakeUnavailable:
