@@ -15,11 +15,26 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
+from wsbus import Context, Service, control, handles
+from wsbus.envelope import (
+    ClientAddress,
+    ConnId,
+    Envelope,
+    EnvelopeId,
+    GatewayAddress,
+    NodeId,
+    Recipients,
+)
 from wsbus.errors import ConfigError
-from wsbus_nats.buckets import bucket_specs, open_bucket
+from wsbus.history import HistoryConfig, Position, position_of
+from wsbus.resume import SessionRecord
+from wsbus_nats import NatsBus, NatsConfig, ServiceHost
+from wsbus_nats.buckets import bucket_specs, open_bucket, sessions_spec
+from wsbus_nats.history import open_history
 from wsbus_nats.permissions import SERVER_CONFIG, Access, plan, write
 from wsbus_nats.servers import NatsCluster, NatsServer
-from wsbus_nats.subjects import Subjects
+from wsbus_nats.subjects import Subjects, group_token
+from wsbus_testing.conformance import client_message
 
 SUBJECTS = Subjects("wsbus")
 
@@ -44,7 +59,7 @@ class Connected:
 
 @pytest.fixture
 def access() -> Access:
-    return plan(["echo", "chat"], ["a", "b"], any_gateway=True)
+    return plan(["echo", "chat"], ["a", "b"], any_gateway=True, presence=["chat"])
 
 
 @pytest.fixture
@@ -456,3 +471,167 @@ async def test_the_account_has_jetstream_limits(connect: Any, access: Access) ->
     assert info.limits.max_consumers == access.jetstream.max_consumers
     assert info.limits.max_memory == access.jetstream.max_memory
     assert info.limits.max_storage == access.jetstream.max_file
+
+
+# -- history, sessions and presence (issue 13) ----------------------------------------------
+
+
+async def _history_stream(gateway: Connected) -> None:
+    js = gateway.nc.jetstream(timeout=5)
+    await open_history(js, SUBJECTS, wanted=HistoryConfig(groups=("room.*",)), replicas=1)
+
+
+async def test_a_service_appends_history_only_as_itself(connect: Any) -> None:
+    gateway = await connect("gw-a")
+    await _history_stream(gateway)
+    echo = await connect("svc-echo")
+    js = echo.nc.jetstream(timeout=2)
+    room = group_token("room.1")
+    # As itself: stored.
+    ack = await js.publish(f"wsbus.hist.{room}.echo", b"own")
+    assert ack.seq == 1
+    # As chat (the subject names the appender): refused by the server, nothing stored.
+    with pytest.raises(nats.errors.Error):
+        await js.publish(f"wsbus.hist.{room}.chat", b"forged", timeout=1)
+    await echo.wait_error()
+    # It reads a group's last entry (what an append needs), by subject only...
+    last = await js.get_msg(SUBJECTS.history_stream, subject=f"wsbus.hist.{room}.*", direct=True)
+    assert last.data == b"own"
+    # ... and never any entry by its sequence, nor by a consumer of its own.
+    echo.errors.clear()
+    with pytest.raises(nats.errors.Error):
+        await echo.nc.request(
+            f"$JS.API.DIRECT.GET.{SUBJECTS.history_stream}", b'{"seq": 1}', timeout=1
+        )
+    await echo.wait_error()
+    gateway_js = gateway.nc.jetstream(timeout=5)
+    info = await gateway_js.stream_info(SUBJECTS.history_stream)
+    assert info.state.messages == 1
+
+
+async def test_sessions_are_for_gateways_only(connect: Any) -> None:
+    gateway = await connect("gw-a")
+    spec = sessions_spec(SUBJECTS)
+    kv = await open_bucket(gateway.nc.jetstream(timeout=5), spec, replicas=1, create=True, wait=0)
+    await kv.put("s" * 22, b"record")
+    echo = await connect("svc-echo")
+    for subject in (
+        f"$JS.API.STREAM.INFO.{spec.stream}",
+        f"$JS.API.DIRECT.GET.{spec.stream}.$KV.{spec.name}.{'s' * 22}",
+    ):
+        with pytest.raises(nats.errors.Error):
+            await echo.nc.request(subject, b"", timeout=1)
+    with pytest.raises(nats.errors.Error):
+        await echo.nc.jetstream(timeout=1).publish(f"$KV.{spec.name}.{'s' * 22}", b"x")
+    await echo.wait_error()
+    assert (await kv.get("s" * 22)).value == b"record"
+    assert gateway.errors == []
+
+
+async def test_presence_events_are_sent_by_their_gateway_and_heard_by_declaring_services(
+    connect: Any,
+) -> None:
+    chat = await connect("svc-chat")
+    heard = await _collect(chat.nc, SUBJECTS.presence_all)
+    echo = await connect("svc-echo")
+    stolen = await _collect(echo.nc, SUBJECTS.presence_all)  # echo declared none
+    await echo.wait_error()
+    b = await connect("gw-b")
+    to_b = await _collect(b.nc, SUBJECTS.presence_all)
+    a = await connect("gw-a")
+    # A service cannot publish a presence event, nor a gateway one as another gateway.
+    echo.errors.clear()
+    await echo.nc.publish(SUBJECTS.presence("a"), b"forged")
+    await echo.wait_error()
+    await a.nc.publish(SUBJECTS.presence("b"), b"forged")
+    await a.wait_error()
+    await a.nc.publish(SUBJECTS.presence("a"), b"honest")
+    await a.nc.flush()
+    await _settle(heard, 1)
+    await _settle(to_b, 1)
+    assert heard == to_b == [SUBJECTS.presence("a")]
+    assert stolen == []
+
+
+async def test_the_bus_runs_with_the_generated_users(server: NatsServer, access: Access) -> None:
+    """History, sessions and presence through NatsBus and ServiceHost as the users wsbus makes."""
+
+    def settings(name: str) -> NatsConfig:
+        user = access.user(name)
+        return NatsConfig(
+            servers=(server.url,), user=user.name, password=user.password, heartbeat=0.5
+        )
+
+    class Chat(Service):
+        name = "chat"
+
+        def __init__(self) -> None:
+            self.events: list[Envelope] = []
+
+        @handles("chat.burst")
+        async def burst(self, message: Envelope, ctx: Context) -> None:
+            for i in range(message.content["n"]):
+                ctx.send(Recipients(groups=("room.1",)), "chat.line", i)
+
+        @handles(control.PRESENCE)
+        async def presence(self, message: Envelope, ctx: Context) -> None:
+            self.events.append(message)
+
+    class Sink:
+        node = NodeId("a")
+
+        def __init__(self) -> None:
+            self.delivered: list[Envelope] = []
+
+        def deliver(self, envelope: Envelope) -> None:
+            self.delivered.append(envelope)
+
+    bus = NatsBus(settings("gw-a"))
+    bus.keep_history(HistoryConfig(groups=("room.*",)))
+    sink = Sink()
+    chat = Chat()
+    host = ServiceHost(chat, settings("svc-chat"))
+    try:
+        await bus.start(sink)
+        await host.start()
+        async with asyncio.timeout(20):
+            while not bus.directory.service_live("chat"):
+                await asyncio.sleep(0.02)
+        message = msgspec.structs.replace(
+            client_message("chat.burst", {"n": 5}), sender=ClientAddress(ConnId("a.1"))
+        )
+        await bus.publish(message)
+        async with asyncio.timeout(20):
+            while len(sink.delivered) < 5:
+                await asyncio.sleep(0.02)
+        positions = [position_of(e) for e in sink.delivered]
+        assert [p[1].offset for p in positions if p is not None] == [1, 2, 3, 4, 5]
+        epoch = positions[0][1].epoch if positions[0] is not None else ""
+        replay = await bus.history("room.1", Position(epoch, 2), 10)
+        assert replay is not None and [e.content for e in replay] == [2, 3, 4]
+        record = SessionRecord(
+            sid="t" * 22,
+            user=None,
+            alias=None,
+            groups=("room.1",),
+            conn_ids=(),
+            closed=0,
+            code=1000,
+        )
+        await bus.save_session(record, 60)
+        assert await bus.take_session(record.sid) == record
+        event = Envelope(
+            id=EnvelopeId("p1"),
+            type=control.PRESENCE,
+            sender=GatewayAddress(NodeId("a")),
+            content=msgspec.to_builtins(control.PresenceEvent("join", NodeId("a"))),
+        )
+        await bus.publish(event)
+        async with asyncio.timeout(20):
+            while not chat.events:
+                await asyncio.sleep(0.02)
+        assert bus.counters.permission_errors == 0 and host.counters.permission_errors == 0
+        assert host.history_counters.appends == 5
+    finally:
+        await host.close()
+        await bus.close()
