@@ -17,6 +17,7 @@ import http
 import ipaddress
 import logging
 import mimetypes
+import struct
 from collections import deque
 from pathlib import Path
 from typing import Any, Final
@@ -76,6 +77,19 @@ _CLOSE_CODES: Final = frozenset(
 # Frame sizes on the wire: a server frame's header is 2, 4 or 10 bytes (never masked).
 _SHORT: Final = 126
 _MEDIUM: Final = 1 << 16
+
+
+_HEAD16: Final = struct.Struct("!BBH")
+_HEAD64: Final = struct.Struct("!BBQ")
+
+
+def _header(opcode: int, n: int) -> bytes:
+    """A server frame's header (FIN and ``opcode`` in the first byte, no mask)."""
+    if n < _SHORT:
+        return bytes((opcode, n))
+    if n < _MEDIUM:
+        return _HEAD16.pack(opcode, 126, n)
+    return _HEAD64.pack(opcode, 127, n)
 
 
 def _frame_size(n: int) -> int:
@@ -167,11 +181,14 @@ class _Connection(WSListener):
         "_ended",
         "_flushed_at_loss",
         "_frames",
+        "_gather",
+        "_gathered",
         "_inflight",
         "_known",
         "_limit",
         "_loop",
         "_max_size",
+        "_opcode",
         "_part_text",
         "_parts",
         "_parts_size",
@@ -198,6 +215,7 @@ class _Connection(WSListener):
         self._codec = codec
         self._text = codec.is_text
         self._binary_type = WSMsgType.TEXT if codec.is_text else WSMsgType.BINARY
+        self._opcode = 0x81 if codec.is_text else 0x82  # FIN and the opcode
         self._request = request
         self._limit = config.write_limit
         self._close_timeout = config.close_timeout
@@ -229,6 +247,10 @@ class _Connection(WSListener):
         self._inflight: deque[int] | None = None
         self._known = 0
         self._flushed_at_loss: int | None = None
+        # Frames sent after the first one of an event-loop pass, gathered (headers and
+        # payloads) and written together when the pass ends; None: none went out this pass.
+        self._gather: list[bytes] | None = None
+        self._gathered = 0
         self.ping_sent: float | None = None
         self.last_pong = self._loop.time()
 
@@ -269,11 +291,33 @@ class _Connection(WSListener):
         raw = self._raw
         if self._closed is not None or raw is None:
             return False
+        gather = self._gather
+        if gather is not None:
+            # A frame went out in this event-loop pass already: this one is gathered with
+            # the others, and all are written in one system call when the pass ends (or
+            # once they reach write_limit).
+            gathered = self._gathered
+            if raw.get_write_buffer_size() + gathered > self._limit:
+                return False
+            n = len(data)
+            gather.append(_header(self._opcode, n))
+            gather.append(data)
+            size = _frame_size(n)
+            self._gathered = gathered + size
+            written = self._written = self._written + size
+            inflight = self._inflight
+            if inflight is None:
+                inflight = self._inflight = deque()
+            inflight.append(written)
+            if gathered + size >= self._limit:
+                self._write_gathered()
+            return True
         buffered = raw.get_write_buffer_size()
         if buffered > self._limit:
             return False
         transport = self._transport
         assert transport is not None
+        # The first frame of a pass goes out at once (latency).
         transport.send(self._binary_type, data)
         self._written += _frame_size(len(data))
         if buffered or raw.get_write_buffer_size():
@@ -282,6 +326,8 @@ class _Connection(WSListener):
             if inflight is None:
                 inflight = self._inflight = deque()
             inflight.append(self._written)
+        self._gather = []
+        self._edge._gathering(self)
         return True
 
     async def send(self, data: bytes) -> None:
@@ -307,7 +353,7 @@ class _Connection(WSListener):
         if flushed is None:
             raw = self._raw
             assert raw is not None
-            flushed = self._known = self._written - raw.get_write_buffer_size()
+            flushed = self._known = self._written - raw.get_write_buffer_size() - self._gathered
         while inflight and inflight[0] <= flushed:
             inflight.popleft()
         if not inflight:
@@ -342,7 +388,8 @@ class _Connection(WSListener):
         if raw is None:
             return
         if self._flushed_at_loss is None:
-            self._flushed_at_loss = self._written - raw.get_write_buffer_size()
+            self._flushed_at_loss = self._written - raw.get_write_buffer_size() - self._gathered
+        self._gather = None
         raw.abort()
 
     # -- picows' listener side ------------------------------------------------------------
@@ -421,7 +468,7 @@ class _Connection(WSListener):
         if self._flushed_at_loss is None:
             raw = self._raw
             if exc is None and raw is not None:
-                self._flushed_at_loss = self._written - raw.get_write_buffer_size()
+                self._flushed_at_loss = self._written - raw.get_write_buffer_size() - self._gathered
             else:
                 self._flushed_at_loss = self._known
 
@@ -431,6 +478,7 @@ class _Connection(WSListener):
         raw = self._raw
         if transport is None or raw is None or raw.is_closing() or transport.is_close_frame_sent:
             return
+        self._write_gathered()
         self._written += _frame_size(4)
         transport.send_ping(b"wsbp")
 
@@ -500,6 +548,7 @@ class _Connection(WSListener):
             or transport.is_close_frame_sent
         ):
             return
+        self._write_gathered()
         data = b"".join(pongs)
         self._written += len(data)
         raw.write(data)
@@ -541,6 +590,7 @@ class _Connection(WSListener):
     def _send_close(self, code: int, reason: str) -> None:
         transport = self._transport
         assert transport is not None
+        self._write_gathered()
         encoded = reason.encode()[:123]
         self._written += _frame_size(2 + len(encoded))
         transport.send_close(WSCloseCode(code), encoded)
@@ -565,6 +615,22 @@ class _Connection(WSListener):
             self._paused = True
             transport.disconnect()
             self._loop.call_later(self._close_timeout, self.abort)
+
+    def end_pass(self) -> None:
+        """The event-loop pass is over: write what was gathered in it."""
+        self._write_gathered()
+        self._gather = None
+
+    def _write_gathered(self) -> None:
+        gather = self._gather
+        if not gather:
+            return
+        self._gather = []
+        self._gathered = 0
+        raw = self._raw
+        if raw is not None and not raw.is_closing():
+            raw.write(b"".join(gather))
+        # Otherwise the connection is gone: those frames stay counted unsent.
 
     def _wake(self) -> None:
         # Sends raise at once; receive only once the TCP connection has ended.
@@ -623,7 +689,10 @@ class PicowsServer:
         )
         self._connections: dict[_Connection, asyncio.Task[None]] = {}
         self._keepalive: asyncio.Task[None] | None = None
-        self._current: EdgeProtocol | None = None
+        # Connections that wrote a frame in this event-loop pass, and whether the pass's
+        # end is scheduled: one callback per pass for the whole edge.
+        self._passing: list[_Connection] = []
+        self._pass_scheduled = False
 
     @property
     def url(self) -> str:
@@ -859,6 +928,18 @@ class PicowsServer:
         return _response(http.HTTPStatus.OK, body, content_type)
 
     # -- connections ---------------------------------------------------------------------
+
+    def _gathering(self, connection: _Connection) -> None:
+        self._passing.append(connection)
+        if not self._pass_scheduled:
+            self._pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._end_pass)
+
+    def _end_pass(self) -> None:
+        self._pass_scheduled = False
+        passing, self._passing = self._passing, []
+        for connection in passing:
+            connection.end_pass()
 
     def _opened(self, connection: _Connection) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(connection))
