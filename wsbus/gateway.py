@@ -624,6 +624,7 @@ class Gateway:
             send_nowait=conn.send_nowait if isinstance(conn, SendsNowait) else None,
             unsent=conn.unsent if isinstance(conn, ReportsUnsent) else None,
             driver=link,
+            report=self._outbound.report,
         )
         # Reserve the slot before the first await, so concurrent handshakes see it.
         self._sessions[conn_id] = session

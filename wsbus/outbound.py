@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -38,11 +38,13 @@ from .envelope import (
     node_of,
 )
 from .errors import AliasTaken, InvalidName, PluginError, UnknownConnection
+from .history import GROUP_HEADER, POSITION_HEADER
 from .hooks import Drop, Hooks
 from .presence import Presence
+from .receipts import ReceiptTracker
 from .registry import ClientInfo, ClientRegistry
 from .router import Router
-from .session import Session
+from .session import Mark, Session
 from .stats import Counters
 from .wire import Codec, ErrorCode, ServerFrame, encode_server_frame
 
@@ -149,11 +151,22 @@ class Outbound:
             counters.control_requests += 1
             self._control(envelope, wall)
             return
+        # A receipt or acknowledgements asked for (by a service): the one look per message
+        # at them; a message without headers pays one truth test.
+        headers = envelope.headers
+        receipt = ack = False
+        if headers and isinstance(envelope.sender, ServiceAddress):
+            receipt = headers.get(control.RECEIPT_HEADER) == "1"
+            ack = headers.get(control.ACK_HEADER) == "1"
+            if receipt:
+                counters.receipts_requested += 1
         if envelope.recipients is None:
             counters.messages_unrouted += 1
             self._report(
                 envelope, "no_match", Recipients(), "the message names no recipients", wall
             )
+            if receipt:
+                self._receipt(envelope, Recipients(), None, wall)
             return
         try:
             result = self._hooks.transform_outbound(envelope)
@@ -164,27 +177,42 @@ class Outbound:
         if isinstance(result, Drop):
             counters.messages_unrouted += 1
             self._report(envelope, "filtered", envelope.recipients, result.reason, wall)
+            if receipt:
+                self._receipt(envelope, Recipients(), "filtered", wall)
             return
         recipients = result.recipients
         if recipients is None:
             recipients = envelope.recipients
         targets, unmatched = self._router.resolve(recipients)
-        if unmatched is not None and result.headers.get(SHARED_HEADER) == "1":
+        missed_here = unmatched
+        shared = unmatched is not None and result.headers.get(SHARED_HEADER) == "1"
+        if unmatched is not None and shared:
             unmatched = self._own_misses(unmatched)
         if not targets and unmatched is None:
             # Nothing to deliver and nothing missed: every match was excluded, or the
             # message was shared with other gateways and none of it was this one's.
             counters.messages_elsewhere += 1
+            if receipt:
+                self._receipt(envelope, self._receipt_misses(missed_here, shared), None, wall)
             return
         if not targets:
             missed = unmatched or recipients
             counters.messages_unrouted += 1
             self._report(result, "no_match", missed, "no open connection matched", wall)
+            if receipt:
+                self._receipt(envelope, self._receipt_misses(missed_here, shared), None, wall)
             return
         sessions = self._sessions
         frame = ServerFrame(
             result.type, result.content, result.id, result.reply_to, result.sender.public_name
         )
+        if ack:
+            frame.ack = True
+        if headers:
+            # A history message: its group and position, for the client to resume from.
+            frame.pos = headers.get(POSITION_HEADER)
+            if frame.pos is not None:
+                frame.group = headers.get(GROUP_HEADER)
         encoded: dict[Codec, bytes] = {}
         try:
             for codec in {sessions[conn_id].codec for conn_id in targets}:
@@ -193,13 +221,18 @@ class Outbound:
             counters.messages_unrouted += 1
             detail = f"content cannot be encoded: {exc}"
             self._report(result, "encode_failed", recipients, detail, wall)
+            if receipt:
+                self._receipt(envelope, Recipients(), "encode_failed", wall)
             return
         counters.messages_routed += 1
         refused: list[ConnId] = []
-        for conn_id in targets:
-            session = sessions[conn_id]
-            if not session.queue(encoded[session.codec], True) and session.close_code is None:
-                refused.append(conn_id)
+        if receipt or ack:
+            refused = self._queue_tracked(result, targets, encoded, missed_here, shared, wall)
+        else:
+            for conn_id in targets:
+                session = sessions[conn_id]
+                if not session.queue(encoded[session.codec], True) and session.close_code is None:
+                    refused.append(conn_id)
         if unmatched is not None:
             counters.messages_partial += 1
             detail = "some recipients matched no connection"
@@ -207,6 +240,153 @@ class Outbound:
         for conn_id in refused:
             only = Recipients(conn_ids=(conn_id,))
             self._report(result, "slow_consumer", only, "the client's queue is full", wall)
+
+    def _queue_tracked(
+        self,
+        envelope: Envelope,
+        targets: list[ConnId],
+        encoded: dict[Codec, bytes],
+        missed_here: Recipients | None,
+        shared: bool,
+        wall: float,
+    ) -> list[ConnId]:
+        """Queue a message that asked for a receipt or acknowledgements; return the refused.
+
+        Each connection's outcome goes to the receipt (those queued tell it when they are
+        written or dropped); each delivery not refused is awaited for its acknowledgement.
+        """
+        headers = envelope.headers
+        tracker: ReceiptTracker | None = None
+        if headers.get(control.RECEIPT_HEADER) == "1":
+            self._counters.receipts_pending += 1
+            tracker = ReceiptTracker(
+                envelope,
+                self._node,
+                len(targets),
+                self._receipt_misses(missed_here, shared),
+                self._registry.addresses,
+                self._receipt_done,
+                wall,
+            )
+        ack = headers.get(control.ACK_HEADER) == "1"
+        mark: Mark = tracker if tracker is not None else True
+        sessions = self._sessions
+        refused: list[ConnId] = []
+        for conn_id in targets:
+            session = sessions[conn_id]
+            if session.queue(encoded[session.codec], mark):
+                if ack:
+                    session.expect_ack(envelope)
+                continue
+            code = session.close_code
+            if code is None:
+                refused.append(conn_id)
+                if tracker is not None:
+                    tracker.outcome(conn_id, "refused")
+                continue
+            # Dropped by the close under way: still awaited, for redelivery on resume.
+            if ack:
+                session.expect_ack(envelope)
+            if tracker is not None:
+                tracker.outcome(conn_id, "dropped", code)
+        return refused
+
+    def _receipt_misses(self, unmatched: Recipients | None, shared: bool) -> Recipients:
+        """Return what a receipt says matched nothing here.
+
+        On a shared send, only the connection ids of this node (others' are their
+        gateways' to say), but every name: a name is unmatched when no gateway matched it.
+        """
+        if unmatched is None:
+            return Recipients()
+        if not shared:
+            return unmatched
+        own = tuple(c for c in unmatched.conn_ids if node_of(c) == self._node)
+        return msgspec.structs.replace(unmatched, conn_ids=own)
+
+    def _receipt(
+        self, envelope: Envelope, unmatched: Recipients, failed: str | None, wall: float
+    ) -> None:
+        """Send a receipt for a message with no delivery to wait for."""
+        self._counters.receipts += 1
+        self._send(
+            control.RECEIPT, envelope, control.Receipt(self._node, (), unmatched, failed), wall
+        )
+
+    def _receipt_done(self, tracker: ReceiptTracker) -> None:
+        """The last outcome of a receipted message is in: send its receipt."""
+        counters = self._counters
+        counters.receipts_pending -= 1
+        counters.receipts += 1
+        self._send(control.RECEIPT, tracker.envelope, tracker.receipt(), tracker.wall)
+        if self.post is not None:
+            self.post()
+
+    def report(self, envelope: Envelope) -> None:
+        """Publish an envelope of the gateway's own now (an acknowledgement, for a session)."""
+        self.to_bus.append(envelope)
+        if self.post is not None:
+            self.post()
+
+    def replay(
+        self,
+        session: Session,
+        envelopes: Iterable[Envelope],
+        kind: Literal["replayed", "redelivered", "held"],
+        wall: float,
+    ) -> int:
+        """Queue envelopes to one session, in order: what a resume gives back.
+
+        ``replayed``: from a group's history; ``redelivered``: deliveries the client had
+        not acknowledged (asked again); ``held``: live deliveries held back while the
+        resume replayed. Each passes the outbound hooks, as it did the first time; a
+        refused one (a full queue under ``slow_consumer = "drop"``) is reported to its
+        sender, as any refused delivery.
+
+        Returns:
+            How many were queued (counted in ``deliveries_queued``, and in ``replayed``
+            or ``redelivered``).
+        """
+        counters = self._counters
+        conn_id = session.conn_id
+        queued = 0
+        for envelope in envelopes:
+            try:
+                result = self._hooks.transform_outbound(envelope)
+            except Exception as exc:
+                if not isinstance(exc, PluginError):
+                    log.exception("an outbound transform plugin raised on %r", envelope.type)
+                continue
+            if isinstance(result, Drop):
+                continue
+            headers = envelope.headers
+            frame = ServerFrame(
+                result.type, result.content, result.id, result.reply_to, result.sender.public_name
+            )
+            ack = kind == "redelivered" or headers.get(control.ACK_HEADER) == "1"
+            frame.ack = ack
+            frame.pos = headers.get(POSITION_HEADER)
+            if frame.pos is not None:
+                frame.group = headers.get(GROUP_HEADER)
+            try:
+                data = encode_server_frame(frame, session.codec)
+            except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+                log.warning("a %s message of type %r cannot be encoded", kind, envelope.type)
+                continue
+            if session.queue(data, True):
+                if ack:
+                    session.expect_ack(envelope)
+            elif session.close_code is None:
+                only = Recipients(conn_ids=(conn_id,))
+                self._report(result, "slow_consumer", only, "the client's queue is full", wall)
+                continue
+            # Queued, or counted queued and dropped by the close under way.
+            queued += 1
+            if kind == "replayed":
+                counters.replayed += 1
+            elif kind == "redelivered":
+                counters.redelivered += 1
+        return queued
 
     def gap(self, reason: str) -> int:
         """Tell every open connection that deliveries to it may have been lost.

@@ -51,6 +51,7 @@ from .envelope import (
     node_of,
 )
 from .errors import BusUnavailable, ConfigError, ControlError, RequestTimeout
+from .receipts import Receipts, merge
 from .registry import ClientInfo
 
 __all__ = [
@@ -187,6 +188,7 @@ class ServiceLink:
         self._loop_thread = threading.get_ident()
         self._ids = IdFactory(f"{name}-{IdFactory().prefix}")
         self._pending: dict[str, asyncio.Future[Envelope]] = {}
+        self._receipts: dict[str, _ReceiptWait] = {}
 
     # -- sending -------------------------------------------------------------------------
 
@@ -198,13 +200,119 @@ class ServiceLink:
         *,
         reply_to: str | None = None,
         headers: dict[str, str] | None = None,
+        receipt: bool = False,
+        ack: bool = False,
     ) -> EnvelopeId:
         """Send a message to clients; return its id.
 
         Recipients that match no connection are reported back as ``wsbus.undeliverable``.
         Safe to call from a worker thread (a sync handler).
+
+        Args:
+            recipients: the clients to reach.
+            type: the message type.
+            content: the payload.
+            reply_to: the id of the message this answers.
+            headers: small string metadata.
+            receipt: ask each gateway for a ``wsbus.receipt`` (to a handler of that type;
+                :meth:`send_with_receipt` waits for them instead).
+            ack: ask each client to acknowledge the message once processed: its frame
+                carries ``"ack": true``, and a ``wsbus.processed`` (content
+                :class:`~wsbus.control.Processed`) comes back to this service's handler
+                of that type. Unacknowledged, it is redelivered when the client resumes.
         """
+        if receipt or ack:
+            headers = dict(headers) if headers else {}
+            if receipt:
+                headers[control.RECEIPT_HEADER] = "1"
+            if ack:
+                headers[control.ACK_HEADER] = "1"
         return self._put(type, content, recipients=recipients, reply_to=reply_to, headers=headers)
+
+    async def send_with_receipt(
+        self,
+        recipients: Recipients,
+        type: str,
+        content: Any = None,
+        *,
+        ack: bool = False,
+        # The design's signature (RESUME.md section 4), as clients() has self.timeout: the
+        # wait covers the listing of gateways and the receipts, which a caller's own
+        # asyncio.timeout could not tell apart in the error.
+        timeout: float | None = None,  # noqa: ASYNC109
+        reply_to: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Receipts:
+        """Send a message to clients and wait for what became of it at every gateway.
+
+        Waits for the receipt of each gateway concerned: the gateways owning the
+        connections when ``recipients`` names connection ids only, else every live
+        gateway (on a bus with one gateway, that one). A delivery counts written once it
+        reached its client's socket: a message still queued holds the receipt until it is
+        written or its connection closes.
+
+        Args:
+            recipients: the clients to reach.
+            type: the message type.
+            content: the payload.
+            ack: also ask each client to acknowledge it (see :meth:`send`).
+            timeout: seconds to wait; :attr:`timeout` by default.
+            reply_to: the id of the message this answers.
+            headers: small string metadata.
+
+        Returns:
+            The merged :class:`~wsbus.receipts.Receipts`.
+
+        Raises:
+            RequestTimeout: a gateway did not answer in time (its node id is in ``what``).
+            BusUnavailable: the bus cannot take the message, or list the gateways, now.
+        """
+        wait = self.timeout if timeout is None else timeout
+        expected: set[NodeId] | None = None
+        absent: list[ConnId] = []
+        if self._gateways is not None:
+            try:
+                async with asyncio.timeout(wait):
+                    live = set(await self._gateways())
+            except TimeoutError:
+                what = f"the list of live gateways for service {self.name!r}"
+                raise RequestTimeout(what, wait) from None
+            names_only_connections = not (
+                recipients.everyone or recipients.aliases or recipients.users or recipients.groups
+            )
+            if names_only_connections:
+                expected = set()
+                for conn_id in recipients.conn_ids:
+                    if node_of(conn_id) in live:
+                        expected.add(node_of(conn_id))
+                    else:
+                        absent.append(conn_id)
+            else:
+                expected = live
+        id = self._ids()
+        waiting = _ReceiptWait(self._loop.create_future(), expected)
+        # Registered before sending: a bus may answer before _put returns.
+        self._receipts[id] = waiting
+        headers = dict(headers) if headers else {}
+        headers[control.RECEIPT_HEADER] = "1"
+        if ack:
+            headers[control.ACK_HEADER] = "1"
+        try:
+            self._put(
+                type, content, recipients=recipients, reply_to=reply_to, headers=headers, id=id
+            )
+            if expected is None or expected:
+                async with asyncio.timeout(wait):
+                    await waiting.done
+        except TimeoutError:
+            missing: list[str] = sorted((expected or set()) - waiting.parts.keys())
+            if not missing:
+                missing = ["the gateway"]
+            what = f"receipts for {type} {id} from service {self.name!r} (gateways {missing})"
+            raise RequestTimeout(what, wait) from None
+        finally:
+            self._receipts.pop(id, None)
+        return merge(id, waiting.parts.values(), absent)
 
     def publish(
         self, type: str, content: Any = None, *, headers: dict[str, str] | None = None
@@ -373,7 +481,21 @@ class ServiceLink:
         return self.accept_result(envelope)
 
     def _accept_receipt(self, envelope: Envelope) -> bool:
-        return False
+        waiting = self._receipts.get(envelope.reply_to or "")
+        if waiting is None:
+            return False
+        try:
+            part = msgspec.convert(envelope.content, control.Receipt)
+        except msgspec.ValidationError as exc:
+            log.warning(
+                "service %r: a malformed receipt from %s: %s", self.name, envelope.sender, exc
+            )
+            return True
+        waiting.parts[part.node] = part
+        expected = waiting.expected
+        if not waiting.done.done() and (expected is None or expected <= waiting.parts.keys()):
+            waiting.done.set_result(None)
+        return True
 
     def accept_result(self, envelope: Envelope) -> bool:
         """Resolve a pending request with its answer; return False if none was waiting."""
@@ -385,6 +507,18 @@ class ServiceLink:
         if not future.done():
             future.set_result(envelope)
         return True
+
+
+class _ReceiptWait:
+    """A :meth:`ServiceLink.send_with_receipt` waiting for its gateways' receipts."""
+
+    __slots__ = ("done", "expected", "parts")
+
+    def __init__(self, done: asyncio.Future[None], expected: set[NodeId] | None) -> None:
+        self.done = done
+        # None: the one gateway, whichever answers.
+        self.expected = expected
+        self.parts: dict[NodeId, control.Receipt] = {}
 
 
 _ANSWERS: Final = frozenset({control.RESULT, control.RECEIPT, control.PROCESSED})
@@ -429,9 +563,31 @@ class Context:
             Recipients(conn_ids=(sender.conn_id,)), reply_type, content, reply_to=message.id
         )
 
-    def send(self, recipients: Recipients, type: str, content: Any = None) -> EnvelopeId:
+    def send(
+        self,
+        recipients: Recipients,
+        type: str,
+        content: Any = None,
+        *,
+        receipt: bool = False,
+        ack: bool = False,
+    ) -> EnvelopeId:
         """Send a message to clients (see :meth:`ServiceLink.send`)."""
-        return self.link.send(recipients, type, content)
+        return self.link.send(recipients, type, content, receipt=receipt, ack=ack)
+
+    async def send_with_receipt(
+        self,
+        recipients: Recipients,
+        type: str,
+        content: Any = None,
+        *,
+        ack: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Receipts:
+        """Send and wait for the receipts (see :meth:`ServiceLink.send_with_receipt`)."""
+        return await self.link.send_with_receipt(
+            recipients, type, content, ack=ack, timeout=timeout
+        )
 
     async def join(self, conn_id: ConnId, group: str) -> bool:
         """Add a connection to a group (see :meth:`ServiceLink.join`)."""

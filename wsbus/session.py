@@ -21,20 +21,32 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import msgspec
 
-from .envelope import ClientAddress, ConnId, Envelope, EnvelopeId
+from . import control
+from .envelope import (
+    ClientAddress,
+    ConnId,
+    Envelope,
+    EnvelopeId,
+    GatewayAddress,
+    ServiceAddress,
+    node_of,
+)
 from .errors import BusUnavailable, NoRoute, PluginError
 from .hooks import Drop, Hooks
 from .limits import ErrorBudget, TokenBucket
+from .receipts import ReceiptTracker
 from .stats import Counters, bump
 from .wire import (
+    ClientFrame,
     Codec,
     ErrorCode,
     Rejection,
     ServerFrame,
+    decode_client_frame,
     encode_server_frame,
     frame_decoder,
     frame_id,
@@ -43,7 +55,7 @@ from .wire import (
 if TYPE_CHECKING:
     from .gateway import GatewayConfig
 
-__all__ = ["RATE_QUIET", "SETTLE_EVERY", "CloseCode", "Driver", "Session"]
+__all__ = ["RATE_QUIET", "SETTLE_EVERY", "CloseCode", "Driver", "Mark", "Session"]
 
 # The gateway's one logger: operators filter on it, whichever part decided.
 log = logging.getLogger("wsbus.gateway")
@@ -75,6 +87,17 @@ RATE_QUIET: Final = 1.0
 SETTLE_EVERY: Final = 64
 """Deliveries taken while earlier ones wait in the transport, between two looks inline:
 the list of unconfirmed frames stays within what the transport holds plus this."""
+
+Mark: TypeAlias = "bool | ReceiptTracker"
+"""What a queued frame is: False for the gateway's own frame, True for a delivery, a
+:class:`~wsbus.receipts.ReceiptTracker` for a delivery whose outcome a receipt waits for
+(truthy too, so counting deliveries costs what it did)."""
+
+SESSION_CONTROL: Final = frozenset({control.PROCESSED})
+"""``wsbus.*`` types a client may send to an open session (the gateway answers them)."""
+
+MAX_PROCESSED_ID: Final = 256
+"""The longest id a ``wsbus.processed`` frame may name (envelope ids are far shorter)."""
 
 REF_DECODE_LIMIT: Final = 4096
 """Refused frames up to this size are skimmed for their id, for the error's ``ref``;
@@ -126,6 +149,8 @@ class Session:
             can tell: deliveries count written only once they have left.
         driver: told when the outbox needs writing, the connection closing, or taken
             frames settling.
+        report: publishes an envelope of the gateway's own (through its report queue,
+            never waiting): the ``wsbus.processed`` acknowledgements for services.
     """
 
     __slots__ = (
@@ -141,7 +166,9 @@ class Session:
         "_next_id",
         "_rate_last",
         "_rate_since",
+        "_report",
         "_send_nowait",
+        "_unacked",
         "_unsent",
         "close_code",
         "close_reason",
@@ -169,6 +196,7 @@ class Session:
         send_nowait: Callable[[bytes], bool] | None = None,
         unsent: Callable[[], int] | None = None,
         driver: Driver | None = None,
+        report: Callable[[Envelope], None] | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.codec = codec
@@ -180,6 +208,10 @@ class Session:
         self._send_nowait = send_nowait
         self._unsent = unsent
         self._driver = driver
+        self._report = report
+        # Deliveries the client was asked to acknowledge, by id, oldest first; made with
+        # the first one.
+        self._unacked: dict[str, Envelope] | None = None
         self._config = config
         self._decode = frame_decoder(codec, config.wire)
         self._bucket = TokenBucket(config.rate, config.burst)
@@ -198,13 +230,13 @@ class Session:
         # (encoded frame, is a delivery); the head stays queued until it is written. Made
         # only once a frame has to wait: an idle connection carries none (memory per
         # connection is a number users plan capacity with).
-        self.outbox: deque[tuple[bytes, bool]] | None = None
+        self.outbox: deque[tuple[bytes, Mark]] | None = None
         self.outbox_bytes = 0
         self.pending = 0
         """Deliveries queued or taken and not yet known to have reached the socket."""
         # For each frame taken but not known to have reached the socket, whether it is a
         # delivery; None when there are none (the usual case).
-        self.unconfirmed: deque[bool] | None = None
+        self.unconfirmed: deque[Mark] | None = None
 
     # -- frames in -----------------------------------------------------------------------
 
@@ -236,6 +268,14 @@ class Session:
             return None
         frame = self._decode(data)
         if isinstance(frame, Rejection):
+            if frame.code is ErrorCode.RESERVED_TYPE:
+                # Only a wsbus.* type costs this second look: the gateway's own frames.
+                control_frame = decode_client_frame(
+                    data, codec, self._config.wire, allowed_control=SESSION_CONTROL
+                )
+                if not isinstance(control_frame, Rejection):
+                    self._control_frame(control_frame, now, wall)
+                    return None
             self.reject(frame.code, frame.message, frame.ref, now)
             return None
         own_id = self.frame_id = frame.id
@@ -251,6 +291,21 @@ class Session:
         if self._hooks.inbound_hooks:
             return self._inbound(envelope, own_id, now)
         return envelope
+
+    def _control_frame(self, frame: ClientFrame, now: float, wall: float) -> None:
+        """Carry out a ``wsbus.*`` frame the client may send (:data:`SESSION_CONTROL`)."""
+        assert frame.type == control.PROCESSED
+        ids = frame.content.get("ids") if isinstance(frame.content, dict) else None
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(type(i) is str and 0 < len(i) <= MAX_PROCESSED_ID for i in ids)
+        ):
+            message = 'wsbus.processed needs content {"ids": [<message id>, ...]}'
+            self.reject(ErrorCode.INVALID_MESSAGE, message, frame.id, now)
+            return
+        self._counters.frames_control += 1
+        self.processed(ids, wall)
 
     def _rate_limited(self, data: str | bytes, now: float) -> None:
         # A flood that is only partly refused is still a flood: frames that get through do
@@ -347,8 +402,11 @@ class Session:
 
     # -- frames out ----------------------------------------------------------------------
 
-    def welcome(self, user: str | None) -> None:
-        """Queue ``wsbus.welcome``: the connection's id, codec, user and limits."""
+    def welcome(self, user: str | None, resume: dict[str, Any] | None = None) -> None:
+        """Queue ``wsbus.welcome``: the connection's id, codec, user and limits.
+
+        ``resume``: the resume token and window, when resume is on.
+        """
         config = self._config
         limits = {
             "max_frame_bytes": config.wire.max_frame_bytes,
@@ -358,13 +416,15 @@ class Session:
             "burst": config.burst,
             "error_budget": config.error_budget,
         }
-        content = {
+        content: dict[str, Any] = {
             "protocol": "wsbus.v1",
             "conn_id": self.conn_id,
             "codec": self.codec.value,
             "user": user,
             "limits": limits,
         }
+        if resume is not None:
+            content["resume"] = resume
         self.send_control("wsbus.welcome", content)
 
     def send_control(self, type: str, content: Any) -> None:
@@ -372,8 +432,11 @@ class Session:
         data = encode_server_frame(ServerFrame(type, content, self._next_id()), self.codec)
         self.queue(data, False)
 
-    def queue(self, data: bytes, delivery: bool) -> bool:
+    def queue(self, data: bytes, delivery: Mark) -> bool:
         """Queue one encoded frame for the client: a message (``delivery``) or an answer.
+
+        A delivery marked with a :class:`~wsbus.receipts.ReceiptTracker` tells it when it
+        is written or dropped once queued (what was not queued, the caller tells).
 
         Returns:
             False when it was not queued: the connection is closing (a delivery is counted
@@ -421,7 +484,7 @@ class Session:
         self.outbox_bytes -= len(data)
         self._taken(delivery)
 
-    def _taken(self, delivery: bool) -> None:
+    def _taken(self, delivery: Mark) -> None:
         """Count a frame the connection took written once it has reached the socket."""
         unsent = self._unsent
         flags = self.unconfirmed
@@ -431,6 +494,8 @@ class Session:
             if delivery:
                 self.pending -= 1
                 self._counters.deliveries_written += 1
+                if delivery is not True:
+                    delivery.outcome(self.conn_id, "written")
             return
         if flags is None:
             flags = self.unconfirmed = deque()
@@ -451,12 +516,86 @@ class Session:
         confirmed = len(flags) - unsent()
         counters = self._counters
         while confirmed > 0:
-            if flags.popleft():
+            flag = flags.popleft()
+            if flag:
                 self.pending -= 1
                 counters.deliveries_written += 1
+                if flag is not True:
+                    flag.outcome(self.conn_id, "written")
             confirmed -= 1
         if not flags:
             self.unconfirmed = None
+
+    # -- acknowledgements ----------------------------------------------------------------
+
+    def expect_ack(self, envelope: Envelope) -> None:
+        """Wait for the client to acknowledge a delivery it was asked to (``ack: true``).
+
+        At most ``resume.max_unacked`` are awaited: past that, the oldest is no longer
+        (counted ``unacked_dropped``). An id awaited already is not counted again.
+        """
+        unacked = self._unacked
+        if unacked is None:
+            unacked = self._unacked = {}
+        elif envelope.id in unacked:
+            return
+        counters = self._counters
+        unacked[envelope.id] = envelope
+        counters.acks_requested += 1
+        counters.unacked += 1
+        if len(unacked) > self._config.resume.max_unacked:
+            del unacked[next(iter(unacked))]
+            counters.unacked -= 1
+            counters.unacked_dropped += 1
+
+    def processed(self, ids: list[str], wall: float) -> None:
+        """The client acknowledged ``ids``: tell each sending service which it awaited.
+
+        Ids not awaited (never asked, acknowledged already, or no longer tracked) are
+        ignored: a client that acknowledges twice is not at fault.
+        """
+        unacked = self._unacked
+        if not unacked:
+            return
+        by_sender: dict[ServiceAddress, list[str]] = {}
+        done = 0
+        for id in ids:
+            envelope = unacked.pop(id, None)
+            if envelope is None:
+                continue
+            done += 1
+            if isinstance(envelope.sender, ServiceAddress):
+                by_sender.setdefault(envelope.sender, []).append(id)
+        if not done:
+            return
+        counters = self._counters
+        counters.acks += done
+        counters.unacked -= done
+        if self._report is None:
+            return
+        address = self._addresses.get(self.conn_id)
+        alias = address.alias if address is not None else None
+        user = address.user if address is not None else None
+        gateway = GatewayAddress(node_of(self.conn_id))
+        for sender, acked in by_sender.items():
+            content = control.Processed(self.conn_id, tuple(acked), alias, user)
+            self._report(
+                Envelope(
+                    id=self._next_id(),
+                    type=control.PROCESSED,
+                    sender=gateway,
+                    content=msgspec.to_builtins(content),
+                    created=wall,
+                    to=sender,
+                )
+            )
+
+    def unacked(self) -> tuple[Envelope, ...]:
+        """Return the deliveries awaiting the client's acknowledgement, oldest first.
+
+        After the close, what goes into the closed session's record for redelivery.
+        """
+        return tuple(self._unacked.values()) if self._unacked else ()
 
     # -- closing -------------------------------------------------------------------------
 
@@ -471,10 +610,28 @@ class Session:
         self.close_code = code
         self.close_reason = reason
         self.flushing = flush
+        if not flush and self.outbox:
+            self._unmark(code)
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             log.info("closing %s with %d: %s", self.conn_id, code, reason)
         if self._driver is not None:
             self._driver.close()
+
+    def _unmark(self, code: int) -> None:
+        """Tell receipts now that the deliveries queued here will never be written.
+
+        Closing without a flush, nothing more is written from the outbox: a receipt need
+        not wait for the close handshake (a client that stopped reading holds it for
+        seconds). They are still counted dropped by :meth:`discard`, as plain deliveries.
+        """
+        outbox = self.outbox
+        assert outbox is not None
+        if all(mark is True or not mark for _, mark in outbox):
+            return
+        for _, mark in outbox:
+            if mark and mark is not True:
+                mark.outcome(self.conn_id, "dropped", code)
+        self.outbox = deque((data, bool(mark)) for data, mark in outbox)
 
     def ended(self, code: int, reason: str) -> tuple[int, str]:
         """The connection is closed (with ``code``, ``reason`` unless a close was decided).
@@ -491,12 +648,23 @@ class Session:
         code = self.close_code
         assert code is not None, "discard() comes after ended()"
         self.settle()
-        self.unconfirmed = None
         counters = self._counters
         if self.pending:
+            # Receipts waiting for these learn they were dropped.
+            marks = list(self.unconfirmed or ())
+            marks += [mark for _, mark in self.outbox or ()]
+            for mark in marks:
+                if mark and mark is not True:
+                    mark.outcome(self.conn_id, "dropped", code)
             counters.deliveries_dropped += self.pending
             bump(counters.dropped_by_close_code, code, self.pending)
             self.pending = 0
+        self.unconfirmed = None
         self.outbox = None
         self.outbox_bytes = 0
+        unacked = self._unacked
+        if unacked:
+            # Kept for the closed session's record (unacked()): redelivered on resume.
+            counters.unacked -= len(unacked)
+            counters.unacked_closed += len(unacked)
         bump(counters.closes_by_code, code)

@@ -68,6 +68,16 @@ class Counters(msgspec.Struct):
     unacked: int
     unacked_dropped: int
     unacked_closed: int
+    resumes: int
+    resumes_refused: int
+    replayed: int
+    redelivered: int
+    history_duplicates: int
+    history_gaps: int
+    sessions_closed: int
+    sessions_saved: int
+    sessions_lost: int
+    sessions_saving: int
 
     @staticmethod
     def zero() -> Counters:
@@ -123,6 +133,12 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
       presence_events_queued``
     - ``receipts_requested == receipts + receipts_pending``
     - ``acks_requested == acks + unacked + unacked_dropped + unacked_closed``
+    - ``sessions_closed == sessions_saved + sessions_lost + sessions_saving``
+
+    A resume's deliveries are deliveries like any other: ``replayed`` and ``redelivered``
+    are part of ``deliveries_queued`` (and so of its identity). A ``wsbus.resume`` frame
+    ends as a resume (counted in ``frames_control``) or a refusal (in ``frames_rejected``,
+    under ``resume_failed`` when the token or its session was at fault).
 
     Attributes:
         connections: open connections now.
@@ -189,6 +205,23 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
             ``resume.max_unacked`` newer ones (the oldest make room).
         unacked_closed: of those, still unacknowledged when their connection closed
             (kept in the closed session's record, for redelivery on resume).
+        resumes: sessions resumed (``wsbus.resumed`` sent).
+        resumes_refused: ``wsbus.resume`` frames refused with ``resume_failed``: forged,
+            used, expired or another user's token, or resume off.
+        replayed: deliveries queued by resumes from the groups' history (also counted in
+            ``deliveries_queued``).
+        redelivered: unacknowledged deliveries queued again by resumes (also counted in
+            ``deliveries_queued``).
+        history_duplicates: history messages the bus delivered twice, dropped by the
+            gateway's per-group order stage before routing (not in ``bus_envelopes``).
+        history_gaps: holes in a history group's order that its history could not fill
+            (or a new epoch): each sent the group's members here ``wsbus.gap`` with
+            ``groups``.
+        sessions_closed: connections closed with resume on: each leaves a session record.
+        sessions_saved: of those, kept by the session store (the bus's, or the gateway's).
+        sessions_lost: of those, not kept: the store could not be reached (warned about,
+            once a minute at most). Their clients cannot resume.
+        sessions_saving: of those, being saved now.
     """
 
 

@@ -1,0 +1,367 @@
+"""Delivery receipts and client acknowledgements (wsbus/receipts.py, the session's and the
+outbound's tracking, ServiceLink.send_with_receipt): on a real Gateway with the memory bus,
+and on the real WebSocket edge where what reached a socket matters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+import pytest
+from websockets.asyncio.client import ClientConnection as WsClient
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed as WsClosed
+
+from tests.conftest import Control, assert_balanced
+from wsbus import (
+    ConnId,
+    Context,
+    Envelope,
+    Gateway,
+    GatewayConfig,
+    MemoryBus,
+    Recipients,
+    RequestTimeout,
+    Service,
+    handles,
+)
+from wsbus.bus import SHARED_HEADER
+from wsbus.control import (
+    ACK_HEADER,
+    PROCESSED,
+    RECEIPT,
+    RECEIPT_HEADER,
+    Delivery,
+    Processed,
+    Receipt,
+)
+from wsbus.edge import MemoryClient
+from wsbus.envelope import NodeId, ServiceAddress
+from wsbus.gateway import ResumeSettings
+from wsbus.receipts import merge
+from wsbus_websockets import EdgeServer, serve
+
+Connect = Callable[..., Awaitable[MemoryClient]]
+
+
+class Notes(Service):
+    """Sends what the tests ask it to; records the receipts and acknowledgements it gets."""
+
+    name = "notes"
+
+    def __init__(self) -> None:
+        self.receipts: list[Envelope] = []
+        self.processed: list[Processed] = []
+        self.heard = asyncio.Event()
+
+    @handles(RECEIPT)
+    async def receipt(self, message: Envelope, ctx: Context) -> None:
+        self.receipts.append(message)
+        self.heard.set()
+
+    @handles(PROCESSED)
+    async def acked(self, message: Envelope, ctx: Context) -> None:
+        self.processed.append(msgspec.convert(message.content, Processed))
+        self.heard.set()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                self.heard.clear()
+                await self.heard.wait()
+
+
+@pytest.fixture
+def notes() -> Notes:
+    return Notes()
+
+
+@pytest.fixture
+def wsbus_services(notes: Notes) -> list[Service]:
+    return [notes, Control()]
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def _settled(gateway: Gateway) -> None:
+    """Wait until every receipt is sent and the report queue is empty."""
+    await _until(
+        lambda: (s := gateway.stats()).receipts_pending == 0 and s.presence_events_queued == 0
+    )
+    await asyncio.sleep(0.05)  # the report task hands the last ones to the bus
+
+
+# -- the merge, pure ---------------------------------------------------------------------
+
+
+def test_a_name_is_unmatched_only_when_every_gateway_says_so() -> None:
+    a = Receipt(
+        NodeId("a"),
+        (Delivery(ConnId("a.1"), "written"),),
+        Recipients(conn_ids=(ConnId("b.7"),), aliases=("ann", "bob"), groups=("g",)),
+    )
+    b = Receipt(
+        NodeId("b"),
+        (Delivery(ConnId("b.2"), "dropped", code=4507),),
+        Recipients(aliases=("bob",), groups=("g",)),
+    )
+    merged = merge("m1", [a, b])
+    assert merged.unmatched == Recipients(aliases=("bob",), groups=("g",))  # b.7 is b's to say
+    assert [d.conn_id for d in merged.written] == ["a.1"]
+    assert [(d.conn_id, d.code) for d in merged.dropped] == [("b.2", 4507)]
+    assert merged.nodes == ("a", "b")
+    own = merge("m1", [Receipt(NodeId("b"), (), Recipients(conn_ids=(ConnId("b.7"),)))])
+    assert own.unmatched.conn_ids == ("b.7",)
+    gone = merge("m1", [], absent=[ConnId("c.1")])
+    assert gone.unmatched.conn_ids == ("c.1",)
+
+
+def test_a_gateway_that_delivered_nothing_does_not_vote_on_names() -> None:
+    filtered = Receipt(NodeId("a"), failed="filtered")
+    missed = Receipt(NodeId("b"), unmatched=Recipients(users=("ann",), everyone=True))
+    merged = merge("m", [filtered, missed])
+    assert merged.unmatched == Recipients(users=("ann",), everyone=True)
+    assert merged.failed == {"a": "filtered"}
+
+
+# -- the three outcomes on a real socket ---------------------------------------------------
+
+EDGE = GatewayConfig(node="t", outbound_queue=4, outbound_bytes=65536)
+
+
+@pytest.fixture
+async def edge(wsbus_gateway: Gateway) -> AsyncIterator[EdgeServer]:
+    server = await serve(wsbus_gateway, "127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await wsbus_gateway.close()
+        await server.close()
+
+
+async def _join(ws: WsClient, group: str) -> str:
+    welcome = msgspec.json.decode(await ws.recv())
+    await ws.send(msgspec.json.encode({"type": "ctl.join", "content": {"group": group}}).decode())
+    while msgspec.json.decode(await ws.recv())["type"] != "ctl.join.reply":
+        pass
+    conn_id: str = welcome["content"]["conn_id"]
+    return conn_id
+
+
+@pytest.mark.parametrize("wsbus_config", [EDGE])
+async def test_a_receipt_tells_written_dropped_and_unmatched_apart(
+    edge: EdgeServer, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    async with (
+        ws_connect(edge.url) as fast,
+        ws_connect(edge.url, max_queue=1) as slow,  # reads nothing after the join
+    ):
+        fast_id = await _join(fast, "room")
+        slow_id = await _join(slow, "room")
+        session = wsbus_gateway._sessions[ConnId(slow_id)]
+        link = notes.link
+        only_slow = Recipients(conn_ids=(ConnId(slow_id),))
+        pad = "x" * 8000
+        # Fill the slow client's socket until a frame has to wait in its queue.
+        async with asyncio.timeout(30):
+            while not session.outbox:
+                for _ in range(16):
+                    link.send(only_slow, "fill", pad)
+                await asyncio.sleep(0.001)
+        assert session.close_code is None
+        receipts = asyncio.create_task(
+            link.send_with_receipt(
+                Recipients(groups=("room",), aliases=("nobody",)), "note", {"n": 1}
+            )
+        )
+        await asyncio.sleep(0)  # sent: queued for both members
+        for _ in range(8):
+            link.send(only_slow, "fill", pad)  # the slow queue overflows: 4507
+        assert session.close_code == 4507
+        got = await receipts
+        # The fast one reads it.
+        while (frame := msgspec.json.decode(await fast.recv()))["type"] != "note":
+            pass
+        assert frame["id"] == got.id
+        # The slow client reads again: what reached its socket, then the close.
+        with pytest.raises(WsClosed) as closed:
+            async with asyncio.timeout(10):
+                while True:
+                    await slow.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4507
+    assert [(d.conn_id, d.outcome) for d in got.written] == [(fast_id, "written")]
+    assert [(d.conn_id, d.outcome, d.code) for d in got.dropped] == [(slow_id, "dropped", 4507)]
+    assert got.refused == []
+    assert got.unmatched == Recipients(aliases=("nobody",))
+    assert got.nodes == ("t",)
+    await _settled(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.receipts_requested == stats.receipts == 1
+    assert_balanced(stats)
+
+
+# -- on the memory edge -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    # A short drain: the client never reads what is left for it.
+    "wsbus_config",
+    [GatewayConfig(node="t", outbound_queue=1, slow_consumer="drop", drain_timeout=0.2)],
+)
+async def test_a_full_queue_under_drop_is_refused(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    client = await wsbus_connect(buffer=1)  # the connection takes one frame at a time
+    only = Recipients(conn_ids=(ConnId(client.conn_id or ""),))
+    for _ in range(3):
+        notes.link.send(only, "fill", "x")
+    got = await notes.link.send_with_receipt(only, "note", 1, timeout=5)
+    assert [(d.conn_id, d.outcome) for d in got.refused] == [(client.conn_id, "refused")]
+    assert got.written == [] and got.dropped == []
+    await _settled(wsbus_gateway)
+    assert_balanced(wsbus_gateway.stats())
+
+
+async def test_a_receipt_comes_when_nothing_was_delivered_here(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    client = await wsbus_connect()
+    me = ConnId(client.conn_id or "")
+    excluded = await notes.link.send_with_receipt(Recipients(conn_ids=(me,), exclude=(me,)), "x")
+    assert excluded.written == [] and excluded.unmatched == Recipients()
+    assert excluded.nodes == ("test",)
+    empty = await notes.link.send_with_receipt(Recipients(groups=("empty",)), "x")
+    assert empty.unmatched == Recipients(groups=("empty",))
+    # A shared send (several gateways got it) names only this node's connections missed.
+    notes.link.send(
+        Recipients(conn_ids=(ConnId("elsewhere.1"),), aliases=("zed",)),
+        "x",
+        headers={SHARED_HEADER: "1"},
+        receipt=True,
+    )
+    await notes.until(lambda: len(notes.receipts) == 1)
+    shared = msgspec.convert(notes.receipts[0].content, Receipt)
+    assert shared.unmatched == Recipients(aliases=("zed",))
+    await _settled(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.receipts_requested == stats.receipts == 3
+    assert_balanced(stats)
+
+
+async def test_no_receipt_is_asked_without_the_header(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    client = await wsbus_connect()
+    notes.link.send(Recipients(conn_ids=(ConnId(client.conn_id or ""),)), "x", 1)
+    frame = await client.receive()
+    assert "ack" not in frame
+    await _settled(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert stats.receipts_requested == stats.acks_requested == 0
+    assert notes.receipts == []
+
+
+async def test_a_receipt_that_does_not_come_names_the_gateway(notes: Notes) -> None:
+    bus = MemoryBus([notes])
+    gateway = Gateway(bus, config=GatewayConfig(node="t"), entry_points=False)
+    async with gateway:
+        bus.down = True  # the gateway never gets it: the send itself is refused
+        with pytest.raises(Exception, match="marked down"):
+            await notes.link.send_with_receipt(Recipients(groups=("g",)), "x", timeout=0.5)
+        bus.down = False
+
+        async def nodes() -> list[NodeId]:
+            return [NodeId("t"), NodeId("gone")]
+
+        notes.link._gateways = nodes
+        with pytest.raises(RequestTimeout, match="gone"):
+            await notes.link.send_with_receipt(Recipients(groups=("g",)), "x", timeout=0.5)
+
+
+# -- acknowledgements ---------------------------------------------------------------------
+
+
+async def test_a_client_acknowledges_and_the_service_hears_it(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    client = await wsbus_connect()
+    me = ConnId(client.conn_id or "")
+    sent = notes.link.send(Recipients(conn_ids=(me,)), "task", {"n": 1}, ack=True)
+    frame = await client.receive()
+    assert frame["ack"] is True and frame["id"] == sent
+    assert wsbus_gateway.stats().unacked == 1
+    client.send("wsbus.processed", {"ids": [sent, "never-sent"]})
+    await notes.until(lambda: bool(notes.processed))
+    assert notes.processed == [Processed(me, (sent,))]
+    client.send("wsbus.processed", {"ids": [sent]})  # twice: ignored, not an error
+    client.send("wsbus.processed", {"ids": "all"})
+    error = await client.receive()
+    assert error["type"] == "wsbus.error" and error["content"]["code"] == "invalid_message"
+    stats = wsbus_gateway.stats()
+    assert (stats.acks_requested, stats.acks, stats.unacked) == (1, 1, 0)
+    assert stats.frames_control == 2
+    assert len(notes.processed) == 1
+    await _settled(wsbus_gateway)
+    assert_balanced(wsbus_gateway.stats())
+
+
+@pytest.mark.parametrize(
+    "wsbus_config", [GatewayConfig(node="t", resume=ResumeSettings(max_unacked=2))]
+)
+async def test_unacknowledged_deliveries_are_bounded_and_kept_at_close(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    client = await wsbus_connect()
+    me = ConnId(client.conn_id or "")
+    session = wsbus_gateway._sessions[me]
+    ids = [notes.link.send(Recipients(conn_ids=(me,)), "task", n, ack=True) for n in range(3)]
+    for _ in ids:
+        await client.receive()
+    assert [e.id for e in session.unacked()] == ids[1:]  # the oldest made room
+    client.close()
+    await _until(lambda: me not in wsbus_gateway._sessions)
+    assert [e.id for e in session.unacked()] == ids[1:]  # what the session record keeps
+    stats = wsbus_gateway.stats()
+    assert (stats.acks_requested, stats.unacked_dropped, stats.unacked_closed) == (3, 1, 2)
+    assert_balanced(stats)
+
+
+async def test_receipt_and_ack_together_on_a_group(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    clients = [await wsbus_connect() for _ in range(3)]
+    for client in clients:
+        client.send("ctl.join", {"group": "g"}, id="j")
+        await client.receive_until("ctl.join.reply")
+    got = await notes.link.send_with_receipt(Recipients(groups=("g",)), "task", 7, ack=True)
+    assert sorted(d.conn_id for d in got.written) == sorted(c.conn_id or "" for c in clients)
+    for client in clients:
+        frame = await client.receive_until("task")
+        assert frame["ack"] is True
+        client.send("wsbus.processed", {"ids": [frame["id"]]})
+    await notes.until(lambda: len(notes.processed) == 3)
+    await _settled(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    assert (stats.acks_requested, stats.acks) == (3, 3)
+    assert_balanced(stats)
+
+
+def test_headers_are_what_send_sets() -> None:
+    sent: list[Envelope] = []
+    loop = asyncio.new_event_loop()
+    try:
+        from wsbus.service import ServiceLink
+
+        link = ServiceLink("s", sent.append, loop)
+        link.send(Recipients(groups=("g",)), "x", receipt=True, ack=True, headers={"k": "v"})
+        link.send(Recipients(groups=("g",)), "x")
+    finally:
+        loop.close()
+    assert sent[0].headers == {"k": "v", RECEIPT_HEADER: "1", ACK_HEADER: "1"}
+    assert sent[1].headers == {}
+    assert sent[0].sender == ServiceAddress("s")
