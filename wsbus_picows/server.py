@@ -192,6 +192,7 @@ class _Connection(WSListener):
         "_part_text",
         "_parts",
         "_parts_size",
+        "_pass",
         "_paused",
         "_pongs",
         "_queue",
@@ -251,6 +252,8 @@ class _Connection(WSListener):
         # payloads) and written together when the pass ends; None: none went out this pass.
         self._gather: list[bytes] | None = None
         self._gathered = 0
+        # The edge's pass number when this connection last wrote a frame at once.
+        self._pass = -1
         self.ping_sent: float | None = None
         self.last_pong = self._loop.time()
 
@@ -292,6 +295,9 @@ class _Connection(WSListener):
         if self._closed is not None or raw is None:
             return False
         gather = self._gather
+        if gather is None and self._pass == self._edge.pass_number:
+            gather = self._gather = []
+            self._edge._passing.append(self)
         if gather is not None:
             # A frame went out in this event-loop pass already: this one is gathered with
             # the others, and all are written in one system call when the pass ends (or
@@ -326,8 +332,10 @@ class _Connection(WSListener):
             if inflight is None:
                 inflight = self._inflight = deque()
             inflight.append(self._written)
-        self._gather = []
-        self._edge._gathering(self)
+        edge = self._edge
+        self._pass = edge.pass_number
+        if not edge._pass_scheduled:
+            edge._schedule_pass_end()
         return True
 
     async def send(self, data: bytes) -> None:
@@ -689,8 +697,11 @@ class PicowsServer:
         )
         self._connections: dict[_Connection, asyncio.Task[None]] = {}
         self._keepalive: asyncio.Task[None] | None = None
-        # Connections that wrote a frame in this event-loop pass, and whether the pass's
-        # end is scheduled: one callback per pass for the whole edge.
+        # Event-loop passes in which a frame was written are numbered: a connection's
+        # second frame in the same pass is gathered, and the gathering connections are
+        # written when the pass ends. One callback per pass for the whole edge, and none
+        # per connection that writes one frame per pass.
+        self.pass_number = 0
         self._passing: list[_Connection] = []
         self._pass_scheduled = False
 
@@ -929,14 +940,13 @@ class PicowsServer:
 
     # -- connections ---------------------------------------------------------------------
 
-    def _gathering(self, connection: _Connection) -> None:
-        self._passing.append(connection)
-        if not self._pass_scheduled:
-            self._pass_scheduled = True
-            asyncio.get_running_loop().call_soon(self._end_pass)
+    def _schedule_pass_end(self) -> None:
+        self._pass_scheduled = True
+        asyncio.get_running_loop().call_soon(self._end_pass)
 
     def _end_pass(self) -> None:
         self._pass_scheduled = False
+        self.pass_number += 1
         passing, self._passing = self._passing, []
         for connection in passing:
             connection.end_pass()
