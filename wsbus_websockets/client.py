@@ -335,15 +335,11 @@ class Client:
         offer = self.welcome.get("resume")
         offered = offer.get("token") if isinstance(offer, dict) else None
         offered = offered if isinstance(offered, str) else None
-        token, self._token = self._token, offered
-        if not self.resume:
-            return
-        if token is None:
-            if not first:
+        token = self._token
+        if not self.resume or token is None or offered is None:
+            self._token = offered
+            if self.resume and (token is not None or not first):
                 self._lost("not_offered", "the connection was lost and could not be resumed")
-            return
-        if offered is None:
-            self._lost("not_offered", "the gateway does not offer resume: the session starts over")
             return
         frame_id = f"r{next(self._ids)}"
         frame = {
@@ -356,7 +352,10 @@ class Client:
             answer = self._decode(await ws.recv())
             kind = answer.get("type")
             content = answer.get("content")
+            # The old token is kept until the answer: a connection lost before it leaves
+            # the session where it was (or taken, and the next try is told so).
             if kind == _RESUMED and answer.get("reply_to") == frame_id:
+                self._token = offered
                 self._resumed(content if isinstance(content, dict) else {})
                 return
             if (
@@ -364,6 +363,7 @@ class Client:
                 and isinstance(content, dict)
                 and content.get("ref") == frame_id
             ):
+                self._token = offered
                 code, message = content.get("code"), content.get("message")
                 log.warning("the gateway refused to resume the session (%s: %s)", code, message)
                 self._lost("resume_failed", f"the gateway refused to resume ({code}: {message})")

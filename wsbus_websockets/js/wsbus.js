@@ -257,30 +257,29 @@ export class WsbusClient extends EventTarget {
     const token = this._token;
     const hadSession = this._hadSession;
     this._hadSession = true;
-    this._token = offered;
-    if (!this.resume) {
-      done();
-      return;
-    }
-    if (token === null || offered === null) {
+    if (!this.resume || token === null || offered === null) {
+      this._token = offered;
       // Nothing to present, or a gateway that resumes nothing: a new session. Said only
       // when there was one to lose.
-      if (token !== null || hadSession) {
+      if (this.resume && (token !== null || hadSession)) {
         this._lost("not_offered", "the connection was lost and the gateway offers no resume");
       }
       this._save();
       done();
       return;
     }
+    // The old token is kept until the answer: a connection lost before it leaves the
+    // session where it was (or taken, and the next try is told so).
     const id = "r" + this._nextId++;
     const timer = setTimeout(() => {
       if (this._resuming && this._resuming.id === id) {
         this._resuming = null;
+        this._token = offered;
         this._lost("resume_failed", "no answer to wsbus.resume in time");
         done();
       }
     }, this.openTimeout);
-    this._resuming = { id, timer, done };
+    this._resuming = { id, timer, done, offered };
     ws.send(
       JSON.stringify({
         type: "wsbus.resume",
@@ -292,11 +291,12 @@ export class WsbusClient extends EventTarget {
 
   /** Take the answer to wsbus.resume; false for any other frame. */
   _resumeAnswer(frame) {
-    const { id, timer, done } = this._resuming;
+    const { id, timer, done, offered } = this._resuming;
     const content = frame.content && typeof frame.content === "object" ? frame.content : {};
     if (frame.type === "wsbus.resumed" && frame.reply_to === id) {
       clearTimeout(timer);
       this._resuming = null;
+      this._token = offered;
       this._resumed(content);
       done();
       return true;
@@ -304,6 +304,7 @@ export class WsbusClient extends EventTarget {
     if (frame.type === "wsbus.error" && content.ref === id) {
       clearTimeout(timer);
       this._resuming = null;
+      this._token = offered;
       this._lost("resume_failed", `the gateway refused to resume (${content.code}: ${content.message})`);
       done();
       return true;
