@@ -93,8 +93,11 @@ Mark: TypeAlias = "bool | ReceiptTracker"
 :class:`~wsbus.receipts.ReceiptTracker` for a delivery whose outcome a receipt waits for
 (truthy too, so counting deliveries costs what it did)."""
 
-SESSION_CONTROL: Final = frozenset({control.PROCESSED})
-"""``wsbus.*`` types a client may send to an open session (the gateway answers them)."""
+SESSION_CONTROL: Final = frozenset({control.PROCESSED, "wsbus.resume"})
+"""``wsbus.*`` types a client may send to an open session (the gateway answers them).
+
+``wsbus.resume`` is accepted only as the first frame after the welcome, which the gateway
+reads before the session sees frames: here it is answered ``invalid_message``."""
 
 MAX_PROCESSED_ID: Final = 256
 """The longest id a ``wsbus.processed`` frame may name (envelope ids are far shorter)."""
@@ -294,7 +297,10 @@ class Session:
 
     def _control_frame(self, frame: ClientFrame, now: float, wall: float) -> None:
         """Carry out a ``wsbus.*`` frame the client may send (:data:`SESSION_CONTROL`)."""
-        assert frame.type == control.PROCESSED
+        if frame.type != control.PROCESSED:
+            message = f"{frame.type} is accepted only as the first frame after wsbus.welcome"
+            self.reject(ErrorCode.INVALID_MESSAGE, message, frame.id, now)
+            return
         ids = frame.content.get("ids") if isinstance(frame.content, dict) else None
         if (
             not isinstance(ids, list)

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed as WsClosed
 
 from tests.conftest import Control, assert_balanced
 from wsbus import (
+    Codec,
     ConnId,
     Context,
     Envelope,
@@ -37,9 +38,14 @@ from wsbus.control import (
     Receipt,
 )
 from wsbus.edge import MemoryClient
-from wsbus.envelope import NodeId, ServiceAddress
+from wsbus.envelope import EnvelopeId, IdFactory, NodeId, ServiceAddress
 from wsbus.gateway import ResumeSettings
-from wsbus.receipts import merge
+from wsbus.hooks import Hooks
+from wsbus.receipts import ReceiptTracker, merge
+from wsbus.registry import ClientRegistry
+from wsbus.service import ServiceLink
+from wsbus.session import Session
+from wsbus.stats import Counters
 from wsbus_websockets import EdgeServer, serve
 
 Connect = Callable[..., Awaitable[MemoryClient]]
@@ -302,6 +308,12 @@ async def test_a_client_acknowledges_and_the_service_hears_it(
     client.send("wsbus.processed", {"ids": "all"})
     error = await client.receive()
     assert error["type"] == "wsbus.error" and error["content"]["code"] == "invalid_message"
+    client.send("wsbus.resume", {"token": "v1.x.y"}, id="late")  # only as the first frame
+    error = await client.receive()
+    assert error["content"]["code"] == "invalid_message" and error["content"]["ref"] == "late"
+    client.send("wsbus.other", {})
+    error = await client.receive()
+    assert error["content"]["code"] == "reserved_type"
     stats = wsbus_gateway.stats()
     assert (stats.acks_requested, stats.acks, stats.unacked) == (1, 1, 0)
     assert stats.frames_control == 2
@@ -355,8 +367,6 @@ def test_headers_are_what_send_sets() -> None:
     sent: list[Envelope] = []
     loop = asyncio.new_event_loop()
     try:
-        from wsbus.service import ServiceLink
-
         link = ServiceLink("s", sent.append, loop)
         link.send(Recipients(groups=("g",)), "x", receipt=True, ack=True, headers={"k": "v"})
         link.send(Recipients(groups=("g",)), "x")
@@ -365,3 +375,58 @@ def test_headers_are_what_send_sets() -> None:
     assert sent[0].headers == {"k": "v", RECEIPT_HEADER: "1", ACK_HEADER: "1"}
     assert sent[1].headers == {}
     assert sent[0].sender == ServiceAddress("s")
+
+
+# -- the session's part, sans-I/O ------------------------------------------------------------
+
+
+def test_a_tracked_delivery_is_written_when_the_socket_has_it_and_dropped_otherwise() -> None:
+    conn = ConnId("t.1")
+    registry = ClientRegistry()
+    registry.connect(conn, user="ann")
+    counters = Counters.zero()
+    in_transport = [0]  # frames the transport took and has not written to its socket
+    settles: list[int] = []
+
+    class Driver:
+        def write(self) -> None: ...
+        def close(self) -> None: ...
+        def settle_soon(self) -> None:
+            settles.append(1)
+
+    def send_nowait(data: bytes) -> bool:
+        in_transport[0] += 1
+        return True
+
+    session = Session(
+        conn,
+        Codec.JSON,
+        GatewayConfig(),
+        counters,
+        Hooks((), entry_points=False),
+        registry.addresses,
+        IdFactory("t").next,
+        send_nowait=send_nowait,
+        unsent=lambda: in_transport[0],
+        driver=Driver(),
+    )
+    finished: list[ReceiptTracker] = []
+    message = Envelope(id=EnvelopeId("m"), type="x", sender=ServiceAddress("s"))
+
+    def tracker() -> ReceiptTracker:
+        return ReceiptTracker(
+            message, NodeId("t"), 1, Recipients(), registry.addresses, finished.append, 0.0
+        )
+
+    first, second = tracker(), tracker()
+    assert session.queue(b"1", first) and session.queue(b"2", second)
+    assert finished == [] and settles  # taken, not yet on the socket
+    in_transport[0] = 1  # the first reached the socket
+    session.settle()
+    assert finished == [first]
+    assert first.receipt().deliveries == (Delivery(conn, "written", user="ann"),)
+    session.ended(1006, "gone")
+    session.discard()
+    assert finished == [first, second]
+    assert second.receipt().deliveries == (Delivery(conn, "dropped", user="ann", code=1006),)
+    assert (counters.deliveries_written, counters.deliveries_dropped) == (1, 1)
