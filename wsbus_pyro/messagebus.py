@@ -543,7 +543,11 @@ class MessageBus:
         return True
 
     def info(self) -> dict[str, Any]:
-        """Return the services (with their types and state) and gateways on the bus."""
+        """Return the services (with their types and state) and gateways on the bus.
+
+        Also the history epoch (None: no history kept), how many closed sessions are kept,
+        and the seconds a gateway may go without checking in (``lifetime``).
+        """
         with self._lock:
             return {
                 "services": {
@@ -553,6 +557,8 @@ class MessageBus:
                 "gateways": {n: {"down": e.forwarder.down} for n, e in self._gateways.items()},
                 "aliases": len(self._aliases),
                 "history": None if self._history is None else self._history.epoch,
+                "sessions": len(self._sessions),
+                "lifetime": self.lifetime,
             }
 
     def _forwarder(self, name: str, uri: str) -> Forwarder:
