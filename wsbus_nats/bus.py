@@ -197,7 +197,11 @@ class NatsBus:
         await link.connect()
         try:
             self._directory = Directory(
-                link, self.subjects, node=sink.node, on_lapse=self._recheck_claims
+                link,
+                self.subjects,
+                node=sink.node,
+                on_lapse=self._recheck_claims,
+                on_change=self._check_gateways,
             )
             # Before subscribing: a gateway refused for a node id in use never hears the
             # live one's traffic.
@@ -212,7 +216,7 @@ class NatsBus:
         except BaseException:
             await self.close()
             raise
-        self._live = {str(n) for n in self._directory.live_gateways() if n != node}
+        self._check_gateways()
         self._gateway_watch = asyncio.create_task(
             self._watch_gateways(), name="wsbus-nats-gateways"
         )
@@ -528,7 +532,9 @@ class NatsBus:
                 f"the wsbus history stream or sessions bucket in NATS JetStream is not "
                 f"reachable ({exc!r}); the NATS server must run with JetStream"
             ) from None
-        self._history = HistoryReader(link, self.subjects, self.history_counters)
+        self._history = HistoryReader(
+            link, self.subjects, self._history_config.age, self.history_counters
+        )
         self._sessions = SessionStore(js, kv, self.subjects.sessions_bucket)
 
     async def _on_presence(self, msg: Msg) -> None:
@@ -565,25 +571,33 @@ class NatsBus:
         """
         while True:
             await asyncio.sleep(self.config.heartbeat / 2)
-            directory, sink = self._directory, self._sink
-            if directory is None or sink is None:
-                continue
-            live = {str(n) for n in directory.live_gateways() if n != self._node}
-            lost, self._live = self._live - live, live
-            for node in sorted(lost):
-                report = all(self._node < other for other in live)
-                log.warning(
-                    "gateway %s is gone (its directory entry was deleted or not refreshed "
-                    "within %d heartbeats): its clients' presence ends%s",
-                    node,
-                    LIVE_HEARTBEATS,
-                    " (this gateway reports it to services)" if report else "",
-                )
-                if isinstance(sink, HearsGateways):
-                    try:
-                        sink.gateway_lost(NodeId(node), report)
-                    except Exception:
-                        log.exception("the gateway failed to hear that gateway %s is gone", node)
+            self._check_gateways()
+
+    def _check_gateways(self) -> None:
+        """Compare the live gateways with the last look: tell the gateway of those gone.
+
+        Each half heartbeat (an entry that aged out) and at each change of the directory's
+        entries (one deleted: a clean stop, told at once; one added: known from then on).
+        """
+        directory, sink = self._directory, self._sink
+        if directory is None or sink is None or self._closed:
+            return
+        live = {str(n) for n in directory.live_gateways() if n != self._node}
+        lost, self._live = self._live - live, live
+        for node in sorted(lost):
+            report = all(self._node < other for other in live)
+            log.warning(
+                "gateway %s is gone (its directory entry was deleted or not refreshed "
+                "within %d heartbeats): its clients' presence ends%s",
+                node,
+                LIVE_HEARTBEATS,
+                " (this gateway reports it to services)" if report else "",
+            )
+            if isinstance(sink, HearsGateways):
+                try:
+                    sink.gateway_lost(NodeId(node), report)
+                except Exception:
+                    log.exception("the gateway failed to hear that gateway %s is gone", node)
 
     def _table(self) -> Directory:
         if self._directory is None or self._closed:

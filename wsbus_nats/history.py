@@ -17,8 +17,11 @@ position in its headers (:mod:`wsbus.history`).
   of the group), so two writers racing for one offset cannot both win: the loser reads
   the group's last entry again and retries, a bounded number of times. Offsets are dense
   per group.
+- **Age.** An entry older than the settings' ``age`` is never replayed (a read that needs
+  it answers None: resync), but the stream keeps entries for at least :data:`HISTORY_KEEP`
+  (a day), so that a group's last offset survives a quiet spell and its offsets go on.
 - **Runs.** An epoch is the stream's epoch and a run id: when a group has no entry left
-  (all aged out, or the stream is new), the next append starts a new run (offset 1, a new
+  (none for a day, or the stream is new), the next append starts a new run (offset 1, a new
   random run id), since the previous offsets are gone with their entries. A client holding
   a position of the old run is told to resync; a gateway's order stage sees a new epoch and
   sends that group's members a gap.
@@ -75,6 +78,10 @@ HISTORY_MAX_BYTES: Final = 256 * MIB
 """The history stream's largest size; when full, its oldest entries go (any group's)."""
 HISTORY_MAX_MSG_SIZE: Final = 8 * MIB
 """The largest entry the stream takes (an envelope is bounded by max_payload anyway)."""
+HISTORY_KEEP: Final = 86400.0
+"""Seconds the stream keeps an entry at least (``max_age`` is the larger of this and the
+settings' ``age``): a group's offsets go on across a quiet spell of up to a day. Entries
+older than ``age`` are kept but never replayed."""
 APPEND_ATTEMPTS: Final = 16
 """Appends one envelope tries, each after another writer took the offset, at most."""
 BACKOFF: Final = 0.001
@@ -135,7 +142,7 @@ def stream_config(
         discard=DiscardPolicy.OLD,
         # Retries of one envelope (its id) within this window are stored once.
         duplicate_window=min(120.0, config.age),
-        max_age=config.age,
+        max_age=max(config.age, HISTORY_KEEP),
         max_bytes=HISTORY_MAX_BYTES,
         max_consumers=-1,
         max_msg_size=HISTORY_MAX_MSG_SIZE,
@@ -202,8 +209,9 @@ def check_stream(subjects: Subjects, stream: StreamConfig) -> tuple[HistoryConfi
                 f"it keeps {stream.max_msgs_per_subject} entries per subject, not its "
                 f"size ({config.size})"
             )
-        if not math.isclose(stream.max_age or 0.0, config.age, rel_tol=1e-9):
-            wrong.append(f"its entries expire after {stream.max_age} s, not its age ({config.age})")
+        kept = max(config.age, HISTORY_KEEP)
+        if not math.isclose(stream.max_age or 0.0, kept, rel_tol=1e-9):
+            wrong.append(f"its entries expire after {stream.max_age} s, not {kept:g} s")
     if wrong or config is None:
         raise ConfigError(
             f"the NATS stream {name} (wsbus group history) is not as wsbus makes it: "
@@ -476,12 +484,16 @@ class HistoryReader:
     Args:
         link: the gateway's NATS link.
         subjects: the deployment's subjects.
+        age: the settings' age: an entry older than this is not replayed.
         counters: where to count.
     """
 
-    def __init__(self, link: Link, subjects: Subjects, counters: HistoryCounters) -> None:
+    def __init__(
+        self, link: Link, subjects: Subjects, age: float, counters: HistoryCounters
+    ) -> None:
         self._link = link
         self._subjects = subjects
+        self._age = age
         self.counters = counters
         self._timeout = link.config.request_timeout
         self._js = link.nc.jetstream(timeout=self._timeout)
@@ -491,7 +503,8 @@ class HistoryReader:
         """Return ``group``'s entries after ``after``, oldest first, at most ``limit``.
 
         None when they cannot all be given: ``after`` is of another epoch (run), an entry
-        after it is gone (trimmed by count or age), or an entry is not one wsbus made.
+        after it is gone (trimmed by count) or older than the age, or an entry is not one
+        wsbus made.
 
         Raises:
             BusUnavailable: the stream cannot be read now.
@@ -539,6 +552,8 @@ class HistoryReader:
                         if offset > after.offset:
                             if offset != expected:
                                 return None  # a hole: trimmed (or not dense)
+                            if not entries and self._aged(msg.metadata.timestamp.timestamp()):
+                                return None  # what follows `after` is older than age
                             entries.append(entry[0])
                             expected += 1
                     if msg.metadata.num_pending == 0:
@@ -549,6 +564,10 @@ class HistoryReader:
             except nats.errors.Error as exc:
                 log.debug("ending a history read: %r", exc)
         return entries
+
+    def _aged(self, stored: float) -> bool:
+        """True when an entry stored at ``stored`` (the server's clock) is past its age."""
+        return time.time() - stored > self._age
 
     def _check(self, subject: str, data: bytes, group: str) -> tuple[Envelope, Position] | None:
         """Return an entry and its position if wsbus made it for ``group``; None otherwise."""

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Context, Gateway, GatewayConfig, Service, control, handles, memory_pair
-from wsbus.bus import Bus, ClaimsAliases, ReportsAvailability
+from wsbus.bus import Bus, ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability
 from wsbus.edge import MemoryClient
 from wsbus.envelope import (
     ClientAddress,
@@ -45,7 +45,10 @@ from wsbus_testing.services import Director, Probe, Sequencer
 class TestNatsBusConformance(BusConformance):
     """The conformance suite every bus passes, with service instances on the same NATS."""
 
-    capabilities = frozenset({ReportsAvailability, ClaimsAliases})
+    capabilities = frozenset({ReportsAvailability, ClaimsAliases, KeepsHistory, KeepsSessions})
+    spans_gateways = True
+    # JetStream's per-entry expiry counts whole seconds.
+    session_ttl = 1.0
 
     @pytest.fixture
     def wsbus_make_unavailable(self, wsbus_nats_server: NatsServer) -> MakeUnavailable:

@@ -16,6 +16,7 @@ import nats
 import pytest
 import pytest_asyncio
 
+import wsbus_nats.history
 from wsbus import Context, Service, handles
 from wsbus.bus import KeepsHistory, KeepsSessions
 from wsbus.envelope import (
@@ -31,7 +32,7 @@ from wsbus.envelope import (
 from wsbus.errors import ConfigError
 from wsbus.history import HistoryConfig, Position, position_of
 from wsbus_nats import NatsBus, NatsConfig, ServiceHost
-from wsbus_nats.history import HistoryCounters, HistoryWriter, check_stream
+from wsbus_nats.history import HISTORY_KEEP, HistoryCounters, HistoryWriter, check_stream
 from wsbus_nats.link import Link
 from wsbus_nats.subjects import Subjects, group_token
 from wsbus_testing.conformance import client_message
@@ -175,7 +176,7 @@ async def test_a_gateway_makes_the_stream_and_one_with_other_settings_is_refused
     finally:
         await nc.close()
     assert info.config.subjects == ["wsbus.hist.*.*"]
-    assert info.config.max_msgs_per_subject == 50 and info.config.max_age == 60.0
+    assert info.config.max_msgs_per_subject == 50 and info.config.max_age == HISTORY_KEEP
     settings, epoch = check_stream(SUBJECTS, info.config)
     assert settings == ROOMS and epoch
     assert json.loads((info.config.metadata or {})["wsbus.history.groups"]) == ["room.*"]
@@ -349,16 +350,43 @@ async def test_an_entry_wsbus_did_not_make_is_not_replayed(
     assert bus.history_counters.mismatches >= 1
 
 
-async def test_a_group_whose_history_aged_out_starts_a_new_run(deployment: Deployment) -> None:
-    bus, sink = await deployment.gateway("ga", HistoryConfig(groups=("room.*",), age=1.0))
+async def test_entries_past_their_age_are_not_replayed_and_offsets_go_on(
+    deployment: Deployment,
+) -> None:
+    bus, sink = await deployment.gateway("ga", HistoryConfig(groups=("room.*",), age=0.5))
+    await deployment.host(Caster())
+    await _listed(bus, "caster")
+    await _burst(bus, "room.1", 2)
+    await sink.until(lambda: len(sink.of("cast.item")) == 2)
+    first, last = _positions(sink.of("cast.item"))
+    async with asyncio.timeout(WAIT):
+        while await bus.history("room.1", first, 10) is not None:
+            await asyncio.sleep(0.1)  # entry 2 passes its age after half a second
+    assert await bus.history("room.1", last, 10) == []  # nothing missed after the last
+    await _burst(bus, "room.1", 1, k=2)
+    await sink.until(lambda: len(sink.of("cast.item")) == 3)
+    assert _positions(sink.of("cast.item"))[-1] == Position(last.epoch, last.offset + 1)
+
+
+async def test_a_group_with_no_entry_left_starts_a_new_run(
+    deployment: Deployment, nats_config: NatsConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As after a day with nothing sent to the group, in a second: its entries are gone.
+    monkeypatch.setattr(wsbus_nats.history, "HISTORY_KEEP", 1.0)
+    bus, sink = await deployment.gateway("ga", HistoryConfig(groups=("room.*",), age=0.5))
     await deployment.host(Caster())
     await _listed(bus, "caster")
     await _burst(bus, "room.1", 2)
     await sink.until(lambda: len(sink.of("cast.item")) == 2)
     old = _positions(sink.of("cast.item"))[-1]
-    async with asyncio.timeout(WAIT):
-        while await bus.history("room.1", Position(old.epoch, 0), 10) is not None:
-            await asyncio.sleep(0.2)  # the server expires them after about a second
+    nc = await nats.connect(list(nats_config.servers))
+    try:
+        js = nc.jetstream()
+        async with asyncio.timeout(WAIT):
+            while (await js.stream_info(SUBJECTS.history_stream)).state.messages:
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
     await _burst(bus, "room.1", 1, k=2)
     await sink.until(lambda: len(sink.of("cast.item")) == 3)
     new = _positions(sink.of("cast.item"))[-1]
