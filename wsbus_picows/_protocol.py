@@ -28,6 +28,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import picows
@@ -370,4 +371,19 @@ def check_internals() -> list[str]:
             "picows.api.ws_create_server no longer builds WSProtocol with the arguments "
             "wsbus_picows._protocol.protocol_factory passes"
         )
+    pyx = Path(_picows_impl.__file__).with_name("picows.pyx")
+    try:
+        negotiate = pyx.read_text(encoding="utf-8")
+    except OSError:
+        problems.append(f"{pyx} is missing: the checks of picows' handshake cannot be made")
+    else:
+        # The edge rewrites "Connection: keep-alive, Upgrade" in the request the listener
+        # factory gets: picows must check that same request after the factory.
+        factory = negotiate.find("listener_factory(upgrade_request)")
+        validate = negotiate.find("_validate_upgrade_request(upgrade_request)")
+        if not 0 <= factory < validate:
+            problems.append(
+                "picows no longer validates the upgrade request after the listener factory "
+                "(the edge's fix of 'Connection: keep-alive, Upgrade' would not apply)"
+            )
     return problems

@@ -826,6 +826,11 @@ class PicowsServer:
                 )
             codec = chosen
             extra["Sec-WebSocket-Protocol"] = codec.value
+        connection_tokens = [t.strip().lower() for t in headers.get("Connection", "").split(",")]
+        if "upgrade" in connection_tokens:
+            # Firefox sends "keep-alive, Upgrade"; picows accepts only "Upgrade" alone,
+            # and checks the request after this (see wsbus_picows._protocol).
+            headers["Connection"] = "Upgrade"
         handshake = self._handshake_request(request, peer, offered)
         connection = _Connection(self, codec, handshake, self.gateway.config.wire.max_frame_bytes)
         return WSUpgradeResponseWithListener(

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from bench.edge_attacks import masked_frame, open_upgraded, ping_flood, real_client
+from bench.edge_attacks import (
+    masked_frame,
+    open_upgraded,
+    ping_flood,
+    read_head,
+    real_client,
+    upgrade_request,
+)
 from tests.conftest import assert_balanced
 from tests.wsbus_websockets.test_hardening import (
     test_a_slow_consumer_close_counts_written_only_what_reached_the_socket,
@@ -171,3 +178,20 @@ async def test_health_and_426_over_plain_http(wsbus_server: PicowsServer) -> Non
     other = await asyncio.to_thread(get, "/")
     assert other.startswith(b"HTTP/1.1 426 "), other
     assert b"Server:" not in other
+
+
+async def test_a_browsers_connection_header_is_upgraded(wsbus_server: PicowsServer) -> None:
+    # Firefox sends "Connection: keep-alive, Upgrade"; picows alone accepts only "Upgrade".
+    request = upgrade_request("127.0.0.1", wsbus_server.port).replace(
+        b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"
+    )
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", wsbus_server.port), timeout=10) as sock:
+            sock.sendall(request)
+            head, _ = read_head(sock)
+            return head
+
+    head = await asyncio.to_thread(exchange)
+    assert b"keep-alive, Upgrade" in request
+    assert head.startswith(b"HTTP/1.1 101 "), head
