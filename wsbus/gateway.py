@@ -44,6 +44,7 @@ from .limits import ErrorBudget, TokenBucket
 from .outbound import Outbound
 from .plugins import AllowAnonymous
 from .registry import DEFAULT_NAME_PATTERN, AliasPolicy, ClientInfo, ClientRegistry
+from .resuming import Resumer
 from .router import Router
 from .session import CloseCode, Session
 from .stats import Counters, Stats
@@ -488,6 +489,17 @@ class Gateway:
         self._bus_down_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # History in order, session records and resumes (docs/history.md).
+        self._resumer = Resumer(
+            self.config,
+            self.registry,
+            self._sessions,
+            self._outbound,
+            self._counters,
+            self._route,
+            self._post_reports,
+            self._next_id,
+        )
 
     @property
     def node(self) -> NodeId:
@@ -518,6 +530,7 @@ class Gateway:
                 time.monotonic,
             )
             self._outbound.claims = True
+        self._resumer.attach(bus)
         # Reports made while the bus starts wait in the reporter's queue until it starts.
         await bus.start(self)
         self._reporter.start(self._publish_nowait)
@@ -550,6 +563,8 @@ class Gateway:
             # The connections' releases, and answers to alias requests, before the reports
             # stop and the bus closes.
             await self._aliases.close(self.config.drain_timeout + 1.0)
+        # The closed connections' session records, before the bus closes.
+        await self._resumer.close()
         await self._reporter.stop()
         if was_running:
             await self.bus.close()
@@ -680,7 +695,7 @@ class Gateway:
                 await self._refuse(link.conn, CloseCode.AUTH_FAILED, AUTH_FAILED_REASON)
             return
         self._counters.connections_total += 1
-        session.welcome(address.user)
+        session.welcome(address.user, self._resumer.offer(conn_id, address.user))
         self.hooks.client_connected(registry.address(conn_id), link.conn.request)
         code, reason = CloseCode.NORMAL, ""
         try:
@@ -695,6 +710,7 @@ class Gateway:
             if info.groups:
                 self._outbound.disconnected(info, time.time())
                 self._post_reports()
+            self._resumer.closed(session, info, code)
             if self._aliases is not None and address.alias is not None:
                 self._aliases.release(conn_id, address.alias)
             self.hooks.client_disconnected(address, code, reason)
@@ -740,6 +756,8 @@ class Gateway:
         # An adapter's receive returns at once while frames are buffered: without a yield
         # of its own, a client's burst of large frames would hold the loop until it is read.
         unyielded = 0
+        # Only the first frame may be wsbus.resume (the resume runs before more is read).
+        first = True
         while True:
             try:
                 data = await receive()
@@ -754,6 +772,12 @@ class Gateway:
             if unyielded > READ_YIELD_BYTES:
                 unyielded = 0
                 await asyncio.sleep(0)  # other connections get a turn
+            if first:
+                first = False
+                resume = Resumer.resume_frame(data, session.codec, self.config)
+                if resume is not None:
+                    await self._resumer.resume(session, resume, self._set_identity_alias)
+                    continue
             envelope = take(data, loop_time(), wall_clock())
             if envelope is None:
                 continue
@@ -812,8 +836,15 @@ class Gateway:
         """Take one envelope from the bus: a message to clients or a control request.
 
         Called by the bus on the loop thread, in the order it received them. Never raises:
-        every failure becomes a report to the sending service.
+        every failure becomes a report to the sending service. A message with a history
+        position goes through its group's order stage first.
         """
+        if envelope.headers and self._resumer.deliver(envelope):
+            return
+        self._route(envelope)
+
+    def _route(self, envelope: Envelope) -> None:
+        """Route an envelope from the bus to its connections (or carry out a request)."""
         outbound = self._outbound
         outbound.deliver(envelope, time.time())
         if outbound.to_bus:

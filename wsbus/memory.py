@@ -24,6 +24,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+import msgspec
+
 from . import control
 from .bus import BusSink, is_for_gateway, is_presence_event
 from .envelope import (
@@ -34,13 +36,22 @@ from .envelope import (
     encode_envelope,
 )
 from .errors import BusUnavailable, ConfigError, NoRoute
-from .history import HistoryConfig, MemoryHistory, Position, history_group
+from .history import (
+    GROUP_HEADER,
+    POSITION_HEADER,
+    HistoryConfig,
+    MemoryHistory,
+    Position,
+    history_group,
+)
 from .resume import MemorySessions, SessionRecord
 from .service import Service, ServiceRunner
 
 __all__ = ["MemoryBus"]
 
 log = logging.getLogger("wsbus.memory")
+
+_HISTORY_HEADERS = frozenset({POSITION_HEADER, GROUP_HEADER})
 
 
 class MemoryBus:
@@ -261,6 +272,11 @@ class MemoryBus:
                 raise BusUnavailable("no gateway is attached to the bus")
             if isinstance(to, GatewayAddress) and to.node != self._sink.node:
                 raise NoRoute(f"gateway node {to.node}")
+            headers = envelope.headers
+            if headers and (POSITION_HEADER in headers or GROUP_HEADER in headers):
+                # Positions are the bus's to give: a service's own would disorder a group.
+                headers = {k: v for k, v in headers.items() if k not in _HISTORY_HEADERS}
+                envelope = msgspec.structs.replace(envelope, headers=headers)
             store = self.history_store
             if store is not None:
                 group = history_group(envelope, store.config)

@@ -15,14 +15,16 @@ import hmac
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
 
 from .envelope import ConnId, Envelope
 from .errors import ConfigError
+from .history import GroupGap, Position, position_of
 
-__all__ = ["MAX_SESSIONS", "MemorySessions", "ResumeTokens", "SessionRecord", "new_sid"]
+__all__ = ["MAX_SESSIONS", "Holds", "MemorySessions", "ResumeTokens", "SessionRecord", "new_sid"]
 
 TOKEN_VERSION: Final = "v1"
 _SID_RE: Final = re.compile(r"[A-Za-z0-9_-]{22,64}")
@@ -156,3 +158,153 @@ class MemorySessions:
         if kept is None or kept[0] <= now:
             return None
         return kept[1]
+
+
+class _Hold:
+    __slots__ = ("buffer", "conn_ids", "floor", "overflowed")
+
+    def __init__(self, conn_ids: frozenset[ConnId]) -> None:
+        # Live deliveries held while the resume replays; None once released.
+        self.buffer: list[Envelope | GroupGap] | None = []
+        self.conn_ids = conn_ids
+        # After the release: what the replay gave up to, for deliveries lagging behind it.
+        self.floor: Position | None = None
+        self.overflowed = False
+
+
+class Holds:
+    """Live history deliveries held back from connections being resumed. Pure.
+
+    While a resume reads a group's history, the group's live messages for the resuming
+    connection are held (:meth:`apply` tells the gateway to leave it out of them); once
+    the replay is queued, :meth:`release` gives back those the replay did not contain, in
+    order. After that, live messages at or before the replay's last position (a gateway
+    whose order stage lags behind the store) are still left out, until one beyond it
+    comes. Per connection, a message whose ``exclude`` names any connection the session
+    has had is never given to it.
+
+    Args:
+        limit: messages held per group and connection; past it they are dropped and the
+            release says :class:`~wsbus.history.GroupGap` (the client must resync).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._groups: dict[str, dict[ConnId, _Hold]] = {}
+        self._by_conn: dict[ConnId, set[str]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def __contains__(self, group: object) -> bool:
+        return group in self._groups
+
+    def hold(self, group: str, conn_id: ConnId, conn_ids: frozenset[ConnId]) -> None:
+        """Start holding ``group``'s live messages back from ``conn_id``.
+
+        ``conn_ids``: every connection its session has had (for ``exclude``).
+        """
+        self._groups.setdefault(group, {})[conn_id] = _Hold(conn_ids)
+        self._by_conn.setdefault(conn_id, set()).add(group)
+
+    def apply(
+        self,
+        group: str,
+        position: Position,
+        envelope: Envelope,
+        is_member: Callable[[ConnId], bool],
+    ) -> tuple[ConnId, ...]:
+        """Take a live message of ``group``; return the connections to leave out of it.
+
+        ``is_member`` tells whether a connection is in the group now (only members are
+        held a message: it would not have reached the others).
+        """
+        holds = self._groups.get(group)
+        if not holds:
+            return ()
+        recipients = envelope.recipients
+        exclude = recipients.exclude if recipients is not None else ()
+        leave_out: list[ConnId] = []
+        for conn_id, hold in list(holds.items()):
+            buffer = hold.buffer
+            if buffer is not None:
+                if not is_member(conn_id):
+                    continue
+                leave_out.append(conn_id)
+                if exclude and not hold.conn_ids.isdisjoint(exclude):
+                    continue
+                if len(buffer) >= self.limit:
+                    hold.overflowed = True
+                    buffer.clear()
+                elif not hold.overflowed:
+                    buffer.append(envelope)
+                continue
+            floor = hold.floor
+            if (
+                floor is not None
+                and position.epoch == floor.epoch
+                and position.offset <= floor.offset
+            ):
+                leave_out.append(conn_id)
+            else:
+                self._drop(group, conn_id)
+        return tuple(leave_out)
+
+    def gap(self, group: str) -> set[ConnId]:
+        """A gap in ``group``: hold it in place for those held; return who holds it."""
+        holding: set[ConnId] = set()
+        for conn_id, hold in self._groups.get(group, {}).items():
+            if hold.buffer is not None:
+                hold.buffer.append(GroupGap(group))
+                holding.add(conn_id)
+        return holding
+
+    def release(
+        self, group: str, conn_id: ConnId, floor: Position | None
+    ) -> list[Envelope | GroupGap]:
+        """Stop holding; return what was held and the replay did not give, in order.
+
+        ``floor``: the last position the replay gave (or the client had); None when the
+        group could not be replayed (then everything held is returned, and nothing more
+        is left out).
+        """
+        hold = self._groups.get(group, {}).get(conn_id)
+        if hold is None or hold.buffer is None:
+            return []
+        held, hold.buffer = hold.buffer, None
+        if hold.overflowed:
+            out: list[Envelope | GroupGap] = [GroupGap(group)]
+        else:
+            out = []
+            for item in held:
+                if not isinstance(item, GroupGap):
+                    found = position_of(item)
+                    if found is not None and _at_or_before(found[1], floor):
+                        continue  # replayed already
+                out.append(item)
+        if floor is None:
+            self._drop(group, conn_id)
+        else:
+            hold.floor = floor
+        return out
+
+    def forget(self, conn_id: ConnId) -> None:
+        """The connection closed: hold nothing more for it."""
+        for group in list(self._by_conn.get(conn_id, ())):
+            self._drop(group, conn_id)
+
+    def _drop(self, group: str, conn_id: ConnId) -> None:
+        holds = self._groups.get(group)
+        if holds is not None:
+            holds.pop(conn_id, None)
+            if not holds:
+                del self._groups[group]
+        groups = self._by_conn.get(conn_id)
+        if groups is not None:
+            groups.discard(group)
+            if not groups:
+                del self._by_conn[conn_id]
+
+
+def _at_or_before(position: Position, floor: Position | None) -> bool:
+    return floor is not None and position.epoch == floor.epoch and position.offset <= floor.offset

@@ -5,14 +5,36 @@ The flow runs a real Gateway on a MemoryBus with in-memory connections (wsbus.ed
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import string
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsbus.envelope import ConnId
+from tests.conftest import Control, assert_balanced
+from wsbus import (
+    Codec,
+    ConnId,
+    Context,
+    Envelope,
+    Gateway,
+    GatewayConfig,
+    HistoryConfig,
+    MemoryBus,
+    Recipients,
+    ResumeSettings,
+    Service,
+    TokenAuth,
+    handles,
+)
+from wsbus.edge import MemoryClient, memory_pair
 from wsbus.errors import ConfigError
+from wsbus.history import Position
+from wsbus.hooks import HandshakeRequest
 from wsbus.resume import MemorySessions, ResumeTokens, SessionRecord, new_sid
 
 SECRET = bytes(range(32))
@@ -133,3 +155,513 @@ def test_the_store_keeps_records_for_their_ttl_once_and_bounded(
             if sessions.dropped == 0:
                 assert (got is not None) == expected
         assert len(sessions) <= bound
+
+
+# -- the gateway's resume flow ----------------------------------------------------------------
+
+
+class Clock:
+    """A wall clock the test moves (the bus's history ages and records expire by it)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Room(Service):
+    """Joins its sender to a group, and sends to a group (excluding whom it is told)."""
+
+    name = "room"
+
+    @handles("room.join")
+    async def join(self, message: Envelope, ctx: Context) -> None:
+        assert message.sender.__class__.__name__ == "ClientAddress"
+        await ctx.join(message.sender.conn_id, message.content)  # type: ignore[union-attr]
+        ctx.reply("joined")
+
+    @handles("room.say")
+    async def say(self, message: Envelope, ctx: Context) -> None:
+        content = message.content
+        exclude = tuple(ConnId(c) for c in content.get("exclude", ()))
+        ctx.send(Recipients(groups=(content["group"],), exclude=exclude), "room.said", content["n"])
+        ctx.reply("sent")
+
+
+HISTORY = HistoryConfig(groups=("room.*",), size=5, age=60.0)
+
+
+class Harness:
+    """A started gateway on a MemoryBus with a test clock; connects in-memory clients."""
+
+    def __init__(self, gateway: Gateway, bus: MemoryBus, clock: Clock) -> None:
+        self.gateway = gateway
+        self.bus = bus
+        self.clock = clock
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self, token: str | None = None, buffer: int = 1024) -> MemoryClient:
+        request = HandshakeRequest(token=token) if token is not None else None
+        conn, client = memory_pair(Codec.JSON, request, buffer=buffer)
+        self.tasks.append(asyncio.create_task(self.gateway.serve(conn)))
+        frame = await client.receive()
+        assert frame["type"] == "wsbus.welcome", frame
+        client.welcome = frame["content"]
+        client.conn_id = frame["content"]["conn_id"]
+        return client
+
+    async def ask(self, client: MemoryClient, type: str, content: Any, id: str) -> None:
+        """Send a frame to a service and wait for its reply (the bus took it by then)."""
+        client.send(type, content, id=id)
+        async with asyncio.timeout(5):
+            while True:
+                frame = await client.receive()
+                if frame.get("reply_to") == id:
+                    return
+                backlog(client).append(frame)
+
+    async def say(
+        self, client: MemoryClient, group: str, n: int, exclude: tuple[str, ...] = ()
+    ) -> None:
+        await self.ask(
+            client, "room.say", {"group": group, "n": n, "exclude": list(exclude)}, f"s{n}"
+        )
+
+    async def closed(self, client: MemoryClient) -> None:
+        """Close a client and wait until the gateway has kept its session."""
+        before = self.gateway.stats().sessions_closed
+        client.close(1006)
+        async with asyncio.timeout(5):
+            while self.gateway.stats().sessions_closed == before:
+                await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def harness(
+    *,
+    resume: ResumeSettings | None = None,
+    bus: MemoryBus | None = None,
+    plugins: tuple[object, ...] = (),
+    history: HistoryConfig = HISTORY,
+    **config: Any,
+) -> AsyncIterator[Harness]:
+    clock = Clock()
+    if bus is None:
+        bus = MemoryBus([Room(), Control()], clock=clock)
+    else:
+        bus.clock = clock
+    settings = GatewayConfig(
+        node="gw",
+        history=history,
+        resume=resume if resume is not None else ResumeSettings(window=30.0),
+        **config,
+    )
+    gateway = Gateway(bus, config=settings, plugins=plugins, entry_points=False)
+    await gateway.start()
+    h = Harness(gateway, bus, clock)
+    try:
+        yield h
+    finally:
+        await gateway.close()
+        for task in h.tasks:
+            task.cancel()
+        await asyncio.gather(*h.tasks, return_exceptions=True)
+    assert_balanced(gateway.stats())
+
+
+def backlog(client: MemoryClient) -> list[dict[str, Any]]:
+    """Frames read while waiting for a reply, for the next reads."""
+    kept: list[dict[str, Any]] = client.__dict__.setdefault("backlog", [])
+    return kept
+
+
+async def said(client: MemoryClient, count: int) -> list[dict[str, Any]]:
+    """Read the next ``count`` room.said frames (skipping others)."""
+    frames: list[dict[str, Any]] = []
+    earlier = backlog(client)
+    async with asyncio.timeout(5):
+        while len(frames) < count:
+            frame = earlier.pop(0) if earlier else await client.receive()
+            if frame["type"] == "room.said":
+                frames.append(frame)
+    return frames
+
+
+def resume_frame(client: MemoryClient, positions: dict[str, Any], token: Any = None) -> None:
+    assert client.welcome is not None
+    content = {"token": token if token is not None else client.welcome["resume"]["token"]}
+    client.send("wsbus.resume", {**content, "positions": positions}, id="r1")
+
+
+async def test_the_welcome_offers_a_token_and_the_window() -> None:
+    async with harness() as h:
+        client = await h.connect()
+        assert client.welcome is not None
+        offer = client.welcome["resume"]
+        assert offer["window"] == 30.0 and offer["token"].startswith("v1.")
+    async with harness(resume=ResumeSettings(window=0)) as h:
+        client = await h.connect()
+        assert client.welcome is not None and "resume" not in client.welcome
+
+
+async def test_a_resumed_client_gets_its_alias_groups_and_what_it_missed_in_order() -> None:
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "ctl.alias", {"alias": "ann"}, "a")
+        await h.ask(ann, "room.join", "room.1", "j1")
+        await h.ask(ann, "room.join", "lobby", "j2")
+        bob = await h.connect()
+        await h.ask(bob, "room.join", "room.1", "j")
+        for n in (1, 2):
+            await h.say(bob, "room.1", n)
+        got = await said(ann, 2)
+        assert [(f["content"], f["group"]) for f in got] == [(1, "room.1"), (2, "room.1")]
+        last = got[-1]["pos"]
+        epoch = Position.parse(last).epoch  # type: ignore[union-attr]
+        assert [f["pos"] for f in got] == [f"{epoch}:1", f"{epoch}:2"]
+        await h.closed(ann)
+        for n in (3, 4):
+            await h.say(bob, "room.1", n)
+
+        again = await h.connect()
+        resume_frame(ann_welcome(again, ann), {"room.1": last})
+        answer = await again.receive_until("wsbus.resumed")
+        content = answer["content"]
+        assert answer["reply_to"] == "r1"
+        assert content["conn_id"] == again.conn_id
+        assert (content["alias"], content["user"]) == ("ann", None)
+        assert content["groups"] == ["room.1", "lobby"]
+        assert (content["recovered"], content["resync"]) == (["room.1"], ["lobby"])
+        assert content["redelivered"] == 0
+        assert content["token"] != ann.welcome["resume"]["token"]  # type: ignore[index]
+        replayed = await said(again, 2)
+        assert [(f["content"], f["pos"]) for f in replayed] == [
+            (3, f"{epoch}:3"),
+            (4, f"{epoch}:4"),
+        ]
+        await h.say(bob, "room.1", 5)
+        assert [f["content"] for f in await said(again, 1)] == [5]
+        info = h.gateway.registry.info(ConnId(again.conn_id or ""))
+        assert (info.alias, info.groups) == ("ann", ("room.1", "lobby"))
+        stats = h.gateway.stats()
+        assert (stats.resumes, stats.replayed, stats.resumes_refused) == (1, 2, 0)
+        assert stats.sessions_closed == stats.sessions_saved == 1
+
+
+def ann_welcome(new: MemoryClient, old: MemoryClient) -> MemoryClient:
+    """Send the resume on ``new`` with ``old``'s token: give ``new`` that welcome."""
+    assert old.welcome is not None and new.welcome is not None
+    new.welcome = {**new.welcome, "resume": old.welcome["resume"]}
+    return new
+
+
+async def test_the_new_token_resumes_again_and_the_old_one_never() -> None:
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        await h.closed(ann)
+        second = await h.connect()
+        resume_frame(ann_welcome(second, ann), {})
+        token = (await second.receive_until("wsbus.resumed"))["content"]["token"]
+        await h.closed(second)
+        third = await h.connect()
+        resume_frame(third, {}, token=ann.welcome["resume"]["token"])  # type: ignore[index]
+        error = await third.receive_until("wsbus.error")
+        assert error["content"]["code"] == "resume_failed"
+        fourth = await h.connect()
+        resume_frame(fourth, {}, token=token)
+        content = (await fourth.receive_until("wsbus.resumed"))["content"]
+        assert content["groups"] == ["room.1"] and content["resync"] == ["room.1"]
+
+
+async def _refused(h: Harness, client: MemoryClient) -> None:
+    """The resume was refused, and nothing was restored."""
+    error = await client.receive_until("wsbus.error")
+    assert error["content"] == {
+        "code": "resume_failed",
+        "message": error["content"]["message"],
+        "ref": "r1",
+        "retry": False,
+    }
+    assert "start afresh" in error["content"]["message"]
+    info = h.gateway.registry.info(ConnId(client.conn_id or ""))
+    assert (info.alias, info.groups) == (None, ())
+    # It goes on as the new session it is.
+    await h.ask(client, "room.join", "room.9", "still")
+
+
+async def _closed_ann(h: Harness, token: str | None = None) -> MemoryClient:
+    ann = await h.connect(token)
+    await h.ask(ann, "ctl.alias", {"alias": "ann"}, "a")
+    await h.ask(ann, "room.join", "room.1", "j")
+    await h.closed(ann)
+    return ann
+
+
+async def test_a_forged_token_is_refused_and_restores_nothing() -> None:
+    async with harness() as h:
+        ann = await _closed_ann(h)
+        token: str = ann.welcome["resume"]["token"]  # type: ignore[index]
+        _, sid, mac = token.split(".")
+        other = ResumeTokens(bytes(32)).issue(sid, None)  # signed with another secret
+        flipped = mac[:-2] + ("A" if mac[-2] != "A" else "B") + mac[-1]
+        for forged in (other, f"v1.{sid}.{flipped}", f"v1.{new_sid()}.{mac}", "v1..", "", 7):
+            client = await h.connect()
+            resume_frame(client, {"room.1": "e:1"}, token=forged)
+            if isinstance(forged, str) and forged:
+                await _refused(h, client)
+            else:
+                error = await client.receive_until("wsbus.error")
+                assert error["content"]["code"] in ("resume_failed", "invalid_message")
+        # The genuine token still works: forgeries took nothing.
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        assert (await client.receive_until("wsbus.resumed"))["content"]["alias"] == "ann"
+        assert h.gateway.stats().resumes_refused == 5  # the last one was not a string
+
+
+async def test_a_used_token_is_refused() -> None:
+    async with harness() as h:
+        ann = await _closed_ann(h)
+        first = await h.connect()
+        resume_frame(ann_welcome(first, ann), {})
+        await first.receive_until("wsbus.resumed")
+        second = await h.connect()
+        resume_frame(ann_welcome(second, ann), {})
+        await _refused(h, second)
+
+
+async def test_an_expired_token_is_refused() -> None:
+    async with harness() as h:
+        ann = await _closed_ann(h)
+        h.clock.now += 31.0  # the window is 30 s
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        await _refused(h, client)
+
+
+async def test_another_users_token_is_refused() -> None:
+    auth = TokenAuth({"t-ann": "ann", "t-eve": "eve"})
+    async with harness(plugins=(auth,)) as h:
+        ann = await _closed_ann(h, token="t-ann")
+        eve = await h.connect(token="t-eve")
+        resume_frame(ann_welcome(eve, ann), {})
+        await _refused(h, eve)
+        anonymous = await h.connect()
+        resume_frame(ann_welcome(anonymous, ann), {})
+        await _refused(h, anonymous)
+        # Ann herself still can: the refusals took nothing.
+        again = await h.connect(token="t-ann")
+        resume_frame(ann_welcome(again, ann), {})
+        content = (await again.receive_until("wsbus.resumed"))["content"]
+        assert (content["user"], content["alias"]) == ("ann", "ann")
+
+
+async def test_resume_off_refuses() -> None:
+    async with harness(resume=ResumeSettings(window=0)) as h:
+        client = await h.connect()
+        resume_frame(client, {}, token="v1.x.y")
+        await _refused(h, client)
+
+
+async def test_resume_is_only_the_first_frame() -> None:
+    async with harness() as h:
+        ann = await _closed_ann(h)
+        client = await h.connect()
+        await h.ask(client, "room.join", "room.2", "first")
+        resume_frame(ann_welcome(client, ann), {})
+        error = await client.receive_until("wsbus.error")
+        assert error["content"]["code"] in ("reserved_type", "invalid_message")
+        assert h.gateway.registry.info(ConnId(client.conn_id or "")).alias is None
+
+
+@pytest.mark.parametrize(
+    "position",
+    ["older", "newer", "other-epoch", "garbage", "missing", "number"],
+)
+async def test_a_position_history_cannot_serve_is_resync(position: str) -> None:
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        bob = await h.connect()
+        for n in range(1, 3):
+            await h.say(bob, "room.1", n)
+        got = await said(ann, 2)
+        epoch = Position.parse(got[0]["pos"]).epoch  # type: ignore[union-attr]
+        await h.closed(ann)
+        for n in range(3, 9):  # history keeps 5: 1..3 are trimmed
+            await h.say(bob, "room.1", n)
+        options: dict[str, dict[str, Any]] = {
+            "older": {"room.1": f"{epoch}:1"},
+            "newer": {"room.1": f"{epoch}:99"},
+            "other-epoch": {"room.1": "x" + epoch[1:] + ":2"},
+            "garbage": {"room.1": "no:pos:here"},
+            "missing": {},
+            "number": {"room.1": 2},
+        }
+        chosen = options[position]
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), chosen)
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert (content["recovered"], content["resync"]) == ([], ["room.1"])
+        # Nothing is replayed; live messages go on.
+        await h.say(bob, "room.1", 9)
+        assert [f["content"] for f in await said(client, 1)] == [9]
+
+
+async def test_more_missed_than_max_replay_is_resync() -> None:
+    async with harness(resume=ResumeSettings(window=30.0, max_replay=2)) as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        bob = await h.connect()
+        await h.say(bob, "room.1", 1)
+        last = (await said(ann, 1))[0]["pos"]
+        await h.closed(ann)
+        for n in (2, 3, 4):
+            await h.say(bob, "room.1", n)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {"room.1": last})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["resync"] == ["room.1"]
+
+
+async def test_replay_honours_exclude_against_every_connection_of_the_session() -> None:
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        await h.say(ann, "room.1", 1)
+        last = (await said(ann, 1))[0]["pos"]
+        await h.closed(ann)
+        bob = await h.connect()
+        await h.say(bob, "room.1", 2, exclude=(ann.conn_id or "",))  # "not to ann"
+        await h.say(bob, "room.1", 3)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {"room.1": last})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["recovered"] == ["room.1"]
+        assert [f["content"] for f in await said(client, 1)] == [3]
+        # Resumed again: the first connection's exclusions still hold.
+        token = content["token"]
+        await h.closed(client)
+        third = await h.connect()
+        resume_frame(third, {"room.1": last}, token=token)
+        await third.receive_until("wsbus.resumed")
+        assert [f["content"] for f in await said(third, 1)] == [3]
+
+
+async def test_a_client_closed_4507_resumes_with_what_it_missed() -> None:
+    history = HistoryConfig(groups=("room.*",), size=100)
+    async with harness(outbound_queue=4, history=history) as h:
+        ann = await h.connect(buffer=2)
+        await h.ask(ann, "room.join", "room.1", "j")
+        bob = await h.connect()
+        await h.say(bob, "room.1", 1)
+        last = (await said(ann, 1))[0]["pos"]
+        # Ann stops reading: her queue fills and she is closed 4507.
+        for n in range(2, 21):
+            await h.say(bob, "room.1", n)
+        async with asyncio.timeout(5):
+            while h.gateway.stats().sessions_closed == 0:
+                await asyncio.sleep(0.005)
+        assert h.gateway.stats().closes_by_code == {4507: 1}
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {"room.1": last})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["recovered"] == ["room.1"]
+        assert [f["content"] for f in await said(client, 19)] == list(range(2, 21))
+        stats = h.gateway.stats()
+        assert stats.replayed == 19 and stats.dropped_by_close_code[4507] >= 1
+
+
+class SlowHistory(MemoryBus):
+    """A MemoryBus whose history reads wait for the test: live messages come meanwhile."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reading = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def history(self, group: str, after: Position, limit: int) -> list[Envelope] | None:
+        self.reading.set()
+        await self.go.wait()
+        return await super().history(group, after, limit)
+
+
+async def test_live_messages_during_a_resume_wait_for_the_replay_once_each() -> None:
+    bus = SlowHistory([Room(), Control()])
+    async with harness(bus=bus) as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        bob = await h.connect()
+        await h.say(bob, "room.1", 1)
+        last = (await said(ann, 1))[0]["pos"]
+        await h.closed(ann)
+        await h.say(bob, "room.1", 2)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {"room.1": last})
+        async with asyncio.timeout(5):
+            await bus.reading.wait()
+        # Joined, its history being read: these are held back, then given after the replay.
+        await h.say(bob, "room.1", 3)
+        await h.say(bob, "room.1", 4, exclude=(ann.conn_id or "",))
+        assert client.pending() == 0
+        bus.go.set()
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["recovered"] == ["room.1"]
+        await h.say(bob, "room.1", 5)
+        assert [f["content"] for f in await said(client, 3)] == [2, 3, 5]
+        await asyncio.sleep(0.05)
+        assert client.pending() == 0
+
+
+async def test_a_message_with_a_forged_position_gets_none() -> None:
+    class Forger(Service):
+        name = "forger"
+
+        @handles("forge")
+        async def forge(self, message: Envelope, ctx: Context) -> None:
+            ctx.link.send(
+                Recipients(groups=("room.1",)),
+                "room.said",
+                0,
+                headers={"wsbus-pos": "e:99", "wsbus-group": "room.1"},
+            )
+
+    async with harness(bus=MemoryBus([Room(), Forger()])) as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        ann.send("forge", None)
+        (frame,) = await said(ann, 1)
+        assert frame["pos"].endswith(":1")  # the bus's own position, not the forged one
+        await h.say(ann, "room.1", 1)
+        assert (await said(ann, 1))[0]["pos"].endswith(":2")
+
+
+async def test_sessions_are_kept_by_the_gateway_when_the_bus_does_not() -> None:
+    class Plain(MemoryBus):
+        """A MemoryBus without the sessions capability."""
+
+    from wsbus.bus import KeepsSessions
+
+    Plain.save_session = None  # type: ignore[assignment,method-assign]
+    Plain.take_session = None  # type: ignore[assignment,method-assign]
+    bus = Plain([Room(), Control()])
+    assert not isinstance(bus, KeepsSessions)
+    async with harness(bus=bus) as h:
+        ann = await _closed_ann(h)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        assert (await client.receive_until("wsbus.resumed"))["content"]["alias"] == "ann"
+
+
+async def test_a_lost_alias_is_reported() -> None:
+    async with harness() as h:
+        ann = await _closed_ann(h)
+        thief = await h.connect()
+        await h.ask(thief, "ctl.alias", {"alias": "ann"}, "a")
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert (content["alias"], content["alias_lost"]) == (None, "ann")
+        assert content["groups"] == ["room.1"]
