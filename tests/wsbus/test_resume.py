@@ -28,10 +28,12 @@ from wsbus import (
     Recipients,
     ResumeSettings,
     Service,
+    ServiceAddress,
     TokenAuth,
     handles,
 )
 from wsbus.edge import MemoryClient, memory_pair
+from wsbus.envelope import EnvelopeId
 from wsbus.errors import ConfigError
 from wsbus.history import Position
 from wsbus.hooks import HandshakeRequest
@@ -665,3 +667,97 @@ async def test_a_lost_alias_is_reported() -> None:
         content = (await client.receive_until("wsbus.resumed"))["content"]
         assert (content["alias"], content["alias_lost"]) == (None, "ann")
         assert content["groups"] == ["room.1"]
+
+
+class Acker(Service):
+    """Sends its sender a message that asks for an acknowledgement."""
+
+    name = "acker"
+
+    @handles("acker.send")
+    async def send(self, message: Envelope, ctx: Context) -> None:
+        assert message.sender.__class__.__name__ == "ClientAddress"
+        conn_id = message.sender.conn_id  # type: ignore[union-attr]
+        ctx.send(Recipients(conn_ids=(conn_id,)), "acker.item", message.content, ack=True)
+        ctx.reply("sent")
+
+
+async def test_unacknowledged_deliveries_are_redelivered_first() -> None:
+    async with harness(bus=MemoryBus([Room(), Acker()])) as h:
+        ann = await h.connect()
+        await h.ask(ann, "acker.send", "one", "a1")
+        await h.ask(ann, "acker.send", "two", "a2")
+        items = [f for f in backlog(ann) if f["type"] == "acker.item"]
+        while len(items) < 2:
+            frame = await ann.receive()
+            if frame["type"] == "acker.item":
+                items.append(frame)
+        assert [f["ack"] for f in items] == [True, True]
+        ann.send("wsbus.processed", {"ids": [items[0]["id"]]})
+        await h.ask(ann, "room.join", "room.1", "j")  # the ack was taken by then
+        await h.closed(ann)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["redelivered"] == 1
+        again = await client.receive()
+        assert (again["type"], again["id"], again["content"], again["ack"]) == (
+            "acker.item",
+            items[1]["id"],
+            "two",
+            True,
+        )
+        client.send("wsbus.processed", {"ids": [again["id"]]})
+        await h.ask(client, "room.join", "room.2", "j2")
+        stats = h.gateway.stats()
+        assert stats.redelivered == 1 and stats.acks == 2
+
+
+def _stamped(bus: MemoryBus, n: int, group: str = "room.1") -> Envelope:
+    store = bus.history_store
+    assert store is not None
+    envelope = Envelope(
+        id=EnvelopeId(f"m{n}"),
+        type="room.said",
+        sender=ServiceAddress("room"),
+        content=n,
+        recipients=Recipients(groups=(group,)),
+    )
+    return store.append(group, envelope, bus.clock())
+
+
+async def test_a_bus_that_reorders_is_put_in_order_and_holes_are_fetched() -> None:
+    """As a bus between processes may: later ones first, one never delivered at all."""
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        m1, _m2, m3, m4 = (_stamped(h.bus, n) for n in range(1, 5))
+        for envelope in (m1, m3, m4):  # m2 never comes from the bus: it is fetched
+            h.gateway.deliver(envelope)
+        assert [f["content"] for f in await said(ann, 4)] == [1, 2, 3, 4]
+        h.gateway.deliver(m3)  # again
+        assert h.gateway.stats().history_duplicates == 1
+
+
+async def test_a_hole_history_cannot_fill_is_a_gap_for_the_group() -> None:
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        bob = await h.connect()
+        await h.ask(bob, "room.join", "lobby", "j")
+        stamped = [_stamped(h.bus, n) for n in range(1, 9)]  # history keeps 5: 1..3 trimmed
+        h.gateway.deliver(stamped[0])
+        h.gateway.deliver(stamped[-1])
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(5):
+            while len(frames) < 3:
+                frame = await ann.receive()
+                if frame["type"] in ("room.said", "wsbus.gap"):
+                    frames.append(frame)
+        assert frames[0]["content"] == 1
+        assert frames[1]["type"] == "wsbus.gap"
+        assert frames[1]["content"]["groups"] == ["room.1"]
+        assert frames[1]["content"]["reason"] == "history"
+        assert frames[2]["content"] == 8
+        assert h.gateway.stats().history_gaps == 1
+        assert bob.pending() == 0  # not in the group: told nothing
