@@ -6,7 +6,6 @@ test_hardening.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +23,7 @@ __all__ = [
 
 
 @pytest.fixture(autouse=True)
-def _socket_as_the_websockets_edge_names_it(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _socket_as_the_websockets_edge_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # Those tests reach the socket through the websockets edge's ``conn._ws.transport``.
     monkeypatch.setattr(
         _Connection,
@@ -32,4 +31,3 @@ def _socket_as_the_websockets_edge_names_it(monkeypatch: pytest.MonkeyPatch) -> 
         property(lambda self: SimpleNamespace(transport=self._raw)),
         raising=False,
     )
-    yield
