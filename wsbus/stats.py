@@ -152,7 +152,8 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
         frames_in_flight: frames being published right now.
         rejected_by_code: ``frames_rejected`` by error code.
         bus_envelopes: envelopes the bus delivered to the gateway.
-        control_requests: of those, ``wsbus.*`` control requests.
+        control_requests: of those, ``wsbus.*`` control requests (and the presence
+            events of other gateways: they change nothing routed).
         service_errors: of those, ``wsbus.failed`` reports: a service's handler raised on a
             client's message. Each told that client ``service_error`` (with the message's
             id as ``ref``), unless it had disconnected or the message carried no id.
@@ -182,7 +183,8 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
         alias_releases_failed: aliases the bus could not release when they were cleared,
             replaced or their connection ended (on a bus that keeps aliases unique across
             gateways); each is tried again, and the bus frees it when the gateway is gone.
-        frames_control: client frames the gateway handled itself (``wsbus.processed``).
+        frames_control: client frames the gateway handled itself: ``wsbus.processed``
+            acknowledgements and ``wsbus.resume`` frames that resumed.
         presence_events: ``wsbus.presence`` events this gateway made: a connection of its
             own joined or left a group (or disconnected, leaving each), or it reported a
             dead gateway.
