@@ -195,3 +195,45 @@ async def test_a_browsers_connection_header_is_upgraded(wsbus_server: PicowsServ
     head = await asyncio.to_thread(exchange)
     assert b"keep-alive, Upgrade" in request
     assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+@pytest.mark.parametrize(
+    ("value", "refusal"),
+    [
+        (", ".join(f"p{i}" for i in range(17)), b"too many subprotocols offered: 17, at most 16"),
+        ("x" * 5000, b"Sec-WebSocket-Protocol headers too long: 5000 bytes, at most 4096"),
+    ],
+    ids=["17-names", "5000-bytes"],
+)
+async def test_absurd_subprotocol_offers_get_400(
+    wsbus_server: PicowsServer, wsbus_gateway: Gateway, value: str, refusal: bytes
+) -> None:
+    request = upgrade_request("127.0.0.1", wsbus_server.port, [("Sec-WebSocket-Protocol", value)])
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", wsbus_server.port), timeout=10) as sock:
+            sock.sendall(request)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    response = await asyncio.to_thread(exchange)
+    assert response.startswith(b"HTTP/1.1 400 "), response[:80]
+    assert refusal in response
+    assert wsbus_gateway.stats().connections_total == 0
+
+
+@pytest.mark.parametrize("wsbus_edge_config", [PicowsConfig(open_timeout=0.5)])
+async def test_a_request_that_never_ends_is_dropped_after_open_timeout(
+    wsbus_server: PicowsServer,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", wsbus_server.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        async with asyncio.timeout(30):
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""
+        await _poll(lambda: wsbus_server.handshakes.pending == 0)
+    finally:
+        writer.close()
