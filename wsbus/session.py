@@ -623,6 +623,13 @@ class Session:
         if self._driver is not None:
             self._driver.close()
 
+    def flush_ended(self) -> None:
+        """The flush before a close is over (done, or out of time): nothing more is written."""
+        self.flushing = False
+        code = self.close_code
+        if self.outbox and code is not None:
+            self._unmark(code)
+
     def _unmark(self, code: int) -> None:
         """Tell receipts now that the deliveries queued here will never be written.
 
@@ -632,12 +639,20 @@ class Session:
         """
         outbox = self.outbox
         assert outbox is not None
-        if all(mark is True or not mark for _, mark in outbox):
-            return
-        for _, mark in outbox:
-            if mark and mark is not True:
-                mark.outcome(self.conn_id, "dropped", code)
-        self.outbox = deque((data, bool(mark)) for data, mark in outbox)
+        # The head may be in the writer's hands (its send under way, which may yet
+        # succeed): it is told when the send returns, or by discard.
+        head = outbox.popleft()
+        try:
+            if all(mark is True or not mark for _, mark in outbox):
+                return
+            for _, mark in outbox:
+                if mark and mark is not True:
+                    mark.outcome(self.conn_id, "dropped", code)
+            unmarked = deque((data, bool(mark)) for data, mark in outbox)
+            outbox.clear()
+            outbox.extend(unmarked)
+        finally:
+            outbox.appendleft(head)
 
     def ended(self, code: int, reason: str) -> tuple[int, str]:
         """The connection is closed (with ``code``, ``reason`` unless a close was decided).

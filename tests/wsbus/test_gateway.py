@@ -902,6 +902,7 @@ async def test_a_writer_stopped_before_it_ran_does_not_hold_up_a_flushing_close(
     session = SimpleNamespace(
         conn_id="test.1", outbox=deque([(b"{}", None)]), close_code=None, close_reason=""
     )
+    session.flush_ended = lambda: setattr(session, "flushing", False)
     link.session = session  # type: ignore[assignment]
     link.write()  # a frame waits: the writer is started, and has not run yet
     session.close_code, session.flushing = 4400, True

@@ -430,3 +430,49 @@ def test_a_tracked_delivery_is_written_when_the_socket_has_it_and_dropped_otherw
     assert finished == [first, second]
     assert second.receipt().deliveries == (Delivery(conn, "dropped", user="ann", code=1006),)
     assert (counters.deliveries_written, counters.deliveries_dropped) == (1, 1)
+
+
+def test_a_close_tells_receipts_at_once_what_will_never_be_written() -> None:
+    conn = ConnId("t.1")
+    registry = ClientRegistry()
+    registry.connect(conn)
+    counters = Counters.zero()
+
+    class Driver:
+        def write(self) -> None: ...
+        def close(self) -> None: ...
+        def settle_soon(self) -> None: ...
+
+    session = Session(
+        conn,
+        Codec.JSON,
+        GatewayConfig(),
+        counters,
+        Hooks((), entry_points=False),
+        registry.addresses,
+        IdFactory("t").next,
+        driver=Driver(),
+    )
+    finished: list[ReceiptTracker] = []
+    message = Envelope(id=EnvelopeId("m"), type="x", sender=ServiceAddress("s"))
+    trackers = [
+        ReceiptTracker(
+            message, NodeId("t"), 1, Recipients(), registry.addresses, finished.append, 0
+        )
+        for _ in range(3)
+    ]
+    for n, tracker in enumerate(trackers):
+        assert session.queue(str(n).encode(), tracker)
+    session.close(4000, "bye", flush=True)
+    assert finished == []  # the flush may yet write them
+    session.flush_ended()
+    # The head may be in the writer's hands: only the others are known dropped now.
+    assert finished == trackers[1:]
+    assert [d.code for t in finished for d in t.receipt().deliveries] == [4000, 4000]
+    session.written()  # the writer's send of the head returned after all
+    assert finished == [*trackers[1:], trackers[0]]
+    assert trackers[0].receipt().deliveries[0].outcome == "written"
+    session.ended(4000, "bye")
+    session.discard()
+    assert (counters.deliveries_written, counters.deliveries_dropped) == (1, 2)
+    assert len(finished) == 3
