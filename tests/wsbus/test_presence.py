@@ -255,3 +255,34 @@ def test_remote_members_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert presence.remembered == 2
     assert [c["conn_id"] for _, c in presence.lost(NodeId("other"))] == ["other.0", "other.1"]
     assert presence.remembered == 0
+
+
+# -- across gateways (tests/wsbus/cluster.py: the bus rules between gateways) ---------------
+
+
+async def test_presence_across_gateways_and_a_dead_one() -> None:
+    from tests.wsbus.cluster import Cluster, running
+
+    room = Room()
+    cluster = Cluster([room])
+    async with running(cluster, presence_frames=("room.*",)) as run:
+        a, b = run.gateways
+        ann = await run.connect(a)
+        bob = await run.connect(b)
+        await _call(ann, "room.join", "room.1")
+        await _call(bob, "room.join", "room.1")
+        joined = await ann.receive_until(PRESENCE)
+        assert (joined["content"]["event"], joined["content"]["conn_id"]) == ("join", bob.conn_id)
+        members = await _call(ann, "room.who", "room.1")
+        assert members["content"] == [ann.conn_id, bob.conn_id]  # asked of both gateways
+        events = await room.wait(2)
+        assert [(e.node, e.conn_id) for e in events] == [("a", ann.conn_id), ("b", bob.conn_id)]
+        # The bus finds b dead and picks a to report it.
+        a.gateway_lost(NodeId("b"), report=True)
+        left = await ann.receive_until(PRESENCE)
+        assert (left["content"]["event"], left["content"]["conn_id"]) == ("leave", bob.conn_id)
+        events = await room.wait(3)
+        assert events[2] == PresenceEvent("gateway_lost", NodeId("b"))
+        for gateway in (a, b):
+            await _settled(gateway)
+            assert_balanced(gateway.stats())

@@ -476,3 +476,40 @@ def test_a_close_tells_receipts_at_once_what_will_never_be_written() -> None:
     session.discard()
     assert (counters.deliveries_written, counters.deliveries_dropped) == (1, 2)
     assert len(finished) == 3
+
+
+async def test_receipts_from_two_gateways_are_merged() -> None:
+    from tests.wsbus.cluster import Cluster, running
+
+    notes = Notes()
+    cluster = Cluster([notes, Control()])
+    async with running(cluster) as run:
+        a, b = run.gateways
+        ann = await run.connect(a)
+        bob = await run.connect(b)
+        for client, group in ((ann, "g"), (bob, "g"), (ann, "only-a")):
+            client.send("ctl.join", {"group": group}, id="j")
+            await client.receive_until("ctl.join.reply")
+        got = await notes.link.send_with_receipt(
+            Recipients(groups=("g", "only-a", "none"), aliases=("nobody",)), "note", 1
+        )
+        assert sorted(d.conn_id for d in got.written) == sorted(
+            [ann.conn_id or "", bob.conn_id or ""]
+        )
+        # b matched neither only-a nor none, a matched only-a: only "none" reached nobody.
+        assert got.unmatched == Recipients(aliases=("nobody",), groups=("none",))
+        assert sorted(got.nodes) == ["a", "b"]
+        # Connection ids only: the owner's receipt is waited for (this bus shares the
+        # message with a too, whose receipt, if in first, says nothing of b's ids).
+        only_bob = await notes.link.send_with_receipt(
+            Recipients(conn_ids=(ConnId(bob.conn_id or ""), ConnId("b.999"))), "note", 2
+        )
+        assert "b" in only_bob.nodes
+        assert [d.conn_id for d in only_bob.written] == [bob.conn_id]
+        assert only_bob.unmatched == Recipients(conn_ids=(ConnId("b.999"),))
+        # A node that is not on the bus: its connection ids are unmatched, nobody is asked.
+        gone = await notes.link.send_with_receipt(Recipients(conn_ids=(ConnId("z.1"),)), "n")
+        assert gone.unmatched.conn_ids == ("z.1",) and gone.nodes == ()
+        for gateway in (a, b):
+            await _settled(gateway)
+            assert_balanced(gateway.stats())
