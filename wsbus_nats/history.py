@@ -82,11 +82,12 @@ HISTORY_KEEP: Final = 86400.0
 """Seconds the stream keeps an entry at least (``max_age`` is the larger of this and the
 settings' ``age``): a group's offsets go on across a quiet spell of up to a day. Entries
 older than ``age`` are kept but never replayed."""
-APPEND_ATTEMPTS: Final = 16
-"""Appends one envelope tries, each after another writer took the offset, at most."""
-BACKOFF: Final = 0.001
-"""Seconds a writer that lost an offset waits at most before its second attempt (doubled
-for each further one, up to 64 times this, with jitter): writers in step part."""
+APPEND_ATTEMPTS: Final = 1000
+"""Appends one envelope tries, each after another writer took the offset, at most (and
+for at most ``request_timeout`` seconds in all)."""
+BACKOFF: Final = 0.0005
+"""Seconds a writer that lost an offset twice in a row waits at most before trying again
+(doubled for each further loss, up to 16 times this, with jitter): writers in step part."""
 WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
 """JetStream's error codes for "wrong last sequence" (the expected sequence did not hold)."""
 GROUP_TOKEN_LIMIT: Final = 1024
@@ -379,9 +380,12 @@ class HistoryWriter:
                 whole_bus=False,
             )
         stream = subjects.history_stream
+        deadline = time.monotonic() + self._link.config.request_timeout
         for attempt in range(APPEND_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(random.uniform(0, BACKOFF * 2 ** min(attempt, 6)))
+            if attempt > 1:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(random.uniform(0, BACKOFF * 2 ** min(attempt - 2, 4)))
             tail = self._tails.get(group)
             if tail is None:
                 tail = await self._tail(every)
@@ -436,8 +440,8 @@ class HistoryWriter:
             self.counters.appends += 1
             return stamped
         raise BusUnavailable(
-            f"group {group!r}'s history kept moving under {APPEND_ATTEMPTS} attempts to "
-            "append to it (many writers at once)",
+            f"group {group!r}'s history kept moving under this instance's attempts to "
+            f"append to it for {self._link.config.request_timeout:g} s (many writers at once)",
             whole_bus=False,
         )
 
