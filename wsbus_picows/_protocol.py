@@ -58,6 +58,10 @@ it) whenever a read fills it: under a flood of small frames the buffer would gro
 the kernel holds (megabytes, hundreds of thousands of frames in one pass). 16 KiB of empty
 pings (2,730 frames, 6 bytes each) is a few milliseconds of work."""
 
+READ_BUFFER: Final = 2048
+"""The read buffer a connection starts with (picows' smallest): it grows as frames need, and
+an idle connection keeps only this."""
+
 _RESPONSE_405: Final = (
     b"HTTP/1.1 405 Method Not Allowed\r\n"
     b"Allow: GET\r\n"
@@ -331,7 +335,7 @@ def protocol_factory(
         False,  # enable_auto_pong
         max_frame_size,
         None,  # extra_headers: a client's
-        FEED_BYTES,  # read_buffer_init_size
+        READ_BUFFER,  # read_buffer_init_size
     )
 
     def make() -> EdgeProtocol:
