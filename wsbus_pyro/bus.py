@@ -32,6 +32,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -158,18 +159,14 @@ class PyroBus:
         self._claims_lock = threading.Lock()
         # Claims and releases are calls to the bus on this one thread, which owns their
         # proxy (Pyro proxies belong to one thread), in the order they were made.
-        self._control: concurrent.futures.ThreadPoolExecutor | None = None
-        self._control_proxy: Proxy | None = None
-        self._control_used = 0.0
+        self._control: _BusLine | None = None
         self._reclaimed = True
         """False while a registration's alias claims are not all sent."""
         self._displaced = False
         self._history: bytes | None = None
         # History reads and session records: calls to the bus on a thread of their own, in
         # the order made (a session saved here is saved before a take made after it).
-        self._store: concurrent.futures.ThreadPoolExecutor | None = None
-        self._store_proxy: Proxy | None = None
-        self._store_used = 0.0
+        self._store: _BusLine | None = None
 
     # -- Bus -----------------------------------------------------------------------------
 
@@ -189,12 +186,8 @@ class PyroBus:
         self._sink = sink
         self._node = str(sink.node)
         self.name = f"{config.gateway_prefix}{self._node}"
-        self._control = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"wsbus-aliases-{self._node}"
-        )
-        self._store = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"wsbus-store-{self._node}"
-        )
+        self._control = _BusLine(f"wsbus-aliases-{self._node}", self._bus_proxy, config)
+        self._store = _BusLine(f"wsbus-store-{self._node}", self._bus_proxy, config)
         daemon = SecureDaemon(config)
         self._daemon = daemon
         endpoint = GatewayEndpoint(loop, sink, on_loop=config.single_thread)
@@ -281,14 +274,10 @@ class PyroBus:
         if self._publisher is not None:
             await asyncio.to_thread(self._publisher.stop, 2.0)
             self._publisher = None
-        if self._control is not None:
-            executor, self._control = self._control, None
-            await asyncio.get_running_loop().run_in_executor(executor, self._release_control)
-            executor.shutdown(wait=False)
-        if self._store is not None:
-            executor, self._store = self._store, None
-            await asyncio.get_running_loop().run_in_executor(executor, self._release_store)
-            executor.shutdown(wait=False)
+        lines, self._control, self._store = (self._control, self._store), None, None
+        for line in lines:
+            if line is not None:
+                await line.close()
         if self._daemon is not None:
             daemon, self._daemon = self._daemon, None
             await asyncio.to_thread(daemon.close)
@@ -357,52 +346,10 @@ class PyroBus:
             raise
 
     async def _call_bus(self, method: str, *args: Any) -> Any:
-        """Call the message bus on the control thread; BusUnavailable when it cannot."""
-        executor = self._control
-        if executor is None:
+        """Call the message bus on the alias thread; BusUnavailable when it cannot."""
+        if self._control is None:
             raise BusUnavailable("this gateway is not on the bus (not started, or closed)")
-        loop = asyncio.get_running_loop()
-        try:
-            # A lookup and two tries of the call, each bounded by comm_timeout.
-            async with asyncio.timeout(3 * self.config.comm_timeout):
-                return await loop.run_in_executor(executor, self._control_call, method, args)
-        except TimeoutError:
-            raise BusUnavailable("the message bus did not answer in time") from None
-        except RuntimeError:  # the executor was shut down: the gateway is closing
-            raise BusUnavailable("this gateway is leaving the bus") from None
-
-    def _control_call(self, method: str, args: tuple[Any, ...]) -> Any:
-        """Make one call on the control thread's proxy (the control thread only)."""
-        if (
-            self._control_proxy is not None
-            and time.monotonic() - self._control_used > self.config.comm_timeout / 2
-        ):
-            # The bus drops connections idle for comm_timeout: a fresh one, not a dead one.
-            self._release_control()
-        try:
-            try:
-                reused = self._control_proxy is not None
-                if self._control_proxy is None:
-                    self._control_proxy = self._bus_proxy()
-                result = getattr(self._control_proxy, method)(*args)
-            except pyro_errors.ConnectionClosedError:
-                if not reused:
-                    raise
-                # The bus closed a connection we held: it never read this call (and claims
-                # and releases may be made twice anyway).
-                self._release_control()
-                self._control_proxy = self._bus_proxy()
-                result = getattr(self._control_proxy, method)(*args)
-        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
-            self._release_control()
-            raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
-        self._control_used = time.monotonic()
-        return result
-
-    def _release_control(self) -> None:
-        if self._control_proxy is not None:
-            self._control_proxy._pyroRelease()
-            self._control_proxy = None
+        return await self._control.call(method, *args)
 
     def _clear_refused(self, alias: str, conn_id: ConnId) -> None:
         """On the loop: drop an alias the bus gave another gateway while this one was away."""
@@ -500,48 +447,9 @@ class PyroBus:
 
     async def _call_store(self, method: str, *args: Any) -> Any:
         """Call the message bus on the store thread; BusUnavailable when it cannot."""
-        executor = self._store
-        if executor is None:
+        if self._store is None:
             raise BusUnavailable("this gateway is not on the bus (not started, or closed)")
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(3 * self.config.comm_timeout):
-                return await loop.run_in_executor(executor, self._store_call, method, args)
-        except TimeoutError:
-            raise BusUnavailable("the message bus did not answer in time") from None
-        except RuntimeError:  # the executor was shut down: the gateway is closing
-            raise BusUnavailable("this gateway is leaving the bus") from None
-
-    def _store_call(self, method: str, args: tuple[Any, ...]) -> Any:
-        """Make one call on the store thread's proxy (the store thread only)."""
-        if (
-            self._store_proxy is not None
-            and time.monotonic() - self._store_used > self.config.comm_timeout / 2
-        ):
-            self._release_store()
-        try:
-            try:
-                reused = self._store_proxy is not None
-                if self._store_proxy is None:
-                    self._store_proxy = self._bus_proxy()
-                result = getattr(self._store_proxy, method)(*args)
-            except pyro_errors.ConnectionClosedError:
-                if not reused:
-                    raise
-                # The bus closed a connection we held: it never read this call.
-                self._release_store()
-                self._store_proxy = self._bus_proxy()
-                result = getattr(self._store_proxy, method)(*args)
-        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
-            self._release_store()
-            raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
-        self._store_used = time.monotonic()
-        return result
-
-    def _release_store(self) -> None:
-        if self._store_proxy is not None:
-            self._store_proxy._pyroRelease()
-            self._store_proxy = None
+        return await self._store.call(method, *args)
 
     # -- the daemon in the loop ----------------------------------------------------------
 
@@ -777,6 +685,71 @@ class PyroBus:
             log.info("gateway %s re-registered with the %s", self._node, what)
         except Exception as exc:
             log.info("re-registering with the %s failed: %s", what, exc)
+
+
+class _BusLine:
+    """Calls to the message bus from the loop, made in order on one thread of their own.
+
+    The thread owns the line's proxy (Pyro proxies belong to one thread); the loop only
+    awaits the answers.
+    """
+
+    def __init__(self, name: str, connect: Callable[[], Proxy], config: PyroConfig) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._connect = connect
+        self._config = config
+        self._proxy: Proxy | None = None
+        self._used = 0.0
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call ``method`` on the bus; BusUnavailable when it cannot be reached in time."""
+        loop = asyncio.get_running_loop()
+        try:
+            # A lookup and two tries of the call, each bounded by comm_timeout.
+            async with asyncio.timeout(3 * self._config.comm_timeout):
+                return await loop.run_in_executor(self._executor, self._call, method, args)
+        except TimeoutError:
+            raise BusUnavailable("the message bus did not answer in time") from None
+        except RuntimeError:  # the executor was shut down: the gateway is closing
+            raise BusUnavailable("this gateway is leaving the bus") from None
+
+    async def close(self) -> None:
+        """Release the proxy (on its thread) and end the thread."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
+        self._executor.shutdown(wait=False)
+
+    def _call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """Make one call on the line's proxy (the line's thread only)."""
+        if (
+            self._proxy is not None
+            and time.monotonic() - self._used > self._config.comm_timeout / 2
+        ):
+            # The bus drops connections idle for comm_timeout: a fresh one, not a dead one.
+            self._release()
+        try:
+            try:
+                reused = self._proxy is not None
+                if self._proxy is None:
+                    self._proxy = self._connect()
+                result = getattr(self._proxy, method)(*args)
+            except pyro_errors.ConnectionClosedError:
+                if not reused:
+                    raise
+                # The bus closed a connection we held: it never read this call (and claims,
+                # releases and reads may be made twice anyway; a save is the same twice).
+                self._release()
+                self._proxy = self._connect()
+                result = getattr(self._proxy, method)(*args)
+        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError) as exc:
+            self._release()
+            raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
+        self._used = time.monotonic()
+        return result
+
+    def _release(self) -> None:
+        if self._proxy is not None:
+            self._proxy._pyroRelease()
+            self._proxy = None
 
 
 def _chunks(pairs: list[list[str]], size: int) -> list[list[list[str]]]:

@@ -10,21 +10,43 @@ epoch, and resuming clients are told to resync.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+import pytest
 import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Envelope, Gateway, GatewayConfig, Service, memory_pair
 from wsbus.edge import MemoryClient
-from wsbus.envelope import ClientAddress, Recipients
+from wsbus.envelope import (
+    ClientAddress,
+    ConnId,
+    EnvelopeId,
+    GatewayAddress,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+)
+from wsbus.errors import BusUnavailable
 from wsbus.gateway import ResumeSettings
-from wsbus.history import HistoryConfig, Position
+from wsbus.history import GROUP_HEADER, POSITION_HEADER, HistoryConfig, Position, position_of
+from wsbus.resume import SessionRecord
 from wsbus.service import Context, handles
-from wsbus_pyro import PyroBus, PyroConfig
-from wsbus_pyro.transport import lookup
-from wsbus_testing.children import Child
+from wsbus_pyro import MessageBus, PyroBus, PyroConfig, messagebus
+from wsbus_pyro.transport import (
+    NO_ROUTE,
+    OK,
+    decode_batch,
+    encode_batch,
+    gateway_lost_notice,
+    lookup,
+)
+from wsbus_testing.children import Child, free_port
+
+encode = msgspec.msgpack.encode
 
 Spawn = Callable[[str], Child]
 
@@ -38,9 +60,10 @@ SECRET = "5eed" * 16
 class Streamer(Service):
     """Streams numbered messages to a group, for these tests.
 
-    ``stream.start`` ``{"group", "n", "start"}`` sends ``stream.item`` start..start+n-1
-    (start 0 by default) to the group, a little at a time, and replies ``"done"`` once all
-    are sent; ``stream.join`` ``{"group"}`` adds the sender to the group.
+    ``stream.start`` ``{"group", "n", "start", "pad"}`` sends ``stream.item``
+    start..start+n-1 (start 0 by default) to the group, a little at a time, and replies
+    ``"done"`` once all are sent; with ``pad``, each item is ``{"i": i, "pad": "x" * pad}``.
+    ``stream.join`` ``{"group"}`` adds the sender to the group.
     """
 
     name = "streamer"
@@ -56,8 +79,9 @@ class Streamer(Service):
         """Send the numbered messages, pausing now and then (a stream, not one burst)."""
         recipients = Recipients(groups=(message.content["group"],))
         start = int(message.content.get("start", 0))
+        pad = int(message.content.get("pad", 0))
         for i in range(start, start + int(message.content["n"])):
-            ctx.send(recipients, "stream.item", i)
+            ctx.send(recipients, "stream.item", {"i": i, "pad": "x" * pad} if pad else i)
             if i % 10 == 9:
                 await asyncio.sleep(0.01)
         ctx.reply("done")
@@ -240,3 +264,187 @@ async def test_a_restarted_bus_starts_history_again_and_clients_resync(
     finally:
         await kit.close()
         await asyncio.to_thread(bus.stop)
+
+
+# -- the message bus's history and sessions, called directly (no processes) ------------------
+
+
+def _fake_uri() -> str:
+    # Nothing listens there: forwarders to it fail at once, which routing does not mind.
+    return f"PYRO:wsbus.gateway.g1@127.0.0.1:{free_port()}"
+
+
+def _feed(n: int, id: str | None = None, **fields: Any) -> Envelope:
+    return Envelope(
+        id=EnvelopeId(id or f"streamer-{n}"),
+        type="stream.item",
+        sender=ServiceAddress("streamer"),
+        content=n,
+        recipients=Recipients(groups=("feed.1",)),
+        **fields,
+    )
+
+
+def _history(bus: MessageBus, group: str, after: int, limit: int = 100) -> list[Envelope] | None:
+    answer = bus.history(group, [bus.info()["history"], after], limit)
+    return None if answer is None else decode_batch(answer[0])
+
+
+def test_the_message_bus_stamps_each_history_message_once(
+    wsbus_pyro_config: PyroConfig,
+) -> None:
+    bus = MessageBus(wsbus_pyro_config)
+    config = HistoryConfig(groups=("feed.*",), size=10, age=300.0)
+    try:
+        bus.register_gateway("g1", _fake_uri(), [], False, True, encode(config))
+        forged = _feed(3, headers={POSITION_HEADER: "e:999", GROUP_HEADER: "feed.1"})
+        not_kept = msgspec.structs.replace(_feed(4), recipients=Recipients(groups=("other",)))
+        bus.route(encode_batch([_feed(1), _feed(2), _feed(1), forged, not_kept]))
+        kept = _history(bus, "feed.1", 0)
+        assert kept is not None
+        # The copy sent again kept its place; the service's own position was not believed.
+        assert [(e.content, position_of(e)) for e in kept] == [
+            (n, ("feed.1", Position(bus.info()["history"], n))) for n in (1, 2, 3)
+        ]
+        assert _history(bus, "feed.1", 3) == []
+        assert _history(bus, "other", 0) is None
+        # Only the bus and gateways speak for gateways: a service's attempt goes nowhere.
+        lost = gateway_lost_notice("g1", "x")
+        presence = Envelope(
+            id=EnvelopeId("p"),
+            type="wsbus.presence",
+            sender=GatewayAddress(NodeId("g1")),
+            content={"event": "leave", "node": "g1"},
+        )
+        assert bus.route(encode_batch([lost, presence])) == [NO_ROUTE, NO_ROUTE]
+    finally:
+        bus._shutdown()
+
+
+def test_the_last_gateway_to_register_says_what_history_is_kept(
+    wsbus_pyro_config: PyroConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = MessageBus(wsbus_pyro_config)
+    first = HistoryConfig(groups=("feed.*",))
+    other = HistoryConfig(groups=("feed.*",), size=5)
+    try:
+        assert bus.info()["history"] is None
+        bus.register_gateway("g1", _fake_uri(), [], False, True, encode(first))
+        epoch = bus.info()["history"]
+        bus.register_gateway("g2", _fake_uri(), [], False, True, encode(first))
+        bus.register_gateway("g3", _fake_uri(), [], False, True)  # says nothing
+        assert bus.info()["history"] == epoch
+        with caplog.at_level(logging.WARNING, "wsbus.pyro.bus"):
+            bus.register_gateway("g4", _fake_uri(), [], False, True, encode(other))
+            bus.register_gateway("g5", _fake_uri(), [], False, True, encode(first))
+            bus.register_gateway("g6", _fake_uri(), [], False, True, b"\x01not settings")
+        # A change starts history again under a new epoch; it is logged once.
+        assert bus.info()["history"] not in (None, epoch)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2
+        assert "gateway g4 keeps history as" in warnings[0]
+        assert "gateway g6 sent history settings the bus cannot read" in warnings[1]
+    finally:
+        bus._shutdown()
+
+
+def test_a_history_read_fits_in_pyro_messages(wsbus_pyro_config: PyroConfig) -> None:
+    config = msgspec.structs.replace(wsbus_pyro_config, max_message_size=64 * 1024)
+    bus = MessageBus(config)
+    try:
+        bus.register_gateway(
+            "g1", _fake_uri(), [], False, True, encode(HistoryConfig(groups=("feed.*",)))
+        )
+        pad = "x" * 10_000
+        bus.route(encode_batch([_feed(n, headers={"pad": pad}) for n in range(1, 11)]))
+        answer = bus.history("feed.1", [bus.info()["history"], 0], 100)
+        assert answer is not None
+        blob, more = answer
+        first = decode_batch(blob)
+        assert more is True and 1 <= len(first) < 10
+        assert len(blob) <= config.max_message_size // 2
+        # Asked again after the last one, as PyroBus.history does, until nothing is left out.
+        got = first
+        while more:
+            answer = bus.history("feed.1", [bus.info()["history"], len(got)], 100)
+            assert answer is not None
+            blob, more = answer
+            got += decode_batch(blob)
+        assert [e.content for e in got] == list(range(1, 11))
+        # What a peer sends that is not a question gets no answer but None.
+        assert bus.history("feed.1", "nonsense", 10) is None
+        assert bus.history("feed.1", [bus.info()["history"], -1], 10) is None
+        assert bus.history("g" * 5000, [bus.info()["history"], 0], 10) is None
+    finally:
+        bus._shutdown()
+
+
+def test_closed_sessions_are_kept_within_bounds(
+    wsbus_pyro_config: PyroConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(messagebus, "_SESSION_BYTES", 10_000)
+    bus = MessageBus(wsbus_pyro_config)
+
+    def record(n: int) -> SessionRecord:
+        return SessionRecord(
+            sid=f"session-{n:04}-abcdefghijklmnop",
+            user=None,
+            alias=None,
+            groups=("feed.1",),
+            conn_ids=(ConnId(f"g1.{n}"),),
+            closed=1.0,
+            code=1006,
+            unacked=(_feed(n, headers={"pad": "x" * 3000}),),
+        )
+
+    try:
+        for n in range(5):
+            assert bus.save_session(encode(record(n)), 60.0) == OK
+        # About 3 KB each: the oldest went to keep within 10,000 bytes.
+        assert bus.info()["sessions"] == 3 and bus.sessions_dropped == 2
+        assert bus.take_session(record(0).sid) is None
+        taken = bus.take_session(record(4).sid)
+        assert taken is not None and msgspec.msgpack.decode(taken, type=SessionRecord) == record(4)
+        assert bus.take_session(record(4).sid) is None
+        assert bus.save_session(b"\x01not a record", 60.0) == "refused"
+        assert bus.save_session(encode(record(9)), 0.0) == OK  # nothing to keep
+        assert bus.take_session(record(9).sid) is None
+        assert bus.take_session("s" * 5000) is None
+    finally:
+        bus._shutdown()
+
+
+async def test_a_session_record_too_large_for_pyro_is_refused(kit: Kit) -> None:
+    gateway = await kit.gateway("g1")
+    bus = gateway.bus
+    assert isinstance(bus, PyroBus)
+    huge = SessionRecord(
+        sid="too-large-session-abcdefgh",
+        user=None,
+        alias=None,
+        groups=(),
+        conn_ids=(ConnId("g1.1"),),
+        closed=1.0,
+        code=1006,
+        unacked=(_feed(1, headers={"pad": "x" * kit.config.max_message_size}),),
+    )
+    with pytest.raises(BusUnavailable, match="more than a Pyro message may carry"):
+        await bus.save_session(huge, 60.0)
+
+
+async def test_a_long_history_read_takes_several_calls(kit: Kit) -> None:
+    """What does not fit in one Pyro message comes in the next call, whole and in order."""
+    gateway = await kit.gateway("g1")
+    ann, _ = await kit.client(gateway)
+    size = kit.config.max_message_size // 8
+    ann.send("stream.start", {"group": "feed.big", "n": 10, "pad": size}, id="go")
+    await ann.receive_until("stream.start.reply", WAIT)
+    bus = gateway.bus
+    assert isinstance(bus, PyroBus)
+    epoch = (await asyncio.to_thread(_bus_info, kit.config))["history"]
+    got = await bus.history("feed.big", Position(epoch, 0), 100)
+    assert got is not None
+    assert [e.content["i"] for e in got] == list(range(10))
+    assert all(len(e.content["pad"]) == size for e in got)
+    some = await bus.history("feed.big", Position(epoch, 2), 5)
+    assert [e.content["i"] for e in some or ()] == [2, 3, 4, 5, 6]
