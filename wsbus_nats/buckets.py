@@ -237,21 +237,28 @@ async def open_bucket(
         return await js.key_value(spec.name)
 
 
-async def make_buckets(config: NatsConfig, history: HistoryConfig | None = None) -> None:
+async def make_buckets(
+    config: NatsConfig, history: HistoryConfig | None = None, node: str = "setup"
+) -> None:
     """Connect as ``config``'s user (a gateway's) and make what gateways make, checked.
 
     The directory's three buckets, the sessions bucket and, given the gateways' ``history``
     settings, the history stream: what a gateway does at start, for a setup step that must
     come before any service instance starts (``wsbus demo --bus nats`` starts its services
-    first). Without ``history`` the stream is left to the first gateway.
+    first). Without ``history`` the stream is left to the first gateway. ``node``: the
+    gateway node whose user ``config`` has (its answers come to that node's inbox; any
+    name for the ``gateways`` user).
 
     Raises:
         ConfigError: a bucket or the history stream exists and is not as wsbus makes it
             (or holds other history settings).
         BusUnavailable: NATS or its JetStream cannot be reached.
     """
+    subjects = Subjects(config.prefix)
+    options = config.connect_options()
+    options.update(allow_reconnect=False, inbox_prefix=subjects.inbox("gw", node))
     try:
-        nc = await nats.connect(**{**config.connect_options(), "allow_reconnect": False})
+        nc = await nats.connect(**options)
     except Exception as exc:
         raise BusUnavailable(
             f"no NATS server could be reached at {', '.join(map(redact_url, config.servers))} "
@@ -259,7 +266,6 @@ async def make_buckets(config: NatsConfig, history: HistoryConfig | None = None)
         ) from None
     try:
         js = nc.jetstream(timeout=config.request_timeout)
-        subjects = Subjects(config.prefix)
         for spec in [*bucket_specs(subjects, config.heartbeat), sessions_spec(subjects)]:
             await open_bucket(js, spec, replicas=config.kv_replicas, create=True, wait=0)
         if history is not None:

@@ -192,6 +192,7 @@ class NatsBus:
             on_reconnected=self._reconnected,
             on_disconnected=self._disconnected,
             on_slow_consumer=self._slow_consumer,
+            inbox_prefix=self.subjects.inbox(FROM_GATEWAY, node),
         )
         self._link = link
         await link.connect()

@@ -112,6 +112,8 @@ class Link:
         on_disconnected: called on the loop when the connection breaks.
         on_slow_consumer: called on the loop with the subscription NATS dropped
             messages from.
+        inbox_prefix: where every answer to this process comes (its own, see
+            :meth:`wsbus_nats.subjects.Subjects.inbox`), nats-py's ``_INBOX`` by default.
     """
 
     def __init__(
@@ -122,8 +124,10 @@ class Link:
         on_reconnected: Callable[[], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
         on_slow_consumer: Callable[[Subscription], None] | None = None,
+        inbox_prefix: str = "_INBOX",
     ) -> None:
         self.config = config
+        self.inbox_prefix = inbox_prefix
         self.name = config.name or name
         self.counters = LinkCounters()
         self.nc = Client()
@@ -152,6 +156,7 @@ class Link:
             await self.nc.connect(
                 **config.connect_options(),
                 name=self.name,
+                inbox_prefix=self.inbox_prefix,
                 error_cb=self._error,
                 disconnected_cb=self._disconnected,
                 reconnected_cb=self._reconnected,

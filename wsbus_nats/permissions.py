@@ -13,29 +13,32 @@ Per user, on subjects under the prefix ``P`` (``wsbus``):
 user                publishes                                   subscribes
 ==================  ==========================================  ==============================
 ``svc-S``           ``P.gw.*.svc.S``, ``P.svc.*.svc.S``,        ``P.svc.S.>``, ``P.reply.S.>``,
-                    ``P.hist.*.S`` (its history entries),       ``_INBOX.>``; ``P.ev.>`` if it
-                    answers to requests it received             declared ``wsbus.presence``
+                    ``P.hist.*.S`` (its history entries),       ``_INBOX.P.svc.S.>``;
+                    answers to requests it received             ``P.ev.>`` if it declared
+                                                                ``wsbus.presence``
 ``gw-N``            ``P.svc.*.gw.N``, ``P.reply.>``,            ``P.gw.N.>``, ``P.ev.>``,
-                    ``P.ev.gw.N`` (presence events), answers    ``_INBOX.>``
+                    ``P.ev.gw.N`` (presence events), answers    ``_INBOX.P.gw.N.>``
 ``gateways``        as ``gw-N`` for every node ``*``            ``P.gw.*.>``, ``P.ev.>``,
-                                                                ``_INBOX.>``
+                                                                ``_INBOX.P.gw.*.>``
 ==================  ==========================================  ==============================
 
 and the directory in JetStream key-value buckets: everyone may open the three buckets,
 read them and follow them (consumers on ``KV_P_gateways`` and ``KV_P_services``, their
-deliveries and flow control on ``_INBOX.>`` and ``$JS.FC``); only gateways may create them
-(whoever creates a bucket's stream chooses what it stores: see :mod:`wsbus_nats.buckets`);
-service ``S`` writes only its own instances' keys (``$KV.P_services.S.*``: exactly
-``S.<instance>``), gateway ``N`` only its own liveness key (``$KV.P_gateways.N``) and the
-alias table (``$KV.P_aliases.>``: any gateway may rewrite any alias; each checks its own
-claims). Group history (the stream ``P_history``): gateways make it and read it (direct
-gets, ordered consumers); a service reads its settings and a group's last entry (by
-subject only) and appends only under its own name. Closed sessions (``KV_P_sessions``):
-gateways only. The account's JetStream use is bounded (:class:`JetStreamLimits`).
+deliveries on the process's own inbox and flow control on ``$JS.FC``); only gateways may
+create them (whoever creates a bucket's stream chooses what it stores: see
+:mod:`wsbus_nats.buckets`); service ``S`` writes only its own instances' keys
+(``$KV.P_services.S.*``: exactly ``S.<instance>``), gateway ``N`` only its own liveness key
+(``$KV.P_gateways.N``) and the alias table (``$KV.P_aliases.>``: any gateway may rewrite any
+alias; each checks its own claims). Group history (the stream ``P_history``): gateways make
+it and read it (direct gets, ordered consumers); a service reads its settings and a group's
+last entry (by subject only) and appends only under its own name. Closed sessions
+(``KV_P_sessions``): gateways only. The account's JetStream use is bounded
+(:class:`JetStreamLimits`).
 
-What this does not stop: a process subscribing ``_INBOX.>`` can read other processes'
-acknowledgements and key-value reads (the directory and the alias table, which every
-gateway reads anyway), never an envelope: those travel on ``P.svc.S.>`` and ``P.gw.N.>``.
+Each process gets every answer (acknowledgements, JetStream's replies and deliveries) on an
+inbox of its own, ``_INBOX.P.<gw|svc>.<name>`` (:meth:`~wsbus_nats.subjects.Subjects.inbox`),
+which only its user may subscribe to: no process reads another's session records, history
+reads or key-value reads. (Gateways sharing the ``gateways`` user share its inboxes.)
 
 The server configuration holds the passwords in clear: keep it readable by the server's
 user only (written 0600 here), or replace each with its bcrypt hash (``nats server
@@ -367,7 +370,9 @@ def service_permissions(subjects: Subjects, service: str, *, presence: bool = Fa
             subjects.service_inbox(service),
             f"{p}.reply.{service}.>",
             *([subjects.presence_all] if presence else []),
-            "_INBOX.>",
+            # Its own inbox only: answers to others (session records, history reads,
+            # key-value reads) are not its to read.
+            f"{subjects.inbox('svc', service)}.>",
         ),
     )
 
@@ -393,7 +398,11 @@ def gateway_permissions(subjects: Subjects, node: str = ANY_GATEWAY) -> Permissi
             *_bucket_reads(sessions, follow=False, create=True),
             *_history(subjects, gateway=True),
         ),
-        subscribe=(subjects.gateway_inbox(node), subjects.presence_all, "_INBOX.>"),
+        subscribe=(
+            subjects.gateway_inbox(node),
+            subjects.presence_all,
+            f"{subjects.inbox('gw', node)}.>",
+        ),
     )
 
 

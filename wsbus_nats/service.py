@@ -176,6 +176,7 @@ class ServiceHost:
             f"wsbus service {self.name} {self.instance}",
             on_reconnected=self._reconnected,
             on_disconnected=self._disconnected,
+            inbox_prefix=self.subjects.inbox(FROM_SERVICE, self.name),
         )
         self._link = link
         await link.connect()

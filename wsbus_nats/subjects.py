@@ -101,6 +101,16 @@ class Subjects:
         self.presence_all = f"{prefix}.ev.>"
         """What gateways and presence-declaring services subscribe to for presence events."""
 
+    def inbox(self, kind: str, name: str) -> str:
+        """The inbox prefix of one process: gateway ``name`` (``kind`` ``gw``) or service.
+
+        Every answer to what a process asks (JetStream's too: key-value and history reads,
+        acknowledgements, consumers' deliveries) comes on a subject under it, and the NATS
+        permissions let only that process's user subscribe there: no other process can
+        read a gateway's session records or history reads.
+        """
+        return f"_INBOX.{self.prefix}.{kind}.{name}"
+
     def presence(self, node: str) -> str:
         """The subject of gateway ``node``'s presence events."""
         return f"{self.prefix}.ev.{FROM_GATEWAY}.{node}"

@@ -79,10 +79,13 @@ async def connect(server: NatsServer, access: Access) -> AsyncIterator[Any]:
     async def connect(name: str) -> Connected:
         user = access.user(name)
         connected = Connected()
+        kind = "svc" if user.role == "service" else "gw"
         connected.nc = await nats.connect(
             server.url,
             user=user.name,
             password=user.password,
+            # Each user may read answers on its own inbox only.
+            inbox_prefix=SUBJECTS.inbox(kind, "any" if user.owner == "*" else user.owner),
             error_cb=connected.error,
             allow_reconnect=False,
         )
@@ -399,10 +402,12 @@ async def test_the_generated_configuration_runs_a_cluster(tmp_path: Path, access
 
         async def as_user(name: str, node: int) -> Client:
             user = access.user(name)
+            kind = "svc" if user.role == "service" else "gw"
             nc = await nats.connect(
                 cluster[node].url,
                 user=user.name,
                 password=user.password,
+                inbox_prefix=SUBJECTS.inbox(kind, user.owner),
                 error_cb=error,
                 allow_reconnect=False,
             )
@@ -635,3 +640,23 @@ async def test_the_bus_runs_with_the_generated_users(server: NatsServer, access:
     finally:
         await host.close()
         await bus.close()
+
+
+async def test_a_process_cannot_read_another_processes_answers(connect: Any) -> None:
+    # Session records and history reads come back on the asking gateway's inbox: a
+    # service's user may not subscribe there, nor to the old catch-all _INBOX.>.
+    echo = await connect("svc-echo")
+    for subject in (
+        "_INBOX.>",
+        f"{SUBJECTS.inbox('gw', 'a')}.>",
+        f"{SUBJECTS.inbox('svc', 'chat')}.>",
+    ):
+        echo.errors.clear()
+        await _collect(echo.nc, subject)
+        await echo.wait_error()
+    gateway = await connect("gw-a")
+    spec = sessions_spec(SUBJECTS)
+    kv = await open_bucket(gateway.nc.jetstream(timeout=5), spec, replicas=1, create=True, wait=0)
+    await kv.put("s" * 22, b"record")
+    assert (await kv.get("s" * 22)).value == b"record"  # its own answers reach it
+    assert gateway.errors == []
