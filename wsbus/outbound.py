@@ -227,7 +227,20 @@ class Outbound:
         counters.messages_routed += 1
         refused: list[ConnId] = []
         if receipt or ack:
-            refused = self._queue_tracked(result, targets, encoded, missed_here, shared, wall)
+            tracker: ReceiptTracker | None = None
+            if receipt:
+                counters.receipts_pending += 1
+                misses = self._receipt_misses(missed_here, shared)
+                tracker = ReceiptTracker(
+                    envelope,
+                    self._node,
+                    len(targets),
+                    misses,
+                    self._registry.addresses,
+                    self._receipt_done,
+                    wall,
+                )
+            refused = self._queue_tracked(result, targets, encoded, tracker, ack)
         else:
             for conn_id in targets:
                 session = sessions[conn_id]
@@ -246,29 +259,15 @@ class Outbound:
         envelope: Envelope,
         targets: list[ConnId],
         encoded: dict[Codec, bytes],
-        missed_here: Recipients | None,
-        shared: bool,
-        wall: float,
+        tracker: ReceiptTracker | None,
+        ack: bool,
     ) -> list[ConnId]:
         """Queue a message that asked for a receipt or acknowledgements; return the refused.
 
-        Each connection's outcome goes to the receipt (those queued tell it when they are
-        written or dropped); each delivery not refused is awaited for its acknowledgement.
+        Each connection's outcome goes to the receipt (``tracker``; those queued tell it
+        when they are written or dropped); with ``ack``, each delivery not refused is
+        awaited for its acknowledgement.
         """
-        headers = envelope.headers
-        tracker: ReceiptTracker | None = None
-        if headers.get(control.RECEIPT_HEADER) == "1":
-            self._counters.receipts_pending += 1
-            tracker = ReceiptTracker(
-                envelope,
-                self._node,
-                len(targets),
-                self._receipt_misses(missed_here, shared),
-                self._registry.addresses,
-                self._receipt_done,
-                wall,
-            )
-        ack = headers.get(control.ACK_HEADER) == "1"
         mark: Mark = tracker if tracker is not None else True
         sessions = self._sessions
         refused: list[ConnId] = []

@@ -26,6 +26,7 @@ from wsbus import (
     RequestTimeout,
     Service,
     handles,
+    hookimpl,
 )
 from wsbus.bus import SHARED_HEADER
 from wsbus.control import (
@@ -513,3 +514,25 @@ async def test_receipts_from_two_gateways_are_merged() -> None:
         for gateway in (a, b):
             await _settled(gateway)
             assert_balanced(gateway.stats())
+
+
+class StripHeaders:
+    """An outbound plugin that rewrites every message without its headers."""
+
+    @hookimpl
+    def wsbus_transform_outbound(self, message: Envelope) -> Envelope:
+        return msgspec.structs.replace(message, headers={})
+
+
+@pytest.mark.parametrize("wsbus_plugins", [[StripHeaders()]])
+async def test_a_plugin_that_rewrites_the_headers_does_not_lose_the_receipt(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes
+) -> None:
+    client = await wsbus_connect()
+    me = ConnId(client.conn_id or "")
+    got = await notes.link.send_with_receipt(Recipients(conn_ids=(me,)), "task", 1, ack=True)
+    assert [d.conn_id for d in got.written] == [me]
+    frame = await client.receive()
+    assert frame["ack"] is True  # asked by the service, whatever the plugin made of it
+    await _settled(wsbus_gateway)
+    assert_balanced(wsbus_gateway.stats())
