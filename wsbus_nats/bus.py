@@ -521,12 +521,9 @@ class NatsBus:
             await open_history(
                 js, self.subjects, wanted=self._history_config, replicas=config.kv_replicas
             )
+            spec = sessions_spec(self.subjects)
             kv = await open_bucket(
-                js,
-                sessions_spec(self.subjects),
-                replicas=config.kv_replicas,
-                create=True,
-                wait=config.heartbeat,
+                js, spec, replicas=config.kv_replicas, create=True, wait=config.heartbeat
             )
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(
@@ -536,7 +533,7 @@ class NatsBus:
         self._history = HistoryReader(
             link, self.subjects, self._history_config.age, self.history_counters
         )
-        self._sessions = SessionStore(js, kv, self.subjects.sessions_bucket)
+        self._sessions = SessionStore(js, kv, spec.name, min(spec.max_msg_size, link.max_payload))
 
     async def _on_presence(self, msg: Msg) -> None:
         """Take another gateway's presence event: check its sender, hand it to the gateway."""

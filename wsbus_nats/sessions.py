@@ -47,27 +47,37 @@ class SessionStore:
     Args:
         js: the gateway's JetStream context.
         kv: the sessions bucket (opened and checked).
+        bucket: the bucket's name.
+        largest: the bucket's largest entry, in bytes.
     """
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, largest: int) -> None:
         self._js = js
         self._kv = kv
         self._prefix = f"$KV.{bucket}."
+        # The key, subject and headers take some of the bucket's largest entry.
+        self._largest = largest - 1024
 
     async def save(self, record: SessionRecord, ttl: float) -> None:
         """Keep ``record`` for ``ttl`` seconds (rounded up to whole seconds).
 
         Raises:
             ValueError: its session id cannot be a key.
-            BusUnavailable: it cannot be kept now (JetStream down, or the record is
-                larger than an entry may be).
+            BusUnavailable: it cannot be kept (JetStream down, or the record is larger
+                than an entry may be: not the whole bus).
         """
         if not valid_sid(record.sid):
             raise ValueError(f"session id {record.sid!r} is not 16-128 URL-safe characters")
-        try:
-            await self._js.publish(
-                self._prefix + record.sid, _encode(record), msg_ttl=max(1, math.ceil(ttl))
+        data = _encode(record)
+        if len(data) > self._largest:
+            raise BusUnavailable(
+                f"the session record is {len(data)} bytes, more than the sessions bucket "
+                f"keeps in one entry ({self._largest}): it has too many unacknowledged "
+                "messages, or too large ones",
+                whole_bus=False,
             )
+        try:
+            await self._js.publish(self._prefix + record.sid, data, msg_ttl=max(1, math.ceil(ttl)))
         except nats.js.errors.APIError as exc:
             raise BusUnavailable(
                 f"the session could not be kept (error code {exc.err_code}: {exc.description})",

@@ -162,12 +162,33 @@ def test_nats_config_writes_private_files_that_wsbus_reads(tmp_path: Path) -> No
         (["--service", "echo"], ["--gateway NODE", "--any-gateway"]),
         (["--service", "nosuch.mod:Todo", "--gateway", "g"], ["no module named 'nosuch'"]),
         (["--service", "echo", "--service", "echo", "--any-gateway"], ["given twice"]),
+        (["--service", "echo", "--presence", "chat", "--any-gateway"], ["--presence 'chat'"]),
     ],
 )
 def test_nats_config_says_what_is_wrong(args: list[str], words: list[str]) -> None:
     line = one_line(run("nats-config", *args), 2)
     for word in words:
         assert word in line, line
+
+
+def test_nats_config_lets_only_presence_services_hear_presence_events() -> None:
+    # A class that declares wsbus.presence is found out; a name is given with --presence.
+    result = run(
+        "nats-config",
+        "--service",
+        "wsbus_testing.services:Watcher",
+        "--service",
+        ECHO,
+        "--service",
+        "audit",
+        "--presence",
+        "audit",
+        "--any-gateway",
+    )
+    assert result.returncode == 0, result.stderr
+    users = result.stdout.split("user: ")[1:]
+    hears = {user.split('"')[1]: '"wsbus.ev.>"' in user for user in users}
+    assert hears == {"svc-watcher": True, "svc-echo": False, "svc-audit": True, "gateways": True}
 
 
 # -- wsbus service --bus nats, wsbus serve --bus nats -----------------------------------------

@@ -141,3 +141,18 @@ async def test_sessions_refuse_when_nats_is_down(
 async def _bucket(bus: NatsBus) -> nats.js.kv.KeyValue:
     assert bus._link is not None
     return await bus._link.nc.jetstream().key_value("wsbus_sessions")
+
+
+async def test_a_record_larger_than_an_entry_may_be_is_refused(
+    buses: tuple[NatsBus, NatsBus],
+) -> None:
+    a, _ = buses
+    big = Envelope(
+        id=EnvelopeId("m1"), type="chat.say", sender=ServiceAddress("chat"), content="x" * 600_000
+    )
+    record = _record("big-" + "w" * 16, unacked=(big, big))
+    with pytest.raises(BusUnavailable, match="bytes") as refused:
+        await a.save_session(record, 60)
+    assert not refused.value.whole_bus
+    assert await a.take_session(record.sid) is None
+    await a.save_session(_record("small-" + "w" * 16), 60)  # the bucket still takes others
