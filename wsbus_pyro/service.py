@@ -6,9 +6,14 @@ message bus delivers to it, and a forwarder thread through which everything it s
 the bus, in order and in batches. ``wsbus service MODULE:CLASS`` does this from the command
 line; :func:`run_service` does it from Python.
 
-The service's ``ctx.clients()`` asks every gateway the bus lists as alive and joins their
-lists. One process serves a service name: the bus refuses a second one while the first
-answers (:class:`~wsbus.errors.ConfigError`, saying that Pyro is the single-machine bus and
+The service's ``ctx.clients()`` (and ``ctx.presence(group)``) asks every gateway the bus
+lists as alive and joins their lists. A service that declares ``wsbus.presence`` gets every
+gateway's presence events, and the bus's own ``gateway_lost`` event when a gateway dies;
+receipts (``wsbus.receipt``) and client acknowledgements (``wsbus.processed``) come to the
+sending service by name, as replies do.
+
+One process serves a service name: the bus refuses a second one while the first answers
+(:class:`~wsbus.errors.ConfigError`, saying that Pyro is the single-machine bus and
 ``--bus nats`` runs several instances), and lets a restarted one replace a dead one at once.
 """
 
