@@ -233,8 +233,8 @@ class EdgeProtocol(WSProtocol):  # type: ignore[misc]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Count the connection in the handshake, then let picows set it up."""
-        assert isinstance(transport, asyncio.Transport)
-        self._raw = transport
+        # uvloop's transports are not asyncio.Transport subclasses: not checked.
+        self._raw = transport  # type: ignore[assignment]
         address = transport.get_extra_info("peername")
         if isinstance(address, tuple) and len(address) >= 2:
             self.peer = f"{address[0]}:{address[1]}"
