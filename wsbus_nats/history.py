@@ -25,8 +25,10 @@ position in its headers (:mod:`wsbus.history`).
   random run id), since the previous offsets are gone with their entries. A client holding
   a position of the old run is told to resync; a gateway's order stage sees a new epoch and
   sends that group's members a gap.
-- **Reading** (:class:`HistoryReader`, gateways): the group's last entry by direct get, then
-  an ordered consumer filtered to the group from its first entry kept.
+- **Reading** (:class:`HistoryReader`, gateways): the group's last entry by direct get;
+  then, for a few entries, a walk back by each entry's ``Wsbus-Previous`` header (the
+  sequence of the group's previous entry), else an ordered consumer filtered to the group
+  from its first entry kept.
 
 Error codes, never error texts: JetStream's "wrong last sequence" is ``10071`` (``10164`` the
 constant form).
@@ -48,7 +50,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import DeliverPolicy, DiscardPolicy, RawStreamMsg, StorageType, StreamConfig
 
 from wsbus.envelope import Envelope, ServiceAddress, decode_envelope, encode_envelope
 from wsbus.errors import BusUnavailable, ConfigError
@@ -102,6 +104,13 @@ _MSG_ID: Final = "Nats-Msg-Id"
 _EXPECTED_STREAM: Final = "Nats-Expected-Stream"
 _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
 _EXPECTED_LAST_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
+PREVIOUS_HEADER: Final = "Wsbus-Previous"
+"""A NATS header of each entry: the stream sequence of its group's previous entry (0: the
+first of a run), so that a reader walks back from the last entry to what it needs."""
+WALK_LIMIT: Final = 32
+"""A read that misses at most this many entries walks back from the last by their
+``Wsbus-Previous`` headers (one direct get each); a longer one reads the group with an
+ordered consumer from its first entry kept."""
 
 
 class HistoryCounters:
@@ -400,6 +409,7 @@ class HistoryWriter:
                 _EXPECTED_STREAM: stream,
                 _EXPECTED_LAST: str(tail.seq),
                 _EXPECTED_LAST_SUBJECT: every,
+                PREVIOUS_HEADER: str(tail.seq),
             }
             try:
                 ack = await self._js.publish(subject, encode_envelope(stamped), headers=headers)
@@ -532,9 +542,14 @@ class HistoryReader:
         last = self._check(raw.subject or "", raw.data or b"", group)
         if last is None or last[1].epoch != after.epoch or last[1].offset < after.offset:
             return None
-        wanted = min(limit, last[1].offset - after.offset)
-        if wanted <= 0:
+        missing = last[1].offset - after.offset
+        if missing <= 0:
             return []
+        if missing <= WALK_LIMIT:
+            walked = await self._walk(raw, last, group, after)
+            if walked is not None:
+                return walked[:limit] if walked else None
+        wanted = min(limit, missing)
         entries: list[Envelope] = []
         expected = after.offset + 1
         link = self._link
@@ -567,6 +582,37 @@ class HistoryReader:
                 await sub.unsubscribe()
             except nats.errors.Error as exc:
                 log.debug("ending a history read: %r", exc)
+        return entries
+
+    async def _walk(
+        self, raw: RawStreamMsg, last: tuple[Envelope, Position], group: str, after: Position
+    ) -> list[Envelope] | None:
+        """Walk back from the group's last entry to the one after ``after``.
+
+        Returns the entries, oldest first; ``[]`` when one is gone or past its age (the
+        read answers None); None when the walk cannot be trusted (an entry without a
+        previous entry's sequence, or not the one expected): the caller reads the group
+        from its first entry instead.
+        """
+        stream = self._subjects.history_stream
+        entries = [last[0]]
+        offset = last[1].offset
+        while offset > after.offset + 1:
+            previous = (raw.headers or {}).get(PREVIOUS_HEADER, "")
+            if not previous.isdigit() or int(previous) <= 0:
+                return None
+            try:
+                raw = await self._js.get_msg(stream, seq=int(previous), direct=True)
+            except nats.js.errors.NotFoundError:
+                return []  # trimmed
+            entry = self._check(raw.subject or "", raw.data or b"", group)
+            if entry is None or entry[1] != Position(after.epoch, offset - 1):
+                return None
+            entries.append(entry[0])
+            offset -= 1
+        if raw.time is not None and self._aged(raw.time.timestamp()):
+            return []
+        entries.reverse()
         return entries
 
     def _aged(self, stored: float) -> bool:

@@ -522,7 +522,12 @@ class ServiceHost:
             link = self._link
             assert link is not None
             if not subject and envelope is not None:
-                await self._send_history(envelope, link)
+                try:
+                    await self._send_history(envelope, link)
+                except Exception as exc:
+                    # The sender task must go on: everything queued behind waits on it.
+                    log.exception("service %r: sending %s failed", self.name, envelope.id)
+                    self._undelivered(envelope, "unavailable", f"sending it failed ({exc!r})")
                 continue
             batch: list[Envelope] | None = None
             if not confirm and headers is None and not reply and outbound:

@@ -207,25 +207,27 @@ async def test_a_groups_messages_are_stamped_densely_in_order_and_read_back(
     bus, sink = await deployment.gateway("ga")
     await deployment.host(Caster())
     await _listed(bus, "caster")
-    await _burst(bus, "room.1", 30)
+    await _burst(bus, "room.1", 40)
     await _burst(bus, "lobby", 3, k=2)  # keeps no history
-    await sink.until(lambda: len(sink.of("cast.item")) == 33)
+    await sink.until(lambda: len(sink.of("cast.item")) == 43)
 
     room = [e for e in sink.of("cast.item") if e.recipients == Recipients(groups=("room.1",))]
     lobby = [e for e in sink.of("cast.item") if e.recipients == Recipients(groups=("lobby",))]
-    assert [e.content["i"] for e in room] == list(range(30))
+    assert [e.content["i"] for e in room] == list(range(40))
     positions = _positions(room)
     epoch = positions[0].epoch
-    assert positions == [Position(epoch, n) for n in range(1, 31)]
+    assert positions == [Position(epoch, n) for n in range(1, 41)]
     assert all(position_of(e) is None for e in lobby)
 
-    replay = await bus.history("room.1", Position(epoch, 10), 100)
-    assert replay is not None and [e.id for e in replay] == [e.id for e in room[10:]]
-    assert _positions(replay) == positions[10:]
-    assert await bus.history("room.1", Position(epoch, 30), 100) == []
-    limited = await bus.history("room.1", Position(epoch, 0), 5)
-    assert limited is not None and _positions(limited) == positions[:5]
-    assert await bus.history("room.1", Position(epoch, 31), 100) is None  # beyond the last
+    # Few missed: walked back from the last entry; many: read from the first. Alike.
+    for after in (0, 5, 7, 8, 10, 20, 38, 39):
+        for limit in (1, 3, 100):
+            replay = await bus.history("room.1", Position(epoch, after), limit)
+            assert replay is not None
+            assert [e.id for e in replay] == [e.id for e in room[after : after + limit]]
+            assert _positions(replay) == positions[after : after + limit]
+    assert await bus.history("room.1", Position(epoch, 40), 100) == []
+    assert await bus.history("room.1", Position(epoch, 41), 100) is None  # beyond the last
     assert await bus.history("room.1", Position("other", 3), 100) is None  # another epoch
     assert await bus.history("room.2", Position(epoch, 1), 100) is None  # nothing kept
     assert bus.history_counters.mismatches == 0
