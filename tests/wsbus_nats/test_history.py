@@ -406,3 +406,15 @@ def _service_envelope(id: str, service: str = "caster") -> Envelope:
         content={"i": 0},
         recipients=Recipients(groups=("room.1",)),
     )
+
+
+async def test_a_service_started_before_any_gateway_stamps_once_one_keeps_history(
+    deployment: Deployment,
+) -> None:
+    host = await deployment.host(Caster())  # no gateway, no history stream yet
+    assert host.history_counters.appends == 0
+    bus, sink = await deployment.gateway("ga")
+    await _listed(bus, "caster")
+    await _burst(bus, "room.1", 3)
+    await sink.until(lambda: len(sink.of("cast.item")) == 3)
+    assert [p.offset for p in _positions(sink.of("cast.item"))] == [1, 2, 3]
