@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 import pytest_asyncio
 from websockets.asyncio.server import ServerConnection
@@ -19,9 +20,24 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.typing import Subprotocol
 
-from wsbus import Gateway
+from wsbus import (
+    ClientAddress,
+    Context,
+    Envelope,
+    Gateway,
+    GatewayConfig,
+    Recipients,
+    ResumeSettings,
+    Service,
+    handles,
+)
+from wsbus.control import Processed
+from wsbus.envelope import ConnId
 from wsbus.errors import ConnectionClosed, RequestTimeout, WsbusError
+from wsbus.history import HistoryConfig
 from wsbus.wire import Codec
+from wsbus_cli.demo_services import Echo
+from wsbus_cli.supervisor import free_port
 from wsbus_websockets import Client, connect
 from wsbus_websockets.client import RESYNC
 
@@ -518,3 +534,170 @@ async def test_redelivered_and_replayed_frames_the_application_has_are_dropped(
         assert client._incoming.empty()
     finally:
         await client.close()
+
+
+# -- resume and acknowledgements with a real gateway (memory bus, real WebSocket edge) -------
+
+
+class Room(Service):
+    """Joins, sends to groups and connections (with an ack asked, or not), closes clients,
+    and keeps the acknowledgements the gateway passes on."""
+
+    name = "room"
+
+    def __init__(self) -> None:
+        self.processed: list[Processed] = []
+        self.heard = asyncio.Event()
+
+    @handles("room.join")
+    async def join(self, message: Envelope, ctx: Context) -> None:
+        assert isinstance(message.sender, ClientAddress)
+        await ctx.join(message.sender.conn_id, message.content["group"])
+        if "alias" in message.content:
+            await ctx.set_alias(message.sender.conn_id, message.content["alias"])
+        ctx.reply({"ok": True})
+
+    @handles("room.send")
+    async def send(self, message: Envelope, ctx: Context) -> None:
+        to = message.content
+        recipients = (
+            Recipients(groups=(to["group"],))
+            if "group" in to
+            else Recipients(conn_ids=(ConnId(to["conn_id"]),))
+        )
+        ctx.send(recipients, to.get("type", "room.item"), to["body"], ack=to.get("ack", False))
+        ctx.reply({"ok": True})
+
+    @handles("room.kick")
+    async def kick(self, message: Envelope, ctx: Context) -> None:
+        await ctx.disconnect(ConnId(message.content["conn_id"]), message.content["code"], "test")
+        ctx.reply({"ok": True})
+
+    @handles("wsbus.processed")
+    async def acked(self, message: Envelope, ctx: Context) -> None:
+        self.processed.append(msgspec.convert(message.content, Processed))
+        self.heard.set()
+
+    async def acks(self, count: int) -> list[str]:
+        """The ids acknowledged, once there are at least ``count``."""
+        async with asyncio.timeout(10):
+            while sum(len(p.ids) for p in self.processed) < count:
+                self.heard.clear()
+                await self.heard.wait()
+        return [frame_id for p in self.processed for frame_id in p.ids]
+
+
+@pytest.fixture
+def wsbus_services() -> list[Service]:
+    return [Echo(), Room()]
+
+
+@pytest.fixture
+def wsbus_config() -> GatewayConfig:
+    return GatewayConfig(
+        node="test", history=HistoryConfig(groups=("room.*",)), resume=ResumeSettings(window=30)
+    )
+
+
+def _room(services: list[Service]) -> Room:
+    return next(service for service in services if isinstance(service, Room))
+
+
+async def _away(client: Client, staff: Client, code: int, gateway: Gateway) -> str:
+    """Have ``staff`` close ``client`` with ``code``; keep ``client`` away until _back()."""
+    url, client.url = client.url, f"ws://127.0.0.1:{free_port()}/"
+    old = client.conn_id
+    assert old is not None
+    await staff.request("room.kick", {"conn_id": old, "code": code})
+    async with asyncio.timeout(10):
+        while any(info.conn_id == old for info in gateway.clients()):
+            await asyncio.sleep(0.01)
+    return url
+
+
+async def _items(client: Client, count: int) -> list[Any]:
+    found: list[Any] = []
+    async with asyncio.timeout(10):
+        while len(found) < count:
+            message = await client.receive()
+            if message["type"] == "room.item":
+                found.append(message["content"])
+    return found
+
+
+@pytest.mark.parametrize("code", [1001, 4507])
+async def test_a_client_closed_by_the_gateway_resumes_and_misses_nothing(
+    wsbus_gateway: Gateway, wsbus_ws_connect: Any, code: int
+) -> None:
+    client = await wsbus_ws_connect(reconnect=True, backoff=(0.01, 0.05))
+    staff = await wsbus_ws_connect()
+    await client.request("room.join", {"group": "room.1", "alias": "ann"})
+    for n in (1, 2):
+        await staff.request("room.send", {"group": "room.1", "body": n})
+    assert await _items(client, 2) == [1, 2]
+    epoch = client.positions["room.1"].split(":")[0]
+    assert client.positions == {"room.1": f"{epoch}:2"}
+    # Closed by the gateway; while it is away, the room goes on.
+    url = await _away(client, staff, code, wsbus_gateway)
+    for n in (3, 4):
+        await staff.request("room.send", {"group": "room.1", "body": n})
+    client.url = url
+    assert await _items(client, 2) == [3, 4]
+    assert (client.reconnects, client.resumes, client.resyncs) == (1, 1, 0)
+    assert client.resumed["alias"] == "ann" and client.resumed["groups"] == ["room.1"]
+    # Still in the room, with its alias: live messages come, positions go on.
+    await staff.request("room.send", {"group": "room.1", "body": 5})
+    assert await _items(client, 1) == [5]
+    assert client.positions == {"room.1": f"{epoch}:5"}
+    [info] = [info for info in wsbus_gateway.clients() if info.conn_id == client.conn_id]
+    assert info.alias == "ann" and info.groups == ("room.1",)
+
+
+async def test_a_group_without_history_is_reported_as_a_resync(
+    wsbus_gateway: Gateway, wsbus_ws_connect: Any
+) -> None:
+    heard: list[dict[str, Any]] = []
+    client = await wsbus_ws_connect(reconnect=True, backoff=(0.01, 0.05), on_resync=heard.append)
+    staff = await wsbus_ws_connect()
+    await client.request("room.join", {"group": "room.1"})
+    await client.request("room.join", {"group": "plain.1"})
+    await staff.request("room.send", {"group": "room.1", "body": 1})
+    assert await _items(client, 1) == [1]
+    client.url = await _away(client, staff, 1001, wsbus_gateway)
+    async with asyncio.timeout(10):
+        while True:
+            message = await client.receive()
+            if message["type"] == RESYNC:
+                break
+    assert heard == [message]
+    assert message["content"]["groups"] == ["plain.1"] and message["content"]["restored"]
+    assert sorted(client.resumed["groups"]) == ["plain.1", "room.1"]
+
+
+async def test_acknowledgements_reach_the_service_and_redeliveries_are_dropped(
+    wsbus_gateway: Gateway, wsbus_ws_connect: Any, wsbus_services: list[Service]
+) -> None:
+    room = _room(wsbus_services)
+    client = await wsbus_ws_connect(
+        reconnect=True, backoff=(0.01, 0.05), ack_types={"task.run"}, manual_ack=True
+    )
+    staff = await wsbus_ws_connect()
+    me = client.conn_id
+    for type, body in (("note", 1), ("task.run", 2), ("task.run", 3)):
+        await staff.request("room.send", {"conn_id": me, "type": type, "body": body, "ack": True})
+    async with asyncio.timeout(10):
+        note, two, three = [await client.receive() for _ in range(3)]
+    assert note["ack"] is True and (two["content"], three["content"]) == (2, 3)
+    # The note on arrival; task 2 when the application says so; task 3 not yet.
+    assert await room.acks(1) == [note["id"]]
+    client.processed(two)
+    assert await room.acks(2) == [note["id"], two["id"]]
+    assert room.processed[0].conn_id == me
+    # Lost with task 3 unacknowledged: the resume redelivers it, the client has it already.
+    client.url = await _away(client, staff, 4507, wsbus_gateway)
+    async with asyncio.timeout(10):
+        while client.duplicates < 1:
+            await asyncio.sleep(0.01)
+    assert client.resumed["redelivered"] == 1 and client._incoming.empty()
+    client.processed(three)
+    assert await room.acks(3) == [note["id"], two["id"], three["id"]]

@@ -7,6 +7,7 @@ module is written for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -19,9 +20,12 @@ import pytest_asyncio
 from websockets.asyncio.server import serve as ws_serve
 from websockets.typing import Subprotocol
 
-from tests.wsbus_websockets.test_client import HandGateway, _acked, _message, _recv
-from wsbus import Gateway
+from tests.wsbus_websockets.test_client import HandGateway, Room, _acked, _message, _recv
+from wsbus import Gateway, GatewayConfig, ResumeSettings, Service
+from wsbus.history import HistoryConfig
 from wsbus.wire import Codec
+from wsbus_cli.demo_services import Echo
+from wsbus_cli.supervisor import free_port
 from wsbus_websockets import EdgeServer
 
 JS = Path(__file__).parents[2] / "wsbus_websockets" / "js" / "wsbus.js"
@@ -120,7 +124,8 @@ async def test_wsbus_js_surfaces_a_gap(
 
 # A page driven line by line: each stdin line is a command (JSON), each stdout line an
 # event. "new" makes a new client on the same storage, as a reloaded page would (the old
-# one is dropped without close(), its socket closed as a leaving page's is).
+# one is dropped without close(), its socket closed as a leaving page's is, by "leave" or
+# by "new" itself).
 HARNESS = """
 import { WsbusClient } from %(module)s;
 import { createInterface } from "node:readline";
@@ -136,8 +141,9 @@ const waiting = new Map();  // frame id -> resolve of its handler's promise
 let client = null;
 
 function make(options) {
-  const made = new WsbusClient(%(url)s, { storage, backoff: [10, 50], ...options });
-  for (const name of ["welcome", "resumed", "resync", "close"]) {
+  const defaults = { storage, backoff: [10, 50], maxAttempts: 1000 };
+  const made = new WsbusClient(%(url)s, { ...defaults, ...options });
+  for (const name of ["welcome", "resumed", "resync", "close", "reconnecting"]) {
     made.addEventListener(name, (e) => out({ event: name, detail: e.detail }));
   }
   made.on("*", (frame) => {
@@ -157,8 +163,11 @@ function state() {
 
 for await (const line of createInterface({ input: process.stdin })) {
   const command = JSON.parse(line);
-  if (command.do === "new") {
-    if (client) {
+  if (command.do === "leave") {
+    client._closing = true;
+    client._ws.close(4000, "page left");
+  } else if (command.do === "new") {
+    if (client && !client._closing) {
       client._closing = true;
       client._ws.close(4000, "page left");
     }
@@ -170,6 +179,13 @@ for await (const line of createInterface({ input: process.stdin })) {
     waiting.get(command.id)();
   } else if (command.do === "processed") {
     client.processed({ id: command.id, ack: true });
+  } else if (command.do === "url") {
+    client.url = command.url;
+  } else if (command.do === "request") {
+    client.request(command.type, command.content ?? null).then(
+      (reply) => out({ event: "reply", reply }),
+      (err) => out({ event: "reply", error: String(err) }),
+    );
   } else if (command.do === "send") {
     client.send(command.type, command.content ?? null);
   } else if (command.do === "close") {
@@ -186,6 +202,7 @@ class Page:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
+        self.seen: list[dict[str, Any]] = []  # every event read, for a failure's report
 
     async def do(self, command: str, **args: Any) -> None:
         assert self.proc.stdin is not None
@@ -197,6 +214,7 @@ class Page:
         assert self.proc.stdout is not None
         while True:
             line = await _line(self.proc.stdout)
+            self.seen.append(line)
             if line["event"] == name:
                 return line
 
@@ -205,30 +223,41 @@ class Page:
         return await self.event("state")
 
 
+@contextlib.asynccontextmanager
+async def _page(url: str, tmp_path: Path) -> AsyncIterator[Page]:
+    """The harness in Node, speaking to ``url``; killed by its pid at the end."""
+    node = _node()
+    script = tmp_path / "page.mjs"
+    script.write_text(HARNESS % {"module": json.dumps(JS.as_uri()), "url": json.dumps(url)})
+    proc = await asyncio.create_subprocess_exec(
+        node,
+        "--experimental-websocket",
+        "--no-warnings",
+        str(script),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    page = Page(proc)
+    try:
+        yield page
+    except BaseException:
+        print("the page's events:", *page.seen, sep="\n")
+        raise
+    finally:
+        if proc.returncode is None:
+            proc.kill()  # this test's own process, by its pid
+            await proc.wait()
+
+
 @pytest_asyncio.fixture
 async def hand(tmp_path: Path) -> AsyncIterator[tuple[HandGateway, Page]]:
-    node = _node()
     gateway = HandGateway()
     async with ws_serve(
         gateway.handler, "127.0.0.1", 0, subprotocols=[Subprotocol(Codec.JSON.value)]
     ) as server:
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-        script = tmp_path / "page.mjs"
-        script.write_text(HARNESS % {"module": json.dumps(JS.as_uri()), "url": json.dumps(url)})
-        proc = await asyncio.create_subprocess_exec(
-            node,
-            "--experimental-websocket",
-            "--no-warnings",
-            str(script),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        try:
-            yield gateway, Page(proc)
-        finally:
-            if proc.returncode is None:
-                proc.kill()  # this test's own process, by its pid
-                await proc.wait()
+        async with _page(url, tmp_path) as page:
+            yield gateway, page
 
 
 def _resumed(resume: dict[str, Any], **content: Any) -> str:
@@ -371,3 +400,71 @@ async def test_manual_acks_wait_for_processed(hand: tuple[HandGateway, Page]) ->
     assert (await _recv(ws))["type"] == "probe"
     await page.do("processed", id="n1")
     assert await _acked(ws) == ["n1"]
+
+
+# -- with a real gateway (memory bus, real WebSocket edge) -----------------------------------
+
+
+@pytest.fixture
+def wsbus_services() -> list[Service]:
+    return [Echo(), Room()]
+
+
+@pytest.fixture
+def wsbus_config() -> GatewayConfig:
+    return GatewayConfig(
+        node="test", history=HistoryConfig(groups=("room.*",)), resume=ResumeSettings(window=30)
+    )
+
+
+async def _frames(page: Page, count: int) -> list[Any]:
+    """The content of the next ``count`` room.item frames."""
+    found: list[Any] = []
+    while len(found) < count:
+        frame = (await page.event("frame"))["frame"]
+        if frame["type"] == "room.item":
+            found.append(frame["content"])
+    return found
+
+
+async def test_wsbus_js_resumes_after_a_4507_and_after_a_reload(
+    wsbus_server: EdgeServer, wsbus_gateway: Gateway, wsbus_ws_connect: Any, tmp_path: Path
+) -> None:
+    staff = await wsbus_ws_connect()
+    async with _page(wsbus_server.url, tmp_path) as page:
+        await page.do("new")
+        first = (await page.event("welcome"))["detail"]["conn_id"]
+        await page.do("request", type="room.join", content={"group": "room.1", "alias": "ann"})
+        assert (await page.event("reply"))["reply"]["content"] == {"ok": True}
+        for n in (1, 2):
+            await staff.request("room.send", {"group": "room.1", "body": n})
+        assert await _frames(page, 2) == [1, 2]
+        # Closed 4507 and kept away (nothing listens at the URL) while the room goes on.
+        await page.do("url", url=f"ws://127.0.0.1:{free_port()}/")
+        await staff.request("room.kick", {"conn_id": first, "code": 4507})
+        async with asyncio.timeout(10):
+            while any(info.conn_id == first for info in wsbus_gateway.clients()):
+                await asyncio.sleep(0.01)
+        for n in (3, 4):
+            await staff.request("room.send", {"group": "room.1", "body": n})
+        await page.do("url", url=wsbus_server.url)
+        resumed = (await page.event("resumed"))["detail"]
+        assert resumed["alias"] == "ann" and resumed["groups"] == ["room.1"]
+        assert await _frames(page, 2) == [3, 4]
+        state = await page.state()
+        assert state["resumes"] == 1 and state["resyncs"] == 0
+        # A reload: the page leaves (the gateway keeps its session), a new client on the
+        # same storage resumes it.
+        await page.do("leave")
+        async with asyncio.timeout(10):
+            while any(info.alias == "ann" for info in wsbus_gateway.clients()):
+                await asyncio.sleep(0.01)
+            while wsbus_gateway.stats().sessions_saving:
+                await asyncio.sleep(0.01)
+        await page.do("new")
+        await staff.request("room.send", {"group": "room.1", "body": 5})
+        assert (await page.event("resumed"))["detail"]["alias"] == "ann"
+        assert await _frames(page, 1) == [5]
+        state = await page.state()
+        epoch = state["positions"]["room.1"].split(":")[0]
+        assert state["positions"] == {"room.1": f"{epoch}:5"} and state["duplicates"] == 0

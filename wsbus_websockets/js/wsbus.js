@@ -233,18 +233,27 @@ export class WsbusClient extends EventTarget {
         if (this._resuming && this._resumeAnswer(frame)) return;
         this._dispatch(frame);
       };
-      ws.onclose = (event) => {
-        const closed = new WsbusClosed(event.code, event.reason);
+      let ended = false;
+      const onEnd = (code, reason) => {
+        if (ended) return;
+        ended = true;
+        const closed = new WsbusClosed(code, reason);
         this._failPending(closed);
-        this.welcome = null;
+        if (this._ws === ws) this.welcome = null;
         if (this._resuming) {
           clearTimeout(this._resuming.timer);
           this._resuming = null;
         }
-        const retry = this.reconnect && !this._closing && RECONNECT_CODES.has(event.code);
-        this._emit("close", { code: event.code, reason: event.reason, final: !retry });
+        const retry = this.reconnect && !this._closing && RECONNECT_CODES.has(code);
+        this._emit("close", { code, reason, final: !retry });
         if (!ready) reject(closed);
         if (retry && ready) this._scheduleReconnect();
+      };
+      ws.onclose = (event) => onEnd(event.code, event.reason);
+      // A connection that fails before it opens ends with a close event (1006) in browsers;
+      // Node 20's WebSocket fires only the error, and the client would wait forever.
+      ws.onerror = () => {
+        if (ws.readyState !== WebSocket.OPEN) setTimeout(() => onEnd(1006, ""), 0);
       };
     });
   }
