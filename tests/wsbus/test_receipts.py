@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection as WsClient
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsClosed
@@ -536,3 +538,39 @@ async def test_a_plugin_that_rewrites_the_headers_does_not_lose_the_receipt(
     assert frame["ack"] is True  # asked by the service, whatever the plugin made of it
     await _settled(wsbus_gateway)
     assert_balanced(wsbus_gateway.stats())
+
+
+NAMES = st.lists(st.sampled_from(["ann", "bob", "cy"]), unique=True).map(tuple)
+
+
+@st.composite
+def receipts_of_gateways(draw: st.DrawFn) -> list[Receipt]:
+    """One receipt per node of a, b, c (some not answering), as gateways would send them."""
+    parts = []
+    for node in draw(st.lists(st.sampled_from("abc"), unique=True)):
+        own = draw(st.lists(st.sampled_from([f"{node}.1", f"{node}.2"]), unique=True))
+        failed = draw(st.sampled_from([None, None, "filtered"]))
+        unmatched = (
+            Recipients()
+            if failed
+            else Recipients(
+                conn_ids=tuple(ConnId(c) for c in own), aliases=draw(NAMES), groups=draw(NAMES)
+            )
+        )
+        parts.append(Receipt(NodeId(node), unmatched=unmatched, failed=failed))
+    return parts
+
+
+@given(receipts_of_gateways())
+def test_merged_names_are_those_every_answering_gateway_missed(parts: list[Receipt]) -> None:
+    merged = merge("m", parts)
+    voters = [p for p in parts if p.failed is None]
+    for field in ("aliases", "groups"):
+        expected = (
+            set.intersection(*(set(getattr(p.unmatched, field)) for p in voters))
+            if voters
+            else set()
+        )
+        assert set(getattr(merged.unmatched, field)) == expected
+    assert set(merged.unmatched.conn_ids) == {c for p in parts for c in p.unmatched.conn_ids}
+    assert merged.failed == {p.node: p.failed for p in parts if p.failed}
