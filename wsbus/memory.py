@@ -308,8 +308,9 @@ class MemoryBus:
         runners = self._targets(envelope)
         if len(runners) == 1:
             runner = runners[0]
-            # An answer to a service's request resolves its future: it takes no place.
-            if runner.has_room() or envelope.type == control.RESULT:
+            # An answer to a service's request (or a receipt it waits for) resolves its
+            # future: it takes no place.
+            if runner.has_room() or envelope.type in (control.RESULT, control.RECEIPT):
                 runner.accept(envelope)
                 return True
             return False

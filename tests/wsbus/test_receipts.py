@@ -40,7 +40,7 @@ from wsbus.control import (
     Processed,
     Receipt,
 )
-from wsbus.edge import MemoryClient
+from wsbus.edge import MemoryClient, memory_pair
 from wsbus.envelope import EnvelopeId, IdFactory, NodeId, ServiceAddress
 from wsbus.gateway import ResumeSettings
 from wsbus.hooks import Hooks
@@ -574,3 +574,36 @@ def test_merged_names_are_those_every_answering_gateway_missed(parts: list[Recei
         assert set(getattr(merged.unmatched, field)) == expected
     assert set(merged.unmatched.conn_ids) == {c for p in parts for c in p.unmatched.conn_ids}
     assert merged.failed == {p.node: p.failed for p in parts if p.failed}
+
+
+class Busy(Service):
+    """Its handler holds the service until released: its inbox fills up."""
+
+    name = "busy"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    @handles("busy.hold")
+    async def hold(self, message: Envelope, ctx: Context) -> None:
+        await self.release.wait()
+
+
+async def test_a_receipt_reaches_a_service_whose_inbox_is_full() -> None:
+    busy = Busy()
+    bus = MemoryBus([busy], inbox_size=1)
+    gateway = Gateway(bus, config=GatewayConfig(node="t"), entry_points=False)
+    async with gateway:
+        conn, client = memory_pair()
+        task = asyncio.create_task(gateway.serve(conn))
+        await client.receive_until("wsbus.welcome")
+        client.send("busy.hold")  # handled: the handler holds
+        client.send("busy.hold")  # waits in the inbox: full
+        await _until(lambda: not bus._runners["busy"].has_room())
+        # A receipt, like an answer, takes no place: it resolves the wait.
+        got = await busy.link.send_with_receipt(Recipients(groups=("none",)), "x", timeout=5)
+        assert got.unmatched == Recipients(groups=("none",))
+        busy.release.set()
+        client.close()
+        async with asyncio.timeout(5):
+            await task
