@@ -240,7 +240,8 @@ class Outbound:
                     self._receipt_done,
                     wall,
                 )
-            refused = self._queue_tracked(result, targets, encoded, tracker, ack)
+            # Awaited as the service sent it: a redelivery passes the hooks again.
+            refused = self._queue_tracked(envelope, targets, encoded, tracker, ack)
         else:
             for conn_id in targets:
                 session = sessions[conn_id]
