@@ -607,3 +607,58 @@ async def test_a_receipt_reaches_a_service_whose_inbox_is_full() -> None:
         client.close()
         async with asyncio.timeout(5):
             await task
+
+
+@pytest.mark.parametrize(
+    "wsbus_config",
+    [GatewayConfig(node="t", outbound_queue=3, drain_timeout=0.2)],
+)
+@pytest.mark.parametrize("seed", range(3))
+async def test_every_receipted_delivery_ends_in_exactly_one_outcome(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, notes: Notes, seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    clients = [await wsbus_connect(buffer=rng.choice([1, 2, 64])) for _ in range(6)]
+    for client in clients:
+        client.send("ctl.join", {"group": "g"}, id="j")
+        await client.receive_until("ctl.join.reply")
+    before = wsbus_gateway.stats()
+    sent = 0
+    for _ in range(60):
+        step = rng.random()
+        if step < 0.6:
+            notes.link.send(Recipients(groups=("g",)), "x", "y" * 200, receipt=True, ack=True)
+            sent += 1
+        elif step < 0.75:
+            client = rng.choice(clients)
+            if client.close_code is None:
+                client.close(1000)
+        elif step < 0.9:
+            for client in clients:
+                while client.pending() and client.close_code is None:
+                    await client.receive()
+        else:
+            await asyncio.sleep(0)
+    for client in clients:
+        if client.close_code is None:
+            client.close(1000)
+    await _until(lambda: not wsbus_gateway._sessions)
+    await notes.until(lambda: len(notes.receipts) == sent)
+    outcomes: dict[str, int] = {}
+    for envelope in notes.receipts:
+        receipt = msgspec.convert(envelope.content, Receipt)
+        # One outcome per member the message found, each connection once.
+        conn_ids = [d.conn_id for d in receipt.deliveries]
+        assert len(conn_ids) == len(set(conn_ids))
+        for delivery in receipt.deliveries:
+            outcomes[delivery.outcome] = outcomes.get(delivery.outcome, 0) + 1
+    await _settled(wsbus_gateway)
+    stats = wsbus_gateway.stats()
+    # The receipts say what the counters say, delivery for delivery.
+    assert outcomes.get("written", 0) == stats.deliveries_written - before.deliveries_written
+    assert outcomes.get("dropped", 0) == stats.deliveries_dropped - before.deliveries_dropped
+    assert stats.receipts_requested == stats.receipts == sent and stats.receipts_pending == 0
+    assert stats.unacked == 0  # every connection closed: what was awaited went to its record
+    assert_balanced(stats)
