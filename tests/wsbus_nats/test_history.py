@@ -418,3 +418,21 @@ async def test_a_service_started_before_any_gateway_stamps_once_one_keeps_histor
     await _burst(bus, "room.1", 3)
     await sink.until(lambda: len(sink.of("cast.item")) == 3)
     assert [p.offset for p in _positions(sink.of("cast.item"))] == [1, 2, 3]
+
+
+async def test_two_instances_of_one_service_appending_at_once_keep_offsets_dense(
+    deployment: Deployment,
+) -> None:
+    bus, sink = await deployment.gateway("ga")
+    hosts = [await deployment.host(Caster()), await deployment.host(Caster())]
+    async with asyncio.timeout(WAIT):
+        while bus.directory.services().get("caster", 0) < 2:
+            await asyncio.sleep(0.02)
+    # Sixteen bursts, shared out by the queue group: both instances append under one
+    # subject (wsbus.hist.<room.1>.caster) at once.
+    for k in range(1, 17):
+        await _burst(bus, "room.1", 20, k=k)
+    await sink.until(lambda: len(sink.of("cast.item")) == 320)
+    offsets = sorted(p.offset for p in _positions(sink.of("cast.item")))
+    assert offsets == list(range(1, 321))
+    assert sum(host.history_counters.appends for host in hosts) == 320
