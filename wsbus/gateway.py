@@ -306,7 +306,7 @@ class _Link:
             except TimeoutError:
                 pass
             # A writer still blocked on a slow client stops after its current frame.
-            session.flushing = False
+            session.flush_ended()
         code = session.close_code
         assert code is not None
         try:
@@ -845,6 +845,8 @@ class Gateway:
 
     def _route(self, envelope: Envelope) -> None:
         """Route an envelope from the bus to its connections (or carry out a request)."""
+        if self._resumer.successors and envelope.recipients is not None:
+            envelope = self._resumer.widen(envelope)
         outbound = self._outbound
         outbound.deliver(envelope, time.time())
         if outbound.to_bus:

@@ -121,6 +121,9 @@ class Resumer:
         self._sids: dict[ConnId, tuple[str, tuple[ConnId, ...]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = _FailureLog(LOG_INTERVAL)
+        self.successors: dict[ConnId, ConnId] = {}
+        """For each earlier connection of a resumed session that is open now, its current
+        connection: an ``exclude`` naming the earlier one leaves the current one out."""
 
     @property
     def enabled(self) -> bool:
@@ -177,6 +180,8 @@ class Resumer:
         if kept is None or self._tokens is None:
             return
         sid, conn_ids = kept
+        for earlier in conn_ids[:-1]:
+            self.successors.pop(earlier, None)
         wall = time.time()
         record = SessionRecord(
             sid=sid,
@@ -361,6 +366,8 @@ class Resumer:
         address = registry.address(conn_id) if conn_id in registry else None
         user = address.user if address is not None else record.user
         self._sids[conn_id] = (sid, conn_ids)
+        for earlier in conn_ids[:-1]:
+            self.successors[earlier] = conn_id
         answer: dict[str, Any] = {
             "conn_id": conn_id,
             "alias": address.alias if address is not None else None,
@@ -416,6 +423,25 @@ class Resumer:
         return entries, floor
 
     # -- history messages from the bus ---------------------------------------------------
+
+    def widen(self, envelope: Envelope) -> Envelope:
+        """Return ``envelope`` with its ``exclude`` applied to whole sessions.
+
+        A message that excludes a connection of a resumed session (say, the connection a
+        client's own message came in on, before it reconnected) excludes the connection
+        that session has now, as a replay would.
+        """
+        recipients = envelope.recipients
+        if recipients is None or not recipients.exclude:
+            return envelope
+        successors = self.successors
+        more = tuple(successors[c] for c in recipients.exclude if c in successors)
+        if not more:
+            return envelope
+        exclude = (*recipients.exclude, *more)
+        return msgspec.structs.replace(
+            envelope, recipients=msgspec.structs.replace(recipients, exclude=exclude)
+        )
 
     def deliver(self, envelope: Envelope) -> bool:
         """Take a message from the bus if it has a history position; False if it has none.
