@@ -6,6 +6,8 @@ A file (``wsbus serve --config wsbus.toml``) has one table per part of wsbus::
     [auth]              bearer tokens (TokenAuth)
     [gateway]           wsbus.GatewayConfig
     [gateway.wire]      wsbus.WireLimits
+    [gateway.history]   wsbus.HistoryConfig
+    [gateway.resume]    wsbus.ResumeSettings
     [websockets]        wsbus_websockets.EdgeConfig (the WebSocket edge)
     [pyro]              wsbus_pyro.PyroConfig (the Pyro bus)
 
@@ -18,7 +20,7 @@ An adapter's table is read with the adapter's own struct, imported only when tha
 used, so a missing extra costs nothing until then.
 
 Precedence, lowest first: the structs' defaults, the file, the environment (secrets:
-``WSBUS_SECRET``, ``WSBUS_TOKENS``), the command-line flags.
+``WSBUS_SECRET``, ``WSBUS_TOKENS``, ``WSBUS_RESUME_SECRET``), the command-line flags.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "FLAGS",
     "NODE_PATTERN",
     "NODE_RULE",
+    "RESUME_SECRET_ENV",
     "SECRETS",
     "SECRET_ENV",
     "SECTIONS",
@@ -84,8 +87,11 @@ SECRET_ENV: Final = "WSBUS_SECRET"
 TOKENS_ENV: Final = "WSBUS_TOKENS"
 """The environment variable holding bearer tokens, ``user:token`` pairs separated by commas."""
 
+RESUME_SECRET_ENV: Final = "WSBUS_RESUME_SECRET"
+"""The environment variable holding the key resume tokens are signed with (hex)."""
+
 _REDACTED: Final = "<redacted>"
-SECRETS: Final = frozenset({"auth.tokens"})
+SECRETS: Final = frozenset({"auth.tokens", "gateway.resume.secret"})
 """The command's settings whose values are never printed (``wsbus config check``, errors);
 the adapters name theirs in :attr:`Section.secrets` (see :func:`secret_settings`)."""
 
@@ -309,6 +315,13 @@ def load_settings(
     if tokens and "auth.tokens" not in flags:
         layered["auth"]["tokens"] = parse_tokens(tokens)
         sources["auth.tokens"] = TOKENS_ENV
+    resume_secret = environ.get(RESUME_SECRET_ENV)
+    if resume_secret and "gateway.resume.secret" not in flags:
+        resume = layered["gateway"].get("resume")
+        if not isinstance(resume, dict):
+            resume = {}
+        layered["gateway"]["resume"] = {**resume, "secret": resume_secret}
+        sources["gateway.resume.secret"] = RESUME_SECRET_ENV
 
     serve = _build(by_name["serve"], layered["serve"], sources)
     auth = _build(by_name["auth"], layered["auth"], sources)
@@ -592,9 +605,10 @@ Every setting of `wsbus serve`, with its default. Set them, lowest precedence fi
 
 1. the defaults below (the same as the structs' defaults in Python);
 2. a TOML file: `wsbus serve --config wsbus.toml`;
-3. the environment, for secrets: `WSBUS_SECRET` (`pyro.secret`, the Pyro shared secret) and
+3. the environment, for secrets: `WSBUS_SECRET` (`pyro.secret`, the Pyro shared secret),
    `WSBUS_TOKENS` (`auth.tokens`, as `user:token` pairs separated by commas:
-   `WSBUS_TOKENS="ann:t0k3n,bob:s3cr3t"`);
+   `WSBUS_TOKENS="ann:t0k3n,bob:s3cr3t"`) and `WSBUS_RESUME_SECRET`
+   (`gateway.resume.secret`, the key resume tokens are signed with, in hex);
 4. command-line flags, for the common settings (the flag is named in each row).
 
 `wsbus config check wsbus.toml` validates a file and prints the effective settings (secrets
@@ -617,6 +631,13 @@ alias_policy = "suffix"
 
 [gateway.wire]
 max_frame_bytes = 131072
+
+[gateway.history]
+groups = ["room.*"]
+size = 200
+
+[gateway.resume]
+window = 300.0
 
 [websockets]
 allowed_origins = ["https://app.example.com"]
@@ -642,6 +663,7 @@ FLAGS: Final = {
     "gateway.alias_policy": "--alias-policy",
     "gateway.allow_anonymous": "--no-anonymous",
     "auth.tokens": "$WSBUS_TOKENS",
+    "gateway.resume.secret": "$WSBUS_RESUME_SECRET",
 }
 """The flag (or environment variable) that sets each of the command's own settings."""
 

@@ -284,3 +284,22 @@ def test_the_flags_the_docs_name_are_the_flags_the_cli_has() -> None:
         assert flag in listed, (dotted, flag)
     documented = {dotted for dotted, flag in flags.items() if flag.startswith("-")}
     assert documented == {dotted for dotted, _ in settings}
+
+
+def test_history_and_resume_tables_and_the_resume_secret(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[gateway.history]\ngroups = ["room.*"]\nsize = 50\n[gateway.resume]\nwindow = 90.0\n',
+    )
+    secret = "ab" * 32
+    settings = load_settings(path, environ={"WSBUS_RESUME_SECRET": secret})
+    assert settings.gateway.history.groups == ("room.*",) and settings.gateway.history.size == 50
+    assert (settings.gateway.resume.window, settings.gateway.resume.secret) == (90.0, secret)
+    assert settings.sources["gateway.resume.secret"] == "WSBUS_RESUME_SECRET"
+    text = render_toml(settings)
+    assert secret not in text
+    assert tomllib.loads(text)["gateway"]["resume"]["secret"] == "<redacted>"
+    assert secret not in repr(settings.gateway)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={"WSBUS_RESUME_SECRET": "not-hex-" + secret})
+    assert "32 hex digits" in str(info.value) and secret not in str(info.value)
