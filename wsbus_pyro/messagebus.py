@@ -622,11 +622,10 @@ class MessageBus:
     def _spread_presence(self, envelope: Envelope) -> list[_Endpoint]:
         """Put a gateway's presence event to the other gateways; return its services."""
         sender = envelope.sender
+        origin = sender.node if isinstance(sender, GatewayAddress) else None
         with self._order:
             with self._lock:
-                gateways = [
-                    e for n, e in self._gateways.items() if n != getattr(sender, "node", None)
-                ]
+                gateways = [e for n, e in self._gateways.items() if n != origin]
                 services = self._presence_services()
             for gateway in gateways:
                 gateway.forwarder.put(envelope)
