@@ -28,6 +28,7 @@ from Pyro5.api import Proxy, locate_ns
 from wsbus_pyro import PyroConfig
 from wsbus_pyro.transport import make_proxy, name_server
 from wsbus_websockets import connect
+from wsbus_websockets.client import RESYNC
 
 
 @contextlib.contextmanager
@@ -253,3 +254,60 @@ async def test_chat_lists_who_is_in_a_room_and_members_hear_joins_and_leaves(
     bob.send("chat.members", {"room": "no room"})
     refused = (await bob.receive_until("chat.members.reply"))["content"]
     assert refused["ok"] is False and ROOM_RULE in refused["error"]
+
+
+async def test_the_memory_demo_resumes_a_chat_with_the_messages_missed() -> None:
+    # Pyro and NATS: in a browser (test_demo_browser.py); the memory bus here, with the
+    # Python client, against `wsbus demo --bus memory` as a user starts it.
+    port = free_port()
+    child = Child(
+        ["demo", "--no-browser", "--port", str(port), "--bus", "memory"],
+        ready="running at",
+        timeout=60,
+    )
+    try:
+        url = f"ws://127.0.0.1:{port}/"
+        async with (
+            asyncio.timeout(30),
+            connect(url, backoff=(0.01, 0.05)) as ann,
+            connect(url) as bob,
+        ):
+
+            async def members() -> set[str]:
+                listed = await bob.request("chat.members", {"room": "lobby"})
+                return {member["alias"] for member in listed["content"]["members"]}
+
+            for client, nick in ((ann, "ann"), (bob, "bob")):
+                await client.request("chat.nick", {"nick": nick})
+                await client.request("chat.join", {"room": "lobby"})
+            assert await members() == {"ann", "bob"}
+            # A first message gives Ann a position in the room's history to resume from.
+            await bob.send("chat.say", {"room": "lobby", "text": "zero"})
+            while (await ann.receive())["type"] != "chat.message":
+                pass
+            # Ann's connection drops and stays away (nothing listens at her URL) while Bob
+            # talks; then she is back.
+            ann.url = f"ws://127.0.0.1:{free_port()}/"
+            assert ann._ws is not None
+            ann._ws.transport.abort()
+            while "ann" in await members():
+                await asyncio.sleep(0.01)
+            for text in ("one", "two"):
+                await bob.send("chat.say", {"room": "lobby", "text": text})
+                while (await bob.receive()).get("content") != {
+                    "room": "lobby",
+                    "from": "bob",
+                    "text": text,
+                }:
+                    pass  # until it is out to the room (Bob is in it), while Ann is away
+            ann.url = url
+            said: list[str] = []
+            while len(said) < 2:
+                message = await ann.receive()
+                assert message["type"] != RESYNC, message
+                if message["type"] == "chat.message":
+                    said.append(message["content"]["text"])
+            assert said == ["one", "two"]
+            assert ann.resumes == 1 and ann.resumed["alias"] == "ann"
+    finally:
+        assert child.stop() == 0, child.text
