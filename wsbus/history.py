@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import itertools
 import math
 import os
 import re
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Final, NamedTuple
 
 import msgspec
@@ -102,7 +104,16 @@ class HistoryConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def keeps(self, group: str) -> bool:
         """Return True when ``group`` keeps history."""
-        return any(fnmatch.fnmatchcase(group, pattern) for pattern in self.groups)
+        return _matcher(self.groups)(group) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled regular expression for all the patterns (each message asks)."""
+    if not patterns:
+        return lambda group: None
+    either = "|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns)
+    return re.compile(either).match
 
 
 def history_group(envelope: Envelope, config: HistoryConfig) -> str | None:

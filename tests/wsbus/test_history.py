@@ -6,6 +6,7 @@ tests/wsbus/test_resume.py and tests/wsbus/test_history_stateful.py.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import random
 
@@ -97,6 +98,15 @@ def test_a_service_message_to_one_kept_group_enters_history() -> None:
 )
 def test_anything_else_does_not(envelope: Envelope) -> None:
     assert history_group(envelope, KEEPS) is None
+
+
+names = st.text("ab.*?[]!-", max_size=6)
+
+
+@given(st.lists(names, max_size=3), names)
+def test_keeps_is_fnmatchcase_over_the_patterns(patterns: list[str], group: str) -> None:
+    expected = any(fnmatch.fnmatchcase(group, p) for p in patterns)
+    assert HistoryConfig(groups=tuple(patterns)).keeps(group) is expected
 
 
 def test_no_pattern_keeps_nothing() -> None:
