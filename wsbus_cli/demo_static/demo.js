@@ -114,7 +114,10 @@ function renderMembers() {
       const item = Object.assign(document.createElement("li"), { className: "member" });
       item.dataset.conn = connId;
       item.textContent = member.alias || connId;
-      if (connId === client.connId) item.append(Object.assign(document.createElement("span"), { className: "you", textContent: " (you)" }));
+      if (connId === client.connId) {
+        const you = Object.assign(document.createElement("span"), { className: "you", textContent: " (you)" });
+        item.append(you);
+      }
       list.append(item);
     }
     box.append(title, list);
@@ -125,7 +128,8 @@ async function fetchMembers(room) {
   try {
     const reply = await client.request("chat.members", { room });
     if (!reply.content.ok || !rooms.has(room)) return;
-    rooms.set(room, new Map(reply.content.members.map((m) => [m.conn_id, { alias: m.alias, user: m.user }])));
+    const members = reply.content.members.map((m) => [m.conn_id, { alias: m.alias, user: m.user }]);
+    rooms.set(room, new Map(members));
     renderMembers();
   } catch (err) {
     show("error", ` could not list #${room}: ${err.message}`);
@@ -161,7 +165,8 @@ client.addEventListener("resumed", (event) => {
     $("room-result").textContent = `back in #${back.join(", #")}`;
   }
   renderMembers();
-  show("resumed", ` session resumed${alias ? ` as ${alias}` : ""}${back.length ? ` in #${back.join(", #")}` : ""}`);
+  const where = back.length ? ` in #${back.join(", #")}` : "";
+  show("resumed", ` session resumed${alias ? ` as ${alias}` : ""}${where}`);
   for (const room of back) fetchMembers(room);
 });
 

@@ -155,7 +155,8 @@ export class WsbusClient extends EventTarget {
     // The session to resume: a token, the last position per group, the groups restored.
     const saved = this._load();
     this._token = typeof saved.token === "string" ? saved.token : null;
-    this._positions = new Map(Object.entries(saved.positions || {}).filter(([, p]) => typeof p === "string"));
+    const positions = Object.entries(saved.positions || {}).filter(([, p]) => typeof p === "string");
+    this._positions = new Map(positions);
     this._groups = strings(saved.groups);
     this._hadSession = false; // a connection of this object was welcomed before
     this._resuming = null; // {id, timer, done} while waiting for the resume answer
@@ -339,7 +340,8 @@ export class WsbusClient extends EventTarget {
       const detail = { groups: resync, restored: true, reason: "resync" };
       if (typeof content.alias_lost === "string") detail.alias_lost = content.alias_lost;
       detail.message =
-        "the session was resumed, but the messages of these groups could not all be replayed: fetch their state again";
+        "the session was resumed, but the messages of these groups could not all be replayed: " +
+        "fetch their state again";
       this._resync(detail);
     }
   }
@@ -381,7 +383,11 @@ export class WsbusClient extends EventTarget {
     try {
       this._storage.setItem(
         this._storageKey,
-        JSON.stringify({ token: this._token, positions: Object.fromEntries(this._positions), groups: this._groups }),
+        JSON.stringify({
+          token: this._token,
+          positions: Object.fromEntries(this._positions),
+          groups: this._groups,
+        }),
       );
     } catch (err) {
       // Storage refused: the session resumes on reconnect, not across a reload.
