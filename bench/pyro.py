@@ -16,10 +16,11 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from wsbus_cli.supervisor import Child, free_port
 
-from .__main__ import ROOT, RawClient, Server, frame
+from .__main__ import ROOT, Bar, RawClient, Server, frame, process_cpu
 
 
 def _plain_server(port: int) -> subprocess.Popen[str]:
@@ -44,11 +45,12 @@ def _plain_server(port: int) -> subprocess.Popen[str]:
     return process
 
 
-def plain_pyro(calls: int) -> tuple[float, float, float]:
-    """Return plain synchronous Pyro5 calls' rate (calls/s) and median round trip (ms).
+def plain_pyro(calls: int) -> tuple[float, float, float, float]:
+    """Return plain synchronous Pyro5 calls' rate (calls/s), median round trip (ms) and CPU.
 
     The round trip is given twice: back to back, and one call at a time after a pause
-    (the way the one-way samples below are taken, each on an otherwise idle system).
+    (the way the one-way samples below are taken, each on an otherwise idle system). The
+    CPU is the server process's, per call, in microseconds.
     """
     import Pyro5.api
 
@@ -59,19 +61,26 @@ def plain_pyro(calls: int) -> tuple[float, float, float]:
         with Pyro5.api.Proxy(f"PYRO:sink@127.0.0.1:{port}") as proxy:
             proxy.deliver(payload)
             times = []
+            cpu = process_cpu(server.pid)
             started = time.perf_counter()
             for _ in range(calls):
                 t0 = time.perf_counter()
                 proxy.deliver(payload)
                 times.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
+            cpu = (process_cpu(server.pid) - cpu) / calls * 1e6
             paced = []
             for _ in range(300):
                 time.sleep(0.001)
                 t0 = time.perf_counter()
                 proxy.deliver(payload)
                 paced.append(time.perf_counter() - t0)
-        return calls / elapsed, statistics.median(times) * 1000, statistics.median(paced) * 1000
+        return (
+            calls / elapsed,
+            statistics.median(times) * 1000,
+            statistics.median(paced) * 1000,
+            cpu,
+        )
     finally:
         server.terminate()
         server.wait(10)
@@ -136,6 +145,7 @@ class _Deployment:
                     "pyro",
                     "--port",
                     str(self.ws_port),
+                    # The rate limit is a policy, not a speed: raised out of the way.
                     "--rate",
                     "1000000",
                     *args,
@@ -144,17 +154,25 @@ class _Deployment:
             )
         )
 
+    def cpu(self) -> dict[str, float]:
+        """The CPU time so far (s) of the bus, the service and the gateway."""
+        names = ("bus", "service", "gateway")
+        return {name: process_cpu(c.pid) for name, c in zip(names, self.children[1:], strict=True)}
+
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
 
 
-async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float, float, float]:
+async def wsbus_pyro(
+    messages: int, rounds: int
+) -> tuple[float, float, float, float, float, dict[str, float]]:
     """Return service-to-client messages/s, one-way and echo round trip p50 and p99 (ms).
 
     One-way: the client asks, the service process stamps a message with
     ``time.monotonic()`` just before ``ctx.send``, and the client subtracts on arrival;
-    one at a time, so no message waits behind another.
+    one at a time, so no message waits behind another. Last, the CPU per message (us) of
+    the bus, the service and the gateway while the messages flowed.
     """
     deployment = await asyncio.to_thread(_Deployment)
     try:
@@ -162,10 +180,12 @@ async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float, f
         await client.until(b"wsbus.welcome")
         marker = b'"i":%d}' % (messages - 1)
         waiting = asyncio.create_task(client.until(marker))
+        cpu = deployment.cpu()
         started = time.perf_counter()
         client.writer.write(frame(b'{"type":"bench.send","content":{"n":%d}}' % messages))
         finished = await asyncio.wait_for(waiting, 300)
         rate = messages / (finished - started)
+        cpu = {k: (v - cpu[k]) / messages * 1e6 for k, v in deployment.cpu().items()}
         times = []
         for i in range(rounds):
             request = b'{"type":"bench.echo","content":%d,"id":"r%d"}' % (i, i)
@@ -178,7 +198,7 @@ async def wsbus_pyro(messages: int, rounds: int) -> tuple[float, float, float, f
             client.writer.write(frame(b'{"type":"bench.stamp","content":%d}' % i))
             one_way.append(await client.stamped(b'"n":%d,' % i))
         client.close()
-        return rate, *_p50_p99(one_way), *_p50_p99(times)
+        return rate, *_p50_p99(one_way), *_p50_p99(times), cpu
     finally:
         await asyncio.to_thread(deployment.stop)
 
@@ -188,16 +208,19 @@ def _p50_p99(times: list[float]) -> tuple[float, float]:
     return statistics.median(times) * 1000, times[int(len(times) * 0.99)] * 1000
 
 
-async def run(messages: int, repeat: int) -> dict[str, float]:
+async def run(messages: int, repeat: int) -> dict[str, Any]:
     """Run the Pyro comparison, print it, and return the figures."""
     plain = [await asyncio.to_thread(plain_pyro, min(messages, 5000)) for _ in range(repeat)]
     calls_per_s = statistics.median(p[0] for p in plain)
     pyro_rtt = statistics.median(p[1] for p in plain)
     pyro_paced = statistics.median(p[2] for p in plain)
+    plain_cpu = statistics.median(p[3] for p in plain)
     ws_rtt = await bare_websocket_rtt(500)
     ws_send = await bare_websocket_send(500)
     runs = [await wsbus_pyro(messages, 300) for _ in range(repeat)]
-    rate, way50, way99, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(5))
+    figures = [r[:5] for r in runs]
+    rate, way50, way99, p50, p99 = (statistics.median(f[i] for f in figures) for i in range(5))
+    cpu = {name: statistics.median(r[5][name] for r in runs) for name in runs[0][5]}
     bare = pyro_paced + ws_send
     print(f"\nPyro path: a service process sends {messages} messages to one client, in order")
     print(
@@ -206,6 +229,10 @@ async def run(messages: int, repeat: int) -> dict[str, float]:
     )
     print(
         f"  wsbus over Pyro        {rate:>12,.0f} msgs/s   = {rate / calls_per_s:.1f}x plain calls"
+    )
+    print(
+        f"  server CPU per message plain Pyro5 {plain_cpu:.2f} us; wsbus: "
+        + ", ".join(f"{name} {us:.2f} us" for name, us in cpu.items())
     )
     print(
         f"  bare WebSocket         send one-way {ws_send:.3f} ms, echo round trip {ws_rtt:.3f} ms"
@@ -222,6 +249,8 @@ async def run(messages: int, repeat: int) -> dict[str, float]:
     )
     return {
         "plain_calls_per_s": calls_per_s,
+        "plain_server_cpu_us_per_call": plain_cpu,
+        "wsbus_cpu_us_per_message": cpu,
         "plain_rtt_ms": pyro_rtt,
         "plain_rtt_one_at_a_time_ms": pyro_paced,
         "websocket_rtt_ms": ws_rtt,
@@ -232,3 +261,24 @@ async def run(messages: int, repeat: int) -> dict[str, float]:
         "wsbus_rtt_p50_ms": p50,
         "wsbus_rtt_p99_ms": p99,
     }
+
+
+def bars(figures: dict[str, Any]) -> list[Bar]:
+    """SPEC section 6's bars for the Pyro path, as ``run`` measured them."""
+    bare = figures["plain_rtt_one_at_a_time_ms"] + figures["websocket_send_ms"]
+    return [
+        Bar(
+            "Pyro path, wsbus messages/s / plain synchronous Pyro5 calls",
+            figures["wsbus_msgs_per_s"] / figures["plain_calls_per_s"],
+            10.0,
+            True,
+            "x",
+        ),
+        Bar(
+            "Pyro one-way p50, wsbus / (a bare Pyro call + a bare WebSocket send)",
+            figures["wsbus_one_way_p50_ms"] / bare,
+            2.0,
+            False,
+            "x",
+        ),
+    ]

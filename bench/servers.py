@@ -2,14 +2,26 @@
 
 Every server speaks the same tiny protocol to the load generator, so the numbers compare:
 
-- ``fanout`` request: broadcast ``n`` small messages to every connected client, yielding to
-  the event loop every 64 messages (the same pacing for everyone).
+- ``fanout`` request ``{"n": N, "paced": P}``: send ``N`` small messages to every connected
+  client. Paced, the producer yields to the event loop every 64 messages (so a server may
+  gather a pass's frames into one write); unpaced, after every message (one message per
+  loop pass, as a producer driven by outside events sends). The same for every server.
 - ingest: count every message received; once ``target`` have arrived, send ``done`` to
   every client.
+- echo: send the request back.
 
-Kinds: ``raw`` (plain ``websockets``, ``websockets.broadcast`` and ``json.loads``),
-``wsbus`` (a gateway on the in-memory bus with a service doing the work), ``socketio``
-(python-socketio on aiohttp, rooms and events).
+Kinds:
+
+- ``raw``: plain ``websockets``: ``json.loads`` of every frame, ``websockets.broadcast``.
+- ``raw-count``: the same server, but an ingest frame is only counted, not parsed (the
+  least a server can do with a frame: the floor under every other figure).
+- ``wsbus``: a gateway on the in-memory bus, on the ``websockets`` edge, with a service
+  doing the work; ``wsbus-picows``: the same gateway on the picows edge. Default settings
+  but one (:func:`wsbus_settings`).
+- ``socketio``: python-socketio on aiohttp, rooms and events.
+
+Each prints ``settings {JSON}`` (what it runs with, as it differs from its library's
+defaults), then ``ready``; on SIGTERM, ``maxlag MS`` (its worst event-loop lag).
 """
 
 from __future__ import annotations
@@ -24,10 +36,36 @@ import time
 from typing import Any
 
 ITEM: dict[str, Any] = {"type": "bench.item", "content": {"i": 0, "text": "the quick brown fox"}}
+PACE = 64
+"""A paced producer yields to the event loop after this many messages."""
+INGEST_PREFIX = '{"type": "bench.ingest"'
+"""How every ingest frame the load generator sends to the raw servers begins."""
+RAISED_RATE: dict[str, Any] = {"rate": 1e9, "burst": 10**9}
+"""The gateway settings the bench changes: the per-connection rate limit, raised out of the
+way. A rate limit is a policy, not a speed: the load's clients send as fast as they can,
+and at the default (100 a second, bursts of 200) the figure would be the limit's."""
+EDGES = {"wsbus": "websockets", "wsbus-picows": "picows"}
+"""The wsbus kinds and the edge each runs on."""
 
 
-async def raw(port: int) -> None:
-    """Plain websockets: decode with json, broadcast with websockets.broadcast."""
+def _yield_after(i: int, paced: bool) -> bool:
+    return not paced or i % PACE == PACE - 1
+
+
+def raw_settings() -> dict[str, Any]:
+    """How the raw servers differ from ``websockets.serve``'s defaults.
+
+    Compression off, as on wsbus's edges by default (the bench's clients offer no
+    extension, so it would not be negotiated anyway).
+    """
+    return {"compression": None}
+
+
+async def raw(port: int, *, parse: bool = True) -> None:
+    """Plain websockets: decode with json, broadcast with websockets.broadcast.
+
+    With ``parse`` False, an ingest frame is counted without being decoded.
+    """
     from websockets.asyncio.server import ServerConnection, broadcast, serve
 
     clients: set[ServerConnection] = set()
@@ -37,14 +75,19 @@ async def raw(port: int) -> None:
         clients.add(ws)
         try:
             async for message in ws:
+                if not parse and isinstance(message, str) and message.startswith(INGEST_PREFIX):
+                    state["count"] += 1
+                    if state["count"] == state["target"]:
+                        broadcast(clients, json.dumps({"type": "bench.done"}))
+                    continue
                 frame = json.loads(message)
                 kind = frame.get("type")
                 if kind == "bench.fanout":
-                    n = frame["content"]["n"]
-                    for i in range(n):
+                    paced = frame["content"].get("paced", True)
+                    for i in range(frame["content"]["n"]):
                         ITEM["content"]["i"] = i
                         broadcast(clients, json.dumps(ITEM))
-                        if i % 64 == 63:
+                        if _yield_after(i, paced):
                             await asyncio.sleep(0)
                 elif kind == "bench.echo":
                     await ws.send(message)
@@ -61,25 +104,64 @@ async def raw(port: int) -> None:
         finally:
             clients.discard(ws)
 
-    async with serve(handler, "127.0.0.1", port, compression=None, max_queue=64):
+    _settings(raw_settings())
+    async with serve(handler, "127.0.0.1", port, **raw_settings()):
         print("ready", flush=True)
         LAG["max"] = 0.0  # start-up is not under load
         await asyncio.Future()
 
 
-async def wsbus(port: int) -> None:
+def wsbus_settings(edge: str = "websockets") -> dict[str, dict[str, Any]]:
+    """How the wsbus server's settings differ from the defaults, read off the objects it uses.
+
+    Returns:
+        ``{"gateway": {...}, "bus": {...}, "edge": {...}}``: each the fields of
+        ``GatewayConfig``, the ``MemoryBus`` arguments and the edge's config that differ
+        from their defaults. Only the rate limit (:data:`RAISED_RATE`) should.
+    """
+    import msgspec
+
+    from wsbus import GatewayConfig
+
+    gateway = msgspec.structs.asdict(_gateway_config())
+    defaults = msgspec.structs.asdict(GatewayConfig())
+    edge_config, edge_defaults = _edge_config(edge), type(_edge_config(edge))()
+    return {
+        "gateway": {k: v for k, v in gateway.items() if v != defaults[k]},
+        "bus": dict(_bus_options()),
+        "edge": {
+            k: v
+            for k, v in msgspec.structs.asdict(edge_config).items()
+            if v != getattr(edge_defaults, k)
+        },
+    }
+
+
+def _gateway_config() -> Any:
+    from wsbus import GatewayConfig
+
+    return GatewayConfig(**RAISED_RATE)
+
+
+def _bus_options() -> dict[str, Any]:
+    # The in-memory bus at its defaults: serialize=True (each envelope encoded and decoded,
+    # as a bus between processes does) and a 1,000-envelope inbox per service.
+    return {}
+
+
+def _edge_config(edge: str) -> Any:
+    if edge == "picows":
+        from wsbus_picows import PicowsConfig
+
+        return PicowsConfig()
+    from wsbus_websockets import EdgeConfig
+
+    return EdgeConfig()
+
+
+async def wsbus(port: int, *, edge: str = "websockets") -> None:
     """A wsbus gateway on the in-memory bus; a service does the fan-out and the counting."""
-    from wsbus import (
-        Context,
-        Envelope,
-        Gateway,
-        GatewayConfig,
-        MemoryBus,
-        Recipients,
-        Service,
-        handles,
-    )
-    from wsbus_websockets import EdgeConfig, serve
+    from wsbus import Context, Envelope, Gateway, MemoryBus, Recipients, Service, handles
 
     class Bench(Service):
         name = "bench"
@@ -89,9 +171,10 @@ async def wsbus(port: int) -> None:
         @handles("bench.fanout")
         async def fanout(self, message: Envelope, ctx: Context) -> None:
             everyone = Recipients(everyone=True)
+            paced = message.content.get("paced", True)
             for i in range(message.content["n"]):
                 ctx.send(everyone, "bench.item", {"i": i, "text": "the quick brown fox"})
-                if i % 64 == 63:
+                if _yield_after(i, paced):
                     await asyncio.sleep(0)
 
         @handles("bench.echo")
@@ -109,18 +192,27 @@ async def wsbus(port: int) -> None:
             if self.count == self.target:
                 ctx.send(Recipients(everyone=True), "bench.done")
 
-    config = GatewayConfig(rate=1e9, burst=10**9, outbound_queue=100_000, max_connections=100_000)
-    # serialize=False: in one process the envelopes need no copy; the Pyro bench covers that.
+    _settings(wsbus_settings(edge))
     gateway = Gateway(
-        MemoryBus([Bench()], serialize=False, inbox_size=1_000_000),
-        config=config,
-        entry_points=False,
+        MemoryBus([Bench()], **_bus_options()), config=_gateway_config(), entry_points=False
     )
     await gateway.start()
-    await serve(gateway, "127.0.0.1", port, config=EdgeConfig(inbound_queue=64))
+    if edge == "picows":
+        from wsbus_picows import serve as serve_picows
+
+        await serve_picows(gateway, "127.0.0.1", port, config=_edge_config(edge))
+    else:
+        from wsbus_websockets import serve
+
+        await serve(gateway, "127.0.0.1", port, config=_edge_config(edge))
     print("ready", flush=True)
     LAG["max"] = 0.0  # start-up is not under load
     await asyncio.Future()
+
+
+def _settings(settings: dict[str, Any]) -> None:
+    """Tell the load generator what this server runs with."""
+    print("settings " + json.dumps(settings, default=repr), flush=True)
 
 
 async def socketio(port: int) -> None:
@@ -128,6 +220,7 @@ async def socketio(port: int) -> None:
     import socketio as sio_module
     from aiohttp import web
 
+    _settings({"async_mode": "aiohttp"})
     sio = sio_module.AsyncServer(async_mode="aiohttp", logger=False, engineio_logger=False)
     app = web.Application()
     sio.attach(app)
@@ -139,9 +232,10 @@ async def socketio(port: int) -> None:
 
     @sio.on("bench.fanout")  # type: ignore[untyped-decorator]
     async def fanout(sid: str, data: Any) -> None:
+        paced = data.get("paced", True)
         for i in range(data["n"]):
             await sio.emit("bench.item", {"i": i, "text": "the quick brown fox"}, room="all")
-            if i % 64 == 63:
+            if _yield_after(i, paced):
                 await asyncio.sleep(0)
 
     @sio.on("bench.echo")  # type: ignore[untyped-decorator]
@@ -181,7 +275,14 @@ async def _watch_lag() -> None:
 
 async def _serve(kind: str, port: int) -> None:
     watcher = asyncio.create_task(_watch_lag())
-    server = asyncio.create_task({"raw": raw, "wsbus": wsbus, "socketio": socketio}[kind](port))
+    servers = {
+        "raw": lambda: raw(port),
+        "raw-count": lambda: raw(port, parse=False),
+        "wsbus": lambda: wsbus(port),
+        "wsbus-picows": lambda: wsbus(port, edge="picows"),
+        "socketio": lambda: socketio(port),
+    }
+    server = asyncio.create_task(servers[kind]())
 
     def stop() -> None:
         # Said first: the load generator may not wait for a graceful close.

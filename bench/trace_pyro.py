@@ -48,7 +48,7 @@ async def main() -> None:
         )
         from bench import pyro
 
-        _rate, p50, p99, _, _ = await pyro.wsbus_pyro(2000, args.rounds)
+        _rate, p50, p99, *_ = await pyro.wsbus_pyro(2000, args.rounds)
         print(f"one-way p50 {p50:.3f} ms, p99 {p99:.3f} ms, measured at the client")
         _report(Path(directory))
 

@@ -1,4 +1,9 @@
-"""The benchmark scripts still run (tiny sizes; no timing is asserted: that is bench's job)."""
+"""The benchmarks still run, say what they measure and record it (no timing is asserted).
+
+The bench's own logic is tested here: wsbus runs at its default settings but the rate
+limit, every run writes a complete JSON record, and SPEC section 6's bars are the ones
+named. Tiny sizes: the figures mean nothing, only their presence is checked.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.__main__ import EDGE_KINDS, Bar, _bars, _edges, picows_installed
+from bench.servers import RAISED_RATE, wsbus_settings
 
 ROOT = Path(__file__).parent.parent
+EDGES = ["websockets", "picows"] if picows_installed() else ["websockets"]
+OURS = [EDGE_KINDS[edge] for edge in EDGES]
 
 
 def _bench(*args: str) -> str:
@@ -27,25 +40,180 @@ def _run(module: str, *args: str) -> str:
     return result.stdout
 
 
-def test_fanout_ingest_and_memory_run_against_every_anchor(tmp_path: Path) -> None:
+def test_wsbus_runs_at_its_defaults_but_the_rate_limit() -> None:
+    # The one setting changed is a policy, not a speed; the bus and the edge are untouched.
+    assert RAISED_RATE == {"rate": 1e9, "burst": 10**9}
+    for edge in EDGES:
+        assert wsbus_settings(edge) == {"gateway": RAISED_RATE, "bus": {}, "edge": {}}
+
+
+def test_every_benchmark_runs_against_every_anchor_and_the_record_is_complete(
+    tmp_path: Path,
+) -> None:
     results = tmp_path / "results.json"
-    out = _bench("fanout", "--clients", "4", "--messages", "5", "--json", str(results))
-    assert "wsbus / raw" in out and "wsbus / socketio" in out
-    assert "worst event-loop lag of each server" in out
+    out = _bench(
+        "fanout",
+        "ingest",
+        "echo",
+        "memory",
+        "--clients",
+        "3",
+        "--messages",
+        "5",
+        "--frames",
+        "90",
+        "--rounds",
+        "10",
+        "--edge",
+        ",".join(EDGES),
+        "--json",
+        str(results),
+    )
+    for text in ("wsbus / raw", "/ socketio", "/ raw-count", "server CPU", "worst loop lag"):
+        assert text in out
+    assert "SPEC section 6's bars measured in this run" in out
+    assert f"results written to {results}" in out
     saved = json.loads(results.read_text())
-    table = saved["fan-out: 5 messages to 4 clients"]
-    assert set(table["values"]) == {"raw", "wsbus", "socketio"}
-    assert set(table["worst_loop_lag_ms"]) == {"raw", "wsbus", "socketio"}
-    out = _bench("ingest", "--clients", "2", "--frames", "200")
-    assert "frames/s" in out and "wsbus / raw" in out
-    out = _bench("memory", "--clients", "5")
-    assert "KiB per connection" in out
+
+    assert saved["command"].startswith("python -m bench fanout ingest echo memory")
+    assert saved["started"] <= saved["finished"]
+    machine = saved["machine"]
+    assert machine["cores"] >= 1 and len(machine["load"]) == 3 and len(machine["load_after"]) == 3
+    assert saved["versions"]["wsbus"] and saved["versions"]["websockets"]
+    settings = saved["settings"]
+    assert settings["repeat"] == 1 and settings["edges"] == EDGES
+    # What the servers said they ran with: the defaults but the rate limit.
+    servers = settings["servers"]
+    for kind, edge in zip(OURS, EDGES, strict=True):
+        assert servers[kind] == json.loads(json.dumps(wsbus_settings(edge)))
+    assert servers["raw"] == servers["raw-count"] == {"compression": None}
+
+    tables = saved["tables"]
+    by_benchmark: dict[str, list[dict[str, Any]]] = {}
+    for table in tables.values():
+        by_benchmark.setdefault(table["benchmark"], []).append(table)
+    assert set(by_benchmark) == {
+        "fan-out paced",
+        "fan-out unpaced",
+        "ingest",
+        "echo p50",
+        "echo p99",
+        "memory",
+    }
+    assert by_benchmark["fan-out paced"][0]["params"]["paced"] is True
+    assert by_benchmark["fan-out unpaced"][0]["params"]["paced"] is False
+    for name, [table] in by_benchmark.items():
+        kinds = {"raw", *OURS, "socketio"} | ({"raw-count"} if name == "ingest" else set())
+        assert set(table["values"]) == set(table["runs"]) == kinds, name
+        assert all(len(runs) == 1 for runs in table["runs"].values())
+        assert set(table["worst_loop_lag_ms"]) == kinds or name == "echo p99"
+        if name not in ("memory", "echo p99"):
+            # Server CPU per message beside every rate (and every round trip).
+            assert set(table["server_cpu_us_per_message"]) == kinds, name
+        assert {f"{ours} / raw" for ours in OURS} <= set(table["ratios"])
+        assert len(table["load_before"]) == 3
+    # Each table's bars are in the run's list of bars, each with its verdict.
+    bars = saved["bars"]
+    assert bars == [bar for table in tables.values() for bar in table["bars"]]
+    assert all(isinstance(bar["met"], bool) for bar in bars)
+    names = " | ".join(bar["name"] for bar in bars)
+    assert "fan-out unpaced to 3 clients, wsbus (websockets edge) / websockets.broadcast" in names
+    assert "server CPU per frame above raw websockets (raw-count)" in names
 
 
-def test_pyro_path_runs() -> None:
-    out = _bench("pyro", "--messages", "300")
+def test_without_json_the_record_goes_to_bench_results() -> None:
+    before = set((ROOT / "bench" / "results").glob("*.json"))
+    out = _bench("echo", "--kinds", "raw", "--rounds", "1")
+    written = set((ROOT / "bench" / "results").glob("*.json")) - before
+    try:
+        assert len(written) == 1
+        [path] = written
+        assert f"results written to {path}" in out
+        tables = json.loads(path.read_text())["tables"].values()
+        assert [set(table["values"]) for table in tables] == [{"raw"}, {"raw"}]  # p50, p99
+    finally:
+        for path in written:
+            path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        (["--edge", "carrier-pigeon"], "unknown edge 'carrier-pigeon'"),
+        (["--kinds", "raw,carrier-pigeon"], "unknown kind carrier-pigeon"),
+    ],
+)
+def test_an_unknown_edge_or_kind_is_refused_by_name(option: list[str], said: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "echo", *option],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_all_runs_every_installed_edge_a_single_benchmark_the_default_one() -> None:
+    assert _edges(None, everything=True) == EDGES
+    assert _edges(None, everything=False) == ["websockets"]
+    assert _edges("websockets", everything=True) == ["websockets"]
+
+
+def test_a_bar_is_met_on_its_side_of_the_limit() -> None:
+    assert Bar("ratio", 3.0, 3.0, True, "x").met
+    assert not Bar("ratio", 2.99, 3.0, True, "x").met
+    assert Bar("cpu", 1.5, 1.5, False, "us").met
+    assert not Bar("cpu", 1.51, 1.5, False, "us").met
+    assert "NOT MET" in Bar("cpu", 1.51, 1.5, False, "us").line()
+
+
+def _limits(bars: list[Bar]) -> dict[str, tuple[float, bool]]:
+    return {bar.name: (bar.limit, bar.at_least) for bar in bars}
+
+
+def test_the_bars_are_spec_section_6s() -> None:
+    values = {"raw": 10.0, "raw-count": 20.0, "wsbus": 30.0, "wsbus-picows": 40.0, "socketio": 5.0}
+    cpu = {"raw": 4.0, "raw-count": 3.0, "wsbus": 5.0, "wsbus-picows": 2.0, "socketio": 9.0}
+    ws, pi = "wsbus (websockets edge)", "wsbus (picows edge)"
+    assert _limits(_bars("fan-out unpaced", "to 9 clients", values, cpu)) == {
+        f"fan-out unpaced to 9 clients, {ws} / websockets.broadcast": (1.0, True),
+        f"fan-out unpaced to 9 clients, {ws} / python-socketio rooms": (3.0, True),
+        f"fan-out unpaced to 9 clients, {pi} / websockets.broadcast": (1.5, True),
+        f"fan-out unpaced to 9 clients, {pi} / python-socketio rooms": (3.0, True),
+    }
+    paced = _limits(_bars("fan-out paced", "to 9 clients", values, cpu))
+    assert paced[f"fan-out paced to 9 clients, {ws} / websockets.broadcast"] == (3.0, True)
+    assert paced[f"fan-out paced to 9 clients, {pi} / websockets.broadcast"] == (3.0, True)
+    ingest = _bars("ingest", "from 9 clients", values, cpu)
+    assert _limits(ingest) == {
+        f"ingest from 9 clients, {ws}: server CPU per frame above raw websockets (raw-count)": (
+            1.5,
+            False,
+        ),
+        f"ingest from 9 clients, {ws} / python-socketio": (3.0, True),
+        f"ingest from 9 clients, {pi} / raw websockets (raw-count)": (2.0, True),
+    }
+    # Against the anchor that only counts: 5 - 3 us, and 40 / 20 frames/s.
+    assert [bar.measured for bar in ingest] == [2.0, 6.0, 2.0]
+    echo = _bars("echo p50", "", values, cpu)
+    assert {bar.limit for bar in echo} == {1.1} and not any(bar.at_least for bar in echo)
+    memory = _bars("memory", "at 9", values, cpu)
+    assert {bar.limit for bar in memory} == {1.2} and not any(bar.at_least for bar in memory)
+
+
+def test_pyro_path_runs(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    out = _bench("pyro", "--messages", "300", "--json", str(results))
     assert "plain Pyro5 calls" in out and "wsbus over Pyro" in out
     assert "wsbus one-way" in out and "bare WebSocket" in out
+    assert "server CPU per message plain Pyro5" in out
+    saved = json.loads(results.read_text())
+    assert set(saved["pyro"]["wsbus_cpu_us_per_message"]) == {"bus", "service", "gateway"}
+    assert [bar["limit"] for bar in saved["bars"]] == [10.0, 2.0]
 
 
 def test_the_pyro_tracer_sees_every_point() -> None:
@@ -61,7 +229,34 @@ def test_the_pyro_tracer_sees_every_point() -> None:
         assert point in out, out
 
 
-def test_nats_path_runs() -> None:
-    out = _bench("nats", "--messages", "300")
+def test_nats_path_runs(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    out = _bench("nats", "--messages", "300", "--json", str(results))
     assert "anchor (nats-py publish" in out and "wsbus over NATS" in out
     assert "one-way p50" in out and "CPU per message" in out
+    saved = json.loads(results.read_text())
+    assert [bar["limit"] for bar in saved["bars"]] == [100_000, 2.0]
+
+
+@pytest.mark.parametrize("benchmark", ["fanout", "ingest"])
+def test_one_benchmark_on_the_picows_edge_alone(benchmark: str, tmp_path: Path) -> None:
+    if not picows_installed():
+        pytest.skip("the picows extra is not installed")
+    results = tmp_path / "results.json"
+    _bench(
+        benchmark,
+        "--clients",
+        "2",
+        "--messages",
+        "3",
+        "--frames",
+        "20",
+        "--edge",
+        "picows",
+        "--kinds",
+        "raw,wsbus-picows",
+        "--json",
+        str(results),
+    )
+    tables = json.loads(results.read_text())["tables"]
+    assert all(set(table["values"]) == {"raw", "wsbus-picows"} for table in tables.values())
