@@ -255,3 +255,22 @@ async def test_a_reloaded_page_resumes_with_the_messages_it_missed_once_each(
     assert [m for m in await _members(cat) if m.startswith("dan")] == ["dan"]
     assert await dan.locator("#events li.resync").count() == 0
     await dan.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/resumed.png")
+
+
+async def test_a_page_whose_session_cannot_resume_says_so(demo: str, browser: Browser) -> None:
+    page = await _open(browser, demo, "eli")
+    # A token that is not the gateway's (forged, or from an expired session).
+    key = await page.evaluate("window.wsbusClient._storageKey")
+    await page.evaluate(
+        f"sessionStorage.setItem({key!r}, JSON.stringify("
+        "{token: 'v1.AAAAAAAAAAAAAAAAAAAAAA.forged', positions: {'room.lobby': 'x:1'}}))"
+    )
+    await page.reload()
+    await page.wait_for_selector('#status[data-state="open"]', timeout=15_000)
+    await page.locator("#room-result", has_text="session not resumed").wait_for(timeout=10_000)
+    assert "resume_failed" in await page.locator("#events li.resync").first.inner_text()
+    assert await page.locator("#members li.member").count() == 0
+    # A new session, and a usable one.
+    await page.fill("#nick", "eli2")
+    await page.click("#nick-form button[type=submit]")
+    await page.wait_for_selector('#nick-result:has-text("you are eli2")', timeout=10_000)
