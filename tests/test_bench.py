@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import EDGE_KINDS, Bar, _bars, _edges, picows_installed
+from bench.report import render
 from bench.servers import RAISED_RATE, wsbus_settings
 
 ROOT = Path(__file__).parent.parent
@@ -119,6 +120,10 @@ def test_every_benchmark_runs_against_every_anchor_and_the_record_is_complete(
     names = " | ".join(bar["name"] for bar in bars)
     assert "fan-out unpaced to 3 clients, wsbus (websockets edge) / websockets.broadcast" in names
     assert "server CPU per frame above raw websockets (raw-count)" in names
+    # The record as docs/performance.md shows it: a row per table, a row per bar.
+    markdown = render(saved)
+    assert all(f"| {title} |" in markdown for title in tables)
+    assert all(f"| {bar['name']} |" in markdown for bar in bars)
 
 
 def test_without_json_the_record_goes_to_bench_results() -> None:
@@ -214,6 +219,7 @@ def test_pyro_path_runs(tmp_path: Path) -> None:
     saved = json.loads(results.read_text())
     assert set(saved["pyro"]["wsbus_cpu_us_per_message"]) == {"bus", "service", "gateway"}
     assert [bar["limit"] for bar in saved["bars"]] == [10.0, 2.0]
+    assert "- Pyro path: wsbus" in render(saved)
 
 
 def test_the_pyro_tracer_sees_every_point() -> None:
@@ -236,6 +242,7 @@ def test_nats_path_runs(tmp_path: Path) -> None:
     assert "one-way p50" in out and "CPU per message" in out
     saved = json.loads(results.read_text())
     assert [bar["limit"] for bar in saved["bars"]] == [100_000, 2.0]
+    assert "- NATS path: wsbus" in render(saved)
 
 
 @pytest.mark.parametrize("benchmark", ["fanout", "ingest"])
