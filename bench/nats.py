@@ -38,7 +38,7 @@ from typing import Any
 
 from wsbus_cli.supervisor import Child, free_port
 
-from .__main__ import ROOT, Bar, RawClient, frame
+from .__main__ import ROOT, Bar, RawClient, frame, process_cpu
 
 CONTROL = "anchor.control"
 """The subject the relay passes the client's requests on to the publisher."""
@@ -47,10 +47,8 @@ ITEMS = "anchor.items"
 KINDS = ("anchor", "wsbus")
 
 
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user + system) process ``pid`` has used so far, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+cpu_seconds = process_cpu
+"""The CPU time process ``pid``'s threads have used so far, in seconds (``schedstat``)."""
 
 
 # -- the anchor's processes ---------------------------------------------------------------
