@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 from wsbus.extras import lazy_exports
 
 if TYPE_CHECKING:
-    from .client import RECONNECT_CODES, Client, connect
+    from .client import RECONNECT_CODES, RESYNC, Client, connect
     from .server import TOKEN_SUBPROTOCOL_PREFIX, EdgeConfig, EdgeServer, serve
 
 __all__ = [
     "RECONNECT_CODES",
+    "RESYNC",
     "TOKEN_SUBPROTOCOL_PREFIX",
     "Client",
     "EdgeConfig",
@@ -34,6 +35,7 @@ _WHERE = {
     "serve": "server",
     "Client": "client",
     "RECONNECT_CODES": "client",
+    "RESYNC": "client",
     "connect": "client",
 }
 

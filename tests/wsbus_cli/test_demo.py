@@ -27,8 +27,7 @@ from Pyro5.api import Proxy, locate_ns
 
 from wsbus_pyro import PyroConfig
 from wsbus_pyro.transport import make_proxy, name_server
-from wsbus_websockets import connect
-from wsbus_websockets.client import RESYNC
+from wsbus_websockets import RESYNC, connect
 
 
 @contextlib.contextmanager

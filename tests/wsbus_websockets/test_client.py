@@ -38,8 +38,7 @@ from wsbus.history import HistoryConfig
 from wsbus.wire import Codec
 from wsbus_cli.demo_services import Echo
 from wsbus_cli.supervisor import free_port
-from wsbus_websockets import Client, connect
-from wsbus_websockets.client import RESYNC
+from wsbus_websockets import RESYNC, Client, connect
 
 
 async def test_a_server_that_never_welcomes_times_out_the_open_and_is_closed() -> None:
