@@ -417,7 +417,18 @@ class Bar:
 
 
 RESULTS: dict[str, Any] = {"tables": {}, "bars": []}
+"""The run's record, written to ``RECORD`` after every table (and complete at the end)."""
 BARS: list[Bar] = []
+RECORD: list[Path] = []
+"""Where the run's record goes (set once the run starts)."""
+
+
+def _save() -> None:
+    """Write the record as it stands: a long run cut short keeps what it measured."""
+    RESULTS["bars"] = [{**asdict(bar), "met": bar.met} for bar in BARS]
+    if RECORD:
+        RECORD[0].parent.mkdir(parents=True, exist_ok=True)
+        RECORD[0].write_text(json.dumps(RESULTS, indent=2, default=str))
 
 
 def _label(kind: str) -> str:
@@ -562,6 +573,7 @@ def _table(
             print(f"  {kind} {line}")
     for bar in bars:
         print(f"  {bar.line()}")
+    _save()
 
 
 Runner = Callable[[str], Coroutine[Any, Any, float]]
@@ -714,6 +726,10 @@ async def main(argv: list[str] | None = None) -> None:
 
     RESULTS["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     RESULTS["started"] = _now()
+    RESULTS["finished"] = None
+    RESULTS["complete"] = False
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    RECORD[:] = [Path(args.json) if args.json else RESULTS_DIR / f"{stamp}.json"]
     RESULTS["machine"] = machine()
     RESULTS["versions"] = versions()
     RESULTS["settings"] = {
@@ -802,6 +818,7 @@ async def main(argv: list[str] | None = None) -> None:
         BARS.extend(pyro.bars(figures))
         for bar in BARS[-2:]:
             print(f"  {bar.line()}")
+        _save()
     if "nats" in which:
         from bench import nats
 
@@ -809,30 +826,23 @@ async def main(argv: list[str] | None = None) -> None:
         BARS.extend(nats.bars(figures))
         for bar in BARS[-2:]:
             print(f"  {bar.line()}")
+        _save()
     RESULTS["finished"] = _now()
+    RESULTS["complete"] = True
     RESULTS["machine"]["load_after"] = os.getloadavg()
-    RESULTS["bars"] = [{**asdict(bar), "met": bar.met} for bar in BARS]
     if BARS:
         met = sum(bar.met for bar in BARS)
         print(f"\nSPEC section 6's bars measured in this run: {met} of {len(BARS)} met")
         for bar in BARS:
             print(f"  {bar.line()}")
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = Path(args.json) if args.json else RESULTS_DIR / f"{stamp}.json"
-    text = json.dumps(RESULTS, indent=2, default=str)
-    await asyncio.to_thread(_write, path, text)
-    print(f"\nresults written to {path}")
+    await asyncio.to_thread(_save)
+    print(f"\nresults written to {RECORD[0]}")
 
 
 def _wsbus_settings(edges: list[str]) -> dict[str, Any]:
     from bench.servers import wsbus_settings
 
     return {edge: wsbus_settings(edge) for edge in edges}
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_every_benchmark_runs_against_every_anchor_and_the_record_is_complete(
     saved = json.loads(results.read_text())
 
     assert saved["command"].startswith("python -m bench fanout ingest echo memory")
-    assert saved["started"] <= saved["finished"]
+    assert saved["complete"] is True and saved["started"] <= saved["finished"]
     machine = saved["machine"]
     assert machine["cores"] >= 1 and len(machine["load"]) == 3 and len(machine["load_after"]) == 3
     assert saved["versions"]["wsbus"] and saved["versions"]["websockets"]
