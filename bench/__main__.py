@@ -436,10 +436,21 @@ def _label(kind: str) -> str:
     return f"wsbus ({edge})" if edge else kind
 
 
-def _ratio(results: dict[str, float], ours: str, theirs: str) -> float | None:
-    if results.get(ours) and results.get(theirs):
-        return results[ours] / results[theirs]
-    return None
+def _ratio(runs: dict[str, list[float]], ours: str, theirs: str) -> float | None:
+    """The median over the repetitions of ``ours / theirs`` within each one.
+
+    The kinds of a repetition run one after the other, so a ratio inside a repetition
+    compares runs under the same spell of a shared machine's load.
+    """
+    pairs = zip(runs.get(ours, []), runs.get(theirs, []), strict=False)
+    ratios = [a / b for a, b in pairs if b]
+    return statistics.median(ratios) if ratios else None
+
+
+def _difference(runs: dict[str, list[float]], ours: str, theirs: str) -> float | None:
+    """The median over the repetitions of ``ours - theirs`` within each one."""
+    pairs = list(zip(runs.get(ours, []), runs.get(theirs, []), strict=False))
+    return statistics.median(a - b for a, b in pairs) if pairs else None
 
 
 def _bar(
@@ -449,9 +460,16 @@ def _bar(
 
 
 def _bars(
-    benchmark: str, detail: str, values: dict[str, float], cpu: dict[str, float]
+    benchmark: str, detail: str, values: dict[str, list[float]], cpu: dict[str, list[float]]
 ) -> list[Bar]:
-    """The bars of SPEC section 6 that a table's figures measure."""
+    """The bars of SPEC section 6 that a table's figures measure.
+
+    Args:
+        benchmark: which (``ingest``, ``fan-out paced``...).
+        detail: its size, as the bars' names say it.
+        values: each kind's figure in each repetition.
+        cpu: each kind's server CPU per message (us) in each repetition.
+    """
     bars: list[Bar] = []
     for kind in (k for k in values if k in EDGE_KINDS.values()):
         who = _label(kind)
@@ -459,7 +477,7 @@ def _bars(
             # The raw anchor that only counts is the floor: the bar is against it.
             floor = "raw-count" if "raw-count" in values else "raw"
             if kind == "wsbus":
-                extra = cpu[kind] - cpu[floor] if kind in cpu and floor in cpu else None
+                extra = _difference(cpu, kind, floor)
                 bars += _bar(
                     f"ingest {detail}, {who}: server CPU per frame above raw websockets ({floor})",
                     extra,
@@ -537,9 +555,9 @@ def _table(
         f"{kind} / {anchor}": ratio
         for kind in ours
         for anchor in anchors
-        if (ratio := _ratio(results, kind, anchor)) is not None
+        if (ratio := _ratio(runs, kind, anchor)) is not None
     }
-    bars = _bars(benchmark, short, results, cpu)
+    bars = _bars(benchmark, short, runs, cpu_runs)
     BARS.extend(bars)
     RESULTS["tables"][title] = {
         "benchmark": benchmark,
@@ -563,6 +581,8 @@ def _table(
         each = f"   server CPU {cpu[kind]:6.2f} us/msg" if kind in cpu else ""
         lag = f"   worst loop lag {lags[kind]:5.0f} ms" if kind in lags else ""
         print(f"  {kind:<14} {value:>14,.{digits}f}{each}{lag}")
+    if ratios:
+        print("  ratios, each the median of the repetitions' own:")
     for kind in ours:
         line = ", ".join(
             f"/ {anchor} {ratios[f'{kind} / {anchor}']:.2f}x"
@@ -570,7 +590,7 @@ def _table(
             if f"{kind} / {anchor}" in ratios
         )
         if line:
-            print(f"  {kind} {line}")
+            print(f"    {kind} {line}")
     for bar in bars:
         print(f"  {bar.line()}")
     _save()

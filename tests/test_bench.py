@@ -181,8 +181,21 @@ def _limits(bars: list[Bar]) -> dict[str, tuple[float, bool]]:
 
 
 def test_the_bars_are_spec_section_6s() -> None:
-    values = {"raw": 10.0, "raw-count": 20.0, "wsbus": 30.0, "wsbus-picows": 40.0, "socketio": 5.0}
-    cpu = {"raw": 4.0, "raw-count": 3.0, "wsbus": 5.0, "wsbus-picows": 2.0, "socketio": 9.0}
+    # Each kind's figure in each of three repetitions.
+    values = {
+        "raw": [10.0, 1.0, 10.0],
+        "raw-count": [20.0, 2.0, 20.0],
+        "wsbus": [30.0, 3.0, 60.0],
+        "wsbus-picows": [40.0, 4.0, 40.0],
+        "socketio": [5.0, 0.5, 5.0],
+    }
+    cpu = {
+        "raw": [4.0, 4.0, 4.0],
+        "raw-count": [3.0, 1.0, 3.0],
+        "wsbus": [5.0, 9.0, 5.0],
+        "wsbus-picows": [2.0, 2.0, 2.0],
+        "socketio": [9.0, 9.0, 9.0],
+    }
     ws, pi = "wsbus (websockets edge)", "wsbus (picows edge)"
     assert _limits(_bars("fan-out unpaced", "to 9 clients", values, cpu)) == {
         f"fan-out unpaced to 9 clients, {ws} / websockets.broadcast": (1.0, True),
@@ -202,7 +215,8 @@ def test_the_bars_are_spec_section_6s() -> None:
         f"ingest from 9 clients, {ws} / python-socketio": (3.0, True),
         f"ingest from 9 clients, {pi} / raw websockets (raw-count)": (2.0, True),
     }
-    # Against the anchor that only counts: 5 - 3 us, and 40 / 20 frames/s.
+    # Against the anchor that only counts; medians of each repetition's own difference or
+    # ratio (a slow spell, the second repetition, falls on every kind of it alike).
     assert [bar.measured for bar in ingest] == [2.0, 6.0, 2.0]
     echo = _bars("echo p50", "", values, cpu)
     assert {bar.limit for bar in echo} == {1.1} and not any(bar.at_least for bar in echo)
