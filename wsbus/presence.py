@@ -6,8 +6,9 @@ gateway with no recipients): the bus hands it to every service that declared
 ``wsbus.presence`` and to every other gateway. Members of a group that matches
 ``GatewayConfig.presence_frames`` get ``wsbus.presence`` frames for the other members
 joining and leaving, wherever those are connected; to send the leave frames of a gateway
-that died, each gateway remembers the remote members it heard of, per (node, group), for
-those groups only and up to :data:`MAX_REMOTE_MEMBERS`.
+that died (as its own bus tells it: never on another gateway's word), each gateway
+remembers the remote members it heard of, per (node, group), for those groups only and up
+to :data:`MAX_REMOTE_MEMBERS`.
 
 :class:`Presence` makes those decisions. It never awaits and never reads a clock: the
 gateway feeds it what happened and sends what it returns.
@@ -97,8 +98,10 @@ class Presence:
     def heard(self, envelope: Envelope) -> list[PresenceFrame]:
         """Take another gateway's presence event; return the frames for local members.
 
-        A malformed event, or one about another node than its sender's (other than
-        ``gateway_lost``), is ignored (logged).
+        A malformed event, or one about another node than its sender's, is ignored
+        (logged). A ``gateway_lost`` event is ignored too: it is for services, and this
+        gateway hears of a death from its own bus (:meth:`lost`, through
+        :meth:`~wsbus.bus.HearsGateways.gateway_lost`), never on another gateway's word.
         """
         sender = envelope.sender
         if not isinstance(sender, GatewayAddress) or sender.node == self.node:
@@ -109,7 +112,9 @@ class Presence:
             log.warning("a malformed presence event from gateway %s: %s", sender.node, exc)
             return []
         if event.event == "gateway_lost":
-            return self.lost(event.node) if event.node != self.node else []
+            # Taken at its word, one gateway could erase another's members here (and frame
+            # their leaves) while that one is alive and well.
+            return []
         if event.node != sender.node or event.group is None or event.conn_id is None:
             log.warning("gateway %s sent a presence event it cannot send: %r", sender.node, event)
             return []

@@ -55,6 +55,8 @@ from .receipts import Receipts, merge
 from .registry import ClientInfo
 
 __all__ = [
+    "FORGED_LOG_INTERVAL",
+    "FROM_GATEWAYS",
     "Context",
     "Finished",
     "GatewayNodes",
@@ -189,6 +191,13 @@ class ServiceLink:
         self._ids = IdFactory(f"{name}-{IdFactory().prefix}")
         self._pending: dict[str, asyncio.Future[Envelope]] = {}
         self._receipts: dict[str, _ReceiptWait] = {}
+        self.forged = 0
+        """Envelopes dropped because their sender could not have sent them: a type only
+        gateways send (:data:`FROM_GATEWAYS`) from anyone else, or a gateway's receipt
+        speaking for another gateway. Each is logged, at most once a minute with a count."""
+        # When the last forgery was logged (monotonic), and how many were dropped since.
+        self._forged_logged: float | None = None
+        self._forged_quiet = 0
 
     # -- sending -------------------------------------------------------------------------
 
@@ -475,7 +484,11 @@ class ServiceLink:
         return result.value
 
     def accept_answer(self, envelope: Envelope) -> bool:
-        """Resolve what waits for a gateway's answer or receipt; False if nothing waits."""
+        """Resolve what waits for a gateway's answer or receipt; False if nothing waits.
+
+        Only a gateway's answer counts: one from anyone else is dropped, counted in
+        :attr:`forged` (True: it was taken care of).
+        """
         if envelope.type == control.RECEIPT:
             return self._accept_receipt(envelope)
         return self.accept_result(envelope)
@@ -484,12 +497,21 @@ class ServiceLink:
         waiting = self._receipts.get(envelope.reply_to or "")
         if waiting is None:
             return False
+        sender = envelope.sender
+        if type(sender) is not GatewayAddress:
+            self.drop_forged(envelope, "only a gateway sends receipts")
+            return True
         try:
             part = msgspec.convert(envelope.content, control.Receipt)
         except msgspec.ValidationError as exc:
             log.warning(
                 "service %r: a malformed receipt from %s: %s", self.name, envelope.sender, exc
             )
+            return True
+        if part.node != sender.node:
+            # A gateway speaks for its own deliveries only: one that says another gateway
+            # wrote (or dropped) a message would end the wait for that gateway's receipt.
+            self.drop_forged(envelope, f"it speaks for gateway {part.node!r}")
             return True
         waiting.parts[part.node] = part
         expected = waiting.expected
@@ -498,15 +520,48 @@ class ServiceLink:
         return True
 
     def accept_result(self, envelope: Envelope) -> bool:
-        """Resolve a pending request with its answer; return False if none was waiting."""
+        """Resolve a pending request with its answer; return False if none was waiting.
+
+        An answer whose sender is not a gateway resolves nothing: it is dropped, counted in
+        :attr:`forged` (and True is returned: it was taken care of).
+        """
         if envelope.type != control.RESULT or envelope.reply_to is None:
             return False
         future = self._pending.get(envelope.reply_to)
         if future is None:
             return False
+        if type(envelope.sender) is not GatewayAddress:
+            self.drop_forged(envelope, "only a gateway answers requests")
+            return True
         if not future.done():
             future.set_result(envelope)
         return True
+
+    def drop_forged(self, envelope: Envelope, why: str) -> None:
+        """Drop an envelope its sender could not have sent: count it, log it (rate-limited).
+
+        Called by the runtime (:meth:`ServiceRunner.accept`) and by the link itself. The
+        first is logged at once, then at most one line per :data:`FORGED_LOG_INTERVAL`
+        seconds, with the count of those dropped quietly in between.
+        """
+        self.forged += 1
+        now = time.monotonic()
+        last = self._forged_logged
+        if last is not None and now - last < FORGED_LOG_INTERVAL:
+            self._forged_quiet += 1
+            return
+        quiet, self._forged_quiet, self._forged_logged = self._forged_quiet, 0, now
+        log.warning(
+            "service %r dropped %s %s from %s: %s. Another process on the bus is posing as "
+            "a gateway: check who holds the credentials of that sender (%d more dropped "
+            "since the last warning; ServiceLink.forged counts them all)",
+            self.name,
+            envelope.type,
+            envelope.id,
+            _describe(envelope.sender),
+            why,
+            quiet,
+        )
 
 
 class _ReceiptWait:
@@ -521,10 +576,34 @@ class _ReceiptWait:
         self.parts: dict[NodeId, control.Receipt] = {}
 
 
+FROM_GATEWAYS: Final = frozenset(
+    {control.PRESENCE, control.PROCESSED, control.RECEIPT, control.RESULT, control.UNDELIVERABLE}
+)
+"""Types a service takes only from a gateway (a ``GatewayAddress`` sender, the bus's own
+``GatewayAddress("bus")`` included): presence events, clients' acknowledgements, receipts,
+answers to requests and undeliverable reports. :meth:`ServiceRunner.accept` drops one from
+any other sender (:meth:`ServiceLink.drop_forged`): a service may send any type to another
+by name, and these would otherwise pass for a gateway's word."""
+
+FORGED_LOG_INTERVAL: Final = 60.0
+"""The least seconds between two warnings about dropped forgeries (see
+:meth:`ServiceLink.drop_forged`)."""
+
 _ANSWERS: Final = frozenset({control.RESULT, control.RECEIPT, control.PROCESSED})
 """What gateways address to a service by name that it may well not handle: an answer to a
 request (or a receipt) resolves what waits for it; otherwise, with no handler, it is
 dropped quietly."""
+
+
+def _describe(sender: object) -> str:
+    """Name an envelope's sender for a log line."""
+    if isinstance(sender, ServiceAddress):
+        return f"service {sender.name!r}"
+    if isinstance(sender, ClientAddress):
+        return f"client {sender.conn_id}"
+    if isinstance(sender, GatewayAddress):
+        return f"gateway {sender.node!r}"
+    return repr(sender)
 
 
 def _owner(conn_id: ConnId) -> GatewayAddress:
@@ -689,27 +768,39 @@ class ServiceRunner:
     def accept(self, envelope: Envelope) -> None:
         """Take one envelope for this service. Call on the runner's loop thread.
 
+        An envelope of a type only gateways send (:data:`FROM_GATEWAYS`) whose sender is
+        not a gateway is dropped, counted in :attr:`forged`.
+
         Raises:
             BusUnavailable: the service's inbox is full.
         """
-        if envelope.type in _ANSWERS:
-            if self.link.accept_answer(envelope):
+        if envelope.type in FROM_GATEWAYS:
+            if type(envelope.sender) is not GatewayAddress:
+                self.link.drop_forged(envelope, "only a gateway sends that type")
                 return
-            if envelope.type not in self._dispatch:
-                # A late answer (its request timed out), or a receipt or acknowledgement
-                # nobody asked to handle: nobody reads it, so it takes no place a waiting
-                # sender was promised.
-                log.debug(
-                    "service %r: %s for %s, which nothing waits for; dropped",
-                    self.name,
-                    envelope.type,
-                    envelope.reply_to,
-                )
-                return
+            if envelope.type in _ANSWERS:
+                if self.link.accept_answer(envelope):
+                    return
+                if envelope.type not in self._dispatch:
+                    # A late answer (its request timed out), or a receipt or acknowledgement
+                    # nobody asked to handle: nobody reads it, so it takes no place a waiting
+                    # sender was promised.
+                    log.debug(
+                        "service %r: %s for %s, which nothing waits for; dropped",
+                        self.name,
+                        envelope.type,
+                        envelope.reply_to,
+                    )
+                    return
         if len(self._inbox) >= self._inbox_size:
             raise BusUnavailable(f"service {self.name!r} is busy (inbox full)", whole_bus=False)
         self._inbox.append(envelope)
         self._ready.set()
+
+    @property
+    def forged(self) -> int:
+        """Envelopes dropped because no gateway sent them (see :attr:`ServiceLink.forged`)."""
+        return self.link.forged
 
     def has_room(self) -> bool:
         """Return True when the inbox has a free place and nobody is waiting for one.

@@ -246,6 +246,50 @@ def test_a_forged_or_malformed_event_is_ignored() -> None:
     assert presence.remembered == 0
 
 
+def _lost_by(sender: str, dead: str) -> Envelope:
+    """A ``gateway_lost`` event about ``dead`` published by gateway ``sender``."""
+    return Envelope(
+        id=EnvelopeId(f"{sender}-lost-{dead}"),
+        type=PRESENCE,
+        sender=GatewayAddress(NodeId(sender)),
+        content=msgspec.to_builtins(PresenceEvent("gateway_lost", NodeId(dead))),
+    )
+
+
+def test_one_gateway_cannot_erase_anothers_members() -> None:
+    # The security review's proof, inverted: gateway a says b is lost; c, which learns a
+    # death from its own bus only, keeps b's members and frames no leave.
+    c = Presence(NodeId("c"), ("room.*",))
+    for n in range(3):
+        c.heard(_remote("join", f"b.{n}", node="b"))
+    assert c.remembered == 3
+    assert c.heard(_lost_by("a", "b")) == []
+    assert c.heard(_lost_by("b", "b")) == []  # nor b about itself
+    assert c.remembered == 3
+    # The bus's word (HearsGateways.gateway_lost) still ends them.
+    assert [content["conn_id"] for _, content in c.lost(NodeId("b"))] == ["b.0", "b.1", "b.2"]
+    assert c.remembered == 0
+
+
+async def test_a_gateway_lost_event_heard_from_the_bus_frames_nothing(
+    wsbus_connect: Connect, wsbus_gateway: Gateway, room: Room
+) -> None:
+    ann = await wsbus_connect()
+    await _call(ann, "room.join", "room.1")
+    await room.wait(1)
+    wsbus_gateway.deliver(_remote("join", "other.1"))
+    assert (await ann.receive())["content"]["conn_id"] == "other.1"
+    wsbus_gateway.deliver(_lost_by("liar", "other"))
+    with pytest.raises(TimeoutError):
+        await ann.receive(timeout=0.2)
+    # Found dead by the bus: other.1's leave frame is still owed, and sent.
+    wsbus_gateway.gateway_lost(NodeId("other"), report=False)
+    left = await ann.receive()
+    assert (left["content"]["event"], left["content"]["conn_id"]) == ("leave", "other.1")
+    await _settled(wsbus_gateway)
+    assert_balanced(wsbus_gateway.stats())
+
+
 def test_remote_members_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("wsbus.presence.MAX_REMOTE_MEMBERS", 2)
     presence = Presence(NodeId("me"), ("room.*",))
