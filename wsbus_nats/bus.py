@@ -533,7 +533,8 @@ class NatsBus:
         self._history = HistoryReader(
             link, self.subjects, self._history_config.age, self.history_counters
         )
-        self._sessions = SessionStore(js, kv, spec.name, min(spec.max_msg_size, link.max_payload))
+        largest = min(spec.max_msg_size, link.max_payload)
+        self._sessions = SessionStore(js, kv, spec.name, largest, config.request_timeout)
 
     async def _on_presence(self, msg: Msg) -> None:
         """Take another gateway's presence event: check its sender, hand it to the gateway."""

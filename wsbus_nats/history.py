@@ -25,7 +25,8 @@ position in its headers (:mod:`wsbus.history`).
   random run id), since the previous offsets are gone with their entries. A client holding
   a position of the old run is told to resync; a gateway's order stage sees a new epoch and
   sends that group's members a gap.
-- **Reading** (:class:`HistoryReader`, gateways): the group's last entry by direct get;
+- **Reading** (:class:`HistoryReader`, gateways): the group's last entry from the stream's
+  leader (a direct get may be answered by a follower a moment behind);
   then, for a few entries, a walk back by each entry's ``Wsbus-Previous`` header (the
   sequence of the group's previous entry), else an ordered consumer filtered to the group
   from its first entry kept.
@@ -37,6 +38,7 @@ constant form).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -44,7 +46,8 @@ import os
 import random
 import time
 from collections import OrderedDict
-from typing import Final, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Final, NamedTuple, TypeVar
 
 import msgspec
 import nats.errors
@@ -67,6 +70,7 @@ __all__ = [
     "HistoryCounters",
     "HistoryReader",
     "HistoryWriter",
+    "answered",
     "check_stream",
     "history_settings",
     "open_history",
@@ -107,10 +111,60 @@ _EXPECTED_LAST_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
 PREVIOUS_HEADER: Final = "Wsbus-Previous"
 """A NATS header of each entry: the stream sequence of its group's previous entry (0: the
 first of a run), so that a reader walks back from the last entry to what it needs."""
+CONSUMER_ATTEMPTS: Final = 3
+"""Ordered consumers a long history read tries, each given a third of ``request_timeout``."""
 WALK_LIMIT: Final = 32
 """A read that misses at most this many entries walks back from the last by their
 ``Wsbus-Previous`` headers (one direct get each); a longer one reads the group with an
 ordered consumer from its first entry kept."""
+
+
+_UNANSWERED: Final = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""Nobody answered, so nothing was done: what a stream electing a leader (a NATS node was
+lost) says for a moment."""
+
+
+_T = TypeVar("_T")
+
+
+async def answered(
+    call: Callable[[], Awaitable[_T]], js: JetStreamContext, stream: str, budget: float
+) -> _T:
+    """Return ``await call()``, tried again while nobody answers, for up to ``budget`` s.
+
+    For a JetStream request on ``stream`` (a publish, a direct get): right after a NATS node
+    of a cluster is lost, the stream's replicas elect a leader and nobody answers for a
+    moment; nothing was done then, so trying again is safe.
+
+    Raises:
+        The last error: the budget is spent, or the stream does not exist.
+    """
+    deadline = time.monotonic() + budget
+    wait = 0.05
+    while True:
+        try:
+            return await call()
+        except _UNANSWERED:
+            if time.monotonic() + wait > deadline or not await _exists(js, stream):
+                raise
+        await asyncio.sleep(wait)
+        wait = min(2 * wait, 0.5)
+
+
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    """False only when JetStream says ``stream`` does not exist (anything else: maybe)."""
+    try:
+        async with asyncio.timeout(0.5):
+            await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return False
+    except (nats.errors.Error, TimeoutError):
+        pass
+    return True
 
 
 class HistoryCounters:
@@ -412,7 +466,13 @@ class HistoryWriter:
                 PREVIOUS_HEADER: str(tail.seq),
             }
             try:
-                ack = await self._js.publish(subject, encode_envelope(stamped), headers=headers)
+                payload = encode_envelope(stamped)
+                ack = await answered(
+                    functools.partial(self._js.publish, subject, payload, headers=headers),
+                    self._js,
+                    stream,
+                    max(0.0, deadline - time.monotonic()),
+                )
             except nats.js.errors.NoStreamResponseError:
                 self._read_at = -math.inf  # gone: read its settings again before the next
                 raise BusUnavailable(
@@ -481,7 +541,12 @@ class HistoryWriter:
         """
         try:
             stream = self._subjects.history_stream
-            raw = await self._js.get_msg(stream, subject=subject, direct=True)
+            raw = await answered(
+                lambda: self._js.get_msg(stream, subject=subject, direct=True),
+                self._js,
+                stream,
+                self._link.config.request_timeout,
+            )
         except nats.js.errors.NotFoundError:
             return None
         seq = raw.seq or 0
@@ -536,7 +601,14 @@ class HistoryReader:
         every = subjects.history_group(group)
         stream = subjects.history_stream
         try:
-            raw = await self._js.get_msg(stream, subject=every, direct=True)
+            # From the stream's leader (not a direct get, which any replica may answer, a
+            # follower a moment behind): a gateway asks for what it knows exists.
+            raw = await answered(
+                lambda: self._js.get_msg(stream, subject=every, direct=False),
+                self._js,
+                stream,
+                self._timeout,
+            )
         except nats.js.errors.NotFoundError:
             return None
         last = self._check(raw.subject or "", raw.data or b"", group)
@@ -550,21 +622,40 @@ class HistoryReader:
             if walked is not None:
                 return walked[:limit] if walked else None
         wanted = min(limit, missing)
+        # A consumer may be placed on a NATS node just lost, until the cluster sees it
+        # gone: tried again, within the read's time.
+        deadline = time.monotonic() + self._timeout
+        attempt = self._timeout / CONSUMER_ATTEMPTS
+        for _ in range(CONSUMER_ATTEMPTS - 1):
+            try:
+                return await self._consume(group, after, wanted, attempt)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("a history read of group %r failed (%r); trying again", group, exc)
+            if time.monotonic() + attempt > deadline:
+                break
+        return await self._consume(group, after, wanted, attempt)
+
+    async def _consume(
+        self, group: str, after: Position, wanted: int, budget: float
+    ) -> list[Envelope] | None:
+        """Read ``wanted`` entries after ``after`` with an ordered consumer, in ``budget`` s."""
+        subjects = self._subjects
         entries: list[Envelope] = []
         expected = after.offset + 1
         link = self._link
-        sub = await self._js.subscribe(
-            every,
-            stream=stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-            pending_msgs_limit=link.config.pending_msgs,
-            pending_bytes_limit=link.config.pending_bytes,
-        )
-        try:
-            async with asyncio.timeout(self._timeout):
+        js = link.nc.jetstream(timeout=budget)
+        async with asyncio.timeout(budget):
+            sub = await js.subscribe(
+                subjects.history_group(group),
+                stream=subjects.history_stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                pending_msgs_limit=link.config.pending_msgs,
+                pending_bytes_limit=link.config.pending_bytes,
+            )
+            try:
                 while len(entries) < wanted:
-                    msg = await sub.next_msg(timeout=self._timeout)
+                    msg = await sub.next_msg(timeout=budget)
                     entry = self._check(msg.subject, msg.data, group)
                     if entry is not None and entry[1].epoch == after.epoch:
                         offset = entry[1].offset
@@ -577,11 +668,11 @@ class HistoryReader:
                             expected += 1
                     if msg.metadata.num_pending == 0:
                         break
-        finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("ending a history read: %r", exc)
+            finally:
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error as exc:
+                    log.debug("ending a history read: %r", exc)
         return entries
 
     async def _walk(
@@ -602,7 +693,13 @@ class HistoryReader:
             if not previous.isdigit() or int(previous) <= 0:
                 return None
             try:
-                raw = await self._js.get_msg(stream, seq=int(previous), direct=True)
+                seq = int(previous)
+                raw = await answered(
+                    functools.partial(self._js.get_msg, stream, seq=seq, direct=False),
+                    self._js,
+                    stream,
+                    self._timeout,
+                )
             except nats.js.errors.NotFoundError:
                 return []  # trimmed
             entry = self._check(raw.subject or "", raw.data or b"", group)

@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from wsbus.errors import BusUnavailable
 from wsbus.resume import SessionRecord
 
-from .history import WRONG_LAST_SEQUENCE
+from .history import WRONG_LAST_SEQUENCE, answered
 
 __all__ = ["MARKER_TTL", "SessionStore", "valid_sid"]
 
@@ -49,12 +49,18 @@ class SessionStore:
         kv: the sessions bucket (opened and checked).
         bucket: the bucket's name.
         largest: the bucket's largest entry, in bytes.
+        budget: seconds an operation may keep trying while nobody answers (a NATS node
+            was lost and the bucket elects a leader).
     """
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, largest: int) -> None:
+    def __init__(
+        self, js: JetStreamContext, kv: KeyValue, bucket: str, largest: int, budget: float
+    ) -> None:
         self._js = js
         self._kv = kv
         self._prefix = f"$KV.{bucket}."
+        self._stream = f"KV_{bucket}"
+        self._budget = budget
         # The key, subject and headers take some of the bucket's largest entry.
         self._largest = largest - 1024
 
@@ -77,7 +83,13 @@ class SessionStore:
                 whole_bus=False,
             )
         try:
-            await self._js.publish(self._prefix + record.sid, data, msg_ttl=max(1, math.ceil(ttl)))
+            subject, seconds = self._prefix + record.sid, max(1, math.ceil(ttl))
+            await answered(
+                lambda: self._js.publish(subject, data, msg_ttl=seconds),
+                self._js,
+                self._stream,
+                self._budget,
+            )
         except nats.js.errors.APIError as exc:
             raise BusUnavailable(
                 f"the session could not be kept (error code {exc.err_code}: {exc.description})",
@@ -96,19 +108,24 @@ class SessionStore:
             return None
         try:
             try:
-                entry = await self._kv.get(sid)
+                entry = await answered(
+                    lambda: self._kv.get(sid), self._js, self._stream, self._budget
+                )
             except nats.js.errors.NotFoundError:
                 return None  # never kept, expired, or taken (deleted)
             try:
                 # On the revision read: of two takes at once, one deletes, one fails.
-                await self._js.publish(
-                    self._prefix + sid,
-                    b"",
-                    headers={
-                        "KV-Operation": "DEL",
-                        "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
-                    },
-                    msg_ttl=MARKER_TTL,
+                headers = {
+                    "KV-Operation": "DEL",
+                    "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
+                }
+                await answered(
+                    lambda: self._js.publish(
+                        self._prefix + sid, b"", headers=headers, msg_ttl=MARKER_TTL
+                    ),
+                    self._js,
+                    self._stream,
+                    self._budget,
                 )
             except nats.js.errors.APIError as exc:
                 if exc.err_code in WRONG_LAST_SEQUENCE:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
+import nats.errors
 
 from tests.wsbus_nats.test_cluster import BASE, ROOT, SERVICE_SETTINGS, WAIT
 from wsbus import Context, Envelope, Gateway, GatewayConfig, Recipients, Service, handles
@@ -357,3 +359,54 @@ async def test_presence_stays_right_when_a_gateway_is_killed(
             assert [(e["sender"]["node"], e["content"]["node"]) for e in lost] == [("ga", "gc")]
         finally:
             await asyncio.to_thread(gc.stop)
+
+
+async def test_history_outlives_a_nats_node(
+    wsbus_nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    n = 100
+    async with deployment(wsbus_nats_cluster, tmp_path, [STREAMER]) as cluster:
+        first, watcher = await cluster.a.client(), await cluster.b.client()
+        for client in (first, watcher):
+            reply = await client.request("stream.join", {"group": "room.kept"}, timeout=WAIT)
+            assert reply["content"] == {"joined": True}
+        await first.send("stream.run", {"group": "room.kept", "n": n, "pause": 0.002})
+        got = [await _next(first, "stream.item") for _ in range(10)]
+        assert first._ws is not None
+        first._ws.transport.abort()  # gone after ten items
+        with contextlib.suppress(ConnectionClosed):
+            async with asyncio.timeout(WAIT):
+                while True:
+                    frame = await first.receive()
+                    if frame.get("type") == "stream.item":
+                        got.append(frame)
+        token, positions = first.resume_token, first.positions
+        # The whole stream is in the history (the other member has it all) ...
+        assert [(await _next(watcher, "stream.item"))["content"]["i"] for _ in range(n)] == list(
+            range(n)
+        )
+        # ... when the NATS node the services were on dies; the stream has replicas on the
+        # others, which elect a new leader.
+        await asyncio.to_thread(wsbus_nats_cluster.kill, 2)
+        nc = await nats.connect(wsbus_nats_cluster.urls[1])
+        try:
+            # Until the history stream and the sessions bucket have leaders again (each
+            # elects its own): meanwhile a resume could only be refused or resync.
+            for stream in ("wsbus_history", "KV_wsbus_sessions"):
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        try:
+                            info = await nc.jetstream(timeout=1).stream_info(stream)
+                        except nats.errors.Error:
+                            await asyncio.sleep(0.1)
+                            continue
+                        if info.cluster is not None and info.cluster.leader:
+                            break
+                        await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+        second = await cluster.b.client(resume_token=token, positions=positions)
+        assert second.resumed.get("recovered") == ["room.kept"], second.resumed
+        while got[-1]["content"]["i"] < n - 1:
+            got.append(await _next(second, "stream.item"))
+        assert [f["content"]["i"] for f in got] == list(range(n))
