@@ -688,10 +688,19 @@ async def main(argv: list[str] | None = None) -> None:
         "which",
         nargs="+",
         choices=("fanout", "ingest", "echo", "memory", "pyro", "nats", "all"),
-        help="benchmarks to run, in this order",
+        help="benchmarks to run (always in the order fanout, ingest, echo, memory, pyro, nats)",
     )
-    parser.add_argument("--clients", default=None, help="client counts, comma-separated")
-    parser.add_argument("--messages", type=int, default=None)
+    parser.add_argument(
+        "--clients",
+        default=None,
+        help="client counts, comma-separated (fan-out 1000; ingest 10,100,1000; memory 1000,5000)",
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=None,
+        help="messages per run (fan-out 100 to each client; pyro and nats 20000)",
+    )
     parser.add_argument("--frames", type=int, default=100_000, help="ingest: frames in all")
     parser.add_argument("--rounds", type=int, default=1000, help="echo: round trips per run")
     parser.add_argument(
