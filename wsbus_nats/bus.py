@@ -522,7 +522,7 @@ class NatsBus:
                 js, self.subjects, wanted=self._history_config, replicas=config.kv_replicas
             )
             spec = sessions_spec(self.subjects)
-            kv = await open_bucket(
+            await open_bucket(
                 js, spec, replicas=config.kv_replicas, create=True, wait=config.heartbeat
             )
         except (nats.errors.Error, TimeoutError) as exc:
@@ -534,7 +534,7 @@ class NatsBus:
             link, self.subjects, self._history_config.age, self.history_counters
         )
         largest = min(spec.max_msg_size, link.max_payload)
-        self._sessions = SessionStore(js, kv, spec.name, largest, config.request_timeout)
+        self._sessions = SessionStore(js, spec.name, largest, config.request_timeout)
 
     async def _on_presence(self, msg: Msg) -> None:
         """Take another gateway's presence event: check its sender, hand it to the gateway."""

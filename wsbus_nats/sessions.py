@@ -18,7 +18,6 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from wsbus.errors import BusUnavailable
 from wsbus.resume import SessionRecord
@@ -45,19 +44,15 @@ class SessionStore:
     """The sessions bucket, as a gateway uses it.
 
     Args:
-        js: the gateway's JetStream context.
-        kv: the sessions bucket (opened and checked).
+        js: the gateway's JetStream context (the bucket opened and checked).
         bucket: the bucket's name.
         largest: the bucket's largest entry, in bytes.
         budget: seconds an operation may keep trying while nobody answers (a NATS node
             was lost and the bucket elects a leader).
     """
 
-    def __init__(
-        self, js: JetStreamContext, kv: KeyValue, bucket: str, largest: int, budget: float
-    ) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str, largest: int, budget: float) -> None:
         self._js = js
-        self._kv = kv
         self._prefix = f"$KV.{bucket}."
         self._stream = f"KV_{bucket}"
         self._budget = budget
@@ -108,16 +103,23 @@ class SessionStore:
             return None
         try:
             try:
+                # From the bucket's leader (a direct get may be answered by a follower a
+                # moment behind, which might not have a record just saved elsewhere).
                 entry = await answered(
-                    lambda: self._kv.get(sid), self._js, self._stream, self._budget
+                    lambda: self._js.get_msg(self._stream, subject=self._prefix + sid),
+                    self._js,
+                    self._stream,
+                    self._budget,
                 )
             except nats.js.errors.NotFoundError:
-                return None  # never kept, expired, or taken (deleted)
+                return None  # never kept, expired
+            if (entry.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                return None  # taken
             try:
                 # On the revision read: of two takes at once, one deletes, one fails.
                 headers = {
                     "KV-Operation": "DEL",
-                    "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
+                    "Nats-Expected-Last-Subject-Sequence": str(entry.seq),
                 }
                 await answered(
                     lambda: self._js.publish(
@@ -137,7 +139,7 @@ class SessionStore:
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"the sessions bucket is not reachable ({exc!r})") from None
         try:
-            record = _decode(entry.value or b"")
+            record = _decode(entry.data or b"")
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("the sessions bucket held a record for %s that is not one; ignored", sid)
             return None
