@@ -41,7 +41,7 @@ from wsbus.control import (
     Receipt,
 )
 from wsbus.edge import MemoryClient, memory_pair
-from wsbus.envelope import EnvelopeId, IdFactory, NodeId, ServiceAddress
+from wsbus.envelope import EnvelopeId, GatewayAddress, IdFactory, NodeId, ServiceAddress
 from wsbus.gateway import ResumeSettings
 from wsbus.hooks import Hooks
 from wsbus.receipts import ReceiptTracker, merge
@@ -378,6 +378,49 @@ def test_headers_are_what_send_sets() -> None:
     assert sent[0].headers == {"k": "v", RECEIPT_HEADER: "1", ACK_HEADER: "1"}
     assert sent[1].headers == {}
     assert sent[0].sender == ServiceAddress("s")
+
+
+async def test_a_receipt_counts_only_from_the_gateway_it_speaks_for() -> None:
+    # The security review's proof, inverted: a receipt from a service (it predicted the
+    # message's id), or from gateway a speaking for gateway b, ends no wait.
+    sent: list[Envelope] = []
+
+    async def gateways() -> list[NodeId]:
+        return [NodeId("a"), NodeId("b")]
+
+    link = ServiceLink("s", sent.append, asyncio.get_running_loop(), gateways=gateways)
+    waiting = asyncio.create_task(link.send_with_receipt(Recipients(groups=("g",)), "x"))
+    async with asyncio.timeout(5):
+        while not sent:
+            await asyncio.sleep(0)
+    [message] = sent
+
+    def receipt(sender: GatewayAddress | ServiceAddress, part: Receipt) -> Envelope:
+        return Envelope(
+            id=EnvelopeId(f"r-{len(sent)}"),
+            type=RECEIPT,
+            sender=sender,
+            content=msgspec.to_builtins(part),
+            reply_to=message.id,
+            to=ServiceAddress("s"),
+        )
+
+    fake = (Delivery(ConnId("b.999"), "written", user="admin"),)
+    for forged in (
+        receipt(ServiceAddress("evil"), Receipt(NodeId("a"), fake)),
+        receipt(ServiceAddress("evil"), Receipt(NodeId("b"), fake)),
+        receipt(GatewayAddress(NodeId("a")), Receipt(NodeId("b"), fake)),
+    ):
+        assert link.accept_answer(forged)  # taken care of: dropped
+    await asyncio.sleep(0)
+    assert not waiting.done() and link.forged == 3
+    written = (Delivery(ConnId("a.1"), "written"),)
+    link.accept_answer(receipt(GatewayAddress(NodeId("a")), Receipt(NodeId("a"), written)))
+    link.accept_answer(receipt(GatewayAddress(NodeId("b")), Receipt(NodeId("b"))))
+    async with asyncio.timeout(5):
+        got = await waiting
+    assert [d.conn_id for d in got.written] == ["a.1"]
+    assert sorted(got.nodes) == ["a", "b"] and link.forged == 3
 
 
 # -- the session's part, sans-I/O ------------------------------------------------------------

@@ -30,12 +30,13 @@ from wsbus import (
     Service,
     ServiceAddress,
     ServiceFailed,
+    control,
     handles,
     memory_pair,
 )
 from wsbus.edge import MemoryClient
 from wsbus.envelope import EnvelopeId, NodeId
-from wsbus.service import ServiceLink
+from wsbus.service import FROM_GATEWAYS, ServiceLink, ServiceRunner
 from wsbus_testing.children import Child
 from wsbus_testing.services import Failing
 
@@ -708,3 +709,150 @@ def _result(request: Envelope, value: Any, content: Any = None) -> Envelope:
         content=content if content is not None else {"ok": True, "value": value},
         reply_to=request.id,
     )
+
+
+# -- only a gateway speaks as a gateway (security review, finding 2) ----------------------
+
+
+class Listener(Service):
+    """Handles every type only gateways send; records what its handler got."""
+
+    name = "listener"
+
+    def __init__(self) -> None:
+        self.got: list[Envelope] = []
+        self.marked = asyncio.Event()
+
+    @handles(*sorted(FROM_GATEWAYS))
+    async def gateways_word(self, message: Envelope, ctx: Context) -> None:
+        self.got.append(message)
+
+    @handles("listener.join")
+    async def join(self, message: Envelope, ctx: Context) -> None:
+        assert isinstance(message.sender, ClientAddress)
+        await ctx.join(message.sender.conn_id, "room")
+        ctx.reply(None)
+
+    @handles("listener.marker")
+    async def marker(self, message: Envelope, ctx: Context) -> None:
+        self.marked.set()
+
+
+class Poser(Service):
+    """Sends the listener, as itself and by name, every type only gateways send.
+
+    (By type, a service's ``wsbus.*`` message goes to the gateway, rule 3, on every bus.)
+    """
+
+    name = "poser"
+
+    @handles("poser.forge")
+    async def forge(self, message: Envelope, ctx: Context) -> None:
+        lost = {"event": "gateway_lost", "node": "test"}
+        for type_ in sorted(FROM_GATEWAYS):
+            ctx.link._put(type_, lost, reply_to="x", to=ServiceAddress("listener"))
+        ctx.link.publish("listener.marker")
+        ctx.reply(None)
+
+
+async def test_a_service_cannot_pose_as_a_gateway_to_another() -> None:
+    listener = Listener()
+    bus = MemoryBus([listener, Poser()])
+    gateway = Gateway(bus, config=GatewayConfig(node="test"), entry_points=False)
+    async with gateway:
+        conn, client = memory_pair()
+        serving = asyncio.create_task(gateway.serve(conn))
+        await client.receive_until("wsbus.welcome")
+        client.send("poser.forge", None, id="f")
+        await client.receive_until("poser.forge.reply")
+        async with asyncio.timeout(5):
+            await listener.marked.wait()
+        # Each dropped before its handler, and counted.
+        assert listener.got == []
+        assert listener.link.forged == 5
+        # What the gateway says still comes: the join's presence event.
+        client.send("listener.join", None, id="j")
+        await client.receive_until("listener.join.reply")
+        async with asyncio.timeout(5):
+            while not listener.got:
+                await asyncio.sleep(0.01)
+        client.close()
+        async with asyncio.timeout(5):
+            await serving
+    assert listener.got[0].type == control.PRESENCE
+    assert listener.got[0].sender == GatewayAddress(NodeId("test"))
+    assert listener.link.forged == 5
+
+
+async def test_the_buses_own_reports_pass_as_a_gateways() -> None:
+    # The Pyro message bus sends gateway_lost events and undeliverable reports as
+    # GatewayAddress("bus"), the NATS service host its undeliverable reports too.
+    listener = Listener()
+    runner = ServiceRunner(listener, lambda envelope: None)
+    await runner.start()
+    try:
+        for n, type_ in enumerate((control.PRESENCE, control.UNDELIVERABLE)):
+            runner.accept(
+                Envelope(
+                    id=EnvelopeId(f"bus-{n}"),
+                    type=type_,
+                    sender=GatewayAddress(NodeId("bus")),
+                    content={"event": "gateway_lost", "node": "b"},
+                )
+            )
+        async with asyncio.timeout(5):
+            while len(listener.got) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        await runner.stop()
+    assert [e.id for e in listener.got] == ["bus-0", "bus-1"]
+    assert runner.forged == 0
+
+
+async def test_a_forged_answer_resolves_no_request() -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[Envelope] = []
+    link = ServiceLink("svc", sent.append, loop, timeout=5.0)
+    joining = asyncio.create_task(link.join(ConnId("n.1"), "g"))
+    async with asyncio.timeout(5):
+        while not sent:
+            await asyncio.sleep(0)
+    [request] = sent
+    genuine = _result(request, True)
+    forged = msgspec.structs.replace(
+        genuine,
+        sender=ServiceAddress("evil"),
+        content={"ok": False, "code": "unknown_connection", "message": "forged"},
+    )
+    assert link.accept_result(forged)  # taken care of: dropped
+    await asyncio.sleep(0)
+    assert not joining.done() and link.forged == 1
+    link.accept_result(genuine)
+    async with asyncio.timeout(5):
+        assert await joining is True
+    assert link.forged == 1
+
+
+async def test_forgeries_are_logged_rate_limited(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = ServiceRunner(Listener(), lambda envelope: None)
+    forged = Envelope(
+        id=EnvelopeId("f"),
+        type=control.PROCESSED,
+        sender=ServiceAddress("evil"),
+        content={"conn_id": "a.1", "ids": ["m"]},
+        to=ServiceAddress("listener"),
+    )
+    with caplog.at_level(logging.WARNING, logger="wsbus.service"):
+        for _ in range(3):
+            runner.accept(forged)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1
+        assert "'listener' dropped wsbus.processed f from service 'evil'" in lines[0]
+        # The interval over: the next line says how many went unlogged.
+        monkeypatch.setattr("wsbus.service.FORGED_LOG_INTERVAL", 0.0)
+        runner.accept(forged)
+        lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "2 more dropped" in lines[1]
+    assert runner.forged == 4
