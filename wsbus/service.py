@@ -551,16 +551,17 @@ class ServiceLink:
             self._forged_quiet += 1
             return
         quiet, self._forged_quiet, self._forged_logged = self._forged_quiet, 0, now
+        since = f"; {quiet} more dropped since the last warning" if quiet else ""
         log.warning(
-            "service %r dropped %s %s from %s: %s. Another process on the bus is posing as "
-            "a gateway: check who holds the credentials of that sender (%d more dropped "
-            "since the last warning; ServiceLink.forged counts them all)",
+            "service %r dropped %s %s from %s: %s. Its sender is posing as a gateway it is "
+            "not: check who holds that sender's bus credentials (ServiceLink.forged counts "
+            "what is dropped%s)",
             self.name,
             envelope.type,
             envelope.id,
             _describe(envelope.sender),
             why,
-            quiet,
+            since,
         )
 
 
