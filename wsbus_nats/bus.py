@@ -30,7 +30,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Final
 
 import msgspec
@@ -52,7 +52,7 @@ from wsbus.envelope import (
     encode_envelope,
 )
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
-from wsbus.history import HistoryConfig, Position
+from wsbus.history import GROUP_HEADER, POSITION_HEADER, HistoryConfig, Position, position_of
 from wsbus.resume import SessionRecord
 
 from .buckets import open_bucket, sessions_spec
@@ -70,7 +70,9 @@ __all__ = [
     "ACK_REFUSED",
     "DONE_HEADER",
     "HELD_LIMIT",
+    "HOLD_LIMIT",
     "LOST_HEADER",
+    "SEQ_HEADER",
     "NatsBus",
     "array_header",
 ]
@@ -96,6 +98,13 @@ HELD_LIMIT: Final = 100_000
 LOST_HEADER: Final = "wsbus-nats-lost"
 """A NATS header (never an envelope) by which a service tells gateways that what it sent
 them may have been lost: its own link to NATS broke. The value names the service."""
+SEQ_HEADER: Final = "wsbus-nats-seq"
+"""A NATS header (never an envelope) on a history message a service sends a gateway: the
+stream sequence of its entry in the history stream. The gateway believes the envelope's
+position only once that entry is found to be this envelope at this position."""
+HOLD_LIMIT: Final = 10_000
+"""Envelopes a gateway holds back per service behind positions being checked, at most:
+past it, it reads no more from NATS until the checks catch up."""
 
 _ARRAY_FIRST_BYTES: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 """First bytes of a MessagePack array: a batch of envelopes (an envelope is a map)."""
@@ -164,6 +173,11 @@ class NatsBus:
         self._presence = ""  # P.ev.gw.<node>: where this gateway's presence events go
         self._live: set[str] = set()  # the other gateways live at the last look
         self._gateway_watch: asyncio.Task[None] | None = None
+        # Per service: what it sent that waits behind a position being checked (each
+        # envelope with its check, if it has one), in its order; and the tasks that
+        # release them.
+        self._checking: dict[str, deque[tuple[Envelope, asyncio.Task[bool | None] | None]]] = {}
+        self._releasers: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # -- Bus -----------------------------------------------------------------------------
@@ -287,6 +301,14 @@ class NatsBus:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._watchdog = self._claim_checker = self._gateway_watch = None
+        for queue in self._checking.values():
+            for _, check in queue:
+                if check is not None:
+                    check.cancel()
+        for releaser in list(self._releasers):
+            releaser.cancel()
+            await asyncio.gather(releaser, return_exceptions=True)
+        self._checking.clear()
         if self._rechecking is not None:
             self._rechecking.cancel()
             await asyncio.gather(self._rechecking, return_exceptions=True)
@@ -703,6 +725,8 @@ class NatsBus:
             return
         self._sent_since_lost.add(sender)
         deliver = sink.deliver
+        # A service's history message comes alone, naming its entry in the stream.
+        seq = headers.get(SEQ_HEADER) if headers and len(envelopes) == 1 else None
         for envelope in envelopes:
             address = envelope.sender
             if type(address) is not ServiceAddress or address.name != sender:
@@ -720,7 +744,128 @@ class NatsBus:
                 replies[(sender, envelope.id)] = reply
                 if len(replies) > _REPLY_LIMIT:
                     replies.popitem(last=False)
-            deliver(envelope)
+            marked = envelope.headers
+            if marked and (POSITION_HEADER in marked or GROUP_HEADER in marked):
+                await self._check_position(sender, envelope, seq)
+            elif sender in self._checking:
+                self._checking[sender].append((envelope, None))  # behind a check: in order
+            else:
+                deliver(envelope)
+
+    async def _check_position(self, sender: str, envelope: Envelope, seq: str | None) -> None:
+        """Hand on a service's positioned envelope once its position is checked.
+
+        A position is believed only when the envelope is to exactly its group (an
+        ``exclude`` allowed), the group keeps history, and the history stream's entry at
+        the sequence the service named is this envelope at this position (a service's
+        runtime sends only those; anything else was published by hand with a service's
+        credentials). Until then, what the service sends after it waits (its order holds);
+        one that fails goes on without its position, counted
+        (``history_counters.mismatches``) and logged.
+        """
+        claim = self._claim(envelope, seq)
+        if claim is None:
+            envelope = self._unpositioned(
+                sender, envelope, "it is not a history message as wsbus sends one"
+            )
+            if sender in self._checking:
+                self._checking[sender].append((envelope, None))
+            elif self._sink is not None:
+                self._sink.deliver(envelope)
+            return
+        reader = self._history
+        assert reader is not None  # _claim checked
+        group, position, at = claim
+        check = asyncio.create_task(
+            reader.holds(group, position, envelope, at), name="wsbus-nats-position"
+        )
+        queue = self._checking.get(sender)
+        if queue is None:
+            queue = self._checking[sender] = deque()
+            releaser = asyncio.create_task(
+                self._release(sender, queue), name=f"wsbus-nats-release-{sender}"
+            )
+            self._releasers.add(releaser)
+            releaser.add_done_callback(self._releasers.discard)
+        queue.append((envelope, check))
+        if len(queue) >= HOLD_LIMIT:
+            # Back-pressure: read no more until this check is done (NATS keeps, and
+            # bounds, what follows meanwhile).
+            await asyncio.gather(check, return_exceptions=True)
+
+    def _claim(self, envelope: Envelope, seq: str | None) -> tuple[str, Position, int] | None:
+        """The group, position and entry sequence a service's envelope claims, if well-formed."""
+        found = position_of(envelope)
+        recipients = envelope.recipients
+        if (
+            found is None
+            or seq is None
+            or not (seq.isascii() and seq.isdigit() and 0 < len(seq) <= 20)
+            or self._history is None
+            or recipients is None
+            or recipients.groups != (found[0],)
+            or recipients.conn_ids
+            or recipients.aliases
+            or recipients.users
+            or recipients.everyone
+            or envelope.to is not None
+            or not self._history_config.keeps(found[0])
+        ):
+            return None
+        return found[0], found[1], int(seq)
+
+    async def _release(
+        self, sender: str, queue: deque[tuple[Envelope, asyncio.Task[bool | None] | None]]
+    ) -> None:
+        """Hand on ``sender``'s held envelopes in order, each once its check is done."""
+        try:
+            while queue:
+                envelope, check = queue[0]
+                if check is not None:
+                    try:
+                        held = await check
+                    except Exception:
+                        log.exception("checking the position of %s failed", envelope.id)
+                        held = None
+                    if not held:
+                        envelope = self._unpositioned(
+                            sender,
+                            envelope,
+                            "the history stream does not hold it there"
+                            if held is False
+                            else "it could not be checked now",
+                            counted=held is False,
+                        )
+                queue.popleft()
+                sink = self._sink
+                if sink is not None and not self._closed:
+                    sink.deliver(envelope)
+        finally:
+            if self._checking.get(sender) is queue:
+                del self._checking[sender]
+
+    def _unpositioned(
+        self, sender: str, envelope: Envelope, why: str, *, counted: bool = True
+    ) -> Envelope:
+        """Return ``envelope`` without a history position (one not believed), logged."""
+        if counted:
+            self.history_counters.mismatches += 1
+        self._warn.warning(
+            "position",
+            "gateway %s takes %s (%s) from service %r without the history position it "
+            "carries (%s): %s. A position is the bus's to give; check the NATS permissions "
+            "(wsbus nats-config) if this repeats",
+            self._node,
+            envelope.type,
+            envelope.id,
+            sender,
+            envelope.headers.get(POSITION_HEADER),
+            why,
+        )
+        headers = {
+            k: v for k, v in envelope.headers.items() if k not in (POSITION_HEADER, GROUP_HEADER)
+        }
+        return msgspec.structs.replace(envelope, headers=headers)
 
     def _hold(self, service: str, instance: str, envelope: Envelope) -> None:
         """Note that ``instance`` of ``service`` holds a client's message (its ack said so)."""

@@ -12,7 +12,8 @@ position in its headers (:mod:`wsbus.history`).
   instances never make it: they read it (and check it) to learn which groups keep history.
 - **Appending** (:class:`HistoryWriter`, in a service instance's sender task, before the
   envelope goes to any gateway): offset = the group's last offset + 1, published with
-  ``Nats-Msg-Id`` = the envelope's id (de-duplicated within the stream's window) and
+  ``Nats-Msg-Id`` = the envelope's id and a digest of it keyed by the writer (its retries
+  are de-duplicated within the stream's window; nobody else can take the id first) and
   ``Nats-Expected-Last-Subject-Sequence`` (with ``...-Subject`` = every service's entries
   of the group), so two writers racing for one offset cannot both win: the loser reads
   the group's last entry again and retries, a bounded number of times. Offsets are dense
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -363,6 +365,7 @@ class HistoryWriter:
         self._js = link.nc.jetstream(timeout=link.config.request_timeout)
         self._tails: OrderedDict[str, _Tail] = OrderedDict()
         self._warn = RateLimitedLog(log)
+        self._key = os.urandom(16)  # of this writer's Nats-Msg-Id nonces
         self.config: HistoryConfig | None = None
         """The stream's settings; None while no stream was found (no gateway keeps any)."""
         self.epoch = ""
@@ -419,6 +422,17 @@ class HistoryWriter:
                 group's tail kept moving, the group's name too long for a subject): the
                 envelope must not be sent.
         """
+        return (await self.append_at(group, envelope))[0]
+
+    async def append_at(self, group: str, envelope: Envelope) -> tuple[Envelope, int]:
+        """As :meth:`append`; also return the entry's stream sequence.
+
+        Gateways check a positioned envelope against the entry at that sequence before
+        they believe its position (:meth:`HistoryReader.holds`).
+
+        Raises:
+            BusUnavailable: as :meth:`append`.
+        """
         try:
             return await self._append(group, envelope)
         except BusUnavailable:
@@ -432,7 +446,7 @@ class HistoryWriter:
                 whole_bus=False,
             ) from None
 
-    async def _append(self, group: str, envelope: Envelope) -> Envelope:
+    async def _append(self, group: str, envelope: Envelope) -> tuple[Envelope, int]:
         subjects = self._subjects
         subject = subjects.history(group, self._service)
         every = subjects.history_group(group)
@@ -444,6 +458,12 @@ class HistoryWriter:
             )
         stream = subjects.history_stream
         deadline = time.monotonic() + self._link.config.request_timeout
+        # The de-duplication id: the envelope's id (not secret: clients see it) and a keyed
+        # digest of it only this writer can make (the same for each retry of the envelope),
+        # so that nobody can store an entry under a future envelope's id first and make its
+        # append a "duplicate".
+        nonce = hashlib.blake2b(envelope.id.encode(), key=self._key, digest_size=8)
+        msg_id = f"{envelope.id}.{nonce.hexdigest()}"
         for attempt in range(APPEND_ATTEMPTS):
             if attempt > 1:
                 if time.monotonic() > deadline:
@@ -459,7 +479,7 @@ class HistoryWriter:
                 position = Position(tail.epoch, tail.offset + 1)
             stamped = stamp(envelope, group, position)
             headers = {
-                _MSG_ID: envelope.id,
+                _MSG_ID: msg_id,
                 _EXPECTED_STREAM: stream,
                 _EXPECTED_LAST: str(tail.seq),
                 _EXPECTED_LAST_SUBJECT: every,
@@ -493,14 +513,14 @@ class HistoryWriter:
                 last = await self._entry(every)
                 if last is not None and last[0] is not None and last[0].id == envelope.id:
                     self.counters.duplicates += 1
-                    return last[0]
+                    return last[0], last[1]
                 continue
             if ack.duplicate:
                 self.counters.duplicates += 1
                 self._tails.pop(group, None)
                 last = await self._entry(subject)
                 if last is not None and last[0] is not None and last[0].id == envelope.id:
-                    return last[0]
+                    return last[0], last[1]
                 raise BusUnavailable(
                     f"{envelope.id} was appended to group {group!r}'s history before, at a "
                     "position not known here",
@@ -508,7 +528,7 @@ class HistoryWriter:
                 )
             self._remember(group, _Tail(ack.seq, position.epoch, position.offset))
             self.counters.appends += 1
-            return stamped
+            return stamped, ack.seq
         raise BusUnavailable(
             f"group {group!r}'s history kept moving under this instance's attempts to "
             f"append to it for {self._link.config.request_timeout:g} s (many writers at once)",
@@ -711,6 +731,50 @@ class HistoryReader:
             return []
         entries.reverse()
         return entries
+
+    async def holds(
+        self, group: str, position: Position, envelope: Envelope, seq: int
+    ) -> bool | None:
+        """Return True when the stream's entry ``seq`` is ``envelope`` at ``position``.
+
+        A gateway's check of a position a service's message claims, before it believes
+        it: the entry must be on ``group``'s subject for the envelope's sender, be that
+        envelope (its id) with that group and position, and not be past its age (an old
+        entry sent again). False when it is not; None when the stream cannot be read now
+        (logged).
+        """
+        sender = envelope.sender
+        if type(sender) is not ServiceAddress:
+            return False
+        subjects = self._subjects
+        stream = subjects.history_stream
+        try:
+            raw = await answered(
+                # From the leader: a follower a moment behind may not hold it yet.
+                functools.partial(self._js.get_msg, stream, seq=seq, direct=False),
+                self._js,
+                stream,
+                self._timeout,
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            self._warn.warning(
+                "history check",
+                "the position of %s (%s) to group %r could not be checked against the "
+                "history stream (%r): it is delivered without it",
+                envelope.type,
+                envelope.id,
+                group,
+                exc,
+            )
+            return None
+        if raw.subject != subjects.history(group, sender.name):
+            return False
+        entry = self._check(raw.subject or "", raw.data or b"", group)
+        if entry is None or entry[0].id != envelope.id or entry[1] != position:
+            return False
+        return raw.time is None or not self._aged(raw.time.timestamp())
 
     def _aged(self, stored: float) -> bool:
         """True when an entry stored at ``stored`` (the server's clock) is past its age."""

@@ -63,7 +63,7 @@ from wsbus.envelope import (
     node_of,
 )
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
-from wsbus.history import HistoryConfig, history_group
+from wsbus.history import GROUP_HEADER, POSITION_HEADER, HistoryConfig, history_group
 from wsbus.service import Outcome, Service, ServiceRunner, load_service, serve_until_stopped
 
 from .bus import (
@@ -73,6 +73,7 @@ from .bus import (
     ACK_REFUSED,
     DONE_HEADER,
     LOST_HEADER,
+    SEQ_HEADER,
     array_header,
 )
 from .config import NatsConfig, redact_url
@@ -97,6 +98,7 @@ HISTORY_REFRESH_HEARTBEATS: Final = 10
 """An instance reads the history stream's settings again this often (a stream made anew
 by an operator, with other settings, is taken up within that)."""
 _ANY_GROUP: Final = HistoryConfig(groups=("*",))
+_HISTORY_HEADERS: Final = frozenset({POSITION_HEADER, GROUP_HEADER})
 
 # What the sender task sends: subject, payload, the envelope (None: a notice in headers
 # only), whether a service instance must confirm it (a request) or not (a message to a
@@ -318,6 +320,12 @@ class ServiceHost:
                 f"({len(outbound)} envelopes queued)",
                 whole_bus=False,
             )
+        headers = envelope.headers
+        if headers and (POSITION_HEADER in headers or GROUP_HEADER in headers):
+            # Positions are the bus's to give (as on the other buses): one a service chose
+            # would keep its message out of history and disorder the group at gateways.
+            kept = {k: v for k, v in headers.items() if k not in _HISTORY_HEADERS}
+            envelope = msgspec.structs.replace(envelope, headers=kept)
         subjects = self.subjects
         to = envelope.to
         recipients = envelope.recipients
@@ -614,9 +622,12 @@ class ServiceHost:
                 await self._refresh_history()
         config = writer.config
         group = history_group(envelope, config) if config is not None else None
+        notice: dict[str, str] | None = None
         if group is not None:
             try:
-                envelope = await writer.append(group, envelope)
+                envelope, seq = await writer.append_at(group, envelope)
+                # Where the entry is: each gateway checks the position against it.
+                notice = {SEQ_HEADER: str(seq)}
             except BusUnavailable as exc:
                 self._warn.warning(
                     "history append",
@@ -640,7 +651,9 @@ class ServiceHost:
             return
         for node in nodes:
             try:
-                await link.nc.publish(self.subjects.to_gateway(node, self.name), payload)
+                await link.nc.publish(
+                    self.subjects.to_gateway(node, self.name), payload, headers=notice
+                )
             except nats.errors.Error as exc:
                 self._undelivered(envelope, "unavailable", link.refusal(exc, len(payload)).reason)
                 return
