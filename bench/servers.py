@@ -44,8 +44,6 @@ RAISED_RATE: dict[str, Any] = {"rate": 1e9, "burst": 10**9}
 """The gateway settings the bench changes: the per-connection rate limit, raised out of the
 way. A rate limit is a policy, not a speed: the load's clients send as fast as they can,
 and at the default (100 a second, bursts of 200) the figure would be the limit's."""
-EDGES = {"wsbus": "websockets", "wsbus-picows": "picows"}
-"""The wsbus kinds and the edge each runs on."""
 
 
 def _yield_after(i: int, paced: bool) -> bool:
