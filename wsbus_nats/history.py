@@ -746,35 +746,41 @@ class HistoryReader:
         sender = envelope.sender
         if type(sender) is not ServiceAddress:
             return False
-        subjects = self._subjects
-        stream = subjects.history_stream
-        try:
-            raw = await answered(
-                # From the leader: a follower a moment behind may not hold it yet.
-                functools.partial(self._js.get_msg, stream, seq=seq, direct=False),
-                self._js,
-                stream,
-                self._timeout,
-            )
-        except nats.js.errors.NotFoundError:
-            return False
-        except (nats.errors.Error, TimeoutError) as exc:
-            self._warn.warning(
-                "history check",
-                "the position of %s (%s) to group %r could not be checked against the "
-                "history stream (%r): it is delivered without it",
-                envelope.type,
-                envelope.id,
-                group,
-                exc,
-            )
-            return None
-        if raw.subject != subjects.history(group, sender.name):
-            return False
-        entry = self._check(raw.subject or "", raw.data or b"", group)
-        if entry is None or entry[0].id != envelope.id or entry[1] != position:
-            return False
-        return raw.time is None or not self._aged(raw.time.timestamp())
+        stream = self._subjects.history_stream
+        subject = self._subjects.history(group, sender.name)
+        # A direct get first (lighter; any replica answers), then, unless it found the
+        # entry, from the leader: a follower a moment behind may not hold it yet.
+        for direct in (True, False):
+            try:
+                raw = await answered(
+                    functools.partial(self._js.get_msg, stream, seq=seq, direct=direct),
+                    self._js,
+                    stream,
+                    self._timeout,
+                )
+            except nats.js.errors.NotFoundError:
+                continue
+            except (nats.errors.Error, TimeoutError) as exc:
+                self._warn.warning(
+                    "history check",
+                    "the position of %s (%s) to group %r could not be checked against the "
+                    "history stream (%r): it is delivered without it",
+                    envelope.type,
+                    envelope.id,
+                    group,
+                    exc,
+                )
+                return None
+            if raw.subject != subject:
+                continue
+            try:
+                stored = decode_envelope(raw.data or b"")
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if stored.id != envelope.id or position_of(stored) != (group, position):
+                continue
+            return raw.time is None or not self._aged(raw.time.timestamp())
+        return False
 
     def _aged(self, stored: float) -> bool:
         """True when an entry stored at ``stored`` (the server's clock) is past its age."""
