@@ -21,7 +21,9 @@ Group history is read from the JetStream stream ``P_history`` (:class:`~wsbus.bu
 the gateway makes the stream with its settings, the service instances append to it), closed
 sessions are kept in the bucket ``P_sessions`` (:class:`~wsbus.bus.KeepsSessions`), presence
 events travel on ``P.ev.gw.<node>``, and a gateway whose directory entry dies is reported to
-the gateway (:class:`~wsbus.bus.HearsGateways`).
+the gateway (:class:`~wsbus.bus.HearsGateways`). A service's history message keeps its
+position only once the stream's entry it names is found to be it: a position published by
+hand is dropped (counted and logged) and the message delivered without it.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ position in its headers (:mod:`wsbus.history`).
   leader (a direct get may be answered by a follower a moment behind);
   then, for a few entries, a walk back by each entry's ``Wsbus-Previous`` header (the
   sequence of the group's previous entry), else an ordered consumer filtered to the group
-  from its first entry kept.
+  from its first entry kept. A gateway believes the position of a service's live message
+  only once the entry the service names (its stream sequence) is found to be that
+  envelope at that position (:meth:`HistoryReader.holds`).
 
 Error codes, never error texts: JetStream's "wrong last sequence" is ``10071`` (``10164`` the
 constant form).

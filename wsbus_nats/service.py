@@ -26,7 +26,10 @@ A message to one group that keeps history (the gateways' settings, read from the
 stream) is appended to the group's history in JetStream before it goes to any gateway
 (:class:`~wsbus_nats.history.HistoryWriter`), in the sender task, so each sender's order
 holds; it goes on stamped with its position, and an append that fails makes the send fail
-as one on a down link does (``wsbus.undeliverable``): never sent without its position. An
+as one on a down link does (``wsbus.undeliverable``): never sent without its position.
+Positions are the bus's to give: the ``wsbus-pos`` and ``wsbus-group`` headers a service
+sets are dropped (as on the other buses), and each history message names its entry's
+stream sequence to the gateways (:data:`~wsbus_nats.bus.SEQ_HEADER`), which check it. An
 instance of a service that declared ``wsbus.presence`` gets the gateways' presence events
 (one instance of the service each).
 """
