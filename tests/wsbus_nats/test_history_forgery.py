@@ -73,9 +73,13 @@ class Evil(Service):
 
     @handles("evil.poison")
     async def poison(self, message: Envelope, ctx: Context) -> None:
-        """The proof's message: its own, with a position far ahead."""
+        """The proof's message: its own, with a position far ahead; and one to the sender."""
         headers = {GROUP_HEADER: "room.1", POSITION_HEADER: message.content}
         ctx.link.send(ROOM, "evil.noise", None, headers=headers)
+        assert isinstance(message.sender, ClientAddress)
+        ctx.link.send(
+            Recipients(conn_ids=(message.sender.conn_id,)), "evil.direct", None, headers=headers
+        )
 
 
 @pytest.fixture
@@ -208,15 +212,20 @@ async def test_a_service_cannot_silence_a_groups_history_with_a_position_of_its_
         _, pos = await _member(ws)
         epoch = pos.rpartition(":")[0]
         await ws.send(json.dumps({"type": "evil.poison", "content": f"{epoch}:999999999"}))
-        await _until(ws, "evil.noise")
+        noise = await _until(ws, "evil.noise")
+        direct = await _until(ws, "evil.direct")
         await _say(ws, 2, 3, 4)
         frames = await _frames(ws, 3)
-    # Evil's message took its place in history as any other (its own position dropped):
-    # chat's 2, 3, 4 follow it, none silenced, no gap.
+    # Evil's message took its place in history as any other (its own position dropped),
+    # its message to one connection has none: chat's 2, 3, 4 follow, none silenced, no gap.
+    assert noise["pos"] == f"{epoch}:2"
+    assert "pos" not in direct and "group" not in direct
     assert [f["content"] for f in frames if f["type"] == "chat.line"] == [2, 3, 4]
     assert _offsets(frames, "chat.line") == [3, 4, 5]
     assert not [f for f in frames if f["type"] == "wsbus.gap"]
     assert deployment.gateway.stats().history_duplicates == 0
+    # Dropped by evil's runtime: nothing forged reached the gateway.
+    assert deployment.bus.history_counters.mismatches == 0
 
 
 async def test_a_gateway_believes_no_position_the_history_stream_does_not_hold(
