@@ -189,7 +189,8 @@ class HistoryCounters:
         """History reads (gateways)."""
         self.mismatches = 0
         """Entries ignored: not an envelope, no position, or a sender or group other than
-        their subject names."""
+        their subject names; and (gateways) positions of services' messages not believed,
+        the stream not holding them there (the messages went on without them)."""
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters by name."""
