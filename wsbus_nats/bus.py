@@ -849,21 +849,25 @@ class NatsBus:
     def _unpositioned(
         self, sender: str, envelope: Envelope, why: str, *, counted: bool = True
     ) -> Envelope:
-        """Return ``envelope`` without a history position (one not believed), logged."""
+        """Return ``envelope`` without its history position.
+
+        ``counted``: the position was not believed (counted, logged); otherwise it could
+        not be checked (the reader logged why).
+        """
         if counted:
             self.history_counters.mismatches += 1
-        self._warn.warning(
-            "position",
-            "gateway %s takes %s (%s) from service %r without the history position it "
-            "carries (%s): %s. A position is the bus's to give; check the NATS permissions "
-            "(wsbus nats-config) if this repeats",
-            self._node,
-            envelope.type,
-            envelope.id,
-            sender,
-            envelope.headers.get(POSITION_HEADER),
-            why,
-        )
+            self._warn.warning(
+                "position",
+                "gateway %s takes %s (%s) from service %r without the history position it "
+                "carries (%r): %s. Positions are the bus's to give: this one was published "
+                "by hand with the service's NATS credentials (check who holds them)",
+                self._node,
+                envelope.type,
+                envelope.id,
+                sender,
+                envelope.headers.get(POSITION_HEADER),
+                why,
+            )
         headers = {
             k: v for k, v in envelope.headers.items() if k not in (POSITION_HEADER, GROUP_HEADER)
         }

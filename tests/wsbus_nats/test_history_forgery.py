@@ -229,7 +229,7 @@ async def test_a_service_cannot_silence_a_groups_history_with_a_position_of_its_
 
 
 async def test_a_gateway_believes_no_position_the_history_stream_does_not_hold(
-    deployment: Deployment,
+    deployment: Deployment, caplog: pytest.LogCaptureFixture
 ) -> None:
     raw, subject = deployment.raw, SUBJECTS.to_gateway("a", "evil")
     async with websockets.connect(deployment.edge.url) as ws:
@@ -258,6 +258,9 @@ async def test_a_gateway_believes_no_position_the_history_stream_does_not_hold(
     assert not [f for f in frames if f["type"] == "wsbus.gap"]
     assert deployment.bus.history_counters.mismatches >= 4
     assert deployment.gateway.stats().history_duplicates == 0
+    # Said once (rate-limited), naming the service whose credentials were used.
+    said = [r.getMessage() for r in caplog.records if r.name == "wsbus.nats.gateway"]
+    assert [m for m in said if "from service 'evil' without the history position" in m]
 
 
 async def test_a_position_appended_by_hand_is_the_streams_and_history_goes_on_after_it(
