@@ -106,7 +106,9 @@ stream sequence of its entry in the history stream. The gateway believes the env
 position only once that entry is found to be this envelope at this position."""
 HOLD_LIMIT: Final = 10_000
 """Envelopes a gateway holds back per service behind positions being checked, at most:
-past it, it reads no more from NATS until the checks catch up."""
+past it, that service's further envelopes are dropped (counted, logged, and the gateway's
+clients told ``wsbus.gap`` at most once a heartbeat) until the checks catch up. A service's
+runtime never gets near it (each history message costs it an append, more than a check)."""
 
 _ARRAY_FIRST_BYTES: Final = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 """First bytes of a MessagePack array: a batch of envelopes (an envelope is a map)."""
@@ -180,6 +182,7 @@ class NatsBus:
         # release them.
         self._checking: dict[str, deque[tuple[Envelope, asyncio.Task[bool | None] | None]]] = {}
         self._releasers: set[asyncio.Task[None]] = set()
+        self._overflow_told: dict[str, float] = {}  # service -> when its last overflow was told
         self._closed = False
 
     # -- Bus -----------------------------------------------------------------------------
@@ -747,14 +750,17 @@ class NatsBus:
                 if len(replies) > _REPLY_LIMIT:
                     replies.popitem(last=False)
             marked = envelope.headers
-            if marked and (POSITION_HEADER in marked or GROUP_HEADER in marked):
-                await self._check_position(sender, envelope, seq)
-            elif sender in self._checking:
-                self._checking[sender].append((envelope, None))  # behind a check: in order
+            held = self._checking.get(sender)
+            if held is not None and len(held) >= HOLD_LIMIT:
+                self._overflow(sender, envelope)
+            elif marked and (POSITION_HEADER in marked or GROUP_HEADER in marked):
+                self._check_position(sender, envelope, seq)
+            elif held is not None:
+                held.append((envelope, None))  # behind a check: in order
             else:
                 deliver(envelope)
 
-    async def _check_position(self, sender: str, envelope: Envelope, seq: str | None) -> None:
+    def _check_position(self, sender: str, envelope: Envelope, seq: str | None) -> None:
         """Hand on a service's positioned envelope once its position is checked.
 
         A position is believed only when the envelope is to exactly its group (an
@@ -790,10 +796,34 @@ class NatsBus:
             self._releasers.add(releaser)
             releaser.add_done_callback(self._releasers.discard)
         queue.append((envelope, check))
-        if len(queue) >= HOLD_LIMIT:
-            # Back-pressure: read no more until this check is done (NATS keeps, and
-            # bounds, what follows meanwhile).
-            await asyncio.gather(check, return_exceptions=True)
+
+    def _overflow(self, sender: str, envelope: Envelope) -> None:
+        """Drop a service's envelope: too many of its own wait behind position checks.
+
+        Only that service's traffic is dropped (others' goes on unhindered), and the
+        gateway is told deliveries were lost at most once a heartbeat per service.
+        """
+        self.history_counters.overflows += 1
+        self._warn.warning(
+            f"overflow {sender}",
+            "gateway %s dropped %s (%s) from service %r: %d of its messages wait behind "
+            "history position checks already (it sends positioned messages faster than "
+            "the history stream can be read: published by hand with its credentials?)",
+            self._node,
+            envelope.type,
+            envelope.id,
+            sender,
+            HOLD_LIMIT,
+        )
+        now = time.monotonic()
+        last = self._overflow_told.get(sender)
+        if last is None or now - last >= self.config.heartbeat:
+            self._overflow_told[sender] = now
+            self._lost(
+                "slow_consumer",
+                f"gateway {self._node} dropped messages from service {sender!r}: too many "
+                "waited for their history positions to be checked",
+            )
 
     def _claim(self, envelope: Envelope, seq: str | None) -> tuple[str, Position, int] | None:
         """The group, position and entry sequence a service's envelope claims, if well-formed."""

@@ -174,7 +174,15 @@ async def _exists(js: JetStreamContext, stream: str) -> bool:
 class HistoryCounters:
     """What happened to history on one process (read them; never reset)."""
 
-    __slots__ = ("append_failures", "appends", "conflicts", "duplicates", "mismatches", "reads")
+    __slots__ = (
+        "append_failures",
+        "appends",
+        "conflicts",
+        "duplicates",
+        "mismatches",
+        "overflows",
+        "reads",
+    )
 
     def __init__(self) -> None:
         self.appends = 0
@@ -191,6 +199,9 @@ class HistoryCounters:
         """Entries ignored: not an envelope, no position, or a sender or group other than
         their subject names; and (gateways) positions of services' messages not believed,
         the stream not holding them there (the messages went on without them)."""
+        self.overflows = 0
+        """Messages a gateway dropped because their service had ``HOLD_LIMIT`` messages
+        waiting behind position checks already (its clients were told ``wsbus.gap``)."""
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters by name."""

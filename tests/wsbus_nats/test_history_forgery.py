@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 import websockets
 
+import wsbus_nats.bus
 from wsbus import Context, Gateway, GatewayConfig, HistoryConfig, Service, handles
 from wsbus.envelope import (
     ClientAddress,
@@ -314,3 +315,27 @@ async def test_a_service_cannot_make_another_services_history_sends_fail_by_taki
     # Chat's sends were appended (after evil's entries) and delivered.
     assert [f["content"] for f in frames if f["type"] == "chat.line"] == [3, 4]
     assert _offsets(frames, "chat.line") == [6, 7]
+
+
+async def test_a_flood_of_positions_by_hand_holds_back_only_its_own_service(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wsbus_nats.bus, "HOLD_LIMIT", 2)
+    raw, subject = deployment.raw, SUBJECTS.to_gateway("a", "evil")
+    async with websockets.connect(deployment.edge.url) as ws:
+        _, pos = await _member(ws)
+        far = f"{pos.rpartition(':')[0]}:999999999"
+        for n in range(200):
+            await raw.publish(
+                subject, encode_envelope(_noise(n, ROOM, far)), headers={SEQ_HEADER: "1"}
+            )
+        await raw.flush()
+        await _say(ws, 2, 3, 4)
+        frames = await _frames(ws, 3)
+    # Evil's excess was dropped and said (a gap); chat's messages all came, in order.
+    counters = deployment.bus.history_counters
+    assert counters.overflows > 0
+    assert counters.overflows + len([f for f in frames if f["type"] == "evil.noise"]) == 200
+    assert [f for f in frames if f["type"] == "wsbus.gap"]
+    assert [f["content"] for f in frames if f["type"] == "chat.line"] == [2, 3, 4]
+    assert _offsets(frames, "chat.line") == [2, 3, 4]
