@@ -260,13 +260,15 @@ class Holds:
         return holding
 
     def release(
-        self, group: str, conn_id: ConnId, floor: Position | None
+        self, group: str, conn_id: ConnId, floor: Position | None, recovered: bool = True
     ) -> list[Envelope | GroupGap]:
         """Stop holding; return what was held and the replay did not give, in order.
 
-        ``floor``: the last position the replay gave (or the client had); None when the
-        group could not be replayed (then everything held is returned, and nothing more
-        is left out).
+        ``floor``: the last position the client has now (the replay's last, or the one it
+        gave); what is held up to it is not returned (None: all of it is). When the group
+        was ``recovered``, live messages up to ``floor`` that come later (from an order
+        stage lagging behind the history) are left out too; a group to resync has its
+        ``floor`` from the client, which may be anything, and gets every later message.
         """
         hold = self._groups.get(group, {}).get(conn_id)
         if hold is None or hold.buffer is None:
@@ -282,7 +284,7 @@ class Holds:
                     if found is not None and _at_or_before(found[1], floor):
                         continue  # replayed already
                 out.append(item)
-        if floor is None:
+        if floor is None or not recovered:
             self._drop(group, conn_id)
         else:
             hold.floor = floor

@@ -384,12 +384,14 @@ class Resumer:
         session.queue(encode_server_frame(frame, session.codec), False)
         outbound.replay(session, record.unacked, "redelivered", wall)
         for group in kept:
-            floor: Position | None = None
+            # What the client has: the replay's last, else the position it gave (a group
+            # it must resync still gets nothing twice).
+            floor = Position.parse(positions.get(group))
             if group in replays:
                 entries, floor = replays[group]
                 replayed = [e for e in entries if not _excluded(e, everyone)]
                 outbound.replay(session, replayed, "replayed", wall)
-            held = self._holds.release(group, conn_id, floor)
+            held = self._holds.release(group, conn_id, floor, group in replays)
             for item in held:
                 if isinstance(item, GroupGap):
                     self._gap_frame(session, item.group)

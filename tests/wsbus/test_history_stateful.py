@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,7 +44,10 @@ from wsbus import (
     Service,
     handles,
 )
+from wsbus.bus import BusSink
 from wsbus.edge import MemoryClient, memory_pair
+from wsbus.envelope import NodeId
+from wsbus.history import Position
 
 T = TypeVar("T")
 
@@ -121,7 +125,7 @@ class HistoryMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
         self.pump = Pump()
-        self.bus = MemoryBus([self.pump], clock=self.clock)
+        self.bus = self.make_bus()
         config = GatewayConfig(
             node="gw",
             outbound_queue=QUEUE,
@@ -139,6 +143,16 @@ class HistoryMachine(RuleBasedStateMachine):
         self.numbers = itertools.count(1)
         self.session_ids = itertools.count(1)
         self.resumes_tried = 0
+
+    def make_bus(self) -> MemoryBus:
+        return MemoryBus([self.pump], clock=self.clock)
+
+    def in_flight(self) -> bool:
+        """True while the bus holds history messages back from the gateway."""
+        return False
+
+    async def arrive(self) -> None:
+        """Let whatever the bus holds back reach the gateway."""
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         async def bounded() -> T:
@@ -246,12 +260,22 @@ class HistoryMachine(RuleBasedStateMachine):
         client.stalled = False
         client.session.closed_at = self.clock.now
 
+    async def quiesce(self) -> None:
+        """Wait until the gateway's order stage holds nothing and fetches nothing."""
+        resumer = self.gateway._resumer
+        for _ in range(1000):
+            if not resumer._order.parked and not resumer._tasks and resumer._timer is None:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the order stage did not settle")
+
     async def settle(self) -> None:
         """Drain every connected client that reads; check each was owed nothing more."""
+        await self.quiesce()
         for client in self.clients:
             if client.conn is not None and not client.stalled:
                 await self.drain(client)
-            if client.conn is not None and not client.stalled:
+            if client.conn is not None and not client.stalled and not self.in_flight():
                 self.complete(client)
             elif client.conn is not None and client.conn.close_code is not None:
                 await self.gone(client, read=False)
@@ -297,6 +321,11 @@ class HistoryMachine(RuleBasedStateMachine):
             await self.pump.link.join(ConnId(client.conn_id), group)
             await self.settle()
 
+        # Membership is the gateway's at delivery: with nothing on its way, the join is a
+        # clean line between what the session is owed and what it is not.
+        self.run(self.arrive())
+        if client.conn is None or client.conn.close_code is not None:
+            return  # closed by the gateway meanwhile (a stalled client, 4507)
         count = len(self.sent[group])
         session.groups[group] = Stream(last=count, expect=count + 1, start=count)
         self.run(join())
@@ -455,9 +484,11 @@ class HistoryMachine(RuleBasedStateMachine):
                 # What the client says it has: it is owed what follows.
                 stream.last, stream.expect = claim, claim + 1
             else:
+                # Told to resync, the client rebuilds the group from a service: what it had
+                # is gone, and what comes next starts afresh (in order, once each).
                 stream.expect = None
-                if claim is not None:
-                    stream.last = min(stream.last, claim)
+                stream.last = 0
+                stream.seen = False
         self.run(self.settle())
 
     @precondition(lambda self: self._resumable() and self.resumes_tried > 3)
@@ -492,6 +523,106 @@ class HistoryMachine(RuleBasedStateMachine):
         self.run(attempt())
 
 
+class ShufflingBus(MemoryBus):
+    """A MemoryBus that holds history messages back and hands them over shuffled, or never.
+
+    As a bus between processes may: another publisher's message overtakes, a link drops
+    one (it is in the history all the same). Some are handed over while a resume reads
+    the history, so that they arrive during the resume, and after it, behind it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: list[Envelope] = []
+        self.seeds = itertools.count()
+        self.gateway: BusSink | None = None
+
+    async def start(self, sink: BusSink) -> None:
+        self.gateway = sink
+        await super().start(_Tap(self, sink.node))
+
+    def take(self, envelope: Envelope) -> None:
+        assert self.gateway is not None
+        if envelope.headers.get("wsbus-pos") is None:
+            self.gateway.deliver(envelope)
+        else:
+            self.pending.append(envelope)
+
+    def release(self, seed: int, drop: int, share: float = 1.0) -> None:
+        """Hand over a share of what is held, shuffled; every ``drop``-th is lost.
+
+        Never the newest of a group: a loss is found when a later message arrives (a lost
+        newest one a real bus reports as a broken link, which is HearsLoss's business).
+        """
+        assert self.gateway is not None
+        rng = random.Random(seed)
+        count = round(len(self.pending) * share)
+        chosen, self.pending = self.pending[:count], self.pending[count:]
+        newest = {}
+        for envelope in chosen:
+            newest[envelope.headers["wsbus-group"]] = envelope.id
+        rng.shuffle(chosen)
+        for i, envelope in enumerate(chosen, 1):
+            if drop and i % drop == 0 and envelope.id not in newest.values():
+                continue
+            self.gateway.deliver(envelope)
+
+    async def history(self, group: str, after: Position, limit: int) -> list[Envelope] | None:
+        self.release(next(self.seeds), 0, 0.5)
+        await asyncio.sleep(0)
+        return await super().history(group, after, limit)
+
+
+class _Tap:
+    """The gateway as the ShufflingBus's MemoryBus part sees it."""
+
+    def __init__(self, bus: ShufflingBus, node: NodeId) -> None:
+        self._bus = bus
+        self.node = node
+
+    def deliver(self, envelope: Envelope) -> None:
+        self._bus.take(envelope)
+
+
+class ShufflingHistoryMachine(HistoryMachine):
+    """The same model on a bus that reorders and loses history messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Fetch what is missing at once: the model moves no loop time.
+        self.gateway._resumer._order.wait = 0.0
+        # A gateway that has run a while: it has seen each group, so it knows where each
+        # starts. (The first message a gateway sees of a group sets the start: one
+        # overtaken before that is a gap, and one lost before that is not seen at all.)
+        for group in GROUPS:
+            self.send(group, None, 1)
+        self.bus_delivers(0, 0)
+
+    def make_bus(self) -> MemoryBus:
+        return ShufflingBus([self.pump], clock=self.clock)
+
+    def in_flight(self) -> bool:
+        assert isinstance(self.bus, ShufflingBus)
+        return bool(self.bus.pending)
+
+    async def arrive(self) -> None:
+        assert isinstance(self.bus, ShufflingBus)
+        self.bus.release(0, 0)
+        await self.settle()
+
+    @rule(seed=st.integers(0, 2**16), drop=st.sampled_from([0, 0, 3, 7]))
+    def bus_delivers(self, seed: int, drop: int) -> None:
+        """The bus hands over what it held, in any order, losing some."""
+        assert isinstance(self.bus, ShufflingBus)
+        bus = self.bus
+
+        async def deliver() -> None:
+            bus.release(seed, drop)
+            await self.settle()
+
+        self.run(deliver())
+
+
 HistoryMachine.TestCase.settings = settings(
     max_examples=60,
     stateful_step_count=40,
@@ -499,3 +630,6 @@ HistoryMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_history_and_resume = HistoryMachine.TestCase
+
+ShufflingHistoryMachine.TestCase.settings = HistoryMachine.TestCase.settings
+test_history_and_resume_on_a_bus_that_reorders_and_loses = ShufflingHistoryMachine.TestCase
