@@ -22,6 +22,7 @@
      |    +-- Forbidden                          an authorization hook refused the message
      |    +-- Unrouted (LookupError)             nothing on the bus handles the message's type
      |    +-- ServiceFailed                      the service that took the message failed
+     |    +-- ResumeFailed                       the gateway refused to resume a session
      |    +-- TryLater                           refused for now: send it again later
      |         +-- RateLimited                   the connection sends faster than its rate
      +-- MissingExtra (ImportError)              an optional transport is not installed
@@ -55,6 +56,7 @@ __all__ = [
     "RateLimited",
     "RegistryError",
     "RequestTimeout",
+    "ResumeFailed",
     "ServiceFailed",
     "TryLater",
     "UnknownConnection",
@@ -327,6 +329,15 @@ class ServiceFailed(MessageRejected):
     """
 
 
+class ResumeFailed(MessageRejected):
+    """The gateway refused a ``wsbus.resume`` (``resume_failed``): nothing was restored.
+
+    The token is not genuine or not this user's, it was used already, its session's window
+    has passed, resume is off, or the session store cannot be read. The connection goes on
+    as a new session: join the groups again and resync their state.
+    """
+
+
 class TryLater(MessageRejected):
     """Refused for now: the same message may succeed later, after a pause.
 
@@ -354,6 +365,7 @@ _REJECTED_BY_CODE: dict[str, type[MessageRejected]] = {
     "unavailable": TryLater,
     "shutting_down": TryLater,
     "rate_limited": RateLimited,
+    "resume_failed": ResumeFailed,
 }
 """The exception for each ``wsbus.wire.ErrorCode`` (tests/wsbus/test_errors.py checks it covers
 every code, and that TryLater is exactly the codes whose ``retry`` is True)."""

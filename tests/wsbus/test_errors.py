@@ -25,6 +25,7 @@ from wsbus.errors import (
     InvalidFrame,
     MessageRejected,
     RateLimited,
+    ResumeFailed,
     ServiceFailed,
     TryLater,
     Unrouted,
@@ -166,10 +167,12 @@ def test_every_error_code_has_its_exception() -> None:
         assert type(exc) is not MessageRejected, f"{code} has no exception of its own"
         assert (exc.code, exc.message, exc.retry) == (code.value, "why", code.retry)
         assert isinstance(exc, TryLater) == code.retry, code
+        # Forbidden and a refused resume spend the error budget too, but the frame was fine.
         assert isinstance(exc, InvalidFrame) == (
-            code.client_fault and code is not ErrorCode.FORBIDDEN
+            code.client_fault and code not in (ErrorCode.FORBIDDEN, ErrorCode.RESUME_FAILED)
         ), code
     assert isinstance(MessageRejected.for_code("rate_limited", "", True), RateLimited)
+    assert isinstance(MessageRejected.for_code("resume_failed", "", False), ResumeFailed)
     assert isinstance(MessageRejected.for_code("no_route", "", False), LookupError)
     assert isinstance(MessageRejected.for_code("bad_value", "", False), ValueError)
 

@@ -28,8 +28,8 @@ EXPECTED = {
     "AliasTaken", "BusError", "BusUnavailable", "ChildFailed", "ConfigError", "ConnIdTaken",
     "ConnectionClosed", "ControlError", "Forbidden", "HandshakeRefused", "InvalidFrame",
     "InvalidName", "MessageRejected", "MissingExtra", "NoRoute", "PluginError", "RateLimited",
-    "RegistryError", "RequestTimeout", "ServiceFailed", "TryLater", "UnknownConnection",
-    "Unrouted", "WsbusError",
+    "RegistryError", "RequestTimeout", "ResumeFailed", "ServiceFailed", "TryLater",
+    "UnknownConnection", "Unrouted", "WsbusError",
     # the version
     "__version__",
 }  # fmt: skip
