@@ -385,8 +385,8 @@ class Resumer:
         outbound.replay(session, record.unacked, "redelivered", wall)
         for group in kept:
             # What the client has: the replay's last, else the position it gave (a group
-            # it must resync still gets nothing twice).
-            floor = Position.parse(positions.get(group))
+            # it must resync still gets nothing twice), if this gateway has been that far.
+            floor = self._believed(group, Position.parse(positions.get(group)))
             if group in replays:
                 entries, floor = replays[group]
                 replayed = [e for e in entries if not _excluded(e, everyone)]
@@ -398,6 +398,25 @@ class Resumer:
                 else:
                     outbound.replay(session, (item,), "held", wall)
         self._post()
+
+    def _believed(self, group: str, position: Position | None) -> Position | None:
+        """Return ``position`` if this gateway has delivered ``group`` that far; else None.
+
+        A position beyond what was delivered here (a client's bogus or stale one, or one
+        from a store that restarted in the same epoch) says nothing about what the client
+        has: the messages held for it during the resume must all be given, not dropped as
+        seen already.
+        """
+        if position is None:
+            return None
+        expected = self._order.next_offset(group)
+        if (
+            expected is None
+            or expected.epoch != position.epoch
+            or position.offset >= expected.offset
+        ):
+            return None
+        return position
 
     async def _read(self, group: str, text: object) -> tuple[list[Envelope], Position] | None:
         """Read what a client missed of ``group`` since ``text``; None: it must resync."""

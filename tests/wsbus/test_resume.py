@@ -617,6 +617,30 @@ async def test_live_messages_during_a_resume_wait_for_the_replay_once_each() -> 
         assert client.pending() == 0
 
 
+async def test_a_position_beyond_what_was_delivered_mutes_nothing_held_during_the_resume() -> None:
+    """A client's position newer than anything the gateway delivered (bogus, or from a
+    store that lost its entries in the same epoch) is resync, and what is said while the
+    resume reads history still reaches it: it is not taken for something the client has."""
+    bus = SlowHistory([Room(), Control()])
+    async with harness(bus=bus) as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        bob = await h.connect()
+        await h.say(bob, "room.1", 1)
+        epoch = Position.parse((await said(ann, 1))[0]["pos"]).epoch  # type: ignore[union-attr]
+        await h.closed(ann)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {"room.1": f"{epoch}:99"})
+        async with asyncio.timeout(5):
+            await bus.reading.wait()
+        await h.say(bob, "room.1", 2)  # held back from the client, offset 2 <= 99
+        bus.go.set()
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["resync"] == ["room.1"]
+        await h.say(bob, "room.1", 3)
+        assert [f["content"] for f in await said(client, 2)] == [2, 3]
+
+
 async def test_a_message_with_a_forged_position_gets_none() -> None:
     class Forger(Service):
         name = "forger"
