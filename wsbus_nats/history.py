@@ -32,7 +32,9 @@ position in its headers (:mod:`wsbus.history`).
   sequence of the group's previous entry), else an ordered consumer filtered to the group
   from its first entry kept. A gateway believes the position of a service's live message
   only once the entry the service names (its stream sequence) is found to be that
-  envelope at that position (:meth:`HistoryReader.holds`).
+  envelope at that position (:meth:`HistoryReader.holds`). Reads and checks keep trying
+  while JetStream does not answer (a leader being elected after a NATS node's loss), for
+  up to :data:`LEADER_WAIT` seconds.
 
 Error codes, never error texts: JetStream's "wrong last sequence" is ``10071`` (``10164`` the
 constant form).
@@ -70,6 +72,7 @@ __all__ = [
     "APPEND_ATTEMPTS",
     "GROUP_TOKEN_LIMIT",
     "HISTORY_MAX_BYTES",
+    "LEADER_WAIT",
     "WRONG_LAST_SEQUENCE",
     "HistoryCounters",
     "HistoryReader",
@@ -115,8 +118,18 @@ _EXPECTED_LAST_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
 PREVIOUS_HEADER: Final = "Wsbus-Previous"
 """A NATS header of each entry: the stream sequence of its group's previous entry (0: the
 first of a run), so that a reader walks back from the last entry to what it needs."""
-CONSUMER_ATTEMPTS: Final = 3
-"""Ordered consumers a long history read tries, each given a third of ``request_timeout``."""
+LEADER_WAIT: Final = 8.0
+"""Seconds a gateway's history read (and its check of a position) keeps trying at least
+while JetStream does not answer, or does not answer in time (``request_timeout`` when that
+is longer). After a NATS node's loss the history stream, and JetStream's meta group (which
+a long read's consumer needs), each elect a new leader, nats-server within about 4 to 9 s
+of the last word from the lost one (measured on loopback: 4.4 to 7.7 s); until then
+requests to the lost leader go unanswered. A read does nothing, so trying it again is
+safe. Below the gateway's own bound on a read (``wsbus.resuming.FETCH_TIMEOUT``, 10 s: a
+read that gives up says why) and the clients' default ``open_timeout`` (10 s), which a
+whole resume must fit in."""
+CONSUMER_PAUSE: Final = 0.2
+"""Seconds between two attempts of a long history read's ordered consumer."""
 WALK_LIMIT: Final = 32
 """A read that misses at most this many entries walks back from the last by their
 ``Wsbus-Previous`` headers (one direct get each); a longer one reads the group with an
@@ -136,7 +149,12 @@ _T = TypeVar("_T")
 
 
 async def answered(
-    call: Callable[[], Awaitable[_T]], js: JetStreamContext, stream: str, budget: float
+    call: Callable[[], Awaitable[_T]],
+    js: JetStreamContext,
+    stream: str,
+    budget: float,
+    *,
+    read: bool = False,
 ) -> _T:
     """Return ``await call()``, tried again while nobody answers, for up to ``budget`` s.
 
@@ -144,15 +162,28 @@ async def answered(
     of a cluster is lost, the stream's replicas elect a leader and nobody answers for a
     moment; nothing was done then, so trying again is safe.
 
+    Args:
+        call: the request.
+        js: the JetStream context (to ask whether ``stream`` exists).
+        stream: the stream the request is on.
+        budget: seconds to keep trying.
+        read: the request only reads: one that timed out (sent to a leader that is gone,
+            which nobody else answers for) is tried again too, and no attempt outlasts
+            the budget. A write that timed out may have been done: never tried again here.
+
     Raises:
         The last error: the budget is spent, or the stream does not exist.
     """
     deadline = time.monotonic() + budget
     wait = 0.05
+    retried = (*_UNANSWERED, TimeoutError) if read else _UNANSWERED
     while True:
         try:
-            return await call()
-        except _UNANSWERED:
+            if not read:
+                return await call()
+            async with asyncio.timeout(max(deadline - time.monotonic(), wait)):
+                return await call()
+        except retried:
             if time.monotonic() + wait > deadline or not await _exists(js, stream):
                 raise
         await asyncio.sleep(wait)
@@ -609,6 +640,8 @@ class HistoryReader:
         self._age = age
         self.counters = counters
         self._timeout = link.config.request_timeout
+        # How long a read keeps trying while JetStream does not answer (an election).
+        self._wait = max(self._timeout, LEADER_WAIT)
         self._js = link.nc.jetstream(timeout=self._timeout)
         self._warn = RateLimitedLog(log)
 
@@ -617,10 +650,12 @@ class HistoryReader:
 
         None when they cannot all be given: ``after`` is of another epoch (run), an entry
         after it is gone (trimmed by count) or older than the age, or an entry is not one
-        wsbus made.
+        wsbus made. While JetStream does not answer (a leader being elected after a NATS
+        node's loss) the read keeps trying, for up to :data:`LEADER_WAIT` seconds in all
+        (``request_timeout`` when longer).
 
         Raises:
-            BusUnavailable: the stream cannot be read now.
+            BusUnavailable: the stream cannot be read now (it did not answer in that time).
         """
         self.counters.reads += 1
         try:
@@ -634,6 +669,8 @@ class HistoryReader:
         subjects = self._subjects
         every = subjects.history_group(group)
         stream = subjects.history_stream
+        # One deadline for every request of the read.
+        deadline = time.monotonic() + self._wait
         try:
             # From the stream's leader (not a direct get, which any replica may answer, a
             # follower a moment behind): a gateway asks for what it knows exists.
@@ -641,7 +678,8 @@ class HistoryReader:
                 lambda: self._js.get_msg(stream, subject=every, direct=False),
                 self._js,
                 stream,
-                self._timeout,
+                _left(deadline),
+                read=True,
             )
         except nats.js.errors.NotFoundError:
             return None
@@ -652,22 +690,24 @@ class HistoryReader:
         if missing <= 0:
             return []
         if missing <= WALK_LIMIT:
-            walked = await self._walk(raw, last, group, after)
+            walked = await self._walk(raw, last, group, after, deadline)
             if walked is not None:
                 return walked[:limit] if walked else None
         wanted = min(limit, missing)
-        # A consumer may be placed on a NATS node just lost, until the cluster sees it
-        # gone: tried again, within the read's time.
-        deadline = time.monotonic() + self._timeout
-        attempt = self._timeout / CONSUMER_ATTEMPTS
-        for _ in range(CONSUMER_ATTEMPTS - 1):
+        # A consumer needs JetStream's meta leader (which may be electing a new one after
+        # a NATS node's loss, even once the stream has its leader) and may be placed on a
+        # node just lost, until the cluster sees it gone: tried again, within the read's
+        # time, each attempt given up to request_timeout.
+        while True:
             try:
-                return await self._consume(group, after, wanted, attempt)
+                return await self._consume(
+                    group, after, wanted, min(self._timeout, max(_left(deadline), 0.1))
+                )
             except (nats.errors.Error, TimeoutError) as exc:
+                if _left(deadline) < CONSUMER_PAUSE:
+                    raise
                 log.info("a history read of group %r failed (%r); trying again", group, exc)
-            if time.monotonic() + attempt > deadline:
-                break
-        return await self._consume(group, after, wanted, attempt)
+            await asyncio.sleep(CONSUMER_PAUSE)
 
     async def _consume(
         self, group: str, after: Position, wanted: int, budget: float
@@ -710,7 +750,12 @@ class HistoryReader:
         return entries
 
     async def _walk(
-        self, raw: RawStreamMsg, last: tuple[Envelope, Position], group: str, after: Position
+        self,
+        raw: RawStreamMsg,
+        last: tuple[Envelope, Position],
+        group: str,
+        after: Position,
+        deadline: float,
     ) -> list[Envelope] | None:
         """Walk back from the group's last entry to the one after ``after``.
 
@@ -732,7 +777,8 @@ class HistoryReader:
                     functools.partial(self._js.get_msg, stream, seq=seq, direct=False),
                     self._js,
                     stream,
-                    self._timeout,
+                    _left(deadline),
+                    read=True,
                 )
             except nats.js.errors.NotFoundError:
                 return []  # trimmed
@@ -756,12 +802,19 @@ class HistoryReader:
         envelope (its id) with that group and position, and not be past its age (an old
         entry sent again). False when it is not; None when the stream cannot be read now
         (logged).
+
+        While JetStream does not answer (the stream electing a leader after a NATS node's
+        loss) the check keeps trying, as a read does (up to :data:`LEADER_WAIT` seconds):
+        a genuine position is not given up for a moment's election (the message would
+        reach clients without it, and again with it once the group's next message shows
+        the hole). Meanwhile what its service sends after it waits, in order.
         """
         sender = envelope.sender
         if type(sender) is not ServiceAddress:
             return False
         stream = self._subjects.history_stream
         subject = self._subjects.history(group, sender.name)
+        deadline = time.monotonic() + self._wait
         # A direct get first (lighter; any replica answers), then, unless it found the
         # entry, from the leader: a follower a moment behind may not hold it yet.
         for direct in (True, False):
@@ -770,7 +823,8 @@ class HistoryReader:
                     functools.partial(self._js.get_msg, stream, seq=seq, direct=direct),
                     self._js,
                     stream,
-                    self._timeout,
+                    _left(deadline),
+                    read=True,
                 )
             except nats.js.errors.NotFoundError:
                 continue
@@ -826,3 +880,8 @@ class HistoryReader:
             )
             return None
         return envelope, found[1]
+
+
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline`` (``time.monotonic()``), at least 0."""
+    return max(0.0, deadline - time.monotonic())

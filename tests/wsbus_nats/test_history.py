@@ -436,3 +436,46 @@ async def test_two_instances_of_one_service_appending_at_once_keep_offsets_dense
     offsets = sorted(p.offset for p in _positions(sink.of("cast.item")))
     assert offsets == list(range(1, 321))
     assert sum(host.history_counters.appends for host in hosts) == 320
+
+
+# -- reads keep trying while a leader is elected ----------------------------------------------
+
+
+class _Electing:
+    """A stand-in request that goes unanswered (times out) ``silent`` times, then answers."""
+
+    def __init__(self, silent: int) -> None:
+        self.silent = silent
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.silent:
+            raise nats.errors.TimeoutError  # sent to a leader that is gone
+        return "answer"
+
+
+class _Streams:
+    """A stand-in JetStream context: the stream exists (answers stream_info)."""
+
+    async def stream_info(self, name: str) -> object:
+        return object()
+
+
+async def test_a_read_that_times_out_is_tried_again_and_a_write_is_not() -> None:
+    js: Any = _Streams()
+    read = _Electing(silent=2)
+    # A read: a request to a leader that is gone times out; it is tried again (within the
+    # budget, generous here: only its being tried again is checked).
+    got = await wsbus_nats.history.answered(read, js, "wsbus_history", WAIT, read=True)
+    assert (got, read.calls) == ("answer", 3)
+    # A write that timed out may have been done: never tried again by answered().
+    write = _Electing(silent=1)
+    with pytest.raises(TimeoutError):
+        await wsbus_nats.history.answered(write, js, "wsbus_history", WAIT)
+    assert write.calls == 1
+    # A read whose budget is spent gives up with the last error.
+    spent = _Electing(silent=10**6)
+    with pytest.raises(TimeoutError):
+        await wsbus_nats.history.answered(spent, js, "wsbus_history", 0.0, read=True)
+    assert spent.calls == 1

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import secrets
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,10 +390,15 @@ async def test_history_outlives_a_nats_node(
         # ... when the NATS node the services were on dies; the stream has replicas on the
         # others, which elect a new leader.
         await asyncio.to_thread(wsbus_nats_cluster.kill, 2)
+        # Until JetStream's meta group has a leader again (a long history read makes a
+        # consumer, which needs it), and the history stream and the sessions bucket have
+        # theirs (each elects its own): a resume started earlier waits for them, but only
+        # so long (wsbus_nats.history.LEADER_WAIT), and a busy machine may elect slower.
+        async with asyncio.timeout(WAIT):
+            while not await asyncio.to_thread(_meta_leader, wsbus_nats_cluster, 2):
+                await asyncio.sleep(0.1)
         nc = await nats.connect(wsbus_nats_cluster.urls[1])
         try:
-            # Until the history stream and the sessions bucket have leaders again (each
-            # elects its own): meanwhile a resume could only be refused or resync.
             for stream in ("wsbus_history", "KV_wsbus_sessions"):
                 async with asyncio.timeout(WAIT):
                     while True:
@@ -405,8 +412,27 @@ async def test_history_outlives_a_nats_node(
                         await asyncio.sleep(0.1)
         finally:
             await nc.close()
-        second = await cluster.b.client(resume_token=token, positions=positions)
+        second = await cluster.b.client(resume_token=token, positions=positions, open_timeout=WAIT)
         assert second.resumed.get("recovered") == ["room.kept"], second.resumed
         while got[-1]["content"]["i"] < n - 1:
             got.append(await _next(second, "stream.item"))
         assert [f["content"]["i"] for f in got] == list(range(n))
+
+
+def _meta_leader(cluster: NatsCluster, lost: int) -> bool:
+    """True when a live node says JetStream's meta group has a leader, not node ``lost``.
+
+    From the node's monitoring endpoint (``/jsz``); a node that does not answer says no.
+    """
+    dead = cluster[lost].name
+    for index, server in enumerate(cluster):
+        if index == lost or server.monitor_url is None:
+            continue
+        try:
+            with urllib.request.urlopen(f"{server.monitor_url}/jsz", timeout=2.0) as answer:
+                meta = json.load(answer).get("meta_cluster") or {}
+        except (OSError, ValueError):
+            continue
+        leader = meta.get("leader")
+        return bool(leader) and leader != dead
+    return False
