@@ -104,6 +104,9 @@ def assert_balanced(stats: Stats) -> None:
     assert stats.acks_requested == (
         stats.acks + stats.unacked + stats.unacked_dropped + stats.unacked_closed
     ), stats
+    assert stats.sessions_closed == (
+        stats.sessions_saved + stats.sessions_lost + stats.sessions_saving + stats.sessions_ended
+    ), stats
     assert sum(stats.rejected_by_code.values()) == stats.frames_rejected, stats
     assert sum(stats.dropped_by_close_code.values()) == stats.deliveries_dropped, stats
 

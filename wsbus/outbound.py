@@ -616,5 +616,7 @@ class Outbound:
         if session is None or request.conn_id not in registry:
             raise UnknownConnection(request.conn_id)
         reason = request.reason.encode()[:120].decode("utf-8", "ignore")
+        # A service that shuts a client out means it: no resume brings the session back.
+        session.kicked = True
         session.close(code, reason, flush=True)
         return None

@@ -27,7 +27,7 @@ from .hooks import _FailureLog
 from .outbound import Outbound
 from .registry import ClientInfo, ClientRegistry
 from .resume import Holds, MemorySessions, ResumeTokens, SessionRecord, new_sid
-from .session import Session
+from .session import CloseCode, Session
 from .stats import Counters
 from .wire import (
     ClientFrame,
@@ -41,7 +41,7 @@ from .wire import (
 if TYPE_CHECKING:
     from .gateway import GatewayConfig
 
-__all__ = ["HISTORY_GAP_MESSAGE", "MAX_CONN_IDS", "RESUME", "RESUMED", "Resumer"]
+__all__ = ["HISTORY_GAP_MESSAGE", "MAX_CONN_IDS", "NOT_RESUMABLE", "RESUME", "RESUMED", "Resumer"]
 
 log = logging.getLogger("wsbus.gateway")
 
@@ -68,6 +68,20 @@ SAVE_TIMEOUT: Final = 10.0
 
 LOG_INTERVAL: Final = 60.0
 """Seconds between two warnings of one kind (a store out of reach)."""
+
+NOT_RESUMABLE: Final = frozenset(
+    {
+        CloseCode.POLICY,
+        CloseCode.ERROR_BUDGET,
+        CloseCode.AUTH_FAILED,
+        CloseCode.FORBIDDEN,
+        CloseCode.AUTH_TIMEOUT,
+        CloseCode.RATE_LIMITED,
+    }
+)
+"""Close codes that end a session for good: the gateway closed the connection for what
+its client did (a policy close), so no record is kept. A session a service closed
+(``wsbus.disconnect``, whatever its code) is not resumable either."""
 
 _RESUME_ONLY: Final = frozenset({RESUME})
 
@@ -182,6 +196,18 @@ class Resumer:
         sid, conn_ids = kept
         for earlier in conn_ids[:-1]:
             self.successors.pop(earlier, None)
+        counters = self._counters
+        counters.sessions_closed += 1
+        unacked = session.unacked()
+        if (
+            session.kicked
+            or code in NOT_RESUMABLE
+            # Nothing to restore: a record would only take a place in the store (a flood
+            # of empty connections would push out every session worth resuming).
+            or not (info.groups or info.alias is not None or unacked)
+        ):
+            counters.sessions_ended += 1
+            return
         wall = time.time()
         record = SessionRecord(
             sid=sid,
@@ -191,10 +217,8 @@ class Resumer:
             conn_ids=conn_ids,
             closed=wall,
             code=code,
-            unacked=session.unacked(),
+            unacked=unacked,
         )
-        counters = self._counters
-        counters.sessions_closed += 1
         window = self._config.resume.window
         store = self._store
         if store is None:

@@ -179,6 +179,7 @@ class Session:
         "conn_id",
         "flushing",
         "frame_id",
+        "kicked",
         "outbox",
         "outbox_bytes",
         "pending",
@@ -230,6 +231,8 @@ class Session:
         """Closing, and the outbox is written first (it explains the close)."""
         self.shutting_down = False
         """The gateway is shutting down: frames are answered ``shutting_down``."""
+        self.kicked = False
+        """A service closed it (``wsbus.disconnect``): its session cannot be resumed."""
         # (encoded frame, is a delivery); the head stays queued until it is written. Made
         # only once a frame has to wait: an idle connection carries none (memory per
         # connection is a number users plan capacity with).

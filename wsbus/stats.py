@@ -78,6 +78,7 @@ class Counters(msgspec.Struct):
     sessions_saved: int
     sessions_lost: int
     sessions_saving: int
+    sessions_ended: int
 
     @staticmethod
     def zero() -> Counters:
@@ -133,7 +134,8 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
       presence_events_queued``
     - ``receipts_requested == receipts + receipts_pending``
     - ``acks_requested == acks + unacked + unacked_dropped + unacked_closed``
-    - ``sessions_closed == sessions_saved + sessions_lost + sessions_saving``
+    - ``sessions_closed == sessions_saved + sessions_lost + sessions_saving +
+      sessions_ended``
 
     A resume's deliveries are deliveries like any other: ``replayed`` and ``redelivered``
     are part of ``deliveries_queued`` (and so of its identity). A ``wsbus.resume`` frame
@@ -219,11 +221,14 @@ class Stats(Counters, frozen=True):  # type: ignore[misc]
         history_gaps: holes in a history group's order that its history could not fill
             (or a new epoch): each sent the group's members here ``wsbus.gap`` with
             ``groups``.
-        sessions_closed: connections closed with resume on: each leaves a session record.
+        sessions_closed: welcomed connections closed with resume on.
         sessions_saved: of those, kept by the session store (the bus's, or the gateway's).
         sessions_lost: of those, not kept: the store could not be reached (warned about,
             once a minute at most). Their clients cannot resume.
         sessions_saving: of those, being saved now.
+        sessions_ended: of those, not kept because they cannot be resumed: closed by a
+            service (``wsbus.disconnect``) or for what the client did (1008, 4400, 4401,
+            4403, 4408, 4429), or with nothing to restore (no group, alias or unacked).
     """
 
 

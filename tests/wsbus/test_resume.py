@@ -183,6 +183,12 @@ class Room(Service):
         await ctx.join(message.sender.conn_id, message.content)  # type: ignore[union-attr]
         ctx.reply("joined")
 
+    @handles("room.kick")
+    async def kick(self, message: Envelope, ctx: Context) -> None:
+        content = message.content
+        await ctx.disconnect(ConnId(content["conn_id"]), content.get("code", 4003), "banned")
+        ctx.reply("kicked")
+
     @handles("room.say")
     async def say(self, message: Envelope, ctx: Context) -> None:
         content = message.content
@@ -639,6 +645,61 @@ async def test_a_position_beyond_what_was_delivered_mutes_nothing_held_during_th
         assert content["resync"] == ["room.1"]
         await h.say(bob, "room.1", 3)
         assert [f["content"] for f in await said(client, 2)] == [2, 3]
+
+
+@pytest.mark.parametrize("code", [1000, 4000, 4003])
+async def test_a_client_a_service_disconnected_cannot_resume(code: int) -> None:
+    """Security review, finding 3: a kicked client does not come back with its groups and
+    read what was said after the kick, whatever code the service closed it with."""
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        mod = await h.connect()
+        await h.ask(mod, "room.kick", {"conn_id": ann.conn_id, "code": code}, "k")
+        async with asyncio.timeout(5):
+            while h.gateway.stats().sessions_closed == 0:
+                await asyncio.sleep(0.005)
+        await h.say(mod, "room.1", 1)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        error = await client.receive_until("wsbus.error")
+        assert error["content"]["code"] == "resume_failed"
+        assert h.gateway.registry.info(ConnId(client.conn_id or "")).groups == ()
+        stats = h.gateway.stats()
+        assert (stats.sessions_ended, stats.sessions_saved) == (1, 0)
+
+
+@pytest.mark.parametrize("code", [1008, 4400, 4401, 4403, 4408, 4429])
+async def test_a_policy_close_is_not_resumable(code: int) -> None:
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        session = h.gateway._sessions[ConnId(ann.conn_id or "")]
+        session.close(code, "policy")
+        async with asyncio.timeout(5):
+            while h.gateway.stats().sessions_closed == 0:
+                await asyncio.sleep(0.005)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        error = await client.receive_until("wsbus.error")
+        assert error["content"]["code"] == "resume_failed"
+        assert h.gateway.stats().sessions_ended == 1
+
+
+async def test_a_session_with_nothing_to_restore_keeps_no_record() -> None:
+    """Security review, finding 4: connections that joined nothing take no place in the
+    store, so a flood of them pushes out no session worth resuming."""
+    async with harness() as h:
+        h.bus.sessions.max_records = 1
+        ann = await _closed_ann(h)
+        for _ in range(5):
+            await h.closed(await h.connect())
+        stats = h.gateway.stats()
+        assert (stats.sessions_saved, stats.sessions_ended) == (1, 5)
+        assert len(h.bus.sessions) == 1
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        assert (await client.receive_until("wsbus.resumed"))["content"]["alias"] == "ann"
 
 
 async def test_a_message_with_a_forged_position_gets_none() -> None:
