@@ -66,6 +66,17 @@ FETCH_TIMEOUT: Final = 10.0
 SAVE_TIMEOUT: Final = 10.0
 """Seconds saving a closed session's record on the bus may take."""
 
+SETTLE_TIMEOUT: Final = 5.0
+"""Seconds a resume waits for its session's earlier connection on this gateway to close
+and its record to be saved (the client's close, or a half-open one, not processed yet)."""
+
+TAKE_RETRY: Final = 1.0
+"""Seconds a resume tries again to take a record not found in a shared store: the
+session's earlier connection may be closing, its record being saved, on another gateway."""
+
+TAKE_RETRY_EVERY: Final = 0.1
+"""Seconds between two of those tries."""
+
 LOG_INTERVAL: Final = 60.0
 """Seconds between two warnings of one kind (a store out of reach)."""
 
@@ -133,6 +144,11 @@ class Resumer:
         self._holds = Holds(config.outbound_queue)
         # Each welcomed connection's session id, and every connection id its session had.
         self._sids: dict[ConnId, tuple[str, tuple[ConnId, ...]]] = {}
+        # The other way: each open session's connection here, and the sessions whose
+        # record is being saved; a resume of one of them waits for it to settle.
+        self._open: dict[str, ConnId] = {}
+        self._saving: set[str] = set()
+        self._settled: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = _FailureLog(LOG_INTERVAL)
         self.successors: dict[ConnId, ConnId] = {}
@@ -184,6 +200,7 @@ class Resumer:
             return None
         sid = new_sid()
         self._sids[conn_id] = (sid, (conn_id,))
+        self._open[sid] = conn_id
         return {"token": tokens.issue(sid, user), "window": self._config.resume.window}
 
     def closed(self, session: Session, info: ClientInfo, code: int) -> None:
@@ -194,8 +211,23 @@ class Resumer:
         if kept is None or self._tokens is None:
             return
         sid, conn_ids = kept
+        if self._open.get(sid) == conn_id:
+            del self._open[sid]
         for earlier in conn_ids[:-1]:
             self.successors.pop(earlier, None)
+        try:
+            self._keep(session, info, code, sid, conn_ids)
+        finally:
+            self._settle(sid)
+
+    def _keep(
+        self,
+        session: Session,
+        info: ClientInfo,
+        code: int,
+        sid: str,
+        conn_ids: tuple[ConnId, ...],
+    ) -> None:
         counters = self._counters
         counters.sessions_closed += 1
         unacked = session.unacked()
@@ -226,7 +258,16 @@ class Resumer:
             counters.sessions_saved += 1
             return
         counters.sessions_saving += 1
-        self._spawn(self._save(store, record, window), f"wsbus-save-{conn_id}")
+        self._saving.add(sid)
+        self._spawn(self._save(store, record, window), f"wsbus-save-{info.conn_id}")
+
+    def _settle(self, sid: str) -> None:
+        """Wake a resume waiting for ``sid`` once it is neither open here nor being saved."""
+        if sid in self._open or sid in self._saving:
+            return
+        event = self._settled.pop(sid, None)
+        if event is not None:
+            event.set()
 
     async def _save(self, store: KeepsSessions, record: SessionRecord, window: float) -> None:
         counters = self._counters
@@ -248,6 +289,8 @@ class Resumer:
             counters.sessions_saved += 1
         finally:
             counters.sessions_saving -= 1
+            self._saving.discard(record.sid)
+            self._settle(record.sid)
 
     def _spawn(self, coroutine: Awaitable[None], name: str) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
@@ -328,10 +371,17 @@ class Resumer:
         sid = tokens.verify(token, user)
         if sid is None:
             return None, "the resume token is not valid for this client: start afresh"
+        await self._await_settled(sid, conn_id)
         try:
             if self._store is not None:
-                async with asyncio.timeout(SAVE_TIMEOUT):
+                async with asyncio.timeout(SAVE_TIMEOUT + TAKE_RETRY):
                     record = await self._store.take_session(sid)
+                    loop = asyncio.get_running_loop()
+                    until = loop.time() + TAKE_RETRY
+                    while record is None and loop.time() < until:
+                        # Maybe being saved by another gateway that has not done so yet.
+                        await asyncio.sleep(TAKE_RETRY_EVERY)
+                        record = await self._store.take_session(sid)
             else:
                 record = self._own_store.take(sid, time.time())
         except Exception as exc:
@@ -344,6 +394,30 @@ class Resumer:
         if record.sid != sid or record.user != user:
             return None, "the resume token is not valid for this client: start afresh"
         return record, ""
+
+    async def _await_settled(self, sid: str, conn_id: ConnId) -> None:
+        """Wait (bounded) until session ``sid`` is neither open here nor being saved here.
+
+        The client's close of its earlier connection may not have been processed yet
+        (or the connection is half-open: the client lost it, the gateway has not noticed).
+        The earlier connection is closed with 4409: the session goes on on the new one.
+        """
+        earlier = self._open.get(sid)
+        if earlier is not None and earlier != conn_id:
+            session = self._sessions.get(earlier)
+            if session is not None:
+                session.close(CloseCode.RESUMED, "the session was resumed on another connection")
+        if sid not in self._open and sid not in self._saving:
+            return
+        event = self._settled.setdefault(sid, asyncio.Event())
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await event.wait()
+        except TimeoutError:
+            pass  # the take below says what there is
+        finally:
+            if not event.is_set() and self._settled.get(sid) is event:
+                del self._settled[sid]
 
     async def _restore(
         self,
@@ -389,7 +463,11 @@ class Resumer:
         sid = new_sid()
         address = registry.address(conn_id) if conn_id in registry else None
         user = address.user if address is not None else record.user
+        fresh = self._sids.get(conn_id)
+        if fresh is not None and self._open.get(fresh[0]) == conn_id:
+            del self._open[fresh[0]]  # the session the welcome offered is not the one now
         self._sids[conn_id] = (sid, conn_ids)
+        self._open[sid] = conn_id
         for earlier in conn_ids[:-1]:
             self.successors[earlier] = conn_id
         answer: dict[str, Any] = {

@@ -77,6 +77,8 @@ class CloseCode:
     AUTH_FAILED: Final = 4401
     FORBIDDEN: Final = 4403
     AUTH_TIMEOUT: Final = 4408
+    RESUMED: Final = 4409
+    """The session was resumed on another connection (this one was half-open)."""
     RATE_LIMITED: Final = 4429
     SLOW_CONSUMER: Final = 4507
 

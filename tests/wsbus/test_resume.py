@@ -702,6 +702,55 @@ async def test_a_session_with_nothing_to_restore_keeps_no_record() -> None:
         assert (await client.receive_until("wsbus.resumed"))["content"]["alias"] == "ann"
 
 
+class SlowSave(MemoryBus):
+    """A MemoryBus whose session saves wait for the test (a store across the network)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.saving = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        self.saving.set()
+        await self.go.wait()
+        await super().save_session(record, ttl)
+
+
+async def test_a_resume_waits_for_its_record_being_saved() -> None:
+    """The clients' race: the new connection's resume came while the old connection's
+    record was still being saved, and was refused; now it waits for the save."""
+    bus = SlowSave([Room(), Control()])
+    async with harness(bus=bus) as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        ann.close(1006)
+        async with asyncio.timeout(5):
+            await bus.saving.wait()
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        await asyncio.sleep(0.05)
+        assert client.pending() == 0  # waiting for the save, not refused
+        bus.go.set()
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["groups"] == ["room.1"]
+
+
+async def test_a_resume_takes_over_a_half_open_connection() -> None:
+    """The client lost its connection, the gateway has not noticed: the resume closes the
+    old one (4409) and the session goes on on the new one."""
+    async with harness() as h:
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert content["groups"] == ["room.1"]
+        assert await ann.wait_closed() == 4409
+        bob = await h.connect()
+        await h.say(bob, "room.1", 1)
+        assert [f["content"] for f in await said(client, 1)] == [1]
+
+
 async def test_a_message_with_a_forged_position_gets_none() -> None:
     class Forger(Service):
         name = "forger"
