@@ -24,7 +24,15 @@ from .envelope import ConnId, Envelope
 from .errors import ConfigError
 from .history import GroupGap, Position, position_of
 
-__all__ = ["MAX_SESSIONS", "Holds", "MemorySessions", "ResumeTokens", "SessionRecord", "new_sid"]
+__all__ = [
+    "MAX_SESSIONS",
+    "MAX_SESSION_BYTES",
+    "Holds",
+    "MemorySessions",
+    "ResumeTokens",
+    "SessionRecord",
+    "new_sid",
+]
 
 TOKEN_VERSION: Final = "v1"
 _SID_RE: Final = re.compile(r"[A-Za-z0-9_-]{22,64}")
@@ -33,6 +41,13 @@ _MAX_TOKEN: Final = 3 + 64 + 1 + 43
 
 MAX_SESSIONS: Final = 100_000
 """Closed sessions a :class:`MemorySessions` keeps at most; past it the oldest goes."""
+
+MAX_SESSION_BYTES: Final = 64 * 1024 * 1024
+"""Bytes of closed sessions (their unacknowledged messages, mostly: as MessagePack) a
+:class:`MemorySessions` keeps at most; past it the oldest goes."""
+
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
 
 
 def new_sid() -> str:
@@ -126,14 +141,20 @@ class MemorySessions:
     Args:
         max_records: records kept at most; past it the oldest saved is dropped (counted
             in :attr:`dropped`).
+        max_bytes: bytes of records kept at most (each record's size as MessagePack: its
+            unacknowledged messages, mostly); past it the oldest saved is dropped, and a
+            record larger than all of it is not kept (counted in :attr:`dropped`).
     """
 
-    def __init__(self, max_records: int = MAX_SESSIONS) -> None:
+    def __init__(self, max_records: int = MAX_SESSIONS, max_bytes: int = MAX_SESSION_BYTES) -> None:
         self.max_records = max_records
-        # sid -> (expires, record), oldest saved first.
-        self._records: OrderedDict[str, tuple[float, SessionRecord]] = OrderedDict()
+        self.max_bytes = max_bytes
+        # sid -> (expires, record, size), oldest saved first.
+        self._records: OrderedDict[str, tuple[float, SessionRecord, int]] = OrderedDict()
+        self.size = 0
+        """Bytes of the records kept now."""
         self.dropped = 0
-        """Records dropped before their time to keep within ``max_records``."""
+        """Records dropped before their time to keep within the bounds."""
 
     def __len__(self) -> int:
         return len(self._records)
@@ -141,21 +162,29 @@ class MemorySessions:
     def save(self, record: SessionRecord, ttl: float, now: float) -> None:
         """Keep ``record`` until ``now + ttl`` (replacing one of the same sid)."""
         records = self._records
-        records.pop(record.sid, None)
-        records[record.sid] = (now + ttl, record)
-        # Expired ones at the old end go first; then, if still too many, the oldest.
+        old = records.pop(record.sid, None)
+        if old is not None:
+            self.size -= old[2]
+        size = len(_ENCODER.encode(record))
+        records[record.sid] = (now + ttl, record, size)
+        self.size += size
+        # Expired ones at the old end go first; then, while still too many, the oldest.
         while records:
-            sid, (expires, _) = next(iter(records.items()))
-            if expires > now and len(records) <= self.max_records:
+            sid, (expires, _, kept) = next(iter(records.items()))
+            if expires > now and len(records) <= self.max_records and self.size <= self.max_bytes:
                 break
             del records[sid]
+            self.size -= kept
             if expires > now:
                 self.dropped += 1
 
     def take(self, sid: str, now: float) -> SessionRecord | None:
         """Return the record of ``sid`` and forget it; None when there is none or it expired."""
         kept = self._records.pop(sid, None)
-        if kept is None or kept[0] <= now:
+        if kept is None:
+            return None
+        self.size -= kept[2]
+        if kept[0] <= now:
             return None
         return kept[1]
 

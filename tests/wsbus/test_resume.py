@@ -11,6 +11,7 @@ import string
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -157,6 +158,36 @@ def test_the_store_keeps_records_for_their_ttl_once_and_bounded(
             if sessions.dropped == 0:
                 assert (got is not None) == expected
         assert len(sessions) <= bound
+
+
+def test_the_store_keeps_records_within_its_byte_budget() -> None:
+    """Security review, finding 5: closed sessions' unacknowledged bodies are bounded in
+    bytes, not only in count; the oldest go first, and one larger than it all is not kept."""
+    body = "x" * 10_000
+
+    def heavy(sid: str) -> SessionRecord:
+        unacked = tuple(
+            Envelope(
+                id=EnvelopeId(f"{sid}{i}"),
+                type="feed.item",
+                sender=ServiceAddress("feed"),
+                content=body,
+            )
+            for i in range(10)
+        )
+        return msgspec.structs.replace(record(sid), unacked=unacked)
+
+    sessions = MemorySessions(max_bytes=250_000)
+    for sid in "abcde":
+        sessions.save(heavy(sid), 10.0, now=0.0)
+        assert sessions.size <= sessions.max_bytes
+    assert len(sessions) == 2 and sessions.dropped == 3
+    assert sessions.take("a", now=1.0) is None
+    assert sessions.take("e", now=1.0) == heavy("e")
+    sessions.max_bytes = 50_000
+    sessions.save(heavy("f"), 10.0, now=1.0)
+    assert sessions.take("f", now=1.0) is None
+    assert sessions.size == 0 and len(sessions) == 0
 
 
 # -- the gateway's resume flow ----------------------------------------------------------------
