@@ -362,6 +362,11 @@ class GroupOrder:
         self.gaps = 0
         """Gaps output: holes history could not fill, and new epochs."""
 
+    def first_offset(self, group: str) -> Position | None:
+        """Return the first position of ``group`` delivered here; None when not tracked."""
+        track = self._tracks.get(group)
+        return None if track is None else Position(track.epoch, track.start)
+
     def next_offset(self, group: str) -> Position | None:
         """Return the position ``group`` expects next; None when it is not tracked."""
         track = self._tracks.get(group)

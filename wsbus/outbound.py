@@ -128,6 +128,8 @@ class Outbound:
         self.post: Callable[[], None] | None = None
         """The gateway's function that publishes :attr:`to_bus` (for envelopes made outside
         :meth:`deliver`: a receipt completed by a write, an acknowledgement)."""
+        self.joined: Callable[[ConnId, str], None] | None = None
+        """Told of each join (the resumer notes where the group's history stood)."""
 
     def deliver(self, envelope: Envelope, wall: float) -> None:
         """Take one envelope from the bus at ``wall`` (seconds since the epoch).
@@ -461,6 +463,8 @@ class Outbound:
         """
         joined = self._registry.join(conn_id, group)
         if joined:
+            if self.joined is not None:
+                self.joined(conn_id, group)
             client = self._registry.address(conn_id)
             self._presence(self.presence.event("join", group, client), wall)
         return joined

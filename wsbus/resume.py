@@ -67,6 +67,10 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
         closed: wall time of the close (seconds since the epoch).
         code: the close code.
         unacked: deliveries it was asked to acknowledge and did not: redelivered on resume.
+        positions: for each history group, the position its history stood at when the
+            connection joined it (``"<epoch>:<offset>"``, offset 0 for "from the first
+            message this gateway saw"): where a replay starts when the client names no
+            position for the group (it received nothing there).
     """
 
     sid: str
@@ -77,6 +81,7 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     closed: float
     code: int
     unacked: tuple[Envelope, ...] = ()
+    positions: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ResumeTokens:

@@ -94,6 +94,10 @@ NOT_RESUMABLE: Final = frozenset(
 its client did (a policy close), so no record is kept. A session a service closed
 (``wsbus.disconnect``, whatever its code) is not resumable either."""
 
+FROM_FIRST: Final = "*"
+"""A session record's position for a history group its gateway had seen nothing of from
+the join to the close: the client missed the group from its first message."""
+
 _RESUME_ONLY: Final = frozenset({RESUME})
 
 
@@ -149,6 +153,10 @@ class Resumer:
         self._open: dict[str, ConnId] = {}
         self._saving: set[str] = set()
         self._settled: dict[str, asyncio.Event] = {}
+        # Per connection and history group: where the group's history stood when the
+        # connection joined it (None: this gateway had seen nothing of it yet).
+        self._joins: dict[ConnId, dict[str, Position | None]] = {}
+        outbound.joined = self._joined
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = _FailureLog(LOG_INTERVAL)
         self.successors: dict[ConnId, ConnId] = {}
@@ -203,10 +211,39 @@ class Resumer:
         self._open[sid] = conn_id
         return {"token": tokens.issue(sid, user), "window": self._config.resume.window}
 
+    def _joined(self, conn_id: ConnId, group: str) -> None:
+        """A connection joined ``group``: note where its history stands here."""
+        if self._tokens is None or self._history is None or not self._config.history.keeps(group):
+            return
+        expected = self._order.next_offset(group)
+        at = None if expected is None else Position(expected.epoch, expected.offset - 1)
+        self._joins.setdefault(conn_id, {})[group] = at
+
+    def _join_positions(self, conn_id: ConnId, groups: tuple[str, ...]) -> dict[str, str]:
+        """Where each history group of a closing connection stood when it joined."""
+        joins = self._joins.pop(conn_id, None)
+        if not joins:
+            return {}
+        positions: dict[str, str] = {}
+        for group in groups:
+            if group not in joins:
+                continue
+            at = joins[group]
+            if at is None:
+                # Nothing seen here at the join: the connection had all from the first.
+                first = self._order.first_offset(group)
+                if first is None:
+                    positions[group] = FROM_FIRST  # nor since: all of it came after
+                    continue
+                at = Position(first.epoch, first.offset - 1)
+            positions[group] = at.encode()
+        return positions
+
     def closed(self, session: Session, info: ClientInfo, code: int) -> None:
         """A welcomed connection ended (out of the registry now): keep its session record."""
         conn_id = info.conn_id
         self._holds.forget(conn_id)
+        joined = self._join_positions(conn_id, info.groups)
         kept = self._sids.pop(conn_id, None)
         if kept is None or self._tokens is None:
             return
@@ -216,7 +253,7 @@ class Resumer:
         for earlier in conn_ids[:-1]:
             self.successors.pop(earlier, None)
         try:
-            self._keep(session, info, code, sid, conn_ids)
+            self._keep(session, info, code, sid, conn_ids, joined)
         finally:
             self._settle(sid)
 
@@ -227,6 +264,7 @@ class Resumer:
         code: int,
         sid: str,
         conn_ids: tuple[ConnId, ...],
+        joined: dict[str, str],
     ) -> None:
         counters = self._counters
         counters.sessions_closed += 1
@@ -250,6 +288,7 @@ class Resumer:
             closed=wall,
             code=code,
             unacked=unacked,
+            positions=joined,
         )
         window = self._config.resume.window
         store = self._store
@@ -452,9 +491,17 @@ class Resumer:
                 continue
             groups.append(group)
         self._post()
+        # The client's own position wins; for a group it names none of (it received
+        # nothing there), where the group stood when its connection joined.
+        given = {
+            group: Position.parse(positions[group])
+            if group in positions
+            else self._recorded(group, record.positions.get(group))
+            for group in kept
+        }
         replays: dict[str, tuple[list[Envelope], Position]] = {}
         for group in kept:
-            read = await self._read(group, positions.get(group))
+            read = await self._read(group, given[group])
             if read is not None:
                 replays[group] = read
         # Anything may have happened meanwhile: the connection may be closing, or gone.
@@ -488,11 +535,14 @@ class Resumer:
         for group in kept:
             # What the client has: the replay's last, else the position it gave (a group
             # it must resync still gets nothing twice), if this gateway has been that far.
-            floor = self._believed(group, Position.parse(positions.get(group)))
+            floor = self._believed(group, given[group])
             if group in replays:
                 entries, floor = replays[group]
                 replayed = [e for e in entries if not _excluded(e, everyone)]
                 outbound.replay(session, replayed, "replayed", wall)
+                joins = self._joins.get(conn_id)
+                if joins is not None and group in joins:
+                    joins[group] = floor  # what it has now; the held ones come after
             held = self._holds.release(group, conn_id, floor, group in replays)
             for item in held:
                 if isinstance(item, GroupGap):
@@ -520,10 +570,20 @@ class Resumer:
             return None
         return position
 
-    async def _read(self, group: str, text: object) -> tuple[list[Envelope], Position] | None:
-        """Read what a client missed of ``group`` since ``text``; None: it must resync."""
+    def _recorded(self, group: str, text: str | None) -> Position | None:
+        """Read a position a session record kept (offset 0: before the first message)."""
+        if text == FROM_FIRST:
+            # Nothing of the group had reached the closing connection's gateway: all it
+            # has seen came after (on another gateway, it may have seen earlier ones).
+            first = self._order.first_offset(group)
+            return None if first is None else Position(first.epoch, first.offset - 1)
+        return _recorded(text)
+
+    async def _read(
+        self, group: str, position: Position | None
+    ) -> tuple[list[Envelope], Position] | None:
+        """Read what a client missed of ``group`` since ``position``; None: it must resync."""
         history = self._history
-        position = Position.parse(text)
         if history is None or position is None:
             return None
         limit = self._config.resume.max_replay
@@ -670,6 +730,18 @@ class Resumer:
         self._emit(group, self._order.fill(group, after.epoch, entries, now))
         self._post()
         self._schedule()
+
+
+def _recorded(text: str | None) -> Position | None:
+    """Read a position a session record kept (offset 0: before the first message)."""
+    if text is None:
+        return None
+    epoch, _, offset = text.rpartition(":")
+    if not offset.isdigit():
+        return None
+    if offset == "0":
+        return Position(epoch, 0)
+    return Position.parse(text)
 
 
 def _excluded(envelope: Envelope, conn_ids: frozenset[ConnId]) -> bool:

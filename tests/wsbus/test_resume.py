@@ -782,6 +782,31 @@ async def test_a_resume_takes_over_a_half_open_connection() -> None:
         assert [f["content"] for f in await said(client, 1)] == [1]
 
 
+@pytest.mark.parametrize("before", [0, 2])
+async def test_a_group_the_client_has_no_position_for_is_replayed_from_its_join(
+    before: int,
+) -> None:
+    """It joined, nothing came before it dropped: it names no position for the group, and
+    gets what was said after its join (and nothing from before it), not a resync."""
+    async with harness() as h:
+        bob = await h.connect()
+        for n in range(1, before + 1):
+            await h.say(bob, "room.1", n)
+        ann = await h.connect()
+        await h.ask(ann, "room.join", "room.1", "j")
+        await h.closed(ann)
+        for n in (10, 11):
+            await h.say(bob, "room.1", n)
+        client = await h.connect()
+        resume_frame(ann_welcome(client, ann), {})
+        content = (await client.receive_until("wsbus.resumed"))["content"]
+        assert (content["recovered"], content["resync"]) == (["room.1"], [])
+        await h.say(bob, "room.1", 12)
+        assert [f["content"] for f in await said(client, 3)] == [10, 11, 12]
+        await asyncio.sleep(0.05)
+        assert client.pending() == 0
+
+
 async def test_a_message_with_a_forged_position_gets_none() -> None:
     class Forger(Service):
         name = "forger"
