@@ -4,7 +4,11 @@ What a frame becomes, what is queued and when a connection closes is decided by 
 :class:`~wsbus.session.Session`; what an envelope from the bus becomes, by
 :class:`~wsbus.outbound.Outbound`. Neither awaits nor reads a clock. The gateway owns the
 rest: the tasks, the awaits, the bus and the clocks (``loop.time()``, ``time.time()`` and
-``time.monotonic()`` are read here and passed in, nowhere else in core).
+``time.monotonic()`` are read here and passed in). Its awaiting parts read the clocks too:
+:class:`~wsbus.resuming.Resumer` (history fetches, session records, resumes) and
+:class:`~wsbus.aliases.AliasClaims`, as do the service runtime, the in-memory bus and the
+hooks' failure log; the pure parts (sessions, Outbound, history, resume, presence,
+receipts) never do.
 
 Tasks and their owners:
 
