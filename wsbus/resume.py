@@ -71,6 +71,8 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
             connection joined it (``"<epoch>:<offset>"``, offset 0 for "from the first
             message this gateway saw"): where a replay starts when the client names no
             position for the group (it received nothing there).
+        resumed: wall times of the session's latest resumes (what bounds how often one
+            session can be resumed: each resume is a leave and a join for every member).
     """
 
     sid: str
@@ -82,6 +84,7 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     code: int
     unacked: tuple[Envelope, ...] = ()
     positions: dict[str, str] = msgspec.field(default_factory=dict)
+    resumed: tuple[float, ...] = ()
 
 
 class ResumeTokens:

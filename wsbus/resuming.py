@@ -94,6 +94,14 @@ NOT_RESUMABLE: Final = frozenset(
 its client did (a policy close), so no record is kept. A session a service closed
 (``wsbus.disconnect``, whatever its code) is not resumable either."""
 
+RESUME_BURST: Final = 10
+"""Resumes one session may have within :data:`RESUME_PERIOD`; the next is refused."""
+
+RESUME_PERIOD: Final = 60.0
+"""Seconds over which :data:`RESUME_BURST` is counted. Each resume is a leave and a join
+every member of the session's groups hears of: a client dropping and resuming in a loop
+would make them all hear two frames per turn."""
+
 FROM_FIRST: Final = "*"
 """A session record's position for a history group its gateway had seen nothing of from
 the join to the close: the client missed the group from its first message."""
@@ -156,6 +164,8 @@ class Resumer:
         # Per connection and history group: where the group's history stood when the
         # connection joined it (None: this gateway had seen nothing of it yet).
         self._joins: dict[ConnId, dict[str, Position | None]] = {}
+        # Each resumed connection's session's latest resumes (wall times).
+        self._resumed: dict[ConnId, tuple[float, ...]] = {}
         outbound.joined = self._joined
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = _FailureLog(LOG_INTERVAL)
@@ -244,6 +254,7 @@ class Resumer:
         conn_id = info.conn_id
         self._holds.forget(conn_id)
         joined = self._join_positions(conn_id, info.groups)
+        resumed = self._resumed.pop(conn_id, ())
         kept = self._sids.pop(conn_id, None)
         if kept is None or self._tokens is None:
             return
@@ -253,7 +264,7 @@ class Resumer:
         for earlier in conn_ids[:-1]:
             self.successors.pop(earlier, None)
         try:
-            self._keep(session, info, code, sid, conn_ids, joined)
+            self._keep(session, info, code, sid, conn_ids, joined, resumed)
         finally:
             self._settle(sid)
 
@@ -265,6 +276,7 @@ class Resumer:
         sid: str,
         conn_ids: tuple[ConnId, ...],
         joined: dict[str, str],
+        resumed: tuple[float, ...],
     ) -> None:
         counters = self._counters
         counters.sessions_closed += 1
@@ -289,6 +301,7 @@ class Resumer:
             code=code,
             unacked=unacked,
             positions=joined,
+            resumed=resumed,
         )
         window = self._config.resume.window
         store = self._store
@@ -393,7 +406,19 @@ class Resumer:
             return
         conn_id = session.conn_id
         record, why = await self._take(conn_id, content["token"])
+        if record is not None:
+            wall = time.time()
+            recent = tuple(t for t in record.resumed if wall - RESUME_PERIOD < t <= wall)
+            if len(recent) >= RESUME_BURST:
+                record = None
+                why = (
+                    f"this session was resumed {len(recent)} times within "
+                    f"{RESUME_PERIOD:g} seconds: start afresh"
+                )
+            else:
+                self._resumed[conn_id] = (*recent, wall)
         if record is None or conn_id not in self._registry:
+            self._resumed.pop(conn_id, None)
             counters.resumes_refused += 1
             session.reject(ErrorCode.RESUME_FAILED, why, frame.id, loop.time())
             return

@@ -807,6 +807,31 @@ async def test_a_group_the_client_has_no_position_for_is_replayed_from_its_join(
         assert client.pending() == 0
 
 
+async def test_a_session_resumed_too_often_is_refused() -> None:
+    """Security review, finding 6: each resume is a leave and a join every member hears
+    of; one session is resumed at most RESUME_BURST times within RESUME_PERIOD."""
+    from wsbus.resuming import RESUME_BURST
+
+    async with harness() as h:
+        client = await h.connect()
+        await h.ask(client, "room.join", "room.1", "j")
+        token = client.welcome["resume"]["token"]  # type: ignore[index]
+        for turn in range(RESUME_BURST + 1):
+            await h.closed(client)
+            client = await h.connect()
+            resume_frame(client, {}, token=token)
+            async with asyncio.timeout(5):
+                frame = await client.receive()
+                while frame["type"] not in ("wsbus.resumed", "wsbus.error"):
+                    frame = await client.receive()
+            if turn < RESUME_BURST:
+                assert frame["type"] == "wsbus.resumed", (turn, frame)
+                token = frame["content"]["token"]
+            else:
+                assert frame["content"]["code"] == "resume_failed"
+                assert "resumed" in frame["content"]["message"]
+
+
 async def test_a_message_with_a_forged_position_gets_none() -> None:
     class Forger(Service):
         name = "forger"
