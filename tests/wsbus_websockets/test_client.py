@@ -603,11 +603,15 @@ def _room(services: list[Service]) -> Room:
 
 
 async def _away(client: Client, staff: Client, code: int, gateway: Gateway) -> str:
-    """Have ``staff`` close ``client`` with ``code``; keep ``client`` away until _back()."""
+    """Have the gateway close ``client`` with ``code``; keep ``client`` away until _back().
+
+    Closed by the gateway itself (as at shutdown or for a slow consumer): a service's
+    ``ctx.disconnect`` would end the session for good (not resumable).
+    """
     url, client.url = client.url, f"ws://127.0.0.1:{free_port()}/"
     old = client.conn_id
     assert old is not None
-    await staff.request("room.kick", {"conn_id": old, "code": code})
+    gateway._sessions[ConnId(old)].close(code, "closed by the gateway", flush=True)
     async with asyncio.timeout(10):
         while any(info.conn_id == old for info in gateway.clients()):
             await asyncio.sleep(0.01)
