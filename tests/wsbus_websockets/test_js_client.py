@@ -21,7 +21,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.typing import Subprotocol
 
 from tests.wsbus_websockets.test_client import HandGateway, Room, _acked, _message, _recv
-from wsbus import Gateway, GatewayConfig, ResumeSettings, Service
+from wsbus import ConnId, Gateway, GatewayConfig, ResumeSettings, Service
 from wsbus.history import HistoryConfig
 from wsbus.wire import Codec
 from wsbus_cli.demo_services import Echo
@@ -441,7 +441,8 @@ async def test_wsbus_js_resumes_after_a_4507_and_after_a_reload(
         assert await _frames(page, 2) == [1, 2]
         # Closed 4507 and kept away (nothing listens at the URL) while the room goes on.
         await page.do("url", url=f"ws://127.0.0.1:{free_port()}/")
-        await staff.request("room.kick", {"conn_id": first, "code": 4507})
+        # By the gateway itself: a service's ctx.disconnect would end the session for good.
+        wsbus_gateway._sessions[ConnId(first)].close(4507, "slow consumer", flush=True)
         async with asyncio.timeout(10):
             while any(info.conn_id == first for info in wsbus_gateway.clients()):
                 await asyncio.sleep(0.01)
