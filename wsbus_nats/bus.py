@@ -127,6 +127,29 @@ CLAIM_CHECK_COUNT: Final = 1000
 """... up to this many of its aliases each time, in turn (one key-value read each)."""
 
 
+def read_presence(data: bytes, node: str | None) -> Envelope | str:
+    """Decode a presence event heard on the presence subject of gateway ``node``.
+
+    Returns:
+        The event; or, when it is not one the gateway ``node`` may have sent (bytes that are
+        no envelope, another type, a sender other than that gateway), what it is instead,
+        in words for the mismatch log.
+    """
+    try:
+        envelope = decode_envelope(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "bytes that are not a presence event"
+    sender = envelope.sender
+    if (
+        node is None
+        or not is_presence_event(envelope)
+        or type(sender) is not GatewayAddress
+        or sender.node != node
+    ):
+        return f"{envelope.type!r} from {sender!r}"
+    return envelope
+
+
 class NatsBus:
     """A :class:`wsbus.Bus` over NATS: the gateway side.
 
@@ -571,19 +594,9 @@ class NatsBus:
         node = self.subjects.presence_sender(msg.subject)
         if node == self._node:
             return  # its own, heard back
-        try:
-            envelope = decode_envelope(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            self._mismatch(msg.subject, "bytes that are not a presence event")
-            return
-        sender = envelope.sender
-        if (
-            node is None
-            or not is_presence_event(envelope)
-            or type(sender) is not GatewayAddress
-            or sender.node != node
-        ):
-            self._mismatch(msg.subject, f"{envelope.type!r} from {sender!r}")
+        envelope = read_presence(msg.data, node)
+        if isinstance(envelope, str):
+            self._mismatch(msg.subject, envelope)
             return
         sink.deliver(envelope)
 

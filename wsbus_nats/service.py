@@ -52,7 +52,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsbus import control
-from wsbus.bus import SHARED_HEADER, is_for_gateway, is_presence_event
+from wsbus.bus import SHARED_HEADER, is_for_gateway
 from wsbus.envelope import (
     ClientAddress,
     Envelope,
@@ -78,6 +78,7 @@ from .bus import (
     LOST_HEADER,
     SEQ_HEADER,
     array_header,
+    read_presence,
 )
 from .config import NatsConfig, redact_url
 from .directory import Directory, ServiceEntry
@@ -821,19 +822,9 @@ class ServiceHost:
         if runner is None:
             return
         node = self.subjects.presence_sender(msg.subject)
-        try:
-            envelope = decode_envelope(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            self._mismatch(msg.subject, "bytes that are not a presence event")
-            return
-        sender = envelope.sender
-        if (
-            node is None
-            or not is_presence_event(envelope)
-            or type(sender) is not GatewayAddress
-            or sender.node != node
-        ):
-            self._mismatch(msg.subject, f"{envelope.type!r} from {sender!r}")
+        envelope = read_presence(msg.data, node)
+        if isinstance(envelope, str):
+            self._mismatch(msg.subject, envelope)
             return
         try:
             runner.accept(envelope)
