@@ -437,6 +437,9 @@ class Gateway:
         config: settings; :class:`GatewayConfig` defaults when omitted.
         plugins: plugin objects to register, in order, after those from entry points.
         entry_points: load plugins from the ``wsbus`` entry-point group.
+        clock: the wall clock (seconds since the epoch) the gateway stamps envelopes,
+            session records, joins and resume counts with; ``time.time`` unless a test
+            moves time itself (pass the same clock to a ``MemoryBus``).
 
     Use it as an async context manager, or call :meth:`start` and :meth:`close`. Edge
     adapters call :meth:`serve` with each connection.
@@ -449,8 +452,10 @@ class Gateway:
         config: GatewayConfig | None = None,
         plugins: Iterable[object] = (),
         entry_points: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
+        self._clock = clock
         self.config = config if config is not None else GatewayConfig()
         self._node = NodeId(self.config.node or os.urandom(3).hex())
         if "." in self._node:
@@ -503,6 +508,7 @@ class Gateway:
             self._route,
             self._post_reports,
             self._next_id,
+            clock,
         )
 
     @property
@@ -530,7 +536,7 @@ class Gateway:
                 self._outbound,
                 self._counters,
                 self._post_reports,
-                time.time,
+                self._clock,
                 time.monotonic,
             )
             self._outbound.claims = True
@@ -712,7 +718,7 @@ class Gateway:
             address = registry.address(conn_id)
             info = registry.disconnect(conn_id)
             if info.groups:
-                self._outbound.disconnected(info, time.time())
+                self._outbound.disconnected(info, self._clock())
                 self._post_reports()
             self._resumer.closed(session, info, code)
             if self._aliases is not None and address.alias is not None:
@@ -756,7 +762,7 @@ class Gateway:
         publish_nowait = self._publish_nowait
         take = session.receive
         loop_time = asyncio.get_running_loop().time
-        wall_clock = time.time
+        wall_clock = self._clock
         # An adapter's receive returns at once while frames are buffered: without a yield
         # of its own, a client's burst of large frames would hold the loop until it is read.
         unyielded = 0
@@ -852,7 +858,7 @@ class Gateway:
         if self._resumer.successors and envelope.recipients is not None:
             envelope = self._resumer.widen(envelope)
         outbound = self._outbound
-        outbound.deliver(envelope, time.time())
+        outbound.deliver(envelope, self._clock())
         if outbound.to_bus:
             self._reporter.post(outbound.to_bus)
         if outbound.alias_requests:
@@ -872,7 +878,7 @@ class Gateway:
         presence event is published for services. Called on the loop thread; never raises.
         """
         log.info("gateway %s hears that gateway %s is gone", self._node, node)
-        self._outbound.gateway_lost(node, report, time.time())
+        self._outbound.gateway_lost(node, report, self._clock())
         self._post_reports()
 
     def deliveries_lost(self, reason: str, detail: str) -> None:

@@ -133,8 +133,10 @@ class Resumer:
         route: Callable[[Envelope], None],
         post: Callable[[], None],
         next_id: Callable[[], str],
+        clock: Callable[[], float],
     ) -> None:
         self._config = config
+        self._clock = clock
         self._next_id = next_id
         self._registry = registry
         self._sessions = sessions
@@ -290,7 +292,7 @@ class Resumer:
         ):
             counters.sessions_ended += 1
             return
-        wall = time.time()
+        wall = self._clock()
         record = SessionRecord(
             sid=sid,
             user=info.user,
@@ -407,7 +409,7 @@ class Resumer:
         conn_id = session.conn_id
         record, why = await self._take(conn_id, content["token"])
         if record is not None:
-            wall = time.time()
+            wall = self._clock()
             recent = tuple(t for t in record.resumed if wall - RESUME_PERIOD < t <= wall)
             if len(recent) >= RESUME_BURST:
                 record = None
@@ -447,7 +449,7 @@ class Resumer:
                         await asyncio.sleep(TAKE_RETRY_EVERY)
                         record = await self._store.take_session(sid)
             else:
-                record = self._own_store.take(sid, time.time())
+                record = self._own_store.take(sid, self._clock())
         except Exception as exc:
             count = self._log.admit("take", time.monotonic())
             if count is not None:
@@ -507,7 +509,7 @@ class Resumer:
         # Held before the joins: whatever the group gets from now on waits for the replay.
         for group in kept:
             self._holds.hold(group, conn_id, everyone)
-        wall = time.time()
+        wall = self._clock()
         groups: list[str] = []
         for group in record.groups:
             try:

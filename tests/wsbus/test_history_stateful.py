@@ -48,6 +48,7 @@ from wsbus.bus import BusSink
 from wsbus.edge import MemoryClient, memory_pair
 from wsbus.envelope import NodeId
 from wsbus.history import Position
+from wsbus.resuming import RESUME_BURST, RESUME_PERIOD
 
 T = TypeVar("T")
 
@@ -108,6 +109,7 @@ class SessionModel:
     token: str | None = None
     closed_at: float | None = None
     ended: bool = False
+    resumed: list[float] = field(default_factory=list)  # when it was resumed (model clock)
 
 
 @dataclass
@@ -132,7 +134,9 @@ class HistoryMachine(RuleBasedStateMachine):
             history=HistoryConfig(groups=("g.*",), size=SIZE, age=1e9),
             resume=ResumeSettings(window=WINDOW),
         )
-        self.gateway = Gateway(self.bus, config=config, entry_points=False)
+        # One clock for the bus (records expire by it) and the gateway (resumes are
+        # counted by it): the machine moves time, so no rule depends on how fast it runs.
+        self.gateway = Gateway(self.bus, config=config, entry_points=False, clock=self.clock)
         self.tasks: list[asyncio.Task[None]] = []
         self.run(self.gateway.start())
         self.clients = [ClientModel() for _ in range(CLIENTS)]
@@ -435,8 +439,13 @@ class HistoryMachine(RuleBasedStateMachine):
                 positions[group] = f"{self.epoch}x:{offset}"
             elif how == "garbage":
                 positions[group] = "not a position"
-        # A session with no group had nothing to restore: no record was kept of it.
-        expired = self.clock.now >= session.closed_at + WINDOW or not session.groups
+        # A session with no group had nothing to restore: no record was kept of it. One
+        # resumed RESUME_BURST times within RESUME_PERIOD is refused (and ends).
+        now = self.clock.now
+        recent = [t for t in session.resumed if now - RESUME_PERIOD < t <= now]
+        expired = (
+            now >= session.closed_at + WINDOW or not session.groups or len(recent) >= RESUME_BURST
+        )
 
         fresh: list[str] = []
 
@@ -475,6 +484,7 @@ class HistoryMachine(RuleBasedStateMachine):
         session.conn_ids.append(client.conn_id)
         session.token = answer["token"]
         session.closed_at = None
+        session.resumed = [*recent, now]
         for group, stream in session.groups.items():
             count = len(self.sent[group])
             claim = claims.get(group)

@@ -39,6 +39,7 @@ from wsbus.errors import ConfigError
 from wsbus.history import Position
 from wsbus.hooks import HandshakeRequest
 from wsbus.resume import MemorySessions, ResumeTokens, SessionRecord, new_sid
+from wsbus.resuming import RESUME_BURST, RESUME_PERIOD
 
 SECRET = bytes(range(32))
 users = st.one_of(st.none(), st.text(string.ascii_letters + "._@-", min_size=0, max_size=20))
@@ -296,7 +297,7 @@ async def harness(
         resume=resume if resume is not None else ResumeSettings(window=30.0),
         **config,
     )
-    gateway = Gateway(bus, config=settings, plugins=plugins, entry_points=False)
+    gateway = Gateway(bus, config=settings, plugins=plugins, entry_points=False, clock=clock)
     await gateway.start()
     h = Harness(gateway, bus, clock)
     try:
@@ -807,29 +808,45 @@ async def test_a_group_the_client_has_no_position_for_is_replayed_from_its_join(
         assert client.pending() == 0
 
 
+async def _resume_turns(h: Harness, turns: int, every: float) -> list[dict[str, Any]]:
+    """Close and resume one session ``turns`` times, ``every`` seconds apart (the test clock);
+    the answer to each resume."""
+    client = await h.connect()
+    await h.ask(client, "room.join", "room.1", "j")
+    token = client.welcome["resume"]["token"]  # type: ignore[index]
+    answers: list[dict[str, Any]] = []
+    for _ in range(turns):
+        await h.closed(client)
+        h.clock.now += every
+        client = await h.connect()
+        resume_frame(client, {}, token=token)
+        async with asyncio.timeout(5):
+            frame = await client.receive()
+            while frame["type"] not in ("wsbus.resumed", "wsbus.error"):
+                frame = await client.receive()
+        answers.append(frame)
+        if frame["type"] == "wsbus.resumed":
+            token = frame["content"]["token"]
+    return answers
+
+
 async def test_a_session_resumed_too_often_is_refused() -> None:
     """Security review, finding 6: each resume is a leave and a join every member hears
     of; one session is resumed at most RESUME_BURST times within RESUME_PERIOD."""
-    from wsbus.resuming import RESUME_BURST
-
     async with harness() as h:
-        client = await h.connect()
-        await h.ask(client, "room.join", "room.1", "j")
-        token = client.welcome["resume"]["token"]  # type: ignore[index]
-        for turn in range(RESUME_BURST + 1):
-            await h.closed(client)
-            client = await h.connect()
-            resume_frame(client, {}, token=token)
-            async with asyncio.timeout(5):
-                frame = await client.receive()
-                while frame["type"] not in ("wsbus.resumed", "wsbus.error"):
-                    frame = await client.receive()
-            if turn < RESUME_BURST:
-                assert frame["type"] == "wsbus.resumed", (turn, frame)
-                token = frame["content"]["token"]
-            else:
-                assert frame["content"]["code"] == "resume_failed"
-                assert "resumed" in frame["content"]["message"]
+        answers = await _resume_turns(h, RESUME_BURST + 1, every=0.0)
+        assert [a["type"] for a in answers[:-1]] == ["wsbus.resumed"] * RESUME_BURST
+        refused = answers[-1]
+        assert refused["content"]["code"] == "resume_failed"
+        assert "resumed" in refused["content"]["message"]
+
+
+async def test_a_session_resumed_often_but_spread_out_is_never_refused() -> None:
+    """The burst is counted by the gateway's clock over RESUME_PERIOD, not for ever."""
+    every = RESUME_PERIOD / RESUME_BURST + 0.5
+    async with harness() as h:
+        answers = await _resume_turns(h, 3 * RESUME_BURST, every=every)
+        assert [a["type"] for a in answers] == ["wsbus.resumed"] * (3 * RESUME_BURST)
 
 
 async def test_a_message_with_a_forged_position_gets_none() -> None:
