@@ -51,6 +51,8 @@ from .config import (
     render_docs,
     render_toml,
 )
+from .loops import LOOPS
+from .loops import run as run_on_loop
 
 __all__ = [
     "app_dir_option",
@@ -133,6 +135,7 @@ _FLAG_SETTINGS = {
     "plugin": ("serve.plugins", "--plugin"),
     "app_dir": ("serve.app_dir", "--app-dir"),
     "edge": ("serve.edge", "--edge"),
+    "loop": ("serve.loop", "--loop"),
     "node": ("gateway.node", "--node"),
     "max_connections": ("gateway.max_connections", "--max-connections"),
     "rate": ("gateway.rate", "--rate"),
@@ -212,6 +215,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address of the page (127.0.0.1)")
     demo.add_argument("--port", type=port_number, default=8765, help="port of the page (8765)")
     demo.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    demo.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=None,
+        help="the gateway's event loop (asyncio; uvloop needs pip install 'wsbus[uvloop]')",
+    )
     found.call("wsbus_cli_options", command="demo", parser=demo)
 
     serve = commands.add_parser(
@@ -232,6 +241,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default=None, help="WebSocket address (127.0.0.1)")
     serve.add_argument("--port", type=port_number, default=None, help="WebSocket port (8765)")
+    serve.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=None,
+        help="the event loop (asyncio; uvloop needs pip install 'wsbus[uvloop]')",
+    )
     serve.add_argument(
         "--service",
         action="append",
@@ -385,14 +400,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        asyncio.run(
+        run_on_loop(
             run_demo(
                 bus=args.bus,
                 host=args.host,
                 port=args.port,
                 open_browser=not args.no_browser,
                 options=args,
-            )
+            ),
+            args.loop or "asyncio",
+            "--loop",
         )
     elif args.command == "config":
         if args.config_command == "docs":
@@ -402,7 +419,9 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(render_toml(settings))
             print(f"# {args.file}: valid", file=sys.stderr)
     elif args.command == "serve":
-        asyncio.run(_serve(settings_from_args(args)))
+        # load_settings has checked that the chosen loop is installed, naming the setting.
+        settings = settings_from_args(args)
+        run_on_loop(_serve(settings), settings.serve.loop)
     elif args.command == "service":
         _service(args)
     return 0

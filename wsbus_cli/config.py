@@ -2,7 +2,8 @@
 
 A file (``wsbus serve --config wsbus.toml``) has one table per part of wsbus::
 
-    [serve]             what to run: the bus, the address, services and plugins
+    [serve]             what to run: the bus, the edge, the address, services, plugins,
+                        the event loop
     [auth]              bearer tokens (TokenAuth)
     [gateway]           wsbus.GatewayConfig
     [gateway.wire]      wsbus.WireLimits
@@ -43,6 +44,8 @@ from typing import Any, Final, Literal
 import msgspec
 
 from wsbus.errors import ConfigError
+
+from .loops import check_loop
 
 __all__ = [
     "FLAGS",
@@ -120,6 +123,9 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
             instantiated with no arguments) to register.
         app_dir: a directory put first on the import path, so that services and plugins
             are found there (as uvicorn's ``--app-dir``).
+        loop: the event loop the gateway runs on: ``asyncio`` (the standard library's) or
+            ``uvloop`` (needs ``pip install 'wsbus[uvloop]'``; docs/performance.md says
+            where it helps).
     """
 
     bus: str = "memory"
@@ -129,6 +135,7 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
     plugins: tuple[str, ...] = ()
     app_dir: str = "."
     edge: str = "websockets"
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     def __post_init__(self) -> None:
         check_port("serve.port", self.port)
@@ -327,6 +334,7 @@ def load_settings(
     auth = _build(by_name["auth"], layered["auth"], sources)
     gateway = _build(by_name["gateway"], layered["gateway"], sources)
     check_node(_named("gateway.node", sources), gateway.node)
+    check_loop(serve.loop, _named("serve.loop", sources))
     bus = find_bus(serve.bus, _named("serve.bus", sources))
     edge = find_edge(serve.edge, _named("serve.edge", sources))
     if serve.services and not bus.runs_services:
@@ -656,6 +664,7 @@ FLAGS: Final = {
     "serve.plugins": "--plugin",
     "serve.app_dir": "--app-dir",
     "serve.edge": "--edge",
+    "serve.loop": "--loop",
     "gateway.node": "--node",
     "gateway.max_connections": "--max-connections",
     "gateway.rate": "--rate",

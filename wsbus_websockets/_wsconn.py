@@ -32,7 +32,7 @@ import re
 import socket
 import time
 from collections import deque
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
@@ -603,7 +603,9 @@ class EdgeConnection(ServerConnection):
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not an isinstance check: uvloop's transports implement asyncio.Transport without
+        # subclassing it (wsbus serve --loop uvloop).
+        transport = cast(asyncio.Transport, transport)
         super().connection_made(transport)
         self._key = transport
         self.out = CountingTransport(transport)

@@ -293,7 +293,7 @@ def test_flag_settings_are_the_parsed_commands_own() -> None:
     assert serve["websockets.allowed_origins"] == ("websockets.allowed_origins", "--origin")
     assert serve["allow_anonymous"] == ("gateway.allow_anonymous", "--no-anonymous")
     demo = flag_settings(parser.parse_args(["demo"]))
-    assert set(demo) == {"bus", "host", "port"}
+    assert set(demo) == {"bus", "host", "port", "loop"}
 
 
 def test_an_adapter_option_its_section_does_not_name_still_sets_its_setting() -> None:
