@@ -16,12 +16,10 @@ import asyncio
 import http
 import ipaddress
 import logging
-import mimetypes
 import struct
 from collections import deque
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 from picows import (
@@ -39,6 +37,7 @@ from wsbus.edge import ConnectionClosed
 from wsbus.errors import ConfigError
 from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
+from wsbus.http import RESPONSE_HEADERS, TOKEN_SUBPROTOCOL_PREFIX, HttpFront, Reply
 from wsbus.wire import Codec, negotiate
 
 from ._protocol import (
@@ -54,20 +53,8 @@ __all__ = ["TOKEN_SUBPROTOCOL_PREFIX", "PicowsConfig", "PicowsServer", "serve"]
 
 log = logging.getLogger("wsbus.picows")
 
-TOKEN_SUBPROTOCOL_PREFIX: Final = "wsbus.token."
-"""A subprotocol ``wsbus.token.<token>`` carries a bearer token from a browser; it is
-never selected (as with the websockets edge)."""
-
 LOG_INTERVAL: Final = 10.0
 """Seconds between two log lines about evicted handshakes or failed accepts."""
-
-_SINGLE_HEADERS: Final = ("Host", "Origin", "Upgrade", "Authorization", "Cookie")
-"""Headers that must not be repeated in an upgrade request."""
-
-_HEADERS: Final = (
-    ("Cache-Control", "no-store"),
-    ("X-Content-Type-Options", "nosniff"),
-)
 
 _CLOSE_CODES: Final = frozenset(
     {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
@@ -690,10 +677,7 @@ class PicowsServer:
         self.handshakes = HandshakeGuard(config.max_handshakes or 1024, RateLimitedLog(log))
         self._closing = False
         self._address: tuple[str, int] = ("", 0)
-        self._page_scheme = "http"
-        self._loopback = True
-        self._loopback_hosts: frozenset[str] = frozenset()
-        self._static = Path(config.static_dir).resolve() if config.static_dir else None
+        self._front = HttpFront(config)
         self._cap = (
             config.max_connections
             if config.max_connections is not None
@@ -736,12 +720,12 @@ class PicowsServer:
         self.server = await loop.create_server(factory, host, port, **kwargs)
         host, port = self.server.sockets[0].getsockname()[:2]
         self._address = (host, port)
-        self._page_scheme = "https" if kwargs.get("ssl") is not None else "http"
-        self._loopback = all(
-            ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in self.server.sockets
-        )
-        self._loopback_hosts = frozenset(
-            {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+        self._front.listening(
+            port,
+            secure=kwargs.get("ssl") is not None,
+            loopback=all(
+                ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in self.server.sockets
+            ),
         )
         if self.config.ping_interval is not None:
             self._keepalive = loop.create_task(self._keep_alive(self.config.ping_interval))
@@ -798,27 +782,37 @@ class PicowsServer:
 
     def _check_request(self, request: WSUpgradeRequest, peer: str) -> Any:
         headers = request.headers
-        for name in _SINGLE_HEADERS:
-            if len(headers.getall(name, ())) > 1:
-                return _plain(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
-        if "websocket" not in headers.get("Upgrade", "").lower():
-            return self._http(request)
-        refusal = self._subprotocol_refusal(headers)
+        front = self._front
+
+        def values(name: str) -> list[str]:
+            found: list[str] = headers.getall(name, [])
+            return found
+
+        refusal = front.repeated(values)
         if refusal is not None:
-            return _plain(http.HTTPStatus.BAD_REQUEST, refusal)
-        if self._closing or self.gateway.closing:
-            return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
-        if max(self.gateway.open_connections, len(self._connections)) >= self._cap:
-            return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is full; retry later\n")
-        if not self._origin_allowed(headers):
-            log.info(
-                "refused a WebSocket from %s: origin %r is not allowed", peer, headers.get("Origin")
+            return _response(refusal)
+        try:
+            # websockets refuses a request line that is not ASCII (400) before wsbus sees it.
+            target = request.path.decode("ascii")
+        except UnicodeDecodeError:
+            return _plain(
+                http.HTTPStatus.BAD_REQUEST, "the request's path is not ASCII: percent-encode it\n"
             )
-            return _plain(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
-        offered: list[str] = []
-        for value in headers.getall("Sec-WebSocket-Protocol", ()):
-            offered.extend(p.strip() for p in value.split(",") if p.strip())
-        codecs = [p for p in offered if not p.startswith(TOKEN_SUBPROTOCOL_PREFIX)]
+        closing = self._closing or self.gateway.closing
+        if "websocket" not in headers.get("Upgrade", "").lower():
+            return _response(
+                front.get(target, closing=closing, connections=self.gateway.open_connections)
+            )
+        refusal = front.upgrade_refusal(
+            values,
+            closing=closing,
+            full=max(self.gateway.open_connections, len(self._connections)) >= self._cap,
+            peer=peer,
+        )
+        if refusal is not None:
+            return _response(refusal)
+        handshake = front.handshake_request(target, headers.items(), peer)
+        codecs = [p for p in handshake.subprotocols if not p.startswith(TOKEN_SUBPROTOCOL_PREFIX)]
         codec = Codec.JSON
         extra: dict[str, str] = {}
         if codecs:
@@ -835,117 +829,10 @@ class PicowsServer:
             # Firefox sends "keep-alive, Upgrade"; picows accepts only "Upgrade" alone,
             # and checks the request after this (see wsbus_picows._protocol).
             headers["Connection"] = "Upgrade"
-        handshake = self._handshake_request(request, peer, offered)
         connection = _Connection(self, codec, handshake, self.gateway.config.wire.max_frame_bytes)
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(extra_headers=extra), connection
         )
-
-    def _subprotocol_refusal(self, headers: Any) -> str | None:
-        values: list[str] = headers.getall("Sec-WebSocket-Protocol", [])
-        if not values:
-            return None
-        config = self.config
-        size = sum(len(value) for value in values)
-        if size > config.max_subprotocol_bytes:
-            return (
-                f"Sec-WebSocket-Protocol headers too long: {size} bytes, at most "
-                f"{config.max_subprotocol_bytes}\n"
-            )
-        names = sum(value.count(",") + 1 for value in values)
-        if names > config.max_subprotocols:
-            return (
-                f"too many subprotocols offered: {names}, at most {config.max_subprotocols}; "
-                "offer wsbus.v1.json or wsbus.v1.msgpack\n"
-            )
-        return None
-
-    def _origin_allowed(self, headers: Any) -> bool:
-        origins: list[str] = headers.getall("Origin", [])
-        if not origins:
-            return self.config.allow_missing_origin
-        origin = origins[0]
-        if origin in self.config.allowed_origins:
-            return True
-        if origin == "null" or origin.startswith("file:"):
-            # Sandboxed frames, file:// pages and some privacy modes send these: anyone can.
-            return False
-        if self.config.allow_same_origin:
-            host = headers.get("Host")
-            parts = urlsplit(origin)
-            if host is None or parts.scheme != self._page_scheme or parts.netloc != host:
-                return False
-            # On a loopback address only loopback names count as "this server" (DNS
-            # rebinding: another site's name pointed at 127.0.0.1 is not same-origin).
-            return not self._loopback or host in self._loopback_hosts
-        return False
-
-    def _handshake_request(
-        self, request: WSUpgradeRequest, peer: str, offered: list[str]
-    ) -> HandshakeRequest:
-        url = urlsplit(request.path.decode("latin-1"))
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        query = dict(parse_qsl(url.query))
-        return HandshakeRequest(
-            path=unquote(url.path),
-            query=query,
-            headers=headers,
-            remote=peer,
-            subprotocols=tuple(offered),
-            token=self._token(request.headers, offered, query),
-        )
-
-    def _token(self, headers: Any, offered: list[str], query: dict[str, str]) -> str | None:
-        authorization: str = headers.get("Authorization", "")
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-        for protocol in offered:
-            if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX):
-                return protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
-        if self.config.token_query in query:
-            return query[self.config.token_query]
-        cookie_header = headers.get("Cookie")
-        if cookie_header:
-            return cookie_value(cookie_header, self.config.token_cookie)
-        return None
-
-    def _http(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-        path = urlsplit(request.path.decode("latin-1")).path
-        if path == self.config.health_path:
-            closing = self._closing or self.gateway.closing
-            body = msgspec.json.encode(
-                {
-                    "status": "closing" if closing else "ok",
-                    "connections": self.gateway.open_connections,
-                }
-            )
-            code = http.HTTPStatus.SERVICE_UNAVAILABLE if closing else http.HTTPStatus.OK
-            return _response(code, body, "application/json")
-        if self._static is not None:
-            return self._static_file(unquote(path))
-        return _plain(http.HTTPStatus.UPGRADE_REQUIRED, "this is a WebSocket endpoint\n")
-
-    def _static_file(self, path: str) -> WSUpgradeResponseWithListener:
-        assert self._static is not None
-        relative = path.lstrip("/") or "index.html"
-        not_found = _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
-        if len(relative) > 255:
-            return not_found
-        try:
-            target = (self._static / relative).resolve()
-            if target.is_dir():
-                target = target / "index.html"
-            # Never serve anything outside the directory, whatever the path says.
-            if not target.is_relative_to(self._static) or not target.is_file():
-                return not_found
-            body = target.read_bytes()
-        except (OSError, ValueError):
-            return not_found
-        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        if content_type.startswith("text/") or content_type.endswith("javascript"):
-            content_type += "; charset=utf-8"
-        return _response(http.HTTPStatus.OK, body, content_type)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -1007,26 +894,10 @@ def _lost(listener: Any, exc: Exception | None) -> None:
         listener.lost(exc)
 
 
-def cookie_value(header: str, name: str) -> str | None:
-    """Return the value of the first cookie called ``name`` in a ``Cookie`` header.
-
-    One pass over the header (``http.cookies`` is quadratic on some inputs,
-    CVE-2024-7592); a value in double quotes loses them; nothing else is unescaped.
-    """
-    for pair in header.split(";"):
-        key, sep, value = pair.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            return value
-    return None
-
-
-def _response(
-    status: http.HTTPStatus, body: bytes, content_type: str
-) -> WSUpgradeResponseWithListener:
-    headers = [("Content-Type", content_type), *_HEADERS]
+def _response(reply: Reply) -> WSUpgradeResponseWithListener:
+    """The front's reply as picows' response."""
+    status, body = reply.status, reply.body
+    headers = [("Content-Type", reply.content_type), *RESPONSE_HEADERS]
     if status >= 400:
         response = WSUpgradeResponse.create_error_response(status, body, headers)
     else:
@@ -1036,7 +907,7 @@ def _response(
 
 
 def _plain(status: http.HTTPStatus, text: str) -> WSUpgradeResponseWithListener:
-    return _response(status, text.encode(), "text/plain; charset=utf-8")
+    return _response(Reply.text(status, text))
 
 
 async def serve(

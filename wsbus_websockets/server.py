@@ -15,11 +15,9 @@ import errno
 import http
 import ipaddress
 import logging
-import mimetypes
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 from websockets.asyncio.server import Server, ServerConnection
@@ -35,6 +33,7 @@ from wsbus.edge import ConnectionClosed
 from wsbus.errors import ConfigError
 from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
+from wsbus.http import RESPONSE_HEADERS, TOKEN_SUBPROTOCOL_PREFIX, HttpFront, Reply
 from wsbus.wire import Codec, negotiate
 
 from ._wsconn import (
@@ -51,20 +50,11 @@ __all__ = ["TOKEN_SUBPROTOCOL_PREFIX", "EdgeConfig", "EdgeServer", "serve"]
 
 log = logging.getLogger("wsbus.websockets")
 
-TOKEN_SUBPROTOCOL_PREFIX: Final = "wsbus.token."
-"""A subprotocol ``wsbus.token.<token>`` carries a bearer token from a browser, which
-cannot set headers on a WebSocket. Offer it beside a codec subprotocol; it is never
-selected."""
-
-
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 """What a failed accept means when the process or the system is out of something."""
 
 ACCEPT_LOG_INTERVAL: Final = 10.0
 """Seconds between two log lines about failed accepts, evicted handshakes or socket errors."""
-
-_SINGLE_HEADERS: Final = ("Host", "Origin", "Upgrade", "Authorization", "Cookie")
-"""Headers that must not be repeated in an upgrade request."""
 
 _TOKEN_HEADERS: Final = ("Connection", "Sec-WebSocket-Extensions")
 """Headers websockets parses token by token after ``process_request``, concatenating one
@@ -250,10 +240,7 @@ class EdgeServer:
         self.server: Server | None = None
         self._closing = False
         self._address: tuple[str, int] = ("", 0)
-        self._page_scheme = "http"
-        self._loopback = True
-        self._loopback_hosts: set[str] = set()
-        self._static = Path(config.static_dir).resolve() if config.static_dir else None
+        self._front = HttpFront(config)
         self._cap = (
             config.max_connections
             if config.max_connections is not None
@@ -323,11 +310,13 @@ class EdgeServer:
             listen_backlog(self.server.server, backlog)
         host, port = self.server.sockets[0].getsockname()[:2]
         self._address = (host, port)
-        self._page_scheme = "https" if kwargs.get("ssl") is not None else "http"
-        self._loopback = all(
-            ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in self.server.sockets
+        self._front.listening(
+            port,
+            secure=kwargs.get("ssl") is not None,
+            loopback=all(
+                ipaddress.ip_address(s.getsockname()[0]).is_loopback for s in self.server.sockets
+            ),
         )
-        self._loopback_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
         log.info(
             "wsbus edge listening on %s (at most %d connections in the opening handshake)",
             self.url,
@@ -417,10 +406,10 @@ class EdgeServer:
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         headers = request.headers
-        for name in _SINGLE_HEADERS:
-            if len(headers.get_all(name)) > 1:
-                # Two parsers could read a repeated header two ways: refuse the ambiguity.
-                return _plain(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
+        front = self._front
+        refusal = front.repeated(headers.get_all)
+        if refusal is not None:
+            return _response(refusal)
         for name in _TOKEN_HEADERS:
             # Checked on every request, upgrade or not, before websockets parses any token.
             values = headers.get_all(name)
@@ -434,71 +423,26 @@ class EdgeServer:
                 )
         head = getattr(connection, "head_request", False)
         if head or "websocket" not in headers.get("Upgrade", "").lower():
-            response = self._http(connection, request)
+            response = _response(
+                front.get(
+                    request.path,
+                    closing=self._closing or self.gateway.closing,
+                    connections=self.gateway.open_connections,
+                )
+            )
             if head:
                 # The same status and headers as GET, Content-Length included, no body.
                 response = dataclasses.replace(response, body=b"")
             return response
-        refusal = self._subprotocol_refusal(headers)
-        if refusal is not None:
-            return _plain(http.HTTPStatus.BAD_REQUEST, refusal)
-        if self._closing or self.gateway.closing:
-            return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
-        if self.gateway.open_connections >= self._cap:
-            return _plain(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is full; retry later\n")
-        if not self._origin_allowed(headers):
-            log.info(
-                "refused a WebSocket from %s: origin %r is not allowed",
-                _peer(connection),
-                headers.get("Origin"),
-            )
-            return _plain(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
-        return None
-
-    def _subprotocol_refusal(self, headers: Headers) -> str | None:
         # websockets parses Sec-WebSocket-Protocol after this hook, at a cost that grows
-        # faster than the header (a list concatenated per header line, a regex per name):
-        # count the names and bytes here, in one pass over the bytes, and refuse an
-        # absurd offer before any per-name work.
-        values = headers.get_all("Sec-WebSocket-Protocol")
-        if not values:
-            return None
-        config = self.config
-        size = sum(len(value) for value in values)
-        if size > config.max_subprotocol_bytes:
-            return (
-                f"Sec-WebSocket-Protocol headers too long: {size} bytes, at most "
-                f"{config.max_subprotocol_bytes}\n"
-            )
-        names = sum(value.count(",") + 1 for value in values)
-        if names > config.max_subprotocols:
-            return (
-                f"too many subprotocols offered: {names}, at most {config.max_subprotocols}; "
-                "offer wsbus.v1.json or wsbus.v1.msgpack\n"
-            )
-        return None
-
-    def _origin_allowed(self, headers: Headers) -> bool:
-        origins = headers.get_all("Origin")
-        if not origins:
-            return self.config.allow_missing_origin
-        if len(origins) > 1:
-            return False
-        origin = origins[0]
-        if origin in self.config.allowed_origins:
-            return True
-        if origin == "null" or origin.startswith("file:"):
-            # Sandboxed frames, file:// pages and some privacy modes send these: anyone can.
-            return False
-        if self.config.allow_same_origin:
-            host = headers.get("Host")
-            parts = urlsplit(origin)
-            if host is None or parts.scheme != self._page_scheme or parts.netloc != host:
-                return False
-            # On a loopback address only loopback names count as "this server": a page on
-            # another site that re-points its DNS name at 127.0.0.1 is not same-origin.
-            return not self._loopback or host in self._loopback_hosts
-        return False
+        # faster than the header: the front refuses an absurd offer before that.
+        refusal = front.upgrade_refusal(
+            headers.get_all,
+            closing=self._closing or self.gateway.closing,
+            full=self.gateway.open_connections >= self._cap,
+            peer=_peer(connection),
+        )
+        return None if refusal is None else _response(refusal)
 
     def _select_subprotocol(
         self, connection: ServerConnection, subprotocols: Sequence[Subprotocol]
@@ -512,44 +456,6 @@ class EdgeServer:
                 "no supported subprotocol: offer wsbus.v1.json or wsbus.v1.msgpack"
             )
         return Subprotocol(codec.value)
-
-    def _http(self, connection: ServerConnection, request: Request) -> Response:
-        path = urlsplit(request.path).path
-        if path == self.config.health_path:
-            # Either shutdown, the edge's or its gateway's drain: a load balancer stops
-            # sending new clients here.
-            closing = self._closing or self.gateway.closing
-            status = "closing" if closing else "ok"
-            body = msgspec.json.encode(
-                {"status": status, "connections": self.gateway.open_connections}
-            )
-            code = http.HTTPStatus.SERVICE_UNAVAILABLE if closing else http.HTTPStatus.OK
-            return _response(code, body, "application/json")
-        if self._static is not None:
-            return self._static_file(path)
-        return _plain(http.HTTPStatus.UPGRADE_REQUIRED, "this is a WebSocket endpoint\n")
-
-    def _static_file(self, path: str) -> Response:
-        assert self._static is not None
-        relative = path.lstrip("/") or "index.html"
-        not_found = _plain(http.HTTPStatus.NOT_FOUND, "not found\n")
-        if len(relative) > 255:
-            return not_found
-        try:
-            target = (self._static / relative).resolve()
-            if target.is_dir():
-                target = target / "index.html"
-            # Never serve anything outside the directory, whatever the path says.
-            if not target.is_relative_to(self._static) or not target.is_file():
-                return not_found
-            body = target.read_bytes()
-        except (OSError, ValueError):
-            # A name too long, a NUL byte, a file that vanished: all simply not found.
-            return not_found
-        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        if content_type.startswith("text/") or content_type.endswith("javascript"):
-            content_type += "; charset=utf-8"
-        return _response(http.HTTPStatus.OK, body, content_type)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -570,53 +476,7 @@ class EdgeServer:
     def _handshake_request(self, ws: ServerConnection) -> HandshakeRequest:
         assert ws.request is not None
         request = ws.request
-        url = urlsplit(request.path)
-        headers = {name.lower(): value for name, value in request.headers.raw_items()}
-        offered: list[str] = []
-        for value in request.headers.get_all("Sec-WebSocket-Protocol"):
-            offered.extend(p.strip() for p in value.split(",") if p.strip())
-        query = dict(parse_qsl(url.query))
-        return HandshakeRequest(
-            path=url.path,
-            query=query,
-            headers=headers,
-            remote=_peer(ws),
-            subprotocols=tuple(offered),
-            token=self._token(request.headers, offered, query),
-        )
-
-    def _token(self, headers: Headers, offered: list[str], query: dict[str, str]) -> str | None:
-        authorization = headers.get("Authorization", "")
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-        for protocol in offered:
-            if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX):
-                return protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
-        if self.config.token_query in query:
-            return query[self.config.token_query]
-        cookie_header = headers.get("Cookie")
-        if cookie_header:
-            return cookie_value(cookie_header, self.config.token_cookie)
-        return None
-
-
-def cookie_value(header: str, name: str) -> str | None:
-    """Return the value of the first cookie called ``name`` in a ``Cookie`` header.
-
-    RFC 6265 section 5.4: ``name=value`` pairs separated by ``;``. One pass over the
-    header, whatever it holds (``http.cookies`` is quadratic on some inputs,
-    CVE-2024-7592). A value in double quotes loses them; nothing else is unescaped.
-    Pairs without ``=`` are skipped, as browsers do.
-    """
-    for pair in header.split(";"):
-        key, sep, value = pair.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            return value
-    return None
+        return self._front.handshake_request(request.path, request.headers.raw_items(), _peer(ws))
 
 
 _FILE_LIMIT_RAISED = False
@@ -661,13 +521,14 @@ def _peer(connection: ServerConnection) -> str:
     return str(address)
 
 
-def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+def _response(reply: Reply) -> Response:
+    """The front's reply as websockets' response."""
+    status, body = reply.status, reply.body
     headers = Headers(
         [
-            ("Content-Type", content_type),
+            ("Content-Type", reply.content_type),
             ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
+            *RESPONSE_HEADERS,
             ("Connection", "close"),
         ]
     )
@@ -675,7 +536,7 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Respon
 
 
 def _plain(status: http.HTTPStatus, text: str) -> Response:
-    return _response(status, text.encode(), "text/plain; charset=utf-8")
+    return _response(Reply.text(status, text))
 
 
 async def serve(

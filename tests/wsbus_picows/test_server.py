@@ -42,6 +42,9 @@ def _on_this_edge(test: Any) -> Any:
 
 
 test_static_directory = _on_this_edge(websockets_tests.test_static_directory)
+test_static_paths_are_percent_decoded_and_never_leave_the_directory = _on_this_edge(
+    websockets_tests.test_static_paths_are_percent_decoded_and_never_leave_the_directory
+)
 test_closing_an_edge_leaves_its_gateway_serving_the_others = _on_this_edge(
     websockets_tests.test_closing_an_edge_leaves_its_gateway_serving_the_others
 )

@@ -172,7 +172,7 @@ async def test_absurd_subprotocol_offers_are_refused_before_any_per_name_work(
 
 
 def test_cookie_value_is_linear_and_reads_only_the_token_cookie() -> None:
-    from wsbus_websockets.server import cookie_value
+    from wsbus.http import cookie_value
 
     assert cookie_value("a=1; wsbus_token=s3; b=2", "wsbus_token") == "s3"
     assert cookie_value('wsbus_token="s3"', "wsbus_token") == "s3"

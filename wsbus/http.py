@@ -1,0 +1,391 @@
+"""What a WebSocket edge answers in plain HTTP, before the upgrade: the same on every edge.
+
+Every edge (``wsbus_websockets``, ``wsbus_picows``, one of yours) parses the request with
+its own library and hands the parts to :class:`HttpFront`, which decides: a repeated
+header, an absurd subprotocol offer, a shutting-down or full server and a foreign origin are
+refused; a plain GET gets the health endpoint, a file of the static directory, or 426; an
+upgrade that passes gets its :class:`~wsbus.hooks.HandshakeRequest` (the token found in the
+header, subprotocol, query or cookie). The edge turns a :class:`Reply` into its library's
+response. Nothing here touches a socket or imports a transport; only
+:meth:`StaticFiles.reply` reads files, from the static directory and nowhere else.
+
+Static paths are percent-decoded one segment at a time (a browser asks for
+``/my%20page.html``); a segment that decodes to ``.`` or ``..``, or to anything with a
+``/``, a backslash, a control character (NUL included) or invalid UTF-8, gets 404, as does a
+path that resolves (symbolic links followed) outside the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http
+import logging
+import mimetypes
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Final, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import msgspec
+
+from wsbus.hooks import HandshakeRequest
+
+__all__ = [
+    "RESPONSE_HEADERS",
+    "SINGLE_HEADERS",
+    "TOKEN_SUBPROTOCOL_PREFIX",
+    "HeaderValues",
+    "HttpFront",
+    "HttpSettings",
+    "Reply",
+    "StaticFiles",
+    "cookie_value",
+    "offered_subprotocols",
+    "split_target",
+    "static_parts",
+]
+
+log = logging.getLogger("wsbus.http")
+
+TOKEN_SUBPROTOCOL_PREFIX: Final = "wsbus.token."
+"""A subprotocol ``wsbus.token.<token>`` carries a bearer token from a browser, which
+cannot set headers on a WebSocket. Offer it beside a codec subprotocol; it is never
+selected."""
+
+SINGLE_HEADERS: Final = ("Host", "Origin", "Upgrade", "Authorization", "Cookie")
+"""Headers a request may not repeat: two parsers could read a repeated one two ways."""
+
+RESPONSE_HEADERS: Final = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+)
+"""Headers of every plain-HTTP response, besides ``Content-Type`` (and the edge's own
+``Content-Length`` and ``Connection: close``)."""
+
+MAX_STATIC_PATH: Final = 255
+"""Characters of a static path, decoded, at most; a longer one is not found."""
+
+_NOT_A_NAME: Final = frozenset("/\\") | frozenset(map(chr, range(0x20))) | {"\x7f"}
+"""Characters a decoded path segment may not hold: separators and control characters."""
+
+HeaderValues = Callable[[str], Sequence[str]]
+"""Every value of one request header, by its name in any case (``Headers.get_all``)."""
+
+
+class HttpSettings(Protocol):
+    """The settings an edge's configuration gives :class:`HttpFront` (both edges' have them).
+
+    Their meaning is the edge's (``wsbus_websockets.EdgeConfig``).
+    """
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]: ...  # noqa: D102
+    @property
+    def allow_same_origin(self) -> bool: ...  # noqa: D102
+    @property
+    def allow_missing_origin(self) -> bool: ...  # noqa: D102
+    @property
+    def max_subprotocols(self) -> int: ...  # noqa: D102
+    @property
+    def max_subprotocol_bytes(self) -> int: ...  # noqa: D102
+    @property
+    def health_path(self) -> str: ...  # noqa: D102
+    @property
+    def static_dir(self) -> str | None: ...  # noqa: D102
+    @property
+    def token_query(self) -> str: ...  # noqa: D102
+    @property
+    def token_cookie(self) -> str: ...  # noqa: D102
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """A plain-HTTP response, for the edge to write in its library's form.
+
+    Attributes:
+        status: the status code.
+        body: the body, whole.
+        content_type: its ``Content-Type``.
+    """
+
+    status: http.HTTPStatus
+    body: bytes
+    content_type: str
+
+    @classmethod
+    def text(cls, status: http.HTTPStatus, text: str) -> Reply:
+        """A ``text/plain`` reply: what the client did, or what to do."""
+        return cls(status, text.encode(), "text/plain; charset=utf-8")
+
+
+class StaticFiles:
+    """The files of one directory, for plain HTTP GET. Never anything outside it.
+
+    Args:
+        root: the directory; resolved once, here.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def reply(self, path: str) -> Reply:
+        """The file ``path`` (as the request line has it, percent-encoded) names, or 404."""
+        not_found = Reply.text(http.HTTPStatus.NOT_FOUND, "not found\n")
+        parts = static_parts(path)
+        if parts is None:
+            return not_found
+        try:
+            target = self.root.joinpath(*parts).resolve()
+            if target.is_dir():
+                # Resolved again: the directory's index.html may be a link too.
+                target = (target / "index.html").resolve()
+            # Never serve anything outside the directory, whatever the path or a link says.
+            if not target.is_relative_to(self.root) or not target.is_file():
+                return not_found
+            body = target.read_bytes()
+        except (OSError, ValueError):
+            # A name too long, a file that vanished or may not be read: simply not found.
+            return not_found
+        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        return Reply(http.HTTPStatus.OK, body, content_type)
+
+
+def static_parts(path: str) -> list[str] | None:
+    """The names a static ``path`` (percent-encoded, no query) asks for; None: refuse it.
+
+    ``/`` is ``["index.html"]``. Empty segments (``//``) are skipped. A segment must decode
+    (UTF-8, strictly) to a plain name: not ``.`` or ``..``, with no ``/``, backslash or
+    control character; the raw path must be ASCII (a client percent-encodes the rest).
+    """
+    if not path.isascii():
+        return None
+    parts: list[str] = []
+    size = 0
+    for segment in path.split("/"):
+        if not segment:
+            continue
+        try:
+            name = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if name in (".", "..") or not _NOT_A_NAME.isdisjoint(name):
+            return None
+        size += len(name) + 1
+        if size > MAX_STATIC_PATH:
+            return None
+        parts.append(name)
+    return parts or ["index.html"]
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request line's target as its path (percent-encoded) and its query.
+
+    ``//a/b`` is the path ``//a/b`` (``urlsplit`` would read ``a`` as a host); an
+    absolute-form target (``http://host/path``, RFC 9112 section 3.2.2) gives its path.
+    """
+    if not target.startswith("/"):
+        url = urlsplit(target)
+        return url.path or "/", url.query
+    path, _, query = target.partition("?")
+    return path.partition("#")[0], query
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """Return the value of the first cookie called ``name`` in a ``Cookie`` header.
+
+    RFC 6265 section 5.4: ``name=value`` pairs separated by ``;``. One pass over the
+    header, whatever it holds (``http.cookies`` is quadratic on some inputs,
+    CVE-2024-7592). A value in double quotes loses them; nothing else is unescaped.
+    Pairs without ``=`` are skipped, as browsers do.
+    """
+    for pair in header.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
+
+
+def offered_subprotocols(values: Iterable[str]) -> list[str]:
+    """The subprotocol names in the ``Sec-WebSocket-Protocol`` header values, in order."""
+    offered: list[str] = []
+    for value in values:
+        offered.extend(p.strip() for p in value.split(",") if p.strip())
+    return offered
+
+
+class HttpFront:
+    """An edge's answers before the upgrade, and what the gateway learns of an upgrade.
+
+    Make one per edge, and tell it where the edge listens with :meth:`listening` before
+    the first request (same-origin checks need the scheme and the port).
+
+    Args:
+        settings: the edge's configuration.
+    """
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.settings = settings
+        self.static = StaticFiles(settings.static_dir) if settings.static_dir else None
+        self._scheme = "http"
+        # None: not on loopback, any Host counts; else only these loopback names do.
+        self._loopback_hosts: frozenset[str] | None = frozenset()
+
+    def listening(self, port: int, *, secure: bool, loopback: bool) -> None:
+        """Say where the edge listens: ``port``, with TLS or not, on loopback only or not."""
+        self._scheme = "https" if secure else "http"
+        self._loopback_hosts = (
+            frozenset({f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"})
+            if loopback
+            else None
+        )
+
+    def repeated(self, values: HeaderValues) -> Reply | None:
+        """400 for a request that repeats one of :data:`SINGLE_HEADERS`, else None."""
+        for name in SINGLE_HEADERS:
+            if len(values(name)) > 1:
+                return Reply.text(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
+        return None
+
+    def get(self, target: str, *, closing: bool, connections: int) -> Reply:
+        """The answer to a plain GET of ``target``: health, a static file, or 426.
+
+        Args:
+            target: the request line's target (path and query), percent-encoded.
+            closing: the edge or its gateway is shutting down (health says 503 ``closing``:
+                a load balancer stops sending new clients here).
+            connections: the gateway's open connections, for the health endpoint.
+        """
+        path = split_target(target)[0]
+        if path == self.settings.health_path:
+            status = "closing" if closing else "ok"
+            body = msgspec.json.encode({"status": status, "connections": connections})
+            code = http.HTTPStatus.SERVICE_UNAVAILABLE if closing else http.HTTPStatus.OK
+            return Reply(code, body, "application/json")
+        if self.static is not None:
+            return self.static.reply(path)
+        return Reply.text(http.HTTPStatus.UPGRADE_REQUIRED, "this is a WebSocket endpoint\n")
+
+    def upgrade_refusal(
+        self, values: HeaderValues, *, closing: bool, full: bool, peer: str
+    ) -> Reply | None:
+        """Why an upgrade request is refused (400, 503, 403), or None to go on.
+
+        In this order: an absurd subprotocol offer, a shutting-down server, a full one, a
+        foreign origin (logged, with ``peer``). Only-unknown subprotocols are the edge's to
+        refuse (400), when it negotiates the codec.
+        """
+        refusal = self.subprotocol_refusal(values("Sec-WebSocket-Protocol"))
+        if refusal is not None:
+            return Reply.text(http.HTTPStatus.BAD_REQUEST, refusal)
+        if closing:
+            return Reply.text(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
+        if full:
+            return Reply.text(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is full; retry later\n")
+        hosts = values("Host")
+        if not self.origin_allowed(values("Origin"), hosts[0] if hosts else None):
+            origins = values("Origin")
+            log.info(
+                "refused a WebSocket from %s: origin %r is not allowed",
+                peer,
+                origins[0] if origins else None,
+            )
+            return Reply.text(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        return None
+
+    def subprotocol_refusal(self, values: Sequence[str]) -> str | None:
+        """Why the ``Sec-WebSocket-Protocol`` values are refused (too long, too many), or None.
+
+        Counted in one pass over the bytes, before any per-name work: parsing a huge offer
+        name by name costs more than the offer.
+        """
+        if not values:
+            return None
+        settings = self.settings
+        size = sum(len(value) for value in values)
+        if size > settings.max_subprotocol_bytes:
+            return (
+                f"Sec-WebSocket-Protocol headers too long: {size} bytes, at most "
+                f"{settings.max_subprotocol_bytes}\n"
+            )
+        names = sum(value.count(",") + 1 for value in values)
+        if names > settings.max_subprotocols:
+            return (
+                f"too many subprotocols offered: {names}, at most {settings.max_subprotocols}; "
+                "offer wsbus.v1.json or wsbus.v1.msgpack\n"
+            )
+        return None
+
+    def origin_allowed(self, origins: Sequence[str], host: str | None) -> bool:
+        """Whether a page at ``origins`` (the Origin header's values) may connect."""
+        settings = self.settings
+        if not origins:
+            return settings.allow_missing_origin
+        if len(origins) > 1:
+            return False
+        origin = origins[0]
+        if origin in settings.allowed_origins:
+            return True
+        if origin == "null" or origin.startswith("file:"):
+            # Sandboxed frames, file:// pages and some privacy modes send these: anyone can.
+            return False
+        if not settings.allow_same_origin:
+            return False
+        parts = urlsplit(origin)
+        if host is None or parts.scheme != self._scheme or parts.netloc != host:
+            return False
+        # On a loopback address only loopback names count as "this server": a page on
+        # another site that re-points its DNS name at 127.0.0.1 is not same-origin.
+        loopback = self._loopback_hosts
+        return loopback is None or host in loopback
+
+    def handshake_request(
+        self, target: str, headers: Iterable[tuple[str, str]], peer: str
+    ) -> HandshakeRequest:
+        """What the gateway's authentication hooks see of an upgrade.
+
+        Args:
+            target: the request line's target (path and query).
+            headers: the request's headers, as sent, in order.
+            peer: the client's address, ``host:port``.
+
+        The path is percent-decoded (as the query's values are); the token is the first of
+        ``Authorization: Bearer``, a ``wsbus.token.`` subprotocol, the query parameter
+        ``token_query``, the cookie ``token_cookie``.
+        """
+        path, query_string = split_target(target)
+        pairs = list(headers)
+        lowered = {name.lower(): value for name, value in pairs}
+        offered = offered_subprotocols(
+            value for name, value in pairs if name.lower() == "sec-websocket-protocol"
+        )
+        query = dict(parse_qsl(query_string))
+        return HandshakeRequest(
+            path=unquote(path),
+            query=query,
+            headers=lowered,
+            remote=peer,
+            subprotocols=tuple(offered),
+            token=self.token(lowered, offered, query),
+        )
+
+    def token(
+        self, headers: Mapping[str, str], offered: Sequence[str], query: Mapping[str, str]
+    ) -> str | None:
+        """The bearer token an upgrade carries, or None (``headers`` lower-cased)."""
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+        for protocol in offered:
+            if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+                return protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+        if self.settings.token_query in query:
+            return query[self.settings.token_query]
+        cookie = headers.get("cookie")
+        if cookie:
+            return cookie_value(cookie, self.settings.token_cookie)
+        return None
