@@ -8,7 +8,10 @@ Each service has a bounded inbox. When a client's message finds it full, the bus
 refuse it: :meth:`MemoryBus.publish_nowait` says False and :meth:`MemoryBus.publish` waits
 for room, so the gateway stops reading that client until the service catches up, as TCP
 holds back a sender on a bus between processes. Only a service that takes nothing for the
-bus's ``timeout`` gets its callers ``unavailable``: that service is stuck.
+bus's ``timeout`` gets its callers ``unavailable``: that service is stuck. Clients held
+back are let in, first come first served, once the service has drained its inbox to half,
+each with a share of the room, which it fills without waiting again (see
+:class:`~wsbus.service.ServiceRunner`): backpressure costs a wait per batch, not per message.
 
 It keeps group history (:class:`~wsbus.bus.KeepsHistory`: it is the one place a service's
 messages pass through on their way to the gateway, so it is each group's sequencer) and
@@ -29,6 +32,7 @@ import msgspec
 from . import control
 from .bus import BusSink, is_for_gateway, is_presence_event
 from .envelope import (
+    ClientAddress,
     Envelope,
     GatewayAddress,
     ServiceAddress,
@@ -159,8 +163,11 @@ class MemoryBus:
         # The common case inline (one service for the type, room in its inbox): this runs
         # once per client frame.
         runners = self._by_type.get(carried.type) if carried.to is None else None
-        if runners is not None and len(runners) == 1 and runners[0].has_room():
-            runners[0].accept(carried)
+        if runners is not None and len(runners) == 1:
+            runner = runners[0]
+            if not (runner.has_room() or runner.take_credit(_key(envelope))):
+                return False
+            runner.accept(carried)
         elif not self._unheard(carried) and not self._route_now(carried):
             return False
         if self.record:
@@ -338,13 +345,16 @@ class MemoryBus:
                 for runner in [runner for runner in held if runner not in runners]:
                     held.remove(runner)
                     runner.release_held()
+                # A client's share of the room, for its next messages, when it waits for
+                # one service: they go in without waiting again (ServiceRunner).
+                key = _key(envelope) if len(runners) == 1 else None
                 for runner in sorted(runners, key=_by_name):
                     if runner in held:
                         continue
-                    if not runner.has_room():
+                    if not (runner.has_room() or (key is not None and runner.take_credit(key))):
                         try:
                             async with asyncio.timeout_at(deadline):
-                                await runner.wait_for_room()
+                                await runner.wait_for_room(key)
                         except TimeoutError:
                             raise BusUnavailable(
                                 f"service {runner.name!r} took nothing for {self.timeout:g} s "
@@ -386,3 +396,9 @@ class MemoryBus:
 
 def _by_name(runner: ServiceRunner) -> str:
     return runner.name
+
+
+def _key(envelope: Envelope) -> object:
+    """Who a client's message is from, for its share of a service's room; None otherwise."""
+    sender = envelope.sender
+    return sender.conn_id if type(sender) is ClientAddress else None

@@ -698,6 +698,18 @@ class Context:
         await self.link.disconnect(conn_id, code, reason)
 
 
+class _Turn:
+    """A sender's place in line for room in a service's inbox (ServiceRunner.wait_for_room)."""
+
+    __slots__ = ("event", "key", "share")
+
+    def __init__(self, key: object) -> None:
+        self.event = asyncio.Event()
+        self.key = key
+        # Places reserved for this sender when it was let in, until it runs.
+        self.share = 0
+
+
 class ServiceRunner:
     """Runs one service on an event loop: takes envelopes from a bus, calls handlers.
 
@@ -709,6 +721,14 @@ class ServiceRunner:
     :meth:`wait_for_room` while :meth:`has_room` is False; one that cannot gets
     BusUnavailable from :meth:`accept`. Those waiting are let in first come, first served,
     and before anyone who did not wait: a burst from one client cannot starve another.
+
+    Room is given per batch, not per envelope: once senders wait, they are let in when the
+    service has drained its inbox to the low-water mark (half of ``inbox_size``), and each
+    one let in with a ``key`` gets an equal share of the free places, which it spends with
+    :meth:`take_credit` without waiting again (a share not spent by the next time the inbox
+    drains to the mark goes back to the pool). Waking a sender once per envelope would cost
+    a task switch per message, and would let a few waiting senders convoy so that nobody
+    ever found room without waiting.
 
     Args:
         service: the service instance.
@@ -747,13 +767,18 @@ class ServiceRunner:
         self._inbox: deque[Envelope] = deque()
         self._inbox_size = inbox_size
         # Places a queued sender may take: the inbox size less the places held across an
-        # await (hold_room). One attribute, so that has_room costs what it did without.
+        # await (hold_room) and those reserved for senders let in (their shares and
+        # credits). One attribute, so that has_room costs what it did without.
         self._limit = inbox_size
+        # Senders waiting are let in once the inbox has drained to this (hysteresis).
+        self._low = inbox_size // 2
         self._ready = asyncio.Event()
-        # Senders waiting for room, in arrival order; the first ones' events are set when
+        # Senders waiting for room, in arrival order; the first ones' turns are set when
         # places free. Each stays in line until it has taken its place (wait_for_room).
-        self._waiters: deque[asyncio.Event] = deque()
+        self._waiters: deque[_Turn] = deque()
         self._woken = 0
+        # Places reserved for senders let in, by their key, not yet taken (take_credit).
+        self._credits: dict[object, int] = {}
         self._stopped = False
         self._finished = finished
         # Set by stop(drain=...) while it waits for the inbox to empty; _run sets it when
@@ -806,18 +831,46 @@ class ServiceRunner:
     def has_room(self) -> bool:
         """Return True when the inbox has a free place and nobody is waiting for one.
 
-        A sender that gets False and can wait calls :meth:`wait_for_room`: taking the place
-        now would jump the queue of those waiting. One that cannot wait refuses.
+        A sender that gets False and can wait calls :meth:`wait_for_room` (after
+        :meth:`take_credit`, if it was let in with a key before): taking the place now
+        would jump the queue of those waiting. One that cannot wait refuses.
         """
         return not self._waiters and len(self._inbox) < self._limit
 
-    async def wait_for_room(self) -> None:
+    def take_credit(self, key: object) -> bool:
+        """Take one of the places reserved for the sender ``key`` when it was let in.
+
+        Returns:
+            True: the caller holds a place and must :meth:`accept` its envelope before it
+            next awaits. False: ``key`` has no place reserved (or the inbox is full after
+            all): the caller waits its turn with :meth:`wait_for_room`.
+        """
+        credits = self._credits
+        if not credits:
+            return False
+        left = credits.get(key)
+        if not left or len(self._inbox) >= self._inbox_size:
+            return False
+        if left == 1:
+            del credits[key]
+        else:
+            credits[key] = left - 1
+        self._limit += 1
+        return True
+
+    async def wait_for_room(self, key: object = None) -> None:
         """Wait, in turn, until the inbox has a free place for the caller.
 
         On return the caller holds a place: it must :meth:`accept` its envelope before it
         next awaits, give the place to the next sender with :meth:`release_room`, or keep
         it across awaits with :meth:`hold_room`. Cancelling the wait (a caller's timeout)
         passes the turn on.
+
+        Args:
+            key: who is waiting (the in-memory bus passes the client's connection id). A
+                sender let in with a key gets its share of the free places: the rest of
+                its share is reserved for it, to take with :meth:`take_credit`. Without a
+                key, one place.
 
         Raises:
             BusUnavailable: the runner is stopped (now or while waiting).
@@ -826,26 +879,41 @@ class ServiceRunner:
             raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
         if self.has_room():
             return
-        turn = asyncio.Event()
+        turn = _Turn(key)
         self._waiters.append(turn)
+        if len(self._inbox) <= self._low:
+            # The inbox is below its mark already: nothing will drain to it again, so let
+            # in now whoever there is room for (shares nobody spent go back first).
+            self._let_next_in(reclaim=True)
         holds_place = False
         try:
             while True:
-                await turn.wait()
+                await turn.event.wait()
                 if self._stopped:
                     raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
+                share, turn.share = turn.share, 0
+                self._limit += share
                 if len(self._inbox) < self._limit:
                     holds_place = True
+                    # The rest of the share, as far as the inbox really has room for it (an
+                    # answer to a request takes a place without waiting).
+                    credit = min(share - 1, self._limit - len(self._inbox) - 1)
+                    if credit > 0 and key is not None:
+                        self._limit -= credit
+                        self._credits[key] = self._credits.get(key, 0) + credit
                     return
                 # Woken, but the place went to a sender that does not queue: wait again,
                 # first among those not woken.
                 self._waiters.remove(turn)
                 self._woken -= 1
-                turn.clear()
+                turn.event.clear()
                 self._waiters.insert(self._woken, turn)
         finally:
-            if turn.is_set():
+            if turn.event.is_set():
                 self._woken -= 1
+            # Woken but cancelled before it ran: its share goes to the next in line.
+            self._limit += turn.share
+            turn.share = 0
             self._waiters.remove(turn)
             if not holds_place:
                 self._let_next_in()
@@ -873,18 +941,33 @@ class ServiceRunner:
         self._limit += 1
         self._let_next_in()
 
-    def _let_next_in(self) -> None:
-        """Wake as many senders waiting, in order, as there are free places.
+    def _let_next_in(self, reclaim: bool = False) -> None:
+        """Let in, in order, as many senders waiting as there are free places.
 
         The woken are the first ``_woken`` in line (their events set); each keeps its place
         in line until it has taken its envelope's place, so that newcomers wait behind it.
-        One per free place: a service draining fast lets that many in per turn of the
-        event loop, not one.
+        The free places are shared out equally between those let in with a key (one each
+        for the others), and reserved for them until they take them: a service draining
+        fast lets a batch in per turn of the event loop, not one envelope.
+
+        Args:
+            reclaim: first give back to the pool the places reserved for senders let in
+                before and not taken since (the inbox drained to its mark meanwhile).
         """
+        if reclaim and self._credits:
+            self._limit += sum(self._credits.values())
+            self._credits.clear()
         waiters = self._waiters
-        target = min(len(waiters), self._limit - len(self._inbox))
-        while self._woken < target:
-            waiters[self._woken].set()
+        unwoken = len(waiters) - self._woken
+        free = self._limit - len(self._inbox)
+        if unwoken <= 0 or free <= 0:
+            return
+        share = max(1, free // unwoken)
+        for _ in range(min(unwoken, free)):
+            turn = waiters[self._woken]
+            turn.share = given = share if turn.key is not None else 1
+            self._limit -= given
+            turn.event.set()
             self._woken += 1
 
     async def start(self) -> None:
@@ -904,7 +987,7 @@ class ServiceRunner:
         """
         self._stopped = True
         for turn in self._waiters:
-            turn.set()
+            turn.event.set()
         self._woken = len(self._waiters)
         task = self._task
         if task is not None and drain > 0 and not task.done():
@@ -953,8 +1036,8 @@ class ServiceRunner:
                 await self._ready.wait()
                 continue
             envelope = inbox.popleft()
-            if self._waiters:
-                self._let_next_in()
+            if len(self._waiters) > self._woken and len(inbox) <= self._low:
+                self._let_next_in(reclaim=True)
             entry = dispatch.get(envelope.type)
             outcome: Outcome
             try:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 import pytest_asyncio
 
 from wsbus import (
     BusUnavailable,
+    ClientAddress,
     ConfigError,
+    ConnId,
     Context,
     Envelope,
     MemoryBus,
@@ -337,4 +340,141 @@ async def test_a_cancelled_fan_out_gives_back_the_places_it_held() -> None:
         assert bus.publish_nowait(client_message("taker.take", "after"))
     finally:
         holder.open.set()
+        await bus.close()
+
+
+# -- room given per batch: the low-water mark and each waiting client's share -------------
+
+
+class Turnstile(Service):
+    """Takes one ``turn.take`` message per ticket the test gives; records them in order."""
+
+    name = "turnstile"
+
+    def __init__(self) -> None:
+        self.tickets = asyncio.Semaphore(0)
+        self.taken: list[object] = []
+
+    @handles("turn.take")
+    async def take(self, message: Envelope, ctx: Context) -> None:
+        await self.tickets.acquire()
+        self.taken.append(message.content)
+
+
+def _from(client: str, n: int) -> Envelope:
+    """A ``turn.take`` message from client ``sink.<client>``, its content ``<client><n>``."""
+    message = client_message("turn.take", f"{client}{n}", n)
+    return msgspec.structs.replace(message, sender=ClientAddress(ConnId(f"sink.{client}")))
+
+
+async def _full_turnstile(bus_timeout: float = 60.0) -> tuple[MemoryBus, Turnstile]:
+    """A turnstile with an inbox of 8 (its mark: 4), holding x0 and with x1..x8 waiting."""
+    turnstile = Turnstile()
+    bus, _ = await _gated(inbox_size=8, bus_timeout=bus_timeout, services=[turnstile])
+    assert bus.publish_nowait(_from("x", 0))
+    await _settled()  # x0 is in the handler, waiting for its ticket
+    for n in range(1, 9):
+        assert bus.publish_nowait(_from("x", n))
+    assert not bus.publish_nowait(_from("x", 9))
+    return bus, turnstile
+
+
+async def _take(turnstile: Turnstile, count: int) -> None:
+    """Let the service take ``count`` messages out of its inbox, and everything settle."""
+    for _ in range(count):
+        turnstile.tickets.release()
+    await _settled()
+
+
+async def test_a_waiting_client_is_let_in_once_the_inbox_drained_to_its_mark() -> None:
+    bus, turnstile = await _full_turnstile()
+    try:
+        waiting = asyncio.create_task(bus.publish(_from("a", 0)))
+        await _settled()
+        await _take(turnstile, 3)  # x1..x3 out: 5 left, above the mark
+        assert not waiting.done()
+        await _take(turnstile, 1)  # x4 out: 4 left, the mark
+        async with asyncio.timeout(5):
+            await waiting
+        # Let in when 4 places were free: one for a0, three kept for a's next messages,
+        # which nobody else gets.
+        assert not bus.publish_nowait(_from("b", 0))
+        assert all(bus.publish_nowait(_from("a", n)) for n in (1, 2, 3))
+        assert not bus.publish_nowait(_from("a", 4))  # full, and a's share is spent
+        await _take(turnstile, 12)
+        assert turnstile.taken == [f"x{n}" for n in range(9)] + ["a0", "a1", "a2", "a3"]
+    finally:
+        await bus.close()
+
+
+async def test_waiting_clients_get_equal_shares_first_come_first_served() -> None:
+    bus, turnstile = await _full_turnstile()
+    try:
+        first = asyncio.create_task(bus.publish(_from("a", 0)))
+        await _settled()
+        second = asyncio.create_task(bus.publish(_from("b", 0)))
+        await _settled()
+        await _take(turnstile, 4)  # at the mark: 4 free places, 2 each
+        async with asyncio.timeout(5):
+            await asyncio.gather(first, second)
+        assert not bus.publish_nowait(_from("c", 0))  # a newcomer waits behind them
+        assert bus.publish_nowait(_from("b", 1))
+        assert bus.publish_nowait(_from("a", 1))
+        assert not bus.publish_nowait(_from("a", 2))
+        assert not bus.publish_nowait(_from("b", 2))
+        await _take(turnstile, 12)
+        assert turnstile.taken[9:] == ["a0", "b0", "b1", "a1"]
+    finally:
+        await bus.close()
+
+
+async def test_a_share_not_spent_goes_back_when_the_inbox_drains_to_its_mark() -> None:
+    bus, turnstile = await _full_turnstile()
+    try:
+        first = asyncio.create_task(bus.publish(_from("a", 0)))
+        await _settled()
+        await _take(turnstile, 4)
+        async with asyncio.timeout(5):
+            await first  # a holds three more places, and sends nothing for now
+        second = asyncio.create_task(bus.publish(_from("b", 0)))
+        await _settled()
+        assert not second.done()  # 5 in the inbox: above the mark
+        await _take(turnstile, 1)  # at the mark again: a's three places go back
+        async with asyncio.timeout(5):
+            await second
+        assert not bus.publish_nowait(_from("a", 1))
+        assert all(bus.publish_nowait(_from("b", n)) for n in (1, 2, 3))
+        await _take(turnstile, 12)
+        assert turnstile.taken[9:] == ["a0", "b0", "b1", "b2", "b3"]
+    finally:
+        await bus.close()
+
+
+async def test_a_service_that_stops_taking_above_its_mark_is_stuck_after_the_timeout() -> None:
+    bus, turnstile = await _full_turnstile(bus_timeout=0.05)
+    try:
+        await _take(turnstile, 2)  # it took two, then nothing
+        assert bus.publish_nowait(_from("y", 1))
+        assert bus.publish_nowait(_from("y", 2))
+        waiting = asyncio.create_task(bus.publish(_from("a", 0)))
+        await _settled()
+        await _take(turnstile, 1)  # one more: 7 stay, above the mark
+        with pytest.raises(BusUnavailable) as info:
+            await waiting
+        assert info.value.whole_bus is False
+        assert bus.available
+    finally:
+        turnstile.tickets.release()
+        await bus.close()
+
+
+async def test_a_client_waiting_on_a_service_that_takes_nothing_is_refused() -> None:
+    bus, turnstile = await _full_turnstile(bus_timeout=0.05)
+    try:
+        with pytest.raises(BusUnavailable) as info:
+            await bus.publish(_from("a", 0))
+        assert info.value.whole_bus is False
+        assert bus.available
+    finally:
+        turnstile.tickets.release()
         await bus.close()
