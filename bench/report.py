@@ -65,8 +65,11 @@ def render(record: dict[str, Any]) -> str:
     """The Markdown for one run's record."""
     machine = record["machine"]
     load, after = machine["load"], machine.get("load_after")
+    # Records from before --loop ran every server on asyncio's event loop.
+    loop = record.get("settings", {}).get("loop", "asyncio")
     lines = [
         f"`{record['command']}`, {record['started']} to {record['finished']}; "
+        f"servers on the {loop} event loop; "
         f"{machine['cores']} cores ({machine['processor']}), {machine['python']}; load "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} before"
         + (f", {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} after" if after else "")

@@ -20,7 +20,8 @@ Kinds:
   but one (:func:`wsbus_settings`).
 - ``socketio``: python-socketio on aiohttp, rooms and events.
 
-Each prints ``settings {JSON}`` (what it runs with, as it differs from its library's
+Each prints ``loop NAME`` (the event loop it runs on: ``asyncio``, or ``uvloop`` with
+``--loop uvloop``), ``settings {JSON}`` (what it runs with, as it differs from its library's
 defaults), then ``ready``; on SIGTERM, ``maxlag MS`` (its worst event-loop lag).
 """
 
@@ -157,14 +158,23 @@ def _edge_config(edge: str) -> Any:
     return EdgeConfig()
 
 
-async def wsbus(port: int, *, edge: str = "websockets") -> None:
-    """A wsbus gateway on the in-memory bus; a service does the fan-out and the counting."""
-    from wsbus import Context, Envelope, Gateway, MemoryBus, Recipients, Service, handles
+def bench_service() -> Any:
+    """The service behind the wsbus servers: it does the fan-out, the echo and the counting.
+
+    Its ``target`` is the number of ingest frames to count (set by a ``bench.target``
+    message, or directly in-process); once it is reached the service sends ``bench.done``
+    to everyone and sets its ``reached`` event.
+    """
+    from wsbus import Context, Envelope, Recipients, Service, handles
 
     class Bench(Service):
         name = "bench"
         count = 0
         target = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.reached = asyncio.Event()
 
         @handles("bench.fanout")
         async def fanout(self, message: Envelope, ctx: Context) -> None:
@@ -189,10 +199,23 @@ async def wsbus(port: int, *, edge: str = "websockets") -> None:
             self.count += 1
             if self.count == self.target:
                 ctx.send(Recipients(everyone=True), "bench.done")
+                self.reached.set()
 
-    _settings(wsbus_settings(edge))
+    return Bench()
+
+
+async def start_wsbus(port: int, *, edge: str = "websockets") -> tuple[Any, Any]:
+    """Start a wsbus gateway on the in-memory bus at the bench's settings, on ``port``.
+
+    Returns:
+        The started gateway and its service (:func:`bench_service`). The caller closes the
+        gateway; the edge's server lives as long as the event loop.
+    """
+    from wsbus import Gateway, MemoryBus
+
+    service = bench_service()
     gateway = Gateway(
-        MemoryBus([Bench()], **_bus_options()), config=_gateway_config(), entry_points=False
+        MemoryBus([service], **_bus_options()), config=_gateway_config(), entry_points=False
     )
     await gateway.start()
     if edge == "picows":
@@ -203,6 +226,13 @@ async def wsbus(port: int, *, edge: str = "websockets") -> None:
         from wsbus_websockets import serve
 
         await serve(gateway, "127.0.0.1", port, config=_edge_config(edge))
+    return gateway, service
+
+
+async def wsbus(port: int, *, edge: str = "websockets") -> None:
+    """A wsbus gateway on the in-memory bus; a service does the fan-out and the counting."""
+    _settings(wsbus_settings(edge))
+    await start_wsbus(port, edge=edge)
     print("ready", flush=True)
     LAG["max"] = 0.0  # start-up is not under load
     await asyncio.Future()
@@ -272,6 +302,8 @@ async def _watch_lag() -> None:
 
 
 async def _serve(kind: str, port: int) -> None:
+    # Which event loop this server runs on, as the loop itself says (``asyncio``, ``uvloop``).
+    print(f"loop {type(asyncio.get_running_loop()).__module__.partition('.')[0]}", flush=True)
     watcher = asyncio.create_task(_watch_lag())
     servers = {
         "raw": lambda: raw(port),
@@ -297,11 +329,22 @@ async def _serve(kind: str, port: int) -> None:
 
 
 def main() -> None:
-    """Run the server named on the command line; print the worst loop lag when it ends."""
+    """Run the server named on the command line; print the worst loop lag when it ends.
+
+    ``python -m bench.servers KIND PORT [--loop asyncio|uvloop]``: with uvloop, the server
+    runs on ``asyncio.Runner(loop_factory=uvloop.new_event_loop)``, as ``wsbus serve --loop
+    uvloop`` does.
+    """
     kind, port = sys.argv[1], int(sys.argv[2])
+    loop = sys.argv[4] if sys.argv[3:4] == ["--loop"] else "asyncio"
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
     print(f"pid {os.getpid()}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(kind, port))
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve(kind, port))
 
 
 if __name__ == "__main__":

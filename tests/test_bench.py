@@ -7,7 +7,9 @@ named. Tiny sizes: the figures mean nothing, only their presence is checked.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +17,15 @@ from typing import Any
 
 import pytest
 
-from bench.__main__ import EDGE_KINDS, Bar, _bars, _edges, picows_installed
+from bench.__main__ import EDGE_KINDS, Bar, _bars, _edges, main, picows_installed
 from bench.report import render
 from bench.servers import RAISED_RATE, wsbus_settings
+from tests.loops import run_in_own_loop
 
 ROOT = Path(__file__).parent.parent
 EDGES = ["websockets", "picows"] if picows_installed() else ["websockets"]
 OURS = [EDGE_KINDS[edge] for edge in EDGES]
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def _bench(*args: str) -> str:
@@ -88,6 +92,11 @@ def test_every_benchmark_runs_against_every_anchor_and_the_record_is_complete(
     for kind, edge in zip(OURS, EDGES, strict=True):
         assert servers[kind] == json.loads(json.dumps(wsbus_settings(edge)))
     assert servers["raw"] == servers["raw-count"] == {"compression": None}
+    # Every server on asyncio's own event loop unless --loop says otherwise.
+    assert settings["loop"] == "asyncio"
+    assert settings["server_loops"] == dict.fromkeys(
+        ["raw", "raw-count", *OURS, "socketio"], "asyncio"
+    )
 
     tables = saved["tables"]
     by_benchmark: dict[str, list[dict[str, Any]]] = {}
@@ -281,3 +290,67 @@ def test_one_benchmark_on_the_picows_edge_alone(benchmark: str, tmp_path: Path) 
     )
     tables = json.loads(results.read_text())["tables"]
     assert all(set(table["values"]) == {"raw", "wsbus-picows"} for table in tables.values())
+
+
+def test_every_server_runs_on_uvloop_when_asked(tmp_path: Path) -> None:
+    if not HAS_UVLOOP:
+        pytest.skip("uvloop is not installed (pip install 'wsbus[uvloop]')")
+    results = tmp_path / "results.json"
+    out = _bench(
+        "echo",
+        "--rounds",
+        "5",
+        "--edge",
+        ",".join(EDGES),
+        "--loop",
+        "uvloop",
+        "--json",
+        str(results),
+    )
+    assert "servers on the uvloop event loop" in out
+    saved = json.loads(results.read_text())
+    assert saved["settings"]["loop"] == "uvloop"
+    # As each server's own running loop said: wsbus's and the anchors' alike.
+    kinds = ["raw", *OURS, "socketio"]
+    assert saved["settings"]["server_loops"] == dict.fromkeys(kinds, "uvloop")
+    assert all(set(table["values"]) == set(kinds) for table in saved["tables"].values())
+    assert "servers on the uvloop event loop" in render(saved)
+
+
+def test_asking_for_uvloop_without_it_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # Python's own way to block an import
+    with pytest.raises(SystemExit, match=r"pip install 'wsbus\[uvloop\]'"):
+        run_in_own_loop(main(["echo", "--loop", "uvloop", "--json", "/nonexistent/x.json"]))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_profile_names_the_ingest_paths_top_frames(loop: str, tmp_path: Path) -> None:
+    if loop == "uvloop" and not HAS_UVLOOP:
+        pytest.skip("uvloop is not installed (pip install 'wsbus[uvloop]')")
+    stats = tmp_path / "ingest.pstats"
+    out = _run(
+        "bench.profile",
+        "ingest",
+        "--clients",
+        "2",
+        "--frames",
+        "300",
+        "--top",
+        "8",
+        "--loop",
+        loop,
+        "--stats",
+        str(stats),
+    )
+    assert f"2 clients x 150 frames (300 frames), edge websockets, loop {loop}" in out
+    assert "300 frames counted" in out
+    for heading in (
+        "top 8 by self time",
+        "top 8 by cumulative time",
+        "wsbus's own functions, top 8 by cumulative time",
+    ):
+        assert heading in out
+    ours = out.partition("wsbus's own functions")[2]
+    assert "wsbus/gateway.py" in ours and " _read" in ours, out
+    # The raw statistics, for other viewers.
+    assert pstats.Stats(str(stats)).total_calls > 0  # type: ignore[attr-defined]
