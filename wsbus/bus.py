@@ -37,6 +37,7 @@ __all__ = [
     "HearsLoss",
     "KeepsHistory",
     "KeepsSessions",
+    "PublishesFresh",
     "PublishesNowait",
     "ReportsAvailability",
     "is_for_gateway",
@@ -109,6 +110,34 @@ class PublishesNowait(Protocol):
             waits for room. That is how a full bus slows the client that fills it.
             Only False means wait: any other value (None, from an adapter written to the
             older contract) means the bus took it.
+
+        Raises:
+            NoRoute: as :meth:`Bus.publish`.
+            BusUnavailable: as :meth:`Bus.publish`.
+        """
+        ...
+
+
+@runtime_checkable
+class PublishesFresh(Protocol):
+    """A bus that can take, without copying, an envelope nobody else holds (the in-memory bus).
+
+    The gateway publishes a client's frame this way when it built the envelope for this
+    call alone from the validated frame, with no plugin having seen it: its content is JSON's
+    data model as the wire decoder made it (dicts with string keys, lists, strings, floats,
+    booleans, None, integers within 64 bits), and the gateway keeps no reference to it or to
+    anything in it. A bus that copies each envelope so that services share no object with
+    its sender and see only what crosses a process boundary (``MemoryBus(serialize=True)``)
+    need not copy this one: only the services it goes to can reach it, and it would cross
+    unchanged.
+    """
+
+    def publish_fresh_nowait(self, envelope: Envelope) -> bool:
+        """Take such an envelope now if that needs no waiting (as ``publish_nowait``).
+
+        Returns:
+            True when the bus took it; False when taking it would mean waiting: nothing
+            was done, and the caller awaits :meth:`Bus.publish`.
 
         Raises:
             NoRoute: as :meth:`Bus.publish`.

@@ -37,7 +37,7 @@ from typing import Final, Literal
 import msgspec
 
 from .aliases import AliasClaims
-from .bus import Bus, ClaimsAliases, PublishesNowait, ReportsAvailability
+from .bus import Bus, ClaimsAliases, PublishesFresh, PublishesNowait, ReportsAvailability
 from .control import PRESENCE
 from .edge import ClientConnection, ConnectionClosed, ReceivesRaw, ReportsUnsent, SendsNowait
 from .envelope import ConnId, Envelope, GatewayAddress, IdFactory, NodeId
@@ -760,6 +760,17 @@ class Gateway:
             receive, translate = conn.raw_receive, conn.closed_error
         counters = self._counters
         publish_nowait = self._publish_nowait
+        # A frame no plugin saw is the bus's alone, in JSON's data model (integers within
+        # 64 bits under these caps): an in-process bus need not copy it (wsbus.bus).
+        bus = self.bus
+        publish_fresh = (
+            bus.publish_fresh_nowait
+            if isinstance(bus, PublishesFresh)
+            and publish_nowait is not None
+            and self.config.wire.max_integer < 2**63
+            else None
+        )
+        hooks = self.hooks
         take = session.receive
         loop_time = asyncio.get_running_loop().time
         wall_clock = self._clock
@@ -796,7 +807,10 @@ class Gateway:
                 continue
             # An in-process bus takes the envelope on the spot: no coroutine per frame.
             try:
-                taken = publish_nowait(envelope)
+                if publish_fresh is not None and not hooks.inbound_hooks:
+                    taken = publish_fresh(envelope)
+                else:
+                    taken = publish_nowait(envelope)
             except Exception as exc:
                 self._publish_failed(session, envelope, session.frame_id, exc)
             else:

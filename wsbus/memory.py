@@ -160,6 +160,23 @@ class MemoryBus:
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
         carried = decode_envelope(encode_envelope(envelope)) if self.serialize else envelope
+        return self._take_nowait(envelope, carried)
+
+    def publish_fresh_nowait(self, envelope: Envelope) -> bool:
+        """As :meth:`publish_nowait`, for an envelope only the bus holds (see PublishesFresh).
+
+        With ``serialize``, it is not copied: nothing but the services it goes to can reach
+        it, and its content would cross a process boundary unchanged. With ``record`` it
+        is, as :attr:`published` keeps it too.
+        """
+        if self.down:
+            raise BusUnavailable("the in-memory bus is marked down")
+        copy = self.record and self.serialize
+        carried = decode_envelope(encode_envelope(envelope)) if copy else envelope
+        return self._take_nowait(envelope, carried)
+
+    def _take_nowait(self, envelope: Envelope, carried: Envelope) -> bool:
+        """Hand ``carried`` (``envelope`` or its copy) over if that needs no waiting."""
         # The common case inline (one service for the type, room in its inbox): this runs
         # once per client frame.
         runners = self._by_type.get(carried.type) if carried.to is None else None
