@@ -46,7 +46,13 @@ import pytest
 from wsbus import Codec, ConnectionClosed, HandshakeRequest
 from wsbus.edge import ClientConnection, ReceivesRaw, ReportsUnsent, SendsNowait
 
-__all__ = ["CONNECTION_CAPABILITIES", "ConnectionConformance", "MakeConnectionPair", "Peer"]
+__all__ = [
+    "CONNECTION_CAPABILITIES",
+    "ConnectionConformance",
+    "MakeConnectionPair",
+    "Peer",
+    "WebSocketPeer",
+]
 
 CONNECTION_CAPABILITIES: Final[tuple[type, ...]] = (SendsNowait, ReceivesRaw, ReportsUnsent)
 """Every optional capability a client connection may offer."""
@@ -93,6 +99,55 @@ class Peer(Protocol):
     async def wait_closed(self) -> int:
         """Wait until the connection is closed, reading nothing; return the close code seen."""
         ...
+
+
+class _WebSocketsClient(Protocol):
+    """What :class:`WebSocketPeer` uses of a ``websockets`` client connection."""
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def send(self, message: str | bytes) -> None: ...
+
+    async def recv(self) -> str | bytes: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class WebSocketPeer:
+    """A ``websockets`` client connection (``websockets.asyncio.client.connect``) as a Peer.
+
+    The client's end for an edge on a real socket: connect with the codec's subprotocol
+    (``subprotocols=[codec.value]``) and the request headers the factory is given.
+    """
+
+    def __init__(self, ws: _WebSocketsClient) -> None:
+        self._ws = ws
+
+    async def send_text(self, data: str) -> None:
+        """Send ``data`` as one text frame."""
+        await self._ws.send(data)
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send ``data`` as one binary frame."""
+        await self._ws.send(data)
+
+    async def receive(self) -> str | bytes:
+        """Return the next frame."""
+        return await self._ws.recv()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason``."""
+        await self._ws.close(code, reason)
+
+    async def wait_closed(self) -> int:
+        """Wait until closed; return the close code."""
+        await self._ws.wait_closed()
+        code = self._ws.close_code
+        assert code is not None
+        return code
 
 
 class MakeConnectionPair(Protocol):

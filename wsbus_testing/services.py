@@ -9,7 +9,7 @@ import msgspec
 from wsbus.envelope import ClientAddress, Envelope, Recipients
 from wsbus.service import Context, Service, handles
 
-__all__ = ["Director", "Failing", "Probe", "Sequencer", "Watcher"]
+__all__ = ["Director", "Failing", "Flood", "Probe", "Sequencer", "Watcher"]
 
 
 class Probe(Service):
@@ -171,3 +171,28 @@ class Failing(Service):
     async def ok(self, message: Envelope, ctx: Context) -> None:
         """Reply ``"ok"``."""
         ctx.reply("ok")
+
+
+class Flood(Service):
+    """Sends ``content["n"]`` ``flood.item`` messages to the sender, or to ``content["group"]``.
+
+    Each item is ``{"i": i}``, with ``"pad"`` (8 KiB) when ``content["pad"]`` is true. The
+    edge suites use it to make slow consumers.
+    """
+
+    name = "flood"
+
+    @handles("flood")
+    async def flood(self, message: Envelope, ctx: Context) -> None:
+        """Send the items, yielding to the event loop every 64, as a real service's pace would."""
+        assert isinstance(message.sender, ClientAddress)
+        n = int(message.content["n"])
+        group = message.content.get("group")
+        pad = "x" * 8192 if message.content.get("pad") else None
+        recipients = (
+            Recipients(groups=(group,)) if group else Recipients(conn_ids=(message.sender.conn_id,))
+        )
+        for i in range(n):
+            ctx.send(recipients, "flood.item", {"i": i} if pad is None else {"i": i, "pad": pad})
+            if i % 64 == 63:
+                await asyncio.sleep(0)

@@ -1,8 +1,9 @@
-"""The kit's ``wsbus_server`` fixture, on the picows edge: the websockets edge's attack and
-hardening tests run here unchanged, against ``wsbus_picows``.
+"""The picows edge for the tests here: ``serve_picows`` for the edge suites of wsbus_testing
+(test_attacks.py, test_server.py), and the kit's ``wsbus_server`` fixture on this edge for
+its own tests.
 
-A test that sets ``wsbus_edge_config`` (a ``wsbus_websockets.EdgeConfig``) gets the same
-settings on this edge: the fields both edges have are carried over.
+A test that sets ``wsbus_edge_config`` (a ``PicowsConfig``, or the websockets edge's
+``EdgeConfig``, whose fields both edges have are carried over) gets those settings here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def picows_config(config: Any) -> PicowsConfig:
     fields = set(PicowsConfig.__struct_fields__)
     shared = {k: v for k, v in msgspec.structs.asdict(config).items() if k in fields}
     return PicowsConfig(**shared)
+
+
+async def serve_picows(gateway: Gateway, **settings: Any) -> PicowsServer:
+    """The picows edge on ``gateway``, on an ephemeral port of 127.0.0.1 (the suites' factory)."""
+    return await serve(gateway, "127.0.0.1", 0, config=PicowsConfig(**settings))
 
 
 @pytest_asyncio.fixture

@@ -1,4 +1,16 @@
-"""The websockets edge's attack tests (tests/wsbus_websockets/test_attacks.py), against the
-picows edge: ``wsbus_server`` is the picows edge here (see conftest.py)."""
+"""The attack suite (wsbus_testing.edge_attacks) against the picows edge on 127.0.0.1: the
+same cases as the websockets edge's (tests/wsbus_websockets/test_attacks.py)."""
 
-from tests.wsbus_websockets.test_attacks import *  # noqa: F403
+from __future__ import annotations
+
+import pytest
+
+from tests.wsbus_picows.conftest import serve_picows
+from wsbus_testing.edge_attacks import EdgeAttacks
+from wsbus_testing.edges import ServeEdge
+
+
+class TestPicowsAttacks(EdgeAttacks):
+    @pytest.fixture
+    def wsbus_serve_edge(self) -> ServeEdge:
+        return serve_picows

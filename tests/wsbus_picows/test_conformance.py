@@ -11,11 +11,15 @@ from websockets.asyncio.client import ClientConnection as WsClientConnection
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from tests.wsbus_websockets.test_conformance import _WebSocketPeer
 from wsbus import Codec, Gateway, GatewayConfig, MemoryBus
 from wsbus.edge import ClientConnection, ReportsUnsent, SendsNowait
 from wsbus_picows import PicowsConfig, PicowsServer
-from wsbus_testing.connection_conformance import ConnectionConformance, MakeConnectionPair, Peer
+from wsbus_testing.connection_conformance import (
+    ConnectionConformance,
+    MakeConnectionPair,
+    Peer,
+    WebSocketPeer,
+)
 
 TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
@@ -61,7 +65,7 @@ class TestPicowsConnection(ConnectionConformance):
                 connection = await server.handed.get()
                 connections.append(connection)
             assert ws.subprotocol == codec.value
-            return connection, _WebSocketPeer(ws)
+            return connection, WebSocketPeer(ws)
 
         try:
             yield make

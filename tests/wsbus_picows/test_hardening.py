@@ -1,7 +1,8 @@
 """The picows edge against hostile clients, on a real server on 127.0.0.1: what the
 websockets edge's hardening tests check, where it applies to this edge (the slow
-consumer's close is the same test, imported), and what picows needs of its own (reads
-bounded per pass, pings answered in one write, requests other than GET)."""
+consumer's close is in the edge conformance suite both edges run, from test_server.py), and
+what picows needs of its own (reads bounded per pass, pings answered in one write, requests
+other than GET)."""
 
 from __future__ import annotations
 
@@ -21,19 +22,10 @@ from bench.edge_attacks import (
     upgrade_request,
 )
 from tests.conftest import assert_balanced
-from tests.wsbus_websockets.test_hardening import (
-    test_a_slow_consumer_close_counts_written_only_what_reached_the_socket,
-    test_a_slow_reader_gets_the_4507_close_frame,
-)
 from wsbus import Gateway
 from wsbus_picows import PicowsConfig, PicowsServer
 from wsbus_picows._protocol import FEED_BYTES
 from wsbus_picows.server import _Connection
-
-__all__ = [
-    "test_a_slow_consumer_close_counts_written_only_what_reached_the_socket",
-    "test_a_slow_reader_gets_the_4507_close_frame",
-]
 
 
 async def _poll(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109

@@ -1,56 +1,36 @@
-"""The websockets edge's server tests (tests/wsbus_websockets/test_server.py), against the
-picows edge: ``wsbus_server`` is the picows edge here (see conftest.py), and the three that
-start a server of their own get this edge's ``serve`` in place of the websockets edge's.
-
-One of them looks inside the websockets edge (its counting transport); this edge's own
-version of it is below.
-"""
+"""The picows edge against a real server on 127.0.0.1: the edge conformance suite
+(wsbus_testing.edge_conformance, as the websockets edge runs it in
+tests/wsbus_websockets/test_server.py; it holds the tests of tests/wsbus_picows/test_review.py
+too, which is gone), and how this edge gathers a burst's writes (the websockets edge's
+version of that test looks inside websockets)."""
 
 from __future__ import annotations
 
 import asyncio
-import types
+import socket
 from typing import Any
 
 import msgspec
+import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsClosed
 
-from tests.wsbus_picows.conftest import picows_config
-from tests.wsbus_websockets import test_server as websockets_tests
-from tests.wsbus_websockets.test_server import *  # noqa: F403
+from tests.wsbus_picows.conftest import serve_picows
 from wsbus import ConnId, Envelope, Gateway, Recipients, ServiceAddress
 from wsbus.envelope import EnvelopeId
-from wsbus_picows import PicowsServer, serve
-
-del test_a_burst_is_written_in_one_go_in_order_and_before_the_close  # noqa: F821
-
-
-async def _serve(gateway: Gateway, host: str, port: int, config: Any = None) -> PicowsServer:
-    """This edge's serve, taking either edge's settings."""
-    return await serve(gateway, host, port, config=picows_config(config) if config else None)
+from wsbus_picows import PicowsServer
+from wsbus_testing.edge_conformance import EdgeConformance
+from wsbus_testing.edges import ServeEdge
 
 
-def _on_this_edge(test: Any) -> Any:
-    """``test`` as it is, but with this edge's ``serve`` where it calls the other's."""
-    scope = {**test.__globals__, "serve": _serve}
-    moved = types.FunctionType(test.__code__, scope, test.__name__, test.__defaults__)
-    moved.__dict__.update(test.__dict__)  # its pytest marks
-    moved.__kwdefaults__ = test.__kwdefaults__
-    moved.__annotations__ = test.__annotations__
-    return moved
+class TestPicowsEdge(EdgeConformance):
+    @pytest.fixture
+    def wsbus_serve_edge(self) -> ServeEdge:
+        return serve_picows
 
-
-test_static_directory = _on_this_edge(websockets_tests.test_static_directory)
-test_static_paths_are_percent_decoded_and_never_leave_the_directory = _on_this_edge(
-    websockets_tests.test_static_paths_are_percent_decoded_and_never_leave_the_directory
-)
-test_closing_an_edge_leaves_its_gateway_serving_the_others = _on_this_edge(
-    websockets_tests.test_closing_an_edge_leaves_its_gateway_serving_the_others
-)
-test_a_burst_at_a_slow_service_holds_its_client_back_instead_of_refusing = _on_this_edge(
-    websockets_tests.test_a_burst_at_a_slow_service_holds_its_client_back_instead_of_refusing
-)
+    def edge_socket(self, connection: Any) -> socket.socket:
+        sock: socket.socket = connection._raw.get_extra_info("socket")
+        return sock
 
 
 async def test_a_burst_is_written_in_two_writes_in_order_and_before_the_close(

@@ -15,7 +15,12 @@ from websockets.typing import Subprotocol
 
 from wsbus import Codec, HandshakeRequest, memory_pair
 from wsbus.edge import ClientConnection, MemoryClient, ReceivesRaw, ReportsUnsent, SendsNowait
-from wsbus_testing.connection_conformance import ConnectionConformance, MakeConnectionPair, Peer
+from wsbus_testing.connection_conformance import (
+    ConnectionConformance,
+    MakeConnectionPair,
+    Peer,
+    WebSocketPeer,
+)
 from wsbus_websockets._wsconn import (
     EdgeConnection,
     HandshakeGuard,
@@ -78,31 +83,6 @@ class TestMemoryConnection(ConnectionConformance):
             await connection.close(1000)
 
 
-class _WebSocketPeer:
-    """A websockets client connection as a Peer."""
-
-    def __init__(self, ws: WsClientConnection) -> None:
-        self._ws = ws
-
-    async def send_text(self, data: str) -> None:
-        await self._ws.send(data)
-
-    async def send_binary(self, data: bytes) -> None:
-        await self._ws.send(data)
-
-    async def receive(self) -> str | bytes:
-        return await self._ws.recv()
-
-    async def close(self, code: int, reason: str) -> None:
-        await self._ws.close(code, reason)
-
-    async def wait_closed(self) -> int:
-        await self._ws.wait_closed()
-        code = self._ws.close_code
-        assert code is not None
-        return code
-
-
 class TestWebSocketsConnection(ConnectionConformance):
     capabilities = frozenset({SendsNowait, ReceivesRaw, ReportsUnsent})
 
@@ -154,7 +134,7 @@ class TestWebSocketsConnection(ConnectionConformance):
                 peers.append(ws)
                 connection = await handed.get()
             assert ws.subprotocol == codec.value
-            return connection, _WebSocketPeer(ws)
+            return connection, WebSocketPeer(ws)
 
         try:
             yield make

@@ -1,7 +1,8 @@
 """The WebSocket edge against hostile clients (issue 10, section 2, items 1, 2, 4, 9, 10
 and 12), each on a real server on 127.0.0.1: a ping flood from a peer that never reads,
 absurd subprotocol offers, a hostile Cookie header, stalled half-handshakes under a low
-open-file limit, the slow-consumer close's accounting, and the plain-HTTP side."""
+open-file limit, and the plain-HTTP side. (The slow-consumer close's accounting, item 10,
+is in the edge conformance suite, wsbus_testing.edge_conformance, run by test_server.py.)"""
 
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from bench.edge_attacks import (
     ServerProcess,
     masked_frame,
-    open_upgraded,
     parse_frames,
     ping_flood,
     read_head,
@@ -290,78 +289,7 @@ def _edge_connections() -> int:
     return sum(issubclass(type(o), EdgeConnection) for o in gc.get_objects())
 
 
-# -- 10. the slow consumer's close -----------------------------------------------------------
-
-
-class _RawClient:
-    """A client on a blocking socket with a small receive buffer, reading only on demand."""
-
-    def __init__(self, port: int) -> None:
-        self.sock, rest = open_upgraded(port, rcvbuf=4096)
-        self.buffer = bytearray(rest)
-
-    def send_text(self, frame: dict[str, Any]) -> None:
-        self.sock.sendall(masked_frame(0x1, msgspec.json.encode(frame)))
-
-    def read_all(self) -> list[tuple[int, bytes]]:
-        """Read until the server closes the TCP connection (or resets it)."""
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            self.buffer += chunk
-        return parse_frames(self.buffer)
-
-
-@pytest.mark.parametrize("wsbus_edge_config", [EdgeConfig(close_timeout=0.5)])
-async def test_a_slow_consumer_close_counts_written_only_what_reached_the_socket(
-    wsbus_server: EdgeServer, wsbus_gateway: Gateway
-) -> None:
-    client = await asyncio.to_thread(_RawClient, wsbus_server.port)
-    try:
-        # 4,000 messages of 8 KiB for a client that reads nothing: 4507, and the close
-        # frame cannot get through before close_timeout, so the connection is aborted.
-        client.send_text({"type": "flood", "content": {"n": 4000, "pad": 1}})
-        await _poll(lambda: wsbus_gateway.stats().closes_by_code.get(4507) == 1)
-        frames = await asyncio.to_thread(client.read_all)
-    finally:
-        client.sock.close()
-    items = [payload for opcode, payload in frames if opcode == 0x1 and b'"flood.item"' in payload]
-    stats = wsbus_gateway.stats()
-    assert_balanced(stats)
-    assert stats.deliveries_dropped == stats.dropped_by_close_code[4507] > 0
-    # Every delivery counted written reached the client; none of the dropped ones did.
-    assert len(items) == stats.deliveries_written, (len(items), stats)
-    numbers = [json.loads(item)["content"]["i"] for item in items]
-    assert numbers == list(range(len(numbers)))
-
-
-@pytest.mark.parametrize("wsbus_edge_config", [EdgeConfig(close_timeout=1.0)])
-async def test_a_slow_reader_gets_the_4507_close_frame(
-    wsbus_server: EdgeServer, wsbus_gateway: Gateway
-) -> None:
-    client = await asyncio.to_thread(_RawClient, wsbus_server.port)
-    try:
-        client.send_text({"type": "flood", "content": {"n": 4000, "pad": 1}})
-        await _poll(
-            lambda: (
-                any(c.close_code == 4507 for c in wsbus_gateway._sessions.values())
-                or wsbus_gateway.stats().closes_by_code.get(4507) == 1
-            )
-        )
-        frames = await asyncio.to_thread(client.read_all)
-    finally:
-        client.sock.close()
-    closes = [payload for opcode, payload in frames if opcode == 0x8]
-    assert closes and int.from_bytes(closes[0][:2], "big") == 4507, frames[-3:]
-    items = [p for opcode, p in frames if opcode == 0x1 and b'"flood.item"' in p]
-    await _poll(lambda: wsbus_gateway.stats().closes_by_code.get(4507) == 1)
-    stats = wsbus_gateway.stats()
-    assert_balanced(stats)
-    assert len(items) == stats.deliveries_written
+# -- 10. the slow consumer's close: in wsbus_testing.edge_conformance (EdgeConformance) ---
 
 
 # -- 12. the HTTP side -----------------------------------------------------------------------

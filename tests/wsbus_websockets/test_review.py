@@ -1,26 +1,22 @@
 """The WebSocket edge against what the second security review found, each on a real server
 on 127.0.0.1: repeated ``Connection`` headers (a parse quadratic in their lines), request
-heads of a megabyte, ping and tiny-frame floods handled in one long turn, the settling of
-deliveries that waited in the transport, and the accounting after a TCP reset."""
+heads of a megabyte, ping and tiny-frame floods handled in one long turn. (The settling of
+deliveries that waited in the transport and the accounting after a TCP reset are in the edge
+conformance suite, wsbus_testing.edge_conformance, which test_server.py runs.)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-import struct
 import sys
 import time
 from typing import Any, Final
 
-import msgspec
 import pytest
 from websockets.protocol import Protocol, Side, State
 
 from bench.edge_attacks import (
-    masked_frame,
-    open_upgraded,
-    parse_frames,
     read_head,
     upgrade_request,
 )
@@ -228,108 +224,5 @@ async def test_a_ping_flood_is_parsed_in_turns_and_a_reset_logs_nothing_per_pong
     assert_balanced(wsbus_gateway.stats())
 
 
-# -- 3. deliveries that waited in the transport ----------------------------------------------
-
-
-class _SlowReader:
-    """A raw WebSocket client with a 2 KiB receive buffer that reads only when asked."""
-
-    def __init__(self, port: int) -> None:
-        self.sock, rest = open_upgraded(port, rcvbuf=2048)
-        self.buffer = bytearray(rest)
-        self.items = 0
-
-    def send(self, frame: dict[str, Any]) -> None:
-        self.sock.sendall(masked_frame(0x1, msgspec.json.encode(frame)))
-
-    def read_for(self, seconds: float) -> None:
-        """Read whatever comes for ``seconds``; count the flood items."""
-        end = time.monotonic() + seconds
-        self.sock.settimeout(0.05)
-        while time.monotonic() < end:
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            self.buffer += chunk
-            for opcode, payload in parse_frames(self.buffer):
-                if opcode == 0x1 and b'"flood.item"' in payload:
-                    self.items += 1
-
-
-async def test_deliveries_that_waited_in_the_transport_are_counted_written_once_sent(
-    wsbus_server: EdgeServer, wsbus_gateway: Gateway
-) -> None:
-    reader = await asyncio.to_thread(_SlowReader, wsbus_server.port)
-    try:
-        await _poll(lambda: len(wsbus_gateway._sessions) == 1)
-        client = next(iter(wsbus_gateway._sessions.values()))
-        counters = wsbus_gateway._counters
-        # A small kernel buffer on the server's side too: what the client does not read
-        # soon waits in the transport.
-        link: Any = client._driver  # the gateway's driver of the session
-        sock = link.conn._ws.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        # A moment of not reading: padded items until some wait in the transport.
-        for _ in range(20):
-            await asyncio.to_thread(reader.send, {"type": "flood", "content": {"n": 8, "pad": 1}})
-            await asyncio.sleep(0.2)
-            if client.unconfirmed:
-                break
-        assert client.unconfirmed, "no delivery ever waited in the transport"
-        # Then a client that reads everything, promptly, and more deliveries.
-        await asyncio.to_thread(reader.read_for, 1.0)
-        for _ in range(3):
-            await asyncio.to_thread(reader.send, {"type": "flood", "content": {"n": 150}})
-            await asyncio.to_thread(reader.read_for, 0.5)
-        # Without stats() (which settles): every delivery the client read is counted
-        # written, and no list of unconfirmed frames is left. Before, the list was settled
-        # once, when it was made: it kept every later delivery, counted pending.
-        await _poll(lambda: counters.deliveries_written == reader.items, 10)
-        assert client.unconfirmed is None
-        assert client.pending == 0
-    finally:
-        reader.sock.close()
-    await _poll(lambda: wsbus_gateway.stats().connections == 0)
-    assert_balanced(wsbus_gateway.stats())
-
-
-# -- 4. a reset with frames in the transport -------------------------------------------------
-
-
-async def test_frames_in_the_transport_at_a_reset_are_counted_dropped_not_written(
-    wsbus_server: EdgeServer, wsbus_gateway: Gateway
-) -> None:
-    reader = await asyncio.to_thread(_SlowReader, wsbus_server.port)
-    try:
-        await _poll(lambda: len(wsbus_gateway._sessions) == 1)
-        client = next(iter(wsbus_gateway._sessions.values()))
-        link: Any = client._driver  # the gateway's driver of the session
-        sock = link.conn._ws.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        # The client reads nothing: 40 items of 8 KiB (320 KiB, under outbound_bytes), of
-        # which the kernels take a few; the rest waits in the transport and the queue.
-        await asyncio.to_thread(reader.send, {"type": "flood", "content": {"n": 40, "pad": 1}})
-        await _poll(lambda: wsbus_gateway.stats().deliveries_queued == 40)
-        await asyncio.sleep(0.3)  # whatever the kernels take, they have taken
-        before = wsbus_gateway.stats()
-        # unsent(): frames the connection took that have not reached the socket (the
-        # queue's are not among them).
-        unsent = client._unsent
-        assert unsent is not None and unsent() > 0, "no frame waited in the transport"
-        assert before.deliveries_pending > 0, before
-    finally:
-        # A reset: asyncio empties the transport's buffer before it says the connection
-        # is lost, so what it held must not be counted as reaching the socket.
-        reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        reader.sock.close()
-    await _poll(lambda: wsbus_gateway.stats().connections == 0)
-    stats = wsbus_gateway.stats()
-    assert_balanced(stats)
-    # Every delivery not known to have reached the socket before the reset is dropped
-    # with the close; those that had reached it stay written. Before, the transport's
-    # frames were counted written.
-    assert stats.deliveries_dropped == before.deliveries_pending, (before, stats)
-    assert stats.deliveries_written == before.deliveries_written, (before, stats)
+# -- 3. deliveries that waited in the transport, and 4. a reset with frames in the
+# transport: in wsbus_testing.edge_conformance (EdgeConformance), run by test_server.py.
