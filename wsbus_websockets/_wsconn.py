@@ -1,7 +1,9 @@
 """Every ``websockets`` internal the edge relies on, in this one module.
 
 The edge needs more than the library's public API: it writes frames without a coroutine
-per frame (``protocol.send_text`` / ``send_binary`` / ``data_to_send``), it reads the
+per frame (to the transport it gave websockets, framed once per payload for every
+recipient, or through ``protocol.send_text`` / ``send_binary`` / ``data_to_send`` when an
+extension is on), it reads the
 request line before ``websockets`` parses it (to answer HEAD and 405 itself and to stop
 pipelined requests), it counts what its automatic pongs put in the write buffer, it knows
 which bytes reached the socket, and it bounds connections still in the opening handshake.
@@ -30,6 +32,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
 from collections import deque
 from typing import Any, Final, cast
@@ -55,9 +58,85 @@ __all__ = [
 
 log = logging.getLogger("wsbus.websockets")
 
-# A server frame's header is at most 10 bytes (no mask): counted with gathered frames so
-# that what waits in the protocol's and the transport's buffers stays within write_limit.
-MAX_HEADER: Final = 10
+_FIN_TEXT: Final = 0x81
+_FIN_BINARY: Final = 0x82
+
+
+def server_frame(data: bytes, text: bool) -> bytes:
+    """Return ``data`` as one whole, unmasked WebSocket frame (text or binary), as sent.
+
+    The bytes websockets' ``Protocol.send_text`` / ``send_binary`` would queue on a
+    connection without extensions (checked by a test against websockets' own).
+    """
+    n = len(data)
+    first = _FIN_TEXT if text else _FIN_BINARY
+    if n < 126:
+        header = bytes((first, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", first, 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 127, n)
+    return header + data
+
+
+class _LastFrame:
+    """The frame made last, and of what payload.
+
+    A fan-out sends one payload object to every recipient: each connection after the first
+    writes the same frame bytes.
+    """
+
+    __slots__ = ("data", "frame", "text")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.text = False
+        self.frame = b""
+
+
+_LAST = _LastFrame()
+
+
+class PassEnd:
+    """Writes the frames every connection of a server gathered, when the event-loop pass ends.
+
+    The first frame a connection is given in a pass goes out at once (latency); the ones
+    after it in the same pass are gathered and written together when the pass ends: one
+    system call for a burst. One callback per pass serves every connection (not one per
+    connection per pass, which a fan-out to thousands paid): :attr:`number` tells a
+    connection whether it wrote already in this pass, and the connections that gathered
+    frames are listed here.
+    """
+
+    __slots__ = ("_gathering", "_scheduled", "number")
+
+    def __init__(self) -> None:
+        self.number = 0
+        """Passes ended so far: a connection notes it when it writes at once."""
+        self._gathering: list[EdgeConnection] = []
+        self._scheduled = False
+
+    def wrote(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A connection wrote a frame at once: this pass must end (once for all)."""
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._end)
+
+    def gathering(self, connection: EdgeConnection) -> None:
+        """``connection`` gathered its first frame of the pass: write it when the pass ends."""
+        self._gathering.append(connection)
+
+    def _end(self) -> None:
+        self._scheduled = False
+        self.number += 1
+        gathering, self._gathering = self._gathering, []
+        for connection in gathering:
+            try:
+                connection.pass_ended()
+            except Exception:
+                # One connection's bug must not keep the others' frames back.
+                log.exception("writing the frames gathered for %s failed", connection.peer)
+
 
 MAX_REQUEST_LINE: Final = 8192 + 2
 """websockets' default line limit (8 KiB) and its CRLF: past it, websockets answers 414."""
@@ -539,15 +618,16 @@ class EdgeConnection(ServerConnection):
     __slots__ = (
         "_backlog",
         "_bound",
+        "_gather",
         "_gathered",
-        "_gathered_frames",
         "_guard",
         "_head_left",
         "_held",
         "_inflight",
         "_key",
         "_line",
-        "_pass_open",
+        "_pass",
+        "_passes",
         "_phase",
         "_tail",
         "_waiters",
@@ -563,9 +643,11 @@ class EdgeConnection(ServerConnection):
         guard: HandshakeGuard,
         write_bound: int,
         max_head: int = 16 * 1024,
+        passes: PassEnd | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(protocol, server, **kwargs)
+        self._passes = passes if passes is not None else PassEnd()
         self._guard = guard
         # The transport the guard counts this connection by (the one asyncio made).
         self._key: asyncio.Transport | None = None
@@ -582,10 +664,12 @@ class EdgeConnection(ServerConnection):
         """The request was HEAD (passed to websockets as GET): answer without a body."""
         self.out: CountingTransport | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
-        # Frames sent without waiting, gathered in this event-loop pass, not yet written.
+        # Frames sent without waiting, gathered in this event-loop pass and not yet written
+        # (None: none gathered this pass), and their bytes.
+        self._gather: list[bytes] | None = None
         self._gathered = 0
-        self._gathered_frames = 0
-        self._pass_open = False
+        # The PassEnd's number when this connection last wrote a frame at once.
+        self._pass = -1
         # Where each frame the socket may not have taken yet ends in the output stream;
         # None while everything written has reached the socket.
         self._inflight: deque[int] | None = None
@@ -790,25 +874,62 @@ class EdgeConnection(ServerConnection):
         What ``websockets.broadcast()`` does, but only under the limit (past it the frame
         waits in the gateway's bounded queue). The first frame of an event-loop pass is
         written at once, for latency; the ones after it in the same pass are gathered and
-        written together when the pass ends, or as soon as they reach the limit: one system
-        call for a burst. Anything websockets sends itself (a queued frame, a ping, the
-        close) writes the gathered frames first, so the order is kept.
+        written together when the pass ends (see :class:`PassEnd`), or as soon as they
+        reach the limit: one system call for a burst. Anything websockets sends itself (a
+        ping, a pong, the close) writes the gathered frames first, so the order is kept.
+
+        Without extensions the frame is made here, once per payload for every connection
+        it is sent to (a fan-out hands each the same bytes object), and written to the
+        transport: websockets' protocol would build and serialize a frame per connection.
+        With one (permessage-deflate) websockets makes it, in the order sent.
         """
-        if not self.writable_now(limit):
+        protocol = self.protocol
+        out = self.out
+        # Only the gateway sends data frames, never fragmented: no fragmented send of
+        # websockets' to interleave with.
+        if protocol.state is not State.OPEN or out is None:
             return False
-        if text:
-            self.protocol.send_text(data)
+        gathered = self._gathered
+        if out.get_write_buffer_size() + gathered > limit:
+            return False
+        if protocol.extensions:
+            if text:
+                protocol.send_text(data)
+            else:
+                protocol.send_binary(data)
+            frame = b"".join(protocol.data_to_send())
         else:
-            self.protocol.send_binary(data)
-        self._gathered_frames += 1
-        if self._pass_open:
-            self._gathered += len(data) + MAX_HEADER
-            if self._gathered >= limit:
+            last = _LAST
+            if last.data is data and last.text is text:
+                frame = last.frame
+            else:
+                frame = last.frame = server_frame(data, text)
+                last.data = data
+                last.text = text
+        passes = self._passes
+        if self._pass == passes.number:
+            # A frame went out at once in this pass already: this one is gathered.
+            gather = self._gather
+            if gather is None:
+                gather = self._gather = []
+                passes.gathering(self)
+            gather.append(frame)
+            gathered += len(frame)
+            self._gathered = gathered
+            if gathered >= limit:
                 self._write_gathered()
+            return True
+        self._pass = passes.number
+        passes.wrote(self.loop)
+        out.write(frame)
+        if self._inflight is None and not out.lost and not out.get_write_buffer_size():
+            # Everything written so far has reached the socket (the usual case).
+            out.known = out.written - out.discarded
         else:
-            self._pass_open = True
-            self.loop.call_soon(self._end_pass)
-            self._write_gathered()
+            inflight = self._inflight
+            if inflight is None:
+                inflight = self._inflight = deque()
+            inflight.append(out.written)
         return True
 
     async def wait_writable(self, limit: int) -> None:
@@ -835,9 +956,10 @@ class EdgeConnection(ServerConnection):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _end_pass(self) -> None:
-        self._pass_open = False
+    def pass_ended(self) -> None:
+        """The event-loop pass ended (:class:`PassEnd`): write what was gathered in it."""
         self._write_gathered()
+        self._gather = None
 
     def send_data(self) -> None:
         """Write what the protocol holds, our gathered frames first, in one call.
@@ -848,44 +970,53 @@ class EdgeConnection(ServerConnection):
         self._write_gathered()
 
     def _write_gathered(self) -> None:
-        frames, self._gathered_frames = self._gathered_frames, 0
+        gather = self._gather
         self._gathered = 0
         chunks = self.protocol.data_to_send()
         out = self.out
         assert out is not None
-        # Our frames are the first chunks, one each (websockets writes everything through
-        # send_data, which comes here while any are gathered): where each ends in the
-        # stream is known exactly, whatever websockets queued after them.
-        start = out.written
-        if chunks:
-            if all(chunks):
-                out.writelines(chunks)
-            else:
-                # An end of stream among them (the close handshake finished): websockets'
-                # own way.
-                for chunk in chunks:
-                    if chunk:
-                        out.write(chunk)
-                    elif out.can_write_eof():
-                        # As websockets does: write_eof() documents no exceptions, and some
-                        # loops raise when the transport is closing.
-                        with contextlib.suppress(Exception):
-                            out.write_eof()
-                    else:
-                        out.close()
-        if not frames:
+        if not gather:
+            if chunks:
+                self._write_chunks(out, chunks)
             return
+        # Our frames first, then what websockets queued (written through send_data, which
+        # comes here): where each of ours ends in the stream is known exactly.
+        start = out.written
+        if chunks and all(chunks):
+            out.writelines([*gather, *chunks])
+        else:
+            out.writelines(gather)
+            if chunks:
+                self._write_chunks(out, chunks)
         if self._inflight is None and not out.lost and not out.get_write_buffer_size():
             # Everything written so far has reached the socket (what a reset leaves
             # counted written; see CountingTransport.lose).
             out.known = out.written - out.discarded
+        else:
+            inflight = self._inflight
+            if inflight is None:
+                inflight = self._inflight = deque()
+            for frame in gather:
+                start += len(frame)
+                inflight.append(start)
+        gather.clear()
+
+    @staticmethod
+    def _write_chunks(out: CountingTransport, chunks: list[bytes]) -> None:
+        if all(chunks):
+            out.writelines(chunks)
             return
-        inflight = self._inflight
-        if inflight is None:
-            inflight = self._inflight = deque()
-        for chunk in chunks[:frames]:
-            start += len(chunk)
-            inflight.append(start)
+        # An end of stream among them (the close handshake finished): websockets' own way.
+        for chunk in chunks:
+            if chunk:
+                out.write(chunk)
+            elif out.can_write_eof():
+                # As websockets does: write_eof() documents no exceptions, and some loops
+                # raise when the transport is closing.
+                with contextlib.suppress(Exception):
+                    out.write_eof()
+            else:
+                out.close()
 
     def unsent(self) -> int:
         """Frames given to :meth:`send_nowait` that have not reached the socket yet.
@@ -894,7 +1025,8 @@ class EdgeConnection(ServerConnection):
         once the connection is closed the figure is final.
         """
         inflight = self._inflight
-        unsent = self._gathered_frames
+        gather = self._gather
+        unsent = len(gather) if gather else 0
         if inflight is None:
             return unsent
         out = self.out
@@ -911,7 +1043,7 @@ class EdgeConnection(ServerConnection):
 def connection_factory(guard: HandshakeGuard, write_bound: int, max_head: int = 16 * 1024) -> Any:
     """Return what to pass as ``create_connection`` to websockets' ``serve``."""
     return functools.partial(
-        EdgeConnection, guard=guard, write_bound=write_bound, max_head=max_head
+        EdgeConnection, guard=guard, write_bound=write_bound, max_head=max_head, passes=PassEnd()
     )
 
 
@@ -969,6 +1101,11 @@ def check_internals() -> list[str]:
         )
     if "self.loop = " not in inspect.getsource(Connection.__init__):
         problems.append("websockets' Connection no longer keeps its event loop in self.loop")
+    if "self.extensions" not in inspect.getsource(Protocol.__init__):
+        problems.append(
+            "websockets' Protocol no longer lists its extensions in self.extensions (the "
+            "edge frames data itself only when there are none)"
+        )
     need(Protocol, "send_text", "queues a text frame without I/O")
     need(Protocol, "send_binary", "queues a binary frame without I/O")
     need(Protocol, "data_to_send", "takes the queued output")

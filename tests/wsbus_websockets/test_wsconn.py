@@ -1,0 +1,241 @@
+"""The websockets edge's write path (wsbus_websockets/_wsconn.py): frames made once per
+payload, one end-of-pass callback for every connection, and websockets' own framing
+when an extension (permessage-deflate) is on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection as WsClientConnection
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.frames import Frame, Opcode
+from websockets.typing import Subprotocol
+
+from wsbus import Codec, HandshakeRequest
+from wsbus.edge import ClientConnection, ReceivesRaw, ReportsUnsent, SendsNowait
+from wsbus_testing.connection_conformance import (
+    ConnectionConformance,
+    MakeConnectionPair,
+    Peer,
+    WebSocketPeer,
+)
+from wsbus_websockets._wsconn import (
+    EdgeConnection,
+    HandshakeGuard,
+    PassEnd,
+    RateLimitedLog,
+    connection_factory,
+    server_frame,
+)
+from wsbus_websockets.server import _Connection
+
+TIMEOUT = 5.0
+CLOSE_TIMEOUT = 1.0
+
+
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from([0, 125, 126, 127, 65535, 65536, 70000]).map(lambda n: b"x" * n),
+    ),
+    text=st.booleans(),
+)
+def test_server_frame_is_the_frame_websockets_would_send(data: bytes, text: bool) -> None:
+    frame = Frame(Opcode.TEXT if text else Opcode.BINARY, data)
+    assert server_frame(data, text) == frame.serialize(mask=False, extensions=[])
+
+
+class _Loop:
+    """What PassEnd asks of an event loop: call_soon, recorded."""
+
+    def __init__(self) -> None:
+        self.soon: list[Callable[[], None]] = []
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.soon.append(callback)
+
+
+class _Gatherer:
+    """A connection as PassEnd sees one: told when the pass ended."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.ended = 0
+        self.fail = fail
+        self.peer = "127.0.0.1:1"
+
+    def pass_ended(self) -> None:
+        self.ended += 1
+        if self.fail:
+            raise RuntimeError("a bug")
+
+
+def test_one_pass_end_callback_serves_every_connection_of_a_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    passes = PassEnd()
+    loop: Any = _Loop()
+    for _ in range(1000):
+        passes.wrote(loop)
+    assert len(loop.soon) == 1
+    gatherers = [_Gatherer(fail=i == 0) for i in range(3)]
+    for gatherer in gatherers:
+        passes.gathering(gatherer)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, "wsbus.websockets"):
+        loop.soon.pop()()
+    # One connection's failure keeps no other's frames back, and is logged.
+    assert [g.ended for g in gatherers] == [1, 1, 1]
+    assert "writing the frames gathered for 127.0.0.1:1 failed" in caplog.text
+    assert passes.number == 1
+    # The next pass schedules its own end, and lists only those that gather in it.
+    passes.wrote(loop)
+    assert len(loop.soon) == 1
+    loop.soon.pop()()
+    assert [g.ended for g in gatherers] == [1, 1, 1]
+    assert passes.number == 2
+
+
+async def _fan_out(compression: str | None) -> list[list[str | bytes]]:
+    """Send the same payload objects, in bursts and one per pass, to JSON and msgpack peers.
+
+    Returns what each peer received, in order.
+    """
+    handed: asyncio.Queue[_Connection] = asyncio.Queue()
+    finished = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, EdgeConnection) and ws.request is not None
+        codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
+        request = HandshakeRequest(path=ws.request.path, headers={}, remote="test")
+        await handed.put(_Connection(ws, codec, request))
+        await finished.wait()
+
+    guard = HandshakeGuard(1024, RateLimitedLog(logging.getLogger("test")))
+    codecs = [Codec.JSON, Codec.MSGPACK, Codec.JSON, Codec.MSGPACK]
+    payloads = [f'{{"i": {i}, "pad": "{"x" * (i * 37 % 300)}"}}'.encode() for i in range(40)]
+    received: list[list[str | bytes]] = []
+    async with asyncio.timeout(TIMEOUT):
+        server = await serve(
+            handler,
+            "127.0.0.1",
+            0,
+            subprotocols=[Subprotocol(codec) for codec in Codec],
+            compression=compression,
+            close_timeout=CLOSE_TIMEOUT,
+            create_connection=connection_factory(guard, 1 << 20),
+        )
+        port = server.sockets[0].getsockname()[1]
+        peers: list[WsClientConnection] = []
+        connections: list[_Connection] = []
+        try:
+            for codec in codecs:
+                peers.append(
+                    await connect(
+                        f"ws://127.0.0.1:{port}/",
+                        subprotocols=[Subprotocol(codec.value)],
+                        compression=compression,
+                        close_timeout=CLOSE_TIMEOUT,
+                    )
+                )
+                connections.append(await handed.get())
+            for i, payload in enumerate(payloads):
+                # The same bytes object to every connection, as a fan-out does.
+                for connection in connections:
+                    assert connection.send_nowait(payload)
+                if i % 5 == 4:
+                    await asyncio.sleep(0)  # a pass ends now and then: bursts and single frames
+            for peer in peers:
+                received.append([await peer.recv() for _ in payloads])
+            await asyncio.sleep(0.05)
+            assert [connection.unsent() for connection in connections] == [0, 0, 0, 0]
+        finally:
+            finished.set()
+            for peer in peers:
+                await peer.close()
+            server.close()
+            await server.wait_closed()
+    expected_text = [payload.decode() for payload in payloads]
+    assert received == [expected_text if codec.is_text else payloads for codec in codecs], (
+        "every peer gets every frame, in order, as text or binary as its codec says"
+    )
+    return received
+
+
+async def test_one_payload_sent_to_many_connections_arrives_whole_and_in_order() -> None:
+    await _fan_out(None)
+
+
+async def test_with_permessage_deflate_websockets_frames_what_the_edge_sends() -> None:
+    await _fan_out("deflate")
+
+
+class TestWebSocketsConnectionWithDeflate(ConnectionConformance):
+    """The connection conformance suite, with permessage-deflate on (websockets frames)."""
+
+    capabilities = frozenset({SendsNowait, ReceivesRaw, ReportsUnsent})
+
+    @pytest_asyncio.fixture
+    async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
+        handed: asyncio.Queue[_Connection] = asyncio.Queue()
+        finished = asyncio.Event()
+
+        async def handler(ws: ServerConnection) -> None:
+            assert ws.request is not None
+            assert isinstance(ws, EdgeConnection)
+            codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
+            request = HandshakeRequest(
+                path=ws.request.path,
+                headers={name.lower(): value for name, value in ws.request.headers.raw_items()},
+                remote="{}:{}".format(*ws.remote_address[:2]),
+            )
+            await handed.put(_Connection(ws, codec, request))
+            await finished.wait()
+
+        async with asyncio.timeout(TIMEOUT):
+            server = await serve(
+                handler,
+                "127.0.0.1",
+                0,
+                subprotocols=[Subprotocol(codec) for codec in Codec],
+                compression="deflate",
+                close_timeout=CLOSE_TIMEOUT,
+                create_connection=connection_factory(
+                    HandshakeGuard(1024, RateLimitedLog(logging.getLogger("test"))), 1 << 20
+                ),
+            )
+        port = server.sockets[0].getsockname()[1]
+        peers: list[WsClientConnection] = []
+
+        async def make(
+            codec: Codec, request_headers: dict[str, str] | None = None
+        ) -> tuple[ClientConnection, Peer]:
+            async with asyncio.timeout(TIMEOUT):
+                ws = await connect(
+                    f"ws://127.0.0.1:{port}/",
+                    subprotocols=[Subprotocol(codec.value)],
+                    additional_headers=request_headers,
+                    compression="deflate",
+                    close_timeout=CLOSE_TIMEOUT,
+                )
+                peers.append(ws)
+                connection = await handed.get()
+            assert ws.subprotocol == codec.value
+            assert ws.protocol.extensions, "permessage-deflate was negotiated"
+            return connection, WebSocketPeer(ws)
+
+        try:
+            yield make
+        finally:
+            finished.set()
+            async with asyncio.timeout(TIMEOUT):
+                for ws in peers:
+                    await ws.close()
+                server.close()
+                await server.wait_closed()
