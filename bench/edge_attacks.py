@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -42,97 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wsbus_testing.raw import masked_frame as masked_frame
+from wsbus_testing.raw import open_upgraded as open_upgraded
+from wsbus_testing.raw import parse_frames as parse_frames
+from wsbus_testing.raw import read_head as read_head
+from wsbus_testing.raw import upgrade_request as upgrade_request
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(__file__).resolve().parent / "edge_server.py"
 
 
-# -- raw WebSocket pieces -------------------------------------------------------------------
-
-
-def masked_frame(opcode: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    """A client frame (FIN set, masked) with ``opcode`` and ``payload``."""
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + body
-
-
-def upgrade_request(host: str, port: int, extra: list[tuple[str, str]] = ()) -> bytes:  # type: ignore[assignment]
-    """A WebSocket upgrade request with ``extra`` headers."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        "GET / HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{name}: {value}" for name, value in extra),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
-    """Read an HTTP response head from a blocking socket: (head, what came after it)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head, rest
-
-
-def parse_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
-    """Take every complete (unmasked, server) frame off ``buffer``: (opcode, payload)."""
-    frames = []
-    while len(buffer) >= 2:
-        opcode = buffer[0] & 0x0F
-        n = buffer[1] & 0x7F
-        offset = 2
-        if n == 126:
-            if len(buffer) < 4:
-                break
-            n = struct.unpack("!H", buffer[2:4])[0]
-            offset = 4
-        elif n == 127:
-            if len(buffer) < 10:
-                break
-            n = struct.unpack("!Q", buffer[2:10])[0]
-            offset = 10
-        if len(buffer) < offset + n:
-            break
-        frames.append((opcode, bytes(buffer[offset : offset + n])))
-        del buffer[: offset + n]
-    return frames
-
-
-def open_upgraded(
-    port: int,
-    rcvbuf: int = 0,
-    extra: list[tuple[str, str]] = (),  # type: ignore[assignment]
-) -> tuple[socket.socket, bytes]:
-    """Open a WebSocket with a blocking socket and read the 101.
-
-    Returns the socket and whatever came after the 101's head (the welcome, perhaps).
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(upgrade_request("127.0.0.1", port, extra))
-    head, rest = read_head(sock)
-    if not head.startswith(b"HTTP/1.1 101"):
-        sock.close()
-        raise ConnectionError(f"upgrade refused: {head[:80]!r}")
-    return sock, rest
+# -- raw WebSocket pieces: wsbus_testing.raw's (the edge suites use them too) ----------------
 
 
 def open_raw(port: int, rcvbuf: int = 0, extra: list[tuple[str, str]] = ()) -> socket.socket:  # type: ignore[assignment]

@@ -13,19 +13,13 @@ from typing import Any
 
 import pytest
 
-from bench.edge_attacks import (
-    masked_frame,
-    open_upgraded,
-    ping_flood,
-    read_head,
-    real_client,
-    upgrade_request,
-)
+from bench.edge_attacks import ping_flood, real_client
 from tests.conftest import assert_balanced
 from wsbus import Gateway
 from wsbus_picows import PicowsConfig, PicowsServer
 from wsbus_picows._protocol import FEED_BYTES
 from wsbus_picows.server import _Connection
+from wsbus_testing.raw import masked_frame, open_upgraded, read_head, upgrade_request
 
 
 async def _poll(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from wsbus import Gateway
+from tests.wsbus_websockets.conftest import serve_websockets
 from wsbus_testing.edge_attacks import EdgeAttacks
 from wsbus_testing.edges import ServeEdge
-from wsbus_websockets import EdgeConfig, EdgeServer, serve
-
-
-async def serve_websockets(gateway: Gateway, **settings: Any) -> EdgeServer:
-    """The websockets edge on ``gateway``, on an ephemeral port of 127.0.0.1."""
-    return await serve(gateway, "127.0.0.1", 0, config=EdgeConfig(**settings))
 
 
 class TestWebsocketsAttacks(EdgeAttacks):

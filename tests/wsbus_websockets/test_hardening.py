@@ -18,19 +18,10 @@ from typing import Any
 
 import pytest
 
-from bench.edge_attacks import (
-    ServerProcess,
-    masked_frame,
-    parse_frames,
-    ping_flood,
-    read_head,
-    real_client,
-    start_stallers,
-    stop_stallers,
-    upgrade_request,
-)
+from bench.edge_attacks import ServerProcess, ping_flood, real_client, start_stallers, stop_stallers
 from tests.conftest import assert_balanced
 from wsbus import Gateway, GatewayConfig, TokenAuth
+from wsbus_testing.raw import masked_frame, parse_frames, read_head, upgrade_request
 from wsbus_websockets import EdgeConfig, EdgeServer, serve
 from wsbus_websockets._wsconn import EdgeConnection
 

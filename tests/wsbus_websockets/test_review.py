@@ -16,12 +16,9 @@ from typing import Any, Final
 import pytest
 from websockets.protocol import Protocol, Side, State
 
-from bench.edge_attacks import (
-    read_head,
-    upgrade_request,
-)
 from tests.conftest import assert_balanced
 from wsbus import Gateway
+from wsbus_testing.raw import read_head, upgrade_request
 from wsbus_websockets import EdgeConfig, EdgeServer
 
 BIG_HEAD = EdgeConfig(max_request_head=2 * 1024 * 1024)
