@@ -239,7 +239,7 @@ async def run(messages: int, repeat: int) -> dict[str, Any]:
     )
     print(
         f"  wsbus one-way          p50 {way50:.3f} ms, p99 {way99:.3f} ms "
-        f"(service -> bus -> gateway -> client) = {way50 / bare:.2f}x "
+        f"(service -> gateway -> client, one Pyro hop) = {way50 / bare:.2f}x "
         f"(a bare Pyro call one at a time + a bare WebSocket send, {bare:.3f} ms)"
     )
     print(

@@ -12,6 +12,10 @@ multiplexing daemon fully inside the loop, its reader set re-synced by file desc
 after every event. Only for trusted loopback set-ups: a peer that stops mid-message
 stalls the loop for up to ``comm_timeout``.
 
+Services deliver to the gateway directly what is for its connections alone
+(:meth:`GatewayEndpoint.deliver_direct`, checked as the message bus checks what a service
+routes, bounded in bytes waiting for the loop); the rest comes through the message bus.
+
 Publishing never blocks the loop either: a forwarder thread owns the proxy to the message
 bus, batches envelopes, and reports each one's fate back to the loop.
 
@@ -53,11 +57,15 @@ from .transport import (
     GATEWAY_LOST,
     NO_ROUTE,
     OK,
+    REFUSED,
     REREGISTERING,
     TAKEN,
+    UNAVAILABLE,
     Forwarder,
     RecentIds,
     decode_batch,
+    direct_node,
+    from_service,
     lookup,
     name_server,
     to_bytes,
@@ -79,14 +87,46 @@ _SESSION_RECORD = msgspec.msgpack.Decoder(SessionRecord)
 
 @expose
 class GatewayEndpoint:
-    """The Pyro object the message bus delivers to: hands envelopes to the gateway's loop."""
+    """The Pyro object the message bus and services deliver to.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sink: BusSink, on_loop: bool) -> None:
+    Hands envelopes to the gateway's loop. The bus calls :meth:`deliver`; a service calls
+    :meth:`deliver_direct` with what it may deliver without the bus (the one-hop path).
+
+    Args:
+        loop: the gateway's event loop.
+        sink: the gateway.
+        on_loop: Pyro calls are served on the loop itself (``single_thread``).
+        node: the gateway's node id.
+        config: the Pyro settings (how much may wait for the loop, and for how long).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sink: BusSink,
+        on_loop: bool,
+        node: str = "",
+        config: PyroConfig | None = None,
+    ) -> None:
+        config = config if config is not None else PyroConfig()
         self._loop = loop
         self._sink = sink
         self._on_loop = on_loop
-        # A service sends again what a crashed bus did not confirm: deliver it once.
+        self._node = node
+        # A service sends again what a crashed bus did not confirm, and through the bus what
+        # a failed direct call may have delivered: deliver it once, whichever way it came.
         self.recent = RecentIds()
+        # Direct batches handed to the loop and not yet taken there, in bytes: bounded, so
+        # that services faster than the loop wait (on their calls' threads), never pile up.
+        self._waiting = threading.Condition()
+        self._waiting_bytes = 0
+        self._waiting_limit = config.max_message_size
+        self._wait_for = config.call_timeout
+        self.direct_batches = 0
+        """Batches services delivered here directly."""
+        self.refused = 0
+        """Envelopes refused on the direct path (a service may not send them, or not here)."""
+        self._refused_logged = 0.0
 
     def deliver(self, blob: Any) -> None:
         """Take a batch of envelopes for the gateway; returns before they are processed."""
@@ -95,6 +135,112 @@ class GatewayEndpoint:
             self._deliver_all(envelopes)
         else:
             self._loop.call_soon_threadsafe(self._deliver_all, envelopes)
+
+    def deliver_direct(self, blob: Any) -> list[str]:
+        """Take a batch a service delivers straight to this gateway; a status per envelope.
+
+        Checked as the message bus checks what a service routes through it
+        (:func:`~wsbus_pyro.transport.from_service`: no presence events, no bus notices,
+        no history positions of the sender's own), and only what a service may deliver
+        directly (:func:`~wsbus_pyro.transport.direct_node`: a service's message to
+        connections of this gateway alone). The caller proved the shared secret in its
+        handshake, as every peer of a wsbus daemon does. Anything else makes the whole
+        batch ``refused`` (``no_route`` when it is for another gateway's connections) and
+        nothing of it is taken: a service then sends it through the bus.
+
+        Returns before the envelopes are processed, once they are on the loop's queue, as
+        :meth:`deliver` does: what the service sends next, by either path, comes after.
+        When the direct batches waiting for the loop already hold ``max_message_size``
+        bytes, the call waits (on its Pyro thread) for up to ``call_timeout`` for room,
+        then answers ``unavailable`` for each envelope and takes none.
+        """
+        data = to_bytes(blob)
+        envelopes = decode_batch(data)
+        taken: list[Envelope] = []
+        for envelope in envelopes:
+            node = direct_node(envelope)
+            checked = None if node is None else from_service(envelope)
+            if checked is None or node != self._node:
+                status = REFUSED if checked is None else NO_ROUTE
+                self._refuse(envelope, status, len(envelopes))
+                return [status] * len(envelopes)
+            taken.append(checked)
+        if not taken:
+            return []
+        size = len(data)
+        if self._on_loop:
+            self._deliver_direct(taken, 0)
+        else:
+            if not self._room_for(size):
+                return [UNAVAILABLE] * len(taken)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver_direct, taken, size)
+            except RuntimeError:  # the loop closed: the gateway is stopping
+                self._taken(size)
+                return [UNAVAILABLE] * len(taken)
+        self.direct_batches += 1
+        return [OK] * len(taken)
+
+    def _room_for(self, size: int) -> bool:
+        """Wait (a Pyro thread, never the loop) until ``size`` more bytes may wait."""
+        deadline = 0.0
+        with self._waiting:
+            while self._waiting_bytes and self._waiting_bytes + size > self._waiting_limit:
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self._wait_for
+                elif now >= deadline:
+                    return False
+                self._waiting.wait(deadline - now)
+            self._waiting_bytes += size
+        return True
+
+    def _taken(self, size: int) -> None:
+        if size:
+            with self._waiting:
+                self._waiting_bytes -= size
+                self._waiting.notify_all()
+
+    def _deliver_direct(self, envelopes: list[Envelope], size: int) -> None:
+        """Hand a service's direct batch to the gateway (on the loop)."""
+        try:
+            deliver = self._sink.deliver
+            recent = self.recent
+            for envelope in envelopes:
+                if recent.seen(envelope):
+                    continue
+                deliver(envelope)
+                recent.remember(envelope)
+        finally:
+            self._taken(size)
+
+    def _refuse(self, envelope: Envelope, status: str, count: int) -> None:
+        """Count and log (at most every 10 s) a direct batch refused."""
+        self.refused += count
+        now = time.monotonic()
+        if now - self._refused_logged < 10.0:
+            return
+        self._refused_logged = now
+        sender = envelope.sender
+        who = sender.name if isinstance(sender, ServiceAddress) else type(sender).__name__
+        if status == REFUSED:
+            log.warning(
+                "gateway %s refused a direct delivery of %r from %s: a service may not "
+                "deliver that without the message bus (%d envelope(s) refused so far). A "
+                "peer that holds the secret and sends this is not a wsbus service",
+                self._node,
+                envelope.type,
+                who,
+                self.refused,
+            )
+        else:
+            log.info(
+                "gateway %s was sent %r for another gateway's connections, from %s: the "
+                "service's directory of gateways is out of date; it sends it through the bus",
+                self._node,
+                envelope.type,
+                who,
+            )
 
     def _deliver_all(self, envelopes: list[Envelope]) -> None:
         # The duplicate check runs here, on the loop, where the gateway takes each
@@ -150,6 +296,7 @@ class PyroBus:
         self.uri = ""
         self.name = ""
         self._sink: BusSink | None = None
+        self._endpoint: GatewayEndpoint | None = None
         # The aliases this gateway's connections hold on the bus, claimed again when the
         # gateway re-registers (the bus restarted, or dropped it). Changed on the loop,
         # read by the watchdog thread: under the lock.
@@ -190,7 +337,10 @@ class PyroBus:
         self._store = _BusLine(f"wsbus-store-{self._node}", self._bus_proxy, config)
         daemon = SecureDaemon(config)
         self._daemon = daemon
-        endpoint = GatewayEndpoint(loop, sink, on_loop=config.single_thread)
+        endpoint = GatewayEndpoint(
+            loop, sink, on_loop=config.single_thread, node=self._node, config=config
+        )
+        self._endpoint = endpoint
         self.uri = str(daemon.register(endpoint, objectId=self.name))
         if config.single_thread:
             self._sync_readers()
@@ -247,6 +397,11 @@ class PyroBus:
         # The bus answered but a service could not take it: the bus itself is fine.
         whole_bus = self._publisher is None or self._publisher.down
         raise BusUnavailable(f"the bus could not deliver {envelope.type!r} now", whole_bus)
+
+    @property
+    def direct_batches(self) -> int:
+        """Batches services delivered to this gateway directly, not through the bus."""
+        return 0 if self._endpoint is None else self._endpoint.direct_batches
 
     @property
     def available(self) -> bool:

@@ -9,7 +9,10 @@ gateways with their node id. The bus then follows the routing rules of :mod:`wsb
   that cannot be reached makes its types ``unavailable`` (clients may retry); a type no
   service declared is ``no_route``.
 - ``route`` (from services) goes to the gateway that owns each named connection, to every
-  gateway for aliases, users, groups and everyone, or to services. It returns once each
+  gateway for aliases, users, groups and everyone, or to services. (A service delivers
+  what is for connections of one gateway straight to that gateway, the one-hop path of
+  :class:`~wsbus_pyro.transport.DirectForwarder`, with the bus's :meth:`MessageBus.directory`
+  of gateways; the rest comes here.) It returns once each
   destination has taken each envelope, with a status per envelope, so that a service
   knows what it must send again when the bus crashed with envelopes in its queues.
 - For a while after it starts (``3 * reregister_interval + comm_timeout``), the bus knows
@@ -28,7 +31,8 @@ It also keeps the cluster's shared state:
   aliases again when it re-registers (:meth:`MessageBus.register_gateway`), and until
   every gateway in the name server has, a new claim is answered ``reregistering``.
 - **The live gateways** (:meth:`MessageBus.gateways`): a service asks each of them for
-  its clients.
+  its clients; and their addresses (:meth:`MessageBus.directory`), to which services
+  deliver directly.
 - **One process per service name**: a second process registering a name whose process
   still answers is refused (the Pyro bus is the single-machine bus); one whose process
   is gone is replaced at once.
@@ -70,8 +74,6 @@ from wsbus import control
 from wsbus.bus import SHARED_HEADER, is_for_gateway, is_presence_event
 from wsbus.envelope import Envelope, EnvelopeId, GatewayAddress, NodeId, ServiceAddress, node_of
 from wsbus.history import (
-    GROUP_HEADER,
-    POSITION_HEADER,
     HistoryConfig,
     MemoryHistory,
     Position,
@@ -82,7 +84,6 @@ from wsbus.resume import MemorySessions, SessionRecord
 from .config import PyroConfig
 from .transport import (
     BUS_ADDRESS,
-    GATEWAY_LOST,
     NO_ROUTE,
     OK,
     REREGISTERING,
@@ -91,6 +92,7 @@ from .transport import (
     Forwarder,
     _array_header,
     decode_batch,
+    from_service,
     gateway_lost_notice,
     make_proxy,
     name_server,
@@ -401,6 +403,17 @@ class MessageBus:
         with self._lock:
             return sorted(n for n, e in self._gateways.items() if now - e.seen <= self.lifetime)
 
+    def directory(self) -> list[list[str]]:
+        """Return ``[node, address]`` of each gateway on the bus now (each checked in lately).
+
+        A service delivers a message for connections of one of these gateways straight to
+        it (:func:`~wsbus_pyro.transport.direct_node`); the rest it routes through the bus.
+        """
+        now = time.monotonic()
+        with self._lock:
+            live = sorted(self._gateways.items())
+            return [[n, e.uri] for n, e in live if now - e.seen <= self.lifetime]
+
     # -- the alias table -------------------------------------------------------------------
 
     def claim_alias(self, alias: str, conn_id: str) -> str:
@@ -678,7 +691,7 @@ class MessageBus:
         # group's envelopes in offset order, whichever service sent them.
         with self._order:
             for index, envelope in enumerate(envelopes):
-                routed = _from_service(envelope)
+                routed = from_service(envelope)
                 if routed is None:
                     statuses[index] = NO_ROUTE
                     continue
@@ -983,21 +996,6 @@ class _Recent:
         self._current[id_] = envelope
         if len(self._current) >= self._size:
             self._previous, self._current = self._current, {}
-
-
-def _from_service(envelope: Envelope) -> Envelope | None:
-    """The envelope as the bus routes it from a service; None for one a service may not send.
-
-    Only a gateway sends presence events and only the bus sends its notices; only the bus
-    stamps history positions (a service's own are removed, never believed).
-    """
-    if envelope.type == GATEWAY_LOST or is_presence_event(envelope):
-        return None
-    headers = envelope.headers
-    if POSITION_HEADER in headers or GROUP_HEADER in headers:
-        kept = {k: v for k, v in headers.items() if k not in (POSITION_HEADER, GROUP_HEADER)}
-        return msgspec.structs.replace(envelope, headers=kept)
-    return envelope
 
 
 def _event_lost(service: str, node: str, status: str) -> None:

@@ -2,9 +2,11 @@
 
 The same ``Service`` subclass that runs on the in-memory bus runs here unchanged: a
 :class:`ServiceHost` gives it an event loop, a Pyro daemon (in a thread) through which the
-message bus delivers to it, and a forwarder thread through which everything it sends goes to
-the bus, in order and in batches. ``wsbus service MODULE:CLASS`` does this from the command
-line; :func:`run_service` does it from Python.
+message bus delivers to it, and a forwarder thread through which everything it sends goes,
+in order and in batches: to the bus, or straight to the gateway that owns the recipients
+when they are connections of one gateway (:class:`~wsbus_pyro.transport.DirectForwarder`).
+``wsbus service MODULE:CLASS`` does this from the command line; :func:`run_service` does it
+from Python.
 
 The service's ``ctx.clients()`` (and ``ctx.presence(group)``) asks every gateway the bus
 lists as alive and joins their lists. A service that declares ``wsbus.presence`` gets every
@@ -38,7 +40,7 @@ from .config import PyroConfig, SecureDaemon, apply
 from .transport import (
     OK,
     UNAVAILABLE,
-    Forwarder,
+    DirectForwarder,
     RecentIds,
     decode_batch,
     lookup,
@@ -125,7 +127,7 @@ class ServiceHost:
         self.uri = ""
         self._daemon: SecureDaemon | None = None
         self._daemon_thread: threading.Thread | None = None
-        self._sender: Forwarder | None = None
+        self._sender: DirectForwarder | None = None
         self._runner: ServiceRunner | None = None
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
@@ -144,7 +146,9 @@ class ServiceHost:
         self._loop = loop
         # What the bus does not confirm (it crashed, or a gateway is re-registering) is
         # sent again for up to retry_for, then reported to the service as undeliverable.
-        self._sender = Forwarder(
+        # A message for connections of one gateway goes straight to it (one Pyro hop); the
+        # rest through the bus, which keeps routing by type and the directory of gateways.
+        self._sender = DirectForwarder(
             "message bus",
             self._route_proxy,
             "route",
@@ -261,6 +265,7 @@ class ServiceHost:
                 f"no message bus {config.bus_name!r} via the name server at "
                 f"{config.ns_host}:{config.ns_port} ({exc}); start it with `wsbus bus`"
             ) from None
+        self._learn_directory(bus_proxy=None)
         if holder is not None:
             # Worded without "ready": that word is how a supervisor sees a service start.
             raise ConfigError(
@@ -269,6 +274,30 @@ class ServiceHost:
                 "service. Stop the other process first, or run several instances with "
                 "`--bus nats`"
             )
+
+    def _learn_directory(self, bus_proxy: Proxy | None) -> None:
+        """Ask the bus where the live gateways are; the forwarder delivers to them directly.
+
+        A thread's work (a Pyro call). A bus that cannot say (unreachable, or one without
+        a directory) leaves the directory as it was: a gateway gone since is found out by
+        the forwarder's direct call failing, and its messages then go through the bus.
+        """
+        sender = self._sender
+        if sender is None:
+            return
+        try:
+            if bus_proxy is None:
+                with self._bus_proxy() as bus:
+                    entries = bus.directory()
+            else:
+                entries = bus_proxy.directory()
+            directory = {str(node): str(uri) for node, uri in entries}
+        except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError):
+            return  # the bus is down: the watchdog's next check finds it out
+        except Exception as exc:
+            log.info("the message bus gave no directory of gateways (%s): all through the bus", exc)
+            return
+        sender.directory = directory
 
     def _unregister(self) -> None:
         try:
@@ -297,6 +326,7 @@ class ServiceHost:
                     self._displaced(holder)
                     if holder is None:
                         log.info("service %r re-registered with the message bus", name)
+                self._learn_directory(bus)
             except (pyro_errors.CommunicationError, pyro_errors.NamingError, OSError):
                 if bus is not None:
                     bus._pyroRelease()

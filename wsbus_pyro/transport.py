@@ -26,7 +26,7 @@ from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 
 from wsbus import control
-from wsbus.bus import is_for_gateway
+from wsbus.bus import is_for_gateway, is_presence_event
 from wsbus.envelope import (
     Envelope,
     EnvelopeId,
@@ -34,7 +34,9 @@ from wsbus.envelope import (
     NodeId,
     Recipients,
     ServiceAddress,
+    node_of,
 )
+from wsbus.history import GROUP_HEADER, POSITION_HEADER
 
 from .config import PyroConfig, handshake
 
@@ -43,15 +45,19 @@ __all__ = [
     "GATEWAY_LOST",
     "NO_ROUTE",
     "OK",
+    "REFUSED",
     "REREGISTERING",
     "RETRYABLE",
     "TAKEN",
     "TOO_LARGE",
     "UNAVAILABLE",
+    "DirectForwarder",
     "Forwarder",
     "RecentIds",
     "decode_batch",
+    "direct_node",
     "encode_batch",
+    "from_service",
     "gateway_lost_notice",
     "lookup",
     "make_proxy",
@@ -68,6 +74,9 @@ UNAVAILABLE: Final = "unavailable"
 TOO_LARGE: Final = "too_large"
 TAKEN: Final = "taken"
 """An alias claim's answer: another connection holds the alias."""
+REFUSED: Final = "refused"
+"""A gateway's answer to a direct delivery it may not take from a service (see
+:func:`direct_node` and :func:`from_service`); the service sends it through the bus."""
 REREGISTERING: Final = "reregistering"
 """The bus started a moment ago and knows no service for this yet: one may be re-registering."""
 RETRYABLE: Final = frozenset({REREGISTERING})
@@ -124,6 +133,59 @@ def to_bytes(blob: Any) -> bytes:
         return bytes(blob)
     data: bytes = serpent.tobytes(blob)
     return data
+
+
+def from_service(envelope: Envelope) -> Envelope | None:
+    """The envelope as it may travel from a service; None for one a service may not send.
+
+    Only a gateway sends presence events and only the message bus sends its notices; only
+    the bus stamps history positions (a service's own are removed, never believed). The
+    message bus applies this to whatever a service routes through it, and a gateway to
+    whatever a service delivers to it directly: the same rule on both paths.
+    """
+    if envelope.type == GATEWAY_LOST or is_presence_event(envelope):
+        return None
+    headers = envelope.headers
+    if POSITION_HEADER in headers or GROUP_HEADER in headers:
+        kept = {k: v for k, v in headers.items() if k not in (POSITION_HEADER, GROUP_HEADER)}
+        return msgspec.structs.replace(envelope, headers=kept)
+    return envelope
+
+
+def direct_node(envelope: Envelope) -> NodeId | None:
+    """The gateway a service may deliver ``envelope`` to directly, without the message bus.
+
+    Only a service's message to clients named by connection ids alone, every one of them
+    on one gateway (a connection id names its gateway: ``<node>.<serial>``), goes direct.
+    Everything else needs the bus: aliases, users, groups and everyone may match on any
+    gateway (the bus knows which gateways there are), history messages need the bus's
+    positions (only a message to exactly one group enters history), and control requests
+    and messages to services follow the bus's routing by ``to`` and by type.
+
+    Returns:
+        The gateway's node id, or None when the envelope must go through the bus.
+    """
+    recipients = envelope.recipients
+    if (
+        recipients is None
+        or envelope.to is not None
+        or type(envelope.sender) is not ServiceAddress
+        or recipients.everyone
+        or recipients.aliases
+        or recipients.users
+        or recipients.groups
+        or not recipients.conn_ids
+        or envelope.type == GATEWAY_LOST
+    ):
+        return None
+    conn_ids = recipients.conn_ids
+    node = node_of(conn_ids[0])
+    if not node:
+        return None
+    for conn_id in conn_ids[1:]:
+        if node_of(conn_id) != node:
+            return None
+    return node
 
 
 class WsbusProxy(Proxy):  # type: ignore[misc]
@@ -566,6 +628,174 @@ class Forwarder(threading.Thread):
             items = list(self._items)
             self._items.clear()
         self._finish(items, [status] * len(items))
+
+
+_DIRECT_PROXIES: Final = 64
+"""The most gateways one service's forwarder keeps a direct connection to at once."""
+
+
+class DirectForwarder(Forwarder):
+    """A service's forwarder: to the message bus, and straight to a gateway where it may.
+
+    A message for connections of one gateway (:func:`direct_node`) goes in a call of that
+    gateway's ``deliver_direct``, at the address the message bus's directory of gateways
+    gives (:attr:`directory`, set by the service's watchdog every
+    ``reregister_interval``): one Pyro hop and one thread hand-off instead of two and
+    three. Everything else goes to the bus as before, and so does a message for a
+    gateway the directory does not list (the bus knows better: ``no_route`` for a gateway
+    that left).
+
+    Per-sender order holds across the two paths. The queue is sent in order, in runs of
+    one path. A direct run waits until the bus has settled every routed batch sent before
+    it: settled means each gateway's ``deliver`` returned, and a gateway returns once it
+    handed the envelopes to its event loop, so they are on the loop before the direct
+    ones. A routed run after a direct one goes once the direct call returned, which the
+    gateway does once those are on its loop. A direct call that fails, or that the gateway
+    refuses (the directory was stale), puts its envelopes back at the head of the queue to
+    go through the bus, and that gateway is not tried directly again for ``retry_after``.
+    The failed call may have delivered them: the gateway drops the second copy (one
+    :class:`RecentIds` for both of its endpoints).
+
+    The proxies to the gateways belong to this thread, as the one to the bus does.
+    Arguments as :class:`Forwarder`'s, with ``retry_for`` above 0 (a service's).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        connect: Callable[[], Proxy],
+        method: str,
+        config: PyroConfig,
+        **options: Any,
+    ) -> None:
+        super().__init__(name, connect, method, config, **options)
+        self._config = config
+        self.directory: dict[str, str] = {}
+        """Node id -> Pyro address of each live gateway, from the message bus.
+
+        Replaced as a whole by another thread (never changed in place)."""
+        self.direct_calls = 0
+        """Calls made straight to gateways."""
+        # The direct proxies (this thread only): node -> (address, proxy, last used).
+        self._direct: dict[str, tuple[str, Proxy, float]] = {}
+        self._avoid: dict[str, float] = {}
+        """Gateways not to call directly until then (monotonic): a direct call failed."""
+        self._rerouted: set[str] = set()
+        """Ids of envelopes a direct call gave back: they go through the bus."""
+        self._run_node: str | None = None
+
+    def run(self) -> None:
+        """Send batches until stopped (the thread's body); release the direct proxies."""
+        try:
+            super().run()
+        finally:
+            for _, proxy, _ in self._direct.values():
+                proxy._pyroRelease()
+            self._direct.clear()
+
+    def _path(self, envelope: Envelope, now: float) -> str | None:
+        """The gateway to deliver ``envelope`` to directly, or None for the bus."""
+        node = direct_node(envelope)
+        if node is None or node not in self.directory:
+            return None
+        if self._rerouted and envelope.id in self._rerouted:
+            return None
+        until = self._avoid.get(node)
+        if until is not None:
+            if until > now:
+                return None
+            del self._avoid[node]
+        return node
+
+    def _take(self) -> list[tuple[Envelope, Callback | None]] | None:
+        """The next run of one path (see the class); ``[]`` to collect confirmations first."""
+        batch = super()._take()
+        if not batch:
+            return batch
+        now = time.monotonic()
+        node = self._path(batch[0][0], now)
+        cut = 1
+        while cut < len(batch) and self._path(batch[cut][0], now) == node:
+            cut += 1
+        # Routed batches not yet settled: a direct run waits for them (per-sender order).
+        barrier = node is not None and bool(self._window)
+        back = batch if barrier else batch[cut:]
+        if back:
+            with self._cond:
+                self._items.extendleft(reversed(back))
+        if barrier:
+            return []
+        self._run_node = node
+        return batch[:cut]
+
+    def _send(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
+        node, self._run_node = self._run_node, None
+        if node is None:
+            super()._send(batch)
+            if self._rerouted:
+                for envelope, _ in batch:
+                    self._rerouted.discard(envelope.id)
+            return
+        blob, batch = self._encode(batch)
+        if not batch:
+            return
+        statuses = self._call_direct(node, blob, len(batch))
+        if statuses is None or any(status not in (OK, UNAVAILABLE) for status in statuses):
+            # Not delivered here, or not known to be: through the bus, in order, at once.
+            self._avoid[node] = time.monotonic() + self._retry_after
+            for envelope, _ in batch:
+                self._rerouted.add(envelope.id)
+            self._requeue(batch)
+            return
+        # unavailable: the gateway is there but cannot take more now (its loop is behind),
+        # as the bus would find it too: reported to the service, as on the bus path.
+        self._finish(batch, statuses)
+
+    def _call_direct(self, node: str, blob: bytes, count: int) -> list[str] | None:
+        """Call ``deliver_direct`` on ``node``'s gateway; its statuses, or None if it failed."""
+        uri = self.directory.get(node)
+        if uri is None:
+            return None
+        now = time.monotonic()
+        entry = self._direct.pop(node, None)
+        if entry is not None and (entry[0] != uri or now - entry[2] > self._idle_limit):
+            # Moved, or idle long enough that the gateway may have closed the connection.
+            entry[1]._pyroRelease()
+            entry = None
+        proxy: Proxy | None = None if entry is None else entry[1]
+        try:
+            try:
+                reused = proxy is not None
+                if proxy is None:
+                    proxy = self._connect_direct(uri)
+                result = proxy.deliver_direct(blob)
+            except pyro_errors.ConnectionClosedError:
+                if not reused or proxy is None:
+                    raise
+                # The gateway closed a connection we held: it never read this call.
+                proxy._pyroRelease()
+                proxy = self._connect_direct(uri)
+                result = proxy.deliver_direct(blob)
+        except Exception as exc:
+            # Unreachable, gone, or a gateway without deliver_direct: the bus takes these.
+            log.info("gateway %s not reached directly (%s): sending through the bus", node, exc)
+            if proxy is not None:
+                proxy._pyroRelease()
+            return None
+        self.direct_calls += 1
+        self._direct[node] = (uri, proxy, time.monotonic())
+        if len(self._direct) > _DIRECT_PROXIES:
+            oldest = min(self._direct, key=lambda n: self._direct[n][2])
+            self._direct.pop(oldest)[1]._pyroRelease()
+        if not isinstance(result, list) or len(result) != count:
+            return None
+        return [str(status) for status in result]
+
+    def _connect_direct(self, uri: str) -> Proxy:
+        proxy = make_proxy(uri, self._config)
+        # A gateway whose loop is behind makes the call wait up to call_timeout.
+        proxy._pyroTimeout = self._config.call_timeout + self._config.comm_timeout
+        return proxy
 
 
 class RecentIds:

@@ -61,6 +61,15 @@ def _install() -> None:
             _log(f"to {self.endpoint}: the forwarder thread calls Pyro", key)
         send(self, batch)
 
+    call_direct = transport.DirectForwarder._call_direct
+
+    def traced_call_direct(self: Any, node: str, blob: bytes, count: int) -> Any:
+        key = _key(transport.decode_batch(blob))
+        if key is not None:
+            _log(f"to gateway {node} directly: the forwarder thread calls Pyro", key)
+        return call_direct(self, node, blob, count)
+
+    transport.DirectForwarder._call_direct = traced_call_direct  # type: ignore[method-assign]
     transport.Forwarder.put = traced_put  # type: ignore[method-assign]
     transport.Forwarder._send = traced_send  # type: ignore[method-assign]
 
@@ -77,6 +86,7 @@ def _install() -> None:
         return route(self, blob, *args)
 
     deliver, deliver_all = bus.GatewayEndpoint.deliver, bus.GatewayEndpoint._deliver_all
+    direct, deliver_direct = bus.GatewayEndpoint.deliver_direct, bus.GatewayEndpoint._deliver_direct
 
     def traced_deliver(self: Any, blob: Any) -> None:
         arrived("gateway", blob)
@@ -90,6 +100,21 @@ def _install() -> None:
         if key is not None:
             _log("gateway: written to the client's socket", key)
 
+    def traced_direct(self: Any, blob: Any) -> Any:
+        arrived("gateway (direct)", blob)
+        return direct(self, blob)
+
+    def traced_deliver_direct(self: Any, envelopes: Any, size: int) -> None:
+        key = _key(envelopes)
+        if key is not None:
+            _log("gateway (direct): on the event loop", key)
+        deliver_direct(self, envelopes, size)
+        if key is not None:
+            _log("gateway (direct): written to the client's socket", key)
+
+    traced_direct._pyroExposed = True  # type: ignore[attr-defined]
+    bus.GatewayEndpoint.deliver_direct = traced_direct  # type: ignore[method-assign]
+    bus.GatewayEndpoint._deliver_direct = traced_deliver_direct  # type: ignore[method-assign]
     traced_route._pyroExposed = True  # type: ignore[attr-defined]
     traced_deliver._pyroExposed = True  # type: ignore[attr-defined]
     messagebus.MessageBus.route = traced_route  # type: ignore[method-assign,assignment]

@@ -1,0 +1,400 @@
+"""The one-hop path: a service delivers straight to the gateway that owns the recipients.
+
+A real name server, message bus and service processes, every one with the shared secret;
+the gateways run in this process. A service's message for connections of one gateway goes
+to that gateway's ``deliver_direct``; everything else (groups, aliases, users, everyone,
+connections of several gateways, history, control requests) through the message bus, which
+keeps routing by type, the directory of gateways and history positions. One sender's
+messages reach a client in the order sent, whichever path each took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+import pytest_asyncio
+from Pyro5 import errors as pyro_errors
+
+from tests.conftest import assert_balanced
+from wsbus import Codec, Envelope, Gateway, GatewayConfig, Service, memory_pair
+from wsbus.edge import MemoryClient
+from wsbus.envelope import (
+    ClientAddress,
+    ConnId,
+    EnvelopeId,
+    GatewayAddress,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+)
+from wsbus.history import GROUP_HEADER, POSITION_HEADER, HistoryConfig, Position
+from wsbus.service import Context, handles
+from wsbus_pyro import PyroBus, PyroConfig, ServiceHost
+from wsbus_pyro.transport import (
+    BUS_ADDRESS,
+    GATEWAY_LOST,
+    NO_ROUTE,
+    OK,
+    REFUSED,
+    direct_node,
+    encode_batch,
+    from_service,
+    gateway_lost_notice,
+    make_proxy,
+)
+from wsbus_testing.children import Child, free_port
+
+Spawn = Callable[[str], Child]
+
+WAIT = 30.0
+"""The bound on every wait here: generous, for a busy two-core machine."""
+
+PATHS = ("direct", "group", "spanning")
+
+
+class Interleaver(Service):
+    """Sends one client numbered messages by both paths, mixed, for these tests.
+
+    ``mix.join`` ``{"group"}`` adds the sender to the group. ``mix.start`` ``{"n",
+    "group", "other", "seed"}`` sends ``mix.item`` ``{"i", "path"}`` for i in 0..n-1, in
+    runs of random length, each run by one path: ``direct`` (to the sender's connection
+    id: one gateway, so straight to it), ``group`` (to the group: through the bus, which
+    stamps a history position) or ``spanning`` (to the sender's and ``other``'s
+    connection ids, on two gateways: through the bus). Then it replies ``"done"``
+    (direct, so after every item). ``mix.ping`` replies ``"pong"``.
+    """
+
+    name = "interleaver"
+
+    @handles("mix.join")
+    async def join(self, message: Envelope, ctx: Context) -> None:
+        """Add the sender to the group."""
+        assert isinstance(message.sender, ClientAddress)
+        await ctx.join(message.sender.conn_id, message.content["group"])
+        ctx.reply("joined")
+
+    @handles("mix.ping")
+    async def ping(self, message: Envelope, ctx: Context) -> None:
+        """Reply at once (to the sender's connection: the direct path)."""
+        ctx.reply("pong")
+
+    @handles("mix.start")
+    async def start(self, message: Envelope, ctx: Context) -> None:
+        """Send the items, switching paths often, yielding now and then."""
+        assert isinstance(message.sender, ClientAddress)
+        me = message.sender.conn_id
+        content = message.content
+        to = {
+            "direct": Recipients(conn_ids=(me,)),
+            "group": Recipients(groups=(content["group"],)),
+            "spanning": Recipients(conn_ids=(me, ConnId(content["other"]))),
+        }
+        rng = random.Random(content["seed"])
+        n = int(content["n"])
+        i = 0
+        while i < n:
+            path = rng.choice(PATHS)
+            for _ in range(min(rng.choice((1, 1, 2, 3, 7, 20)), n - i)):
+                ctx.send(to[path], "mix.item", {"i": i, "path": path})
+                i += 1
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)
+        ctx.reply("done")
+
+
+@pytest.fixture
+def wsbus_pyro_config() -> PyroConfig:
+    """Every process of these tests holds the shared secret."""
+    return PyroConfig(
+        ns_port=free_port(),
+        secret="direct-secret-" + os.urandom(8).hex(),
+        reregister_interval=0.2,
+        comm_timeout=3.0,
+    )
+
+
+class Kit:
+    """Gateways on the Pyro bus in this process, keeping history for ``feed.*``."""
+
+    def __init__(self, config: PyroConfig) -> None:
+        self.config = config
+        self.gateways: list[Gateway] = []
+        self.buses: dict[str, PyroBus] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def gateway(self, node: str) -> Gateway:
+        bus = PyroBus(self.config)
+        history = HistoryConfig(groups=("feed.*",), size=10_000, age=300.0)
+        config = GatewayConfig(node=NodeId(node), history=history)
+        gateway = Gateway(bus, config=config, entry_points=False)
+        await gateway.start()
+        self.gateways.append(gateway)
+        self.buses[node] = bus
+        return gateway
+
+    async def client(self, gateway: Gateway) -> MemoryClient:
+        conn, client = memory_pair(Codec.JSON, buffer=8192)
+        self.tasks.append(asyncio.create_task(gateway.serve(conn)))
+        welcome = await client.receive(WAIT)
+        assert welcome["type"] == "wsbus.welcome", welcome
+        client.conn_id = welcome["content"]["conn_id"]
+        return client
+
+    async def close(self) -> None:
+        for gateway in self.gateways:
+            await gateway.close()
+        await asyncio.gather(*self.tasks)
+
+
+@pytest_asyncio.fixture
+async def kit(wsbus_pyro_config: PyroConfig, wsbus_message_bus: Child) -> AsyncIterator[Kit]:
+    kit = Kit(wsbus_pyro_config)
+    try:
+        yield kit
+    finally:
+        await kit.close()
+
+
+async def _request(client: MemoryClient, type: str, content: Any, id: str) -> Any:
+    client.send(type, content, id=id)
+    async with asyncio.timeout(WAIT):
+        while True:
+            frame = await client.receive(WAIT)
+            if frame.get("reply_to") == id and frame["type"] != "wsbus.ack":
+                return frame["content"]
+
+
+async def _until_direct(client: MemoryClient, bus: PyroBus) -> None:
+    """Wait until the service delivers to this gateway directly (it learned the directory)."""
+    async with asyncio.timeout(WAIT):
+        n = 0
+        while bus.direct_batches == 0:
+            n += 1
+            assert await _request(client, "mix.ping", None, f"ping-{n}") == "pong"
+            await asyncio.sleep(0.05)
+
+
+async def _items(client: MemoryClient, done_id: str) -> list[dict[str, Any]]:
+    """Read ``mix.item`` frames until the reply to ``done_id``."""
+    items: list[dict[str, Any]] = []
+    async with asyncio.timeout(WAIT):
+        while True:
+            frame = await client.receive(WAIT)
+            if frame["type"] == "mix.item":
+                items.append(frame)
+            elif frame.get("reply_to") == done_id and frame["type"] != "wsbus.ack":
+                assert frame["content"] == "done", frame
+                return items
+
+
+def _check_order(items: list[dict[str, Any]], n: int) -> None:
+    """Every item once, in the order sent; the group's with consecutive positions."""
+    assert [item["content"]["i"] for item in items] == list(range(n))
+    paths = {item["content"]["path"] for item in items}
+    assert paths == set(PATHS), paths
+    offsets = []
+    for item in items:
+        if item["content"]["path"] == "group":
+            position = Position.parse(item["pos"])
+            assert position is not None and item["group"] == "feed.mix", item
+            offsets.append(position.offset)
+        else:
+            assert "pos" not in item, item
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+
+
+async def test_one_senders_order_holds_across_direct_and_routed_sends(
+    kit: Kit, wsbus_spawn_service: Spawn
+) -> None:
+    await asyncio.to_thread(wsbus_spawn_service, "tests.wsbus_pyro.test_direct:Interleaver")
+    g1, g2 = await kit.gateway("g1"), await kit.gateway("g2")
+    client, other = await kit.client(g1), await kit.client(g2)
+    await _until_direct(client, kit.buses["g1"])
+    assert await _request(client, "mix.join", {"group": "feed.mix"}, "join") == "joined"
+    before = kit.buses["g1"].direct_batches
+    for seed in range(3):
+        request = {"n": 400, "group": "feed.mix", "other": other.conn_id, "seed": seed}
+        client.send("mix.start", request, id=f"start-{seed}")
+        _check_order(await _items(client, f"start-{seed}"), 400)
+    # Both paths were taken: the direct one by this gateway's deliver_direct.
+    assert kit.buses["g1"].direct_batches > before
+    frames = [await other.receive(WAIT) for _ in range(other.pending())]
+    paths = {f["content"]["path"] for f in frames if f["type"] == "mix.item"}
+    assert paths == {"spanning"}
+    assert_balanced(g1.stats())
+    assert_balanced(g2.stats())
+
+
+class Gate(Service):
+    """In this process: ``mix.start`` as :class:`Interleaver`'s, without the group or the other."""
+
+    name = "gate"
+
+    @handles("mix.start")
+    async def start(self, message: Envelope, ctx: Context) -> None:
+        """Send ``n`` items to the sender, by its connection id, then reply."""
+        assert isinstance(message.sender, ClientAddress)
+        to = Recipients(conn_ids=(message.sender.conn_id,))
+        for i in range(int(message.content["n"])):
+            ctx.send(to, "mix.item", {"i": i, "path": "direct"})
+            if i % 50 == 49:
+                await asyncio.sleep(0)
+        ctx.reply("done")
+
+
+async def test_a_stale_directory_sends_through_the_bus_in_order_once(
+    kit: Kit, wsbus_pyro_config: PyroConfig
+) -> None:
+    # The service learns the directory once (no refresh during the test), then is told a
+    # gateway's address where nothing listens: each direct call fails, and its envelopes
+    # go through the bus instead, in order, each once.
+    config = msgspec.structs.replace(wsbus_pyro_config, reregister_interval=30.0)
+    host = ServiceHost(Gate(), config)
+    g1 = await kit.gateway("g1")
+    await host.start()
+    try:
+        client = await kit.client(g1)
+        sender = host._sender
+        assert sender is not None
+        real = sender.directory.get("g1")
+        assert real == kit.buses["g1"].uri
+        sender.directory = {"g1": f"PYRO:wsbus.gateway.g1@127.0.0.1:{free_port()}"}
+        client.send("mix.start", {"n": 300}, id="stale")
+        items = await _items(client, "stale")
+        assert [item["content"]["i"] for item in items] == list(range(300))
+        assert kit.buses["g1"].direct_batches == 0
+        # The real address again: straight to the gateway, in order as well.
+        sender.directory = {"g1": real}
+        await asyncio.sleep(0.6)  # past retry_after, when the failed gateway is tried again
+        client.send("mix.start", {"n": 300}, id="real")
+        items = await _items(client, "real")
+        assert [item["content"]["i"] for item in items] == list(range(300))
+        assert kit.buses["g1"].direct_batches > 0
+        assert_balanced(g1.stats())
+    finally:
+        await host.close()
+
+
+def _envelope(i: int, **fields: Any) -> Envelope:
+    defaults: dict[str, Any] = {
+        "id": EnvelopeId(f"intruder-{i}"),
+        "type": "chat.say",
+        "sender": ServiceAddress("chat"),
+        "content": {"n": i},
+        "created": time.time(),
+    }
+    return Envelope(**{**defaults, **fields})
+
+
+def test_what_a_service_may_deliver_directly() -> None:
+    to = Recipients(conn_ids=(ConnId("g1.1"), ConnId("g1.2")), exclude=(ConnId("g1.3"),))
+    assert direct_node(_envelope(0, recipients=to)) == "g1"
+    assert direct_node(_envelope(0, recipients=Recipients(conn_ids=(ConnId("a.b.7"),)))) == "a.b"
+    for recipients in (
+        Recipients(conn_ids=(ConnId("g1.1"), ConnId("g2.1"))),  # two gateways
+        Recipients(conn_ids=(ConnId("g1.1"),), groups=("room",)),  # a group: any gateway
+        Recipients(aliases=("ann",)),
+        Recipients(users=("u",)),
+        Recipients(everyone=True),
+        Recipients(conn_ids=(ConnId("nodot"),)),  # names no gateway
+        None,  # to services, by type
+    ):
+        assert direct_node(_envelope(0, recipients=recipients)) is None, recipients
+    one = Recipients(conn_ids=(ConnId("g1.1"),))
+    # A control request (to a gateway), another sender than a service, the bus's notice.
+    assert direct_node(_envelope(0, recipients=one, to=GatewayAddress(NodeId("g1")))) is None
+    assert direct_node(_envelope(0, recipients=one, sender=GatewayAddress(NodeId("g2")))) is None
+    assert direct_node(_envelope(0, recipients=one, type=GATEWAY_LOST)) is None
+    # The bus's own rule: a service's history position is removed, never believed.
+    headers = {POSITION_HEADER: "e:1", GROUP_HEADER: "feed.x", "keep": "1"}
+    checked = from_service(_envelope(0, recipients=one, headers=headers))
+    assert checked is not None and checked.headers == {"keep": "1"}
+    assert from_service(gateway_lost_notice("g2", "1")) is None
+
+
+async def test_the_direct_endpoint_checks_the_sender_as_the_bus_does(
+    kit: Kit, wsbus_pyro_config: PyroConfig
+) -> None:
+    g1 = await kit.gateway("g1")
+    client = await kit.client(g1)
+    me = ConnId(client.conn_id or "")
+    mine = Recipients(conn_ids=(me,))
+    presence = {"event": "join", "conn_id": me, "group": "feed.x"}
+    refused = [
+        # A gateway's presence event, the bus's notice: a service may not send either.
+        _envelope(1, type="wsbus.presence", sender=GatewayAddress(NodeId("g2")), content=presence),
+        gateway_lost_notice("g2", "x"),
+        _envelope(2, type=GATEWAY_LOST, recipients=mine),
+        # Posing as another sender than a service.
+        _envelope(3, recipients=mine, sender=GatewayAddress(NodeId("g2"))),
+        _envelope(4, recipients=mine, sender=BUS_ADDRESS),
+        # What needs the bus: a group, an alias, everyone, a control request.
+        _envelope(5, recipients=Recipients(groups=("feed.x",))),
+        _envelope(6, recipients=Recipients(aliases=("ann",))),
+        _envelope(7, recipients=Recipients(everyone=True)),
+        _envelope(8, type="wsbus.disconnect", to=GatewayAddress(NodeId("g1")), content=me),
+    ]
+    uri = kit.buses["g1"].uri
+
+    def calls() -> list[Any]:
+        answers: list[Any] = []
+        with make_proxy(uri, wsbus_pyro_config) as gateway:
+            for envelope in refused:
+                answers.append(gateway.deliver_direct(encode_batch([envelope])))
+            # One bad envelope refuses its whole batch: the good one is not taken either.
+            good = _envelope(20, recipients=mine)
+            answers.append(gateway.deliver_direct(encode_batch([good, refused[0]])))
+            # Another gateway's connections: not refused as hostile, but not taken here.
+            other = Recipients(conn_ids=(ConnId("g2.1"),))
+            answers.append(gateway.deliver_direct(encode_batch([_envelope(21, recipients=other)])))
+            # A position of the sender's own is removed, as the bus removes it.
+            headers = {POSITION_HEADER: "forged:5", GROUP_HEADER: "feed.x"}
+            stamped = _envelope(22, recipients=mine, headers=headers)
+            answers.append(gateway.deliver_direct(encode_batch([stamped])))
+        # A peer without the secret does not get past the handshake.
+        wrong = msgspec.structs.replace(wsbus_pyro_config, secret="not-" + os.urandom(8).hex())
+        with (
+            pytest.raises(pyro_errors.CommunicationError),
+            make_proxy(uri, wrong) as gateway,
+        ):
+            gateway.deliver_direct(encode_batch([_envelope(23, recipients=mine)]))
+        return answers
+
+    answers = await asyncio.to_thread(calls)
+    assert answers[: len(refused)] == [[REFUSED]] * len(refused)
+    assert answers[len(refused) :] == [[REFUSED, REFUSED], [NO_ROUTE], [OK]]
+    # The client got the one envelope taken, without the forged position, and nothing else.
+    frame = await client.receive(WAIT)
+    assert frame["id"] == "intruder-22" and "pos" not in frame and "group" not in frame
+    await asyncio.sleep(0.2)
+    assert client.pending() == 0
+    assert kit.buses["g1"].direct_batches == 1
+
+
+async def test_a_second_copy_through_the_bus_is_delivered_once(
+    kit: Kit, wsbus_pyro_config: PyroConfig
+) -> None:
+    # A direct call that delivered, but whose answer was lost, is sent again through the
+    # bus: the gateway's two endpoints share one memory of what they took.
+    g1 = await kit.gateway("g1")
+    client = await kit.client(g1)
+    envelope = _envelope(30, recipients=Recipients(conn_ids=(ConnId(client.conn_id or ""),)))
+    uri = kit.buses["g1"].uri
+
+    def calls() -> Any:
+        with make_proxy(uri, wsbus_pyro_config) as gateway:
+            answer = gateway.deliver_direct(encode_batch([envelope]))
+            gateway.deliver(encode_batch([envelope]))  # as the bus delivers it
+            gateway.deliver(encode_batch([_envelope(31, recipients=envelope.recipients)]))
+        return answer
+
+    assert await asyncio.to_thread(calls) == [OK]
+    assert (await client.receive(WAIT))["id"] == "intruder-30"
+    assert (await client.receive(WAIT))["id"] == "intruder-31"
