@@ -1,14 +1,7 @@
 """The attack suite: hostile clients against a real WebSocket edge on 127.0.0.1.
 
-Subclass :class:`EdgeAttacks` and provide ``wsbus_serve_edge`` (:mod:`wsbus_testing.edges`)::
-
-    class TestMyEdgeAttacks(EdgeAttacks):
-        @pytest.fixture
-        def wsbus_serve_edge(self):
-            async def serve(gateway, **settings):
-                return await my_edge.serve(gateway, "127.0.0.1", 0, config=MyConfig(**settings))
-
-            return serve
+Subclass :class:`EdgeAttacks` and provide ``wsbus_serve_edge``, your edge's factory (see
+:mod:`wsbus_testing.edges`, whose example subclasses this suite).
 
 Every case runs over a real socket, with the ``websockets`` client for crafted messages
 and raw TCP for hand-built frames: spoofed senders, duplicate keys, reserved types, bad

@@ -1,19 +1,11 @@
 """The edge conformance suite: what every WebSocket edge does, against a real server.
 
-Subclass :class:`EdgeConformance` and provide ``wsbus_serve_edge``
-(:mod:`wsbus_testing.edges`), and override :meth:`EdgeConformance.edge_socket` for the
+Subclass :class:`EdgeConformance` and provide ``wsbus_serve_edge``, your edge's factory
+(see :mod:`wsbus_testing.edges`), and override :meth:`EdgeConformance.edge_socket` for the
 tests of frames that waited in the transport::
 
-    class TestMyEdge(EdgeConformance):
-        @pytest.fixture
-        def wsbus_serve_edge(self):
-            async def serve(gateway, **settings):
-                return await my_edge.serve(gateway, "127.0.0.1", 0, config=MyConfig(**settings))
-
-            return serve
-
-        def edge_socket(self, connection):
-            return connection.transport.get_extra_info("socket")
+    def edge_socket(self, connection):  # in your subclass
+        return connection.transport.get_extra_info("socket")
 
 It checks, on 127.0.0.1 with the ``websockets`` client, the Python client
 (``wsbus_websockets.connect``) and raw sockets: echo in both codecs, tokens from every
