@@ -60,8 +60,9 @@ class _Entry:
         self.conn_id = conn_id
         self.user = user
         self.alias: str | None = None
-        # A dict used as an ordered set: join order is kept for listings.
-        self.groups: dict[str, None] = {}
+        # A dict used as an ordered set: join order is kept for listings. Made with the
+        # first join: most connections are in no group (memory per idle connection).
+        self.groups: dict[str, None] | None = None
 
 
 class ClientRegistry:
@@ -128,7 +129,7 @@ class ClientRegistry:
             del self._aliases[entry.alias]
         if entry.user is not None:
             _discard(self._users, entry.user, conn_id)
-        for group in entry.groups:
+        for group in entry.groups or ():
             _discard(self._groups, group, conn_id)
         return info
 
@@ -275,9 +276,12 @@ class ClientRegistry:
         """
         entry = self._entry(conn_id)
         self.check_name("group", group)
-        if group in entry.groups:
+        groups = entry.groups
+        if groups is None:
+            groups = entry.groups = {}
+        elif group in groups:
             return False
-        entry.groups[group] = None
+        groups[group] = None
         self._groups.setdefault(group, {})[conn_id] = None
         return True
 
@@ -288,9 +292,10 @@ class ClientRegistry:
             UnknownConnection: no such connection.
         """
         entry = self._entry(conn_id)
-        if group not in entry.groups:
+        groups = entry.groups
+        if not groups or group not in groups:
             return False
-        del entry.groups[group]
+        del groups[group]
         _discard(self._groups, group, conn_id)
         return True
 
@@ -338,7 +343,8 @@ class ClientRegistry:
 
     @staticmethod
     def _info(entry: _Entry) -> ClientInfo:
-        return ClientInfo(entry.conn_id, entry.alias, entry.user, tuple(entry.groups))
+        groups = tuple(entry.groups) if entry.groups else ()
+        return ClientInfo(entry.conn_id, entry.alias, entry.user, groups)
 
 
 def _discard(index: dict[str, dict[ConnId, None]], key: str, conn_id: ConnId) -> None:

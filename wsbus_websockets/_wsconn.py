@@ -837,6 +837,9 @@ class EdgeConnection(ServerConnection):
         self._line = b""
         if self.protocol.state is State.OPEN:
             self._phase = _OPEN
+            # Sent, and read by nothing after the handshake: an open connection does not
+            # keep the response and its headers (about 1.7 KiB per idle connection).
+            self.response = None
             if held:
                 self.data_received(held)
         else:
@@ -1098,6 +1101,14 @@ def check_internals() -> list[str]:
         problems.append(
             "asyncio's _SelectorTransport._force_close no longer empties the write buffer "
             "(CountingTransport.lose would count too much dropped after a reset)"
+        )
+    # The edge drops the response of an open connection (EdgeConnection.handshake).
+    if inspect.getsource(Connection).count("self.response") != 1 or inspect.getsource(
+        ServerConnection
+    ).count("self.response") != handshake.count("self.response"):
+        problems.append(
+            "websockets reads a connection's response outside the opening handshake (the "
+            "edge drops it once the connection is open)"
         )
     if "self.loop = " not in inspect.getsource(Connection.__init__):
         problems.append("websockets' Connection no longer keeps its event loop in self.loop")
