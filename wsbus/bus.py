@@ -132,8 +132,14 @@ class PublishesFresh(Protocol):
     unchanged.
     """
 
-    def publish_fresh_nowait(self, envelope: Envelope) -> bool:
+    def publish_fresh_nowait(self, envelope: Envelope, handle_now: bool = False) -> bool:
         """Take such an envelope now if that needs no waiting (as ``publish_nowait``).
+
+        Args:
+            envelope: the envelope.
+            handle_now: the caller has nothing more to do for this message that must come
+                before what a service does with it (no ``wsbus.ack`` to send): a service
+                in the caller's process may handle it before this returns.
 
         Returns:
             True when the bus took it; False when taking it would mean waiting: nothing

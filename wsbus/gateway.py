@@ -808,7 +808,8 @@ class Gateway:
             # An in-process bus takes the envelope on the spot: no coroutine per frame.
             try:
                 if publish_fresh is not None and not hooks.inbound_hooks:
-                    taken = publish_fresh(envelope)
+                    # Without an id, nothing (no ack) is owed the client before a reply.
+                    taken = publish_fresh(envelope, session.frame_id is None)
                 else:
                     taken = publish_nowait(envelope)
             except Exception as exc:

@@ -32,7 +32,6 @@ import msgspec
 from . import control
 from .bus import BusSink, is_for_gateway, is_presence_event
 from .envelope import (
-    ClientAddress,
     Envelope,
     GatewayAddress,
     ServiceAddress,
@@ -49,7 +48,7 @@ from .history import (
     history_group,
 )
 from .resume import MemorySessions, SessionRecord
-from .service import Service, ServiceRunner
+from .service import Service, ServiceRunner, client_key
 
 __all__ = ["MemoryBus"]
 
@@ -162,29 +161,29 @@ class MemoryBus:
         carried = decode_envelope(encode_envelope(envelope)) if self.serialize else envelope
         return self._take_nowait(envelope, carried)
 
-    def publish_fresh_nowait(self, envelope: Envelope) -> bool:
+    def publish_fresh_nowait(self, envelope: Envelope, handle_now: bool = False) -> bool:
         """As :meth:`publish_nowait`, for an envelope only the bus holds (see PublishesFresh).
 
         With ``serialize``, it is not copied: nothing but the services it goes to can reach
         it, and its content would cross a process boundary unchanged. With ``record`` it
-        is, as :attr:`published` keeps it too.
+        is, as :attr:`published` keeps it too. With ``handle_now``, the one service of its
+        type, when idle, starts handling it before this returns
+        (:meth:`ServiceRunner.offer <wsbus.service.ServiceRunner.offer>`).
         """
         if self.down:
             raise BusUnavailable("the in-memory bus is marked down")
         copy = self.record and self.serialize
         carried = decode_envelope(encode_envelope(envelope)) if copy else envelope
-        return self._take_nowait(envelope, carried)
+        return self._take_nowait(envelope, carried, handle_now)
 
-    def _take_nowait(self, envelope: Envelope, carried: Envelope) -> bool:
+    def _take_nowait(self, envelope: Envelope, carried: Envelope, handle_now: bool = False) -> bool:
         """Hand ``carried`` (``envelope`` or its copy) over if that needs no waiting."""
         # The common case inline (one service for the type, room in its inbox): this runs
         # once per client frame.
         runners = self._by_type.get(carried.type) if carried.to is None else None
         if runners is not None and len(runners) == 1:
-            runner = runners[0]
-            if not (runner.has_room() or runner.take_credit(_key(envelope))):
+            if not runners[0].offer(carried, handle_now):
                 return False
-            runner.accept(carried)
         elif not self._unheard(carried) and not self._route_now(carried):
             return False
         if self.record:
@@ -251,7 +250,11 @@ class MemoryBus:
         if service.name in self._runners:
             raise ConfigError(f"a service named {service.name!r} is on the bus already")
         runner = ServiceRunner(
-            service, self._from_service, inbox_size=self.inbox_size, timeout=self.timeout
+            service,
+            self._from_service,
+            inbox_size=self.inbox_size,
+            timeout=self.timeout,
+            eager=True,
         )
         await runner.start()
         self._runners[service.name] = runner
@@ -364,7 +367,7 @@ class MemoryBus:
                     runner.release_held()
                 # A client's share of the room, for its next messages, when it waits for
                 # one service: they go in without waiting again (ServiceRunner).
-                key = _key(envelope) if len(runners) == 1 else None
+                key = client_key(envelope) if len(runners) == 1 else None
                 for runner in sorted(runners, key=_by_name):
                     if runner in held:
                         continue
@@ -413,9 +416,3 @@ class MemoryBus:
 
 def _by_name(runner: ServiceRunner) -> str:
     return runner.name
-
-
-def _key(envelope: Envelope) -> object:
-    """Who a client's message is from, for its share of a service's room; None otherwise."""
-    sender = envelope.sender
-    return sender.conn_id if type(sender) is ClientAddress else None

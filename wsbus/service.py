@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import inspect
 import logging
@@ -32,7 +33,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, ClassVar, Final, Literal, Protocol, TypeAlias, TypeVar
 
 import msgspec
@@ -698,6 +699,52 @@ class Context:
         await self.link.disconnect(conn_id, code, reason)
 
 
+# Which task asyncio says is running: swapped while a handler starts in another's turn,
+# as Python 3.12's eager tasks do (asyncio.tasks has had both since 3.7).
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
+
+
+class _Resumed:
+    """Awaits a coroutine already started and suspended on ``awaited`` (ServiceRunner.offer).
+
+    It passes what the coroutine awaits to the task awaiting this, and the task's answers
+    (a result, an exception, a cancel) back to the coroutine: the task carries it on as if
+    it had started it.
+    """
+
+    __slots__ = ("_awaited", "_coro")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], awaited: Any) -> None:
+        self._coro = coro
+        self._awaited = awaited
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, awaited = self._coro, self._awaited
+        while True:
+            try:
+                sent = yield awaited
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    awaited = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    awaited = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+def client_key(envelope: Envelope) -> object:
+    """Who a client's message is from, for its share of a service's room; None otherwise."""
+    sender = envelope.sender
+    return sender.conn_id if type(sender) is ClientAddress else None
+
+
 class _Turn:
     """A sender's place in line for room in a service's inbox (ServiceRunner.wait_for_room)."""
 
@@ -744,6 +791,9 @@ class ServiceRunner:
             which fails what a dead instance held). Not called for answers to the
             service's own control requests (they resolve the request, never queue).
             It must not raise (what it raises is logged and ignored).
+        eager: let :meth:`offer` run an async handler at once, in the caller's turn of
+            the event loop, when the service is idle (see :meth:`offer`). For a runtime
+            whose services share the caller's loop (the in-memory bus).
     """
 
     def __init__(
@@ -755,6 +805,7 @@ class ServiceRunner:
         timeout: float = 5.0,
         gateways: GatewayNodes | None = None,
         finished: Finished | None = None,
+        eager: bool = False,
     ) -> None:
         self.service = service
         self.name = service.name
@@ -785,6 +836,14 @@ class ServiceRunner:
         # it finds nothing left to do.
         self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._eager = eager
+        # True while _run waits for work with nothing to do (only with eager): a handler
+        # may then run in the caller's turn of the loop (offer).
+        self._idle = False
+        # Handlers run in the runner's task's context, whichever way they start.
+        self._context = contextvars.copy_context()
+        # A handler offer started that awaited: _run carries it on first.
+        self._resume: tuple[Envelope, Coroutine[Any, Any, Any], Any] | None = None
         # Looked up once: (bound method, is it a coroutine function) per message type.
         self._dispatch: dict[str, tuple[Callable[..., Any], bool]] = {}
         for type_, attr in service._handlers.items():
@@ -827,6 +886,70 @@ class ServiceRunner:
     def forged(self) -> int:
         """Envelopes dropped because no gateway sent them (see :attr:`ServiceLink.forged`)."""
         return self.link.forged
+
+    def offer(self, envelope: Envelope, handle_now: bool = False) -> bool:
+        """Take one envelope if there is room for it now, without waiting.
+
+        Room is a free place nobody waits for (:meth:`has_room`), or one reserved for the
+        client that sent it (:meth:`take_credit`). With ``handle_now`` and an eager runner
+        whose service is idle (nothing in its inbox, no handler running), an async
+        handler is called at once, in the caller's turn of the event loop, as the
+        runner's own task (``asyncio.current_task()`` and context variables are the
+        task's): a message needs no task switch to be handled. What the handler does
+        before its first await happens before this returns; if it awaits, the runner's
+        task carries it on, before anything else in the inbox.
+
+        Args:
+            envelope: the envelope.
+            handle_now: the caller has nothing more to do for this envelope that must
+                come before what its handler does.
+
+        Returns:
+            True: taken (queued or handled). False: no room; nothing was done.
+        """
+        full = self._waiters or len(self._inbox) >= self._limit
+        if full and not self.take_credit(client_key(envelope)):
+            return False
+        if handle_now and self._idle and not self._inbox:
+            entry = self._dispatch.get(envelope.type)
+            if entry is not None and entry[1] and envelope.type not in FROM_GATEWAYS:
+                self._handle_now(envelope, entry[0])
+                return True
+        self.accept(envelope)
+        return True
+
+    def _handle_now(self, envelope: Envelope, method: Callable[..., Any]) -> None:
+        """Start ``envelope``'s async handler in the caller's turn, as the runner's task."""
+        task = self._task
+        assert task is not None  # idle: _run is waiting
+        loop = task.get_loop()
+        # Busy meanwhile: what the handler sends to this service queues behind it.
+        self._idle = False
+        outcome: Outcome | None = None
+        caller = asyncio.current_task(loop)
+        if caller is not None:
+            _leave_task(loop, caller)
+        _enter_task(loop, task)
+        try:
+            coro = method(envelope, Context(self.link, envelope))
+            try:
+                awaited = self._context.run(coro.send, None)
+            except StopIteration:
+                outcome = "handled"
+            except Exception:
+                self._failed(envelope)
+                outcome = "failed"
+            else:
+                self._resume = (envelope, coro, awaited)
+                self._ready.set()
+        finally:
+            _leave_task(loop, task)
+            if caller is not None:
+                _enter_task(loop, caller)
+        if outcome is not None:
+            self._idle = True
+            if self._finished is not None:
+                self._end(envelope, outcome)
 
     def has_room(self) -> bool:
         """Return True when the inbox has a free place and nobody is waiting for one.
@@ -973,7 +1096,9 @@ class ServiceRunner:
     async def start(self) -> None:
         """Run the service's ``on_start`` and begin handling messages."""
         await self.service.on_start()
-        self._task = asyncio.create_task(self._run(), name=f"wsbus-service-{self.name}")
+        self._task = asyncio.create_task(
+            self._run(), name=f"wsbus-service-{self.name}", context=self._context
+        )
 
     async def stop(self, *, drain: float = 0.0) -> None:
         """Stop handling messages and run ``on_stop``.
@@ -986,6 +1111,7 @@ class ServiceRunner:
         get BusUnavailable.
         """
         self._stopped = True
+        self._idle = False
         for turn in self._waiters:
             turn.event.set()
         self._woken = len(self._waiters)
@@ -1009,6 +1135,12 @@ class ServiceRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             self._task = None
+        if self._resume is not None:
+            # A handler offer started, which the task did not get to carry on.
+            envelope, coro, _ = self._resume
+            self._resume = None
+            coro.close()
+            self._end(envelope, "stopped")
         inbox, self._inbox = self._inbox, deque()
         for envelope in inbox:
             self._end(envelope, "stopped")
@@ -1029,11 +1161,18 @@ class ServiceRunner:
         dispatch = self._dispatch
         link = self.link
         while True:
+            if self._resume is not None:
+                await self._carry_on()
+                continue
             if not inbox:
                 if self._drained is not None:
                     self._drained.set()
                 self._ready.clear()
-                await self._ready.wait()
+                self._idle = self._eager and not self._stopped
+                try:
+                    await self._ready.wait()
+                finally:
+                    self._idle = False
                 continue
             envelope = inbox.popleft()
             if len(self._waiters) > self._woken and len(inbox) <= self._low:
@@ -1058,6 +1197,25 @@ class ServiceRunner:
                 raise
             if self._finished is not None:
                 self._end(envelope, outcome)
+
+    async def _carry_on(self) -> None:
+        """Carry on the handler :meth:`offer` started, from where it awaited."""
+        assert self._resume is not None
+        envelope, coro, awaited = self._resume
+        self._resume = None
+        outcome: Outcome
+        try:
+            try:
+                await _Resumed(coro, awaited)
+                outcome = "handled"
+            except Exception:
+                self._failed(envelope)
+                outcome = "failed"
+        except asyncio.CancelledError:
+            self._end(envelope, "stopped")
+            raise
+        if self._finished is not None:
+            self._end(envelope, outcome)
 
     async def handle(self, envelope: Envelope) -> None:
         """Call the handler for one envelope; a failing handler is logged, never raised."""
