@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -13,31 +12,11 @@ from wsbus import (
     Envelope,
     Recipients,
     Service,
-    Stats,
     handles,
 )
 from wsbus_cli.demo_services import Chat, Echo
-
-
-class Flood(Service):
-    """Sends ``content["n"]`` numbered messages to the sender, or to a group."""
-
-    name = "flood"
-
-    @handles("flood")
-    async def flood(self, message: Envelope, ctx: Context) -> None:
-        assert isinstance(message.sender, ClientAddress)
-        n = int(message.content["n"])
-        group = message.content.get("group")
-        pad = "x" * 8192 if message.content.get("pad") else None
-        recipients = (
-            Recipients(groups=(group,)) if group else Recipients(conn_ids=(message.sender.conn_id,))
-        )
-        for i in range(n):
-            ctx.send(recipients, "flood.item", {"i": i} if pad is None else {"i": i, "pad": pad})
-            if i % 64 == 63:
-                # Let the event loop run the writers, as a real service's pace would.
-                await asyncio.sleep(0)
+from wsbus_testing.accounting import assert_balanced as assert_balanced  # tests import it here
+from wsbus_testing.services import Flood as Flood
 
 
 class Control(Service):
@@ -73,42 +52,6 @@ class Control(Service):
 def wsbus_services() -> list[Service]:
     """Every test gateway runs the demo services and the test helpers."""
     return [Echo(), Chat(), Flood(), Control()]
-
-
-def assert_balanced(stats: Stats) -> None:
-    """Check the accounting identities of SPEC section 4 exactly."""
-    assert stats.frames_received == (
-        stats.frames_published
-        + stats.frames_rejected
-        + stats.frames_lost
-        + stats.frames_in_flight
-        + stats.frames_control
-    ), stats
-    assert stats.deliveries_queued == (
-        stats.deliveries_written + stats.deliveries_dropped + stats.deliveries_pending
-    ), stats
-    assert stats.bus_envelopes == (
-        stats.control_requests
-        + stats.service_errors
-        + stats.messages_routed
-        + stats.messages_unrouted
-        + stats.messages_elsewhere
-    ), stats
-    assert stats.reports == (
-        stats.messages_unrouted + stats.messages_partial + stats.deliveries_refused
-    ), stats
-    assert stats.presence_events == (
-        stats.presence_events_sent + stats.presence_events_lost + stats.presence_events_queued
-    ), stats
-    assert stats.receipts_requested == stats.receipts + stats.receipts_pending, stats
-    assert stats.acks_requested == (
-        stats.acks + stats.unacked + stats.unacked_dropped + stats.unacked_closed
-    ), stats
-    assert stats.sessions_closed == (
-        stats.sessions_saved + stats.sessions_lost + stats.sessions_saving + stats.sessions_ended
-    ), stats
-    assert sum(stats.rejected_by_code.values()) == stats.frames_rejected, stats
-    assert sum(stats.dropped_by_close_code.values()) == stats.deliveries_dropped, stats
 
 
 def codes(frames: list[dict[str, Any]]) -> list[str]:
