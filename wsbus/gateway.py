@@ -772,7 +772,10 @@ class Gateway:
         )
         hooks = self.hooks
         take = session.receive
-        loop_time = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        # asyncio's own loop.time is time.monotonic(): called directly, a Python frame less
+        # per frame (another loop, uvloop's, keeps its own clock).
+        loop_time = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         wall_clock = self._clock
         # An adapter's receive returns at once while frames are buffered: without a yield
         # of its own, a client's burst of large frames would hold the loop until it is read.

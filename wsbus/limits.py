@@ -28,16 +28,21 @@ class TokenBucket:
         self.rate = rate
         self.burst = burst
         self._tokens = burst
-        self._stamp: float | None = None
+        self._stamp = 0.0
 
     def take(self, now: float) -> bool:
         """Spend one token at time ``now``; return False when the bucket is empty."""
-        if self._stamp is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        tokens = self._tokens
+        # A full bucket has nothing to add (it starts full, so the first take is one).
+        if tokens < self.burst:
+            tokens += (now - self._stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
         self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if tokens >= 1:
+            self._tokens = tokens - 1
             return True
+        self._tokens = tokens
         return False
 
 

@@ -837,6 +837,7 @@ class ServiceRunner:
         self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._eager = eager
+        self._loop = asyncio.get_running_loop()
         # True while _run waits for work with nothing to do (only with eager): a handler
         # may then run in the caller's turn of the loop (offer).
         self._idle = False
@@ -922,7 +923,7 @@ class ServiceRunner:
         """Start ``envelope``'s async handler in the caller's turn, as the runner's task."""
         task = self._task
         assert task is not None  # idle: _run is waiting
-        loop = task.get_loop()
+        loop = self._loop
         # Busy meanwhile: what the handler sends to this service queues behind it.
         self._idle = False
         outcome: Outcome | None = None
