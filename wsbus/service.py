@@ -898,7 +898,9 @@ class ServiceRunner:
         runner's own task (``asyncio.current_task()`` and context variables are the
         task's): a message needs no task switch to be handled. What the handler does
         before its first await happens before this returns; if it awaits, the runner's
-        task carries it on, before anything else in the inbox.
+        task carries it on, before anything else in the inbox. The service is idle again
+        once the runner's task has looked, in the loop's next turn: of a burst offered in
+        one turn, the first is handled at once and the rest queue, taken as one batch.
 
         Args:
             envelope: the envelope.
@@ -948,7 +950,11 @@ class ServiceRunner:
             if caller is not None:
                 _enter_task(loop, caller)
         if outcome is not None:
-            self._idle = True
+            # Idle again only once the runner's task has looked (next turn): what else
+            # comes in this turn queues, and the task takes it as one batch. A message
+            # at a time (a round trip) is handled at once each time; a burst costs one
+            # task switch, not one per message, and not a handler call's extra cost.
+            self._ready.set()
             if self._finished is not None:
                 self._end(envelope, outcome)
 

@@ -99,6 +99,21 @@ async def test_an_idle_service_handles_the_message_before_offer_returns(
     assert ended == {"m1": "handled"}
 
 
+async def test_of_a_burst_the_first_is_handled_at_once_the_rest_as_a_batch(
+    runner: tuple[ServiceRunner, Eager, dict[str, str]],
+) -> None:
+    runner_, service, ended = runner
+    for n in (1, 2, 3):
+        assert runner_.offer(client_message("now", n, n), handle_now=True)
+    assert service.log == ["now 1"]
+    await _settled()
+    assert service.log == ["now 1", "now 2", "now 3"]
+    # Idle again: the next is handled at once.
+    assert runner_.offer(client_message("now", 4, 4), handle_now=True)
+    assert service.log[-1] == "now 4"
+    assert ended == dict.fromkeys(("m1", "m2", "m3", "m4"), "handled")
+
+
 async def test_without_handle_now_the_message_waits_for_the_runners_task(
     runner: tuple[ServiceRunner, Eager, dict[str, str]],
 ) -> None:
@@ -133,6 +148,7 @@ async def test_a_handler_failing_at_once_is_logged_and_the_service_goes_on(
         assert runner_.offer(client_message("raise", 1, 1), handle_now=True)
     assert ended == {"m1": "failed"}
     assert "RuntimeError: planned" in caplog.text
+    await _settled()
     assert runner_.offer(client_message("now", 2, 2), handle_now=True)
     assert service.log == ["now 2"] and ended["m2"] == "handled"
 
