@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from base64 import b64encode
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -632,6 +633,8 @@ class Forwarder(threading.Thread):
 
 _DIRECT_PROXIES: Final = 64
 """The most gateways one service's forwarder keeps a direct connection to at once."""
+_REROUTED_LIMIT: Final = 65536
+"""The most ids of envelopes given back by direct calls remembered (a bound on memory)."""
 
 
 class DirectForwarder(Forwarder):
@@ -743,6 +746,9 @@ class DirectForwarder(Forwarder):
         if statuses is None or any(status not in (OK, UNAVAILABLE) for status in statuses):
             # Not delivered here, or not known to be: through the bus, in order, at once.
             self._avoid[node] = time.monotonic() + self._retry_after
+            if len(self._rerouted) > _REROUTED_LIMIT:
+                # Ids of envelopes that expired before they were sent again: forgotten.
+                self._rerouted.clear()
             for envelope, _ in batch:
                 self._rerouted.add(envelope.id)
             self._requeue(batch)
@@ -763,19 +769,22 @@ class DirectForwarder(Forwarder):
             entry[1]._pyroRelease()
             entry = None
         proxy: Proxy | None = None if entry is None else entry[1]
+        # Base64 text, not bytes: Pyro's serpent reads a string faster than the dict it
+        # wraps bytes in (the gateway takes either).
+        text = b64encode(blob).decode("ascii")
         try:
             try:
                 reused = proxy is not None
                 if proxy is None:
                     proxy = self._connect_direct(uri)
-                result = proxy.deliver_direct(blob)
+                result = proxy.deliver_direct(text)
             except pyro_errors.ConnectionClosedError:
                 if not reused or proxy is None:
                     raise
                 # The gateway closed a connection we held: it never read this call.
                 proxy._pyroRelease()
                 proxy = self._connect_direct(uri)
-                result = proxy.deliver_direct(blob)
+                result = proxy.deliver_direct(text)
         except Exception as exc:
             # Unreachable, gone, or a gateway without deliver_direct: the bus takes these.
             log.info("gateway %s not reached directly (%s): sending through the bus", node, exc)
@@ -787,6 +796,8 @@ class DirectForwarder(Forwarder):
         if len(self._direct) > _DIRECT_PROXIES:
             oldest = min(self._direct, key=lambda n: self._direct[n][2])
             self._direct.pop(oldest)[1]._pyroRelease()
+        if result is None:
+            return [OK] * count
         if not isinstance(result, list) or len(result) != count:
             return None
         return [str(status) for status in result]

@@ -14,6 +14,7 @@ import asyncio
 import os
 import random
 import time
+from base64 import b64encode
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,12 +38,13 @@ from wsbus.envelope import (
 from wsbus.history import GROUP_HEADER, POSITION_HEADER, HistoryConfig, Position
 from wsbus.service import Context, handles
 from wsbus_pyro import PyroBus, PyroConfig, ServiceHost
+from wsbus_pyro.bus import GatewayEndpoint
 from wsbus_pyro.transport import (
     BUS_ADDRESS,
     GATEWAY_LOST,
     NO_ROUTE,
-    OK,
     REFUSED,
+    UNAVAILABLE,
     direct_node,
     encode_batch,
     from_service,
@@ -369,7 +371,8 @@ async def test_the_direct_endpoint_checks_the_sender_as_the_bus_does(
 
     answers = await asyncio.to_thread(calls)
     assert answers[: len(refused)] == [[REFUSED]] * len(refused)
-    assert answers[len(refused) :] == [[REFUSED, REFUSED], [NO_ROUTE], [OK]]
+    # None: all taken (the shortest answer).
+    assert answers[len(refused) :] == [[REFUSED, REFUSED], [NO_ROUTE], None]
     # The client got the one envelope taken, without the forged position, and nothing else.
     frame = await client.receive(WAIT)
     assert frame["id"] == "intruder-22" and "pos" not in frame and "group" not in frame
@@ -395,6 +398,43 @@ async def test_a_second_copy_through_the_bus_is_delivered_once(
             gateway.deliver(encode_batch([_envelope(31, recipients=envelope.recipients)]))
         return answer
 
-    assert await asyncio.to_thread(calls) == [OK]
+    assert await asyncio.to_thread(calls) is None  # taken
     assert (await client.receive(WAIT))["id"] == "intruder-30"
     assert (await client.receive(WAIT))["id"] == "intruder-31"
+
+
+class Sink:
+    """The gateway, as the endpoint sees it: keeps what it was handed."""
+
+    node = NodeId("g1")
+
+    def __init__(self) -> None:
+        self.took: list[Envelope] = []
+
+    def deliver(self, envelope: Envelope) -> None:
+        self.took.append(envelope)
+
+
+def test_direct_batches_waiting_for_the_loop_are_bounded() -> None:
+    # A gateway loop that is behind (here: not running at all) holds at most
+    # max_message_size bytes of direct batches; a call past that waits on its own thread
+    # for up to call_timeout, then answers unavailable and takes nothing.
+    config = PyroConfig(max_message_size=64 * 1024, call_timeout=0.2)
+    loop = asyncio.new_event_loop()
+    sink = Sink()
+    endpoint = GatewayEndpoint(loop, sink, on_loop=False, node="g1", config=config)
+    to = Recipients(conn_ids=(ConnId("g1.1"),))
+    batches = [encode_batch([_envelope(i, recipients=to, content="x" * 20_000)]) for i in range(5)]
+    try:
+        answers = [endpoint.deliver_direct(batch) for batch in batches[:4]]
+        assert answers == [None, None, None, [UNAVAILABLE]]
+        assert sink.took == []  # handed to the loop, which has not run
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.id for e in sink.took] == ["intruder-0", "intruder-1", "intruder-2"]
+        # Taken by the loop: room again.
+        assert endpoint.deliver_direct(b64encode(batches[4]).decode()) is None  # as text too
+        loop.run_until_complete(asyncio.sleep(0))
+        assert sink.took[-1].id == "intruder-4"
+        assert endpoint.direct_batches == 4
+    finally:
+        loop.close()
