@@ -84,7 +84,7 @@ class Child:
                 f"wsbus {' '.join(self.args)} did not start:\n{self.text}", self.args, self.text
             )
         if self.process.poll() is not None:
-            self._reader.join(2)
+            self._release()
             raise ChildFailed(
                 f"wsbus {' '.join(self.args)} exited:\n{self.text}", self.args, self.text
             )
@@ -112,6 +112,15 @@ class Child:
         if self.process.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
             self.process.wait(10)
+        self._release()
+
+    def _release(self) -> None:
+        """Once the child has exited: read the rest of its output and close the pipe."""
+        # The reader ends at the pipe's end; an unclosed pipe would be a ResourceWarning
+        # wherever the garbage collector happens to find it.
+        self._reader.join(2)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     def stop(self, timeout: float = 10.0) -> int:
         """End the child gracefully (SIGTERM; SIGKILL after ``timeout``); return its status."""
@@ -122,9 +131,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.process.wait(10)
-        self._reader.join(2)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        self._release()
         return self.process.returncode
 
     def wait_output(self, text: str, timeout: float = 10.0) -> None:
