@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from wsbus import (
     ClientAddress,
@@ -17,6 +18,12 @@ from wsbus import (
 from wsbus_cli.demo_services import Chat, Echo
 from wsbus_testing.accounting import assert_balanced as assert_balanced  # tests import it here
 from wsbus_testing.services import Flood as Flood
+
+# Hypothesis's deadline and its too_slow health check time the machine, not the code: on a
+# busy 2-core machine (the suite runs on two workers) they fail tests that are right. Every
+# wait a test makes is bounded by its own timeouts instead.
+settings.register_profile("wsbus", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("wsbus")
 
 
 class Control(Service):
