@@ -220,6 +220,56 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         ErrorBudget(self.error_budget, self.error_window)
 
 
+class _Settler:
+    """Counts deliveries written once they reach the socket, for every session at once.
+
+    A session whose connection holds deliveries in its transport asks to be looked at
+    (:meth:`add`, from its driver's ``settle_soon``): it is settled when the event-loop pass
+    ends, then every :data:`SETTLE_INTERVAL` seconds while some still wait. One callback
+    per pass and one timer for every session, not a ``call_soon`` and a chain of timers
+    per connection (a paced fan-out to thousands made one per connection per pass).
+    """
+
+    __slots__ = ("_later", "_scheduled", "_soon", "_timer")
+
+    def __init__(self) -> None:
+        self._soon: list[Session] = []
+        self._scheduled = False
+        # An ordered set: a session is looked at once per interval.
+        self._later: dict[Session, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, session: Session) -> None:
+        """Settle ``session`` when this pass ends, and after while deliveries wait."""
+        self._soon.append(session)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._pass_ended)
+
+    def _pass_ended(self) -> None:
+        self._scheduled = False
+        soon, self._soon = self._soon, []
+        self._settle(soon)
+
+    def _interval_ended(self) -> None:
+        self._timer = None
+        later, self._later = self._later, {}
+        self._settle(later)
+
+    def _settle(self, sessions: Iterable[Session]) -> None:
+        later = self._later
+        for session in sessions:
+            # None: all counted already, or the session ended (discard counted the rest).
+            if session.unconfirmed is not None:
+                session.settle()
+                if session.unconfirmed is not None:
+                    later[session] = None
+        if later and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                SETTLE_INTERVAL, self._interval_ended
+            )
+
+
 class _Link:
     """Drives one session: reads it frames, writes its outbox, closes its connection.
 
@@ -228,10 +278,11 @@ class _Link:
     cancels and awaits them before :meth:`Gateway.serve` returns.
     """
 
-    __slots__ = ("closer", "conn", "flushed", "session", "writer")
+    __slots__ = ("closer", "conn", "flushed", "session", "settler", "writer")
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: ClientConnection, settler: _Settler) -> None:
         self.conn = conn
+        self.settler = settler
         self.session: Session
         self.writer: asyncio.Task[None] | None = None
         self.closer: asyncio.Task[None] | None = None
@@ -254,16 +305,7 @@ class _Link:
 
     def settle_soon(self) -> None:
         """Look at the frames waiting in the transport when this pass ends, and after."""
-        asyncio.get_running_loop().call_soon(self._settling, self.session.unconfirmed)
-
-    def _settling(self, flags: object) -> None:
-        # One chain of looks per list: a newer list (after this one emptied) has its own.
-        session = self.session
-        if session.unconfirmed is not flags:
-            return
-        session.settle()
-        if session.unconfirmed is flags:
-            asyncio.get_running_loop().call_later(SETTLE_INTERVAL, self._settling, flags)
+        self.settler.add(self.session)
 
     async def _write(self) -> None:
         """Write the outbox out in order, then end: the next queued frame starts another."""
@@ -472,6 +514,7 @@ class Gateway:
         self._counters = Counters.zero()
         # Every open session, those still authenticating too: the one record of them.
         self._sessions: dict[ConnId, Session] = {}
+        self._settler = _Settler()
         self._serial = itertools.count(1)
         self._ids = IdFactory(f"{self._node}")
         self._next_id = self._ids.next  # one bound method for every session
@@ -636,7 +679,7 @@ class Gateway:
             return
         self._idle.clear()
         conn_id = ConnId(f"{self._node}.{next(self._serial):x}")
-        link = _Link(conn)
+        link = _Link(conn, self._settler)
         # The connection's optional fast paths, looked for once (see wsbus.edge).
         session = link.session = Session(
             conn_id,

@@ -108,18 +108,19 @@ class PassEnd:
     frames are listed here.
     """
 
-    __slots__ = ("_gathering", "_scheduled", "number")
+    __slots__ = ("_gathering", "number", "scheduled")
 
     def __init__(self) -> None:
         self.number = 0
         """Passes ended so far: a connection notes it when it writes at once."""
         self._gathering: list[EdgeConnection] = []
-        self._scheduled = False
+        self.scheduled = False
+        """The callback that ends this pass is scheduled."""
 
     def wrote(self, loop: asyncio.AbstractEventLoop) -> None:
         """A connection wrote a frame at once: this pass must end (once for all)."""
-        if not self._scheduled:
-            self._scheduled = True
+        if not self.scheduled:
+            self.scheduled = True
             loop.call_soon(self._end)
 
     def gathering(self, connection: EdgeConnection) -> None:
@@ -127,7 +128,7 @@ class PassEnd:
         self._gathering.append(connection)
 
     def _end(self) -> None:
-        self._scheduled = False
+        self.scheduled = False
         self.number += 1
         gathering, self._gathering = self._gathering, []
         for connection in gathering:
@@ -892,8 +893,11 @@ class EdgeConnection(ServerConnection):
         # websockets' to interleave with.
         if protocol.state is not State.OPEN or out is None:
             return False
+        # The asyncio transport under the counting one: what CountingTransport.write and
+        # get_write_buffer_size do, inline (this runs once per delivery).
+        transport = out._t
         gathered = self._gathered
-        if out.get_write_buffer_size() + gathered > limit:
+        if transport.get_write_buffer_size() + gathered > limit:
             return False
         if protocol.extensions:
             if text:
@@ -910,7 +914,8 @@ class EdgeConnection(ServerConnection):
                 last.data = data
                 last.text = text
         passes = self._passes
-        if self._pass == passes.number:
+        number = passes.number
+        if self._pass == number:
             # A frame went out at once in this pass already: this one is gathered.
             gather = self._gather
             if gather is None:
@@ -922,17 +927,25 @@ class EdgeConnection(ServerConnection):
             if gathered >= limit:
                 self._write_gathered()
             return True
-        self._pass = passes.number
-        passes.wrote(self.loop)
-        out.write(frame)
-        if self._inflight is None and not out.lost and not out.get_write_buffer_size():
-            # Everything written so far has reached the socket (the usual case).
-            out.known = out.written - out.discarded
+        self._pass = number
+        if not passes.scheduled:
+            passes.wrote(self.loop)
+        n = len(frame)
+        out.written += n
+        if out.lost or transport.is_closing():
+            # Discarded, as CountingTransport.write does: it never reaches the socket, and
+            # stays unsent (it ends past what the socket took).
+            out.discarded += n
         else:
-            inflight = self._inflight
-            if inflight is None:
-                inflight = self._inflight = deque()
-            inflight.append(out.written)
+            transport.write(frame)
+            if self._inflight is None and not transport.get_write_buffer_size():
+                # Everything written so far has reached the socket (the usual case).
+                out.known = out.written - out.discarded
+                return True
+        inflight = self._inflight
+        if inflight is None:
+            inflight = self._inflight = deque()
+        inflight.append(out.written)
         return True
 
     async def wait_writable(self, limit: int) -> None:
@@ -985,15 +998,22 @@ class EdgeConnection(ServerConnection):
         # Our frames first, then what websockets queued (written through send_data, which
         # comes here): where each of ours ends in the stream is known exactly.
         start = out.written
+        discarded = out.discarded
         if chunks and all(chunks):
             out.writelines([*gather, *chunks])
         else:
             out.writelines(gather)
             if chunks:
                 self._write_chunks(out, chunks)
-        if self._inflight is None and not out.lost and not out.get_write_buffer_size():
+        if (
+            self._inflight is None
+            and out.discarded == discarded
+            and not out.lost
+            and not out.get_write_buffer_size()
+        ):
             # Everything written so far has reached the socket (what a reset leaves
-            # counted written; see CountingTransport.lose).
+            # counted written; see CountingTransport.lose). Frames a closing transport
+            # discarded stay unsent.
             out.known = out.written - out.discarded
         else:
             inflight = self._inflight

@@ -895,10 +895,10 @@ async def test_a_writer_stopped_before_it_ran_does_not_hold_up_a_flushing_close(
     from collections import deque
     from types import SimpleNamespace
 
-    from wsbus.gateway import _Link
+    from wsbus.gateway import _Link, _Settler
 
     conn, client = memory_pair()
-    link = _Link(conn)
+    link = _Link(conn, _Settler())
     session = SimpleNamespace(
         conn_id="test.1", outbox=deque([(b"{}", None)]), close_code=None, close_reason=""
     )

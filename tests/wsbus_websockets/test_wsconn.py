@@ -5,6 +5,7 @@ when an extension (permessage-deflate) is on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -102,10 +103,13 @@ def test_one_pass_end_callback_serves_every_connection_of_a_pass(
     assert passes.number == 2
 
 
-async def _fan_out(compression: str | None) -> list[list[str | bytes]]:
-    """Send the same payload objects, in bursts and one per pass, to JSON and msgpack peers.
+@contextlib.asynccontextmanager
+async def _edge(
+    codecs: list[Codec], compression: str | None = None
+) -> AsyncIterator[tuple[list[_Connection], list[WsClientConnection]]]:
+    """A server on the edge's connection class, with one connection per codec.
 
-    Returns what each peer received, in order.
+    Yields the gateway-side connections and the clients, in the order of ``codecs``.
     """
     handed: asyncio.Queue[_Connection] = asyncio.Queue()
     finished = asyncio.Event()
@@ -118,9 +122,6 @@ async def _fan_out(compression: str | None) -> list[list[str | bytes]]:
         await finished.wait()
 
     guard = HandshakeGuard(1024, RateLimitedLog(logging.getLogger("test")))
-    codecs = [Codec.JSON, Codec.MSGPACK, Codec.JSON, Codec.MSGPACK]
-    payloads = [f'{{"i": {i}, "pad": "{"x" * (i * 37 % 300)}"}}'.encode() for i in range(40)]
-    received: list[list[str | bytes]] = []
     async with asyncio.timeout(TIMEOUT):
         server = await serve(
             handler,
@@ -131,10 +132,11 @@ async def _fan_out(compression: str | None) -> list[list[str | bytes]]:
             close_timeout=CLOSE_TIMEOUT,
             create_connection=connection_factory(guard, 1 << 20),
         )
-        port = server.sockets[0].getsockname()[1]
-        peers: list[WsClientConnection] = []
-        connections: list[_Connection] = []
-        try:
+    port = server.sockets[0].getsockname()[1]
+    peers: list[WsClientConnection] = []
+    connections: list[_Connection] = []
+    try:
+        async with asyncio.timeout(TIMEOUT):
             for codec in codecs:
                 peers.append(
                     await connect(
@@ -145,27 +147,34 @@ async def _fan_out(compression: str | None) -> list[list[str | bytes]]:
                     )
                 )
                 connections.append(await handed.get())
-            for i, payload in enumerate(payloads):
-                # The same bytes object to every connection, as a fan-out does.
-                for connection in connections:
-                    assert connection.send_nowait(payload)
-                if i % 5 == 4:
-                    await asyncio.sleep(0)  # a pass ends now and then: bursts and single frames
-            for peer in peers:
-                received.append([await peer.recv() for _ in payloads])
-            await asyncio.sleep(0.05)
-            assert [connection.unsent() for connection in connections] == [0, 0, 0, 0]
-        finally:
-            finished.set()
+        yield connections, peers
+    finally:
+        finished.set()
+        async with asyncio.timeout(TIMEOUT):
             for peer in peers:
                 await peer.close()
             server.close()
             await server.wait_closed()
+
+
+async def _fan_out(compression: str | None) -> None:
+    """Send the same payload objects, in bursts and one per pass, to JSON and msgpack peers:
+    each gets every frame, in order, as text or binary as its codec says."""
+    codecs = [Codec.JSON, Codec.MSGPACK, Codec.JSON, Codec.MSGPACK]
+    payloads = [f'{{"i": {i}, "pad": "{"x" * (i * 37 % 300)}"}}'.encode() for i in range(40)]
+    async with _edge(codecs, compression) as (connections, peers):
+        for i, payload in enumerate(payloads):
+            # The same bytes object to every connection, as a fan-out does.
+            for connection in connections:
+                assert connection.send_nowait(payload)
+            if i % 5 == 4:
+                await asyncio.sleep(0)  # a pass ends now and then: bursts and single frames
+        async with asyncio.timeout(TIMEOUT):
+            received = [[await peer.recv() for _ in payloads] for peer in peers]
+            while any(connection.unsent() for connection in connections):
+                await asyncio.sleep(0.01)
     expected_text = [payload.decode() for payload in payloads]
-    assert received == [expected_text if codec.is_text else payloads for codec in codecs], (
-        "every peer gets every frame, in order, as text or binary as its codec says"
-    )
-    return received
+    assert received == [expected_text if codec.is_text else payloads for codec in codecs]
 
 
 async def test_one_payload_sent_to_many_connections_arrives_whole_and_in_order() -> None:
@@ -174,6 +183,26 @@ async def test_one_payload_sent_to_many_connections_arrives_whole_and_in_order()
 
 async def test_with_permessage_deflate_websockets_frames_what_the_edge_sends() -> None:
     await _fan_out("deflate")
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["at once", "gathered"])
+async def test_frames_a_closing_transport_discards_are_counted_unsent(gathered: bool) -> None:
+    async with _edge([Codec.JSON]) as (connections, _):
+        connection = connections[0]
+        ws: Any = connection._ws
+        if gathered:
+            assert connection.send_nowait(b'{"first": 1}')  # the rest of the pass gathers
+        async with asyncio.timeout(TIMEOUT):
+            while connection.unsent():
+                await asyncio.sleep(0.01)
+        # Closed under websockets' feet (as a failing socket is): the transport discards
+        # writes until asyncio tells the protocol, a pass later.
+        ws.transport._t.close()
+        assert connection.send_nowait(b'{"lost": 1}')
+        assert connection.send_nowait(b'{"lost": 2}')
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert connection.unsent() == 2
 
 
 class TestWebSocketsConnectionWithDeflate(ConnectionConformance):
