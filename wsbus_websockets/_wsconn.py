@@ -79,24 +79,6 @@ def server_frame(data: bytes, text: bool) -> bytes:
     return header + data
 
 
-class _LastFrame:
-    """The frame made last, and of what payload.
-
-    A fan-out sends one payload object to every recipient: each connection after the first
-    writes the same frame bytes.
-    """
-
-    __slots__ = ("data", "frame", "text")
-
-    def __init__(self) -> None:
-        self.data: bytes | None = None
-        self.text = False
-        self.frame = b""
-
-
-_LAST = _LastFrame()
-
-
 class PassEnd:
     """Writes the frames every connection of a server gathered, when the event-loop pass ends.
 
@@ -106,9 +88,13 @@ class PassEnd:
     connection per pass, which a fan-out to thousands paid): :attr:`number` tells a
     connection whether it wrote already in this pass, and the connections that gathered
     frames are listed here.
+
+    It also keeps the frame made last, and of what payload: a fan-out gives every
+    recipient the same payload object, and each connection after the first writes the
+    same frame bytes. (Per server, so per event loop: no other thread's frame.)
     """
 
-    __slots__ = ("_gathering", "number", "scheduled")
+    __slots__ = ("_gathering", "data", "frame", "number", "scheduled", "text")
 
     def __init__(self) -> None:
         self.number = 0
@@ -116,6 +102,10 @@ class PassEnd:
         self._gathering: list[EdgeConnection] = []
         self.scheduled = False
         """The callback that ends this pass is scheduled."""
+        self.data: bytes | None = None
+        """The payload of :attr:`frame`."""
+        self.text = False
+        self.frame = b""
 
     def wrote(self, loop: asyncio.AbstractEventLoop) -> None:
         """A connection wrote a frame at once: this pass must end (once for all)."""
@@ -899,21 +889,19 @@ class EdgeConnection(ServerConnection):
         gathered = self._gathered
         if transport.get_write_buffer_size() + gathered > limit:
             return False
+        passes = self._passes
         if protocol.extensions:
             if text:
                 protocol.send_text(data)
             else:
                 protocol.send_binary(data)
             frame = b"".join(protocol.data_to_send())
+        elif passes.data is data and passes.text is text:
+            frame = passes.frame
         else:
-            last = _LAST
-            if last.data is data and last.text is text:
-                frame = last.frame
-            else:
-                frame = last.frame = server_frame(data, text)
-                last.data = data
-                last.text = text
-        passes = self._passes
+            frame = passes.frame = server_frame(data, text)
+            passes.data = data
+            passes.text = text
         number = passes.number
         if self._pass == number:
             # A frame went out at once in this pass already: this one is gathered.
