@@ -59,8 +59,10 @@ SERVER_SETTINGS: dict[str, Any] = {}
 """What each kind of server said it runs with (its ``settings`` line)."""
 SERVER_LOOPS: dict[str, str] = {}
 """The event loop each kind of server said it runs on (its ``loop`` line)."""
-LOOP: list[str] = ["asyncio"]
-"""The event loop the servers run on (``--loop``); this process's load is on asyncio's."""
+LOOPS: list[str] = ["asyncio"]
+"""The event loops the servers run on (``--loop``), the first for the kinds named plainly;
+a kind on another is named ``KIND~LOOP`` (``wsbus~uvloop``). This process's load is on
+asyncio's loop whichever the servers'."""
 VERSIONS = (
     "wsbus",
     "websockets",
@@ -158,9 +160,14 @@ class RawClient:
 _STAMP = re.compile(rb'"t": ?([0-9.e+-]+)')
 
 
+def _loop_of(kind: str) -> str:
+    """The event loop a kind of server runs on (``wsbus~uvloop``: uvloop; ``wsbus``: the first)."""
+    return kind.partition("~")[2] or LOOPS[0]
+
+
 def _protocol(kind: str) -> str:
     """The protocol a kind of server speaks: ``raw``, ``wsbus`` or ``socketio``."""
-    kind = kind.partition("@")[0]
+    kind = kind.partition("~")[0].partition("@")[0]
     if kind.startswith("wsbus"):
         return "wsbus"
     return "socketio" if kind == "socketio" else "raw"
@@ -228,9 +235,10 @@ class Server:
         self.port = free_port()
         # "wsbus@before" is the wsbus server of another checkout (--before): run from its
         # folder, ``python -m`` imports that checkout's wsbus and bench.
-        server, _, where = kind.partition("@")
+        server, _, where = kind.partition("~")[0].partition("@")
+        wanted_loop = _loop_of(kind)
         # Only when asked: the bench of an older checkout (--before) takes no --loop.
-        loop = ["--loop", LOOP[0]] if LOOP[0] != "asyncio" else []
+        loop = ["--loop", wanted_loop] if wanted_loop != "asyncio" else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.servers", server, str(self.port), *loop],
             cwd=BEFORE.get(where, ROOT),
@@ -248,7 +256,12 @@ class Server:
             elif line.startswith("loop "):
                 SERVER_LOOPS[kind] = line.split()[1]
             elif "ready" in line:
-                return
+                said = SERVER_LOOPS.get(kind, "asyncio")
+                if said == wanted_loop:
+                    return
+                # The bench of an older checkout (--before) ignores --loop: not a fair pair.
+                output.append(f"it runs on {said}, not on {wanted_loop} (--loop)\n")
+                break
             output.append(line)
             if not line and self.process.poll() is not None:
                 break
@@ -561,11 +574,22 @@ def _table(
     title = f"{benchmark}: {detail}"
     ours = [k for k in results if _protocol(k) == "wsbus"]
     anchors = [k for k in results if _protocol(k) != "wsbus"]
+    # Servers compare with the anchors on their own event loop only.
     ratios = {
         f"{kind} / {anchor}": ratio
         for kind in ours
         for anchor in anchors
-        if (ratio := _ratio(runs, kind, anchor)) is not None
+        if _loop_of(kind) == _loop_of(anchor) and (ratio := _ratio(runs, kind, anchor)) is not None
+    }
+    # With two loops (--loop asyncio,uvloop): each server on the second against itself on
+    # the first, its figure and its CPU per message, within each repetition.
+    loop_ratios = {
+        f"{kind} / {base}": {
+            "value": _ratio(runs, kind, base),
+            "server_cpu": _ratio(cpu_runs, kind, base),
+        }
+        for kind in results
+        if "~" in kind and (base := kind.partition("~")[0]) in results
     }
     bars = _bars(benchmark, short, runs, cpu_runs)
     BARS.extend(bars)
@@ -580,17 +604,19 @@ def _table(
         "server_cpu_runs": cpu_runs,
         "worst_loop_lag_ms": lags,
         "ratios": ratios,
+        "loop_ratios": loop_ratios,
         "load_before": load,
         "bars": [{**asdict(bar), "met": bar.met} for bar in bars],
     }
     print(f"\n{title} ({unit}{'' if higher_is_better else ', lower is better'})")
     print(f"  load before it: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     digits = 3 if unit == "ms" else 1
+    width = max(14, *(len(kind) for kind in results))
     for kind, value in results.items():
         # CPU per message is robust to a busy machine in a way a rate is not.
         each = f"   server CPU {cpu[kind]:6.2f} us/msg" if kind in cpu else ""
         lag = f"   worst loop lag {lags[kind]:5.0f} ms" if kind in lags else ""
-        print(f"  {kind:<14} {value:>14,.{digits}f}{each}{lag}")
+        print(f"  {kind:<{width}} {value:>14,.{digits}f}{each}{lag}")
     if ratios:
         print("  ratios, each the median of the repetitions' own:")
     for kind in ours:
@@ -601,6 +627,14 @@ def _table(
         )
         if line:
             print(f"    {kind} {line}")
+    if loop_ratios:
+        print("  each server on its second event loop / on its first (median of repetitions'):")
+    for pair, figures in loop_ratios.items():
+        figure, cpu_ratio = figures["value"], figures["server_cpu"]
+        shown = f"{figure:.2f}x" if figure is not None else "-"
+        if cpu_ratio is not None:
+            shown += f", server CPU per message {cpu_ratio:.2f}x"
+        print(f"    {pair}: {shown}")
     for bar in bars:
         print(f"  {bar.line()}")
     _save()
@@ -678,6 +712,18 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def _loops(text: str) -> list[str]:
+    loops = text.split(",")
+    for loop in loops:
+        if loop not in ("asyncio", "uvloop"):
+            raise SystemExit(f"unknown event loop {loop!r}: choose from asyncio, uvloop")
+        if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise SystemExit("--loop uvloop needs uvloop: pip install 'wsbus[uvloop]'")
+    if len(set(loops)) != len(loops):
+        raise SystemExit(f"--loop {text}: each event loop once")
+    return loops
+
+
 def _edges(text: str | None, everything: bool) -> list[str]:
     if text is None:
         # "all" runs every installed edge; a single benchmark the default edge.
@@ -731,11 +777,12 @@ async def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--loop",
-        choices=("asyncio", "uvloop"),
         default="asyncio",
         help="the event loop of every server of fanout, ingest, echo and memory, wsbus's and "
-        "the anchors' alike, so that the ratios compare like with like (asyncio; uvloop: "
-        "pip install 'wsbus[uvloop]'); pyro and nats run on asyncio",
+        "the anchors' alike, so that the ratios compare like with like: asyncio (the "
+        "default), uvloop (pip install 'wsbus[uvloop]'), or both (asyncio,uvloop: every "
+        "server on each, interleaved; the second's named KIND~uvloop, the bars are the "
+        "first's); pyro and nats run on asyncio",
     )
     parser.add_argument(
         "--json",
@@ -755,9 +802,7 @@ async def main(argv: list[str] | None = None) -> None:
     if "all" in which:
         which = {"fanout", "ingest", "echo", "memory", "pyro", "nats"}
     edges = _edges(args.edge, "all" in args.which)
-    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        raise SystemExit("--loop uvloop needs uvloop: pip install 'wsbus[uvloop]'")
-    LOOP[0] = args.loop
+    LOOPS[:] = _loops(args.loop)
     ours = [EDGE_KINDS[edge] for edge in edges]
     if args.before:
         BEFORE["before"] = Path(args.before)
@@ -772,7 +817,9 @@ async def main(argv: list[str] | None = None) -> None:
 
     def kinds(*anchors: str) -> list[str]:
         every = [anchors[0], *anchors[1:-1], *ours, anchors[-1]]
-        return [k for k in every if wanted is None or k.partition("@")[0] in wanted]
+        chosen = [k for k in every if wanted is None or k.partition("@")[0] in wanted]
+        # Each kind then itself on the other loop: the two runs of a pair are neighbours.
+        return [f"{k}~{loop}" if loop != LOOPS[0] else k for k in chosen for loop in LOOPS]
 
     RESULTS["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     RESULTS["started"] = _now()
@@ -792,7 +839,7 @@ async def main(argv: list[str] | None = None) -> None:
     print(
         f"python {platform.python_version()}, {os.cpu_count()} cores, load "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; median of {args.repeat}; edges: "
-        f"{', '.join(edges)}; servers on the {args.loop} event loop"
+        f"{', '.join(edges)}; servers on the {' and the '.join(LOOPS)} event loop"
     )
     print(
         "wsbus at its default settings but the rate limit, raised: "

@@ -22,6 +22,11 @@ HEADINGS = {
 }
 
 
+def _heading(kind: str) -> str:
+    base, _, loop = kind.partition("~")
+    return HEADINGS.get(base, base) + (f" on {loop}" if loop else "")
+
+
 def _cell(table: dict[str, Any], kind: str) -> str:
     value = table["values"].get(kind)
     if value is None:
@@ -66,10 +71,10 @@ def render(record: dict[str, Any]) -> str:
     machine = record["machine"]
     load, after = machine["load"], machine.get("load_after")
     # Records from before --loop ran every server on asyncio's event loop.
-    loop = record.get("settings", {}).get("loop", "asyncio")
+    loops = str(record.get("settings", {}).get("loop", "asyncio")).split(",")
     lines = [
         f"`{record['command']}`, {record['started']} to {record['finished']}; "
-        f"servers on the {loop} event loop; "
+        f"servers on the {' and the '.join(loops)} event loop; "
         f"{machine['cores']} cores ({machine['processor']}), {machine['python']}; load "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} before"
         + (f", {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} after" if after else "")
@@ -81,13 +86,41 @@ def render(record: dict[str, Any]) -> str:
         "",
     ]
     tables = record["tables"]
-    kinds = [k for k in COLUMNS if any(k in t["values"] for t in tables.values())]
+    present = {k for t in tables.values() for k in t["values"]}
+    # A server on a second event loop (wsbus~uvloop) stands beside itself on the first.
+    kinds = [
+        kind
+        for base in COLUMNS
+        for kind in (base, *sorted(k for k in present if k.partition("~")[0] == base and "~" in k))
+        if kind in present
+    ]
     if tables:
-        lines.append("| benchmark | unit | " + " | ".join(HEADINGS[k] for k in kinds) + " |")
+        lines.append("| benchmark | unit | " + " | ".join(_heading(k) for k in kinds) + " |")
         lines.append("|---|---|" + "---|" * len(kinds))
         for title, table in tables.items():
             cells = " | ".join(_cell(table, k) for k in kinds)
             lines.append(f"| {title} | {table['unit']} | {cells} |")
+        lines.append("")
+    pairs = [
+        (title, name, each)
+        for title, table in tables.items()
+        for name, each in table.get("loop_ratios", {}).items()
+    ]
+    if pairs:
+        lines += [
+            f"Each server on {loops[-1]} against itself on {loops[0]} (medians of each "
+            "repetition's own ratio; for ms, lower is better):",
+            "",
+            "| benchmark | server | figure | server CPU per message |",
+            "|---|---|---|---|",
+        ]
+        for title, name, each in pairs:
+            value, cpu = each["value"], each["server_cpu"]
+            lines.append(
+                f"| {title} | {_heading(name.partition(' / ')[2])} | "
+                f"{'' if value is None else f'{value:.2f}x'} | "
+                f"{'' if cpu is None else f'{cpu:.2f}x'} |"
+            )
         lines.append("")
     if "pyro" in record:
         lines += [_pyro(record["pyro"]), ""]

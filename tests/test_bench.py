@@ -248,12 +248,14 @@ def test_pyro_path_runs(tmp_path: Path) -> None:
 def test_the_pyro_tracer_sees_every_point() -> None:
     # It patches wsbus internals to take its measurements: this keeps it in step with them.
     out = _run("bench.trace_pyro", "--rounds", "20")
+    # A service's message to a client goes straight to the gateway (the one-hop path).
     for point in (
-        "to message bus: queued for the forwarder thread",
-        "bus: Pyro message received",
-        "gateway: method called",
-        "gateway: on the event loop",
-        "gateway: written to the client's socket",
+        "service: queued for the forwarder thread",
+        "directly: the forwarder thread calls Pyro",
+        "gateway (direct): Pyro message received",
+        "gateway (direct): method called",
+        "gateway (direct): on the event loop",
+        "gateway (direct): written to the client's socket",
     ):
         assert point in out, out
 
@@ -354,3 +356,40 @@ def test_the_profile_names_the_ingest_paths_top_frames(loop: str, tmp_path: Path
     assert "wsbus/gateway.py" in ours and " _read" in ours, out
     # The raw statistics, for other viewers.
     assert pstats.Stats(str(stats)).total_calls > 0  # type: ignore[attr-defined]
+
+
+def test_both_loops_interleaved_compare_each_server_with_itself(tmp_path: Path) -> None:
+    if not HAS_UVLOOP:
+        pytest.skip("uvloop is not installed (pip install 'wsbus[uvloop]')")
+    results = tmp_path / "results.json"
+    out = _bench(
+        "echo",
+        "--kinds",
+        "raw,wsbus",
+        "--rounds",
+        "5",
+        "--loop",
+        "asyncio,uvloop",
+        "--json",
+        str(results),
+    )
+    assert "wsbus~uvloop / wsbus:" in out
+    saved = json.loads(results.read_text())
+    assert saved["settings"]["server_loops"] == {
+        "raw": "asyncio",
+        "raw~uvloop": "uvloop",
+        "wsbus": "asyncio",
+        "wsbus~uvloop": "uvloop",
+    }
+    p50 = next(t for t in saved["tables"].values() if t["benchmark"] == "echo p50")
+    # Against the anchors on the same loop only; each server on uvloop against itself.
+    assert set(p50["ratios"]) == {"wsbus / raw", "wsbus~uvloop / raw~uvloop"}
+    assert set(p50["loop_ratios"]) == {"raw~uvloop / raw", "wsbus~uvloop / wsbus"}
+    assert all(each["server_cpu"] > 0 for each in p50["loop_ratios"].values())
+    # The bars are the first loop's: one echo bar, wsbus against raw.
+    assert [bar["name"] for bar in p50["bars"]] == [
+        "echo round trip p50, wsbus (websockets edge) / raw websockets"
+    ]
+    markdown = render(saved)
+    assert "wsbus, `websockets` edge on uvloop" in markdown
+    assert "Each server on uvloop against itself on asyncio" in markdown

@@ -62,6 +62,7 @@ def without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param(["--loop", "uvloop"], "", "uvloop", id="flag"),
         pytest.param([], 'loop = "uvloop"', "uvloop", id="file"),
         pytest.param(["--loop", "asyncio"], 'loop = "uvloop"', "asyncio", id="flag-over-file"),
+        pytest.param(["--edge", "picows", "--loop", "uvloop"], "", "uvloop", id="picows"),
     ],
 )
 async def test_serve_runs_on_the_loop_chosen(
@@ -69,6 +70,8 @@ async def test_serve_runs_on_the_loop_chosen(
 ) -> None:
     if "uvloop" in (*flags, table) and not HAS_UVLOOP:
         pytest.skip("uvloop is not installed (pip install 'wsbus[uvloop]')")
+    if "picows" in flags and importlib.util.find_spec("picows") is None:
+        pytest.skip("the picows extra is not installed")
     from wsbus_websockets import connect
 
     settings = app / "wsbus.toml"
