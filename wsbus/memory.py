@@ -379,8 +379,7 @@ class MemoryBus:
                         continue
                     if not (runner.has_room() or (key is not None and runner.take_credit(key))):
                         try:
-                            async with asyncio.timeout_at(deadline):
-                                await runner.wait_for_room(key)
+                            await runner.wait_for_room(key, deadline)
                         except TimeoutError:
                             raise BusUnavailable(
                                 f"service {runner.name!r} took nothing for {self.timeout:g} s "

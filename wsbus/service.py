@@ -748,11 +748,14 @@ def client_key(envelope: Envelope) -> object:
 class _Turn:
     """A sender's place in line for room in a service's inbox (ServiceRunner.wait_for_room)."""
 
-    __slots__ = ("event", "key", "share")
+    __slots__ = ("deadline", "event", "expired", "key", "share")
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, deadline: float | None) -> None:
         self.event = asyncio.Event()
         self.key = key
+        self.deadline = deadline
+        # Taken out of line by the runner's timer: its deadline passed.
+        self.expired = False
         # Places reserved for this sender when it was let in, until it runs.
         self.share = 0
 
@@ -838,6 +841,8 @@ class ServiceRunner:
         self._task: asyncio.Task[None] | None = None
         self._eager = eager
         self._loop = asyncio.get_running_loop()
+        # Fires at the earliest deadline of the senders waiting (wait_for_room).
+        self._timer: asyncio.TimerHandle | None = None
         # True while _run waits for work with nothing to do (only with eager): a handler
         # may then run in the caller's turn of the loop (offer).
         self._idle = False
@@ -988,7 +993,7 @@ class ServiceRunner:
         self._limit += 1
         return True
 
-    async def wait_for_room(self, key: object = None) -> None:
+    async def wait_for_room(self, key: object = None, deadline: float | None = None) -> None:
         """Wait, in turn, until the inbox has a free place for the caller.
 
         On return the caller holds a place: it must :meth:`accept` its envelope before it
@@ -1001,16 +1006,24 @@ class ServiceRunner:
                 sender let in with a key gets its share of the free places: the rest of
                 its share is reserved for it, to take with :meth:`take_credit`. Without a
                 key, one place.
+            deadline: the loop time (``loop.time()``) to give up waiting at. One timer per
+                runner watches every wait's deadline (a timer per wait, as
+                ``asyncio.timeout`` makes, costs a heap entry per message when many
+                senders wait their turn).
 
         Raises:
             BusUnavailable: the runner is stopped (now or while waiting).
+            TimeoutError: ``deadline`` passed before the caller's turn came; the turn is
+                passed on.
         """
         if self._stopped:
             raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
         if self.has_room():
             return
-        turn = _Turn(key)
+        turn = _Turn(key, deadline)
         self._waiters.append(turn)
+        if deadline is not None:
+            self._watch(deadline)
         if len(self._inbox) <= self._low:
             # The inbox is below its mark already: nothing will drain to it again, so let
             # in now whoever there is room for (shares nobody spent go back first).
@@ -1019,6 +1032,8 @@ class ServiceRunner:
         try:
             while True:
                 await turn.event.wait()
+                if turn.expired:
+                    raise TimeoutError
                 if self._stopped:
                     raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
                 share, turn.share = turn.share, 0
@@ -1038,15 +1053,46 @@ class ServiceRunner:
                 self._woken -= 1
                 turn.event.clear()
                 self._waiters.insert(self._woken, turn)
+                if deadline is not None:
+                    self._watch(deadline)
         finally:
-            if turn.event.is_set():
-                self._woken -= 1
-            # Woken but cancelled before it ran: its share goes to the next in line.
-            self._limit += turn.share
-            turn.share = 0
-            self._waiters.remove(turn)
+            if not turn.expired:
+                if turn.event.is_set():
+                    self._woken -= 1
+                # Woken but cancelled before it ran: its share goes to the next in line.
+                self._limit += turn.share
+                turn.share = 0
+                self._waiters.remove(turn)
             if not holds_place:
                 self._let_next_in()
+
+    def _watch(self, deadline: float) -> None:
+        """Have the runner's timer fire by ``deadline``."""
+        timer = self._timer
+        if timer is None or deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """Take out of line, refused, the senders not let in by their deadline."""
+        self._timer = None
+        now = self._loop.time()
+        waiters = self._waiters
+        following: float | None = None
+        # The first _woken are let in already (their place is theirs): only the others.
+        for turn in list(waiters)[self._woken :]:
+            deadline = turn.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                waiters.remove(turn)
+                turn.expired = True
+                turn.event.set()
+            elif following is None or deadline < following:
+                following = deadline
+        if following is not None:
+            self._watch(following)
 
     def release_room(self) -> None:
         """Give back, unused, the place :meth:`wait_for_room` held for the caller."""
@@ -1119,6 +1165,9 @@ class ServiceRunner:
         """
         self._stopped = True
         self._idle = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for turn in self._waiters:
             turn.event.set()
         self._woken = len(self._waiters)

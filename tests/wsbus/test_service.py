@@ -856,3 +856,35 @@ async def test_forgeries_are_logged_rate_limited(
         lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "2 more dropped" in lines[1]
     assert runner.forged == 4
+
+
+async def test_a_sender_waiting_past_its_deadline_is_refused_and_the_next_keeps_waiting() -> None:
+    from wsbus.service import ServiceRunner
+    from wsbus_testing.conformance import client_message
+
+    class Still(Service):
+        name = "still"
+
+        @handles("still.take")
+        async def take(self, message: Envelope, ctx: Context) -> None:
+            pass
+
+    runner = ServiceRunner(Still(), lambda envelope: None, inbox_size=1)  # takes nothing out
+    runner.accept(client_message("still.take", 1))
+    loop = asyncio.get_running_loop()
+    soon = asyncio.create_task(runner.wait_for_room("a", loop.time() + 0.01))
+    later = asyncio.create_task(runner.wait_for_room("b", loop.time() + 600))
+    first = asyncio.create_task(runner.wait_for_room("c", loop.time() + 0.02))
+    async with asyncio.timeout(10):
+        with pytest.raises(TimeoutError):
+            await soon
+        with pytest.raises(TimeoutError):
+            await first
+    await asyncio.sleep(0)
+    assert not later.done()  # its own deadline is far: still in line
+    later.cancel()
+    await asyncio.gather(later, return_exceptions=True)
+    # Nothing left in line, no place lost: the inbox's one place frees as before.
+    assert not runner.has_room()
+    runner._inbox.clear()
+    assert runner.has_room()
