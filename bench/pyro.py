@@ -4,9 +4,11 @@
   process (what a service would do without batching), calls per second and the median
   round trip;
 - a bare WebSocket echo round trip on the same machine;
-- wsbus: a service process sends ``n`` messages to one client through the message bus and
-  the gateway (another process); messages per second, order checked; and the median round
-  trip of an echo request from a client to a service process and back.
+- wsbus: a service process sends ``n`` messages to one client, straight to the gateway
+  (another process) that owns the client's connection (the one-hop path: the message bus
+  keeps routing by type and the directory of gateways); messages per second, order
+  checked; and the median round trip of an echo request from a client to a service
+  process (through the bus) and back (straight to the gateway).
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ async def run(messages: int, repeat: int) -> dict[str, Any]:
     )
     print(
         f"  wsbus echo round trip  p50 {p50:.3f} ms, p99 {p99:.3f} ms "
-        f"(client -> gateway -> bus -> service and back) = "
+        f"(client -> gateway -> bus -> service -> gateway) = "
         f"{p50 / (pyro_rtt + ws_rtt):.2f}x (bare Pyro call + bare WebSocket round trip)"
     )
     return {

@@ -633,6 +633,8 @@ class Forwarder(threading.Thread):
 
 _DIRECT_PROXIES: Final = 64
 """The most gateways one service's forwarder keeps a direct connection to at once."""
+_ASK_EVERY: Final = 0.25
+"""Seconds between two requests for a fresh directory of gateways (DirectForwarder)."""
 _REROUTED_LIMIT: Final = 65536
 """The most ids of envelopes given back by direct calls remembered (a bound on memory)."""
 
@@ -686,6 +688,10 @@ class DirectForwarder(Forwarder):
         self._rerouted: set[str] = set()
         """Ids of envelopes a direct call gave back: they go through the bus."""
         self._run_node: str | None = None
+        self.on_unknown: Callable[[], None] | None = None
+        """Called (on this thread, at most every 0.25 s) when a message could go straight
+        to a gateway the directory does not list: the directory may be out of date."""
+        self._asked = 0.0
 
     def run(self) -> None:
         """Send batches until stopped (the thread's body); release the direct proxies."""
@@ -699,7 +705,12 @@ class DirectForwarder(Forwarder):
     def _path(self, envelope: Envelope, now: float) -> str | None:
         """The gateway to deliver ``envelope`` to directly, or None for the bus."""
         node = direct_node(envelope)
-        if node is None or node not in self.directory:
+        if node is None:
+            return None
+        if node not in self.directory:
+            if self.on_unknown is not None and now - self._asked > _ASK_EVERY:
+                self._asked = now
+                self.on_unknown()
             return None
         if self._rerouted and envelope.id in self._rerouted:
             return None

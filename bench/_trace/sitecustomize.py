@@ -8,6 +8,7 @@ measurement only.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
@@ -52,7 +53,10 @@ def _install() -> None:
     def traced_put(self: Any, envelope: Any, callback: Any = None) -> None:
         key = _key([envelope])
         if key is not None:
-            _log(f"to {self.endpoint}: queued for the forwarder thread", key)
+            # A service's forwarder sends to the bus or straight to a gateway.
+            direct = isinstance(self, transport.DirectForwarder)
+            where = "service" if direct else f"to {self.endpoint}"
+            _log(f"{where}: queued for the forwarder thread", key)
         put(self, envelope, callback)
 
     def traced_send(self: Any, batch: Any) -> None:
@@ -74,7 +78,10 @@ def _install() -> None:
     transport.Forwarder._send = traced_send  # type: ignore[method-assign]
 
     def arrived(label: str, blob: Any) -> None:
-        key = _key(transport.decode_batch(blob))
+        # A service's direct batch comes as base64 text, the bus's as bytes.
+        key = _key(
+            transport.decode_batch(base64.b64decode(blob) if isinstance(blob, str) else blob)
+        )
         if key is not None:
             _log(f"{label}: Pyro message received", key, getattr(_local, "received", None))
             _log(f"{label}: method called", key)
