@@ -151,6 +151,15 @@ class PublishesFresh(Protocol):
         """
         ...
 
+    async def publish_fresh(self, envelope: Envelope) -> None:
+        """Publish such an envelope, waiting for room (as :meth:`Bus.publish`).
+
+        Raises:
+            NoRoute: as :meth:`Bus.publish`.
+            BusUnavailable: as :meth:`Bus.publish`.
+        """
+        ...
+
 
 @runtime_checkable
 class ReportsAvailability(Protocol):

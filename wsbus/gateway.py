@@ -806,13 +806,14 @@ class Gateway:
         # A frame no plugin saw is the bus's alone, in JSON's data model (integers within
         # 64 bits under these caps): an in-process bus need not copy it (wsbus.bus).
         bus = self.bus
-        publish_fresh = (
-            bus.publish_fresh_nowait
-            if isinstance(bus, PublishesFresh)
+        publish_fresh: Callable[[Envelope, bool], bool] | None = None
+        wait_fresh: Callable[[Envelope], Awaitable[None]] | None = None
+        if (
+            isinstance(bus, PublishesFresh)
             and publish_nowait is not None
             and self.config.wire.max_integer < 2**63
-            else None
-        )
+        ):
+            publish_fresh, wait_fresh = bus.publish_fresh_nowait, bus.publish_fresh
         hooks = self.hooks
         take = session.receive
         loop = asyncio.get_running_loop()
@@ -864,18 +865,26 @@ class Gateway:
                 if taken is False:
                     # The bus is full: wait for room, which holds this client back. Only
                     # False: an adapter's None (an older contract) means taken.
-                    await self._publish(session, envelope)
+                    if wait_fresh is not None and not hooks.inbound_hooks:
+                        await self._publish(session, envelope, wait_fresh)
+                    else:
+                        await self._publish(session, envelope)
                 elif session.frame_id is None and self._bus_down_since is None:
                     counters.frames_published += 1  # _published, when it has nothing else to do
                 else:
                     self._published(session, session.frame_id)
 
-    async def _publish(self, session: Session, envelope: Envelope) -> None:
+    async def _publish(
+        self,
+        session: Session,
+        envelope: Envelope,
+        publish: Callable[[Envelope], Awaitable[None]] | None = None,
+    ) -> None:
         counters = self._counters
         frame_id = session.frame_id
         counters.frames_in_flight += 1
         try:
-            await self.bus.publish(envelope)
+            await (self.bus.publish if publish is None else publish)(envelope)
         except Exception as exc:
             counters.frames_in_flight -= 1
             self._publish_failed(session, envelope, frame_id, exc)

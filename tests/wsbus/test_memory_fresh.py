@@ -134,3 +134,23 @@ async def test_publish_fresh_nowait_refuses_as_publish_nowait_does() -> None:
     finally:
         bus.down = False
         await bus.close()
+
+
+async def test_publish_fresh_waits_and_refuses_as_publish_does() -> None:
+    scribbler = Scribbler()
+    bus = MemoryBus([scribbler], record=True)
+    await bus.start(RecordingSink(bus))
+    try:
+        with pytest.raises(NoRoute):
+            await bus.publish_fresh(client_message("nobody.handles", 1))
+        async with asyncio.timeout(10):
+            await bus.publish_fresh(client_message("scribble", {"text": "as sent", "list": [1]}))
+            await scribbler.took.wait()
+        [published] = bus.published
+        assert published.content == {"text": "as sent", "list": [1]}  # recorded: copied
+        bus.down = True
+        with pytest.raises(BusUnavailable):
+            await bus.publish_fresh(client_message("scribble", {"text": "", "list": []}))
+    finally:
+        bus.down = False
+        await bus.close()
