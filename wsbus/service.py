@@ -19,6 +19,13 @@ at a time, in the order the bus delivered them, so its replies keep that order t
 A handler that raises is logged here, with its traceback, the message type and id, and the
 service goes on with the next message. When the message came from a client, the client is
 told ``service_error`` with the message's id as ``ref`` (and nothing of the exception).
+
+On the in-memory bus, an idle service's async handler may start in the turn of the event
+loop that delivered its message, as the service's own task (:meth:`ServiceRunner.offer`).
+That uses two private asyncio functions (``asyncio.tasks._enter_task``, ``_leave_task``),
+checked on CPython 3.11, 3.12 and 3.13, on asyncio's loop and on uvloop; on a Python
+without them every message is queued for the service's task instead
+(:func:`eager_dispatch_available`).
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ __all__ = [
     "Service",
     "ServiceLink",
     "ServiceRunner",
+    "client_key",
+    "eager_dispatch_available",
     "handles",
     "load_service",
     "serve_until_stopped",
@@ -700,9 +709,22 @@ class Context:
 
 
 # Which task asyncio says is running: swapped while a handler starts in another's turn,
-# as Python 3.12's eager tasks do (asyncio.tasks has had both since 3.7).
-_enter_task = asyncio.tasks._enter_task
-_leave_task = asyncio.tasks._leave_task
+# as Python 3.12's eager tasks do. Private asyncio functions, present (and swapping
+# asyncio.current_task()) in CPython 3.11, 3.12 and 3.13, on asyncio's loop and uvloop's
+# alike (uvloop runs asyncio's own Task); tests/wsbus/test_service_eager.py checks them.
+# Where they are missing, runners queue every message, as without ``eager``.
+_TaskSwap = Callable[[asyncio.AbstractEventLoop, "asyncio.Task[Any]"], None]
+_enter_task: _TaskSwap | None = getattr(asyncio.tasks, "_enter_task", None)
+_leave_task: _TaskSwap | None = getattr(asyncio.tasks, "_leave_task", None)
+
+
+def eager_dispatch_available() -> bool:
+    """Tell whether this Python lets a runner start a handler in its caller's turn.
+
+    It needs ``asyncio.tasks._enter_task`` and ``_leave_task`` (CPython 3.11 to 3.13 have
+    them); without them an eager :class:`ServiceRunner` queues every message instead.
+    """
+    return _enter_task is not None and _leave_task is not None
 
 
 class _Resumed:
@@ -796,7 +818,10 @@ class ServiceRunner:
             It must not raise (what it raises is logged and ignored).
         eager: let :meth:`offer` run an async handler at once, in the caller's turn of
             the event loop, when the service is idle (see :meth:`offer`). For a runtime
-            whose services share the caller's loop (the in-memory bus).
+            whose services share the caller's loop (the in-memory bus). It relies on two
+            private asyncio functions, in CPython 3.11 to 3.13 (asyncio's loop or
+            uvloop); where they are missing (:func:`eager_dispatch_available`), the
+            runner queues every message, as without it.
     """
 
     def __init__(
@@ -839,7 +864,7 @@ class ServiceRunner:
         # it finds nothing left to do.
         self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._eager = eager
+        self._eager = eager and eager_dispatch_available()
         self._loop = asyncio.get_running_loop()
         # Fires at the earliest deadline of the senders waiting (wait_for_room).
         self._timer: asyncio.TimerHandle | None = None
@@ -931,13 +956,15 @@ class ServiceRunner:
         task = self._task
         assert task is not None  # idle: _run is waiting
         loop = self._loop
+        enter, leave = _enter_task, _leave_task
+        assert enter is not None and leave is not None  # else the runner is not eager
         # Busy meanwhile: what the handler sends to this service queues behind it.
         self._idle = False
         outcome: Outcome | None = None
         caller = asyncio.current_task(loop)
         if caller is not None:
-            _leave_task(loop, caller)
-        _enter_task(loop, task)
+            leave(loop, caller)
+        enter(loop, task)
         try:
             coro = method(envelope, Context(self.link, envelope))
             try:
@@ -951,9 +978,9 @@ class ServiceRunner:
                 self._resume = (envelope, coro, awaited)
                 self._ready.set()
         finally:
-            _leave_task(loop, task)
+            leave(loop, task)
             if caller is not None:
-                _enter_task(loop, caller)
+                enter(loop, caller)
         if outcome is not None:
             # Idle again only once the runner's task has looked (next turn): what else
             # comes in this turn queues, and the task takes it as one batch. A message

@@ -218,3 +218,89 @@ async def test_a_client_gets_the_ack_before_the_reply_and_the_reply_without_an_i
         await gateway.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_asyncio_internals_we_rely_on_are_there() -> None:
+    """The two private asyncio functions eager dispatch uses exist and swap current_task().
+
+    If this fails on a new Python (or event loop): ``asyncio.tasks._enter_task`` and
+    ``_leave_task`` are gone or no longer set what ``asyncio.current_task()`` returns.
+    Runners then queue every message (``eager_dispatch_available()`` is False when they
+    are missing); find the new way to start a coroutine as another task (Python 3.12's
+    eager tasks swap the current task in C), or leave eager dispatch off on that Python,
+    and say so in wsbus/service.py and docs/architecture.md.
+    """
+    import wsbus.service
+
+    for name in ("_enter_task", "_leave_task"):
+        assert callable(getattr(asyncio.tasks, name, None)), (
+            f"asyncio.tasks.{name} is missing on this Python: eager dispatch is off "
+            "(see this test's docstring)"
+        )
+    assert wsbus.service.eager_dispatch_available()
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    other = asyncio.ensure_future(asyncio.sleep(60))
+    try:
+        asyncio.tasks._leave_task(loop, me)
+        asyncio.tasks._enter_task(loop, other)
+        seen = asyncio.current_task()
+        asyncio.tasks._leave_task(loop, other)
+        asyncio.tasks._enter_task(loop, me)
+    finally:
+        other.cancel()
+        await asyncio.gather(other, return_exceptions=True)
+    assert seen is other, "asyncio.tasks._enter_task no longer sets asyncio.current_task()"
+    assert asyncio.current_task() is me
+
+
+async def test_without_the_internals_an_eager_runner_queues_every_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import wsbus.service
+
+    monkeypatch.setattr(wsbus.service, "_enter_task", None)
+    assert not wsbus.service.eager_dispatch_available()
+    service = Eager()
+    runner = ServiceRunner(service, lambda envelope: None, eager=True)
+    await runner.start()
+    try:
+        await _settled()
+        assert runner.offer(client_message("now", 1, 1), handle_now=True)
+        assert service.log == []  # queued, not handled at once
+        await _settled()
+        assert service.log == ["now 1"]
+    finally:
+        await runner.stop()
+
+
+def test_eager_dispatch_works_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def handled_at_once() -> tuple[list[str], bool, bool]:
+        service = Eager()
+        runner = ServiceRunner(service, lambda envelope: None, eager=True)
+        await runner.start()
+        try:
+            await _settled()
+            assert runner.offer(client_message("now", 1, 1), handle_now=True)
+            at_once = list(service.log)
+            assert runner.offer(client_message("timeout", 2, 2), handle_now=False)
+            await _settled()
+            assert runner.offer(client_message("wait", 3, 3), handle_now=True)
+            service.gate.set()
+            async with asyncio.timeout(10):
+                await service.timed_out.wait()
+                while service.log[-1] != "end 3":
+                    await asyncio.sleep(0)
+            return at_once, service.tasks == [runner._task], service.timed_out.is_set()
+        finally:
+            await runner.stop()
+
+    loop = uvloop.new_event_loop()
+    try:
+        at_once, as_runner, timed_out = loop.run_until_complete(handled_at_once())
+    finally:
+        loop.close()
+    assert at_once == ["now 1"] and as_runner and timed_out
