@@ -25,12 +25,12 @@ running services in other processes can start them too.
 
 Optional capabilities (:class:`~wsbus.bus.ClaimsAliases`, :class:`~wsbus.bus.KeepsHistory`,
 :class:`~wsbus.bus.KeepsSessions`, :class:`~wsbus.bus.PublishesNowait`,
-:class:`~wsbus.bus.ReportsAvailability`) are tested on a bus that has them. Routing rule 5
-(presence events) is tested on every bus. The stand-in gateway is a
-:class:`~wsbus.bus.HearsLoss` and a :class:`~wsbus.bus.HearsGateways`: it records the
-losses a bus reports in :attr:`RecordingSink.losses` and the gateways it hears are gone in
-:attr:`RecordingSink.lost`. More things a subclass may give, so that a renamed method
-fails loudly and "unavailable" and several gateways are tested too:
+:class:`~wsbus.bus.PublishesFresh`, :class:`~wsbus.bus.ReportsAvailability`) are tested on a
+bus that has them. Routing rule 5 (presence events) is tested on every bus. The stand-in
+gateway is a :class:`~wsbus.bus.HearsLoss` and a :class:`~wsbus.bus.HearsGateways`: it
+records the losses a bus reports in :attr:`RecordingSink.losses` and the gateways it hears
+are gone in :attr:`RecordingSink.lost`. More things a subclass may give, so that a renamed
+method fails loudly and "unavailable" and several gateways are tested too:
 
 - ``capabilities``: a class attribute, the set of capability protocols the bus is meant to
   offer; the suite checks that it offers exactly those.
@@ -63,6 +63,7 @@ from wsbus.bus import (
     ClaimsAliases,
     KeepsHistory,
     KeepsSessions,
+    PublishesFresh,
     PublishesNowait,
     ReportsAvailability,
 )
@@ -101,6 +102,7 @@ BUS_CAPABILITIES: Final[tuple[type, ...]] = (
     ClaimsAliases,
     KeepsHistory,
     KeepsSessions,
+    PublishesFresh,
     PublishesNowait,
     ReportsAvailability,
 )
@@ -420,6 +422,38 @@ class BusConformance:
             await bus.publish(client_message("probe.echo", "down"))
         with pytest.raises(BusUnavailable):
             bus.publish_nowait(client_message("probe.echo", "down"))
+
+    async def test_publish_fresh_takes_what_publish_takes_and_refuses_the_same(
+        self, wsbus_make_bus: MakeBus, wsbus_make_unavailable: MakeUnavailable | None
+    ) -> None:
+        """publish_fresh_nowait and publish_fresh refuse as publish does and keep order.
+
+        NoRoute for a type nothing handles; BusUnavailable once the bus is down (when the
+        test class can make it so). A False return did nothing: the message then sent with
+        publish_fresh is the one the service sees, once. With ``handle_now`` or without,
+        the service sees each message once, in the order they were taken.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, PublishesFresh):
+            pytest.skip("the bus does not offer publish_fresh")
+        with pytest.raises(NoRoute):
+            bus.publish_fresh_nowait(client_message("nobody.handles.this", None))
+        with pytest.raises(NoRoute):
+            await bus.publish_fresh(client_message("nobody.handles.this", None))
+        for i in range(40):
+            message = client_message("probe.echo", i, i)
+            if not bus.publish_fresh_nowait(message, handle_now=i % 2 == 0):
+                await bus.publish_fresh(message)
+        delivered = await sink.wait_for(lambda d: len(d) >= 40)
+        assert [e.content["x"] for e in delivered] == list(range(40))
+        if wsbus_make_unavailable is None:
+            return
+        await wsbus_make_unavailable(bus)
+        with pytest.raises(BusUnavailable):
+            await bus.publish_fresh(client_message("probe.echo", "down"))
+        with pytest.raises(BusUnavailable):
+            bus.publish_fresh_nowait(client_message("probe.echo", "down"))
 
     async def test_availability_is_reported(
         self, wsbus_make_bus: MakeBus, wsbus_make_unavailable: MakeUnavailable | None

@@ -21,7 +21,14 @@ from wsbus import (
     Service,
     handles,
 )
-from wsbus.bus import Bus, KeepsHistory, KeepsSessions, PublishesNowait, ReportsAvailability
+from wsbus.bus import (
+    Bus,
+    KeepsHistory,
+    KeepsSessions,
+    PublishesFresh,
+    PublishesNowait,
+    ReportsAvailability,
+)
 from wsbus_testing.conformance import (
     BusConformance,
     MakeBus,
@@ -33,7 +40,9 @@ from wsbus_testing.services import Probe
 
 
 class TestMemoryBus(BusConformance):
-    capabilities = frozenset({KeepsHistory, KeepsSessions, PublishesNowait, ReportsAvailability})
+    capabilities = frozenset(
+        {KeepsHistory, KeepsSessions, PublishesFresh, PublishesNowait, ReportsAvailability}
+    )
 
     @pytest.fixture
     def wsbus_make_unavailable(self) -> MakeUnavailable:
