@@ -505,8 +505,8 @@ class Client:
         Args:
             type: the message type.
             content: the payload.
-            wait: ``"reply"`` waits for a message whose ``reply_to`` is the id (the ack
-                comes first and is skipped); ``"ack"`` returns the ``wsbus.ack``.
+            wait: ``"reply"`` waits for a message whose ``reply_to`` is the id (the ack,
+                before or after it, is skipped); ``"ack"`` returns the ``wsbus.ack``.
             timeout: seconds to wait.
 
         Returns:
