@@ -95,12 +95,45 @@ def frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return head + mask + masked
 
 
+_PING = b"\x89\x04"
+"""How a keepalive ping from the servers begins: FIN + ping, unmasked, 4 bytes of payload
+(websockets' random ones, the picows edge's ``wsbp``). Never inside the bench's frames:
+their JSON is ASCII, and a length field would read 0x8904 only for a 35 KB frame."""
+_ENGINEIO_PING = b"\x81\x012"
+"""engine.io's heartbeat from python-socketio: a text frame of one byte, ``2``."""
+
+
 class RawClient:
-    """A WebSocket connection that reads bytes without parsing frames."""
+    """A WebSocket connection that reads bytes without parsing frames.
+
+    It answers the servers' keepalive pings as it reads (a run longer than a ping interval
+    and its timeout, about 40 s at the defaults, would otherwise see its connections
+    closed with 1011), without parsing frames: it looks for :data:`_PING` in what it reads.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.socketio = False
+        """Whether the server is python-socketio (its heartbeat is engine.io's, in text)."""
+        # The end of what was read last, where a ping cut by a read may begin.
+        self._carry = b""
+
+    def answer_pings(self, chunk: bytes) -> None:
+        """Answer every keepalive ping in ``chunk`` (read from the server) with its pong."""
+        data = self._carry + chunk if self._carry else chunk
+        at, end = data.find(_PING), 0
+        while at != -1 and at + 6 <= len(data):
+            self.writer.write(frame(data[at + 2 : at + 6], opcode=0xA))
+            end = at + 6
+            at = data.find(_PING, end)
+        if self.socketio:
+            beat = data.find(_ENGINEIO_PING)
+            while beat != -1:
+                self.writer.write(frame(b"3"))
+                beat = data.find(_ENGINEIO_PING, beat + 3)
+        # Keep what may begin a ping the next read completes (never an answered one).
+        self._carry = data[at:] if at != -1 else data[max(end, len(data) - 2) :]
 
     @classmethod
     async def open(cls, port: int, path: str = "/", protocol: str | None = None) -> RawClient:
@@ -130,6 +163,7 @@ class RawClient:
             chunk = await self.reader.read(1 << 16)
             if not chunk:
                 raise RuntimeError("connection closed before the sentinel")
+            self.answer_pings(chunk)
             if sentinel in tail + chunk:
                 return time.perf_counter()
             tail = chunk[-len(sentinel) :]
@@ -145,6 +179,7 @@ class RawClient:
             chunk = await self.reader.read(1 << 16)
             if not chunk:
                 raise RuntimeError("connection closed before the sentinel")
+            self.answer_pings(chunk)
             data += chunk
         arrived = time.monotonic()
         found = _STAMP.search(data, data.index(sentinel))
@@ -194,6 +229,7 @@ async def _connect(kind: str, port: int) -> RawClient:
         port, _path(kind), "wsbus.v1.json" if protocol == "wsbus" else None
     )
     if protocol == "socketio":
+        client.socketio = True
         await client.until(b"0{")  # engine.io open packet
         client.writer.write(frame(b"40"))
         await client.until(b"40{")  # joined the default namespace

@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from bench.__main__ import EDGE_KINDS, Bar, _bars, _edges, main, picows_installed
+from bench.__main__ import (
+    EDGE_KINDS,
+    Bar,
+    RawClient,
+    _bars,
+    _edges,
+    frame,
+    main,
+    picows_installed,
+)
 from bench.report import render
 from bench.servers import RAISED_RATE, wsbus_settings
 from tests.loops import run_in_own_loop
@@ -393,3 +402,54 @@ def test_both_loops_interleaved_compare_each_server_with_itself(tmp_path: Path) 
     markdown = render(saved)
     assert "wsbus, `websockets` edge on uvloop" in markdown
     assert "Each server on uvloop against itself on asyncio" in markdown
+
+
+async def test_the_load_generators_clients_outlive_the_servers_keepalive() -> None:
+    # A server that pings every 0.1 s and closes with 1011 a connection that has not
+    # answered within 0.1 s: the client must still be there for the sentinel a second later.
+    import asyncio
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def handler(ws: ServerConnection) -> None:
+        await asyncio.sleep(1.0)
+        await ws.send('{"type": "bench.done"}')
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, ping_interval=0.1, ping_timeout=0.1) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = await RawClient.open(port)
+        try:
+            async with asyncio.timeout(30):
+                await client.until(b"bench.done")
+        finally:
+            client.close()
+
+
+class _Writes:
+    """What a client wrote (a stand-in for its stream writer: only ``write`` is used)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+
+def test_a_ping_cut_by_a_read_is_answered_once() -> None:
+    writes = _Writes()
+    client = RawClient(None, writes)  # type: ignore[arg-type]
+    item = b"\x81\x05hello"
+    client.answer_pings(item + b"\x89\x04ab")
+    assert writes.frames == []
+    client.answer_pings(b"cd" + item + b"\x89\x04wsbp" + item)
+    assert writes.frames == [frame(b"abcd", opcode=0xA), frame(b"wsbp", opcode=0xA)]
+    client.answer_pings(item + b"\x89")
+    client.answer_pings(b"\x04wxyz")
+    assert writes.frames[2:] == [frame(b"wxyz", opcode=0xA)]
+    # engine.io's heartbeat, for python-socketio only.
+    client.answer_pings(b"\x81\x012")
+    assert len(writes.frames) == 3
+    client.socketio = True
+    client.answer_pings(b"\x81\x012" + item)
+    assert writes.frames[3:] == [frame(b"3")]
