@@ -82,6 +82,10 @@ _SERVED_LIMIT = 100_000
 _UNRELEASED_LIMIT = 10_000
 """The most releases the bus could not be told of that a gateway keeps to send again."""
 
+_ROOM_WAIT = 0.2
+"""The longest a direct call waits for room for its batch (less than the service's
+``DIRECT_TIMEOUT``, so that the gateway answers before the service gives up)."""
+
 _ENCODER = msgspec.msgpack.Encoder()
 _SESSION_RECORD = msgspec.msgpack.Decoder(SessionRecord)
 
@@ -121,8 +125,9 @@ class GatewayEndpoint:
         # that services faster than the loop wait (on their calls' threads), never pile up.
         self._waiting = threading.Condition()
         self._waiting_bytes = 0
-        self._waiting_limit = config.max_message_size
-        self._wait_for = config.call_timeout
+        # In encoded bytes: a batch decoded takes several times that in memory.
+        self._waiting_limit = config.max_message_size // 4
+        self._wait_for = min(config.call_timeout, _ROOM_WAIT)
         self.direct_batches = 0
         """Batches services delivered here directly."""
         self.refused = 0
@@ -137,53 +142,63 @@ class GatewayEndpoint:
         else:
             self._loop.call_soon_threadsafe(self._deliver_all, envelopes)
 
-    def deliver_direct(self, blob: Any) -> list[str] | None:
+    def deliver_direct(self, blob: Any) -> str | None:
         """Take a batch a service delivers straight to this gateway.
 
-        Returns None when every envelope was taken, else a status per envelope (none of
-        them was taken then). ``blob`` is the batch, as bytes or as base64 text (cheaper
-        for Pyro's serializer to read: a string, not a dict around one).
-
         Checked as the message bus checks what a service routes through it
-        (:func:`~wsbus_pyro.transport.from_service`: no presence events, no bus notices,
-        no history positions of the sender's own), and only what a service may deliver
-        directly (:func:`~wsbus_pyro.transport.direct_node`: a service's message to
-        connections of this gateway alone). The caller proved the shared secret in its
-        handshake, as every peer of a wsbus daemon does. Anything else makes the whole
-        batch ``refused`` (``no_route`` when it is for another gateway's connections) and
-        nothing of it is taken: a service then sends it through the bus.
+        (:func:`~wsbus_pyro.transport.from_service`: a service's sender, no presence
+        events, no bus notices, no history positions of the sender's own), and only what a
+        service may deliver directly (:func:`~wsbus_pyro.transport.direct_node`: a
+        service's application message to connections of this gateway alone). The caller
+        proved the shared secret in its handshake, as every peer of a wsbus daemon does.
 
         Returns before the envelopes are processed, once they are on the loop's queue, as
         :meth:`deliver` does: what the service sends next, by either path, comes after.
-        When the direct batches waiting for the loop already hold ``max_message_size``
-        bytes, the call waits (on its Pyro thread) for up to ``call_timeout`` for room,
-        then answers ``unavailable`` for each envelope and takes none.
+        Room is reserved from the batch's encoded length before it is decoded: when the
+        direct batches waiting for the loop already hold a quarter of
+        ``max_message_size``, the call waits (on its Pyro thread, never the loop) for at
+        most 0.2 s (``call_timeout`` if shorter), then answers ``unavailable``.
+
+        Args:
+            blob: the batch, as bytes or as base64 text (cheaper for Pyro's serializer to
+                read: a string, not the dict it wraps bytes in).
+
+        Returns:
+            None when every envelope was taken. Otherwise one status for the whole batch,
+            none of which was taken: ``refused`` (something in it a service may not
+            deliver directly), ``no_route`` (connections of another gateway: the
+            service's directory is stale) or ``unavailable`` (no room); the service then
+            sends it through the bus.
         """
         data = _b64decode(blob, validate=True) if isinstance(blob, str) else to_bytes(blob)
-        envelopes = decode_batch(data)
-        taken: list[Envelope] = []
-        for envelope in envelopes:
-            node = direct_node(envelope)
-            checked = None if node is None else from_service(envelope)
-            if checked is None or node != self._node:
-                status = REFUSED if checked is None else NO_ROUTE
-                self._refuse(envelope, status, len(envelopes))
-                return [status] * len(envelopes)
-            taken.append(checked)
-        if not taken:
-            return None
-        size = len(data)
-        if self._on_loop:
-            self._deliver_direct(taken, 0)
-        else:
-            if not self._room_for(size):
-                return [UNAVAILABLE] * len(taken)
-            try:
-                self._loop.call_soon_threadsafe(self._deliver_direct, taken, size)
-            except RuntimeError:  # the loop closed: the gateway is stopping
+        size = 0 if self._on_loop else len(data)
+        if size and not self._room_for(size):
+            return UNAVAILABLE
+        handed = False
+        try:
+            envelopes = decode_batch(data)
+            taken: list[Envelope] = []
+            for envelope in envelopes:
+                node = direct_node(envelope)
+                checked = None if node is None else from_service(envelope)
+                if checked is None or node != self._node:
+                    status = REFUSED if checked is None else NO_ROUTE
+                    self._refuse(envelope, status, len(envelopes))
+                    return status
+                taken.append(checked)
+            if not taken:
+                return None
+            if self._on_loop:
+                self._deliver_direct(taken, 0)
+            else:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver_direct, taken, size)
+                except RuntimeError:  # the loop closed: the gateway is stopping
+                    return UNAVAILABLE
+            handed = True
+        finally:
+            if not handed:
                 self._taken(size)
-                return [UNAVAILABLE] * len(taken)
-        self.direct_batches += 1
         return None  # all taken: the shortest answer to serialize, on the critical path
 
     def _room_for(self, size: int) -> bool:
@@ -208,6 +223,7 @@ class GatewayEndpoint:
 
     def _deliver_direct(self, envelopes: list[Envelope], size: int) -> None:
         """Hand a service's direct batch to the gateway (on the loop)."""
+        self.direct_batches += 1  # counted here, on the one loop thread
         try:
             deliver = self._sink.deliver
             recent = self.recent
@@ -220,12 +236,13 @@ class GatewayEndpoint:
             self._taken(size)
 
     def _refuse(self, envelope: Envelope, status: str, count: int) -> None:
-        """Count and log (at most every 10 s) a direct batch refused."""
-        self.refused += count
+        """Count and log (at most every 10 s) a direct batch refused (a Pyro thread)."""
         now = time.monotonic()
-        if now - self._refused_logged < 10.0:
-            return
-        self._refused_logged = now
+        with self._waiting:  # many Pyro threads count here
+            self.refused += count
+            if now - self._refused_logged < 10.0:
+                return
+            self._refused_logged = now
         sender = envelope.sender
         who = sender.name if isinstance(sender, ServiceAddress) else type(sender).__name__
         if status == REFUSED:

@@ -91,6 +91,7 @@ from .transport import (
     UNAVAILABLE,
     Forwarder,
     _array_header,
+    content_digest,
     decode_batch,
     from_service,
     gateway_lost_notice,
@@ -775,6 +776,10 @@ class MessageBus:
         if group is None:
             return envelope
         stamped = self._stamped.get(envelope.id)
+        if stamped is not None and content_digest(stamped) != content_digest(envelope):
+            # The id of one stamped lately with other content: not a copy sent again (a
+            # peer guessing ids must not have the real message take its impostor's place).
+            stamped = None
         if stamped is None:
             stamped = history.append(group, envelope, time.time())
             self._stamped.put(envelope.id, stamped)

@@ -27,7 +27,7 @@ from Pyro5 import errors as pyro_errors
 from Pyro5.client import Proxy
 
 from wsbus import control
-from wsbus.bus import is_for_gateway, is_presence_event
+from wsbus.bus import SHARED_HEADER, is_for_gateway, is_presence_event
 from wsbus.envelope import (
     Envelope,
     EnvelopeId,
@@ -43,6 +43,7 @@ from .config import PyroConfig, handshake
 
 __all__ = [
     "BUS_ADDRESS",
+    "DIRECT_TIMEOUT",
     "GATEWAY_LOST",
     "NO_ROUTE",
     "OK",
@@ -139,12 +140,18 @@ def to_bytes(blob: Any) -> bytes:
 def from_service(envelope: Envelope) -> Envelope | None:
     """The envelope as it may travel from a service; None for one a service may not send.
 
-    Only a gateway sends presence events and only the message bus sends its notices; only
+    A service sends as a service (``ServiceAddress``), never as a client or a gateway;
+    only a gateway sends presence events and only the message bus sends its notices; only
     the bus stamps history positions (a service's own are removed, never believed). The
     message bus applies this to whatever a service routes through it, and a gateway to
-    whatever a service delivers to it directly: the same rule on both paths.
+    whatever a service delivers to it directly: the same rule on both paths. (Which
+    service: every holder of the shared secret can name any; see docs/pyro.md.)
     """
-    if envelope.type == GATEWAY_LOST or is_presence_event(envelope):
+    if (
+        type(envelope.sender) is not ServiceAddress
+        or envelope.type == GATEWAY_LOST
+        or is_presence_event(envelope)
+    ):
         return None
     headers = envelope.headers
     if POSITION_HEADER in headers or GROUP_HEADER in headers:
@@ -153,15 +160,32 @@ def from_service(envelope: Envelope) -> Envelope | None:
     return envelope
 
 
+def _may_reach(envelope: Envelope, node: str) -> bool:
+    """Whether the bus may deliver ``envelope`` (from a service) to gateway ``node``."""
+    to = envelope.to
+    if isinstance(to, ServiceAddress):
+        return False
+    if isinstance(to, GatewayAddress):
+        return to.node == node
+    recipients = envelope.recipients
+    if recipients is None:
+        # To services by type; a wsbus.* request without a node goes to some gateway.
+        return envelope.type.startswith("wsbus.")
+    if recipients.everyone or recipients.aliases or recipients.users or recipients.groups:
+        return True
+    return any(node_of(conn_id) == node for conn_id in recipients.conn_ids)
+
+
 def direct_node(envelope: Envelope) -> NodeId | None:
     """The gateway a service may deliver ``envelope`` to directly, without the message bus.
 
-    Only a service's message to clients named by connection ids alone, every one of them
-    on one gateway (a connection id names its gateway: ``<node>.<serial>``), goes direct.
-    Everything else needs the bus: aliases, users, groups and everyone may match on any
-    gateway (the bus knows which gateways there are), history messages need the bus's
-    positions (only a message to exactly one group enters history), and control requests
-    and messages to services follow the bus's routing by ``to`` and by type.
+    Only a service's application message (not a ``wsbus.*`` type) to clients named by
+    connection ids alone, every one of them on one gateway (a connection id names its
+    gateway: ``<node>.<serial>``), goes direct. Everything else needs the bus: aliases,
+    users, groups and everyone may match on any gateway (the bus knows which gateways there
+    are), history messages need the bus's positions (only a message to exactly one group
+    enters history), and control requests, reports and messages to services follow the
+    bus's routing by ``to`` and by type.
 
     Returns:
         The gateway's node id, or None when the envelope must go through the bus.
@@ -176,7 +200,7 @@ def direct_node(envelope: Envelope) -> NodeId | None:
         or recipients.users
         or recipients.groups
         or not recipients.conn_ids
-        or envelope.type == GATEWAY_LOST
+        or envelope.type.startswith("wsbus.")
     ):
         return None
     conn_ids = recipients.conn_ids
@@ -633,6 +657,13 @@ class Forwarder(threading.Thread):
 
 _DIRECT_PROXIES: Final = 64
 """The most gateways one service's forwarder keeps a direct connection to at once."""
+DIRECT_TIMEOUT: Final = 0.5
+"""Seconds a direct call to a gateway may take, connecting included (at most
+``comm_timeout``); past it, its batch goes through the message bus instead."""
+_AVOID_FIRST: Final = 0.5
+"""Seconds a gateway is not called directly after a direct call failed; doubled at each
+failure in a row, up to :data:`_AVOID_MOST`."""
+_AVOID_MOST: Final = 8.0
 _ASK_EVERY: Final = 0.25
 """Seconds between two requests for a fresh directory of gateways (DirectForwarder)."""
 _REROUTED_LIMIT: Final = 65536
@@ -684,6 +715,8 @@ class DirectForwarder(Forwarder):
         # The direct proxies (this thread only): node -> (address, proxy, last used).
         self._direct: dict[str, tuple[str, Proxy, float]] = {}
         self._avoid: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        """The last avoidance of each gateway whose direct calls keep failing (seconds)."""
         """Gateways not to call directly until then (monotonic): a direct call failed."""
         self._rerouted: set[str] = set()
         """Ids of envelopes a direct call gave back: they go through the bus."""
@@ -731,8 +764,10 @@ class DirectForwarder(Forwarder):
         cut = 1
         while cut < len(batch) and self._path(batch[cut][0], now) == node:
             cut += 1
-        # Routed batches not yet settled: a direct run waits for them (per-sender order).
-        barrier = node is not None and bool(self._window)
+        # Routed batches not yet settled that may reach this gateway: a direct run waits
+        # for them (per-sender order). One for another gateway only (a stalled one, say)
+        # holds nothing up here.
+        barrier = node is not None and self._unsettled_for(node)
         back = batch if barrier else batch[cut:]
         if back:
             with self._cond:
@@ -741,6 +776,14 @@ class DirectForwarder(Forwarder):
             return []
         self._run_node = node
         return batch[:cut]
+
+    def _unsettled_for(self, node: str) -> bool:
+        """True when a routed batch sent and not yet settled may reach gateway ``node``."""
+        for _, _, batch in self._window.values():
+            for envelope, _ in batch:
+                if _may_reach(envelope, node):
+                    return True
+        return False
 
     def _send(self, batch: list[tuple[Envelope, Callback | None]]) -> None:
         node, self._run_node = self._run_node, None
@@ -754,9 +797,16 @@ class DirectForwarder(Forwarder):
         if not batch:
             return
         statuses = self._call_direct(node, blob, len(batch))
-        if statuses is None or any(status not in (OK, UNAVAILABLE) for status in statuses):
-            # Not delivered here, or not known to be: through the bus, in order, at once.
-            self._avoid[node] = time.monotonic() + self._retry_after
+        if statuses is None or any(status != OK for status in statuses):
+            # Not delivered here, or not known to be (the call failed or took longer than
+            # DIRECT_TIMEOUT, the gateway's loop is behind, the directory was stale):
+            # through the bus, in order, at once. The gateway is not called directly again
+            # for a while, longer each time it keeps failing.
+            delay = min(2 * self._backoff.get(node, _AVOID_FIRST / 2), _AVOID_MOST)
+            if len(self._backoff) >= _DIRECT_PROXIES * 16:
+                self._backoff.clear()  # a bound on memory: gateways long gone
+            self._backoff[node] = delay
+            self._avoid[node] = time.monotonic() + delay
             if len(self._rerouted) > _REROUTED_LIMIT:
                 # Ids of envelopes that expired before they were sent again: forgotten.
                 self._rerouted.clear()
@@ -764,8 +814,7 @@ class DirectForwarder(Forwarder):
                 self._rerouted.add(envelope.id)
             self._requeue(batch)
             return
-        # unavailable: the gateway is there but cannot take more now (its loop is behind),
-        # as the bus would find it too: reported to the service, as on the bus path.
+        self._backoff.pop(node, None)
         self._finish(batch, statuses)
 
     def _call_direct(self, node: str, blob: bytes, count: int) -> list[str] | None:
@@ -809,25 +858,50 @@ class DirectForwarder(Forwarder):
             self._direct.pop(oldest)[1]._pyroRelease()
         if result is None:
             return [OK] * count
-        if not isinstance(result, list) or len(result) != count:
-            return None
-        return [str(status) for status in result]
+        # One status for the whole batch, none of which was taken.
+        return [str(result)] * count
 
     def _connect_direct(self, uri: str) -> Proxy:
         proxy = make_proxy(uri, self._config)
-        # A gateway whose loop is behind makes the call wait up to call_timeout.
-        proxy._pyroTimeout = self._config.call_timeout + self._config.comm_timeout
+        # Short: this thread carries the service's traffic to every gateway and the bus, so
+        # one stalled gateway (its loop blocked: it accepts connections on its loop) must
+        # not hold it. A call that takes longer goes through the bus instead.
+        proxy._pyroTimeout = min(DIRECT_TIMEOUT, self._config.comm_timeout)
         return proxy
+
+
+_BUS_HEADERS: Final = frozenset({SHARED_HEADER, POSITION_HEADER, GROUP_HEADER})
+"""Headers the message bus sets on the way (a copy that came through it may differ)."""
+
+
+def content_digest(envelope: Envelope) -> int:
+    """A digest of what a service sent in ``envelope``, the same for every copy of it.
+
+    Headers the bus sets on the way (shared, history position) are left out: a copy sent
+    again through the bus, or through a restarted bus, is still the same message. Python's
+    ``hash`` of the encoding: keyed per process (``PYTHONHASHSEED``), so a peer cannot make
+    another message with the digest of one it has not seen.
+    """
+    headers = envelope.headers
+    if headers and not _BUS_HEADERS.isdisjoint(headers):
+        kept = {k: v for k, v in headers.items() if k not in _BUS_HEADERS}
+        envelope = msgspec.structs.replace(envelope, headers=kept)
+    return hash(_ENCODER.encode(envelope))
 
 
 class RecentIds:
     """The envelopes from services a receiver took lately, to drop a second copy.
 
     A forwarder with ``retry_for`` sends a batch again when its call failed, though the
-    far side may have taken it before the failure: the receiver drops what it has seen.
-    Between ``size`` and twice that many of the latest ids are remembered. Only
-    envelopes from services count: their ids are unique (the service's name, a random
-    part and a counter), while a client may reuse its frame ids.
+    far side may have taken it before the failure, and a service sends through the bus
+    what a direct call may have delivered: the receiver drops what it has seen.
+    Between ``size`` and twice that many of the latest ids are remembered, each with the
+    digest of its envelope (:func:`content_digest`): only a true copy is dropped. An
+    envelope with an id seen before and other content is delivered (and counted in
+    :attr:`impostors`): a peer that guesses a service's next id cannot have the real
+    message dropped in silence. Only envelopes from services count: their ids are unique
+    (the service's name, a random part and a counter), while a client may reuse its frame
+    ids.
 
     A receiver asks :meth:`seen` before it takes an envelope and calls :meth:`remember`
     only once it took it, both on one thread (its event loop): an envelope it refused
@@ -837,11 +911,21 @@ class RecentIds:
 
     def __init__(self, size: int = 65536) -> None:
         self._size = size
-        self._current: set[str] = set()
-        self._previous: set[str] = set()
+        self._current: dict[str, int] = {}
+        self._previous: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._last: tuple[Envelope | None, int] = (None, 0)
         self.duplicates = 0
         """Envelopes dropped as seen already."""
+        self.impostors = 0
+        """Envelopes delivered though their id was seen before, with other content."""
+
+    def _digest(self, envelope: Envelope) -> int:
+        last, digest = self._last
+        if last is not envelope:
+            digest = content_digest(envelope)
+            self._last = (envelope, digest)
+        return digest
 
     def seen(self, envelope: Envelope) -> bool:
         """Return True (and count a duplicate) when a copy of ``envelope`` was taken lately.
@@ -852,9 +936,23 @@ class RecentIds:
             return False
         id_ = envelope.id
         with self._lock:
-            if id_ in self._current or id_ in self._previous:
+            known = self._current.get(id_)
+            if known is None:
+                known = self._previous.get(id_)
+            if known is None:
+                return False
+            if known == self._digest(envelope):
                 self.duplicates += 1
                 return True
+            self.impostors += 1
+            count = self.impostors
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: a flood logs little
+            log.warning(
+                "an envelope with the id of one taken lately (%s) and other content was delivered: "
+                "a peer that holds the secret may be guessing a service's ids (%d so far)",
+                id_,
+                count,
+            )
         return False
 
     def remember(self, envelope: Envelope) -> None:
@@ -862,9 +960,9 @@ class RecentIds:
         if type(envelope.sender) is not ServiceAddress:
             return
         with self._lock:
-            self._current.add(envelope.id)
+            self._current[envelope.id] = self._digest(envelope)
             if len(self._current) >= self._size:
-                self._previous, self._current = self._current, set()
+                self._previous, self._current = self._current, {}
 
 
 def gateway_lost_notice(node: str, serial: str) -> Envelope:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 from base64 import b64encode
 from collections.abc import AsyncIterator, Callable
@@ -38,17 +39,21 @@ from wsbus.envelope import (
 from wsbus.history import GROUP_HEADER, POSITION_HEADER, HistoryConfig, Position
 from wsbus.service import Context, handles
 from wsbus_pyro import PyroBus, PyroConfig, ServiceHost
+from wsbus_pyro import bus as pyro_bus
 from wsbus_pyro.bus import GatewayEndpoint
 from wsbus_pyro.transport import (
     BUS_ADDRESS,
     GATEWAY_LOST,
     NO_ROUTE,
+    OK,
     REFUSED,
     UNAVAILABLE,
+    decode_batch,
     direct_node,
     encode_batch,
     from_service,
     gateway_lost_notice,
+    lookup,
     make_proxy,
 )
 from wsbus_testing.children import Child, free_port
@@ -342,6 +347,10 @@ async def test_the_direct_endpoint_checks_the_sender_as_the_bus_does(
         _envelope(6, recipients=Recipients(aliases=("ann",))),
         _envelope(7, recipients=Recipients(everyone=True)),
         _envelope(8, type="wsbus.disconnect", to=GatewayAddress(NodeId("g1")), content=me),
+        # A control request (or any wsbus.* type) with recipients and no `to`: the bus's.
+        _envelope(9, type="wsbus.disconnect", recipients=mine, content={"conn_id": me}),
+        # A client's sender: a service never sends as a client.
+        _envelope(10, recipients=mine, sender=ClientAddress(me, alias="alice")),
     ]
     uri = kit.buses["g1"].uri
 
@@ -370,9 +379,9 @@ async def test_the_direct_endpoint_checks_the_sender_as_the_bus_does(
         return answers
 
     answers = await asyncio.to_thread(calls)
-    assert answers[: len(refused)] == [[REFUSED]] * len(refused)
+    assert answers[: len(refused)] == [REFUSED] * len(refused)
     # None: all taken (the shortest answer).
-    assert answers[len(refused) :] == [[REFUSED, REFUSED], [NO_ROUTE], None]
+    assert answers[len(refused) :] == [REFUSED, NO_ROUTE, None]
     # The client got the one envelope taken, without the forged position, and nothing else.
     frame = await client.receive(WAIT)
     assert frame["id"] == "intruder-22" and "pos" not in frame and "group" not in frame
@@ -403,6 +412,54 @@ async def test_a_second_copy_through_the_bus_is_delivered_once(
     assert (await client.receive(WAIT))["id"] == "intruder-31"
 
 
+async def test_an_envelope_with_a_seen_id_and_other_content_is_delivered(
+    kit: Kit, wsbus_pyro_config: PyroConfig
+) -> None:
+    # A peer that guesses a service's next id and delivers first must not have the real
+    # message dropped as a copy: only a true copy (same id, same content) is dropped.
+    g1 = await kit.gateway("g1")
+    client = await kit.client(g1)
+    to = Recipients(conn_ids=(ConnId(client.conn_id or ""),))
+    impostor = _envelope(40, recipients=to, content="decoy")
+    real = _envelope(40, recipients=to, content="the real one")
+    uri = kit.buses["g1"].uri
+
+    def calls() -> None:
+        with make_proxy(uri, wsbus_pyro_config) as gateway:
+            assert gateway.deliver_direct(encode_batch([impostor])) is None
+            gateway.deliver(encode_batch([real]))  # the real one, through the bus
+            assert gateway.deliver_direct(encode_batch([real])) is None  # a true copy
+
+    await asyncio.to_thread(calls)
+    frames = [await client.receive(WAIT), await client.receive(WAIT)]
+    assert [f["content"] for f in frames] == ["decoy", "the real one"]
+    await asyncio.sleep(0.2)
+    assert client.pending() == 0  # the true copy was dropped
+
+
+async def test_the_bus_refuses_a_service_envelope_with_a_client_or_gateway_sender(
+    kit: Kit, wsbus_pyro_config: PyroConfig
+) -> None:
+    g1 = await kit.gateway("g1")
+    client = await kit.client(g1)
+    me = ConnId(client.conn_id or "")
+    to = Recipients(conn_ids=(me,))
+    forged = [
+        _envelope(50, recipients=to, sender=ClientAddress(me, alias="alice")),
+        _envelope(51, recipients=to, sender=GatewayAddress(NodeId("billing"))),
+    ]
+
+    def route() -> Any:
+        with lookup(wsbus_pyro_config.bus_name, wsbus_pyro_config) as bus:
+            return bus.route(encode_batch([*forged, _envelope(52, recipients=to)]))
+
+    assert await asyncio.to_thread(route) == [NO_ROUTE, NO_ROUTE, OK]
+    frame = await client.receive(WAIT)
+    assert frame["id"] == "intruder-52"
+    await asyncio.sleep(0.2)
+    assert client.pending() == 0
+
+
 class Sink:
     """The gateway, as the endpoint sees it: keeps what it was handed."""
 
@@ -415,11 +472,19 @@ class Sink:
         self.took.append(envelope)
 
 
-def test_direct_batches_waiting_for_the_loop_are_bounded() -> None:
-    # A gateway loop that is behind (here: not running at all) holds at most
-    # max_message_size bytes of direct batches; a call past that waits on its own thread
-    # for up to call_timeout, then answers unavailable and takes nothing.
-    config = PyroConfig(max_message_size=64 * 1024, call_timeout=0.2)
+def test_direct_batches_waiting_for_the_loop_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gateway loop that is behind (here: not running at all) holds at most a quarter of
+    # max_message_size of direct batches, counted before they are decoded; a call past
+    # that waits on its own thread for a moment, then answers unavailable, having decoded
+    # and taken nothing.
+    decoded: list[int] = []
+
+    def counted(blob: Any) -> list[Envelope]:
+        decoded.append(len(blob))
+        return decode_batch(blob)
+
+    monkeypatch.setattr(pyro_bus, "decode_batch", counted)
+    config = PyroConfig(max_message_size=256 * 1024, call_timeout=0.2)
     loop = asyncio.new_event_loop()
     sink = Sink()
     endpoint = GatewayEndpoint(loop, sink, on_loop=False, node="g1", config=config)
@@ -427,7 +492,8 @@ def test_direct_batches_waiting_for_the_loop_are_bounded() -> None:
     batches = [encode_batch([_envelope(i, recipients=to, content="x" * 20_000)]) for i in range(5)]
     try:
         answers = [endpoint.deliver_direct(batch) for batch in batches[:4]]
-        assert answers == [None, None, None, [UNAVAILABLE]]
+        assert answers == [None, None, None, UNAVAILABLE]
+        assert len(decoded) == 3  # the refused batch was never decoded
         assert sink.took == []  # handed to the loop, which has not run
         loop.run_until_complete(asyncio.sleep(0))
         assert [e.id for e in sink.took] == ["intruder-0", "intruder-1", "intruder-2"]
@@ -438,3 +504,83 @@ def test_direct_batches_waiting_for_the_loop_are_bounded() -> None:
         assert endpoint.direct_batches == 4
     finally:
         loop.close()
+
+
+class Pacer(Service):
+    """In this process: ``pace.start`` ``{"a", "n"}`` sends the sender an item every 20 ms,
+    each stamped with this process's monotonic clock, and every fifth one to ``a`` too."""
+
+    name = "pacer"
+
+    @handles("pace.start")
+    async def start(self, message: Envelope, ctx: Context) -> None:
+        """Send the items, paced."""
+        assert isinstance(message.sender, ClientAddress)
+        me = Recipients(conn_ids=(message.sender.conn_id,))
+        other = Recipients(conn_ids=(ConnId(message.content["a"]),))
+        for i in range(int(message.content["n"])):
+            ctx.send(me, "pace.item", {"i": i, "t": time.monotonic()})
+            if i % 5 == 0:
+                ctx.send(other, "pace.item", {"i": i})
+            await asyncio.sleep(0.02)
+
+
+async def test_a_stalled_gateway_does_not_hold_up_a_services_other_gateways(
+    kit: Kit, wsbus_pyro_config: PyroConfig
+) -> None:
+    # Gateway A runs on a loop of its own (a thread) and that loop is blocked before the
+    # service first delivers to it: a new Pyro connection to A waits for A's loop. The
+    # service's one forwarder thread carries its traffic to every gateway, so its direct
+    # calls to A must give up quickly (and go through the bus) rather than hold B's
+    # clients for the proxy's whole timeout. The service's comm_timeout is 20 s here: a
+    # forwarder stuck on A (call_timeout + comm_timeout) would keep B silent for far
+    # longer than the comm_timeout / 2 that B's client is given.
+    config = msgspec.structs.replace(wsbus_pyro_config, comm_timeout=20.0)
+    b = await kit.gateway("gb")
+    client = await kit.client(b)
+    a_loop = asyncio.new_event_loop()
+    a_thread = threading.Thread(target=a_loop.run_forever, daemon=True)
+    a_thread.start()
+    blocked, release = threading.Event(), threading.Event()
+
+    async def open_a() -> tuple[Gateway, MemoryClient, asyncio.Task[None]]:
+        gateway = Gateway(
+            PyroBus(wsbus_pyro_config), config=GatewayConfig(node=NodeId("ga")), entry_points=False
+        )
+        await gateway.start()
+        conn, a_client = memory_pair(Codec.JSON, buffer=8192)
+        task = asyncio.create_task(gateway.serve(conn))
+        a_client.conn_id = (await a_client.receive(WAIT))["content"]["conn_id"]
+        return gateway, a_client, task
+
+    def block() -> None:
+        blocked.set()
+        release.wait(2 * WAIT)
+
+    a_gateway, a_client, a_task = asyncio.run_coroutine_threadsafe(open_a(), a_loop).result(WAIT)
+    host = ServiceHost(Pacer(), config)
+    try:
+        await host.start()
+        a_loop.call_soon_threadsafe(block)
+        assert await asyncio.to_thread(blocked.wait, WAIT)
+        began = time.monotonic()
+        client.send("pace.start", {"a": a_client.conn_id, "n": 1500}, id="pace")
+        async with asyncio.timeout(config.comm_timeout / 2):
+            while True:
+                frame = await client.receive(WAIT)
+                if frame["type"] == "pace.item" and frame["content"]["i"] >= 10:
+                    break
+        # Sent after the block began (and after sends to A), received while A is blocked.
+        assert frame["content"]["t"] > began and not release.is_set()
+    finally:
+        release.set()
+        await host.close()
+
+        async def close_a() -> None:
+            await a_gateway.close()
+            await a_task
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close_a(), a_loop))
+        a_loop.call_soon_threadsafe(a_loop.stop)
+        await asyncio.to_thread(a_thread.join, WAIT)
+        a_loop.close()

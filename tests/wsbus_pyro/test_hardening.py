@@ -789,14 +789,20 @@ class Gate(Service):
         await self.release.wait()
 
 
+_JOBS: dict[str, Envelope] = {}
+
+
 def _job(id_: str) -> Envelope:
-    return Envelope(
-        id=EnvelopeId(id_),
-        type="job.do",
-        sender=ServiceAddress("a"),
-        content={"id": id_},
-        created=time.time(),
-    )
+    """The envelope ``id_``: the same one each time, as a sender sends a copy again."""
+    if id_ not in _JOBS:
+        _JOBS[id_] = Envelope(
+            id=EnvelopeId(id_),
+            type="job.do",
+            sender=ServiceAddress("a"),
+            content={"id": id_},
+            created=time.time(),
+        )
+    return _JOBS[id_]
 
 
 async def test_an_envelope_refused_with_a_full_inbox_is_taken_when_sent_again(
