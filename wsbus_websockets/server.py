@@ -304,7 +304,16 @@ class EdgeServer:
         )
         # Before the first accept: a doorman holds each connection until its request's head
         # is in, so peers that never send one cost no websockets objects.
-        install_doorman(self.server.server, self.handshakes, config.max_request_head)
+        if not install_doorman(self.server.server, self.handshakes, config.max_request_head):
+            # uvloop keeps its server's protocol factory out of reach: websockets' machinery
+            # is then built at each accept, and accepts per pass are not bounded.
+            log.warning(
+                "the websockets edge runs without its doorman on this event loop (%s): a "
+                "flood of half-done handshakes costs more memory and loop time per peer "
+                "than on asyncio's loop; for a gateway open to the internet use --loop "
+                "asyncio (the default) or --edge picows (docs/performance.md)",
+                type(asyncio.get_running_loop()).__module__.split(".")[0],
+            )
         await self.server.start_serving()
         if backlog > ACCEPTS_PER_PASS:
             listen_backlog(self.server.server, backlog)

@@ -92,6 +92,9 @@ async def test_serve_runs_on_the_loop_chosen(
                 assert (await client.request("loop.which", i))["content"] == expected
     finally:
         assert child.stop() == 0, child.text
+    # The websockets edge cannot put its doorman in front of uvloop's accepts: it says so.
+    warned = "runs without its doorman" in child.text
+    assert warned == (expected == "uvloop" and "picows" not in flags), child.text
 
 
 def test_choosing_uvloop_without_it_names_the_flag_and_the_extra(
