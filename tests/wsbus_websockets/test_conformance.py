@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection as WsClientConnection
@@ -85,6 +86,8 @@ class TestMemoryConnection(ConnectionConformance):
 
 class TestWebSocketsConnection(ConnectionConformance):
     capabilities = frozenset({SendsNowait, ReceivesRaw, ReportsUnsent})
+    compression: ClassVar[str | None] = None
+    """permessage-deflate (``"deflate"``) or none, as EdgeServer's default."""
 
     @pytest_asyncio.fixture
     async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
@@ -110,7 +113,7 @@ class TestWebSocketsConnection(ConnectionConformance):
                 "127.0.0.1",
                 0,
                 subprotocols=[Subprotocol(codec) for codec in Codec],
-                compression=None,  # as EdgeServer's default
+                compression=self.compression,
                 close_timeout=CLOSE_TIMEOUT,
                 # _Connection writes through the edge's own connection class.
                 create_connection=connection_factory(
@@ -128,12 +131,14 @@ class TestWebSocketsConnection(ConnectionConformance):
                     f"ws://127.0.0.1:{port}/",
                     subprotocols=[Subprotocol(codec.value)],
                     additional_headers=request_headers,
-                    compression=None,
+                    compression=self.compression,
                     close_timeout=CLOSE_TIMEOUT,
                 )
                 peers.append(ws)
                 connection = await handed.get()
             assert ws.subprotocol == codec.value
+            if self.compression is not None:
+                assert ws.protocol.extensions, "permessage-deflate was negotiated"
             return connection, WebSocketPeer(ws)
 
         try:

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection as WsClientConnection
@@ -20,14 +19,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 
+from tests.wsbus_websockets import test_conformance
 from wsbus import Codec, HandshakeRequest
-from wsbus.edge import ClientConnection, ReceivesRaw, ReportsUnsent, SendsNowait
-from wsbus_testing.connection_conformance import (
-    ConnectionConformance,
-    MakeConnectionPair,
-    Peer,
-    WebSocketPeer,
-)
 from wsbus_websockets._wsconn import (
     EdgeConnection,
     HandshakeGuard,
@@ -205,66 +198,7 @@ async def test_frames_a_closing_transport_discards_are_counted_unsent(gathered: 
         assert connection.unsent() == 2
 
 
-class TestWebSocketsConnectionWithDeflate(ConnectionConformance):
+class TestWebSocketsConnectionWithDeflate(test_conformance.TestWebSocketsConnection):
     """The connection conformance suite, with permessage-deflate on (websockets frames)."""
 
-    capabilities = frozenset({SendsNowait, ReceivesRaw, ReportsUnsent})
-
-    @pytest_asyncio.fixture
-    async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
-        handed: asyncio.Queue[_Connection] = asyncio.Queue()
-        finished = asyncio.Event()
-
-        async def handler(ws: ServerConnection) -> None:
-            assert ws.request is not None
-            assert isinstance(ws, EdgeConnection)
-            codec = Codec(ws.subprotocol) if ws.subprotocol else Codec.JSON
-            request = HandshakeRequest(
-                path=ws.request.path,
-                headers={name.lower(): value for name, value in ws.request.headers.raw_items()},
-                remote="{}:{}".format(*ws.remote_address[:2]),
-            )
-            await handed.put(_Connection(ws, codec, request))
-            await finished.wait()
-
-        async with asyncio.timeout(TIMEOUT):
-            server = await serve(
-                handler,
-                "127.0.0.1",
-                0,
-                subprotocols=[Subprotocol(codec) for codec in Codec],
-                compression="deflate",
-                close_timeout=CLOSE_TIMEOUT,
-                create_connection=connection_factory(
-                    HandshakeGuard(1024, RateLimitedLog(logging.getLogger("test"))), 1 << 20
-                ),
-            )
-        port = server.sockets[0].getsockname()[1]
-        peers: list[WsClientConnection] = []
-
-        async def make(
-            codec: Codec, request_headers: dict[str, str] | None = None
-        ) -> tuple[ClientConnection, Peer]:
-            async with asyncio.timeout(TIMEOUT):
-                ws = await connect(
-                    f"ws://127.0.0.1:{port}/",
-                    subprotocols=[Subprotocol(codec.value)],
-                    additional_headers=request_headers,
-                    compression="deflate",
-                    close_timeout=CLOSE_TIMEOUT,
-                )
-                peers.append(ws)
-                connection = await handed.get()
-            assert ws.subprotocol == codec.value
-            assert ws.protocol.extensions, "permessage-deflate was negotiated"
-            return connection, WebSocketPeer(ws)
-
-        try:
-            yield make
-        finally:
-            finished.set()
-            async with asyncio.timeout(TIMEOUT):
-                for ws in peers:
-                    await ws.close()
-                server.close()
-                await server.wait_closed()
+    compression = "deflate"
