@@ -375,7 +375,6 @@ class MemoryBus:
         other waits for. Every place held is given back on a refusal or a cancel.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         held: list[ServiceRunner] = []
         runners = self._targets(envelope)
         if len(runners) == 1:
@@ -384,7 +383,7 @@ class MemoryBus:
             key = client_key(envelope)
             if not (runner.has_room() or runner.take_credit(key)):
                 try:
-                    await runner.wait_for_room(key, deadline)
+                    await runner.wait_for_room(key, loop.time() + self.timeout)
                 except TimeoutError:
                     raise self._stuck(runner) from None
             # No await since the place was found free or given: it is ours.
@@ -410,7 +409,7 @@ class MemoryBus:
                         continue
                     if not (runner.has_room() or (key is not None and runner.take_credit(key))):
                         try:
-                            await runner.wait_for_room(key, deadline)
+                            await runner.wait_for_room(key, loop.time() + self.timeout)
                         except TimeoutError:
                             raise self._stuck(runner) from None
                     # No await since the place was found free or given: it is ours.

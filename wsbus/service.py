@@ -770,12 +770,15 @@ def client_key(envelope: Envelope) -> object:
 class _Turn:
     """A sender's place in line for room in a service's inbox (ServiceRunner.wait_for_room)."""
 
-    __slots__ = ("deadline", "event", "expired", "key", "share")
+    __slots__ = ("deadline", "event", "expired", "key", "patience", "share")
 
-    def __init__(self, key: object, deadline: float | None) -> None:
+    def __init__(self, key: object, deadline: float | None, now: float) -> None:
         self.event = asyncio.Event()
         self.key = key
         self.deadline = deadline
+        # How long the service may take nothing before this sender gives up (ServiceRunner
+        # moves the deadline on each time it takes an envelope).
+        self.patience = None if deadline is None else deadline - now
         # Taken out of line by the runner's timer: its deadline passed.
         self.expired = False
         # Places reserved for this sender when it was let in, until it runs.
@@ -868,6 +871,9 @@ class ServiceRunner:
         self._loop = asyncio.get_running_loop()
         # Fires at the earliest deadline of the senders waiting (wait_for_room).
         self._timer: asyncio.TimerHandle | None = None
+        # Loop time the runner last took an envelope while senders waited: a waiting
+        # sender's deadline counts from there (a slow service is not a stuck one).
+        self._took_at = float("-inf")
         # True while _run waits for work with nothing to do (only with eager): a handler
         # may then run in the caller's turn of the loop (offer).
         self._idle = False
@@ -966,12 +972,17 @@ class ServiceRunner:
             leave(loop, caller)
         enter(loop, task)
         try:
-            coro = method(envelope, Context(self.link, envelope))
             try:
+                # The call too: a handler whose call raises (its signature) is the
+                # service's failure, as on the queued path, not the caller's (the bus's).
+                coro = method(envelope, Context(self.link, envelope))
                 awaited = self._context.run(coro.send, None)
             except StopIteration:
                 outcome = "handled"
-            except Exception:
+            except (Exception, asyncio.CancelledError):
+                # The runner's task is not running, and nothing is thrown into a plain
+                # call: a CancelledError here is the handler's own (it awaited a cancelled
+                # future, or raised it), its failure, never a cancel of the caller.
                 self._failed(envelope)
                 outcome = "failed"
             else:
@@ -1033,21 +1044,25 @@ class ServiceRunner:
                 sender let in with a key gets its share of the free places: the rest of
                 its share is reserved for it, to take with :meth:`take_credit`. Without a
                 key, one place.
-            deadline: the loop time (``loop.time()``) to give up waiting at. One timer per
+            deadline: the loop time (``loop.time()``) to give up waiting at if the
+                service takes nothing meanwhile. Each envelope it takes moves the deadline
+                on to as long after that: the wait is refused only once the service took
+                nothing for ``deadline`` less the time of the call (it is stuck), however
+                long a slow service makes the caller wait for its turn. One timer per
                 runner watches every wait's deadline (a timer per wait, as
                 ``asyncio.timeout`` makes, costs a heap entry per message when many
                 senders wait their turn).
 
         Raises:
             BusUnavailable: the runner is stopped (now or while waiting).
-            TimeoutError: ``deadline`` passed before the caller's turn came; the turn is
-                passed on.
+            TimeoutError: ``deadline`` passed, the service taking nothing meanwhile,
+                before the caller's turn came; the turn is passed on.
         """
         if self._stopped:
             raise BusUnavailable(f"service {self.name!r} has stopped", whole_bus=False)
         if self.has_room():
             return
-        turn = _Turn(key, deadline)
+        turn = _Turn(key, deadline, self._loop.time())
         self._waiters.append(turn)
         if deadline is not None:
             self._watch(deadline)
@@ -1080,8 +1095,8 @@ class ServiceRunner:
                 self._woken -= 1
                 turn.event.clear()
                 self._waiters.insert(self._woken, turn)
-                if deadline is not None:
-                    self._watch(deadline)
+                if turn.deadline is not None:
+                    self._watch(turn.deadline)
         finally:
             if not turn.expired:
                 if turn.event.is_set():
@@ -1112,6 +1127,9 @@ class ServiceRunner:
             deadline = turn.deadline
             if deadline is None:
                 continue
+            if deadline <= now and turn.patience is not None:
+                # Counted from the service's last take: slow is not stuck.
+                deadline = turn.deadline = max(deadline, self._took_at + turn.patience)
             if deadline <= now:
                 waiters.remove(turn)
                 turn.expired = True
@@ -1222,7 +1240,18 @@ class ServiceRunner:
             # A handler offer started, which the task did not get to carry on.
             envelope, coro, _ = self._resume
             self._resume = None
-            coro.close()
+            try:
+                coro.close()
+            except RuntimeError as exc:
+                # Its finally awaited ("coroutine ignored GeneratorExit"): the handler's
+                # bug, which must not fail the stop of the bus and gateway.
+                log.warning(
+                    "service %r: a handler for %r (id %s) did not stop when closed: %s",
+                    self.name,
+                    envelope.type,
+                    envelope.id,
+                    exc,
+                )
             self._end(envelope, "stopped")
         inbox, self._inbox = self._inbox, deque()
         for envelope in inbox:
@@ -1251,15 +1280,33 @@ class ServiceRunner:
                 if self._drained is not None:
                     self._drained.set()
                 self._ready.clear()
+                if self._credits and not self._waiters:
+                    # Idle, nobody waiting: places reserved for senders let in before (gone,
+                    # or done with their burst) go back to the pool, for senders that
+                    # cannot wait (services, the gateway's own envelopes).
+                    self._limit += sum(self._credits.values())
+                    self._credits.clear()
                 self._idle = self._eager and not self._stopped
+                handed_on = False
                 try:
                     await self._ready.wait()
+                except asyncio.CancelledError:
+                    if self._resume is None or self._stopped:
+                        raise
+                    # Meant for the handler offer started, before this task picked it up
+                    # (its asyncio.timeout ran out, a cancel of current_task()): the
+                    # handler gets it where it awaits, as if this task had been running it.
+                    handed_on = True
                 finally:
                     self._idle = False
+                if handed_on:
+                    await self._carry_on(cancelled=True)
                 continue
             envelope = inbox.popleft()
-            if len(self._waiters) > self._woken and len(inbox) <= self._low:
-                self._let_next_in(reclaim=True)
+            if len(self._waiters) > self._woken:
+                self._took_at = self._loop.time()
+                if len(inbox) <= self._low:
+                    self._let_next_in(reclaim=True)
             entry = dispatch.get(envelope.type)
             outcome: Outcome
             try:
@@ -1274,6 +1321,11 @@ class ServiceRunner:
                     except Exception:
                         self._failed(envelope)
                         outcome = "failed"
+                    except asyncio.CancelledError:
+                        if not self._handlers_own_cancel():
+                            raise
+                        self._failed(envelope)
+                        outcome = "failed"
             except asyncio.CancelledError:
                 # Stopped mid-handler: the handler did not finish.
                 self._end(envelope, "stopped")
@@ -1281,17 +1333,35 @@ class ServiceRunner:
             if self._finished is not None:
                 self._end(envelope, outcome)
 
-    async def _carry_on(self) -> None:
-        """Carry on the handler :meth:`offer` started, from where it awaited."""
+    async def _carry_on(self, cancelled: bool = False) -> None:
+        """Carry on the handler :meth:`offer` started, from where it awaited.
+
+        Args:
+            cancelled: the task was cancelled before it picked the handler up: the handler
+                gets the cancel first, as a task's coroutine does (what it awaits is
+                cancelled; failing that, CancelledError is thrown in where it awaits).
+        """
         assert self._resume is not None
         envelope, coro, awaited = self._resume
         self._resume = None
         outcome: Outcome
         try:
             try:
-                await _Resumed(coro, awaited)
+                done = False
+                if cancelled and not (asyncio.isfuture(awaited) and awaited.cancel()):
+                    try:
+                        awaited = coro.throw(asyncio.CancelledError())
+                    except StopIteration:
+                        done = True
+                if not done:
+                    await _Resumed(coro, awaited)
                 outcome = "handled"
             except Exception:
+                self._failed(envelope)
+                outcome = "failed"
+            except asyncio.CancelledError:
+                if not self._handlers_own_cancel():
+                    raise
                 self._failed(envelope)
                 outcome = "failed"
         except asyncio.CancelledError:
@@ -1299,6 +1369,16 @@ class ServiceRunner:
             raise
         if self._finished is not None:
             self._end(envelope, outcome)
+
+    def _handlers_own_cancel(self) -> bool:
+        """Tell whether a CancelledError out of a handler is its own, not a cancel of the task.
+
+        A cancel of the task (stop, the loop's shutdown, a cancel of ``current_task()``)
+        is counted by ``Task.cancelling()``, and ``asyncio.timeout`` takes back the one it
+        made; a CancelledError the handler raised, or got from a cancelled future, is not.
+        """
+        task = asyncio.current_task()
+        return not self._stopped and task is not None and task.cancelling() == 0
 
     async def handle(self, envelope: Envelope) -> None:
         """Call the handler for one envelope; a failing handler is logged, never raised."""
@@ -1327,6 +1407,11 @@ class ServiceRunner:
             else:
                 await asyncio.to_thread(method, envelope, ctx)
         except Exception:
+            self._failed(envelope)
+            return "failed"
+        except asyncio.CancelledError:
+            if not self._handlers_own_cancel():
+                raise
             self._failed(envelope)
             return "failed"
         return "handled"

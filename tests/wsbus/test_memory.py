@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -484,6 +485,67 @@ async def test_a_client_waiting_on_a_service_that_takes_nothing_is_refused() -> 
             await bus.publish(_from("a", 0))
         assert info.value.whole_bus is False
         assert bus.available
+    finally:
+        turnstile.tickets.release()
+        await bus.close()
+
+
+async def test_a_slow_service_that_keeps_taking_messages_is_not_called_stuck() -> None:
+    # "Stuck" is taking nothing for the bus's timeout. A client waiting for the inbox to
+    # drain to its mark (a batch) waits longer than that behind a slow service: it was
+    # refused unavailable while the service kept taking messages.
+    timeout = 0.5
+    turnstile = Turnstile()
+    bus, _ = await _gated(inbox_size=40, bus_timeout=timeout, services=[turnstile])
+    loop = asyncio.get_running_loop()
+    try:
+        assert bus.publish_nowait(_from("x", 0))
+        await _settled()  # x0 in the handler, waiting for its ticket
+        for n in range(1, 41):
+            assert bus.publish_nowait(_from("x", n))
+        waiting = asyncio.create_task(bus.publish(_from("a", 0)))
+        await _settled()
+        # One take every tenth of the timeout: twenty of them (twice the timeout at the
+        # least) before the inbox is at its mark. When each was given, seen by the service.
+        given = [loop.time()]
+        async with asyncio.timeout(60):
+            while not waiting.done():
+                turnstile.tickets.release()
+                given.append(loop.time())
+                await asyncio.wait({waiting}, timeout=timeout / 10)
+        try:
+            waiting.result()
+        except BusUnavailable:
+            # Only a machine so busy that the service really took nothing for the timeout
+            # (its loop stalled) may see it refused.
+            given.append(loop.time())
+            longest = max(later - before for before, later in itertools.pairwise(given))
+            assert longest >= timeout, (
+                f"refused as stuck, although it took a message at least every {longest:.3f} s"
+            )
+        assert len(given) > 20
+    finally:
+        turnstile.tickets.release()
+        await bus.close()
+
+
+async def test_places_reserved_for_a_client_go_back_once_the_service_is_idle() -> None:
+    # A client let in with a share of the room, which then sends nothing more (it left):
+    # its places stayed reserved, and senders that cannot wait (a service's sends, the
+    # gateway's own envelopes) were refused with the inbox far from full.
+    bus, turnstile = await _full_turnstile()
+    try:
+        waiting = asyncio.create_task(bus.publish(_from("a", 0)))
+        await _settled()
+        await _take(turnstile, 4)  # at the mark: a is let in, three places kept for it
+        async with asyncio.timeout(5):
+            await waiting
+        await _take(turnstile, 6)  # x4..x8 and a0: the service is idle, nobody waits
+        assert turnstile.taken[-1] == "a0"
+        assert bus.publish_nowait(_from("b", 0))
+        await _settled()  # b0 in the handler, waiting for its ticket
+        assert all(bus.publish_nowait(_from("b", n)) for n in range(1, 9))  # the whole inbox
+        assert not bus.publish_nowait(_from("b", 9))
     finally:
         turnstile.tickets.release()
         await bus.close()

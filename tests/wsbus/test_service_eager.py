@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from tests.conftest import assert_balanced
 from wsbus import Context, Envelope, Gateway, GatewayConfig, MemoryBus, Service, handles
 from wsbus.edge import memory_pair
 from wsbus.service import ServiceRunner
@@ -33,6 +35,7 @@ class Eager(Service):
         self.tasks: list[asyncio.Task[object] | None] = []
         self.gate = asyncio.Event()
         self.timed_out = asyncio.Event()
+        self.inner_task: asyncio.Future[None] | None = None
 
     @handles("now")
     async def now(self, message: Envelope, ctx: Context) -> None:
@@ -65,6 +68,49 @@ class Eager(Service):
                 await asyncio.Event().wait()
         except TimeoutError:
             self.timed_out.set()
+
+    @handles("expired")
+    async def expired(self, message: Envelope, ctx: Context) -> None:
+        # A deadline already past (a client's budget spent): asyncio cancels the current
+        # task in the loop's next turn, before the runner's task picked the handler up.
+        try:
+            async with asyncio.timeout(0):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            self.log.append("expired timed out")
+
+    @handles("self_cancel")
+    async def self_cancel(self, message: Envelope, ctx: Context) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            task.uncancel()
+            self.log.append("self_cancel cancel seen")
+
+    @handles("inner")
+    async def inner(self, message: Envelope, ctx: Context) -> None:
+        inner = self.inner_task = asyncio.ensure_future(asyncio.sleep(3600))
+        try:
+            async with asyncio.timeout(0):
+                await inner
+        except TimeoutError:
+            self.log.append("inner timed out")
+
+    @handles("cancelled_future")
+    async def cancelled_future(self, message: Envelope, ctx: Context) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future  # raises CancelledError at once: the handler's own, not a cancel
+
+    @handles("stubborn")
+    async def stubborn(self, message: Envelope, ctx: Context) -> None:
+        try:
+            await self.gate.wait()
+        finally:
+            await asyncio.sleep(0)  # a bug: it awaits when closed
 
 
 @pytest_asyncio.fixture
@@ -304,3 +350,189 @@ def test_eager_dispatch_works_on_uvloop() -> None:
     finally:
         loop.close()
     assert at_once == ["now 1"] and as_runner and timed_out
+
+
+@pytest.mark.parametrize("kind", ["expired", "self_cancel"])
+async def test_a_cancel_meant_for_an_eager_handler_reaches_it_not_the_runner(
+    runner: tuple[ServiceRunner, Eager, dict[str, str]], kind: str
+) -> None:
+    # The cancel lands before the runner's task picked the handler up: it killed the task,
+    # and the service handled nothing more, silently.
+    runner_, service, ended = runner
+    task = runner_._task
+    assert task is not None
+    assert runner_.offer(client_message(kind, 1, 1), handle_now=True)
+    async with asyncio.timeout(10):
+        while "m1" not in ended and not task.done():
+            await asyncio.sleep(0)
+    assert not task.done(), "the runner's task ended: the service handles nothing more"
+    assert ended == {"m1": "handled"} and service.log == [
+        f"{kind} {'timed out' if kind == 'expired' else 'cancel seen'}"
+    ]
+    assert task.cancelling() == 0
+    assert runner_.offer(client_message("now", 2, 2), handle_now=True)
+    assert service.log[-1] == "now 2"
+
+
+async def test_a_cancel_meant_for_an_eager_handler_cancels_what_it_awaits(
+    runner: tuple[ServiceRunner, Eager, dict[str, str]],
+) -> None:
+    # As a task's cancel does: a task the handler awaits is cancelled too, not left running.
+    runner_, service, ended = runner
+    assert runner_.offer(client_message("inner", 1, 1), handle_now=True)
+    async with asyncio.timeout(10):
+        while "m1" not in ended:
+            await asyncio.sleep(0)
+    assert service.log == ["inner timed out"] and ended == {"m1": "handled"}
+    assert service.inner_task is not None and service.inner_task.cancelled()
+
+
+class Timed(Service):
+    """Gives up on a wait with a timeout shorter than the turn it is started in."""
+
+    name = "timed"
+
+    def __init__(self) -> None:
+        self.timed_out = 0
+
+    @handles("timed")
+    async def timed(self, message: Envelope, ctx: Context) -> None:
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            self.timed_out += 1
+
+
+async def _a_long_turn_after_an_eager_start() -> tuple[bool, int]:
+    """Start ``timed`` at once, keep the turn for longer than its timeout; did it end well?"""
+    service = Timed()
+    runner = ServiceRunner(service, lambda envelope: None, eager=True)
+    await runner.start()
+    await _settled()
+    task = runner._task
+    assert task is not None
+    try:
+        assert runner.offer(client_message("timed", 1, 1), handle_now=True)
+        # The rest of the gateway reader's turn (a client's burst, other connections): on
+        # uvloop, timers due run before the next turn's ready callbacks. A busy machine
+        # only makes the turn longer.
+        end = time.monotonic() + 0.1
+        while time.monotonic() < end:
+            pass
+        async with asyncio.timeout(10):
+            while service.timed_out == 0 and not task.done():
+                await asyncio.sleep(0.01)
+        return task.done(), service.timed_out
+    finally:
+        await runner.stop()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_handlers_timeout_due_before_the_runner_picked_it_up_ends_the_wait_not_the_runner(
+    loop_kind: str,
+) -> None:
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        ended, timed_out = loop.run_until_complete(_a_long_turn_after_an_eager_start())
+    finally:
+        loop.close()
+    assert not ended, "the runner's task ended: the service handles nothing more"
+    assert timed_out == 1
+
+
+@pytest.mark.parametrize("handle_now", [True, False], ids=["eager", "queued"])
+async def test_a_handler_raising_cancelled_error_is_its_failure_not_the_end_of_the_service(
+    runner: tuple[ServiceRunner, Eager, dict[str, str]],
+    caplog: pytest.LogCaptureFixture,
+    handle_now: bool,
+) -> None:
+    runner_, service, ended = runner
+    task = runner_._task
+    assert task is not None
+    with caplog.at_level(logging.ERROR, logger="wsbus.service"):
+        # Eager: it raised into the caller (the gateway's reader). Queued: it ended the task.
+        assert runner_.offer(client_message("cancelled_future", 1, 1), handle_now=handle_now)
+        await _settled()
+    assert not task.done(), "the runner's task ended: the service handles nothing more"
+    assert ended == {"m1": "failed"}
+    assert "failed handling 'cancelled_future'" in caplog.text
+    assert runner_.offer(client_message("now", 2, 2), handle_now=True)
+    assert service.log[-1] == "now 2"
+
+
+async def test_a_handler_raising_cancelled_error_at_once_leaves_its_client_connected() -> None:
+    # It closed the client 1011 (the gateway's reader took it for its own cancel), the frame
+    # counted read and never accounted for. It is the service's failure: counted, logged.
+    gateway = Gateway(MemoryBus([Eager()]), config=GatewayConfig(node="t"), entry_points=False)
+    await gateway.start()
+    conn, client = memory_pair()
+    task = asyncio.create_task(gateway.serve(conn))
+    try:
+        async with asyncio.timeout(10):
+            assert (await client.receive())["type"] == "wsbus.welcome"
+            client.send("cancelled_future", None)  # no id: started at once, in the reader
+            client.send("now", 2, id="two")
+            ack = await client.receive()
+            assert ack["type"] == "wsbus.ack" and ack["content"] == {"ref": "two"}
+        assert not task.done()
+        stats = gateway.stats()
+        assert stats.service_errors == 1
+        assert_balanced(stats)
+    finally:
+        await gateway.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class BadSignature(Service):
+    """A handler that takes no context: calling it raises."""
+
+    name = "bad"
+
+    @handles("bad")
+    async def bad(self, message: Envelope) -> None:
+        pass
+
+
+async def test_a_handler_whose_call_raises_is_the_services_failure_on_the_eager_path_too() -> None:
+    # Not an exception out of offer: the gateway took it for the bus's and told the client
+    # to retry (unavailable) where the queued path says service_error.
+    ended: dict[str, str] = {}
+    runner = ServiceRunner(
+        BadSignature(),
+        lambda envelope: None,
+        finished=lambda envelope, outcome: ended.__setitem__(envelope.id, outcome),
+        eager=True,
+    )
+    await runner.start()
+    try:
+        await _settled()
+        assert runner.offer(client_message("bad", 1, 1), handle_now=True)
+        assert ended == {"m1": "failed"}
+    finally:
+        await runner.stop()
+
+
+async def test_a_handler_that_awaits_when_closed_does_not_fail_the_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ended: dict[str, str] = {}
+    service = Eager()
+    runner = ServiceRunner(
+        service,
+        lambda envelope: None,
+        finished=lambda envelope, outcome: ended.__setitem__(envelope.id, outcome),
+        eager=True,
+    )
+    await runner.start()
+    await _settled()
+    assert runner.offer(client_message("stubborn", 1, 1), handle_now=True)
+    with caplog.at_level(logging.WARNING, logger="wsbus.service"):
+        await runner.stop()  # before its task got to carry it on: the handler is closed
+    assert ended == {"m1": "stopped"}
+    assert "did not stop when closed" in caplog.text
