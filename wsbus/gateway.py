@@ -230,7 +230,7 @@ class _Settler:
     per connection (a paced fan-out to thousands made one per connection per pass).
     """
 
-    __slots__ = ("_later", "_scheduled", "_soon", "_timer")
+    __slots__ = ("_failure_logged", "_later", "_scheduled", "_soon", "_timer")
 
     def __init__(self) -> None:
         self._soon: list[Session] = []
@@ -238,6 +238,8 @@ class _Settler:
         # An ordered set: a session is looked at once per interval.
         self._later: dict[Session, None] = {}
         self._timer: asyncio.TimerHandle | None = None
+        # A failing settle is an adapter's bug, the same one each time: one traceback.
+        self._failure_logged = False
 
     def add(self, session: Session) -> None:
         """Settle ``session`` when this pass ends, and after while deliveries wait."""
@@ -261,13 +263,31 @@ class _Settler:
         for session in sessions:
             # None: all counted already, or the session ended (discard counted the rest).
             if session.unconfirmed is not None:
-                session.settle()
+                try:
+                    session.settle()
+                except Exception:
+                    # One connection's bug (its adapter's unsent()) must not keep the
+                    # others' counts back. Not looked at again until it asks.
+                    self._log_failure(session)
+                    continue
                 if session.unconfirmed is not None:
                     later[session] = None
         if later and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(
                 SETTLE_INTERVAL, self._interval_ended
             )
+
+    def _log_failure(self, session: Session) -> None:
+        """Log a session's failed settle: the first with its traceback, the others briefly."""
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.exception(
+                "counting the frames written to %s failed (its connection's unsent() raised):"
+                " its deliveries stay counted pending; later failures are logged at debug level",
+                session.conn_id,
+            )
+        else:
+            log.debug("counting the frames written to %s failed again", session.conn_id)
 
 
 class _Link:

@@ -939,3 +939,36 @@ async def test_the_gateway_hears_loss_and_tells_every_client(
     stats = wsbus_gateway.stats()
     assert (stats.gaps_heard, stats.gap_notices) == (2, 2)
     assert_balanced(stats)
+
+
+async def test_one_sessions_failing_settle_does_not_skip_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An adapter's unsent() that raises: the other sessions of the pass are still settled."""
+    from types import SimpleNamespace
+
+    from wsbus.gateway import _Settler
+
+    settled: list[str] = []
+
+    def session(conn_id: str, fails: bool) -> Any:
+        def settle() -> None:
+            if fails:
+                raise RuntimeError("planned")
+            settled.append(conn_id)
+            fake.unconfirmed = None  # all counted
+
+        fake = SimpleNamespace(conn_id=conn_id, unconfirmed=[True], settle=settle)
+        return fake
+
+    settler = _Settler()
+    with caplog.at_level(logging.DEBUG, logger="wsbus.gateway"):
+        for _ in range(2):
+            for fake in (session("a.1", True), session("a.2", False), session("a.3", False)):
+                settler.add(fake)
+            for _ in range(3):
+                await asyncio.sleep(0)
+    assert settled == ["a.2", "a.3"] * 2
+    tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(tracebacks) == 1 and "a.1" in tracebacks[0].getMessage()
+    assert "failed again" in caplog.text
