@@ -532,16 +532,17 @@ async def test_a_stalled_gateway_does_not_hold_up_a_services_other_gateways(
     # service first delivers to it: a new Pyro connection to A waits for A's loop. The
     # service's one forwarder thread carries its traffic to every gateway, so its direct
     # calls to A must give up quickly (and go through the bus) rather than hold B's
-    # clients for the proxy's whole timeout. The service's comm_timeout is 20 s here: a
-    # forwarder stuck on A (call_timeout + comm_timeout) would keep B silent for far
-    # longer than the comm_timeout / 2 that B's client is given.
-    config = msgspec.structs.replace(wsbus_pyro_config, comm_timeout=20.0)
+    # clients for the proxy's whole timeout. The service's comm_timeout is far longer
+    # than A stays blocked: a forwarder stuck on A would keep B silent until A is free
+    # again. So the check is an order, not a duration: B's client gets what was sent
+    # after the block began while A is still blocked.
+    config = msgspec.structs.replace(wsbus_pyro_config, comm_timeout=20 * WAIT)
     b = await kit.gateway("gb")
     client = await kit.client(b)
     a_loop = asyncio.new_event_loop()
     a_thread = threading.Thread(target=a_loop.run_forever, daemon=True)
     a_thread.start()
-    blocked, release = threading.Event(), threading.Event()
+    blocked, release, unblocked = threading.Event(), threading.Event(), threading.Event()
 
     async def open_a() -> tuple[Gateway, MemoryClient, asyncio.Task[None]]:
         gateway = Gateway(
@@ -555,7 +556,8 @@ async def test_a_stalled_gateway_does_not_hold_up_a_services_other_gateways(
 
     def block() -> None:
         blocked.set()
-        release.wait(2 * WAIT)
+        release.wait(2 * WAIT)  # a bound, for a failing run: A is free again after it
+        unblocked.set()
 
     a_gateway, a_client, a_task = asyncio.run_coroutine_threadsafe(open_a(), a_loop).result(WAIT)
     host = ServiceHost(Pacer(), config)
@@ -565,13 +567,14 @@ async def test_a_stalled_gateway_does_not_hold_up_a_services_other_gateways(
         assert await asyncio.to_thread(blocked.wait, WAIT)
         began = time.monotonic()
         client.send("pace.start", {"a": a_client.conn_id, "n": 1500}, id="pace")
-        async with asyncio.timeout(config.comm_timeout / 2):
+        async with asyncio.timeout(3 * WAIT):
             while True:
-                frame = await client.receive(WAIT)
+                frame = await client.receive(3 * WAIT)
                 if frame["type"] == "pace.item" and frame["content"]["i"] >= 10:
                     break
         # Sent after the block began (and after sends to A), received while A is blocked.
-        assert frame["content"]["t"] > began and not release.is_set()
+        assert frame["content"]["t"] > began
+        assert not unblocked.is_set(), "B's client waited for gateway A to be free"
     finally:
         release.set()
         await host.close()
