@@ -364,6 +364,16 @@ async def fanout(kind: str, clients: int, messages: int, paced: bool = True) -> 
         server.stop()
 
 
+async def send_frames(client: RawClient, payload: bytes, frames: int) -> None:
+    """Send ``payload`` (one encoded frame) ``frames`` times, 100 to a write."""
+    left = frames
+    while left:
+        chunk = min(100, left)
+        client.writer.write(payload * chunk)
+        await client.writer.drain()
+        left -= chunk
+
+
 async def ingest(kind: str, clients: int, frames: int) -> float:
     """Client frames per second the server decodes (and, for wsbus, publishes to a service)."""
     server = Server(kind)
@@ -377,15 +387,7 @@ async def ingest(kind: str, clients: int, frames: int) -> float:
         cpu = server.cpu()
         started = time.perf_counter()
 
-        async def send(c: RawClient) -> None:
-            left = frames
-            while left:
-                chunk = min(100, left)
-                c.writer.write(payload * chunk)
-                await c.writer.drain()
-                left -= chunk
-
-        await asyncio.gather(*(send(c) for c in conns))
+        await asyncio.gather(*(send_frames(c, payload, frames) for c in conns))
         finished = await asyncio.wait_for(asyncio.gather(*done), 300)
         elapsed = min(finished) - started
         CPU.setdefault(kind, []).append((server.cpu() - cpu) / target * 1e6)

@@ -74,7 +74,7 @@ def _options(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def _load(port: int, clients: int, frames: int) -> None:
     """Connect ``clients``, say so, wait for ``go``, send ``frames`` each, wait for done."""
-    from bench.__main__ import _connect, _message, frame
+    from bench.__main__ import _connect, _message, frame, send_frames
 
     conns = [await _connect("wsbus", port) for _ in range(clients)]
     print("connected", flush=True)
@@ -82,16 +82,8 @@ async def _load(port: int, clients: int, frames: int) -> None:
     payload = frame(_message("wsbus", "bench.ingest", {"i": 1, "text": "the quick brown fox"}))
     done = [asyncio.create_task(c.until(b"bench.done")) for c in conns]
 
-    async def send(conn: Any) -> None:
-        left = frames
-        while left:
-            chunk = min(100, left)
-            conn.writer.write(payload * chunk)
-            await conn.writer.drain()
-            left -= chunk
-
     async with asyncio.timeout(600):
-        await asyncio.gather(*(send(c) for c in conns))
+        await asyncio.gather(*(send_frames(c, payload, frames) for c in conns))
         await asyncio.gather(*done)
     for conn in conns:
         conn.close()
