@@ -326,11 +326,16 @@ def frame_decoder(
     """
     none: frozenset[str] = frozenset()
     if codec is Codec.JSON:
+        flat = _flat_decoder(limits)
+        max_bytes = limits.max_frame_bytes
 
         def decode_json(data: bytes | str) -> ClientFrame | Rejection:
             if len(data) > _GC_PAUSE_FROM:
                 return decode_client_frame(data, codec, limits)
             try:
+                frame = None if flat is None else _decode_flat(data, flat, max_bytes)
+                if frame is not None:
+                    return frame
                 frame = _decode_typical(data, limits)
                 if frame is not None:
                     return frame
@@ -472,6 +477,88 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
         keys += 1
     # Duplicate keys: msgspec keeps the last silently, so count the pairs as written.
     # Colons inside strings only add to the count, so an equal count is exact already.
+    colons = data.count(":") if isinstance(data, str) else data.count(b":")
+    if colons != keys:
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+        if _json_pair_count(raw, keys) != keys:
+            return None
+    return ClientFrame(type_, content, id_, reply_to)
+
+
+def _flat_decoder(limits: WireLimits) -> msgspec.json.Decoder[Any] | None:
+    """Return a decoder that checks a flat frame's every cap in C, or None.
+
+    A frame whose content is a scalar, or an object of scalars (the usual frame), is
+    decoded straight into a struct whose types carry the caps: integers within
+    ``max_integer``, ids of 1 to 64 characters, content of at most ``max_items - 4``
+    values (the frame's own fields are at most 4 more). Anything else (nested content, an
+    array, a null id) fails to decode, and the frame goes to :func:`_decode_typical`.
+    None when the caps leave no room for such a frame (``max_depth`` under 2, or
+    ``max_items`` under 5): every frame then takes the other paths.
+    """
+    if limits.max_depth < 2 or limits.max_items < 5:
+        return None
+    bound = limits.max_integer
+    integer = Annotated[int, msgspec.Meta(ge=-bound, le=bound)]
+    ident = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_ID_LEN)]
+    obj = Annotated[
+        dict[str, str | integer | float | bool | None],
+        msgspec.Meta(max_length=limits.max_items - 4),
+    ]
+    content = obj | str | integer | float | bool | None | msgspec.UnsetType
+    # id and reply_to default to None but are typed str: an explicit null is not a
+    # flat frame (the full path refuses it, and words why).
+    frame = msgspec.defstruct(
+        "_FlatFrame",
+        [
+            ("type", str),
+            ("content", content, msgspec.UNSET),
+            ("id", ident, None),
+            ("reply_to", ident, None),
+        ],
+        forbid_unknown_fields=True,
+        gc=False,
+    )
+    return msgspec.json.Decoder(frame)
+
+
+def _decode_flat(
+    data: bytes | str, decoder: msgspec.json.Decoder[Any], max_bytes: int
+) -> ClientFrame | None:
+    """Accept a good flat JSON frame (see :func:`_flat_decoder`), or return None.
+
+    It accepts only what :func:`_decode` accepts (a property test holds them to that): the
+    size, the type's syntax and duplicate keys are checked here, every other cap by the
+    decoder, in C.
+    """
+    if isinstance(data, str):
+        # As in _decode_typical: only a long text needs encoding to know its size.
+        if len(data) * 4 > max_bytes and (len(data.encode("utf-8", "surrogatepass")) > max_bytes):
+            return None
+    elif len(data) > max_bytes:
+        return None
+    try:
+        typed = decoder.decode(data)
+    except Exception:
+        return None
+    type_ = typed.type
+    if type_ not in _GOOD_TYPES:
+        if _TYPE_RE.fullmatch(type_) is None or type_.startswith(RESERVED_PREFIX):
+            return None
+        if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+            _GOOD_TYPES.add(type_)
+    content = typed.content
+    keys = 1
+    if content is _UNSET:
+        content = None
+    else:
+        keys += 1
+        if type(content) is dict:
+            keys += len(content)
+    id_ = typed.id
+    reply_to = typed.reply_to
+    keys += (id_ is not None) + (reply_to is not None)
+    # Duplicate keys: msgspec keeps the last silently, so count the pairs as written.
     colons = data.count(":") if isinstance(data, str) else data.count(b":")
     if colons != keys:
         raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data

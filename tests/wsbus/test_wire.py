@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from typing import Any
 
@@ -1047,7 +1048,17 @@ def test_a_long_run_of_backslashes_is_refused_quickly() -> None:
 @settings(max_examples=600, deadline=None)
 @given(
     frame=st.one_of(wst.client_frames(codec=Codec.JSON), wst.adversarial_frames(codec=Codec.JSON)),
-    limits=st.sampled_from([WireLimits(), WireLimits(max_items=3), WireLimits(max_items=12)]),
+    limits=st.sampled_from(
+        [
+            WireLimits(),
+            WireLimits(max_items=3),
+            WireLimits(max_items=5),
+            WireLimits(max_items=12),
+            WireLimits(max_depth=1),
+            WireLimits(max_depth=2, max_integer=100),
+            WireLimits(max_frame_bytes=60),
+        ]
+    ),
 )
 def test_the_fast_path_accepts_only_what_the_full_path_accepts(
     frame: str | bytes, limits: WireLimits
@@ -1062,6 +1073,74 @@ def test_the_fast_path_accepts_only_what_the_full_path_accepts(
     assert fast == full
     # The decoder the gateway's sessions use, built once per codec, gives the same.
     assert frame_decoder(Codec.JSON, limits)(frame) == full
+
+
+def _edge_scalars(bound: int) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.none(),
+        st.booleans(),
+        st.sampled_from([bound, bound + 1, -bound, -bound - 1, 0, 2**64, -(2**63) - 1]),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=8),
+    )
+
+
+@st.composite
+def _flat_frames(draw: st.DrawFn) -> str:
+    """JSON frames near the flat path's edges: caps, ids, nulls, duplicate keys."""
+    bound = draw(st.sampled_from([100, 2**53 - 1]))
+    pairs: list[tuple[str, Any]] = [("type", draw(st.sampled_from(["t.x", "wsbus.x", "1x"])))]
+    if draw(st.booleans()):
+        content = draw(
+            st.one_of(
+                _edge_scalars(bound),
+                st.lists(st.tuples(st.sampled_from("abcd"), _edge_scalars(bound)), max_size=7),
+            )
+        )
+        if isinstance(content, list):
+            body = ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in content)
+            pairs.append(("content", msgspec.Raw(("{" + body + "}").encode())))
+        else:
+            pairs.append(("content", content))
+    for field in ("id", "reply_to"):
+        if draw(st.booleans()):
+            pairs.append((field, draw(st.sampled_from([None, "", "a", "b" * 64, "c" * 65, 1]))))
+    if draw(st.booleans()):
+        pairs.append(draw(st.sampled_from([("type", "t.y"), ("id", "z"), ("extra", 1)])))
+    order = draw(st.permutations(pairs))
+    return (
+        "{" + ",".join(f"{json.dumps(k)}:{msgspec.json.encode(v).decode()}" for k, v in order) + "}"
+    )
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    frame=_flat_frames(),
+    limits=st.sampled_from(
+        [
+            WireLimits(),
+            WireLimits(max_integer=100),
+            WireLimits(max_items=5),
+            WireLimits(max_items=7, max_integer=100),
+            WireLimits(max_depth=2),
+        ]
+    ),
+)
+def test_the_flat_path_accepts_only_what_the_full_path_accepts(
+    frame: str, limits: WireLimits
+) -> None:
+    # The flat path checks its caps in C (msgspec constraints): integers at and past the
+    # bound, ids at and past 64 characters, explicit nulls, duplicate keys, content at
+    # and past the item cap must all come out as the full path says.
+    from wsbus.wire import _decode, _Reject
+
+    try:
+        full: ClientFrame | Rejection = _decode(frame, Codec.JSON, limits, frozenset())
+    except _Reject as exc:
+        full = exc.rejection
+    assert frame_decoder(Codec.JSON, limits)(frame) == full
+    assert frame_decoder(Codec.JSON, limits)(frame.encode()) == full
 
 
 @settings(max_examples=600, deadline=None)
