@@ -650,6 +650,46 @@ class EdgeAttacks(EdgeSuite):
         assert stats.closes_by_code.get(1007) == 1
         assert stats.frames_received == len(guard.controls)
 
+    async def test_frames_read_together_keep_their_order_up_to_invalid_utf8(
+        self, guard: Guard
+    ) -> None:
+        """Whole and fragmented messages in one read are taken in order; bad UTF-8 ends it.
+
+        An edge may take a whole frame it has read already by a shorter way than a
+        fragmented one: the order must not change, and what follows an invalid text in
+        the same read is never taken.
+        """
+        raw = await raw_connect(guard.server.port)
+        try:
+            conn_id = raw.welcome["content"]["conn_id"]
+
+            def echo(content: str) -> bytes:
+                return b'{"type": "echo", "content": "' + content.encode() + b'"}'
+
+            second = echo("b")
+            await raw.send(
+                frame(TEXT, echo("a"))
+                + frame(TEXT, second[:10], fin=False)
+                + frame(CONT, second[10:20], fin=False)
+                + frame(CONT, second[20:])
+                + frame(TEXT, echo("c"))
+                + frame(TEXT, b'{"type": "echo", "content": "\xff"}')
+                + frame(TEXT, echo("d"))
+            )
+            code, _ = await raw.read_close()
+            assert code == 1007
+        finally:
+            await raw.aclose()
+        guard.expected += [("echo", conn_id)] * 3
+        stats = await guard.finish()
+        taken = [
+            envelope.content
+            for envelope in guard.bus.published
+            if isinstance(envelope.sender, ClientAddress) and envelope.sender.conn_id == conn_id
+        ]
+        assert taken == ["a", "b", "c"]
+        assert stats.closes_by_code.get(1007) == 1
+
     async def test_binary_frame_on_a_json_session_closes_1003(self, guard: Guard) -> None:
         """A binary frame on a JSON session closes with 1003."""
         async with client(guard.server.url) as ws:
