@@ -828,11 +828,13 @@ class EdgeConformance(EdgeSuite):
             await asyncio.to_thread(reader.send, {"type": "flood", "content": {"n": 40, "pad": 1}})
             await _poll(lambda: wsbus_gateway.stats().deliveries_queued == 40)
             await asyncio.sleep(0.3)  # whatever the kernels take, they have taken
-            before = wsbus_gateway.stats()
             # unsent(): frames the connection took that have not reached the socket (the
-            # queue's are not among them).
+            # queue's are not among them). It looks at the socket, as stats() does: the
+            # figures are taken after both looks, and nothing runs between them and the
+            # reset (no await), or a late look would count more written than "before" says.
             unsent = client._unsent
             assert unsent is not None and unsent() > 0, "no frame waited in the transport"
+            before = wsbus_gateway.stats()
             assert before.deliveries_pending > 0, before
         finally:
             # A reset: asyncio empties the transport's buffer before it says the connection
