@@ -24,6 +24,7 @@ __all__ = [
     "ConnectionClosed",
     "MemoryClient",
     "MemoryConnection",
+    "ReceivesBatch",
     "ReceivesRaw",
     "ReportsUnsent",
     "SendsNowait",
@@ -107,6 +108,28 @@ class ReceivesRaw(Protocol):
 
 
 @runtime_checkable
+class ReceivesBatch(Protocol):
+    """A connection that hands over every whole frame it has read, at once.
+
+    The gateway's reader then pays one call per read, not one per frame: a client that
+    sends many small frames has them read together (one TCP read holds dozens). Preferred
+    over :class:`ReceivesRaw` when a connection has both. ``receive`` must still behave as
+    documented.
+    """
+
+    def receive_batch(self) -> Awaitable[list[str | bytes]]:
+        """Return the frames read and not taken yet, oldest first: one at least.
+
+        The same frames, in the same order, as calls of ``receive`` would return; waits
+        as ``receive`` does when there are none, and raises what it raises (a translated
+        :class:`ConnectionClosed` at the end) once none is left. A frame that ends the
+        connection (invalid UTF-8 in a text, say) is not in a batch: the frames before it
+        are, and the next call raises.
+        """
+        ...
+
+
+@runtime_checkable
 class ReportsUnsent(Protocol):
     """A connection that can tell which frames it took have reached the socket."""
 
@@ -178,6 +201,17 @@ class MemoryConnection:
             assert self._closed is not None
             raise self._closed
         return item
+
+    async def receive_batch(self) -> list[str | bytes]:
+        """Return every frame the client sent and the gateway has not taken (one at least)."""
+        batch = [await self.receive()]
+        inbound = self._inbound
+        # As receive: once closed, nothing more is taken (the next call raises).
+        while self._closed is None and not inbound.empty():
+            item = inbound.get_nowait()
+            assert item is not None  # only a close puts None, and it sets _closed first
+            batch.append(item)
+        return batch
 
     async def send(self, data: bytes) -> None:
         """Hand one frame to the client end, waiting while its buffer is full."""

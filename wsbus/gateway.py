@@ -39,7 +39,14 @@ import msgspec
 from .aliases import AliasClaims
 from .bus import Bus, ClaimsAliases, PublishesFresh, PublishesNowait, ReportsAvailability
 from .control import PRESENCE
-from .edge import ClientConnection, ConnectionClosed, ReceivesRaw, ReportsUnsent, SendsNowait
+from .edge import (
+    ClientConnection,
+    ConnectionClosed,
+    ReceivesBatch,
+    ReceivesRaw,
+    ReportsUnsent,
+    SendsNowait,
+)
 from .envelope import ConnId, Envelope, GatewayAddress, IdFactory, NodeId
 from .errors import AliasTaken, BusUnavailable, ConfigError, InvalidName, PluginError
 from .history import HistoryConfig
@@ -815,12 +822,21 @@ class Gateway:
     async def _read(self, link: _Link) -> tuple[int, str]:
         session = link.session
         conn = link.conn
-        # An adapter may offer its transport's own receive, untranslated, with a function
+        # An adapter may hand over every frame it has read at once (one call per read, not
+        # per frame), or offer its transport's own receive, untranslated, with a function
         # that translates its errors: one coroutine less per frame (see wsbus.edge).
-        receive: Callable[[], Awaitable[str | bytes]] = conn.receive
+        receive_batch: Callable[[], Awaitable[list[str | bytes]]]
         translate: Callable[[BaseException], ConnectionClosed | None] | None = None
-        if isinstance(conn, ReceivesRaw):
-            receive, translate = conn.raw_receive, conn.closed_error
+        if isinstance(conn, ReceivesBatch):
+            receive_batch = conn.receive_batch
+        else:
+            receive: Callable[[], Awaitable[str | bytes]] = conn.receive
+            if isinstance(conn, ReceivesRaw):
+                receive, translate = conn.raw_receive, conn.closed_error
+
+            async def receive_batch() -> list[str | bytes]:
+                return [await receive()]
+
         counters = self._counters
         publish_nowait = self._publish_nowait
         # A frame no plugin saw is the bus's alone, in JSON's data model (integers within
@@ -848,7 +864,7 @@ class Gateway:
         first = True
         while True:
             try:
-                data = await receive()
+                batch = await receive_batch()
             except ConnectionClosed as exc:
                 return exc.code, exc.reason
             except Exception as exc:
@@ -856,43 +872,45 @@ class Gateway:
                 if closed is None:
                     raise
                 return closed.code, closed.reason
-            unyielded += len(data)
-            if unyielded > READ_YIELD_BYTES:
-                unyielded = 0
-                await asyncio.sleep(0)  # other connections get a turn
-            if first:
-                first = False
-                resume = Resumer.resume_frame(data, session.codec, self.config)
-                if resume is not None:
-                    await self._resumer.resume(session, resume, self._set_identity_alias)
+            for data in batch:
+                unyielded += len(data)
+                if unyielded > READ_YIELD_BYTES:
+                    unyielded = 0
+                    await asyncio.sleep(0)  # other connections get a turn
+                if first:
+                    first = False
+                    resume = Resumer.resume_frame(data, session.codec, self.config)
+                    if resume is not None:
+                        await self._resumer.resume(session, resume, self._set_identity_alias)
+                        continue
+                envelope = take(data, loop_time(), wall_clock())
+                if envelope is None:
                     continue
-            envelope = take(data, loop_time(), wall_clock())
-            if envelope is None:
-                continue
-            if publish_nowait is None:
-                await self._publish(session, envelope)
-                continue
-            # An in-process bus takes the envelope on the spot: no coroutine per frame.
-            try:
-                if publish_fresh is not None and not hooks.inbound_hooks:
-                    # Without an id, nothing (no ack) is owed the client before a reply.
-                    taken = publish_fresh(envelope, session.frame_id is None)
-                else:
-                    taken = publish_nowait(envelope)
-            except Exception as exc:
-                self._publish_failed(session, envelope, session.frame_id, exc)
-            else:
-                if taken is False:
-                    # The bus is full: wait for room, which holds this client back. Only
-                    # False: an adapter's None (an older contract) means taken.
-                    if wait_fresh is not None and not hooks.inbound_hooks:
-                        await self._publish(session, envelope, wait_fresh)
+                if publish_nowait is None:
+                    await self._publish(session, envelope)
+                    continue
+                # An in-process bus takes the envelope on the spot: no coroutine per frame.
+                try:
+                    if publish_fresh is not None and not hooks.inbound_hooks:
+                        # Without an id, nothing (no ack) is owed the client before a reply.
+                        taken = publish_fresh(envelope, session.frame_id is None)
                     else:
-                        await self._publish(session, envelope)
-                elif session.frame_id is None and self._bus_down_since is None:
-                    counters.frames_published += 1  # _published, when it has nothing else to do
+                        taken = publish_nowait(envelope)
+                except Exception as exc:
+                    self._publish_failed(session, envelope, session.frame_id, exc)
                 else:
-                    self._published(session, session.frame_id)
+                    if taken is False:
+                        # The bus is full: wait for room, which holds this client back.
+                        # Only False: an adapter's None (an older contract) means taken.
+                        if wait_fresh is not None and not hooks.inbound_hooks:
+                            await self._publish(session, envelope, wait_fresh)
+                        else:
+                            await self._publish(session, envelope)
+                    elif session.frame_id is None and self._bus_down_since is None:
+                        # _published, when it has nothing else to do.
+                        counters.frames_published += 1
+                    else:
+                        self._published(session, session.frame_id)
 
     async def _publish(
         self,

@@ -280,6 +280,20 @@ class _Connection(WSListener):
                 raw.resume_reading()
         return data
 
+    async def receive_batch(self) -> list[str | bytes]:
+        """Every frame read and not taken yet, oldest first (one at least; see receive)."""
+        frames = self._frames
+        if not frames:
+            return [await self.receive()]
+        batch = list(frames)
+        frames.clear()
+        if self._paused:
+            self._paused = False
+            raw = self._raw
+            if raw is not None and not raw.is_closing():
+                raw.resume_reading()
+        return batch
+
     def send_nowait(self, data: bytes) -> bool:
         """Write one frame if the write buffer is under ``write_limit``; else False."""
         raw = self._raw

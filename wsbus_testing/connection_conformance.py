@@ -26,10 +26,10 @@ wait is bounded. It imports only wsbus and pytest, so it loads without any adapt
 installed.
 
 Optional capabilities (:class:`~wsbus.edge.SendsNowait`, :class:`~wsbus.edge.ReceivesRaw`,
-:class:`~wsbus.edge.ReportsUnsent`) are tested on a connection that has them. A subclass
-may set ``capabilities``, the set of those protocols its connection is meant to offer: the
-suite then checks that it offers exactly those, so that a renamed method fails loudly
-instead of silently losing a fast path.
+:class:`~wsbus.edge.ReceivesBatch`, :class:`~wsbus.edge.ReportsUnsent`) are tested on a
+connection that has them. A subclass may set ``capabilities``, the set of those protocols
+its connection is meant to offer: the suite then checks that it offers exactly those, so
+that a renamed method fails loudly instead of silently losing a fast path.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import msgspec
 import pytest
 
 from wsbus import Codec, ConnectionClosed, HandshakeRequest
-from wsbus.edge import ClientConnection, ReceivesRaw, ReportsUnsent, SendsNowait
+from wsbus.edge import ClientConnection, ReceivesBatch, ReceivesRaw, ReportsUnsent, SendsNowait
 
 __all__ = [
     "CONNECTION_CAPABILITIES",
@@ -54,7 +54,12 @@ __all__ = [
     "WebSocketPeer",
 ]
 
-CONNECTION_CAPABILITIES: Final[tuple[type, ...]] = (SendsNowait, ReceivesRaw, ReportsUnsent)
+CONNECTION_CAPABILITIES: Final[tuple[type, ...]] = (
+    SendsNowait,
+    ReceivesRaw,
+    ReceivesBatch,
+    ReportsUnsent,
+)
 """Every optional capability a client connection may offer."""
 
 TIMEOUT: Final = 10.0
@@ -438,6 +443,37 @@ class ConnectionConformance:
             else:
                 raise AssertionError("raw_receive returned after the peer closed")
         assert isinstance(closed, ConnectionClosed) and closed.code == 4002
+
+    @pytest.mark.parametrize("codec", _CODECS)
+    async def test_receive_batch_gives_what_receive_would_then_the_close(
+        self, wsbus_connection_pair: MakeConnectionPair, codec: Codec
+    ) -> None:
+        """The optional receive_batch gives every frame, in order, then the peer's close.
+
+        Each batch holds one frame at least; together they are the frames sent, types and
+        contents intact, however the peer's writes fell; after the last, ConnectionClosed
+        with the peer's code.
+        """
+        frames = [_client_frame(i) for i in range(200)]
+        async with asyncio.timeout(TIMEOUT):
+            connection, peer = await wsbus_connection_pair(codec)
+            if not isinstance(connection, ReceivesBatch):
+                pytest.skip("the connection does not offer receive_batch")
+            await _send_all(peer, frames[:100])
+            received: list[str | bytes] = []
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_send_all(peer, frames[100:]))
+                while len(received) < len(frames):
+                    batch = await connection.receive_batch()
+                    assert batch, "an empty batch"
+                    received.extend(batch)
+            await peer.close(4002, "bye")
+            # Every frame was taken: the next call is the close.
+            with pytest.raises(ConnectionClosed) as closed:
+                await connection.receive_batch()
+        assert [type(frame) for frame in received] == [type(frame) for frame in frames]
+        assert received == frames
+        assert closed.value.code == 4002
 
     @pytest.mark.parametrize("codec", _CODECS)
     async def test_unsent_counts_down_to_zero_once_the_peer_has_read_everything(

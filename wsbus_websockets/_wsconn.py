@@ -867,6 +867,36 @@ class EdgeConnection(ServerConnection):
                 return text
         return await self.recv()
 
+    def take_frames(self) -> list[str | bytes]:
+        """Take the whole frames at the head of websockets' queue, as :meth:`receive` would.
+
+        Oldest first, up to the first that is not whole (a fragment) or not valid UTF-8
+        (left in place, for ``recv`` to fail the connection with 1007); none while
+        ``recv`` is assembling a message. Reading resumes under the low-water mark.
+        """
+        messages = self.recv_messages
+        taken: list[str | bytes] = []
+        if messages.get_in_progress:
+            return taken
+        queue = messages.frames.queue
+        while queue:
+            frame = queue[0]
+            if not frame.fin:
+                break
+            data = frame.data
+            if frame.opcode is _TEXT:
+                try:
+                    item: str | bytes = str(data, "utf-8")
+                except UnicodeDecodeError:
+                    break
+            else:
+                item = bytes(data)
+            queue.popleft()
+            taken.append(item)
+        if taken:
+            messages.maybe_resume()
+        return taken
+
     def _not_reading(self) -> None:
         # Replies websockets wrote on its own (pongs) filled the write buffer past what any
         # of our writes can leave there: the peer asks and does not read.

@@ -176,6 +176,17 @@ class _Connection:
         except WsConnectionClosed as exc:
             raise _closed(exc) from None
 
+    async def receive_batch(self) -> list[str | bytes]:
+        """Every whole frame read and not taken yet, or the next frame (see ReceivesBatch)."""
+        ws = self._ws
+        batch = ws.take_frames()
+        if batch:
+            return batch
+        try:
+            return [await ws.recv()]
+        except WsConnectionClosed as exc:
+            raise _closed(exc) from None
+
     @staticmethod
     def closed_error(exc: BaseException) -> ConnectionClosed | None:
         """Translate an exception from ``raw_receive``; None when it is not a close."""

@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from wsbus import Codec, Gateway, GatewayConfig, MemoryBus
-from wsbus.edge import ClientConnection, ReportsUnsent, SendsNowait
+from wsbus.edge import ClientConnection, ReceivesBatch, ReportsUnsent, SendsNowait
 from wsbus_picows import PicowsConfig, PicowsServer
 from wsbus_testing.connection_conformance import (
     ConnectionConformance,
@@ -39,7 +39,7 @@ class _HandingServer(PicowsServer):
 class TestPicowsConnection(ConnectionConformance):
     # Its receive is picows' frames from a queue of its own: no translating wrapper to skip,
     # so it does not offer ReceivesRaw (see docs/picows.md).
-    capabilities = frozenset({SendsNowait, ReportsUnsent})
+    capabilities = frozenset({SendsNowait, ReceivesBatch, ReportsUnsent})
 
     @pytest_asyncio.fixture
     async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:

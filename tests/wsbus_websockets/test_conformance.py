@@ -15,7 +15,14 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from wsbus import Codec, HandshakeRequest, memory_pair
-from wsbus.edge import ClientConnection, MemoryClient, ReceivesRaw, ReportsUnsent, SendsNowait
+from wsbus.edge import (
+    ClientConnection,
+    MemoryClient,
+    ReceivesBatch,
+    ReceivesRaw,
+    ReportsUnsent,
+    SendsNowait,
+)
 from wsbus_testing.connection_conformance import (
     ConnectionConformance,
     MakeConnectionPair,
@@ -65,7 +72,7 @@ class _MemoryPeer:
 class TestMemoryConnection(ConnectionConformance):
     # What it takes is in the client's hands at once: nothing is ever unsent, and its
     # receive is no wrapper to skip.
-    capabilities = frozenset({SendsNowait})
+    capabilities = frozenset({SendsNowait, ReceivesBatch})
 
     @pytest_asyncio.fixture
     async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
@@ -85,7 +92,7 @@ class TestMemoryConnection(ConnectionConformance):
 
 
 class TestWebSocketsConnection(ConnectionConformance):
-    capabilities = frozenset({SendsNowait, ReceivesRaw, ReportsUnsent})
+    capabilities = frozenset({SendsNowait, ReceivesRaw, ReceivesBatch, ReportsUnsent})
     compression: ClassVar[str | None] = None
     """permessage-deflate (``"deflate"``) or none, as EdgeServer's default."""
 
