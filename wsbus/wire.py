@@ -327,15 +327,52 @@ def frame_decoder(
     none: frozenset[str] = frozenset()
     if codec is Codec.JSON:
         flat = _flat_decoder(limits)
+        flat_decode = None if flat is None else flat.decode
         max_bytes = limits.max_frame_bytes
 
+        # Each character is at most 4 bytes of UTF-8: a text of at most max_bytes // 4
+        # characters is within max_bytes, whatever it holds. Past _GC_PAUSE_FROM frames
+        # take the other path: with the default caps, every frame here is small enough.
+        quick_text = max_bytes // 4
+        always = flat_decode is not None and min(quick_text, max_bytes) >= _GC_PAUSE_FROM
+
         def decode_json(data: bytes | str) -> ClientFrame | Rejection:
-            if len(data) > _GC_PAUSE_FROM:
+            n = len(data)
+            if n > _GC_PAUSE_FROM:
                 return decode_client_frame(data, codec, limits)
+            text = type(data) is str
+            tried = False
+            if always or (
+                flat_decode is not None and (n <= quick_text if text else n <= max_bytes)
+            ):
+                # _decode_flat, inline: this runs once per client frame.
+                tried = True
+                try:
+                    typed = flat_decode(data)  # type: ignore[misc]
+                except Exception:
+                    typed = None
+                if typed is not None:
+                    type_ = typed.type
+                    content = typed.content
+                    id_ = typed.id
+                    reply_to = typed.reply_to
+                    keys = 1 + (id_ is not None) + (reply_to is not None)
+                    if content is _UNSET:
+                        content = None
+                    elif type(content) is dict:
+                        keys += 1 + len(content)
+                    else:
+                        keys += 1
+                    if (type_ in _GOOD_TYPES or _good_type(type_)) and (
+                        data.count(":" if text else b":") == keys  # type: ignore[arg-type]
+                    ):
+                        return ClientFrame(type_, content, id_, reply_to)
             try:
-                frame = None if flat is None else _decode_flat(data, flat, max_bytes)
-                if frame is not None:
-                    return frame
+                # A long text the quick size check could not clear may still be flat.
+                if flat is not None and not tried:
+                    frame = _decode_flat(data, flat, max_bytes)
+                    if frame is not None:
+                        return frame
                 frame = _decode_typical(data, limits)
                 if frame is not None:
                     return frame
@@ -542,11 +579,8 @@ def _decode_flat(
     except Exception:
         return None
     type_ = typed.type
-    if type_ not in _GOOD_TYPES:
-        if _TYPE_RE.fullmatch(type_) is None or type_.startswith(RESERVED_PREFIX):
-            return None
-        if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
-            _GOOD_TYPES.add(type_)
+    if type_ not in _GOOD_TYPES and not _good_type(type_):
+        return None
     content = typed.content
     keys = 1
     if content is _UNSET:
@@ -565,6 +599,15 @@ def _decode_flat(
         if _json_pair_count(raw, keys) != keys:
             return None
     return ClientFrame(type_, content, id_, reply_to)
+
+
+def _good_type(type_: str) -> bool:
+    """Tell whether a type not in _GOOD_TYPES is a client's type; remember it if so."""
+    if _TYPE_RE.fullmatch(type_) is None or type_.startswith(RESERVED_PREFIX):
+        return False
+    if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+        _GOOD_TYPES.add(type_)
+    return True
 
 
 # Types the fast path has seen pass the type check: a set lookup instead of a regex per
