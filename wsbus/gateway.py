@@ -872,45 +872,59 @@ class Gateway:
                 if closed is None:
                     raise
                 return closed.code, closed.reason
+            # The frames of a batch were read together: one clock reading serves them all,
+            # read again after any wait (the rate limit sees them arrive at once), and
+            # whether plugins see frames is looked up again then too.
+            stale = True
             for data in batch:
                 unyielded += len(data)
                 if unyielded > READ_YIELD_BYTES:
                     unyielded = 0
                     await asyncio.sleep(0)  # other connections get a turn
+                    stale = True
+                if stale:
+                    stale = False
+                    now = loop_time()
+                    wall = wall_clock()
+                    fresh = publish_fresh if not hooks.inbound_hooks else None
                 if first:
                     first = False
                     resume = Resumer.resume_frame(data, session.codec, self.config)
                     if resume is not None:
                         await self._resumer.resume(session, resume, self._set_identity_alias)
+                        stale = True
                         continue
-                envelope = take(data, loop_time(), wall_clock())
+                envelope = take(data, now, wall)
                 if envelope is None:
                     continue
                 if publish_nowait is None:
                     await self._publish(session, envelope)
+                    stale = True
                     continue
+                frame_id = session.frame_id
                 # An in-process bus takes the envelope on the spot: no coroutine per frame.
                 try:
-                    if publish_fresh is not None and not hooks.inbound_hooks:
+                    if fresh is not None:
                         # Without an id, nothing (no ack) is owed the client before a reply.
-                        taken = publish_fresh(envelope, session.frame_id is None)
+                        taken = fresh(envelope, frame_id is None)
                     else:
                         taken = publish_nowait(envelope)
                 except Exception as exc:
-                    self._publish_failed(session, envelope, session.frame_id, exc)
+                    self._publish_failed(session, envelope, frame_id, exc)
                 else:
                     if taken is False:
                         # The bus is full: wait for room, which holds this client back.
                         # Only False: an adapter's None (an older contract) means taken.
-                        if wait_fresh is not None and not hooks.inbound_hooks:
+                        if wait_fresh is not None and fresh is not None:
                             await self._publish(session, envelope, wait_fresh)
                         else:
                             await self._publish(session, envelope)
-                    elif session.frame_id is None and self._bus_down_since is None:
+                        stale = True
+                    elif frame_id is None and self._bus_down_since is None:
                         # _published, when it has nothing else to do.
                         counters.frames_published += 1
                     else:
-                        self._published(session, session.frame_id)
+                        self._published(session, frame_id)
 
     async def _publish(
         self,

@@ -52,7 +52,6 @@ __all__ = ["AliasChange", "Outbound"]
 
 log = logging.getLogger("wsbus.gateway")
 
-_HEX: Final = frozenset("0123456789abcdef")
 
 GAP_MESSAGES: Final = {
     "bus_disconnected": "the gateway lost its link to the message bus: messages meant for "
@@ -583,15 +582,9 @@ class Outbound:
     def _made_here(self, ref: str) -> bool:
         """Return True when ``ref`` has the form of an id this gateway made for a frame.
 
-        Frames sent without an id get one of the gateway's ids (``<node>-<hex>``) on the bus.
+        Frames sent without an id get one of the gateway's ids on the bus.
         """
-        prefix = self._ids.prefix
-        return (
-            len(ref) > len(prefix) + 1
-            and ref.startswith(prefix)
-            and ref[len(prefix)] == "-"
-            and all(c in _HEX for c in ref[len(prefix) + 1 :])
-        )
+        return self._ids.made(ref)
 
     def _do_control(self, type: str, request: Any, wall: float) -> Any:
         registry = self._registry

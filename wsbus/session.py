@@ -257,19 +257,13 @@ class Session:
         """
         counters = self._counters
         counters.frames_received += 1
-        if self.close_code is not None:
-            # Read after we decided to close: it goes down with the connection.
-            counters.frames_lost += 1
-            return None
-        codec = self.codec
-        if self.shutting_down:
-            message = "the server is shutting down"
-            self.reject(ErrorCode.SHUTTING_DOWN, message, _ref(data, codec), now)
-            return None
-        if isinstance(data, str) is not self._is_text:
-            counters.frames_lost += 1
-            kind = "binary" if self._is_text else "text"
-            self.close(CloseCode.UNSUPPORTED_DATA, f"{kind} frame on a {codec.value} connection")
+        # One test for the three refusals before the rate limit (this runs once per frame).
+        if (
+            self.close_code is not None
+            or self.shutting_down
+            or isinstance(data, str) is not self._is_text
+        ):
+            self._refuse(data, now)
             return None
         if not self._bucket.take(now):
             self._rate_limited(data, now)
@@ -279,7 +273,7 @@ class Session:
             if frame.code is ErrorCode.RESERVED_TYPE:
                 # Only a wsbus.* type costs this second look: the gateway's own frames.
                 control_frame = decode_client_frame(
-                    data, codec, self._config.wire, allowed_control=SESSION_CONTROL
+                    data, self.codec, self._config.wire, allowed_control=SESSION_CONTROL
                 )
                 if not isinstance(control_frame, Rejection):
                     self._control_frame(control_frame, now, wall)
@@ -290,8 +284,9 @@ class Session:
         # Positional (id, type, sender, content, recipients, reply_to, headers, created):
         # half the cost of keywords, once per client frame. The id is the client's own,
         # when it gave one, so that replies can point at it.
+        # (Not EnvelopeId(own_id): a NewType's call is a Python call, for nothing.)
         envelope = Envelope(
-            EnvelopeId(own_id) if own_id is not None else self._next_id(),
+            own_id if own_id is not None else self._next_id(),  # type: ignore[arg-type]
             frame.type,
             self._addresses[self.conn_id],
             frame.content,
@@ -303,6 +298,22 @@ class Session:
         if self._hooks.inbound_hooks:
             return self._inbound(envelope, own_id, now)
         return envelope
+
+    def _refuse(self, data: str | bytes, now: float) -> None:
+        """Refuse a frame read while closing, while shutting down, or of the wrong kind."""
+        counters = self._counters
+        if self.close_code is not None:
+            # Read after we decided to close: it goes down with the connection.
+            counters.frames_lost += 1
+            return
+        codec = self.codec
+        if self.shutting_down:
+            message = "the server is shutting down"
+            self.reject(ErrorCode.SHUTTING_DOWN, message, _ref(data, codec), now)
+            return
+        counters.frames_lost += 1
+        kind = "binary" if self._is_text else "text"
+        self.close(CloseCode.UNSUPPORTED_DATA, f"{kind} frame on a {codec.value} connection")
 
     def _control_frame(self, frame: ClientFrame, now: float, wall: float) -> None:
         """Carry out a ``wsbus.*`` frame the client may send (:data:`SESSION_CONTROL`)."""

@@ -124,7 +124,24 @@ def test_id_factory_ids_are_unique() -> None:
 
 def test_id_factory_with_a_prefix_counts_in_hex() -> None:
     make = IdFactory("p")
-    assert [make() for _ in range(17)][-2:] == ["p-10", "p-11"]
+    assert [make() for _ in range(17)][-2:] == ["p-0x10", "p-0x11"]
+    assert IdFactory("{p}")() == "{p}-0x1"  # a prefix is taken as it is
+
+
+def test_id_factory_knows_its_own_ids() -> None:
+    make = IdFactory("gw")
+    assert all(make.made(make()) for _ in range(300))
+    for other in (
+        "gw-",
+        "gw-0x",
+        "gw-1f",
+        "gw-0x1F",
+        "gw-0x1g",
+        "gw2-0x1",
+        "xgw-0x1",
+        "gw-0x1-0x2",
+    ):
+        assert not make.made(other), other
 
 
 @pytest.mark.parametrize("field", Envelope.__struct_fields__)

@@ -332,7 +332,7 @@ async def test_the_gateway_ignores_reports_it_cannot_use(
     reports = [
         {"conn_id": "test.999", "ref": "gone"},  # no such connection
         {"conn_id": wsbus_client.conn_id},  # malformed
-        {"conn_id": wsbus_client.conn_id, "ref": "test-1f"},  # an id the gateway made
+        {"conn_id": wsbus_client.conn_id, "ref": "test-0x1f"},  # an id the gateway made
     ]
     with caplog.at_level(logging.WARNING, logger="wsbus.gateway"):
         wsbus_client.send("reporter.send", reports, id="rep")
