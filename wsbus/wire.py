@@ -365,6 +365,7 @@ def frame_decoder(
                         keys += 1
                     if (type_ in _GOOD_TYPES or _good_type(type_)) and (
                         data.count(":" if text else b":") == keys  # type: ignore[arg-type]
+                        or _pairs_are(data, keys)
                     ):
                         return ClientFrame(type_, content, id_, reply_to)
             try:
@@ -512,13 +513,8 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
             return None
         reply_to = typed.reply_to
         keys += 1
-    # Duplicate keys: msgspec keeps the last silently, so count the pairs as written.
-    # Colons inside strings only add to the count, so an equal count is exact already.
-    colons = data.count(":") if isinstance(data, str) else data.count(b":")
-    if colons != keys:
-        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-        if _json_pair_count(raw, keys) != keys:
-            return None
+    if not _pairs_are(data, keys):
+        return None
     return ClientFrame(type_, content, id_, reply_to)
 
 
@@ -592,13 +588,23 @@ def _decode_flat(
     id_ = typed.id
     reply_to = typed.reply_to
     keys += (id_ is not None) + (reply_to is not None)
-    # Duplicate keys: msgspec keeps the last silently, so count the pairs as written.
-    colons = data.count(":") if isinstance(data, str) else data.count(b":")
-    if colons != keys:
-        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-        if _json_pair_count(raw, keys) != keys:
-            return None
+    if not _pairs_are(data, keys):
+        return None
     return ClientFrame(type_, content, id_, reply_to)
+
+
+def _pairs_are(data: bytes | str, keys: int) -> bool:
+    """Tell whether the frame's JSON text has exactly ``keys`` key-value pairs.
+
+    Duplicate keys: msgspec keeps the last silently, so the pairs are counted as written.
+    Colons inside strings only add to the count, so an equal count is exact already; only
+    a frame with more colons than keys has its pairs counted properly.
+    """
+    colons = data.count(":") if isinstance(data, str) else data.count(b":")
+    if colons == keys:
+        return True
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return _json_pair_count(raw, keys) == keys
 
 
 def _good_type(type_: str) -> bool:

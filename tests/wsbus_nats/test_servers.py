@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -202,49 +204,46 @@ def test_a_cluster_picks_new_ports_when_a_picked_one_is_taken(
     # Between the pick and a node's bind, anything on the machine can take a port (on two
     # test workers CI saw "address already in use" on a route port): the cluster starts on
     # ports picked again, and says nothing of it.
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    taken = squatter.getsockname()[1]
     picks: list[list[int]] = []
+    with _squatted() as taken:
 
-    def pick(count: int, host: str = "127.0.0.1") -> list[int]:
-        ports = free_ports(count, host)
-        if not picks:
-            ports[0] = taken  # node 1's route port, the first time
-        picks.append(ports)
-        return ports
+        def pick(count: int, host: str = "127.0.0.1") -> list[int]:
+            ports = free_ports(count, host)
+            if not picks:
+                ports[0] = taken  # node 1's route port, the first time
+            picks.append(ports)
+            return ports
 
-    monkeypatch.setattr(servers, "free_ports", pick)
-    try:
+        monkeypatch.setattr(servers, "free_ports", pick)
         with NatsCluster(tmp_path, size=3) as cluster:
             assert len(picks) == 2 and all(server.healthy() for server in cluster)
             assert f"127.0.0.1:{taken}" not in " ".join(cluster[0].command())
-    finally:
-        squatter.close()
 
 
 def test_a_cluster_that_cannot_start_says_so_after_a_few_tries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    taken = squatter.getsockname()[1]
     picks: list[int] = []
+    with _squatted() as taken:
 
-    def pick(count: int, host: str = "127.0.0.1") -> list[int]:
-        picks.append(count)
-        return [taken, *free_ports(count - 1, host)]
+        def pick(count: int, host: str = "127.0.0.1") -> list[int]:
+            picks.append(count)
+            return [taken, *free_ports(count - 1, host)]
 
-    monkeypatch.setattr(servers, "free_ports", pick)
-    try:
+        monkeypatch.setattr(servers, "free_ports", pick)
         cluster = NatsCluster(tmp_path, size=2)
         with pytest.raises(ChildFailed, match="exited"):
             cluster.start()
         assert len(picks) == 3 and not any(server.running for server in cluster)
-    finally:
-        squatter.close()
+
+
+@contextlib.contextmanager
+def _squatted() -> Iterator[int]:
+    """A loopback port something else listens on, for the block's length."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        yield squatter.getsockname()[1]
 
 
 def test_a_cluster_has_two_nodes_at_least(tmp_path: Path) -> None:
