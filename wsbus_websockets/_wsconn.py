@@ -842,37 +842,21 @@ class EdgeConnection(ServerConnection):
 
         websockets' ``recv`` runs three coroutines per message (its own, its assembler's
         and its queue's) to return what is usually a single frame that arrived in the same
-        read. A whole (unfragmented) frame at the head of the queue is taken here, as the
-        assembler's ``get`` would take it (UTF-8 decoded for a text frame, reading resumed
-        under the low-water mark). Anything else, a fragment, an empty queue, an invalid
-        UTF-8 text (left in place, for ``recv`` to fail the connection with 1007 as it
-        does), the end of the connection, goes to ``recv``, whose errors are unchanged.
+        read. A whole frame at the head of the queue is taken here (:meth:`take_frames`);
+        anything else, a fragment, an empty queue, an invalid UTF-8 text, the end of the
+        connection, goes to ``recv``, whose errors are unchanged.
         """
-        messages = self.recv_messages
-        queue = messages.frames.queue
-        if queue and not messages.get_in_progress:
-            frame = queue[0]
-            if frame.fin:
-                data = frame.data
-                if frame.opcode is _TEXT:
-                    try:
-                        # str(): frame.data may be a memoryview, which has no decode().
-                        text: str | bytes = str(data, "utf-8")
-                    except UnicodeDecodeError:
-                        return await self.recv()
-                else:
-                    text = bytes(data)
-                queue.popleft()
-                messages.maybe_resume()
-                return text
-        return await self.recv()
+        taken = self.take_frames(1)
+        return taken[0] if taken else await self.recv()
 
-    def take_frames(self) -> list[str | bytes]:
-        """Take the whole frames at the head of websockets' queue, as :meth:`receive` would.
+    def take_frames(self, limit: int = 0) -> list[str | bytes]:
+        """Take the whole frames at the head of websockets' queue, as ``recv`` would.
 
-        Oldest first, up to the first that is not whole (a fragment) or not valid UTF-8
-        (left in place, for ``recv`` to fail the connection with 1007); none while
-        ``recv`` is assembling a message. Reading resumes under the low-water mark.
+        Oldest first (at most ``limit``, when above 0), up to the first that is not whole
+        (a fragment) or not valid UTF-8 (left in place, for ``recv`` to fail the
+        connection with 1007 as it does); none while ``recv`` is assembling a message.
+        Each is what the assembler's ``get`` returns: a text frame UTF-8 decoded, a
+        binary one as bytes; reading resumes under the low-water mark.
         """
         messages = self.recv_messages
         taken: list[str | bytes] = []
@@ -886,6 +870,7 @@ class EdgeConnection(ServerConnection):
             data = frame.data
             if frame.opcode is _TEXT:
                 try:
+                    # str(): frame.data may be a memoryview, which has no decode().
                     item: str | bytes = str(data, "utf-8")
                 except UnicodeDecodeError:
                     break
@@ -893,6 +878,8 @@ class EdgeConnection(ServerConnection):
                 item = bytes(data)
             queue.popleft()
             taken.append(item)
+            if len(taken) == limit:
+                break
         if taken:
             messages.maybe_resume()
         return taken
