@@ -518,6 +518,9 @@ def _decode_typical(data: bytes | str, limits: WireLimits) -> ClientFrame | None
     return ClientFrame(type_, content, id_, reply_to)
 
 
+_INT64_MAX: Final = 2**63 - 1
+
+
 def _flat_decoder(limits: WireLimits) -> msgspec.json.Decoder[Any] | None:
     """Return a decoder that checks a flat frame's every cap in C, or None.
 
@@ -527,11 +530,13 @@ def _flat_decoder(limits: WireLimits) -> msgspec.json.Decoder[Any] | None:
     values (the frame's own fields are at most 4 more). Anything else (nested content, an
     array, a null id) fails to decode, and the frame goes to :func:`_decode_typical`.
     None when the caps leave no room for such a frame (``max_depth`` under 2, or
-    ``max_items`` under 5): every frame then takes the other paths.
+    ``max_items`` under 5), or when ``max_integer`` is past what msgspec's constraints
+    hold (2**63 - 1): every frame then takes the other paths.
     """
-    if limits.max_depth < 2 or limits.max_items < 5:
-        return None
     bound = limits.max_integer
+    if limits.max_depth < 2 or limits.max_items < 5 or bound > _INT64_MAX:
+        # (msgspec's integer constraints hold int64 bounds only.)
+        return None
     integer = Annotated[int, msgspec.Meta(ge=-bound, le=bound)]
     ident = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_ID_LEN)]
     obj = Annotated[

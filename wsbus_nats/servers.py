@@ -425,12 +425,12 @@ class NatsCluster:
                 for server in self.servers:
                     server.wait_healthy(max(deadline - time.monotonic(), 0.1))
             except ChildFailed:
-                exited = any(s._process is not None and not s.running for s in self.servers)
                 self.stop()
                 # A node that exited at once most likely found a picked port taken (by
                 # anything on the machine, between the pick and its bind): pick again. A
-                # node that hung, or a last attempt, is the caller's to see.
-                if not exited or attempt == _START_ATTEMPTS - 1:
+                # node that hung (it used up the time given) or a last attempt is the
+                # caller's to see, with its own message.
+                if time.monotonic() >= deadline or attempt == _START_ATTEMPTS - 1:
                     raise
                 self._pick_ports()
             except BaseException:

@@ -97,7 +97,9 @@ class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
         max_connections: refuse upgrades with HTTP 503 beyond this many connections;
             defaults to the gateway's ``max_connections``.
         inbound_queue: frames read and not yet taken by the gateway, per connection,
-            before the edge stops reading the socket.
+            before the edge stops reading the socket. The gateway takes them a read at a
+            time, so a connection whose frames wait for the bus holds up to twice this
+            many.
         write_limit: bytes in a connection's write buffer before a send waits.
         open_timeout: seconds for the opening handshake (TCP accept to the request).
         max_handshakes: connections that have not sent their whole request yet, at

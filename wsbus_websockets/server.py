@@ -80,6 +80,8 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         max_connections: refuse upgrades with HTTP 503 beyond this many connections;
             defaults to the gateway's ``max_connections``.
         inbound_queue: frames websockets buffers per connection before it stops reading.
+            The gateway takes what is buffered a read at a time, so a connection whose
+            frames wait for the bus holds up to twice this many.
         write_limit: bytes in a connection's write buffer before a send waits.
         compression: permessage-deflate; off by default (it costs memory per connection
             and opens compression-oracle attacks).
