@@ -888,3 +888,65 @@ async def test_a_sender_waiting_past_its_deadline_is_refused_and_the_next_keeps_
     assert not runner.has_room()
     runner._inbox.clear()
     assert runner.has_room()
+
+
+@pytest.mark.parametrize("inbox_size", [16, 256, 1000])
+async def test_many_senders_waiting_are_let_in_in_order_with_shares_worth_a_wake_up(
+    inbox_size: int,
+) -> None:
+    # More senders wait than the inbox has places: each let in must come with several
+    # places (a wake-up per envelope costs more than the envelope), in the order they
+    # came, and nobody is left behind.
+    from wsbus_testing.conformance import client_message
+
+    taken: list[tuple[Any, int]] = []
+
+    class Counting(Service):
+        name = "counting"
+
+        @handles("counting.take")
+        async def take(self, message: Envelope, ctx: Context) -> None:
+            taken.append(message.content)
+            if len(taken) % 7 == 0:
+                await asyncio.sleep(0)  # a service that sometimes yields mid-burst
+
+    runner = ServiceRunner(Counting(), lambda envelope: None, inbox_size=inbox_size)
+    least = max(1, min(32, inbox_size // 32))
+    for i in range(inbox_size):  # full before anyone waits
+        runner.accept(client_message("counting.take", ("fill", i)))
+    senders, each = 60, 20
+    wake_ups = 0
+    first_in: list[int] = []
+
+    async def sender(k: int) -> None:
+        nonlocal wake_ups
+        key = f"c.{k}"
+        sent = 0
+        while sent < each:
+            if not runner.take_credit(key):
+                await runner.wait_for_room(key)
+                wake_ups += 1
+                if sent == 0:
+                    first_in.append(k)
+            runner.accept(client_message("counting.take", (k, sent)))
+            sent += 1
+
+    tasks = []
+    for k in range(senders):
+        tasks.append(asyncio.create_task(sender(k)))
+        await asyncio.sleep(0)  # each in line before the next comes
+    await runner.start()
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks)
+            while len(taken) < inbox_size + senders * each:
+                await asyncio.sleep(0.01)
+    finally:
+        await runner.stop()
+    assert first_in == list(range(senders))
+    # Every sender's envelopes, each once and in its order.
+    for k in range(senders):
+        assert [c[1] for c in taken if c[0] == k] == list(range(each))
+    # A wake-up brings `least` places at the fewest (a sender's last may need fewer).
+    assert wake_ups <= senders * each // least + senders
+    assert runner.has_room() and not runner._credits
