@@ -704,7 +704,6 @@ class Gateway:
         if refusal is not None:
             await self._refuse(conn, *refusal)
             return
-        self._idle.clear()
         conn_id = ConnId(f"{self._node}.{next(self._serial):x}")
         link = _Link(conn, self._settler)
         # The connection's optional fast paths, looked for once (see wsbus.edge).
@@ -721,7 +720,10 @@ class Gateway:
             driver=link,
             report=self._outbound.report,
         )
-        # Reserve the slot before the first await, so concurrent handshakes see it.
+        # Busy only once the session is made (what fails to make it leaves the gateway as
+        # it was), and the slot reserved before the first await, so that concurrent
+        # handshakes see it.
+        self._idle.clear()
         self._sessions[conn_id] = session
         try:
             identity = await _authenticate(conn, self.hooks, self.config)
@@ -876,55 +878,71 @@ class Gateway:
             # read again after any wait (the rate limit sees them arrive at once), and
             # whether plugins see frames is looked up again then too.
             stale = True
-            for data in batch:
-                unyielded += len(data)
-                if unyielded > READ_YIELD_BYTES:
-                    unyielded = 0
-                    await asyncio.sleep(0)  # other connections get a turn
-                    stale = True
-                if stale:
-                    stale = False
-                    now = loop_time()
-                    wall = wall_clock()
-                    fresh = publish_fresh if not hooks.inbound_hooks else None
-                if first:
-                    first = False
-                    resume = Resumer.resume_frame(data, session.codec, self.config)
-                    if resume is not None:
-                        await self._resumer.resume(session, resume, self._set_identity_alias)
+            frames = iter(batch)
+            try:
+                for data in frames:
+                    unyielded += len(data)
+                    if unyielded > READ_YIELD_BYTES:
+                        unyielded = 0
+                        try:
+                            await asyncio.sleep(0)  # other connections get a turn
+                        except BaseException:
+                            # Cancelled: this frame goes down with the connection, counted.
+                            counters.frames_received += 1
+                            counters.frames_lost += 1
+                            raise
+                        stale = True
+                    if stale:
+                        stale = False
+                        now = loop_time()
+                        wall = wall_clock()
+                        fresh = publish_fresh if not hooks.inbound_hooks else None
+                    if first:
+                        first = False
+                        resume = Resumer.resume_frame(data, session.codec, self.config)
+                        if resume is not None:
+                            await self._resumer.resume(session, resume, self._set_identity_alias)
+                            stale = True
+                            continue
+                    envelope = take(data, now, wall)
+                    if envelope is None:
+                        continue
+                    if publish_nowait is None:
+                        await self._publish(session, envelope)
                         stale = True
                         continue
-                envelope = take(data, now, wall)
-                if envelope is None:
-                    continue
-                if publish_nowait is None:
-                    await self._publish(session, envelope)
-                    stale = True
-                    continue
-                frame_id = session.frame_id
-                # An in-process bus takes the envelope on the spot: no coroutine per frame.
-                try:
-                    if fresh is not None:
-                        # Without an id, nothing (no ack) is owed the client before a reply.
-                        taken = fresh(envelope, frame_id is None)
-                    else:
-                        taken = publish_nowait(envelope)
-                except Exception as exc:
-                    self._publish_failed(session, envelope, frame_id, exc)
-                else:
-                    if taken is False:
-                        # The bus is full: wait for room, which holds this client back.
-                        # Only False: an adapter's None (an older contract) means taken.
-                        if wait_fresh is not None and fresh is not None:
-                            await self._publish(session, envelope, wait_fresh)
+                    frame_id = session.frame_id
+                    # An in-process bus takes the envelope on the spot: no coroutine per frame.
+                    try:
+                        if fresh is not None:
+                            # Without an id, nothing (no ack) is owed the client before a reply.
+                            taken = fresh(envelope, frame_id is None)
                         else:
-                            await self._publish(session, envelope)
-                        stale = True
-                    elif frame_id is None and self._bus_down_since is None:
-                        # _published, when it has nothing else to do.
-                        counters.frames_published += 1
+                            taken = publish_nowait(envelope)
+                    except Exception as exc:
+                        self._publish_failed(session, envelope, frame_id, exc)
                     else:
-                        self._published(session, frame_id)
+                        if taken is False:
+                            # The bus is full: wait for room, which holds this client back.
+                            # Only False: an adapter's None (an older contract) means taken.
+                            if wait_fresh is not None and fresh is not None:
+                                await self._publish(session, envelope, wait_fresh)
+                            else:
+                                await self._publish(session, envelope)
+                            stale = True
+                        elif frame_id is None and self._bus_down_since is None:
+                            # _published, when it has nothing else to do.
+                            counters.frames_published += 1
+                        else:
+                            self._published(session, frame_id)
+            except BaseException:
+                # Cancelled at an await (a yield, a resume, a wait for room): the frames
+                # read with this one and not taken yet go down with the connection,
+                # counted, not silently (the frame in hand is counted where it was).
+                left = sum(1 for _ in frames)
+                counters.frames_received += left
+                counters.frames_lost += left
+                raise
 
     async def _publish(
         self,

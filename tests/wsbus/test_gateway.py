@@ -972,3 +972,67 @@ async def test_one_sessions_failing_settle_does_not_skip_the_others(
     tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(tracebacks) == 1 and "a.1" in tracebacks[0].getMessage()
     assert "failed again" in caplog.text
+
+
+async def test_frames_read_together_are_counted_lost_when_the_reader_is_cancelled() -> None:
+    # The reader holds a batch of frames read together; cancelled while it waits for room
+    # in a stuck service's inbox, the frames it had not taken yet go down with the
+    # connection counted, not silently.
+    release = asyncio.Event()
+
+    class Stuck(Service):
+        name = "stuck"
+
+        @handles("stuck.work")
+        async def work(self, message: Envelope, ctx: Context) -> None:
+            await release.wait()
+
+    bus = MemoryBus([Stuck()], inbox_size=4)
+    gateway = Gateway(bus, config=GatewayConfig(node="t"), entry_points=False)
+    await gateway.start()
+    try:
+        conn, client = memory_pair()
+        task = asyncio.create_task(gateway.serve(conn))
+        assert (await client.receive())["type"] == "wsbus.welcome"
+        for i in range(20):  # in the connection's buffer before the reader looks: one batch
+            client.send("stuck.work", i)
+        stats = gateway.stats
+        async with asyncio.timeout(10):
+            while stats().frames_in_flight == 0:
+                await asyncio.sleep(0.01)
+        taken = stats().frames_received
+        assert 0 < taken < 20  # the rest of the batch is in the reader's hands
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        after = stats()
+        assert after.frames_received == 20
+        assert after.frames_lost >= 20 - taken
+        release.set()
+        assert_balanced(after)
+    finally:
+        release.set()
+        await gateway.close()
+
+
+async def test_a_session_that_cannot_be_made_leaves_the_gateway_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failure making a connection's session (a bug, or a setting only found out then)
+    # must not leave the gateway busy: its close would wait drain_timeout for nothing.
+    gateway = Gateway(
+        MemoryBus([Echo()]),
+        config=GatewayConfig(node="t", drain_timeout=600),
+        entry_points=False,
+    )
+    await gateway.start()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no session")
+
+    monkeypatch.setattr("wsbus.gateway.Session", broken)
+    conn, _ = memory_pair()
+    with pytest.raises(RuntimeError, match="no session"):
+        await gateway.serve(conn)
+    async with asyncio.timeout(60):  # a gateway left busy waits 605 s
+        await gateway.close()
