@@ -367,6 +367,17 @@ def test_the_profile_names_the_ingest_paths_top_frames(loop: str, tmp_path: Path
     assert pstats.Stats(str(stats)).total_calls > 0  # type: ignore[attr-defined]
 
 
+def test_the_gateway_cost_harness_measures_both_ways_of_reading() -> None:
+    out = _run(
+        "bench.gateway_cost", "--clients", "2", "--frames", "200", "--chunk", "50", "--repeat", "2"
+    )
+    assert "2 clients x 200 frames, 50 a turn" in out, out
+    for name in ("together", "one at a time"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        median = line.strip()[len(name) :].split("[")[0]  # "<name>  <median>   [<runs>]"
+        assert float(median) > 0, line
+
+
 def test_both_loops_interleaved_compare_each_server_with_itself(tmp_path: Path) -> None:
     if not HAS_UVLOOP:
         pytest.skip("uvloop is not installed (pip install 'wsbus[uvloop]')")
