@@ -506,6 +506,56 @@ def test_direct_batches_waiting_for_the_loop_are_bounded(monkeypatch: pytest.Mon
         loop.close()
 
 
+def test_bus_batches_waiting_for_the_loop_are_bounded_and_never_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The message bus's deliveries share the bound: past it, the bus's call waits on its
+    # own thread until the loop has taken enough, holding back the bus's sending to this
+    # gateway. The bus cannot send a batch again, so after the wait (half of call_timeout
+    # here) the batch is taken anyway and a warning says the loop is behind; only what would
+    # make twice the bound wait is refused, loudly.
+    config = PyroConfig(max_message_size=256 * 1024, call_timeout=0.4)
+    loop = asyncio.new_event_loop()
+    sink = Sink()
+    endpoint = GatewayEndpoint(loop, sink, on_loop=False, node="g1", config=config)
+    to = Recipients(conn_ids=(ConnId("g1.1"),))
+    batches = [encode_batch([_envelope(i, recipients=to, content="x" * 20_000)]) for i in range(11)]
+    try:
+        for batch in batches[:3]:
+            endpoint.deliver(batch)  # within the bound: at once
+        returned = threading.Event()
+
+        def fourth() -> None:
+            endpoint.deliver(batches[3])
+            returned.set()
+
+        waiting = threading.Thread(target=fourth)
+        waiting.start()
+        assert not returned.wait(0.05)  # past the bound: it waits for the loop
+        loop.run_until_complete(asyncio.sleep(0))  # the loop takes the three
+        assert returned.wait(10)
+        waiting.join(10)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.id for e in sink.took] == [f"intruder-{i}" for i in range(4)]
+        # A loop that takes nothing: after the wait, taken anyway, and said once.
+        with caplog.at_level("WARNING", logger="wsbus.pyro.gateway"):
+            for batch in batches[4:10]:  # the bound is a quarter of max_message_size: 3
+                endpoint.deliver(batch)
+            behind = [r for r in caplog.records if "event loop has not taken" in r.getMessage()]
+            assert len(behind) == 1, caplog.text
+            # 6 wait: a seventh would make more than twice the bound.
+            with pytest.raises(RuntimeError, match="refused a batch from the message bus"):
+                endpoint.deliver(batches[10])
+            assert endpoint.bus_refused == 1
+            assert "messages are lost" in caplog.text
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.id for e in sink.took[4:]] == [f"intruder-{i}" for i in range(4, 10)]
+        # Every byte reserved was given back once the loop took it.
+        assert endpoint._waiting_bytes == 0
+    finally:
+        loop.close()
+
+
 class Pacer(Service):
     """In this process: ``pace.start`` ``{"a", "n"}`` sends the sender an item every 20 ms,
     each stamped with this process's monotonic clock, and every fifth one to ``a`` too."""
