@@ -80,8 +80,26 @@ RUNTIME_ERROR = 1
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line: what was wrong, and where to look."""
 
+    commands: dict[str, argparse.ArgumentParser] | None = None
+    """The subcommands' parsers, by name (on the top parser)."""
+
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def parse_command_line(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        """Parse ``argv``; an option a command does not know is that command's error.
+
+        argparse reports what a subcommand did not recognize from the top parser, which
+        would send the user to ``wsbus --help``, where the command's options are not.
+        """
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            command = getattr(args, "command", None)
+            chosen = (self.commands or {}).get(command) if isinstance(command, str) else None
+            (chosen if isinstance(chosen, _Parser) else self).error(
+                f"unrecognized arguments: {' '.join(extra)}"
+            )
+        return args
 
 
 def _node(text: str) -> str:
@@ -157,7 +175,7 @@ def _adapters_epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """Return the argument parser for ``wsbus``, with the installed adapters' options.
 
     An adapter whose hook raises (an option another already has, say) is set aside as
@@ -173,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _Parser:
     found = installed()
     parser = _Parser(
         prog="wsbus",
@@ -324,6 +342,7 @@ def _build_parser() -> argparse.ArgumentParser:
     # After wsbus's own commands: an adapter's that takes one of their names fails in its
     # own hook (and is set aside), not in wsbus's code.
     found.call("wsbus_cli_commands", commands=Commands(commands.add_parser))
+    parser.commands = dict(commands.choices)
     return parser
 
 
@@ -358,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_command_line(argv)
         debug = args.debug
         level = (logging.WARNING, logging.INFO, logging.DEBUG)[2 if debug else min(args.verbose, 2)]
         logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

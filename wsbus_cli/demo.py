@@ -16,8 +16,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 import tempfile
 import webbrowser
 from collections.abc import Iterator
@@ -82,6 +84,35 @@ def static_dir() -> Iterator[Path]:
         yield path
 
 
+def _port_taken(host: str, port: int, exc: OSError) -> OSError:
+    return OSError(
+        f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+        "is another demo running? Pick another with --port"
+    )
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise the demo's OSError if ``host``:``port`` cannot be listened on now.
+
+    Bound as the server binds it (address reuse on, as asyncio's servers do on Unix), then
+    let go: the server binds it again a moment later, and says so if it was taken meanwhile.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # the server's own bind says what is wrong with the address
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            if os.name == "posix":
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise _port_taken(host, port, exc) from None
+
+
 async def run_demo(
     *,
     bus: str = "pyro",
@@ -109,6 +140,8 @@ async def run_demo(
     adapter = find_bus(bus)
     edge = find_edge("websockets", "the demo's edge")
     options = options if options is not None else argparse.Namespace()
+    # A taken port is found before the bus's processes start, not seconds after.
+    _check_port(host, port)
     # Handled from the start: a SIGTERM while the bus's processes start (or just after the
     # "running at" line) still stops everything in order, and the exit status is 0.
     stop = asyncio.Event()
@@ -124,10 +157,7 @@ async def run_demo(
                 try:
                     server = await edge.serve(gateway, host, port, config, static_dir=str(static))
                 except OSError as exc:
-                    raise OSError(
-                        f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
-                        "is another demo running? Pick another with --port"
-                    ) from None
+                    raise _port_taken(host, port, exc) from None
                 try:
                     url = f"http://{host}:{server.port}/"
                     print(f"wsbus demo running at {url} (bus: {bus}); Ctrl-C stops it", flush=True)

@@ -61,6 +61,25 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"wsbus {wsbus.__version__}"
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["demo", "--frobnicate"], "wsbus demo: unrecognized arguments: --frobnicate"),
+        (["serve", "--edge", "websockets", "-x"], "wsbus serve: unrecognized arguments: -x"),
+        (["--frob"], "wsbus: unrecognized arguments: --frob"),
+    ],
+)
+def test_an_unknown_option_sends_the_user_to_its_commands_help(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    command = said.partition(":")[0]
+    assert err == f"{said} (see `{command} --help`)", err
+
+
 def test_console_script_runs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "wsbus_cli", "--version"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -160,6 +161,30 @@ def test_no_secret_needs_a_flag_and_warns() -> None:
             assert "WSBUS_SECRET" not in _environ(pid)
     finally:
         assert child.stop() == 0, child.text
+
+
+def test_a_taken_port_is_said_before_the_bus_starts() -> None:
+    # Found before the bus's processes start: no Pyro stack is started (nor its line
+    # printed) for a demo that cannot serve its page.
+    port = free_port()
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "wsbus_cli", "demo", "--no-browser", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1, result
+    assert result.stderr.strip().startswith(f"wsbus demo: cannot listen on 127.0.0.1:{port} ("), (
+        result.stderr
+    )
+    assert "another demo running? Pick another with --port" in result.stderr
+    assert "Pyro" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- the chat service (in-process, on the memory bus) ----------------------------------------
