@@ -938,7 +938,8 @@ class Gateway:
             except BaseException:
                 # Cancelled at an await (a yield, a resume, a wait for room): the frames
                 # read with this one and not taken yet go down with the connection,
-                # counted, not silently (the frame in hand is counted where it was).
+                # counted, not silently (the frame in hand is counted where it was: at the
+                # yield above, by the resume, by _publish).
                 left = sum(1 for _ in frames)
                 counters.frames_received += left
                 counters.frames_lost += left

@@ -407,7 +407,13 @@ class Resumer:
             session.reject(ErrorCode.INVALID_MESSAGE, message, frame.id, loop.time())
             return
         conn_id = session.conn_id
-        record, why = await self._take(conn_id, content["token"])
+        try:
+            record, why = await self._take(conn_id, content["token"])
+        except BaseException:
+            # Cancelled (or failed) while the store answered: the frame goes down with
+            # the connection, counted.
+            counters.frames_lost += 1
+            raise
         if record is not None:
             wall = self._clock()
             recent = tuple(t for t in record.resumed if wall - RESUME_PERIOD < t <= wall)

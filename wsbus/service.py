@@ -1134,7 +1134,7 @@ class ServiceRunner:
                 turn.share = 0
                 self._waiters.remove(turn)
             if not holds_place:
-                self._let_next_in()
+                self._let_next_in(floor=False)
 
     def _watch(self, deadline: float) -> None:
         """Have the runner's timer fire by ``deadline``."""
@@ -1169,7 +1169,7 @@ class ServiceRunner:
 
     def release_room(self) -> None:
         """Give back, unused, the place :meth:`wait_for_room` held for the caller."""
-        self._let_next_in()
+        self._let_next_in(floor=False)
 
     def hold_room(self) -> None:
         """Keep the caller's place (free now, or given by :meth:`wait_for_room`) across awaits.
@@ -1188,9 +1188,9 @@ class ServiceRunner:
     def release_held(self) -> None:
         """Give back, unused, a place :meth:`hold_room` kept: the next in line gets it."""
         self._limit += 1
-        self._let_next_in()
+        self._let_next_in(floor=False)
 
-    def _let_next_in(self, reclaim: bool = False) -> None:
+    def _let_next_in(self, reclaim: bool = False, floor: bool = True) -> None:
         """Let in, in order, as many senders waiting as there are free places.
 
         The woken are the first ``_woken`` in line (their events set); each keeps its place
@@ -1204,6 +1204,8 @@ class ServiceRunner:
         Args:
             reclaim: first give back to the pool the places reserved for senders let in
                 before and not taken since (the inbox drained to its mark meanwhile).
+            floor: keep to ``_least_share``; without it, whatever is free goes out (a
+                place given back, unused, goes to the next in line as it is).
         """
         if reclaim and self._credits:
             self._limit += sum(self._credits.values())
@@ -1213,7 +1215,7 @@ class ServiceRunner:
         free = self._limit - len(self._inbox)
         if unwoken <= 0 or free <= 0:
             return
-        least = self._least_share
+        least = self._least_share if floor else 1
         if free < least and self._inbox:
             # Too few places to be worth a wake-up: the next envelope the service takes
             # calls again, with one more (an empty inbox lets in whatever there is).

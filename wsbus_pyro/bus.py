@@ -130,43 +130,37 @@ class GatewayEndpoint:
         self._wait_for = min(config.call_timeout, _ROOM_WAIT)
         # The bus's deliveries wait longer (they cannot be sent again), but less than the
         # bus's call may take.
-        self._bus_wait = min(config.call_timeout, config.comm_timeout) / 2
+        self._bus_wait = min(config.call_timeout, config.comm_timeout, 2.0) / 2
         self._behind_logged = float("-inf")
         self.direct_batches = 0
         """Batches services delivered here directly."""
         self.refused = 0
         """Envelopes refused on the direct path (a service may not send them, or not here)."""
-        self.bus_refused = 0
-        """Batches from the message bus refused: twice the bound waited for the loop."""
+        self.bus_overdue = 0
+        """Batches from the message bus taken past the bound: the loop made no room in time."""
         self._refused_logged = 0.0
 
     def deliver(self, blob: Any) -> None:
         """Take a batch of envelopes from the message bus; returns before they are processed.
 
         The batches waiting for the loop are bounded as for :meth:`deliver_direct` (one
-        bound for both paths, counted in encoded bytes before decoding): while they hold a
-        quarter of ``max_message_size``, the call waits on its Pyro thread. The bus sends
-        to a gateway one call at a time, so a loop that falls behind holds back the bus's
-        sending to it rather than piling batches up in the gateway's memory. The bus cannot
-        send a batch again, so one is refused only past twice the bound: after half the
-        shorter of ``call_timeout`` and ``comm_timeout`` (before the bus's call times out)
-        the batch is taken anyway, and a warning says the loop is that far behind; what
-        would make twice the bound waiting is refused (logged here and by the bus, counted
-        in :attr:`bus_refused`): a loop that has taken nothing for that long is stalled.
+        bound for both paths, counted in encoded bytes before decoding), and the bus's go
+        first: one is taken whenever less than the bound waits, whatever its size (at most
+        half of ``max_message_size``), so direct batches cannot keep it out. Otherwise the
+        call waits on its Pyro thread. The bus sends to a gateway one call at a time, so a
+        loop that falls behind holds back the bus's sending to it rather than piling
+        batches up in the gateway's memory. The bus cannot send a batch again, so none is
+        refused: after a wait of half the shorter of ``call_timeout`` and
+        ``comm_timeout``, at most 1 s (the bus's call must not time out first), the batch
+        is taken anyway, and a warning says the loop is that far behind.
         """
         if self._on_loop:
             self._deliver_all(decode_batch(blob))
             return
         data = to_bytes(blob)
         size = len(data)
-        if not self._room_for(size, self._bus_wait) and not self._behind(size):
-            # Twice the bound waits already: the loop has taken nothing for a long while.
-            # Refused, loudly on both sides (the bus logs what this raises).
-            raise RuntimeError(
-                f"gateway {self._node} refused a batch from the message bus: its event loop "
-                f"has not taken the {self._waiting_bytes} bytes of deliveries waiting for it "
-                f"in {self._bus_wait:.1f} s; the batch's messages are lost"
-            )
+        if not self._room_for(size, self._bus_wait, first=True):
+            self._behind(size)
         handed = False
         try:
             envelopes = decode_batch(data)
@@ -183,41 +177,26 @@ class GatewayEndpoint:
         finally:
             self._taken(size)
 
-    def _behind(self, size: int) -> bool:
-        """Take ``size`` more bytes past the bound, and say so (at most every 10 s).
-
-        False, and nothing taken, when that would make twice the bound.
-        """
+    def _behind(self, size: int) -> None:
+        """Take ``size`` more bytes past the bound, and say so (at most every 10 s)."""
         now = time.monotonic()
         with self._waiting:
-            if self._waiting_bytes + size > 2 * self._waiting_limit:
-                self.bus_refused += 1
-                log.error(
-                    "gateway %s refused a batch of %d bytes from the message bus: %d bytes "
-                    "wait for its event loop, which has taken none for %.1f s; that batch's "
-                    "messages are lost (%d batches so far)",
-                    self._node,
-                    size,
-                    self._waiting_bytes,
-                    self._bus_wait,
-                    self.bus_refused,
-                )
-                return False
             self._waiting_bytes += size
+            self.bus_overdue += 1
             waiting = self._waiting_bytes
             if now - self._behind_logged < 10.0:
-                return True
+                return
             self._behind_logged = now
         log.warning(
-            "gateway %s: its event loop has not taken the bus's deliveries for %.1f s "
-            "(%d bytes wait for it, bound %d); taking the next batch anyway. The loop is "
-            "stalled or overloaded: look for a blocking call or a CPU-bound handler",
+            "gateway %s: its event loop has not made room for the bus's deliveries in %.1f s "
+            "(%d bytes wait for it, bound %d); taking the next batch anyway (%d so far). The "
+            "loop is stalled or overloaded: look for a blocking call or a CPU-bound handler",
             self._node,
             self._bus_wait,
             waiting,
             self._waiting_limit,
+            self.bus_overdue,
         )
-        return True
 
     def deliver_direct(self, blob: Any) -> str | None:
         """Take a batch a service delivers straight to this gateway.
@@ -278,15 +257,19 @@ class GatewayEndpoint:
                 self._taken(size)
         return None  # all taken: the shortest answer to serialize, on the critical path
 
-    def _room_for(self, size: int, wait: float | None = None) -> bool:
+    def _room_for(self, size: int, wait: float | None = None, first: bool = False) -> bool:
         """Wait (a Pyro thread, never the loop) until ``size`` more bytes may wait.
 
         At most ``wait`` seconds (the direct path's when None); False: no room by then,
-        and nothing reserved.
+        and nothing reserved. With ``first``, there is room whenever less than the bound
+        waits (the bus's batches); otherwise only for the whole of ``size``.
         """
         deadline = 0.0
+        limit = self._waiting_limit
         with self._waiting:
-            while self._waiting_bytes and self._waiting_bytes + size > self._waiting_limit:
+            while self._waiting_bytes and (
+                self._waiting_bytes >= limit if first else self._waiting_bytes + size > limit
+            ):
                 now = time.monotonic()
                 if not deadline:
                     deadline = now + (self._wait_for if wait is None else wait)

@@ -993,3 +993,51 @@ async def test_a_hole_history_cannot_fill_is_a_gap_for_the_group() -> None:
         assert frames[2]["content"] == 8
         assert h.gateway.stats().history_gaps == 1
         assert bob.pending() == 0  # not in the group: told nothing
+
+
+async def test_a_resume_cancelled_while_the_store_answers_counts_its_frame_lost() -> None:
+    # The reader is cancelled while wsbus.resume waits for the session store (a remote
+    # store slow to answer): the resume frame, counted received, is counted lost too, and
+    # the frames read with it are counted by the reader.
+    class SlowStore(MemoryBus):
+        def __init__(self, services: list[Service]) -> None:
+            super().__init__(services)
+            self.block = asyncio.Event()
+            self.entered = asyncio.Event()
+
+        async def take_session(self, sid: str) -> SessionRecord | None:
+            self.entered.set()
+            await self.block.wait()
+            return await super().take_session(sid)
+
+    class Echoing(Service):
+        name = "echoing"
+
+        @handles("echo")
+        async def echo(self, message: Envelope, ctx: Context) -> None:
+            ctx.reply(message.content)
+
+    bus = SlowStore([Echoing()])
+    config = GatewayConfig(node="t", resume=ResumeSettings(window=30.0))
+    gateway = Gateway(bus, config=config, entry_points=False)
+    await gateway.start()
+    try:
+        conn, client = memory_pair()
+        task = asyncio.create_task(gateway.serve(conn))
+        welcome = await client.receive()
+        token = welcome["content"]["resume"]["token"]
+        client.send("wsbus.resume", {"token": token, "positions": {}}, id="r1")
+        for i in range(5):
+            client.send("echo", i, id=f"e{i}")
+        async with asyncio.timeout(10):
+            await bus.entered.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        stats = gateway.stats()
+        assert stats.frames_received == 6
+        assert stats.frames_lost == 6
+        assert_balanced(stats)
+    finally:
+        bus.block.set()
+        await gateway.close()

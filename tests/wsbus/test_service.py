@@ -950,3 +950,34 @@ async def test_many_senders_waiting_are_let_in_in_order_with_shares_worth_a_wake
     # A wake-up brings `least` places at the fewest (a sender's last may need fewer).
     assert wake_ups <= senders * each // least + senders
     assert runner.has_room() and not runner._credits
+
+
+async def test_a_place_given_back_goes_to_the_next_in_line_whatever_the_share_floor() -> None:
+    # The floor on shares (2 here) is for places the service frees as it drains; one
+    # given back unused (a held place released) goes to the next sender waiting at once,
+    # as before, even alone and with the service taking nothing.
+    from wsbus_testing.conformance import client_message
+
+    class Still(Service):
+        name = "still"
+
+        @handles("still.take")
+        async def take(self, message: Envelope, ctx: Context) -> None:
+            pass
+
+    runner = ServiceRunner(Still(), lambda envelope: None, inbox_size=64)  # takes nothing
+    for i in range(63):
+        runner.accept(client_message("still.take", i))
+    runner.hold_room()  # the last place, held for another sender: none free
+    loop = asyncio.get_running_loop()
+    first = asyncio.create_task(runner.wait_for_room("a", loop.time() + 600))
+    second = asyncio.create_task(runner.wait_for_room("b", loop.time() + 0.1))
+    await asyncio.sleep(0)
+    assert not first.done()
+    runner.release_held()  # given back: one place free, under the floor
+    async with asyncio.timeout(10):
+        await first
+        runner.accept(client_message("still.take", 63))
+        with pytest.raises(TimeoutError):
+            await second  # no place at all: refused at its deadline
+    assert not runner.has_room()

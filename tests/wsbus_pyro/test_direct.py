@@ -506,52 +506,61 @@ def test_direct_batches_waiting_for_the_loop_are_bounded(monkeypatch: pytest.Mon
         loop.close()
 
 
-def test_bus_batches_waiting_for_the_loop_are_bounded_and_never_refused(
+def test_bus_batches_waiting_for_the_loop_are_bounded_first_in_line_and_never_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # The message bus's deliveries share the bound: past it, the bus's call waits on its
-    # own thread until the loop has taken enough, holding back the bus's sending to this
-    # gateway. The bus cannot send a batch again, so after the wait (half of call_timeout
-    # here) the batch is taken anyway and a warning says the loop is behind; only what would
-    # make twice the bound wait is refused, loudly.
-    config = PyroConfig(max_message_size=256 * 1024, call_timeout=0.4)
+    # The message bus's deliveries share the bound with the one-hop path and go first: a
+    # bus batch is taken whenever less than the bound waits (direct batches cannot keep
+    # it out); past it, the bus's call waits on its own thread until the loop has taken
+    # enough, holding back the bus's sending to this gateway. The bus cannot send a batch
+    # again, so after the wait (half of call_timeout here) it is taken anyway, with a
+    # warning that the loop is behind: never refused.
+    config = PyroConfig(max_message_size=256 * 1024, call_timeout=0.4)  # bound 64 KiB
     loop = asyncio.new_event_loop()
     sink = Sink()
     endpoint = GatewayEndpoint(loop, sink, on_loop=False, node="g1", config=config)
     to = Recipients(conn_ids=(ConnId("g1.1"),))
-    batches = [encode_batch([_envelope(i, recipients=to, content="x" * 20_000)]) for i in range(11)]
+
+    def batch(i: int, size: int = 20_000) -> bytes:
+        return encode_batch([_envelope(i, recipients=to, content="x" * size)])
+
     try:
-        for batch in batches[:3]:
-            endpoint.deliver(batch)  # within the bound: at once
+        for i in range(4):
+            endpoint.deliver(batch(i))  # under the bound each time: at once (80 KB wait)
         returned = threading.Event()
 
-        def fourth() -> None:
-            endpoint.deliver(batches[3])
+        def fifth() -> None:
+            endpoint.deliver(batch(4))
             returned.set()
 
-        waiting = threading.Thread(target=fourth)
+        waiting = threading.Thread(target=fifth)
         waiting.start()
         assert not returned.wait(0.05)  # past the bound: it waits for the loop
-        loop.run_until_complete(asyncio.sleep(0))  # the loop takes the three
+        loop.run_until_complete(asyncio.sleep(0))  # the loop takes the four
         assert returned.wait(10)
         waiting.join(10)
         loop.run_until_complete(asyncio.sleep(0))
-        assert [e.id for e in sink.took] == [f"intruder-{i}" for i in range(4)]
+        assert [e.id for e in sink.took] == [f"intruder-{i}" for i in range(5)]
+        assert endpoint._waiting_bytes == 0
+
+        # First in line: direct batches hold 60 KB; a 60 KB bus batch goes in at once,
+        # and the next direct one finds no room.
+        assert [endpoint.deliver_direct(batch(i)) for i in range(10, 13)] == [None] * 3
+        endpoint.deliver(batch(13, 60_000))
+        assert endpoint.deliver_direct(batch(14)) == UNAVAILABLE
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.id for e in sink.took[5:]] == [f"intruder-{i}" for i in (10, 11, 12, 13)]
+
         # A loop that takes nothing: after the wait, taken anyway, and said once.
         with caplog.at_level("WARNING", logger="wsbus.pyro.gateway"):
-            for batch in batches[4:10]:  # the bound is a quarter of max_message_size: 3
-                endpoint.deliver(batch)
-            behind = [r for r in caplog.records if "event loop has not taken" in r.getMessage()]
-            assert len(behind) == 1, caplog.text
-            # 6 wait: a seventh would make more than twice the bound.
-            with pytest.raises(RuntimeError, match="refused a batch from the message bus"):
-                endpoint.deliver(batches[10])
-            assert endpoint.bus_refused == 1
-            assert "messages are lost" in caplog.text
+            for i in range(20, 26):
+                endpoint.deliver(batch(i))
+        behind = [r for r in caplog.records if "has not made room" in r.getMessage()]
+        assert len(behind) == 1, caplog.text
+        assert endpoint.bus_overdue == 2  # the fifth and the sixth
         loop.run_until_complete(asyncio.sleep(0))
-        assert [e.id for e in sink.took[4:]] == [f"intruder-{i}" for i in range(4, 10)]
-        # Every byte reserved was given back once the loop took it.
-        assert endpoint._waiting_bytes == 0
+        assert [e.id for e in sink.took[9:]] == [f"intruder-{i}" for i in range(20, 26)]
+        assert endpoint._waiting_bytes == 0  # every byte reserved was given back
     finally:
         loop.close()
 
