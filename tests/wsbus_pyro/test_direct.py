@@ -515,7 +515,9 @@ def test_bus_batches_waiting_for_the_loop_are_bounded_first_in_line_and_never_re
     # enough, holding back the bus's sending to this gateway. The bus cannot send a batch
     # again, so after the wait (half of call_timeout here) it is taken anyway, with a
     # warning that the loop is behind: never refused.
-    config = PyroConfig(max_message_size=256 * 1024, call_timeout=0.4)  # bound 64 KiB
+    # Bound 64 KiB; the bus's wait 1 s (its most), so that "it waits" below holds on a
+    # busy machine too.
+    config = PyroConfig(max_message_size=256 * 1024, call_timeout=4.0)
     loop = asyncio.new_event_loop()
     sink = Sink()
     endpoint = GatewayEndpoint(loop, sink, on_loop=False, node="g1", config=config)
@@ -551,7 +553,9 @@ def test_bus_batches_waiting_for_the_loop_are_bounded_first_in_line_and_never_re
         loop.run_until_complete(asyncio.sleep(0))
         assert [e.id for e in sink.took[5:]] == [f"intruder-{i}" for i in (10, 11, 12, 13)]
 
-        # A loop that takes nothing: after the wait, taken anyway, and said once.
+        # A loop that takes nothing: after the wait (0.2 s here), taken anyway, and said once.
+        config = PyroConfig(max_message_size=256 * 1024, call_timeout=0.4)
+        endpoint = GatewayEndpoint(loop, sink, on_loop=False, node="g1", config=config)
         with caplog.at_level("WARNING", logger="wsbus.pyro.gateway"):
             for i in range(20, 26):
                 endpoint.deliver(batch(i))
