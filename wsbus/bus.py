@@ -37,6 +37,8 @@ __all__ = [
     "HearsLoss",
     "KeepsHistory",
     "KeepsSessions",
+    "ListsServices",
+    "Probes",
     "PublishesFresh",
     "PublishesNowait",
     "ReportsAvailability",
@@ -272,6 +274,41 @@ class KeepsSessions(Protocol):
 
         Raises:
             BusUnavailable: the records cannot be read now.
+        """
+        ...
+
+
+@runtime_checkable
+class Probes(Protocol):
+    """A bus that can send a gateway's probe round the bus and back to that gateway.
+
+    ``/readyz`` (:class:`wsbus.ready.Readiness`) uses it: a gateway whose bus still takes
+    its publishes but no longer delivers to it is deaf, and must not be called ready.
+    """
+
+    async def probe(self, envelope: Envelope) -> None:
+        """Send ``envelope`` (type ``wsbus.probe``, ``to`` this gateway) back to this gateway.
+
+        The bus hands it to the gateway's :meth:`BusSink.deliver` the way it hands it
+        messages from services (through the same connection, queue and thread), or, where
+        the gateway may not publish to its own inbox, after a round trip on the connection
+        that carries them. Returns once the bus has taken it.
+
+        Raises:
+            BusUnavailable: the bus cannot take it now.
+        """
+        ...
+
+
+@runtime_checkable
+class ListsServices(Protocol):
+    """A bus that knows which services are on it now (``/readyz`` reports them)."""
+
+    async def live_services(self) -> dict[str, int]:
+        """Return each service on the bus now, with how many live instances it has.
+
+        Raises:
+            BusUnavailable: the bus cannot say now.
         """
         ...
 

@@ -29,6 +29,7 @@ __all__ = [
     "JOIN",
     "LEAVE",
     "PRESENCE",
+    "PROBE",
     "PROCESSED",
     "RECEIPT",
     "RECEIPT_HEADER",
@@ -74,6 +75,9 @@ PRESENCE: Final = "wsbus.presence"
 A gateway publishes it (sender its :class:`~wsbus.envelope.GatewayAddress`, no recipients);
 the bus hands it to every service that declared the type and to every other gateway.
 """
+PROBE: Final = "wsbus.probe"
+"""A gateway's probe of its bus: sent by the gateway to itself round the bus (see
+:class:`~wsbus.bus.Probes`). Not a request: nothing answers it."""
 RECEIPT: Final = "wsbus.receipt"
 """One gateway's delivery receipt to the sending service (:class:`Receipt`).
 

@@ -37,8 +37,16 @@ from typing import Final, Literal
 import msgspec
 
 from .aliases import AliasClaims
-from .bus import Bus, ClaimsAliases, PublishesFresh, PublishesNowait, ReportsAvailability
-from .control import PRESENCE
+from .bus import (
+    Bus,
+    ClaimsAliases,
+    ListsServices,
+    Probes,
+    PublishesFresh,
+    PublishesNowait,
+    ReportsAvailability,
+)
+from .control import PRESENCE, PROBE
 from .edge import (
     ClientConnection,
     ConnectionClosed,
@@ -559,6 +567,9 @@ class Gateway:
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._publish_nowait: Callable[[Envelope], bool] | None = None
         self._availability: ReportsAvailability | None = None
+        # Probes sent round the bus and not back yet, by envelope id (see probe()).
+        self._probes: dict[str, asyncio.Future[float]] = {}
+        self._outbound.probed = self._probe_back
         self._reporter = _Reporter(bus, self.config.report_queue, self._counters)
         # A bus whose link flaps must not flood the log: once per reason, then at most
         # once a minute with a count.
@@ -1060,6 +1071,82 @@ class Gateway:
             connections=len(self.registry),
             deliveries_pending=sum(s.pending for s in sessions),
         )
+
+    def connections_by_codec(self) -> dict[str, int]:
+        """Open connections now (those still authenticating too), by codec subprotocol."""
+        counts: dict[str, int] = {}
+        for session in self._sessions.values():
+            codec = str(session.codec)
+            counts[codec] = counts.get(codec, 0) + 1
+        return counts
+
+    @property
+    def bus_available(self) -> bool | None:
+        """Whether the bus says it can take envelopes now; None when it cannot tell."""
+        availability = self._availability
+        return None if availability is None else availability.available
+
+    @property
+    def bus_reconnects(self) -> int | None:
+        """Times the bus's link reconnected, when the bus counts them (else None)."""
+        reconnects = getattr(self.bus, "reconnects", None)
+        return reconnects if isinstance(reconnects, int) else None
+
+    async def probe(self, timeout: float) -> tuple[float, float]:  # noqa: ASYNC109
+        """Send a probe round the bus and back to this gateway; wait up to ``timeout`` s.
+
+        The probe is a ``wsbus.probe`` envelope from this gateway to itself, which the bus
+        delivers the way it delivers messages from services (:class:`~wsbus.bus.Probes`).
+        Nothing here runs per message: probes are sent by ``/readyz`` and the metrics.
+
+        Returns:
+            Seconds until the bus took it (the publish), and until it came back.
+
+        Raises:
+            BusUnavailable: the bus refused it, cannot probe, or the gateway is not running.
+            TimeoutError: it did not come back within ``timeout``.
+        """
+        bus = self.bus
+        if self._state != "running":
+            raise BusUnavailable(f"the gateway is {self._state}")
+        if not isinstance(bus, Probes):
+            raise BusUnavailable(f"the bus {type(bus).__name__} cannot be probed")
+        loop = asyncio.get_running_loop()
+        envelope = Envelope(
+            id=self._next_id(),
+            type=PROBE,
+            sender=self._outbound.address,
+            to=self._outbound.address,
+            created=self._clock(),
+        )
+        back: asyncio.Future[float] = loop.create_future()
+        self._probes[envelope.id] = back
+        start = loop.time()
+        try:
+            async with asyncio.timeout(timeout):
+                await bus.probe(envelope)
+                published = loop.time() - start
+                came_back = await back
+        finally:
+            self._probes.pop(envelope.id, None)
+        return published, came_back - start
+
+    def _probe_back(self, envelope: Envelope) -> None:
+        """A probe came back from the bus (called by Outbound on the loop thread)."""
+        back = self._probes.get(envelope.id)
+        if back is not None and not back.done():
+            back.set_result(asyncio.get_running_loop().time())
+
+    async def live_services(self) -> dict[str, int] | None:
+        """The services on the bus now, with their live instances; None: the bus cannot say.
+
+        Raises:
+            BusUnavailable: the bus could not be asked.
+        """
+        bus = self.bus
+        if not isinstance(bus, ListsServices):
+            return None
+        return await bus.live_services()
 
     def clients(self) -> list[ClientInfo]:
         """Return a snapshot of every open connection."""

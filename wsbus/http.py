@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import http
+import ipaddress
 import logging
 import mimetypes
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 
+from wsbus.errors import ConfigError
 from wsbus.hooks import HandshakeRequest
+
+if TYPE_CHECKING:
+    from wsbus.gateway import Gateway
+    from wsbus.metrics import GatewayMetrics
+    from wsbus.ready import Readiness, ReadyReport
 
 __all__ = [
     "RESPONSE_HEADERS",
@@ -37,8 +44,11 @@ __all__ = [
     "HeaderValues",
     "HttpFront",
     "HttpSettings",
+    "Networks",
+    "OpsSettings",
     "Reply",
     "StaticFiles",
+    "check_http_settings",
     "cookie_value",
     "offered_subprotocols",
     "split_target",
@@ -98,6 +108,26 @@ class HttpSettings(Protocol):
     def token_cookie(self) -> str: ...  # noqa: D102
 
 
+class OpsSettings(HttpSettings, Protocol):
+    """The readiness and metrics settings of an edge (both of wsbus's edges have them).
+
+    :class:`HttpFront` reads them when the edge's settings have them, with these
+    defaults otherwise: ``ready_path`` ``/readyz``, ``ready_timeout`` 2 s, no
+    ``ready_services``, no ``metrics_path`` (metrics off), ``metrics_from`` loopback.
+    """
+
+    @property
+    def ready_path(self) -> str: ...  # noqa: D102
+    @property
+    def ready_timeout(self) -> float: ...  # noqa: D102
+    @property
+    def ready_services(self) -> tuple[str, ...]: ...  # noqa: D102
+    @property
+    def metrics_path(self) -> str: ...  # noqa: D102
+    @property
+    def metrics_from(self) -> tuple[str, ...]: ...  # noqa: D102
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply:
     """A plain-HTTP response, for the edge to write in its library's form.
@@ -116,6 +146,49 @@ class Reply:
     def text(cls, status: http.HTTPStatus, text: str) -> Reply:
         """A ``text/plain`` reply: what the client did, or what to do."""
         return cls(status, text.encode(), "text/plain; charset=utf-8")
+
+
+class Networks:
+    """Which client addresses may read ``/metrics``: a list of networks.
+
+    Args:
+        networks: CIDR networks (``127.0.0.0/8``, ``10.0.0.0/8``, ``::1/128``); an address
+            without a prefix is one host.
+
+    Raises:
+        ConfigError: one of them is not a network (the setting is named).
+    """
+
+    def __init__(self, networks: Sequence[str], setting: str = "metrics_from") -> None:
+        parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for text in networks:
+            try:
+                parsed.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"{setting}: {text!r} is not a network; write one like 127.0.0.0/8 or 10.1.2.3"
+                ) from None
+        self.networks = tuple(parsed)
+
+    def allows(self, peer: str) -> bool:
+        """Whether the client at ``peer`` (``host:port``, ``[v6]:port`` or a bare host) may."""
+        if peer.startswith("["):
+            candidates = [peer[1:].partition("]")[0]]
+        else:
+            # The edges give host:port, the port after the last colon (an IPv6 host has
+            # colons of its own, so the whole text is tried only when that fails).
+            candidates = [peer.rpartition(":")[0], peer]
+        for host in candidates:
+            try:
+                address = ipaddress.ip_address(host)
+                break
+            except ValueError:
+                continue
+        else:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
 
 
 class StaticFiles:
@@ -150,6 +223,27 @@ class StaticFiles:
         if content_type.startswith("text/") or content_type.endswith("javascript"):
             content_type += "; charset=utf-8"
         return Reply(http.HTTPStatus.OK, body, content_type)
+
+
+def check_http_settings(settings: OpsSettings) -> None:
+    """Check the health, readiness and metrics settings of an edge's configuration.
+
+    Raises:
+        ConfigError: one is wrong; the message names it.
+    """
+    paths = {"health_path": settings.health_path}
+    if settings.ready_path:
+        paths["ready_path"] = settings.ready_path
+    if settings.metrics_path:
+        paths["metrics_path"] = settings.metrics_path
+    for name, path in paths.items():
+        if not path.startswith("/"):
+            raise ConfigError(f"{name} {path!r} must start with /")
+    if len(set(paths.values())) != len(paths):
+        raise ConfigError(f"health_path, ready_path and metrics_path must differ: {paths}")
+    if not settings.ready_timeout > 0:
+        raise ConfigError("ready_timeout must be > 0 seconds")
+    Networks(settings.metrics_from)
 
 
 def static_parts(path: str) -> list[str] | None:
@@ -231,9 +325,67 @@ class HttpFront:
     def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
         self.static = StaticFiles(settings.static_dir) if settings.static_dir else None
+        # Read once, with their defaults: an edge's settings written before these existed
+        # (HttpSettings grew them) keep working, with readiness on and metrics off.
+        self.ready_path: str = getattr(settings, "ready_path", "/readyz")
+        self.metrics_path: str = getattr(settings, "metrics_path", "")
+        self.readiness: Readiness | None = None
+        """The gateway's readiness (``/readyz``), once :meth:`attach` was called."""
+        self.metrics: GatewayMetrics | None = None
+        """The gateway's metrics (``/metrics``), when ``metrics_path`` is set."""
+        self._metrics_from: Networks | None = None
         self._scheme = "http"
         # None: not on loopback, any Host counts; else only these loopback names do.
         self._loopback_hosts: frozenset[str] | None = frozenset()
+
+    def attach(self, gateway: Gateway, edge: str) -> None:
+        """Serve ``gateway``'s readiness, and its metrics when ``metrics_path`` is set.
+
+        Args:
+            gateway: the gateway behind the edge.
+            edge: the edge's name (a label of the metrics).
+
+        Raises:
+            MissingExtra: ``metrics_path`` is set and ``prometheus_client`` is not installed.
+            ConfigError: ``metrics_from`` holds something that is not a network.
+        """
+        from wsbus.ready import Readiness
+
+        settings = self.settings
+        if self.metrics_path:
+            from wsbus.metrics import GatewayMetrics
+
+            self._metrics_from = Networks(getattr(settings, "metrics_from", ("127.0.0.0/8",)))
+            self.metrics = GatewayMetrics(gateway, edge)
+        self.readiness = Readiness(
+            gateway,
+            timeout=getattr(settings, "ready_timeout", 2.0),
+            services=getattr(settings, "ready_services", ()),
+            observe=None if self.metrics is None else self.metrics.observe,
+        )
+
+    def wants_ready(self, target: str) -> bool:
+        """Whether a plain GET of ``target`` asks for ``/readyz``.
+
+        An edge that can wait answers it with :meth:`ready`; one that cannot, through
+        :meth:`get` (the latest check).
+        """
+        ready_path = self.ready_path
+        return (
+            bool(ready_path)
+            and self.readiness is not None
+            and (split_target(target)[0] == ready_path)
+        )
+
+    async def ready(self, *, closing: bool) -> Reply:
+        """Probe the bus (or reuse a check a moment old) and answer ``/readyz``."""
+        assert self.readiness is not None
+        return _ready_reply(await self.readiness.check(closing))
+
+    async def close(self) -> None:
+        """Stop the readiness probes (the edge calls this as it closes)."""
+        if self.readiness is not None:
+            await self.readiness.close()
 
     def listening(self, port: int, *, secure: bool, loopback: bool) -> None:
         """Say where the edge listens: ``port``, with TLS or not, on loopback only or not."""
@@ -251,24 +403,48 @@ class HttpFront:
                 return Reply.text(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
         return None
 
-    def get(self, target: str, *, closing: bool, connections: int) -> Reply:
-        """The answer to a plain GET of ``target``: health, a static file, or 426.
+    def get(self, target: str, *, closing: bool, connections: int, peer: str = "") -> Reply:
+        """The answer to a plain GET of ``target``: health, readiness, metrics, a file, or 426.
 
         Args:
             target: the request line's target (path and query), percent-encoded.
             closing: the edge or its gateway is shutting down (health says 503 ``closing``:
                 a load balancer stops sending new clients here).
             connections: the gateway's open connections, for the health endpoint.
+            peer: the client's address (``host:port``): ``/metrics`` is only for
+                ``metrics_from``.
         """
         path = split_target(target)[0]
-        if path == self.settings.health_path:
+        settings = self.settings
+        if path == settings.health_path:
             status = "closing" if closing else "ok"
             body = msgspec.json.encode({"status": status, "connections": connections})
             code = http.HTTPStatus.SERVICE_UNAVAILABLE if closing else http.HTTPStatus.OK
             return Reply(code, body, "application/json")
+        if self.ready_path and path == self.ready_path and self.readiness is not None:
+            # An edge that cannot wait: the latest check, kept fresh in the background.
+            return _ready_reply(self.readiness.current(closing))
+        if self.metrics_path and path == self.metrics_path and self.metrics is not None:
+            return self._metrics(peer, closing)
         if self.static is not None:
             return self.static.reply(path)
         return Reply.text(http.HTTPStatus.UPGRADE_REQUIRED, "this is a WebSocket endpoint\n")
+
+    def _metrics(self, peer: str, closing: bool) -> Reply:
+        assert self.metrics is not None and self._metrics_from is not None
+        if not self._metrics_from.allows(peer):
+            log.info("refused /metrics to %s: not in metrics_from", peer)
+            return Reply.text(
+                http.HTTPStatus.FORBIDDEN,
+                "metrics are not served to this address (the gateway's metrics_from "
+                "setting lists who may read them)\n",
+            )
+        if self.readiness is not None:
+            # Keeps the probes going while someone scrapes: they feed the latency histograms.
+            self.readiness.current(closing)
+        from wsbus.metrics import CONTENT_TYPE
+
+        return Reply(http.HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE)
 
     def upgrade_refusal(
         self, values: HeaderValues, *, closing: bool, full: bool, peer: str
@@ -389,3 +565,8 @@ class HttpFront:
         if cookie:
             return cookie_value(cookie, self.settings.token_cookie)
         return None
+
+
+def _ready_reply(report: ReadyReport) -> Reply:
+    status, body = report.http()
+    return Reply(status, body, "application/json")

@@ -292,6 +292,27 @@ class MemoryBus:
                 del self._by_type[type_]
         await runner.stop()
 
+    async def probe(self, envelope: Envelope) -> None:
+        """Hand a gateway's probe back to it on the next pass of the loop (:class:`Probes`).
+
+        Raises:
+            BusUnavailable: the bus is marked down, or has no gateway.
+        """
+        sink = self._sink
+        if self.down or sink is None:
+            raise BusUnavailable("the in-memory bus is marked down")
+        asyncio.get_running_loop().call_soon(sink.deliver, self._carry(envelope))
+
+    async def live_services(self) -> dict[str, int]:
+        """Each service on the bus, with one instance (:class:`ListsServices`).
+
+        Raises:
+            BusUnavailable: the bus is marked down.
+        """
+        if self.down:
+            raise BusUnavailable("the in-memory bus is marked down")
+        return dict.fromkeys(self._runners, 1)
+
     @property
     def available(self) -> bool:
         """True unless the bus is marked down."""

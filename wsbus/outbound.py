@@ -124,6 +124,8 @@ class Outbound:
         """Alias requests checked and waiting for the bus's alias table, oldest first."""
         self.presence = Presence(node, presence_frames)
         """The presence decisions: events to publish, frames for members."""
+        self.probed: Callable[[Envelope], None] | None = None
+        """Called with each ``wsbus.probe`` envelope that came back (the gateway's)."""
         self.post: Callable[[], None] | None = None
         """The gateway's function that publishes :attr:`to_bus` (for envelopes made outside
         :meth:`deliver`: a receipt completed by a write, an acknowledgement)."""
@@ -518,6 +520,11 @@ class Outbound:
     def _control(self, envelope: Envelope, wall: float) -> None:
         request_type = control.REQUEST_TYPES.get(envelope.type)
         if request_type is None:
+            if envelope.type == control.PROBE:
+                # A probe is not a request: nothing answers it, whoever sent it.
+                if envelope.sender == self.address and self.probed is not None:
+                    self.probed(envelope)
+                return
             if envelope.type not in (control.RESULT, control.UNDELIVERABLE):
                 detail = f"{envelope.type!r} is not a request"
                 result = control.Result(False, None, "unknown_request", detail)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import OrderedDict, deque
@@ -354,6 +355,45 @@ class NatsBus:
         """True while connected to NATS (False before start and after close)."""
         link = self._link
         return link is not None and not self._closed and link.connected
+
+    async def probe(self, envelope: Envelope) -> None:
+        """A round trip with the NATS server, then the probe back to the gateway (``Probes``).
+
+        The round trip (NATS ``PING``, answered ``PONG`` in order after everything sent
+        before it) goes on the connection that carries this gateway's subscriptions, so
+        a gateway whose link is down, or whose server no longer answers, is found deaf.
+        (A gateway may not publish to its own inbox: the permissions keep that to
+        services, docs/nats.md.)
+
+        Raises:
+            BusUnavailable: the link is down or the server did not answer.
+        """
+        link, sink = self._link, self._sink
+        if link is None or sink is None or self._closed or not link.connected:
+            raise BusUnavailable("the connection to NATS is down; reconnecting")
+        try:
+            # nats-py takes whole seconds; the gateway's probe has its own deadline.
+            await link.nc.flush(timeout=math.ceil(self.config.request_timeout))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"the NATS server did not answer a ping: {exc!r}") from None
+        asyncio.get_running_loop().call_soon(sink.deliver, envelope)
+
+    async def live_services(self) -> dict[str, int]:
+        """Each service with live instances in the directory, and how many (``ListsServices``).
+
+        Raises:
+            BusUnavailable: the bus is not started.
+        """
+        directory = self._directory
+        if directory is None or self._closed:
+            raise BusUnavailable("the NATS bus is not started")
+        return directory.services()
+
+    @property
+    def reconnects(self) -> int:
+        """Times the link to NATS reconnected since start."""
+        link = self._link
+        return 0 if link is None else link.counters.reconnects
 
     def keep_history(self, config: HistoryConfig) -> None:
         """Say which groups keep history and how much; before :meth:`start`.

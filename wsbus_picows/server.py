@@ -37,7 +37,13 @@ from wsbus.edge import ConnectionClosed
 from wsbus.errors import ConfigError
 from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
-from wsbus.http import RESPONSE_HEADERS, TOKEN_SUBPROTOCOL_PREFIX, HttpFront, Reply
+from wsbus.http import (
+    RESPONSE_HEADERS,
+    TOKEN_SUBPROTOCOL_PREFIX,
+    HttpFront,
+    Reply,
+    check_http_settings,
+)
 from wsbus.wire import Codec, negotiate
 
 from ._protocol import (
@@ -110,7 +116,18 @@ class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
         ping_interval: seconds between keepalive pings; None disables them.
         ping_timeout: seconds to wait for a pong before closing with 1011.
         close_timeout: seconds to wait for the closing handshake.
-        health_path: the path of the health endpoint (plain HTTP GET).
+        health_path: the path of the health endpoint (plain HTTP GET): cheap, says the
+            process is up and not shutting down.
+        ready_path: the path of the readiness endpoint: a probe round the bus and back
+            (docs/operations.md); empty turns it off.
+        ready_timeout: seconds the readiness probe may take to come back round the bus
+            before the gateway is reported not ready.
+        ready_services: services that must have a live instance on the bus for the
+            gateway to be ready.
+        metrics_path: the path of the Prometheus metrics (``/metrics``); empty (the
+            default) turns them off. Needs ``pip install 'wsbus[metrics]'``.
+        metrics_from: the networks that may read the metrics (CIDR, or one address);
+            loopback only by default. Others get 403.
         static_dir: a directory to serve over plain HTTP GET, or None.
         token_query: the query parameter that may carry a bearer token.
         token_cookie: the cookie that may carry a bearer token.
@@ -130,6 +147,11 @@ class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
     health_path: str = "/healthz"
+    ready_path: str = "/readyz"
+    ready_timeout: float = 2.0
+    ready_services: tuple[str, ...] = ()
+    metrics_path: str = ""
+    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     static_dir: str | None = None
     token_query: str = "token"
     token_cookie: str = "wsbus_token"
@@ -149,6 +171,7 @@ class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be > 0, or None")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():
             raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
+        check_http_settings(self)
 
 
 class _Connection(WSListener):
@@ -694,6 +717,7 @@ class PicowsServer:
         self._closing = False
         self._address: tuple[str, int] = ("", 0)
         self._front = HttpFront(config)
+        self._front.attach(gateway, "picows")
         self._cap = (
             config.max_connections
             if config.max_connections is not None
@@ -771,6 +795,7 @@ class PicowsServer:
             await asyncio.wait(tasks, timeout=self.config.close_timeout)
         if self.server is not None:
             await self.server.wait_closed()
+        await self._front.close()
 
     async def __aenter__(self) -> PicowsServer:
         return self
@@ -817,7 +842,12 @@ class PicowsServer:
         closing = self._closing or self.gateway.closing
         if "websocket" not in headers.get("Upgrade", "").lower():
             return _response(
-                front.get(target, closing=closing, connections=self.gateway.open_connections)
+                front.get(
+                    target,
+                    closing=closing,
+                    connections=self.gateway.open_connections,
+                    peer=peer,
+                )
             )
         refusal = front.upgrade_refusal(
             values,

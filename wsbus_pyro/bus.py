@@ -66,6 +66,7 @@ from .transport import (
     RecentIds,
     decode_batch,
     direct_node,
+    encode_batch,
     from_service,
     lookup,
     name_server,
@@ -483,6 +484,31 @@ class PyroBus:
         # The bus answered but a service could not take it: the bus itself is fine.
         whole_bus = self._publisher is None or self._publisher.down
         raise BusUnavailable(f"the bus could not deliver {envelope.type!r} now", whole_bus)
+
+    async def probe(self, envelope: Envelope) -> None:
+        """Send a probe round the message bus and back to this gateway (``wsbus.bus.Probes``).
+
+        Raises:
+            BusUnavailable: the message bus cannot be reached, or does not know this
+                gateway (it registers again within ``reregister_interval``).
+        """
+        status = await self._call_bus("probe", encode_batch([envelope]))
+        if status != OK:
+            raise BusUnavailable("the message bus does not know this gateway yet; it registers")
+
+    async def live_services(self) -> dict[str, int]:
+        """The services registered on the message bus and not marked down, one instance each.
+
+        Raises:
+            BusUnavailable: the message bus cannot be reached.
+        """
+        info = await self._call_bus("info")
+        services = info.get("services", {}) if isinstance(info, dict) else {}
+        return {
+            str(name): 1
+            for name, state in services.items()
+            if isinstance(state, dict) and not state.get("down")
+        }
 
     @property
     def direct_batches(self) -> int:

@@ -404,6 +404,28 @@ class MessageBus:
         with self._lock:
             return sorted(n for n, e in self._gateways.items() if now - e.seen <= self.lifetime)
 
+    def probe(self, blob: Any) -> str:
+        """Send a gateway's probe back to it, through its forwarder; return a status.
+
+        The probe (a ``wsbus.probe`` envelope addressed to the gateway that sent it) takes
+        the path of that gateway's deliveries: its queue here, its forwarder thread and
+        the call to its endpoint. ``ok``: queued; ``no_route``: no such gateway is
+        registered (it should register again).
+        """
+        envelopes = decode_batch(blob)
+        if len(envelopes) != 1:
+            return NO_ROUTE
+        envelope = envelopes[0]
+        to = envelope.to
+        if envelope.type != control.PROBE or not isinstance(to, GatewayAddress):
+            return NO_ROUTE
+        with self._lock:
+            endpoint = self._gateways.get(to.node)
+        if endpoint is None:
+            return NO_ROUTE
+        endpoint.forwarder.put(envelope)
+        return OK
+
     def directory(self) -> list[list[str]]:
         """Return ``[node, address]`` of each gateway on the bus now (each checked in lately).
 

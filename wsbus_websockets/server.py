@@ -33,7 +33,13 @@ from wsbus.edge import ConnectionClosed
 from wsbus.errors import ConfigError
 from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
-from wsbus.http import RESPONSE_HEADERS, TOKEN_SUBPROTOCOL_PREFIX, HttpFront, Reply
+from wsbus.http import (
+    RESPONSE_HEADERS,
+    TOKEN_SUBPROTOCOL_PREFIX,
+    HttpFront,
+    Reply,
+    check_http_settings,
+)
 from wsbus.wire import Codec, negotiate
 
 from ._wsconn import (
@@ -100,7 +106,18 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
         ping_interval: seconds between keepalive pings; None disables them.
         ping_timeout: seconds to wait for a pong before closing with 1011.
         close_timeout: seconds to wait for the closing handshake.
-        health_path: the path of the health endpoint (plain HTTP GET).
+        health_path: the path of the health endpoint (plain HTTP GET): cheap, says the
+            process is up and not shutting down.
+        ready_path: the path of the readiness endpoint: a probe round the bus and back
+            (docs/operations.md); empty turns it off.
+        ready_timeout: seconds the readiness probe may take to come back round the bus
+            before the gateway is reported not ready.
+        ready_services: services that must have a live instance on the bus for the
+            gateway to be ready.
+        metrics_path: the path of the Prometheus metrics (``/metrics``); empty (the
+            default) turns them off. Needs ``pip install 'wsbus[metrics]'``.
+        metrics_from: the networks that may read the metrics (CIDR, or one address);
+            loopback only by default. Others get 403.
         static_dir: a directory to serve over plain HTTP GET, or None.
         token_query: the query parameter that may carry a bearer token.
         token_cookie: the cookie that may carry a bearer token.
@@ -122,6 +139,11 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
     health_path: str = "/healthz"
+    ready_path: str = "/readyz"
+    ready_timeout: float = 2.0
+    ready_services: tuple[str, ...] = ()
+    metrics_path: str = ""
+    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     static_dir: str | None = None
     token_query: str = "token"
     token_cookie: str = "wsbus_token"
@@ -139,6 +161,7 @@ class EdgeConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_request_head must be >= 4096 bytes")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():
             raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
+        check_http_settings(self)
 
 
 class _Connection:
@@ -255,6 +278,7 @@ class EdgeServer:
         self._closing = False
         self._address: tuple[str, int] = ("", 0)
         self._front = HttpFront(config)
+        self._front.attach(gateway, "websockets")
         self._cap = (
             config.max_connections
             if config.max_connections is not None
@@ -367,6 +391,7 @@ class EdgeServer:
                 # Doormen are not websockets' connections: it would not close them.
                 self.handshakes.close()
             await self.server.wait_closed()
+        await self._front.close()
         self._unwatch_accept_errors()
 
     def _watch_accept_errors(self) -> None:
@@ -419,9 +444,18 @@ class EdgeServer:
 
     # -- the handshake -------------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         try:
-            return self._check_request(connection, request)
+            response = self._check_request(connection, request)
+            if response is _READINESS:
+                # Readiness waits for a probe round the bus (websockets lets this hook wait).
+                reply = await self._front.ready(closing=self._closing or self.gateway.closing)
+                response = _response(reply)
+                if getattr(connection, "head_request", False):
+                    response = dataclasses.replace(response, body=b"")
+            return response
         except Exception:
             # A bug, never input: the client gets 500 and the log says why.
             log.exception("handling the request from %s failed", _peer(connection))
@@ -446,11 +480,14 @@ class EdgeServer:
                 )
         head = getattr(connection, "head_request", False)
         if head or "websocket" not in headers.get("Upgrade", "").lower():
+            if front.wants_ready(request.path):
+                return _READINESS
             response = _response(
                 front.get(
                     request.path,
                     closing=self._closing or self.gateway.closing,
                     connections=self.gateway.open_connections,
+                    peer=_peer(connection),
                 )
             )
             if head:
@@ -538,10 +575,15 @@ def raise_file_limit() -> int:
 
 
 def _peer(connection: ServerConnection) -> str:
+    """The client's address, ``host:port``."""
     address = connection.remote_address
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+_READINESS: Final = Response(200, "OK", Headers())
+"""What the request check returns for ``/readyz``: answered after a probe, not at once."""
 
 
 def _response(reply: Reply) -> Response:
