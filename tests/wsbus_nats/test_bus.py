@@ -29,6 +29,7 @@ from wsbus.envelope import (
     encode_envelope,
 )
 from wsbus.errors import BusUnavailable, ConfigError, NoRoute
+from wsbus.ready import Readiness
 from wsbus_nats import NatsBus, NatsConfig, ServiceHost
 from wsbus_nats.directory import ServiceEntry, alias_key
 from wsbus_nats.servers import NatsCluster, NatsServer
@@ -806,3 +807,26 @@ async def test_a_gateway_restarted_after_a_crash_takes_its_node_id_back(
         while not observer.directory.gateway_live("g1"):
             await asyncio.sleep(0.05)
     await sink.bus.publish(_from("g1", "tally.hit", None))
+
+
+async def test_readiness_follows_the_nats_server_killed_and_started_again(
+    kit: Hosts, wsbus_nats_server: NatsServer
+) -> None:
+    await kit.host(Probe())
+    gateway = await kit.gateway("ready1")
+    readiness = Readiness(gateway, timeout=2.0, reuse=0.0, services=("probe",))
+    try:
+        report = await readiness.check()
+        assert report.ready, report
+        assert report.services is not None and report.services.get("probe", 0) >= 1
+        assert gateway.bus_reconnects == 0
+        await asyncio.to_thread(wsbus_nats_server.kill)
+        report = await readiness.check()
+        assert not report.ready and report.bus.status in ("unavailable", "timeout"), report
+        await asyncio.to_thread(wsbus_nats_server.restart)
+        async with asyncio.timeout(60):
+            while not (report := await readiness.check()).ready:
+                await asyncio.sleep(0.1)
+        assert gateway.bus_reconnects is not None and gateway.bus_reconnects >= 1
+    finally:
+        await readiness.close()

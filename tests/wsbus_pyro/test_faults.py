@@ -44,6 +44,7 @@ from wsbus import (
 )
 from wsbus.edge import MemoryClient
 from wsbus.envelope import EnvelopeId
+from wsbus.ready import Readiness
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_pyro.config import handshake
 from wsbus_pyro.transport import encode_batch, make_proxy, name_server
@@ -960,3 +961,42 @@ async def test_shared_secret(secure_pyro: PyroConfig) -> None:
         assert_balanced(gateway.stats())
     finally:
         await kit.close()
+
+
+# -- 8. readiness ---------------------------------------------------------------------------
+
+
+async def test_readiness_follows_the_message_bus_killed_and_started_again(
+    kit: Kit, wsbus_message_bus: Child, wsbus_pyro_config: PyroConfig
+) -> None:
+    # /readyz's probe takes the gateway's delivery path (the bus's forwarder to it): with
+    # the bus process gone the gateway is not ready, and it is again once a new bus runs.
+    await kit.spawn(ECHO)
+    gateway = await kit.gateway("r1")
+    readiness = Readiness(gateway, timeout=2.0, reuse=0.0, services=("echo",))
+    try:
+        report = await readiness.check()
+        assert report.ready, report
+        assert report.bus.status == "ok" and report.services == {"echo": 1}
+        await asyncio.to_thread(wsbus_message_bus.kill)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        report = await readiness.check()
+        took = loop.time() - start
+        assert not report.ready, report
+        assert report.bus.status in ("unavailable", "timeout"), report
+        # The check is bounded by its deadline (the probe's, then the listing's).
+        assert took < 60, took
+        bus = await asyncio.to_thread(
+            Child, ["bus", *args_for(wsbus_pyro_config)], env=env_for(wsbus_pyro_config)
+        )
+        try:
+            await until_on_bus(wsbus_pyro_config, "r1", "echo")
+            async with asyncio.timeout(60):
+                while not (report := await readiness.check()).ready:
+                    await asyncio.sleep(0.1)
+            assert report.services == {"echo": 1}
+        finally:
+            await asyncio.to_thread(bus.stop)
+    finally:
+        await readiness.close()
