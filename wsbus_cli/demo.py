@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import secrets
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Final
+
+import msgspec
 
 from wsbus.gateway import Gateway, GatewayConfig, ResumeSettings
 from wsbus.history import HistoryConfig
@@ -63,6 +66,19 @@ def demo_config(secret: str | None = None) -> GatewayConfig:
         presence_frames=ROOM_GROUPS,
         resume=ResumeSettings(secret=secret if secret is not None else secrets.token_hex(32)),
     )
+
+
+def _with_metrics(config: msgspec.Struct | None) -> msgspec.Struct | None:
+    """The edge's settings with ``/metrics`` on (loopback only), when the extra is installed.
+
+    None: ``prometheus_client`` is missing (``pip install 'wsbus[metrics]'``), or the edge
+    has no such setting; the demo then runs without metrics.
+    """
+    if importlib.util.find_spec("prometheus_client") is None:
+        return None
+    if config is None or "metrics_path" not in config.__struct_fields__:
+        return None
+    return msgspec.structs.replace(config, metrics_path="/metrics")
 
 
 @contextlib.contextmanager
@@ -154,6 +170,9 @@ async def run_demo(
         try:
             with static_dir() as static:
                 config = section_struct(edge.section)() if edge.section is not None else None
+                metrics = _with_metrics(config)
+                if metrics is not None:
+                    config = metrics
                 try:
                     server = await edge.serve(gateway, host, port, config, static_dir=str(static))
                 except OSError as exc:
@@ -161,6 +180,11 @@ async def run_demo(
                 try:
                     url = f"http://{host}:{server.port}/"
                     print(f"wsbus demo running at {url} (bus: {bus}); Ctrl-C stops it", flush=True)
+                    print(
+                        f"  health {url}healthz, readiness {url}readyz"
+                        + (f", metrics {url}metrics" if metrics is not None else ""),
+                        flush=True,
+                    )
                     if open_browser:
                         webbrowser.open(url)
                     await stop.wait()

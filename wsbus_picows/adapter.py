@@ -37,7 +37,12 @@ class PicowsAdapter:
         _config,
         "picows",
         "the picows edge (`PicowsConfig`)",
-        flags={"allowed_origins": "--picows-origin", "static_dir": "--picows-static"},
+        flags={
+            "allowed_origins": "--picows-origin",
+            "static_dir": "--picows-static",
+            "metrics_path": "--picows-metrics",
+            "metrics_from": "--picows-metrics-from",
+        },
     )
 
     async def serve(
@@ -61,7 +66,7 @@ class PicowsAdapter:
 
     @hookimpl
     def wsbus_cli_options(self, command: str, parser: argparse.ArgumentParser) -> None:
-        """Add ``--picows-origin`` and ``--picows-static`` to ``wsbus serve``."""
+        """Add the picows edge's flags (origins, static files, metrics) to ``wsbus serve``."""
         if command != "serve":
             return
         group = parser.add_argument_group("picows edge (--edge picows)")
@@ -79,6 +84,21 @@ class PicowsAdapter:
             metavar="DIR",
             default=None,
             help="a directory to serve over HTTP",
+        )
+        group.add_argument(
+            "--picows-metrics",
+            dest="picows.metrics_path",
+            metavar="PATH",
+            default=None,
+            help="serve Prometheus metrics at PATH (/metrics); needs wsbus[metrics]",
+        )
+        group.add_argument(
+            "--picows-metrics-from",
+            dest="picows.metrics_from",
+            action="append",
+            default=None,
+            metavar="NETWORK",
+            help="a network that may read the metrics (repeatable; loopback by default)",
         )
 
 

@@ -37,7 +37,12 @@ class WebSocketsAdapter:
         _config,
         "websockets",
         "the WebSocket edge (`EdgeConfig`)",
-        flags={"allowed_origins": "--origin", "static_dir": "--static"},
+        flags={
+            "allowed_origins": "--origin",
+            "static_dir": "--static",
+            "metrics_path": "--metrics",
+            "metrics_from": "--metrics-from",
+        },
     )
 
     async def serve(
@@ -59,7 +64,7 @@ class WebSocketsAdapter:
 
     @hookimpl
     def wsbus_cli_options(self, command: str, parser: argparse.ArgumentParser) -> None:
-        """Add ``--origin`` and ``--static`` to ``wsbus serve``."""
+        """Add the WebSocket edge's flags (origins, static files, metrics) to ``wsbus serve``."""
         if command != "serve":
             return
         group = parser.add_argument_group("WebSocket edge")
@@ -77,6 +82,21 @@ class WebSocketsAdapter:
             metavar="DIR",
             default=None,
             help="a directory to serve over HTTP",
+        )
+        group.add_argument(
+            "--metrics",
+            dest="websockets.metrics_path",
+            metavar="PATH",
+            default=None,
+            help="serve Prometheus metrics at PATH (/metrics); needs wsbus[metrics]",
+        )
+        group.add_argument(
+            "--metrics-from",
+            dest="websockets.metrics_from",
+            action="append",
+            default=None,
+            metavar="NETWORK",
+            help="a network that may read the metrics (repeatable; loopback by default)",
         )
 
 
