@@ -110,13 +110,20 @@ async def test_the_demo_serves_metrics_that_move_and_readiness_that_follows_its_
     report = await _ready(base, False)
     assert report["bus"]["status"] in ("unavailable", "timeout"), report  # type: ignore[index]
 
-    bus = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bus = await asyncio.to_thread(
+        subprocess.Popen, argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         await _ready(base, True)
     finally:
-        bus.terminate()
-        try:
-            bus.wait(10)
-        except subprocess.TimeoutExpired:
-            bus.kill()
-            bus.wait(10)
+        await asyncio.to_thread(_end, bus)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """End a process this test started, by its own pid: politely, then for sure."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
