@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import MissingExtra
+from .errors import ConfigError, MissingExtra
 from .session import CloseCode
 from .stats import Counters, Stats
 from .wire import Codec
@@ -31,6 +31,7 @@ try:
         Histogram,
         ProcessCollector,
         generate_latest,
+        start_http_server,
     )
     from prometheus_client.core import (
         CounterMetricFamily,
@@ -56,6 +57,8 @@ __all__ = [
     "family",
     "metric_name",
     "render",
+    "serve_metrics",
+    "service_metrics",
 ]
 
 log = logging.getLogger("wsbus.metrics")
@@ -280,3 +283,67 @@ class FunctionCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield the function's metrics."""
         yield from self._collect()
+
+
+def serve_metrics(
+    address: str, collect: Callable[[], Iterable[Metric]], what: str
+) -> Callable[[], None]:
+    """Serve ``collect``'s metrics (and the process's) over HTTP at ``address``, on a thread.
+
+    For the processes that have no HTTP port of their own: the Pyro message bus and the
+    service processes (``--metrics``). Only who can reach ``address`` can read them: bind
+    it to loopback (the default when only a port is given) or to a private network.
+
+    Args:
+        address: ``PORT`` (on 127.0.0.1), or ``HOST:PORT``.
+        collect: returns the metrics at each scrape.
+        what: the process, for the line printed on stdout (``message bus``).
+
+    Returns:
+        A function that stops the server.
+
+    Raises:
+        ConfigError: ``address`` is not ``[HOST:]PORT`` (the ``--metrics`` flag is named).
+        OSError: the port is taken.
+    """
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(
+            f"--metrics {address!r}: write PORT or HOST:PORT, as 9101 or 0.0.0.0:9101"
+        )
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(FunctionCollector(collect))
+    ProcessCollector(registry=registry)
+    server, thread = start_http_server(int(port_text), host, registry)
+    print(f"{what}: metrics at http://{host}:{port_text}/metrics", flush=True)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
+
+
+def service_metrics(hosts: Iterable[tuple[str, Mapping[str, int]]]) -> Iterator[Metric]:
+    """Metrics of service hosts from their figures (:func:`wsbus.service.hosted_figures`).
+
+    A figure ``x_total`` becomes the counter ``wsbus_service_x_total``, any other the gauge
+    ``wsbus_service_x``; each labelled with the service.
+    """
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    for service, figures in hosts:
+        for key, value in figures.items():
+            name = f"wsbus_service_{key}"
+            family = families.get(name)
+            if family is None:
+                text = f"{key.replace('_', ' ')} (wsbus service --metrics)"
+                family = families[name] = (
+                    CounterMetricFamily(name.removesuffix("_total"), text, labels=("service",))
+                    if key.endswith("_total")
+                    else GaugeMetricFamily(name, text, labels=("service",))
+                )
+            assert family is not None
+            family.add_metric([service], value)
+    yield from families.values()

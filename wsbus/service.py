@@ -39,8 +39,9 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from typing import Any, ClassVar, Final, Literal, Protocol, TypeAlias, TypeVar
 
 import msgspec
@@ -76,6 +77,7 @@ __all__ = [
     "client_key",
     "eager_dispatch_available",
     "handles",
+    "hosted_figures",
     "load_service",
     "serve_until_stopped",
 ]
@@ -851,6 +853,8 @@ class ServiceRunner:
         # A deque and an event: cheaper per message than asyncio.Queue, and bounded here.
         self._inbox: deque[Envelope] = deque()
         self._inbox_size = inbox_size
+        self.failures = 0
+        """Messages whose handler raised (each logged, and told to a client sender)."""
         # Places a queued sender may take: the inbox size less the places held across an
         # await (hold_room) and those reserved for senders let in (their shares and
         # credits). One attribute, so that has_room costs what it did without.
@@ -1028,6 +1032,20 @@ class ServiceRunner:
             self._ready.set()
             if self._finished is not None:
                 self._end(envelope, outcome)
+
+    def figures(self) -> dict[str, int]:
+        """What a metrics scrape reports of this runner (``wsbus service --metrics``).
+
+        ``inbox``: envelopes waiting now; ``inbox_size``: the most that may;
+        ``waiting_senders``: senders waiting for room; ``failures_total``: handlers that
+        raised since start.
+        """
+        return {
+            "inbox": len(self._inbox),
+            "inbox_size": self._inbox_size,
+            "waiting_senders": len(self._waiters),
+            "failures_total": self.failures,
+        }
 
     def has_room(self) -> bool:
         """Return True when the inbox has a free place and nobody is waiting for one.
@@ -1461,6 +1479,7 @@ class ServiceRunner:
 
         Called from the ``except`` block, so the log carries the traceback. Never raises.
         """
+        self.failures += 1
         sender = envelope.sender
         if not isinstance(sender, ClientAddress):
             # A service's (or the gateway's) message: its sender has no client to tell, and
@@ -1532,6 +1551,26 @@ class Hosted(Protocol):
         ...
 
 
+_HOSTS: weakref.WeakSet[Hosted] = weakref.WeakSet()
+"""The hosts :func:`serve_until_stopped` runs in this process (one, for ``wsbus service``)."""
+
+
+def hosted_figures() -> list[tuple[str, Mapping[str, int]]]:
+    """Each running service host's name and figures, for ``wsbus service --metrics``.
+
+    A host reports figures when it has a ``figures()`` method (the Pyro and NATS hosts do):
+    its runner's (:meth:`ServiceRunner.figures`) and its link's. Read at scrape time.
+    """
+    found: list[tuple[str, Mapping[str, int]]] = []
+    for host in list(_HOSTS):
+        figures = getattr(host, "figures", None)
+        if callable(figures):
+            service = getattr(host, "service", None)
+            name = service.name if isinstance(service, Service) else getattr(host, "name", "?")
+            found.append((str(name), figures()))
+    return found
+
+
 async def serve_until_stopped(make_host: Callable[[], Hosted], name: str) -> None:
     """Run a service process's host until SIGINT or SIGTERM, then close it.
 
@@ -1540,6 +1579,7 @@ async def serve_until_stopped(make_host: Callable[[], Hosted], name: str) -> Non
     ``service 'NAME' ready`` on stdout, the line a supervisor waits for.
     """
     host = make_host()
+    _HOSTS.add(host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

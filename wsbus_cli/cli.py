@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -327,6 +327,12 @@ def _build_parser() -> _Parser:
     )
     app_dir_option(service)
     config_option(service)
+    service.add_argument(
+        "--metrics",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics there (127.0.0.1 when only a port; needs wsbus[metrics])",
+    )
     found.call("wsbus_cli_options", command="service", parser=service)
 
     config = commands.add_parser("config", help="check a settings file")
@@ -590,7 +596,25 @@ def _service(args: argparse.Namespace) -> None:
     use_app_dir(settings.serve.app_dir)
     instance = load_service_spec(args.spec, "")
     config = getattr(settings, adapter.section.name) if adapter.section else None
-    adapter.run_service(instance, config)
+    stop_metrics = _process_metrics(args.metrics, f"service {instance.name!r}")
+    try:
+        adapter.run_service(instance, config)
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+
+
+def _process_metrics(address: str | None, what: str) -> Callable[[], None] | None:
+    """Serve a service process's metrics at ``address`` (``--metrics``); None when off."""
+    if address is None:
+        return None
+    from wsbus.metrics import serve_metrics, service_metrics
+    from wsbus.service import hosted_figures
+
+    try:
+        return serve_metrics(address, lambda: service_metrics(hosted_figures()), what)
+    except OSError as exc:
+        raise ConfigError(f"--metrics {address}: cannot listen there ({exc})") from None
 
 
 # -- serve ----------------------------------------------------------------------------------

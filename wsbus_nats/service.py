@@ -231,6 +231,20 @@ class ServiceHost:
             types,
         )
 
+    def figures(self) -> dict[str, int]:
+        """What ``wsbus service --metrics`` reports: the runner's figures and the link's.
+
+        ``bus_available``: 1 while connected to NATS; ``nats_<counter>_total``: the link's
+        counters (reconnects, disconnects, slow consumers, refusals, ...).
+        """
+        figures = {} if self._runner is None else self._runner.figures()
+        link = self._link
+        if link is not None:
+            figures["bus_available"] = 1 if link.connected else 0
+            for name, value in link.counters.as_dict().items():
+                figures[f"nats_{name}_total"] = value
+        return figures
+
     async def close(self) -> None:
         """Stop cleanly, draining first; idempotent.
 

@@ -178,6 +178,13 @@ class PyroAdapter:
         bus = commands.add("bus", help="run the Pyro message bus", run=_run_bus)
         _pyro_options(bus)
         config_option(bus)
+        bus.add_argument(
+            "--metrics",
+            default=None,
+            metavar="[HOST:]PORT",
+            help="serve Prometheus metrics there (127.0.0.1 when only a port; needs "
+            "wsbus[metrics])",
+        )
 
 
 pyro = PyroAdapter()
@@ -242,7 +249,7 @@ def _run_bus(args: argparse.Namespace) -> None:
 
     config = settings_from_args(args, need=("pyro",)).pyro
     check_pyro(config, bus=False)
-    run_bus(config)
+    run_bus(config, metrics=getattr(args, "metrics", None))
 
 
 def _secret(secret: str | bool | None) -> str | None:

@@ -1040,3 +1040,28 @@ def _describe(config: HistoryConfig | None) -> str:
     if config is None or not config.groups:
         return "no history"
     return f"groups {list(config.groups)}, {config.size} entries, {config.age:g} s"
+
+
+def bus_figures(bus: MessageBus) -> dict[str, Any]:
+    """What ``wsbus bus --metrics`` reports of the message bus, read at scrape time.
+
+    Not a method: every public method of :class:`MessageBus` is callable over Pyro.
+
+    Returns:
+        ``endpoints``: ``(kind, name, up, queued, calls)`` for each registered service and
+        gateway (``queued``: envelopes waiting to be forwarded to it, unbounded for a
+        gateway, see docs/pyro.md); ``aliases``, ``sessions``: entries kept now;
+        ``sessions_dropped``: session records dropped to stay within their bytes.
+    """
+    with bus._lock:
+        endpoints = [
+            (kind, name, not e.forwarder.down, e.forwarder.queued, e.forwarder.calls)
+            for kind, table in (("service", bus._services), ("gateway", bus._gateways))
+            for name, e in table.items()
+        ]
+        return {
+            "endpoints": endpoints,
+            "aliases": len(bus._aliases),
+            "sessions": len(bus._sessions),
+            "sessions_dropped": bus.sessions_dropped,
+        }

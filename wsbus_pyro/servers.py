@@ -9,7 +9,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from Pyro5 import errors as pyro_errors
 from Pyro5 import nameserver
@@ -17,7 +19,7 @@ from Pyro5 import nameserver
 from wsbus.errors import BusUnavailable
 
 from .config import ProofCheck, PyroConfig, SecureDaemon, apply, guard
-from .messagebus import MessageBus
+from .messagebus import MessageBus, bus_figures
 from .transport import name_server
 
 __all__ = ["NameServerDaemon", "run_bus", "run_name_server"]
@@ -97,17 +99,24 @@ def run_name_server(config: PyroConfig | None = None) -> None:
         daemon.close()
 
 
-def run_bus(config: PyroConfig | None = None) -> None:
+def run_bus(config: PyroConfig | None = None, *, metrics: str | None = None) -> None:
     """Run the message bus until a signal (blocks); it registers as ``bus_name``.
+
+    Args:
+        config: the Pyro settings.
+        metrics: ``[HOST:]PORT`` to serve Prometheus metrics at (``wsbus bus --metrics``);
+            None: no metrics.
 
     Raises:
         BusUnavailable: the name server cannot be reached.
-        OSError: the configured port is taken.
+        ConfigError: ``metrics`` is not an address.
+        OSError: the configured port (or the metrics port) is taken.
     """
     config = config if config is not None else PyroConfig()
     apply(config)
     stop = _stop_on_signals()
     bus = MessageBus(config)
+    stop_metrics = None if metrics is None else _serve_bus_metrics(bus, metrics)
     daemon = SecureDaemon(config)
     uri = str(daemon.register(bus, objectId=config.bus_name))
     try:
@@ -141,6 +150,54 @@ def run_bus(config: PyroConfig | None = None) -> None:
         except Exception as exc:
             log.info("leaving the name server: %s", exc)
         daemon.close()
+        if stop_metrics is not None:
+            stop_metrics()
+
+
+def _serve_bus_metrics(bus: MessageBus, address: str) -> Callable[[], None]:
+    """Serve the message bus's figures (:func:`bus_figures`) as Prometheus metrics."""
+    from wsbus.metrics import family, serve_metrics
+
+    def collect() -> list[Any]:
+        figures = bus_figures(bus)
+        endpoints = figures["endpoints"]
+        labels = ("kind", "name")
+        return [
+            family(
+                "wsbus_pyro_bus_endpoint_up",
+                "1 while the bus can reach a registered service or gateway, else 0",
+                (((kind, name), int(up)) for kind, name, up, _, _ in endpoints),
+                labels,
+            ),
+            family(
+                "wsbus_pyro_bus_queue_depth",
+                "envelopes waiting on the bus to be forwarded to each endpoint",
+                (((kind, name), queued) for kind, name, _, queued, _ in endpoints),
+                labels,
+            ),
+            family(
+                "wsbus_pyro_bus_forward_calls",
+                "calls the bus made to forward batches to each endpoint (a gauge: an "
+                "endpoint registering again starts from zero)",
+                (((kind, name), calls) for kind, name, _, _, calls in endpoints),
+                labels,
+            ),
+            family("wsbus_pyro_bus_aliases", "aliases held now", [((), figures["aliases"])], ()),
+            family(
+                "wsbus_pyro_bus_sessions",
+                "closed sessions kept for resume now",
+                [((), figures["sessions"])],
+                (),
+            ),
+            family(
+                "wsbus_pyro_bus_sessions_dropped",
+                "session records dropped to stay within their bytes since start",
+                [((), figures["sessions_dropped"])],
+                (),
+            ),
+        ]
+
+    return serve_metrics(address, collect, "message bus")
 
 
 def _sweep(config: PyroConfig, bus: MessageBus, stop: _Stop) -> None:

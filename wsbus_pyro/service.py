@@ -208,6 +208,20 @@ class ServiceHost:
             raise BusUnavailable(f"the message bus cannot be reached ({exc})") from None
         return [NodeId(str(node)) for node in nodes]
 
+    def figures(self) -> dict[str, int]:
+        """What ``wsbus service --metrics`` reports: the runner's figures and the sender's.
+
+        ``bus_available``: 1 while the message bus takes what this service sends;
+        ``send_queue``: envelopes waiting to be sent to it; ``send_calls_total``: calls made.
+        """
+        figures = {} if self._runner is None else self._runner.figures()
+        sender = self._sender
+        if sender is not None:
+            figures["bus_available"] = 0 if sender.down else 1
+            figures["send_queue"] = sender.queued
+            figures["send_calls_total"] = sender.calls
+        return figures
+
     async def close(self) -> None:
         """Leave the bus and stop. Idempotent."""
         self._stop.set()

@@ -338,6 +338,11 @@ class Forwarder(threading.Thread):
         self._hold_until = 0.0
         self._confirm_limit = config.call_timeout + 2 * config.comm_timeout
 
+    @property
+    def queued(self) -> int:
+        """Envelopes waiting to be sent now (those sent and not yet confirmed not counted)."""
+        return len(self._items)
+
     def put(self, envelope: Envelope, callback: Callback | None = None) -> None:
         """Queue one envelope; ``callback(status)`` runs on this thread once it is sent."""
         with self._cond:

@@ -9,7 +9,9 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -477,3 +479,52 @@ def test_the_adapter_imports_no_nats_py_until_the_bus_is_used() -> None:
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_service_process_serves_metrics_with_its_link_counters(
+    wsbus_nats_server: NatsServer,
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            body = answer.read().decode()
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.labels.get("service") in ("echo", None)
+        }
+
+    child = Child(
+        [
+            "service",
+            ECHO,
+            "--bus",
+            "nats",
+            "--nats-url",
+            wsbus_nats_server.url,
+            "--metrics",
+            str(port),
+        ],
+        timeout=60,
+    )
+    try:
+        assert f"metrics at http://127.0.0.1:{port}/metrics" in child.text
+        samples = scrape()
+        assert samples["wsbus_service_bus_available"] == 1
+        assert samples["wsbus_service_nats_reconnects_total"] == 0
+        assert samples["wsbus_service_inbox"] == 0
+        assert "process_cpu_seconds_total" in samples
+        wsbus_nats_server.kill()
+        wsbus_nats_server.restart()
+        deadline = time.monotonic() + 60
+        while scrape()["wsbus_service_nats_reconnects_total"] < 1:
+            assert time.monotonic() < deadline, child.text
+            time.sleep(0.1)
+        assert scrape()["wsbus_service_nats_disconnects_total"] >= 1
+    finally:
+        assert child.stop() == 0, child.text
