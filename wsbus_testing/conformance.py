@@ -63,6 +63,8 @@ from wsbus.bus import (
     ClaimsAliases,
     KeepsHistory,
     KeepsSessions,
+    ListsServices,
+    Probes,
     PublishesFresh,
     PublishesNowait,
     ReportsAvailability,
@@ -102,6 +104,8 @@ BUS_CAPABILITIES: Final[tuple[type, ...]] = (
     ClaimsAliases,
     KeepsHistory,
     KeepsSessions,
+    ListsServices,
+    Probes,
     PublishesFresh,
     PublishesNowait,
     ReportsAvailability,
@@ -481,6 +485,65 @@ class BusConformance:
             # A property, with nothing to wait on: polled, bounded by the timeout above.
             while bus.available:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+    async def test_a_probe_comes_back_to_the_gateway_that_sent_it(
+        self, wsbus_make_bus: MakeBus, wsbus_make_unavailable: MakeUnavailable | None
+    ) -> None:
+        """``probe`` hands a gateway's ``wsbus.probe`` back to its ``deliver``.
+
+        Once the bus is down, ``probe`` raises BusUnavailable.
+        """
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, Probes):
+            pytest.skip("the bus cannot be probed")
+        address = GatewayAddress(sink.node)
+        for n in range(3):
+            envelope = Envelope(
+                id=EnvelopeId(f"probe-{n}"),
+                type=control.PROBE,
+                sender=address,
+                to=address,
+            )
+            await bus.probe(envelope)
+            wanted = envelope.id
+
+            def came_back(delivered: list[Envelope], wanted: str = wanted) -> bool:
+                return any(e.id == wanted for e in delivered)
+
+            back = await sink.wait_for(came_back)
+            (came,) = [x for x in back if x.id == wanted]
+            assert came.type == control.PROBE and came.sender == address
+        if wsbus_make_unavailable is None:
+            return
+        await wsbus_make_unavailable(bus)
+        delivered = len(sink.delivered)
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                late = Envelope(
+                    id=EnvelopeId("probe-down"), type=control.PROBE, sender=address, to=address
+                )
+                try:
+                    await bus.probe(late)
+                except BusUnavailable:
+                    break
+                await asyncio.sleep(0.05)
+        assert not any(e.id == "probe-down" for e in sink.delivered[delivered:])
+
+    async def test_live_services_lists_the_services_on_the_bus(
+        self, wsbus_make_bus: MakeBus
+    ) -> None:
+        """``live_services`` names each service on the bus with its live instances."""
+        sink = await self._started(wsbus_make_bus, [Probe])
+        bus = sink.bus
+        if not isinstance(bus, ListsServices):
+            pytest.skip("the bus cannot list its services")
+        async with asyncio.timeout(TIMEOUT):
+            # Polled: nothing to wait on. Bounded by the timeout.
+            while (await bus.live_services()).get(Probe.name, 0) < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        services = await bus.live_services()
+        assert all(isinstance(n, int) and n >= 1 for n in services.values()), services
 
     async def test_an_alias_is_claimed_by_one_connection(self, wsbus_make_bus: MakeBus) -> None:
         """One connection holds an alias; ``release_alias`` frees only its holder's claim.

@@ -26,6 +26,8 @@ from wsbus.bus import (
     Bus,
     KeepsHistory,
     KeepsSessions,
+    ListsServices,
+    Probes,
     PublishesFresh,
     PublishesNowait,
     ReportsAvailability,
@@ -42,7 +44,15 @@ from wsbus_testing.services import Probe
 
 class TestMemoryBus(BusConformance):
     capabilities = frozenset(
-        {KeepsHistory, KeepsSessions, PublishesFresh, PublishesNowait, ReportsAvailability}
+        {
+            KeepsHistory,
+            KeepsSessions,
+            ListsServices,
+            Probes,
+            PublishesFresh,
+            PublishesNowait,
+            ReportsAvailability,
+        }
     )
 
     @pytest.fixture

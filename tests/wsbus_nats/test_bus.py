@@ -17,7 +17,15 @@ import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Context, Gateway, GatewayConfig, Service, control, handles, memory_pair
-from wsbus.bus import Bus, ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability
+from wsbus.bus import (
+    Bus,
+    ClaimsAliases,
+    KeepsHistory,
+    KeepsSessions,
+    ListsServices,
+    Probes,
+    ReportsAvailability,
+)
 from wsbus.edge import MemoryClient
 from wsbus.envelope import (
     ClientAddress,
@@ -46,7 +54,9 @@ from wsbus_testing.services import Director, Probe, Sequencer
 class TestNatsBusConformance(BusConformance):
     """The conformance suite every bus passes, with service instances on the same NATS."""
 
-    capabilities = frozenset({ReportsAvailability, ClaimsAliases, KeepsHistory, KeepsSessions})
+    capabilities = frozenset(
+        {ReportsAvailability, ClaimsAliases, KeepsHistory, KeepsSessions, Probes, ListsServices}
+    )
     spans_gateways = True
     # JetStream's per-entry expiry counts whole seconds.
     session_ttl = 1.0

@@ -12,7 +12,15 @@ import pytest_asyncio
 
 from tests.conftest import assert_balanced
 from wsbus import Codec, Gateway, GatewayConfig, Service, memory_pair
-from wsbus.bus import Bus, ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability
+from wsbus.bus import (
+    Bus,
+    ClaimsAliases,
+    KeepsHistory,
+    KeepsSessions,
+    ListsServices,
+    Probes,
+    ReportsAvailability,
+)
 from wsbus.edge import MemoryClient
 from wsbus_pyro import PyroBus, PyroConfig
 from wsbus_testing.children import Child
@@ -24,7 +32,9 @@ Spawn = Callable[[str], Child]
 class TestPyroBusConformance(BusConformance):
     """The same conformance suite the in-memory bus passes, with services as processes."""
 
-    capabilities = frozenset({ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability})
+    capabilities = frozenset(
+        {ClaimsAliases, KeepsHistory, KeepsSessions, ReportsAvailability, Probes, ListsServices}
+    )
     spans_gateways = True
 
     @pytest.fixture
