@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import socket
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,9 +85,23 @@ async def _open(browser: Browser, url: str, nick: str) -> Page:
     return page
 
 
+def _metrics(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The demo's /metrics, by sample name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}metrics", timeout=10) as answer:
+        body = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
 async def test_two_pages_chat_over_the_pyro_bus(
     demo: str, browser: Browser, tmp_path: Path
 ) -> None:
+    before = await asyncio.to_thread(_metrics, demo)
     ann = await _open(browser, demo, "ann")
     bob = await _open(browser, demo, "bob")
     await ann.fill("#text", "hello bob")
@@ -102,6 +117,12 @@ async def test_two_pages_chat_over_the_pyro_bus(
     # The ack of each message shows in the events panel.
     await ann.locator("#events li.ack").first.wait_for(timeout=10_000)
     await ann.screenshot(path=str(os.environ.get("WSBUS_SCREENSHOTS", tmp_path)) + "/chat.png")
+    # /metrics moved with the chat: two pages open, their frames and deliveries counted.
+    after = await asyncio.to_thread(_metrics, demo)
+    json_pages = ("wsbus_connections", (("codec", "wsbus.v1.json"), ("edge", "websockets")))
+    assert after[json_pages] >= 2
+    for counter in ("wsbus_frames_received_total", "wsbus_deliveries_written_total"):
+        assert after[(counter, ())] > before[(counter, ())], counter
 
 
 async def test_echo_shows_the_stamped_sender_and_a_bad_frame_its_error(
