@@ -1,6 +1,7 @@
 // Uses the client as a browser or Electron page written in TypeScript would, through the
 // package's own name (its "exports" map, "types" condition). `npm run typecheck` (tsc
 // --noEmit) must pass: each @ts-expect-error line below is a wrong use that must fail.
+// Nothing runs at import: a Node that runs TypeScript test files (22.18+) finds no tests here.
 import {
   WsbusClient,
   WsbusClosed,
@@ -18,7 +19,7 @@ interface EchoReply {
   sender: { type: "client"; conn_id: string; alias: string | null; user: string | null };
 }
 
-const options: WsbusClientOptions = {
+const options = (): WsbusClientOptions => ({
   token: "s3cret",
   backoff: [100, 5000],
   maxAttempts: 5,
@@ -27,10 +28,10 @@ const options: WsbusClientOptions = {
   onGap: (frame) => console.warn(frame.content.reason, frame.content.groups ?? "all"),
   onResync: (detail: ResyncDetail) => console.warn(detail.reason, detail.groups.join(", ")),
   WebSocket, // the browser's own
-};
+});
 
 export async function chat(url: string): Promise<string> {
-  const client = new WsbusClient(url, options);
+  const client = new WsbusClient(url, options());
   const welcome: Welcome = await client.connect();
   const limit: number = welcome.limits.rate;
   const token: string | undefined = welcome.resume?.token;
@@ -68,16 +69,15 @@ export async function chat(url: string): Promise<string> {
 
 // -- wrong uses: each must be an error ------------------------------------------------------
 
-// @ts-expect-error: the URL is required
-new WsbusClient();
-// @ts-expect-error: backoff is two numbers in ms, not a string
-new WsbusClient("ws://127.0.0.1:8765/", { backoff: "fast" });
-// @ts-expect-error: a misspelt option
-new WsbusClient("ws://127.0.0.1:8765/", { reconect: false });
-// @ts-expect-error: WebSocket must be a class, not an instance
-new WsbusClient("ws://127.0.0.1:8765/", { WebSocket: new WebSocket("ws://127.0.0.1:8765/") });
-
-export function wrong(client: WsbusClient): void {
+export function wrong(client: WsbusClient, socket: WebSocket): void {
+  // @ts-expect-error: the URL is required
+  new WsbusClient();
+  // @ts-expect-error: backoff is two numbers in ms, not a string
+  new WsbusClient("ws://127.0.0.1:8765/", { backoff: "fast" });
+  // @ts-expect-error: a misspelt option
+  new WsbusClient("ws://127.0.0.1:8765/", { reconect: false });
+  // @ts-expect-error: WebSocket must be a class, not an instance
+  new WsbusClient("ws://127.0.0.1:8765/", { WebSocket: socket });
   // @ts-expect-error: wait is "reply" or "ack"
   void client.request("echo", null, { wait: "processed" });
   client.addEventListener("close", (event) => {

@@ -1,6 +1,6 @@
 // The client in a Node 18 or 20 program in TypeScript: no DOM library, the "ws" package's
 // WebSocket passed in, an in-memory storage. `npm run typecheck` checks it with
-// test/tsconfig.node.json.
+// test/tsconfig.node.json. Nothing runs at import.
 import { WebSocket } from "ws";
 import { WsbusClient, type WsbusStorage } from "wsbus-client";
 
@@ -20,5 +20,7 @@ export async function echo(url: string): Promise<unknown> {
   return reply.content.content;
 }
 
-// @ts-expect-error: the WebSocket option is a class, not a module
-new WsbusClient("ws://127.0.0.1:8765/", { WebSocket: { WebSocket } });
+export function wrong(): WsbusClient {
+  // @ts-expect-error: the WebSocket option is a class, not a module
+  return new WsbusClient("ws://127.0.0.1:8765/", { WebSocket: { WebSocket } });
+}
