@@ -16,6 +16,20 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 /** The root of the wsbus repository (the package is wsbus_websockets/js in it). */
 export const ROOT = path.resolve(HERE, "..", "..", "..");
 const READY = /listening on (ws:\/\/\S+)/;
+// `python -m wsbus_cli`, which also stops the gateway when this process goes however it goes
+// (a crash, a kill, a closed pipe: no exit handler runs then): it watches its stdin, a pipe
+// from here, and at its end stops itself as Ctrl-C would.
+const WATCHDOG = `
+import os, runpy, signal, sys, threading
+
+def watch():
+    sys.stdin.buffer.read()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+sys.argv[0] = "wsbus"
+runpy.run_module("wsbus_cli", run_name="__main__", alter_sys=True)
+`;
 
 /** The Python that runs the gateway. */
 export function python() {
@@ -57,8 +71,8 @@ export function within(promise, ms, what) {
  */
 export async function startGateway({ port = 0, args = [], env = {}, timeout = 60000 } = {}) {
   const command = [
-    "-m",
-    "wsbus_cli",
+    "-c",
+    WATCHDOG,
     "serve",
     "--bus",
     "memory",
@@ -75,7 +89,7 @@ export async function startGateway({ port = 0, args = [], env = {}, timeout = 60
   const child = spawn(python(), command, {
     cwd: ROOT,
     env: { ...process.env, ...env },
-    stdio: ["ignore", "pipe", "pipe"],
+    stdio: ["pipe", "pipe", "pipe"],
   });
   running.add(child);
   const exited = new Promise((resolve) => {
