@@ -318,6 +318,7 @@ export class WsbusClient extends EventTarget {
     content: unknown,
     options: { wait: "ack"; timeout?: number },
   ): Promise<Frame<AckContent>>;
+  request(type: string, content?: unknown, options?: RequestOptions): Promise<Frame>;
   /** Call handler(frame) for every frame of a type ("*": every frame); returns an unsubscribe. */
   on<C = unknown>(type: string, handler: FrameHandler<C>): () => boolean;
   /** Stop calling handler for a type; true if it was there. */

@@ -9,6 +9,7 @@ import {
   WsbusTimeout,
   type CloseDetail,
   type Frame,
+  type RequestOptions,
   type ResyncDetail,
   type Welcome,
   type WsbusClientOptions,
@@ -54,8 +55,10 @@ export async function chat(url: string): Promise<string> {
     const hi: number = reply.content.content.hi;
     const ack = await client.request("chat.say", { room: "lobby", text: "hi" }, { wait: "ack" });
     const ref: string = ack.content.ref;
+    const wait: RequestOptions["wait"] = Math.random() < 0.5 ? "ack" : "reply";
+    const either: Frame = await client.request("echo", null, { wait });
     client.send("chat.say", { room: "lobby", text: "fire and forget" }, { id: client.nextId() });
-    console.log(limit, token, hi, ref, client.sentType(ref), client.positions["room.1"]);
+    console.log(limit, token, hi, ref, either.type, client.sentType(ref), client.positions["room.1"]);
   } catch (err) {
     if (err instanceof WsbusError && err.retry) return err.code;
     if (err instanceof WsbusClosed) return `closed ${err.code}`;
