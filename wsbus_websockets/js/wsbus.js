@@ -1,26 +1,34 @@
-// wsbus.js: a browser client for the wsbus wire protocol v1 (JSON codec).
-// One ES module, no build step:  import { WsbusClient } from "./wsbus.js";
+// wsbus.js: the JavaScript client of the wsbus wire protocol v1 (JSON codec), for browsers,
+// Electron and Node 18+. One ES module, no build step, no dependencies; types in wsbus.d.ts,
+// the npm package "wsbus-client" (README.md beside this file).
 //
+//   import { WsbusClient } from "wsbus-client";    // or "./wsbus.js" next to a page
 //   const client = new WsbusClient("ws://127.0.0.1:8765/", { token: "optional" });
 //   await client.connect();                        // resolves with the wsbus.welcome content
 //   client.on("chat.message", (frame) => ...);     // frames by type; "*" for every frame
 //   const reply = await client.request("echo", { hi: 1 });   // waits for the reply
 //   client.send("chat.say", { room: "lobby", text: "hello" });
 //
+// WebSocket: the WebSocket option (in Node before 22: `import { WebSocket } from "ws"` and
+// `new WsbusClient(url, { WebSocket })`), or else globalThis.WebSocket (browsers, Electron,
+// Node 22+). Nothing else of a browser is needed: no window, document or location.
+//
 // Events (client.addEventListener): "welcome" (the connection is ready: after the resume
 // answer when resuming), "resumed" (the wsbus.resumed content), "resync" ({groups,
 // restored, reason, alias_lost?, message}: state lost at a reconnect; fetch it again),
 // "frame", "ack", "error" (wsbus.error frames), "gap" (wsbus.gap frames: messages meant for
 // this client may have been lost; resync), "close" ({code, reason, final}), "reconnecting"
-// ({attempt, delay}).
+// ({attempt, delay}). Each is a CustomEvent (an Event with the same `detail` where the
+// runtime has no CustomEvent, as Node 18).
 // client.sentType(ack.content.ref) says which message an ack or error answers.
 // client.gaps counts the wsbus.gap frames; the onGap option is called with each.
 //
 // Resume: when the gateway offers it (the welcome's resume.token), the client keeps the
-// token and the last position per history group (client.positions) in sessionStorage, and
-// on a reconnect, or when the page is reloaded, sends wsbus.resume as its first frame: the
-// gateway restores the alias, the user and the groups and replays what was missed. What it
-// cannot restore comes as a "resync" event (and the onResync option), once.
+// token and the last position per history group (client.positions) in sessionStorage (in
+// memory where there is none, as in Node, or in the storage option), and on a reconnect, or
+// when the page is reloaded, sends wsbus.resume as its first frame: the gateway restores the
+// alias, the user and the groups and replays what was missed. What it cannot restore comes
+// as a "resync" event (and the onResync option), once.
 //
 // Acknowledgements: a frame with "ack": true is acknowledged with wsbus.processed, on
 // arrival, or, for the types in the ackTypes option, once every handler for it returned
@@ -36,6 +44,8 @@ const RECONNECT_CODES = new Set([1001, 1006, 1011, 1012, 1013, 1014, 4507]);
 const ACK_BATCH = 256;
 const ACK_INTERVAL = 50;
 const MAX_PENDING_ACKS = 4096;
+// WebSocket.OPEN: the same in every implementation (the WHATWG standard, ws, undici).
+const OPEN = 1;
 const POSITION = /^([A-Za-z0-9_-]{1,40}):([1-9][0-9]{0,17})$/;
 
 function parsePosition(text) {
@@ -45,6 +55,38 @@ function parsePosition(text) {
 
 function strings(value) {
   return Array.isArray(value) ? value.filter((item) => typeof item === "string") : [];
+}
+
+/** The page's sessionStorage, or null where there is none (Node) or it is refused. */
+function sessionStorageOrNull() {
+  try {
+    // Reading it throws in a browser that blocks storage (a sandboxed frame, some settings).
+    return typeof sessionStorage !== "undefined" && sessionStorage ? sessionStorage : null;
+  } catch (err) {
+    return null;
+  }
+}
+
+/** The WebSocket class to use: the one given, or the runtime's own; throws without either. */
+function webSocketClass(given) {
+  const found = given ?? globalThis.WebSocket;
+  if (typeof found === "function") return found;
+  if (given !== undefined && given !== null) {
+    throw new TypeError(`wsbus: the WebSocket option must be a WebSocket class, not ${typeof given}`);
+  }
+  throw new TypeError(
+    "wsbus: this JavaScript runtime has no WebSocket (Node before 22 has none): pass a " +
+      'WebSocket class, e.g. from the "ws" package: npm install ws, then ' +
+      'import { WebSocket } from "ws"; new WsbusClient(url, { WebSocket })',
+  );
+}
+
+/** An event carrying `detail`: CustomEvent where the runtime has it (not Node 18). */
+function makeEvent(name, detail) {
+  if (typeof CustomEvent === "function") return new CustomEvent(name, { detail });
+  const event = new Event(name);
+  Object.defineProperty(event, "detail", { value: detail, enumerable: true });
+  return event;
 }
 
 /** A Storage-like object that keeps nothing past the page: used without sessionStorage. */
@@ -64,6 +106,16 @@ export class WsbusError extends Error {
     this.name = "WsbusError";
     this.code = code;
     this.retry = Boolean(retry);
+  }
+}
+
+/** No answer to a request within its timeout (ms). */
+export class WsbusTimeout extends Error {
+  constructor(type, timeout) {
+    super(`no answer to ${type} within ${timeout} ms`);
+    this.name = "WsbusTimeout";
+    this.type = type;
+    this.timeout = timeout;
   }
 }
 
@@ -102,6 +154,8 @@ export class WsbusClient extends EventTarget {
    * @param {number} [options.remember=10000]  ids of acknowledged frames kept, to drop
    *   their redeliveries
    * @param {number} [options.openTimeout=10000]  ms to wait for the answer to wsbus.resume
+   * @param {function} [options.WebSocket]  the WebSocket class (Node before 22: the "ws"
+   *   package's); globalThis.WebSocket by default
    */
   constructor(
     url,
@@ -119,9 +173,12 @@ export class WsbusClient extends EventTarget {
       manualAck = false,
       remember = 10000,
       openTimeout = 10000,
+      WebSocket = undefined,
     } = {},
   ) {
     super();
+    // Checked here, not at connect(): a runtime without one fails where the client is made.
+    this._WebSocket = webSocketClass(WebSocket);
     this.url = url;
     this.token = token;
     this.reconnect = reconnect;
@@ -146,9 +203,10 @@ export class WsbusClient extends EventTarget {
     this._handlers = new Map(); // type -> Set(handler)
     this._closing = false;
     this._attempt = 0;
+    this._reconnectTimer = null;
     this._sentTypes = new Map(); // id -> type of the last frames sent with an id
     if (storage === undefined) {
-      storage = typeof sessionStorage !== "undefined" ? sessionStorage : memoryStorage();
+      storage = sessionStorageOrNull() ?? memoryStorage();
     }
     this._storage = storage;
     this._storageKey = storageKey ?? "wsbus.session " + url;
@@ -182,6 +240,11 @@ export class WsbusClient extends EventTarget {
     return this._sentTypes.get(ref) ?? null;
   }
 
+  /** The subprotocol the gateway chose ("wsbus.v1.json"), or null before a connection. */
+  get protocol() {
+    return this._ws ? this._ws.protocol : null;
+  }
+
   /** The connection id the gateway gave this connection, once welcomed. */
   get connId() {
     return this.welcome ? this.welcome.conn_id : null;
@@ -191,7 +254,7 @@ export class WsbusClient extends EventTarget {
   get connected() {
     return (
       this._ws !== null &&
-      this._ws.readyState === WebSocket.OPEN &&
+      this._ws.readyState === OPEN &&
       this.welcome !== null &&
       this._resuming === null
     );
@@ -206,7 +269,7 @@ export class WsbusClient extends EventTarget {
     return new Promise((resolve, reject) => {
       const protocols = [CODEC];
       if (this.token) protocols.push("wsbus.token." + this.token);
-      const ws = new WebSocket(this.url, protocols);
+      const ws = new this._WebSocket(this.url, protocols);
       this._ws = ws;
       let welcomed = false;
       let ready = false;
@@ -217,6 +280,8 @@ export class WsbusClient extends EventTarget {
         if (this._acks.length) this._scheduleAcks(0);
       };
       ws.onmessage = (event) => {
+        // The gateway sends text frames only on a JSON connection.
+        if (typeof event.data !== "string") return;
         let frame;
         try {
           frame = JSON.parse(event.data);
@@ -254,7 +319,7 @@ export class WsbusClient extends EventTarget {
       // A connection that fails before it opens ends with a close event (1006) in browsers;
       // Node 20's WebSocket fires only the error, and the client would wait forever.
       ws.onerror = () => {
-        if (ws.readyState !== WebSocket.OPEN) setTimeout(() => onEnd(1006, ""), 0);
+        if (ws.readyState !== OPEN) setTimeout(() => onEnd(1006, ""), 0);
       };
     });
   }
@@ -405,9 +470,16 @@ export class WsbusClient extends EventTarget {
     const delay = Math.random() * ceiling;
     this._attempt += 1;
     this._emit("reconnecting", { attempt: this._attempt, delay });
-    setTimeout(() => {
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
       if (this._closing) return;
-      this.connect().catch(() => this._scheduleReconnect());
+      // Tried again only after a code worth retrying: a refusal (4401, 4403...) is final,
+      // as its close event said.
+      this.connect().catch((err) => {
+        if (this.reconnect && !this._closing && RECONNECT_CODES.has(err.code)) {
+          this._scheduleReconnect();
+        }
+      });
     }, delay);
   }
 
@@ -431,7 +503,7 @@ export class WsbusClient extends EventTarget {
 
   /** Send a frame exactly as given (a string): for tests and demonstrations. */
   sendRaw(text) {
-    if (!this._ws || this._ws.readyState !== WebSocket.OPEN) {
+    if (!this._ws || this._ws.readyState !== OPEN) {
       throw new WsbusClosed(1006, "not connected");
     }
     this._ws.send(text);
@@ -447,7 +519,7 @@ export class WsbusClient extends EventTarget {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this._pending.delete(id);
-        reject(new Error(`no answer to ${type} within ${timeout} ms`));
+        reject(new WsbusTimeout(type, timeout));
       }, timeout);
       this._pending.set(id, { resolve, reject, wait, timer });
       try {
@@ -464,7 +536,15 @@ export class WsbusClient extends EventTarget {
   on(type, handler) {
     if (!this._handlers.has(type)) this._handlers.set(type, new Set());
     this._handlers.get(type).add(handler);
-    return () => this._handlers.get(type).delete(handler);
+    return () => this.off(type, handler);
+  }
+
+  /** Stop calling handler for a type; true if it was there. */
+  off(type, handler) {
+    const handlers = this._handlers.get(type);
+    if (!handlers || !handlers.delete(handler)) return false;
+    if (handlers.size === 0) this._handlers.delete(type);
+    return true;
   }
 
   /**
@@ -473,6 +553,8 @@ export class WsbusClient extends EventTarget {
    */
   close(code = 1000, reason = "") {
     this._closing = true;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
     clearTimeout(this._ackTimer);
     this._ackTimer = null;
     while (this._acks.length && this._sendAcks()) {
@@ -645,6 +727,6 @@ export class WsbusClient extends EventTarget {
   }
 
   _emit(name, detail) {
-    this.dispatchEvent(new CustomEvent(name, { detail }));
+    this.dispatchEvent(makeEvent(name, detail));
   }
 }
