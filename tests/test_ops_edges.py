@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsbus import Gateway, GatewayConfig
+from wsbus.errors import ConfigError
 from wsbus.memory import MemoryBus
 from wsbus.wire import Codec
 from wsbus_cli.demo_services import Echo
@@ -172,3 +173,40 @@ async def test_a_flood_of_readyz_requests_costs_one_probe_at_a_time() -> None:
         # One probe at a time, a report reused for a second: however many ask, at most
         # one probe per second that passed (and one to begin with).
         assert probes <= 2 + int(elapsed), (probes, elapsed)
+
+
+def _get_with(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("edge", sorted(EDGES))
+async def test_a_request_through_a_proxy_gets_no_metrics_and_no_details(edge: str) -> None:
+    # Behind a proxy on this host every client comes from 127.0.0.1: a request a proxy
+    # forwarded is never taken for an operator's.
+    bus = MemoryBus()
+    async with _edge(edge, bus, metrics_path="/metrics") as (_, server):
+        await _ready_answer(server.port, True)
+        status, body = await asyncio.to_thread(_get_with, server.port, "/readyz", {})
+        assert status == 200 and json.loads(body)["services"] == {"echo": 1}
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP", "Via"):
+            proxied = {header: "203.0.113.9"}
+            status, body = await asyncio.to_thread(_get_with, server.port, "/metrics", proxied)
+            assert status == 403 and "wsbus_" not in body, header
+            status, body = await asyncio.to_thread(_get_with, server.port, "/readyz", proxied)
+            report = json.loads(body)
+            assert status == 200 and report["ready"] is True
+            assert report["services"] is None and "detail" not in report["bus"], header
+
+
+async def test_a_readiness_deadline_the_handshake_cannot_hold_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"ready_timeout.*open_timeout"):
+        EdgeConfig(ready_timeout=6.0)
+    with pytest.raises(ConfigError, match="metrics_from"):
+        EdgeConfig(metrics_from=("not a network",))
+    with pytest.raises(ConfigError, match="metrics_path"):
+        EdgeConfig(metrics_path="metrics")

@@ -22,6 +22,7 @@ import http
 import ipaddress
 import logging
 import mimetypes
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from wsbus.ready import Readiness, ReadyReport
 
 __all__ = [
+    "PROXY_HEADERS",
     "RESPONSE_HEADERS",
     "SINGLE_HEADERS",
     "TOKEN_SUBPROTOCOL_PREFIX",
@@ -71,6 +73,12 @@ RESPONSE_HEADERS: Final = (
 )
 """Headers of every plain-HTTP response, besides ``Content-Type`` (and the edge's own
 ``Content-Length`` and ``Connection: close``)."""
+
+PROXY_HEADERS: Final = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "Via")
+"""Headers a proxy adds: a request with one is never taken for an operator's (its address
+is the proxy's, loopback for a proxy on this host)."""
+
+_LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
 
 MAX_STATIC_PATH: Final = 255
 """Characters of a static path, decoded, at most; a longer one is not found."""
@@ -186,9 +194,12 @@ class Networks:
                 continue
         else:
             return False
+        addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+            # A dual-stack socket's IPv4 client: its IPv4 address counts (and the mapped
+            # form, for a network written that way).
+            addresses.append(address.ipv4_mapped)
+        return any(a in network for a in addresses for network in self.networks)
 
 
 class StaticFiles:
@@ -243,6 +254,14 @@ def check_http_settings(settings: OpsSettings) -> None:
         raise ConfigError(f"health_path, ready_path and metrics_path must differ: {paths}")
     if not settings.ready_timeout > 0:
         raise ConfigError("ready_timeout must be > 0 seconds")
+    open_timeout = getattr(settings, "open_timeout", None)
+    if isinstance(open_timeout, int | float) and 2 * settings.ready_timeout >= open_timeout:
+        # /readyz waits for the probe, then for the list of services, inside the time
+        # the edge gives a request (open_timeout): past it the client gets no answer.
+        raise ConfigError(
+            f"ready_timeout ({settings.ready_timeout} s) must be less than half of "
+            f"open_timeout ({open_timeout} s)"
+        )
     Networks(settings.metrics_from)
 
 
@@ -333,7 +352,8 @@ class HttpFront:
         """The gateway's readiness (``/readyz``), once :meth:`attach` was called."""
         self.metrics: GatewayMetrics | None = None
         """The gateway's metrics (``/metrics``), when ``metrics_path`` is set."""
-        self._metrics_from: Networks | None = None
+        self._metrics_from = Networks(getattr(settings, "metrics_from", _LOOPBACK))
+        self._refusals_logged = -1.0e9
         self._scheme = "http"
         # None: not on loopback, any Host counts; else only these loopback names do.
         self._loopback_hosts: frozenset[str] | None = frozenset()
@@ -355,7 +375,6 @@ class HttpFront:
         if self.metrics_path:
             from wsbus.metrics import GatewayMetrics
 
-            self._metrics_from = Networks(getattr(settings, "metrics_from", ("127.0.0.0/8",)))
             self.metrics = GatewayMetrics(gateway, edge)
         self.readiness = Readiness(
             gateway,
@@ -377,10 +396,27 @@ class HttpFront:
             and (split_target(target)[0] == ready_path)
         )
 
-    async def ready(self, *, closing: bool) -> Reply:
-        """Probe the bus (or reuse a check a moment old) and answer ``/readyz``."""
+    async def ready(
+        self, *, closing: bool, peer: str = "", headers: HeaderValues | None = None
+    ) -> Reply:
+        """Probe the bus (or reuse a check a moment old) and answer ``/readyz``.
+
+        The whole report goes to an operator (``metrics_from``, not through a proxy);
+        anyone else gets each part's status without what names the deployment.
+        """
         assert self.readiness is not None
-        return _ready_reply(await self.readiness.check(closing))
+        report = await self.readiness.check(closing)
+        return _ready_reply(report, full=self._operator(peer, headers))
+
+    def _operator(self, peer: str, headers: HeaderValues | None) -> bool:
+        """Whether the client at ``peer`` may read metrics and readiness details.
+
+        Its own address must be in ``metrics_from``, and the request must not have come
+        through a proxy: behind a proxy on this host every client's address is loopback.
+        """
+        if headers is not None and any(headers(name) for name in PROXY_HEADERS):
+            return False
+        return self._metrics_from.allows(peer)
 
     async def close(self) -> None:
         """Stop the readiness probes (the edge calls this as it closes)."""
@@ -403,7 +439,15 @@ class HttpFront:
                 return Reply.text(http.HTTPStatus.BAD_REQUEST, f"repeated {name} header\n")
         return None
 
-    def get(self, target: str, *, closing: bool, connections: int, peer: str = "") -> Reply:
+    def get(
+        self,
+        target: str,
+        *,
+        closing: bool,
+        connections: int,
+        peer: str = "",
+        headers: HeaderValues | None = None,
+    ) -> Reply:
         """The answer to a plain GET of ``target``: health, readiness, metrics, a file, or 426.
 
         Args:
@@ -411,8 +455,10 @@ class HttpFront:
             closing: the edge or its gateway is shutting down (health says 503 ``closing``:
                 a load balancer stops sending new clients here).
             connections: the gateway's open connections, for the health endpoint.
-            peer: the client's address (``host:port``): ``/metrics`` is only for
-                ``metrics_from``.
+            peer: the client's address (``host:port``): ``/metrics`` (and the details of
+                ``/readyz``) are only for ``metrics_from``.
+            headers: the request's headers: a request through a proxy is never an
+                operator's.
         """
         path = split_target(target)[0]
         settings = self.settings
@@ -423,21 +469,30 @@ class HttpFront:
             return Reply(code, body, "application/json")
         if self.ready_path and path == self.ready_path and self.readiness is not None:
             # An edge that cannot wait: the latest check, kept fresh in the background.
-            return _ready_reply(self.readiness.current(closing))
+            report = self.readiness.current(closing)
+            return _ready_reply(report, full=self._operator(peer, headers))
         if self.metrics_path and path == self.metrics_path and self.metrics is not None:
-            return self._metrics(peer, closing)
+            return self._metrics(peer, closing, headers)
         if self.static is not None:
             return self.static.reply(path)
         return Reply.text(http.HTTPStatus.UPGRADE_REQUIRED, "this is a WebSocket endpoint\n")
 
-    def _metrics(self, peer: str, closing: bool) -> Reply:
-        assert self.metrics is not None and self._metrics_from is not None
-        if not self._metrics_from.allows(peer):
-            log.info("refused /metrics to %s: not in metrics_from", peer)
+    def _metrics(self, peer: str, closing: bool, headers: HeaderValues | None) -> Reply:
+        assert self.metrics is not None
+        if not self._operator(peer, headers):
+            now = time.monotonic()
+            if now - self._refusals_logged >= 60.0:
+                # Once a minute at most: anyone may ask, as often as they like.
+                self._refusals_logged = now
+                log.info(
+                    "refused /metrics to %s: not in metrics_from, or through a proxy "
+                    "(said once a minute)",
+                    peer,
+                )
             return Reply.text(
                 http.HTTPStatus.FORBIDDEN,
-                "metrics are not served to this address (the gateway's metrics_from "
-                "setting lists who may read them)\n",
+                "metrics are not served to this address, nor through a proxy (the "
+                "gateway's metrics_from setting lists who may read them)\n",
             )
         if self.readiness is not None:
             # Keeps the probes going while someone scrapes: they feed the latency histograms.
@@ -567,6 +622,6 @@ class HttpFront:
         return None
 
 
-def _ready_reply(report: ReadyReport) -> Reply:
-    status, body = report.http()
+def _ready_reply(report: ReadyReport, *, full: bool) -> Reply:
+    status, body = report.http(full=full)
     return Reply(status, body, "application/json")

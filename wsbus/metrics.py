@@ -303,8 +303,8 @@ def serve_metrics(
         A function that stops the server.
 
     Raises:
-        ConfigError: ``address`` is not ``[HOST:]PORT`` (the ``--metrics`` flag is named).
-        OSError: the port is taken.
+        ConfigError: ``address`` is not ``[HOST:]PORT``, or cannot be listened on (the
+            ``--metrics`` flag is named).
     """
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -315,7 +315,13 @@ def serve_metrics(
     registry = CollectorRegistry(auto_describe=True)
     registry.register(FunctionCollector(collect))
     ProcessCollector(registry=registry)
-    server, thread = start_http_server(int(port_text), host, registry)
+    try:
+        server, thread = start_http_server(int(port_text), host, registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics {address}: cannot listen there ({exc.strerror or exc}); "
+            "choose another port, or an address of this machine"
+        ) from None
     print(f"{what}: metrics at http://{host}:{port_text}/metrics", flush=True)
 
     def stop() -> None:

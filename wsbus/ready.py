@@ -94,10 +94,24 @@ class ReadyReport(msgspec.Struct, frozen=True, kw_only=True):
     services: dict[str, int] | None
     missing: list[str]
 
-    def http(self) -> tuple[http.HTTPStatus, bytes]:
-        """The status (200 or 503) and JSON body of this report."""
+    def http(self, *, full: bool = True) -> tuple[http.HTTPStatus, bytes]:
+        """The status (200 or 503) and JSON body of this report.
+
+        Args:
+            full: the whole report. Otherwise (a client not in ``metrics_from``) each
+                part's status and figures, without what names the deployment: no
+                ``detail`` (it may hold addresses), no service names.
+        """
         code = http.HTTPStatus.OK if self.ready else http.HTTPStatus.SERVICE_UNAVAILABLE
-        return code, msgspec.json.encode(self)
+        report = self
+        if not full:
+            report = msgspec.structs.replace(
+                self,
+                bus=msgspec.structs.replace(self.bus, detail=None),
+                services=None,
+                missing=[],
+            )
+        return code, msgspec.json.encode(report)
 
 
 class _Probed(msgspec.Struct, frozen=True):
@@ -141,6 +155,7 @@ class Readiness:
         self._running: asyncio.Task[_Probed] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._asked = 0.0
+        self._healthy = True
 
     async def check(self, closing: bool = False) -> ReadyReport:
         """Return the report, probing the bus unless a fresh enough check exists.
@@ -167,8 +182,14 @@ class Readiness:
                 self._watch(), name="wsbus-readiness"
             )
         last = self._last
-        if last is None:
-            last = _Probed(BusPart(status="checking"), None, self._clock())
+        if last is None or self._clock() - last.ended > self.reuse + self.timeout:
+            # None yet, or too old to go by (nobody asked for a while, and the background
+            # probes had stopped): not ready until the check just started ends.
+            last = _Probed(
+                BusPart(status="checking", detail="a check of the bus is under way"),
+                None,
+                self._clock(),
+            )
         return self._report(last, closing)
 
     async def close(self) -> None:
@@ -213,6 +234,11 @@ class Readiness:
             )
         except BusUnavailable as exc:
             part = BusPart(status="unavailable", detail=str(exc))
+        except Exception as exc:
+            # Whatever else a bus raises (an older Pyro message bus without ``probe``
+            # answers with AttributeError): not ready, and said, never a 500 or a dead
+            # background check.
+            part = BusPart(status="unavailable", detail=f"the probe failed: {exc!r}")
         else:
             part = BusPart(
                 status="ok",
@@ -231,15 +257,21 @@ class Readiness:
             try:
                 async with asyncio.timeout(self.timeout):
                     services = await gateway.live_services()
-            except (TimeoutError, BusUnavailable) as exc:
+            except Exception as exc:  # TimeoutError, BusUnavailable, or a bus's bug
                 part = BusPart(
                     status="unavailable",
                     publish_ms=part.publish_ms,
                     round_trip_ms=part.round_trip_ms,
-                    detail=f"the bus could not list its services: {exc or 'timed out'}",
+                    detail=f"the bus could not list its services: {exc!r}",
                 )
-        if part.status not in ("ok", "not_probed"):
-            log.warning("gateway %s is not ready: %s", gateway.node, part.detail)
+        healthy = part.status in ("ok", "not_probed")
+        if healthy != self._healthy:
+            # Said when it changes, not at every probe: an outage is one warning.
+            self._healthy = healthy
+            if healthy:
+                log.warning("gateway %s hears its bus again", gateway.node)
+            else:
+                log.warning("gateway %s is not ready: %s", gateway.node, part.detail)
         probed = _Probed(part, services, self._clock())
         self._last = probed
         return probed

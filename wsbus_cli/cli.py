@@ -611,10 +611,7 @@ def _process_metrics(address: str | None, what: str) -> Callable[[], None] | Non
     from wsbus.metrics import serve_metrics, service_metrics
     from wsbus.service import hosted_figures
 
-    try:
-        return serve_metrics(address, lambda: service_metrics(hosted_figures()), what)
-    except OSError as exc:
-        raise ConfigError(f"--metrics {address}: cannot listen there ({exc})") from None
+    return serve_metrics(address, lambda: service_metrics(hosted_figures()), what)
 
 
 # -- serve ----------------------------------------------------------------------------------

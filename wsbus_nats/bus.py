@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 from collections import OrderedDict, deque
@@ -149,6 +148,10 @@ def read_presence(data: bytes, node: str | None) -> Envelope | str:
     ):
         return f"{envelope.type!r} from {sender!r}"
     return envelope
+
+
+PROBE_SUBJECT: Final = "$JS.API.INFO"
+"""What the readiness probe asks NATS (JetStream's account info: every gateway user may)."""
 
 
 class NatsBus:
@@ -357,25 +360,29 @@ class NatsBus:
         return link is not None and not self._closed and link.connected
 
     async def probe(self, envelope: Envelope) -> None:
-        """A round trip with the NATS server, then the probe back to the gateway (``Probes``).
+        """A request round the NATS server and back, then the probe to the gateway (``Probes``).
 
-        The round trip (NATS ``PING``, answered ``PONG`` in order after everything sent
-        before it) goes on the connection that carries this gateway's subscriptions, so
-        a gateway whose link is down, or whose server no longer answers, is found deaf.
-        (A gateway may not publish to its own inbox: the permissions keep that to
-        services, docs/nats.md.)
+        The request (JetStream's account info, which the gateway's user may ask) is
+        answered on this process's own inbox, a subscription of the connection that carries
+        the gateway's messages: a gateway whose link is down, whose server no longer
+        answers, or whose subscriptions no longer deliver is found deaf. (A gateway may not
+        publish to its own inbox: the permissions keep that to services, docs/nats.md.)
+        Not a ``PING``: nats-py's ``flush`` stops reading the connection for good when a
+        ``PONG`` comes after its wait was cancelled, and a probe's deadline cancels it.
 
         Raises:
-            BusUnavailable: the link is down or the server did not answer.
+            BusUnavailable: the link is down or the server did not answer in time.
         """
         link, sink = self._link, self._sink
         if link is None or sink is None or self._closed or not link.connected:
             raise BusUnavailable("the connection to NATS is down; reconnecting")
         try:
-            # nats-py takes whole seconds; the gateway's probe has its own deadline.
-            await link.nc.flush(timeout=math.ceil(self.config.request_timeout))
+            await link.nc.request(PROBE_SUBJECT, b"", timeout=self.config.request_timeout)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"the NATS server did not answer a ping: {exc!r}") from None
+            raise BusUnavailable(
+                f"the NATS server did not answer a request within "
+                f"{self.config.request_timeout} s ({type(exc).__name__})"
+            ) from None
         asyncio.get_running_loop().call_soon(sink.deliver, envelope)
 
     async def live_services(self) -> dict[str, int]:

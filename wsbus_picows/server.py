@@ -847,6 +847,7 @@ class PicowsServer:
                     closing=closing,
                     connections=self.gateway.open_connections,
                     peer=peer,
+                    headers=values,
                 )
             )
         refusal = front.upgrade_refusal(

@@ -417,13 +417,20 @@ class MessageBus:
             return NO_ROUTE
         envelope = envelopes[0]
         to = envelope.to
-        if envelope.type != control.PROBE or not isinstance(to, GatewayAddress):
+        if (
+            envelope.type != control.PROBE
+            or not isinstance(to, GatewayAddress)
+            or envelope.sender != to
+        ):
             return NO_ROUTE
         with self._lock:
             endpoint = self._gateways.get(to.node)
         if endpoint is None:
             return NO_ROUTE
-        endpoint.forwarder.put(envelope)
+        # A fresh envelope: nothing of the caller's but the id (no headers, no content)
+        # reaches the gateway this way.
+        probe = Envelope(id=envelope.id, type=control.PROBE, sender=to, to=to)
+        endpoint.forwarder.put(probe)
         return OK
 
     def directory(self) -> list[list[str]]:

@@ -451,7 +451,11 @@ class EdgeServer:
             response = self._check_request(connection, request)
             if response is _READINESS:
                 # Readiness waits for a probe round the bus (websockets lets this hook wait).
-                reply = await self._front.ready(closing=self._closing or self.gateway.closing)
+                reply = await self._front.ready(
+                    closing=self._closing or self.gateway.closing,
+                    peer=_peer(connection),
+                    headers=request.headers.get_all,
+                )
                 response = _response(reply)
                 if getattr(connection, "head_request", False):
                     response = dataclasses.replace(response, body=b"")
@@ -488,6 +492,7 @@ class EdgeServer:
                     closing=self._closing or self.gateway.closing,
                     connections=self.gateway.open_connections,
                     peer=_peer(connection),
+                    headers=headers.get_all,
                 )
             )
             if head:

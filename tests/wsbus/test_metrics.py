@@ -157,3 +157,18 @@ def test_metrics_from_names_the_setting_when_a_network_is_wrong() -> None:
 @given(st.text(max_size=60))
 def test_any_peer_text_is_answered_without_raising(peer: str) -> None:
     assert Networks(("0.0.0.0/0",)).allows(peer) in (True, False)
+
+
+def test_a_metrics_port_that_cannot_be_listened_on_names_the_flag() -> None:
+    import socket
+
+    from wsbus.metrics import serve_metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--metrics 127.0.0.1:{port}: cannot listen"):
+            serve_metrics(f"127.0.0.1:{port}", list, "test")
+    with pytest.raises(ConfigError, match="--metrics 'x:y'"):
+        serve_metrics("x:y", list, "test")

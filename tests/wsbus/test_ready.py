@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -158,4 +159,55 @@ async def test_a_probe_from_someone_else_is_ignored() -> None:
         gateway.deliver(forged)  # no answer, no error; counted as a control envelope
         assert gateway.stats().control_requests == 1
         assert (await readiness.check()).ready
+        await readiness.close()
+
+
+class _BrokenBus(MemoryBus):
+    """A bus whose probe raises what no contract names (an older Pyro bus: AttributeError)."""
+
+    async def probe(self, envelope: Envelope) -> None:
+        raise AttributeError("remote object has no attribute 'probe'")
+
+
+async def test_a_probe_that_raises_anything_is_not_ready_and_never_kills_the_checks() -> None:
+    async with _gateway(_BrokenBus()) as gateway:
+        readiness = Readiness(gateway, reuse=0.01)
+        report = await readiness.check()
+        assert not report.ready and report.bus.status == "unavailable"
+        assert "AttributeError" in (report.bus.detail or "")
+        # The background checks (an edge that cannot wait) go on after such a failure.
+        readiness.current()
+        async with asyncio.timeout(10):
+            while readiness._running is None or not readiness._running.done():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        assert readiness._watcher is not None and not readiness._watcher.done()
+        assert not readiness.current().ready
+        await readiness.close()
+
+
+async def test_current_never_answers_from_a_check_too_old_to_go_by() -> None:
+    clock = _Clock()
+    async with _gateway(MemoryBus()) as gateway:
+        readiness = Readiness(gateway, reuse=1.0, timeout=2.0, clock=clock)
+        assert (await readiness.check()).ready
+        clock.now += 3.5  # nobody asked for longer than reuse + timeout
+        report = readiness.current()
+        assert not report.ready and report.bus.status == "checking"
+        await readiness.close()
+
+
+async def test_the_public_report_names_nothing_of_the_deployment() -> None:
+    bus = MemoryBus()
+    async with _gateway(bus) as gateway:
+        readiness = Readiness(gateway, reuse=0.0, services=("echo", "chat"))
+        bus.down = True
+        report = await readiness.check()
+        full = json.loads(report.http(full=True)[1])
+        public = json.loads(report.http(full=False)[1])
+        assert full["bus"]["detail"] and full["missing"] == ["echo", "chat"]
+        assert "detail" not in public["bus"] and public["services"] is None
+        assert public["missing"] == [] and public["ready"] is False
+        assert public["bus"]["status"] == "unavailable"
+        assert report.http(full=False)[0] == 503
         await readiness.close()

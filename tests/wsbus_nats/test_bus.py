@@ -840,3 +840,75 @@ async def test_readiness_follows_the_nats_server_killed_and_started_again(
         assert gateway.bus_reconnects is not None and gateway.bus_reconnects >= 1
     finally:
         await readiness.close()
+
+
+async def test_a_probe_answered_late_leaves_the_gateway_hearing_its_bus(
+    wsbus_nats_server: NatsServer,
+) -> None:
+    # Review 17's F1: the probe once was nats-py's flush(); cancelled by the probe's
+    # deadline, the late PONG stopped nats-py's reader for good: the gateway went deaf
+    # and /readyz said ready. A relay holds the server's bytes for longer than the deadline.
+    hold = asyncio.Event()
+    hold.set()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gated: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if gated:
+                    await hold.wait()
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(
+            "127.0.0.1", wsbus_nats_server.client_port
+        )
+        for coro in (pipe(client_r, server_w, False), pipe(server_r, client_w, True)):
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    relay = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = relay.sockets[0].getsockname()[1]
+    config = NatsConfig(servers=(wsbus_nats_server.url,), heartbeat=0.5)
+    host = ServiceHost(Probe(), config)
+    await host.start()
+    gateway = Gateway(
+        NatsBus(msgspec.structs.replace(config, servers=(f"nats://127.0.0.1:{port}",))),
+        config=GatewayConfig(node="late1"),
+        entry_points=False,
+    )
+    await gateway.start()
+    readiness = Readiness(gateway, timeout=0.5, reuse=0.0)
+    conn, client = memory_pair(Codec.JSON)
+    serving = asyncio.create_task(gateway.serve(conn))
+    try:
+        await client.receive_until("wsbus.welcome")
+        assert (await readiness.check()).ready
+        hold.clear()  # the server's answers are late: past the probe's deadline
+        report = await readiness.check()
+        assert not report.ready and report.bus.status in ("timeout", "unavailable"), report
+        await asyncio.sleep(0.3)
+        hold.set()
+        async with asyncio.timeout(30):
+            while not (await readiness.check()).ready:
+                await asyncio.sleep(0.05)
+        # Ready, and it is true: a client's message still goes round.
+        client.send("probe.echo", "after", id="after")
+        reply = await client.receive_until("probe.echo.reply", timeout=10)
+        assert reply["content"]["x"] == "after"
+    finally:
+        await readiness.close()
+        await conn.close(1000)
+        await asyncio.wait_for(serving, 10)
+        await gateway.close()
+        await host.close()
+        relay.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -22,13 +22,22 @@ import pytest_asyncio
 from tests.conftest import assert_balanced
 from wsbus import Codec, Envelope, Gateway, GatewayConfig, Service, hookimpl, memory_pair
 from wsbus.edge import MemoryClient
-from wsbus.envelope import ClientAddress, ConnId, EnvelopeId, Recipients, ServiceAddress
+from wsbus.envelope import (
+    ClientAddress,
+    ConnId,
+    EnvelopeId,
+    GatewayAddress,
+    NodeId,
+    Recipients,
+    ServiceAddress,
+)
 from wsbus.errors import ConfigError
 from wsbus.hooks import HandshakeRequest, Identity
 from wsbus.service import Context, handles
 from wsbus_pyro import MessageBus, PyroBus, PyroConfig
 from wsbus_pyro.bus import _chunks
 from wsbus_pyro.transport import (
+    NO_ROUTE,
     OK,
     REREGISTERING,
     TAKEN,
@@ -490,3 +499,40 @@ def test_aliases_claimed_again_go_in_calls_a_pyro_message_can_carry() -> None:
     assert len(chunks) > 1
     assert all(len(repr(chunk).encode()) <= 64 * 1024 // 2 for chunk in chunks)
     assert _chunks([], 100) == [[]]  # one call, to register
+
+
+def test_the_message_bus_sends_back_only_a_gateways_own_probe_and_only_its_id(
+    wsbus_nameserver: Child, wsbus_pyro_config: PyroConfig
+) -> None:
+    bus = MessageBus(wsbus_pyro_config)
+    me = GatewayAddress(NodeId("g1"))
+    try:
+        bus.register_gateway("g1", "PYRO:gw@127.0.0.1:1")
+        forged = [
+            Envelope(
+                id=EnvelopeId("p1"), type="wsbus.probe", sender=GatewayAddress(NodeId("g2")), to=me
+            ),
+            Envelope(id=EnvelopeId("p2"), type="chat.say", sender=me, to=me),
+            Envelope(
+                id=EnvelopeId("p3"), type="wsbus.probe", sender=me, to=GatewayAddress(NodeId("g9"))
+            ),
+        ]
+        for envelope in forged:
+            assert bus.probe(encode_batch([envelope])) == NO_ROUTE, envelope
+        two = Envelope(id=EnvelopeId("p4"), type="wsbus.probe", sender=me, to=me)
+        assert bus.probe(encode_batch([two, two])) == NO_ROUTE
+        queued: list[Envelope] = []
+        endpoint = bus._gateways["g1"]
+        endpoint.forwarder.put = lambda envelope, callback=None: queued.append(envelope)  # type: ignore[method-assign]
+        carrying = Envelope(
+            id=EnvelopeId("p5"),
+            type="wsbus.probe",
+            sender=me,
+            to=me,
+            content={"x": 1},
+            headers={"wsbus-hist": "lobby:1"},
+        )
+        assert bus.probe(encode_batch([carrying])) == OK
+        assert queued == [Envelope(id=EnvelopeId("p5"), type="wsbus.probe", sender=me, to=me)]
+    finally:
+        bus._shutdown()
