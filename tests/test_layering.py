@@ -23,9 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = "wsbus"
-ADAPTERS = ("wsbus_websockets", "wsbus_pyro", "wsbus_nats", "wsbus_testing", "wsbus_cli")
+ADAPTERS = ("wsbus_websockets", "wsbus_asgi", "wsbus_pyro", "wsbus_nats", "wsbus_testing", "wsbus_cli")
 TRANSPORTS = frozenset(
-    {"websockets", "Pyro5", "nats", "picows", "socketio", "aiohttp", "uvicorn", "starlette"}
+    {"websockets", "Pyro5", "nats", "picows", "socketio", "aiohttp", "uvicorn", "starlette", "fastapi"}
 )
 
 
