@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -18,7 +19,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from wsbus.gateway import Gateway
 
-from .application import ABORT_EXTENSION, App, AsgiConfig
+from .application import ABORT_EXTENSION, App, AsgiConfig, Receive, Scope, Send
 
 __all__ = ["AsgiServer", "WebSocketProtocol", "serve", "uvicorn_options"]
 
@@ -103,16 +104,31 @@ def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
 class AsgiServer:
     """A running ASGI edge: uvicorn serving an :class:`App` of a gateway. See :func:`serve`.
 
-    Attributes:
+    Args:
         gateway: the gateway it serves, started and closed by its caller.
         config: its settings.
-        app: the ASGI application uvicorn runs.
+        app: the gateway's application; by default one of ``gateway`` that leaves the
+            gateway alone at lifespan events.
+        asgi: what uvicorn runs, when not ``app`` itself: a host application in which
+            ``app`` is mounted.
+
+    Attributes:
+        gateway: the gateway it serves.
+        config: its settings.
+        app: the gateway's application.
     """
 
-    def __init__(self, gateway: Gateway, config: AsgiConfig, app: App | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        config: AsgiConfig,
+        app: App | None = None,
+        asgi: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None,
+    ) -> None:
         self.gateway = gateway
         self.config = config
         self.app = app if app is not None else App(gateway, config, lifespan=False)
+        self._asgi = asgi if asgi is not None else self.app
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._ticks: asyncio.Task[None] | None = None
@@ -152,15 +168,12 @@ class AsgiServer:
         Raises:
             OSError: the port is taken or the address is not local to this machine.
         """
-        options = uvicorn_options(self.gateway, self.config)
+        # The command line and the caller own logging and the lifespan (the gateway is
+        # started already): uvicorn configures neither unless told.
+        options: dict[str, Any] = {"lifespan": "off", "log_config": None, "access_log": False}
+        options.update(uvicorn_options(self.gateway, self.config))
         options.update(kwargs)
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            **options,
-        )
+        config = uvicorn.Config(self._asgi, **options)
         # The socket is bound here, so that a taken port is an OSError for the caller
         # (uvicorn would log it and exit the process).
         sock = self._socket = _bind(host, port, config.backlog)
