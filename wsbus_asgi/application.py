@@ -86,8 +86,9 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             reads nothing leaves none); then the connection is dropped, where the server
             lets the application do it (``wsbus_asgi.server.WebSocketProtocol`` does).
         compression: (server) permessage-deflate; off by default, as on the websockets edge.
-        inbound_queue: (server) messages uvicorn queues per connection for the application.
-        max_request_head: (server) bytes of an incomplete request head uvicorn buffers.
+            (uvicorn's own default is on.)
+        max_request_head: (server) bytes of an incomplete request head uvicorn's h11 parser
+            buffers (``h11_max_incomplete_event_size``); a longer head is refused.
     """
 
     allowed_origins: tuple[str, ...] = ()
@@ -104,7 +105,6 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
     compression: bool = False
-    inbound_queue: int = 16
     max_request_head: int = 16 * 1024
 
     def __post_init__(self) -> None:
@@ -112,8 +112,8 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_subprotocols must be >= 1 and max_subprotocol_bytes >= 64")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("max_connections must be >= 1, or None for the gateway's")
-        if self.inbound_queue < 1 or self.close_timeout <= 0:
-            raise ConfigError("inbound_queue must be >= 1 and close_timeout > 0")
+        if self.close_timeout <= 0:
+            raise ConfigError("close_timeout must be > 0")
         if self.max_request_head < 4096:
             raise ConfigError("max_request_head must be >= 4096 bytes")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():

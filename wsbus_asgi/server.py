@@ -91,7 +91,6 @@ def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
             "WebSocketProtocol", (WebSocketProtocol,), {"close_timeout": config.close_timeout}
         ),
         "ws_max_size": gateway.config.wire.max_frame_bytes,
-        "ws_max_queue": config.inbound_queue,
         "ws_ping_interval": config.ping_interval,
         "ws_ping_timeout": config.ping_timeout,
         "ws_per_message_deflate": config.compression,
