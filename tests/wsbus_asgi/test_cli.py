@@ -5,6 +5,7 @@ cleanly (the gateway first: the client gets 1001, not uvicorn's 1012)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import urllib.request
 
@@ -53,3 +54,21 @@ async def test_serve_with_the_asgi_edge() -> None:
         if stopped is None:
             await asyncio.to_thread(child.stop)
     assert "Traceback" not in child.text, child.text
+
+
+def test_the_edge_imports_no_uvicorn_until_it_is_used() -> None:
+    code = (
+        "import sys; from wsbus_cli.cli import build_parser; build_parser();"
+        "import wsbus_asgi, wsbus_asgi.adapter;"
+        "assert 'uvicorn' not in sys.modules, 'uvicorn imported';"
+        # Without uvicorn, its names say which extra to install.
+        "sys.modules['uvicorn'] = None;"
+        "from wsbus.errors import MissingExtra\n"
+        "try:\n    wsbus_asgi.serve\n"
+        "except MissingExtra as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "this needs the 'asgi' extra: pip install 'wsbus[asgi]'"
