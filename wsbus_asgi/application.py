@@ -316,8 +316,10 @@ class App:
         websockets edge is closed while its gateway runs on.
         """
         self._closing = True
-        for connection in list(self._connections):
-            await connection.close(code, reason)
+        # All at once: each close may wait up to close_timeout for a peer that reads nothing.
+        async with asyncio.TaskGroup() as tasks:
+            for connection in list(self._connections):
+                tasks.create_task(connection.close(code, reason))
 
     # -- lifespan ------------------------------------------------------------------------
 
