@@ -5,10 +5,10 @@ lazy or conditional import is seen as well as a top-level one):
 
 - no module under ``wsbus/`` imports a ``wsbus_*`` package or a transport library, anywhere
   in the module (inside a function, under ``TYPE_CHECKING``, ...);
-- the adapters (``wsbus_websockets``, ``wsbus_pyro``, ``wsbus_nats``, ``wsbus_testing``) and
-  the composition root (``wsbus_cli``) import from the core only ``wsbus`` or a public
-  ``wsbus.<module>`` (no leading underscore), and from it only names in that module's
-  ``__all__`` (or a public submodule).
+- the adapters (``wsbus_websockets``, ``wsbus_asgi``, ``wsbus_pyro``, ``wsbus_nats``,
+  ``wsbus_testing``) and the composition root (``wsbus_cli``) import from the core only
+  ``wsbus`` or a public ``wsbus.<module>`` (no leading underscore), and from it only names
+  in that module's ``__all__`` (or a public submodule).
 """
 
 from __future__ import annotations
@@ -23,9 +23,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = "wsbus"
-ADAPTERS = ("wsbus_websockets", "wsbus_pyro", "wsbus_nats", "wsbus_testing", "wsbus_cli")
+ADAPTERS = (
+    "wsbus_websockets",
+    "wsbus_asgi",
+    "wsbus_pyro",
+    "wsbus_nats",
+    "wsbus_testing",
+    "wsbus_cli",
+)
 TRANSPORTS = frozenset(
-    {"websockets", "Pyro5", "nats", "picows", "socketio", "aiohttp", "uvicorn", "starlette"}
+    {
+        "websockets",
+        "Pyro5",
+        "nats",
+        "picows",
+        "socketio",
+        "aiohttp",
+        "uvicorn",
+        "starlette",
+        "fastapi",
+    }
 )
 
 

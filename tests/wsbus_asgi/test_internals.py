@@ -1,0 +1,57 @@
+"""What ``wsbus_asgi.server.WebSocketProtocol`` reads of uvicorn's internals is there.
+
+The protocol subclasses uvicorn's ``websockets-sansio`` protocol and reads a few of its
+attributes (README, supported versions): a uvicorn release that moves one fails here, by
+name, instead of degrading a close or a keepalive. What the subclass does with them is
+tested against a real server by the edge suites (test_edge.py: the 1011 keepalive close,
+the slow reader's 4507; test_attacks.py: no error logged for a refused upgrade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from wsbus_asgi import app
+from wsbus_asgi.server import WebSocketProtocol
+
+ATTRIBUTES = (
+    "close_sent",
+    "close_timer",
+    "close_timeout",
+    "handshake_complete",
+    "loop",
+    "queue",
+    "transport",
+)
+"""The attributes the subclass reads or sets on uvicorn's protocol."""
+
+METHODS = ("handle_connect", "send", "keepalive_timeout")
+"""The methods it overrides, calling uvicorn's."""
+
+
+async def test_uvicorn_internals_we_rely_on_are_there() -> None:
+    from wsbus import Gateway, MemoryBus
+
+    config = uvicorn.Config(app(Gateway(MemoryBus([]), entry_points=False)), log_config=None)
+    config.load()
+    protocol = WebSocketsSansIOProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    missing = [name for name in ATTRIBUTES if not hasattr(protocol, name)]
+    assert missing == [], f"uvicorn's WebSocketsSansIOProtocol lost {missing}"
+    for name in METHODS:
+        ours = getattr(WebSocketProtocol, name)
+        theirs = getattr(WebSocketsSansIOProtocol, name)
+        assert list(inspect.signature(ours).parameters) == list(
+            inspect.signature(theirs).parameters
+        ), name
+    # handle_connect keeps the upgrade's response and the scope it builds (with the
+    # extensions the abort goes into) where the subclass reads them.
+    source = inspect.getsource(WebSocketsSansIOProtocol.handle_connect)
+    for name in ("self.response =", "self.scope", '"extensions"'):
+        assert name in source, f"uvicorn's handle_connect no longer sets {name}"

@@ -1,0 +1,261 @@
+"""The ASGI edge on a port of its own: :class:`App` under uvicorn, on the running loop.
+
+What ``wsbus serve --edge asgi`` runs, and what the tests run: uvicorn's server, started and
+stopped from the caller's event loop (no signal handlers of its own, no logging setup), with
+the edge's settings as uvicorn's options. Under a uvicorn of yours (``uvicorn module:app``),
+set the same options yourself (docs/asgi.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from wsbus.gateway import Gateway
+
+from .application import ABORT_EXTENSION, App, AsgiConfig, Receive, Scope, Send
+
+__all__ = ["AsgiServer", "WebSocketProtocol", "serve", "uvicorn_options"]
+
+log = logging.getLogger("wsbus.asgi")
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's ``websockets-sansio`` protocol, with what a gateway open to hostile peers needs.
+
+    Run your own uvicorn with it: ``uvicorn --ws wsbus_asgi.server:WebSocketProtocol``
+    (:func:`serve` does). Besides uvicorn's behaviour:
+
+    - A peer that reads nothing cannot hold its socket: a close whose frame cannot be
+      written, or whose answer does not come, within ``close_timeout`` seconds ends in an
+      abort (uvicorn's own close waits for the write buffer to drain, which such a peer
+      never lets happen). The application reaches the abort through the ASGI extension
+      ``wsbus.abort`` of the scope.
+    - A keepalive timeout reaches the application as a close with 1011, the code the client
+      gets (uvicorn says 1005).
+    - An upgrade refused with an HTTP response (ASGI's ``websocket.http.response``) is not
+      logged as an error: uvicorn 0.54 and before never mark that handshake complete (uvicorn
+      pull request 3138).
+
+    Attributes:
+        close_timeout: seconds before a close that is not done becomes an abort.
+    """
+
+    close_timeout: float = 5.0
+
+    def handle_connect(self, event: Any) -> None:
+        """Parse the upgrade as uvicorn does; give the application the abort extension."""
+        super().handle_connect(event)
+        if self.response.status_code == 101:
+            self.scope["extensions"][ABORT_EXTENSION] = {"abort": self.transport.abort}
+
+    async def send(self, message: Any) -> None:
+        """Send as uvicorn does; then bound a close, and complete a refused handshake."""
+        await super().send(message)
+        kind = message["type"]
+        if kind == "websocket.close":
+            timer = self.close_timer
+            if timer is not None:
+                # uvicorn's timer closes the transport, which waits for its buffer to drain.
+                timer.cancel()
+                self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+        elif kind == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True
+
+    def keepalive_timeout(self) -> None:
+        """Close for a missing pong as uvicorn does, telling the application 1011 first."""
+        if not self.close_sent and not self.transport.is_closing():
+            self.queue.put_nowait(
+                {"type": "websocket.disconnect", "code": 1011, "reason": "keepalive ping timeout"}
+            )
+            self.loop.call_later(self.close_timeout, self.transport.abort)
+        super().keepalive_timeout()
+
+
+def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
+    """The uvicorn options (``uvicorn.Config`` keywords) that carry the edge's limits.
+
+    Use them when you run uvicorn yourself: ``uvicorn.Config(app, **uvicorn_options(...))``.
+    ``ws_max_size`` is the gateway's ``wire.max_frame_bytes``, so uvicorn refuses a larger
+    frame (1009) before it has buffered it.
+    """
+    return {
+        # A protocol class of this edge's close_timeout.
+        "ws": type(
+            "WebSocketProtocol", (WebSocketProtocol,), {"close_timeout": config.close_timeout}
+        ),
+        "ws_max_size": gateway.config.wire.max_frame_bytes,
+        "ws_ping_interval": config.ping_interval,
+        "ws_ping_timeout": config.ping_timeout,
+        "ws_per_message_deflate": config.compression,
+        "h11_max_incomplete_event_size": config.max_request_head,
+        "timeout_graceful_shutdown": config.close_timeout,
+        "server_header": False,
+    }
+
+
+class AsgiServer:
+    """A running ASGI edge: uvicorn serving an :class:`App` of a gateway. See :func:`serve`.
+
+    Args:
+        gateway: the gateway it serves, started and closed by its caller.
+        config: its settings.
+        app: the gateway's application; by default one of ``gateway`` that leaves the
+            gateway alone at lifespan events.
+        asgi: what uvicorn runs, when not ``app`` itself: a host application in which
+            ``app`` is mounted.
+
+    Attributes:
+        gateway: the gateway it serves.
+        config: its settings.
+        app: the gateway's application.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        config: AsgiConfig,
+        app: App | None = None,
+        asgi: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.app = app if app is not None else App(gateway, config, lifespan=False)
+        self._asgi = asgi if asgi is not None else self.app
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+        self._ticks: asyncio.Task[None] | None = None
+        self._address: tuple[str, int] = ("", 0)
+        self._closed = False
+
+    @property
+    def _closing(self) -> bool:
+        """Whether its close has begun (then upgrades get 503 and health says closing)."""
+        return self.app._closing
+
+    @_closing.setter
+    def _closing(self, closing: bool) -> None:
+        self.app._closing = closing
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful with port 0)."""
+        return self._address[1]
+
+    @property
+    def url(self) -> str:
+        """The ``ws://host:port/`` URL of the server."""
+        host, port = self._address
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}/"
+
+    async def start(self, host: str, port: int, **kwargs: Any) -> None:
+        """Listen on ``host:port`` (the gateway must be started already).
+
+        Args:
+            host: the address to listen on.
+            port: the port; 0 picks a free one.
+            **kwargs: more ``uvicorn.Config`` options (``ssl_keyfile=``, ...), over the
+                edge's own.
+
+        Raises:
+            OSError: the port is taken or the address is not local to this machine.
+        """
+        # The command line and the caller own logging and the lifespan (the gateway is
+        # started already): uvicorn configures neither unless told.
+        options: dict[str, Any] = {"lifespan": "off", "log_config": None, "access_log": False}
+        options.update(uvicorn_options(self.gateway, self.config))
+        options.update(kwargs)
+        config = uvicorn.Config(self._asgi, **options)
+        # The socket is bound here, so that a taken port is an OSError for the caller
+        # (uvicorn would log it and exit the process).
+        sock = self._socket = _bind(host, port, config.backlog)
+        config.load()
+        server = self._server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup(sockets=[sock])
+        except BaseException:
+            sock.close()
+            raise
+        # uvicorn's main loop only keeps its Date header fresh and watches should_exit.
+        self._ticks = asyncio.create_task(server.main_loop(), name="wsbus-asgi-uvicorn")
+        address = sock.getsockname()
+        self._address = (address[0], address[1])
+        log.info("wsbus ASGI edge (uvicorn) listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Stop this edge: close its port and its connections (1001). Idempotent.
+
+        The gateway keeps running with its other connections: close it yourself, as you
+        started it (first, for a graceful drain).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        server = self._server
+        if server is None:
+            self.app._closing = True
+            return
+        await self.app.close_connections(1001, "going away")
+        server.should_exit = True
+        ticks, self._ticks = self._ticks, None
+        if ticks is not None:
+            await ticks
+        await server.shutdown(sockets=[self._socket] if self._socket is not None else None)
+
+    async def __aenter__(self) -> AsgiServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(
+    gateway: Gateway,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    config: AsgiConfig | None = None,
+    **kwargs: Any,
+) -> AsgiServer:
+    """Put a started gateway on a port, as its ASGI application under uvicorn.
+
+    As ``wsbus_websockets.serve``: ``server.close()`` closes the port and the connections,
+    never the gateway; close the gateway, which you started, first for a graceful drain.
+
+    Args:
+        gateway: a started :class:`wsbus.Gateway`; it stays the caller's to close.
+        host: the address to listen on; loopback unless you mean otherwise.
+        port: the port; 0 picks a free one (read it back from ``server.port``).
+        config: edge settings; :class:`AsgiConfig` defaults when omitted.
+        **kwargs: more ``uvicorn.Config`` options.
+
+    Raises:
+        OSError: the port is taken or the address is not local to this machine.
+    """
+    server = AsgiServer(gateway, config if config is not None else AsgiConfig())
+    await server.start(host, port, **kwargs)
+    return server
