@@ -41,9 +41,21 @@ async def _serve_ws(gateway: Gateway, config: EdgeConfig) -> Any:
     return await serve_websockets(gateway, "127.0.0.1", 0, config=config)
 
 
+async def _serve_asgi(gateway: Gateway, config: EdgeConfig) -> Any:
+    # The ASGI application under a real uvicorn: the settings both configurations have.
+    import msgspec
+
+    from wsbus_asgi import AsgiConfig, serve
+
+    fields = set(AsgiConfig.__struct_fields__)
+    shared = {k: v for k, v in msgspec.structs.asdict(config).items() if k in fields}
+    return await serve(gateway, "127.0.0.1", 0, config=AsgiConfig(**shared))
+
+
 EDGES: dict[str, Callable[[Gateway, EdgeConfig], Awaitable[Any]]] = {
     "websockets": _serve_ws,
     "picows": _serve_picows,
+    "asgi": _serve_asgi,
 }
 
 

@@ -39,7 +39,12 @@ class AsgiAdapter:
         _config,
         "asgi",
         "the ASGI edge (`AsgiConfig`)",
-        flags={"allowed_origins": "--asgi-origin", "static_dir": "--asgi-static"},
+        flags={
+            "allowed_origins": "--asgi-origin",
+            "static_dir": "--asgi-static",
+            "metrics_path": "--asgi-metrics",
+            "metrics_from": "--asgi-metrics-from",
+        },
     )
 
     async def serve(
@@ -69,7 +74,7 @@ class AsgiAdapter:
 
     @hookimpl
     def wsbus_cli_options(self, command: str, parser: argparse.ArgumentParser) -> None:
-        """Add ``--asgi-origin`` and ``--asgi-static`` to ``wsbus serve``."""
+        """Add the ASGI edge's flags (origins, static files, metrics) to ``wsbus serve``."""
         if command != "serve":
             return
         group = parser.add_argument_group("ASGI edge (--edge asgi)")
@@ -87,6 +92,21 @@ class AsgiAdapter:
             metavar="DIR",
             default=None,
             help="a directory to serve over HTTP",
+        )
+        group.add_argument(
+            "--asgi-metrics",
+            dest="asgi.metrics_path",
+            metavar="PATH",
+            default=None,
+            help="serve Prometheus metrics at PATH (/metrics); needs wsbus[metrics]",
+        )
+        group.add_argument(
+            "--asgi-metrics-from",
+            dest="asgi.metrics_from",
+            action="append",
+            default=None,
+            metavar="NETWORK",
+            help="a network that may read the metrics (repeatable; loopback by default)",
         )
 
 

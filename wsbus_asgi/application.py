@@ -30,7 +30,13 @@ from wsbus.edge import ConnectionClosed
 from wsbus.errors import ConfigError
 from wsbus.gateway import Gateway
 from wsbus.hooks import HandshakeRequest
-from wsbus.http import RESPONSE_HEADERS, TOKEN_SUBPROTOCOL_PREFIX, HttpFront, Reply
+from wsbus.http import (
+    RESPONSE_HEADERS,
+    TOKEN_SUBPROTOCOL_PREFIX,
+    HttpFront,
+    Reply,
+    check_http_settings,
+)
 from wsbus.wire import Codec, negotiate
 
 __all__ = ["ABORT_EXTENSION", "App", "AsgiConfig", "Receive", "Scope", "Send", "app"]
@@ -77,6 +83,15 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
         max_subprotocol_bytes: bytes of ``Sec-WebSocket-Protocol`` headers a handshake may
             send; more get HTTP 400.
         health_path: the path of the health endpoint (plain HTTP GET), below the mount.
+        ready_path: the path of the readiness endpoint, below the mount: a probe round the
+            bus and back (docs/operations.md); empty turns it off.
+        ready_timeout: seconds the readiness probe may take to come back round the bus.
+        ready_services: services that must have a live instance for the gateway to be
+            ready.
+        metrics_path: the path of the Prometheus metrics, below the mount (``/metrics``);
+            empty (the default) turns them off. Needs ``pip install 'wsbus[metrics]'``.
+        metrics_from: the networks that may read the metrics and readiness details
+            (loopback by default); never through a proxy.
         static_dir: a directory to serve over plain HTTP GET, or None.
         token_query: the query parameter that may carry a bearer token.
         token_cookie: the cookie that may carry a bearer token.
@@ -98,6 +113,11 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_subprotocols: int = 16
     max_subprotocol_bytes: int = 4096
     health_path: str = "/healthz"
+    ready_path: str = "/readyz"
+    ready_timeout: float = 2.0
+    ready_services: tuple[str, ...] = ()
+    metrics_path: str = ""
+    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     static_dir: str | None = None
     token_query: str = "token"
     token_cookie: str = "wsbus_token"
@@ -118,6 +138,7 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_request_head must be >= 4096 bytes")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():
             raise ConfigError(f"static_dir {self.static_dir!r} is not a directory")
+        check_http_settings(self)
 
 
 class _Connection:
@@ -267,6 +288,10 @@ class App:
         self._limit = gateway.config.wire.max_frame_bytes
         self._fronts: dict[tuple[int, bool, bool], HttpFront] = {}
         self._connections: set[_Connection] = set()
+        # One readiness and one metrics registry for the application, whichever front
+        # (port, scheme) a request came in by.
+        self._ops = HttpFront(self.config)
+        self._ops.attach(gateway, "asgi")
 
     @property
     def connections(self) -> int:
@@ -307,6 +332,7 @@ class App:
         lifespan does).
         """
         self._closing = True
+        await self._ops.close()
         await self.gateway.close()
 
     async def close_connections(self, code: int = 1001, reason: str = "going away") -> None:
@@ -316,6 +342,7 @@ class App:
         websockets edge is closed while its gateway runs on.
         """
         self._closing = True
+        await self._ops.close()
         # All at once: each close may wait up to close_timeout for a peer that reads nothing.
         async with asyncio.TaskGroup() as tasks:
             for connection in list(self._connections):
@@ -357,11 +384,21 @@ class App:
         if reply is None and method not in ("GET", "HEAD"):
             reply = Reply.text(http.HTTPStatus.METHOD_NOT_ALLOWED, "GET or HEAD only\n")
         if reply is None:
-            reply = front.get(
-                _target(scope, relative=True),
-                closing=self._closing or self.gateway.closing,
-                connections=self.gateway.open_connections,
-            )
+            target = _target(scope, relative=True)
+            closing = self._closing or self.gateway.closing
+            if front.wants_ready(target):
+                # ASGI lets the answer wait for a probe round the bus.
+                reply = await front.ready(
+                    closing=closing, peer=_peer(scope), headers=_values(headers)
+                )
+            else:
+                reply = front.get(
+                    target,
+                    closing=closing,
+                    connections=self.gateway.open_connections,
+                    peer=_peer(scope),
+                    headers=_values(headers),
+                )
         start: dict[str, Any] = {
             "type": "http.response.start",
             "status": reply.status.value,
@@ -443,6 +480,7 @@ class App:
         if front is None:
             front = HttpFront(self.config)
             front.listening(port, secure=secure, loopback=loopback)
+            front.readiness, front.metrics = self._ops.readiness, self._ops.metrics
             if len(self._fronts) < _FRONTS_KEPT:
                 self._fronts[key] = front
         return front
