@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from wsbus import (
+    ConnId,
     Context,
     Envelope,
     Gateway,
@@ -118,12 +119,12 @@ def _parent_of(span: ReadableSpan) -> int | None:
 
 def _id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    return int(span.context.span_id)
 
 
 def _trace(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.trace_id
+    return int(span.context.trace_id)
 
 
 async def _wait_for(exporter: InMemorySpanExporter, name: str, count: int = 1) -> None:
@@ -219,13 +220,12 @@ async def test_a_service_send_carries_its_context_to_deliver(
         client, task = await _client(gateway)
         tracer = trace.get_tracer("test")
         runner = ServiceRunner(Traced(), lambda envelope: gateway.deliver(envelope))
+        to = Recipients(conn_ids=(ConnId(str(client.conn_id)),))
         with tracer.start_as_current_span("job") as job:
-            runner.link.send(Recipients(conn_ids=(client.conn_id,)), "news", 1)
+            runner.link.send(to, "news", 1)
         assert (await client.receive())["type"] == "news"
         # A traceparent the service sets itself is kept.
-        runner.link.send(
-            Recipients(conn_ids=(client.conn_id,)), "news", 2, headers={"traceparent": TRACEPARENT}
-        )
+        runner.link.send(to, "news", 2, headers={"traceparent": TRACEPARENT})
         assert (await client.receive())["content"] == 2
         task.cancel()
     first, second = _by_name(spans.get_finished_spans(), "wsbus deliver")
@@ -417,17 +417,20 @@ def test_tracing_off_never_imports_opentelemetry() -> None:
                 conn, client = memory_pair(Codec.JSON, None)
                 task = asyncio.create_task(gateway.serve(conn))
                 await client.receive()
-                client.send("s", None, traceparent="00-%s-%s-01")
+                client.send("s", None, traceparent=sys.argv[1])
                 reply = await client.receive()
                 task.cancel()
             print(reply["content"]["traceparent"][3:35])
-            print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+            print(sorted(m for m in sys.modules if m.startswith(("opentelemetry", "wsbus.tr"))))
 
         asyncio.run(main())
         """
-        % (TRACE_ID, PARENT_ID)
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", code, TRACEPARENT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert result.stdout.split("\n")[:2] == [TRACE_ID, "[]"], result.stderr
