@@ -1,4 +1,4 @@
-"""Tracing across processes: `wsbus serve --tracing`, `--service-tracing`, `wsbus service --tracing`.
+"""Tracing across processes: `wsbus serve --tracing` and `wsbus service --tracing`.
 
 A real gateway process on the Pyro bus, a real service process, a real WebSocket client:
 the spans each process exports (with the real OpenTelemetry SDK, set up by a module the
