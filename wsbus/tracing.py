@@ -130,6 +130,17 @@ class GatewayTracing:
         # (receive span, publish span) of the envelope being published, if any.
         pending: list[Span] = []
 
+        def _end(exc: BaseException | None = None) -> None:
+            # Ends the spans of the envelope being published: publish first, then receive.
+            if not pending:
+                return
+            receive, published = pending
+            pending.clear()
+            if exc is not None:
+                _failed(published, exc)
+            published.end()
+            receive.end()
+
         def traced_take(data: str | bytes, now: float, wall: float) -> Envelope | None:
             start = time.time_ns()
             envelope = take(data, now, wall)
@@ -165,16 +176,6 @@ class GatewayTracing:
                 _end()
             pending.extend((receive, published))
             return msgspec.structs.replace(envelope, headers=carrier)
-
-        def _end(exc: BaseException | None = None) -> None:
-            if not pending:
-                return
-            receive, published = pending
-            pending.clear()
-            if exc is not None:
-                _failed(published, exc)
-            published.end()
-            receive.end()
 
         traced_nowait: Callable[[Envelope], bool] | None = None
         if publish_nowait is not None:

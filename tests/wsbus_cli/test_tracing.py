@@ -2,7 +2,8 @@
 
 A real gateway process on the Pyro bus, a real service process, a real WebSocket client:
 the spans each process exports (with the real OpenTelemetry SDK, set up by a module the
-processes import) form one trace, the client's.
+processes import) form one trace, the client's. And the same with the service in the
+gateway's process (`wsbus serve --service-tracing --service ...`).
 """
 
 from __future__ import annotations
