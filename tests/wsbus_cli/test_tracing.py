@@ -1,6 +1,6 @@
 """Tracing across processes: `wsbus serve --tracing` and `wsbus service --tracing`.
 
-A real gateway process on the Pyro bus, a real service process, a real WebSocket client:
+A real gateway process on the Pyro or NATS bus, a real service process, a WebSocket client:
 the spans each process exports (with the real OpenTelemetry SDK, set up by a module the
 processes import) form one trace, the client's. And the same with the service in the
 gateway's process (`wsbus serve --service-tracing --service ...`).
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wsbus_cli.supervisor import Child, free_port
+from wsbus_nats.servers import NatsServer
 from wsbus_pyro import PyroConfig
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -92,44 +93,45 @@ def _assert_one_trace(spans: dict[str, dict[str, Any]]) -> None:
     assert deliver["parent"] == handle["id"]
 
 
-async def test_one_trace_through_a_gateway_and_a_service_process_on_pyro(
-    tmp_path: Path, wsbus_message_bus: Child, wsbus_pyro_config: PyroConfig
-) -> None:
+async def _gateway_and_service(
+    tmp_path: Path, bus: list[str], env: dict[str, str | None]
+) -> dict[str, dict[str, Any]]:
+    """Run `wsbus service --tracing` and `wsbus serve --tracing` on ``bus``; trace an echo."""
     (tmp_path / "otel_setup.py").write_text(SETUP, encoding="utf-8")
     spans_dir = tmp_path / "spans"
     spans_dir.mkdir()
-    pyro = ["--ns-host", wsbus_pyro_config.ns_host, "--ns-port", str(wsbus_pyro_config.ns_port)]
-    env: dict[str, str | None] = {"SPANS_DIR": str(spans_dir), "WSBUS_SECRET": None}
+    env = {**env, "SPANS_DIR": str(spans_dir)}
     app_dir = ["--app-dir", str(tmp_path)]
-    service = Child(["service", "otel_setup:Echo", "--tracing", *app_dir, *pyro], env=env)
+    service = Child(["service", "otel_setup:Echo", "--tracing", *app_dir, *bus], env=env)
     try:
         port = free_port()
-        gateway = Child(
-            [
-                "serve",
-                "--bus",
-                "pyro",
-                "--port",
-                str(port),
-                "--tracing",
-                "--plugin",
-                "otel_setup",
-                *app_dir,
-                *pyro,
-            ],
-            ready="listening on",
-            env=env,
-        )
+        serve = ["serve", "--port", str(port), "--tracing", "--plugin", "otel_setup"]
+        gateway = Child([*serve, *app_dir, *bus], ready="listening on", env=env)
         try:
             spans = await _traced_echo(port, spans_dir)
         finally:
             assert gateway.stop() == 0, gateway.text
     finally:
         service.stop()
-    _assert_one_trace(spans)
     # Each side exported its own spans: the gateway's three and the service's one.
-    files = {path.name: path.read_text(encoding="utf-8") for path in spans_dir.glob("*.jsonl")}
-    assert len(files) == 2
+    assert len(list(spans_dir.glob("*.jsonl"))) == 2
+    return spans
+
+
+async def test_one_trace_through_a_gateway_and_a_service_process_on_pyro(
+    tmp_path: Path, wsbus_message_bus: Child, wsbus_pyro_config: PyroConfig
+) -> None:
+    ns = ["--ns-host", wsbus_pyro_config.ns_host, "--ns-port", str(wsbus_pyro_config.ns_port)]
+    spans = await _gateway_and_service(tmp_path, ["--bus", "pyro", *ns], {"WSBUS_SECRET": None})
+    _assert_one_trace(spans)
+
+
+async def test_one_trace_through_a_gateway_and_a_service_process_on_nats(
+    tmp_path: Path, wsbus_nats_server: NatsServer
+) -> None:
+    bus = ["--bus", "nats", "--nats-url", wsbus_nats_server.url]
+    spans = await _gateway_and_service(tmp_path, bus, {})
+    _assert_one_trace(spans)
 
 
 async def test_one_trace_through_wsbus_serve_with_an_in_process_service(tmp_path: Path) -> None:
