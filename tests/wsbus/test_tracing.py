@@ -71,6 +71,12 @@ class Traced(Service):
         """Reply with what was sent."""
         ctx.reply(message.content)
 
+    @handles("ping.later")
+    async def ping_later(self, message: Envelope, ctx: Context) -> None:
+        """Reply after an await: the handler's span is still the current one."""
+        await asyncio.sleep(0.01)
+        ctx.reply(message.content)
+
     @handles("ping.sync")
     def ping_sync(self, message: Envelope, ctx: Context) -> None:
         """Reply from a worker thread."""
@@ -137,7 +143,7 @@ async def _wait_for(exporter: InMemorySpanExporter, name: str, count: int = 1) -
 
 
 @pytest.mark.parametrize("codec", [Codec.JSON, Codec.MSGPACK])
-@pytest.mark.parametrize("type_", ["ping", "ping.sync"])
+@pytest.mark.parametrize("type_", ["ping", "ping.later", "ping.sync"])
 async def test_a_client_traceparent_makes_one_trace_through_gateway_and_service(
     spans: InMemorySpanExporter, codec: Codec, type_: str
 ) -> None:
