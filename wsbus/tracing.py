@@ -38,7 +38,7 @@ try:
     from opentelemetry.context import Context as OtelContext
     from opentelemetry.trace import SpanKind, Status, StatusCode
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError as exc:  # pragma: no cover - the test environment has the extra
+except ImportError as exc:
     raise MissingExtra("otel") from exc
 
 if TYPE_CHECKING:

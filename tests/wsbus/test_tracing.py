@@ -32,6 +32,7 @@ from wsbus import (
     Gateway,
     GatewayConfig,
     MemoryBus,
+    MissingExtra,
     Recipients,
     Service,
     handles,
@@ -453,3 +454,17 @@ def test_tracing_off_never_imports_opentelemetry() -> None:
         check=True,
     )
     assert result.stdout.split("\n")[:2] == [TRACE_ID, "[]"], result.stderr
+
+
+async def test_tracing_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if OpenTelemetry were not installed: importing it raises ImportError.
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    monkeypatch.delitem(sys.modules, "wsbus.tracing", raising=False)
+    with pytest.raises(MissingExtra) as info:
+        Gateway(MemoryBus(), config=GatewayConfig(tracing=True), entry_points=False)
+    assert "pip install 'wsbus[otel]'" in str(info.value)
+    with pytest.raises(MissingExtra):
+        ServiceRunner(Traced(), lambda envelope: None)
+    # Off, nothing needs it.
+    ServiceRunner(Traced(), lambda envelope: None, tracing=False)
+    Gateway(MemoryBus(), config=GatewayConfig(), entry_points=False)
