@@ -150,23 +150,20 @@ class GatewayTracing:
             headers = envelope.headers
             attributes = {
                 "messaging.system": SYSTEM,
+                "messaging.operation.name": "receive",
                 "messaging.destination.name": envelope.type,
                 "messaging.message.id": envelope.id,
                 "wsbus.conn_id": conn_id,
                 "wsbus.node": node,
             }
             receive = tracer.start_span(
-                "wsbus receive",
-                _parent(headers),
-                receive_kind,
-                {**attributes, "messaging.operation.name": "receive"},
-                start_time=start,
+                "wsbus receive", _parent(headers), receive_kind, attributes, start_time=start
             )
+            # A copy: a tracer implementation may keep the dict it was given.
+            attributes = attributes.copy()
+            attributes["messaging.operation.name"] = "publish"
             published = tracer.start_span(
-                "wsbus publish",
-                set_span(receive),
-                publish_kind,
-                {**attributes, "messaging.operation.name": "publish"},
+                "wsbus publish", set_span(receive), publish_kind, attributes
             )
             carrier = {k: v for k, v in headers.items() if k not in TRACE_HEADERS}
             inject(carrier, set_span(published))

@@ -174,6 +174,9 @@ async def test_a_client_traceparent_makes_one_trace_through_gateway_and_service(
     assert receive.attributes is not None and receive.attributes["wsbus.conn_id"] == client.conn_id
     assert receive.attributes["messaging.destination.name"] == type_
     assert receive.attributes["messaging.message.id"] == "f1"
+    assert receive.attributes["messaging.operation.name"] == "receive"
+    assert publish.attributes is not None
+    assert publish.attributes["messaging.operation.name"] == "publish"
     assert handle.attributes is not None and handle.attributes["wsbus.service"] == "traced"
     assert deliver.attributes is not None and deliver.attributes["wsbus.deliveries"] == 1
     assert deliver.attributes["messaging.destination.name"] == f"{type_}.reply"
