@@ -421,6 +421,19 @@ async def test_tracing_off_makes_no_span_and_still_carries_the_context(
     assert spans.get_finished_spans() == ()
 
 
+async def test_a_tracing_service_behind_a_gateway_that_does_not_continues_the_client_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with Gateway(MemoryBus([Traced()]), config=GatewayConfig(node="gw")) as gateway:
+        client, task = await _client(gateway)
+        client.send("ping", None, traceparent=TRACEPARENT)
+        assert (await client.receive())["type"] == "ping.reply"
+        task.cancel()
+    (handle,) = spans.get_finished_spans()
+    assert handle.name == "wsbus handle"
+    assert _parent_of(handle) == int(PARENT_ID, 16) and _trace(handle) == int(TRACE_ID, 16)
+
+
 def test_tracing_off_never_imports_opentelemetry() -> None:
     """A gateway and a service, tracing off, in a fresh interpreter."""
     code = textwrap.dedent(
