@@ -1,6 +1,7 @@
 """The gateway's own CPU per client frame, without a socket: ``python -m bench.gateway_cost``.
 
     python -m bench.gateway_cost [--clients 10] [--frames 10000] [--chunk 100] [--repeat 6]
+                                 [--tracing off|api|sdk]
 
 A gateway runs in this process as ``python -m bench``'s wsbus server runs it (the in-memory
 bus with the service that counts, the default settings but the raised rate limit). Its
@@ -11,6 +12,11 @@ generator sharing the process. The figure is this thread's CPU time per frame (n
 wall clock), the median of ``--repeat`` runs; each run is made twice, the reader taking
 the frames of a turn together (``ReceivesBatch``, as both edges do) and one at a time, in
 alternating order. docs/performance.md ("Why the ingest bar is not met") uses it.
+
+``--tracing`` turns tracing on in the gateway and the service (docs/tracing.md): ``api``
+with OpenTelemetry's API alone (no SDK: every span is a no-op one, what wsbus itself adds),
+``sdk`` with the SDK recording every span and handing it to an exporter that drops it (what
+a traced deployment pays before its exporter's own work). Off, OpenTelemetry is not imported.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
+
+import msgspec
 
 from bench.servers import _bus_options, _gateway_config, bench_service
 from wsbus import Codec, ConnectionClosed, Gateway, MemoryBus
@@ -125,12 +133,37 @@ async def one_run(
     return spent / (clients * frames) * 1e6
 
 
-async def measure(clients: int, frames: int, chunk: int, repeat: int) -> dict[str, list[float]]:
+def _install_sdk() -> None:
+    """Record every span with OpenTelemetry's SDK, and drop it at export."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    trace.set_tracer_provider(provider)
+
+
+async def measure(
+    clients: int, frames: int, chunk: int, repeat: int, tracing: str = "off"
+) -> dict[str, list[float]]:
     """Run both kinds of connection ``repeat`` times each, alternating which goes first."""
     service = bench_service()
-    gateway = Gateway(
-        MemoryBus([service], **_bus_options()), config=_gateway_config(), entry_points=False
-    )
+    config = _gateway_config()
+    if tracing != "off":
+        if tracing == "sdk":
+            _install_sdk()
+        service.tracing = True
+        config = msgspec.structs.replace(config, tracing=True)
+    gateway = Gateway(MemoryBus([service], **_bus_options()), config=config, entry_points=False)
     await gateway.start()
     runs: dict[str, list[float]] = {"together": [], "one at a time": []}
     kinds: list[tuple[str, type[OneAtATime]]] = [
@@ -153,11 +186,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=10000, help="frames per client")
     parser.add_argument("--chunk", type=int, default=100, help="frames per client per turn")
     parser.add_argument("--repeat", type=int, default=6)
+    parser.add_argument(
+        "--tracing",
+        choices=("off", "api", "sdk"),
+        default="off",
+        help="tracing in the gateway and the service: off, on with the API alone, on with the SDK",
+    )
     args = parser.parse_args(argv)
-    runs = asyncio.run(measure(args.clients, args.frames, args.chunk, args.repeat))
+    runs = asyncio.run(measure(args.clients, args.frames, args.chunk, args.repeat, args.tracing))
     print(
-        f"{args.clients} clients x {args.frames} frames, {args.chunk} a turn: "
-        "the gateway's CPU per frame (us), median and runs"
+        f"{args.clients} clients x {args.frames} frames, {args.chunk} a turn, tracing "
+        f"{args.tracing}: the gateway's CPU per frame (us), median and runs"
     )
     for name, values in runs.items():
         shown = ", ".join(f"{v:.2f}" for v in sorted(values))

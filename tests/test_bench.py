@@ -367,11 +367,14 @@ def test_the_profile_names_the_ingest_paths_top_frames(loop: str, tmp_path: Path
     assert pstats.Stats(str(stats)).total_calls > 0  # type: ignore[attr-defined]
 
 
-def test_the_gateway_cost_harness_measures_both_ways_of_reading() -> None:
+@pytest.mark.parametrize("tracing", ["off", "api", "sdk"])
+def test_the_gateway_cost_harness_measures_both_ways_of_reading(tracing: str) -> None:
     out = _run(
-        "bench.gateway_cost", "--clients", "2", "--frames", "200", "--chunk", "50", "--repeat", "2"
+        "bench.gateway_cost",
+        *("--clients", "2", "--frames", "200", "--chunk", "50", "--repeat", "2"),
+        *("--tracing", tracing),
     )
-    assert "2 clients x 200 frames, 50 a turn" in out, out
+    assert f"2 clients x 200 frames, 50 a turn, tracing {tracing}" in out, out
     for name in ("together", "one at a time"):
         line = next(line for line in out.splitlines() if line.strip().startswith(name))
         median = line.strip()[len(name) :].split("[")[0]  # "<name>  <median>   [<runs>]"

@@ -32,7 +32,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import msgspec
 
@@ -68,6 +68,9 @@ from .router import Router
 from .session import CloseCode, Session
 from .stats import Counters, Stats
 from .wire import CLIENT_CONTROL_TYPES, Rejection, WireLimits, decode_client_frame
+
+if TYPE_CHECKING:
+    from .tracing import GatewayTracing
 
 __all__ = ["CloseCode", "Gateway", "GatewayConfig", "ResumeSettings", "Stats"]
 
@@ -184,6 +187,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         presence_frames: patterns of the groups whose members get ``wsbus.presence``
             frames when other members join or leave.
         resume: how clients resume a session after a reconnect.
+        tracing: make OpenTelemetry spans for client frames (receive, publish) and for
+            envelopes from the bus (deliver), carrying W3C trace context in envelope
+            headers (docs/tracing.md). Needs ``pip install 'wsbus[otel]'``; off, the gateway
+            never imports OpenTelemetry and pays nothing per message.
     """
 
     node: str | None = None
@@ -208,6 +215,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     history: HistoryConfig = HistoryConfig()
     presence_frames: tuple[str, ...] = ()
     resume: ResumeSettings = ResumeSettings()
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         if (
@@ -564,6 +572,14 @@ class Gateway:
             presence_frames=self.config.presence_frames,
         )
         self._outbound.post = self._post_reports
+        # Tracing is chosen once, here and per connection (_read): off, nothing per message.
+        self._tracing: GatewayTracing | None = None
+        if self.config.tracing:
+            from .tracing import GatewayTracing
+
+            self._tracing = GatewayTracing(self._node, self._counters)
+            # The bus calls gateway.deliver: the traced one, from the start.
+            self.deliver = self._tracing.deliverer(self.deliver)  # type: ignore[method-assign,assignment]
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._publish_nowait: Callable[[Envelope], bool] | None = None
         self._availability: ReportsAvailability | None = None
@@ -864,7 +880,13 @@ class Gateway:
         ):
             publish_fresh, wait_fresh = bus.publish_fresh_nowait, bus.publish_fresh
         hooks = self.hooks
-        take = session.receive
+        take: Callable[[str | bytes, float, float], Envelope | None] = session.receive
+        wait_publish: Callable[[Envelope], Awaitable[None]] | None = None
+        if self._tracing is not None:
+            take, publish_nowait, wait_publish = self._tracing.reader(
+                session.conn_id, take, publish_nowait, bus.publish
+            )
+            publish_fresh = None  # the traced publishes replace the envelope's headers
         loop = asyncio.get_running_loop()
         # asyncio's own loop.time is time.monotonic(): called directly, a Python frame less
         # per frame (another loop, uvloop's, keeps its own clock).
@@ -919,7 +941,7 @@ class Gateway:
                     if envelope is None:
                         continue
                     if publish_nowait is None:
-                        await self._publish(session, envelope)
+                        await self._publish(session, envelope, wait_publish)
                         stale = True
                         continue
                     frame_id = session.frame_id
@@ -939,7 +961,7 @@ class Gateway:
                             if wait_fresh is not None and fresh is not None:
                                 await self._publish(session, envelope, wait_fresh)
                             else:
-                                await self._publish(session, envelope)
+                                await self._publish(session, envelope, wait_publish)
                             stale = True
                         elif frame_id is None and self._bus_down_since is None:
                             # _published, when it has nothing else to do.

@@ -130,9 +130,16 @@ class Service:
             messages carry ``ServiceAddress(name)`` as sender, and clients see it in ``from``.
         link: the service's connection to the bus, set once it is running; use it to send
             outside a handler.
+        tracing: make an OpenTelemetry span for each message a handler takes, a child of
+            the trace context the message carries, and carry the current span's context
+            on in what the service sends (docs/tracing.md). Needs
+            ``pip install 'wsbus[otel]'``. Set it on the class, on an instance before it
+            is run, or with ``wsbus service --tracing``; a runner's ``tracing`` argument
+            overrides it.
     """
 
     name: ClassVar[str] = ""
+    tracing: bool = False
     _handlers: ClassVar[dict[str, str]] = {}
     link: ServiceLink
 
@@ -210,6 +217,8 @@ class ServiceLink:
         # When the last forgery was logged (monotonic), and how many were dropped since.
         self._forged_logged: float | None = None
         self._forged_quiet = 0
+        # Set by a tracing runner: adds the current span's context to what is sent.
+        self._trace: Callable[[dict[str, str]], dict[str, str]] | None = None
 
     # -- sending -------------------------------------------------------------------------
 
@@ -352,6 +361,10 @@ class ServiceLink:
         to: ServiceAddress | GatewayAddress | None = None,
         id: EnvelopeId | None = None,
     ) -> EnvelopeId:
+        if headers is None:
+            headers = {}
+        if self._trace is not None:
+            headers = self._trace(headers)
         envelope = Envelope(
             id=id if id is not None else self._ids(),
             type=type,
@@ -359,7 +372,7 @@ class ServiceLink:
             content=content,
             recipients=recipients,
             reply_to=reply_to,
-            headers=headers if headers is not None else {},
+            headers=headers,
             created=time.time(),
             to=to,
         )
@@ -830,6 +843,12 @@ class ServiceRunner:
             private asyncio functions, in CPython 3.11 to 3.13 (asyncio's loop or
             uvloop); where they are missing (:func:`eager_dispatch_available`), the
             runner queues every message, as without it.
+        tracing: make a span per handled message and carry trace context on in what the
+            service sends (see :attr:`Service.tracing`, which None defers to). Chosen
+            here, once: off, nothing is done per message.
+
+    Raises:
+        MissingExtra: tracing is on and OpenTelemetry is not installed (``wsbus[otel]``).
     """
 
     def __init__(
@@ -842,6 +861,7 @@ class ServiceRunner:
         gateways: GatewayNodes | None = None,
         finished: Finished | None = None,
         eager: bool = False,
+        tracing: bool | None = None,
     ) -> None:
         self.service = service
         self.name = service.name
@@ -899,6 +919,19 @@ class ServiceRunner:
         for type_, attr in service._handlers.items():
             method = getattr(service, attr)
             self._dispatch[type_] = (method, inspect.iscoroutinefunction(method))
+        if service.tracing if tracing is None else tracing:
+            self._trace_handlers()
+
+    def _trace_handlers(self) -> None:
+        """Wrap every handler in a span and trace what the link sends (tracing on)."""
+        from .tracing import ServiceTracing
+
+        tracing = ServiceTracing(self.name)
+        self.link._trace = tracing.inject
+        self._dispatch = {
+            type_: (tracing.handler(method, is_async), is_async)
+            for type_, (method, is_async) in self._dispatch.items()
+        }
 
     def accept(self, envelope: Envelope) -> None:
         """Take one envelope for this service. Call on the runner's loop thread.

@@ -120,6 +120,14 @@ def _ref(data: str | bytes, codec: Codec) -> str | None:
     return frame_id(data, codec)
 
 
+def _trace_headers(traceparent: str, frame: ClientFrame) -> dict[str, str]:
+    """Return the envelope headers that carry a frame's W3C trace context (checked by wire)."""
+    headers = {"traceparent": traceparent}
+    if frame.tracestate is not None:
+        headers["tracestate"] = frame.tracestate
+    return headers
+
+
 class Driver(Protocol):
     """What a session asks of the code that does its I/O (the gateway, or a test's fake).
 
@@ -292,7 +300,9 @@ class Session:
             frame.content,
             None,
             frame.reply_to,
-            {},
+            # A client's W3C trace context travels on in the headers (docs/tracing.md);
+            # the one look per frame at it.
+            {} if frame.traceparent is None else _trace_headers(frame.traceparent, frame),
             wall,
         )
         if self._hooks.inbound_hooks:

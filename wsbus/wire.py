@@ -5,8 +5,9 @@ Everything here is pure: bytes in, a :class:`ClientFrame` or a :class:`Rejection
 answer every bad frame with an error code and keep the connection open.
 
 Two codecs share one data model (JSON's): ``wsbus.v1.json`` in text frames and
-``wsbus.v1.msgpack`` in binary frames. A client frame is one object with exactly the keys
-``type``, ``content``, ``id`` and ``reply_to``; see ``docs/protocol.md``.
+``wsbus.v1.msgpack`` in binary frames. A client frame is one object with the keys ``type``,
+``content``, ``id`` and ``reply_to``, and, to carry a W3C trace context, ``traceparent`` and
+``tracestate``; no others. See ``docs/protocol.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import msgspec
 __all__ = [
     "CLIENT_CONTROL_TYPES",
     "MAX_SAFE_INTEGER",
+    "MAX_TRACESTATE",
     "ClientFrame",
     "Codec",
     "ErrorCode",
@@ -38,6 +40,8 @@ __all__ = [
     "encode_server_frame",
     "frame_decoder",
     "frame_id",
+    "is_traceparent",
+    "is_tracestate",
     "negotiate",
 ]
 
@@ -125,7 +129,21 @@ MAX_SAFE_INTEGER: Final = 2**53 - 1
 """The largest integer a JavaScript client reads exactly: ``WireLimits.max_integer``'s default."""
 _TYPE_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FRAME_KEYS: Final = frozenset({"type", "content", "id", "reply_to"})
+# The W3C trace context a client may send along (docs/tracing.md). The fast paths know only
+# _FRAME_KEYS: a frame carrying these takes the full path, so frames without them pay nothing.
+_TRACE_KEYS: Final = frozenset({"traceparent", "tracestate"})
+_ALL_FRAME_KEYS: Final = _FRAME_KEYS | _TRACE_KEYS
 _MAX_ID_LEN: Final = 64
+
+MAX_TRACESTATE: Final = 512
+"""The longest ``tracestate`` a client frame may carry, in characters (W3C's 512)."""
+_TRACEPARENT_RE: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# One tracestate list member: key=value, W3C Trace Context level 1, section 3.3.1.
+_TRACESTATE_MEMBER_RE: Final = re.compile(
+    r"(?:[a-z0-9][_0-9a-z*/-]{0,240}@[a-z][_0-9a-z*/-]{0,13}|[a-z][_0-9a-z*/-]{0,255})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+_MAX_TRACESTATE_MEMBERS: Final = 32
 
 
 class WireLimits(msgspec.Struct, frozen=True):
@@ -161,12 +179,16 @@ class ClientFrame(msgspec.Struct, frozen=True, gc=False):
         content: the payload, within the structure caps.
         id: the client's id for the frame; the gateway acks it once the bus took it.
         reply_to: the id of a gateway-sent message this frame answers.
+        traceparent: the W3C ``traceparent`` the client sent, checked (docs/tracing.md).
+        tracestate: the W3C ``tracestate`` sent with it, checked.
     """
 
     type: str
     content: Any = None
     id: str | None = None
     reply_to: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class Rejection(msgspec.Struct, frozen=True):
@@ -846,8 +868,8 @@ def _check_frame(
         keys = _check_value(obj, limits, ref)
     if declared != keys:
         raise _Reject(ErrorCode.MALFORMED, "an object has a duplicate key", ref)
-    if not _FRAME_KEYS.issuperset(obj):
-        name = min(obj.keys() - _FRAME_KEYS, key=repr)
+    if not _ALL_FRAME_KEYS.issuperset(obj):
+        name = min(obj.keys() - _ALL_FRAME_KEYS, key=repr)
         raise _Reject(ErrorCode.UNKNOWN_FIELD, f"unknown field {_show(name)}", ref)
     type_ = obj.get("type")
     if type_ is None:
@@ -862,7 +884,78 @@ def _check_frame(
         raise _Reject(ErrorCode.RESERVED_TYPE, "types starting with 'wsbus.' are reserved", ref)
     id_ = _optional_id(obj, "id", ref)
     reply_to = _optional_id(obj, "reply_to", ref)
+    if "traceparent" in obj or "tracestate" in obj:
+        traceparent, tracestate = _trace_context(obj, ref)
+        return ClientFrame(type_, obj.get("content"), id_, reply_to, traceparent, tracestate)
     return ClientFrame(type_, obj.get("content"), id_, reply_to)
+
+
+def _trace_context(obj: dict[str, Any], ref: str | None) -> tuple[str, str | None]:
+    """Check a frame's W3C trace context; return (traceparent, tracestate).
+
+    Strict, and bounded by the fields' lengths: a value that does not follow W3C Trace
+    Context is refused with ``invalid_message``, as an ill-formed ``id`` is, so that a
+    client with a broken tracer learns of it rather than losing its traces silently.
+    """
+    traceparent = obj.get("traceparent")
+    if not (type(traceparent) is str and is_traceparent(traceparent)):
+        message = (
+            "field `traceparent` must be a W3C traceparent: "
+            "<2 hex>-<32 hex>-<16 hex>-<2 hex>, lower case, ids not all zeros"
+            if "traceparent" in obj
+            else "field `tracestate` needs a `traceparent`"
+        )
+        raise _Reject(ErrorCode.INVALID_MESSAGE, message, ref)
+    if "tracestate" not in obj:
+        return traceparent, None
+    tracestate = obj["tracestate"]
+    if not (type(tracestate) is str and is_tracestate(tracestate)):
+        raise _Reject(
+            ErrorCode.INVALID_MESSAGE,
+            f"field `tracestate` must be a W3C tracestate of at most {MAX_TRACESTATE} "
+            f"characters and {_MAX_TRACESTATE_MEMBERS} key=value members",
+            ref,
+        )
+    return traceparent, tracestate
+
+
+def is_traceparent(value: str) -> bool:
+    """Tell whether ``value`` is a W3C ``traceparent`` wsbus accepts from a client.
+
+    The 55-character form ``version-trace_id-parent_id-flags`` in lower-case hex: version
+    ``ff`` is invalid, and neither id may be all zeros (W3C Trace Context, section 3.2).
+    Costs at most one look at 55 characters, whatever ``value`` holds.
+    """
+    return (
+        len(value) == 55
+        and _TRACEPARENT_RE.fullmatch(value) is not None
+        and not value.startswith("ff")
+        and value[3:35] != "0" * 32
+        and value[36:52] != "0" * 16
+    )
+
+
+def is_tracestate(value: str) -> bool:
+    """Tell whether ``value`` is a W3C ``tracestate`` wsbus accepts from a client.
+
+    At most :data:`MAX_TRACESTATE` characters, and at most 32 comma-separated ``key=value``
+    members (W3C Trace Context, section 3.3), each key at most once; empty members and
+    spaces or tabs around members are allowed. Linear in its (bounded) length.
+    """
+    if len(value) > MAX_TRACESTATE:
+        return False
+    keys: set[str] = set()
+    for part in value.split(","):
+        member = part.strip(" \t")
+        if not member:
+            continue
+        if _TRACESTATE_MEMBER_RE.fullmatch(member) is None:
+            return False
+        key = member.partition("=")[0]
+        if key in keys:
+            return False
+        keys.add(key)
+    return 0 < len(keys) <= _MAX_TRACESTATE_MEMBERS
 
 
 _EXT_MESSAGE: Final = "MessagePack extension types are not accepted"

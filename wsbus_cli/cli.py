@@ -160,6 +160,8 @@ _FLAG_SETTINGS = {
     "burst": ("gateway.burst", "--burst"),
     "alias_policy": ("gateway.alias_policy", "--alias-policy"),
     "allow_anonymous": ("gateway.allow_anonymous", "--no-anonymous"),
+    "tracing": ("gateway.tracing", "--tracing"),
+    "service_tracing": ("serve.service_tracing", "--service-tracing"),
 }
 
 
@@ -304,6 +306,20 @@ def _build_parser() -> _Parser:
         help="refuse clients no authentication plugin accepted (see $WSBUS_TOKENS)",
     )
     serve.add_argument("--node", type=_node, default=None, help="this gateway's node id (random)")
+    serve.add_argument(
+        "--tracing",
+        action="store_const",
+        const=True,
+        default=None,
+        help="make OpenTelemetry spans in the gateway (pip install 'wsbus[otel]')",
+    )
+    serve.add_argument(
+        "--service-tracing",
+        action="store_const",
+        const=True,
+        default=None,
+        help="make OpenTelemetry spans in the --service services too",
+    )
     found.call("wsbus_cli_options", command="serve", parser=serve)
 
     process_buses = sorted(
@@ -332,6 +348,14 @@ def _build_parser() -> _Parser:
         default=None,
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics there (127.0.0.1 when only a port; needs wsbus[metrics])",
+    )
+    service.add_argument(
+        "--tracing",
+        dest="service_tracing",
+        action="store_const",
+        const=True,
+        default=None,
+        help="make OpenTelemetry spans in the service (pip install 'wsbus[otel]')",
     )
     found.call("wsbus_cli_options", command="service", parser=service)
 
@@ -595,6 +619,8 @@ def _service(args: argparse.Namespace) -> None:
         )
     use_app_dir(settings.serve.app_dir)
     instance = load_service_spec(args.spec, "")
+    if settings.serve.service_tracing:
+        instance.tracing = True
     config = getattr(settings, adapter.section.name) if adapter.section else None
     stop_metrics = _process_metrics(args.metrics, f"service {instance.name!r}")
     try:
@@ -630,6 +656,9 @@ async def _serve(settings: Settings) -> None:
     adapter = find_bus(settings.serve.bus)
     edge = find_edge(settings.serve.edge)
     services = [load_service_spec(spec) for spec in settings.serve.services]
+    if settings.serve.service_tracing:
+        for service in services:
+            service.tracing = True
     bus_config = getattr(settings, adapter.section.name) if adapter.section else None
     edge_config = getattr(settings, edge.section.name) if edge.section else None
     async with adapter.open(bus_config, services) as bus:

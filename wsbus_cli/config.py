@@ -126,6 +126,10 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
         loop: the event loop the gateway runs on: ``asyncio`` (the standard library's) or
             ``uvloop`` (needs ``pip install 'wsbus[uvloop]'``; docs/performance.md says
             where it helps).
+        service_tracing: the services this command runs (``services``, or the one
+            ``wsbus service`` runs) make OpenTelemetry spans and carry trace context on
+            (``wsbus.Service.tracing``; needs ``pip install 'wsbus[otel]'``, and an SDK
+            configured: docs/tracing.md). The gateway's own spans are ``gateway.tracing``.
     """
 
     bus: str = "memory"
@@ -136,6 +140,7 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
     app_dir: str = "."
     edge: str = "websockets"
     loop: Literal["asyncio", "uvloop"] = "asyncio"
+    service_tracing: bool = False
 
     def __post_init__(self) -> None:
         check_port("serve.port", self.port)
@@ -671,6 +676,8 @@ FLAGS: Final = {
     "gateway.burst": "--burst",
     "gateway.alias_policy": "--alias-policy",
     "gateway.allow_anonymous": "--no-anonymous",
+    "gateway.tracing": "--tracing",
+    "serve.service_tracing": "--service-tracing, wsbus service --tracing",
     "auth.tokens": "$WSBUS_TOKENS",
     "gateway.resume.secret": "$WSBUS_RESUME_SECRET",
 }

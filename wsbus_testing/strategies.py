@@ -29,7 +29,7 @@ from wsbus.envelope import (
     Recipients,
     ServiceAddress,
 )
-from wsbus.wire import MAX_SAFE_INTEGER, Codec
+from wsbus.wire import MAX_SAFE_INTEGER, MAX_TRACESTATE, Codec, is_traceparent, is_tracestate
 
 __all__ = [
     "addresses",
@@ -44,6 +44,8 @@ __all__ = [
     "recipients",
     "registry_operations",
     "spoof_keys",
+    "traceparents",
+    "tracestates",
 ]
 
 _TYPE_ALPHABET = "ABCXYZabcxyz0123456789._:-"
@@ -147,6 +149,8 @@ def spoof_keys() -> st.SearchStrategy[str]:
             "recipients",
             "to",
             "headers",
+            "Traceparent",
+            "baggage",
             "created",
             "type\u0000",
             "",
@@ -397,3 +401,76 @@ def registry_operations(
         st.tuples(st.just("join"), ids, name_st),
         st.tuples(st.just("leave"), ids, name_st),
     )
+
+
+def _hex(size: int) -> st.SearchStrategy[str]:
+    return st.text("0123456789abcdef", min_size=size, max_size=size)
+
+
+def traceparents(*, valid: bool = True) -> st.SearchStrategy[str]:
+    """W3C ``traceparent`` values a gateway takes; with ``valid=False``, ones it refuses.
+
+    The invalid ones are what a broken or hostile client sends: near misses (a character
+    changed, dropped or added, upper-case hex, other separators, all-zero ids, version
+    ``ff``, look-alike digits from other scripts) and strings far from any (empty, long,
+    any text).
+    """
+    good = st.builds(
+        lambda version, trace_id, parent_id, flags: f"{version}-{trace_id}-{parent_id}-{flags}",
+        _hex(2).filter(lambda v: v != "ff"),
+        _hex(32).filter(lambda t: t != "0" * 32),
+        _hex(16).filter(lambda p: p != "0" * 16),
+        _hex(2),
+    )
+    if valid:
+        return good
+    near = st.one_of(
+        st.builds(
+            lambda value, at, char: value[:at] + char + value[at + 1 :],
+            good,
+            st.integers(0, 54),
+            st.characters(codec="utf-8"),
+        ),
+        st.builds(lambda value, at: value[:at] + value[at + 1 :], good, st.integers(0, 54)),
+        st.builds(lambda value, char: value + char, good, st.characters(codec="utf-8")),
+        good.map(str.upper),
+        good.map(lambda value: value.replace("-", "_")),
+        good.map(lambda value: "ff" + value[2:]),
+        good.map(lambda value: value[:3] + "0" * 32 + value[35:]),
+        good.map(lambda value: value[:36] + "0" * 16 + value[52:]),
+        # Arabic-Indic and full-width digits: str.isdigit() says yes to them.
+        good.map(lambda value: value.replace("1", "\u0661").replace("2", "\uff12")),
+    )
+    far = st.one_of(
+        st.just(""),
+        st.text(max_size=80),
+        st.text("0123456789abcdef-", min_size=56, max_size=4096),
+    )
+    return st.one_of(near, far).filter(lambda value: not is_traceparent(value))
+
+
+def tracestates(*, valid: bool = True) -> st.SearchStrategy[str]:
+    """W3C ``tracestate`` values a gateway takes; with ``valid=False``, ones it refuses."""
+    key = st.one_of(
+        st.from_regex(r"[a-z][a-z0-9_*/-]{0,20}", fullmatch=True),
+        st.from_regex(r"[a-z0-9][a-z0-9_*/-]{0,10}@[a-z][a-z0-9_*/-]{0,12}", fullmatch=True),
+    )
+    value = st.from_regex(
+        r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,20}[\x21-\x2b\x2d-\x3c\x3e-\x7e]", fullmatch=True
+    )
+    good = (
+        st.dictionaries(key, value, min_size=1, max_size=32)
+        .map(lambda members: ",".join(f"{k}={v}" for k, v in members.items()))
+        .filter(lambda state: len(state) <= MAX_TRACESTATE)
+    )
+    if valid:
+        return good
+    bad = st.one_of(
+        good.map(lambda state: state + "," + state),  # every key twice
+        good.map(str.upper),
+        good.map(lambda state: state + "="),
+        st.just("k=" + "v" * MAX_TRACESTATE),
+        st.just(",".join(f"k{i}=v" for i in range(33))),
+        st.text(max_size=80),
+    )
+    return bad.filter(lambda state: not is_tracestate(state))

@@ -303,3 +303,23 @@ def test_history_and_resume_tables_and_the_resume_secret(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_settings(path, environ={"WSBUS_RESUME_SECRET": "not-hex-" + secret})
     assert "32 hex digits" in str(info.value) and secret not in str(info.value)
+
+
+def test_tracing_settings_from_the_file_and_the_flags(tmp_path: Path) -> None:
+    from wsbus_cli.cli import build_parser, flag_settings, settings_from_args
+
+    path = write(tmp_path, "[gateway]\ntracing = true\n[serve]\nservice_tracing = true\n")
+    settings = load_settings(path)
+    assert settings.gateway.tracing is True and settings.serve.service_tracing is True
+    assert load_settings(None).gateway.tracing is False
+    parser = build_parser()
+    for argv, gateway, services in [
+        (["serve"], False, False),
+        (["serve", "--tracing"], True, False),
+        (["serve", "--service-tracing"], False, True),
+        (["service", "m:C", "--tracing"], False, True),
+    ]:
+        args = parser.parse_args(argv)
+        args._flags = flag_settings(args)
+        settings = settings_from_args(args)
+        assert (settings.gateway.tracing, settings.serve.service_tracing) == (gateway, services)
