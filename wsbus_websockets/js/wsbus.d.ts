@@ -208,6 +208,10 @@ export interface SendOptions {
   id?: string;
   /** The id of the gateway frame this one answers. */
   replyTo?: string;
+  /** W3C Trace Context `traceparent`: the server's spans continue this trace (docs/tracing.md). */
+  traceparent?: string;
+  /** W3C Trace Context `tracestate`, only with `traceparent`. */
+  tracestate?: string;
 }
 
 /** The options of `client.request`. */
@@ -216,6 +220,10 @@ export interface RequestOptions {
   wait?: "reply" | "ack";
   /** Milliseconds before the promise rejects with WsbusTimeout (default 10000). */
   timeout?: number;
+  /** W3C Trace Context `traceparent`: the server's spans continue this trace (docs/tracing.md). */
+  traceparent?: string;
+  /** W3C Trace Context `tracestate`, only with `traceparent`. */
+  tracestate?: string;
 }
 
 /** A handler of `client.on`; a promise it returns delays the acknowledgement of ackTypes frames. */

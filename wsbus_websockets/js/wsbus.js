@@ -488,9 +488,19 @@ export class WsbusClient extends EventTarget {
     return "b" + this._nextId++;
   }
 
-  /** Send a message; does not wait. Throws WsbusClosed when not connected. */
-  send(type, content = null, { id = undefined, replyTo = undefined } = {}) {
+  /**
+   * Send a message; does not wait. Throws WsbusClosed when not connected. traceparent and
+   * tracestate (W3C Trace Context) continue a trace on the server (docs/tracing.md); the
+   * gateway refuses the frame (invalid_message) when they are not in W3C form.
+   */
+  send(
+    type,
+    content = null,
+    { id = undefined, replyTo = undefined, traceparent = undefined, tracestate = undefined } = {},
+  ) {
     const frame = { type, content };
+    if (traceparent !== undefined) frame.traceparent = traceparent;
+    if (tracestate !== undefined) frame.tracestate = tracestate;
     if (id !== undefined) {
       frame.id = id;
       this._sentTypes.set(id, type);
@@ -514,7 +524,11 @@ export class WsbusClient extends EventTarget {
    * (wait "reply", the default) or the wsbus.ack (wait "ack"). Rejects with WsbusError on
    * a wsbus.error, with WsbusClosed if the connection closes, or on timeout.
    */
-  request(type, content = null, { wait = "reply", timeout = 10000 } = {}) {
+  request(
+    type,
+    content = null,
+    { wait = "reply", timeout = 10000, traceparent = undefined, tracestate = undefined } = {},
+  ) {
     const id = this.nextId();
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -523,7 +537,7 @@ export class WsbusClient extends EventTarget {
       }, timeout);
       this._pending.set(id, { resolve, reject, wait, timer });
       try {
-        this.send(type, content, { id });
+        this.send(type, content, { id, traceparent, tracestate });
       } catch (err) {
         clearTimeout(timer);
         this._pending.delete(id);

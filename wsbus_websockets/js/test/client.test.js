@@ -83,6 +83,21 @@ test("request and reply with the echo service; acks; refusals are WsbusErrors", 
   await assert.rejects(c.request("echo", 1), WsbusClosed);
 });
 
+test("a W3C traceparent travels with a message; a malformed one is refused", T, async () => {
+  const c = client();
+  await within(c.connect(), 20000, "connect");
+  const traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const reply = await c.request("echo", "traced", { traceparent, tracestate: "vendor=1" });
+  assert.equal(reply.type, "echo.reply");
+  assert.deepEqual(reply.content.content, "traced");
+  await assert.rejects(c.request("echo", "bad", { traceparent: "00-nope" }), (err) => {
+    assert.ok(err instanceof WsbusError);
+    assert.equal(err.code, "invalid_message");
+    assert.match(err.message, /traceparent/);
+    return true;
+  });
+});
+
 test("on and off: handlers by type and for every frame", T, async () => {
   const c = client();
   await within(c.connect(), 20000, "connect");

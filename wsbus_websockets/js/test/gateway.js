@@ -33,7 +33,10 @@ runpy.run_module("wsbus_cli", run_name="__main__", alter_sys=True)
 
 /** The Python that runs the gateway. */
 export function python() {
-  if (process.env.WSBUS_PYTHON) return process.env.WSBUS_PYTHON;
+  const given = process.env.WSBUS_PYTHON;
+  // A path is taken from where the tests were started (`npm test` in this folder), not
+  // from the repository root the gateway runs in: ../../.venv/bin/python works as written.
+  if (given) return given.includes(path.sep) ? path.resolve(given) : given;
   const venv = path.join(ROOT, ".venv", "bin", "python");
   return existsSync(venv) ? venv : "python3";
 }
@@ -96,6 +99,11 @@ export async function startGateway({ port = 0, args = [], env = {}, timeout = 60
     child.once("exit", (code, signal) => {
       running.delete(child);
       resolve(code ?? signal);
+    });
+    // A Python that cannot be started emits "error" and never "exit".
+    child.once("error", (err) => {
+      running.delete(child);
+      resolve(err.code ?? "error");
     });
   });
   let errors = "";
