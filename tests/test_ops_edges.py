@@ -215,10 +215,20 @@ async def test_a_request_through_a_proxy_gets_no_metrics_and_no_details(edge: st
             assert report["services"] is None and "detail" not in report["bus"], header
 
 
-async def test_a_readiness_deadline_the_handshake_cannot_hold_is_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"ready_timeout.*open_timeout"):
-        EdgeConfig(ready_timeout=6.0)
+async def test_readiness_settings_that_cannot_work_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="metrics_from"):
         EdgeConfig(metrics_from=("not a network",))
     with pytest.raises(ConfigError, match="metrics_path"):
         EdgeConfig(metrics_path="metrics")
+
+
+async def test_readiness_answers_within_a_short_open_timeout_even_with_the_bus_deaf() -> None:
+    # The probe's deadline is cut to a third of open_timeout: /readyz answers (not ready)
+    # before the edge gives up on the request.
+    class DeafBus(MemoryBus):
+        async def probe(self, envelope: Any) -> None:
+            return None  # taken, never delivered back
+
+    async with _edge("websockets", DeafBus(), open_timeout=1.5, ready_timeout=5.0) as (_, server):
+        status, body = await asyncio.to_thread(_get_with, server.port, "/readyz", {})
+        assert status == 503 and json.loads(body)["bus"]["status"] == "timeout"

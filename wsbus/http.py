@@ -248,20 +248,13 @@ def check_http_settings(settings: OpsSettings) -> None:
     if settings.metrics_path:
         paths["metrics_path"] = settings.metrics_path
     for name, path in paths.items():
-        if not path.startswith("/"):
-            raise ConfigError(f"{name} {path!r} must start with /")
+        if not path.startswith("/") or not set("?#").isdisjoint(path):
+            raise ConfigError(f"{name} {path!r} must be a path: starting with /, no ? or #")
     if len(set(paths.values())) != len(paths):
-        raise ConfigError(f"health_path, ready_path and metrics_path must differ: {paths}")
+        given = ", ".join(f"{name} = {path!r}" for name, path in paths.items())
+        raise ConfigError(f"health_path, ready_path and metrics_path must differ ({given})")
     if not settings.ready_timeout > 0:
         raise ConfigError("ready_timeout must be > 0 seconds")
-    open_timeout = getattr(settings, "open_timeout", None)
-    if isinstance(open_timeout, int | float) and 2 * settings.ready_timeout >= open_timeout:
-        # /readyz waits for the probe, then for the list of services, inside the time
-        # the edge gives a request (open_timeout): past it the client gets no answer.
-        raise ConfigError(
-            f"ready_timeout ({settings.ready_timeout} s) must be less than half of "
-            f"open_timeout ({open_timeout} s)"
-        )
     Networks(settings.metrics_from)
 
 
@@ -376,9 +369,15 @@ class HttpFront:
             from wsbus.metrics import GatewayMetrics
 
             self.metrics = GatewayMetrics(gateway, edge)
+        timeout = getattr(settings, "ready_timeout", 2.0)
+        open_timeout = getattr(settings, "open_timeout", None)
+        if isinstance(open_timeout, int | float) and 3 * timeout > open_timeout:
+            # /readyz waits for the probe, then for the list of services, within the time
+            # the edge gives a request (open_timeout): it must answer before that ends.
+            timeout = open_timeout / 3
         self.readiness = Readiness(
             gateway,
-            timeout=getattr(settings, "ready_timeout", 2.0),
+            timeout=timeout,
             services=getattr(settings, "ready_services", ()),
             observe=None if self.metrics is None else self.metrics.observe,
         )

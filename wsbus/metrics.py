@@ -308,7 +308,9 @@ def serve_metrics(
     """
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if port_text.isdigit() and not 0 < int(port_text) < 65536:
+        raise ConfigError(f"--metrics {address!r}: the port must be from 1 to 65535")
+    if not port_text.isdigit():
         raise ConfigError(
             f"--metrics {address!r}: write PORT or HOST:PORT, as 9101 or 0.0.0.0:9101"
         )

@@ -265,7 +265,8 @@ class Readiness:
                     detail=f"the bus could not list its services: {exc!r}",
                 )
         healthy = part.status in ("ok", "not_probed")
-        if healthy != self._healthy:
+        if healthy != self._healthy and not gateway.closing:
+            # (A gateway shutting down refuses its own probe: nothing to warn about.)
             # Said when it changes, not at every probe: an outage is one warning.
             self._healthy = healthy
             if healthy:

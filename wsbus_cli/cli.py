@@ -621,6 +621,7 @@ def _service(args: argparse.Namespace) -> None:
     instance = load_service_spec(args.spec, "")
     if settings.serve.service_tracing:
         instance.tracing = True
+        _tracing_notice()
     config = getattr(settings, adapter.section.name) if adapter.section else None
     stop_metrics = _process_metrics(args.metrics, f"service {instance.name!r}")
     try:
@@ -628,6 +629,27 @@ def _service(args: argparse.Namespace) -> None:
     finally:
         if stop_metrics is not None:
             stop_metrics()
+
+
+def _tracing_notice() -> None:
+    """Warn when tracing is on but nothing in this process would record a span.
+
+    The ``otel`` extra is OpenTelemetry's API alone: without an SDK set up (a tracer
+    provider), every span is made and dropped, and the user would wonder why none arrive.
+    """
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return  # turning tracing on says which extra is missing
+    if isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    ):
+        log.warning(
+            "tracing is on, but no OpenTelemetry SDK is set up in this process: spans are "
+            "made and dropped. Run it under opentelemetry-instrument (pip install "
+            "opentelemetry-distro and an exporter), or set a tracer provider "
+            "(docs/tracing.md)"
+        )
 
 
 def _process_metrics(address: str | None, what: str) -> Callable[[], None] | None:
@@ -659,6 +681,8 @@ async def _serve(settings: Settings) -> None:
     if settings.serve.service_tracing:
         for service in services:
             service.tracing = True
+    if settings.serve.service_tracing or settings.gateway.tracing:
+        _tracing_notice()
     bus_config = getattr(settings, adapter.section.name) if adapter.section else None
     edge_config = getattr(settings, edge.section.name) if edge.section else None
     async with adapter.open(bus_config, services) as bus:
@@ -669,10 +693,9 @@ async def _serve(settings: Settings) -> None:
             try:
                 server = await edge.serve(gateway, host, port, edge_config)
             except OSError as exc:
-                raise OSError(
-                    f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another "
-                    "gateway running? Pick another with --port"
-                ) from None
+                from .demo import listen_advice
+
+                raise OSError(listen_advice(host, port, exc, "gateway")) from None
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
@@ -37,7 +38,14 @@ from wsbus.registry import AliasPolicy
 from .adapters import find_bus, find_edge
 from .config import section_struct
 
-__all__ = ["DEMO_SERVICES", "ROOM_GROUPS", "demo_config", "run_demo", "static_dir"]
+__all__ = [
+    "DEMO_SERVICES",
+    "ROOM_GROUPS",
+    "demo_config",
+    "listen_advice",
+    "run_demo",
+    "static_dir",
+]
 
 log = logging.getLogger("wsbus.demo")
 
@@ -100,10 +108,26 @@ def static_dir() -> Iterator[Path]:
         yield path
 
 
-def _port_taken(host: str, port: int, exc: OSError) -> OSError:
-    return OSError(
-        f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
-        "is another demo running? Pick another with --port"
+def _port_taken(host: str, port: int, exc: OSError, what: str = "demo") -> OSError:
+    """Say why ``host``:``port`` cannot be listened on, and which flag to change."""
+    return OSError(listen_advice(host, port, exc, what))
+
+
+def listen_advice(host: str, port: int, exc: OSError, what: str) -> str:
+    """What to tell a user whose ``--host``/``--port`` cannot be listened on.
+
+    A port in use (or refused) is the port's fault; an address this machine does not have,
+    or a name that does not resolve, is the host's.
+    """
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return (
+            f"cannot listen on {host}:{port} ({reason}): {host!r} is not an address of this "
+            "machine; pick one with --host (127.0.0.1, or one of this machine's addresses)"
+        )
+    return (
+        f"cannot listen on {host}:{port} ({reason}): is another {what} running? Pick another "
+        "with --port"
     )
 
 

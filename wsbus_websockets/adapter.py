@@ -88,7 +88,8 @@ class WebSocketsAdapter:
             dest="websockets.metrics_path",
             metavar="PATH",
             default=None,
-            help="serve Prometheus metrics at PATH (/metrics); needs wsbus[metrics]",
+            help="serve Prometheus metrics at PATH, e.g. /metrics (off without it; needs "
+            "wsbus[metrics])",
         )
         group.add_argument(
             "--metrics-from",

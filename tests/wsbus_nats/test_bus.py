@@ -598,8 +598,14 @@ async def test_a_gateway_moves_to_another_node_when_its_node_dies(
                     break
                 except (BusUnavailable, NoRoute):
                     await asyncio.sleep(0.05)
-        delivered = await b.wait_for(lambda d: len(d) >= 2)
-        assert [e.content["x"] for e in delivered] == ["before", "after"]
+
+        def echoes(delivered: list[Envelope]) -> list[Any]:
+            # The echoes only: on a busy machine the service's instance may miss heartbeats
+            # while node 2 dies, and the gateway then reports what it held (wsbus.failed).
+            return [e.content["x"] for e in delivered if e.type == "probe.echo.reply"]
+
+        await b.wait_for(lambda d: "after" in echoes(d))
+        assert echoes(b.delivered) == ["before", "after"]
         assert "bus_disconnected" in {reason for reason, _ in b.notices}
         assert bus_b.counters.reconnects >= 1
         # The alias table survived the node (three replicas; reachable again once its
