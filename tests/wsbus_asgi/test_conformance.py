@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection as WsClientConnection
@@ -46,15 +47,24 @@ class _HandingApp(App):
 
 class TestAsgiConnection(ConnectionConformance):
     capabilities = frozenset()
+    mount: str | None = None
+    """Where the application is mounted in a FastAPI application (None: it runs alone)."""
 
     @pytest_asyncio.fixture
     async def wsbus_connection_pair(self) -> AsyncIterator[MakeConnectionPair]:
         config = AsgiConfig(ping_interval=None, close_timeout=CLOSE_TIMEOUT)
         gateway = Gateway(MemoryBus([]), config=GatewayConfig(node="conf"))
         app = _HandingApp(gateway, config)
-        server = AsgiServer(gateway, config, app)
+        host: Any = None
+        if self.mount is not None:
+            from fastapi import FastAPI
+
+            host = FastAPI()
+            host.mount(self.mount, app)
+        server = AsgiServer(gateway, config, app, host)
         async with asyncio.timeout(TIMEOUT):
             await server.start("127.0.0.1", 0)
+        url = server.url if self.mount is None else f"{server.url.rstrip('/')}{self.mount}/"
         peers: list[WsClientConnection] = []
         connections: list[ClientConnection] = []
 
@@ -63,7 +73,7 @@ class TestAsgiConnection(ConnectionConformance):
         ) -> tuple[ClientConnection, Peer]:
             async with asyncio.timeout(TIMEOUT):
                 ws = await connect(
-                    server.url,
+                    url,
                     subprotocols=[Subprotocol(codec.value)],
                     additional_headers=request_headers,
                     compression=None,
@@ -85,3 +95,9 @@ class TestAsgiConnection(ConnectionConformance):
                 for connection in connections:
                     await connection.close(1000)
                 await server.close()
+
+
+class TestAsgiConnectionMountedInFastAPI(TestAsgiConnection):
+    """The same suite with the application mounted at /ws in a FastAPI application."""
+
+    mount = "/ws"

@@ -5,12 +5,15 @@ test does, through the mount, with the Python client."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 import sys
 import urllib.request
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from wsbus_cli.supervisor import Child, free_port
 from wsbus_websockets import connect
@@ -65,3 +68,46 @@ async def test_the_fastapi_example_serves_echo_and_chat_through_the_mount() -> N
     assert status in (0, -signal.SIGTERM), child.text
     assert "Application shutdown complete" in child.text, child.text
     assert "Traceback" not in child.text and "ERROR" not in child.text, child.text
+
+
+_CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(
+    not os.path.exists(_CHROMIUM), reason="the browser test needs Debian's Chromium"
+)
+async def test_two_browser_pages_chat_through_a_gateway_mounted_in_fastapi() -> None:
+    # The browser test's chat (tests/wsbus_cli/test_demo_browser.py), in a real Chromium,
+    # with the demo page and the gateway mounted at /ws/ in a FastAPI application under a
+    # real uvicorn process.
+    from tests.wsbus_cli.test_demo_browser import CHROMIUM, CHROMIUM_ARGS, HOW_TO, _open
+
+    playwright_api = pytest.importorskip("playwright.async_api", reason=HOW_TO)
+
+    port = free_port()
+    child = await asyncio.to_thread(
+        Child,
+        ["-m", "tests.wsbus_asgi.fastapi_chat", str(port)],
+        ready="Uvicorn running on",
+        command=[sys.executable],
+        cwd=ROOT,
+    )
+    try:
+        page_url = f"http://127.0.0.1:{port}/ws/"
+        async with playwright_api.async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                ann = await _open(browser, page_url, "ann")
+                bob = await _open(browser, page_url, "bob")
+                await ann.fill("#text", "hello from FastAPI")
+                await ann.click("#say-form button")
+                for page in (ann, bob):
+                    line = page.locator("#messages li", has_text="hello from FastAPI")
+                    await line.wait_for(timeout=10_000)
+                    assert await line.locator(".from").inner_text() == "ann"
+            finally:
+                await browser.close()
+    finally:
+        status = await asyncio.to_thread(child.stop)
+    assert status in (0, -signal.SIGTERM), child.text
+    assert "Traceback" not in child.text, child.text

@@ -6,7 +6,10 @@
 import { WsbusClient, WsbusError } from "./wsbus.js";
 
 const $ = (id) => document.getElementById(id);
-const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/`;
+// The gateway's endpoint is where the page is: "/" for `wsbus demo`, "/ws/" for the page
+// served by a gateway mounted at /ws/ in an ASGI application (docs/asgi.md).
+const wsPath = location.pathname.replace(/[^/]*$/, "");
+const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${wsPath}`;
 const client = new WsbusClient(wsUrl);
 
 function show(kind, text, cls = kind) {
