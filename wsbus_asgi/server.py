@@ -49,6 +49,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     close_timeout: float = 5.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn's __init__ sets its own close_timeout (10 s) on the instance, which would
+        # hide the class's (the edge's setting).
+        self.close_timeout = type(self).close_timeout
+
     def handle_connect(self, event: Any) -> None:
         """Parse the upgrade as uvicorn does; give the application the abort extension."""
         super().handle_connect(event)

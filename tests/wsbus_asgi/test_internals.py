@@ -43,6 +43,11 @@ async def test_uvicorn_internals_we_rely_on_are_there() -> None:
         config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
     )
     missing = [name for name in ATTRIBUTES if not hasattr(protocol, name)]
+    # uvicorn's __init__ sets close_timeout on the instance: ours must set the edge's after.
+    edge = type("Edge", (WebSocketProtocol,), {"close_timeout": 0.25})(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    assert edge.close_timeout == 0.25, "uvicorn's __init__ hides the edge's close_timeout"
     assert missing == [], f"uvicorn's WebSocketsSansIOProtocol lost {missing}"
     for name in METHODS:
         ours = getattr(WebSocketProtocol, name)
