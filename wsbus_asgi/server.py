@@ -25,6 +25,9 @@ __all__ = ["AsgiServer", "WebSocketProtocol", "serve", "uvicorn_options"]
 
 log = logging.getLogger("wsbus.asgi")
 
+WRITE_HIGH_WATER = 64 * 1024
+"""asyncio's default high-water mark of a transport's write buffer (uvicorn keeps it)."""
+
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's ``websockets-sansio`` protocol, with what a gateway open to hostile peers needs.
@@ -43,11 +46,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
       logged as an error: uvicorn 0.54 and before never mark that handshake complete (uvicorn
       pull request 3138).
 
+    - A peer that sends but does not read cannot fill the server's memory with replies
+      (uvicorn writes a pong for every ping, whatever its write buffer holds): reading stops
+      while the write buffer is over its high-water mark, and a read whose replies leave
+      more than ``max_write_buffer`` bytes in it drops the connection, as the ``websockets``
+      edge does.
+
     Attributes:
         close_timeout: seconds before a close that is not done becomes an abort.
+        max_write_buffer: bytes the write buffer may hold after a read; more is replies
+            the peer does not read, and drops it. :func:`uvicorn_options` sets it from the
+            gateway's ``outbound_bytes``.
     """
 
     close_timeout: float = 5.0
+    max_write_buffer: int = WRITE_HIGH_WATER + 1024 * 1024 + 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,6 +87,45 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         elif kind == "websocket.http.response.body" and not message.get("more_body"):
             self.handshake_complete = True
 
+    def data_received(self, data: bytes) -> None:
+        """Take the bytes as uvicorn does; drop a peer that does not read its replies."""
+        super().data_received(data)
+        transport = self.transport
+        if self.handshake_complete and not transport.is_closing():
+            unread = transport.get_write_buffer_size()
+            if unread > self.max_write_buffer:
+                # What the peer sent made uvicorn write replies (pongs) past what any write
+                # of the gateway's leaves there: it sends and does not read.
+                log.info(
+                    "dropping %s: it sends pings but does not read the pongs "
+                    "(%d bytes unread, bound %d)",
+                    _peer(self.client),
+                    unread,
+                    self.max_write_buffer,
+                )
+                transport.abort()
+
+    def pause_writing(self) -> None:
+        """The write buffer is full: stop reading too (pings would add pongs to it)."""
+        super().pause_writing()
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The write buffer drained: read again, unless a message waits for the app."""
+        super().resume_writing()
+        if not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def receive(self) -> Any:
+        """The next message, as uvicorn's ``receive``; reading resumes only if writes may."""
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if self.writable.is_set() and not self.transport.is_closing():
+                self.transport.resume_reading()
+        return message
+
     def keepalive_timeout(self) -> None:
         """Close for a missing pong as uvicorn does, telling the application 1011 first."""
         if not self.close_sent and not self.transport.is_closing():
@@ -94,7 +146,14 @@ def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
     return {
         # A protocol class of this edge's close_timeout.
         "ws": type(
-            "WebSocketProtocol", (WebSocketProtocol,), {"close_timeout": config.close_timeout}
+            "WebSocketProtocol",
+            (WebSocketProtocol,),
+            {
+                "close_timeout": config.close_timeout,
+                # A frame of the gateway's is written while the buffer is under the
+                # high-water mark and is at most outbound_bytes; 1 KiB for a ping and a close.
+                "max_write_buffer": WRITE_HIGH_WATER + gateway.config.outbound_bytes + 1024,
+            },
         ),
         "ws_max_size": gateway.config.wire.max_frame_bytes,
         "ws_ping_interval": config.ping_interval,
@@ -221,6 +280,10 @@ class AsgiServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"client {client[0]}:{client[1]}" if client is not None else "a client"
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:

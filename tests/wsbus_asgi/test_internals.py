@@ -20,17 +20,28 @@ from wsbus_asgi import app
 from wsbus_asgi.server import WebSocketProtocol
 
 ATTRIBUTES = (
+    "client",
     "close_sent",
     "close_timer",
     "close_timeout",
     "handshake_complete",
     "loop",
     "queue",
+    "read_paused",
     "transport",
+    "writable",
 )
 """The attributes the subclass reads or sets on uvicorn's protocol."""
 
-METHODS = ("handle_connect", "send", "keepalive_timeout")
+METHODS = (
+    "handle_connect",
+    "send",
+    "keepalive_timeout",
+    "data_received",
+    "pause_writing",
+    "resume_writing",
+    "receive",
+)
 """The methods it overrides, calling uvicorn's."""
 
 
@@ -60,3 +71,7 @@ async def test_uvicorn_internals_we_rely_on_are_there() -> None:
     source = inspect.getsource(WebSocketsSansIOProtocol.handle_connect)
     for name in ("self.response =", "self.scope", '"extensions"'):
         assert name in source, f"uvicorn's handle_connect no longer sets {name}"
+    # receive is replaced (not extended): it must still be uvicorn's queue and read_paused.
+    source = inspect.getsource(WebSocketsSansIOProtocol.receive)
+    for name in ("self.queue.get()", "self.read_paused = False", "resume_reading()"):
+        assert name in source, f"uvicorn's receive no longer does {name}"

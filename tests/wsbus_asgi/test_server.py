@@ -8,12 +8,15 @@ server to act (a close, an answer) and fails if it never does within a generous 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from wsbus import Gateway, MemoryBus
+from wsbus import Gateway, GatewayConfig, MemoryBus
+from wsbus.wire import WireLimits
 from wsbus_asgi import AsgiConfig, AsgiServer, serve
 
 UPGRADE = (
@@ -75,3 +78,80 @@ async def test_close_timeout_reaches_the_protocol_and_drops_a_silent_peer(
             await closing
         finally:
             writer.transport.abort()
+
+
+def _ping(payload: bytes = b"x" * 125) -> bytes:
+    """A masked PING frame, as a client sends it."""
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes([0x89, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_a_ping_flood_from_a_peer_that_does_not_read_is_held_back_or_dropped(
+    gateway: Gateway,
+) -> None:
+    # uvicorn writes a pong per ping whatever its write buffer holds: without the edge's
+    # back-pressure, the server reads the whole flood and buffers every pong.
+    flood = 16 * 1024 * 1024
+    # asyncio's default high-water mark, and what a write of the gateway's may add.
+    bound = 64 * 1024 + gateway.config.outbound_bytes + 1024
+    async with await _serve(gateway) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(UPGRADE + b"\r\n")
+            async with asyncio.timeout(BOUND):
+                await reader.readuntil(b"\r\n\r\n")
+            # The peer's kernel takes few pongs: the rest stays in the server's buffer.
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            [protocol] = _protocols(server)
+            chunk = _ping() * 2000
+            sent = 0
+            try:
+                while sent < flood:
+                    writer.write(chunk)
+                    try:
+                        async with asyncio.timeout(2.0):
+                            await writer.drain()
+                    except TimeoutError:
+                        break  # held back by TCP: the server is not reading
+                    sent += len(chunk)
+                    assert protocol.transport.get_write_buffer_size() <= bound
+            except ConnectionError:
+                pass  # dropped
+            transport = protocol.transport
+            assert transport.is_closing() or not transport.is_reading()
+            assert transport.get_write_buffer_size() <= bound
+            assert sent < flood
+        finally:
+            writer.transport.abort()
+
+
+async def test_a_ping_flood_past_the_write_bound_is_dropped() -> None:
+    # With a small outbound_bytes the bound (64 KiB + outbound_bytes + 1 KiB) is below what
+    # one read of a flood makes uvicorn write: the peer is dropped, as on the websockets edge.
+    config = GatewayConfig(node="t", wire=WireLimits(max_frame_bytes=4096), outbound_bytes=4096)
+    gateway = Gateway(MemoryBus([]), config=config, entry_points=False)
+    await gateway.start()
+    try:
+        async with await _serve(gateway) as server:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            try:
+                writer.write(UPGRADE + b"\r\n")
+                async with asyncio.timeout(BOUND):
+                    await reader.readuntil(b"\r\n\r\n")
+                [protocol] = _protocols(server)
+                writer.write(_ping() * 80000)  # 10 MiB
+                with pytest.raises(ConnectionError):
+                    async with asyncio.timeout(BOUND):
+                        await writer.drain()
+                        await reader.read()  # the drop may come after the last write
+                        raise ConnectionResetError  # EOF: closed, as good as dropped
+                assert protocol.transport.is_closing()
+            finally:
+                writer.transport.abort()
+    finally:
+        await gateway.close()
