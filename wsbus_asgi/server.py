@@ -46,6 +46,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
       logged as an error: uvicorn 0.54 and before never mark that handshake complete (uvicorn
       pull request 3138).
 
+    - An upgrade whose head websockets refuses (a header line over 8 KiB, more than 128
+      headers) gets websockets' answer (431) and its socket is closed: uvicorn writes
+      neither, and would hold the socket for as long as the peer keeps it.
     - A peer that sends but does not read cannot fill the server's memory with replies
       (uvicorn writes a pong for every ping, whatever its write buffer holds): reading stops
       while the write buffer is over its high-water mark, and a read whose replies leave
@@ -88,9 +91,17 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
 
     def data_received(self, data: bytes) -> None:
-        """Take the bytes as uvicorn does; drop a peer that does not read its replies."""
+        """Take the bytes as uvicorn does; answer a refused head; drop a non-reading peer."""
         super().data_received(data)
         transport = self.transport
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # websockets refused the head (a header line over 8 KiB, more than 128 headers,
+            # a bad request) and queued its answer (431, 400) without an event: uvicorn
+            # would neither write it nor close the socket.
+            transport.write(b"".join(self.conn.data_to_send()))
+            transport.close()
+            self.close_timer = self.loop.call_later(self.close_timeout, transport.abort)
+            return
         if self.handshake_complete and not transport.is_closing():
             unread = transport.get_write_buffer_size()
             if unread > self.max_write_buffer:

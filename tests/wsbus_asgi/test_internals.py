@@ -24,7 +24,9 @@ ATTRIBUTES = (
     "close_sent",
     "close_timer",
     "close_timeout",
+    "conn",
     "handshake_complete",
+    "handshake_initiated",
     "loop",
     "queue",
     "read_paused",
@@ -75,3 +77,6 @@ async def test_uvicorn_internals_we_rely_on_are_there() -> None:
     source = inspect.getsource(WebSocketsSansIOProtocol.receive)
     for name in ("self.queue.get()", "self.read_paused = False", "resume_reading()"):
         assert name in source, f"uvicorn's receive no longer does {name}"
+    # websockets' sansio protocol keeps a refused head's error and queues the answer.
+    assert hasattr(protocol.conn, "handshake_exc"), "websockets' ServerProtocol lost handshake_exc"
+    assert callable(protocol.conn.data_to_send)

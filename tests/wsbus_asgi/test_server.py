@@ -155,3 +155,23 @@ async def test_a_ping_flood_past_the_write_bound_is_dropped() -> None:
                 writer.transport.abort()
     finally:
         await gateway.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [b"X-Long: " + b"a" * 9000 + b"\r\n", b"".join(b"X-%d: a\r\n" % i for i in range(200))],
+    ids=["a 9000-byte header line", "200 headers"],
+)
+async def test_an_upgrade_head_websockets_refuses_gets_431_and_is_closed(
+    gateway: Gateway, headers: bytes
+) -> None:
+    # uvicorn's HTTP parser lets these heads through (under 16 KiB); websockets' refuses
+    # them and queues a 431 that uvicorn never wrote, holding the socket.
+    async with await _serve(gateway) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(UPGRADE + headers + b"\r\n")
+            answer = await _read_to_eof(reader)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+        finally:
+            writer.transport.abort()
