@@ -102,8 +102,10 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             lets the application do it (``wsbus_asgi.server.WebSocketProtocol`` does).
         compression: (server) permessage-deflate; off by default, as on the websockets edge.
             (uvicorn's own default is on.)
-        max_request_head: (server) bytes of an incomplete request head uvicorn's h11 parser
-            buffers (``h11_max_incomplete_event_size``); a longer head is refused.
+        max_request_head: (server) bytes a request head may have: a longer one gets 431
+            and is closed before it is parsed (``wsbus_asgi.server.HttpProtocol``; under
+            uvicorn's own h11 protocol, ``h11_max_incomplete_event_size`` bounds only a head
+            that has not arrived whole).
     """
 
     allowed_origins: tuple[str, ...] = ()

@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from wsbus.gateway import Gateway
 
 from .application import ABORT_EXTENSION, App, AsgiConfig, Receive, Scope, Send
 
-__all__ = ["AsgiServer", "WebSocketProtocol", "serve", "uvicorn_options"]
+__all__ = ["AsgiServer", "HttpProtocol", "WebSocketProtocol", "serve", "uvicorn_options"]
 
 log = logging.getLogger("wsbus.asgi")
 
@@ -147,6 +148,79 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().keepalive_timeout()
 
 
+_HEAD_END = b"\r\n\r\n"
+
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    b"Content-Length: 36\r\n\r\nthe request head is over the limit.\n"
+)
+
+
+class HttpProtocol(H11Protocol):
+    """uvicorn's ``h11`` protocol, with the bound on a request head it lacks.
+
+    Run your own uvicorn with it: ``uvicorn --http wsbus_asgi.server:HttpProtocol``
+    (:func:`serve` does). h11's ``max_incomplete_event_size`` only bounds a head that has
+    not arrived whole: a head of 60 KiB in one read is parsed, header by header, on the
+    event loop. Here a head is counted as its bytes arrive, before h11 parses them: over
+    ``max_request_head`` bytes, it gets 431 and the connection is closed.
+
+    Attributes:
+        max_request_head: bytes a request head may have, up to and with its empty line.
+    """
+
+    max_request_head: int = 16 * 1024
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start as uvicorn does; wait for a request head."""
+        super().connection_made(transport)
+        self._head_bytes: int | None = 0
+        self._head_tail = b""
+
+    def data_received(self, data: bytes) -> None:
+        """Count the head's bytes before uvicorn parses them; refuse an oversized head."""
+        if self._head_bytes is None:
+            super().data_received(data)
+            return
+        # The end of the head may straddle two reads: look at the last 3 bytes before too.
+        tail = self._head_tail
+        end = (tail + data[: len(_HEAD_END) - 1] if tail else b"").find(_HEAD_END)
+        if end >= 0:
+            size = end + len(_HEAD_END) - len(tail)
+        else:
+            end = data.find(_HEAD_END)
+            size = end + len(_HEAD_END) if end >= 0 else len(data)
+        self._head_bytes += size
+        if self._head_bytes > self.max_request_head:
+            self._head_bytes = None
+            self._refuse_head()
+            return
+        if end >= 0:
+            self._head_bytes = None  # the head is whole; the body is not a head's to count
+        else:
+            self._head_tail = (tail + data)[-(len(_HEAD_END) - 1) :]
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        """Finish as uvicorn does; a kept-alive connection's next head is counted again."""
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._head_bytes = 0
+            self._head_tail = b""
+
+    def _refuse_head(self) -> None:
+        transport = self.transport
+        self.data_received = _ignore  # type: ignore[method-assign]
+        if not transport.is_closing():
+            transport.write(_TOO_LARGE)
+            transport.close()
+
+
+def _ignore(data: bytes) -> None:
+    """Bytes after a refused head: not read."""
+
+
 def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
     """The uvicorn options (``uvicorn.Config`` keywords) that carry the edge's limits.
 
@@ -170,6 +244,10 @@ def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
         "ws_ping_interval": config.ping_interval,
         "ws_ping_timeout": config.ping_timeout,
         "ws_per_message_deflate": config.compression,
+        # A protocol class of this edge's max_request_head.
+        "http": type(
+            "HttpProtocol", (HttpProtocol,), {"max_request_head": config.max_request_head}
+        ),
         "h11_max_incomplete_event_size": config.max_request_head,
         "timeout_graceful_shutdown": config.close_timeout,
         "server_header": False,

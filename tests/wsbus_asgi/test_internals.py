@@ -13,11 +13,12 @@ import asyncio
 import inspect
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
 from wsbus_asgi import app
-from wsbus_asgi.server import WebSocketProtocol
+from wsbus_asgi.server import HttpProtocol, WebSocketProtocol
 
 ATTRIBUTES = (
     "client",
@@ -80,3 +81,27 @@ async def test_uvicorn_internals_we_rely_on_are_there() -> None:
     # websockets' sansio protocol keeps a refused head's error and queues the answer.
     assert hasattr(protocol.conn, "handshake_exc"), "websockets' ServerProtocol lost handshake_exc"
     assert callable(protocol.conn.data_to_send)
+
+
+HTTP_METHODS = ("connection_made", "data_received", "on_response_complete")
+"""The methods ``wsbus_asgi.server.HttpProtocol`` overrides on uvicorn's h11 protocol."""
+
+
+async def test_uvicorn_h11_internals_we_rely_on_are_there() -> None:
+    from wsbus import Gateway, MemoryBus
+
+    config = uvicorn.Config(app(Gateway(MemoryBus([]), entry_points=False)), log_config=None)
+    config.load()
+    protocol = H11Protocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    assert hasattr(protocol, "transport"), "uvicorn's H11Protocol lost transport"
+    for name in HTTP_METHODS:
+        ours = getattr(HttpProtocol, name)
+        theirs = getattr(H11Protocol, name)
+        assert list(inspect.signature(ours).parameters) == list(
+            inspect.signature(theirs).parameters
+        ), name
+    # uvicorn calls on_response_complete when a response is done, and the head of the next
+    # request on a kept-alive connection is read after it.
+    assert "on_response_complete" in inspect.getsource(H11Protocol)

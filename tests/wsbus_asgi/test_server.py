@@ -175,3 +175,45 @@ async def test_an_upgrade_head_websockets_refuses_gets_431_and_is_closed(
             assert answer.startswith(b"HTTP/1.1 431 ")
         finally:
             writer.transport.abort()
+
+
+def _health(headers: bytes) -> bytes:
+    return b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [b"X-Long: " + b"a" * 60000 + b"\r\n", b"".join(b"X-%d: a\r\n" % i for i in range(8000))],
+    ids=["a 60 KB header line", "8000 headers"],
+)
+async def test_a_request_head_over_max_request_head_in_one_read_gets_431(
+    gateway: Gateway, headers: bytes
+) -> None:
+    # h11 bounds only a head that has not arrived whole: one sent at once was parsed (on
+    # the loop, header by header) and answered 200.
+    async with await _serve(gateway) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(_health(headers))
+            answer = await _read_to_eof(reader)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+        finally:
+            writer.transport.abort()
+
+
+async def test_a_request_head_under_max_request_head_is_answered_in_pieces(
+    gateway: Gateway,
+) -> None:
+    # 15 KB of head, its empty line split over two writes: counted once, answered.
+    head = _health(b"X-Long: " + b"a" * 15000 + b"\r\n")
+    async with await _serve(gateway, max_request_head=16 * 1024) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(head[:-3])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # two reads, most likely; either way the same count
+            writer.write(head[-3:])
+            answer = await _read_to_eof(reader)  # /healthz closes after its answer
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        finally:
+            writer.transport.abort()
