@@ -102,6 +102,9 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             lets the application do it (``wsbus_asgi.server.WebSocketProtocol`` does).
         compression: (server) permessage-deflate; off by default, as on the websockets edge.
             (uvicorn's own default is on.)
+        open_timeout: (server) seconds a request head may take to arrive, from the
+            connection's opening or its previous response; then the connection is closed
+            (``wsbus_asgi.server.HttpProtocol``).
         max_request_head: (server) bytes a request head may have: a longer one gets 431
             and is closed before it is parsed (``wsbus_asgi.server.HttpProtocol``; under
             uvicorn's own h11 protocol, ``h11_max_incomplete_event_size`` bounds only a head
@@ -127,6 +130,7 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
     compression: bool = False
+    open_timeout: float = 10.0
     max_request_head: int = 16 * 1024
 
     def __post_init__(self) -> None:
@@ -134,8 +138,8 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_subprotocols must be >= 1 and max_subprotocol_bytes >= 64")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("max_connections must be >= 1, or None for the gateway's")
-        if self.close_timeout <= 0:
-            raise ConfigError("close_timeout must be > 0")
+        if self.close_timeout <= 0 or self.open_timeout <= 0:
+            raise ConfigError("close_timeout and open_timeout must be > 0")
         if self.max_request_head < 4096:
             raise ConfigError("max_request_head must be >= 4096 bytes")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():

@@ -166,17 +166,31 @@ class HttpProtocol(H11Protocol):
     event loop. Here a head is counted as its bytes arrive, before h11 parses them: over
     ``max_request_head`` bytes, it gets 431 and the connection is closed.
 
+    A connection whose request head has not arrived whole within ``open_timeout`` seconds
+    of its opening (or of the previous response, on a kept-alive connection) is closed:
+    uvicorn has no such deadline, and an idle or slowloris socket would stay open for as
+    long as its peer likes (any byte restarts uvicorn's keep-alive timer).
+
     Attributes:
         max_request_head: bytes a request head may have, up to and with its empty line.
+        open_timeout: seconds a request head may take to arrive.
     """
 
     max_request_head: int = 16 * 1024
+    open_timeout: float = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Start as uvicorn does; wait for a request head."""
+        """Start as uvicorn does; wait for a request head, for ``open_timeout`` at most."""
         super().connection_made(transport)
         self._head_bytes: int | None = 0
         self._head_tail = b""
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._wait_for_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """End as uvicorn does; no head is awaited any more."""
+        self._head_arrived()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         """Count the head's bytes before uvicorn parses them; refuse an oversized head."""
@@ -193,11 +207,12 @@ class HttpProtocol(H11Protocol):
             size = end + len(_HEAD_END) if end >= 0 else len(data)
         self._head_bytes += size
         if self._head_bytes > self.max_request_head:
-            self._head_bytes = None
+            self._head_arrived()
             self._refuse_head()
             return
         if end >= 0:
-            self._head_bytes = None  # the head is whole; the body is not a head's to count
+            # The head is whole: the body is not a head's to count, nor to time.
+            self._head_arrived()
         else:
             self._head_tail = (tail + data)[-(len(_HEAD_END) - 1) :]
         super().data_received(data)
@@ -206,8 +221,31 @@ class HttpProtocol(H11Protocol):
         """Finish as uvicorn does; a kept-alive connection's next head is counted again."""
         super().on_response_complete()
         if not self.transport.is_closing():
-            self._head_bytes = 0
-            self._head_tail = b""
+            self._wait_for_head()
+
+    def _wait_for_head(self) -> None:
+        self._head_bytes = 0
+        self._head_tail = b""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.open_timeout, self._head_late)
+
+    def _head_arrived(self) -> None:
+        self._head_bytes = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if not transport.is_closing():
+            log.debug(
+                "closing the connection of %s: no request head within %s s",
+                _peer(self.client),
+                self.open_timeout,
+            )
+            transport.close()
 
     def _refuse_head(self) -> None:
         transport = self.transport
@@ -244,9 +282,11 @@ def uvicorn_options(gateway: Gateway, config: AsgiConfig) -> dict[str, Any]:
         "ws_ping_interval": config.ping_interval,
         "ws_ping_timeout": config.ping_timeout,
         "ws_per_message_deflate": config.compression,
-        # A protocol class of this edge's max_request_head.
+        # A protocol class of this edge's max_request_head and open_timeout.
         "http": type(
-            "HttpProtocol", (HttpProtocol,), {"max_request_head": config.max_request_head}
+            "HttpProtocol",
+            (HttpProtocol,),
+            {"max_request_head": config.max_request_head, "open_timeout": config.open_timeout},
         ),
         "h11_max_incomplete_event_size": config.max_request_head,
         "timeout_graceful_shutdown": config.close_timeout,

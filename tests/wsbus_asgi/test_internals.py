@@ -83,7 +83,7 @@ async def test_uvicorn_internals_we_rely_on_are_there() -> None:
     assert callable(protocol.conn.data_to_send)
 
 
-HTTP_METHODS = ("connection_made", "data_received", "on_response_complete")
+HTTP_METHODS = ("connection_made", "connection_lost", "data_received", "on_response_complete")
 """The methods ``wsbus_asgi.server.HttpProtocol`` overrides on uvicorn's h11 protocol."""
 
 
@@ -95,7 +95,8 @@ async def test_uvicorn_h11_internals_we_rely_on_are_there() -> None:
     protocol = H11Protocol(
         config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
     )
-    assert hasattr(protocol, "transport"), "uvicorn's H11Protocol lost transport"
+    missing = [name for name in ("client", "loop", "transport") if not hasattr(protocol, name)]
+    assert missing == [], f"uvicorn's H11Protocol lost {missing}"
     for name in HTTP_METHODS:
         ours = getattr(HttpProtocol, name)
         theirs = getattr(H11Protocol, name)

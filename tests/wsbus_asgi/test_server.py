@@ -217,3 +217,30 @@ async def test_a_request_head_under_max_request_head_is_answered_in_pieces(
             assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         finally:
             writer.transport.abort()
+
+
+@pytest.mark.parametrize("kind", ["no bytes", "a partial head", "a head dripped"])
+async def test_a_connection_whose_head_does_not_arrive_in_open_timeout_is_closed(
+    gateway: Gateway, kind: str
+) -> None:
+    # uvicorn has no deadline for a request head: these sockets stayed open for good.
+    async with await _serve(gateway, open_timeout=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def drip() -> None:
+            # One header line every 50 ms, for as long as the server keeps the socket open.
+            for i in range(1000):
+                writer.write(b"X-%d: a\r\n" % i)
+                await asyncio.sleep(0.05)
+
+        dripping = None
+        try:
+            if kind != "no bytes":
+                writer.write(UPGRADE)
+            if kind == "a head dripped":
+                dripping = asyncio.create_task(drip())
+            assert await _read_to_eof(reader) == b""
+        finally:
+            if dripping is not None:
+                dripping.cancel()
+            writer.transport.abort()
