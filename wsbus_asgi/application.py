@@ -446,7 +446,7 @@ class App:
             return
         request = front.handshake_request(_target(scope, relative=False), headers, peer)
         await send({"type": "websocket.accept", "subprotocol": codec.value if offered else None})
-        extension = scope.get("extensions", {}).get(ABORT_EXTENSION)
+        extension = (scope.get("extensions") or {}).get(ABORT_EXTENSION)
         connection = _Connection(
             receive,
             send,
@@ -568,7 +568,7 @@ def _response_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
 
 async def _refuse(scope: Scope, send: Send, reply: Reply) -> None:
     """Refuse an upgrade: with ``reply`` where the server can send it, else with 403."""
-    if "websocket.http.response" in scope.get("extensions", {}):
+    if "websocket.http.response" in (scope.get("extensions") or {}):
         await send(
             {
                 "type": "websocket.http.response.start",

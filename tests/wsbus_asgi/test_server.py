@@ -17,7 +17,7 @@ import pytest
 
 from wsbus import Gateway, GatewayConfig, MemoryBus
 from wsbus.wire import WireLimits
-from wsbus_asgi import AsgiConfig, AsgiServer, serve
+from wsbus_asgi import App, AsgiConfig, AsgiServer, serve
 
 UPGRADE = (
     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -243,4 +243,34 @@ async def test_a_connection_whose_head_does_not_arrive_in_open_timeout_is_closed
         finally:
             if dripping is not None:
                 dripping.cancel()
+            writer.transport.abort()
+
+
+async def test_a_scope_whose_extensions_is_none_is_served(gateway: Gateway) -> None:
+    # ASGI makes "extensions" optional; a server (here a host application) may set None.
+    edge = App(gateway, AsgiConfig(), lifespan=False)
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        await edge({**scope, "extensions": None}, receive, send)
+
+    server = AsgiServer(gateway, AsgiConfig(), app=edge, asgi=host)
+    await server.start("127.0.0.1", 0)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(UPGRADE + b"\r\n")
+            async with asyncio.timeout(BOUND):
+                head = await reader.readuntil(b"\r\n\r\n")
+                first = await reader.readexactly(1)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert first == b"\x81"  # the gateway's hello, not a close for an error
+        finally:
+            writer.transport.abort()
+        # A refusal without the http.response extension: ASGI's plain one, a 403.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(UPGRADE + b"Origin: https://elsewhere.example\r\n\r\n")
+            answer = await _read_to_eof(reader)
+            assert answer.startswith(b"HTTP/1.1 403 ")
+        finally:
             writer.transport.abort()
