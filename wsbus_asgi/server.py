@@ -46,7 +46,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     - An upgrade refused with an HTTP response (ASGI's ``websocket.http.response``) is not
       logged as an error: uvicorn 0.54 and before never mark that handshake complete (uvicorn
       pull request 3138).
-
     - An upgrade whose head websockets refuses (a header line over 8 KiB, more than 128
       headers) gets websockets' answer (431) and its socket is closed: uvicorn writes
       neither, and would hold the socket for as long as the peer keeps it.
@@ -239,6 +238,11 @@ class HttpProtocol(H11Protocol):
     def _head_late(self) -> None:
         self._head_timer = None
         transport = self.transport
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A pipelined request, read from h11's buffer when the previous response
+            # completed, is being answered: its head did arrive.
+            return
         if not transport.is_closing():
             log.debug(
                 "closing the connection of %s: no request head within %s s",

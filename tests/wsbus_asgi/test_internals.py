@@ -13,7 +13,7 @@ import asyncio
 import inspect
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
@@ -95,7 +95,9 @@ async def test_uvicorn_h11_internals_we_rely_on_are_there() -> None:
     protocol = H11Protocol(
         config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
     )
-    missing = [name for name in ("client", "loop", "transport") if not hasattr(protocol, name)]
+    missing = [
+        name for name in ("client", "cycle", "loop", "transport") if not hasattr(protocol, name)
+    ]
     assert missing == [], f"uvicorn's H11Protocol lost {missing}"
     for name in HTTP_METHODS:
         ours = getattr(HttpProtocol, name)
@@ -106,3 +108,6 @@ async def test_uvicorn_h11_internals_we_rely_on_are_there() -> None:
     # uvicorn calls on_response_complete when a response is done, and the head of the next
     # request on a kept-alive connection is read after it.
     assert "on_response_complete" in inspect.getsource(H11Protocol)
+    # A request being answered is a cycle whose response is not complete.
+    source = inspect.getsource(RequestResponseCycle.__init__)
+    assert "self.response_complete = False" in source, "uvicorn's cycle lost response_complete"

@@ -274,3 +274,72 @@ async def test_a_scope_whose_extensions_is_none_is_served(gateway: Gateway) -> N
             assert answer.startswith(b"HTTP/1.1 403 ")
         finally:
             writer.transport.abort()
+
+
+async def _keep_alive_server(gateway: Gateway, released: asyncio.Event) -> AsgiServer:
+    """An edge whose host answers plain HTTP with keep-alive: /slow once ``released``."""
+    config = AsgiConfig(open_timeout=0.3)
+    edge = App(gateway, config, lifespan=False)
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await edge(scope, receive, send)
+            return
+        if scope["path"] == "/slow":
+            await released.wait()
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = AsgiServer(gateway, config, app=edge, asgi=host)
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(BOUND):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)  # "ok"
+    return head
+
+
+async def test_a_kept_alive_connection_dripping_its_next_head_is_closed(gateway: Gateway) -> None:
+    # Any byte stops uvicorn's keep-alive timer: the next head has its own deadline.
+    async with await _keep_alive_server(gateway, asyncio.Event()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+            writer.write(b"GET / HTTP/1.1\r\n")
+
+            async def drip() -> None:
+                for i in range(1000):
+                    writer.write(b"X-%d: a\r\n" % i)
+                    await asyncio.sleep(0.05)
+
+            dripping = asyncio.create_task(drip())
+            try:
+                assert await _read_to_eof(reader) == b""
+            finally:
+                dripping.cancel()
+        finally:
+            writer.transport.abort()
+
+
+async def test_a_pipelined_request_answered_after_open_timeout_is_not_cut(
+    gateway: Gateway,
+) -> None:
+    # The second request's head came with the first: its answer may take longer than
+    # open_timeout without the connection being closed under it.
+    released = asyncio.Event()
+    async with await _keep_alive_server(gateway, released) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            get = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            writer.write(get % b"/" + get % b"/slow")
+            assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+            await asyncio.sleep(1.0)  # open_timeout is 0.3: a wrong timer would have fired
+            released.set()
+            assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+        finally:
+            writer.transport.abort()
