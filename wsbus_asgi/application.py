@@ -108,7 +108,8 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
         max_request_head: (server) bytes a request head may have: a longer one gets 431
             and is closed before it is parsed (``wsbus_asgi.server.HttpProtocol``; under
             uvicorn's own h11 protocol, ``h11_max_incomplete_event_size`` bounds only a head
-            that has not arrived whole).
+            that has not arrived whole). The application refuses (431) a request whose
+            headers are over it, or more than 128, under any server.
     """
 
     allowed_origins: tuple[str, ...] = ()
@@ -383,9 +384,22 @@ class App:
     # -- plain HTTP ----------------------------------------------------------------------
 
     async def _http(self, scope: Scope, send: Send) -> None:
+        method = scope.get("method", "GET")
+        reply = _oversized(scope, self.config.max_request_head)
+        if reply is not None:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": reply.status.value,
+                    "headers": _response_headers(reply),
+                }
+            )
+            await send(
+                {"type": "http.response.body", "body": b"" if method == "HEAD" else reply.body}
+            )
+            return
         headers = _headers(scope)
         front = self._front(scope)
-        method = scope.get("method", "GET")
         reply = front.repeated(_values(headers))
         if reply is None and method not in ("GET", "HEAD"):
             reply = Reply.text(http.HTTPStatus.METHOD_NOT_ALLOWED, "GET or HEAD only\n")
@@ -420,6 +434,10 @@ class App:
         message = await receive()
         if message["type"] != "websocket.connect":
             return  # gone before the handshake (websocket.disconnect)
+        oversized = _oversized(scope, self.config.max_request_head)
+        if oversized is not None:
+            await _refuse(scope, send, oversized)
+            return
         headers = _headers(scope)
         values = _values(headers)
         peer = _peer(scope)
@@ -517,11 +535,30 @@ def _headers(scope: Scope) -> list[tuple[str, str]]:
 
 
 def _values(headers: list[tuple[str, str]]) -> Callable[[str], Sequence[str]]:
+    # One pass over the headers, however many names are looked up afterwards.
+    table: dict[str, list[str]] = {}
+    for key, value in headers:
+        table.setdefault(key, []).append(value)
+
     def values(name: str) -> Sequence[str]:
-        name = name.lower()
-        return [value for key, value in headers if key == name]
+        return table.get(name.lower(), ())
 
     return values
+
+
+MAX_HEADERS: Final = 128
+"""Headers a request may have, as websockets' parser (the ``websockets`` edge) allows."""
+
+
+def _oversized(scope: Scope, limit: int) -> Reply | None:
+    # 431 for more than MAX_HEADERS headers, or headers over ``limit`` bytes: what a server
+    # that does not bound the head itself let through, refused before any is decoded.
+    headers = scope.get("headers") or ()
+    if len(headers) > MAX_HEADERS or sum(len(n) + len(v) + 4 for n, v in headers) > limit:
+        return Reply.text(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large\n"
+        )
+    return None
 
 
 def _target(scope: Scope, *, relative: bool) -> str:

@@ -152,7 +152,7 @@ _HEAD_END = b"\r\n\r\n"
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-    b"Content-Length: 36\r\n\r\nthe request head is over the limit.\n"
+    b"Content-Length: 23\r\n\r\nrequest head too large\n"
 )
 
 

@@ -343,3 +343,16 @@ async def test_a_pipelined_request_answered_after_open_timeout_is_not_cut(
             assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
         finally:
             writer.transport.abort()
+
+
+async def test_a_request_of_more_than_128_headers_gets_431(gateway: Gateway) -> None:
+    # 200 short headers are well under max_request_head: the application refuses them, as
+    # the websockets edge's parser does, before it decodes or searches any.
+    async with await _serve(gateway) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(_health(b"".join(b"X-%d: a\r\n" % i for i in range(200))))
+            answer = await _read_to_eof(reader)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+        finally:
+            writer.transport.abort()
