@@ -114,6 +114,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                     unread,
                     self.max_write_buffer,
                 )
+                if not self.close_sent:
+                    # The application learns why, as on the websockets edge (1008).
+                    self.queue.put_nowait(
+                        {"type": "websocket.disconnect", "code": 1008, "reason": "not reading"}
+                    )
                 transport.abort()
 
     def pause_writing(self) -> None:

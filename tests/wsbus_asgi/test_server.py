@@ -132,8 +132,23 @@ async def test_a_ping_flood_past_the_write_bound_is_dropped() -> None:
     config = GatewayConfig(node="t", wire=WireLimits(max_frame_bytes=4096), outbound_bytes=4096)
     gateway = Gateway(MemoryBus([]), config=config, entry_points=False)
     await gateway.start()
+    edge = App(gateway, AsgiConfig(), lifespan=False)
+    disconnects: list[Any] = []
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        # What the application is told, in order.
+        async def told() -> Any:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                disconnects.append(message)
+            return message
+
+        await edge(scope, told, send)
+
+    server = AsgiServer(gateway, AsgiConfig(), app=edge, asgi=host)
+    await server.start("127.0.0.1", 0)
     try:
-        async with await _serve(gateway) as server:
+        async with server:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
@@ -151,9 +166,14 @@ async def test_a_ping_flood_past_the_write_bound_is_dropped() -> None:
                         await reader.read()  # the drop may come after the last write
                         raise ConnectionResetError  # EOF: closed, as good as dropped
                 assert protocol.transport.is_closing()
+                async with asyncio.timeout(BOUND):
+                    while not disconnects:
+                        await asyncio.sleep(0.01)
+                assert disconnects[0]["code"] == 1008  # as the websockets edge closes it
             finally:
                 writer.transport.abort()
     finally:
+        await server.close()
         await gateway.close()
 
 
