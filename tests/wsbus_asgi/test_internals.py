@@ -4,7 +4,10 @@ The protocol subclasses uvicorn's ``websockets-sansio`` protocol and reads a few
 attributes (README, supported versions): a uvicorn release that moves one fails here, by
 name, instead of degrading a close or a keepalive. What the subclass does with them is
 tested against a real server by the edge suites (test_edge.py: the 1011 keepalive close,
-the slow reader's 4507; test_attacks.py: no error logged for a refused upgrade).
+the slow reader's 4507; test_attacks.py: no error logged for a refused upgrade;
+test_server.py: close_timeout, the ping flood, the refused and oversized heads, the head
+deadline). ``wsbus_asgi.server.HttpProtocol`` subclasses uvicorn's h11 protocol: what it
+reads is checked here too.
 """
 
 from __future__ import annotations
