@@ -8,7 +8,8 @@ in-memory bus; put your own bus there (docs/asgi.md).
 
 Run it (``pip install 'wsbus[asgi]' fastapi``)::
 
-    uvicorn examples.fastapi_app:app --ws wsbus_asgi.server:WebSocketProtocol --ws-max-size 65536
+    uvicorn examples.fastapi_app:app --http wsbus_asgi.server:HttpProtocol \
+        --ws wsbus_asgi.server:WebSocketProtocol --ws-max-size 65536
 
 or ``python examples/fastapi_app.py --port 8000``, which passes the same options.
 """

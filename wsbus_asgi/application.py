@@ -102,8 +102,14 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             lets the application do it (``wsbus_asgi.server.WebSocketProtocol`` does).
         compression: (server) permessage-deflate; off by default, as on the websockets edge.
             (uvicorn's own default is on.)
-        max_request_head: (server) bytes of an incomplete request head uvicorn's h11 parser
-            buffers (``h11_max_incomplete_event_size``); a longer head is refused.
+        open_timeout: (server) seconds a request head may take to arrive, from the
+            connection's opening or its previous response; then the connection is closed
+            (``wsbus_asgi.server.HttpProtocol``).
+        max_request_head: (server) bytes a request head may have: a longer one gets 431
+            and is closed before it is parsed (``wsbus_asgi.server.HttpProtocol``; under
+            uvicorn's own h11 protocol, ``h11_max_incomplete_event_size`` bounds only a head
+            that has not arrived whole). The application refuses (431) a request whose
+            headers are over it, or more than 128, under any server.
     """
 
     allowed_origins: tuple[str, ...] = ()
@@ -125,6 +131,7 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
     compression: bool = False
+    open_timeout: float = 10.0
     max_request_head: int = 16 * 1024
 
     def __post_init__(self) -> None:
@@ -132,8 +139,8 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_subprotocols must be >= 1 and max_subprotocol_bytes >= 64")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("max_connections must be >= 1, or None for the gateway's")
-        if self.close_timeout <= 0:
-            raise ConfigError("close_timeout must be > 0")
+        if self.close_timeout <= 0 or self.open_timeout <= 0:
+            raise ConfigError("close_timeout and open_timeout must be > 0")
         if self.max_request_head < 4096:
             raise ConfigError("max_request_head must be >= 4096 bytes")
         if self.static_dir is not None and not Path(self.static_dir).is_dir():
@@ -377,9 +384,22 @@ class App:
     # -- plain HTTP ----------------------------------------------------------------------
 
     async def _http(self, scope: Scope, send: Send) -> None:
+        method = scope.get("method", "GET")
+        reply = _oversized(scope, self.config.max_request_head)
+        if reply is not None:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": reply.status.value,
+                    "headers": _response_headers(reply),
+                }
+            )
+            await send(
+                {"type": "http.response.body", "body": b"" if method == "HEAD" else reply.body}
+            )
+            return
         headers = _headers(scope)
         front = self._front(scope)
-        method = scope.get("method", "GET")
         reply = front.repeated(_values(headers))
         if reply is None and method not in ("GET", "HEAD"):
             reply = Reply.text(http.HTTPStatus.METHOD_NOT_ALLOWED, "GET or HEAD only\n")
@@ -414,6 +434,10 @@ class App:
         message = await receive()
         if message["type"] != "websocket.connect":
             return  # gone before the handshake (websocket.disconnect)
+        oversized = _oversized(scope, self.config.max_request_head)
+        if oversized is not None:
+            await _refuse(scope, send, oversized)
+            return
         headers = _headers(scope)
         values = _values(headers)
         peer = _peer(scope)
@@ -440,7 +464,7 @@ class App:
             return
         request = front.handshake_request(_target(scope, relative=False), headers, peer)
         await send({"type": "websocket.accept", "subprotocol": codec.value if offered else None})
-        extension = scope.get("extensions", {}).get(ABORT_EXTENSION)
+        extension = (scope.get("extensions") or {}).get(ABORT_EXTENSION)
         connection = _Connection(
             receive,
             send,
@@ -511,11 +535,30 @@ def _headers(scope: Scope) -> list[tuple[str, str]]:
 
 
 def _values(headers: list[tuple[str, str]]) -> Callable[[str], Sequence[str]]:
+    # One pass over the headers, however many names are looked up afterwards.
+    table: dict[str, list[str]] = {}
+    for key, value in headers:
+        table.setdefault(key, []).append(value)
+
     def values(name: str) -> Sequence[str]:
-        name = name.lower()
-        return [value for key, value in headers if key == name]
+        return table.get(name.lower(), ())
 
     return values
+
+
+MAX_HEADERS: Final = 128
+"""Headers a request may have, as websockets' parser (the ``websockets`` edge) allows."""
+
+
+def _oversized(scope: Scope, limit: int) -> Reply | None:
+    # 431 for more than MAX_HEADERS headers, or headers over ``limit`` bytes: what a server
+    # that does not bound the head itself let through, refused before any is decoded.
+    headers = scope.get("headers") or ()
+    if len(headers) > MAX_HEADERS or sum(len(n) + len(v) + 4 for n, v in headers) > limit:
+        return Reply.text(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large\n"
+        )
+    return None
 
 
 def _target(scope: Scope, *, relative: bool) -> str:
@@ -562,7 +605,7 @@ def _response_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
 
 async def _refuse(scope: Scope, send: Send, reply: Reply) -> None:
     """Refuse an upgrade: with ``reply`` where the server can send it, else with 403."""
-    if "websocket.http.response" in scope.get("extensions", {}):
+    if "websocket.http.response" in (scope.get("extensions") or {}):
         await send(
             {
                 "type": "websocket.http.response.start",

@@ -11,10 +11,5 @@ from wsbus_asgi import AsgiConfig, AsgiServer, serve
 
 
 async def serve_asgi(gateway: Gateway, **settings: Any) -> AsgiServer:
-    """The ASGI edge on ``gateway`` under uvicorn (the suites' factory).
-
-    The suites name the websockets edge's settings; those the ASGI edge has carry over,
-    ``open_timeout`` (uvicorn has no handshake deadline) does not.
-    """
-    settings.pop("open_timeout", None)
+    """The ASGI edge on ``gateway`` under uvicorn (the suites' factory)."""
     return await serve(gateway, "127.0.0.1", 0, config=AsgiConfig(**settings))

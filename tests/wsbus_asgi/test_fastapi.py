@@ -33,6 +33,7 @@ async def test_the_fastapi_example_serves_echo_and_chat_through_the_mount() -> N
         Child,
         [
             "examples.fastapi_app:app", "--port", str(port),
+            "--http", "wsbus_asgi.server:HttpProtocol",
             "--ws", "wsbus_asgi.server:WebSocketProtocol", "--ws-max-size", "65536",
         ],
         ready="Uvicorn running on",
