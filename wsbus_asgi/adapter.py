@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from wsbus.gateway import Gateway
-from wsbus_cli.adapters import Listening, Section, hookimpl
+from wsbus_cli.adapters import Listening, Section, add_edge_flags, edge_flags, hookimpl
 
 
 def _config() -> type[msgspec.Struct]:
@@ -39,12 +39,7 @@ class AsgiAdapter:
         _config,
         "asgi",
         "the ASGI edge (`AsgiConfig`)",
-        flags={
-            "allowed_origins": "--asgi-origin",
-            "static_dir": "--asgi-static",
-            "metrics_path": "--asgi-metrics",
-            "metrics_from": "--asgi-metrics-from",
-        },
+        flags=edge_flags("asgi-"),
     )
 
     async def serve(
@@ -77,38 +72,7 @@ class AsgiAdapter:
         """Add the ASGI edge's flags (origins, static files, metrics) to ``wsbus serve``."""
         if command != "serve":
             return
-        group = parser.add_argument_group("ASGI edge (--edge asgi)")
-        group.add_argument(
-            "--asgi-origin",
-            dest="asgi.allowed_origins",
-            action="append",
-            default=None,
-            metavar="ORIGIN",
-            help="an allowed browser origin besides the server's own (repeatable)",
-        )
-        group.add_argument(
-            "--asgi-static",
-            dest="asgi.static_dir",
-            metavar="DIR",
-            default=None,
-            help="a directory to serve over HTTP",
-        )
-        group.add_argument(
-            "--asgi-metrics",
-            dest="asgi.metrics_path",
-            metavar="PATH",
-            default=None,
-            help="serve Prometheus metrics at PATH, e.g. /metrics (off without it; needs "
-            "wsbus[metrics])",
-        )
-        group.add_argument(
-            "--asgi-metrics-from",
-            dest="asgi.metrics_from",
-            action="append",
-            default=None,
-            metavar="NETWORK",
-            help="a network that may read the metrics (repeatable; loopback by default)",
-        )
+        add_edge_flags(parser, "asgi", "asgi-", "ASGI edge (--edge asgi)")
 
 
 asgi = AsgiAdapter()

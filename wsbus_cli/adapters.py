@@ -49,6 +49,8 @@ __all__ = [
     "Listening",
     "RunsServiceProcesses",
     "Section",
+    "add_edge_flags",
+    "edge_flags",
     "find_bus",
     "find_edge",
     "hookimpl",
@@ -237,6 +239,65 @@ def wsbus_cli_options(command: str, parser: argparse.ArgumentParser) -> None:
 @hookspec
 def wsbus_cli_commands(commands: Commands) -> None:
     """Add this adapter's own subcommands (Pyro adds ``nameserver`` and ``bus``)."""
+
+
+def edge_flags(prefix: str) -> dict[str, str]:
+    """The flags of an edge's common settings, for its :class:`Section`'s ``flags``.
+
+    ``prefix`` is ``""`` for the default edge (``--origin``), else the edge's name and a
+    dash (``picows-``: ``--picows-origin``). :func:`add_edge_flags` adds the same flags.
+    """
+    return {
+        "allowed_origins": f"--{prefix}origin",
+        "static_dir": f"--{prefix}static",
+        "metrics_path": f"--{prefix}metrics",
+        "metrics_from": f"--{prefix}metrics-from",
+    }
+
+
+def add_edge_flags(parser: argparse.ArgumentParser, section: str, prefix: str, title: str) -> None:
+    """Add an edge's common flags to ``wsbus serve``: origins, static files, metrics.
+
+    Args:
+        parser: the ``serve`` command's parser.
+        section: the edge's settings section (``websockets``): each flag sets
+            ``section.setting``.
+        prefix: as for :func:`edge_flags`.
+        title: the heading of the flags in ``--help``.
+    """
+    flags = edge_flags(prefix)
+    group = parser.add_argument_group(title)
+    group.add_argument(
+        flags["allowed_origins"],
+        dest=f"{section}.allowed_origins",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="an allowed browser origin besides the server's own (repeatable)",
+    )
+    group.add_argument(
+        flags["static_dir"],
+        dest=f"{section}.static_dir",
+        metavar="DIR",
+        default=None,
+        help="a directory to serve over HTTP",
+    )
+    group.add_argument(
+        flags["metrics_path"],
+        dest=f"{section}.metrics_path",
+        metavar="PATH",
+        default=None,
+        help="serve Prometheus metrics at PATH, e.g. /metrics (off without it; needs "
+        "wsbus[metrics])",
+    )
+    group.add_argument(
+        flags["metrics_from"],
+        dest=f"{section}.metrics_from",
+        action="append",
+        default=None,
+        metavar="NETWORK",
+        help="a network that may read the metrics (repeatable; loopback by default)",
+    )
 
 
 def port_number(text: str) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from wsbus.gateway import Gateway
-from wsbus_cli.adapters import Listening, Section, hookimpl
+from wsbus_cli.adapters import Listening, Section, add_edge_flags, edge_flags, hookimpl
 
 
 def _config() -> type[msgspec.Struct]:
@@ -37,12 +37,7 @@ class PicowsAdapter:
         _config,
         "picows",
         "the picows edge (`PicowsConfig`)",
-        flags={
-            "allowed_origins": "--picows-origin",
-            "static_dir": "--picows-static",
-            "metrics_path": "--picows-metrics",
-            "metrics_from": "--picows-metrics-from",
-        },
+        flags=edge_flags("picows-"),
     )
 
     async def serve(
@@ -69,38 +64,7 @@ class PicowsAdapter:
         """Add the picows edge's flags (origins, static files, metrics) to ``wsbus serve``."""
         if command != "serve":
             return
-        group = parser.add_argument_group("picows edge (--edge picows)")
-        group.add_argument(
-            "--picows-origin",
-            dest="picows.allowed_origins",
-            action="append",
-            default=None,
-            metavar="ORIGIN",
-            help="an allowed browser origin besides the server's own (repeatable)",
-        )
-        group.add_argument(
-            "--picows-static",
-            dest="picows.static_dir",
-            metavar="DIR",
-            default=None,
-            help="a directory to serve over HTTP",
-        )
-        group.add_argument(
-            "--picows-metrics",
-            dest="picows.metrics_path",
-            metavar="PATH",
-            default=None,
-            help="serve Prometheus metrics at PATH, e.g. /metrics (off without it; needs "
-            "wsbus[metrics])",
-        )
-        group.add_argument(
-            "--picows-metrics-from",
-            dest="picows.metrics_from",
-            action="append",
-            default=None,
-            metavar="NETWORK",
-            help="a network that may read the metrics (repeatable; loopback by default)",
-        )
+        add_edge_flags(parser, "picows", "picows-", "picows edge (--edge picows)")
 
 
 picows = PicowsAdapter()

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from wsbus.gateway import Gateway
-from wsbus_cli.adapters import Listening, Section, hookimpl
+from wsbus_cli.adapters import Listening, Section, add_edge_flags, edge_flags, hookimpl
 
 
 def _config() -> type[msgspec.Struct]:
@@ -37,12 +37,7 @@ class WebSocketsAdapter:
         _config,
         "websockets",
         "the WebSocket edge (`EdgeConfig`)",
-        flags={
-            "allowed_origins": "--origin",
-            "static_dir": "--static",
-            "metrics_path": "--metrics",
-            "metrics_from": "--metrics-from",
-        },
+        flags=edge_flags(""),
     )
 
     async def serve(
@@ -67,38 +62,7 @@ class WebSocketsAdapter:
         """Add the WebSocket edge's flags (origins, static files, metrics) to ``wsbus serve``."""
         if command != "serve":
             return
-        group = parser.add_argument_group("WebSocket edge")
-        group.add_argument(
-            "--origin",
-            dest="websockets.allowed_origins",
-            action="append",
-            default=None,
-            metavar="ORIGIN",
-            help="an allowed browser origin besides the server's own (repeatable)",
-        )
-        group.add_argument(
-            "--static",
-            dest="websockets.static_dir",
-            metavar="DIR",
-            default=None,
-            help="a directory to serve over HTTP",
-        )
-        group.add_argument(
-            "--metrics",
-            dest="websockets.metrics_path",
-            metavar="PATH",
-            default=None,
-            help="serve Prometheus metrics at PATH, e.g. /metrics (off without it; needs "
-            "wsbus[metrics])",
-        )
-        group.add_argument(
-            "--metrics-from",
-            dest="websockets.metrics_from",
-            action="append",
-            default=None,
-            metavar="NETWORK",
-            help="a network that may read the metrics (repeatable; loopback by default)",
-        )
+        add_edge_flags(parser, "websockets", "", "WebSocket edge")
 
 
 websockets = WebSocketsAdapter()
