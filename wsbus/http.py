@@ -47,6 +47,7 @@ __all__ = [
     "HttpFront",
     "HttpSettings",
     "Networks",
+    "OpsConfig",
     "OpsSettings",
     "Reply",
     "StaticFiles",
@@ -134,6 +135,33 @@ class OpsSettings(HttpSettings, Protocol):
     def metrics_path(self) -> str: ...  # noqa: D102
     @property
     def metrics_from(self) -> tuple[str, ...]: ...  # noqa: D102
+
+
+class OpsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The readiness and metrics settings every edge's configuration has (it subclasses this).
+
+    The paths are below the mount, for an edge mounted in an application (ASGI).
+
+    Attributes:
+        ready_path: the path of the readiness endpoint: a probe round the bus and back
+            (docs/operations.md); empty turns it off.
+        ready_timeout: seconds the readiness probe may take to come back round the bus
+            before the gateway is reported not ready (at most a third of the edge's
+            ``open_timeout`` is used).
+        ready_services: services that must have a live instance on the bus for the
+            gateway to be ready.
+        metrics_path: the path of the Prometheus metrics (``/metrics``); empty (the
+            default) turns them off. Needs ``pip install 'wsbus[metrics]'``.
+        metrics_from: the networks that may read the metrics and the details of
+            ``/readyz`` (CIDR, or one address); loopback only by default. Others, and any
+            request through a proxy, get 403 (and no details).
+    """
+
+    ready_path: str = "/readyz"
+    ready_timeout: float = 2.0
+    ready_services: tuple[str, ...] = ()
+    metrics_path: str = ""
+    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

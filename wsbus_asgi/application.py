@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
-import msgspec
-
 from wsbus.edge import ConnectionClosed
 from wsbus.errors import ConfigError
 from wsbus.gateway import Gateway
@@ -34,6 +32,7 @@ from wsbus.http import (
     RESPONSE_HEADERS,
     TOKEN_SUBPROTOCOL_PREFIX,
     HttpFront,
+    OpsConfig,
     Reply,
     check_http_settings,
 )
@@ -63,7 +62,7 @@ _FRONTS_KEPT: Final = 16
 """Where-it-listens variants (port, TLS, loopback) whose HTTP front is kept for reuse."""
 
 
-class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
+class AsgiConfig(OpsConfig, frozen=True, kw_only=True):
     """Settings of the ASGI edge: the websockets edge's (``EdgeConfig``) that apply to it.
 
     The first group is the application's own and holds wherever it runs. The second is the
@@ -83,15 +82,6 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
         max_subprotocol_bytes: bytes of ``Sec-WebSocket-Protocol`` headers a handshake may
             send; more get HTTP 400.
         health_path: the path of the health endpoint (plain HTTP GET), below the mount.
-        ready_path: the path of the readiness endpoint, below the mount: a probe round the
-            bus and back (docs/operations.md); empty turns it off.
-        ready_timeout: seconds the readiness probe may take to come back round the bus.
-        ready_services: services that must have a live instance for the gateway to be
-            ready.
-        metrics_path: the path of the Prometheus metrics, below the mount (``/metrics``);
-            empty (the default) turns them off. Needs ``pip install 'wsbus[metrics]'``.
-        metrics_from: the networks that may read the metrics and readiness details
-            (loopback by default); never through a proxy.
         static_dir: a directory to serve over plain HTTP GET, or None.
         token_query: the query parameter that may carry a bearer token.
         token_cookie: the cookie that may carry a bearer token.
@@ -119,11 +109,6 @@ class AsgiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_subprotocols: int = 16
     max_subprotocol_bytes: int = 4096
     health_path: str = "/healthz"
-    ready_path: str = "/readyz"
-    ready_timeout: float = 2.0
-    ready_services: tuple[str, ...] = ()
-    metrics_path: str = ""
-    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     static_dir: str | None = None
     token_query: str = "token"
     token_cookie: str = "wsbus_token"

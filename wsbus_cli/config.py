@@ -584,8 +584,21 @@ def _render_table(
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """Return each attribute's description from a Google-style ``Attributes:`` section."""
-    doc = inspect.getdoc(cls) or ""
+    """Return each attribute's description from Google-style ``Attributes:`` sections.
+
+    A class's own section, over those of the classes it inherits from (a base struct
+    documents the fields it declares: ``wsbus.http.OpsConfig``).
+    """
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__dict__.get("__doc__"):
+            found.update(_own_attribute_docs(klass.__dict__["__doc__"]))
+    return found
+
+
+def _own_attribute_docs(text: str) -> dict[str, str]:
+    """The descriptions of one docstring's ``Attributes:`` section."""
+    doc = inspect.cleandoc(text)
     found: dict[str, str] = {}
     inside = False
     current: str | None = None

@@ -21,7 +21,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
 from picows import (
     WSCloseCode,
     WSFrame,
@@ -41,6 +40,7 @@ from wsbus.http import (
     RESPONSE_HEADERS,
     TOKEN_SUBPROTOCOL_PREFIX,
     HttpFront,
+    OpsConfig,
     Reply,
     check_http_settings,
 )
@@ -89,7 +89,7 @@ def _frame_size(n: int) -> int:
     return n + (2 if n < _SHORT else 4 if n < _MEDIUM else 10)
 
 
-class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
+class PicowsConfig(OpsConfig, frozen=True, kw_only=True):
     """Settings of the picows edge, with defaults fit for the open internet.
 
     The fields the websockets edge's ``EdgeConfig`` also has mean the same there.
@@ -118,16 +118,6 @@ class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
         close_timeout: seconds to wait for the closing handshake.
         health_path: the path of the health endpoint (plain HTTP GET): cheap, says the
             process is up and not shutting down.
-        ready_path: the path of the readiness endpoint: a probe round the bus and back
-            (docs/operations.md); empty turns it off.
-        ready_timeout: seconds the readiness probe may take to come back round the bus
-            before the gateway is reported not ready.
-        ready_services: services that must have a live instance on the bus for the
-            gateway to be ready.
-        metrics_path: the path of the Prometheus metrics (``/metrics``); empty (the
-            default) turns them off. Needs ``pip install 'wsbus[metrics]'``.
-        metrics_from: the networks that may read the metrics (CIDR, or one address);
-            loopback only by default. Others get 403.
         static_dir: a directory to serve over plain HTTP GET, or None.
         token_query: the query parameter that may carry a bearer token.
         token_cookie: the cookie that may carry a bearer token.
@@ -147,11 +137,6 @@ class PicowsConfig(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float | None = 20.0
     close_timeout: float = 5.0
     health_path: str = "/healthz"
-    ready_path: str = "/readyz"
-    ready_timeout: float = 2.0
-    ready_services: tuple[str, ...] = ()
-    metrics_path: str = ""
-    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     static_dir: str | None = None
     token_query: str = "token"
     token_cookie: str = "wsbus_token"
