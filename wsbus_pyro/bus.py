@@ -369,6 +369,7 @@ class PyroBus:
 
     def __init__(self, config: PyroConfig | None = None) -> None:
         self.config = config if config is not None else PyroConfig()
+        self._reconnects = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._daemon: SecureDaemon | None = None
         self._publisher: Forwarder | None = None
@@ -509,6 +510,15 @@ class PyroBus:
             for name, state in services.items()
             if isinstance(state, dict) and not state.get("down")
         }
+
+    @property
+    def reconnects(self) -> int:
+        """Times this gateway registered again with a message bus that no longer knew it.
+
+        A restarted bus, or one that dropped the gateway; read by the metrics
+        (``wsbus_bus_reconnects_total``).
+        """
+        return self._reconnects
 
     @property
     def direct_batches(self) -> int:
@@ -837,6 +847,9 @@ class PyroBus:
                 bus, again=not registered
             ):
                 log.info("gateway %s re-registered with the message bus", self._node)
+                if not registered:
+                    # The bus restarted, or had dropped this gateway: it is back on it.
+                    self._reconnects += 1
             self._bus_reachable = True
             self._send_releases(bus)
         except Exception as exc:  # never let the watchdog die: it is how we recover

@@ -992,6 +992,10 @@ async def test_readiness_follows_the_message_bus_killed_and_started_again(
                 while not (report := await readiness.check()).ready:
                     await asyncio.sleep(0.1)
             assert report.services == {"echo": 1}
+            # Registered again with the new bus: counted (wsbus_bus_reconnects_total).
+            async with asyncio.timeout(30):
+                while not gateway.bus_reconnects:
+                    await asyncio.sleep(0.05)
         finally:
             await asyncio.to_thread(bus.stop)
     finally:
