@@ -97,8 +97,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.handshake_initiated and self.conn.handshake_exc is not None:
             # websockets refused the head (a header line over 8 KiB, more than 128 headers,
             # a bad request) and queued its answer (431, 400) without an event: uvicorn
-            # would neither write it nor close the socket.
-            transport.write(b"".join(self.conn.data_to_send()))
+            # would neither write it nor close the socket. Before websockets 17 it queues
+            # no answer, only the end of the stream: then the answer is ours (what uvicorn's
+            # parser let through and websockets' did not is a head over its limits).
+            answer = b"".join(self.conn.data_to_send())
+            transport.write(answer or _UPGRADE_HEAD_REFUSED)
             transport.close()
             self.close_timer = self.loop.call_later(self.close_timeout, transport.abort)
             return
@@ -153,6 +156,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 _HEAD_END = b"\r\n\r\n"
+
+_UPGRADE_HEAD_REFUSED_TEXT = (
+    b"request head refused: at most 128 headers, each line at most 8 KiB (websockets' limits)\n"
+)
+_UPGRADE_HEAD_REFUSED = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_UPGRADE_HEAD_REFUSED_TEXT), _UPGRADE_HEAD_REFUSED_TEXT)
+)
 
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
